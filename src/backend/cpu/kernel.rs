@@ -1,0 +1,160 @@
+//! The CPU attention-kernel interface and the scalar reference kernel.
+//!
+//! A kernel attends the packed queries of one sequence (all heads x all query
+//! tokens = the GEMM "M" dimension) to one contiguous range of that
+//! sequence's cache tokens and produces a normalized partial output plus its
+//! log-sum-exp. Splitting, merging, packing and output conversion live in the
+//! driver (`super::CpuBackend`), so an ISA-specific kernel only replaces this.
+
+use super::isa::CpuIsa;
+use crate::decode::DenseDecode;
+use crate::format::load_slice;
+
+/// Tokens of K processed per tile.
+pub const K_TILE: usize = 64;
+
+/// One unit of work for a kernel.
+pub struct SeqTask<'a> {
+    pub decode: &'a DenseDecode<'a>,
+    /// Sequence index in the batch.
+    pub seq: usize,
+    /// Packed queries `[s_q * h_q, d_qk]` (row `i * h_q + h`), already multiplied
+    /// by the softmax scale.
+    pub q: &'a [f32],
+    /// Cache tokens `[start, end)` of the sequence; `end <= seqlen`.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Per-thread scratch memory, grown on first use and then reused.
+#[derive(Default)]
+pub struct Scratch {
+    pub k_tile: Vec<f32>,
+    pub scores: Vec<f32>,
+    pub row_max: Vec<f32>,
+    pub row_sum: Vec<f32>,
+}
+
+fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// An attention kernel for one CPU ISA.
+pub trait AttentionKernel: Send + Sync {
+    fn isa(&self) -> CpuIsa;
+
+    /// Writes `o [rows, d_v]` = softmax-weighted sum of V over the visible
+    /// keys in `[task.start, task.end)`, normalized, and `lse [rows]` = the
+    /// natural log-sum-exp of the scaled scores, or `-inf` (with `o = 0`)
+    /// for a row that sees no key in the range.
+    fn attend(&self, task: &SeqTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]);
+}
+
+/// Plain Rust, written so the compiler can vectorise the inner loops. It is
+/// also the oracle the faster variants are tested against.
+pub struct ScalarKernel;
+
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight independent sums let the compiler use SIMD lanes without
+    // reassociating a single serial sum.
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = acc.iter().sum::<f32>();
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
+    }
+    s
+}
+
+impl AttentionKernel for ScalarKernel {
+    fn isa(&self) -> CpuIsa {
+        CpuIsa::Scalar
+    }
+
+    fn attend(&self, task: &SeqTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+        let d = task.decode;
+        let shape = &d.shape;
+        let (d_qk, d_v, h_q) = (shape.d_qk, shape.d_v, shape.h_q);
+        let rows = shape.rows();
+        let seqlen = d.seqlen(task.seq);
+        let blocks = d.blocks(task.seq);
+        let bs = d.kv.block_size;
+        let dtype = d.kv.layout.dtype;
+
+        let k_tile = fit(&mut scratch.k_tile, K_TILE * d_qk);
+        let scores = fit(&mut scratch.scores, K_TILE);
+        let row_max = fit(&mut scratch.row_max, rows);
+        let row_sum = fit(&mut scratch.row_sum, rows);
+        row_max.fill(f32::NEG_INFINITY);
+        row_sum.fill(0.0);
+        o[..rows * d_v].fill(0.0);
+
+        let mut t0 = task.start;
+        while t0 < task.end {
+            let n = K_TILE.min(task.end - t0);
+            // Gather the tile through the block table, converting to f32.
+            for j in 0..n {
+                let t = t0 + j;
+                let row = d.kv.row(blocks[t / bs] as usize, t % bs);
+                load_slice(dtype, row, &mut k_tile[j * d_qk..(j + 1) * d_qk]);
+            }
+            for i in 0..shape.s_q {
+                // Keys visible to query i form a prefix of the sequence.
+                let vis = shape.visible(seqlen, i).saturating_sub(t0).min(n);
+                if vis == 0 {
+                    continue;
+                }
+                for h in 0..h_q {
+                    let r = i * h_q + h;
+                    let q = &task.q[r * d_qk..(r + 1) * d_qk];
+                    let s = &mut scores[..vis];
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        *sj = dot(q, &k_tile[j * d_qk..(j + 1) * d_qk]);
+                    }
+                    let tile_max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let new_max = row_max[r].max(tile_max);
+                    // exp(-inf) = 0 rescales an empty accumulator harmlessly.
+                    let alpha = (row_max[r] - new_max).exp();
+                    let orow = &mut o[r * d_v..(r + 1) * d_v];
+                    if alpha != 1.0 {
+                        orow.iter_mut().for_each(|x| *x *= alpha);
+                    }
+                    let mut sum = 0.0;
+                    for (j, &sj) in s.iter().enumerate() {
+                        let p = (sj - new_max).exp();
+                        sum += p;
+                        let v = &k_tile[j * d_qk..j * d_qk + d_v];
+                        for (x, &vv) in orow.iter_mut().zip(v) {
+                            *x += p * vv;
+                        }
+                    }
+                    row_sum[r] = row_sum[r] * alpha + sum;
+                    row_max[r] = new_max;
+                }
+            }
+            t0 += n;
+        }
+
+        for r in 0..rows {
+            let orow = &mut o[r * d_v..(r + 1) * d_v];
+            if row_sum[r] > 0.0 {
+                let inv = 1.0 / row_sum[r];
+                orow.iter_mut().for_each(|x| *x *= inv);
+                lse[r] = row_max[r] + row_sum[r].ln();
+            } else {
+                orow.fill(0.0);
+                lse[r] = f32::NEG_INFINITY;
+            }
+        }
+    }
+}

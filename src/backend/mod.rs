@@ -1,0 +1,106 @@
+//! Compute backends. An engine owns exactly one; the pool asks it for memory.
+//!
+//! A backend sees only the pure decode descriptor (`crate::decode`) and the
+//! format layer, never the pool, the engine or C.
+
+pub mod cpu;
+
+use crate::decode::desc::DecodeOutput;
+use crate::decode::DenseDecode;
+use crate::error::Result;
+
+/// Which kind of backend runs an engine's work.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
+}
+
+impl BackendKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Cpu => "cpu",
+            BackendKind::Cuda => "cuda",
+        }
+    }
+}
+
+/// What a backend is and why it was chosen.
+#[derive(Clone, Debug)]
+pub struct BackendInfo {
+    pub kind: BackendKind,
+    /// CPU model or GPU name.
+    pub device_name: String,
+    /// The CPU kernel variant in use (CPU backends).
+    pub cpu_isa: cpu::CpuIsa,
+    /// Worker threads (CPU) or 0.
+    pub threads: usize,
+    /// CPU features detected at run time, space separated.
+    pub cpu_features: String,
+    /// Why this backend and variant were chosen.
+    pub reason: String,
+}
+
+/// Memory owned by a backend (host memory for the CPU backend).
+#[derive(Debug)]
+pub struct Buffer {
+    host: Vec<u8>,
+}
+
+impl Buffer {
+    pub fn len(&self) -> usize {
+        self.host.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.host.is_empty()
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.host
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.host
+    }
+}
+
+/// The operations every backend provides.
+pub trait Backend: Send + Sync {
+    fn info(&self) -> &BackendInfo;
+
+    /// Runs a validated dense decode, writing every element of `out`.
+    fn decode(&self, d: &DenseDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()>;
+
+    /// Allocates `bytes` of zeroed memory in the backend's memory space.
+    fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer>;
+}
+
+/// Allocates a zeroed host vector, reporting failure instead of aborting.
+pub(crate) fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        crate::error::Error::out_of_memory(what, n.saturating_mul(std::mem::size_of::<T>()))
+    })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// Grows `v` to at least `n` elements, reporting failure instead of aborting.
+pub(crate) fn try_grow<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
+    if v.len() < n {
+        v.try_reserve(n - v.len()).map_err(|_| {
+            crate::error::Error::out_of_memory(what, n.saturating_mul(std::mem::size_of::<T>()))
+        })?;
+        v.resize(n, T::default());
+    }
+    Ok(())
+}
+
+impl Buffer {
+    pub(crate) fn host_zeroed(what: &str, bytes: usize) -> Result<Self> {
+        Ok(Buffer {
+            host: try_zeroed(what, bytes)?,
+        })
+    }
+}

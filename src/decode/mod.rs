@@ -1,0 +1,9 @@
+//! Pure description of a decode call: the validated descriptor
+//! ([`desc::DenseDecode`]) and the split-KV work plan ([`plan::SplitPlan`]).
+//! Nothing here touches threads, devices or C.
+
+pub mod desc;
+pub mod plan;
+
+pub use desc::{DecodeShape, DenseDecode, KvCache};
+pub use plan::{SplitPlan, WorkItem};

@@ -1,0 +1,111 @@
+//! An engine owns one backend (with its threads and workspace) and runs
+//! decode on it. It is shared (`Arc`) by the handles that use it.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{Backend, BackendInfo};
+use crate::decode::desc::DecodeOutput;
+use crate::decode::DenseDecode;
+use crate::error::{Error, Result};
+
+/// Which backend the host asked for. Numbers are the C `mlart_backend`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendRequest {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl BackendRequest {
+    pub fn from_raw(arg: &str, raw: u32) -> Result<Self> {
+        match raw {
+            0 => Ok(BackendRequest::Auto),
+            1 => Ok(BackendRequest::Cpu),
+            2 => Ok(BackendRequest::Cuda),
+            _ => Err(Error::invalid(format!(
+                "{arg} = {raw} is not a valid mlart_backend (AUTO=0, CPU=1, CUDA=2)"
+            ))),
+        }
+    }
+}
+
+/// Engine construction options.
+#[derive(Clone, Copy, Debug)]
+pub struct EngineOptions {
+    pub backend: BackendRequest,
+    pub device_index: usize,
+    /// CPU worker threads; 0 = one per core.
+    pub num_threads: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            backend: BackendRequest::Auto,
+            device_index: 0,
+            num_threads: 0,
+        }
+    }
+}
+
+/// Environment overrides, read once per engine creation.
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+pub struct Engine {
+    backend: Box<dyn Backend>,
+}
+
+impl Engine {
+    /// Creates an engine. With `BackendRequest::Auto`, `MLART_BACKEND=cpu|cuda`
+    /// forces the backend; `MLART_CPU_ISA` forces the CPU kernel variant.
+    pub fn new(opts: &EngineOptions) -> Result<Self> {
+        let mut request = opts.backend;
+        let mut prefix = String::new();
+        if request == BackendRequest::Auto {
+            if let Some(v) = env_var("MLART_BACKEND") {
+                request = match v.trim().to_ascii_lowercase().as_str() {
+                    "cpu" => BackendRequest::Cpu,
+                    "cuda" => BackendRequest::Cuda,
+                    _ => {
+                        return Err(Error::invalid(format!(
+                            "MLART_BACKEND = \"{v}\" is not one of cpu, cuda"
+                        )))
+                    }
+                };
+                prefix = format!("backend forced by MLART_BACKEND={v}; ");
+            } else {
+                prefix = "auto: this build has no CUDA backend; ".to_string();
+            }
+        }
+        match request {
+            BackendRequest::Cuda => Err(Error::unsupported(
+                "backend = CUDA: this build of mlart has no CUDA backend yet; use MLART_BACKEND_CPU or MLART_BACKEND_AUTO",
+            )),
+            BackendRequest::Cpu | BackendRequest::Auto => {
+                if opts.device_index != 0 {
+                    return Err(Error::invalid(format!(
+                        "device_index = {} but the CPU backend has only device 0",
+                        opts.device_index
+                    )));
+                }
+                let isa = env_var("MLART_CPU_ISA");
+                let cpu = CpuBackend::new(opts.num_threads, isa.as_deref(), &prefix)?;
+                Ok(Engine { backend: Box::new(cpu) })
+            }
+        }
+    }
+
+    pub fn info(&self) -> &BackendInfo {
+        self.backend.info()
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// Runs a validated dense decode.
+    pub fn decode(&self, d: &DenseDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+        self.backend.decode(d, out)
+    }
+}

@@ -1,0 +1,180 @@
+//! The `extern "C"` boundary: handles, argument structs, errors, panics.
+//!
+//! Conventions (see README "API conventions"): every fallible function
+//! returns `mlart_error*` (NULL on success); out-params are written only on
+//! success; argument structs start with `struct_size` and have an `_init`
+//! function; `_free(NULL)` is a no-op; no panic crosses the boundary.
+
+#![allow(non_camel_case_types)]
+
+pub mod decode;
+pub mod engine;
+pub mod error;
+pub mod panic;
+pub mod pool;
+pub mod types;
+
+use crate::error::{checked_size, Error, Result};
+use std::ffi::c_char;
+
+/// Reads an argument struct whose first field is `uint32_t struct_size`.
+///
+/// # Safety
+/// A non-NULL `p` must point to readable memory of `struct_size` bytes.
+pub(crate) unsafe fn read_struct<T: Copy>(p: *const T, name: &str, init: &str) -> Result<T> {
+    if p.is_null() {
+        return Err(Error::null(name));
+    }
+    // SAFETY: p is non-NULL and, per the caller contract, starts with a u32.
+    let size = unsafe { (p as *const u32).read_unaligned() };
+    let want = std::mem::size_of::<T>();
+    if size as usize != want {
+        return Err(Error::invalid(format!(
+            "{name}->struct_size = {size} but this library expects {want}; fill the struct with {init}() first"
+        )));
+    }
+    // SAFETY: struct_size says the caller's struct has exactly our layout.
+    Ok(unsafe { p.read_unaligned() })
+}
+
+/// Borrows `n` elements at `p` after checking NULL, alignment and size.
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` readable elements that stay valid and
+/// unmodified for `'a` (the caller contract of every export).
+pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+    if p.is_null() {
+        return Err(Error::null(name));
+    }
+    if (p as usize) % std::mem::align_of::<T>() != 0 {
+        return Err(Error::invalid(format!(
+            "{name} = {p:?} is not aligned to {} bytes",
+            std::mem::align_of::<T>()
+        )));
+    }
+    checked_size(name, &[n, std::mem::size_of::<T>()])?;
+    // SAFETY: non-NULL, aligned, size fits isize; validity is the caller contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// Mutable twin of [`slice`].
+///
+/// # Safety
+/// As [`slice`], and the memory must be writable and not aliased by any
+/// other argument (checked with [`check_disjoint`]).
+pub(crate) unsafe fn slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut [T]> {
+    // SAFETY: forwarded contract.
+    let s = unsafe { slice(p as *const T, n, name) }?;
+    // SAFETY: same region; exclusivity is the caller contract plus check_disjoint.
+    Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+}
+
+/// A named byte range, for overlap checks between outputs and inputs.
+pub(crate) struct Region<'a> {
+    pub name: &'a str,
+    pub start: usize,
+    pub len: usize,
+}
+
+impl<'a> Region<'a> {
+    pub fn of<T>(name: &'a str, s: &[T]) -> Self {
+        Region {
+            name,
+            start: s.as_ptr() as usize,
+            len: std::mem::size_of_val(s),
+        }
+    }
+}
+
+/// Fails if output `out` overlaps any region in `others`.
+pub(crate) fn check_disjoint(out: &Region<'_>, others: &[Region<'_>]) -> Result<()> {
+    for o in others {
+        let (a0, a1) = (out.start, out.start + out.len);
+        let (b0, b1) = (o.start, o.start + o.len);
+        if out.len > 0 && o.len > 0 && a0 < b1 && b0 < a1 {
+            return Err(Error::invalid(format!(
+                "{} overlaps {}: outputs must not alias inputs",
+                out.name, o.name
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Converts a non-negative C size, naming it otherwise.
+pub(crate) fn non_negative(name: &str, v: i64) -> Result<usize> {
+    if v < 0 {
+        return Err(Error::invalid(format!("{name} = {v} must be >= 0")));
+    }
+    usize::try_from(v).map_err(|_| Error::invalid(format!("{name} = {v} is too large")))
+}
+
+/// Copies `s` into a fixed C char array, truncating at a UTF-8 boundary.
+pub(crate) fn write_c_str(dst: &mut [c_char], s: &str) {
+    let mut n = s.len().min(dst.len().saturating_sub(1));
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    for (d, &b) in dst.iter_mut().zip(&s.as_bytes()[..n]) {
+        *d = b as c_char;
+    }
+    if let Some(last) = dst.get_mut(n) {
+        *last = 0;
+    }
+}
+
+/// The library version as "MAJOR.MINOR.PATCH" (static storage).
+#[no_mangle]
+pub extern "C" fn mlart_version() -> *const c_char {
+    const V: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    V.as_ptr() as *const c_char
+}
+
+/// The ABI version of the loaded library; compare with `MLART_ABI_VERSION`
+/// to detect a header/library mismatch.
+#[no_mangle]
+pub extern "C" fn mlart_abi_version() -> u32 {
+    types::MLART_ABI_VERSION
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_str_truncates_on_char_boundary() {
+        let mut buf = [1 as c_char; 4];
+        write_c_str(&mut buf, "aé€");
+        // "a" (1) + "é" (2) fit in 3 bytes + NUL.
+        assert_eq!(buf.map(|c| c as u8), [b'a', 0xc3, 0xa9, 0]);
+        let mut buf = [1 as c_char; 3];
+        write_c_str(&mut buf, "a€");
+        assert_eq!(buf.map(|c| c as u8)[..2], [b'a', 0]);
+    }
+
+    #[test]
+    fn overlap_is_detected() {
+        let v = [0u8; 16];
+        let a = Region {
+            name: "out",
+            start: v.as_ptr() as usize,
+            len: 8,
+        };
+        let b = Region {
+            name: "q",
+            start: v.as_ptr() as usize + 4,
+            len: 8,
+        };
+        let c = Region {
+            name: "kv",
+            start: v.as_ptr() as usize + 8,
+            len: 8,
+        };
+        assert!(check_disjoint(&a, &[c]).is_ok());
+        let b2 = Region { name: "q", ..b };
+        assert_eq!(
+            check_disjoint(&a, &[b2]).unwrap_err().message,
+            "out overlaps q: outputs must not alias inputs"
+        );
+    }
+}

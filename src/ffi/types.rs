@@ -1,0 +1,133 @@
+//! Enumerations and version constants of the C ABI.
+//!
+//! Enumerations are `uint32_t` typedefs with `#define`d values rather than C
+//! `enum`s: their size is fixed across compilers, and a value a host makes up
+//! can be rejected with an error instead of being undefined behaviour on the
+//! Rust side. Values are stable and only ever appended.
+
+/// Library version, major part. Checked against Cargo.toml by the tests.
+pub const MLART_VERSION_MAJOR: u32 = 0;
+/// Library version, minor part.
+pub const MLART_VERSION_MINOR: u32 = 1;
+/// Library version, patch part.
+pub const MLART_VERSION_PATCH: u32 = 0;
+/// ABI version: changes only on an incompatible change of this header; it is
+/// the number in the shared library's SONAME (`libmlart.so.<ABI>`).
+pub const MLART_ABI_VERSION: u32 = 0;
+
+/// Status of a failed call (`mlart_error_code`). Stable, append-only.
+pub type mlart_status = u32;
+/// No error (`mlart_error_code(NULL)`).
+pub const MLART_STATUS_OK: mlart_status = 0;
+/// An argument has a bad value (the message names it and the value).
+pub const MLART_STATUS_INVALID_ARGUMENT: mlart_status = 1;
+/// A required pointer argument is NULL.
+pub const MLART_STATUS_NULL_POINTER: mlart_status = 2;
+/// Memory could not be allocated.
+pub const MLART_STATUS_OUT_OF_MEMORY: mlart_status = 3;
+/// The KV pool has no free block left; nothing was changed.
+pub const MLART_STATUS_POOL_EXHAUSTED: mlart_status = 4;
+/// Valid, but not supported by this build, backend or hardware.
+pub const MLART_STATUS_UNSUPPORTED: mlart_status = 5;
+/// A GPU driver or device error.
+pub const MLART_STATUS_DEVICE: mlart_status = 6;
+/// A file could not be read.
+pub const MLART_STATUS_IO: mlart_status = 7;
+/// A file's contents are malformed.
+pub const MLART_STATUS_FORMAT: mlart_status = 8;
+/// A named object (sequence, tensor, device) does not exist.
+pub const MLART_STATUS_NOT_FOUND: mlart_status = 9;
+/// A progress callback asked to stop.
+pub const MLART_STATUS_CANCELLED: mlart_status = 10;
+/// A bug inside mlart (a caught panic); the message says where.
+pub const MLART_STATUS_INTERNAL: mlart_status = 11;
+
+/// Element type of queries, outputs and appended rows.
+pub type mlart_dtype = u32;
+/// IEEE binary32.
+pub const MLART_DTYPE_F32: mlart_dtype = 0;
+/// bfloat16.
+pub const MLART_DTYPE_BF16: mlart_dtype = 1;
+/// IEEE binary16.
+pub const MLART_DTYPE_F16: mlart_dtype = 2;
+/// OCP FP8 E4M3 (weights and KV caches only, not activations).
+pub const MLART_DTYPE_FP8_E4M3: mlart_dtype = 3;
+
+/// Layout of one KV-cache row (one token; V is the first d_v elements).
+pub type mlart_kv_format = u32;
+/// d_qk x bfloat16.
+pub const MLART_KV_FORMAT_BF16: mlart_kv_format = 0;
+/// d_qk x float16.
+pub const MLART_KV_FORMAT_F16: mlart_kv_format = 1;
+/// d_qk x float32 (reference/debugging).
+pub const MLART_KV_FORMAT_F32: mlart_kv_format = 2;
+/// FlashMLA V3.2 FP8 layout, d_qk = 576, 656 bytes/token (reserved: not yet supported).
+pub const MLART_KV_FORMAT_FP8_V32: mlart_kv_format = 3;
+/// FlashMLA MODEL1 FP8 layout, d_qk = 512, 584 bytes/token (reserved: not yet supported).
+pub const MLART_KV_FORMAT_FP8_MODEL1: mlart_kv_format = 4;
+
+/// Where the memory behind a pointer lives.
+pub type mlart_memory = u32;
+/// Ordinary host memory.
+pub const MLART_MEMORY_HOST: mlart_memory = 0;
+/// Memory of the engine's GPU (CUDA engines only).
+pub const MLART_MEMORY_DEVICE: mlart_memory = 1;
+
+/// Which compute backend an engine uses.
+pub type mlart_backend = u32;
+/// The best available: a usable CUDA device, else the CPU. `MLART_BACKEND=cpu|cuda` overrides.
+pub const MLART_BACKEND_AUTO: mlart_backend = 0;
+/// The CPU (kernel variant from `MLART_CPU_ISA` or detection).
+pub const MLART_BACKEND_CPU: mlart_backend = 1;
+/// A CUDA GPU (not in this version: returns MLART_STATUS_UNSUPPORTED).
+pub const MLART_BACKEND_CUDA: mlart_backend = 2;
+
+/// CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|amx` forces one).
+pub type mlart_cpu_isa = u32;
+/// Portable reference kernel.
+pub const MLART_CPU_ISA_SCALAR: mlart_cpu_isa = 0;
+/// AVX2 + FMA.
+pub const MLART_CPU_ISA_AVX2: mlart_cpu_isa = 1;
+/// AVX-512F.
+pub const MLART_CPU_ISA_AVX512: mlart_cpu_isa = 2;
+/// AMX-BF16 tiles.
+pub const MLART_CPU_ISA_AMX: mlart_cpu_isa = 3;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuIsa;
+    use crate::error::Status;
+
+    #[test]
+    fn version_matches_cargo_toml() {
+        assert_eq!(
+            MLART_VERSION_MAJOR.to_string(),
+            env!("CARGO_PKG_VERSION_MAJOR")
+        );
+        assert_eq!(
+            MLART_VERSION_MINOR.to_string(),
+            env!("CARGO_PKG_VERSION_MINOR")
+        );
+        assert_eq!(
+            MLART_VERSION_PATCH.to_string(),
+            env!("CARGO_PKG_VERSION_PATCH")
+        );
+        assert_eq!(
+            MLART_ABI_VERSION.to_string(),
+            env!("CARGO_PKG_VERSION_MAJOR")
+        );
+    }
+
+    #[test]
+    fn c_constants_match_rust_enums() {
+        assert_eq!(
+            MLART_STATUS_INVALID_ARGUMENT,
+            Status::InvalidArgument as u32
+        );
+        assert_eq!(MLART_STATUS_POOL_EXHAUSTED, Status::PoolExhausted as u32);
+        assert_eq!(MLART_STATUS_INTERNAL, Status::Internal as u32);
+        assert_eq!(MLART_CPU_ISA_AVX512, CpuIsa::Avx512.raw());
+        assert_eq!(MLART_CPU_ISA_AMX, CpuIsa::Amx.raw());
+    }
+}

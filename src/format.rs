@@ -1,0 +1,297 @@
+//! Element types, KV-cache row layouts and the conversions between them.
+//!
+//! Pure code: no memory ownership, no threads. Every backend and the pool
+//! agree on byte layouts through this module.
+
+use crate::error::{Error, Result};
+use half::{bf16, f16};
+
+/// Element type of a dense tensor (queries, outputs, appended rows).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Dtype {
+    F32,
+    Bf16,
+    F16,
+    Fp8E4m3,
+}
+
+impl Dtype {
+    /// Decodes the C `mlart_dtype` value, naming `arg` on failure.
+    pub fn from_raw(arg: &str, raw: u32) -> Result<Self> {
+        Ok(match raw {
+            0 => Dtype::F32,
+            1 => Dtype::Bf16,
+            2 => Dtype::F16,
+            3 => Dtype::Fp8E4m3,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{arg} = {raw} is not a valid mlart_dtype (F32=0, BF16=1, F16=2, FP8_E4M3=3)"
+                )))
+            }
+        })
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            Dtype::F32 => 0,
+            Dtype::Bf16 => 1,
+            Dtype::F16 => 2,
+            Dtype::Fp8E4m3 => 3,
+        }
+    }
+
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F32 => 4,
+            Dtype::Bf16 | Dtype::F16 => 2,
+            Dtype::Fp8E4m3 => 1,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::Bf16 => "bf16",
+            Dtype::F16 => "f16",
+            Dtype::Fp8E4m3 => "fp8_e4m3",
+        }
+    }
+
+    /// Dtypes accepted for queries, outputs and appended rows (f32/bf16/f16).
+    pub fn check_activation(self, arg: &str) -> Result<Self> {
+        match self {
+            Dtype::F32 | Dtype::Bf16 | Dtype::F16 => Ok(self),
+            Dtype::Fp8E4m3 => Err(Error::unsupported(format!(
+                "{arg} = FP8_E4M3: activations must be F32, BF16 or F16"
+            ))),
+        }
+    }
+}
+
+/// Layout of one KV-cache row (one token: latent + rope, V = first d_v dims).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum KvFormat {
+    Bf16,
+    F16,
+    F32,
+    Fp8V32,
+    Fp8Model1,
+}
+
+impl KvFormat {
+    /// Decodes the C `mlart_kv_format` value, naming `arg` on failure.
+    pub fn from_raw(arg: &str, raw: u32) -> Result<Self> {
+        Ok(match raw {
+            0 => KvFormat::Bf16,
+            1 => KvFormat::F16,
+            2 => KvFormat::F32,
+            3 => KvFormat::Fp8V32,
+            4 => KvFormat::Fp8Model1,
+            _ => {
+                return Err(Error::invalid(format!(
+                    "{arg} = {raw} is not a valid mlart_kv_format (BF16=0, F16=1, F32=2, FP8_V32=3, FP8_MODEL1=4)"
+                )))
+            }
+        })
+    }
+
+    pub fn raw(self) -> u32 {
+        match self {
+            KvFormat::Bf16 => 0,
+            KvFormat::F16 => 1,
+            KvFormat::F32 => 2,
+            KvFormat::Fp8V32 => 3,
+            KvFormat::Fp8Model1 => 4,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            KvFormat::Bf16 => "bf16",
+            KvFormat::F16 => "f16",
+            KvFormat::F32 => "f32",
+            KvFormat::Fp8V32 => "fp8_v32",
+            KvFormat::Fp8Model1 => "fp8_model1",
+        }
+    }
+
+    /// The plain element type of an unquantized format.
+    pub fn plain_dtype(self) -> Option<Dtype> {
+        match self {
+            KvFormat::Bf16 => Some(Dtype::Bf16),
+            KvFormat::F16 => Some(Dtype::F16),
+            KvFormat::F32 => Some(Dtype::F32),
+            KvFormat::Fp8V32 | KvFormat::Fp8Model1 => None,
+        }
+    }
+
+    /// Checks that this build can store rows of `d_qk` in this format and
+    /// returns the row layout.
+    pub fn row_layout(self, arg: &str, d_qk: usize) -> Result<RowLayout> {
+        match self.plain_dtype() {
+            Some(dtype) => Ok(RowLayout {
+                dtype,
+                row_bytes: dtype.size() * d_qk,
+            }),
+            None => Err(Error::unsupported(format!(
+                "{arg} = {} is not supported by this version of mlart yet",
+                self.name()
+            ))),
+        }
+    }
+}
+
+/// Byte layout of one row of a plain (unquantized) KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RowLayout {
+    pub dtype: Dtype,
+    pub row_bytes: usize,
+}
+
+/// Where a pointer's memory lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Memory {
+    Host,
+    Device,
+}
+
+impl Memory {
+    pub fn from_raw(arg: &str, raw: u32) -> Result<Self> {
+        match raw {
+            0 => Ok(Memory::Host),
+            1 => Ok(Memory::Device),
+            _ => Err(Error::invalid(format!(
+                "{arg} = {raw} is not a valid mlart_memory (HOST=0, DEVICE=1)"
+            ))),
+        }
+    }
+}
+
+/// Reads element `i` of a little-endian tensor of `dtype` as f32.
+#[inline(always)]
+pub fn load(dtype: Dtype, bytes: &[u8], i: usize) -> f32 {
+    match dtype {
+        Dtype::F32 => {
+            let b = &bytes[4 * i..4 * i + 4];
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+        Dtype::Bf16 => {
+            bf16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32()
+        }
+        Dtype::F16 => f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f32(),
+        Dtype::Fp8E4m3 => e4m3_to_f32(bytes[i]),
+    }
+}
+
+/// Converts a run of `dtype` elements to f32 (`out.len()` elements).
+pub fn load_slice(dtype: Dtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        Dtype::F32 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Dtype::Bf16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                // bf16 -> f32 is a shift; written out so it vectorises.
+                *o = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+            }
+        }
+        Dtype::F16 => {
+            for (o, b) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+            }
+        }
+        Dtype::Fp8E4m3 => {
+            for (o, &b) in out.iter_mut().zip(bytes) {
+                *o = e4m3_to_f32(b);
+            }
+        }
+    }
+}
+
+/// Writes f32 values as `dtype` (round to nearest even), `src.len()` elements.
+pub fn store_slice(dtype: Dtype, src: &[f32], bytes: &mut [u8]) {
+    match dtype {
+        Dtype::F32 => {
+            for (v, b) in src.iter().zip(bytes.chunks_exact_mut(4)) {
+                b.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        Dtype::Bf16 => {
+            for (v, b) in src.iter().zip(bytes.chunks_exact_mut(2)) {
+                b.copy_from_slice(&bf16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::F16 => {
+            for (v, b) in src.iter().zip(bytes.chunks_exact_mut(2)) {
+                b.copy_from_slice(&f16::from_f32(*v).to_bits().to_le_bytes());
+            }
+        }
+        Dtype::Fp8E4m3 => unreachable!("fp8 activations are rejected by Dtype::check_activation"),
+    }
+}
+
+/// Decodes one OCP FP8 E4M3 (fn variant: no infinities, 0x7f/0xff = NaN).
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
+    let exp = ((b >> 3) & 0x0f) as i32;
+    let man = (b & 0x07) as f32;
+    if exp == 0x0f && (b & 0x07) == 0x07 {
+        return f32::NAN;
+    }
+    if exp == 0 {
+        sign * man * (2.0f32).powi(-9)
+    } else {
+        sign * (1.0 + man / 8.0) * (2.0f32).powi(exp - 7)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_and_reject_unknown_values() {
+        for raw in 0..4 {
+            assert_eq!(Dtype::from_raw("d", raw).unwrap().raw(), raw);
+        }
+        for raw in 0..5 {
+            assert_eq!(KvFormat::from_raw("f", raw).unwrap().raw(), raw);
+        }
+        let e = Dtype::from_raw("q_dtype", 9).unwrap_err();
+        assert!(e.message.starts_with("q_dtype = 9"), "{}", e.message);
+        assert!(KvFormat::from_raw("kv_format", 77).is_err());
+        assert!(Memory::from_raw("memory", 2).is_err());
+    }
+
+    #[test]
+    fn store_then_load_rounds_to_the_dtype() {
+        let src = [1.0f32, -2.5, 3.1415927, 1e-3];
+        for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+            let mut bytes = vec![0u8; src.len() * dtype.size()];
+            store_slice(dtype, &src, &mut bytes);
+            let mut back = [0f32; 4];
+            load_slice(dtype, &bytes, &mut back);
+            for (i, (a, b)) in src.iter().zip(back).enumerate() {
+                let tol = match dtype {
+                    Dtype::F32 => 0.0,
+                    Dtype::Bf16 => a.abs() / 128.0,
+                    _ => a.abs() / 1024.0,
+                };
+                assert!((a - b).abs() <= tol, "{dtype:?} {a} -> {b}");
+                assert_eq!(load(dtype, &bytes, i), b);
+            }
+        }
+    }
+
+    #[test]
+    fn e4m3_decodes_known_codes() {
+        assert_eq!(e4m3_to_f32(0x00), 0.0);
+        assert_eq!(e4m3_to_f32(0x38), 1.0); // exp 7, man 0
+        assert_eq!(e4m3_to_f32(0x7e), 448.0); // largest finite
+        assert_eq!(e4m3_to_f32(0xfe), -448.0);
+        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // smallest subnormal
+        assert!(e4m3_to_f32(0x7f).is_nan());
+    }
+}

@@ -1,0 +1,364 @@
+//! The managed KV pool: paged blocks in the engine's memory, sequences with
+//! per-layer lengths, fork with copy-on-write, truncate, and decode over a
+//! list of sequences.
+//!
+//! Block `k` of a sequence holds its tokens `[k * block_size, (k + 1) *
+//! block_size)` in every layer, so one block table serves all layers. Blocks
+//! are reference counted: a fork shares them, and the first write into a
+//! shared block copies it (all layers) first.
+//!
+//! Concurrency: the state sits behind one reader-writer lock. Mutations
+//! (create, free, fork, truncate, append) are serialized; decodes and
+//! queries share the lock and run concurrently with each other.
+
+use crate::backend::Buffer;
+use crate::decode::desc::DecodeOutput;
+use crate::decode::{DecodeShape, DenseDecode, KvCache};
+use crate::engine::Engine;
+use crate::error::{check_range, checked_size, Error, Result, Status};
+use crate::format::{load_slice, store_slice, Dtype, KvFormat, RowLayout};
+use parking_lot::RwLock;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Pool geometry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolOptions {
+    pub format: KvFormat,
+    pub d_qk: usize,
+    pub num_layers: usize,
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+/// Occupancy figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    pub blocks_total: usize,
+    pub blocks_used: usize,
+    pub blocks_free: usize,
+    pub sequences: usize,
+    /// Bytes of one block across all layers.
+    pub bytes_per_block: usize,
+    /// Bytes of cache memory the pool owns.
+    pub bytes_total: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Sequence {
+    blocks: Vec<i32>,
+    /// Tokens stored, per layer.
+    lens: Vec<usize>,
+}
+
+impl Sequence {
+    fn max_len(&self) -> usize {
+        self.lens.iter().copied().max().unwrap_or(0)
+    }
+}
+
+struct State {
+    /// Per layer: `[num_blocks, block_size, row]`.
+    layers: Vec<Buffer>,
+    refcount: Vec<u32>,
+    free: Vec<i32>,
+    seqs: HashMap<u64, Sequence>,
+}
+
+pub struct KvPool {
+    engine: Arc<Engine>,
+    opts: PoolOptions,
+    layout: RowLayout,
+    state: RwLock<State>,
+}
+
+impl KvPool {
+    pub fn new(engine: Arc<Engine>, opts: PoolOptions) -> Result<Self> {
+        check_range(
+            "d_qk",
+            opts.d_qk as i64,
+            1,
+            crate::decode::desc::MAX_HEAD_DIM as i64 + 1,
+        )?;
+        check_range("num_layers", opts.num_layers as i64, 1, 1 << 16)?;
+        check_range("block_size", opts.block_size as i64, 1, 1 << 20)?;
+        check_range("num_blocks", opts.num_blocks as i64, 1, i32::MAX as i64)?;
+        let layout = opts.format.row_layout("kv_format", opts.d_qk)?;
+        let layer_bytes =
+            KvCache::bytes_for(opts.format, opts.d_qk, opts.num_blocks, opts.block_size)?;
+        checked_size("kv pool", &[layer_bytes, opts.num_layers])?;
+        let layers = (0..opts.num_layers)
+            .map(|l| {
+                engine
+                    .backend()
+                    .alloc(&format!("kv pool layer {l}"), layer_bytes)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvPool {
+            engine,
+            opts,
+            layout,
+            state: RwLock::new(State {
+                layers,
+                refcount: vec![0; opts.num_blocks],
+                // Pop from the end: hand out low block ids first.
+                free: (0..opts.num_blocks as i32).rev().collect(),
+                seqs: HashMap::new(),
+            }),
+        })
+    }
+
+    pub fn options(&self) -> &PoolOptions {
+        &self.opts
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    fn layer_index(&self, layer: i64) -> Result<usize> {
+        check_range("layer", layer, 0, self.opts.num_layers as i64)?;
+        Ok(layer as usize)
+    }
+
+    fn missing(seq: u64) -> Error {
+        Error::not_found(format!("seq_id = {seq} is not a sequence of this pool"))
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.state.read();
+        let bytes_per_block = self.opts.block_size * self.layout.row_bytes * self.opts.num_layers;
+        PoolStats {
+            blocks_total: self.opts.num_blocks,
+            blocks_used: self.opts.num_blocks - st.free.len(),
+            blocks_free: st.free.len(),
+            sequences: st.seqs.len(),
+            bytes_per_block,
+            bytes_total: bytes_per_block * self.opts.num_blocks,
+        }
+    }
+
+    /// Creates an empty sequence.
+    pub fn create_seq(&self, seq: u64) -> Result<()> {
+        let mut st = self.state.write();
+        if st.seqs.contains_key(&seq) {
+            return Err(Error::invalid(format!("seq_id = {seq} already exists")));
+        }
+        let lens = vec![0; self.opts.num_layers];
+        st.seqs.insert(
+            seq,
+            Sequence {
+                blocks: Vec::new(),
+                lens,
+            },
+        );
+        Ok(())
+    }
+
+    /// Frees a sequence; blocks no other sequence shares return to the pool.
+    pub fn free_seq(&self, seq: u64) -> Result<()> {
+        let mut st = self.state.write();
+        let s = st.seqs.remove(&seq).ok_or_else(|| Self::missing(seq))?;
+        for &b in &s.blocks {
+            release(&mut st, b);
+        }
+        Ok(())
+    }
+
+    /// Makes `dst` a copy of `src` that shares its blocks (copy-on-write).
+    pub fn fork(&self, src: u64, dst: u64) -> Result<()> {
+        let mut st = self.state.write();
+        if st.seqs.contains_key(&dst) {
+            return Err(Error::invalid(format!("dst seq_id = {dst} already exists")));
+        }
+        let s = st.seqs.get(&src).ok_or_else(|| Self::missing(src))?.clone();
+        for &b in &s.blocks {
+            st.refcount[b as usize] += 1;
+        }
+        st.seqs.insert(dst, s);
+        Ok(())
+    }
+
+    /// Cuts every layer of `seq` to at most `len` tokens and releases the
+    /// blocks no longer needed (speculative-decode rollback).
+    pub fn truncate(&self, seq: u64, len: i64) -> Result<()> {
+        if len < 0 {
+            return Err(Error::invalid(format!("len = {len} must be >= 0")));
+        }
+        let mut st = self.state.write();
+        let bs = self.opts.block_size;
+        let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+        for l in s.lens.iter_mut() {
+            *l = (*l).min(len as usize);
+        }
+        let keep = s.max_len().div_ceil(bs);
+        let dropped: Vec<i32> = s.blocks.drain(keep..).collect();
+        for b in dropped {
+            release(&mut st, b);
+        }
+        Ok(())
+    }
+
+    /// Tokens stored in `layer` of `seq`.
+    pub fn len(&self, seq: u64, layer: i64) -> Result<usize> {
+        let layer = self.layer_index(layer)?;
+        let st = self.state.read();
+        Ok(st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?.lens[layer])
+    }
+
+    /// Appends `n` rows of `d_qk` elements of `dtype` to `layer` of `seq`.
+    /// On any error, including a full pool, nothing changes.
+    pub fn append(&self, seq: u64, layer: i64, n: usize, dtype: Dtype, src: &[u8]) -> Result<()> {
+        let layer = self.layer_index(layer)?;
+        dtype.check_activation("dtype")?;
+        let d_qk = self.opts.d_qk;
+        let src_row = d_qk * dtype.size();
+        if src.len() < checked_size("rows", &[n, src_row])? {
+            return Err(Error::internal("rows buffer is smaller than [n, d_qk]"));
+        }
+        if n == 0 {
+            return self.len(seq, layer as i64).map(|_| ());
+        }
+        let bs = self.opts.block_size;
+        let mut st = self.state.write();
+        let st = &mut *st;
+        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+        let start = s.lens[layer];
+        let end = start
+            .checked_add(n)
+            .filter(|&e| e <= i32::MAX as usize)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "n = {n}: sequence {seq} would exceed {} tokens",
+                    i32::MAX
+                ))
+            })?;
+        let need = end.div_ceil(bs);
+        let fresh = need.saturating_sub(s.blocks.len());
+        let shared: Vec<usize> = (start / bs..need.min(s.blocks.len()))
+            .filter(|&j| st.refcount[s.blocks[j] as usize] > 1)
+            .collect();
+        if fresh + shared.len() > st.free.len() {
+            return Err(Error::new(
+                Status::PoolExhausted,
+                format!(
+                    "appending {n} tokens to seq_id {seq} needs {} free blocks but {} are left (pool of {} blocks x {} tokens)",
+                    fresh + shared.len(),
+                    st.free.len(),
+                    self.opts.num_blocks,
+                    bs
+                ),
+            ));
+        }
+        // From here on nothing can fail.
+        let block_bytes = bs * self.layout.row_bytes;
+        let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+        for j in shared {
+            let old = s.blocks[j] as usize;
+            let new = st.free.pop().unwrap_or_default() as usize;
+            for buf in st.layers.iter_mut() {
+                buf.as_mut_slice().copy_within(
+                    old * block_bytes..(old + 1) * block_bytes,
+                    new * block_bytes,
+                );
+            }
+            st.refcount[old] -= 1;
+            st.refcount[new] = 1;
+            s.blocks[j] = new as i32;
+        }
+        for _ in 0..fresh {
+            let id = st.free.pop().unwrap_or_default();
+            st.refcount[id as usize] = 1;
+            s.blocks.push(id);
+        }
+        let rb = self.layout.row_bytes;
+        let data = st.layers[layer].as_mut_slice();
+        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        for k in 0..n {
+            let t = start + k;
+            let at = (s.blocks[t / bs] as usize * bs + t % bs) * rb;
+            let dst = &mut data[at..at + rb];
+            let srow = &src[k * src_row..(k + 1) * src_row];
+            if dtype == self.layout.dtype {
+                dst.copy_from_slice(srow);
+            } else {
+                load_slice(dtype, srow, &mut row[..d_qk]);
+                store_slice(self.layout.dtype, &row[..d_qk], dst);
+            }
+        }
+        s.lens[layer] = end;
+        Ok(())
+    }
+
+    /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the
+    /// pool supplies the block table and lengths. `shape.d_qk` must be the
+    /// pool's `d_qk` and `shape.batch == seqs.len()`.
+    pub fn decode(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: &[u8],
+        out: &mut DecodeOutput<'_>,
+    ) -> Result<()> {
+        let layer = self.layer_index(layer)?;
+        if shape.d_qk != self.opts.d_qk {
+            return Err(Error::invalid(format!(
+                "d_qk = {} does not match the pool's d_qk = {}",
+                shape.d_qk, self.opts.d_qk
+            )));
+        }
+        if shape.batch != seqs.len() {
+            return Err(Error::internal("batch and seq_ids disagree"));
+        }
+        let st = self.state.read();
+        let mut lens = Vec::with_capacity(seqs.len());
+        let mut stride = 1;
+        for (i, &id) in seqs.iter().enumerate() {
+            let s = st.seqs.get(&id).ok_or_else(|| {
+                Error::not_found(format!(
+                    "seq_ids[{i}] = {id} is not a sequence of this pool"
+                ))
+            })?;
+            lens.push(s.lens[layer] as i32);
+            stride = stride.max(s.blocks.len());
+        }
+        let mut table = vec![-1i32; seqs.len() * stride];
+        for (i, id) in seqs.iter().enumerate() {
+            let blocks = &st.seqs[id].blocks;
+            table[i * stride..i * stride + blocks.len()].copy_from_slice(blocks);
+        }
+        let kv = KvCache::new(
+            self.opts.format,
+            self.opts.d_qk,
+            st.layers[layer].as_slice(),
+            self.opts.num_blocks,
+            self.opts.block_size,
+        )?;
+        let d = DenseDecode::new(shape, q_dtype, q, kv, &table, stride, &lens)?;
+        self.engine.decode(&d, out)
+    }
+
+    /// Raw view of one layer's cache and one sequence's block table, for
+    /// tests and tools that inspect what the pool stored.
+    pub fn with_layer<R>(
+        &self,
+        layer: i64,
+        seq: u64,
+        f: impl FnOnce(&[u8], &[i32], usize) -> R,
+    ) -> Result<R> {
+        let layer = self.layer_index(layer)?;
+        let st = self.state.read();
+        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+        Ok(f(st.layers[layer].as_slice(), &s.blocks, s.lens[layer]))
+    }
+}
+
+fn release(st: &mut State, block: i32) {
+    let rc = &mut st.refcount[block as usize];
+    *rc -= 1;
+    if *rc == 0 {
+        st.free.push(block);
+    }
+}
