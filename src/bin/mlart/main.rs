@@ -1,1 +1,90 @@
-fn main() {}
+//! The `mlart` command: `info` describes what mlart would run on here,
+//! `bench` measures decode throughput against the machine's ceilings.
+
+mod bench;
+mod ceilings;
+
+use mlart::backend::cpu::CpuFeatures;
+use mlart::{Engine, EngineOptions};
+use std::process::ExitCode;
+
+const USAGE: &str = "usage: mlart <command> [options]
+
+commands:
+  info                    version, ABI, chosen backend and kernel, CPU features
+  bench [options]         decode throughput on the DeepSeek-V3 shape (h_q 128, d_qk 576, d_v 512, bf16)
+      --threads N         worker threads (default: all cores)
+      --quick             two small points only
+      --seconds S         time budget per point (default 1.0)
+      --json PATH         also write the results as JSON
+
+environment: MLART_BACKEND=cpu|cuda, MLART_CPU_ISA=scalar|avx2|avx512|amx";
+
+fn info() -> mlart::Result<()> {
+    println!("mlart {} (ABI {})", env!("CARGO_PKG_VERSION"), mlart::ffi::types::MLART_ABI_VERSION);
+    println!("cpu features: {}", CpuFeatures::detect().describe());
+    let engine = Engine::new(&EngineOptions::default())?;
+    let i = engine.info();
+    println!("backend: {}", i.kind.name());
+    println!("device: {}", i.device_name);
+    println!("cpu kernel: {}", i.cpu_isa.name());
+    println!("threads: {}", i.threads);
+    println!("why: {}", i.reason);
+    Ok(())
+}
+
+fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
+    let mut o = bench::Options {
+        threads: 0,
+        quick: false,
+        json: None,
+        seconds: 1.0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--threads" => {
+                let v = value("--threads")?;
+                o.threads = v.parse().map_err(|_| format!("--threads {v}: not a number"))?;
+            }
+            "--seconds" => {
+                let v = value("--seconds")?;
+                o.seconds = v.parse().map_err(|_| format!("--seconds {v}: not a number"))?;
+            }
+            "--json" => o.json = Some(value("--json")?),
+            "--quick" => o.quick = true,
+            other => return Err(format!("unknown bench option {other}")),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("info") => info(),
+        Some("bench") => match parse_bench(&args[1..]) {
+            Ok(o) => bench::run(&o),
+            Err(e) => {
+                eprintln!("mlart: {e}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("-h" | "--help" | "help") => {
+            println!("{USAGE}");
+            Ok(())
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mlart: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

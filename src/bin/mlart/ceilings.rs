@@ -1,0 +1,174 @@
+//! Measures the machine's ceilings in the same run as the kernels, so every
+//! figure can be stated as a fraction of what the hardware can do: the FP32
+//! FMA peak (the ceiling of an f32-accumulating kernel) and the DRAM read
+//! bandwidth (the ceiling of a memory-bound decode). Same method as
+//! `shared/tools/peak.c` and `stream.c`.
+
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Ceilings {
+    /// FP32 FMA peak over all threads, FLOP/s (0 if no SIMD FMA).
+    pub fma_flops: f64,
+    /// Which instruction measured `fma_flops`.
+    pub fma_isa: &'static str,
+    /// DRAM read bandwidth over all threads, bytes/s.
+    pub read_bw: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use std::arch::x86_64::*;
+
+    const CHAINS: usize = 12;
+
+    /// FLOPs done by one call: iters x chains x lanes x 2.
+    pub fn flops_512(iters: usize) -> f64 {
+        (iters * CHAINS * 16 * 2) as f64
+    }
+
+    pub fn flops_256(iters: usize) -> f64 {
+        (iters * CHAINS * 8 * 2) as f64
+    }
+
+    /// Independent FMA chains, enough to cover latency x ports.
+    #[target_feature(enable = "avx512f")]
+    pub fn fma_512(iters: usize) -> f32 {
+        let a = _mm512_set1_ps(0.999_999);
+        let b = _mm512_set1_ps(1e-7);
+        let mut acc = [_mm512_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn fma_256(iters: usize) -> f32 {
+        let a = _mm256_set1_ps(0.999_999);
+        let b = _mm256_set1_ps(1e-7);
+        let mut acc = [_mm256_set1_ps(1.0); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm256_fmadd_ps(*x, a, b);
+            }
+        }
+        let mut out = [0f32; 8];
+        let mut s = 0.0;
+        for x in acc {
+            // SAFETY: out has room for 8 f32.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x) };
+            s += out.iter().sum::<f32>();
+        }
+        s
+    }
+
+    /// Sums a buffer with wide loads (a pure read stream).
+    #[target_feature(enable = "avx2")]
+    pub fn read_256(data: &[f32]) -> f32 {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let chunks = data.chunks_exact(32);
+        for c in chunks {
+            for (k, x) in acc.iter_mut().enumerate() {
+                // SAFETY: c has 32 elements, so 8 at offset 8k are in bounds.
+                *x = _mm256_add_ps(*x, unsafe { _mm256_loadu_ps(c.as_ptr().add(8 * k)) });
+            }
+        }
+        let mut out = [0f32; 8];
+        let mut s = 0.0;
+        for x in acc {
+            // SAFETY: out has room for 8 f32.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x) };
+            s += out.iter().sum::<f32>();
+        }
+        s
+    }
+}
+
+/// Runs `f(thread)` on `threads` threads at once; returns the slowest time.
+fn timed_parallel(threads: usize, f: impl Fn(usize) -> f32 + Sync) -> f64 {
+    let barrier = std::sync::Barrier::new(threads);
+    let times: Vec<f64> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (f, barrier) = (&f, &barrier);
+                s.spawn(move || {
+                    barrier.wait();
+                    let t0 = Instant::now();
+                    std::hint::black_box(f(t));
+                    t0.elapsed().as_secs_f64()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or(f64::INFINITY)).collect()
+    });
+    times.into_iter().fold(0.0, f64::max)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn fma_peak(threads: usize, reps: usize) -> (f64, &'static str) {
+    let iters = 20_000_000;
+    if std::is_x86_feature_detected!("avx512f") {
+        let runs = (0..reps)
+            .map(|_| {
+                // SAFETY: avx512f was detected above.
+                let t = timed_parallel(threads, |_| unsafe { simd::fma_512(iters) });
+                simd::flops_512(iters) * threads as f64 / t
+            })
+            .collect();
+        (median(runs), "avx512 vfmadd231ps zmm")
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        let runs = (0..reps)
+            .map(|_| {
+                // SAFETY: avx2 and fma were detected above.
+                let t = timed_parallel(threads, |_| unsafe { simd::fma_256(iters) });
+                simd::flops_256(iters) * threads as f64 / t
+            })
+            .collect();
+        (median(runs), "avx2 vfmadd231ps ymm")
+    } else {
+        (0.0, "none")
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn fma_peak(_threads: usize, _reps: usize) -> (f64, &'static str) {
+    (0.0, "none")
+}
+
+fn read_bandwidth(threads: usize, reps: usize) -> f64 {
+    // 512 MiB: far beyond any last-level cache.
+    let n = (512usize << 20) / 4;
+    let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let per = n / threads;
+    let read = |t: usize| -> f32 {
+        let part = &data[t * per..(t + 1) * per];
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") {
+            // SAFETY: avx2 was detected.
+            return unsafe { simd::read_256(part) };
+        }
+        part.iter().sum()
+    };
+    let runs = (0..reps)
+        .map(|_| (per * threads * 4) as f64 / timed_parallel(threads, read))
+        .collect();
+    median(runs)
+}
+
+pub fn measure(threads: usize) -> Ceilings {
+    let (fma_flops, fma_isa) = fma_peak(threads, 5);
+    let read_bw = read_bandwidth(threads, 7);
+    Ceilings {
+        fma_flops,
+        fma_isa,
+        read_bw,
+    }
+}
