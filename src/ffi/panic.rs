@@ -68,3 +68,50 @@ pub(crate) fn ffi_result(func: &str, f: impl FnOnce() -> Result<()>) -> *mut mla
 pub(crate) fn ffi_value<T>(func: &str, fallback: T, f: impl FnOnce() -> T) -> T {
     catch(func, || Ok(f())).unwrap_or(fallback)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Status;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error() {
+        let e = catch("mlart_test_export", || -> Result<()> { panic!("boom {}", 42) }).unwrap_err();
+        assert_eq!(e.status, Status::Internal);
+        assert!(e.message.contains("mlart_test_export"), "{}", e.message);
+        assert!(e.message.contains("boom 42"), "{}", e.message);
+        // The boundary is re-entrant and leaves the depth balanced.
+        assert_eq!(DEPTH.with(|d| d.get()), 0);
+        assert!(catch("f", || Ok(1)).is_ok());
+    }
+
+    #[test]
+    fn a_panic_on_a_worker_thread_is_caught_too() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .thread_name(|i| format!("mlart-test-{i}"))
+            .build()
+            .unwrap();
+        let e = catch("worker", || -> Result<()> {
+            pool.install(|| {
+                use rayon::prelude::*;
+                (0..64).into_par_iter().for_each(|i| assert!(i != 33, "bad item {i}"));
+            });
+            Ok(())
+        })
+        .unwrap_err();
+        assert_eq!(e.status, Status::Internal);
+        assert!(e.message.contains("bad item 33"), "{}", e.message);
+    }
+
+    #[test]
+    fn ffi_result_returns_null_on_success_and_an_error_object_otherwise() {
+        assert!(ffi_result("ok", || Ok(())).is_null());
+        let e = ffi_result("bad", || Err(Error::invalid("x = 1 is wrong")));
+        assert_eq!(super::super::error::mlart_error_code(e), Status::InvalidArgument as u32);
+        super::super::error::mlart_error_free(e);
+        let p = ffi_result("panics", || panic!("no"));
+        assert_eq!(super::super::error::mlart_error_code(p), Status::Internal as u32);
+        super::super::error::mlart_error_free(p);
+    }
+}
