@@ -6,6 +6,11 @@
 //! function; `_free(NULL)` is a no-op; no panic crosses the boundary.
 
 #![allow(non_camel_case_types)]
+// The exports are C entry points: their safety contract (valid handles,
+// buffers of the documented sizes) is stated in the header, and every
+// pointer is checked for NULL and alignment before use. Marking them
+// `unsafe fn` would change nothing for C callers.
+#![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 pub mod decode;
 pub mod engine;
@@ -46,7 +51,7 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&
     if p.is_null() {
         return Err(Error::null(name));
     }
-    if (p as usize) % std::mem::align_of::<T>() != 0 {
+    if !(p as usize).is_multiple_of(std::mem::align_of::<T>()) {
         return Err(Error::invalid(format!(
             "{name} = {p:?} is not aligned to {} bytes",
             std::mem::align_of::<T>()

@@ -76,7 +76,10 @@ mod tests {
 
     #[test]
     fn a_panic_becomes_an_internal_error() {
-        let e = catch("mlart_test_export", || -> Result<()> { panic!("boom {}", 42) }).unwrap_err();
+        let e = catch("mlart_test_export", || -> Result<()> {
+            panic!("boom {}", 42)
+        })
+        .unwrap_err();
         assert_eq!(e.status, Status::Internal);
         assert!(e.message.contains("mlart_test_export"), "{}", e.message);
         assert!(e.message.contains("boom 42"), "{}", e.message);
@@ -95,7 +98,9 @@ mod tests {
         let e = catch("worker", || -> Result<()> {
             pool.install(|| {
                 use rayon::prelude::*;
-                (0..64).into_par_iter().for_each(|i| assert!(i != 33, "bad item {i}"));
+                (0..64)
+                    .into_par_iter()
+                    .for_each(|i| assert!(i != 33, "bad item {i}"));
             });
             Ok(())
         })
@@ -108,10 +113,16 @@ mod tests {
     fn ffi_result_returns_null_on_success_and_an_error_object_otherwise() {
         assert!(ffi_result("ok", || Ok(())).is_null());
         let e = ffi_result("bad", || Err(Error::invalid("x = 1 is wrong")));
-        assert_eq!(super::super::error::mlart_error_code(e), Status::InvalidArgument as u32);
+        assert_eq!(
+            super::super::error::mlart_error_code(e),
+            Status::InvalidArgument as u32
+        );
         super::super::error::mlart_error_free(e);
         let p = ffi_result("panics", || panic!("no"));
-        assert_eq!(super::super::error::mlart_error_code(p), Status::Internal as u32);
+        assert_eq!(
+            super::super::error::mlart_error_code(p),
+            Status::Internal as u32
+        );
         super::super::error::mlart_error_free(p);
     }
 }

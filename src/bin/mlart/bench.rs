@@ -29,11 +29,22 @@ const D_V: usize = 512;
 const BLOCK: usize = 64;
 
 fn default_points(quick: bool) -> Vec<Point> {
-    let p = |batch, seqlen, h_q| Point { batch, seqlen, h_q, s_q: 1 };
+    let p = |batch, seqlen, h_q| Point {
+        batch,
+        seqlen,
+        h_q,
+        s_q: 1,
+    };
     if quick {
         vec![p(1, 1024, 128), p(2, 1024, 16)]
     } else {
-        vec![p(1, 1024, 128), p(1, 4096, 128), p(8, 4096, 128), p(1, 16384, 128), p(8, 16384, 16)]
+        vec![
+            p(1, 1024, 128),
+            p(1, 4096, 128),
+            p(8, 4096, 128),
+            p(1, 16384, 128),
+            p(8, 16384, 16),
+        ]
     }
 }
 
@@ -60,7 +71,15 @@ struct Measured {
 }
 
 fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result<Measured> {
-    let shape = DecodeShape::new(pt.batch as i32, pt.s_q as i32, pt.h_q as i32, D_QK as i32, D_V as i32, 0.0, false)?;
+    let shape = DecodeShape::new(
+        pt.batch as i32,
+        pt.s_q as i32,
+        pt.h_q as i32,
+        D_QK as i32,
+        D_V as i32,
+        0.0,
+        false,
+    )?;
     let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
     let num_blocks = blocks_per_seq * pt.batch;
     let dtype = Dtype::Bf16;
@@ -116,8 +135,18 @@ pub fn run(opts: &Options) -> Result<()> {
     })?;
     let info = engine.info();
     let threads = info.threads;
-    println!("mlart {} bench — {} ({} threads)", env!("CARGO_PKG_VERSION"), info.device_name, threads);
-    println!("backend {} kernel {}: {}", info.kind.name(), info.cpu_isa.name(), info.reason);
+    println!(
+        "mlart {} bench — {} ({} threads)",
+        env!("CARGO_PKG_VERSION"),
+        info.device_name,
+        threads
+    );
+    println!(
+        "backend {} kernel {}: {}",
+        info.kind.name(),
+        info.cpu_isa.name(),
+        info.reason
+    );
     println!("measuring ceilings with {threads} threads ...");
     let ceil = ceilings::measure(threads);
     println!(

@@ -107,7 +107,10 @@ fn timed_parallel(threads: usize, f: impl Fn(usize) -> f32 + Sync) -> f64 {
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().unwrap_or(f64::INFINITY)).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(f64::INFINITY))
+            .collect()
     });
     times.into_iter().fold(0.0, f64::max)
 }

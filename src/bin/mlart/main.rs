@@ -21,7 +21,11 @@ commands:
 environment: MLART_BACKEND=cpu|cuda, MLART_CPU_ISA=scalar|avx2|avx512|amx";
 
 fn info() -> mlart::Result<()> {
-    println!("mlart {} (ABI {})", env!("CARGO_PKG_VERSION"), mlart::ffi::types::MLART_ABI_VERSION);
+    println!(
+        "mlart {} (ABI {})",
+        env!("CARGO_PKG_VERSION"),
+        mlart::ffi::types::MLART_ABI_VERSION
+    );
     println!("cpu features: {}", CpuFeatures::detect().describe());
     let engine = Engine::new(&EngineOptions::default())?;
     let i = engine.info();
@@ -46,11 +50,15 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
         match a.as_str() {
             "--threads" => {
                 let v = value("--threads")?;
-                o.threads = v.parse().map_err(|_| format!("--threads {v}: not a number"))?;
+                o.threads = v
+                    .parse()
+                    .map_err(|_| format!("--threads {v}: not a number"))?;
             }
             "--seconds" => {
                 let v = value("--seconds")?;
-                o.seconds = v.parse().map_err(|_| format!("--seconds {v}: not a number"))?;
+                o.seconds = v
+                    .parse()
+                    .map_err(|_| format!("--seconds {v}: not a number"))?;
             }
             "--json" => o.json = Some(value("--json")?),
             "--quick" => o.quick = true,
