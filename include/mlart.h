@@ -755,7 +755,8 @@ struct mlart_error *mlart_kv_seq_length(const struct mlart_kv_pool *pool, uint64
 
 /**
  * Appends `n_tokens` rows `[n_tokens, d_qk]` of `dtype` (F32, BF16 or F16)
- * to `layer` of `seq_id`, converting to the pool's format. A full pool
+ * to `layer` of `seq_id`, converting to the pool's format (`rows` may be
+ * NULL when `n_tokens` is 0). A full pool
  * returns `MLART_STATUS_POOL_EXHAUSTED`; on any error nothing changes.
  */
 struct mlart_error *mlart_kv_append(struct mlart_kv_pool *pool, uint64_t seq_id, int32_t layer, int32_t n_tokens, mlart_dtype dtype, const void *rows);

@@ -344,7 +344,8 @@ pub extern "C" fn mlart_kv_seq_length(
 }
 
 /// Appends `n_tokens` rows `[n_tokens, d_qk]` of `dtype` (F32, BF16 or F16)
-/// to `layer` of `seq_id`, converting to the pool's format. A full pool
+/// to `layer` of `seq_id`, converting to the pool's format (`rows` may be
+/// NULL when `n_tokens` is 0). A full pool
 /// returns `MLART_STATUS_POOL_EXHAUSTED`; on any error nothing changes.
 #[no_mangle]
 pub extern "C" fn mlart_kv_append(
@@ -361,8 +362,13 @@ pub extern "C" fn mlart_kv_append(
         let n = non_negative("n_tokens", n_tokens as i64)?;
         let dtype = Dtype::from_raw("dtype", dtype)?.check_activation("dtype")?;
         let bytes = crate::error::checked_size("rows", &[n, p.options().d_qk, dtype.size()])?;
-        // SAFETY: rows holds n_tokens * d_qk elements (caller contract).
-        let src = unsafe { slice(rows as *const u8, bytes, "rows") }?;
+        // Appending nothing needs no buffer.
+        let src: &[u8] = if n == 0 && rows.is_null() {
+            &[]
+        } else {
+            // SAFETY: rows holds n_tokens * d_qk elements (caller contract).
+            unsafe { slice(rows as *const u8, bytes, "rows") }?
+        };
         p.append(seq_id, layer as i64, n, dtype, src)
     })
 }
