@@ -4,7 +4,7 @@ use super::engine::{engine_ref, mlart_engine};
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::types::*;
-use super::{check_disjoint, read_struct, slice, slice_mut, Region};
+use super::{check_disjoint, check_ptr, read_struct, slice, slice_mut, Region};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{DecodeShape, DenseDecode, KvCache};
 use crate::error::{Error, Result};
@@ -176,27 +176,38 @@ pub(crate) unsafe fn activations<'a>(
 ) -> Result<Activations<'a>> {
     let q_dtype = Dtype::from_raw("q_dtype", q_dtype)?.check_activation("q_dtype")?;
     let out_dtype = Dtype::from_raw("out_dtype", out_dtype)?.check_activation("out_dtype")?;
-    // SAFETY: caller contract on q/out/lse sizes for this shape.
+    // SAFETY: caller contract on q's size for this shape.
     let q = unsafe { slice(q as *const u8, shape.q_elems() * q_dtype.size(), "q") }?;
-    // SAFETY: as above.
+    check_ptr(out as *const u8, "out")?;
+    if !lse.is_null() {
+        check_ptr(lse as *const f32, "lse")?;
+    }
+    // Check aliasing on the raw ranges, before any `&mut` to them exists.
+    let out_region = Region {
+        name: "out",
+        start: out as usize,
+        len: shape.out_elems() * out_dtype.size(),
+    };
+    let lse_region = Region {
+        name: "lse",
+        start: lse as usize,
+        len: shape.lse_elems() * std::mem::size_of::<f32>(),
+    };
+    let mut readers = vec![Region::of("q", q)];
+    readers.extend(inputs.iter().map(|r| Region { name: r.name, start: r.start, len: r.len }));
+    check_disjoint(&out_region, &readers)?;
+    if !lse.is_null() {
+        readers.push(out_region);
+        check_disjoint(&lse_region, &readers)?;
+    }
+    // SAFETY: caller contract on out's size; disjoint from every input (checked above).
     let out = unsafe { slice_mut(out as *mut u8, shape.out_elems() * out_dtype.size(), "out") }?;
     let lse = if lse.is_null() {
         None
     } else {
-        // SAFETY: as above.
+        // SAFETY: caller contract on lse's size; disjoint from out and inputs (checked above).
         Some(unsafe { slice_mut(lse, shape.lse_elems(), "lse") }?)
     };
-    let mut all_inputs = vec![Region::of("q", q)];
-    all_inputs.extend(inputs.iter().map(|r| Region {
-        name: r.name,
-        start: r.start,
-        len: r.len,
-    }));
-    check_disjoint(&Region::of("out", out), &all_inputs)?;
-    if let Some(l) = &lse {
-        all_inputs.push(Region::of("out", out));
-        check_disjoint(&Region::of("lse", l), &all_inputs)?;
-    }
     Ok(Activations {
         q_dtype,
         q,

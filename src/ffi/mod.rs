@@ -42,12 +42,8 @@ pub(crate) unsafe fn read_struct<T: Copy>(p: *const T, name: &str, init: &str) -
     Ok(unsafe { p.read_unaligned() })
 }
 
-/// Borrows `n` elements at `p` after checking NULL, alignment and size.
-///
-/// # Safety
-/// A non-NULL `p` must point to `n` readable elements that stay valid and
-/// unmodified for `'a` (the caller contract of every export).
-pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+/// Checks that `p` is non-NULL and aligned for `T`.
+pub(crate) fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
     if p.is_null() {
         return Err(Error::null(name));
     }
@@ -57,6 +53,16 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&
             std::mem::align_of::<T>()
         )));
     }
+    Ok(())
+}
+
+/// Borrows `n` elements at `p` after checking NULL, alignment and size.
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` readable elements that stay valid and
+/// unmodified for `'a` (the caller contract of every export).
+pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
+    check_ptr(p, name)?;
     checked_size(name, &[n, std::mem::size_of::<T>()])?;
     // SAFETY: non-NULL, aligned, size fits isize; validity is the caller contract.
     Ok(unsafe { std::slice::from_raw_parts(p, n) })

@@ -1,0 +1,953 @@
+//! Error paths of `mlart_decode_paged`, `mlart_engine_create` and
+//! `mlart_engine_info`, called through the C ABI.
+//!
+//! Each bad argument must give the documented `mlart_status` and a message
+//! naming the argument and its value, and must leave every output untouched:
+//! the decode's `out`/`lse` (pre-filled with a sentinel) and the inputs stay
+//! bit-identical, and out-parameters keep their sentinel value. Every error
+//! returned is freed with `mlart_error_free`; NULL means success.
+
+use mlart::ffi::decode::*;
+use mlart::ffi::engine::*;
+use mlart::ffi::error::*;
+use mlart::ffi::types::*;
+use std::ffi::{c_void, CStr};
+use std::mem::{size_of, MaybeUninit};
+use std::sync::RwLock;
+
+/// `MLART_CPU_ISA` / `MLART_BACKEND` are read when an engine is created:
+/// engine creation holds the read side, tests that set them the write side.
+static ENV_LOCK: RwLock<()> = RwLock::new(());
+
+fn env_read() -> std::sync::RwLockReadGuard<'static, ()> {
+    ENV_LOCK.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Status and message of an error (freed here), or `None` for NULL.
+fn take_error(e: *mut mlart_error) -> Option<(mlart_status, String)> {
+    if e.is_null() {
+        return None;
+    }
+    let code = mlart_error_code(e);
+    // SAFETY: e is live until mlart_error_free below.
+    let msg = unsafe { CStr::from_ptr(mlart_error_message(e)) }
+        .to_str()
+        .expect("error messages are UTF-8")
+        .to_owned();
+    mlart_error_free(e);
+    Some((code, msg))
+}
+
+fn status_name(s: mlart_status) -> String {
+    // SAFETY: static NUL-terminated string.
+    unsafe { CStr::from_ptr(mlart_status_name(s)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Asserts that `e` is an error with `status` whose message contains every
+/// one of `needles`.
+fn expect_error(what: &str, e: *mut mlart_error, status: mlart_status, needles: &[&str]) {
+    let Some((code, msg)) = take_error(e) else {
+        panic!("{what}: succeeded, want {} error", status_name(status));
+    };
+    assert_eq!(
+        code,
+        status,
+        "{what}: status {} ({}), want {} ({}); message: {msg}",
+        code,
+        status_name(code),
+        status,
+        status_name(status)
+    );
+    for n in needles {
+        assert!(
+            msg.contains(n),
+            "{what}: message {msg:?} does not mention {n:?}"
+        );
+    }
+}
+
+fn options() -> mlart_engine_options {
+    let mut o = MaybeUninit::uninit();
+    mlart_engine_options_init(o.as_mut_ptr());
+    // SAFETY: initialized above.
+    unsafe { o.assume_init() }
+}
+
+fn decode_args() -> mlart_decode_args {
+    let mut a = MaybeUninit::uninit();
+    mlart_decode_args_init(a.as_mut_ptr());
+    // SAFETY: initialized above.
+    unsafe { a.assume_init() }
+}
+
+fn props() -> mlart_engine_props {
+    let mut p = MaybeUninit::uninit();
+    mlart_engine_props_init(p.as_mut_ptr());
+    // SAFETY: initialized above.
+    unsafe { p.assume_init() }
+}
+
+struct Engine(*mut mlart_engine);
+
+impl Engine {
+    fn new() -> Engine {
+        let _env = env_read();
+        let mut o = options();
+        o.backend = MLART_BACKEND_CPU;
+        o.num_threads = 1;
+        let mut e = std::ptr::null_mut();
+        assert!(take_error(mlart_engine_create(&o, &mut e)).is_none());
+        Engine(e)
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        mlart_engine_free(self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A small valid decode: batch 2, s_q 1, h_q 2, d_qk 8, d_v 4, f32 everywhere,
+// 8 blocks of 4 tokens, block_table [2, 3], seqlens [5, 9].
+// ---------------------------------------------------------------------------
+
+const BATCH: usize = 2;
+const H_Q: usize = 2;
+const D_QK: usize = 8;
+const D_V: usize = 4;
+const NUM_BLOCKS: usize = 8;
+const BS: usize = 4;
+const STRIDE: usize = 3;
+const OUT_SENTINEL: u32 = 0xdead_beef;
+const LSE_SENTINEL: u32 = 0x7fa5_a5a5;
+
+/// Buffers of the base decode. One allocation per tensor; `spare` gives
+/// room for misaligned pointers and for overlap tests.
+#[derive(Clone, PartialEq)]
+struct Fixture {
+    /// `q` then room: `[BATCH * H_Q * D_QK + 64]`.
+    q: Vec<f32>,
+    kv: Vec<f32>,
+    /// `[BATCH, STRIDE]` then one spare entry.
+    table: Vec<i32>,
+    /// `[BATCH]` then one spare entry.
+    seqlens: Vec<i32>,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+    /// A dummy array for the reserved sparse pointers.
+    dummy: Vec<i32>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let q = (0..BATCH * H_Q * D_QK + 64)
+            .map(|i| ((i * 37 % 17) as f32 - 8.0) / 16.0)
+            .collect();
+        let kv = (0..NUM_BLOCKS * BS * D_QK)
+            .map(|i| ((i * 53 % 29) as f32 - 14.0) / 28.0)
+            .collect();
+        Fixture {
+            q,
+            kv,
+            // Sequence 0 uses 2 blocks (its third entry is padding),
+            // sequence 1 uses 3.
+            table: vec![6, 1, 2147480000, 3, 0, 5, 0],
+            seqlens: vec![5, 9, 0],
+            out: vec![f32::from_bits(OUT_SENTINEL); BATCH * H_Q * D_V],
+            lse: vec![f32::from_bits(LSE_SENTINEL); BATCH * H_Q],
+            dummy: vec![0; 16],
+        }
+    }
+
+    fn args(&mut self) -> mlart_decode_args {
+        let mut a = decode_args();
+        a.batch = BATCH as i32;
+        a.s_q = 1;
+        a.h_q = H_Q as i32;
+        a.d_qk = D_QK as i32;
+        a.d_v = D_V as i32;
+        a.q_dtype = MLART_DTYPE_F32;
+        a.q = self.q.as_ptr().cast();
+        a.kv_format = MLART_KV_FORMAT_F32;
+        a.kv = self.kv.as_ptr().cast();
+        a.num_blocks = NUM_BLOCKS as i32;
+        a.block_size = BS as i32;
+        a.block_table = self.table.as_ptr();
+        a.block_table_stride = STRIDE as i32;
+        a.seqlens = self.seqlens.as_ptr();
+        a.out_dtype = MLART_DTYPE_F32;
+        a.out = self.out.as_mut_ptr().cast();
+        a.lse = self.lse.as_mut_ptr();
+        a
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+}
+
+/// One decode call: engine, args, and whether to pass `args` as NULL.
+struct Call {
+    engine: *mut mlart_engine,
+    args: mlart_decode_args,
+    null_args: bool,
+}
+
+/// Runs the base decode edited by `edit` and expects `status` with every
+/// needle in the message, and no byte of any buffer changed.
+fn decode_error(
+    engine: &Engine,
+    what: &str,
+    status: mlart_status,
+    needles: &[&str],
+    edit: impl FnOnce(&mut Fixture, &mut Call),
+) {
+    let mut fx = Fixture::new();
+    let mut call = Call {
+        engine: engine.0,
+        args: fx.args(),
+        null_args: false,
+    };
+    edit(&mut fx, &mut call);
+    let before_q = Fixture::bits(&fx.q);
+    let before_kv = Fixture::bits(&fx.kv);
+    let before = fx.clone();
+    let args: *const mlart_decode_args = if call.null_args {
+        std::ptr::null()
+    } else {
+        &call.args
+    };
+    let e = mlart_decode_paged(call.engine, args);
+    expect_error(&format!("decode with {what}"), e, status, needles);
+    assert!(
+        Fixture::bits(&fx.out).iter().all(|&b| b == OUT_SENTINEL),
+        "decode with {what}: out was written on error"
+    );
+    assert!(
+        Fixture::bits(&fx.lse).iter().all(|&b| b == LSE_SENTINEL),
+        "decode with {what}: lse was written on error"
+    );
+    assert_eq!(Fixture::bits(&fx.q), before_q, "{what}: q changed");
+    assert_eq!(Fixture::bits(&fx.kv), before_kv, "{what}: kv changed");
+    assert_eq!(fx.table, before.table, "{what}: block_table changed");
+    assert_eq!(fx.seqlens, before.seqlens, "{what}: seqlens changed");
+}
+
+/// Runs the base decode edited by `edit` and expects success.
+fn decode_ok(engine: &Engine, what: &str, edit: impl FnOnce(&mut Fixture, &mut Call)) -> Fixture {
+    let mut fx = Fixture::new();
+    let mut call = Call {
+        engine: engine.0,
+        args: fx.args(),
+        null_args: false,
+    };
+    edit(&mut fx, &mut call);
+    if let Some((code, msg)) = take_error(mlart_decode_paged(call.engine, &call.args)) {
+        panic!("decode with {what}: failed with {code}: {msg}");
+    }
+    assert!(
+        fx.out.iter().all(|x| x.is_finite()),
+        "decode with {what}: out not fully written: {:?}",
+        fx.out
+    );
+    fx
+}
+
+#[test]
+fn base_decode_succeeds() {
+    let engine = Engine::new();
+    let fx = decode_ok(&engine, "the base arguments", |_, _| {});
+    assert!(fx.lse.iter().all(|x| x.is_finite()), "lse {:?}", fx.lse);
+    // lse is optional.
+    let fx = decode_ok(&engine, "lse = NULL", |_, c| {
+        c.args.lse = std::ptr::null_mut()
+    });
+    assert!(Fixture::bits(&fx.lse).iter().all(|&b| b == LSE_SENTINEL));
+    // Entries past a sequence's blocks are never read, whatever they hold.
+    decode_ok(&engine, "garbage padding", |fx, _| {
+        fx.table[2] = -1;
+        fx.seqlens[0] = 4; // one block: entries 1 and 2 are padding
+        fx.table[1] = i32::MIN;
+    });
+    decode_ok(&engine, "an empty sequence with a garbage row", |fx, _| {
+        fx.seqlens[0] = 0;
+        fx.table[..STRIDE].copy_from_slice(&[-1, 2147480000, 99]);
+    });
+    // The largest allowed length.
+    decode_ok(&engine, "seqlens at capacity", |fx, _| {
+        fx.seqlens[1] = (STRIDE * BS) as i32
+    });
+    decode_ok(&engine, "d_qk = 1024 and d_v = d_qk", |fx, c| {
+        fx.kv = vec![0.25; NUM_BLOCKS * BS * 1024];
+        fx.q = vec![0.5; BATCH * H_Q * 1024];
+        fx.out = vec![f32::NAN; BATCH * H_Q * 1024];
+        c.args = fx.args();
+        c.args.d_qk = 1024;
+        c.args.d_v = 1024;
+    });
+}
+
+#[test]
+fn decode_null_pointers() {
+    let engine = Engine::new();
+    let null = MLART_STATUS_NULL_POINTER;
+    decode_error(&engine, "engine NULL", null, &["engine is NULL"], |_, c| {
+        c.engine = std::ptr::null_mut()
+    });
+    decode_error(&engine, "args NULL", null, &["args is NULL"], |_, c| {
+        c.null_args = true
+    });
+    decode_error(&engine, "q NULL", null, &["q is NULL"], |_, c| {
+        c.args.q = std::ptr::null()
+    });
+    decode_error(&engine, "kv NULL", null, &["kv is NULL"], |_, c| {
+        c.args.kv = std::ptr::null()
+    });
+    decode_error(
+        &engine,
+        "block_table NULL",
+        null,
+        &["block_table is NULL"],
+        |_, c| c.args.block_table = std::ptr::null(),
+    );
+    decode_error(
+        &engine,
+        "seqlens NULL",
+        null,
+        &["seqlens is NULL"],
+        |_, c| c.args.seqlens = std::ptr::null(),
+    );
+    decode_error(&engine, "out NULL", null, &["out is NULL"], |_, c| {
+        c.args.out = std::ptr::null_mut()
+    });
+}
+
+#[test]
+fn decode_struct_size() {
+    let engine = Engine::new();
+    let want = size_of::<mlart_decode_args>();
+    for bad in [0, 4, want - 8, want + 8, u32::MAX as usize] {
+        let bad = bad as u32;
+        decode_error(
+            &engine,
+            &format!("struct_size = {bad}"),
+            MLART_STATUS_INVALID_ARGUMENT,
+            &[
+                &format!("args->struct_size = {bad}"),
+                &format!("expects {want}"),
+                "mlart_decode_args_init",
+            ],
+            |_, c| c.args.struct_size = bad,
+        );
+    }
+}
+
+#[test]
+fn decode_bad_sizes() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    type Setter = fn(&mut mlart_decode_args, i32);
+    let fields: [(&str, Setter); 8] = [
+        ("batch", |a, v| a.batch = v),
+        ("s_q", |a, v| a.s_q = v),
+        ("h_q", |a, v| a.h_q = v),
+        ("d_qk", |a, v| a.d_qk = v),
+        ("d_v", |a, v| a.d_v = v),
+        ("num_blocks", |a, v| a.num_blocks = v),
+        ("block_size", |a, v| a.block_size = v),
+        ("block_table_stride", |a, v| a.block_table_stride = v),
+    ];
+    for (name, set) in fields {
+        for v in [0, -1, i32::MIN] {
+            decode_error(
+                &engine,
+                &format!("{name} = {v}"),
+                inv,
+                &[&format!("{name} = {v} must be >= 1")],
+                |_, c| set(&mut c.args, v),
+            );
+        }
+    }
+    decode_error(
+        &engine,
+        "d_v > d_qk",
+        inv,
+        &["d_v = 9 exceeds d_qk = 8"],
+        |_, c| c.args.d_v = 9,
+    );
+    for d in [1025, 4096, i32::MAX] {
+        decode_error(
+            &engine,
+            &format!("d_qk = {d}"),
+            inv,
+            &[&format!("d_qk = {d} exceeds"), "1024"],
+            |_, c| c.args.d_qk = d,
+        );
+    }
+    decode_error(
+        &engine,
+        "d_v > d_qk = 1024",
+        inv,
+        &["d_v = 1025 exceeds d_qk = 1024"],
+        |_, c| {
+            c.args.d_qk = 1024;
+            c.args.d_v = 1025;
+        },
+    );
+    decode_error(
+        &engine,
+        "q size overflow",
+        inv,
+        &["q", "overflows"],
+        |_, c| {
+            c.args.batch = i32::MAX;
+            c.args.s_q = i32::MAX;
+            c.args.h_q = i32::MAX;
+        },
+    );
+    decode_error(
+        &engine,
+        "kv size overflow",
+        inv,
+        &["kv", "overflows"],
+        |_, c| {
+            c.args.num_blocks = i32::MAX;
+            c.args.block_size = i32::MAX;
+            c.args.d_qk = 1024;
+            c.args.d_v = 4;
+        },
+    );
+}
+
+#[test]
+fn decode_bad_scale() {
+    let engine = Engine::new();
+    for (v, text) in [
+        (f32::NAN, "softmax_scale = NaN"),
+        (f32::INFINITY, "softmax_scale = inf"),
+        (f32::NEG_INFINITY, "softmax_scale = -inf"),
+    ] {
+        decode_error(
+            &engine,
+            text,
+            MLART_STATUS_INVALID_ARGUMENT,
+            &[text, "not finite"],
+            |_, c| c.args.softmax_scale = v,
+        );
+    }
+}
+
+#[test]
+fn decode_bad_enums() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    let uns = MLART_STATUS_UNSUPPORTED;
+    decode_error(&engine, "q_dtype = 7", inv, &["q_dtype = 7"], |_, c| {
+        c.args.q_dtype = 7
+    });
+    decode_error(&engine, "out_dtype = 7", inv, &["out_dtype = 7"], |_, c| {
+        c.args.out_dtype = 7
+    });
+    decode_error(
+        &engine,
+        "q_dtype FP8",
+        uns,
+        &["q_dtype = FP8_E4M3"],
+        |_, c| c.args.q_dtype = MLART_DTYPE_FP8_E4M3,
+    );
+    decode_error(
+        &engine,
+        "out_dtype FP8",
+        uns,
+        &["out_dtype = FP8_E4M3"],
+        |_, c| c.args.out_dtype = MLART_DTYPE_FP8_E4M3,
+    );
+    decode_error(&engine, "kv_format = 9", inv, &["kv_format = 9"], |_, c| {
+        c.args.kv_format = 9
+    });
+    decode_error(
+        &engine,
+        "kv_format FP8_V32",
+        uns,
+        &["kv_format = fp8_v32", "not supported"],
+        |_, c| {
+            c.args.kv_format = MLART_KV_FORMAT_FP8_V32;
+            c.args.d_qk = 576;
+            c.args.d_v = 512;
+        },
+    );
+    decode_error(
+        &engine,
+        "kv_format FP8_MODEL1",
+        uns,
+        &["kv_format = fp8_model1", "not supported"],
+        |_, c| {
+            c.args.kv_format = MLART_KV_FORMAT_FP8_MODEL1;
+            c.args.d_qk = 512;
+            c.args.d_v = 512;
+        },
+    );
+    decode_error(
+        &engine,
+        "memory DEVICE",
+        uns,
+        &["memory = MLART_MEMORY_DEVICE"],
+        |_, c| c.args.memory = MLART_MEMORY_DEVICE,
+    );
+    decode_error(&engine, "memory = 2", inv, &["memory = 2"], |_, c| {
+        c.args.memory = 2
+    });
+}
+
+#[test]
+fn decode_sparse_fields_are_unsupported() {
+    let engine = Engine::new();
+    type Setter = fn(&mut mlart_decode_args, *const i32);
+    let fields: [(&str, Setter); 6] = [
+        ("indices", |a, p| a.indices = p),
+        ("topk_length", |a, p| a.topk_length = p),
+        ("extra_kv", |a, p| a.extra_kv = p.cast::<c_void>()),
+        ("extra_indices", |a, p| a.extra_indices = p),
+        ("extra_topk_length", |a, p| a.extra_topk_length = p),
+        ("attn_sink", |a, p| a.attn_sink = p.cast::<f32>()),
+    ];
+    for (name, set) in fields {
+        decode_error(
+            &engine,
+            name,
+            MLART_STATUS_UNSUPPORTED,
+            &[&format!("{name} is set"), "sparse"],
+            |fx, c| {
+                c.args.topk = 4;
+                set(&mut c.args, fx.dummy.as_ptr());
+            },
+        );
+    }
+}
+
+#[test]
+fn decode_bad_lengths_and_block_ids() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    decode_error(
+        &engine,
+        "seqlens[0] = -1",
+        inv,
+        &["seqlens[0] = -1"],
+        |fx, _| fx.seqlens[0] = -1,
+    );
+    decode_error(
+        &engine,
+        "seqlens[1] past capacity",
+        inv,
+        &["seqlens[1] = 13 is outside [0, 12]"],
+        |fx, _| fx.seqlens[1] = 13,
+    );
+    decode_error(
+        &engine,
+        "seqlens[1] = i32::MIN",
+        inv,
+        &[&format!("seqlens[1] = {}", i32::MIN)],
+        |fx, _| fx.seqlens[1] = i32::MIN,
+    );
+    decode_error(
+        &engine,
+        "a huge used block id",
+        inv,
+        &["block_table[1][2] = 2147480000 is outside [0, 8)"],
+        |fx, _| fx.table[STRIDE + 2] = 2147480000,
+    );
+    decode_error(
+        &engine,
+        "a negative used block id",
+        inv,
+        &["block_table[0][1] = -1 is outside [0, 8)"],
+        |fx, _| fx.table[1] = -1,
+    );
+    decode_error(
+        &engine,
+        "block id = num_blocks",
+        inv,
+        &["block_table[0][0] = 8 is outside [0, 8)"],
+        |fx, _| fx.table[0] = NUM_BLOCKS as i32,
+    );
+    // A length that reaches into the padding entry makes it used.
+    decode_error(
+        &engine,
+        "padding entry that becomes used",
+        inv,
+        &["block_table[0][2] = 2147480000 is outside [0, 8)"],
+        |fx, _| fx.seqlens[0] = 9,
+    );
+    decode_error(
+        &engine,
+        "fewer blocks than used ids",
+        inv,
+        &["block_table[0][0] = 6 is outside [0, 4)"],
+        |_, c| c.args.num_blocks = 4,
+    );
+}
+
+#[test]
+fn decode_overlaps_and_alignment() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    decode_error(&engine, "out = q", inv, &["out overlaps q"], |fx, c| {
+        c.args.out = fx.q.as_mut_ptr().cast()
+    });
+    // The last element of q is the first of out (q has spare room after it).
+    decode_error(
+        &engine,
+        "out partly over q",
+        inv,
+        &["out overlaps q"],
+        |fx, c| c.args.out = fx.q[BATCH * H_Q * D_QK - 1..].as_mut_ptr().cast(),
+    );
+    decode_error(
+        &engine,
+        "out inside kv",
+        inv,
+        &["out overlaps kv"],
+        |fx, c| c.args.out = fx.kv[100..].as_mut_ptr().cast(),
+    );
+    decode_error(&engine, "lse = out", inv, &["lse overlaps out"], |fx, c| {
+        c.args.lse = fx.out.as_mut_ptr()
+    });
+    decode_error(&engine, "lse = q", inv, &["lse overlaps q"], |fx, c| {
+        c.args.lse = fx.q.as_mut_ptr()
+    });
+    decode_error(
+        &engine,
+        "lse inside kv",
+        inv,
+        &["lse overlaps kv"],
+        |fx, c| c.args.lse = fx.kv[7..].as_mut_ptr(),
+    );
+    decode_error(
+        &engine,
+        "seqlens inside out",
+        inv,
+        &["out overlaps seqlens"],
+        |fx, c| c.args.seqlens = fx.out[3..].as_ptr().cast(),
+    );
+    decode_error(
+        &engine,
+        "misaligned block_table",
+        inv,
+        &["block_table = ", "not aligned to 4 bytes"],
+        |fx, c| {
+            c.args.block_table = fx.table.as_ptr().cast::<u8>().wrapping_add(1).cast();
+        },
+    );
+    decode_error(
+        &engine,
+        "misaligned seqlens",
+        inv,
+        &["seqlens = ", "not aligned to 4 bytes"],
+        |fx, c| {
+            c.args.seqlens = fx.seqlens.as_ptr().cast::<u8>().wrapping_add(2).cast();
+        },
+    );
+    decode_error(
+        &engine,
+        "misaligned lse",
+        inv,
+        &["lse = ", "not aligned to 4 bytes"],
+        |fx, c| {
+            c.args.lse = fx.q.as_mut_ptr().cast::<u8>().wrapping_add(3).cast();
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------
+// mlart_engine_create / mlart_engine_info.
+// ---------------------------------------------------------------------------
+
+/// A value no engine pointer has; must survive a failed create.
+fn sentinel_engine() -> *mut mlart_engine {
+    std::ptr::dangling_mut::<mlart_engine>().wrapping_byte_add(0x5a50)
+}
+
+fn create_error(
+    what: &str,
+    opts: Option<&mlart_engine_options>,
+    status: mlart_status,
+    needles: &[&str],
+) {
+    let mut e = sentinel_engine();
+    let p = opts.map_or(std::ptr::null(), |o| o as *const _);
+    let r = mlart_engine_create(p, &mut e);
+    if r.is_null() {
+        mlart_engine_free(e);
+    }
+    expect_error(&format!("engine_create with {what}"), r, status, needles);
+    assert_eq!(e, sentinel_engine(), "{what}: *out written on error");
+}
+
+#[test]
+fn engine_create_errors() {
+    let _env = env_read();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    // NULL out.
+    let o = options();
+    expect_error(
+        "engine_create(out = NULL)",
+        mlart_engine_create(&o, std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out is NULL"],
+    );
+    expect_error(
+        "engine_create(NULL, NULL)",
+        mlart_engine_create(std::ptr::null(), std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out is NULL"],
+    );
+    let want = size_of::<mlart_engine_options>() as u32;
+    for bad in [0, 4, want - 4, want + 4, u32::MAX] {
+        let mut o = options();
+        o.struct_size = bad;
+        create_error(
+            &format!("struct_size = {bad}"),
+            Some(&o),
+            inv,
+            &[
+                &format!("options->struct_size = {bad}"),
+                "mlart_engine_options_init",
+            ],
+        );
+    }
+    let mut o = options();
+    o.backend = MLART_BACKEND_CUDA;
+    create_error(
+        "backend CUDA",
+        Some(&o),
+        MLART_STATUS_UNSUPPORTED,
+        &["backend = CUDA"],
+    );
+    for b in [3, 9, u32::MAX] {
+        let mut o = options();
+        o.backend = b;
+        create_error(
+            &format!("backend {b}"),
+            Some(&o),
+            inv,
+            &[&format!("options->backend = {b}")],
+        );
+    }
+    for n in [-1, i32::MIN] {
+        let mut o = options();
+        o.num_threads = n;
+        create_error(
+            &format!("num_threads {n}"),
+            Some(&o),
+            inv,
+            &[&format!("options->num_threads = {n}")],
+        );
+    }
+    for d in [-1, i32::MIN] {
+        let mut o = options();
+        o.device_index = d;
+        create_error(
+            &format!("device_index {d}"),
+            Some(&o),
+            inv,
+            &[&format!("options->device_index = {d}")],
+        );
+    }
+    for backend in [MLART_BACKEND_AUTO, MLART_BACKEND_CPU] {
+        let mut o = options();
+        o.backend = backend;
+        o.device_index = 1;
+        create_error(
+            &format!("device_index 1, backend {backend}"),
+            Some(&o),
+            inv,
+            &["device_index = 1", "CPU"],
+        );
+    }
+    // Options NULL means the defaults, and succeeds.
+    let mut e = sentinel_engine();
+    assert!(take_error(mlart_engine_create(std::ptr::null(), &mut e)).is_none());
+    assert_ne!(e, sentinel_engine());
+    assert!(!e.is_null());
+    mlart_engine_free(e);
+}
+
+/// Runs `f` with the environment variables set (then restored), holding
+/// the environment lock so no other test creates an engine meanwhile.
+fn with_env(vars: &[(&str, &str)], f: impl FnOnce()) {
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    let saved: Vec<_> = vars
+        .iter()
+        .map(|(k, v)| {
+            let old = std::env::var_os(k);
+            std::env::set_var(k, v);
+            (*k, old)
+        })
+        .collect();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    for (k, old) in saved {
+        match old {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+    if let Err(p) = r {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn engine_create_environment_errors() {
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    with_env(&[("MLART_CPU_ISA", "sse9")], || {
+        create_error(
+            "MLART_CPU_ISA=sse9",
+            None,
+            inv,
+            &["MLART_CPU_ISA = \"sse9\""],
+        );
+        let mut o = options();
+        o.backend = MLART_BACKEND_CPU;
+        create_error(
+            "MLART_CPU_ISA=sse9, backend CPU",
+            Some(&o),
+            inv,
+            &["MLART_CPU_ISA = \"sse9\""],
+        );
+    });
+    with_env(&[("MLART_BACKEND", "tpu")], || {
+        create_error("MLART_BACKEND=tpu", None, inv, &["MLART_BACKEND = \"tpu\""]);
+        // An explicit backend is not overridden by the environment.
+        let mut o = options();
+        o.backend = MLART_BACKEND_CPU;
+        let mut e = sentinel_engine();
+        assert!(take_error(mlart_engine_create(&o, &mut e)).is_none());
+        mlart_engine_free(e);
+    });
+    with_env(&[("MLART_BACKEND", "cuda")], || {
+        create_error(
+            "MLART_BACKEND=cuda",
+            None,
+            MLART_STATUS_UNSUPPORTED,
+            &["CUDA"],
+        );
+    });
+    // Forcing a kernel this build or CPU lacks is UNSUPPORTED and names it
+    // (or works, where both have it).
+    for isa in ["avx2", "avx512", "amx"] {
+        with_env(&[("MLART_CPU_ISA", isa)], || {
+            let mut e = sentinel_engine();
+            let r = mlart_engine_create(std::ptr::null(), &mut e);
+            if r.is_null() {
+                let mut p = props();
+                assert!(take_error(mlart_engine_info(e, &mut p)).is_none());
+                mlart_engine_free(e);
+            } else {
+                expect_error(
+                    &format!("MLART_CPU_ISA={isa}"),
+                    r,
+                    MLART_STATUS_UNSUPPORTED,
+                    &[&format!("MLART_CPU_ISA = {isa}")],
+                );
+                assert_eq!(e, sentinel_engine());
+            }
+        });
+    }
+}
+
+#[test]
+fn engine_info_errors() {
+    let engine = Engine::new();
+    let mut p = props();
+    expect_error(
+        "engine_info(engine = NULL)",
+        mlart_engine_info(std::ptr::null(), &mut p),
+        MLART_STATUS_NULL_POINTER,
+        &["engine is NULL"],
+    );
+    expect_error(
+        "engine_info(out = NULL)",
+        mlart_engine_info(engine.0, std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out is NULL"],
+    );
+    let want = size_of::<mlart_engine_props>() as u32;
+    for bad in [0, 4, want - 8, want + 8] {
+        let mut p = MaybeUninit::<mlart_engine_props>::uninit();
+        // SAFETY: every byte pattern is a valid mlart_engine_props.
+        let mut p = unsafe {
+            p.as_mut_ptr().write_bytes(0xab, 1);
+            p.assume_init()
+        };
+        p.struct_size = bad;
+        // SAFETY: plain old data viewed as bytes.
+        let bytes = |p: &mlart_engine_props| unsafe {
+            std::slice::from_raw_parts(
+                (p as *const mlart_engine_props).cast::<u8>(),
+                size_of::<mlart_engine_props>(),
+            )
+            .to_vec()
+        };
+        let before = bytes(&p);
+        expect_error(
+            &format!("engine_info(struct_size = {bad})"),
+            mlart_engine_info(engine.0, &mut p),
+            MLART_STATUS_INVALID_ARGUMENT,
+            &[
+                &format!("out->struct_size = {bad}"),
+                "mlart_engine_props_init",
+            ],
+        );
+        assert_eq!(bytes(&p), before, "props written on error");
+    }
+    // And the valid call fills it.
+    let mut p = props();
+    assert!(take_error(mlart_engine_info(engine.0, &mut p)).is_none());
+    assert_eq!(p.backend, MLART_BACKEND_CPU);
+    assert_eq!(p.num_threads, 1);
+}
+
+#[test]
+fn error_object_conventions() {
+    assert_eq!(mlart_error_code(std::ptr::null()), MLART_STATUS_OK);
+    // SAFETY: static string.
+    let ok = unsafe { CStr::from_ptr(mlart_error_message(std::ptr::null())) };
+    assert_eq!(ok.to_str().unwrap(), "ok");
+    mlart_error_free(std::ptr::null_mut());
+    mlart_engine_free(std::ptr::null_mut());
+    mlart_decode_args_init(std::ptr::null_mut());
+    mlart_engine_options_init(std::ptr::null_mut());
+    mlart_engine_props_init(std::ptr::null_mut());
+    for (s, name) in [
+        (MLART_STATUS_OK, "ok"),
+        (MLART_STATUS_INVALID_ARGUMENT, "invalid argument"),
+        (MLART_STATUS_NULL_POINTER, "null pointer"),
+        (MLART_STATUS_UNSUPPORTED, "unsupported"),
+        (MLART_STATUS_INTERNAL, "internal error"),
+        (9999, "unknown status"),
+    ] {
+        assert_eq!(status_name(s), name);
+    }
+    // Defaults documented in mlart.h.
+    let a = decode_args();
+    assert_eq!(a.struct_size as usize, size_of::<mlart_decode_args>());
+    assert_eq!(
+        (a.s_q, a.softmax_scale, a.causal, a.memory),
+        (1, 0.0, false, MLART_MEMORY_HOST)
+    );
+    assert_eq!(
+        (a.q_dtype, a.kv_format, a.out_dtype),
+        (MLART_DTYPE_BF16, MLART_KV_FORMAT_BF16, MLART_DTYPE_BF16)
+    );
+    assert!(a.indices.is_null() && a.lse.is_null() && a.attn_sink.is_null());
+    let o = options();
+    assert_eq!(o.struct_size as usize, size_of::<mlart_engine_options>());
+    assert_eq!(
+        (o.backend, o.device_index, o.num_threads),
+        (MLART_BACKEND_AUTO, 0, 0)
+    );
+}
