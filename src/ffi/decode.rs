@@ -194,7 +194,11 @@ pub(crate) unsafe fn activations<'a>(
         len: shape.lse_elems() * std::mem::size_of::<f32>(),
     };
     let mut readers = vec![Region::of("q", q)];
-    readers.extend(inputs.iter().map(|r| Region { name: r.name, start: r.start, len: r.len }));
+    readers.extend(inputs.iter().map(|r| Region {
+        name: r.name,
+        start: r.start,
+        len: r.len,
+    }));
     check_disjoint(&out_region, &readers)?;
     if !lse.is_null() {
         readers.push(out_region);
