@@ -154,6 +154,7 @@ typedef struct mlart_decode_args {
   const void *kv;
   /**
    * Blocks in `kv` (>= 1); every block id used must be in [0, num_blocks).
+   * A block is `mlart_kv_block_bytes(kv_format, d_qk, block_size)` bytes.
    */
   int32_t num_blocks;
   /**
@@ -161,7 +162,8 @@ typedef struct mlart_decode_args {
    */
   int32_t block_size;
   /**
-   * Block ids of each sequence; entries past a sequence's length are not read.
+   * Block ids of each sequence; entries past a sequence's length are not
+   * read. Dense decode only (not read when `indices` is set).
    */
   const int32_t *block_table;
   /**
@@ -170,10 +172,14 @@ typedef struct mlart_decode_args {
   int32_t block_table_stride;
   /**
    * Tokens of each sequence, in [0, block_table_stride * block_size].
+   * Dense decode only.
    */
   const int32_t *seqlens;
   /**
-   * Sparse attention indices [batch, s_q, topk] (reserved: must be NULL in this version).
+   * Sparse attention (DeepSeek Sparse Attention): when set, query token i
+   * of sequence b attends exactly to the cache positions
+   * `indices[b][i][0 .. topk)` (`block * block_size + offset`; -1 = none;
+   * duplicates count twice) instead of a block table. causal must be false.
    */
   const int32_t *indices;
   /**
@@ -181,11 +187,13 @@ typedef struct mlart_decode_args {
    */
   int32_t topk;
   /**
-   * Optional [batch] prefix lengths of `indices` (reserved: must be NULL).
+   * Optional [batch]: only the first topk_length[b] entries of `indices`
+   * are used (the rest are not read).
    */
   const int32_t *topk_length;
   /**
-   * Optional second cache joining the same softmax (reserved: must be NULL).
+   * Optional second cache (same format, its own block size) whose
+   * indexed keys join the same softmax (sparse decode only).
    */
   const void *extra_kv;
   /**
@@ -197,7 +205,7 @@ typedef struct mlart_decode_args {
    */
   int32_t extra_block_size;
   /**
-   * Indices into `extra_kv` [batch, s_q, extra_topk] (reserved: must be NULL).
+   * Indices into `extra_kv` [batch, s_q, extra_topk], like `indices`.
    */
   const int32_t *extra_indices;
   /**
@@ -205,11 +213,12 @@ typedef struct mlart_decode_args {
    */
   int32_t extra_topk;
   /**
-   * Optional [batch] prefix lengths of `extra_indices` (reserved: must be NULL).
+   * Optional [batch] prefix lengths of `extra_indices`.
    */
   const int32_t *extra_topk_length;
   /**
-   * Optional per-head attention sink [h_q] (reserved: must be NULL).
+   * Optional per-head attention sink [h_q]: out *= 1 / (1 + exp(sink[h] - lse))
+   * (+inf gives 0, -inf no change); `lse` is returned unscaled.
    */
   const float *attn_sink;
   /**
@@ -428,7 +437,9 @@ typedef struct mlart_kv_pool_decode_args {
    */
   const void *q;
   /**
-   * Sparse attention: logical token positions [batch, s_q, topk] (reserved: must be NULL).
+   * Optional sparse attention: per query token, logical token positions
+   * [batch, s_q, topk] of its sequence (0 .. length-1 in `layer`; -1 = none).
+   * The pool translates them; causal must be false.
    */
   const int32_t *indices;
   /**
@@ -436,11 +447,11 @@ typedef struct mlart_kv_pool_decode_args {
    */
   int32_t topk;
   /**
-   * Optional [batch] prefix lengths of `indices` (reserved: must be NULL).
+   * Optional [batch]: only the first topk_length[b] entries of `indices` are used.
    */
   const int32_t *topk_length;
   /**
-   * Optional per-head attention sink [h_q] (reserved: must be NULL).
+   * Optional per-head attention sink [h_q]: out *= 1 / (1 + exp(sink[h] - lse)); lse unchanged.
    */
   const float *attn_sink;
   /**
@@ -557,12 +568,15 @@ typedef struct mlart_kv_pool_decode_args {
 #define MLART_KV_FORMAT_F32 2
 
 /**
- * FlashMLA V3.2 FP8 layout, d_qk = 576, 656 bytes/token (reserved: not yet supported).
+ * FlashMLA V3.2 FP8 layout, d_qk = 576, 656 bytes/token: 512 x e4m3 (4 tiles of
+ * 128), 4 x f32 tile scales, 64 x bf16 rope.
  */
 #define MLART_KV_FORMAT_FP8_V32 3
 
 /**
- * FlashMLA MODEL1 FP8 layout, d_qk = 512, 584 bytes/token (reserved: not yet supported).
+ * FlashMLA MODEL1 FP8 layout, d_qk = 512, 584 bytes/token: per block, all rows of
+ * [448 x e4m3 (7 tiles of 64), 64 x bf16 rope], then 8 bytes per token (7 ue8m0
+ * scales + 1 zero pad), the block padded with zeros to a multiple of 576 bytes.
  */
 #define MLART_KV_FORMAT_FP8_MODEL1 4
 
@@ -636,8 +650,10 @@ void mlart_decode_args_init(struct mlart_decode_args *args);
  *
  * For each sequence b, query token i and head h:
  * `out[b,i,h,:] = softmax_t(scale * q[b,i,h,:] . K[t,:]) @ K[t,:d_v]` over the
- * keys t the query sees (all of `seqlens[b]`, or the causal prefix), with
- * `K[t] = kv[block_table[b][t / block_size]][t % block_size]`. A query that
+ * keys t the query sees: dense, all of `seqlens[b]` (or the causal prefix)
+ * with `K[t] = kv[block_table[b][t / block_size]][t % block_size]`; sparse,
+ * the positions listed in `indices` (and `extra_indices`). FP8 caches are
+ * dequantized on the fly; every format works in both modes. A query that
  * sees no key gets out = 0 and lse = +inf. Cache slots past a sequence's
  * length and blocks not referenced may hold anything (NaN included): they
  * are never read. Every pointer, size and used block id is validated before
@@ -693,6 +709,35 @@ void mlart_error_free(struct mlart_error *error);
  * A static, human-readable name for a status code ("invalid argument", ...).
  */
 const char *mlart_status_name(mlart_status status);
+
+/**
+ * Bytes one token occupies in `format` with rows of `d_qk` (FP8_V32: 656,
+ * FP8_MODEL1: 584, plain: d_qk x element size), written to `*out`.
+ */
+struct mlart_error *mlart_kv_row_bytes(mlart_kv_format format, int32_t d_qk, size_t *out);
+
+/**
+ * Bytes of one cache block of `block_size` tokens (padding included; the
+ * stride between blocks), written to `*out`.
+ */
+struct mlart_error *mlart_kv_block_bytes(mlart_kv_format format, int32_t d_qk, int32_t block_size, size_t *out);
+
+/**
+ * Writes `n_tokens` rows `src [n_tokens, d_qk]` of `src_dtype` (F32, BF16,
+ * F16) into `dst`, which holds `ceil(n_tokens / block_size)` blocks of
+ * `format`: token t goes to block t / block_size, slot t % block_size. FP8
+ * formats are quantized exactly as FlashMLA does (per-tile power-of-two
+ * scales, e4m3 round-to-nearest-even, saturating); MODEL1 block padding is
+ * zeroed. Slots past `n_tokens` in the last block are left as they were.
+ */
+struct mlart_error *mlart_kv_quantize(mlart_kv_format format, int32_t d_qk, int32_t block_size, int32_t n_tokens, mlart_dtype src_dtype, const void *src, void *dst);
+
+/**
+ * The inverse of `mlart_kv_quantize`: reads `n_tokens` tokens from the
+ * `ceil(n_tokens / block_size)` blocks of `src` and writes them as rows
+ * `dst [n_tokens, d_qk]` of `dst_dtype` (F32 is exact for every format).
+ */
+struct mlart_error *mlart_kv_dequantize(mlart_kv_format format, int32_t d_qk, int32_t block_size, int32_t n_tokens, const void *src, mlart_dtype dst_dtype, void *dst);
 
 /**
  * Fills `options` with the defaults. NULL is ignored.

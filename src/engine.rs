@@ -4,7 +4,7 @@
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BackendInfo};
 use crate::decode::desc::DecodeOutput;
-use crate::decode::DenseDecode;
+use crate::decode::Decode;
 use crate::error::{Error, Result};
 
 /// Which backend the host asked for. Numbers are the C `mlart_backend`.
@@ -104,8 +104,8 @@ impl Engine {
         &*self.backend
     }
 
-    /// Runs a validated dense decode.
-    pub fn decode(&self, d: &DenseDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+    /// Runs a validated decode.
+    pub fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
         self.backend.decode(d, out)
     }
 }

@@ -6,7 +6,7 @@
 pub mod cpu;
 
 use crate::decode::desc::DecodeOutput;
-use crate::decode::DenseDecode;
+use crate::decode::Decode;
 use crate::error::Result;
 
 /// Which kind of backend runs an engine's work.
@@ -69,8 +69,8 @@ impl Buffer {
 pub trait Backend: Send + Sync {
     fn info(&self) -> &BackendInfo;
 
-    /// Runs a validated dense decode, writing every element of `out`.
-    fn decode(&self, d: &DenseDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()>;
+    /// Runs a validated decode, writing every element of `out`.
+    fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()>;
 
     /// Allocates `bytes` of zeroed memory in the backend's memory space.
     fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer>;

@@ -5,7 +5,7 @@
 //! the cache without further checks.
 
 use crate::error::{check_range, checked_size, Error, Result};
-use crate::format::{Dtype, KvFormat, RowLayout};
+use crate::format::{Dtype, KvLayout};
 
 /// Largest supported head dimension.
 pub const MAX_HEAD_DIM: usize = 1024;
@@ -107,27 +107,18 @@ impl DecodeShape {
     }
 }
 
-/// A paged KV cache in host memory: `[num_blocks, block_size, row]`.
+/// A paged KV cache in host memory: `num_blocks` blocks of `layout`.
 #[derive(Clone, Copy, Debug)]
 pub struct KvCache<'a> {
-    pub format: KvFormat,
-    pub layout: RowLayout,
+    pub layout: KvLayout,
     pub data: &'a [u8],
     pub num_blocks: usize,
-    pub block_size: usize,
 }
 
 impl<'a> KvCache<'a> {
-    /// Validates the geometry; `data` must hold `num_blocks * block_size` rows.
-    pub fn new(
-        format: KvFormat,
-        d_qk: usize,
-        data: &'a [u8],
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<Self> {
-        let layout = format.row_layout("kv_format", d_qk)?;
-        let need = checked_size("kv", &[num_blocks, block_size, layout.row_bytes])?;
+    /// `data` must hold `num_blocks` blocks of `layout`.
+    pub fn new(layout: KvLayout, data: &'a [u8], num_blocks: usize) -> Result<Self> {
+        let need = layout.cache_bytes(num_blocks)?;
         if data.len() < need {
             return Err(Error::internal(format!(
                 "kv buffer holds {} bytes, {need} needed",
@@ -135,41 +126,39 @@ impl<'a> KvCache<'a> {
             )));
         }
         Ok(KvCache {
-            format,
             layout,
             data,
             num_blocks,
-            block_size,
         })
     }
 
-    /// Bytes of the whole cache for the given geometry.
-    pub fn bytes_for(
-        format: KvFormat,
-        d_qk: usize,
-        num_blocks: usize,
-        block_size: usize,
-    ) -> Result<usize> {
-        let layout = format.row_layout("kv_format", d_qk)?;
-        checked_size("kv", &[num_blocks, block_size, layout.row_bytes])
+    pub fn block_size(&self) -> usize {
+        self.layout.block_size
     }
 
-    /// The bytes of row `offset` of block `block` (both already validated).
+    /// Token slots in the cache (`num_blocks * block_size`).
+    pub fn positions(&self) -> usize {
+        self.num_blocks * self.layout.block_size
+    }
+
+    /// Converts token `off` of block `block` (both validated) to f32.
     #[inline(always)]
-    pub fn row(&self, block: usize, offset: usize) -> &'a [u8] {
-        let rb = self.layout.row_bytes;
-        let start = (block * self.block_size + offset) * rb;
-        &self.data[start..start + rb]
+    pub fn load(&self, block: usize, off: usize, out: &mut [f32]) {
+        self.layout.load_row(self.data, block, off, out);
+    }
+
+    /// Converts the token at flat position `pos = block * block_size + off`.
+    #[inline(always)]
+    pub fn load_pos(&self, pos: usize, out: &mut [f32]) {
+        let bs = self.layout.block_size;
+        self.layout.load_row(self.data, pos / bs, pos % bs, out);
     }
 }
 
-/// A validated dense (block table + seqlens) decode over host memory.
+/// Dense keys: each sequence's first `seqlens[b]` tokens, paged through
+/// its block-table row.
 #[derive(Clone, Copy, Debug)]
-pub struct DenseDecode<'a> {
-    pub shape: DecodeShape,
-    pub q_dtype: Dtype,
-    /// `[batch, s_q, h_q, d_qk]` of `q_dtype`.
-    pub q: &'a [u8],
+pub struct DenseKeys<'a> {
     pub kv: KvCache<'a>,
     /// `[batch, block_table_stride]`.
     pub block_table: &'a [i32],
@@ -178,9 +167,106 @@ pub struct DenseDecode<'a> {
     pub seqlens: &'a [i32],
 }
 
-impl<'a> DenseDecode<'a> {
-    /// Checks lengths, sequence lengths and every block id a sequence reads.
-    pub fn new(
+/// One cache and its per-query index lists (sparse attention).
+#[derive(Clone, Copy, Debug)]
+pub struct IndexedKeys<'a> {
+    pub kv: KvCache<'a>,
+    /// `[batch, s_q, topk]` flat positions `block * block_size + offset`, -1 = none.
+    pub indices: &'a [i32],
+    pub topk: usize,
+    /// Optional `[batch]`: only the first `topk_length[b]` entries are used.
+    pub topk_length: Option<&'a [i32]>,
+}
+
+impl IndexedKeys<'_> {
+    /// Entries of the index list of sequence `b` that are used.
+    pub fn used(&self, b: usize) -> usize {
+        self.topk_length.map_or(self.topk, |l| l[b] as usize)
+    }
+
+    /// The used entries for query token `i` of sequence `b`.
+    pub fn list(&self, s_q: usize, b: usize, i: usize) -> &[i32] {
+        &self.indices[(b * s_q + i) * self.topk..][..self.used(b)]
+    }
+
+    /// Validates lengths and every used index; `what` prefixes names ("" or "extra_").
+    fn validate(&self, shape: &DecodeShape, what: &str) -> Result<()> {
+        let batch = shape.batch;
+        if self.indices.len() < batch * shape.s_q * self.topk {
+            return Err(Error::internal(format!(
+                "{what}indices is smaller than [batch, s_q, topk]"
+            )));
+        }
+        if let Some(l) = self.topk_length {
+            for (b, &n) in l[..batch].iter().enumerate() {
+                if n < 0 || n as usize > self.topk {
+                    return Err(Error::invalid(format!(
+                        "{what}topk_length[{b}] = {n} is outside [0, {}]",
+                        self.topk
+                    )));
+                }
+            }
+        }
+        let limit = self.kv.positions() as i64;
+        for b in 0..batch {
+            for i in 0..shape.s_q {
+                for (k, &p) in self.list(shape.s_q, b, i).iter().enumerate() {
+                    if p != -1 && (p < 0 || p as i64 >= limit) {
+                        return Err(Error::invalid(format!(
+                            "{what}indices[{b}][{i}][{k}] = {p} is outside [-1, {limit}) (-1 = no key; the cache has {} blocks x {} tokens)",
+                            self.kv.num_blocks,
+                            self.kv.block_size()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sparse keys: per query token, a list of positions in a main cache and
+/// optionally in an extra cache, all in one softmax.
+#[derive(Clone, Copy, Debug)]
+pub struct SparseKeys<'a> {
+    pub main: IndexedKeys<'a>,
+    pub extra: Option<IndexedKeys<'a>>,
+}
+
+/// Which keys each query attends to.
+#[derive(Clone, Copy, Debug)]
+pub enum Keys<'a> {
+    Dense(DenseKeys<'a>),
+    Sparse(SparseKeys<'a>),
+}
+
+/// A validated decode over host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct Decode<'a> {
+    pub shape: DecodeShape,
+    pub q_dtype: Dtype,
+    /// `[batch, s_q, h_q, d_qk]` of `q_dtype`.
+    pub q: &'a [u8],
+    pub keys: Keys<'a>,
+    /// Optional `[h_q]`: output scaled by `1 / (1 + exp(sink[h] - lse))`.
+    pub attn_sink: Option<&'a [f32]>,
+}
+
+fn check_q(shape: &DecodeShape, q_dtype: Dtype, q: &[u8], d_qk_cache: usize) -> Result<()> {
+    q_dtype.check_activation("q_dtype")?;
+    if q.len() < shape.q_elems() * q_dtype.size() {
+        return Err(Error::internal("q is smaller than [batch, s_q, h_q, d_qk]"));
+    }
+    if d_qk_cache != shape.d_qk {
+        return Err(Error::internal("cache layout and shape disagree on d_qk"));
+    }
+    Ok(())
+}
+
+impl<'a> Decode<'a> {
+    /// Dense decode: checks lengths, sequence lengths and every block id a
+    /// sequence reads.
+    pub fn dense(
         shape: DecodeShape,
         q_dtype: Dtype,
         q: &'a [u8],
@@ -189,31 +275,21 @@ impl<'a> DenseDecode<'a> {
         block_table_stride: usize,
         seqlens: &'a [i32],
     ) -> Result<Self> {
-        q_dtype.check_activation("q_dtype")?;
-        let expect = |name: &str, have: usize, want: usize| -> Result<()> {
-            if have < want {
-                return Err(Error::internal(format!(
-                    "{name} holds {have} elements, {want} needed"
-                )));
-            }
-            Ok(())
-        };
-        expect("q", q.len(), shape.q_elems() * q_dtype.size())?;
-        expect("seqlens", seqlens.len(), shape.batch)?;
-        expect(
-            "block_table",
-            block_table.len(),
-            shape.batch * block_table_stride,
-        )?;
-        let capacity = block_table_stride as i64 * kv.block_size as i64;
+        check_q(&shape, q_dtype, q, kv.layout.d_qk)?;
+        if seqlens.len() < shape.batch || block_table.len() < shape.batch * block_table_stride {
+            return Err(Error::internal(
+                "seqlens or block_table smaller than the batch",
+            ));
+        }
+        let bs = kv.block_size();
+        let capacity = block_table_stride as i64 * bs as i64;
         for (b, &len) in seqlens[..shape.batch].iter().enumerate() {
             if len < 0 || len as i64 > capacity {
                 return Err(Error::invalid(format!(
-                    "seqlens[{b}] = {len} is outside [0, {capacity}] (block_table_stride {block_table_stride} x block_size {})",
-                    kv.block_size
+                    "seqlens[{b}] = {len} is outside [0, {capacity}] (block_table_stride {block_table_stride} x block_size {bs})"
                 )));
             }
-            let used = (len as usize).div_ceil(kv.block_size);
+            let used = (len as usize).div_ceil(bs);
             let row = &block_table[b * block_table_stride..][..used];
             for (j, &id) in row.iter().enumerate() {
                 check_range(
@@ -224,43 +300,115 @@ impl<'a> DenseDecode<'a> {
                 )?;
             }
         }
-        Ok(DenseDecode {
+        Ok(Decode {
             shape,
             q_dtype,
             q,
-            kv,
-            block_table,
-            block_table_stride,
-            seqlens,
+            keys: Keys::Dense(DenseKeys {
+                kv,
+                block_table,
+                block_table_stride,
+                seqlens,
+            }),
+            attn_sink: None,
         })
     }
 
-    pub fn seqlen(&self, b: usize) -> usize {
-        self.seqlens[b] as usize
+    /// Sparse decode: checks topk lengths and every used index.
+    pub fn sparse(
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: &'a [u8],
+        main: IndexedKeys<'a>,
+        extra: Option<IndexedKeys<'a>>,
+    ) -> Result<Self> {
+        check_q(&shape, q_dtype, q, main.kv.layout.d_qk)?;
+        if shape.causal {
+            return Err(Error::invalid(
+                "causal = true with indices: sparse attention takes its keys from the index lists, set causal = false",
+            ));
+        }
+        main.validate(&shape, "")?;
+        if let Some(x) = &extra {
+            if x.kv.layout.d_qk != shape.d_qk {
+                return Err(Error::internal("extra cache and shape disagree on d_qk"));
+            }
+            x.validate(&shape, "extra_")?;
+        }
+        Ok(Decode {
+            shape,
+            q_dtype,
+            q,
+            keys: Keys::Sparse(SparseKeys { main, extra }),
+            attn_sink: None,
+        })
     }
 
-    /// The block-table row of sequence `b`.
-    pub fn blocks(&self, b: usize) -> &'a [i32] {
-        &self.block_table[b * self.block_table_stride..][..self.block_table_stride]
+    /// Adds a per-head attention sink (`[h_q]`; +inf zeroes the output,
+    /// -inf has no effect, NaN is rejected).
+    pub fn with_sink(mut self, sink: &'a [f32]) -> Result<Self> {
+        if sink.len() < self.shape.h_q {
+            return Err(Error::internal("attn_sink is smaller than [h_q]"));
+        }
+        if let Some(h) = sink[..self.shape.h_q].iter().position(|v| v.is_nan()) {
+            return Err(Error::invalid(format!("attn_sink[{h}] = NaN")));
+        }
+        self.attn_sink = Some(sink);
+        Ok(self)
+    }
+
+    /// Keys query token `i` of sequence `b` attends to (duplicates and the
+    /// causal mask included, invalid indices excluded).
+    pub fn keys_seen(&self, b: usize, i: usize) -> usize {
+        match &self.keys {
+            Keys::Dense(d) => self.shape.visible(d.seqlens[b] as usize, i),
+            Keys::Sparse(s) => {
+                let count = |x: &IndexedKeys| {
+                    x.list(self.shape.s_q, b, i)
+                        .iter()
+                        .filter(|&&p| p >= 0)
+                        .count()
+                };
+                count(&s.main) + s.extra.as_ref().map_or(0, count)
+            }
+        }
     }
 
     /// FLOPs of the attention itself (for benchmarks).
     pub fn flops(&self) -> f64 {
         let s = &self.shape;
-        let tokens: f64 = (0..s.batch)
-            .map(|b| {
-                (0..s.s_q)
-                    .map(|i| s.visible(self.seqlen(b), i) as f64)
-                    .sum::<f64>()
-            })
+        let keys: usize = (0..s.batch)
+            .flat_map(|b| (0..s.s_q).map(move |i| (b, i)))
+            .map(|(b, i)| self.keys_seen(b, i))
             .sum();
-        2.0 * tokens * s.h_q as f64 * (s.d_qk + s.d_v) as f64
+        2.0 * keys as f64 * s.h_q as f64 * (s.d_qk + s.d_v) as f64
     }
 
-    /// Cache bytes read once (for benchmarks).
+    /// Cache bytes read, each key row once per query token that reads it
+    /// (dense: once per sequence).
     pub fn kv_bytes(&self) -> f64 {
-        let tokens: usize = (0..self.shape.batch).map(|b| self.seqlen(b)).sum();
-        (tokens * self.kv.layout.row_bytes) as f64
+        match &self.keys {
+            Keys::Dense(d) => {
+                let tokens: usize = d.seqlens[..self.shape.batch]
+                    .iter()
+                    .map(|&l| l as usize)
+                    .sum();
+                (tokens * d.kv.layout.row_bytes) as f64
+            }
+            Keys::Sparse(s) => {
+                let s_q = self.shape.s_q;
+                let rows = |x: &IndexedKeys| -> usize {
+                    (0..self.shape.batch)
+                        .flat_map(|b| (0..s_q).map(move |i| (b, i)))
+                        .map(|(b, i)| {
+                            x.list(s_q, b, i).iter().filter(|&&p| p >= 0).count()
+                                * x.kv.layout.row_bytes
+                        })
+                        .sum()
+                };
+                (rows(&s.main) + s.extra.as_ref().map_or(0, rows)) as f64
+            }
+        }
     }
 }
 
@@ -330,18 +478,50 @@ mod tests {
     fn block_ids_are_checked_only_where_used() {
         let shape = DecodeShape::new(2, 1, 1, 4, 4, 1.0, false).unwrap();
         let kvdata = vec![0u8; 4 * 2 * 4 * 4];
-        let kv = KvCache::new(KvFormat::F32, 4, &kvdata, 4, 2).unwrap();
+        let layout = KvLayout::new(crate::format::KvFormat::F32, 4, 2, "kv_format").unwrap();
+        let kv = KvCache::new(layout, &kvdata, 4).unwrap();
         let q = vec![0u8; 2 * 4 * 4];
         // Sequence 0 uses one block; the padding entry 99 is never read.
         let table = [3, 99, 0, 2];
-        assert!(DenseDecode::new(shape, Dtype::F32, &q, kv, &table, 2, &[2, 3]).is_ok());
-        let e = DenseDecode::new(shape, Dtype::F32, &q, kv, &table, 2, &[3, 3]).unwrap_err();
+        assert!(Decode::dense(shape, Dtype::F32, &q, kv, &table, 2, &[2, 3]).is_ok());
+        let e = Decode::dense(shape, Dtype::F32, &q, kv, &table, 2, &[3, 3]).unwrap_err();
         assert_eq!(e.message, "block_table[0][1] = 99 is outside [0, 4)");
-        let e = DenseDecode::new(shape, Dtype::F32, &q, kv, &table, 2, &[2, 5]).unwrap_err();
+        let e = Decode::dense(shape, Dtype::F32, &q, kv, &table, 2, &[2, 5]).unwrap_err();
         assert!(
             e.message.starts_with("seqlens[1] = 5 is outside [0, 4]"),
             "{}",
             e.message
         );
+    }
+
+    #[test]
+    fn sparse_indices_are_checked_only_where_used() {
+        let shape = DecodeShape::new(2, 1, 1, 4, 4, 1.0, false).unwrap();
+        let kvdata = vec![0u8; 4 * 2 * 4 * 4];
+        let layout = KvLayout::new(crate::format::KvFormat::F32, 4, 2, "kv_format").unwrap();
+        let kv = KvCache::new(layout, &kvdata, 4).unwrap();
+        let q = vec![0u8; 2 * 4 * 4];
+        let idx = [7, -1, 0, 12345];
+        let keys = |topk_length| IndexedKeys {
+            kv,
+            indices: &idx,
+            topk: 2,
+            topk_length,
+        };
+        let lens = [2, 1];
+        let d = Decode::sparse(shape, Dtype::F32, &q, keys(Some(&lens)), None).unwrap();
+        assert_eq!((d.keys_seen(0, 0), d.keys_seen(1, 0)), (1, 1));
+        let e = Decode::sparse(shape, Dtype::F32, &q, keys(None), None).unwrap_err();
+        assert!(
+            e.message
+                .starts_with("indices[1][0][1] = 12345 is outside [-1, 8)"),
+            "{}",
+            e.message
+        );
+        let bad = [3, 1];
+        let e = Decode::sparse(shape, Dtype::F32, &q, keys(Some(&bad)), None).unwrap_err();
+        assert_eq!(e.message, "topk_length[0] = 3 is outside [0, 2]");
+        let causal = DecodeShape::new(2, 1, 1, 4, 4, 1.0, true).unwrap();
+        assert!(Decode::sparse(causal, Dtype::F32, &q, keys(Some(&lens)), None).is_err());
     }
 }

@@ -5,5 +5,5 @@
 pub mod desc;
 pub mod plan;
 
-pub use desc::{DecodeShape, DenseDecode, KvCache};
+pub use desc::{Decode, DecodeShape, DenseKeys, IndexedKeys, Keys, KvCache, SparseKeys};
 pub use plan::{SplitPlan, WorkItem};

@@ -6,9 +6,9 @@ use super::panic::{ffi_result, ffi_value};
 use super::types::*;
 use super::{check_disjoint, check_ptr, read_struct, slice, slice_mut, Region};
 use crate::decode::desc::DecodeOutput;
-use crate::decode::{DecodeShape, DenseDecode, KvCache};
+use crate::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
 use crate::error::{Error, Result};
-use crate::format::{Dtype, KvFormat, Memory};
+use crate::format::{Dtype, KvFormat, KvLayout, Memory};
 use std::ffi::c_void;
 
 /// Arguments of `mlart_decode_paged`. Fill with `mlart_decode_args_init`,
@@ -49,34 +49,43 @@ pub struct mlart_decode_args {
     /// The paged cache.
     pub kv: *const c_void,
     /// Blocks in `kv` (>= 1); every block id used must be in [0, num_blocks).
+    /// A block is `mlart_kv_block_bytes(kv_format, d_qk, block_size)` bytes.
     pub num_blocks: i32,
     /// Tokens per block (>= 1, any size).
     pub block_size: i32,
-    /// Block ids of each sequence; entries past a sequence's length are not read.
+    /// Block ids of each sequence; entries past a sequence's length are not
+    /// read. Dense decode only (not read when `indices` is set).
     pub block_table: *const i32,
     /// Entries per row of `block_table` (>= 1).
     pub block_table_stride: i32,
     /// Tokens of each sequence, in [0, block_table_stride * block_size].
+    /// Dense decode only.
     pub seqlens: *const i32,
-    /// Sparse attention indices [batch, s_q, topk] (reserved: must be NULL in this version).
+    /// Sparse attention (DeepSeek Sparse Attention): when set, query token i
+    /// of sequence b attends exactly to the cache positions
+    /// `indices[b][i][0 .. topk)` (`block * block_size + offset`; -1 = none;
+    /// duplicates count twice) instead of a block table. causal must be false.
     pub indices: *const i32,
     /// Entries per query in `indices`.
     pub topk: i32,
-    /// Optional [batch] prefix lengths of `indices` (reserved: must be NULL).
+    /// Optional [batch]: only the first topk_length[b] entries of `indices`
+    /// are used (the rest are not read).
     pub topk_length: *const i32,
-    /// Optional second cache joining the same softmax (reserved: must be NULL).
+    /// Optional second cache (same format, its own block size) whose
+    /// indexed keys join the same softmax (sparse decode only).
     pub extra_kv: *const c_void,
     /// Blocks in `extra_kv`.
     pub extra_num_blocks: i32,
     /// Tokens per block of `extra_kv`.
     pub extra_block_size: i32,
-    /// Indices into `extra_kv` [batch, s_q, extra_topk] (reserved: must be NULL).
+    /// Indices into `extra_kv` [batch, s_q, extra_topk], like `indices`.
     pub extra_indices: *const i32,
     /// Entries per query in `extra_indices`.
     pub extra_topk: i32,
-    /// Optional [batch] prefix lengths of `extra_indices` (reserved: must be NULL).
+    /// Optional [batch] prefix lengths of `extra_indices`.
     pub extra_topk_length: *const i32,
-    /// Optional per-head attention sink [h_q] (reserved: must be NULL).
+    /// Optional per-head attention sink [h_q]: out *= 1 / (1 + exp(sink[h] - lse))
+    /// (+inf gives 0, -inf no change); `lse` is returned unscaled.
     pub attn_sink: *const f32,
     /// Element type of `out`; default `MLART_DTYPE_BF16`.
     pub out_dtype: mlart_dtype,
@@ -132,18 +141,6 @@ pub extern "C" fn mlart_decode_args_init(args: *mut mlart_decode_args) {
             };
         }
     })
-}
-
-/// Rejects the sparse-attention fields this version does not implement yet.
-pub(crate) fn reject_sparse(fields: &[(&str, bool)]) -> Result<()> {
-    for &(name, set) in fields {
-        if set {
-            return Err(Error::unsupported(format!(
-                "{name} is set, but sparse attention (indices, extra cache, attention sink) is not supported by this version of mlart yet"
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Host memory only on a CPU engine.
@@ -219,20 +216,33 @@ pub(crate) unsafe fn activations<'a>(
     })
 }
 
+/// `v >= 1` as a size, naming `name` otherwise.
+pub(crate) fn positive(name: &str, v: i32) -> Result<usize> {
+    if v < 1 {
+        return Err(Error::invalid(format!("{name} = {v} must be >= 1")));
+    }
+    Ok(v as usize)
+}
+
+/// Borrows an optional `[n]` array argument (NULL = absent).
+///
+/// # Safety
+/// A non-NULL `p` must point to `n` readable elements.
+pub(crate) unsafe fn optional<'a, T>(p: *const T, n: usize, name: &str) -> Result<Option<&'a [T]>> {
+    if p.is_null() {
+        Ok(None)
+    } else {
+        // SAFETY: forwarded contract.
+        unsafe { slice(p, n, name) }.map(Some)
+    }
+}
+
 fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> Result<()> {
     // SAFETY: engine handle contract.
     let engine = unsafe { engine_ref(engine) }?;
     // SAFETY: a non-NULL args points to a caller struct.
     let a = unsafe { read_struct(args, "args", "mlart_decode_args_init") }?;
     check_memory(a.memory)?;
-    reject_sparse(&[
-        ("indices", !a.indices.is_null()),
-        ("topk_length", !a.topk_length.is_null()),
-        ("extra_kv", !a.extra_kv.is_null()),
-        ("extra_indices", !a.extra_indices.is_null()),
-        ("extra_topk_length", !a.extra_topk_length.is_null()),
-        ("attn_sink", !a.attn_sink.is_null()),
-    ])?;
     let shape = DecodeShape::new(
         a.batch,
         a.s_q,
@@ -243,32 +253,127 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
         a.causal,
     )?;
     let format = KvFormat::from_raw("kv_format", a.kv_format)?;
-    let positive = |name: &str, v: i32| -> Result<usize> {
-        if v < 1 {
-            return Err(Error::invalid(format!("{name} = {v} must be >= 1")));
-        }
-        Ok(v as usize)
-    };
     let num_blocks = positive("num_blocks", a.num_blocks)?;
-    let block_size = positive("block_size", a.block_size)?;
-    let stride = positive("block_table_stride", a.block_table_stride)?;
-    let kv_bytes = KvCache::bytes_for(format, shape.d_qk, num_blocks, block_size)?;
-    // SAFETY: mlart_decode_args contract: kv holds num_blocks * block_size rows.
-    let kv = unsafe { slice(a.kv as *const u8, kv_bytes, "kv") }?;
-    // SAFETY: block_table holds batch * stride entries.
-    let table = unsafe { slice(a.block_table, shape.batch * stride, "block_table") }?;
-    // SAFETY: seqlens holds batch entries.
-    let seqlens = unsafe { slice(a.seqlens, shape.batch, "seqlens") }?;
-    let inputs = [
-        Region::of("kv", kv),
-        Region::of("block_table", table),
-        Region::of("seqlens", seqlens),
-    ];
+    let layout = KvLayout::new(
+        format,
+        shape.d_qk,
+        positive("block_size", a.block_size)?,
+        "kv_format",
+    )?;
+    // SAFETY: mlart_decode_args contract: kv holds num_blocks blocks.
+    let kv = unsafe { slice(a.kv as *const u8, layout.cache_bytes(num_blocks)?, "kv") }?;
+    let cache = KvCache::new(layout, kv, num_blocks)?;
+    let mut inputs = vec![Region::of("kv", kv)];
+    // SAFETY: attn_sink holds h_q floats when set.
+    let sink = unsafe { optional(a.attn_sink, shape.h_q, "attn_sink") }?;
+    if let Some(s) = sink {
+        inputs.push(Region::of("attn_sink", s));
+    }
+
+    if a.indices.is_null() {
+        for (name, set) in [
+            ("topk_length", !a.topk_length.is_null()),
+            ("extra_kv", !a.extra_kv.is_null()),
+            ("extra_indices", !a.extra_indices.is_null()),
+            ("extra_topk_length", !a.extra_topk_length.is_null()),
+        ] {
+            if set {
+                return Err(Error::invalid(format!(
+                    "{name} is set but indices is NULL: it belongs to sparse decode"
+                )));
+            }
+        }
+        let stride = positive("block_table_stride", a.block_table_stride)?;
+        // SAFETY: block_table holds batch * stride entries.
+        let table = unsafe { slice(a.block_table, shape.batch * stride, "block_table") }?;
+        // SAFETY: seqlens holds batch entries.
+        let seqlens = unsafe { slice(a.seqlens, shape.batch, "seqlens") }?;
+        inputs.extend([
+            Region::of("block_table", table),
+            Region::of("seqlens", seqlens),
+        ]);
+        // SAFETY: q/out/lse contract.
+        let mut act =
+            unsafe { activations(&shape, a.q_dtype, a.q, a.out_dtype, a.out, a.lse, &inputs) }?;
+        let mut d = Decode::dense(shape, act.q_dtype, act.q, cache, table, stride, seqlens)?;
+        if let Some(s) = sink {
+            d = d.with_sink(s)?;
+        }
+        return engine.inner.decode(&d, &mut act.out);
+    }
+
+    // Sparse: block_table and seqlens are not read.
+    let topk = positive("topk", a.topk)?;
+    let rows = shape.batch * shape.s_q;
+    // SAFETY: indices holds batch * s_q * topk entries.
+    let indices = unsafe {
+        slice(
+            a.indices,
+            crate::error::checked_size("indices", &[rows, topk])?,
+            "indices",
+        )
+    }?;
+    // SAFETY: topk_length holds batch entries when set.
+    let topk_length = unsafe { optional(a.topk_length, shape.batch, "topk_length") }?;
+    inputs.push(Region::of("indices", indices));
+    inputs.extend(topk_length.map(|l| Region::of("topk_length", l)));
+    let main = IndexedKeys {
+        kv: cache,
+        indices,
+        topk,
+        topk_length,
+    };
+    let extra = if a.extra_kv.is_null() {
+        if !a.extra_indices.is_null() || !a.extra_topk_length.is_null() {
+            return Err(Error::invalid(
+                "extra_indices or extra_topk_length is set but extra_kv is NULL",
+            ));
+        }
+        None
+    } else {
+        let blocks = positive("extra_num_blocks", a.extra_num_blocks)?;
+        let layout = KvLayout::new(
+            format,
+            shape.d_qk,
+            positive("extra_block_size", a.extra_block_size)?,
+            "kv_format",
+        )?;
+        // SAFETY: extra_kv holds extra_num_blocks blocks of the same format.
+        let xkv = unsafe {
+            slice(
+                a.extra_kv as *const u8,
+                layout.cache_bytes(blocks)?,
+                "extra_kv",
+            )
+        }?;
+        let xtopk = positive("extra_topk", a.extra_topk)?;
+        if a.extra_indices.is_null() {
+            return Err(Error::null("extra_indices"));
+        }
+        let n = crate::error::checked_size("extra_indices", &[rows, xtopk])?;
+        // SAFETY: extra_indices holds batch * s_q * extra_topk entries.
+        let xind = unsafe { slice(a.extra_indices, n, "extra_indices") }?;
+        // SAFETY: extra_topk_length holds batch entries when set.
+        let xlen = unsafe { optional(a.extra_topk_length, shape.batch, "extra_topk_length") }?;
+        inputs.extend([
+            Region::of("extra_kv", xkv),
+            Region::of("extra_indices", xind),
+        ]);
+        inputs.extend(xlen.map(|l| Region::of("extra_topk_length", l)));
+        Some(IndexedKeys {
+            kv: KvCache::new(layout, xkv, blocks)?,
+            indices: xind,
+            topk: xtopk,
+            topk_length: xlen,
+        })
+    };
     // SAFETY: q/out/lse contract.
     let mut act =
         unsafe { activations(&shape, a.q_dtype, a.q, a.out_dtype, a.out, a.lse, &inputs) }?;
-    let cache = KvCache::new(format, shape.d_qk, kv, num_blocks, block_size)?;
-    let d = DenseDecode::new(shape, act.q_dtype, act.q, cache, table, stride, seqlens)?;
+    let mut d = Decode::sparse(shape, act.q_dtype, act.q, main, extra)?;
+    if let Some(s) = sink {
+        d = d.with_sink(s)?;
+    }
     engine.inner.decode(&d, &mut act.out)
 }
 
@@ -276,8 +381,10 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
 ///
 /// For each sequence b, query token i and head h:
 /// `out[b,i,h,:] = softmax_t(scale * q[b,i,h,:] . K[t,:]) @ K[t,:d_v]` over the
-/// keys t the query sees (all of `seqlens[b]`, or the causal prefix), with
-/// `K[t] = kv[block_table[b][t / block_size]][t % block_size]`. A query that
+/// keys t the query sees: dense, all of `seqlens[b]` (or the causal prefix)
+/// with `K[t] = kv[block_table[b][t / block_size]][t % block_size]`; sparse,
+/// the positions listed in `indices` (and `extra_indices`). FP8 caches are
+/// dequantized on the fly; every format works in both modes. A query that
 /// sees no key gets out = 0 and lse = +inf. Cache slots past a sequence's
 /// length and blocks not referenced may hold anything (NaN included): they
 /// are never read. Every pointer, size and used block id is validated before

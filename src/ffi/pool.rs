@@ -1,6 +1,6 @@
 //! `mlart_kv_pool`: the managed paged KV cache and its sequences.
 
-use super::decode::{activations, check_memory, reject_sparse};
+use super::decode::{activations, check_memory, optional, positive};
 use super::engine::{engine_ref, mlart_engine};
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
@@ -9,7 +9,7 @@ use super::{non_negative, read_struct, slice, Region};
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
-use crate::kv::{KvPool, PoolOptions};
+use crate::kv::{KvPool, PoolOptions, PoolSparse};
 use std::ffi::c_void;
 
 /// A pool of KV-cache blocks for several layers, holding sequences
@@ -94,13 +94,15 @@ pub struct mlart_kv_pool_decode_args {
     pub q_dtype: mlart_dtype,
     /// Queries [batch, s_q, h_q, d_qk].
     pub q: *const c_void,
-    /// Sparse attention: logical token positions [batch, s_q, topk] (reserved: must be NULL).
+    /// Optional sparse attention: per query token, logical token positions
+    /// [batch, s_q, topk] of its sequence (0 .. length-1 in `layer`; -1 = none).
+    /// The pool translates them; causal must be false.
     pub indices: *const i32,
     /// Entries per query in `indices`.
     pub topk: i32,
-    /// Optional [batch] prefix lengths of `indices` (reserved: must be NULL).
+    /// Optional [batch]: only the first topk_length[b] entries of `indices` are used.
     pub topk_length: *const i32,
-    /// Optional per-head attention sink [h_q] (reserved: must be NULL).
+    /// Optional per-head attention sink [h_q]: out *= 1 / (1 + exp(sink[h] - lse)); lse unchanged.
     pub attn_sink: *const f32,
     /// Element type of `out`; default `MLART_DTYPE_BF16`.
     pub out_dtype: mlart_dtype,
@@ -379,11 +381,6 @@ fn pool_decode(pool: *const mlart_kv_pool, args: *const mlart_kv_pool_decode_arg
     // SAFETY: a non-NULL args points to a caller struct.
     let a = unsafe { read_struct(args, "args", "mlart_kv_pool_decode_args_init") }?;
     check_memory(a.memory)?;
-    reject_sparse(&[
-        ("indices", !a.indices.is_null()),
-        ("topk_length", !a.topk_length.is_null()),
-        ("attn_sink", !a.attn_sink.is_null()),
-    ])?;
     let d_qk = p.options().d_qk as i32;
     let shape = DecodeShape::new(
         a.batch,
@@ -396,19 +393,45 @@ fn pool_decode(pool: *const mlart_kv_pool, args: *const mlart_kv_pool_decode_arg
     )?;
     // SAFETY: seq_ids holds batch entries (caller contract).
     let ids = unsafe { slice(a.seq_ids, shape.batch, "seq_ids") }?;
+    let mut inputs = vec![Region::of("seq_ids", ids)];
+    // SAFETY: attn_sink holds h_q floats when set.
+    let sink = unsafe { optional(a.attn_sink, shape.h_q, "attn_sink") }?;
+    inputs.extend(sink.map(|s| Region::of("attn_sink", s)));
+    let sparse = if a.indices.is_null() {
+        if !a.topk_length.is_null() {
+            return Err(Error::invalid(
+                "topk_length is set but indices is NULL: it belongs to sparse decode",
+            ));
+        }
+        None
+    } else {
+        let topk = positive("topk", a.topk)?;
+        let n = crate::error::checked_size("indices", &[shape.batch, shape.s_q, topk])?;
+        // SAFETY: indices holds batch * s_q * topk entries.
+        let indices = unsafe { slice(a.indices, n, "indices") }?;
+        // SAFETY: topk_length holds batch entries when set.
+        let topk_length = unsafe { optional(a.topk_length, shape.batch, "topk_length") }?;
+        inputs.push(Region::of("indices", indices));
+        inputs.extend(topk_length.map(|l| Region::of("topk_length", l)));
+        Some(PoolSparse {
+            indices,
+            topk,
+            topk_length,
+        })
+    };
     // SAFETY: q/out/lse contract.
-    let mut act = unsafe {
-        activations(
-            &shape,
-            a.q_dtype,
-            a.q,
-            a.out_dtype,
-            a.out,
-            a.lse,
-            &[Region::of("seq_ids", ids)],
-        )
-    }?;
-    p.decode(a.layer as i64, ids, shape, act.q_dtype, act.q, &mut act.out)
+    let mut act =
+        unsafe { activations(&shape, a.q_dtype, a.q, a.out_dtype, a.out, a.lse, &inputs) }?;
+    p.decode(
+        a.layer as i64,
+        ids,
+        shape,
+        act.q_dtype,
+        act.q,
+        sparse,
+        sink,
+        &mut act.out,
+    )
 }
 
 /// Decodes one layer for a list of sequences held by the pool; the same

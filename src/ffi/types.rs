@@ -61,9 +61,12 @@ pub const MLART_KV_FORMAT_BF16: mlart_kv_format = 0;
 pub const MLART_KV_FORMAT_F16: mlart_kv_format = 1;
 /// d_qk x float32 (reference/debugging).
 pub const MLART_KV_FORMAT_F32: mlart_kv_format = 2;
-/// FlashMLA V3.2 FP8 layout, d_qk = 576, 656 bytes/token (reserved: not yet supported).
+/// FlashMLA V3.2 FP8 layout, d_qk = 576, 656 bytes/token: 512 x e4m3 (4 tiles of
+/// 128), 4 x f32 tile scales, 64 x bf16 rope.
 pub const MLART_KV_FORMAT_FP8_V32: mlart_kv_format = 3;
-/// FlashMLA MODEL1 FP8 layout, d_qk = 512, 584 bytes/token (reserved: not yet supported).
+/// FlashMLA MODEL1 FP8 layout, d_qk = 512, 584 bytes/token: per block, all rows of
+/// [448 x e4m3 (7 tiles of 64), 64 x bf16 rope], then 8 bytes per token (7 ue8m0
+/// scales + 1 zero pad), the block padded with zeros to a multiple of 576 bytes.
 pub const MLART_KV_FORMAT_FP8_MODEL1: mlart_kv_format = 4;
 
 /// Where the memory behind a pointer lives.

@@ -13,10 +13,10 @@
 
 use crate::backend::Buffer;
 use crate::decode::desc::DecodeOutput;
-use crate::decode::{DecodeShape, DenseDecode, KvCache};
+use crate::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
 use crate::engine::Engine;
 use crate::error::{check_range, checked_size, Error, Result, Status};
-use crate::format::{load_slice, store_slice, Dtype, KvFormat, RowLayout};
+use crate::format::{load_slice, Dtype, KvFormat, KvLayout};
 use parking_lot::RwLock;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +29,16 @@ pub struct PoolOptions {
     pub num_layers: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+}
+
+/// Sparse attention over a pool: per query token, logical positions.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolSparse<'a> {
+    /// `[batch, s_q, topk]`: token positions `0..len` of each sequence, -1 = none.
+    pub indices: &'a [i32],
+    pub topk: usize,
+    /// Optional `[batch]`: only the first `topk_length[b]` entries are used.
+    pub topk_length: Option<&'a [i32]>,
 }
 
 /// Occupancy figures.
@@ -68,7 +78,7 @@ struct State {
 pub struct KvPool {
     engine: Arc<Engine>,
     opts: PoolOptions,
-    layout: RowLayout,
+    layout: KvLayout,
     state: RwLock<State>,
 }
 
@@ -83,9 +93,8 @@ impl KvPool {
         check_range("num_layers", opts.num_layers as i64, 1, 1 << 16)?;
         check_range("block_size", opts.block_size as i64, 1, 1 << 20)?;
         check_range("num_blocks", opts.num_blocks as i64, 1, i32::MAX as i64)?;
-        let layout = opts.format.row_layout("kv_format", opts.d_qk)?;
-        let layer_bytes =
-            KvCache::bytes_for(opts.format, opts.d_qk, opts.num_blocks, opts.block_size)?;
+        let layout = KvLayout::new(opts.format, opts.d_qk, opts.block_size, "kv_format")?;
+        let layer_bytes = layout.cache_bytes(opts.num_blocks)?;
         checked_size("kv pool", &[layer_bytes, opts.num_layers])?;
         let layers = (0..opts.num_layers)
             .map(|l| {
@@ -127,7 +136,7 @@ impl KvPool {
 
     pub fn stats(&self) -> PoolStats {
         let st = self.state.read();
-        let bytes_per_block = self.opts.block_size * self.layout.row_bytes * self.opts.num_layers;
+        let bytes_per_block = self.layout.block_bytes * self.opts.num_layers;
         PoolStats {
             blocks_total: self.opts.num_blocks,
             blocks_used: self.opts.num_blocks - st.free.len(),
@@ -251,7 +260,7 @@ impl KvPool {
             ));
         }
         // From here on nothing can fail.
-        let block_bytes = bs * self.layout.row_bytes;
+        let block_bytes = self.layout.block_bytes;
         let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
         for j in shared {
             let old = s.blocks[j] as usize;
@@ -271,19 +280,20 @@ impl KvPool {
             st.refcount[id as usize] = 1;
             s.blocks.push(id);
         }
-        let rb = self.layout.row_bytes;
         let data = st.layers[layer].as_mut_slice();
         let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        let plain = self.opts.format.plain_dtype();
         for k in 0..n {
             let t = start + k;
-            let at = (s.blocks[t / bs] as usize * bs + t % bs) * rb;
-            let dst = &mut data[at..at + rb];
+            let (block, off) = (s.blocks[t / bs] as usize, t % bs);
             let srow = &src[k * src_row..(k + 1) * src_row];
-            if dtype == self.layout.dtype {
-                dst.copy_from_slice(srow);
+            if plain == Some(dtype) {
+                // Same element type: a plain copy.
+                let at = block * self.layout.block_bytes + off * src_row;
+                data[at..at + src_row].copy_from_slice(srow);
             } else {
                 load_slice(dtype, srow, &mut row[..d_qk]);
-                store_slice(self.layout.dtype, &row[..d_qk], dst);
+                self.layout.store_row(data, block, off, &row[..d_qk]);
             }
         }
         s.lens[layer] = end;
@@ -292,7 +302,10 @@ impl KvPool {
 
     /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the
     /// pool supplies the block table and lengths. `shape.d_qk` must be the
-    /// pool's `d_qk` and `shape.batch == seqs.len()`.
+    /// pool's `d_qk` and `shape.batch == seqs.len()`. With `sparse`, each
+    /// query attends to the listed *logical* token positions of its sequence
+    /// (`-1` = none), which the pool translates through the block table.
+    #[allow(clippy::too_many_arguments)]
     pub fn decode(
         &self,
         layer: i64,
@@ -300,6 +313,8 @@ impl KvPool {
         shape: DecodeShape,
         q_dtype: Dtype,
         q: &[u8],
+        sparse: Option<PoolSparse<'_>>,
+        attn_sink: Option<&[f32]>,
         out: &mut DecodeOutput<'_>,
     ) -> Result<()> {
         let layer = self.layer_index(layer)?;
@@ -313,30 +328,97 @@ impl KvPool {
             return Err(Error::internal("batch and seq_ids disagree"));
         }
         let st = self.state.read();
-        let mut lens = Vec::with_capacity(seqs.len());
-        let mut stride = 1;
+        let mut found = Vec::with_capacity(seqs.len());
         for (i, &id) in seqs.iter().enumerate() {
-            let s = st.seqs.get(&id).ok_or_else(|| {
+            found.push(st.seqs.get(&id).ok_or_else(|| {
                 Error::not_found(format!(
                     "seq_ids[{i}] = {id} is not a sequence of this pool"
                 ))
-            })?;
-            lens.push(s.lens[layer] as i32);
-            stride = stride.max(s.blocks.len());
-        }
-        let mut table = vec![-1i32; seqs.len() * stride];
-        for (i, id) in seqs.iter().enumerate() {
-            let blocks = &st.seqs[id].blocks;
-            table[i * stride..i * stride + blocks.len()].copy_from_slice(blocks);
+            })?);
         }
         let kv = KvCache::new(
-            self.opts.format,
-            self.opts.d_qk,
+            self.layout,
             st.layers[layer].as_slice(),
             self.opts.num_blocks,
-            self.opts.block_size,
         )?;
-        let d = DenseDecode::new(shape, q_dtype, q, kv, &table, stride, &lens)?;
+        let bs = self.opts.block_size;
+        match sparse {
+            None => {
+                let lens: Vec<i32> = found.iter().map(|s| s.lens[layer] as i32).collect();
+                let stride = found
+                    .iter()
+                    .map(|s| s.blocks.len())
+                    .max()
+                    .unwrap_or(0)
+                    .max(1);
+                let mut table = vec![-1i32; seqs.len() * stride];
+                for (i, s) in found.iter().enumerate() {
+                    table[i * stride..i * stride + s.blocks.len()].copy_from_slice(&s.blocks);
+                }
+                let d = Decode::dense(shape, q_dtype, q, kv, &table, stride, &lens)?;
+                self.finish(d, attn_sink, out)
+            }
+            Some(sp) => {
+                let logical = IndexedKeys {
+                    kv,
+                    indices: sp.indices,
+                    topk: sp.topk,
+                    topk_length: sp.topk_length,
+                };
+                if sp.indices.len() < shape.batch * shape.s_q * sp.topk {
+                    return Err(Error::internal("indices smaller than [batch, s_q, topk]"));
+                }
+                if let Some(l) = sp.topk_length {
+                    for (b, &n) in l[..shape.batch].iter().enumerate() {
+                        if n < 0 || n as usize > sp.topk {
+                            return Err(Error::invalid(format!(
+                                "topk_length[{b}] = {n} is outside [0, {}]",
+                                sp.topk
+                            )));
+                        }
+                    }
+                }
+                // Translate logical positions; entries past topk_length stay -1.
+                let mut phys = vec![-1i32; shape.batch * shape.s_q * sp.topk];
+                for (b, s) in found.iter().enumerate() {
+                    let len = s.lens[layer];
+                    for i in 0..shape.s_q {
+                        let dst = &mut phys[(b * shape.s_q + i) * sp.topk..];
+                        for (k, &p) in logical.list(shape.s_q, b, i).iter().enumerate() {
+                            if p == -1 {
+                                continue;
+                            }
+                            if p < 0 || p as usize >= len {
+                                return Err(Error::invalid(format!(
+                                    "indices[{b}][{i}][{k}] = {p} is outside [-1, {len}) (seq_ids[{b}] = {} holds {len} tokens in layer {layer})",
+                                    seqs[b]
+                                )));
+                            }
+                            let p = p as usize;
+                            dst[k] = (s.blocks[p / bs] as usize * bs + p % bs) as i32;
+                        }
+                    }
+                }
+                let main = IndexedKeys {
+                    indices: &phys,
+                    ..logical
+                };
+                let d = Decode::sparse(shape, q_dtype, q, main, None)?;
+                self.finish(d, attn_sink, out)
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        d: Decode<'_>,
+        attn_sink: Option<&[f32]>,
+        out: &mut DecodeOutput<'_>,
+    ) -> Result<()> {
+        let d = match attn_sink {
+            Some(s) => d.with_sink(s)?,
+            None => d,
+        };
         self.engine.decode(&d, out)
     }
 

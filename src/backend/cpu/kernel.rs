@@ -1,29 +1,83 @@
 //! The CPU attention-kernel interface and the scalar reference kernel.
 //!
-//! A kernel attends the packed queries of one sequence (all heads x all query
-//! tokens = the GEMM "M" dimension) to one contiguous range of that
-//! sequence's cache tokens and produces a normalized partial output plus its
+//! A kernel attends packed query rows (heads x query tokens = the GEMM "M"
+//! dimension) to a contiguous range of keys (a sequence's tokens, or a
+//! sparse index list) and produces a normalized partial output plus its
 //! log-sum-exp. Splitting, merging, packing and output conversion live in the
 //! driver (`super::CpuBackend`), so an ISA-specific kernel only replaces this.
 
 use super::isa::CpuIsa;
-use crate::decode::DenseDecode;
-use crate::format::load_slice;
+use crate::decode::KvCache;
 
 /// Tokens of K processed per tile.
 pub const K_TILE: usize = 64;
 
-/// One unit of work for a kernel.
-pub struct SeqTask<'a> {
-    pub decode: &'a DenseDecode<'a>,
-    /// Sequence index in the batch.
-    pub seq: usize,
-    /// Packed queries `[s_q * h_q, d_qk]` (row `i * h_q + h`), already multiplied
-    /// by the softmax scale.
+/// Marks a key of the extra cache in a compacted key list.
+pub const EXTRA_KEY: u32 = 1 << 31;
+
+/// Where a task's keys come from, in attention order.
+#[derive(Clone, Copy)]
+pub enum KeySource<'a> {
+    /// Key `j` is token `j` of a sequence, paged through `blocks`.
+    Paged {
+        kv: &'a KvCache<'a>,
+        blocks: &'a [i32],
+    },
+    /// Key `j` is `keys[j]`: a flat position in `main`, or in `extra` when
+    /// it carries [`EXTRA_KEY`].
+    List {
+        main: &'a KvCache<'a>,
+        extra: Option<&'a KvCache<'a>>,
+        keys: &'a [u32],
+    },
+}
+
+/// One unit of work for a kernel: some query rows against a range of keys.
+pub struct AttnTask<'a> {
+    /// Packed queries `[n_q * h_q, d_qk]` (row `i * h_q + h`), already
+    /// multiplied by the softmax scale.
     pub q: &'a [f32],
-    /// Cache tokens `[start, end)` of the sequence; `end <= seqlen`.
+    /// Query tokens in `q`.
+    pub n_q: usize,
+    pub h_q: usize,
+    pub d_qk: usize,
+    pub d_v: usize,
+    pub source: KeySource<'a>,
+    /// Keys `[start, end)` of the source.
     pub start: usize,
     pub end: usize,
+    /// `Some(seqlen)`: bottom-right causal mask, query `i` sees keys
+    /// `j < seqlen - (n_q - 1 - i)`. `None`: every key is visible.
+    pub causal_seqlen: Option<usize>,
+}
+
+impl AttnTask<'_> {
+    /// Number of leading keys query `i` may see.
+    #[inline]
+    pub fn visible(&self, i: usize) -> usize {
+        match self.causal_seqlen {
+            Some(len) => (len + i + 1).saturating_sub(self.n_q),
+            None => usize::MAX,
+        }
+    }
+
+    /// Converts key `j` to f32 (`out[..d_qk]`).
+    #[inline]
+    pub fn gather(&self, j: usize, out: &mut [f32]) {
+        match self.source {
+            KeySource::Paged { kv, blocks } => {
+                let bs = kv.block_size();
+                kv.load(blocks[j / bs] as usize, j % bs, out);
+            }
+            KeySource::List { main, extra, keys } => {
+                let k = keys[j];
+                match (k & EXTRA_KEY != 0, extra) {
+                    (true, Some(x)) => x.load_pos((k & !EXTRA_KEY) as usize, out),
+                    _ => main.load_pos(k as usize, out),
+                }
+            }
+        }
+    }
 }
 
 /// Per-thread scratch memory, grown on first use and then reused.
@@ -50,7 +104,7 @@ pub trait AttentionKernel: Send + Sync {
     /// keys in `[task.start, task.end)`, normalized, and `lse [rows]` = the
     /// natural log-sum-exp of the scaled scores, or `-inf` (with `o = 0`)
     /// for a row that sees no key in the range.
-    fn attend(&self, task: &SeqTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]);
+    fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]);
 }
 
 /// Plain Rust, written so the compiler can vectorise the inner loops. It is
@@ -81,15 +135,9 @@ impl AttentionKernel for ScalarKernel {
         CpuIsa::Scalar
     }
 
-    fn attend(&self, task: &SeqTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
-        let d = task.decode;
-        let shape = &d.shape;
-        let (d_qk, d_v, h_q) = (shape.d_qk, shape.d_v, shape.h_q);
-        let rows = shape.rows();
-        let seqlen = d.seqlen(task.seq);
-        let blocks = d.blocks(task.seq);
-        let bs = d.kv.block_size;
-        let dtype = d.kv.layout.dtype;
+    fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+        let (d_qk, d_v, h_q) = (task.d_qk, task.d_v, task.h_q);
+        let rows = task.n_q * h_q;
 
         let k_tile = fit(&mut scratch.k_tile, K_TILE * d_qk);
         let scores = fit(&mut scratch.scores, K_TILE);
@@ -102,15 +150,13 @@ impl AttentionKernel for ScalarKernel {
         let mut t0 = task.start;
         while t0 < task.end {
             let n = K_TILE.min(task.end - t0);
-            // Gather the tile through the block table, converting to f32.
+            // Gather (and dequantize) the tile once for all query rows.
             for j in 0..n {
-                let t = t0 + j;
-                let row = d.kv.row(blocks[t / bs] as usize, t % bs);
-                load_slice(dtype, row, &mut k_tile[j * d_qk..(j + 1) * d_qk]);
+                task.gather(t0 + j, &mut k_tile[j * d_qk..(j + 1) * d_qk]);
             }
-            for i in 0..shape.s_q {
-                // Keys visible to query i form a prefix of the sequence.
-                let vis = shape.visible(seqlen, i).saturating_sub(t0).min(n);
+            for i in 0..task.n_q {
+                // Keys visible to query i form a prefix of the key order.
+                let vis = task.visible(i).saturating_sub(t0).min(n);
                 if vis == 0 {
                     continue;
                 }

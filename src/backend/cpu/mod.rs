@@ -8,10 +8,11 @@ pub use isa::{CpuFeatures, CpuIsa};
 
 use super::{try_grow, Backend, BackendInfo, BackendKind, Buffer};
 use crate::decode::desc::DecodeOutput;
-use crate::decode::{DenseDecode, SplitPlan};
+use crate::decode::desc::MAX_HEAD_DIM;
+use crate::decode::{Decode, Keys, SplitPlan};
 use crate::error::{Error, Result};
 use crate::format::{load_slice, store_slice};
-use kernel::{AttentionKernel, ScalarKernel, Scratch, SeqTask};
+use kernel::{AttentionKernel, AttnTask, KeySource, ScalarKernel, Scratch, EXTRA_KEY};
 use parking_lot::Mutex;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -30,15 +31,20 @@ fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
 #[derive(Default)]
 struct Workspace {
     plan: SplitPlan,
-    seqlens: Vec<usize>,
     /// Packed, pre-scaled queries `[batch, rows, d_qk]`.
     q: Vec<f32>,
     /// Normalized partial outputs `[items, rows, d_v]`.
     part_o: Vec<f32>,
     /// Their log-sum-exps `[items, rows]`.
     part_lse: Vec<f32>,
-    /// Final lse in `[batch, rows]` order before transposing to `[batch, h_q, s_q]`.
+    /// Final lse in `[batch, s_q, h_q]` order before transposing to `[batch, h_q, s_q]`.
     lse: Vec<f32>,
+    /// Sparse: every query token's valid keys, compacted (`EXTRA_KEY` marks the extra cache).
+    keys: Vec<u32>,
+    /// Sparse: `keys[key_first[g]..key_first[g + 1]]` belong to query group `g`.
+    key_first: Vec<usize>,
+    /// Keys per group (dense: sequence lengths).
+    key_counts: Vec<usize>,
 }
 
 thread_local! {
@@ -87,22 +93,56 @@ impl CpuBackend {
         })
     }
 
-    fn run(
-        &self,
-        d: &DenseDecode<'_>,
-        out: &mut DecodeOutput<'_>,
-        ws: &mut Workspace,
-    ) -> Result<()> {
+    fn run(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>, ws: &mut Workspace) -> Result<()> {
         let s = &d.shape;
-        let rows = s.rows();
-        ws.seqlens.clear();
-        ws.seqlens.extend((0..s.batch).map(|b| d.seqlen(b)));
-        ws.plan.build(&ws.seqlens, self.info.threads);
+        // A group is what shares keys: a sequence (all its query tokens, with
+        // the causal mask) for dense decode, one query token for sparse.
+        let n_q = match d.keys {
+            Keys::Dense(_) => s.s_q,
+            Keys::Sparse(_) => 1,
+        };
+        let n_groups = s.batch * s.s_q / n_q;
+        let rows = n_q * s.h_q;
+        ws.key_counts.clear();
+        ws.keys.clear();
+        ws.key_first.clear();
+        match &d.keys {
+            Keys::Dense(dk) => ws
+                .key_counts
+                .extend(dk.seqlens[..s.batch].iter().map(|&l| l as usize)),
+            Keys::Sparse(sk) => {
+                // Compact each query's valid indices (main, then extra) once.
+                for b in 0..s.batch {
+                    for i in 0..s.s_q {
+                        let first = ws.keys.len();
+                        ws.key_first.push(first);
+                        ws.keys.extend(
+                            sk.main
+                                .list(s.s_q, b, i)
+                                .iter()
+                                .filter(|&&p| p >= 0)
+                                .map(|&p| p as u32),
+                        );
+                        if let Some(x) = &sk.extra {
+                            ws.keys.extend(
+                                x.list(s.s_q, b, i)
+                                    .iter()
+                                    .filter(|&&p| p >= 0)
+                                    .map(|&p| p as u32 | EXTRA_KEY),
+                            );
+                        }
+                        ws.key_counts.push(ws.keys.len() - first);
+                    }
+                }
+                ws.key_first.push(ws.keys.len());
+            }
+        }
+        ws.plan.build(&ws.key_counts, self.info.threads);
         let n_items = ws.plan.items().len();
-        try_grow(&mut ws.q, "packed queries", s.batch * rows * s.d_qk)?;
+        try_grow(&mut ws.q, "packed queries", s.batch * s.rows() * s.d_qk)?;
         try_grow(&mut ws.part_o, "partial outputs", n_items * rows * s.d_v)?;
         try_grow(&mut ws.part_lse, "partial lse", n_items * rows)?;
-        try_grow(&mut ws.lse, "lse", s.batch * rows)?;
+        try_grow(&mut ws.lse, "lse", s.batch * s.rows())?;
 
         let Workspace {
             plan,
@@ -110,22 +150,25 @@ impl CpuBackend {
             part_o,
             part_lse,
             lse: lse_ws,
-            ..
+            keys,
+            key_first,
+            key_counts,
         } = ws;
-        let plan = &*plan;
+        let (plan, keys, key_first, key_counts) =
+            (&*plan, &keys[..], &key_first[..], &key_counts[..]);
         let kernel = &*self.kernel;
-        let q_row_bytes = rows * s.d_qk * d.q_dtype.size();
-        let out_row_bytes = rows * s.d_v * out.dtype.size();
+        let q_seq_bytes = s.rows() * s.d_qk * d.q_dtype.size();
+        let out_group_bytes = rows * s.d_v * out.dtype.size();
         let out_dtype = out.dtype;
-        let out_bytes = &mut out.out[..s.batch * out_row_bytes];
+        let out_bytes = &mut out.out[..n_groups * out_group_bytes];
 
         self.pool.install(|| {
             // 1. Pack and pre-scale the queries once per call.
-            q[..s.batch * rows * s.d_qk]
-                .par_chunks_mut(rows * s.d_qk)
+            q[..s.batch * s.rows() * s.d_qk]
+                .par_chunks_mut(s.rows() * s.d_qk)
                 .enumerate()
                 .for_each(|(b, qb)| {
-                    load_slice(d.q_dtype, &d.q[b * q_row_bytes..(b + 1) * q_row_bytes], qb);
+                    load_slice(d.q_dtype, &d.q[b * q_seq_bytes..(b + 1) * q_seq_bytes], qb);
                     qb.iter_mut().for_each(|x| *x *= s.softmax_scale);
                 });
             let q = &q[..];
@@ -136,13 +179,35 @@ impl CpuBackend {
                 .zip(part_lse[..n_items * rows].par_chunks_mut(rows))
                 .zip(plan.items().par_iter())
                 .for_each(|((o, l), item)| {
-                    let b = item.seq as usize;
-                    let task = SeqTask {
-                        decode: d,
-                        seq: b,
-                        q: &q[b * rows * s.d_qk..(b + 1) * rows * s.d_qk],
+                    let g = item.seq as usize;
+                    let (source, causal_seqlen) = match &d.keys {
+                        Keys::Dense(dk) => {
+                            let blocks = &dk.block_table[g * dk.block_table_stride..]
+                                [..dk.block_table_stride];
+                            (
+                                KeySource::Paged { kv: &dk.kv, blocks },
+                                s.causal.then_some(key_counts[g]),
+                            )
+                        }
+                        Keys::Sparse(sk) => (
+                            KeySource::List {
+                                main: &sk.main.kv,
+                                extra: sk.extra.as_ref().map(|x| &x.kv),
+                                keys: &keys[key_first[g]..key_first[g + 1]],
+                            },
+                            None,
+                        ),
+                    };
+                    let task = AttnTask {
+                        q: &q[g * rows * s.d_qk..(g + 1) * rows * s.d_qk],
+                        n_q,
+                        h_q: s.h_q,
+                        d_qk: s.d_qk,
+                        d_v: s.d_v,
+                        source,
                         start: item.start as usize,
                         end: item.end as usize,
+                        causal_seqlen,
                     };
                     SCRATCH.with(|cell| match cell.try_borrow_mut() {
                         Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),
@@ -150,65 +215,55 @@ impl CpuBackend {
                     });
                 });
 
-            // 3. Merge the splits of each sequence by lse and store.
+            // 3. Merge the splits of each group by lse, apply the sink, store.
             out_bytes
-                .par_chunks_mut(out_row_bytes)
-                .zip(lse_ws[..s.batch * rows].par_chunks_mut(rows))
+                .par_chunks_mut(out_group_bytes)
+                .zip(lse_ws[..n_groups * rows].par_chunks_mut(rows))
                 .enumerate()
-                .for_each(|(b, (ob, lb))| {
-                    let first = plan.first_item(b);
-                    let n = plan.items_of(b).len();
-                    let slot = |k: usize| {
-                        &part_o[(first + k) * rows * s.d_v..(first + k + 1) * rows * s.d_v]
-                    };
-                    let slot_lse = |k: usize| &part_lse[(first + k) * rows..(first + k + 1) * rows];
-                    if n == 1 {
-                        store_slice(out_dtype, slot(0), ob);
-                        lb.copy_from_slice(slot_lse(0));
-                        return;
-                    }
-                    SCRATCH.with(|cell| {
-                        let mut local = Scratch::default();
-                        let mut guard = cell.try_borrow_mut();
-                        let scratch = match guard.as_mut() {
-                            Ok(sc) => &mut **sc,
-                            Err(_) => &mut local,
-                        };
-                        if scratch.k_tile.len() < s.d_v {
-                            scratch.k_tile.resize(s.d_v, 0.0);
-                        }
-                        let acc = &mut scratch.k_tile[..s.d_v];
-                        for r in 0..rows {
-                            let m = (0..n)
-                                .map(|k| slot_lse(k)[r])
-                                .fold(f32::NEG_INFINITY, f32::max);
-                            acc.fill(0.0);
-                            if m == f32::NEG_INFINITY {
-                                lb[r] = m;
-                            } else {
-                                let mut total = 0.0f32;
-                                for k in 0..n {
-                                    let w = (slot_lse(k)[r] - m).exp();
-                                    total += w;
-                                    if w > 0.0 {
-                                        let part = &slot(k)[r * s.d_v..(r + 1) * s.d_v];
-                                        acc.iter_mut().zip(part).for_each(|(a, &p)| *a += w * p);
-                                    }
+                .for_each(|(g, (ob, lb))| {
+                    let first = plan.first_item(g);
+                    let n = plan.items_of(g).len();
+                    let slot =
+                        |k: usize, r: usize| &part_o[((first + k) * rows + r) * s.d_v..][..s.d_v];
+                    let slot_lse = |k: usize, r: usize| part_lse[(first + k) * rows + r];
+                    let mut acc = [0f32; MAX_HEAD_DIM];
+                    let acc = &mut acc[..s.d_v];
+                    let ob_row = out_dtype.size() * s.d_v;
+                    for r in 0..rows {
+                        let m = (0..n)
+                            .map(|k| slot_lse(k, r))
+                            .fold(f32::NEG_INFINITY, f32::max);
+                        acc.fill(0.0);
+                        if m == f32::NEG_INFINITY {
+                            lb[r] = m;
+                        } else {
+                            let mut total = 0.0f32;
+                            for k in 0..n {
+                                let w = (slot_lse(k, r) - m).exp();
+                                total += w;
+                                if w > 0.0 {
+                                    acc.iter_mut()
+                                        .zip(slot(k, r))
+                                        .for_each(|(a, &p)| *a += w * p);
                                 }
-                                let inv = 1.0 / total;
-                                acc.iter_mut().for_each(|a| *a *= inv);
-                                lb[r] = m + total.ln();
                             }
-                            let ob_row = out_dtype.size() * s.d_v;
-                            store_slice(out_dtype, acc, &mut ob[r * ob_row..(r + 1) * ob_row]);
+                            let lse = m + total.ln();
+                            let mut scale = 1.0 / total;
+                            if let Some(sink) = d.attn_sink {
+                                scale /= 1.0 + (sink[r % s.h_q] - lse).exp();
+                            }
+                            acc.iter_mut().for_each(|a| *a *= scale);
+                            lb[r] = lse;
                         }
-                    });
+                        store_slice(out_dtype, acc, &mut ob[r * ob_row..(r + 1) * ob_row]);
+                    }
                 });
         });
 
         // lse: [batch, s_q, h_q] order internally -> [batch, h_q, s_q]; a row
         // that saw no key reports +inf, as FlashMLA does.
         if let Some(lse) = out.lse.as_deref_mut() {
+            let rows = s.rows();
             for b in 0..s.batch {
                 for i in 0..s.s_q {
                     for h in 0..s.h_q {
@@ -231,7 +286,7 @@ impl Backend for CpuBackend {
         &self.info
     }
 
-    fn decode(&self, d: &DenseDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+    fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
         let mut ws = self.workspaces.lock().pop().unwrap_or_default();
         let result = self.run(d, out, &mut ws);
         self.workspaces.lock().push(ws);

@@ -3,8 +3,8 @@
 
 use super::ceilings::{self, Ceilings};
 use mlart::decode::desc::DecodeOutput;
-use mlart::decode::{DecodeShape, DenseDecode, KvCache};
-use mlart::format::{store_slice, Dtype, KvFormat};
+use mlart::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
+use mlart::format::{store_slice, Dtype, KvFormat, KvLayout};
 use mlart::{Engine, EngineOptions, Result};
 use std::time::Instant;
 
@@ -15,6 +15,9 @@ pub struct Point {
     pub seqlen: usize,
     pub h_q: usize,
     pub s_q: usize,
+    pub format: KvFormat,
+    /// Sparse: keys per query token (random positions of the sequence).
+    pub topk: Option<usize>,
 }
 
 pub struct Options {
@@ -29,21 +32,34 @@ const D_V: usize = 512;
 const BLOCK: usize = 64;
 
 fn default_points(quick: bool) -> Vec<Point> {
-    let p = |batch, seqlen, h_q| Point {
+    let p = |batch, seqlen, h_q, format, topk| Point {
         batch,
         seqlen,
         h_q,
         s_q: 1,
+        format,
+        topk,
     };
+    use KvFormat::{Bf16, Fp8V32};
     if quick {
-        vec![p(1, 1024, 128), p(2, 1024, 16)]
+        vec![
+            p(1, 1024, 128, Bf16, None),
+            p(2, 1024, 16, Bf16, None),
+            p(1, 1024, 128, Fp8V32, None),
+            p(1, 4096, 128, Fp8V32, Some(512)),
+        ]
     } else {
         vec![
-            p(1, 1024, 128),
-            p(1, 4096, 128),
-            p(8, 4096, 128),
-            p(1, 16384, 128),
-            p(8, 16384, 16),
+            p(1, 1024, 128, Bf16, None),
+            p(1, 4096, 128, Bf16, None),
+            p(8, 4096, 128, Bf16, None),
+            p(1, 16384, 128, Bf16, None),
+            p(8, 16384, 16, Bf16, None),
+            p(1, 4096, 128, Fp8V32, None),
+            p(8, 16384, 16, Fp8V32, None),
+            p(1, 16384, 128, Bf16, Some(2048)),
+            p(1, 16384, 128, Fp8V32, Some(2048)),
+            p(8, 16384, 128, Fp8V32, Some(2048)),
         ]
     }
 }
@@ -83,8 +99,12 @@ fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result
     let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
     let num_blocks = blocks_per_seq * pt.batch;
     let dtype = Dtype::Bf16;
-    let mut kv = vec![0u8; num_blocks * BLOCK * D_QK * dtype.size()];
-    store_slice(dtype, &noise(num_blocks * BLOCK * D_QK, 7), &mut kv);
+    let layout = KvLayout::new(pt.format, D_QK, BLOCK, "kv_format")?;
+    let mut kv = vec![0u8; layout.cache_bytes(num_blocks)?];
+    let rows = noise(num_blocks * BLOCK * D_QK, 7);
+    for (t, row) in rows.chunks_exact(D_QK).enumerate() {
+        layout.store_row(&mut kv, t / BLOCK, t % BLOCK, row);
+    }
     let mut q = vec![0u8; shape.q_elems() * dtype.size()];
     store_slice(dtype, &noise(shape.q_elems(), 11), &mut q);
     // Interleave the sequences' blocks so reads are not one linear stream.
@@ -92,8 +112,32 @@ fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result
         .flat_map(|b| (0..blocks_per_seq).map(move |j| (j * pt.batch + b) as i32))
         .collect();
     let seqlens = vec![pt.seqlen as i32; pt.batch];
-    let cache = KvCache::new(KvFormat::Bf16, D_QK, &kv, num_blocks, BLOCK)?;
-    let d = DenseDecode::new(shape, dtype, &q, cache, &table, blocks_per_seq, &seqlens)?;
+    let cache = KvCache::new(layout, &kv, num_blocks)?;
+    let indices: Vec<i32>;
+    let d = match pt.topk {
+        None => Decode::dense(shape, dtype, &q, cache, &table, blocks_per_seq, &seqlens)?,
+        Some(topk) => {
+            // Random token positions of each sequence, as physical cache positions.
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            indices = (0..pt.batch * pt.s_q * topk)
+                .map(|k| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let b = k / (pt.s_q * topk);
+                    let t = (x % pt.seqlen as u64) as usize;
+                    table[b * blocks_per_seq + t / BLOCK] * BLOCK as i32 + (t % BLOCK) as i32
+                })
+                .collect();
+            let main = IndexedKeys {
+                kv: cache,
+                indices: &indices,
+                topk,
+                topk_length: None,
+            };
+            Decode::sparse(shape, dtype, &q, main, None)?
+        }
+    };
     let mut out = vec![0u8; shape.out_elems() * dtype.size()];
     let mut lse = vec![0f32; shape.lse_elems()];
     let mut run = || -> Result<f64> {
@@ -155,19 +199,23 @@ pub fn run(opts: &Options) -> Result<()> {
         ceil.fma_isa,
         ceil.read_bw / 1e9
     );
-    println!("shape: DeepSeek-V3 MLA decode, d_qk {D_QK}, d_v {D_V}, bf16 q/kv/out, block {BLOCK}, s_q 1");
     println!(
-        "{:>5} {:>6} {:>4} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "batch", "seqlen", "h_q", "time ms", "GFLOP/s", "GB/s", "bound", "% ceil"
+        "shape: DeepSeek-V3 MLA decode, d_qk {D_QK}, d_v {D_V}, bf16 q/out, block {BLOCK}, s_q 1"
+    );
+    println!(
+        "{:>5} {:>6} {:>4} {:>8} {:>6} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "batch", "seqlen", "h_q", "kv", "topk", "time ms", "GFLOP/s", "GB/s", "bound", "% ceil"
     );
     let mut results = Vec::new();
     for pt in default_points(opts.quick) {
         let m = run_point(&engine, pt, &ceil, opts.seconds)?;
         println!(
-            "{:>5} {:>6} {:>4} {:>10.3} {:>9.1} {:>8.2} {:>10} {:>7.1}%",
+            "{:>5} {:>6} {:>4} {:>8} {:>6} {:>10.3} {:>9.1} {:>8.2} {:>10} {:>7.1}%",
             pt.batch,
             pt.seqlen,
             pt.h_q,
+            pt.format.name(),
+            pt.topk.map_or("dense".to_string(), |k| k.to_string()),
             m.seconds * 1e3,
             m.gflops,
             m.gbytes,
@@ -190,8 +238,9 @@ fn to_json(info: &mlart::backend::BackendInfo, ceil: &Ceilings, results: &[Measu
         .iter()
         .map(|m| {
             format!(
-                "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"bf16\", \"seconds\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}}}",
-                m.point.batch, m.point.seqlen, m.point.h_q, m.point.s_q, m.seconds, m.gflops, m.gbytes, m.bound, m.fraction
+                "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \"seconds\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}}}",
+                m.point.batch, m.point.seqlen, m.point.h_q, m.point.s_q, m.point.format.name(),
+                m.point.topk.map_or("null".to_string(), |k| k.to_string()), m.seconds, m.gflops, m.gbytes, m.bound, m.fraction
             )
         })
         .collect();

@@ -1,10 +1,15 @@
-//! Element types, KV-cache row layouts and the conversions between them.
+//! Element types, KV-cache layouts (see [`kv`]) and the conversions between them.
 //!
 //! Pure code: no memory ownership, no threads. Every backend and the pool
 //! agree on byte layouts through this module.
 
 use crate::error::{Error, Result};
+pub mod fp8;
+pub mod kv;
+
+pub use fp8::e4m3_to_f32;
 use half::{bf16, f16};
+pub use kv::KvLayout;
 
 /// Element type of a dense tensor (queries, outputs, appended rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,28 +129,6 @@ impl KvFormat {
             KvFormat::Fp8V32 | KvFormat::Fp8Model1 => None,
         }
     }
-
-    /// Checks that this build can store rows of `d_qk` in this format and
-    /// returns the row layout.
-    pub fn row_layout(self, arg: &str, d_qk: usize) -> Result<RowLayout> {
-        match self.plain_dtype() {
-            Some(dtype) => Ok(RowLayout {
-                dtype,
-                row_bytes: dtype.size() * d_qk,
-            }),
-            None => Err(Error::unsupported(format!(
-                "{arg} = {} is not supported by this version of mlart yet",
-                self.name()
-            ))),
-        }
-    }
-}
-
-/// Byte layout of one row of a plain (unquantized) KV cache.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RowLayout {
-    pub dtype: Dtype,
-    pub row_bytes: usize,
 }
 
 /// Where a pointer's memory lives.
@@ -232,21 +215,6 @@ pub fn store_slice(dtype: Dtype, src: &[f32], bytes: &mut [u8]) {
     }
 }
 
-/// Decodes one OCP FP8 E4M3 (fn variant: no infinities, 0x7f/0xff = NaN).
-pub fn e4m3_to_f32(b: u8) -> f32 {
-    let sign = if b & 0x80 != 0 { -1.0f32 } else { 1.0 };
-    let exp = ((b >> 3) & 0x0f) as i32;
-    let man = (b & 0x07) as f32;
-    if exp == 0x0f && (b & 0x07) == 0x07 {
-        return f32::NAN;
-    }
-    if exp == 0 {
-        sign * man * (2.0f32).powi(-9)
-    } else {
-        sign * (1.0 + man / 8.0) * (2.0f32).powi(exp - 7)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,15 +251,5 @@ mod tests {
                 assert_eq!(load(dtype, &bytes, i), b);
             }
         }
-    }
-
-    #[test]
-    fn e4m3_decodes_known_codes() {
-        assert_eq!(e4m3_to_f32(0x00), 0.0);
-        assert_eq!(e4m3_to_f32(0x38), 1.0); // exp 7, man 0
-        assert_eq!(e4m3_to_f32(0x7e), 448.0); // largest finite
-        assert_eq!(e4m3_to_f32(0xfe), -448.0);
-        assert_eq!(e4m3_to_f32(0x01), 2f32.powi(-9)); // smallest subnormal
-        assert!(e4m3_to_f32(0x7f).is_nan());
     }
 }

@@ -1,0 +1,167 @@
+//! Per-format helpers: sizes, and quantize/dequantize between plain rows and
+//! cache blocks, so a host can prepare or inspect caches itself.
+
+use super::decode::positive;
+use super::error::mlart_error;
+use super::panic::ffi_result;
+use super::types::{mlart_dtype, mlart_kv_format};
+use super::{check_disjoint, non_negative, slice, slice_mut, Region};
+use crate::error::{checked_size, Error, Result};
+use crate::format::{load_slice, store_slice, Dtype, KvFormat, KvLayout};
+use std::ffi::c_void;
+
+fn layout(format: mlart_kv_format, d_qk: i32, block_size: i32) -> Result<KvLayout> {
+    let format = KvFormat::from_raw("format", format)?;
+    let d = positive("d_qk", d_qk)?;
+    if d > crate::decode::desc::MAX_HEAD_DIM {
+        return Err(Error::invalid(format!(
+            "d_qk = {d_qk} exceeds the supported maximum 1024"
+        )));
+    }
+    KvLayout::new(format, d, positive("block_size", block_size)?, "format")
+}
+
+/// Bytes one token occupies in `format` with rows of `d_qk` (FP8_V32: 656,
+/// FP8_MODEL1: 584, plain: d_qk x element size), written to `*out`.
+#[no_mangle]
+pub extern "C" fn mlart_kv_row_bytes(
+    format: mlart_kv_format,
+    d_qk: i32,
+    out: *mut usize,
+) -> *mut mlart_error {
+    ffi_result("mlart_kv_row_bytes", || {
+        let l = layout(format, d_qk, 1)?;
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        // SAFETY: non-NULL and writable (caller contract).
+        unsafe { out.write(l.row_bytes) };
+        Ok(())
+    })
+}
+
+/// Bytes of one cache block of `block_size` tokens (padding included; the
+/// stride between blocks), written to `*out`.
+#[no_mangle]
+pub extern "C" fn mlart_kv_block_bytes(
+    format: mlart_kv_format,
+    d_qk: i32,
+    block_size: i32,
+    out: *mut usize,
+) -> *mut mlart_error {
+    ffi_result("mlart_kv_block_bytes", || {
+        let l = layout(format, d_qk, block_size)?;
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        // SAFETY: non-NULL and writable (caller contract).
+        unsafe { out.write(l.block_bytes) };
+        Ok(())
+    })
+}
+
+/// Writes `n_tokens` rows `src [n_tokens, d_qk]` of `src_dtype` (F32, BF16,
+/// F16) into `dst`, which holds `ceil(n_tokens / block_size)` blocks of
+/// `format`: token t goes to block t / block_size, slot t % block_size. FP8
+/// formats are quantized exactly as FlashMLA does (per-tile power-of-two
+/// scales, e4m3 round-to-nearest-even, saturating); MODEL1 block padding is
+/// zeroed. Slots past `n_tokens` in the last block are left as they were.
+#[no_mangle]
+pub extern "C" fn mlart_kv_quantize(
+    format: mlart_kv_format,
+    d_qk: i32,
+    block_size: i32,
+    n_tokens: i32,
+    src_dtype: mlart_dtype,
+    src: *const c_void,
+    dst: *mut c_void,
+) -> *mut mlart_error {
+    ffi_result("mlart_kv_quantize", || {
+        let l = layout(format, d_qk, block_size)?;
+        let n = non_negative("n_tokens", n_tokens as i64)?;
+        let dtype = Dtype::from_raw("src_dtype", src_dtype)?.check_activation("src_dtype")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(l.block_size);
+        // SAFETY: src holds n_tokens * d_qk elements (caller contract).
+        let src = unsafe {
+            slice(
+                src as *const u8,
+                checked_size("src", &[n, l.d_qk, dtype.size()])?,
+                "src",
+            )
+        }?;
+        let dst_bytes = l.cache_bytes(blocks)?;
+        check_disjoint(
+            &Region {
+                name: "dst",
+                start: dst as usize,
+                len: dst_bytes,
+            },
+            &[Region::of("src", src)],
+        )?;
+        // SAFETY: dst holds `blocks` blocks (caller contract), disjoint from src.
+        let dst = unsafe { slice_mut(dst as *mut u8, dst_bytes, "dst") }?;
+        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        let row_in = l.d_qk * dtype.size();
+        for t in 0..n {
+            load_slice(
+                dtype,
+                &src[t * row_in..(t + 1) * row_in],
+                &mut row[..l.d_qk],
+            );
+            l.store_row(dst, t / l.block_size, t % l.block_size, &row[..l.d_qk]);
+        }
+        l.clear_padding(dst, blocks);
+        Ok(())
+    })
+}
+
+/// The inverse of `mlart_kv_quantize`: reads `n_tokens` tokens from the
+/// `ceil(n_tokens / block_size)` blocks of `src` and writes them as rows
+/// `dst [n_tokens, d_qk]` of `dst_dtype` (F32 is exact for every format).
+#[no_mangle]
+pub extern "C" fn mlart_kv_dequantize(
+    format: mlart_kv_format,
+    d_qk: i32,
+    block_size: i32,
+    n_tokens: i32,
+    src: *const c_void,
+    dst_dtype: mlart_dtype,
+    dst: *mut c_void,
+) -> *mut mlart_error {
+    ffi_result("mlart_kv_dequantize", || {
+        let l = layout(format, d_qk, block_size)?;
+        let n = non_negative("n_tokens", n_tokens as i64)?;
+        let dtype = Dtype::from_raw("dst_dtype", dst_dtype)?.check_activation("dst_dtype")?;
+        if n == 0 {
+            return Ok(());
+        }
+        let blocks = n.div_ceil(l.block_size);
+        // SAFETY: src holds `blocks` blocks (caller contract).
+        let src = unsafe { slice(src as *const u8, l.cache_bytes(blocks)?, "src") }?;
+        let dst_bytes = checked_size("dst", &[n, l.d_qk, dtype.size()])?;
+        check_disjoint(
+            &Region {
+                name: "dst",
+                start: dst as usize,
+                len: dst_bytes,
+            },
+            &[Region::of("src", src)],
+        )?;
+        // SAFETY: dst holds n_tokens * d_qk elements (caller contract), disjoint from src.
+        let dst = unsafe { slice_mut(dst as *mut u8, dst_bytes, "dst") }?;
+        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        let row_out = l.d_qk * dtype.size();
+        for t in 0..n {
+            l.load_row(src, t / l.block_size, t % l.block_size, &mut row[..l.d_qk]);
+            store_slice(
+                dtype,
+                &row[..l.d_qk],
+                &mut dst[t * row_out..(t + 1) * row_out],
+            );
+        }
+        Ok(())
+    })
+}

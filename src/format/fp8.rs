@@ -1,0 +1,201 @@
+//! FP8 E4M3 encoding and the power-of-two ("ue8m0") tile scales of
+//! DeepSeek's FP8 KV caches.
+//!
+//! Quantization of a tile, as in FlashMLA's `tests/quant.py`:
+//! `scale = 2^ceil(log2(max(amax / 448, 1e-4)))`, `q = e4m3(x / scale)`
+//! rounded to nearest even and saturated at ±448; dequantization is
+//! `e4m3_value(q) * scale`.
+
+/// Largest finite E4M3 magnitude.
+pub const E4M3_MAX: f32 = 448.0;
+/// Floor of a tile's scale before rounding it up to a power of two.
+pub const SCALE_FLOOR: f32 = 1e-4;
+
+const fn e4m3_value(b: u8) -> f32 {
+    let exp = ((b >> 3) & 0x0f) as i32;
+    let man = (b & 0x07) as u32;
+    if exp == 0x0f && man == 0x07 {
+        return f32::NAN;
+    }
+    // value = man * 2^-9 (subnormal) or (8 + man) * 2^(exp - 10).
+    let mag = if exp == 0 {
+        man as f32 / 512.0
+    } else {
+        let m = (8 + man) as f32;
+        let e = exp - 10;
+        if e >= 0 {
+            m * (1u32 << e) as f32
+        } else {
+            m / (1u32 << (-e)) as f32
+        }
+    };
+    if b & 0x80 != 0 {
+        -mag
+    } else {
+        mag
+    }
+}
+
+const fn build_table() -> [f32; 256] {
+    let mut t = [0f32; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = e4m3_value(i as u8);
+        i += 1;
+    }
+    t
+}
+
+/// Every E4M3 code decoded: dequantization is one table lookup.
+pub static E4M3_TABLE: [f32; 256] = build_table();
+
+/// Decodes one OCP FP8 E4M3 ("fn": no infinities; 0x7f/0xff are NaN).
+#[inline(always)]
+pub fn e4m3_to_f32(b: u8) -> f32 {
+    E4M3_TABLE[b as usize]
+}
+
+/// Encodes `x` as E4M3, rounding to nearest even and saturating at ±448.
+/// NaN encodes as 0x7f; the sign of zero is kept.
+pub fn f32_to_e4m3(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs();
+    if a >= E4M3_MAX {
+        return sign | 0x7e;
+    }
+    // Exponent of the binade holding `a`, clamped to the subnormal range.
+    let e = if a == 0.0 {
+        -6
+    } else {
+        ((a.to_bits() >> 23) as i32 - 127).max(-6)
+    };
+    // Quantum of that binade: 3 mantissa bits. Scaling by a power of two is
+    // exact, so the only rounding is round_ties_even.
+    let quantum = f32::from_bits(((e - 3 + 127) as u32) << 23);
+    let mut m = (a / quantum).round_ties_even() as u32;
+    let mut e = e;
+    if m == 16 {
+        // Rounded up into the next binade.
+        m = 8;
+        e += 1;
+    }
+    if m < 8 {
+        // Subnormal (only possible when e == -6): exponent field 0.
+        return sign | m as u8;
+    }
+    let code = (((e + 7) as u32) << 3) | (m - 8);
+    if code > 0x7e {
+        sign | 0x7e
+    } else {
+        sign | code as u8
+    }
+}
+
+/// The power-of-two scale of a tile whose largest magnitude is `amax`.
+pub fn tile_scale(amax: f32) -> f32 {
+    let v = (amax / E4M3_MAX).max(SCALE_FLOOR);
+    if v.is_nan() {
+        return 1.0;
+    }
+    // Smallest power of two >= v, from the bits (exact, unlike log2).
+    let bits = v.to_bits();
+    let exp = (bits >> 23) as i32 - 127;
+    let exp = if bits & 0x007f_ffff == 0 {
+        exp
+    } else {
+        exp + 1
+    };
+    pow2(exp)
+}
+
+/// `2^e` for the exponents a tile scale can have.
+pub fn pow2(e: i32) -> f32 {
+    f32::from_bits(((e.clamp(-126, 127) + 127) as u32) << 23)
+}
+
+/// `log2` of a power-of-two scale, as stored in a ue8m0 byte (`e + 127`).
+pub fn ue8m0_encode(scale: f32) -> u8 {
+    ((scale.to_bits() >> 23) & 0xff) as u8
+}
+
+/// The scale a ue8m0 byte stands for (0xff is NaN).
+#[inline(always)]
+pub fn ue8m0_decode(b: u8) -> f32 {
+    if b == 0xff {
+        f32::NAN
+    } else if b == 0 {
+        // 2^-127 is subnormal in f32.
+        f32::from_bits(1 << 22)
+    } else {
+        f32::from_bits((b as u32) << 23)
+    }
+}
+
+/// Quantizes one tile: writes the codes to `dst` and returns the scale.
+pub fn quantize_tile(src: &[f32], dst: &mut [u8]) -> f32 {
+    let amax = src.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let scale = tile_scale(amax);
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = f32_to_e4m3(x / scale);
+    }
+    scale
+}
+
+/// Dequantizes one tile into `dst`.
+#[inline]
+pub fn dequantize_tile(src: &[u8], scale: f32, dst: &mut [f32]) {
+    for (d, &b) in dst.iter_mut().zip(src) {
+        *d = E4M3_TABLE[b as usize] * scale;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_finite_code_round_trips() {
+        for b in 0..=255u8 {
+            let v = e4m3_to_f32(b);
+            if v.is_nan() {
+                assert!(b & 0x7f == 0x7f);
+                continue;
+            }
+            assert_eq!(f32_to_e4m3(v), b, "code {b:#04x} = {v}");
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_and_saturating() {
+        // Between 1.0 (0x38) and 1.125 (0x39): the tie goes to the even code.
+        assert_eq!(f32_to_e4m3(1.0625), 0x38);
+        assert_eq!(f32_to_e4m3(1.1875), 0x3a);
+        assert_eq!(f32_to_e4m3(1.05), 0x38);
+        assert_eq!(f32_to_e4m3(1.1), 0x39);
+        // Saturation.
+        assert_eq!(f32_to_e4m3(1e9), 0x7e);
+        assert_eq!(f32_to_e4m3(-460.0), 0xfe);
+        assert_eq!(f32_to_e4m3(f32::INFINITY), 0x7e);
+        // 440 is halfway between 416 and 448: even mantissa wins (448 = 0x7e, m=6).
+        assert_eq!(f32_to_e4m3(432.0), 0x7e);
+        // Subnormals: step 2^-9; half of the smallest rounds to zero (even).
+        assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0x00);
+        assert_eq!(f32_to_e4m3(3.0 * 2f32.powi(-10)), 0x02);
+        assert_eq!(f32_to_e4m3(-0.0), 0x80);
+        // 15.5/8 * 2^-6 rounds up across the binade edge to 2^-5.
+        assert_eq!(f32_to_e4m3(2f32.powi(-6) * 1.97), 0x10);
+    }
+
+    #[test]
+    fn tile_scale_is_the_next_power_of_two() {
+        assert_eq!(tile_scale(448.0), 1.0);
+        assert_eq!(tile_scale(449.0), 2.0);
+        assert_eq!(tile_scale(0.0), pow2(-13)); // 1e-4 -> 2^-13 = 1.22e-4
+        assert_eq!(tile_scale(224.0), 0.5);
+        assert_eq!(ue8m0_encode(1.0), 127);
+        assert_eq!(ue8m0_decode(ue8m0_encode(pow2(-13))), pow2(-13));
+    }
+}
