@@ -3,6 +3,7 @@
 
 pub mod isa;
 pub mod kernel;
+mod simd;
 
 pub use isa::{CpuFeatures, CpuIsa};
 
@@ -18,11 +19,13 @@ use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Kernel variants compiled into this build.
-pub const BUILT_KERNELS: &[CpuIsa] = &[CpuIsa::Scalar];
+pub const BUILT_KERNELS: &[CpuIsa] = &[CpuIsa::Scalar, CpuIsa::Avx2, CpuIsa::Avx512];
 
 fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
     match isa {
-        CpuIsa::Scalar | CpuIsa::Avx2 | CpuIsa::Avx512 | CpuIsa::Amx => Box::new(ScalarKernel),
+        CpuIsa::Avx2 => Box::new(simd::Avx2Kernel),
+        CpuIsa::Avx512 => Box::new(simd::Avx512Kernel),
+        CpuIsa::Scalar | CpuIsa::Amx => Box::new(ScalarKernel),
     }
 }
 

@@ -1,0 +1,415 @@
+//! Every CPU kernel variant, forced with `MLART_CPU_ISA`, against an
+//! independent float64 reference on fresh random inputs: dense (varlen,
+//! causal MTP, NaN-poisoned unused slots) and sparse (invalid indices, extra
+//! cache, sink), every cache format, odd head counts and dims that are not
+//! multiples of the vector width. A variant this CPU lacks must be refused
+//! with UNSUPPORTED rather than silently replaced.
+
+use mlart::ffi::decode::*;
+use mlart::ffi::engine::*;
+use mlart::ffi::error::*;
+use mlart::ffi::format::*;
+use mlart::ffi::types::*;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::ffi::CStr;
+use std::ptr;
+
+fn err_text(e: *mut mlart_error) -> String {
+    // SAFETY: e is a live error from the library.
+    let m = unsafe { CStr::from_ptr(mlart_error_message(e)) }
+        .to_string_lossy()
+        .into_owned();
+    let code = mlart_error_code(e);
+    mlart_error_free(e);
+    format!("status {code}: {m}")
+}
+
+fn check(e: *mut mlart_error, what: &str) {
+    assert!(e.is_null(), "{what}: {}", err_text(e));
+}
+
+struct Engine(*mut mlart_engine);
+impl Drop for Engine {
+    fn drop(&mut self) {
+        mlart_engine_free(self.0);
+    }
+}
+
+/// Creates a 2-thread engine with `MLART_CPU_ISA=isa` (this test binary is
+/// the only user of the variable, and its one test runs the variants in turn).
+fn engine_for(isa: &str) -> Result<Engine, (u32, String)> {
+    std::env::set_var("MLART_CPU_ISA", isa);
+    let mut opts = unsafe { std::mem::zeroed::<mlart_engine_options>() };
+    mlart_engine_options_init(&mut opts);
+    opts.num_threads = 2;
+    let mut e = ptr::null_mut();
+    let r = mlart_engine_create(&opts, &mut e);
+    std::env::remove_var("MLART_CPU_ISA");
+    if r.is_null() {
+        Ok(Engine(e))
+    } else {
+        let code = mlart_error_code(r);
+        Err((code, err_text(r)))
+    }
+}
+
+fn normal(rng: &mut SmallRng) -> f64 {
+    let u1: f64 = rng.random::<f64>().max(1e-12);
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// One random problem: logical keys per sequence, a paged cache built with
+/// mlart_kv_quantize (any format), and the exact dequantized key values.
+struct Case {
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    d_qk: usize,
+    d_v: usize,
+    format: u32,
+    block_size: usize,
+    causal: bool,
+    sparse: bool,
+    q: Vec<f32>,
+    lens: Vec<usize>,
+    /// Per sequence, per token: the values the kernel reads (dequantized).
+    keys: Vec<Vec<Vec<f64>>>,
+    kv: Vec<u8>,
+    num_blocks: usize,
+    table: Vec<i32>,
+    stride: usize,
+    /// Sparse: logical (seq, token) per index, -1 = none; also as cache positions.
+    logical: Vec<i64>,
+    indices: Vec<i32>,
+    topk: usize,
+    sink: Option<Vec<f32>>,
+}
+
+fn make_case(rng: &mut SmallRng, format: u32, sparse: bool) -> Case {
+    let (d_qk, d_v) = match format {
+        MLART_KV_FORMAT_FP8_V32 => (576, 512),
+        MLART_KV_FORMAT_FP8_MODEL1 => (512, 512),
+        _ => *[(576, 512), (64, 40), (40, 3), (512, 512), (33, 17)]
+            .get(rng.random_range(0..5))
+            .unwrap(),
+    };
+    let batch = rng.random_range(1..4);
+    let s_q = rng.random_range(1..4);
+    let h_q = *[1usize, 7, 16, 128].get(rng.random_range(0..4)).unwrap();
+    let block_size = *[1usize, 16, 64, 100].get(rng.random_range(0..4)).unwrap();
+    let causal = !sparse && rng.random_bool(0.5);
+    let lens: Vec<usize> = (0..batch)
+        .map(|_| match rng.random_range(0..4) {
+            0 => 0,
+            1 => rng.random_range(1..5),
+            _ => rng.random_range(1..300),
+        })
+        .collect();
+    let stride = lens
+        .iter()
+        .map(|l| l.div_ceil(block_size))
+        .max()
+        .unwrap_or(0)
+        .max(1)
+        + 1;
+    let used: usize = lens.iter().map(|l| l.div_ceil(block_size)).sum();
+    let num_blocks = used + 2; // two blocks nobody references
+    let mut perm: Vec<usize> = (0..num_blocks).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, rng.random_range(0..=i));
+    }
+    // Original rows, quantized into their blocks; unused slots stay NaN rows.
+    let mut rows = vec![f32::NAN; num_blocks * block_size * d_qk];
+    let mut table = vec![i32::MAX; batch * stride];
+    let mut next = 0;
+    for (b, &len) in lens.iter().enumerate() {
+        for j in 0..len.div_ceil(block_size) {
+            table[b * stride + j] = perm[next] as i32;
+            next += 1;
+        }
+        for t in 0..len {
+            let slot = table[b * stride + t / block_size] as usize * block_size + t % block_size;
+            for x in &mut rows[slot * d_qk..(slot + 1) * d_qk] {
+                *x = ((normal(rng) / 10.0).clamp(-1.0, 1.0)) as f32;
+            }
+        }
+    }
+    let mut block_bytes = 0usize;
+    check(
+        mlart_kv_block_bytes(format, d_qk as i32, block_size as i32, &mut block_bytes),
+        "block bytes",
+    );
+    let mut kv = vec![0u8; num_blocks * block_bytes];
+    let n_tok = (num_blocks * block_size) as i32;
+    check(
+        mlart_kv_quantize(
+            format,
+            d_qk as i32,
+            block_size as i32,
+            n_tok,
+            MLART_DTYPE_F32,
+            rows.as_ptr().cast(),
+            kv.as_mut_ptr().cast(),
+        ),
+        "quantize",
+    );
+    let mut deq = vec![0f32; rows.len()];
+    check(
+        mlart_kv_dequantize(
+            format,
+            d_qk as i32,
+            block_size as i32,
+            n_tok,
+            kv.as_ptr().cast(),
+            MLART_DTYPE_F32,
+            deq.as_mut_ptr().cast(),
+        ),
+        "dequantize",
+    );
+    let keys = lens
+        .iter()
+        .enumerate()
+        .map(|(b, &len)| {
+            (0..len)
+                .map(|t| {
+                    let slot =
+                        table[b * stride + t / block_size] as usize * block_size + t % block_size;
+                    deq[slot * d_qk..(slot + 1) * d_qk]
+                        .iter()
+                        .map(|&x| x as f64)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let q: Vec<f32> = (0..batch * s_q * h_q * d_qk)
+        .map(|_| ((normal(rng) / 10.0).clamp(-1.0, 1.0)) as f32)
+        .collect();
+    let (mut logical, mut indices, mut topk) = (Vec::new(), Vec::new(), 0);
+    if sparse {
+        topk = *[1usize, 5, 64, 130].get(rng.random_range(0..4)).unwrap();
+        for b in 0..batch {
+            for _ in 0..s_q * topk {
+                if lens[b] == 0 || rng.random_bool(0.2) {
+                    logical.push(-1);
+                    indices.push(-1);
+                } else {
+                    let t = rng.random_range(0..lens[b]);
+                    logical.push(t as i64);
+                    indices.push(
+                        table[b * stride + t / block_size] * block_size as i32
+                            + (t % block_size) as i32,
+                    );
+                }
+            }
+        }
+    }
+    let sink = (sparse && rng.random_bool(0.5)).then(|| {
+        (0..h_q)
+            .map(|h| match h % 3 {
+                0 => f32::NEG_INFINITY,
+                1 => normal(rng) as f32,
+                _ => f32::INFINITY,
+            })
+            .collect()
+    });
+    Case {
+        batch,
+        s_q,
+        h_q,
+        d_qk,
+        d_v,
+        format,
+        block_size,
+        causal,
+        sparse,
+        q,
+        lens,
+        keys,
+        kv,
+        num_blocks,
+        table,
+        stride,
+        logical,
+        indices,
+        topk,
+        sink,
+    }
+}
+
+/// float64 attention: returns out [b, s_q, h_q, d_v] and lse [b, h_q, s_q].
+fn reference(c: &Case) -> (Vec<f64>, Vec<f64>) {
+    let scale = 1.0 / (c.d_qk as f64).sqrt();
+    let mut out = vec![0.0; c.batch * c.s_q * c.h_q * c.d_v];
+    let mut lse = vec![0.0; c.batch * c.h_q * c.s_q];
+    for b in 0..c.batch {
+        for i in 0..c.s_q {
+            let seen: Vec<&Vec<f64>> = if c.sparse {
+                c.logical[(b * c.s_q + i) * c.topk..][..c.topk]
+                    .iter()
+                    .filter(|&&t| t >= 0)
+                    .map(|&t| &c.keys[b][t as usize])
+                    .collect()
+            } else {
+                let vis = if c.causal {
+                    (c.lens[b] + i + 1).saturating_sub(c.s_q)
+                } else {
+                    c.lens[b]
+                };
+                c.keys[b][..vis].iter().collect()
+            };
+            for h in 0..c.h_q {
+                let qo = ((b * c.s_q + i) * c.h_q + h) * c.d_qk;
+                let q = &c.q[qo..qo + c.d_qk];
+                let s: Vec<f64> = seen
+                    .iter()
+                    .map(|k| scale * k.iter().zip(q).map(|(a, &b)| a * b as f64).sum::<f64>())
+                    .collect();
+                let oo = ((b * c.s_q + i) * c.h_q + h) * c.d_v;
+                let lo = (b * c.h_q + h) * c.s_q + i;
+                if s.is_empty() {
+                    lse[lo] = f64::INFINITY;
+                    continue;
+                }
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
+                lse[lo] = m + z.ln();
+                let mut w = 1.0 / z;
+                if let Some(sink) = &c.sink {
+                    w /= 1.0 + (sink[h] as f64 - lse[lo]).exp();
+                }
+                for (k, sv) in seen.iter().zip(&s) {
+                    let p = (sv - m).exp() * w;
+                    for x in 0..c.d_v {
+                        out[oo + x] += p * k[x];
+                    }
+                }
+            }
+        }
+    }
+    (out, lse)
+}
+
+fn run(engine: &Engine, c: &Case) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![f32::NAN; c.batch * c.s_q * c.h_q * c.d_v];
+    let mut lse = vec![f32::NAN; c.batch * c.h_q * c.s_q];
+    let mut a = unsafe { std::mem::zeroed::<mlart_decode_args>() };
+    mlart_decode_args_init(&mut a);
+    a.batch = c.batch as i32;
+    a.s_q = c.s_q as i32;
+    a.h_q = c.h_q as i32;
+    a.d_qk = c.d_qk as i32;
+    a.d_v = c.d_v as i32;
+    a.causal = c.causal;
+    a.q_dtype = MLART_DTYPE_F32;
+    a.q = c.q.as_ptr().cast();
+    a.kv_format = c.format;
+    a.kv = c.kv.as_ptr().cast();
+    a.num_blocks = c.num_blocks as i32;
+    a.block_size = c.block_size as i32;
+    let lens: Vec<i32> = c.lens.iter().map(|&l| l as i32).collect();
+    if c.sparse {
+        a.indices = c.indices.as_ptr();
+        a.topk = c.topk as i32;
+    } else {
+        a.block_table = c.table.as_ptr();
+        a.block_table_stride = c.stride as i32;
+        a.seqlens = lens.as_ptr();
+    }
+    if let Some(s) = &c.sink {
+        a.attn_sink = s.as_ptr();
+    }
+    a.out_dtype = MLART_DTYPE_F32;
+    a.out = out.as_mut_ptr().cast();
+    a.lse = lse.as_mut_ptr();
+    check(mlart_decode_paged(engine.0, &a), "decode");
+    (out, lse)
+}
+
+fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(&g, &w)| (g as f64 - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| w * w).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+#[test]
+fn every_cpu_variant_matches_the_f64_reference() {
+    let formats = [
+        MLART_KV_FORMAT_F32,
+        MLART_KV_FORMAT_BF16,
+        MLART_KV_FORMAT_F16,
+        MLART_KV_FORMAT_FP8_V32,
+        MLART_KV_FORMAT_FP8_MODEL1,
+    ];
+    let mut tested = Vec::new();
+    for isa in ["scalar", "avx2", "avx512", "amx"] {
+        let engine = match engine_for(isa) {
+            Ok(e) => e,
+            Err((code, msg)) => {
+                // Refused, never silently replaced: the CPU or build lacks it.
+                assert_eq!(code, MLART_STATUS_UNSUPPORTED, "{isa}: {msg}");
+                assert!(msg.contains(isa), "{isa}: {msg}");
+                println!("{isa}: not available here ({msg})");
+                continue;
+            }
+        };
+        let mut props = unsafe { std::mem::zeroed::<mlart_engine_props>() };
+        mlart_engine_props_init(&mut props);
+        check(mlart_engine_info(engine.0, &mut props), "info");
+        let want_isa = match isa {
+            "scalar" => MLART_CPU_ISA_SCALAR,
+            "avx2" => MLART_CPU_ISA_AVX2,
+            "avx512" => MLART_CPU_ISA_AVX512,
+            _ => MLART_CPU_ISA_AMX,
+        };
+        assert_eq!(props.cpu_isa, want_isa, "{isa}");
+        let seed = 0x15A0_0000 + tested.len() as u64;
+        let mut rng = SmallRng::seed_from_u64(seed);
+        let mut worst = 0f64;
+        for case_no in 0..30 {
+            let format = formats[case_no % formats.len()];
+            let sparse = case_no % 3 == 2;
+            let c = make_case(&mut rng, format, sparse);
+            let (out, lse) = run(&engine, &c);
+            let (rout, rlse) = reference(&c);
+            let what = format!(
+                "{isa} seed {seed:#x} case {case_no}: format {} sparse {} b {} s_q {} h_q {} d {}/{} bs {} causal {} lens {:?} topk {}",
+                c.format, c.sparse, c.batch, c.s_q, c.h_q, c.d_qk, c.d_v, c.block_size, c.causal, c.lens, c.topk
+            );
+            assert!(
+                out.iter().all(|x| x.is_finite()),
+                "{what}: non-finite output"
+            );
+            let err = rel_l2(&out, &rout);
+            // f32 arithmetic on the exact (dequantized) key values.
+            if rout.iter().any(|&x| x != 0.0) {
+                assert!(err <= 1e-5, "{what}: rel-L2 {err:e}");
+                worst = worst.max(err);
+            } else {
+                assert!(
+                    out.iter().all(|&x| x == 0.0),
+                    "{what}: expected all-zero output"
+                );
+            }
+            for (k, (&g, &w)) in lse.iter().zip(&rlse).enumerate() {
+                if w.is_infinite() {
+                    assert_eq!(g, f32::INFINITY, "{what}: lse[{k}]");
+                } else {
+                    assert!((g as f64 - w).abs() <= 1e-4, "{what}: lse[{k}] {g} vs {w}");
+                }
+            }
+        }
+        println!("{isa}: 30 cases, worst rel-L2 {worst:.2e}");
+        tested.push(isa);
+    }
+    assert!(
+        tested.contains(&"scalar"),
+        "the scalar reference kernel must always be available"
+    );
+}
