@@ -10,6 +10,16 @@ use crate::error::{checked_size, Error, Result};
 use crate::format::{load_slice, store_slice, Dtype, KvFormat, KvLayout};
 use std::ffi::c_void;
 
+/// Writes a size to a caller's out-pointer.
+fn emit(out: *mut usize, value: usize) -> Result<()> {
+    if out.is_null() {
+        return Err(Error::null("out"));
+    }
+    // SAFETY: non-NULL and writable (caller contract).
+    unsafe { out.write(value) };
+    Ok(())
+}
+
 fn layout(format: mlart_kv_format, d_qk: i32, block_size: i32) -> Result<KvLayout> {
     let format = KvFormat::from_raw("format", format)?;
     let d = positive("d_qk", d_qk)?;
@@ -30,13 +40,7 @@ pub extern "C" fn mlart_kv_row_bytes(
     out: *mut usize,
 ) -> *mut mlart_error {
     ffi_result("mlart_kv_row_bytes", || {
-        let l = layout(format, d_qk, 1)?;
-        if out.is_null() {
-            return Err(Error::null("out"));
-        }
-        // SAFETY: non-NULL and writable (caller contract).
-        unsafe { out.write(l.row_bytes) };
-        Ok(())
+        emit(out, layout(format, d_qk, 1)?.row_bytes)
     })
 }
 
@@ -50,13 +54,7 @@ pub extern "C" fn mlart_kv_block_bytes(
     out: *mut usize,
 ) -> *mut mlart_error {
     ffi_result("mlart_kv_block_bytes", || {
-        let l = layout(format, d_qk, block_size)?;
-        if out.is_null() {
-            return Err(Error::null("out"));
-        }
-        // SAFETY: non-NULL and writable (caller contract).
-        unsafe { out.write(l.block_bytes) };
-        Ok(())
+        emit(out, layout(format, d_qk, block_size)?.block_bytes)
     })
 }
 

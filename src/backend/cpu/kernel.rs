@@ -96,6 +96,22 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// Normalizes each row's accumulated output by its softmax sum and writes
+/// its natural log-sum-exp; a row that saw no key gets `o = 0`, `lse = -inf`.
+pub fn finalize(o: &mut [f32], lse: &mut [f32], row_max: &[f32], row_sum: &[f32], d_v: usize) {
+    for (r, (&m, &sum)) in row_max.iter().zip(row_sum).enumerate() {
+        let orow = &mut o[r * d_v..(r + 1) * d_v];
+        if sum > 0.0 {
+            let inv = 1.0 / sum;
+            orow.iter_mut().for_each(|x| *x *= inv);
+            lse[r] = m + sum.ln();
+        } else {
+            orow.fill(0.0);
+            lse[r] = f32::NEG_INFINITY;
+        }
+    }
+}
+
 /// An attention kernel for one CPU ISA.
 pub trait AttentionKernel: Send + Sync {
     fn isa(&self) -> CpuIsa;
@@ -191,16 +207,6 @@ impl AttentionKernel for ScalarKernel {
             t0 += n;
         }
 
-        for r in 0..rows {
-            let orow = &mut o[r * d_v..(r + 1) * d_v];
-            if row_sum[r] > 0.0 {
-                let inv = 1.0 / row_sum[r];
-                orow.iter_mut().for_each(|x| *x *= inv);
-                lse[r] = row_max[r] + row_sum[r].ln();
-            } else {
-                orow.fill(0.0);
-                lse[r] = f32::NEG_INFINITY;
-            }
-        }
+        finalize(o, lse, row_max, row_sum, d_v);
     }
 }

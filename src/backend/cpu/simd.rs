@@ -13,7 +13,7 @@
 //! `#[target_feature]` entry points, so each ISA gets its own instructions.
 
 use super::isa::CpuIsa;
-use super::kernel::{AttentionKernel, AttnTask, Scratch, K_TILE};
+use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
 
 /// Query rows per register block.
 const R: usize = 6;
@@ -284,17 +284,7 @@ unsafe fn attend_with<V: Vector>(
         }
         t0 += n;
     }
-    for r in 0..rows {
-        let orow = &mut o[r * dv..(r + 1) * dv];
-        if row_sum[r] > 0.0 {
-            let inv = 1.0 / row_sum[r];
-            orow.iter_mut().for_each(|x| *x *= inv);
-            lse[r] = row_max[r] + row_sum[r].ln();
-        } else {
-            orow.fill(0.0);
-            lse[r] = f32::NEG_INFINITY;
-        }
-    }
+    finalize(o, lse, row_max, row_sum, dv);
 }
 
 /// AVX2 + FMA, 8 lanes.
