@@ -2,9 +2,12 @@
 //! exercised through its C ABI, against a float64 reference written here.
 //!
 //! The reference model keeps, for every sequence and layer, the rows that
-//! were appended (rounded exactly as the pool stores them: to the input
-//! dtype, then to the pool's row format) and recomputes attention with plain
-//! f64 loops. Nothing of the library is reused for the expected values.
+//! were appended twice: as the caller gave them (rounded to the input dtype)
+//! and as the pool stores them (then rounded to the pool's row format; for
+//! the FP8 formats quantized by this file's own e4m3 quantizer), and
+//! recomputes attention with plain f64 loops, dense or sparse (logical
+//! positions, `topk_length`, attention sink). Nothing of the library is
+//! reused for the expected values.
 
 use half::{bf16, f16};
 use mlart::ffi::engine::*;
@@ -119,6 +122,93 @@ const FORMATS: [mlart_kv_format; 3] = [
     MLART_KV_FORMAT_BF16,
     MLART_KV_FORMAT_F16,
 ];
+const FP8_FORMATS: [mlart_kv_format; 2] = [MLART_KV_FORMAT_FP8_V32, MLART_KV_FORMAT_FP8_MODEL1];
+const ALL_FORMATS: [mlart_kv_format; 5] = [
+    MLART_KV_FORMAT_F32,
+    MLART_KV_FORMAT_BF16,
+    MLART_KV_FORMAT_F16,
+    MLART_KV_FORMAT_FP8_V32,
+    MLART_KV_FORMAT_FP8_MODEL1,
+];
+
+fn is_fp8(fmt: mlart_kv_format) -> bool {
+    FP8_FORMATS.contains(&fmt)
+}
+
+/// The row width a test uses for `fmt`: fixed by the FP8 formats, else `d`.
+fn d_qk_for(fmt: mlart_kv_format, d: usize) -> usize {
+    match fmt {
+        MLART_KV_FORMAT_FP8_V32 => 576,
+        MLART_KV_FORMAT_FP8_MODEL1 => 512,
+        _ => d,
+    }
+}
+
+/// The largest d_v a test uses with rows of `d_qk`.
+fn d_v_for(d_qk: usize) -> usize {
+    d_qk.min(512)
+}
+
+// ---------------------------------------------------------------- fp8
+
+/// FP8 layouts as documented in mlart.h: (quantized elements, tile width).
+/// The rest of the row (the 64-element rope) is stored as bf16.
+fn fp8_tiles(fmt: mlart_kv_format) -> (usize, usize) {
+    match fmt {
+        MLART_KV_FORMAT_FP8_V32 => (512, 128),
+        MLART_KV_FORMAT_FP8_MODEL1 => (448, 64),
+        _ => unreachable!(),
+    }
+}
+
+/// OCP E4M3 ("fn") of `x`, rounded to nearest even, saturating at +-448.
+fn e4m3_round(x: f64) -> f64 {
+    if x.is_nan() {
+        return f64::NAN;
+    }
+    let a = x.abs();
+    let r = if a >= 448.0 {
+        448.0
+    } else if a == 0.0 {
+        0.0
+    } else {
+        // 3 mantissa bits; below 2^-6 the spacing stays 2^-9 (subnormals).
+        let e = a.log2().floor().max(-6.0);
+        let quantum = (e - 3.0).exp2();
+        ((a / quantum).round_ties_even() * quantum).min(448.0)
+    };
+    r.copysign(x)
+}
+
+/// The value one FP8 row element `src` is stored as: per tile, scale =
+/// 2^ceil(log2(max(amax / 448, 1e-4))) and value = e4m3(x / scale) * scale;
+/// the rope tail is bf16.
+fn fp8_stored_row(fmt: mlart_kv_format, src: &[f32]) -> Vec<f32> {
+    let (nope, tile) = fp8_tiles(fmt);
+    let mut out = Vec::with_capacity(src.len());
+    for t in src[..nope].chunks_exact(tile) {
+        // As FlashMLA does in float32; NaN does not count towards amax.
+        let amax = t.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let v = (amax / 448.0).max(1e-4f32) as f64;
+        let scale = v.log2().ceil().exp2();
+        out.extend(
+            t.iter()
+                .map(|&x| (e4m3_round((x as f64 / scale) as f32 as f64) * scale) as f32),
+        );
+    }
+    out.extend(src[nope..].iter().map(|&x| bf16::from_f32(x).to_f32()));
+    out
+}
+
+/// Bytes of one block of `fmt` (the layouts of mlart.h, computed here).
+fn block_bytes(fmt: mlart_kv_format, d_qk: usize, bs: usize) -> usize {
+    match fmt {
+        MLART_KV_FORMAT_FP8_V32 => 656 * bs,
+        // Rows of 448 + 2 * 64 bytes, then 8 scale bytes per token, padded to 576.
+        MLART_KV_FORMAT_FP8_MODEL1 => ((448 + 128 + 8) * bs).div_ceil(576) * 576,
+        _ => d_qk * dtype_size(format_dtype(fmt)) * bs,
+    }
+}
 
 // ---------------------------------------------------------------- handles
 
@@ -181,8 +271,19 @@ impl Geo {
         o
     }
 
-    fn pool_dtype(&self) -> mlart_dtype {
-        format_dtype(self.fmt)
+    /// The value the pool stores for one row (already rounded to the
+    /// dtype it was appended in).
+    fn stored_row(&self, row: &[f32]) -> Vec<f32> {
+        if is_fp8(self.fmt) {
+            fp8_stored_row(self.fmt, row)
+        } else {
+            let pd = format_dtype(self.fmt);
+            row.iter().map(|&v| round_to(pd, v)).collect()
+        }
+    }
+
+    fn block_bytes(&self) -> usize {
+        block_bytes(self.fmt, self.d_qk, self.bs)
     }
 }
 
@@ -201,13 +302,13 @@ impl Pool {
         drop(engine);
         let pool = Pool { ptr: p };
         let s = pool.stats();
-        let row = geo.d_qk * dtype_size(geo.pool_dtype());
+        let block = geo.block_bytes();
         assert_eq!(s.blocks_total, geo.nb as i64);
         assert_eq!(s.blocks_used, 0);
         assert_eq!(s.blocks_free, geo.nb as i64);
         assert_eq!(s.sequences, 0);
-        assert_eq!(s.bytes_per_block, (geo.bs * row * geo.layers) as i64);
-        assert_eq!(s.bytes_total, (geo.bs * row * geo.layers * geo.nb) as i64);
+        assert_eq!(s.bytes_per_block, (block * geo.layers) as i64);
+        assert_eq!(s.bytes_total, (block * geo.layers * geo.nb) as i64);
         pool
     }
 
@@ -311,6 +412,13 @@ struct Spec {
     q_dtype: mlart_dtype,
     out_dtype: mlart_dtype,
     with_lse: bool,
+    /// Sparse decode: logical positions `[batch, s_q, topk]` (-1 = none).
+    indices: Option<Vec<i32>>,
+    topk: usize,
+    /// Optional `[batch]` prefix lengths of each index list.
+    topk_length: Option<Vec<i32>>,
+    /// Optional per-head attention sink `[h_q]`.
+    sink: Option<Vec<f32>>,
 }
 
 impl Spec {
@@ -326,7 +434,22 @@ impl Spec {
             q_dtype: MLART_DTYPE_F32,
             out_dtype: MLART_DTYPE_F32,
             with_lse: true,
+            indices: None,
+            topk: 0,
+            topk_length: None,
+            sink: None,
         }
+    }
+
+    /// The entries of `indices` query `i` of sequence `b` uses (within its
+    /// `topk_length`), -1 included.
+    fn list(&self, b: usize, i: usize) -> &[i32] {
+        let ind = self.indices.as_ref().expect("sparse spec");
+        let n = self
+            .topk_length
+            .as_ref()
+            .map_or(self.topk, |l| l[b] as usize);
+        &ind[(b * self.s_q + i) * self.topk..][..n]
     }
 }
 
@@ -369,6 +492,19 @@ fn run_decode(
     } else {
         ptr::null_mut()
     };
+    if let Some(ind) = &spec.indices {
+        assert_eq!(ind.len(), batch * spec.s_q * spec.topk);
+        a.indices = ind.as_ptr();
+        a.topk = spec.topk as i32;
+    }
+    if let Some(l) = &spec.topk_length {
+        assert_eq!(l.len(), batch);
+        a.topk_length = l.as_ptr();
+    }
+    if let Some(sink) = &spec.sink {
+        assert_eq!(sink.len(), spec.h_q);
+        a.attn_sink = sink.as_ptr();
+    }
     match take_err(mlart_kv_pool_decode(pool, &a)) {
         Some(e) => Err(e),
         None => Ok(Raw {
@@ -379,6 +515,10 @@ fn run_decode(
 }
 
 /// f64 attention: returns (out [batch, s_q, h_q, d_v], lse [batch, h_q, s_q]).
+/// `keys[b]` are the rows of sequence b by logical position. Dense specs
+/// attend to all of them (or the causal prefix), sparse ones to the listed
+/// positions (-1 skipped, duplicates counted twice); a sink then scales each
+/// head's output by 1 / (1 + exp(sink[h] - lse)).
 fn reference(keys: &[&[Vec<f32>]], q: &[f32], spec: &Spec, d_qk: usize) -> (Vec<f64>, Vec<f64>) {
     let (s_q, h_q, d_v) = (spec.s_q, spec.h_q, spec.d_v);
     let scale = if spec.scale == 0.0 {
@@ -392,29 +532,45 @@ fn reference(keys: &[&[Vec<f32>]], q: &[f32], spec: &Spec, d_qk: usize) -> (Vec<
     for (b, rows) in keys.iter().enumerate() {
         let len = rows.len();
         for i in 0..s_q {
-            let visible = if spec.causal {
-                len.saturating_sub(s_q - 1 - i)
+            let seen: Vec<&[f32]> = if spec.indices.is_some() {
+                assert!(!spec.causal);
+                spec.list(b, i)
+                    .iter()
+                    .filter(|&&p| p != -1)
+                    .map(|&p| rows[usize::try_from(p).expect("valid index")].as_slice())
+                    .collect()
             } else {
-                len
+                let visible = if spec.causal {
+                    len.saturating_sub(s_q - 1 - i)
+                } else {
+                    len
+                };
+                rows[..visible].iter().map(|r| r.as_slice()).collect()
             };
             for h in 0..h_q {
-                if visible == 0 {
+                if seen.is_empty() {
                     continue;
                 }
                 let qv = &q[((b * s_q + i) * h_q + h) * d_qk..][..d_qk];
-                let scores: Vec<f64> = rows[..visible]
+                let scores: Vec<f64> = seen
                     .iter()
                     .map(|k| {
-                        let dot: f64 = qv.iter().zip(k).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let dot: f64 = qv.iter().zip(*k).map(|(&a, &b)| a as f64 * b as f64).sum();
                         scale * dot
                     })
                     .collect();
                 let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|s| (s - m).exp()).sum();
-                lse[(b * h_q + h) * s_q + i] = m + sum.ln();
+                let l = m + sum.ln();
+                lse[(b * h_q + h) * s_q + i] = l;
+                // +inf sink: factor 0; -inf: factor 1.
+                let factor = spec
+                    .sink
+                    .as_ref()
+                    .map_or(1.0, |sk| 1.0 / (1.0 + (sk[h] as f64 - l).exp()));
                 let o = &mut out[((b * s_q + i) * h_q + h) * d_v..][..d_v];
-                for (s, k) in scores.iter().zip(rows.iter()) {
-                    let p = (s - m).exp() / sum;
+                for (s, k) in scores.iter().zip(&seen) {
+                    let p = (s - m).exp() / sum * factor;
                     for (oc, &kc) in o.iter_mut().zip(&k[..d_v]) {
                         *oc += p * kc as f64;
                     }
@@ -457,6 +613,12 @@ fn assert_matches(raw: &Raw, spec: &Spec, want: &(Vec<f64>, Vec<f64>), tol: f64,
                         "{ctx}: b={b} i={i} h={h} sees no key but out != 0"
                     );
                 }
+                if spec.sink.as_ref().is_some_and(|s| s[h] == f32::INFINITY) {
+                    assert!(
+                        o.iter().all(|&v| v == 0.0),
+                        "{ctx}: b={b} i={i} h={h} has a +inf sink but out != 0"
+                    );
+                }
                 if !spec.with_lse {
                     continue;
                 }
@@ -479,28 +641,44 @@ fn assert_matches(raw: &Raw, spec: &Spec, want: &(Vec<f64>, Vec<f64>), tol: f64,
     }
 }
 
-/// What the pool should hold: per sequence, per layer, the stored rows.
+/// Rows of each layer of a sequence.
+type Layers = Vec<Vec<Vec<f32>>>;
+
+/// What the pool should hold: per sequence, per layer, the stored rows
+/// (`seqs`, exactly) and the rows the caller appended (`orig`, before the
+/// pool's rounding or quantization).
 #[derive(Clone)]
 struct Model {
     geo: Geo,
-    seqs: BTreeMap<u64, Vec<Vec<Vec<f32>>>>,
+    seqs: BTreeMap<u64, Layers>,
+    orig: BTreeMap<u64, Layers>,
 }
+
+/// Bound on the rel-L2 error of an FP8 pool's decode against the rows as
+/// appended (the exact check is the one against the stored rows). e4m3
+/// keeps 3 mantissa bits: rounding a value spread evenly over a binade
+/// [2^e, 2^(e+1)) to steps of 2^(e-3) leaves a relative RMS error of
+/// 2^-3 / sqrt(12) / sqrt(7/3) = 2.36%, and the softmax-weighted average of
+/// zero-mean rows shrinks the error and the output alike, so the decode's
+/// relative error stays near 2.4% (up to 3.1% seen here). 2e-2 would sit
+/// below that; 4e-2 still catches a wrong scale, tile or saturation.
+const FP8_TOL: f64 = 4e-2;
 
 impl Model {
     fn new(geo: Geo) -> Self {
         Model {
             geo,
             seqs: BTreeMap::new(),
+            orig: BTreeMap::new(),
         }
     }
 
     #[track_caller]
     fn create(&mut self, pool: *mut mlart_kv_pool, id: u64) {
         ok(mlart_kv_seq_create(pool, id));
-        assert!(self
-            .seqs
-            .insert(id, vec![Vec::new(); self.geo.layers])
-            .is_none());
+        let empty = vec![Vec::new(); self.geo.layers];
+        assert!(self.seqs.insert(id, empty.clone()).is_none());
+        assert!(self.orig.insert(id, empty).is_none());
     }
 
     /// Appends rows given as f32 values (first rounded to `dtype`, the
@@ -526,14 +704,11 @@ impl Model {
             dtype,
             bytes.as_ptr().cast(),
         ));
-        let pd = self.geo.pool_dtype();
-        let rows = &mut self.seqs.get_mut(&id).expect("model seq")[layer];
         for r in vals.chunks_exact(d) {
-            rows.push(
-                r.iter()
-                    .map(|&v| round_to(pd, round_to(dtype, v)))
-                    .collect(),
-            );
+            let given: Vec<f32> = r.iter().map(|&v| round_to(dtype, v)).collect();
+            let stored = self.geo.stored_row(&given);
+            self.seqs.get_mut(&id).expect("model seq")[layer].push(stored);
+            self.orig.get_mut(&id).expect("model seq")[layer].push(given);
         }
     }
 
@@ -556,6 +731,8 @@ impl Model {
         ok(mlart_kv_seq_fork(pool, src, dst));
         let s = self.seqs[&src].clone();
         assert!(self.seqs.insert(dst, s).is_none());
+        let s = self.orig[&src].clone();
+        assert!(self.orig.insert(dst, s).is_none());
     }
 
     #[track_caller]
@@ -564,12 +741,16 @@ impl Model {
         for rows in self.seqs.get_mut(&id).expect("model seq") {
             rows.truncate(len);
         }
+        for rows in self.orig.get_mut(&id).expect("model seq") {
+            rows.truncate(len);
+        }
     }
 
     #[track_caller]
     fn free(&mut self, pool: *mut mlart_kv_pool, id: u64) {
         ok(mlart_kv_seq_free(pool, id));
         assert!(self.seqs.remove(&id).is_some());
+        assert!(self.orig.remove(&id).is_some());
     }
 
     fn len(&self, id: u64, layer: usize) -> usize {
@@ -598,8 +779,10 @@ impl Model {
             .collect()
     }
 
+    /// Tolerance against the stored rows: FP8 rows dequantize exactly to
+    /// f32, so an FP8 pool is held to the F32 pool's bound.
     fn tolerance(&self, spec: &Spec) -> f64 {
-        let strict = self.geo.fmt == MLART_KV_FORMAT_F32
+        let strict = (self.geo.fmt == MLART_KV_FORMAT_F32 || is_fp8(self.geo.fmt))
             && spec.q_dtype == MLART_DTYPE_F32
             && spec.out_dtype == MLART_DTYPE_F32;
         if strict {
@@ -610,7 +793,8 @@ impl Model {
     }
 
     /// Decodes `spec` with random queries and checks it against the
-    /// reference; returns the raw result and the queries used.
+    /// reference on the stored rows (FP8 pools: also against the rows as
+    /// appended, within `FP8_TOL`); returns the raw result and the queries.
     #[track_caller]
     fn check_decode(
         &self,
@@ -623,15 +807,79 @@ impl Model {
         let q = encode(spec.q_dtype, &qv);
         let raw = run_decode(pool, spec, self.geo.d_qk, &q)
             .unwrap_or_else(|(c, m)| panic!("{ctx}: decode failed (status {c}): {m}"));
-        let keys: Vec<&[Vec<f32>]> = spec
-            .ids
-            .iter()
-            .map(|id| self.seqs[id][spec.layer].as_slice())
-            .collect();
-        let want = reference(&keys, &qv, spec, self.geo.d_qk);
-        let ctx = format!("{ctx} [{:?} geo {:?}]", spec, self.geo);
-        assert_matches(&raw, spec, &want, self.tolerance(spec), &ctx);
+        self.check_raw(&raw, &qv, spec, ctx);
         (raw, q)
+    }
+
+    /// Checks a decode of `spec` with queries `qv` against the model.
+    #[track_caller]
+    fn check_raw(&self, raw: &Raw, qv: &[f32], spec: &Spec, ctx: &str) {
+        let ctx = format!("{ctx} [{:?} geo {:?}]", spec, self.geo);
+        for (rows, tol, what) in [
+            (&self.seqs, self.tolerance(spec), "stored rows"),
+            (&self.orig, FP8_TOL, "rows as appended"),
+        ] {
+            let keys: Vec<&[Vec<f32>]> = spec
+                .ids
+                .iter()
+                .map(|id| rows[id][spec.layer].as_slice())
+                .collect();
+            let want = reference(&keys, qv, spec, self.geo.d_qk);
+            assert_matches(raw, spec, &want, tol, &format!("{ctx} vs {what}"));
+            if !is_fp8(self.geo.fmt) {
+                break;
+            }
+        }
+    }
+
+    /// A sparse decode of `ids` in `layer` over random logical positions of
+    /// each sequence. With `lengths`, per-sequence `topk_length`s (the first
+    /// 0, the last `topk`, others random), entries past them hold garbage.
+    #[allow(clippy::too_many_arguments)]
+    fn sparse_spec(
+        &self,
+        rng: &mut SmallRng,
+        layer: usize,
+        ids: &[u64],
+        s_q: usize,
+        h_q: usize,
+        topk: usize,
+        lengths: bool,
+        sink: bool,
+    ) -> Spec {
+        let lens: Vec<usize> = ids.iter().map(|&id| self.len(id, layer)).collect();
+        let mut indices = random_indices(rng, &lens, s_q, topk);
+        let topk_length = lengths.then(|| {
+            let n = ids.len();
+            let l: Vec<i32> = (0..n)
+                .map(|b| match b {
+                    0 => 0,
+                    _ if b == n - 1 => topk as i32,
+                    _ => rng.random_range(0..=topk) as i32,
+                })
+                .collect();
+            for (b, &len) in l.iter().enumerate() {
+                for i in 0..s_q {
+                    for (k, e) in indices[(b * s_q + i) * topk..][..topk]
+                        .iter_mut()
+                        .enumerate()
+                        .skip(len as usize)
+                    {
+                        *e = [i32::MAX, -7, 1 << 20, i32::MIN][k % 4];
+                    }
+                }
+            }
+            l
+        });
+        Spec {
+            s_q,
+            h_q,
+            indices: Some(indices),
+            topk,
+            topk_length,
+            sink: sink.then(|| sinks(h_q)),
+            ..Spec::new(layer, ids, d_v_for(self.geo.d_qk))
+        }
     }
 
     /// Checks every layer of every sequence (plain f32 decode, one batch).
@@ -658,6 +906,56 @@ fn random_vals(rng: &mut SmallRng, n: usize, amp: f32) -> Vec<f32> {
 /// Blocks a sequence of these per-layer lengths holds on its own.
 fn blocks_for(lens: &[usize], bs: usize) -> usize {
     lens.iter().copied().max().unwrap_or(0).div_ceil(bs)
+}
+
+/// `n` rows for `geo`. FP8 rows get a different amplitude per quantization
+/// tile (zero, subnormal-sized, at the scale floor, small, unit), so tile
+/// scales vary within a row; other formats get unit-amplitude rows. (Larger
+/// keys would add score errors on top of the e4m3 rounding of V: `FP8_TOL`
+/// assumes |k| <= 1.)
+fn varied_rows(rng: &mut SmallRng, geo: &Geo, n: usize) -> Vec<f32> {
+    if !is_fp8(geo.fmt) {
+        return random_vals(rng, n * geo.d_qk, 1.0);
+    }
+    const AMPS: [f32; 7] = [0.0, 1e-5, 0.02, 0.1, 0.25, 1.0, 1.0];
+    let (nope, tile) = fp8_tiles(geo.fmt);
+    let mut v = Vec::with_capacity(n * geo.d_qk);
+    for _ in 0..n {
+        for _ in 0..nope / tile {
+            let amp = AMPS[rng.random_range(0..AMPS.len())];
+            v.extend((0..tile).map(|_| amp * rng.random_range(-1.0f32..1.0)));
+        }
+        v.extend(random_vals(rng, geo.d_qk - nope, 1.0));
+    }
+    v
+}
+
+/// Random logical positions `[lens.len(), s_q, topk]` for sequences of
+/// `lens` tokens: about one entry in six is -1 and one in six repeats an
+/// earlier entry of its list (a sequence with no token gets only -1).
+fn random_indices(rng: &mut SmallRng, lens: &[usize], s_q: usize, topk: usize) -> Vec<i32> {
+    let mut v = Vec::with_capacity(lens.len() * s_q * topk);
+    for &len in lens {
+        for _ in 0..s_q {
+            let start = v.len();
+            for k in 0..topk {
+                let p = match rng.random_range(0..6) {
+                    _ if len == 0 => -1,
+                    0 => -1,
+                    1 if k > 0 => v[start + rng.random_range(0..k)],
+                    _ => rng.random_range(0..len) as i32,
+                };
+                v.push(p);
+            }
+        }
+    }
+    v
+}
+
+/// Per-head sinks cycling through finite, +inf and -inf values.
+fn sinks(h_q: usize) -> Vec<f32> {
+    const S: [f32; 5] = [0.3, f32::INFINITY, -1.5, f32::NEG_INFINITY, 2.0];
+    (0..h_q).map(|h| S[h % S.len()]).collect()
 }
 
 // ---------------------------------------------------------------- tests
@@ -867,14 +1165,15 @@ fn f32_pool_is_accurate() {
 
 /// Fork shares blocks, copies a shared block on the first write into it, and
 /// keeps parent and child isolated; also at a block boundary, fork of fork,
-/// and freeing the parent.
+/// and freeing the parent. Every format, FP8 included: a copied MODEL1 block
+/// must carry its per-block scale area along.
 #[test]
 fn fork_is_copy_on_write_and_isolated() {
-    for &fmt in &FORMATS {
+    for &fmt in &ALL_FORMATS {
         let bs = 16;
         let geo = Geo {
             fmt,
-            d_qk: 40,
+            d_qk: d_qk_for(fmt, 40),
             layers: 2,
             bs,
             nb: 32,
@@ -1001,14 +1300,15 @@ fn layers_are_independent() {
 }
 
 /// Truncate (mid-block, at a boundary, to 0, beyond the end), appends after
-/// truncate, and truncating one of two forked siblings.
+/// truncate, and truncating one of two forked siblings; every format (FP8:
+/// re-appended rows get their own scales).
 #[test]
 fn truncate_releases_blocks_and_keeps_prefix() {
-    for &fmt in &FORMATS {
+    for &fmt in &ALL_FORMATS {
         let bs = 16;
         let geo = Geo {
             fmt,
-            d_qk: 33,
+            d_qk: d_qk_for(fmt, 33),
             layers: 2,
             bs,
             nb: 24,
@@ -1202,14 +1502,15 @@ fn exhaustion_fails_cleanly() {
     m.check_all(p, &mut rng, "after COW into the last block");
 }
 
-/// Freed blocks are reused, and what they held before never shows through.
+/// Freed blocks are reused, and what they held before never shows through
+/// (every format).
 #[test]
 fn reuse_after_free_does_not_leak_stale_rows() {
-    for &fmt in &FORMATS {
+    for &fmt in &ALL_FORMATS {
         let bs = 16;
         let geo = Geo {
             fmt,
-            d_qk: 48,
+            d_qk: d_qk_for(fmt, 48),
             layers: 2,
             bs,
             nb: 6,
@@ -1250,8 +1551,7 @@ fn reuse_after_free_does_not_leak_stale_rows() {
                 s_q: 4,
                 causal: true,
                 h_q: 3,
-                d_v: 48,
-                ..Spec::new(layer, &[1, 3, 4], 48)
+                ..Spec::new(layer, &[1, 3, 4], d_v_for(geo.d_qk))
             };
             m.check_decode(p, &mut rng, &spec, "reused blocks, causal");
         }
@@ -1608,9 +1908,22 @@ fn error_paths_change_nothing() {
     let out0 = out.clone();
     let lse0: Vec<u32> = lse.iter().map(|v| v.to_bits()).collect();
     let ids_bad = [1u64, 99];
-    let indices = [0i32; 4];
-    let sink = [0.0f32; 2];
+    // Sparse arguments for batch 2 (seq 1: 20 tokens in layer 0, 5 in layer
+    // 1; seq 2: empty), s_q 1, topk 2.
+    let good = [19i32, -1, -1, -1];
+    let layer1_bad = [4i32, 5, -1, -1];
+    let lengths = [1i32, 0];
+    let nan_sink = [0.0f32, f32::NAN];
     type Edit = Box<dyn Fn(&mut mlart_kv_pool_decode_args)>;
+    let sparse = |ind: [i32; 4], len: Option<[i32; 2]>| -> Edit {
+        Box::new(move |a| {
+            a.indices = ind.as_ptr();
+            a.topk = 2;
+            if let Some(l) = &len {
+                a.topk_length = l.as_ptr();
+            }
+        })
+    };
     let cases: Vec<(&str, Edit, mlart_status, &str)> = vec![
         (
             "unknown id",
@@ -1637,25 +1950,116 @@ fn error_paths_change_nothing() {
             "seq_ids",
         ),
         (
-            "indices",
+            "topk 0",
             Box::new(move |a| {
-                a.indices = indices.as_ptr();
-                a.topk = 1;
+                a.indices = good.as_ptr();
+                a.topk = 0;
             }),
-            MLART_STATUS_UNSUPPORTED,
-            "indices",
+            MLART_STATUS_INVALID_ARGUMENT,
+            "topk = 0 must be >= 1",
         ),
         (
-            "topk_length",
-            Box::new(move |a| a.topk_length = indices.as_ptr()),
-            MLART_STATUS_UNSUPPORTED,
-            "topk_length",
+            "topk < 0",
+            Box::new(move |a| {
+                a.indices = good.as_ptr();
+                a.topk = -3;
+            }),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "topk = -3 must be >= 1",
         ),
         (
-            "attn_sink",
-            Box::new(move |a| a.attn_sink = sink.as_ptr()),
-            MLART_STATUS_UNSUPPORTED,
-            "attn_sink",
+            "index = length",
+            sparse([20, -1, -1, -1], None),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[0][0][0] = 20 is outside [-1, 20) (seq_ids[0] = 1 holds 20 tokens in layer 0)",
+        ),
+        (
+            "index into an empty sequence",
+            sparse([0, 19, 0, -1], None),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[1][0][0] = 0 is outside [-1, 0) (seq_ids[1] = 2 holds 0 tokens in layer 0)",
+        ),
+        (
+            "index past the layer's length",
+            Box::new(move |a| {
+                a.layer = 1;
+                a.indices = layer1_bad.as_ptr();
+                a.topk = 2;
+            }),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[0][0][1] = 5 is outside [-1, 5) (seq_ids[0] = 1 holds 5 tokens in layer 1)",
+        ),
+        (
+            "index -2",
+            sparse([3, -2, -1, -1], None),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[0][0][1] = -2 is outside [-1, 20)",
+        ),
+        (
+            "index i32::MIN",
+            sparse([-1, -1, -1, i32::MIN], None),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[1][0][1] = -2147483648 is outside [-1, 0)",
+        ),
+        (
+            "bad index within topk_length",
+            sparse([19, 999, -1, 0], Some([1, 2])),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "indices[1][0][1] = 0 is outside [-1, 0)",
+        ),
+        (
+            "topk_length > topk",
+            sparse(good, Some([3, 0])),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "topk_length[0] = 3 is outside [0, 2]",
+        ),
+        (
+            "topk_length < 0",
+            sparse(good, Some([0, -1])),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "topk_length[1] = -1 is outside [0, 2]",
+        ),
+        (
+            "causal with indices",
+            Box::new(move |a| {
+                a.indices = good.as_ptr();
+                a.topk = 2;
+                a.causal = true;
+            }),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "causal = true with indices",
+        ),
+        (
+            "topk_length without indices",
+            Box::new(move |a| a.topk_length = lengths.as_ptr()),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "topk_length is set but indices is NULL",
+        ),
+        (
+            "NaN attn_sink",
+            Box::new(move |a| a.attn_sink = nan_sink.as_ptr()),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "attn_sink[1] = NaN",
+        ),
+        (
+            "NaN attn_sink, sparse",
+            Box::new(move |a| {
+                a.indices = good.as_ptr();
+                a.topk = 2;
+                a.attn_sink = nan_sink.as_ptr();
+            }),
+            MLART_STATUS_INVALID_ARGUMENT,
+            "attn_sink[1] = NaN",
+        ),
+        (
+            "NULL seq_ids, sparse",
+            Box::new(move |a| {
+                a.indices = good.as_ptr();
+                a.topk = 2;
+                a.seq_ids = ptr::null();
+            }),
+            MLART_STATUS_NULL_POINTER,
+            "seq_ids",
         ),
         (
             "device memory",
@@ -1754,10 +2158,51 @@ fn error_paths_change_nothing() {
         "args",
     );
     assert_eq!(out, out0);
+    // lse may not alias an input of the sparse path either.
+    let mut shared = vec![0.0f32; 8];
+    for (what, edit) in [("attn_sink", 0), ("indices", 1), ("topk_length", 2)] {
+        let mut a = args;
+        a.lse = shared.as_mut_ptr();
+        a.indices = good.as_ptr();
+        a.topk = 2;
+        match edit {
+            0 => a.attn_sink = shared.as_ptr(),
+            1 => a.indices = shared.as_ptr().cast(),
+            _ => a.topk_length = shared.as_ptr().cast(),
+        }
+        expect_err(
+            mlart_kv_pool_decode(p, &a),
+            MLART_STATUS_INVALID_ARGUMENT,
+            &format!("lse overlaps {what}"),
+        );
+        assert!(shared.iter().all(|&v| v == 0.0), "{what}: lse written");
+        assert_eq!(out, out0, "{what}: out was written");
+        unchanged(what);
+    }
+
     // The unmodified arguments do work (so each case above failed on its
-    // own defect).
+    // own defect), and so do their sparse forms; entries past topk_length
+    // are not read, so they may hold anything.
     ok(mlart_kv_pool_decode(p, &args));
     assert_ne!(out, out0);
+    for layer in 0..2 {
+        for (indices, topk_length) in [
+            (vec![4, -1, -1, -1], None),
+            (vec![0, 4, -1, -1], None),
+            (vec![4, 4, -1, -1], Some(vec![2, 0])),
+            (vec![3, 999, i32::MIN, 7], Some(vec![1, 0])),
+        ] {
+            let spec = Spec {
+                indices: Some(indices),
+                topk: 2,
+                topk_length,
+                sink: Some(vec![0.5, f32::NEG_INFINITY]),
+                ..Spec::new(layer, &[1, 2], 64)
+            };
+            m.check_decode(p, &mut rng, &spec, "sparse after errors");
+        }
+    }
+    unchanged("good sparse decodes");
 
     // Pool creation options.
     let sentinel = std::ptr::NonNull::<mlart_kv_pool>::dangling().as_ptr();
@@ -1800,8 +2245,34 @@ fn error_paths_change_nothing() {
         ),
         (
             |o| o.kv_format = MLART_KV_FORMAT_FP8_V32,
-            MLART_STATUS_UNSUPPORTED,
-            "kv_format",
+            MLART_STATUS_INVALID_ARGUMENT,
+            "kv_format = fp8_v32 stores rows of d_qk = 576, but d_qk = 72",
+        ),
+        (
+            |o| o.kv_format = MLART_KV_FORMAT_FP8_MODEL1,
+            MLART_STATUS_INVALID_ARGUMENT,
+            "kv_format = fp8_model1 stores rows of d_qk = 512, but d_qk = 72",
+        ),
+        (
+            |o| {
+                o.kv_format = MLART_KV_FORMAT_FP8_V32;
+                o.d_qk = 512;
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "d_qk = 576, but d_qk = 512",
+        ),
+        (
+            |o| {
+                o.kv_format = MLART_KV_FORMAT_FP8_MODEL1;
+                o.d_qk = 576;
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "d_qk = 512, but d_qk = 576",
+        ),
+        (
+            |o| o.kv_format = 5,
+            MLART_STATUS_INVALID_ARGUMENT,
+            "options->kv_format = 5",
         ),
         (
             |o| o.struct_size = 4,
@@ -1849,4 +2320,419 @@ fn error_paths_change_nothing() {
     assert_eq!(out, sentinel);
     unchanged("pool creation errors");
     m.check_all(p, &mut rng, "after all errors");
+}
+
+/// FP8 pools (both layouts, block sizes 1, 16, 64) fed F32 and BF16 rows:
+/// every decode matches the reference on this file's own quantization of
+/// the rows exactly (f32 in and out: 1e-5), and the rows as appended within
+/// `FP8_TOL`; the pool reports FlashMLA's block sizes.
+#[test]
+fn fp8_append_then_decode_matches_reference() {
+    for (fi, &fmt) in FP8_FORMATS.iter().enumerate() {
+        for (di, &in_dtype) in [MLART_DTYPE_F32, MLART_DTYPE_BF16].iter().enumerate() {
+            for &bs in &[1usize, 16, 64] {
+                let mut rng = SmallRng::seed_from_u64((7000 + fi * 100 + di * 10 + bs) as u64);
+                let d_qk = d_qk_for(fmt, 0);
+                // (id, layer-0 length, layer-1 length).
+                let plan: Vec<(u64, usize, usize)> = vec![
+                    (7, 0, 3),
+                    (1, 1, 0),
+                    (3, bs.saturating_sub(1).max(2), 21),
+                    (4, bs, 1),
+                    (5, bs + 1, 2 * bs),
+                    (6, 45, 9),
+                ];
+                let nb: usize = plan.iter().map(|p| blocks_for(&[p.1, p.2], bs)).sum();
+                let geo = Geo {
+                    fmt,
+                    d_qk,
+                    layers: 2,
+                    bs,
+                    nb: nb + 2,
+                };
+                // Pool::new checks the stats' block bytes against FlashMLA's.
+                let pool = Pool::new(geo);
+                let p = pool.ptr;
+                let mut m = Model::new(geo);
+                for &(id, _, _) in &plan {
+                    m.create(p, id);
+                }
+                let mut remaining: Vec<[usize; 2]> = plan.iter().map(|p| [p.1, p.2]).collect();
+                while remaining.iter().any(|r| r[0] + r[1] > 0) {
+                    for (&(id, _, _), rem) in plan.iter().zip(remaining.iter_mut()) {
+                        for (layer, left) in rem.iter_mut().enumerate() {
+                            if *left == 0 {
+                                continue;
+                            }
+                            let n = rng.random_range(1..=11usize).min(*left);
+                            let vals = varied_rows(&mut rng, &geo, n);
+                            m.append_vals(p, id, layer, in_dtype, &vals);
+                            *left -= n;
+                        }
+                    }
+                }
+                m.check_lengths(p);
+                assert_eq!(pool.stats().blocks_used as usize, nb);
+
+                let all: Vec<u64> = plan.iter().map(|p| p.0).collect();
+                for layer in 0..2 {
+                    let ctx = format!("fmt {fmt} in {in_dtype} bs {bs} layer {layer}");
+                    let spec = Spec {
+                        h_q: 3,
+                        ..Spec::new(layer, &all, d_v_for(d_qk))
+                    };
+                    m.check_decode(p, &mut rng, &spec, &ctx);
+                    // MTP, causal, bf16, V = the whole row (rope included).
+                    let spec = Spec {
+                        ids: vec![5, 6, 5, 7],
+                        s_q: 3,
+                        h_q: 2,
+                        d_v: d_qk,
+                        scale: 0.03,
+                        causal: true,
+                        q_dtype: MLART_DTYPE_BF16,
+                        out_dtype: MLART_DTYPE_BF16,
+                        ..Spec::new(layer, &[], 0)
+                    };
+                    m.check_decode(p, &mut rng, &spec, &ctx);
+                    // f32 queries, f16 output, attention sink, no lse.
+                    let spec = Spec {
+                        ids: vec![3, 1, 4],
+                        h_q: 5,
+                        d_v: 64,
+                        out_dtype: MLART_DTYPE_F16,
+                        with_lse: false,
+                        sink: Some(sinks(5)),
+                        ..Spec::new(layer, &[], 0)
+                    };
+                    m.check_decode(p, &mut rng, &spec, &ctx);
+                }
+                for &(id, _, _) in &plan {
+                    m.free(p, id);
+                }
+                assert_eq!(pool.stats().blocks_used, 0);
+            }
+        }
+    }
+}
+
+/// One appended row of an FP8 pool holds exactly what `mlart_kv_dequantize`
+/// makes of `mlart_kv_quantize`'s block for that row, and what this file's
+/// quantizer computes: the three agree, so the tight checks above compare
+/// against the library's own format.
+#[test]
+fn fp8_quantizer_agrees_with_the_library() {
+    use mlart::ffi::format::{mlart_kv_block_bytes, mlart_kv_dequantize, mlart_kv_quantize};
+    for &fmt in &FP8_FORMATS {
+        let geo = Geo {
+            fmt,
+            d_qk: d_qk_for(fmt, 0),
+            layers: 1,
+            bs: 1,
+            nb: 1,
+        };
+        let d = geo.d_qk;
+        let mut rng = SmallRng::seed_from_u64(fmt as u64);
+        let mut bytes = 0usize;
+        ok(mlart_kv_block_bytes(fmt, d as i32, 1, &mut bytes));
+        assert_eq!(bytes, geo.block_bytes());
+        for n in 0..40 {
+            let mut row = varied_rows(&mut rng, &geo, 1);
+            if n == 0 {
+                // Saturation and exact ties.
+                row[0] = 1e6;
+                row[1] = -1e6;
+            }
+            let mut block = vec![0u8; bytes];
+            ok(mlart_kv_quantize(
+                fmt,
+                d as i32,
+                1,
+                1,
+                MLART_DTYPE_F32,
+                row.as_ptr().cast(),
+                block.as_mut_ptr().cast(),
+            ));
+            let mut back = vec![0f32; d];
+            ok(mlart_kv_dequantize(
+                fmt,
+                d as i32,
+                1,
+                1,
+                block.as_ptr().cast(),
+                MLART_DTYPE_F32,
+                back.as_mut_ptr().cast(),
+            ));
+            let mine = fp8_stored_row(fmt, &row);
+            for (i, (a, b)) in mine.iter().zip(&back).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "fmt {fmt} row {n} [{i}]: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
+/// Fork of FP8 sequences: diverging appends into a shared partial block copy
+/// it (for MODEL1 with its per-block scale area), each side decodes to its
+/// own rows, and the other side's decode stays bit for bit the same.
+#[test]
+fn fp8_fork_copy_on_write_keeps_both_sides() {
+    for &fmt in &FP8_FORMATS {
+        for &bs in &[16usize, 5] {
+            let geo = Geo {
+                fmt,
+                d_qk: d_qk_for(fmt, 0),
+                layers: 2,
+                bs,
+                nb: 24,
+            };
+            let pool = Pool::new(geo);
+            let p = pool.ptr;
+            let mut rng = SmallRng::seed_from_u64(fmt as u64 * 31 + bs as u64);
+            let mut m = Model::new(geo);
+            let add = |m: &mut Model, rng: &mut SmallRng, id: u64, layer: usize, n: usize| {
+                let vals = varied_rows(rng, &geo, n);
+                m.append_vals(p, id, layer, MLART_DTYPE_F32, &vals);
+            };
+            // 37 tokens in layer 0 (tail block ceil(37 / bs) - 1, partial) and
+            // bs + 2 in layer 1 (tail block 1, partial).
+            let used = || pool.stats().blocks_used as usize;
+            m.create(p, 1);
+            add(&mut m, &mut rng, 1, 0, 37);
+            add(&mut m, &mut rng, 1, 1, bs + 2);
+            let held = 37usize.div_ceil(bs);
+            assert_eq!(used(), held);
+            m.fork(p, 1, 2);
+            assert_eq!(used(), held);
+
+            let spec = |layer: usize, id: u64| Spec {
+                s_q: 2,
+                h_q: 3,
+                ..Spec::new(layer, &[id], d_v_for(geo.d_qk))
+            };
+            let snapshot = |m: &Model, rng: &mut SmallRng, id: u64, ctx: &str| {
+                [0, 1].map(|layer| m.check_decode(p, rng, &spec(layer, id), ctx))
+            };
+            let same = |before: &[(Raw, Vec<u8>); 2], id: u64, ctx: &str| {
+                for (layer, (raw, q)) in before.iter().enumerate() {
+                    let now = run_decode(p, &spec(layer, id), geo.d_qk, q).unwrap();
+                    assert!(now == *raw, "{ctx}: seq {id} layer {layer} changed");
+                }
+            };
+
+            // The child writes into the shared partial tail block of layer
+            // 0: one copy, plus fresh blocks past it.
+            let parent = snapshot(&m, &mut rng, 1, "parent before");
+            add(&mut m, &mut rng, 2, 0, 6);
+            assert_eq!(used(), 43usize.div_ceil(bs) + 1, "copy of the tail block");
+            same(&parent, 1, "after the child's append");
+            let child = snapshot(&m, &mut rng, 2, "child after its append");
+            // The parent goes on in its tail block, its own again: in place.
+            add(&mut m, &mut rng, 1, 0, 3);
+            assert_eq!(used(), 43usize.div_ceil(bs) + 1, "no copy");
+            same(&child, 2, "after the parent's append");
+            // The parent writes into layer 1's tail, block 1, still shared: a
+            // copy that must carry layer 0's full block 1 (rows and scales).
+            add(&mut m, &mut rng, 1, 1, 1);
+            assert_eq!(used(), 43usize.div_ceil(bs) + 2, "copy of block 1");
+            same(&child, 2, "after the parent's layer-1 append");
+            m.check_all(p, &mut rng, "both sides");
+
+            // Truncate the child back into block 1 (its own now) and
+            // re-append: new rows with new scales, the parent untouched.
+            let parent = snapshot(&m, &mut rng, 1, "parent before truncate");
+            m.truncate(p, 2, bs + 1);
+            add(&mut m, &mut rng, 2, 0, bs + 4);
+            add(&mut m, &mut rng, 2, 1, 2);
+            // Parent: ceil(40 / bs) blocks; child: block 0 shared, 2 of its own.
+            assert_eq!(used(), 40usize.div_ceil(bs) + 2);
+            same(&parent, 1, "after the child's truncate + append");
+            m.check_all(p, &mut rng, "after truncate + re-append");
+
+            for id in [1, 2] {
+                m.free(p, id);
+            }
+            assert_eq!(pool.stats().blocks_used, 0);
+        }
+    }
+}
+
+/// Sparse pool decode on every format: per query, random logical positions
+/// (-1 entries, duplicates), with and without `topk_length` (0 and `topk`
+/// included; entries past it hold garbage that must not be read), finite,
+/// +inf and -inf sinks, repeated ids, every dtype; then after a fork, whose
+/// child's positions land in blocks shared with the parent and in its own
+/// copies.
+#[test]
+fn sparse_pool_decode_matches_reference() {
+    for (fi, &fmt) in ALL_FORMATS.iter().enumerate() {
+        let d_qk = d_qk_for(fmt, 80);
+        let bs = [16usize, 1, 64, 16, 5][fi];
+        let mut rng = SmallRng::seed_from_u64(500 + fi as u64);
+        // (id, layer-0 length, layer-1 length).
+        let plan: [(u64, usize, usize); 5] =
+            [(1, 0, 3), (2, 1, 0), (3, 17, 40), (4, 70, 9), (5, 33, 33)];
+        let nb: usize = plan.iter().map(|p| blocks_for(&[p.1, p.2], bs)).sum();
+        let geo = Geo {
+            fmt,
+            d_qk,
+            layers: 2,
+            bs,
+            nb: nb + 90 / bs + 2,
+        };
+        let pool = Pool::new(geo);
+        let p = pool.ptr;
+        let mut m = Model::new(geo);
+        for (k, &(id, l0, l1)) in plan.iter().enumerate() {
+            m.create(p, id);
+            for (layer, n) in [(0, l0), (1, l1)] {
+                let mut left = n;
+                while left > 0 {
+                    let c = rng.random_range(1..=29usize).min(left);
+                    let vals = varied_rows(&mut rng, &geo, c);
+                    m.append_vals(p, id, layer, DTYPES[(k + layer + left) % 3], &vals);
+                    left -= c;
+                }
+            }
+        }
+        let all: Vec<u64> = plan.iter().map(|p| p.0).collect();
+        let check = |m: &Model, rng: &mut SmallRng, ids: &[u64], ctx: &str| {
+            for layer in 0..2 {
+                let ctx = format!("fmt {fmt} bs {bs} layer {layer}: {ctx}");
+                let spec = m.sparse_spec(rng, layer, ids, 2, 3, 24, false, false);
+                m.check_decode(p, rng, &spec, &ctx);
+                let spec = Spec {
+                    q_dtype: MLART_DTYPE_BF16,
+                    out_dtype: MLART_DTYPE_BF16,
+                    ..m.sparse_spec(rng, layer, ids, 1, 5, 7, true, true)
+                };
+                m.check_decode(p, rng, &spec, &ctx);
+                let mut rep = ids.to_vec();
+                rep.extend(ids.iter().rev());
+                let spec = Spec {
+                    q_dtype: MLART_DTYPE_F16,
+                    out_dtype: MLART_DTYPE_F32,
+                    with_lse: false,
+                    scale: 0.1,
+                    ..m.sparse_spec(rng, layer, &rep, 3, 4, 64, true, true)
+                };
+                m.check_decode(p, rng, &spec, &ctx);
+            }
+        };
+        check(&m, &mut rng, &all, "all sequences");
+
+        // Fork seq 4; child and parent diverge in the tail block they shared
+        // (a copy, unless 70 is a multiple of bs) and grow past it.
+        m.fork(p, 4, 40);
+        let add = |m: &mut Model, rng: &mut SmallRng, id: u64, layer: usize, n: usize| {
+            let vals = varied_rows(rng, &geo, n);
+            m.append_vals(p, id, layer, MLART_DTYPE_F32, &vals);
+        };
+        add(&mut m, &mut rng, 40, 0, 9);
+        add(&mut m, &mut rng, 40, 1, 4);
+        add(&mut m, &mut rng, 4, 0, 2);
+        check(&m, &mut rng, &[4, 40, 3], "after fork");
+        // Sparse over the child only, every position once plus the shared
+        // first and the copied last ones twice.
+        for layer in 0..2 {
+            let len = m.len(40, layer) as i32;
+            let mut indices: Vec<i32> = (0..len).collect();
+            indices.extend([0, len - 1, -1]);
+            let spec = Spec {
+                topk: indices.len(),
+                indices: Some(indices),
+                sink: Some(sinks(3)),
+                h_q: 3,
+                ..Spec::new(layer, &[40], d_v_for(d_qk))
+            };
+            m.check_decode(p, &mut rng, &spec, "child, every position");
+        }
+    }
+}
+
+/// Sparse decode over positions 0..len-1 of each sequence (-1 padded, or cut
+/// by topk_length with garbage after it) gives what dense decode gives, with
+/// and without a sink, on every format.
+#[test]
+fn sparse_over_every_position_equals_dense() {
+    for (fi, &fmt) in ALL_FORMATS.iter().enumerate() {
+        let d_qk = d_qk_for(fmt, 64);
+        let bs = 16;
+        let lens = [1usize, 20, 77, 0, 130];
+        let geo = Geo {
+            fmt,
+            d_qk,
+            layers: 1,
+            bs,
+            nb: lens.iter().map(|l| l.div_ceil(bs)).sum(),
+        };
+        let pool = Pool::new(geo);
+        let p = pool.ptr;
+        let mut rng = SmallRng::seed_from_u64(900 + fi as u64);
+        let mut m = Model::new(geo);
+        let ids: Vec<u64> = (10..10 + lens.len() as u64).collect();
+        for (&id, &n) in ids.iter().zip(&lens) {
+            m.create(p, id);
+            if n > 0 {
+                let vals = varied_rows(&mut rng, &geo, n);
+                m.append_vals(p, id, 0, MLART_DTYPE_F32, &vals);
+            }
+        }
+        let (s_q, topk) = (2, 130);
+        for sink in [None, Some(sinks(4))] {
+            let dense = Spec {
+                s_q,
+                h_q: 4,
+                sink: sink.clone(),
+                ..Spec::new(0, &ids, d_v_for(d_qk))
+            };
+            let qv = m.queries(&mut rng, &dense);
+            let q = encode(MLART_DTYPE_F32, &qv);
+            let want = run_decode(p, &dense, d_qk, &q).unwrap();
+            m.check_raw(&want, &qv, &dense, "dense");
+            let got_out = decode_bytes(MLART_DTYPE_F32, &want.out);
+            for cut in [false, true] {
+                let mut indices = Vec::new();
+                for &len in &lens {
+                    for _ in 0..s_q {
+                        indices.extend((0..topk as i32).map(|t| match t {
+                            _ if (t as usize) < len => t,
+                            _ if cut => 1 << 30,
+                            _ => -1,
+                        }));
+                    }
+                }
+                let sparse = Spec {
+                    indices: Some(indices),
+                    topk,
+                    topk_length: cut.then(|| lens.iter().map(|&l| l as i32).collect()),
+                    ..dense.clone()
+                };
+                let raw = run_decode(p, &sparse, d_qk, &q).unwrap();
+                let ctx = format!("fmt {fmt} sink {} cut {cut}", sink.is_some());
+                m.check_raw(&raw, &qv, &sparse, &ctx);
+                let out = decode_bytes(MLART_DTYPE_F32, &raw.out);
+                let (mut num, mut den) = (0.0f64, 0.0f64);
+                for (a, b) in out.iter().zip(&got_out) {
+                    num += (a - b) * (a - b);
+                    den += b * b;
+                }
+                assert!(
+                    num.sqrt() <= 1e-6 * den.sqrt(),
+                    "{ctx}: sparse and dense outputs differ (rel-L2 {:e})",
+                    (num / den).sqrt()
+                );
+                for (i, (&a, &b)) in raw.lse_bits.iter().zip(&want.lse_bits).enumerate() {
+                    let (a, b) = (f32::from_bits(a), f32::from_bits(b));
+                    assert!(
+                        a == b || (a - b).abs() <= 1e-6 * b.abs().max(1.0),
+                        "{ctx}: lse[{i}] sparse {a} dense {b}"
+                    );
+                }
+            }
+        }
+    }
 }

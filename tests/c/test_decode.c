@@ -1,6 +1,8 @@
 /*
  * C11 consumer of the mlart C ABI: versions, engine, paged decode against a
- * double-precision reference, error handling and the managed KV pool.
+ * double-precision reference (F32 dense, FP8_V32 sparse with topk_length and
+ * an attention sink), FP8 size/quantize helpers, error handling and the
+ * managed KV pool.
  *
  * Linked twice by CMakeLists.txt (libmlart.so and libmlart.a). Exits non-zero
  * if any check fails, after printing every failed check.
@@ -431,9 +433,33 @@ static void test_paged_f32(mlart_engine *engine, bool causal, float scale) {
         bad = a;
         bad.seqlens = long_lens;
         EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT, "seqlens[2]");
+        /* attn_sink is an input: it may not alias the lse output, nor be NaN. */
         bad = a;
         bad.attn_sink = lse;
-        EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_UNSUPPORTED, "attn_sink");
+        EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT,
+                     "lse overlaps attn_sink");
+        {
+            const float nan_sink[H_Q] = {0.0f, 1.0f, NAN, 0.0f};
+            bad = a;
+            bad.attn_sink = nan_sink;
+            EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT,
+                         "attn_sink[2] = NaN");
+        }
+        /* Dense decode takes no topk_length; sparse decode no causal mask. */
+        {
+            const int32_t lengths[B] = {1, 1, 1, 1};
+            const int32_t idx[B * S_Q] = {0, 0, 0, 0, 0, 0, 0, 0};
+            bad = a;
+            bad.topk_length = lengths;
+            EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT,
+                         "topk_length is set but indices is NULL");
+            bad = a;
+            bad.causal = true;
+            bad.indices = idx;
+            bad.topk = 1;
+            EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT,
+                         "causal");
+        }
         bad = a;
         bad.out = q; /* aliases the input */
         EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT, "overlaps");
@@ -450,6 +476,307 @@ static void test_paged_f32(mlart_engine *engine, bool causal, float scale) {
     free(out);
     free(ref_out);
     paged_cache_free(&c);
+}
+
+/* ------------------------------------------------------- FP8 sparse */
+
+/*
+ * Reference attention of one query token over a list of cache rows, in
+ * double precision: q_tok [h_q, d_qk]; keys [*, d_qk] indexed by the first
+ * n entries of `list` (-1 skipped, duplicates counted twice); sink [h_q] or
+ * NULL. Writes out [h_q, d_v] and lse[h * lse_stride].
+ */
+static void reference_list(const float *q_tok, const float *keys, const int32_t *list, int n,
+                           int h_q, int d_qk, int d_v, double scale, const float *sink,
+                           double *out, double *lse, int lse_stride) {
+    double *scores = (double *)xmalloc(sizeof(double) * (size_t)(n > 0 ? n : 1));
+    for (int h = 0; h < h_q; ++h) {
+        const float *qr = q_tok + (size_t)h * d_qk;
+        double *o = out + (size_t)h * d_v;
+        for (int c = 0; c < d_v; ++c) {
+            o[c] = 0.0;
+        }
+        double m = -INFINITY;
+        int seen = 0;
+        for (int k = 0; k < n; ++k) {
+            if (list[k] < 0) {
+                continue;
+            }
+            const float *row = keys + (size_t)list[k] * d_qk;
+            double s = 0.0;
+            for (int c = 0; c < d_qk; ++c) {
+                s += (double)qr[c] * (double)row[c];
+            }
+            scores[k] = s * scale;
+            if (scores[k] > m) {
+                m = scores[k];
+            }
+            ++seen;
+        }
+        if (seen == 0) {
+            lse[h * lse_stride] = INFINITY;
+            continue;
+        }
+        double sum = 0.0;
+        for (int k = 0; k < n; ++k) {
+            if (list[k] < 0) {
+                continue;
+            }
+            double p = exp(scores[k] - m);
+            sum += p;
+            const float *row = keys + (size_t)list[k] * d_qk;
+            for (int c = 0; c < d_v; ++c) {
+                o[c] += p * (double)row[c];
+            }
+        }
+        double l = m + log(sum);
+        /* +inf sink: factor 0; -inf: factor 1. */
+        double factor = sink != NULL ? 1.0 / (1.0 + exp((double)sink[h] - l)) : 1.0;
+        for (int c = 0; c < d_v; ++c) {
+            o[c] *= factor / sum;
+        }
+        lse[h * lse_stride] = l;
+    }
+    free(scores);
+}
+
+/* Largest |got - want| over max(1, largest |want|); NaN or a mismatched
+ * infinity counts as +inf. */
+static double max_rel_error(const float *got, const double *want, size_t n) {
+    double mag = 1.0;
+    for (size_t i = 0; i < n; ++i) {
+        if (!isinf(want[i]) && fabs(want[i]) > mag) {
+            mag = fabs(want[i]);
+        }
+    }
+    return max_error(got, want, n) / mag;
+}
+
+enum {
+    F_DQK = 576, /* FP8_V32 rows: 512 latent + 64 rope */
+    F_DV = 512,
+    F_H = 3,
+    F_SQ = 2,
+    F_B = 2,
+    F_BS = 16,
+    F_TOK = 40,                         /* tokens quantized */
+    F_USED = (F_TOK + F_BS - 1) / F_BS, /* blocks they fill: 3 */
+    F_NB = F_USED + 1,                  /* plus one poisoned block */
+    F_TOPK = 12
+};
+
+/* An FP8_V32 cache made with mlart_kv_quantize, its blocks scattered among
+ * a poisoned one, decoded sparsely against the dequantized rows. */
+static void test_fp8_sparse(mlart_engine *engine) {
+    size_t row_bytes = 0, block_bytes = 0, m1 = 0;
+    OK(mlart_kv_row_bytes(MLART_KV_FORMAT_FP8_V32, F_DQK, &row_bytes));
+    CHECK(row_bytes == 656, "FP8_V32 row bytes = %zu", row_bytes);
+    OK(mlart_kv_block_bytes(MLART_KV_FORMAT_FP8_V32, F_DQK, F_BS, &block_bytes));
+    CHECK(block_bytes == (size_t)656 * F_BS, "FP8_V32 block bytes = %zu", block_bytes);
+    OK(mlart_kv_row_bytes(MLART_KV_FORMAT_FP8_MODEL1, 512, &m1));
+    CHECK(m1 == 584, "FP8_MODEL1 row bytes = %zu", m1);
+    OK(mlart_kv_block_bytes(MLART_KV_FORMAT_FP8_MODEL1, 512, 64, &m1));
+    CHECK(m1 == 37440, "FP8_MODEL1 block bytes (64 tokens) = %zu", m1);
+    OK(mlart_kv_block_bytes(MLART_KV_FORMAT_FP8_MODEL1, 512, 1, &m1));
+    CHECK(m1 == 1152, "FP8_MODEL1 block bytes (1 token) = %zu", m1);
+    OK(mlart_kv_row_bytes(MLART_KV_FORMAT_F32, 64, &m1));
+    CHECK(m1 == 256, "F32 row bytes = %zu", m1);
+    EXPECT_ERROR(mlart_kv_row_bytes(MLART_KV_FORMAT_FP8_V32, 512, &m1),
+                 MLART_STATUS_INVALID_ARGUMENT, "d_qk");
+    EXPECT_ERROR(mlart_kv_block_bytes(MLART_KV_FORMAT_FP8_MODEL1, 576, 64, &m1),
+                 MLART_STATUS_INVALID_ARGUMENT, "d_qk");
+    EXPECT_ERROR(mlart_kv_row_bytes(MLART_KV_FORMAT_FP8_V32, F_DQK, NULL),
+                 MLART_STATUS_NULL_POINTER, "out");
+
+    /* Rows whose 4 latent tiles have different amplitudes (tile scales). */
+    static const float amps[4] = {0.01f, 0.5f, 1.0f, 3.0f};
+    float *src = (float *)xmalloc(sizeof(float) * F_TOK * F_DQK);
+    fill_random(src, (size_t)F_TOK * F_DQK);
+    for (int t = 0; t < F_TOK; ++t) {
+        for (int c = 0; c < 512; ++c) {
+            src[(size_t)t * F_DQK + c] *= amps[(t + c / 128) % 4];
+        }
+    }
+    uint8_t *blocks = (uint8_t *)xmalloc(block_bytes * F_USED);
+    memset(blocks, 0xA5, block_bytes * F_USED); /* slots past F_TOK stay garbage */
+    float *deq = (float *)xmalloc(sizeof(float) * F_TOK * F_DQK);
+    if (!OK(mlart_kv_quantize(MLART_KV_FORMAT_FP8_V32, F_DQK, F_BS, F_TOK, MLART_DTYPE_F32, src,
+                              blocks)) ||
+        !OK(mlart_kv_dequantize(MLART_KV_FORMAT_FP8_V32, F_DQK, F_BS, F_TOK, blocks,
+                                MLART_DTYPE_F32, deq))) {
+        free(src);
+        free(blocks);
+        free(deq);
+        return;
+    }
+    /* e4m3 keeps 3 mantissa bits: within 2^-4 of each tile's largest value;
+     * the rope is bf16. */
+    double worst = 0.0;
+    for (int t = 0; t < F_TOK; ++t) {
+        for (int c = 0; c < F_DQK; ++c) {
+            double bound = c < 512 ? (double)amps[(t + c / 128) % 4] / 16.0
+                                   : fabs((double)src[(size_t)t * F_DQK + c]) / 256.0;
+            double e = fabs((double)deq[(size_t)t * F_DQK + c] - src[(size_t)t * F_DQK + c]);
+            if (e / (bound + 1e-30) > worst) {
+                worst = e / (bound + 1e-30);
+            }
+        }
+    }
+    CHECK(worst <= 1.0, "dequantized rows are off by %g of the e4m3/bf16 quantum", worst);
+
+    /* Scatter the blocks: logical block j lives in slot perm[j]; slot 1 holds
+     * 0xFF bytes (NaN codes, NaN scales) and is never referenced. */
+    static const int perm[F_USED] = {2, 0, 3};
+    uint8_t *kv = (uint8_t *)xmalloc(block_bytes * F_NB);
+    memset(kv, 0xFF, block_bytes * F_NB);
+    for (int j = 0; j < F_USED; ++j) {
+        memcpy(kv + block_bytes * (size_t)perm[j], blocks + block_bytes * (size_t)j, block_bytes);
+    }
+
+    /* Logical token lists with -1 entries and duplicates; query (0, 1) sees
+     * no key at all. */
+    int32_t logical[F_B * F_SQ * F_TOPK], physical[F_B * F_SQ * F_TOPK];
+    for (int g = 0; g < F_B * F_SQ; ++g) {
+        for (int k = 0; k < F_TOPK; ++k) {
+            int32_t *e = &logical[g * F_TOPK + k];
+            int r = rnd_below(6);
+            if (g == 1 || r == 0) {
+                *e = -1;
+            } else if (r == 1 && k > 0) {
+                *e = logical[g * F_TOPK + rnd_below(k)];
+            } else {
+                *e = rnd_below(F_TOK);
+            }
+        }
+    }
+    logical[2 * F_TOPK + 0] = F_TOK - 1; /* the last token, twice */
+    logical[2 * F_TOPK + 1] = F_TOK - 1;
+    logical[3 * F_TOPK + 4] = 0;
+    for (int i = 0; i < F_B * F_SQ * F_TOPK; ++i) {
+        int32_t t = logical[i];
+        physical[i] = t < 0 ? -1 : perm[t / F_BS] * F_BS + t % F_BS;
+    }
+
+    enum {
+        Q_N = F_B * F_SQ * F_H * F_DQK,
+        OUT_N = F_B * F_SQ * F_H * F_DV,
+        LSE_N = F_B * F_H * F_SQ
+    };
+    float *q = (float *)xmalloc(sizeof(float) * Q_N);
+    float *out = (float *)xmalloc(sizeof(float) * OUT_N);
+    double *ref_out = (double *)xmalloc(sizeof(double) * OUT_N);
+    float lse[LSE_N];
+    double ref_lse[LSE_N];
+    fill_random(q, Q_N);
+
+    mlart_decode_args a;
+    mlart_decode_args_init(&a);
+    a.batch = F_B;
+    a.s_q = F_SQ;
+    a.h_q = F_H;
+    a.d_qk = F_DQK;
+    a.d_v = F_DV;
+    a.q_dtype = MLART_DTYPE_F32;
+    a.q = q;
+    a.kv_format = MLART_KV_FORMAT_FP8_V32;
+    a.kv = kv;
+    a.num_blocks = F_NB;
+    a.block_size = F_BS;
+    a.indices = physical;
+    a.topk = F_TOPK;
+    a.out_dtype = MLART_DTYPE_F32;
+    a.out = out;
+    a.lse = lse;
+
+    /* Case 0: plain. Case 1: topk_length (sequence 1 uses 5 entries, the rest
+     * hold out-of-range garbage) and a finite, a +inf and a -inf sink. */
+    const int32_t lengths[F_B] = {F_TOPK, 5};
+    const float sink[F_H] = {0.5f, INFINITY, -INFINITY};
+    for (int variant = 0; variant < 2; ++variant) {
+        if (variant == 1) {
+            for (int i = 0; i < F_SQ; ++i) {
+                for (int k = lengths[1]; k < F_TOPK; ++k) {
+                    physical[(F_SQ + i) * F_TOPK + k] = 1 << 30;
+                }
+            }
+            a.topk_length = lengths;
+            a.attn_sink = sink;
+        }
+        double scale = 1.0 / sqrt((double)F_DQK);
+        for (int b = 0; b < F_B; ++b) {
+            for (int i = 0; i < F_SQ; ++i) {
+                int g = b * F_SQ + i;
+                reference_list(q + (size_t)g * F_H * F_DQK, deq, logical + g * F_TOPK,
+                               variant == 1 ? lengths[b] : F_TOPK, F_H, F_DQK, F_DV, scale,
+                               variant == 1 ? sink : NULL, ref_out + (size_t)g * F_H * F_DV,
+                               ref_lse + b * F_H * F_SQ + i, F_SQ);
+            }
+        }
+        fill_nan(out, OUT_N);
+        fill_nan(lse, LSE_N);
+        if (OK(mlart_decode_paged(engine, &a))) {
+            double e_out = max_rel_error(out, ref_out, OUT_N);
+            double e_lse = max_rel_error(lse, ref_lse, LSE_N);
+            printf("fp8_v32 sparse variant %d: max rel out err %.3g, max rel lse err %.3g\n",
+                   variant, e_out, e_lse);
+            CHECK(e_out <= 1e-5, "fp8 sparse variant %d: out error %g", variant, e_out);
+            CHECK(e_lse <= 1e-5, "fp8 sparse variant %d: lse error %g", variant, e_lse);
+            /* Query (0, 1) sees no key: out = 0, lse = +inf. */
+            int zero = 1;
+            for (int h = 0; h < F_H; ++h) {
+                for (int c = 0; c < F_DV; ++c) {
+                    zero &= out[((size_t)1 * F_H + h) * F_DV + c] == 0.0f;
+                }
+                CHECK(isinf(lse[h * F_SQ + 1]) && lse[h * F_SQ + 1] > 0,
+                      "no key: lse[0][%d][1] = %g", h, (double)lse[h * F_SQ + 1]);
+            }
+            CHECK(zero, "a query with no key has out != 0");
+            if (variant == 1) {
+                /* The +inf sink (head 1) zeroes every output of that head. */
+                for (int g = 0; g < F_B * F_SQ; ++g) {
+                    for (int c = 0; c < F_DV; ++c) {
+                        zero &= out[((size_t)g * F_H + 1) * F_DV + c] == 0.0f;
+                    }
+                }
+                CHECK(zero, "a +inf sink left out != 0");
+            }
+        }
+    }
+
+    /* Errors: nothing is written. */
+    fill_nan(out, OUT_N);
+    fill_nan(lse, LSE_N);
+    mlart_decode_args bad = a;
+    bad.causal = true;
+    EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT, "causal");
+    bad = a;
+    bad.topk = 0;
+    EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT, "topk = 0");
+    const int32_t long_lengths[F_B] = {F_TOPK + 1, 0};
+    bad = a;
+    bad.topk_length = long_lengths;
+    EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT,
+                 "topk_length[0] = 13");
+    int32_t saved = physical[3];
+    physical[3] = F_NB * F_BS; /* one past the cache */
+    EXPECT_ERROR(mlart_decode_paged(engine, &a), MLART_STATUS_INVALID_ARGUMENT,
+                 "indices[0][0][3] = 64");
+    physical[3] = -2;
+    EXPECT_ERROR(mlart_decode_paged(engine, &a), MLART_STATUS_INVALID_ARGUMENT,
+                 "indices[0][0][3] = -2");
+    physical[3] = saved;
+    bad = a;
+    bad.d_qk = 512; /* FP8_V32 rows are 576 wide */
+    EXPECT_ERROR(mlart_decode_paged(engine, &bad), MLART_STATUS_INVALID_ARGUMENT, "d_qk");
+    CHECK(all_nan(out, OUT_N) && all_nan(lse, LSE_N), "a failed fp8 decode wrote out or lse");
+
+    free(src);
+    free(blocks);
+    free(deq);
+    free(kv);
+    free(q);
+    free(out);
+    free(ref_out);
 }
 
 /* ------------------------------------------------------------ KV pool */
@@ -717,6 +1044,7 @@ int main(void) {
         test_paged_f32(engine, false, 0.0f);
         test_paged_f32(engine, true, 0.0f);
         test_paged_f32(engine, true, 0.3f);
+        test_fp8_sparse(engine);
         test_pool(engine);
         mlart_engine_free(engine);
     }

@@ -1,5 +1,7 @@
 // C++17 consumer of the mlart C ABI: RAII handles, F32 and BF16 paged decode
-// against a double-precision reference, error handling and a BF16 KV pool.
+// against a double-precision reference, FP8_V32 / FP8_MODEL1 sparse decode
+// (extra cache, topk_length, attention sink) against the dequantized rows,
+// error handling and a BF16 KV pool.
 //
 // Linked twice by CMakeLists.txt (libmlart.so and libmlart.a). Exits non-zero
 // if any check fails, after printing every failed check.
@@ -387,6 +389,226 @@ void test_paged(mlart_engine *engine, const PagedCase &c) {
           "a failed decode wrote lse");
 }
 
+// ------------------------------------------------------------ FP8 sparse
+
+// An FP8 cache the test owns: `tokens` F32 rows quantized with
+// mlart_kv_quantize, their blocks scattered in reverse order after one
+// poisoned block (0xFF bytes: NaN codes and scales) that is never indexed.
+struct Fp8Cache {
+    int block_size = 0;
+    int num_blocks = 0;
+    std::vector<std::uint8_t> kv;
+    std::vector<float> deq;           // [tokens, d_qk], mlart_kv_dequantize of the blocks
+    std::vector<std::int32_t> where;  // physical position of each logical token
+    bool ok = false;
+
+    Fp8Cache(mlart_kv_format format, int d_qk, int bs, int tokens) : block_size(bs) {
+        std::size_t block = 0;
+        if (!OK(mlart_kv_block_bytes(format, d_qk, bs, &block))) return;
+        const bool v32 = format == MLART_KV_FORMAT_FP8_V32;
+        const std::size_t expect =
+            v32 ? std::size_t(656) * bs : (std::size_t(584) * bs + 575) / 576 * 576;
+        CHECK(block == expect, "block bytes " << block << " != " << expect);
+        // Tiles of different amplitudes: different tile scales in one row.
+        const int nope = v32 ? 512 : 448, tile = v32 ? 128 : 64;
+        const float amps[] = {0.02f, 0.7f, 1.0f, 2.5f, 0.0f};
+        std::vector<float> src = random_values(std::size_t(tokens) * d_qk, MLART_DTYPE_F32);
+        for (int t = 0; t < tokens; ++t)
+            for (int c = 0; c < nope; ++c)
+                src[std::size_t(t) * d_qk + c] *= amps[(t + c / tile) % 5];
+        const int used = (tokens + bs - 1) / bs;
+        std::vector<std::uint8_t> blocks(block * used, 0xA5);
+        deq.assign(src.size(), kNaN);
+        if (!OK(mlart_kv_quantize(format, d_qk, bs, tokens, MLART_DTYPE_F32, src.data(),
+                                  blocks.data())) ||
+            !OK(mlart_kv_dequantize(format, d_qk, bs, tokens, blocks.data(), MLART_DTYPE_F32,
+                                    deq.data())))
+            return;
+        num_blocks = used + 1;
+        kv.assign(block * num_blocks, 0xFF);
+        for (int j = 0; j < used; ++j)  // logical block j -> slot used - j (slot 0 poisoned)
+            std::copy_n(&blocks[block * j], block, &kv[block * (used - j)]);
+        for (int t = 0; t < tokens; ++t) where.push_back((used - t / bs) * bs + t % bs);
+        ok = true;
+    }
+};
+
+// Random logical lists [rows, topk] over `tokens`: -1 entries and duplicates.
+std::vector<std::int32_t> random_lists(int rows, int topk, int tokens) {
+    std::vector<std::int32_t> v;
+    for (int r = 0; r < rows; ++r) {
+        const std::size_t start = v.size();
+        for (int k = 0; k < topk; ++k) {
+            const int pick = static_cast<int>(g_rng() % 6);
+            if (pick == 0)
+                v.push_back(-1);
+            else if (pick == 1 && k > 0)
+                v.push_back(v[start + g_rng() % static_cast<unsigned>(k)]);
+            else
+                v.push_back(static_cast<std::int32_t>(g_rng() % static_cast<unsigned>(tokens)));
+        }
+    }
+    return v;
+}
+
+struct Fp8Case {
+    mlart_kv_format format;
+    int d_qk, d_v, block_size, tokens;
+    int extra_block_size, extra_tokens;  // extra_tokens 0: no extra cache
+    bool lengths_and_sink;
+};
+
+void test_fp8_sparse(mlart_engine *engine, const Fp8Case &c) {
+    constexpr int kBatch = 2, kSq = 2, kHeads = 4, kTopk = 16, kExtraTopk = 6;
+    const bool extra = c.extra_tokens > 0;
+    std::ostringstream name;
+    name << "fp8 sparse format " << c.format << " bs " << c.block_size << " extra "
+         << c.extra_tokens << (c.lengths_and_sink ? " lengths+sink" : "");
+    Fp8Cache main_cache(c.format, c.d_qk, c.block_size, c.tokens);
+    Fp8Cache extra_cache(c.format, c.d_qk, extra ? c.extra_block_size : 1,
+                         extra ? c.extra_tokens : 1);
+    if (!main_cache.ok || !extra_cache.ok) return;
+
+    const int rows = kBatch * kSq;
+    std::vector<std::int32_t> logical = random_lists(rows, kTopk, c.tokens);
+    std::fill_n(&logical[1 * kTopk], kTopk, -1);  // query (0, 1): no main key
+    logical[2 * kTopk + 1] = logical[2 * kTopk];  // a duplicate for certain
+    std::vector<std::int32_t> xlogical = random_lists(rows, kExtraTopk, extra ? c.extra_tokens : 1);
+    if (!extra) std::fill(xlogical.begin(), xlogical.end(), -1);
+    std::fill_n(&xlogical[1 * kExtraTopk], kExtraTopk, -1);  // ... nor extra key
+    const std::int32_t lengths[kBatch] = {kTopk, 5};
+    const std::int32_t xlengths[kBatch] = {2, kExtraTopk};
+    const float sink[kHeads] = {0.25f, std::numeric_limits<float>::infinity(),
+                                -std::numeric_limits<float>::infinity(), -3.0f};
+
+    auto physical = [](const std::vector<std::int32_t> &l, const Fp8Cache &cache, int topk,
+                       const std::int32_t *len) {
+        std::vector<std::int32_t> p(l.size());
+        for (std::size_t i = 0; i < l.size(); ++i) {
+            const int b = static_cast<int>(i) / (kSq * topk), k = static_cast<int>(i) % topk;
+            if (len != nullptr && k >= len[b])
+                p[i] = std::numeric_limits<std::int32_t>::max();  // not read
+            else
+                p[i] = l[i] < 0 ? -1 : cache.where[l[i]];
+        }
+        return p;
+    };
+    const std::int32_t *len = c.lengths_and_sink ? lengths : nullptr;
+    const std::int32_t *xlen = c.lengths_and_sink ? xlengths : nullptr;
+    const std::vector<std::int32_t> indices = physical(logical, main_cache, kTopk, len);
+    const std::vector<std::int32_t> xindices = physical(xlogical, extra_cache, kExtraTopk, xlen);
+
+    const std::vector<float> q =
+        random_values(static_cast<std::size_t>(rows) * kHeads * c.d_qk, MLART_DTYPE_F32);
+    std::vector<float> out(static_cast<std::size_t>(rows) * kHeads * c.d_v, kNaN);
+    std::vector<float> lse(static_cast<std::size_t>(kBatch) * kHeads * kSq, kNaN);
+
+    // Reference from the dequantized rows, one softmax over both caches.
+    std::vector<double> ref_out(out.size(), 0.0), ref_lse(lse.size(), kInf);
+    const double scale = 1.0 / std::sqrt(double(c.d_qk));
+    for (int g = 0; g < rows; ++g) {
+        const int b = g / kSq, i = g % kSq;
+        std::vector<const float *> keys;
+        for (int k = 0; k < (len ? len[b] : kTopk); ++k)
+            if (logical[g * kTopk + k] >= 0)
+                keys.push_back(&main_cache.deq[std::size_t(logical[g * kTopk + k]) * c.d_qk]);
+        for (int k = 0; k < (xlen ? xlen[b] : kExtraTopk); ++k)
+            if (xlogical[g * kExtraTopk + k] >= 0)
+                keys.push_back(
+                    &extra_cache.deq[std::size_t(xlogical[g * kExtraTopk + k]) * c.d_qk]);
+        if (keys.empty()) continue;  // out = 0, lse = +inf
+        for (int h = 0; h < kHeads; ++h) {
+            const float *qr = &q[(std::size_t(g) * kHeads + h) * c.d_qk];
+            std::vector<double> s;
+            for (const float *k : keys) {
+                double acc = 0.0;
+                for (int e = 0; e < c.d_qk; ++e) acc += double(qr[e]) * double(k[e]);
+                s.push_back(acc * scale);
+            }
+            const double m = *std::max_element(s.begin(), s.end());
+            double sum = 0.0;
+            for (double x : s) sum += std::exp(x - m);
+            const double l = m + std::log(sum);
+            const double factor =
+                c.lengths_and_sink ? 1.0 / (1.0 + std::exp(double(sink[h]) - l)) : 1.0;
+            double *o = &ref_out[(std::size_t(g) * kHeads + h) * c.d_v];
+            for (std::size_t t = 0; t < keys.size(); ++t) {
+                const double p = std::exp(s[t] - m) / sum * factor;
+                for (int e = 0; e < c.d_v; ++e) o[e] += p * double(keys[t][e]);
+            }
+            ref_lse[(std::size_t(b) * kHeads + h) * kSq + i] = l;
+        }
+    }
+
+    mlart_decode_args a;
+    mlart_decode_args_init(&a);
+    a.batch = kBatch;
+    a.s_q = kSq;
+    a.h_q = kHeads;
+    a.d_qk = c.d_qk;
+    a.d_v = c.d_v;
+    a.q_dtype = MLART_DTYPE_F32;
+    a.q = q.data();
+    a.kv_format = c.format;
+    a.kv = main_cache.kv.data();
+    a.num_blocks = main_cache.num_blocks;
+    a.block_size = c.block_size;
+    a.indices = indices.data();
+    a.topk = kTopk;
+    a.topk_length = len;
+    if (extra) {
+        a.extra_kv = extra_cache.kv.data();
+        a.extra_num_blocks = extra_cache.num_blocks;
+        a.extra_block_size = c.extra_block_size;
+        a.extra_indices = xindices.data();
+        a.extra_topk = kExtraTopk;
+        a.extra_topk_length = xlen;
+    }
+    if (c.lengths_and_sink) a.attn_sink = sink;
+    a.out_dtype = MLART_DTYPE_F32;
+    a.out = out.data();
+    a.lse = lse.data();
+    if (!OK(mlart_decode_paged(engine, &a))) return;
+
+    // Errors relative to the largest magnitude (at least 1).
+    double mag = 1.0, lmag = 1.0;
+    for (double x : ref_out) mag = std::max(mag, std::fabs(x));
+    for (double x : ref_lse)
+        if (!std::isinf(x)) lmag = std::max(lmag, std::fabs(x));
+    const double e_out = max_error(out, ref_out) / mag, e_lse = max_error(lse, ref_lse) / lmag;
+    std::cout << name.str() << ": max rel out err " << e_out << ", max rel lse err " << e_lse
+              << '\n';
+    CHECK(e_out <= 1e-5, name.str() << ": out error " << e_out);
+    CHECK(e_lse <= 1e-5, name.str() << ": lse error " << e_lse);
+    for (int h = 0; h < kHeads; ++h)
+        CHECK(std::isinf(lse[h * kSq + 1]) && lse[h * kSq + 1] > 0,
+              name.str() << ": query without keys has lse " << lse[h * kSq + 1]);
+
+    // An index into the poisoned block, or past either cache, is rejected.
+    std::vector<float> poisoned = out;
+    std::fill(poisoned.begin(), poisoned.end(), kNaN);
+    out = poisoned;
+    std::vector<std::int32_t> bad = indices;
+    bad[0] = main_cache.num_blocks * c.block_size;
+    mlart_decode_args wrong = a;
+    wrong.indices = bad.data();
+    EXPECT_ERROR(mlart_decode_paged(engine, &wrong), MLART_STATUS_INVALID_ARGUMENT,
+                 "indices[0][0][0]");
+    if (extra) {
+        std::vector<std::int32_t> xbad = xindices;
+        xbad[1] = -5;
+        wrong = a;
+        wrong.extra_indices = xbad.data();
+        EXPECT_ERROR(mlart_decode_paged(engine, &wrong), MLART_STATUS_INVALID_ARGUMENT,
+                     "extra_indices[0][0][1] = -5");
+    }
+    wrong = a;
+    wrong.causal = true;
+    EXPECT_ERROR(mlart_decode_paged(engine, &wrong), MLART_STATUS_INVALID_ARGUMENT, "causal");
+    CHECK(std::all_of(out.begin(), out.end(), [](float x) { return std::isnan(x); }),
+          name.str() << ": a failed decode wrote out");
+}
+
 // What the test believes a pool sequence holds (values exactly bf16).
 struct Mirror {
     std::uint64_t id;
@@ -549,6 +771,13 @@ int main() {
             {MLART_DTYPE_BF16, MLART_DTYPE_BF16, MLART_DTYPE_F32, true, 0.0f, 2e-2, 1e-3},
         };
         for (const PagedCase &c : cases) test_paged(engine.get(), c);
+        const Fp8Case fp8_cases[] = {
+            {MLART_KV_FORMAT_FP8_V32, 576, 512, 16, 40, 0, 0, false},
+            {MLART_KV_FORMAT_FP8_V32, 576, 512, 64, 70, 16, 20, true},
+            {MLART_KV_FORMAT_FP8_MODEL1, 512, 512, 64, 100, 5, 12, true},
+            {MLART_KV_FORMAT_FP8_MODEL1, 512, 448, 1, 9, 0, 0, true},
+        };
+        for (const Fp8Case &c : fp8_cases) test_fp8_sparse(engine.get(), c);
         test_pool(engine);
     }
     if (g_failures != 0) {

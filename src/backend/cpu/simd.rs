@@ -12,6 +12,10 @@
 //! The code is generic over a vector type and inlined into
 //! `#[target_feature]` entry points, so each ISA gets its own instructions.
 
+// Register blocks are indexed [row][vector] with run-time bounds (rows left,
+// vectors per ISA); index loops state that layout more plainly than zips.
+#![allow(clippy::needless_range_loop)]
+
 use super::isa::CpuIsa;
 use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
 
@@ -117,7 +121,7 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 unsafe fn scores<V: Vector>(q: &[f32], d: usize, rn: usize, kt: &[f32], s: &mut [f32]) {
     let nb = V::BLOCK;
     let width = nb * V::LANES;
-    debug_assert!(nb <= 4 && K_TILE % width == 0);
+    debug_assert!(nb <= 4 && K_TILE.is_multiple_of(width));
     debug_assert!(q.len() >= rn * d && kt.len() >= d * K_TILE && s.len() >= rn * K_TILE);
     // SAFETY: ISA enabled (caller); every pointer below stays inside the
     // slices whose lengths are checked above.
