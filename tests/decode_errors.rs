@@ -1,5 +1,6 @@
-//! Error paths of `mlart_decode_paged`, `mlart_engine_create` and
-//! `mlart_engine_info`, called through the C ABI.
+//! Error paths of `mlart_decode_paged` (dense and sparse: indices,
+//! topk_length, the extra cache, the attention sink; FP8 formats),
+//! `mlart_engine_create` and `mlart_engine_info`, called through the C ABI.
 //!
 //! Each bad argument must give the documented `mlart_status` and a message
 //! naming the argument and its value, and must leave every output untouched:
@@ -10,6 +11,7 @@
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
 use mlart::ffi::error::*;
+use mlart::ffi::format::*;
 use mlart::ffi::types::*;
 use std::ffi::{c_void, CStr};
 use std::mem::{size_of, MaybeUninit};
@@ -46,8 +48,8 @@ fn status_name(s: mlart_status) -> String {
 }
 
 /// Asserts that `e` is an error with `status` whose message contains every
-/// one of `needles`.
-fn expect_error(what: &str, e: *mut mlart_error, status: mlart_status, needles: &[&str]) {
+/// one of `needles`; returns the message.
+fn expect_error(what: &str, e: *mut mlart_error, status: mlart_status, needles: &[&str]) -> String {
     let Some((code, msg)) = take_error(e) else {
         panic!("{what}: succeeded, want {} error", status_name(status));
     };
@@ -66,6 +68,7 @@ fn expect_error(what: &str, e: *mut mlart_error, status: mlart_status, needles: 
             "{what}: message {msg:?} does not mention {n:?}"
         );
     }
+    msg
 }
 
 fn options() -> mlart_engine_options {
@@ -124,6 +127,13 @@ const STRIDE: usize = 3;
 const OUT_SENTINEL: u32 = 0xdead_beef;
 const LSE_SENTINEL: u32 = 0x7fa5_a5a5;
 
+// Sparse decode over the same cache (32 positions): topk 4, and an extra
+// cache of 3 blocks x 5 tokens (15 positions) with extra_topk 3.
+const TOPK: usize = 4;
+const EXTRA_BLOCKS: usize = 3;
+const EXTRA_BS: usize = 5;
+const EXTRA_TOPK: usize = 3;
+
 /// Buffers of the base decode. One allocation per tensor; `spare` gives
 /// room for misaligned pointers and for overlap tests.
 #[derive(Clone, PartialEq)]
@@ -137,8 +147,17 @@ struct Fixture {
     seqlens: Vec<i32>,
     out: Vec<f32>,
     lse: Vec<f32>,
-    /// A dummy array for the reserved sparse pointers.
-    dummy: Vec<i32>,
+    /// `[BATCH, s_q <= 2, TOPK]` then spare entries.
+    indices: Vec<i32>,
+    /// `[BATCH]` then spare entries.
+    topk_length: Vec<i32>,
+    extra_kv: Vec<f32>,
+    /// `[BATCH, s_q <= 2, EXTRA_TOPK]` then spare entries.
+    extra_indices: Vec<i32>,
+    /// `[BATCH]` then spare entries.
+    extra_topk_length: Vec<i32>,
+    /// `[h_q <= 4]` then spare entries (16 in all: room for `out`).
+    sink: Vec<f32>,
 }
 
 impl Fixture {
@@ -158,8 +177,67 @@ impl Fixture {
             seqlens: vec![5, 9, 0],
             out: vec![f32::from_bits(OUT_SENTINEL); BATCH * H_Q * D_V],
             lse: vec![f32::from_bits(LSE_SENTINEL); BATCH * H_Q],
-            dummy: vec![0; 16],
+            // Valid positions, -1s and a duplicate; the last 8 are spare.
+            indices: vec![
+                0, 31, -1, 5, 12, 12, 7, -1, //
+                3, -1, 30, 2, 9, 9, 9, 1, //
+                0, 0, 0, 0, 0, 0, 0, 0,
+            ],
+            topk_length: vec![4, 2, 0, 0],
+            extra_kv: (0..EXTRA_BLOCKS * EXTRA_BS * D_QK)
+                .map(|i| ((i * 31 % 23) as f32 - 11.0) / 22.0)
+                .collect(),
+            extra_indices: vec![
+                14, -1, 0, 3, 3, -1, //
+                7, 8, -1, -1, -1, -1, //
+                0, 0, 0, 0, 0, 0,
+            ],
+            extra_topk_length: vec![3, 1, 0, 0],
+            sink: [0.5, f32::INFINITY, f32::NEG_INFINITY, -2.0]
+                .into_iter()
+                .chain([0.0; 12])
+                .collect(),
         }
+    }
+
+    /// Sparse decode: the base arguments with `indices`/`topk` set and the
+    /// block table and lengths NULL (not read).
+    fn sparse(&mut self, c: &mut Call) {
+        c.args.indices = self.indices.as_ptr();
+        c.args.topk = TOPK as i32;
+        c.args.block_table = std::ptr::null();
+        c.args.block_table_stride = 0;
+        c.args.seqlens = std::ptr::null();
+    }
+
+    /// Sparse decode with the extra cache, both topk lengths and a sink.
+    fn sparse_full(&mut self, c: &mut Call) {
+        self.sparse(c);
+        c.args.topk_length = self.topk_length.as_ptr();
+        c.args.extra_kv = self.extra_kv.as_ptr().cast();
+        c.args.extra_num_blocks = EXTRA_BLOCKS as i32;
+        c.args.extra_block_size = EXTRA_BS as i32;
+        c.args.extra_indices = self.extra_indices.as_ptr();
+        c.args.extra_topk = EXTRA_TOPK as i32;
+        c.args.extra_topk_length = self.extra_topk_length.as_ptr();
+        c.args.attn_sink = self.sink.as_ptr();
+    }
+
+    /// Sets `s_q` and `h_q`, with room in q and sentinel-filled out/lse
+    /// buffers for them.
+    fn resize(&mut self, c: &mut Call, s_q: usize, h_q: usize) {
+        let nq = BATCH * s_q * h_q * D_QK + 64;
+        if self.q.len() < nq {
+            self.q
+                .extend((self.q.len()..nq).map(|i| (i % 5) as f32 / 8.0));
+            c.args.q = self.q.as_ptr().cast();
+        }
+        self.out = vec![f32::from_bits(OUT_SENTINEL); BATCH * s_q * h_q * D_V];
+        self.lse = vec![f32::from_bits(LSE_SENTINEL); BATCH * h_q * s_q];
+        c.args.s_q = s_q as i32;
+        c.args.h_q = h_q as i32;
+        c.args.out = self.out.as_mut_ptr().cast();
+        c.args.lse = self.lse.as_mut_ptr();
     }
 
     fn args(&mut self) -> mlart_decode_args {
@@ -197,14 +275,15 @@ struct Call {
 }
 
 /// Runs the base decode edited by `edit` and expects `status` with every
-/// needle in the message, and no byte of any buffer changed.
+/// needle in the message, and no byte of any buffer changed; returns the
+/// message.
 fn decode_error(
     engine: &Engine,
     what: &str,
     status: mlart_status,
     needles: &[&str],
     edit: impl FnOnce(&mut Fixture, &mut Call),
-) {
+) -> String {
     let mut fx = Fixture::new();
     let mut call = Call {
         engine: engine.0,
@@ -214,6 +293,8 @@ fn decode_error(
     edit(&mut fx, &mut call);
     let before_q = Fixture::bits(&fx.q);
     let before_kv = Fixture::bits(&fx.kv);
+    let before_extra_kv = Fixture::bits(&fx.extra_kv);
+    let before_sink = Fixture::bits(&fx.sink);
     let before = fx.clone();
     let args: *const mlart_decode_args = if call.null_args {
         std::ptr::null()
@@ -221,7 +302,7 @@ fn decode_error(
         &call.args
     };
     let e = mlart_decode_paged(call.engine, args);
-    expect_error(&format!("decode with {what}"), e, status, needles);
+    let msg = expect_error(&format!("decode with {what}"), e, status, needles);
     assert!(
         Fixture::bits(&fx.out).iter().all(|&b| b == OUT_SENTINEL),
         "decode with {what}: out was written on error"
@@ -234,6 +315,30 @@ fn decode_error(
     assert_eq!(Fixture::bits(&fx.kv), before_kv, "{what}: kv changed");
     assert_eq!(fx.table, before.table, "{what}: block_table changed");
     assert_eq!(fx.seqlens, before.seqlens, "{what}: seqlens changed");
+    assert_eq!(fx.indices, before.indices, "{what}: indices changed");
+    assert_eq!(
+        fx.topk_length, before.topk_length,
+        "{what}: topk_length changed"
+    );
+    assert_eq!(
+        fx.extra_indices, before.extra_indices,
+        "{what}: extra_indices changed"
+    );
+    assert_eq!(
+        fx.extra_topk_length, before.extra_topk_length,
+        "{what}: extra_topk_length changed"
+    );
+    assert_eq!(
+        Fixture::bits(&fx.extra_kv),
+        before_extra_kv,
+        "{what}: extra_kv changed"
+    );
+    assert_eq!(
+        Fixture::bits(&fx.sink),
+        before_sink,
+        "{what}: attn_sink changed"
+    );
+    msg
 }
 
 /// Runs the base decode edited by `edit` and expects success.
@@ -468,28 +573,35 @@ fn decode_bad_enums() {
     decode_error(&engine, "kv_format = 9", inv, &["kv_format = 9"], |_, c| {
         c.args.kv_format = 9
     });
-    decode_error(
-        &engine,
-        "kv_format FP8_V32",
-        uns,
-        &["kv_format = fp8_v32", "not supported"],
-        |_, c| {
-            c.args.kv_format = MLART_KV_FORMAT_FP8_V32;
-            c.args.d_qk = 576;
-            c.args.d_v = 512;
-        },
-    );
-    decode_error(
-        &engine,
-        "kv_format FP8_MODEL1",
-        uns,
-        &["kv_format = fp8_model1", "not supported"],
-        |_, c| {
-            c.args.kv_format = MLART_KV_FORMAT_FP8_MODEL1;
-            c.args.d_qk = 512;
-            c.args.d_v = 512;
-        },
-    );
+    // FP8 formats have a fixed row size: d_qk must match it.
+    for (format, name, d_qk, d_v, want) in [
+        (MLART_KV_FORMAT_FP8_V32, "fp8_v32", 8, 4, 576),
+        (MLART_KV_FORMAT_FP8_V32, "fp8_v32", 512, 512, 576),
+        (MLART_KV_FORMAT_FP8_V32, "fp8_v32", 577, 512, 576),
+        (MLART_KV_FORMAT_FP8_MODEL1, "fp8_model1", 576, 512, 512),
+        (MLART_KV_FORMAT_FP8_MODEL1, "fp8_model1", 8, 4, 512),
+    ] {
+        for sparse in [false, true] {
+            decode_error(
+                &engine,
+                &format!("kv_format {name} with d_qk {d_qk} (sparse: {sparse})"),
+                inv,
+                &[
+                    &format!("kv_format = {name}"),
+                    &format!("d_qk = {want}"),
+                    &format!("d_qk = {d_qk}"),
+                ],
+                |fx, c| {
+                    if sparse {
+                        fx.sparse_full(c);
+                    }
+                    c.args.kv_format = format;
+                    c.args.d_qk = d_qk;
+                    c.args.d_v = d_v;
+                },
+            );
+        }
+    }
     decode_error(
         &engine,
         "memory DEVICE",
@@ -502,27 +614,450 @@ fn decode_bad_enums() {
     });
 }
 
+/// Sparse decode and FP8 caches are accepted; the entries past a topk
+/// length, block-table and sink entries past h_q are never read.
 #[test]
-fn decode_sparse_fields_are_unsupported() {
+fn sparse_and_fp8_decode_succeed() {
     let engine = Engine::new();
-    type Setter = fn(&mut mlart_decode_args, *const i32);
-    let fields: [(&str, Setter); 6] = [
-        ("indices", |a, p| a.indices = p),
-        ("topk_length", |a, p| a.topk_length = p),
-        ("extra_kv", |a, p| a.extra_kv = p.cast::<c_void>()),
-        ("extra_indices", |a, p| a.extra_indices = p),
-        ("extra_topk_length", |a, p| a.extra_topk_length = p),
-        ("attn_sink", |a, p| a.attn_sink = p.cast::<f32>()),
+    let fx = decode_ok(&engine, "indices only", |fx, c| fx.sparse(c));
+    assert!(fx.lse.iter().all(|x| x.is_finite()), "lse {:?}", fx.lse);
+    decode_ok(&engine, "every sparse field", |fx, c| fx.sparse_full(c));
+    decode_ok(&engine, "topk without indices (dense)", |_, c| {
+        c.args.topk = 4
+    });
+    decode_ok(&engine, "dense with attn_sink", |fx, c| {
+        c.args.attn_sink = fx.sink.as_ptr();
+        // Only the first h_q entries are read.
+        fx.sink[H_Q] = f32::NAN;
+    });
+    decode_ok(&engine, "s_q 2, h_q 4", |fx, c| {
+        fx.sparse_full(c);
+        fx.resize(c, 2, 4);
+    });
+    decode_ok(&engine, "garbage past topk_length", |fx, c| {
+        fx.sparse_full(c);
+        fx.topk_length[..BATCH].copy_from_slice(&[1, 0]);
+        fx.indices[1..TOPK].copy_from_slice(&[i32::MAX, -2, i32::MIN]);
+        fx.indices[TOPK..2 * TOPK].fill(0x7fff_ffff);
+        fx.extra_topk_length[..BATCH].copy_from_slice(&[0, 2]);
+        fx.extra_indices[..EXTRA_TOPK].fill(-99);
+        fx.extra_indices[EXTRA_TOPK + 2] = 15;
+    });
+    let fx = decode_ok(&engine, "no valid index", |fx, c| {
+        fx.sparse(c);
+        fx.indices[..BATCH * TOPK].fill(-1);
+    });
+    assert!(fx.out.iter().all(|&x| x == 0.0), "out {:?}", fx.out);
+    assert!(
+        fx.lse.iter().all(|&x| x == f32::INFINITY),
+        "lse {:?}",
+        fx.lse
+    );
+    // FP8 caches, dense and sparse (the cache made by mlart_kv_quantize).
+    for (format, d_qk, d_v) in [
+        (MLART_KV_FORMAT_FP8_V32, 576usize, 512usize),
+        (MLART_KV_FORMAT_FP8_MODEL1, 512, 512),
+    ] {
+        for sparse in [false, true] {
+            decode_ok(
+                &engine,
+                &format!("kv_format {format} (sparse: {sparse})"),
+                |fx, c| {
+                    let mut block = 0usize;
+                    assert!(take_error(mlart_kv_block_bytes(
+                        format,
+                        d_qk as i32,
+                        BS as i32,
+                        &mut block
+                    ))
+                    .is_none());
+                    let rows: Vec<f32> = (0..NUM_BLOCKS * BS * d_qk)
+                        .map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0)
+                        .collect();
+                    fx.kv = vec![0.0; NUM_BLOCKS * block / 4];
+                    assert!(take_error(mlart_kv_quantize(
+                        format,
+                        d_qk as i32,
+                        BS as i32,
+                        (NUM_BLOCKS * BS) as i32,
+                        MLART_DTYPE_F32,
+                        rows.as_ptr().cast(),
+                        fx.kv.as_mut_ptr().cast(),
+                    ))
+                    .is_none());
+                    fx.q = vec![0.25; BATCH * H_Q * d_qk];
+                    fx.out = vec![f32::NAN; BATCH * H_Q * d_v];
+                    c.args = fx.args();
+                    c.args.kv_format = format;
+                    c.args.d_qk = d_qk as i32;
+                    c.args.d_v = d_v as i32;
+                    if sparse {
+                        fx.sparse(c);
+                    }
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn decode_sparse_bad_sizes() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    type Setter = fn(&mut mlart_decode_args, i32);
+    let fields: [(&str, Setter); 4] = [
+        ("topk", |a, v| a.topk = v),
+        ("extra_num_blocks", |a, v| a.extra_num_blocks = v),
+        ("extra_block_size", |a, v| a.extra_block_size = v),
+        ("extra_topk", |a, v| a.extra_topk = v),
+    ];
+    for (name, set) in fields {
+        for v in [0, -1, i32::MIN] {
+            decode_error(
+                &engine,
+                &format!("{name} = {v}"),
+                inv,
+                &[&format!("{name} = {v} must be >= 1")],
+                |fx, c| {
+                    fx.sparse_full(c);
+                    set(&mut c.args, v);
+                },
+            );
+        }
+    }
+}
+
+#[test]
+fn decode_sparse_bad_indices() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    // (what, entry to set, value, needle); lists are [BATCH, 1, TOPK].
+    for (at, v) in [
+        (TOPK + 2, 32),
+        (0, i32::MAX),
+        (1, -2),
+        (TOPK + 3, i32::MIN),
+        (3, 1_000_000),
+    ] {
+        let (b, k) = (at / TOPK, at % TOPK);
+        let want = format!("indices[{b}][0][{k}] = {v} is outside [-1, 32)");
+        let msg = decode_error(&engine, &want, inv, &[&want], |fx, c| {
+            fx.sparse(c);
+            fx.indices[at] = v;
+        });
+        assert!(msg.starts_with(&want), "{msg}");
+    }
+    // With s_q = 2 the query token index is named.
+    decode_error(
+        &engine,
+        "indices[1][1][3] out of range",
+        inv,
+        &["indices[1][1][3] = 40 is outside [-1, 32)"],
+        |fx, c| {
+            fx.sparse(c);
+            fx.resize(c, 2, H_Q);
+            fx.indices[3 * TOPK + 3] = 40;
+        },
+    );
+    // Fewer blocks: position 31 no longer exists.
+    decode_error(
+        &engine,
+        "num_blocks 7",
+        inv,
+        &["indices[0][0][1] = 31 is outside [-1, 28)"],
+        |fx, c| {
+            fx.sparse(c);
+            c.args.num_blocks = 7;
+        },
+    );
+    // An entry past topk_length is not checked until it becomes used.
+    decode_ok(&engine, "bad entry past topk_length", |fx, c| {
+        fx.sparse_full(c);
+        fx.indices[TOPK + 3] = 99;
+        fx.topk_length[1] = 3;
+    });
+    decode_error(
+        &engine,
+        "bad entry inside topk_length",
+        inv,
+        &["indices[1][0][3] = 99 is outside [-1, 32)"],
+        |fx, c| {
+            fx.sparse_full(c);
+            fx.indices[TOPK + 3] = 99;
+            fx.topk_length[1] = 4;
+        },
+    );
+    // The extra cache: 15 positions.
+    for (at, v, num_blocks, limit) in [
+        (1, 15, 3, 15),
+        (2, -2, 3, 15),
+        (EXTRA_TOPK + 1, i32::MAX, 3, 15),
+        (0, 14, 2, 10),
+    ] {
+        let (b, k) = (at / EXTRA_TOPK, at % EXTRA_TOPK);
+        let want = format!("extra_indices[{b}][0][{k}] = {v} is outside [-1, {limit})");
+        let msg = decode_error(&engine, &want, inv, &[&want], |fx, c| {
+            fx.sparse_full(c);
+            fx.extra_topk_length[1] = 2;
+            fx.extra_indices[at] = v;
+            c.args.extra_num_blocks = num_blocks;
+        });
+        assert!(msg.starts_with("extra_indices["), "{msg}");
+    }
+}
+
+#[test]
+fn decode_sparse_bad_topk_lengths() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    for (b, v) in [(0, -1), (1, 5), (1, i32::MIN), (0, i32::MAX)] {
+        let want = format!("topk_length[{b}] = {v} is outside [0, 4]");
+        decode_error(&engine, &want, inv, &[&want], |fx, c| {
+            fx.sparse_full(c);
+            fx.topk_length[b] = v;
+        });
+        let want = format!("extra_topk_length[{b}] = {v} is outside [0, 3]");
+        let msg = decode_error(&engine, &want, inv, &[&want], |fx, c| {
+            fx.sparse_full(c);
+            fx.extra_topk_length[b] = v;
+        });
+        assert!(msg.starts_with("extra_topk_length["), "{msg}");
+    }
+    decode_error(
+        &engine,
+        "extra_topk_length 4",
+        inv,
+        &["extra_topk_length[1] = 4 is outside [0, 3]"],
+        |fx, c| {
+            fx.sparse_full(c);
+            fx.extra_topk_length[1] = 4;
+        },
+    );
+}
+
+#[test]
+fn decode_sparse_bad_combinations() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    let null = MLART_STATUS_NULL_POINTER;
+    decode_error(
+        &engine,
+        "causal with indices",
+        inv,
+        &["causal = true with indices"],
+        |fx, c| {
+            fx.sparse(c);
+            c.args.causal = true;
+        },
+    );
+    // Sparse-only fields without indices.
+    type Setter = fn(&mut Fixture, &mut Call);
+    let fields: [(&str, Setter); 4] = [
+        ("topk_length", |fx, c| {
+            c.args.topk_length = fx.topk_length.as_ptr()
+        }),
+        ("extra_kv", |fx, c| {
+            c.args.extra_kv = fx.extra_kv.as_ptr().cast::<c_void>()
+        }),
+        ("extra_indices", |fx, c| {
+            c.args.extra_indices = fx.extra_indices.as_ptr()
+        }),
+        ("extra_topk_length", |fx, c| {
+            c.args.extra_topk_length = fx.extra_topk_length.as_ptr()
+        }),
     ];
     for (name, set) in fields {
         decode_error(
             &engine,
-            name,
-            MLART_STATUS_UNSUPPORTED,
-            &[&format!("{name} is set"), "sparse"],
+            &format!("{name} without indices"),
+            inv,
+            &[&format!("{name} is set but indices is NULL")],
             |fx, c| {
-                c.args.topk = 4;
-                set(&mut c.args, fx.dummy.as_ptr());
+                fx.sparse_full(c);
+                c.args.indices = std::ptr::null();
+                c.args.topk_length = std::ptr::null();
+                c.args.extra_kv = std::ptr::null();
+                c.args.extra_indices = std::ptr::null();
+                c.args.extra_topk_length = std::ptr::null();
+                // The dense fields are valid: only the stray field is wrong.
+                c.args.block_table = fx.table.as_ptr();
+                c.args.block_table_stride = STRIDE as i32;
+                c.args.seqlens = fx.seqlens.as_ptr();
+                set(fx, c);
+            },
+        );
+    }
+    decode_error(
+        &engine,
+        "extra_kv without extra_indices",
+        null,
+        &["extra_indices is NULL"],
+        |fx, c| {
+            fx.sparse_full(c);
+            c.args.extra_indices = std::ptr::null();
+        },
+    );
+    for (what, keep_len) in [("extra_indices", false), ("extra_topk_length", true)] {
+        decode_error(
+            &engine,
+            &format!("{what} without extra_kv"),
+            inv,
+            &["is set but extra_kv is NULL"],
+            |fx, c| {
+                fx.sparse_full(c);
+                c.args.extra_kv = std::ptr::null();
+                if keep_len {
+                    c.args.extra_indices = std::ptr::null();
+                } else {
+                    c.args.extra_topk_length = std::ptr::null();
+                }
+            },
+        );
+    }
+    // Required pointers stay required in sparse decode.
+    decode_error(&engine, "sparse, q NULL", null, &["q is NULL"], |fx, c| {
+        fx.sparse(c);
+        c.args.q = std::ptr::null();
+    });
+    decode_error(
+        &engine,
+        "sparse, kv NULL",
+        null,
+        &["kv is NULL"],
+        |fx, c| {
+            fx.sparse(c);
+            c.args.kv = std::ptr::null();
+        },
+    );
+    decode_error(
+        &engine,
+        "sparse, out NULL",
+        null,
+        &["out is NULL"],
+        |fx, c| {
+            fx.sparse(c);
+            c.args.out = std::ptr::null_mut();
+        },
+    );
+}
+
+#[test]
+fn decode_attn_sink_nan() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    for sparse in [false, true] {
+        for nan in [f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001)] {
+            decode_error(
+                &engine,
+                &format!("attn_sink[3] = {nan:?} (sparse: {sparse})"),
+                inv,
+                &["attn_sink[3] = NaN"],
+                |fx, c| {
+                    if sparse {
+                        fx.sparse_full(c);
+                    }
+                    fx.resize(c, 1, 4);
+                    c.args.attn_sink = fx.sink.as_ptr();
+                    fx.sink[3] = nan;
+                },
+            );
+        }
+        decode_error(
+            &engine,
+            &format!("attn_sink[0] = NaN (sparse: {sparse})"),
+            inv,
+            &["attn_sink[0] = NaN"],
+            |fx, c| {
+                if sparse {
+                    fx.sparse(c);
+                }
+                c.args.attn_sink = fx.sink.as_ptr();
+                fx.sink[0] = f32::NAN;
+            },
+        );
+    }
+}
+
+#[test]
+fn decode_sparse_overlaps_and_alignment() {
+    let engine = Engine::new();
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    type Edit = fn(&mut Fixture, &mut Call);
+    let overlaps: [(&str, Edit); 8] = [
+        ("out overlaps indices", |fx, c| {
+            c.args.out = fx.indices.as_mut_ptr().cast()
+        }),
+        ("out overlaps attn_sink", |fx, c| {
+            c.args.out = fx.sink.as_mut_ptr().cast()
+        }),
+        ("out overlaps extra_kv", |fx, c| {
+            c.args.out = fx.extra_kv[5..].as_mut_ptr().cast()
+        }),
+        ("out overlaps extra_indices", |fx, c| {
+            c.args.out = fx.extra_indices.as_mut_ptr().cast()
+        }),
+        ("out overlaps topk_length", |fx, c| {
+            // topk_length at the end of a buffer whose start holds out, so
+            // that out overlaps topk_length and nothing else.
+            let n = BATCH * H_Q * D_V;
+            fx.topk_length = vec![0; n + BATCH];
+            fx.topk_length[n..].copy_from_slice(&[4, 2]);
+            c.args.topk_length = fx.topk_length[n..].as_ptr();
+            c.args.out = fx.topk_length[BATCH..].as_mut_ptr().cast();
+        }),
+        ("lse overlaps topk_length", |fx, c| {
+            c.args.lse = fx.topk_length.as_mut_ptr().cast()
+        }),
+        ("lse overlaps extra_topk_length", |fx, c| {
+            c.args.lse = fx.extra_topk_length.as_mut_ptr().cast()
+        }),
+        ("lse overlaps indices", |fx, c| {
+            c.args.lse = fx.indices[2 * TOPK - 1..].as_mut_ptr().cast()
+        }),
+    ];
+    for (want, edit) in overlaps {
+        decode_error(&engine, want, inv, &[want], |fx, c| {
+            fx.sparse_full(c);
+            edit(fx, c);
+        });
+    }
+    type Mis = fn(&mut Fixture, &mut Call);
+    let misaligned: [(&str, Mis); 5] = [
+        ("indices", |fx, c| {
+            c.args.indices = fx.indices.as_ptr().cast::<u8>().wrapping_add(1).cast()
+        }),
+        ("topk_length", |fx, c| {
+            c.args.topk_length = fx.topk_length.as_ptr().cast::<u8>().wrapping_add(2).cast()
+        }),
+        ("extra_indices", |fx, c| {
+            c.args.extra_indices = fx
+                .extra_indices
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add(3)
+                .cast()
+        }),
+        ("extra_topk_length", |fx, c| {
+            c.args.extra_topk_length = fx
+                .extra_topk_length
+                .as_ptr()
+                .cast::<u8>()
+                .wrapping_add(1)
+                .cast()
+        }),
+        ("attn_sink", |fx, c| {
+            c.args.attn_sink = fx.sink.as_ptr().cast::<u8>().wrapping_add(2).cast()
+        }),
+    ];
+    for (name, edit) in misaligned {
+        decode_error(
+            &engine,
+            &format!("misaligned {name}"),
+            inv,
+            &[&format!("{name} = "), "not aligned to 4 bytes"],
+            |fx, c| {
+                fx.sparse_full(c);
+                edit(fx, c);
             },
         );
     }
