@@ -189,14 +189,8 @@ impl IndexedKeys<'_> {
         &self.indices[(b * s_q + i) * self.topk..][..self.used(b)]
     }
 
-    /// Validates lengths and every used index; `what` prefixes names ("" or "extra_").
-    fn validate(&self, shape: &DecodeShape, what: &str) -> Result<()> {
-        let batch = shape.batch;
-        if self.indices.len() < batch * shape.s_q * self.topk {
-            return Err(Error::internal(format!(
-                "{what}indices is smaller than [batch, s_q, topk]"
-            )));
-        }
+    /// Checks `topk_length[b]` is in `[0, topk]` for every sequence.
+    pub fn check_lengths(&self, batch: usize, what: &str) -> Result<()> {
         if let Some(l) = self.topk_length {
             for (b, &n) in l[..batch].iter().enumerate() {
                 if n < 0 || n as usize > self.topk {
@@ -207,6 +201,18 @@ impl IndexedKeys<'_> {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Validates lengths and every used index; `what` prefixes names ("" or "extra_").
+    fn validate(&self, shape: &DecodeShape, what: &str) -> Result<()> {
+        let batch = shape.batch;
+        if self.indices.len() < batch * shape.s_q * self.topk {
+            return Err(Error::internal(format!(
+                "{what}indices is smaller than [batch, s_q, topk]"
+            )));
+        }
+        self.check_lengths(batch, what)?;
         let limit = self.kv.positions() as i64;
         for b in 0..batch {
             for i in 0..shape.s_q {

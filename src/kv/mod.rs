@@ -368,16 +368,7 @@ impl KvPool {
                 if sp.indices.len() < shape.batch * shape.s_q * sp.topk {
                     return Err(Error::internal("indices smaller than [batch, s_q, topk]"));
                 }
-                if let Some(l) = sp.topk_length {
-                    for (b, &n) in l[..shape.batch].iter().enumerate() {
-                        if n < 0 || n as usize > sp.topk {
-                            return Err(Error::invalid(format!(
-                                "topk_length[{b}] = {n} is outside [0, {}]",
-                                sp.topk
-                            )));
-                        }
-                    }
-                }
+                logical.check_lengths(shape.batch, "")?;
                 // Translate logical positions; entries past topk_length stay -1.
                 let mut phys = vec![-1i32; shape.batch * shape.s_q * sp.topk];
                 for (b, s) in found.iter().enumerate() {
@@ -420,20 +411,6 @@ impl KvPool {
             None => d,
         };
         self.engine.decode(&d, out)
-    }
-
-    /// Raw view of one layer's cache and one sequence's block table, for
-    /// tests and tools that inspect what the pool stored.
-    pub fn with_layer<R>(
-        &self,
-        layer: i64,
-        seq: u64,
-        f: impl FnOnce(&[u8], &[i32], usize) -> R,
-    ) -> Result<R> {
-        let layer = self.layer_index(layer)?;
-        let st = self.state.read();
-        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
-        Ok(f(st.layers[layer].as_slice(), &s.blocks, s.lens[layer]))
     }
 }
 
