@@ -58,6 +58,57 @@ pub extern "C" fn mlart_kv_block_bytes(
     })
 }
 
+/// The validated arguments shared by quantize and dequantize.
+struct Conversion {
+    layout: KvLayout,
+    tokens: usize,
+    dtype: Dtype,
+    blocks: usize,
+}
+
+/// Validates a conversion; `None` when there is nothing to convert.
+fn conversion(
+    format: mlart_kv_format,
+    d_qk: i32,
+    block_size: i32,
+    n_tokens: i32,
+    dtype: mlart_dtype,
+    dtype_arg: &str,
+) -> Result<Option<Conversion>> {
+    let layout = layout(format, d_qk, block_size)?;
+    let tokens = non_negative("n_tokens", n_tokens as i64)?;
+    let dtype = Dtype::from_raw(dtype_arg, dtype)?.check_activation(dtype_arg)?;
+    Ok((tokens > 0).then(|| Conversion {
+        layout,
+        tokens,
+        dtype,
+        blocks: tokens.div_ceil(layout.block_size),
+    }))
+}
+
+/// Borrows `src` and `dst` after checking that they do not overlap.
+///
+/// # Safety
+/// `src` must hold `src_len` readable bytes and `dst` `dst_len` writable ones.
+unsafe fn src_dst<'a>(
+    src: *const c_void,
+    src_len: usize,
+    dst: *mut c_void,
+    dst_len: usize,
+) -> Result<(&'a [u8], &'a mut [u8])> {
+    // SAFETY: caller contract.
+    let src = unsafe { slice(src as *const u8, src_len, "src") }?;
+    let out = Region {
+        name: "dst",
+        start: dst as usize,
+        len: dst_len,
+    };
+    check_disjoint(&out, &[Region::of("src", src)])?;
+    // SAFETY: caller contract; disjoint from src (checked above).
+    let dst = unsafe { slice_mut(dst as *mut u8, dst_len, "dst") }?;
+    Ok((src, dst))
+}
+
 /// Writes `n_tokens` rows `src [n_tokens, d_qk]` of `src_dtype` (F32, BF16,
 /// F16) into `dst`, which holds `ceil(n_tokens / block_size)` blocks of
 /// `format`: token t goes to block t / block_size, slot t % block_size. FP8
@@ -75,43 +126,21 @@ pub extern "C" fn mlart_kv_quantize(
     dst: *mut c_void,
 ) -> *mut mlart_error {
     ffi_result("mlart_kv_quantize", || {
-        let l = layout(format, d_qk, block_size)?;
-        let n = non_negative("n_tokens", n_tokens as i64)?;
-        let dtype = Dtype::from_raw("src_dtype", src_dtype)?.check_activation("src_dtype")?;
-        if n == 0 {
+        let Some(c) = conversion(format, d_qk, block_size, n_tokens, src_dtype, "src_dtype")?
+        else {
             return Ok(());
-        }
-        let blocks = n.div_ceil(l.block_size);
-        // SAFETY: src holds n_tokens * d_qk elements (caller contract).
-        let src = unsafe {
-            slice(
-                src as *const u8,
-                checked_size("src", &[n, l.d_qk, dtype.size()])?,
-                "src",
-            )
-        }?;
-        let dst_bytes = l.cache_bytes(blocks)?;
-        check_disjoint(
-            &Region {
-                name: "dst",
-                start: dst as usize,
-                len: dst_bytes,
-            },
-            &[Region::of("src", src)],
-        )?;
-        // SAFETY: dst holds `blocks` blocks (caller contract), disjoint from src.
-        let dst = unsafe { slice_mut(dst as *mut u8, dst_bytes, "dst") }?;
+        };
+        let (l, d) = (&c.layout, c.layout.d_qk);
+        let row_in = d * c.dtype.size();
+        let src_len = checked_size("src", &[c.tokens, row_in])?;
+        // SAFETY: src holds n_tokens rows, dst `blocks` blocks (caller contract).
+        let (src, dst) = unsafe { src_dst(src, src_len, dst, l.cache_bytes(c.blocks)?) }?;
         let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
-        let row_in = l.d_qk * dtype.size();
-        for t in 0..n {
-            load_slice(
-                dtype,
-                &src[t * row_in..(t + 1) * row_in],
-                &mut row[..l.d_qk],
-            );
-            l.store_row(dst, t / l.block_size, t % l.block_size, &row[..l.d_qk]);
+        for t in 0..c.tokens {
+            load_slice(c.dtype, &src[t * row_in..(t + 1) * row_in], &mut row[..d]);
+            l.store_row(dst, t / l.block_size, t % l.block_size, &row[..d]);
         }
-        l.clear_padding(dst, blocks);
+        l.clear_padding(dst, c.blocks);
         Ok(())
     })
 }
@@ -130,35 +159,19 @@ pub extern "C" fn mlart_kv_dequantize(
     dst: *mut c_void,
 ) -> *mut mlart_error {
     ffi_result("mlart_kv_dequantize", || {
-        let l = layout(format, d_qk, block_size)?;
-        let n = non_negative("n_tokens", n_tokens as i64)?;
-        let dtype = Dtype::from_raw("dst_dtype", dst_dtype)?.check_activation("dst_dtype")?;
-        if n == 0 {
+        let Some(c) = conversion(format, d_qk, block_size, n_tokens, dst_dtype, "dst_dtype")?
+        else {
             return Ok(());
-        }
-        let blocks = n.div_ceil(l.block_size);
-        // SAFETY: src holds `blocks` blocks (caller contract).
-        let src = unsafe { slice(src as *const u8, l.cache_bytes(blocks)?, "src") }?;
-        let dst_bytes = checked_size("dst", &[n, l.d_qk, dtype.size()])?;
-        check_disjoint(
-            &Region {
-                name: "dst",
-                start: dst as usize,
-                len: dst_bytes,
-            },
-            &[Region::of("src", src)],
-        )?;
-        // SAFETY: dst holds n_tokens * d_qk elements (caller contract), disjoint from src.
-        let dst = unsafe { slice_mut(dst as *mut u8, dst_bytes, "dst") }?;
+        };
+        let (l, d) = (&c.layout, c.layout.d_qk);
+        let row_out = d * c.dtype.size();
+        let dst_len = checked_size("dst", &[c.tokens, row_out])?;
+        // SAFETY: src holds `blocks` blocks, dst n_tokens rows (caller contract).
+        let (src, dst) = unsafe { src_dst(src, l.cache_bytes(c.blocks)?, dst, dst_len) }?;
         let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
-        let row_out = l.d_qk * dtype.size();
-        for t in 0..n {
-            l.load_row(src, t / l.block_size, t % l.block_size, &mut row[..l.d_qk]);
-            store_slice(
-                dtype,
-                &row[..l.d_qk],
-                &mut dst[t * row_out..(t + 1) * row_out],
-            );
+        for t in 0..c.tokens {
+            l.load_row(src, t / l.block_size, t % l.block_size, &mut row[..d]);
+            store_slice(c.dtype, &row[..d], &mut dst[t * row_out..(t + 1) * row_out]);
         }
         Ok(())
     })
