@@ -8,6 +8,9 @@
 //! bit-identical, and out-parameters keep their sentinel value. Every error
 //! returned is freed with `mlart_error_free`; NULL means success.
 
+mod common;
+
+use common::{expect_error, status_name, take_error};
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
 use mlart::ffi::error::*;
@@ -23,52 +26,6 @@ static ENV_LOCK: RwLock<()> = RwLock::new(());
 
 fn env_read() -> std::sync::RwLockReadGuard<'static, ()> {
     ENV_LOCK.read().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Status and message of an error (freed here), or `None` for NULL.
-fn take_error(e: *mut mlart_error) -> Option<(mlart_status, String)> {
-    if e.is_null() {
-        return None;
-    }
-    let code = mlart_error_code(e);
-    // SAFETY: e is live until mlart_error_free below.
-    let msg = unsafe { CStr::from_ptr(mlart_error_message(e)) }
-        .to_str()
-        .expect("error messages are UTF-8")
-        .to_owned();
-    mlart_error_free(e);
-    Some((code, msg))
-}
-
-fn status_name(s: mlart_status) -> String {
-    // SAFETY: static NUL-terminated string.
-    unsafe { CStr::from_ptr(mlart_status_name(s)) }
-        .to_string_lossy()
-        .into_owned()
-}
-
-/// Asserts that `e` is an error with `status` whose message contains every
-/// one of `needles`; returns the message.
-fn expect_error(what: &str, e: *mut mlart_error, status: mlart_status, needles: &[&str]) -> String {
-    let Some((code, msg)) = take_error(e) else {
-        panic!("{what}: succeeded, want {} error", status_name(status));
-    };
-    assert_eq!(
-        code,
-        status,
-        "{what}: status {} ({}), want {} ({}); message: {msg}",
-        code,
-        status_name(code),
-        status,
-        status_name(status)
-    );
-    for n in needles {
-        assert!(
-            msg.contains(n),
-            "{what}: message {msg:?} does not mention {n:?}"
-        );
-    }
-    msg
 }
 
 fn options() -> mlart_engine_options {

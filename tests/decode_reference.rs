@@ -13,59 +13,26 @@
 //! sequence's end and blocks nobody references hold NaN, block-table padding
 //! holds out-of-range ids, and the outputs are NaN-poisoned before each call.
 
+mod common;
+
+use common::{bf16_bits, bf16_value, rel_l2, sample, take_error, Engine, ENV_LOCK};
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
-use mlart::ffi::error::*;
 use mlart::ffi::types::*;
 use rand::rngs::SmallRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::ffi::CStr;
 use std::mem::MaybeUninit;
-use std::sync::RwLock;
 use std::time::Instant;
 
 // ---------------------------------------------------------------------------
-// Environment: MLART_CPU_ISA is read when an engine is created. Every engine
-// creation holds the read side; the test that changes the variable holds the
-// write side, so no engine is ever created while it is set by another test.
+// Engines: `common::Engine` (whose creation holds the read side of
+// `common::ENV_LOCK`), plus creation with a chosen backend for the test that
+// sets MLART_CPU_ISA under the write side.
 // ---------------------------------------------------------------------------
 
-static ENV_LOCK: RwLock<()> = RwLock::new(());
-
-/// Takes an error returned by the C ABI: `None` for success (NULL), else its
-/// status and message, after freeing it.
-fn take_error(e: *mut mlart_error) -> Option<(mlart_status, String)> {
-    if e.is_null() {
-        return None;
-    }
-    let code = mlart_error_code(e);
-    // SAFETY: e is a live error; the message lives until mlart_error_free.
-    let msg = unsafe { CStr::from_ptr(mlart_error_message(e)) }
-        .to_string_lossy()
-        .into_owned();
-    mlart_error_free(e);
-    Some((code, msg))
-}
-
-/// An engine handle freed on drop.
-struct Engine {
-    ptr: *mut mlart_engine,
-    threads: i32,
-}
-
-// SAFETY: mlart engines may be used from any thread (documented in mlart.h).
-unsafe impl Send for Engine {}
-// SAFETY: as above; concurrent decodes on one engine are allowed.
-unsafe impl Sync for Engine {}
-
 impl Engine {
-    /// A CPU engine with `threads` workers (0 = one per core).
-    fn new(threads: i32) -> Engine {
-        let _env = ENV_LOCK.read().unwrap_or_else(|e| e.into_inner());
-        Self::create_unlocked(MLART_BACKEND_CPU, threads)
-    }
-
     fn create_unlocked(backend: mlart_backend, threads: i32) -> Engine {
         let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
         mlart_engine_options_init(opts.as_mut_ptr());
@@ -90,12 +57,6 @@ impl Engine {
             panic!("mlart_engine_info failed: {code}: {msg}");
         }
         p
-    }
-}
-
-impl Drop for Engine {
-    fn drop(&mut self) {
-        mlart_engine_free(self.ptr);
     }
 }
 
@@ -148,10 +109,9 @@ impl Dt {
                 x as f64
             }
             Dt::Bf16 => {
-                let b = x.to_bits();
-                let r = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+                let r = bf16_bits(x);
                 bytes.extend_from_slice(&r.to_le_bytes());
-                f32::from_bits((r as u32) << 16) as f64
+                bf16_value(r) as f64
             }
             Dt::F16 => {
                 let h = half::f16::from_f32(x);
@@ -175,7 +135,7 @@ impl Dt {
             Dt::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
             Dt::Bf16 => {
                 let b = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
-                f32::from_bits((b as u32) << 16) as f64
+                bf16_value(b) as f64
             }
             Dt::F16 => {
                 let b = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
@@ -203,18 +163,6 @@ fn case_seed(salt: u64, counter: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
-}
-
-/// Standard normal by Box-Muller.
-fn normal(rng: &mut SmallRng) -> f64 {
-    let u1 = 1.0 - rng.random::<f64>(); // (0, 1]
-    let u2 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
-
-/// N(0, 1) / 10 clamped to [-1, 1].
-fn sample(rng: &mut SmallRng) -> f32 {
-    (normal(rng) / 10.0).clamp(-1.0, 1.0) as f32
 }
 
 #[derive(Clone, Debug)]
@@ -471,20 +419,6 @@ fn decode(engine: &Engine, p: &Problem, pg: &Paged) -> Got {
         raw: out,
         out: vals,
         lse: c.with_lse.then_some(lse),
-    }
-}
-
-fn rel_l2(got: &[f64], want: &[f64]) -> f64 {
-    let err: f64 = got.iter().zip(want).map(|(g, w)| (g - w) * (g - w)).sum();
-    let norm: f64 = want.iter().map(|w| w * w).sum();
-    if norm == 0.0 {
-        if err == 0.0 {
-            0.0
-        } else {
-            f64::INFINITY
-        }
-    } else {
-        (err / norm).sqrt()
     }
 }
 

@@ -1,4 +1,5 @@
-//! Helpers shared by `fp8_format.rs` and `sparse_reference.rs`.
+//! Helpers shared by the integration tests (`fp8_format.rs`,
+//! `sparse_reference.rs`, `decode_reference.rs`, `decode_errors.rs`).
 //!
 //! Everything here is written from the specification (mlart.h, FlashMLA's
 //! `tests/quant.py`) and shares no code with the library: error handling
