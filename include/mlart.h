@@ -75,6 +75,17 @@ typedef struct mlart_error mlart_error;
 typedef struct mlart_kv_pool mlart_kv_pool;
 
 /**
+ * A loaded model: the attention weights of a range of layers, absorbed
+ * for decode.
+ *
+ * Thread-safety: immutable after loading; any number of threads may run
+ * `mlart_model_forward` at once (on different sequences, or serialized by
+ * the pool for the same ones). `mlart_model_free` must not race with them.
+ * A model keeps its engine alive.
+ */
+typedef struct mlart_model mlart_model;
+
+/**
  * Where the memory behind a pointer lives.
  */
 typedef uint32_t mlart_memory;
@@ -316,6 +327,152 @@ typedef struct mlart_engine_props {
  * Status of a failed call (`mlart_error_code`). Stable, append-only.
  */
 typedef uint32_t mlart_status;
+
+/**
+ * Load progress: `fraction` in [0, 1], `stage` names the tensor just
+ * loaded (valid during the call). Return false to cancel the load
+ * (`MLART_STATUS_CANCELLED`).
+ */
+typedef bool (*mlart_progress_fn)(float fraction, const char *stage, void *user_data);
+
+/**
+ * Options for `mlart_model_load`. Fill with `mlart_model_options_init`.
+ */
+typedef struct mlart_model_options {
+  /**
+   * `sizeof(mlart_model_options)`.
+   */
+  uint32_t struct_size;
+  /**
+   * First layer to load; default 0.
+   */
+  int32_t first_layer;
+  /**
+   * Layers to load; 0 (default) = all from `first_layer` on.
+   */
+  int32_t num_layers;
+  /**
+   * false (default): keep projection weights in their stored precision
+   * (bf16, f16, f32, or FP8 with block scales); true: convert them at
+   * load to `weight_dtype` (F32, BF16 or F16).
+   */
+  bool convert_weights;
+  /**
+   * Target of `convert_weights`.
+   */
+  mlart_dtype weight_dtype;
+  /**
+   * Optional load progress callback.
+   */
+  mlart_progress_fn progress;
+  /**
+   * Passed to `progress`.
+   */
+  void *progress_user_data;
+} mlart_model_options;
+
+/**
+ * What a model is. Set `struct_size` with `mlart_model_props_init`.
+ */
+typedef struct mlart_model_props {
+  /**
+   * `sizeof(mlart_model_props)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Layers in the checkpoint (`num_hidden_layers`).
+   */
+  int32_t num_layers;
+  /**
+   * First loaded layer.
+   */
+  int32_t first_layer;
+  /**
+   * Loaded layers.
+   */
+  int32_t loaded_layers;
+  int32_t hidden_size;
+  int32_t num_heads;
+  /**
+   * 0 when the model has no query low-rank projection (V2-Lite).
+   */
+  int32_t q_lora_rank;
+  int32_t kv_lora_rank;
+  int32_t qk_nope_head_dim;
+  int32_t qk_rope_head_dim;
+  int32_t v_head_dim;
+  /**
+   * Cache row width a pool needs: kv_lora_rank + qk_rope_head_dim.
+   */
+  int32_t d_qk;
+  double rope_theta;
+  /**
+   * Whether YaRN rope scaling is on, and its parameters.
+   */
+  bool yarn;
+  double yarn_factor;
+  int64_t yarn_original_max_position;
+  double yarn_beta_fast;
+  double yarn_beta_slow;
+  double yarn_mscale;
+  double yarn_mscale_all_dim;
+  /**
+   * The attention softmax scale used (qk_head_dim^-0.5, times m^2 with YaRN).
+   */
+  double softmax_scale;
+  /**
+   * Projection weights in memory: F32, BF16, F16 or FP8_E4M3.
+   */
+  mlart_dtype weight_dtype;
+  /**
+   * Bytes of weights held in memory.
+   */
+  uint64_t bytes_loaded;
+} mlart_model_props;
+
+/**
+ * Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
+ */
+typedef struct mlart_forward_args {
+  /**
+   * `sizeof(mlart_forward_args)`.
+   */
+  uint32_t struct_size;
+  /**
+   * Absolute layer index (must be loaded); its cache is pool layer
+   * `layer - first_layer`.
+   */
+  int32_t layer;
+  /**
+   * Number of sequences.
+   */
+  int32_t batch;
+  /**
+   * Distinct sequence ids [batch], existing in the pool.
+   */
+  const uint64_t *seq_ids;
+  /**
+   * New tokens per sequence [batch], each >= 1 (1 = decode step, more =
+   * a prefill chunk). Positions continue each sequence's length.
+   */
+  const int32_t *n_tokens;
+  /**
+   * Element type of `x` (F32, BF16 or F16); default F32.
+   */
+  mlart_dtype x_dtype;
+  /**
+   * Hidden states [sum(n_tokens), hidden_size], sequence by sequence.
+   */
+  const void *x;
+  /**
+   * Element type of `out`; default F32.
+   */
+  mlart_dtype out_dtype;
+  /**
+   * Attention block output [sum(n_tokens), hidden_size].
+   */
+  void *out;
+} mlart_forward_args;
 
 /**
  * Options for `mlart_kv_pool_create`. Fill with `mlart_kv_pool_options_init`.
@@ -738,6 +895,49 @@ struct mlart_error *mlart_kv_quantize(mlart_kv_format format, int32_t d_qk, int3
  * `dst [n_tokens, d_qk]` of `dst_dtype` (F32 is exact for every format).
  */
 struct mlart_error *mlart_kv_dequantize(mlart_kv_format format, int32_t d_qk, int32_t block_size, int32_t n_tokens, const void *src, mlart_dtype dst_dtype, void *dst);
+
+/**
+ * Fills `options` with the defaults. NULL is ignored.
+ */
+void mlart_model_options_init(struct mlart_model_options *options);
+
+/**
+ * Zeroes `props` and sets its `struct_size`. NULL is ignored.
+ */
+void mlart_model_props_init(struct mlart_model_props *props);
+
+/**
+ * Fills `args` with the defaults. NULL is ignored.
+ */
+void mlart_forward_args_init(struct mlart_forward_args *args);
+
+/**
+ * Loads `config.json` and the attention tensors of a Hugging Face style
+ * DeepSeek V2/V2-Lite/V3/V3.2 checkpoint directory (`model.safetensors` or
+ * shards listed in `model.safetensors.index.json`; other tensors are not
+ * read). `options` may be NULL. On success `*out` receives the model.
+ */
+struct mlart_error *mlart_model_load(struct mlart_engine *engine, const char *path, const struct mlart_model_options *options, struct mlart_model **out);
+
+/**
+ * Releases a model. NULL is ignored.
+ */
+void mlart_model_free(struct mlart_model *model);
+
+/**
+ * Describes a loaded model. `out->struct_size` must be set.
+ */
+struct mlart_error *mlart_model_info(const struct mlart_model *model, struct mlart_model_props *out);
+
+/**
+ * Runs the MLA attention block of one layer for a batch of sequences:
+ * projections, norms, RoPE (YaRN), appending the new `[c | k_pe]` rows to
+ * the pool (quantized per its format), causal attention over each
+ * sequence's cache, and the output projection. The pool's d_qk must be
+ * kv_lora_rank + qk_rope_head_dim. On error the pool is unchanged and
+ * `out` is not written.
+ */
+struct mlart_error *mlart_model_forward(struct mlart_model *model, struct mlart_kv_pool *pool, const struct mlart_forward_args *args);
 
 /**
  * Fills `options` with the defaults. NULL is ignored.

@@ -104,6 +104,18 @@ impl Engine {
         &*self.backend
     }
 
+    /// Runs `f` on the engine's worker threads and returns its result.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        let mut f = Some(f);
+        let mut out = None;
+        self.backend.install(&mut || {
+            if let Some(f) = f.take() {
+                out = Some(f());
+            }
+        });
+        out.expect("install runs its closure exactly once")
+    }
+
     /// Runs a validated decode.
     pub fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
         self.backend.decode(d, out)

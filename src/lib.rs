@@ -12,6 +12,7 @@ pub mod error;
 pub mod ffi;
 pub mod format;
 pub mod kv;
+pub mod model;
 
 pub use engine::{BackendRequest, Engine, EngineOptions};
 pub use error::{Error, Result, Status};

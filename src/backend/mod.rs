@@ -72,6 +72,9 @@ pub trait Backend: Send + Sync {
     /// Runs a validated decode, writing every element of `out`.
     fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()>;
 
+    /// Runs `f` on the backend's worker threads (rayon calls inside use them).
+    fn install(&self, f: &mut (dyn FnMut() + Send));
+
     /// Allocates `bytes` of zeroed memory in the backend's memory space.
     fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer>;
 }

@@ -16,6 +16,7 @@ pub mod decode;
 pub mod engine;
 pub mod error;
 pub mod format;
+pub mod model;
 pub mod panic;
 pub mod pool;
 pub mod types;

@@ -187,7 +187,7 @@ pub extern "C" fn mlart_kv_pool_decode_args_init(args: *mut mlart_kv_pool_decode
 ///
 /// # Safety
 /// A non-NULL `pool` must be a live handle from `mlart_kv_pool_create`.
-unsafe fn pool_ref<'a>(pool: *const mlart_kv_pool) -> Result<&'a KvPool> {
+pub(crate) unsafe fn pool_ref<'a>(pool: *const mlart_kv_pool) -> Result<&'a KvPool> {
     // SAFETY: forwarded contract.
     unsafe { pool.as_ref() }
         .map(|p| &p.inner)

@@ -208,6 +208,22 @@ impl KvPool {
         Ok(())
     }
 
+    /// Cuts one layer of `seq` to at most `len` tokens (undoing an append);
+    /// blocks no layer needs any more are released.
+    pub fn truncate_layer(&self, seq: u64, layer: i64, len: usize) -> Result<()> {
+        let layer = self.layer_index(layer)?;
+        let mut st = self.state.write();
+        let bs = self.opts.block_size;
+        let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+        s.lens[layer] = s.lens[layer].min(len);
+        let keep = s.max_len().div_ceil(bs);
+        let dropped: Vec<i32> = s.blocks.drain(keep..).collect();
+        for b in dropped {
+            release(&mut st, b);
+        }
+        Ok(())
+    }
+
     /// Tokens stored in `layer` of `seq`.
     pub fn len(&self, seq: u64, layer: i64) -> Result<usize> {
         let layer = self.layer_index(layer)?;

@@ -296,6 +296,10 @@ impl Backend for CpuBackend {
         result
     }
 
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        self.pool.install(f)
+    }
+
     fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
         Buffer::host_zeroed(what, bytes)
     }

@@ -1,8 +1,10 @@
 //! The `mlart` command: `info` describes what mlart would run on here,
-//! `bench` measures decode throughput against the machine's ceilings.
+//! `bench` measures decode throughput against the machine's ceilings,
+//! `gen-model` writes a random-weight DeepSeek checkpoint.
 
 mod bench;
 mod ceilings;
+mod gen_model;
 
 use mlart::backend::cpu::CpuFeatures;
 use mlart::{Engine, EngineOptions};
@@ -17,6 +19,14 @@ commands:
       --quick             two small points only
       --seconds S         time budget per point (default 1.0)
       --json PATH         also write the results as JSON
+  gen-model --preset P [options] DIR
+                          write a random-weight DeepSeek checkpoint (config.json, safetensors) to DIR
+      --preset P          tiny | v2-lite | v3
+      --dtype D           bf16 | f16 | f32 | fp8 (e4m3, 128x128 block scales) (default bf16)
+      --layers N          num_hidden_layers (default 2)
+      --seed S            random seed (default 0)
+      --shards K          safetensors files; K > 1 adds model.safetensors.index.json (default 1)
+      --no-yarn           omit rope_scaling from config.json
 
 environment: MLART_BACKEND=cpu|cuda, MLART_CPU_ISA=scalar|avx2|avx512|amx";
 
@@ -74,6 +84,13 @@ fn main() -> ExitCode {
         Some("info") => info(),
         Some("bench") => match parse_bench(&args[1..]) {
             Ok(o) => bench::run(&o),
+            Err(e) => {
+                eprintln!("mlart: {e}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("gen-model") => match gen_model::parse(&args[1..]) {
+            Ok(o) => gen_model::run(&o),
             Err(e) => {
                 eprintln!("mlart: {e}\n\n{USAGE}");
                 return ExitCode::from(2);

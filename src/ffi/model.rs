@@ -1,0 +1,374 @@
+//! `mlart_model`: loading a DeepSeek checkpoint's attention layers and
+//! running the MLA layer forward against a KV pool.
+
+use super::engine::{engine_ref, mlart_engine};
+use super::error::mlart_error;
+use super::panic::{ffi_result, ffi_value};
+use super::pool::{mlart_kv_pool, pool_ref};
+use super::types::*;
+use super::{check_disjoint, non_negative, read_struct, slice, slice_mut, Region};
+use crate::error::{checked_size, Error, Result};
+use crate::format::{load_slice, store_slice, Dtype};
+use crate::model::{LoadOptions, Model, WeightCompute};
+use std::ffi::{c_char, c_void, CStr};
+use std::path::Path;
+
+/// Load progress: `fraction` in [0, 1], `stage` names the tensor just
+/// loaded (valid during the call). Return false to cancel the load
+/// (`MLART_STATUS_CANCELLED`).
+pub type mlart_progress_fn =
+    Option<extern "C" fn(fraction: f32, stage: *const c_char, user_data: *mut c_void) -> bool>;
+
+/// A loaded model: the attention weights of a range of layers, absorbed
+/// for decode.
+///
+/// Thread-safety: immutable after loading; any number of threads may run
+/// `mlart_model_forward` at once (on different sequences, or serialized by
+/// the pool for the same ones). `mlart_model_free` must not race with them.
+/// A model keeps its engine alive.
+pub struct mlart_model {
+    inner: Model,
+}
+
+/// Options for `mlart_model_load`. Fill with `mlart_model_options_init`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct mlart_model_options {
+    /// `sizeof(mlart_model_options)`.
+    pub struct_size: u32,
+    /// First layer to load; default 0.
+    pub first_layer: i32,
+    /// Layers to load; 0 (default) = all from `first_layer` on.
+    pub num_layers: i32,
+    /// false (default): keep projection weights in their stored precision
+    /// (bf16, f16, f32, or FP8 with block scales); true: convert them at
+    /// load to `weight_dtype` (F32, BF16 or F16).
+    pub convert_weights: bool,
+    /// Target of `convert_weights`.
+    pub weight_dtype: mlart_dtype,
+    /// Optional load progress callback.
+    pub progress: mlart_progress_fn,
+    /// Passed to `progress`.
+    pub progress_user_data: *mut c_void,
+}
+
+/// What a model is. Set `struct_size` with `mlart_model_props_init`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct mlart_model_props {
+    /// `sizeof(mlart_model_props)`.
+    pub struct_size: u32,
+    /// Layers in the checkpoint (`num_hidden_layers`).
+    pub num_layers: i32,
+    /// First loaded layer.
+    pub first_layer: i32,
+    /// Loaded layers.
+    pub loaded_layers: i32,
+    pub hidden_size: i32,
+    pub num_heads: i32,
+    /// 0 when the model has no query low-rank projection (V2-Lite).
+    pub q_lora_rank: i32,
+    pub kv_lora_rank: i32,
+    pub qk_nope_head_dim: i32,
+    pub qk_rope_head_dim: i32,
+    pub v_head_dim: i32,
+    /// Cache row width a pool needs: kv_lora_rank + qk_rope_head_dim.
+    pub d_qk: i32,
+    pub rope_theta: f64,
+    /// Whether YaRN rope scaling is on, and its parameters.
+    pub yarn: bool,
+    pub yarn_factor: f64,
+    pub yarn_original_max_position: i64,
+    pub yarn_beta_fast: f64,
+    pub yarn_beta_slow: f64,
+    pub yarn_mscale: f64,
+    pub yarn_mscale_all_dim: f64,
+    /// The attention softmax scale used (qk_head_dim^-0.5, times m^2 with YaRN).
+    pub softmax_scale: f64,
+    /// Projection weights in memory: F32, BF16, F16 or FP8_E4M3.
+    pub weight_dtype: mlart_dtype,
+    /// Bytes of weights held in memory.
+    pub bytes_loaded: u64,
+}
+
+/// Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct mlart_forward_args {
+    /// `sizeof(mlart_forward_args)`.
+    pub struct_size: u32,
+    /// Absolute layer index (must be loaded); its cache is pool layer
+    /// `layer - first_layer`.
+    pub layer: i32,
+    /// Number of sequences.
+    pub batch: i32,
+    /// Distinct sequence ids [batch], existing in the pool.
+    pub seq_ids: *const u64,
+    /// New tokens per sequence [batch], each >= 1 (1 = decode step, more =
+    /// a prefill chunk). Positions continue each sequence's length.
+    pub n_tokens: *const i32,
+    /// Element type of `x` (F32, BF16 or F16); default F32.
+    pub x_dtype: mlart_dtype,
+    /// Hidden states [sum(n_tokens), hidden_size], sequence by sequence.
+    pub x: *const c_void,
+    /// Element type of `out`; default F32.
+    pub out_dtype: mlart_dtype,
+    /// Attention block output [sum(n_tokens), hidden_size].
+    pub out: *mut c_void,
+}
+
+/// Fills `options` with the defaults. NULL is ignored.
+#[no_mangle]
+pub extern "C" fn mlart_model_options_init(options: *mut mlart_model_options) {
+    ffi_value("mlart_model_options_init", (), || {
+        // SAFETY: a non-NULL pointer points to a writable struct (caller contract).
+        if let Some(o) = unsafe { options.as_mut() } {
+            *o = mlart_model_options {
+                struct_size: std::mem::size_of::<mlart_model_options>() as u32,
+                first_layer: 0,
+                num_layers: 0,
+                convert_weights: false,
+                weight_dtype: MLART_DTYPE_BF16,
+                progress: None,
+                progress_user_data: std::ptr::null_mut(),
+            };
+        }
+    })
+}
+
+/// Zeroes `props` and sets its `struct_size`. NULL is ignored.
+#[no_mangle]
+pub extern "C" fn mlart_model_props_init(props: *mut mlart_model_props) {
+    ffi_value("mlart_model_props_init", (), || {
+        // SAFETY: a non-NULL pointer points to a writable struct (caller contract).
+        if let Some(p) = unsafe { props.as_mut() } {
+            // SAFETY: every field is an integer, float or bool: zero is valid.
+            *p = unsafe { std::mem::zeroed() };
+            p.struct_size = std::mem::size_of::<mlart_model_props>() as u32;
+        }
+    })
+}
+
+/// Fills `args` with the defaults. NULL is ignored.
+#[no_mangle]
+pub extern "C" fn mlart_forward_args_init(args: *mut mlart_forward_args) {
+    ffi_value("mlart_forward_args_init", (), || {
+        // SAFETY: a non-NULL pointer points to a writable struct (caller contract).
+        if let Some(a) = unsafe { args.as_mut() } {
+            *a = mlart_forward_args {
+                struct_size: std::mem::size_of::<mlart_forward_args>() as u32,
+                layer: 0,
+                batch: 0,
+                seq_ids: std::ptr::null(),
+                n_tokens: std::ptr::null(),
+                x_dtype: MLART_DTYPE_F32,
+                x: std::ptr::null(),
+                out_dtype: MLART_DTYPE_F32,
+                out: std::ptr::null_mut(),
+            };
+        }
+    })
+}
+
+/// Loads `config.json` and the attention tensors of a Hugging Face style
+/// DeepSeek V2/V2-Lite/V3/V3.2 checkpoint directory (`model.safetensors` or
+/// shards listed in `model.safetensors.index.json`; other tensors are not
+/// read). `options` may be NULL. On success `*out` receives the model.
+#[no_mangle]
+pub extern "C" fn mlart_model_load(
+    engine: *mut mlart_engine,
+    path: *const c_char,
+    options: *const mlart_model_options,
+    out: *mut *mut mlart_model,
+) -> *mut mlart_error {
+    ffi_result("mlart_model_load", || {
+        // SAFETY: engine handle contract.
+        let engine = unsafe { engine_ref(engine) }?;
+        if path.is_null() {
+            return Err(Error::null("path"));
+        }
+        // SAFETY: a non-NULL path is a NUL-terminated string (caller contract).
+        let path = unsafe { CStr::from_ptr(path) }
+            .to_str()
+            .map_err(|_| Error::invalid("path is not valid UTF-8"))?;
+        if out.is_null() {
+            return Err(Error::null("out"));
+        }
+        let o = if options.is_null() {
+            let mut o = std::mem::MaybeUninit::<mlart_model_options>::uninit();
+            mlart_model_options_init(o.as_mut_ptr());
+            // SAFETY: initialized by mlart_model_options_init just above.
+            unsafe { o.assume_init() }
+        } else {
+            // SAFETY: a non-NULL options points to a caller struct.
+            unsafe { read_struct(options, "options", "mlart_model_options_init") }?
+        };
+        let compute = if o.convert_weights {
+            let d = Dtype::from_raw("options->weight_dtype", o.weight_dtype)?;
+            WeightCompute::Convert(d.check_activation("options->weight_dtype")?)
+        } else {
+            WeightCompute::AsStored
+        };
+        let mut report = |fraction: f32, stage: &str| -> bool {
+            match o.progress {
+                Some(cb) => {
+                    let stage = std::ffi::CString::new(stage).unwrap_or_default();
+                    cb(fraction, stage.as_ptr(), o.progress_user_data)
+                }
+                None => true,
+            }
+        };
+        let opts = LoadOptions {
+            first_layer: non_negative("options->first_layer", o.first_layer as i64)?,
+            num_layers: non_negative("options->num_layers", o.num_layers as i64)?,
+            compute,
+            progress: Some(&mut report),
+        };
+        let model = Model::load(engine.inner.clone(), Path::new(path), opts)?;
+        // SAFETY: out is non-NULL and writable (caller contract).
+        unsafe { out.write(Box::into_raw(Box::new(mlart_model { inner: model }))) };
+        Ok(())
+    })
+}
+
+/// Releases a model. NULL is ignored.
+#[no_mangle]
+pub extern "C" fn mlart_model_free(model: *mut mlart_model) {
+    ffi_value("mlart_model_free", (), || {
+        if !model.is_null() {
+            // SAFETY: produced by mlart_model_load, freed once (caller contract).
+            drop(unsafe { Box::from_raw(model) });
+        }
+    })
+}
+
+/// Borrows the model behind a handle.
+///
+/// # Safety
+/// A non-NULL `model` must be a live handle from `mlart_model_load`.
+unsafe fn model_ref<'a>(model: *const mlart_model) -> Result<&'a Model> {
+    // SAFETY: forwarded contract.
+    unsafe { model.as_ref() }
+        .map(|m| &m.inner)
+        .ok_or_else(|| Error::null("model"))
+}
+
+/// Describes a loaded model. `out->struct_size` must be set.
+#[no_mangle]
+pub extern "C" fn mlart_model_info(
+    model: *const mlart_model,
+    out: *mut mlart_model_props,
+) -> *mut mlart_error {
+    ffi_result("mlart_model_info", || {
+        // SAFETY: model handle contract.
+        let m = unsafe { model_ref(model) }?;
+        // SAFETY: a non-NULL out points to a caller struct.
+        let mut p = unsafe {
+            read_struct(
+                out as *const mlart_model_props,
+                "out",
+                "mlart_model_props_init",
+            )
+        }?;
+        let c = &m.config;
+        let i = |v: usize| v.min(i32::MAX as usize) as i32;
+        p.num_layers = i(c.num_layers);
+        p.first_layer = i(m.first_layer);
+        p.loaded_layers = i(m.layers.len());
+        p.hidden_size = i(c.hidden_size);
+        p.num_heads = i(c.num_heads);
+        p.q_lora_rank = i(c.q_lora_rank.unwrap_or(0));
+        p.kv_lora_rank = i(c.kv_lora_rank);
+        p.qk_nope_head_dim = i(c.qk_nope_head_dim);
+        p.qk_rope_head_dim = i(c.qk_rope_head_dim);
+        p.v_head_dim = i(c.v_head_dim);
+        p.d_qk = i(c.d_qk());
+        p.rope_theta = c.rope_theta;
+        p.yarn = c.yarn.is_some();
+        if let Some(y) = &c.yarn {
+            p.yarn_factor = y.factor;
+            p.yarn_original_max_position = y.original_max_position_embeddings as i64;
+            p.yarn_beta_fast = y.beta_fast;
+            p.yarn_beta_slow = y.beta_slow;
+            p.yarn_mscale = y.mscale;
+            p.yarn_mscale_all_dim = y.mscale_all_dim;
+        }
+        p.softmax_scale = c.softmax_scale();
+        p.weight_dtype = m.weight_dtype.raw();
+        p.bytes_loaded = m.bytes_loaded as u64;
+        // SAFETY: out is non-NULL (read_struct checked) and writable.
+        unsafe { out.write_unaligned(p) };
+        Ok(())
+    })
+}
+
+fn forward(
+    model: *const mlart_model,
+    pool: *const mlart_kv_pool,
+    args: *const mlart_forward_args,
+) -> Result<()> {
+    // SAFETY: handle contracts.
+    let m = unsafe { model_ref(model) }?;
+    // SAFETY: handle contracts.
+    let p = unsafe { pool_ref(pool) }?;
+    // SAFETY: a non-NULL args points to a caller struct.
+    let a = unsafe { read_struct(args, "args", "mlart_forward_args_init") }?;
+    if a.batch < 1 {
+        return Err(Error::invalid(format!("batch = {} must be >= 1", a.batch)));
+    }
+    let batch = a.batch as usize;
+    // SAFETY: seq_ids and n_tokens hold batch entries (caller contract).
+    let ids = unsafe { slice(a.seq_ids, batch, "seq_ids") }?;
+    // SAFETY: as above.
+    let counts = unsafe { slice(a.n_tokens, batch, "n_tokens") }?;
+    let mut n = Vec::with_capacity(batch);
+    for (i, &c) in counts.iter().enumerate() {
+        if c < 1 {
+            return Err(Error::invalid(format!("n_tokens[{i}] = {c} must be >= 1")));
+        }
+        n.push(c as usize);
+    }
+    let total: usize = n.iter().sum();
+    let hid = m.config.hidden_size;
+    let x_dtype = Dtype::from_raw("x_dtype", a.x_dtype)?.check_activation("x_dtype")?;
+    let out_dtype = Dtype::from_raw("out_dtype", a.out_dtype)?.check_activation("out_dtype")?;
+    let x_len = checked_size("x", &[total, hid, x_dtype.size()])?;
+    // SAFETY: x holds sum(n_tokens) * hidden elements (caller contract).
+    let x = unsafe { slice(a.x as *const u8, x_len, "x") }?;
+    let out_len = checked_size("out", &[total, hid, out_dtype.size()])?;
+    let out_region = Region {
+        name: "out",
+        start: a.out as usize,
+        len: out_len,
+    };
+    check_disjoint(
+        &out_region,
+        &[
+            Region::of("x", x),
+            Region::of("seq_ids", ids),
+            Region::of("n_tokens", counts),
+        ],
+    )?;
+    // SAFETY: out holds sum(n_tokens) * hidden elements, disjoint from the inputs.
+    let out = unsafe { slice_mut(a.out as *mut u8, out_len, "out") }?;
+    let mut xf = vec![0f32; total * hid];
+    load_slice(x_dtype, x, &mut xf);
+    let y = m.forward(p, a.layer as i64, ids, &n, &xf)?;
+    store_slice(out_dtype, &y, out);
+    Ok(())
+}
+
+/// Runs the MLA attention block of one layer for a batch of sequences:
+/// projections, norms, RoPE (YaRN), appending the new `[c | k_pe]` rows to
+/// the pool (quantized per its format), causal attention over each
+/// sequence's cache, and the output projection. The pool's d_qk must be
+/// kv_lora_rank + qk_rope_head_dim. On error the pool is unchanged and
+/// `out` is not written.
+#[no_mangle]
+pub extern "C" fn mlart_model_forward(
+    model: *mut mlart_model,
+    pool: *mut mlart_kv_pool,
+    args: *const mlart_forward_args,
+) -> *mut mlart_error {
+    ffi_result("mlart_model_forward", || forward(model, pool, args))
+}

@@ -1,0 +1,241 @@
+//! `config.json` of a DeepSeek V2/V3/V3.2 checkpoint: the attention fields.
+
+use crate::error::{Error, Result, Status};
+use serde::Deserialize;
+
+/// YaRN rope scaling (`rope_scaling` with `type: "yarn"`).
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize, serde::Serialize)]
+pub struct Yarn {
+    pub factor: f64,
+    pub original_max_position_embeddings: usize,
+    #[serde(default = "default_beta_fast")]
+    pub beta_fast: f64,
+    #[serde(default = "default_beta_slow")]
+    pub beta_slow: f64,
+    #[serde(default = "one")]
+    pub mscale: f64,
+    #[serde(default)]
+    pub mscale_all_dim: f64,
+}
+
+fn default_beta_fast() -> f64 {
+    32.0
+}
+fn default_beta_slow() -> f64 {
+    1.0
+}
+fn one() -> f64 {
+    1.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    #[serde(rename = "type", alias = "rope_type")]
+    kind: Option<String>,
+    #[serde(flatten)]
+    rest: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    hidden_size: usize,
+    num_attention_heads: usize,
+    num_hidden_layers: usize,
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    rope_scaling: Option<RawRopeScaling>,
+    max_position_embeddings: Option<usize>,
+}
+
+/// The attention-relevant part of a DeepSeek config.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub model_type: String,
+    pub hidden_size: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    /// `None` for V2-Lite (`q_proj` instead of `q_a_proj`/`q_b_proj`).
+    pub q_lora_rank: Option<usize>,
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub yarn: Option<Yarn>,
+    pub max_position_embeddings: usize,
+}
+
+/// Model types this loader understands.
+pub const MODEL_TYPES: [&str; 3] = ["deepseek_v2", "deepseek_v3", "deepseek_v32"];
+
+impl ModelConfig {
+    /// Parses and validates `config.json` text; `path` names it in errors.
+    pub fn parse(text: &str, path: &str) -> Result<Self> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| Error::new(Status::Format, format!("{path}: {e}")))?;
+        let model_type = raw.model_type.unwrap_or_default();
+        if !MODEL_TYPES.contains(&model_type.as_str()) {
+            return Err(Error::new(
+                Status::Unsupported,
+                format!("{path}: model_type = \"{model_type}\" is not one of {MODEL_TYPES:?}"),
+            ));
+        }
+        let yarn = match raw.rope_scaling {
+            None => None,
+            Some(r) => match r.kind.as_deref() {
+                Some("yarn") => Some(serde_json::from_value::<Yarn>(r.rest).map_err(|e| {
+                    Error::new(Status::Format, format!("{path}: rope_scaling: {e}"))
+                })?),
+                other => {
+                    return Err(Error::new(
+                        Status::Unsupported,
+                        format!(
+                            "{path}: rope_scaling.type = {other:?}: only \"yarn\" is supported"
+                        ),
+                    ))
+                }
+            },
+        };
+        let c = ModelConfig {
+            model_type,
+            hidden_size: raw.hidden_size,
+            num_heads: raw.num_attention_heads,
+            num_layers: raw.num_hidden_layers,
+            q_lora_rank: raw.q_lora_rank,
+            kv_lora_rank: raw.kv_lora_rank,
+            qk_nope_head_dim: raw.qk_nope_head_dim,
+            qk_rope_head_dim: raw.qk_rope_head_dim,
+            v_head_dim: raw.v_head_dim,
+            rms_norm_eps: raw.rms_norm_eps,
+            rope_theta: raw.rope_theta,
+            yarn,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(0),
+        };
+        c.validate(path)?;
+        Ok(c)
+    }
+
+    fn validate(&self, path: &str) -> Result<()> {
+        let bad = |what: String| Err(Error::new(Status::Format, format!("{path}: {what}")));
+        for (name, v) in [
+            ("hidden_size", self.hidden_size),
+            ("num_attention_heads", self.num_heads),
+            ("num_hidden_layers", self.num_layers),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} = 0 must be >= 1"));
+            }
+        }
+        if self.q_lora_rank == Some(0) {
+            return bad("q_lora_rank = 0 must be >= 1 or null".into());
+        }
+        if self.qk_rope_head_dim % 2 != 0 {
+            return bad(format!(
+                "qk_rope_head_dim = {} must be even",
+                self.qk_rope_head_dim
+            ));
+        }
+        if self.d_qk() > crate::decode::desc::MAX_HEAD_DIM {
+            return bad(format!(
+                "kv_lora_rank + qk_rope_head_dim = {} exceeds the supported 1024",
+                self.d_qk()
+            ));
+        }
+        if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+            return bad("rms_norm_eps must be >= 0 and rope_theta > 0".into());
+        }
+        if let Some(y) = &self.yarn {
+            if !(y.factor >= 1.0) || y.original_max_position_embeddings == 0 {
+                return bad(format!(
+                    "rope_scaling: factor = {} must be >= 1 and original_max_position_embeddings >= 1",
+                    y.factor
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Query/key head dimension of the raw model (`nope + rope`).
+    pub fn qk_head_dim(&self) -> usize {
+        self.qk_nope_head_dim + self.qk_rope_head_dim
+    }
+
+    /// Cache row width after absorption (`kv_lora_rank + qk_rope_head_dim`).
+    pub fn d_qk(&self) -> usize {
+        self.kv_lora_rank + self.qk_rope_head_dim
+    }
+
+    /// `qk_head_dim^-0.5`, times `m^2` with YaRN (DeepSeek's softmax scale).
+    pub fn softmax_scale(&self) -> f64 {
+        let base = (self.qk_head_dim() as f64).powf(-0.5);
+        match &self.yarn {
+            Some(y) if y.factor > 1.0 => {
+                let m = 0.1 * y.mscale_all_dim * y.factor.ln() + 1.0;
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V3: &str = r#"{"model_type": "deepseek_v3", "hidden_size": 7168, "num_attention_heads": 128,
+        "num_hidden_layers": 61, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+        "qk_rope_head_dim": 64, "v_head_dim": 128, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+        "max_position_embeddings": 163840, "rope_scaling": {"type": "yarn", "factor": 40,
+        "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}}"#;
+
+    #[test]
+    fn parses_deepseek_v3() {
+        let c = ModelConfig::parse(V3, "config.json").unwrap();
+        assert_eq!(
+            (c.d_qk(), c.qk_head_dim(), c.q_lora_rank),
+            (576, 192, Some(1536))
+        );
+        let m = 0.1 * 40f64.ln() + 1.0;
+        assert!((c.softmax_scale() - m * m / 192f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn rejects_bad_configs_by_name() {
+        let e = ModelConfig::parse("{", "cfg").unwrap_err();
+        assert_eq!(e.status, Status::Format);
+        let e = ModelConfig::parse(&V3.replace("deepseek_v3", "llama"), "cfg").unwrap_err();
+        assert!(
+            e.message.contains("model_type = \"llama\""),
+            "{}",
+            e.message
+        );
+        let e = ModelConfig::parse(
+            &V3.replace("\"kv_lora_rank\": 512", "\"kv_lora_rank\": 0"),
+            "cfg",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("kv_lora_rank = 0"), "{}", e.message);
+        let e = ModelConfig::parse(&V3.replace("\"hidden_size\": 7168,", ""), "cfg").unwrap_err();
+        assert!(e.message.contains("hidden_size"), "{}", e.message);
+    }
+}

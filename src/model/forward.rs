@@ -1,0 +1,195 @@
+//! The MLA layer forward in DeepSeek-V3's absorbed form
+//! (`inference/model.py`, class `MLA`, `attn_impl = "absorb"`):
+//! `q = q_b(RMSNorm(q_a(x)))` (or `q_proj(x)`), `kv = kv_a(x)`,
+//! `c = RMSNorm(kv[:lora])`, `k_pe = RoPE(kv[lora:])`, append `[c | k_pe]`,
+//! `q_lat = q_nope · W_UK`, attention over the cache (causal inside the
+//! chunk), `o = W_UV · o_lat`, `o_proj`.
+
+use super::linear::{dot, rms_norm};
+use super::{Model, QProj};
+use crate::decode::desc::DecodeOutput;
+use crate::decode::DecodeShape;
+use crate::error::{Error, Result};
+use crate::format::{load_slice, store_slice, Dtype};
+use crate::kv::KvPool;
+use rayon::prelude::*;
+use std::collections::BTreeMap;
+
+impl Model {
+    /// Runs layer `layer` (absolute index) for sequences `seqs`, each with
+    /// `n_tokens[i] >= 1` new tokens whose hidden states are consecutive
+    /// rows of `x [total, hidden]`. Token positions continue each
+    /// sequence's length in pool layer `layer - first_layer`; the new
+    /// `[c | k_pe]` rows are appended there. Returns `[total, hidden]`.
+    /// On error the pool is left as it was.
+    pub fn forward(
+        &self,
+        pool: &KvPool,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let lw = self.layer(layer)?;
+        let c = &self.config;
+        let pl = layer - self.first_layer as i64;
+        let po = pool.options();
+        if po.d_qk != c.d_qk() {
+            return Err(Error::invalid(format!(
+                "pool d_qk = {} but this model's cache rows are kv_lora_rank + qk_rope_head_dim = {}",
+                po.d_qk,
+                c.d_qk()
+            )));
+        }
+        if pl as usize >= po.num_layers {
+            return Err(Error::invalid(format!(
+                "layer = {layer} is pool layer {pl} (layer - first_layer {}), but the pool has {} layers",
+                self.first_layer, po.num_layers
+            )));
+        }
+        for (i, &id) in seqs.iter().enumerate() {
+            if seqs[..i].contains(&id) {
+                return Err(Error::invalid(format!(
+                    "seq_ids[{i}] = {id} appears twice in one forward"
+                )));
+            }
+            if n_tokens[i] == 0 {
+                return Err(Error::invalid(format!("n_tokens[{i}] = 0 must be >= 1")));
+            }
+        }
+        let total: usize = n_tokens.iter().sum();
+        let hid = c.hidden_size;
+        if x.len() < total * hid {
+            return Err(Error::internal("x is smaller than [total_tokens, hidden]"));
+        }
+        let start: Vec<usize> = seqs
+            .iter()
+            .map(|&s| pool.len(s, pl))
+            .collect::<Result<_>>()?;
+        let mut first_tok = Vec::with_capacity(seqs.len());
+        let mut acc = 0;
+        for &n in n_tokens {
+            first_tok.push(acc);
+            acc += n;
+        }
+        let pos: Vec<usize> = (0..seqs.len())
+            .flat_map(|b| (0..n_tokens[b]).map(move |k| (b, k)))
+            .map(|(b, k)| start[b] + k)
+            .collect();
+
+        let (h, lora) = (c.num_heads, c.kv_lora_rank);
+        let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
+        let d_qk = c.d_qk();
+        let eps = c.rms_norm_eps as f32;
+
+        self.engine.install(|| -> Result<Vec<f32>> {
+            // Queries.
+            let mut q = vec![0f32; total * h * qk];
+            match &lw.q {
+                QProj::Lora { a, norm, b } => {
+                    let mut qa = vec![0f32; total * a.out];
+                    a.matmul(x, total, &mut qa);
+                    rms_norm(&mut qa, norm, eps);
+                    b.matmul(&qa, total, &mut q);
+                }
+                QProj::Direct(w) => w.matmul(x, total, &mut q),
+            }
+            // Latent KV and its rope part.
+            let mut kv = vec![0f32; total * d_qk];
+            lw.kv_a.matmul(x, total, &mut kv);
+            kv.par_chunks_mut(d_qk)
+                .zip(pos.par_iter())
+                .for_each(|(row, &p)| {
+                    rms_norm(&mut row[..lora], &lw.kv_norm, eps);
+                    self.rope.apply(&mut row[lora..], p);
+                });
+            // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
+            let mut qf = vec![0f32; total * h * d_qk];
+            qf.par_chunks_mut(h * d_qk).enumerate().for_each(|(t, qt)| {
+                for head in 0..h {
+                    let src = &q[(t * h + head) * qk..][..qk];
+                    let dst = &mut qt[head * d_qk..(head + 1) * d_qk];
+                    let (lat, pe) = dst.split_at_mut(lora);
+                    lat.fill(0.0);
+                    for (d, &qn) in src[..nope].iter().enumerate() {
+                        let wrow = &lw.w_uk[(head * nope + d) * lora..][..lora];
+                        lat.iter_mut().zip(wrow).for_each(|(l, &w)| *l += qn * w);
+                    }
+                    pe.copy_from_slice(&src[nope..]);
+                    self.rope.apply(pe, pos[t]);
+                }
+            });
+
+            // Append [c | k_pe]; undo on any later failure.
+            let mut appended = 0;
+            let mut result = (|| -> Result<Vec<f32>> {
+                for (b, &id) in seqs.iter().enumerate() {
+                    let rows = &kv[first_tok[b] * d_qk..(first_tok[b] + n_tokens[b]) * d_qk];
+                    let mut bytes = vec![0u8; rows.len() * 4];
+                    store_slice(Dtype::F32, rows, &mut bytes);
+                    pool.append(id, pl, n_tokens[b], Dtype::F32, &bytes)?;
+                    appended = b + 1;
+                }
+                // Attention, one batched call per distinct chunk length.
+                let mut o_lat = vec![0f32; total * h * lora];
+                let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+                for (b, &n) in n_tokens.iter().enumerate() {
+                    groups.entry(n).or_default().push(b);
+                }
+                for (&n, members) in &groups {
+                    let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
+                    let shape = DecodeShape::new(
+                        ids.len() as i32,
+                        n as i32,
+                        h as i32,
+                        d_qk as i32,
+                        lora as i32,
+                        c.softmax_scale() as f32,
+                        true,
+                    )?;
+                    let mut qb = vec![0u8; shape.q_elems() * 4];
+                    for (g, &b) in members.iter().enumerate() {
+                        let src = &qf[first_tok[b] * h * d_qk..][..n * h * d_qk];
+                        store_slice(
+                            Dtype::F32,
+                            src,
+                            &mut qb[g * n * h * d_qk * 4..][..n * h * d_qk * 4],
+                        );
+                    }
+                    let mut ob = vec![0u8; shape.out_elems() * 4];
+                    let mut out = DecodeOutput::new(&shape, Dtype::F32, &mut ob, None)?;
+                    pool.decode(pl, &ids, shape, Dtype::F32, &qb, None, None, &mut out)?;
+                    for (g, &b) in members.iter().enumerate() {
+                        let dst = &mut o_lat[first_tok[b] * h * lora..][..n * h * lora];
+                        load_slice(
+                            Dtype::F32,
+                            &ob[g * n * h * lora * 4..][..n * h * lora * 4],
+                            dst,
+                        );
+                    }
+                }
+                // o = W_UV · o_lat per head, then o_proj.
+                let mut o = vec![0f32; total * h * v];
+                o.par_chunks_mut(h * v).enumerate().for_each(|(t, ot)| {
+                    for head in 0..h {
+                        let lat = &o_lat[(t * h + head) * lora..][..lora];
+                        for d in 0..v {
+                            ot[head * v + d] = dot(&lw.w_uv[(head * v + d) * lora..][..lora], lat);
+                        }
+                    }
+                });
+                let mut y = vec![0f32; total * hid];
+                lw.o_proj.matmul(&o, total, &mut y);
+                Ok(y)
+            })();
+            if result.is_err() {
+                for b in 0..appended {
+                    if let Err(e) = pool.truncate_layer(seqs[b], pl, start[b]) {
+                        result = Err(Error::internal(format!("rollback failed: {}", e.message)));
+                    }
+                }
+            }
+            result
+        })
+    }
+}

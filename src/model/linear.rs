@@ -1,0 +1,190 @@
+//! Projection weights `[out, in]` kept in their stored precision (f32, bf16,
+//! f16, or FP8 e4m3 with DeepSeek's 128x128 block scales) and multiplied by
+//! f32 activations; each weight row is converted once per call and used for
+//! every token.
+
+use super::weights::{StoredDtype, Tensor};
+use crate::error::{Error, Result, Status};
+use crate::format::fp8::E4M3_TABLE;
+use crate::format::{load_slice, store_slice, Dtype};
+use rayon::prelude::*;
+
+/// Side of DeepSeek-V3's FP8 weight-scale blocks.
+pub const FP8_BLOCK: usize = 128;
+
+#[derive(Clone, Debug)]
+enum Data {
+    Plain(Dtype, Vec<u8>),
+    /// Codes `[out, in]` and `scale_inv [ceil(out/128), ceil(in/128)]`
+    /// (a multiplier, despite its name).
+    Fp8 {
+        codes: Vec<u8>,
+        scales: Vec<f32>,
+    },
+}
+
+/// A linear layer's weight.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub out: usize,
+    pub inp: usize,
+    data: Data,
+}
+
+/// How to keep weights in memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightCompute {
+    /// As stored in the checkpoint.
+    AsStored,
+    /// Converted at load (FP8 dequantized) to this dtype.
+    Convert(Dtype),
+}
+
+impl Linear {
+    /// Builds a weight from its tensor (and FP8 scales), checking the shape.
+    pub fn new(
+        w: Tensor,
+        scale_inv: Option<Tensor>,
+        out: usize,
+        inp: usize,
+        compute: WeightCompute,
+    ) -> Result<Self> {
+        w.expect_shape(&[out, inp])?;
+        let data = match (w.dtype, scale_inv) {
+            (StoredDtype::Fp8E4m3, Some(s)) => {
+                s.expect_shape(&[out.div_ceil(FP8_BLOCK), inp.div_ceil(FP8_BLOCK)])?;
+                if s.dtype != StoredDtype::F32 {
+                    return Err(Error::new(
+                        Status::Unsupported,
+                        format!("{}: dtype {:?}, expected F32", s.name, s.dtype),
+                    ));
+                }
+                Data::Fp8 {
+                    scales: s.to_f32(),
+                    codes: w.bytes,
+                }
+            }
+            (StoredDtype::Fp8E4m3, None) => {
+                return Err(Error::not_found(format!(
+                    "{}: FP8 weight without its {}_scale_inv tensor",
+                    w.name, w.name
+                )))
+            }
+            (StoredDtype::F32, _) => Data::Plain(Dtype::F32, w.bytes),
+            (StoredDtype::Bf16, _) => Data::Plain(Dtype::Bf16, w.bytes),
+            (StoredDtype::F16, _) => Data::Plain(Dtype::F16, w.bytes),
+        };
+        let mut lin = Linear { out, inp, data };
+        if let WeightCompute::Convert(dtype) = compute {
+            lin = lin.converted(dtype);
+        }
+        Ok(lin)
+    }
+
+    fn converted(self, dtype: Dtype) -> Self {
+        if matches!(&self.data, Data::Plain(d, _) if *d == dtype) {
+            return self;
+        }
+        let mut bytes = vec![0u8; self.out * self.inp * dtype.size()];
+        let mut row = vec![0f32; self.inp];
+        for o in 0..self.out {
+            self.row(o, &mut row);
+            let n = self.inp * dtype.size();
+            store_slice(dtype, &row, &mut bytes[o * n..(o + 1) * n]);
+        }
+        Linear {
+            data: Data::Plain(dtype, bytes),
+            ..self
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Data::Plain(_, b) => b.len(),
+            Data::Fp8 { codes, scales } => codes.len() + 4 * scales.len(),
+        }
+    }
+
+    /// Dtype of the weight in memory (FP8 reported as such).
+    pub fn dtype(&self) -> Dtype {
+        match &self.data {
+            Data::Plain(d, _) => *d,
+            Data::Fp8 { .. } => Dtype::Fp8E4m3,
+        }
+    }
+
+    /// Row `o` of the weight as f32 (FP8 dequantized).
+    pub fn row(&self, o: usize, dst: &mut [f32]) {
+        let n = self.inp;
+        match &self.data {
+            Data::Plain(d, b) => load_slice(
+                *d,
+                &b[o * n * d.size()..(o + 1) * n * d.size()],
+                &mut dst[..n],
+            ),
+            Data::Fp8 { codes, scales } => {
+                let srow = &scales[(o / FP8_BLOCK) * n.div_ceil(FP8_BLOCK)..];
+                for (k, (d, &c)) in dst[..n]
+                    .iter_mut()
+                    .zip(&codes[o * n..(o + 1) * n])
+                    .enumerate()
+                {
+                    *d = E4M3_TABLE[c as usize] * srow[k / FP8_BLOCK];
+                }
+            }
+        }
+    }
+
+    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool.
+    pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        let (inp, out) = (self.inp, self.out);
+        debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
+        // yt [out, tokens]: each weight row is converted once for all tokens.
+        let mut yt = vec![0f32; out * tokens];
+        yt.par_chunks_mut(tokens * 16)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut row = vec![0f32; inp];
+                for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
+                    self.row(c * 16 + r, &mut row);
+                    for (t, yv) in yrow.iter_mut().enumerate() {
+                        *yv = dot(&row, &x[t * inp..(t + 1) * inp]);
+                    }
+                }
+            });
+        for (o, yrow) in yt.chunks(tokens).enumerate() {
+            for (t, &v) in yrow.iter().enumerate() {
+                y[t * out + o] = v;
+            }
+        }
+    }
+}
+
+/// f32 dot product with independent partial sums (vectorizes).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len().min(b.len()) / 8 * 8;
+    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        s += x * y;
+    }
+    s
+}
+
+/// In-place RMSNorm of each `dim`-row of `x`: `x / sqrt(mean(x²) + eps) * w`.
+pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
+    let dim = w.len();
+    for row in x.chunks_mut(dim) {
+        let ms = row.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+        let inv = 1.0 / (ms + eps).sqrt();
+        for (v, &g) in row.iter_mut().zip(w) {
+            *v = *v * inv * g;
+        }
+    }
+}

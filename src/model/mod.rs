@@ -1,0 +1,273 @@
+//! The MLA layer: a DeepSeek checkpoint's attention weights, absorbed for
+//! decode, and the layer forward (projections, norms, RoPE, cache append,
+//! attention through the pool, output projection).
+
+pub mod config;
+pub mod forward;
+pub mod gen;
+pub mod linear;
+pub mod rope;
+pub mod weights;
+
+pub use config::ModelConfig;
+pub use linear::{Linear, WeightCompute};
+
+use crate::engine::Engine;
+use crate::error::{Error, Result, Status};
+use std::path::Path;
+use std::sync::Arc;
+use weights::Checkpoint;
+
+/// Load options.
+pub struct LoadOptions<'a> {
+    /// First layer to load.
+    pub first_layer: usize,
+    /// Layers to load; 0 = all from `first_layer` on.
+    pub num_layers: usize,
+    pub compute: WeightCompute,
+    /// Called with (fraction done, stage); returning false cancels the load.
+    pub progress: Option<&'a mut dyn FnMut(f32, &str) -> bool>,
+}
+
+impl Default for LoadOptions<'_> {
+    fn default() -> Self {
+        LoadOptions {
+            first_layer: 0,
+            num_layers: 0,
+            compute: WeightCompute::AsStored,
+            progress: None,
+        }
+    }
+}
+
+/// The query projection: low-rank with a norm (V2/V3), or direct (V2-Lite).
+pub enum QProj {
+    Lora {
+        a: Linear,
+        norm: Vec<f32>,
+        b: Linear,
+    },
+    Direct(Linear),
+}
+
+/// One layer's attention weights after absorption.
+pub struct LayerWeights {
+    pub q: QProj,
+    /// `[kv_lora + rope, hidden]`.
+    pub kv_a: Linear,
+    /// `[kv_lora]`.
+    pub kv_norm: Vec<f32>,
+    /// `W_UK [H, nope, kv_lora]` (f32): `q_lat[h] = q_nope[h] · W_UK[h]`.
+    pub w_uk: Vec<f32>,
+    /// `W_UV [H, v, kv_lora]` (f32): `o[h] = W_UV[h] · o_lat[h]`.
+    pub w_uv: Vec<f32>,
+    /// `[hidden, H * v]`.
+    pub o_proj: Linear,
+}
+
+/// A loaded model: configuration and a contiguous range of layers.
+pub struct Model {
+    pub(crate) engine: Arc<Engine>,
+    pub config: ModelConfig,
+    pub first_layer: usize,
+    pub layers: Vec<LayerWeights>,
+    pub rope: rope::Rope,
+    pub bytes_loaded: usize,
+    /// Dtype of the projection weights in memory.
+    pub weight_dtype: crate::format::Dtype,
+}
+
+fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
+    let p = format!("model.layers.{i}.self_attn.");
+    let mut v = Vec::new();
+    if c.q_lora_rank.is_some() {
+        v.extend(
+            ["q_a_proj.weight", "q_a_layernorm.weight", "q_b_proj.weight"]
+                .map(|s| format!("{p}{s}")),
+        );
+    } else {
+        v.push(format!("{p}q_proj.weight"));
+    }
+    v.extend(
+        [
+            "kv_a_proj_with_mqa.weight",
+            "kv_a_layernorm.weight",
+            "kv_b_proj.weight",
+            "o_proj.weight",
+        ]
+        .map(|s| format!("{p}{s}")),
+    );
+    v
+}
+
+struct Loader<'c, 'p> {
+    ckpt: &'c Checkpoint,
+    compute: WeightCompute,
+    progress: Option<&'p mut dyn FnMut(f32, &str) -> bool>,
+    done: usize,
+    total: usize,
+    bytes: usize,
+}
+
+impl Loader<'_, '_> {
+    fn step(&mut self, name: &str) -> Result<()> {
+        self.done += 1;
+        if let Some(p) = self.progress.as_mut() {
+            if !p(self.done as f32 / self.total as f32, name) {
+                return Err(Error::new(
+                    Status::Cancelled,
+                    format!("model load cancelled by the progress callback at {name}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.ckpt.tensor(name)?;
+        let scale_name = format!("{name}_scale_inv");
+        let scale = if w.dtype == weights::StoredDtype::Fp8E4m3 && self.ckpt.contains(&scale_name) {
+            Some(self.ckpt.tensor(&scale_name)?)
+        } else {
+            None
+        };
+        let lin = Linear::new(w, scale, out, inp, self.compute)?;
+        self.bytes += lin.bytes();
+        self.step(name)?;
+        Ok(lin)
+    }
+
+    fn vector(&mut self, name: &str, n: usize) -> Result<Vec<f32>> {
+        let t = self.ckpt.tensor(name)?;
+        t.expect_shape(&[n])?;
+        if t.dtype == weights::StoredDtype::Fp8E4m3 {
+            return Err(Error::new(
+                Status::Unsupported,
+                format!("{name}: FP8 norm weights are not supported"),
+            ));
+        }
+        self.bytes += n * 4;
+        self.step(name)?;
+        Ok(t.to_f32())
+    }
+}
+
+impl Model {
+    /// Loads `config.json` and the attention tensors of the requested layers.
+    pub fn load(engine: Arc<Engine>, dir: &Path, opts: LoadOptions<'_>) -> Result<Model> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| Error::new(Status::Io, format!("{}: {e}", cfg_path.display())))?;
+        let c = ModelConfig::parse(&text, &cfg_path.display().to_string())?;
+        if opts.first_layer >= c.num_layers {
+            return Err(Error::invalid(format!(
+                "first_layer = {} is outside [0, {}) (num_hidden_layers)",
+                opts.first_layer, c.num_layers
+            )));
+        }
+        let count = if opts.num_layers == 0 {
+            c.num_layers - opts.first_layer
+        } else {
+            opts.num_layers
+        };
+        if opts.first_layer + count > c.num_layers {
+            return Err(Error::invalid(format!(
+                "num_layers = {count} from first_layer {} runs past num_hidden_layers = {}",
+                opts.first_layer, c.num_layers
+            )));
+        }
+        let ckpt = Checkpoint::open(dir)?;
+        let range = opts.first_layer..opts.first_layer + count;
+        // Check every tensor exists before reading any, to fail fast.
+        for i in range.clone() {
+            for n in tensor_names(&c, i) {
+                if !ckpt.contains(&n) {
+                    return Err(Error::not_found(format!(
+                        "tensor {n} not found in checkpoint {}",
+                        dir.display()
+                    )));
+                }
+            }
+        }
+        let total = range.clone().map(|i| tensor_names(&c, i).len()).sum();
+        let mut ld = Loader {
+            ckpt: &ckpt,
+            compute: opts.compute,
+            progress: opts.progress,
+            done: 0,
+            total,
+            bytes: 0,
+        };
+        let (h, hid, lora) = (c.num_heads, c.hidden_size, c.kv_lora_rank);
+        let (nope, rope_d, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let mut layers = Vec::with_capacity(count);
+        let mut weight_dtype = crate::format::Dtype::F32;
+        for i in range {
+            let p = format!("model.layers.{i}.self_attn.");
+            let q = match c.q_lora_rank {
+                Some(r) => QProj::Lora {
+                    a: ld.linear(&format!("{p}q_a_proj.weight"), r, hid)?,
+                    norm: ld.vector(&format!("{p}q_a_layernorm.weight"), r)?,
+                    b: ld.linear(&format!("{p}q_b_proj.weight"), h * c.qk_head_dim(), r)?,
+                },
+                None => QProj::Direct(ld.linear(
+                    &format!("{p}q_proj.weight"),
+                    h * c.qk_head_dim(),
+                    hid,
+                )?),
+            };
+            let kv_a = ld.linear(&format!("{p}kv_a_proj_with_mqa.weight"), lora + rope_d, hid)?;
+            weight_dtype = kv_a.dtype();
+            let kv_norm = ld.vector(&format!("{p}kv_a_layernorm.weight"), lora)?;
+            // Absorption: kv_b_proj [H * (nope + v), lora] viewed per head.
+            let kv_b = ld.linear(&format!("{p}kv_b_proj.weight"), h * (nope + v), lora)?;
+            ld.bytes -= kv_b.bytes();
+            let mut w_uk = vec![0f32; h * nope * lora];
+            let mut w_uv = vec![0f32; h * v * lora];
+            for head in 0..h {
+                for d in 0..nope {
+                    kv_b.row(
+                        head * (nope + v) + d,
+                        &mut w_uk[(head * nope + d) * lora..][..lora],
+                    );
+                }
+                for d in 0..v {
+                    kv_b.row(
+                        head * (nope + v) + nope + d,
+                        &mut w_uv[(head * v + d) * lora..][..lora],
+                    );
+                }
+            }
+            ld.bytes += 4 * (w_uk.len() + w_uv.len());
+            let o_proj = ld.linear(&format!("{p}o_proj.weight"), hid, h * v)?;
+            layers.push(LayerWeights {
+                q,
+                kv_a,
+                kv_norm,
+                w_uk,
+                w_uv,
+                o_proj,
+            });
+        }
+        Ok(Model {
+            engine,
+            rope: rope::Rope::new(&c),
+            bytes_loaded: ld.bytes,
+            config: c,
+            first_layer: opts.first_layer,
+            layers,
+            weight_dtype,
+        })
+    }
+
+    /// The loaded layer `layer` (absolute index), or a named error.
+    pub fn layer(&self, layer: i64) -> Result<&LayerWeights> {
+        let (a, b) = (
+            self.first_layer as i64,
+            (self.first_layer + self.layers.len()) as i64,
+        );
+        crate::error::check_range("layer", layer, a, b)
+            .map_err(|e| Error::invalid(format!("{} (the loaded layers)", e.message)))?;
+        Ok(&self.layers[(layer - a) as usize])
+    }
+}

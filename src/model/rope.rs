@@ -1,0 +1,68 @@
+//! DeepSeek's rotary embedding: interleaved pairs `(x[2k], x[2k+1])`
+//! rotated by `pos * freq[k]`, with YaRN frequency blending
+//! (`inference/model.py`, `precompute_freqs_cis`).
+
+use super::config::ModelConfig;
+use std::f64::consts::PI;
+
+/// Rotation frequencies and the cos/sin scale of one model.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    freqs: Vec<f64>,
+    /// `yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)`.
+    scale: f64,
+}
+
+fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
+    if factor <= 1.0 {
+        1.0
+    } else {
+        0.1 * mscale * factor.ln() + 1.0
+    }
+}
+
+fn correction_dim(rotations: f64, dim: usize, base: f64, max_pos: f64) -> f64 {
+    dim as f64 * (max_pos / (rotations * 2.0 * PI)).ln() / (2.0 * base.ln())
+}
+
+impl Rope {
+    pub fn new(c: &ModelConfig) -> Self {
+        let dim = c.qk_rope_head_dim;
+        let base = c.rope_theta;
+        let mut freqs: Vec<f64> = (0..dim / 2)
+            .map(|k| 1.0 / base.powf((2 * k) as f64 / dim as f64))
+            .collect();
+        let mut scale = 1.0;
+        if let Some(y) = &c.yarn {
+            let orig = y.original_max_position_embeddings as f64;
+            let low = correction_dim(y.beta_fast, dim, base, orig)
+                .floor()
+                .max(0.0);
+            let mut high = correction_dim(y.beta_slow, dim, base, orig)
+                .ceil()
+                .min(dim as f64 - 1.0);
+            if low == high {
+                high += 0.001;
+            }
+            for (k, f) in freqs.iter_mut().enumerate() {
+                let ramp = ((k as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let smooth = 1.0 - ramp;
+                *f = *f / y.factor * (1.0 - smooth) + *f * smooth;
+            }
+            scale = yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim);
+        }
+        Rope { freqs, scale }
+    }
+
+    /// Rotates the rope part `x` (length `qk_rope_head_dim`) of a token at `pos`.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        for (k, pair) in x.chunks_exact_mut(2).enumerate() {
+            let angle = pos as f64 * self.freqs[k];
+            let (s, c) = angle.sin_cos();
+            let (s, c) = (s * self.scale, c * self.scale);
+            let (a, b) = (pair[0] as f64, pair[1] as f64);
+            pair[0] = (a * c - b * s) as f32;
+            pair[1] = (a * s + b * c) as f32;
+        }
+    }
+}
