@@ -148,7 +148,7 @@ impl ModelConfig {
         if self.q_lora_rank == Some(0) {
             return bad("q_lora_rank = 0 must be >= 1 or null".into());
         }
-        if self.qk_rope_head_dim % 2 != 0 {
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
             return bad(format!(
                 "qk_rope_head_dim = {} must be even",
                 self.qk_rope_head_dim
@@ -160,11 +160,15 @@ impl ModelConfig {
                 self.d_qk()
             ));
         }
-        if !(self.rms_norm_eps >= 0.0 && self.rope_theta > 0.0) {
+        if self.rms_norm_eps.is_nan()
+            || self.rms_norm_eps < 0.0
+            || self.rope_theta.is_nan()
+            || self.rope_theta <= 0.0
+        {
             return bad("rms_norm_eps must be >= 0 and rope_theta > 0".into());
         }
         if let Some(y) = &self.yarn {
-            if !(y.factor >= 1.0) || y.original_max_position_embeddings == 0 {
+            if y.factor.is_nan() || y.factor < 1.0 || y.original_max_position_embeddings == 0 {
                 return bad(format!(
                     "rope_scaling: factor = {} must be >= 1 and original_max_position_embeddings >= 1",
                     y.factor

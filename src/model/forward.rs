@@ -5,7 +5,8 @@
 //! `q_lat = q_nope · W_UK`, attention over the cache (causal inside the
 //! chunk), `o = W_UV · o_lat`, `o_proj`.
 
-use super::linear::{dot, rms_norm};
+use super::linear::rms_norm;
+use super::vecops::{axpy, dot};
 use super::{Model, QProj};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
@@ -113,7 +114,7 @@ impl Model {
                     lat.fill(0.0);
                     for (d, &qn) in src[..nope].iter().enumerate() {
                         let wrow = &lw.w_uk[(head * nope + d) * lora..][..lora];
-                        lat.iter_mut().zip(wrow).for_each(|(l, &w)| *l += qn * w);
+                        axpy(lat, qn, wrow);
                     }
                     pe.copy_from_slice(&src[nope..]);
                     self.rope.apply(pe, pos[t]);

@@ -783,7 +783,6 @@ fn write_shard(path: &Path, specs: &[Spec], members: &[usize], seed: u64) -> Res
     w.seek(SeekFrom::Start(base + at as u64)).map_err(werr)?;
     let file = w.into_inner().map_err(|e| werr(e.into_error()))?;
     file.set_len(base + at as u64).map_err(werr)?;
-    file.sync_all().ok();
     Ok(())
 }
 

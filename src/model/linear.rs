@@ -3,6 +3,7 @@
 //! f32 activations; each weight row is converted once per call and used for
 //! every token.
 
+use super::vecops;
 use super::weights::{StoredDtype, Tensor};
 use crate::error::{Error, Result, Status};
 use crate::format::fp8::E4M3_TABLE;
@@ -136,20 +137,58 @@ impl Linear {
         }
     }
 
-    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool.
+    /// Row `o` of the weight times `x`, converted in registers.
+    pub fn dot_row(&self, o: usize, x: &[f32]) -> f32 {
+        let n = self.inp;
+        match &self.data {
+            Data::Plain(Dtype::F32, b) => {
+                let bytes = &b[o * n * 4..(o + 1) * n * 4];
+                // f32 rows are stored as bytes; convert through a small stack buffer.
+                let mut acc = 0f32;
+                let mut buf = [0f32; 256];
+                for (c, chunk) in bytes.chunks(1024).enumerate() {
+                    let m = chunk.len() / 4;
+                    load_slice(Dtype::F32, chunk, &mut buf[..m]);
+                    acc += vecops::dot(&buf[..m], &x[c * 256..c * 256 + m]);
+                }
+                acc
+            }
+            Data::Plain(Dtype::F16, b) => vecops::dot_f16(&b[o * n * 2..(o + 1) * n * 2], &x[..n]),
+            Data::Plain(_, b) => vecops::dot_bf16(&b[o * n * 2..(o + 1) * n * 2], &x[..n]),
+            Data::Fp8 { codes, scales } => {
+                let per_row = n.div_ceil(FP8_BLOCK);
+                let srow = &scales[(o / FP8_BLOCK) * per_row..][..per_row];
+                vecops::dot_fp8(&codes[o * n..(o + 1) * n], srow, FP8_BLOCK, &x[..n])
+            }
+        }
+    }
+
+    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool. Weight
+    /// rows are read once per call: converted in registers for each token
+    /// when there are few tokens (decode: a pure weight stream), converted
+    /// once to f32 and reused when there are many (prefill).
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
-        // yt [out, tokens]: each weight row is converted once for all tokens.
+        const ROWS: usize = 16;
+        // yt [out, tokens], so each task owns whole weight rows.
         let mut yt = vec![0f32; out * tokens];
-        yt.par_chunks_mut(tokens * 16)
+        yt.par_chunks_mut(tokens * ROWS)
             .enumerate()
             .for_each(|(c, chunk)| {
-                let mut row = vec![0f32; inp];
+                let mut row = Vec::new();
                 for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
-                    self.row(c * 16 + r, &mut row);
-                    for (t, yv) in yrow.iter_mut().enumerate() {
-                        *yv = dot(&row, &x[t * inp..(t + 1) * inp]);
+                    let o = c * ROWS + r;
+                    if tokens <= 4 {
+                        for (t, yv) in yrow.iter_mut().enumerate() {
+                            *yv = self.dot_row(o, &x[t * inp..(t + 1) * inp]);
+                        }
+                    } else {
+                        row.resize(inp, 0.0);
+                        self.row(o, &mut row);
+                        for (t, yv) in yrow.iter_mut().enumerate() {
+                            *yv = vecops::dot(&row, &x[t * inp..(t + 1) * inp]);
+                        }
                     }
                 }
             });
@@ -161,21 +200,7 @@ impl Linear {
     }
 }
 
-/// f32 dot product with independent partial sums (vectorizes).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let n = a.len().min(b.len()) / 8 * 8;
-    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for (x, y) in a[n..].iter().zip(&b[n..]) {
-        s += x * y;
-    }
-    s
-}
+pub use vecops::dot;
 
 /// In-place RMSNorm of each `dim`-row of `x`: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {

@@ -7,6 +7,7 @@ pub mod forward;
 pub mod gen;
 pub mod linear;
 pub mod rope;
+pub mod vecops;
 pub mod weights;
 
 pub use config::ModelConfig;
@@ -18,6 +19,9 @@ use std::path::Path;
 use std::sync::Arc;
 use weights::Checkpoint;
 
+/// Receives (fraction done, stage); returning false cancels the load.
+pub type Progress<'a> = &'a mut dyn FnMut(f32, &str) -> bool;
+
 /// Load options.
 pub struct LoadOptions<'a> {
     /// First layer to load.
@@ -26,7 +30,7 @@ pub struct LoadOptions<'a> {
     pub num_layers: usize,
     pub compute: WeightCompute,
     /// Called with (fraction done, stage); returning false cancels the load.
-    pub progress: Option<&'a mut dyn FnMut(f32, &str) -> bool>,
+    pub progress: Option<Progress<'a>>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -103,7 +107,7 @@ fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
 struct Loader<'c, 'p> {
     ckpt: &'c Checkpoint,
     compute: WeightCompute,
-    progress: Option<&'p mut dyn FnMut(f32, &str) -> bool>,
+    progress: Option<Progress<'p>>,
     done: usize,
     total: usize,
     bytes: usize,

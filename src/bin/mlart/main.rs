@@ -5,6 +5,7 @@
 mod bench;
 mod ceilings;
 mod gen_model;
+mod run;
 
 use mlart::backend::cpu::CpuFeatures;
 use mlart::{Engine, EngineOptions};
@@ -19,6 +20,15 @@ commands:
       --quick             two small points only
       --seconds S         time budget per point (default 1.0)
       --json PATH         also write the results as JSON
+  run --model DIR [options]
+                          load a checkpoint's attention layers, prefill random hidden states, decode
+      --layers A..B       layers to load (default: all)
+      --batch B           sequences (default 1)
+      --prompt N          prefill tokens per sequence (default 128)
+      --decode T          decode steps (default 16)
+      --kv F              cache format: bf16 | f32 | fp8 | fp8-model1 (default bf16)
+  bench --model DIR [run options]
+                          batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
   gen-model --preset P [options] DIR
                           write a random-weight DeepSeek checkpoint (config.json, safetensors) to DIR
       --preset P          tiny | v2-lite | v3
@@ -82,6 +92,20 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("info") => info(),
+        Some("bench") if args.iter().any(|a| a == "--model") => match run::parse(&args[1..]) {
+            Ok(o) => run::bench(&o),
+            Err(e) => {
+                eprintln!("mlart: {e}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("run") => match run::parse(&args[1..]) {
+            Ok(o) => run::run(&o),
+            Err(e) => {
+                eprintln!("mlart: {e}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
         Some("bench") => match parse_bench(&args[1..]) {
             Ok(o) => bench::run(&o),
             Err(e) => {

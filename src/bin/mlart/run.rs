@@ -1,0 +1,286 @@
+//! `mlart run`: load a checkpoint's attention layers, prefill random hidden
+//! states, decode a few steps, and report per-layer and per-token times.
+//! `mlart bench --model`: decode at batch 1 streams every weight once per
+//! token; report that stream against the measured DRAM read bandwidth.
+
+use super::ceilings;
+use mlart::format::{KvFormat, KvLayout};
+use mlart::kv::{KvPool, PoolOptions};
+use mlart::model::{LoadOptions, Model};
+use mlart::{Engine, EngineOptions, Error, Result};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct RunOptions {
+    pub model: PathBuf,
+    /// Layers `[a, b)`; `None` = all.
+    pub layers: Option<(usize, usize)>,
+    pub batch: usize,
+    pub prompt: usize,
+    pub decode: usize,
+    pub kv: KvFormat,
+    pub threads: usize,
+}
+
+fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or(format!("--layers {s}: expected a..b"))?;
+    let a: usize = a.parse().map_err(|_| format!("--layers {s}: bad start"))?;
+    let b: usize = b.parse().map_err(|_| format!("--layers {s}: bad end"))?;
+    if b <= a {
+        return Err(format!("--layers {s}: empty range"));
+    }
+    Ok((a, b))
+}
+
+pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
+    let mut o = RunOptions {
+        model: PathBuf::new(),
+        layers: None,
+        batch: 1,
+        prompt: 128,
+        decode: 16,
+        kv: KvFormat::Bf16,
+        threads: 0,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        let mut number = |name: &str| -> std::result::Result<usize, String> {
+            let v = value(name)?;
+            v.parse().map_err(|_| format!("{name} {v}: not a number"))
+        };
+        match a.as_str() {
+            "--model" => o.model = PathBuf::from(value("--model")?),
+            "--layers" => o.layers = Some(parse_range(&value("--layers")?)?),
+            "--batch" => o.batch = number("--batch")?.max(1),
+            "--prompt" => o.prompt = number("--prompt")?,
+            "--decode" => o.decode = number("--decode")?,
+            "--threads" => o.threads = number("--threads")?,
+            "--kv" => {
+                o.kv = match value("--kv")?.as_str() {
+                    "bf16" => KvFormat::Bf16,
+                    "f32" => KvFormat::F32,
+                    "fp8" => KvFormat::Fp8V32,
+                    "fp8-model1" => KvFormat::Fp8Model1,
+                    other => {
+                        return Err(format!(
+                            "--kv {other}: expected bf16, f32, fp8 or fp8-model1"
+                        ))
+                    }
+                }
+            }
+            other => return Err(format!("unknown option {other}")),
+        }
+    }
+    if o.model.as_os_str().is_empty() {
+        return Err("--model DIR is required".into());
+    }
+    Ok(o)
+}
+
+/// Loads the model with a progress bar on stderr.
+fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
+    let engine = Arc::new(Engine::new(&EngineOptions {
+        num_threads: o.threads,
+        ..EngineOptions::default()
+    })?);
+    let (first, count) = o.layers.map_or((0, 0), |(a, b)| (a, b - a));
+    let mut bar = |f: f32, stage: &str| {
+        let width = 30;
+        let done = (f * width as f32) as usize;
+        eprint!(
+            "\rloading [{}{}] {:5.1}% {:<60}",
+            "#".repeat(done),
+            " ".repeat(width - done),
+            f * 100.0,
+            stage
+        );
+        let _ = std::io::stderr().flush();
+        true
+    };
+    let t0 = Instant::now();
+    let model = Model::load(
+        engine.clone(),
+        &o.model,
+        LoadOptions {
+            first_layer: first,
+            num_layers: count,
+            progress: Some(&mut bar),
+            ..LoadOptions::default()
+        },
+    )?;
+    eprintln!();
+    println!(
+        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({})",
+        model.layers.len(),
+        o.model.display(),
+        t0.elapsed().as_secs_f64(),
+        model.bytes_loaded as f64 / 1e6,
+        model.weight_dtype.name()
+    );
+    Ok((engine, model))
+}
+
+fn pool_for(
+    engine: &Arc<Engine>,
+    model: &Model,
+    kv: KvFormat,
+    tokens: usize,
+    seqs: usize,
+) -> Result<KvPool> {
+    let block = 64;
+    KvLayout::new(kv, model.config.d_qk(), block, "--kv")?;
+    KvPool::new(
+        engine.clone(),
+        PoolOptions {
+            format: kv,
+            d_qk: model.config.d_qk(),
+            num_layers: model.layers.len(),
+            block_size: block,
+            num_blocks: seqs * tokens.div_ceil(block).max(1) + seqs,
+        },
+    )
+}
+
+/// Deterministic hidden states in [-1, 1).
+fn hidden(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Runs every loaded layer once on `x` (residual added), timing each.
+fn step(
+    model: &Model,
+    pool: &KvPool,
+    ids: &[u64],
+    n: &[usize],
+    x: &mut [f32],
+    layer_ms: &mut [f64],
+) -> Result<()> {
+    for (l, ms) in layer_ms.iter_mut().enumerate() {
+        let t0 = Instant::now();
+        let y = model.forward(pool, (model.first_layer + l) as i64, ids, n, x)?;
+        *ms += t0.elapsed().as_secs_f64() * 1e3;
+        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+    }
+    Ok(())
+}
+
+pub fn run(o: &RunOptions) -> Result<()> {
+    let (engine, model) = load(o)?;
+    let hid = model.config.hidden_size;
+    let pool = pool_for(&engine, &model, o.kv, o.prompt + o.decode, o.batch)?;
+    let ids: Vec<u64> = (0..o.batch as u64).collect();
+    for &id in &ids {
+        pool.create_seq(id)?;
+    }
+    let layers = model.layers.len();
+    if o.prompt > 0 {
+        let n = vec![o.prompt; o.batch];
+        let mut x = hidden(o.batch * o.prompt * hid, 1);
+        let mut ms = vec![0.0; layers];
+        let t0 = Instant::now();
+        step(&model, &pool, &ids, &n, &mut x, &mut ms)?;
+        let total = t0.elapsed().as_secs_f64();
+        println!(
+            "prefill: {} x {} tokens in {:.1} ms ({:.0} tokens/s)",
+            o.batch,
+            o.prompt,
+            total * 1e3,
+            (o.batch * o.prompt) as f64 / total
+        );
+        for (l, t) in ms.iter().enumerate() {
+            println!("  layer {:>3}: {t:9.2} ms", model.first_layer + l);
+        }
+    }
+    if o.decode > 0 {
+        let n = vec![1; o.batch];
+        let mut ms = vec![0.0; layers];
+        let mut per_token = Vec::new();
+        for s in 0..o.decode {
+            let mut x = hidden(o.batch * hid, 100 + s as u64);
+            let t0 = Instant::now();
+            step(&model, &pool, &ids, &n, &mut x, &mut ms)?;
+            per_token.push(t0.elapsed().as_secs_f64() * 1e3);
+            if x.iter().any(|v| !v.is_finite()) {
+                return Err(Error::internal("decode produced a non-finite value"));
+            }
+        }
+        per_token.sort_by(|a, b| a.total_cmp(b));
+        println!(
+            "decode: {} steps x batch {}: median {:.2} ms per step over {} layer(s) (min {:.2}, max {:.2})",
+            o.decode,
+            o.batch,
+            per_token[per_token.len() / 2],
+            layers,
+            per_token[0],
+            per_token[per_token.len() - 1]
+        );
+        for (l, t) in ms.iter().enumerate() {
+            println!(
+                "  layer {:>3}: {:9.3} ms per step",
+                model.first_layer + l,
+                t / o.decode as f64
+            );
+        }
+    }
+    println!(
+        "cache: {} tokens per sequence in every layer",
+        pool.len(0, 0)?
+    );
+    Ok(())
+}
+
+/// Batch-1 decode streams all attention weights of a layer once per token.
+pub fn bench(o: &RunOptions) -> Result<()> {
+    let (engine, model) = load(o)?;
+    let threads = engine.info().threads;
+    println!("measuring ceilings with {threads} threads ...");
+    let ceil = ceilings::measure(threads);
+    println!("DRAM read bandwidth {:.1} GB/s", ceil.read_bw / 1e9);
+    let hid = model.config.hidden_size;
+    let context = o.prompt.max(1);
+    let pool = pool_for(&engine, &model, o.kv, context + 64, 1)?;
+    pool.create_seq(0)?;
+    let mut ms = vec![0.0; model.layers.len()];
+    let mut x = hidden(context * hid, 1);
+    step(&model, &pool, &[0], &[context], &mut x, &mut ms)?;
+    let mut times = Vec::new();
+    for s in 0..32 {
+        let mut x = hidden(hid, 7 + s);
+        let t0 = Instant::now();
+        step(
+            &model,
+            &pool,
+            &[0],
+            &[1],
+            &mut x,
+            &mut vec![0.0; model.layers.len()],
+        )?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let t = times[times.len() / 2];
+    let gbs = model.bytes_loaded as f64 / t / 1e9;
+    println!(
+        "batch-1 decode, context {context}: {:.3} ms per token over {} layer(s); weights {:.1} MB ({}) streamed at {:.1} GB/s = {:.1}% of DRAM read",
+        t * 1e3,
+        model.layers.len(),
+        model.bytes_loaded as f64 / 1e6,
+        model.weight_dtype.name(),
+        gbs,
+        gbs * 1e9 / ceil.read_bw * 100.0
+    );
+    Ok(())
+}

@@ -1,0 +1,294 @@
+//! Vector kernels for the projections: dot products of f32 activations with
+//! weight rows in their stored precision (f32, bf16, f16, FP8 e4m3 with a
+//! scale per 128 elements), converted in registers, plus `axpy`. AVX-512F
+//! (with F16C for f16/FP8) when the CPU has it, portable code otherwise.
+
+use crate::format::fp8::E4M3_TABLE;
+use once_cell::sync::Lazy;
+
+static AVX512: Lazy<bool> = Lazy::new(|| {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+});
+
+/// Portable f32 dot product with independent partial sums.
+pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let n = a.len().min(b.len()) / 8 * 8;
+    for (x, y) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[n..].iter().zip(&b[n..]) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n / 32 * 32;
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 32 <= n for both slices.
+            unsafe {
+                s0 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i)),
+                    _mm512_loadu_ps(b.as_ptr().add(i)),
+                    s0,
+                );
+                s1 = _mm512_fmadd_ps(
+                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
+                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
+                    s1,
+                );
+            }
+            i += 32;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for k in full..n {
+            s += a[k] * b[k];
+        }
+        s
+    }
+
+    /// `row` holds `x.len()` little-endian bf16 values.
+    #[target_feature(enable = "avx512f")]
+    pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(row.len() / 2);
+        let full = n / 32 * 32;
+        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+32 exist in both (bytes 2i..2i+64 of row).
+            unsafe {
+                let w0 = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
+                let w1 = _mm256_loadu_si256(row.as_ptr().add(2 * i + 32) as *const __m256i);
+                let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
+                let f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16));
+                s0 = _mm512_fmadd_ps(f0, _mm512_loadu_ps(x.as_ptr().add(i)), s0);
+                s1 = _mm512_fmadd_ps(f1, _mm512_loadu_ps(x.as_ptr().add(i + 16)), s1);
+            }
+            i += 32;
+        }
+        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+        for k in full..n {
+            s += f32::from_bits((u16::from_le_bytes([row[2 * k], row[2 * k + 1]]) as u32) << 16)
+                * x[k];
+        }
+        s
+    }
+
+    /// `row` holds `x.len()` little-endian f16 values.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(row.len() / 2);
+        let full = n / 16 * 16;
+        let mut s0 = _mm512_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in both.
+            unsafe {
+                let w = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
+                s0 = _mm512_fmadd_ps(_mm512_cvtph_ps(w), _mm512_loadu_ps(x.as_ptr().add(i)), s0);
+            }
+            i += 16;
+        }
+        let mut s = _mm512_reduce_add_ps(s0);
+        for k in full..n {
+            s += half::f16::from_bits(u16::from_le_bytes([row[2 * k], row[2 * k + 1]])).to_f32()
+                * x[k];
+        }
+        s
+    }
+
+    /// E4M3 codes times `x`, one scale per `block` codes. An e4m3 code
+    /// shifted into an f16 (sign to bit 15, the rest to bits 7..14) reads
+    /// as the same number times 2^-8 (exponent bias 15 vs 7), subnormals
+    /// included, so the conversion is a shift, `vcvtph2ps` and a x256.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+        let n = x.len().min(codes.len());
+        let mut total = 0f32;
+        let mut b0 = 0;
+        let mut bi = 0;
+        while b0 < n {
+            let b1 = (b0 + block).min(n);
+            let full = b0 + (b1 - b0) / 16 * 16;
+            let mut s = _mm512_setzero_ps();
+            let mut i = b0;
+            while i < full {
+                // SAFETY: elements i..i+16 exist in both.
+                unsafe {
+                    let c = _mm_loadu_si128(codes.as_ptr().add(i) as *const __m128i);
+                    let w = _mm256_cvtepu8_epi16(c);
+                    let mag = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7);
+                    let sign = _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
+                    let h = _mm256_or_si256(mag, sign);
+                    s = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(x.as_ptr().add(i)), s);
+                }
+                i += 16;
+            }
+            let mut part = _mm512_reduce_add_ps(s) * 256.0;
+            for k in full..b1 {
+                part += super::E4M3_TABLE[codes[k] as usize] * x[k];
+            }
+            total += part * scales[bi];
+            b0 = b1;
+            bi += 1;
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let full = n / 16 * 16;
+        let av = _mm512_set1_ps(a);
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in both.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                _mm512_storeu_ps(
+                    p,
+                    _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(p)),
+                );
+            }
+            i += 16;
+        }
+        for k in full..n {
+            y[k] += a * x[k];
+        }
+    }
+}
+
+/// `a · b` in f32.
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F detected at run time.
+        return unsafe { avx512::dot_f32(a, b) };
+    }
+    dot_portable(a, b)
+}
+
+/// bf16 row (little-endian bytes) times f32 `x`.
+pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F detected at run time.
+        return unsafe { avx512::dot_bf16(row, x) };
+    }
+    x.iter()
+        .zip(row.chunks_exact(2))
+        .map(|(v, b)| v * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+        .sum()
+}
+
+/// f16 row (little-endian bytes) times f32 `x`.
+pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F and F16C detected at run time.
+        return unsafe { avx512::dot_f16(row, x) };
+    }
+    x.iter()
+        .zip(row.chunks_exact(2))
+        .map(|(v, b)| v * half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+        .sum()
+}
+
+/// E4M3 row times f32 `x`, `scales[k]` applying to elements `[k*block, (k+1)*block)`.
+pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F and F16C detected at run time.
+        return unsafe { avx512::dot_fp8(codes, scales, block, x) };
+    }
+    x.iter()
+        .zip(codes)
+        .enumerate()
+        .map(|(k, (v, &c))| v * E4M3_TABLE[c as usize] * scales[k / block])
+        .sum()
+}
+
+/// `y += a * x`.
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F detected at run time.
+        return unsafe { avx512::axpy(y, a, x) };
+    }
+    y.iter_mut().zip(x).for_each(|(v, &b)| *v += a * b);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::fp8::f32_to_e4m3;
+
+    fn close(a: f32, b: f32) -> bool {
+        (a - b).abs() <= 1e-4 * (1.0 + b.abs())
+    }
+
+    #[test]
+    fn every_kind_matches_the_plain_sum() {
+        for n in [0usize, 1, 15, 16, 33, 100, 257, 576] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
+            let w: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
+            let want: f32 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
+            assert!(close(dot(&w, &x), want), "f32 n={n}");
+            let bf: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let wb: f32 = x
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| a * half::bf16::from_f32(*b).to_f32())
+                .sum();
+            assert!(close(dot_bf16(&bf, &x), wb), "bf16 n={n}");
+            let h: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let wh: f32 = x
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| a * half::f16::from_f32(*b).to_f32())
+                .sum();
+            assert!(close(dot_f16(&h, &x), wh), "f16 n={n}");
+            // FP8 with a different power-of-two-ish scale per block of 64.
+            let codes: Vec<u8> = w.iter().map(|&v| f32_to_e4m3(v * 37.0)).collect();
+            codes.iter().for_each(|&c| assert!(c & 0x7f != 0x7f));
+            let scales: Vec<f32> = (0..n.div_ceil(64)).map(|k| 0.5 + k as f32 * 0.25).collect();
+            let w8: f32 = x
+                .iter()
+                .zip(&codes)
+                .enumerate()
+                .map(|(k, (a, &c))| a * E4M3_TABLE[c as usize] * scales[k / 64])
+                .sum();
+            assert!(close(dot_fp8(&codes, &scales, 64, &x), w8), "fp8 n={n}");
+            let mut y = w.clone();
+            axpy(&mut y, 0.5, &x);
+            for k in 0..n {
+                assert!(close(y[k], w[k] + 0.5 * x[k]));
+            }
+        }
+    }
+}
