@@ -106,19 +106,17 @@ impl Model {
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
             let mut qf = vec![0f32; total * h * d_qk];
-            qf.par_chunks_mut(h * d_qk).enumerate().for_each(|(t, qt)| {
-                for head in 0..h {
-                    let src = &q[(t * h + head) * qk..][..qk];
-                    let dst = &mut qt[head * d_qk..(head + 1) * d_qk];
-                    let (lat, pe) = dst.split_at_mut(lora);
-                    lat.fill(0.0);
-                    for (d, &qn) in src[..nope].iter().enumerate() {
-                        let wrow = &lw.w_uk[(head * nope + d) * lora..][..lora];
-                        axpy(lat, qn, wrow);
-                    }
-                    pe.copy_from_slice(&src[nope..]);
-                    self.rope.apply(pe, pos[t]);
+            // One task per (token, head): decode has one token, many heads.
+            qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
+                let (t, head) = (th / h, th % h);
+                let src = &q[th * qk..][..qk];
+                let (lat, pe) = dst.split_at_mut(lora);
+                lat.fill(0.0);
+                for (d, &qn) in src[..nope].iter().enumerate() {
+                    axpy(lat, qn, &lw.w_uk[(head * nope + d) * lora..][..lora]);
                 }
+                pe.copy_from_slice(&src[nope..]);
+                self.rope.apply(pe, pos[t]);
             });
 
             // Append [c | k_pe]; undo on any later failure.
@@ -171,12 +169,11 @@ impl Model {
                 }
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = vec![0f32; total * h * v];
-                o.par_chunks_mut(h * v).enumerate().for_each(|(t, ot)| {
-                    for head in 0..h {
-                        let lat = &o_lat[(t * h + head) * lora..][..lora];
-                        for d in 0..v {
-                            ot[head * v + d] = dot(&lw.w_uv[(head * v + d) * lora..][..lora], lat);
-                        }
+                o.par_chunks_mut(v).enumerate().for_each(|(th, ot)| {
+                    let head = th % h;
+                    let lat = &o_lat[th * lora..][..lora];
+                    for (d, od) in ot.iter_mut().enumerate() {
+                        *od = dot(&lw.w_uv[(head * v + d) * lora..][..lora], lat);
                     }
                 });
                 let mut y = vec![0f32; total * hid];

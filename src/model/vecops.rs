@@ -194,10 +194,38 @@ pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: AVX-512F detected at run time.
         return unsafe { avx512::dot_bf16(row, x) };
     }
-    x.iter()
-        .zip(row.chunks_exact(2))
-        .map(|(v, b)| v * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-        .sum()
+    portable::dot_bf16(row, x)
+}
+
+/// The fallbacks, also the reference the vector versions are tested against.
+mod portable {
+    use super::E4M3_TABLE;
+
+    pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        x.iter()
+            .zip(row.chunks_exact(2))
+            .map(|(v, b)| v * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .sum()
+    }
+
+    pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+        x.iter()
+            .zip(row.chunks_exact(2))
+            .map(|(v, b)| v * half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .sum()
+    }
+
+    pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+        x.iter()
+            .zip(codes)
+            .enumerate()
+            .map(|(k, (v, &c))| v * E4M3_TABLE[c as usize] * scales[k / block])
+            .sum()
+    }
+
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        y.iter_mut().zip(x).for_each(|(v, &b)| *v += a * b);
+    }
 }
 
 /// f16 row (little-endian bytes) times f32 `x`.
@@ -207,10 +235,7 @@ pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
         // SAFETY: AVX-512F and F16C detected at run time.
         return unsafe { avx512::dot_f16(row, x) };
     }
-    x.iter()
-        .zip(row.chunks_exact(2))
-        .map(|(v, b)| v * half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
-        .sum()
+    portable::dot_f16(row, x)
 }
 
 /// E4M3 row times f32 `x`, `scales[k]` applying to elements `[k*block, (k+1)*block)`.
@@ -220,11 +245,7 @@ pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
         // SAFETY: AVX-512F and F16C detected at run time.
         return unsafe { avx512::dot_fp8(codes, scales, block, x) };
     }
-    x.iter()
-        .zip(codes)
-        .enumerate()
-        .map(|(k, (v, &c))| v * E4M3_TABLE[c as usize] * scales[k / block])
-        .sum()
+    portable::dot_fp8(codes, scales, block, x)
 }
 
 /// `y += a * x`.
@@ -234,7 +255,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: AVX-512F detected at run time.
         return unsafe { avx512::axpy(y, a, x) };
     }
-    y.iter_mut().zip(x).for_each(|(v, &b)| *v += a * b);
+    portable::axpy(y, a, x)
 }
 
 #[cfg(test)]
@@ -246,6 +267,8 @@ mod tests {
         (a - b).abs() <= 1e-4 * (1.0 + b.abs())
     }
 
+    /// Covers both the vector path this CPU selects (AVX-512 where present)
+    /// and the portable fallback, whatever the CPU.
     #[test]
     fn every_kind_matches_the_plain_sum() {
         for n in [0usize, 1, 15, 16, 33, 100, 257, 576] {
@@ -253,6 +276,7 @@ mod tests {
             let w: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
             let want: f32 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
             assert!(close(dot(&w, &x), want), "f32 n={n}");
+            assert!(close(dot_portable(&w, &x), want), "portable f32 n={n}");
             let bf: Vec<u8> = w
                 .iter()
                 .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
@@ -263,6 +287,10 @@ mod tests {
                 .map(|(a, b)| a * half::bf16::from_f32(*b).to_f32())
                 .sum();
             assert!(close(dot_bf16(&bf, &x), wb), "bf16 n={n}");
+            assert!(
+                close(portable::dot_bf16(&bf, &x), wb),
+                "portable bf16 n={n}"
+            );
             let h: Vec<u8> = w
                 .iter()
                 .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
@@ -273,6 +301,7 @@ mod tests {
                 .map(|(a, b)| a * half::f16::from_f32(*b).to_f32())
                 .sum();
             assert!(close(dot_f16(&h, &x), wh), "f16 n={n}");
+            assert!(close(portable::dot_f16(&h, &x), wh), "portable f16 n={n}");
             // FP8 with a different power-of-two-ish scale per block of 64.
             let codes: Vec<u8> = w.iter().map(|&v| f32_to_e4m3(v * 37.0)).collect();
             codes.iter().for_each(|&c| assert!(c & 0x7f != 0x7f));
@@ -284,10 +313,15 @@ mod tests {
                 .map(|(k, (a, &c))| a * E4M3_TABLE[c as usize] * scales[k / 64])
                 .sum();
             assert!(close(dot_fp8(&codes, &scales, 64, &x), w8), "fp8 n={n}");
-            let mut y = w.clone();
+            assert!(
+                close(portable::dot_fp8(&codes, &scales, 64, &x), w8),
+                "portable fp8 n={n}"
+            );
+            let (mut y, mut yp) = (w.clone(), w.clone());
             axpy(&mut y, 0.5, &x);
+            portable::axpy(&mut yp, 0.5, &x);
             for k in 0..n {
-                assert!(close(y[k], w[k] + 0.5 * x[k]));
+                assert!(close(y[k], w[k] + 0.5 * x[k]) && close(yp[k], y[k]));
             }
         }
     }
