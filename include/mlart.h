@@ -79,8 +79,10 @@ typedef struct mlart_kv_pool mlart_kv_pool;
  * for decode.
  *
  * Thread-safety: immutable after loading; any number of threads may run
- * `mlart_model_forward` at once (on different sequences, or serialized by
- * the pool for the same ones). `mlart_model_free` must not race with them.
+ * `mlart_model_forward` at once on disjoint sets of sequences. Forwards
+ * that share a sequence must not overlap: each reads the sequence's length
+ * (its token positions) before appending. `mlart_model_free` must not race
+ * with other calls on the model.
  * A model keeps its engine alive.
  */
 typedef struct mlart_model mlart_model;

@@ -1,10 +1,13 @@
 //! Builds and runs the C / C++ test suite in `tests/c` against the
-//! `libmlart.so` and `libmlart.a` cargo built for this test run.
+//! `libmlart.so` and `libmlart.a` cargo built for this test run, with a tiny
+//! random-weight checkpoint (for `test_model.c`) generated into the build
+//! directory first.
 //!
 //! Needs CMake (>= 3.16, `cmake` and `ctest` on PATH, or the `CMAKE` and
 //! `CTEST` environment variables) and a C11 / C++17 compiler. Without them
 //! the test fails: it never passes without having run the C programs.
 
+use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -112,6 +115,22 @@ fn c_and_cpp_programs_pass() {
         std::fs::remove_dir_all(&build).expect("remove the previous cmake build directory");
     }
     std::fs::create_dir_all(&build).expect("create the cmake build directory");
+    // A tiny random-weight checkpoint for tests/c/test_model.c.
+    let model_dir = build.join("model-tiny");
+    let gen = GenOptions {
+        preset: Preset::Tiny,
+        dtype: WeightDtype::Bf16,
+        layers: 2,
+        seed: 1,
+        shards: 1,
+        yarn: true,
+    };
+    if let Err(e) = generate(&model_dir, &gen) {
+        panic!(
+            "generate the test checkpoint in {}: {e:?}",
+            model_dir.display()
+        );
+    }
     let cmake = tool("CMAKE", "cmake");
     let ctest = tool("CTEST", "ctest");
 
@@ -126,7 +145,8 @@ fn c_and_cpp_programs_pass() {
             "-DMLART_INCLUDE_DIR={}",
             root.join("include").display()
         ))
-        .arg(format!("-DMLART_LIB_DIR={}", lib_dir.display()));
+        .arg(format!("-DMLART_LIB_DIR={}", lib_dir.display()))
+        .arg(format!("-DMLART_TEST_MODEL_DIR={}", model_dir.display()));
     expect_success("cmake configure", &run("cmake configure", &mut configure));
 
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -145,7 +165,9 @@ fn c_and_cpp_programs_pass() {
         .args(["--output-on-failure", "--timeout", "300"]);
     let text = expect_success("ctest", &run("ctest", &mut test));
     assert!(
-        text.contains("100% tests passed") && text.contains("test_decode_cpp_static"),
+        text.contains("100% tests passed")
+            && text.contains("test_decode_cpp_static")
+            && text.contains("test_model_c_static"),
         "unexpected ctest output:\n{text}"
     );
 }

@@ -234,85 +234,119 @@ impl KvPool {
     /// Appends `n` rows of `d_qk` elements of `dtype` to `layer` of `seq`.
     /// On any error, including a full pool, nothing changes.
     pub fn append(&self, seq: u64, layer: i64, n: usize, dtype: Dtype, src: &[u8]) -> Result<()> {
+        self.append_batch(layer, &[(seq, n, src)], dtype)
+    }
+
+    /// Appends rows to several sequences of one layer, all or nothing:
+    /// the blocks every sequence needs (new ones and copy-on-write copies)
+    /// are counted under one lock before anything changes.
+    pub fn append_batch(
+        &self,
+        layer: i64,
+        items: &[(u64, usize, &[u8])],
+        dtype: Dtype,
+    ) -> Result<()> {
         let layer = self.layer_index(layer)?;
         dtype.check_activation("dtype")?;
-        let d_qk = self.opts.d_qk;
-        let src_row = d_qk * dtype.size();
-        if src.len() < checked_size("rows", &[n, src_row])? {
-            return Err(Error::internal("rows buffer is smaller than [n, d_qk]"));
-        }
-        if n == 0 {
-            return self.len(seq, layer as i64).map(|_| ());
-        }
+        let src_row = self.opts.d_qk * dtype.size();
         let bs = self.opts.block_size;
         let mut st = self.state.write();
         let st = &mut *st;
-        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
-        let start = s.lens[layer];
-        let end = start
-            .checked_add(n)
-            .filter(|&e| e <= i32::MAX as usize)
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "n = {n}: sequence {seq} would exceed {} tokens",
-                    i32::MAX
-                ))
-            })?;
-        let need = end.div_ceil(bs);
-        let fresh = need.saturating_sub(s.blocks.len());
-        let shared: Vec<usize> = (start / bs..need.min(s.blocks.len()))
-            .filter(|&j| st.refcount[s.blocks[j] as usize] > 1)
-            .collect();
-        if fresh + shared.len() > st.free.len() {
+        // Plan: per item its start, end and the block slots to copy; count
+        // blocks, following the references each planned copy gives up.
+        let mut released: HashMap<i32, u32> = HashMap::new();
+        let mut plans = Vec::with_capacity(items.len());
+        let mut needed = 0;
+        for (i, &(seq, n, src)) in items.iter().enumerate() {
+            if src.len() < checked_size("rows", &[n, src_row])? {
+                return Err(Error::internal("rows buffer is smaller than [n, d_qk]"));
+            }
+            if items[..i].iter().any(|&(other, _, _)| other == seq) {
+                return Err(Error::invalid(format!(
+                    "seq_id = {seq} appears twice in one append"
+                )));
+            }
+            let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+            let start = s.lens[layer];
+            let end = start
+                .checked_add(n)
+                .filter(|&e| e <= i32::MAX as usize)
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "n = {n}: sequence {seq} would exceed {} tokens",
+                        i32::MAX
+                    ))
+                })?;
+            let need = if n == 0 { 0 } else { end.div_ceil(bs) };
+            let fresh = need.saturating_sub(s.blocks.len());
+            let mut shared = Vec::new();
+            for j in start / bs..need.min(s.blocks.len()) {
+                let b = s.blocks[j];
+                let gone = released.get(&b).copied().unwrap_or(0);
+                if st.refcount[b as usize] - gone > 1 {
+                    *released.entry(b).or_default() += 1;
+                    shared.push(j);
+                }
+            }
+            needed += fresh + shared.len();
+            plans.push((start, end, fresh, shared));
+        }
+        if needed > st.free.len() {
+            let what: Vec<String> = items
+                .iter()
+                .map(|&(seq, n, _)| format!("{n} to seq_id {seq}"))
+                .collect();
             return Err(Error::new(
                 Status::PoolExhausted,
                 format!(
-                    "appending {n} tokens to seq_id {seq} needs {} free blocks but {} are left (pool of {} blocks x {} tokens)",
-                    fresh + shared.len(),
+                    "appending {} tokens needs {needed} free blocks but {} are left (pool of {} blocks x {bs} tokens)",
+                    what.join(", "),
                     st.free.len(),
                     self.opts.num_blocks,
-                    bs
                 ),
             ));
         }
         // From here on nothing can fail.
         let block_bytes = self.layout.block_bytes;
-        let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
-        for j in shared {
-            let old = s.blocks[j] as usize;
-            let new = st.free.pop().unwrap_or_default() as usize;
-            for buf in st.layers.iter_mut() {
-                buf.as_mut_slice().copy_within(
-                    old * block_bytes..(old + 1) * block_bytes,
-                    new * block_bytes,
-                );
-            }
-            st.refcount[old] -= 1;
-            st.refcount[new] = 1;
-            s.blocks[j] = new as i32;
-        }
-        for _ in 0..fresh {
-            let id = st.free.pop().unwrap_or_default();
-            st.refcount[id as usize] = 1;
-            s.blocks.push(id);
-        }
-        let data = st.layers[layer].as_mut_slice();
-        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
         let plain = self.opts.format.plain_dtype();
-        for k in 0..n {
-            let t = start + k;
-            let (block, off) = (s.blocks[t / bs] as usize, t % bs);
-            let srow = &src[k * src_row..(k + 1) * src_row];
-            if plain == Some(dtype) {
-                // Same element type: a plain copy.
-                let at = block * self.layout.block_bytes + off * src_row;
-                data[at..at + src_row].copy_from_slice(srow);
-            } else {
-                load_slice(dtype, srow, &mut row[..d_qk]);
-                self.layout.store_row(data, block, off, &row[..d_qk]);
+        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        for (&(seq, n, src), (start, end, fresh, shared)) in items.iter().zip(plans) {
+            let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+            for j in shared {
+                let old = s.blocks[j] as usize;
+                let new = st.free.pop().unwrap_or_default() as usize;
+                for buf in st.layers.iter_mut() {
+                    buf.as_mut_slice().copy_within(
+                        old * block_bytes..(old + 1) * block_bytes,
+                        new * block_bytes,
+                    );
+                }
+                st.refcount[old] -= 1;
+                st.refcount[new] = 1;
+                s.blocks[j] = new as i32;
             }
+            for _ in 0..fresh {
+                let id = st.free.pop().unwrap_or_default();
+                st.refcount[id as usize] = 1;
+                s.blocks.push(id);
+            }
+            let data = st.layers[layer].as_mut_slice();
+            for k in 0..n {
+                let t = start + k;
+                let (block, off) = (s.blocks[t / bs] as usize, t % bs);
+                let srow = &src[k * src_row..(k + 1) * src_row];
+                if plain == Some(dtype) {
+                    // Same element type: a plain copy.
+                    let at = block * block_bytes + off * src_row;
+                    data[at..at + src_row].copy_from_slice(srow);
+                } else {
+                    let d_qk = self.opts.d_qk;
+                    load_slice(dtype, srow, &mut row[..d_qk]);
+                    self.layout.store_row(data, block, off, &row[..d_qk]);
+                }
+            }
+            s.lens[layer] = end;
         }
-        s.lens[layer] = end;
         Ok(())
     }
 

@@ -119,16 +119,23 @@ impl Model {
                 self.rope.apply(pe, pos[t]);
             });
 
-            // Append [c | k_pe]; undo on any later failure.
-            let mut appended = 0;
+            // Append [c | k_pe] for every sequence at once (all or nothing);
+            // undo the appends if anything later fails.
+            let mut kv_bytes = vec![0u8; kv.len() * 4];
+            store_slice(Dtype::F32, &kv, &mut kv_bytes);
+            let items: Vec<(u64, usize, &[u8])> = seqs
+                .iter()
+                .enumerate()
+                .map(|(b, &id)| {
+                    (
+                        id,
+                        n_tokens[b],
+                        &kv_bytes[first_tok[b] * d_qk * 4..(first_tok[b] + n_tokens[b]) * d_qk * 4],
+                    )
+                })
+                .collect();
+            pool.append_batch(pl, &items, Dtype::F32)?;
             let mut result = (|| -> Result<Vec<f32>> {
-                for (b, &id) in seqs.iter().enumerate() {
-                    let rows = &kv[first_tok[b] * d_qk..(first_tok[b] + n_tokens[b]) * d_qk];
-                    let mut bytes = vec![0u8; rows.len() * 4];
-                    store_slice(Dtype::F32, rows, &mut bytes);
-                    pool.append(id, pl, n_tokens[b], Dtype::F32, &bytes)?;
-                    appended = b + 1;
-                }
                 // Attention, one batched call per distinct chunk length.
                 let mut o_lat = vec![0f32; total * h * lora];
                 let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -181,7 +188,7 @@ impl Model {
                 Ok(y)
             })();
             if result.is_err() {
-                for b in 0..appended {
+                for b in 0..seqs.len() {
                     if let Err(e) = pool.truncate_layer(seqs[b], pl, start[b]) {
                         result = Err(Error::internal(format!("rollback failed: {}", e.message)));
                     }

@@ -1,0 +1,2101 @@
+//! The model layer (`mlart_model_*`) through its C ABI, against an
+//! independent float64 reference of DeepSeek's *naive* (non-absorbed) MLA
+//! attention block.
+//!
+//! Checkpoints are written with `mlart::model::gen::generate` into a fresh
+//! temporary directory per test. The reference reads the raw tensors back
+//! itself (the `safetensors` crate, `serde_json` for config.json; FP8
+//! weights dequantized here with their 128x128 block `weight_scale_inv`) and
+//! recomputes, per token at position `p`:
+//!
+//! * `q = q_b(RMSNorm(q_a(x)))` or `q_proj(x)`, per head `[nope | rope]`;
+//! * `kv = kv_a_proj_with_mqa(x)`, `c = RMSNorm(kv[:lora])`,
+//!   `k_pe = RoPE(kv[lora:], p)`;
+//! * full keys and values per head from `kv_b_proj · c`;
+//! * causal softmax over the sequence's cached tokens, `o_proj`.
+//!
+//! RoPE (interleaved pairs, YaRN blending and mscale) and the softmax scale
+//! are written from the DeepSeek / Hugging Face definitions, not from the
+//! library. The engine computes the *absorbed* form through its KV pool.
+
+mod common;
+
+use common::{
+    case_seed, e4m3_value, expect_error, expect_ok, normal, quantize_tile, rel_l2, take_error,
+    Engine,
+};
+use half::{bf16, f16};
+use mlart::ffi::model::*;
+use mlart::ffi::pool::*;
+use mlart::ffi::types::*;
+use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::ptr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+// ---------------------------------------------------------------------------
+// Temporary directories and checkpoints.
+// ---------------------------------------------------------------------------
+
+/// A directory under the system temp dir, unique to this process and call,
+/// removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("mlart-test-model-{tag}-{}-{n}", std::process::id()));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir).expect("remove a stale temp dir");
+        }
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+
+    /// A fresh subdirectory path (not created).
+    fn sub(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn gen_opts(preset: Preset, dtype: WeightDtype, layers: usize, yarn: bool) -> GenOptions {
+    GenOptions {
+        preset,
+        dtype,
+        layers,
+        seed: 7,
+        shards: 1,
+        yarn,
+    }
+}
+
+fn make_checkpoint(dir: &Path, opts: &GenOptions) {
+    if let Err(e) = generate(dir, opts) {
+        panic!("generate {opts:?} into {}: {e:?}", dir.display());
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw safetensors files (written by hand, read with the safetensors crate).
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct RawTensor {
+    name: String,
+    dtype: String,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// The tensors of one safetensors file, in data order.
+fn read_safetensors(path: &Path) -> Vec<RawTensor> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut v: Vec<(usize, RawTensor)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            let off = t.data().as_ptr() as usize - bytes.as_ptr() as usize;
+            (
+                off,
+                RawTensor {
+                    name,
+                    dtype: format!("{:?}", t.dtype()),
+                    shape: t.shape().to_vec(),
+                    data: t.data().to_vec(),
+                },
+            )
+        })
+        .collect();
+    v.sort_by_key(|(o, _)| *o);
+    v.into_iter().map(|(_, t)| t).collect()
+}
+
+/// 8-byte little-endian header length, the JSON header (padded with spaces
+/// to a multiple of 8), then `data`; `len_override` replaces the length.
+fn write_raw(path: &Path, header: &Value, data: &[u8], len_override: Option<u64>) {
+    let mut h = serde_json::to_string(header).unwrap().into_bytes();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut out = Vec::with_capacity(8 + h.len() + data.len());
+    out.extend_from_slice(&len_override.unwrap_or(h.len() as u64).to_le_bytes());
+    out.extend_from_slice(&h);
+    out.extend_from_slice(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// A well-formed safetensors file of `tensors`, contiguous in the given order.
+fn write_safetensors(path: &Path, tensors: &[RawTensor]) {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for t in tensors {
+        let start = data.len();
+        data.extend_from_slice(&t.data);
+        header.insert(
+            t.name.clone(),
+            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    write_raw(path, &Value::Object(header), &data, None);
+}
+
+// ---------------------------------------------------------------------------
+// The float64 reference.
+// ---------------------------------------------------------------------------
+
+/// A `[rows, cols]` weight in f64.
+struct Mat {
+    cols: usize,
+    w: Vec<f64>,
+}
+
+impl Mat {
+    fn mv(&self, x: &[f64]) -> Vec<f64> {
+        assert_eq!(x.len(), self.cols);
+        self.w
+            .chunks_exact(self.cols)
+            .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+}
+
+/// Every tensor of a checkpoint directory (single file or index + shards).
+struct RawCheckpoint {
+    tensors: HashMap<String, RawTensor>,
+}
+
+impl RawCheckpoint {
+    fn open(dir: &Path) -> RawCheckpoint {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let v: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+            let mut f: Vec<String> = v["weight_map"]
+                .as_object()
+                .unwrap()
+                .values()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect();
+            f.sort();
+            f.dedup();
+            f.into_iter().map(|s| dir.join(s)).collect()
+        } else {
+            vec![dir.join("model.safetensors")]
+        };
+        let mut tensors = HashMap::new();
+        for f in files {
+            for t in read_safetensors(&f) {
+                tensors.insert(t.name.clone(), t);
+            }
+        }
+        RawCheckpoint { tensors }
+    }
+
+    /// A tensor's elements as f64 (not dequantized).
+    fn values(&self, name: &str) -> (Vec<usize>, Vec<f64>) {
+        let t = self
+            .tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("reference: no tensor {name}"));
+        let d = &t.data;
+        let v: Vec<f64> = match t.dtype.as_str() {
+            "F32" => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            "BF16" => d
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes(b.try_into().unwrap()).to_f64())
+                .collect(),
+            "F16" => d
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes(b.try_into().unwrap()).to_f64())
+                .collect(),
+            "F8_E4M3" => d.iter().map(|&c| e4m3_value(c)).collect(),
+            other => panic!("reference: {name} has dtype {other}"),
+        };
+        (t.shape.clone(), v)
+    }
+
+    /// A projection `[rows, cols]`, FP8 dequantized with its block scales:
+    /// `w = e4m3(code) * scale_inv[row / 128][col / 128]`.
+    fn mat(&self, name: &str, rows: usize, cols: usize) -> Mat {
+        let (shape, mut w) = self.values(name);
+        assert_eq!(shape, [rows, cols], "{name}");
+        if self.tensors[name].dtype == "F8_E4M3" {
+            let (sshape, s) = self.values(&format!("{name}_scale_inv"));
+            let sc = cols.div_ceil(128);
+            assert_eq!(sshape, [rows.div_ceil(128), sc]);
+            for r in 0..rows {
+                for c in 0..cols {
+                    w[r * cols + c] *= s[(r / 128) * sc + c / 128];
+                }
+            }
+        }
+        Mat { cols, w }
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Vec<f64> {
+        let (shape, v) = self.values(name);
+        assert_eq!(shape, [n], "{name}");
+        v
+    }
+}
+
+#[derive(Clone, Debug)]
+struct RefYarn {
+    factor: f64,
+    orig: f64,
+    beta_fast: f64,
+    beta_slow: f64,
+    mscale: f64,
+    mscale_all_dim: f64,
+}
+
+#[derive(Clone, Debug)]
+struct RefConfig {
+    hidden: usize,
+    heads: usize,
+    q_lora: Option<usize>,
+    lora: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    eps: f64,
+    theta: f64,
+    yarn: Option<RefYarn>,
+}
+
+impl RefConfig {
+    fn read(dir: &Path) -> RefConfig {
+        let c: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        let u = |k: &str| c[k].as_u64().unwrap_or_else(|| panic!("config {k}")) as usize;
+        let f = |v: &Value, k: &str, d: f64| v.get(k).and_then(|x| x.as_f64()).unwrap_or(d);
+        let yarn = c.get("rope_scaling").filter(|v| !v.is_null()).map(|r| {
+            assert_eq!(r["type"], "yarn");
+            RefYarn {
+                factor: f(r, "factor", 1.0),
+                orig: f(r, "original_max_position_embeddings", 0.0),
+                beta_fast: f(r, "beta_fast", 32.0),
+                beta_slow: f(r, "beta_slow", 1.0),
+                mscale: f(r, "mscale", 1.0),
+                mscale_all_dim: f(r, "mscale_all_dim", 0.0),
+            }
+        });
+        RefConfig {
+            hidden: u("hidden_size"),
+            heads: u("num_attention_heads"),
+            q_lora: c["q_lora_rank"].as_u64().map(|v| v as usize),
+            lora: u("kv_lora_rank"),
+            nope: u("qk_nope_head_dim"),
+            rope: u("qk_rope_head_dim"),
+            v: u("v_head_dim"),
+            eps: f(&c, "rms_norm_eps", 1e-6),
+            theta: f(&c, "rope_theta", 10000.0),
+            yarn,
+        }
+    }
+
+    fn qk(&self) -> usize {
+        self.nope + self.rope
+    }
+
+    fn softmax_scale(&self) -> f64 {
+        let base = 1.0 / (self.qk() as f64).sqrt();
+        match &self.yarn {
+            Some(y) if y.factor > 1.0 => {
+                let m = 0.1 * y.mscale_all_dim * y.factor.ln() + 1.0;
+                base * m * m
+            }
+            _ => base,
+        }
+    }
+
+    /// Per-pair rotation frequencies and the cos/sin multiplier.
+    fn rope_tables(&self) -> (Vec<f64>, f64) {
+        let d = self.rope as f64;
+        let mut freq: Vec<f64> = (0..self.rope / 2)
+            .map(|k| 1.0 / self.theta.powf(2.0 * k as f64 / d))
+            .collect();
+        let mut mult = 1.0;
+        if let Some(y) = &self.yarn {
+            let cd = |r: f64| {
+                d * (y.orig / (r * 2.0 * std::f64::consts::PI)).ln() / (2.0 * self.theta.ln())
+            };
+            let low = cd(y.beta_fast).floor().max(0.0);
+            let mut high = cd(y.beta_slow).ceil().min(d - 1.0);
+            if low == high {
+                high += 0.001;
+            }
+            for (k, f) in freq.iter_mut().enumerate() {
+                let ramp = ((k as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                let smooth = 1.0 - ramp;
+                *f = *f / y.factor * (1.0 - smooth) + *f * smooth;
+            }
+            if y.factor > 1.0 {
+                let ms = |m: f64| 0.1 * m * y.factor.ln() + 1.0;
+                mult = ms(y.mscale) / ms(y.mscale_all_dim);
+            }
+        }
+        (freq, mult)
+    }
+}
+
+enum RefQ {
+    Lora { a: Mat, norm: Vec<f64>, b: Mat },
+    Direct(Mat),
+}
+
+struct RefLayer {
+    q: RefQ,
+    kv_a: Mat,
+    kv_norm: Vec<f64>,
+    kv_b: Mat,
+    o: Mat,
+}
+
+/// One cached token: full keys `[H, nope + rope]` and values `[H, v]`.
+struct CachedToken {
+    k: Vec<f64>,
+    v: Vec<f64>,
+}
+
+/// The weights and tables of a reference model (shared by its caches).
+struct RefModel {
+    c: RefConfig,
+    layers: HashMap<usize, RefLayer>,
+    freq: Vec<f64>,
+    rope_mult: f64,
+    scale: f64,
+}
+
+/// How the reference stores its cache rows `[c | k_pe]` before computing
+/// keys and values from them: exactly, or rounded as a pool format does.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum CacheRounding {
+    Exact,
+    Bf16,
+    F16,
+    /// FlashMLA V3.2: the latent in tiles of 128 as e4m3 with a power-of-two
+    /// scale per tile, the rope part as bf16.
+    Fp8V32,
+}
+
+impl CacheRounding {
+    fn of(format: mlart_kv_format) -> CacheRounding {
+        match format {
+            MLART_KV_FORMAT_F32 => CacheRounding::Exact,
+            MLART_KV_FORMAT_BF16 => CacheRounding::Bf16,
+            MLART_KV_FORMAT_F16 => CacheRounding::F16,
+            MLART_KV_FORMAT_FP8_V32 => CacheRounding::Fp8V32,
+            f => panic!("no cache rounding for format {f}"),
+        }
+    }
+
+    fn apply(self, latent: &mut [f64], k_pe: &mut [f64]) {
+        let bf = |v: &mut f64| *v = bf16::from_f64(*v).to_f64();
+        match self {
+            CacheRounding::Exact => {}
+            CacheRounding::Bf16 => latent.iter_mut().chain(k_pe.iter_mut()).for_each(bf),
+            CacheRounding::F16 => latent
+                .iter_mut()
+                .chain(k_pe.iter_mut())
+                .for_each(|v| *v = f16::from_f64(*v).to_f64()),
+            CacheRounding::Fp8V32 => {
+                assert_eq!(latent.len(), 512);
+                for tile in latent.chunks_mut(128) {
+                    let (codes, scale) = quantize_tile(tile);
+                    for (v, c) in tile.iter_mut().zip(codes) {
+                        *v = e4m3_value(c) * scale;
+                    }
+                }
+                k_pe.iter_mut().for_each(bf);
+            }
+        }
+    }
+}
+
+/// A reference model with its own cache.
+struct Reference {
+    m: Rc<RefModel>,
+    rounding: CacheRounding,
+    /// (absolute layer, sequence) -> cached tokens, position = index.
+    cache: HashMap<(usize, u64), Vec<CachedToken>>,
+}
+
+fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + eps).sqrt();
+    x.iter().zip(w).map(|(v, g)| v * inv * g).collect()
+}
+
+impl Reference {
+    /// Reads `layers` (absolute indices) of the checkpoint in `dir`.
+    fn load(dir: &Path, layers: &[usize]) -> Reference {
+        let c = RefConfig::read(dir);
+        let ck = RawCheckpoint::open(dir);
+        let (h, hid) = (c.heads, c.hidden);
+        let mut map = HashMap::new();
+        for &i in layers {
+            let p = format!("model.layers.{i}.self_attn.");
+            let q = match c.q_lora {
+                Some(r) => RefQ::Lora {
+                    a: ck.mat(&format!("{p}q_a_proj.weight"), r, hid),
+                    norm: ck.vector(&format!("{p}q_a_layernorm.weight"), r),
+                    b: ck.mat(&format!("{p}q_b_proj.weight"), h * c.qk(), r),
+                },
+                None => RefQ::Direct(ck.mat(&format!("{p}q_proj.weight"), h * c.qk(), hid)),
+            };
+            map.insert(
+                i,
+                RefLayer {
+                    q,
+                    kv_a: ck.mat(
+                        &format!("{p}kv_a_proj_with_mqa.weight"),
+                        c.lora + c.rope,
+                        hid,
+                    ),
+                    kv_norm: ck.vector(&format!("{p}kv_a_layernorm.weight"), c.lora),
+                    kv_b: ck.mat(&format!("{p}kv_b_proj.weight"), h * (c.nope + c.v), c.lora),
+                    o: ck.mat(&format!("{p}o_proj.weight"), hid, h * c.v),
+                },
+            );
+        }
+        let (freq, rope_mult) = c.rope_tables();
+        let m = RefModel {
+            scale: c.softmax_scale(),
+            c,
+            layers: map,
+            freq,
+            rope_mult,
+        };
+        Reference {
+            m: Rc::new(m),
+            rounding: CacheRounding::Exact,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// The same weights with an empty cache whose rows are rounded as `r`.
+    fn fresh(&self, rounding: CacheRounding) -> Reference {
+        Reference {
+            m: self.m.clone(),
+            rounding,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// DeepSeek's interleaved rotation of `x` (length rope) at `pos`.
+    fn rope(&self, x: &mut [f64], pos: usize) {
+        for k in 0..x.len() / 2 {
+            let angle = pos as f64 * self.m.freq[k];
+            let (s, c) = (
+                angle.sin() * self.m.rope_mult,
+                angle.cos() * self.m.rope_mult,
+            );
+            let (a, b) = (x[2 * k], x[2 * k + 1]);
+            x[2 * k] = a * c - b * s;
+            x[2 * k + 1] = a * s + b * c;
+        }
+    }
+
+    fn len(&self, layer: usize, seq: u64) -> usize {
+        self.cache.get(&(layer, seq)).map_or(0, |v| v.len())
+    }
+
+    /// One token of `seq` through `layer`: appends its keys/values, then
+    /// attends causally over the sequence's cache; returns `[hidden]`.
+    fn token(&mut self, layer: usize, seq: u64, x: &[f64]) -> Vec<f64> {
+        let m = self.m.clone();
+        let c = &m.c;
+        let (h, nope, v, qk) = (c.heads, c.nope, c.v, c.qk());
+        let pos = self.len(layer, seq);
+        let lw = &m.layers[&layer];
+        let mut q = match &lw.q {
+            RefQ::Lora { a, norm, b } => b.mv(&rms_norm(&a.mv(x), norm, c.eps)),
+            RefQ::Direct(w) => w.mv(x),
+        };
+        let kv = lw.kv_a.mv(x);
+        let mut latent = rms_norm(&kv[..c.lora], &lw.kv_norm, c.eps);
+        let mut k_pe = kv[c.lora..].to_vec();
+        self.rope(&mut k_pe, pos);
+        self.rounding.apply(&mut latent, &mut k_pe);
+        // Naive MLA: per-head keys and values from the latent.
+        let kvb = lw.kv_b.mv(&latent);
+        let mut k = vec![0f64; h * qk];
+        let mut vals = vec![0f64; h * v];
+        for head in 0..h {
+            let row = &kvb[head * (nope + v)..(head + 1) * (nope + v)];
+            k[head * qk..head * qk + nope].copy_from_slice(&row[..nope]);
+            k[head * qk + nope..(head + 1) * qk].copy_from_slice(&k_pe);
+            vals[head * v..(head + 1) * v].copy_from_slice(&row[nope..]);
+        }
+        for head in 0..h {
+            let mut pe = q[head * qk + nope..(head + 1) * qk].to_vec();
+            self.rope(&mut pe, pos);
+            q[head * qk + nope..(head + 1) * qk].copy_from_slice(&pe);
+        }
+        let cache = self.cache.entry((layer, seq)).or_default();
+        cache.push(CachedToken { k, v: vals });
+        let mut attn = vec![0f64; h * v];
+        for head in 0..h {
+            let qh = &q[head * qk..(head + 1) * qk];
+            let scores: Vec<f64> = cache
+                .iter()
+                .map(|t| {
+                    let kh = &t.k[head * qk..(head + 1) * qk];
+                    qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() * m.scale
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = scores.iter().map(|s| (s - mx).exp()).collect();
+            let z: f64 = e.iter().sum();
+            for (t, w) in cache.iter().zip(&e) {
+                for d in 0..v {
+                    attn[head * v + d] += w / z * t.v[head * v + d];
+                }
+            }
+        }
+        lw.o.mv(&attn)
+    }
+
+    /// A batch as `mlart_model_forward` takes it: `x [sum(n), hidden]`
+    /// sequence by sequence; returns `[sum(n), hidden]`.
+    fn forward(&mut self, layer: usize, seqs: &[u64], n_tokens: &[usize], x: &[f32]) -> Vec<f64> {
+        let hid = self.m.c.hidden;
+        let mut out = Vec::with_capacity(x.len());
+        let mut t = 0;
+        for (&s, &n) in seqs.iter().zip(n_tokens) {
+            for _ in 0..n {
+                let xt: Vec<f64> = x[t * hid..(t + 1) * hid]
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect();
+                out.extend(self.token(layer, s, &xt));
+                t += 1;
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// C ABI wrappers.
+// ---------------------------------------------------------------------------
+
+type Failure = (mlart_status, String);
+
+struct Model {
+    ptr: *mut mlart_model,
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        mlart_model_free(self.ptr);
+    }
+}
+
+fn model_options() -> mlart_model_options {
+    let mut o = MaybeUninit::<mlart_model_options>::uninit();
+    mlart_model_options_init(o.as_mut_ptr());
+    // SAFETY: initialized just above.
+    unsafe { o.assume_init() }
+}
+
+fn load_with(
+    engine: &Engine,
+    dir: &Path,
+    edit: impl FnOnce(&mut mlart_model_options),
+) -> Result<Model, Failure> {
+    let mut o = model_options();
+    edit(&mut o);
+    let path = CString::new(dir.to_str().unwrap()).unwrap();
+    let mut out: *mut mlart_model = ptr::null_mut();
+    match take_error(mlart_model_load(engine.ptr, path.as_ptr(), &o, &mut out)) {
+        None => {
+            assert!(!out.is_null());
+            Ok(Model { ptr: out })
+        }
+        Some(f) => {
+            assert!(out.is_null(), "out written by a failed load");
+            Err(f)
+        }
+    }
+}
+
+#[track_caller]
+fn load(engine: &Engine, dir: &Path) -> Model {
+    match load_with(engine, dir, |_| {}) {
+        Ok(m) => m,
+        Err((s, msg)) => panic!("load {}: status {s}: {msg}", dir.display()),
+    }
+}
+
+#[track_caller]
+fn load_err(engine: &Engine, dir: &Path, status: mlart_status, needles: &[&str]) -> String {
+    load_err_with(engine, dir, |_| {}, status, needles)
+}
+
+#[track_caller]
+fn load_err_with(
+    engine: &Engine,
+    dir: &Path,
+    edit: impl FnOnce(&mut mlart_model_options),
+    status: mlart_status,
+    needles: &[&str],
+) -> String {
+    match load_with(engine, dir, edit) {
+        Ok(_) => panic!(
+            "load {} succeeded, want {}",
+            dir.display(),
+            common::status_name(status)
+        ),
+        Err((code, msg)) => {
+            assert_eq!(
+                code,
+                status,
+                "load {}: got {} ({msg}), want {}",
+                dir.display(),
+                common::status_name(code),
+                common::status_name(status)
+            );
+            for n in needles {
+                assert!(msg.contains(n), "message {msg:?} does not mention {n:?}");
+            }
+            msg
+        }
+    }
+}
+
+fn info(m: &Model) -> mlart_model_props {
+    let mut p = MaybeUninit::<mlart_model_props>::uninit();
+    mlart_model_props_init(p.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut p = unsafe { p.assume_init() };
+    expect_ok("mlart_model_info", mlart_model_info(m.ptr, &mut p));
+    p
+}
+
+struct Pool {
+    ptr: *mut mlart_kv_pool,
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        mlart_kv_pool_free(self.ptr);
+    }
+}
+
+impl Pool {
+    fn new(
+        engine: &Engine,
+        format: mlart_kv_format,
+        d_qk: i32,
+        layers: i32,
+        block_size: i32,
+        blocks: i32,
+    ) -> Pool {
+        let mut o = MaybeUninit::<mlart_kv_pool_options>::uninit();
+        mlart_kv_pool_options_init(o.as_mut_ptr());
+        // SAFETY: initialized just above.
+        let mut o = unsafe { o.assume_init() };
+        o.kv_format = format;
+        o.d_qk = d_qk;
+        o.num_layers = layers;
+        o.block_size = block_size;
+        o.num_blocks = blocks;
+        let mut p = ptr::null_mut();
+        expect_ok(
+            "mlart_kv_pool_create",
+            mlart_kv_pool_create(engine.ptr, &o, &mut p),
+        );
+        Pool { ptr: p }
+    }
+
+    fn with_seqs(self, ids: &[u64]) -> Pool {
+        for &id in ids {
+            expect_ok("mlart_kv_seq_create", mlart_kv_seq_create(self.ptr, id));
+        }
+        self
+    }
+
+    fn len(&self, seq: u64, layer: i32) -> i64 {
+        let mut n = -1;
+        expect_ok(
+            "mlart_kv_seq_length",
+            mlart_kv_seq_length(self.ptr, seq, layer, &mut n),
+        );
+        n
+    }
+
+    fn stats(&self) -> [i64; 6] {
+        let mut s = MaybeUninit::<mlart_kv_pool_stats>::uninit();
+        mlart_kv_pool_stats_init(s.as_mut_ptr());
+        // SAFETY: initialized just above.
+        let mut s = unsafe { s.assume_init() };
+        expect_ok(
+            "mlart_kv_pool_stats_get",
+            mlart_kv_pool_stats_get(self.ptr, &mut s),
+        );
+        [
+            s.blocks_total,
+            s.blocks_used,
+            s.blocks_free,
+            s.sequences,
+            s.bytes_per_block,
+            s.bytes_total,
+        ]
+    }
+}
+
+fn forward_args() -> mlart_forward_args {
+    let mut a = MaybeUninit::<mlart_forward_args>::uninit();
+    mlart_forward_args_init(a.as_mut_ptr());
+    // SAFETY: initialized just above.
+    unsafe { a.assume_init() }
+}
+
+/// `mlart_model_forward` with f32 activations.
+fn forward(
+    m: &Model,
+    pool: &Pool,
+    layer: i32,
+    seqs: &[u64],
+    n_tokens: &[i32],
+    x: &[f32],
+) -> Result<Vec<f32>, Failure> {
+    let total: i32 = n_tokens.iter().sum();
+    let hid = x.len() / total.max(1) as usize;
+    let mut out = vec![f32::NAN; total.max(0) as usize * hid];
+    let mut a = forward_args();
+    a.layer = layer;
+    a.batch = seqs.len() as i32;
+    a.seq_ids = seqs.as_ptr();
+    a.n_tokens = n_tokens.as_ptr();
+    a.x = x.as_ptr() as *const c_void;
+    a.out = out.as_mut_ptr() as *mut c_void;
+    match take_error(mlart_model_forward(m.ptr, pool.ptr, &a)) {
+        None => Ok(out),
+        Some(f) => {
+            assert!(
+                out.iter().all(|v| v.is_nan()),
+                "out written by a failed forward"
+            );
+            Err(f)
+        }
+    }
+}
+
+#[track_caller]
+fn forward_ok(
+    m: &Model,
+    pool: &Pool,
+    layer: i32,
+    seqs: &[u64],
+    n_tokens: &[i32],
+    x: &[f32],
+) -> Vec<f32> {
+    match forward(m, pool, layer, seqs, n_tokens, x) {
+        Ok(y) => y,
+        Err((s, msg)) => panic!(
+            "forward layer {layer} {seqs:?} {n_tokens:?}: {} ({s}): {msg}",
+            common::status_name(s)
+        ),
+    }
+}
+
+#[track_caller]
+fn forward_err(
+    what: &str,
+    r: Result<Vec<f32>, Failure>,
+    status: mlart_status,
+    needles: &[&str],
+) -> String {
+    match r {
+        Ok(_) => panic!("{what}: forward succeeded"),
+        Err((code, msg)) => {
+            assert_eq!(
+                code,
+                status,
+                "{what}: got {} ({msg}), want {}",
+                common::status_name(code),
+                common::status_name(status)
+            );
+            for n in needles {
+                assert!(
+                    msg.contains(n),
+                    "{what}: message {msg:?} does not mention {n:?}"
+                );
+            }
+            msg
+        }
+    }
+}
+
+fn random_x(seed: u64, tokens: usize, hidden: usize) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(case_seed(0x6d6f_64656c, seed));
+    (0..tokens * hidden)
+        .map(|_| normal(&mut rng) as f32)
+        .collect()
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Checks the engine output against the reference; returns the rel-L2.
+#[track_caller]
+fn compare(what: &str, got: &[f32], want: &[f64], tol: f64) -> f64 {
+    assert!(
+        got.iter().all(|v| v.is_finite()),
+        "{what}: non-finite output"
+    );
+    let e = rel_l2(&to_f64(got), want);
+    println!("{what}: rel-L2 {e:.3e} (tolerance {tol:.0e})");
+    assert!(e <= tol, "{what}: rel-L2 {e:.3e} > {tol:.0e}");
+    e
+}
+
+/// Relative L2 of token `t`'s row.
+fn row_rel(a: &[f32], b: &[f32], hid: usize, ta: usize, tb: usize) -> f64 {
+    rel_l2(
+        &to_f64(&a[ta * hid..(ta + 1) * hid]),
+        &to_f64(&b[tb * hid..(tb + 1) * hid]),
+    )
+}
+
+fn kv_format_name(f: mlart_kv_format) -> &'static str {
+    match f {
+        MLART_KV_FORMAT_F32 => "F32",
+        MLART_KV_FORMAT_BF16 => "BF16",
+        MLART_KV_FORMAT_F16 => "F16",
+        MLART_KV_FORMAT_FP8_V32 => "FP8_V32",
+        _ => "?",
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Engine vs reference.
+// ---------------------------------------------------------------------------
+
+/// One forward of a schedule: layer, sequences, tokens per sequence.
+type Step = (usize, Vec<u64>, Vec<i32>);
+
+/// A pool format with two tolerances: against the exact reference, and
+/// against the reference whose cache rows are rounded as the format does.
+type PoolCase = (mlart_kv_format, f64, f64);
+
+/// Runs `steps` through the engine (one pool per format in `pools`, each
+/// with `pool_layers` layers, layer `l` using pool layer `l - first`) and
+/// through the reference (layers `first..first + pool_layers` of `dir`),
+/// checking each step's output and every pool length.
+#[allow(clippy::too_many_arguments)]
+fn run_schedule(
+    what: &str,
+    engine: &Engine,
+    model: &Model,
+    dir: &Path,
+    first: usize,
+    pool_layers: i32,
+    pools: &[PoolCase],
+    steps: &[Step],
+    block_size: i32,
+) {
+    let p = info(model);
+    let hid = p.hidden_size as usize;
+    let layers: Vec<usize> = (first..first + pool_layers as usize).collect();
+    let mut exact = Reference::load(dir, &layers);
+    let mut rounded: Vec<Reference> = pools
+        .iter()
+        .map(|&(fmt, _, _)| exact.fresh(CacheRounding::of(fmt)))
+        .collect();
+    let mut all_seqs: Vec<u64> = steps.iter().flat_map(|s| s.1.clone()).collect();
+    all_seqs.sort();
+    all_seqs.dedup();
+    let pool_objs: Vec<Pool> = pools
+        .iter()
+        .map(|&(fmt, _, _)| {
+            Pool::new(engine, fmt, p.d_qk, pool_layers, block_size, 256).with_seqs(&all_seqs)
+        })
+        .collect();
+    for (k, (layer, seqs, n)) in steps.iter().enumerate() {
+        let total: i32 = n.iter().sum();
+        let x = random_x(k as u64 * 131 + *layer as u64, total as usize, hid);
+        let nu: Vec<usize> = n.iter().map(|&v| v as usize).collect();
+        let want = exact.forward(*layer, seqs, &nu, &x);
+        for ((pool, &(fmt, tol, tol_rounded)), r) in
+            pool_objs.iter().zip(pools).zip(rounded.iter_mut())
+        {
+            let got = forward_ok(model, pool, *layer as i32, seqs, n, &x);
+            let case = format!(
+                "{what} pool {} step {k} layer {layer} seqs {seqs:?} n {n:?}",
+                kv_format_name(fmt)
+            );
+            compare(&case, &got, &want, tol);
+            let want_r = r.forward(*layer, seqs, &nu, &x);
+            compare(
+                &format!("{case} (rounded rows)"),
+                &got,
+                &want_r,
+                tol_rounded,
+            );
+            for &s in &all_seqs {
+                for l in 0..pool_layers {
+                    let abs = l as usize + first;
+                    assert_eq!(
+                        pool.len(s, l) as usize,
+                        exact.len(abs, s),
+                        "{what}: length of seq {s} in pool layer {l} after step {k}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Prefill of three sequences of different lengths in one forward, a second
+/// chunk in another order, then decode steps; on both layers.
+fn standard_schedule(layers: &[usize]) -> Vec<Step> {
+    let mut steps = Vec::new();
+    let plan: [(Vec<u64>, Vec<i32>); 5] = [
+        (vec![10, 11, 12], vec![1, 5, 3]),
+        (vec![12, 10], vec![2, 4]),
+        (vec![10, 11, 12], vec![1, 1, 1]),
+        (vec![11], vec![1]),
+        (vec![12, 11, 10], vec![1, 1, 1]),
+    ];
+    for (seqs, n) in plan {
+        for &l in layers {
+            steps.push((l, seqs.clone(), n.clone()));
+        }
+    }
+    steps
+}
+
+/// F32 pools against the reference, whatever the weight dtype: the
+/// reference reads the very values stored in the checkpoint (bf16, f16, f32,
+/// or FP8 dequantized with its block scales), so only f32 arithmetic
+/// separates the two (measured: a few 1e-7).
+const EXACT: f64 = 1e-4;
+/// BF16 / F16 pools against the exact reference (measured: 2e-3 / 3e-4).
+const ROUNDED_ROWS: f64 = 1e-2;
+/// FP8_V32 pools (e4m3 latent) against the exact reference (measured: 3e-2).
+const FP8_ROWS: f64 = 5e-2;
+/// BF16 / F16 pools against the reference whose rows are rounded the same
+/// way. Not 1e-7: the engine's f32 latent and the reference's f64 one can
+/// round to neighbouring bf16 values (measured: up to 1.2e-4 at d_qk 576,
+/// 1e-7 on the tiny model).
+const SAME_ROUNDING: f64 = 5e-4;
+/// FP8_V32 pools against rows quantized as FlashMLA does (measured: 2e-7;
+/// one e4m3 code landing on a neighbour would give about 1e-3).
+const SAME_FP8: f64 = 5e-3;
+
+const F32_POOL: PoolCase = (MLART_KV_FORMAT_F32, EXACT, EXACT);
+const BF16_POOL: PoolCase = (MLART_KV_FORMAT_BF16, ROUNDED_ROWS, SAME_ROUNDING);
+const F16_POOL: PoolCase = (MLART_KV_FORMAT_F16, ROUNDED_ROWS, SAME_ROUNDING);
+const FP8_V32_POOL: PoolCase = (MLART_KV_FORMAT_FP8_V32, FP8_ROWS, SAME_FP8);
+
+#[test]
+fn tiny_bf16_yarn_two_layers_matches_reference() {
+    let dir = TempDir::new("tiny-bf16-yarn");
+    let opts = gen_opts(Preset::Tiny, WeightDtype::Bf16, 2, true);
+    make_checkpoint(dir.path(), &opts);
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    run_schedule(
+        "tiny bf16 yarn",
+        &engine,
+        &model,
+        dir.path(),
+        0,
+        2,
+        &[F32_POOL, BF16_POOL],
+        &standard_schedule(&[0, 1]),
+        4,
+    );
+}
+
+#[test]
+fn tiny_bf16_yarn_on_and_off_past_original_context() {
+    let dir = TempDir::new("tiny-bf16-long");
+    let engine = Engine::new(2);
+    let mut last: Option<Vec<f32>> = None;
+    for yarn in [false, true] {
+        let sub = dir.sub(if yarn { "yarn" } else { "plain" });
+        make_checkpoint(&sub, &gen_opts(Preset::Tiny, WeightDtype::Bf16, 1, yarn));
+        let model = load(&engine, &sub);
+        assert_eq!(info(&model).yarn, yarn);
+        // A long prefill crosses the YaRN original context (256 positions),
+        // then decode steps run at positions > 256.
+        let steps: Vec<Step> = vec![
+            (0, vec![1, 2], vec![270, 2]),
+            (0, vec![1, 2], vec![1, 1]),
+            (0, vec![1], vec![3]),
+        ];
+        run_schedule(
+            &format!("tiny bf16 yarn={yarn}"),
+            &engine,
+            &model,
+            &sub,
+            0,
+            1,
+            &[F32_POOL, BF16_POOL],
+            &steps,
+            16,
+        );
+        // Same weights, same inputs: YaRN must change the result.
+        let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 16, 32).with_seqs(&[1]);
+        let y = forward_ok(&model, &pool, 0, &[1], &[300], &random_x(4, 300, 256));
+        if let Some(prev) = last.take() {
+            let d = rel_l2(&to_f64(&y), &to_f64(&prev));
+            assert!(d > 1e-2, "YaRN on vs off differ by only {d:.3e}");
+        }
+        last = Some(y);
+    }
+}
+
+#[test]
+fn tiny_f32_and_f16_weights_match_reference() {
+    let dir = TempDir::new("tiny-f32");
+    let engine = Engine::new(2);
+    for (dtype, yarn) in [(WeightDtype::F32, false), (WeightDtype::F16, true)] {
+        let sub = dir.sub(dtype.name());
+        make_checkpoint(&sub, &gen_opts(Preset::Tiny, dtype, 2, yarn));
+        let model = load(&engine, &sub);
+        run_schedule(
+            &format!("tiny {} yarn={yarn}", dtype.name()),
+            &engine,
+            &model,
+            &sub,
+            0,
+            2,
+            &[F32_POOL, BF16_POOL, F16_POOL],
+            &standard_schedule(&[1, 0]),
+            4,
+        );
+    }
+}
+
+#[test]
+fn tiny_fp8_weights_match_dequantized_reference() {
+    // Tiny shapes (96, 80 rows; 256 columns) give partial 128x128 blocks.
+    let dir = TempDir::new("tiny-fp8");
+    let opts = gen_opts(Preset::Tiny, WeightDtype::Fp8, 2, true);
+    make_checkpoint(dir.path(), &opts);
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    assert_eq!(info(&model).weight_dtype, MLART_DTYPE_FP8_E4M3);
+    run_schedule(
+        "tiny fp8",
+        &engine,
+        &model,
+        dir.path(),
+        0,
+        2,
+        &[F32_POOL, BF16_POOL],
+        &standard_schedule(&[0, 1]),
+        4,
+    );
+}
+
+#[test]
+fn tiny_sharded_checkpoint_matches_reference() {
+    let dir = TempDir::new("tiny-shards");
+    let mut opts = gen_opts(Preset::Tiny, WeightDtype::Fp8, 2, true);
+    opts.shards = 3;
+    make_checkpoint(dir.path(), &opts);
+    assert!(dir.path().join("model.safetensors.index.json").exists());
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    run_schedule(
+        "tiny fp8 3 shards",
+        &engine,
+        &model,
+        dir.path(),
+        0,
+        2,
+        &[F32_POOL],
+        &[(1, vec![5, 6], vec![3, 1]), (0, vec![6], vec![2])],
+        8,
+    );
+}
+
+#[test]
+fn v2_lite_matches_reference() {
+    // hidden 2048, 16 heads, no q LoRA, d_qk 576: one layer, few tokens.
+    // FP8_V32 pools quantize the latent to e4m3 with a power-of-two scale
+    // per 128-tile: against the exact reference the error is a few 1e-2
+    // (FP8_ROWS), against rows rounded the same way it is f32 noise.
+    let dir = TempDir::new("v2lite");
+    let engine = Engine::new(2);
+    let steps: Vec<Step> = vec![
+        (0, vec![1, 2, 3], vec![1, 3, 2]),
+        (0, vec![3, 1, 2], vec![1, 1, 1]),
+    ];
+    for (dtype, yarn, pools) in [
+        (
+            WeightDtype::Bf16,
+            true,
+            vec![F32_POOL, BF16_POOL, FP8_V32_POOL],
+        ),
+        (WeightDtype::F32, false, vec![F32_POOL]),
+        (WeightDtype::Fp8, true, vec![F32_POOL, FP8_V32_POOL]),
+    ] {
+        let sub = dir.sub(dtype.name());
+        make_checkpoint(&sub, &gen_opts(Preset::V2Lite, dtype, 1, yarn));
+        let model = load(&engine, &sub);
+        let p = info(&model);
+        assert_eq!((p.q_lora_rank, p.d_qk, p.hidden_size), (0, 576, 2048));
+        run_schedule(
+            &format!("v2-lite {} yarn={yarn}", dtype.name()),
+            &engine,
+            &model,
+            &sub,
+            0,
+            1,
+            &pools,
+            &steps,
+            64,
+        );
+        drop(model);
+        let _ = std::fs::remove_dir_all(&sub);
+    }
+}
+
+#[test]
+fn layer_range_maps_to_pool_layer_zero() {
+    let dir = TempDir::new("layer-range");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 2, true),
+    );
+    let engine = Engine::new(2);
+    let full = load(&engine, dir.path());
+    let second = load_with(&engine, dir.path(), |o| {
+        o.first_layer = 1;
+        o.num_layers = 1;
+    })
+    .unwrap();
+    let p = info(&second);
+    assert_eq!((p.num_layers, p.first_layer, p.loaded_layers), (2, 1, 1));
+    let d = p.d_qk;
+    let pool_full = Pool::new(&engine, MLART_KV_FORMAT_F32, d, 2, 4, 64).with_seqs(&[1, 2]);
+    let pool_one = Pool::new(&engine, MLART_KV_FORMAT_F32, d, 1, 4, 64).with_seqs(&[1, 2]);
+    let mut reference = Reference::load(dir.path(), &[1]);
+    for (k, n) in [vec![3, 2], vec![1, 1]].into_iter().enumerate() {
+        let x = random_x(900 + k as u64, n.iter().sum::<i32>() as usize, 256);
+        let a = forward_ok(&full, &pool_full, 1, &[1, 2], &n, &x);
+        let b = forward_ok(&second, &pool_one, 1, &[1, 2], &n, &x);
+        let want = reference.forward(1, &[1, 2], &[n[0] as usize, n[1] as usize], &x);
+        compare("first_layer=1 model", &b, &want, 1e-4);
+        assert!(rel_l2(&to_f64(&a), &to_f64(&b)) <= 1e-6);
+    }
+    // Layer 1 of the full model used pool layer 1; layer 0 stayed empty.
+    assert_eq!((pool_full.len(1, 0), pool_full.len(1, 1)), (0, 4));
+    assert_eq!(pool_one.len(1, 0), 4);
+    assert_eq!(pool_one.len(2, 0), 3);
+    // The partial model has no layer 0.
+    forward_err(
+        "layer 0 not loaded",
+        forward(&second, &pool_one, 0, &[1], &[1], &random_x(1, 1, 256)),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["layer"],
+    );
+}
+
+#[test]
+fn decode_token_by_token_equals_prefill() {
+    let dir = TempDir::new("decode-prefill");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::F32, 2, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    let n = 9;
+    for layer in [0i32, 1] {
+        let x = random_x(77 + layer as u64, n, hid);
+        let prefill_pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 64).with_seqs(&[3]);
+        let decode_pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 64).with_seqs(&[3]);
+        let mixed_pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 64).with_seqs(&[3]);
+        let all = forward_ok(&model, &prefill_pool, layer, &[3], &[n as i32], &x);
+        assert_eq!(prefill_pool.len(3, layer), n as i64);
+        assert_eq!(prefill_pool.len(3, 1 - layer), 0);
+        let mut steps = Vec::new();
+        for t in 0..n {
+            let y = forward_ok(
+                &model,
+                &decode_pool,
+                layer,
+                &[3],
+                &[1],
+                &x[t * hid..(t + 1) * hid],
+            );
+            assert_eq!(decode_pool.len(3, layer), t as i64 + 1);
+            steps.extend(y);
+        }
+        // A prefill of 4 then chunks of 3 and 2.
+        let mut mixed = Vec::new();
+        let mut t = 0;
+        for c in [4usize, 3, 2] {
+            mixed.extend(forward_ok(
+                &model,
+                &mixed_pool,
+                layer,
+                &[3],
+                &[c as i32],
+                &x[t * hid..(t + c) * hid],
+            ));
+            t += c;
+            assert_eq!(mixed_pool.len(3, layer), t as i64);
+        }
+        for t in 0..n {
+            let e = row_rel(&all, &steps, hid, t, t);
+            assert!(
+                e <= 1e-4,
+                "layer {layer} token {t}: decode vs prefill {e:.3e}"
+            );
+            let e = row_rel(&all, &mixed, hid, t, t);
+            assert!(
+                e <= 1e-4,
+                "layer {layer} token {t}: chunks vs prefill {e:.3e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bf16_activations_in_and_out() {
+    let dir = TempDir::new("bf16-act");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 4, 64).with_seqs(&[1, 2]);
+    let mut reference = Reference::load(dir.path(), &[0]);
+    let x = random_x(5, 4, 256);
+    let xr: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let xb: Vec<u16> = x.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+    let mut out = vec![0u16; 4 * 256];
+    let seqs = [1u64, 2];
+    let n = [3i32, 1];
+    let mut a = forward_args();
+    a.layer = 0;
+    a.batch = 2;
+    a.seq_ids = seqs.as_ptr();
+    a.n_tokens = n.as_ptr();
+    a.x_dtype = MLART_DTYPE_BF16;
+    a.x = xb.as_ptr() as *const c_void;
+    a.out_dtype = MLART_DTYPE_BF16;
+    a.out = out.as_mut_ptr() as *mut c_void;
+    expect_ok("forward bf16", mlart_model_forward(model.ptr, pool.ptr, &a));
+    let got: Vec<f32> = out.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+    let want = reference.forward(0, &seqs, &[3, 1], &xr);
+    compare("bf16 in/out", &got, &want, 1e-2);
+}
+
+// ---------------------------------------------------------------------------
+// mlart_model_info, progress, conversion.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn model_info_fields() {
+    let dir = TempDir::new("info");
+    let engine = Engine::new(1);
+
+    let tiny = dir.sub("tiny");
+    make_checkpoint(&tiny, &gen_opts(Preset::Tiny, WeightDtype::Bf16, 2, true));
+    let m = load(&engine, &tiny);
+    let p = info(&m);
+    assert_eq!(
+        p.struct_size as usize,
+        std::mem::size_of::<mlart_model_props>()
+    );
+    assert_eq!(
+        (p.num_layers, p.first_layer, p.loaded_layers),
+        (2, 0, 2),
+        "layers"
+    );
+    assert_eq!(
+        (
+            p.hidden_size,
+            p.num_heads,
+            p.q_lora_rank,
+            p.kv_lora_rank,
+            p.qk_nope_head_dim,
+            p.qk_rope_head_dim,
+            p.v_head_dim,
+            p.d_qk
+        ),
+        (256, 4, 96, 64, 32, 16, 32, 80)
+    );
+    assert_eq!(p.rope_theta, 10000.0);
+    assert!(p.yarn);
+    assert_eq!(
+        (
+            p.yarn_factor,
+            p.yarn_original_max_position,
+            p.yarn_beta_fast,
+            p.yarn_beta_slow,
+            p.yarn_mscale,
+            p.yarn_mscale_all_dim
+        ),
+        (4.0, 256, 32.0, 1.0, 1.0, 1.0)
+    );
+    let m2 = (0.1 * 4f64.ln() + 1.0).powi(2);
+    assert!((p.softmax_scale - m2 / 48f64.sqrt()).abs() < 1e-12);
+    assert_eq!(p.weight_dtype, MLART_DTYPE_BF16);
+    assert!(p.bytes_loaded > 0);
+    let bf16_bytes = p.bytes_loaded;
+
+    // Converted to F32 at load: the same outputs, twice the projection bytes.
+    let mf = load_with(&engine, &tiny, |o| {
+        o.convert_weights = true;
+        o.weight_dtype = MLART_DTYPE_F32;
+    })
+    .unwrap();
+    let pf = info(&mf);
+    assert_eq!(pf.weight_dtype, MLART_DTYPE_F32);
+    assert!(
+        pf.bytes_loaded > bf16_bytes,
+        "{} vs {bf16_bytes}",
+        pf.bytes_loaded
+    );
+    let x = random_x(3, 3, 256);
+    let pa = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 16).with_seqs(&[1]);
+    let pb = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 16).with_seqs(&[1]);
+    let ya = forward_ok(&m, &pa, 1, &[1], &[3], &x);
+    let yb = forward_ok(&mf, &pb, 1, &[1], &[3], &x);
+    assert!(rel_l2(&to_f64(&ya), &to_f64(&yb)) <= 1e-6);
+    // Converting to FP8 is not an in-memory compute type.
+    load_err_with(
+        &engine,
+        &tiny,
+        |o| {
+            o.convert_weights = true;
+            o.weight_dtype = MLART_DTYPE_FP8_E4M3;
+        },
+        MLART_STATUS_UNSUPPORTED,
+        &["weight_dtype"],
+    );
+    // Bad struct_size.
+    let mut bad = MaybeUninit::<mlart_model_props>::uninit();
+    mlart_model_props_init(bad.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut bad = unsafe { bad.assume_init() };
+    bad.struct_size -= 8;
+    expect_error(
+        "info struct_size",
+        mlart_model_info(m.ptr, &mut bad),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["struct_size"],
+    );
+    expect_error(
+        "info NULL model",
+        mlart_model_info(ptr::null(), &mut bad),
+        MLART_STATUS_NULL_POINTER,
+        &["model"],
+    );
+    expect_error(
+        "info NULL out",
+        mlart_model_info(m.ptr, ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out"],
+    );
+
+    // V2-Lite without YaRN, FP8 (one layer of a two-layer checkpoint).
+    let lite = dir.sub("lite");
+    make_checkpoint(&lite, &gen_opts(Preset::V2Lite, WeightDtype::Fp8, 2, false));
+    let ml = load_with(&engine, &lite, |o| {
+        o.first_layer = 1;
+    })
+    .unwrap();
+    let p = info(&ml);
+    assert_eq!(
+        (
+            p.num_layers,
+            p.first_layer,
+            p.loaded_layers,
+            p.hidden_size,
+            p.num_heads,
+            p.q_lora_rank,
+            p.kv_lora_rank,
+            p.d_qk
+        ),
+        (2, 1, 1, 2048, 16, 0, 512, 576)
+    );
+    assert!(!p.yarn);
+    assert_eq!(p.yarn_factor, 0.0);
+    assert!((p.softmax_scale - 1.0 / 192f64.sqrt()).abs() < 1e-12);
+    assert_eq!(p.weight_dtype, MLART_DTYPE_FP8_E4M3);
+    assert!(p.bytes_loaded > 0);
+    // FP8 converted to BF16 at load.
+    let mb = load_with(&engine, &lite, |o| {
+        o.first_layer = 1;
+        o.convert_weights = true;
+        o.weight_dtype = MLART_DTYPE_BF16;
+    })
+    .unwrap();
+    assert_eq!(info(&mb).weight_dtype, MLART_DTYPE_BF16);
+
+    // V2-Lite's YaRN parameters (mscale 0.707).
+    let lite_y = dir.sub("lite-yarn");
+    make_checkpoint(
+        &lite_y,
+        &gen_opts(Preset::V2Lite, WeightDtype::Bf16, 1, true),
+    );
+    let p = info(&load(&engine, &lite_y));
+    assert!(p.yarn);
+    assert_eq!(
+        (
+            p.yarn_factor,
+            p.yarn_original_max_position,
+            p.yarn_mscale_all_dim
+        ),
+        (40.0, 4096, 0.707)
+    );
+    let m = 0.1 * 0.707 * 40f64.ln() + 1.0;
+    assert!((p.softmax_scale - m * m / 192f64.sqrt()).abs() < 1e-12);
+}
+
+#[derive(Default)]
+struct Progress {
+    calls: Vec<(f32, String)>,
+    cancel_at: Option<usize>,
+}
+
+extern "C" fn record_progress(fraction: f32, stage: *const c_char, ud: *mut c_void) -> bool {
+    // SAFETY: ud is the &mut Progress the test passed, unused elsewhere
+    // during the load.
+    let p = unsafe { &mut *(ud as *mut Progress) };
+    // SAFETY: stage is a NUL-terminated string valid during the call.
+    let s = unsafe { CStr::from_ptr(stage) }
+        .to_string_lossy()
+        .into_owned();
+    p.calls.push((fraction, s));
+    p.cancel_at != Some(p.calls.len())
+}
+
+#[test]
+fn progress_callback_and_cancel() {
+    let dir = TempDir::new("progress");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Fp8, 2, true),
+    );
+    let engine = Engine::new(1);
+    let mut prog = Progress::default();
+    let ud = &mut prog as *mut Progress as *mut c_void;
+    let m = load_with(&engine, dir.path(), |o| {
+        o.progress = Some(record_progress);
+        o.progress_user_data = ud;
+    })
+    .unwrap();
+    drop(m);
+    let calls = std::mem::take(&mut prog.calls);
+    assert!(calls.len() >= 2, "{calls:?}");
+    for w in calls.windows(2) {
+        assert!(w[1].0 > w[0].0, "fractions not increasing: {calls:?}");
+    }
+    assert!(calls[0].0 > 0.0);
+    assert_eq!(calls.last().unwrap().0, 1.0, "{calls:?}");
+    assert!(calls.iter().all(|(_, s)| !s.is_empty()));
+    assert!(
+        calls.iter().any(|(_, s)| s.contains("o_proj")),
+        "stages name tensors: {calls:?}"
+    );
+    let total = calls.len();
+
+    for cancel_at in [1, total / 2, total] {
+        prog.cancel_at = Some(cancel_at);
+        let ud = &mut prog as *mut Progress as *mut c_void;
+        load_err_with(
+            &engine,
+            dir.path(),
+            |o| {
+                o.progress = Some(record_progress);
+                o.progress_user_data = ud;
+            },
+            MLART_STATUS_CANCELLED,
+            &["cancel"],
+        );
+        assert_eq!(prog.calls.len(), cancel_at, "no call after the cancel");
+        prog.calls.clear();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Malformed checkpoints.
+// ---------------------------------------------------------------------------
+
+/// Copies config.json of `src` into a new directory `name` of `tmp`.
+fn with_config(tmp: &TempDir, src: &Path, name: &str) -> PathBuf {
+    let d = tmp.sub(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(src.join("config.json"), d.join("config.json")).unwrap();
+    d
+}
+
+#[test]
+fn malformed_checkpoints_give_named_errors() {
+    let tmp = TempDir::new("malformed");
+    let good = tmp.sub("good");
+    make_checkpoint(&good, &gen_opts(Preset::Tiny, WeightDtype::Bf16, 2, true));
+    let fp8 = tmp.sub("fp8");
+    make_checkpoint(&fp8, &gen_opts(Preset::Tiny, WeightDtype::Fp8, 1, true));
+    let engine = Engine::new(1);
+    let tensors = read_safetensors(&good.join("model.safetensors"));
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(good.join("config.json")).unwrap()).unwrap();
+
+    // The directory and config.json.
+    load_err(&engine, &tmp.sub("nope"), MLART_STATUS_IO, &["config.json"]);
+    let d = tmp.sub("no-config");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(good.join("model.safetensors"), d.join("model.safetensors")).unwrap();
+    load_err(&engine, &d, MLART_STATUS_IO, &["config.json"]);
+    std::fs::write(d.join("config.json"), "{\"model_type\": \"deepseek_v3\",").unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["config.json"]);
+    let mut c = config.clone();
+    c["model_type"] = json!("llama");
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    load_err(&engine, &d, MLART_STATUS_UNSUPPORTED, &["llama"]);
+    let mut c = config.clone();
+    c.as_object_mut().unwrap().remove("kv_lora_rank");
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["kv_lora_rank"]);
+    let mut c = config.clone();
+    c["rope_scaling"]["type"] = json!("linear");
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    load_err(&engine, &d, MLART_STATUS_UNSUPPORTED, &["linear"]);
+
+    // The safetensors file itself.
+    let d = with_config(&tmp, &good, "no-weights");
+    load_err(&engine, &d, MLART_STATUS_IO, &["model.safetensors"]);
+    let st = d.join("model.safetensors");
+    for len in [0usize, 5] {
+        std::fs::write(&st, vec![0u8; len]).unwrap();
+        load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    }
+    // Cut short inside the data.
+    let full = std::fs::read(good.join("model.safetensors")).unwrap();
+    std::fs::write(&st, &full[..full.len() - 100]).unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // Cut short inside the header.
+    std::fs::write(&st, &full[..64]).unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // A header length beyond the file.
+    let one = json!({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}});
+    write_raw(&st, &one, &[0u8; 8], Some(1 << 20));
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    write_raw(&st, &one, &[0u8; 8], Some(u64::MAX));
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // Overlapping data_offsets.
+    let overlap = json!({
+        "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+        "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+    });
+    write_raw(&st, &overlap, &[0u8; 24], None);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // data_offsets past the end of the file.
+    let past = json!({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}});
+    write_raw(&st, &past, &[0u8; 8], None);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // A size that disagrees with dtype and shape.
+    let wrong = json!({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 16]}});
+    write_raw(&st, &wrong, &[0u8; 16], None);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+    // Not JSON.
+    write_raw(&st, &json!("x"), &[], None);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["model.safetensors"]);
+
+    // Valid files with the wrong content.
+    let kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight";
+    let mut t = tensors.clone();
+    let i = t.iter().position(|x| x.name == kv_a).unwrap();
+    t[i].shape = vec![t[i].shape[1], t[i].shape[0]];
+    write_safetensors(&st, &t);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &[kv_a, "shape"]);
+    let norm = "model.layers.1.self_attn.q_a_layernorm.weight";
+    let mut t = tensors.clone();
+    let i = t.iter().position(|x| x.name == norm).unwrap();
+    t[i].shape = vec![t[i].shape[0] / 2, 2];
+    write_safetensors(&st, &t);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &[norm, "shape"]);
+
+    let o1 = "model.layers.1.self_attn.o_proj.weight";
+    let t: Vec<RawTensor> = tensors.iter().filter(|x| x.name != o1).cloned().collect();
+    write_safetensors(&st, &t);
+    load_err(&engine, &d, MLART_STATUS_NOT_FOUND, &[o1]);
+    // Only the requested layers need to be present.
+    let m = load_with(&engine, &d, |o| o.num_layers = 1).unwrap();
+    assert_eq!(info(&m).loaded_layers, 1);
+    drop(m);
+
+    let kvn = "model.layers.0.self_attn.kv_a_layernorm.weight";
+    let mut t = tensors.clone();
+    let i = t.iter().position(|x| x.name == kvn).unwrap();
+    // The norm as I32 (shape kept, 4 bytes per element).
+    t[i].dtype = "I32".into();
+    t[i].data = vec![0u8; 4 * t[i].shape[0]];
+    write_safetensors(&st, &t);
+    load_err(&engine, &d, MLART_STATUS_UNSUPPORTED, &[kvn, "I32"]);
+    // An FP8 norm is not supported either.
+    let mut t = tensors.clone();
+    let i = t.iter().position(|x| x.name == kvn).unwrap();
+    t[i].dtype = "F8_E4M3".into();
+    t[i].data = vec![0x38u8; t[i].shape[0]];
+    write_safetensors(&st, &t);
+    load_err(&engine, &d, MLART_STATUS_UNSUPPORTED, &[kvn]);
+
+    // Sharded: an index naming a missing shard, and broken indexes.
+    let d = with_config(&tmp, &good, "index");
+    let (first, second) = tensors.split_at(tensors.len() / 2);
+    write_safetensors(&d.join("a.safetensors"), first);
+    let mut map = serde_json::Map::new();
+    for t in first {
+        map.insert(t.name.clone(), json!("a.safetensors"));
+    }
+    for t in second {
+        map.insert(t.name.clone(), json!("b.safetensors"));
+    }
+    let index = d.join("model.safetensors.index.json");
+    std::fs::write(&index, json!({"weight_map": map}).to_string()).unwrap();
+    load_err(&engine, &d, MLART_STATUS_IO, &["b.safetensors"]);
+    write_safetensors(&d.join("b.safetensors"), second);
+    let m = load(&engine, &d);
+    assert_eq!(info(&m).loaded_layers, 2);
+    drop(m);
+    std::fs::write(&index, "{\"weight_map\": ").unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["index.json"]);
+    std::fs::write(&index, "{\"metadata\": {}}").unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["weight_map"]);
+    let mut bad = map.clone();
+    bad.insert(kv_a.into(), json!("../good/model.safetensors"));
+    std::fs::write(&index, json!({"weight_map": bad}).to_string()).unwrap();
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["weight_map"]);
+
+    // FP8 weights without their scales, or with scales of the wrong shape.
+    let fp8_tensors = read_safetensors(&fp8.join("model.safetensors"));
+    let d = with_config(&tmp, &fp8, "fp8-no-scale");
+    let qb = "model.layers.0.self_attn.q_b_proj.weight";
+    let t: Vec<RawTensor> = fp8_tensors
+        .iter()
+        .filter(|x| x.name != format!("{qb}_scale_inv"))
+        .cloned()
+        .collect();
+    write_safetensors(&d.join("model.safetensors"), &t);
+    load_err(&engine, &d, MLART_STATUS_NOT_FOUND, &[qb, "scale_inv"]);
+    let mut t = fp8_tensors.clone();
+    let i = t
+        .iter()
+        .position(|x| x.name == format!("{qb}_scale_inv"))
+        .unwrap();
+    t[i].shape = vec![t[i].shape[0] * t[i].shape[1]];
+    write_safetensors(&d.join("model.safetensors"), &t);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["scale_inv", "shape"]);
+
+    // Layer ranges.
+    load_err_with(
+        &engine,
+        &good,
+        |o| o.first_layer = 2,
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["first_layer"],
+    );
+    load_err_with(
+        &engine,
+        &good,
+        |o| o.first_layer = -1,
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["first_layer"],
+    );
+    load_err_with(
+        &engine,
+        &good,
+        |o| {
+            o.first_layer = 1;
+            o.num_layers = 2;
+        },
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["num_layers"],
+    );
+    load_err_with(
+        &engine,
+        &good,
+        |o| o.num_layers = -3,
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["num_layers"],
+    );
+    load_err_with(
+        &engine,
+        &good,
+        |o| o.struct_size = 4,
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["struct_size"],
+    );
+
+    // NULL arguments.
+    let path = CString::new(good.to_str().unwrap()).unwrap();
+    let mut out: *mut mlart_model = ptr::null_mut();
+    expect_error(
+        "NULL path",
+        mlart_model_load(engine.ptr, ptr::null(), ptr::null(), &mut out),
+        MLART_STATUS_NULL_POINTER,
+        &["path"],
+    );
+    expect_error(
+        "NULL out",
+        mlart_model_load(engine.ptr, path.as_ptr(), ptr::null(), ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out"],
+    );
+    expect_error(
+        "NULL engine",
+        mlart_model_load(ptr::null_mut(), path.as_ptr(), ptr::null(), &mut out),
+        MLART_STATUS_NULL_POINTER,
+        &["engine"],
+    );
+    assert!(out.is_null());
+    // NULL options = the defaults.
+    expect_ok(
+        "NULL options",
+        mlart_model_load(engine.ptr, path.as_ptr(), ptr::null(), &mut out),
+    );
+    assert!(!out.is_null());
+    mlart_model_free(out);
+    mlart_model_free(ptr::null_mut());
+}
+
+// ---------------------------------------------------------------------------
+// Forward errors and rollback.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn forward_errors_leave_the_pool_unchanged() {
+    let dir = TempDir::new("fwd-errors");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 2, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    let x = random_x(11, 8, hid);
+    let pool = Pool::new(&engine, MLART_KV_FORMAT_BF16, 80, 2, 4, 64).with_seqs(&[1, 2]);
+    forward_ok(&model, &pool, 0, &[1, 2], &[2, 1], &x[..3 * hid]);
+    let before = pool.stats();
+    let lens = |p: &Pool| [(1, 0), (1, 1), (2, 0), (2, 1)].map(|(s, l): (u64, i32)| p.len(s, l));
+    let lens_before = lens(&pool);
+
+    let r = |pool: &Pool, layer, seqs: &[u64], n: &[i32]| {
+        let total = n.iter().map(|&v| v.max(0)).sum::<i32>().max(1) as usize;
+        forward(&model, pool, layer, seqs, n, &x[..total * hid])
+    };
+    let wrong_d = Pool::new(&engine, MLART_KV_FORMAT_F32, 576, 2, 4, 8).with_seqs(&[1]);
+    forward_err(
+        "pool d_qk",
+        r(&wrong_d, 0, &[1], &[1]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["d_qk", "576", "80"],
+    );
+    let one_layer = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 4, 8).with_seqs(&[1]);
+    forward_err(
+        "pool layers",
+        r(&one_layer, 1, &[1], &[1]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["layer"],
+    );
+    forward_err(
+        "layer not loaded",
+        r(&pool, 2, &[1], &[1]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["layer"],
+    );
+    forward_err(
+        "negative layer",
+        r(&pool, -1, &[1], &[1]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["layer"],
+    );
+    forward_err(
+        "missing seq",
+        r(&pool, 0, &[1, 99], &[1, 1]),
+        MLART_STATUS_NOT_FOUND,
+        &["99"],
+    );
+    forward_err(
+        "duplicate seq",
+        r(&pool, 0, &[2, 1, 2], &[1, 1, 1]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["twice"],
+    );
+    forward_err(
+        "n_tokens 0",
+        r(&pool, 0, &[1, 2], &[1, 0]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["n_tokens[1]"],
+    );
+    forward_err(
+        "n_tokens negative",
+        r(&pool, 0, &[1], &[-2]),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["n_tokens[0]"],
+    );
+
+    // Raw argument errors.
+    let seqs = [1u64, 2];
+    let n = [1i32, 1];
+    let mut out = vec![f32::NAN; 2 * hid];
+    let base = || {
+        let mut a = forward_args();
+        a.layer = 0;
+        a.batch = 2;
+        a.seq_ids = seqs.as_ptr();
+        a.n_tokens = n.as_ptr();
+        a.x = x.as_ptr() as *const c_void;
+        a
+    };
+    let cases: Vec<(&str, mlart_forward_args, mlart_status, &str)> = vec![
+        (
+            "NULL x",
+            mlart_forward_args {
+                x: ptr::null(),
+                ..base()
+            },
+            MLART_STATUS_NULL_POINTER,
+            "x",
+        ),
+        (
+            "NULL out",
+            mlart_forward_args {
+                out: ptr::null_mut(),
+                ..base()
+            },
+            MLART_STATUS_NULL_POINTER,
+            "out",
+        ),
+        (
+            "NULL seq_ids",
+            mlart_forward_args {
+                seq_ids: ptr::null(),
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_NULL_POINTER,
+            "seq_ids",
+        ),
+        (
+            "NULL n_tokens",
+            mlart_forward_args {
+                n_tokens: ptr::null(),
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_NULL_POINTER,
+            "n_tokens",
+        ),
+        (
+            "batch 0",
+            mlart_forward_args {
+                batch: 0,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "batch",
+        ),
+        (
+            "struct_size",
+            mlart_forward_args {
+                struct_size: 8,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "struct_size",
+        ),
+        (
+            "x_dtype FP8",
+            mlart_forward_args {
+                x_dtype: MLART_DTYPE_FP8_E4M3,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_UNSUPPORTED,
+            "x_dtype",
+        ),
+        (
+            "out_dtype 77",
+            mlart_forward_args {
+                out_dtype: 77,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "out_dtype",
+        ),
+        (
+            "out overlaps x",
+            mlart_forward_args {
+                out: x.as_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "out",
+        ),
+    ];
+    for (what, a, status, needle) in cases {
+        expect_error(
+            what,
+            mlart_model_forward(model.ptr, pool.ptr, &a),
+            status,
+            &[needle],
+        );
+    }
+    assert!(
+        out.iter().all(|v| v.is_nan()),
+        "out written by failed calls"
+    );
+    let a = mlart_forward_args {
+        out: out.as_mut_ptr() as *mut c_void,
+        ..base()
+    };
+    expect_error(
+        "NULL args",
+        mlart_model_forward(model.ptr, pool.ptr, ptr::null()),
+        MLART_STATUS_NULL_POINTER,
+        &["args"],
+    );
+    expect_error(
+        "NULL model",
+        mlart_model_forward(ptr::null_mut(), pool.ptr, &a),
+        MLART_STATUS_NULL_POINTER,
+        &["model"],
+    );
+    expect_error(
+        "NULL pool",
+        mlart_model_forward(model.ptr, ptr::null_mut(), &a),
+        MLART_STATUS_NULL_POINTER,
+        &["pool"],
+    );
+    assert_eq!(pool.stats(), before);
+    assert_eq!(lens(&pool), lens_before);
+
+    // The pool still works, and continues where it was.
+    let mut reference = Reference::load(dir.path(), &[0]);
+    reference.forward(0, &[1, 2], &[2, 1], &x[..3 * hid]);
+    let y = forward_ok(&model, &pool, 0, &[2, 1], &[1, 1], &x[3 * hid..5 * hid]);
+    let want = reference.forward(0, &[2, 1], &[1, 1], &x[3 * hid..5 * hid]);
+    compare("after errors", &y, &want, 1e-2);
+}
+
+#[test]
+fn pool_exhausted_rolls_back_earlier_sequences() {
+    let dir = TempDir::new("rollback");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::F32, 2, false),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    let x = random_x(21, 16, hid);
+    // 4 blocks of 4 tokens.
+    let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 2, 4, 4).with_seqs(&[1, 2, 3]);
+    // seq 1: 3 tokens in layer 1 (one block); seq 2: 2 tokens in layer 0.
+    forward_ok(&model, &pool, 1, &[1], &[3], &x[..3 * hid]);
+    forward_ok(&model, &pool, 0, &[2], &[2], &x[..2 * hid]);
+    let snapshot = |p: &Pool| {
+        let mut v = p.stats().to_vec();
+        for s in [1u64, 2, 3] {
+            v.push(p.len(s, 0));
+            v.push(p.len(s, 1));
+        }
+        v
+    };
+    let before = snapshot(&pool);
+    assert_eq!(before[1], 2, "blocks used");
+
+    // seq 1 takes 6 tokens in layer 0 (one more block), seq 2 two more
+    // (its block has room), then seq 3 wants 9 (3 blocks, 1 left): the
+    // whole forward fails and the earlier appends are undone.
+    let x17 = random_x(22, 17, hid);
+    forward_err(
+        "pool exhausted",
+        forward(&model, &pool, 0, &[1, 2, 3], &[6, 2, 9], &x17),
+        MLART_STATUS_POOL_EXHAUSTED,
+        &["seq_id 3"],
+    );
+    assert_eq!(snapshot(&pool), before, "pool changed by a failed forward");
+
+    // The pool still gives the reference's results afterwards.
+    let mut reference = Reference::load(dir.path(), &[0, 1]);
+    reference.forward(1, &[1], &[3], &x[..3 * hid]);
+    reference.forward(0, &[2], &[2], &x[..2 * hid]);
+    let y = forward_ok(&model, &pool, 0, &[2, 1], &[2, 1], &x17[..3 * hid]);
+    let want = reference.forward(0, &[2, 1], &[2, 1], &x17[..3 * hid]);
+    compare("after rollback", &y, &want, 1e-4);
+}
+
+/// A forward whose batch does not fit (an earlier sequence would need a
+/// copy-on-write copy of a block it shares with a fork, a later one a new
+/// block) fails with POOL_EXHAUSTED before anything changes: the pool
+/// checks the whole batch under one lock, so no copy is left behind.
+#[test]
+fn pool_exhausted_after_copy_on_write_rolls_back() {
+    let dir = TempDir::new("rollback-cow");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::F32, 1, false),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    // 4 blocks of 4 tokens; seq 2 holds 2 tokens (one block) shared with
+    // its fork, seq 4.
+    let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 4, 4).with_seqs(&[2, 3]);
+    forward_ok(&model, &pool, 0, &[2], &[2], &random_x(31, 2, hid));
+    expect_ok("fork", mlart_kv_seq_fork(pool.ptr, 2, 4));
+    let snapshot = |p: &Pool| {
+        let mut v = p.stats().to_vec();
+        v.extend([2u64, 3, 4].map(|s| p.len(s, 0)));
+        v
+    };
+    let before = snapshot(&pool);
+    assert_eq!(before[1], 1, "blocks used");
+    // seq 2's token goes into the shared block (copied: 2 free left), then
+    // seq 3 wants 3 blocks.
+    forward_err(
+        "pool exhausted after a copy-on-write",
+        forward(&model, &pool, 0, &[2, 3], &[1, 9], &random_x(32, 10, hid)),
+        MLART_STATUS_POOL_EXHAUSTED,
+        &["seq_id 3"],
+    );
+    assert_eq!(snapshot(&pool), before, "pool changed by a failed forward");
+}
