@@ -22,6 +22,22 @@ use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
 /// Query rows per register block.
 const R: usize = 6;
 
+/// Calls `$f::<V, RN>(args)` with the run-time row count `$rn` (1..=R)
+/// turned into a constant, so register blocks are fully unrolled and stay
+/// in registers.
+macro_rules! with_rows {
+    ($rn:expr, $f:ident::<$v:ident>($($arg:expr),*)) => {
+        match $rn {
+            1 => $f::<$v, 1>($($arg),*),
+            2 => $f::<$v, 2>($($arg),*),
+            3 => $f::<$v, 3>($($arg),*),
+            4 => $f::<$v, 4>($($arg),*),
+            5 => $f::<$v, 5>($($arg),*),
+            _ => $f::<$v, R>($($arg),*),
+        }
+    };
+}
+
 /// The few vector operations the kernel needs.
 trait Vector: Copy {
     const LANES: usize;
@@ -112,64 +128,112 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
-/// `s[r][0..64] = q[r] · kt[.][0..64]` for `rn <= R` rows.
+/// Scores for `NJ` keys and `RV` vectors of query rows, with the queries
+/// transposed: `st[(j0+jj)*rp + rb + v*L] = Σ_k qt[k*rp + rb + v*L] * kr[(j0+jj)*d + k]`.
+/// Rows sit in vector lanes and keys are broadcast, so K is used as
+/// gathered (row-major) and never transposed.
 ///
 /// # Safety
-/// The ISA of `V` must be enabled; `q` holds `rn` rows of `d` at stride `d`,
-/// `kt` holds `d * K_TILE`, `s` holds `rn * K_TILE`.
+/// The ISA of `V` must be enabled; `qt` holds `d * rp`, `kr` holds rows
+/// `j0..j0+NJ` of `d`, `st` holds `K_TILE * rp`, `rb + RV*L <= rp`.
 #[inline(always)]
-unsafe fn scores<V: Vector>(q: &[f32], d: usize, rn: usize, kt: &[f32], s: &mut [f32]) {
-    let nb = V::BLOCK;
-    let width = nb * V::LANES;
-    debug_assert!(nb <= 4 && K_TILE.is_multiple_of(width));
-    debug_assert!(q.len() >= rn * d && kt.len() >= d * K_TILE && s.len() >= rn * K_TILE);
+unsafe fn scores_t<V: Vector, const NJ: usize, const RV: usize>(
+    qt: &[f32],
+    rp: usize,
+    rb: usize,
+    kr: &[f32],
+    d: usize,
+    j0: usize,
+    st: &mut [f32],
+) {
+    debug_assert!(RV <= 4 && rb + RV * V::LANES <= rp && qt.len() >= d * rp);
+    debug_assert!(kr.len() >= (j0 + NJ) * d && st.len() >= (j0 + NJ) * rp);
     // SAFETY: ISA enabled (caller); every pointer below stays inside the
     // slices whose lengths are checked above.
     unsafe {
-        for kb in (0..K_TILE).step_by(width) {
-            let mut acc = [[V::splat(0.0); 4]; R];
-            for k in 0..d {
-                let krow = kt.as_ptr().add(k * K_TILE + kb);
-                let mut kv = [V::splat(0.0); 4];
-                for (v, x) in kv.iter_mut().enumerate().take(nb) {
-                    *x = V::load(krow.add(v * V::LANES));
-                }
-                for r in 0..rn {
-                    let qv = V::splat(*q.get_unchecked(r * d + k));
-                    for v in 0..nb {
-                        acc[r][v] = acc[r][v].fma(qv, kv[v]);
-                    }
+        let mut acc = [[V::splat(0.0); 4]; NJ];
+        for k in 0..d {
+            let qrow = qt.as_ptr().add(k * rp + rb);
+            let mut qv = [V::splat(0.0); 4];
+            for (v, x) in qv.iter_mut().enumerate().take(RV) {
+                *x = V::load(qrow.add(v * V::LANES));
+            }
+            for jj in 0..NJ {
+                let kb = V::splat(*kr.get_unchecked((j0 + jj) * d + k));
+                for v in 0..RV {
+                    acc[jj][v] = acc[jj][v].fma(qv[v], kb);
                 }
             }
-            for r in 0..rn {
-                for v in 0..nb {
-                    acc[r][v].store(s.as_mut_ptr().add(r * K_TILE + kb + v * V::LANES));
-                }
+        }
+        for jj in 0..NJ {
+            for v in 0..RV {
+                acc[jj][v].store(st.as_mut_ptr().add((j0 + jj) * rp + rb + v * V::LANES));
             }
         }
     }
 }
 
-/// `o[r][0..dv] += sum_j p[r][j] * vt[j][0..dv]` for `rn <= R` rows, where
-/// row `j` of V starts at `vt[j * stride]`.
+/// `scores_t` with run-time block sizes `nj` (1..=R) and `rv` (1..=4).
 ///
 /// # Safety
-/// The ISA of `V` must be enabled; `p` holds `rn * K_TILE`, `o` holds `rn`
+/// As [`scores_t`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_block<V: Vector>(
+    nj: usize,
+    rv: usize,
+    qt: &[f32],
+    rp: usize,
+    rb: usize,
+    kr: &[f32],
+    d: usize,
+    j0: usize,
+    st: &mut [f32],
+) {
+    macro_rules! keys {
+        ($rv:literal) => {
+            match nj {
+                1 => scores_t::<V, 1, $rv>(qt, rp, rb, kr, d, j0, st),
+                2 => scores_t::<V, 2, $rv>(qt, rp, rb, kr, d, j0, st),
+                3 => scores_t::<V, 3, $rv>(qt, rp, rb, kr, d, j0, st),
+                4 => scores_t::<V, 4, $rv>(qt, rp, rb, kr, d, j0, st),
+                5 => scores_t::<V, 5, $rv>(qt, rp, rb, kr, d, j0, st),
+                _ => scores_t::<V, R, $rv>(qt, rp, rb, kr, d, j0, st),
+            }
+        };
+    }
+    // SAFETY: forwarded contract.
+    unsafe {
+        match rv {
+            1 => keys!(1),
+            2 => keys!(2),
+            3 => keys!(3),
+            _ => keys!(4),
+        }
+    }
+}
+
+/// `o[r][0..dv] += sum_j p[j*pj + r] * vt[j][0..dv]` for `rn <= R` rows,
+/// where row `j` of V starts at `vt[j * stride]`.
+///
+/// # Safety
+/// The ISA of `V` must be enabled; `p` holds `(n-1)*pj + rn`, `o` holds `rn`
 /// rows of `dv` at stride `dv`, `vt` holds `n` rows at `stride >= dv`.
 #[inline(always)]
-unsafe fn accumulate<V: Vector>(
+unsafe fn accumulate<V: Vector, const RN: usize>(
     p: &[f32],
+    pj: usize,
     n: usize,
     vt: &[f32],
     stride: usize,
     o: &mut [f32],
     dv: usize,
-    rn: usize,
 ) {
+    let rn = RN;
     let nb = V::BLOCK;
     let chunk = nb * V::LANES;
     debug_assert!(
-        p.len() >= rn * K_TILE
+        (n == 0 || p.len() >= (n - 1) * pj + rn)
             && o.len() >= rn * dv
             && (n == 0 || vt.len() >= (n - 1) * stride + dv)
     );
@@ -178,7 +242,7 @@ unsafe fn accumulate<V: Vector>(
     unsafe {
         let mut c = 0;
         while c < full {
-            let mut acc = [[V::splat(0.0); 4]; R];
+            let mut acc = [[V::splat(0.0); 4]; RN];
             for r in 0..rn {
                 for v in 0..nb {
                     acc[r][v] = V::load(o.as_ptr().add(r * dv + c + v * V::LANES));
@@ -191,7 +255,7 @@ unsafe fn accumulate<V: Vector>(
                     *x = V::load(vrow.add(v * V::LANES));
                 }
                 for r in 0..rn {
-                    let pv = V::splat(*p.get_unchecked(r * K_TILE + j));
+                    let pv = V::splat(*p.get_unchecked(j * pj + r));
                     for v in 0..nb {
                         acc[r][v] = acc[r][v].fma(pv, vv[v]);
                     }
@@ -208,10 +272,10 @@ unsafe fn accumulate<V: Vector>(
     // Columns past the last full chunk.
     for r in 0..rn {
         for j in 0..n {
-            let pj = p[r * K_TILE + j];
+            let pw = p[j * pj + r];
             let v = &vt[j * stride..j * stride + dv];
             for x in full..dv {
-                o[r * dv + x] += pj * v[x];
+                o[r * dv + x] += pw * v[x];
             }
         }
     }
@@ -230,9 +294,17 @@ unsafe fn attend_with<V: Vector>(
 ) {
     let (d, dv, h_q) = (task.d_qk, task.d_v, task.h_q);
     let rows = task.n_q * h_q;
+    let lanes = V::LANES;
+    // Query rows padded to whole vectors; padding rows are zero and ignored.
+    let rp = rows.div_ceil(lanes) * lanes;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
-    let kt = fit(&mut scratch.scores, K_TILE * d + R * K_TILE);
-    let (kt, s) = kt.split_at_mut(K_TILE * d);
+    let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
+    let (qt, st) = buf.split_at_mut(d * rp);
+    for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
+        for (r, x) in qrow.iter_mut().enumerate() {
+            *x = if r < rows { task.q[r * d + k] } else { 0.0 };
+        }
+    }
     let row_max = fit(&mut scratch.row_max, rows);
     let row_sum = fit(&mut scratch.row_sum, rows);
     row_max.fill(f32::NEG_INFINITY);
@@ -245,45 +317,55 @@ unsafe fn attend_with<V: Vector>(
         for j in 0..n {
             task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
         }
-        // Transpose to [d][64]; missing keys are zero (masked below).
-        for k in 0..d {
-            let dst = &mut kt[k * K_TILE..(k + 1) * K_TILE];
-            for (j, x) in dst.iter_mut().enumerate() {
-                *x = if j < n { k_tile[j * d + k] } else { 0.0 };
+        // S for the whole tile: blocks of R keys x BLOCK row vectors.
+        let mut rb = 0;
+        while rb < rp {
+            let rv = V::BLOCK.min((rp - rb) / lanes);
+            let mut j0 = 0;
+            while j0 < n {
+                let nj = R.min(n - j0);
+                // SAFETY: ISA enabled (caller); sizes as required.
+                unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, d, j0, st) };
+                j0 += nj;
+            }
+            rb += rv * lanes;
+        }
+        // Online softmax per row; keys past the visible prefix get p = 0.
+        for row in 0..rows {
+            let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
+            let tile_max = (0..vis)
+                .map(|j| st[j * rp + row])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let new_max = row_max[row].max(tile_max);
+            if new_max == f32::NEG_INFINITY {
+                (0..n).for_each(|j| st[j * rp + row] = 0.0);
+                continue;
+            }
+            let alpha = (row_max[row] - new_max).exp();
+            let mut sum = 0.0;
+            for j in 0..n {
+                let x = &mut st[j * rp + row];
+                *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
+                sum += *x;
+            }
+            row_sum[row] = row_sum[row] * alpha + sum;
+            row_max[row] = new_max;
+            if alpha != 1.0 {
+                o[row * dv..(row + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x *= alpha);
             }
         }
         let mut r0 = 0;
         while r0 < rows {
             let rn = R.min(rows - r0);
             // SAFETY: ISA enabled (caller); slice sizes as required.
-            unsafe { scores::<V>(&task.q[r0 * d..], d, rn, kt, s) };
-            // Online softmax per row; keys past the visible prefix get p = 0.
-            for r in 0..rn {
-                let row = r0 + r;
-                let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
-                let sr = &mut s[r * K_TILE..(r + 1) * K_TILE];
-                let tile_max = sr[..vis].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = row_max[row].max(tile_max);
-                if new_max == f32::NEG_INFINITY {
-                    sr.fill(0.0);
-                    continue;
-                }
-                let alpha = (row_max[row] - new_max).exp();
-                let mut sum = 0.0;
-                for (j, x) in sr.iter_mut().enumerate() {
-                    *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
-                    sum += *x;
-                }
-                row_sum[row] = row_sum[row] * alpha + sum;
-                row_max[row] = new_max;
-                if alpha != 1.0 {
-                    o[row * dv..(row + 1) * dv]
-                        .iter_mut()
-                        .for_each(|x| *x *= alpha);
-                }
-            }
-            // SAFETY: ISA enabled (caller); slice sizes as required.
-            unsafe { accumulate::<V>(s, n, k_tile, d, &mut o[r0 * dv..], dv, rn) };
+            unsafe {
+                with_rows!(
+                    rn,
+                    accumulate::<V>(&st[r0..], rp, n, k_tile, d, &mut o[r0 * dv..], dv)
+                )
+            };
             r0 += rn;
         }
         t0 += n;
