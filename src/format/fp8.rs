@@ -176,12 +176,14 @@ mod simd {
     /// mantissa to bits 7..14) reads as the code's value times 2^-8 (the
     /// exponent biases are 15 and 7), subnormals included; NaN codes are
     /// not preserved, which cache and weight data never hold. So: widen,
-    /// shift, `vcvtph2ps`, multiply by `scale * 256`.
+    /// shift, `vcvtph2ps`, multiply by 256 and by `scale`.
     #[target_feature(enable = "avx512f,f16c")]
     pub fn dequantize_tile(src: &[u8], scale: f32, dst: &mut [f32]) {
         let n = src.len().min(dst.len());
         let full = n / 16 * 16;
-        let s = _mm512_set1_ps(scale * 256.0);
+        // Two multiplies: `scale * 256` could overflow for huge scales.
+        let s = _mm512_set1_ps(scale);
+        let k = _mm512_set1_ps(256.0);
         let mut i = 0;
         while i < full {
             // SAFETY: elements i..i+16 exist in both slices.
@@ -191,7 +193,7 @@ mod simd {
                 let mag = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7f)), 7);
                 let sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
                 let f = _mm512_cvtph_ps(_mm256_or_si256(mag, sign));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_mul_ps(f, s));
+                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(f, k), s));
             }
             i += 16;
         }
@@ -240,7 +242,7 @@ mod tests {
     fn vector_dequantization_matches_the_table() {
         // Every finite code, at scales across the range, through both paths.
         let codes: Vec<u8> = (0..=255u8).filter(|b| b & 0x7f != 0x7f).collect();
-        for scale in [1.0f32, pow2(-13), pow2(7), 0.375] {
+        for scale in [1.0f32, pow2(-13), pow2(7), 0.375, pow2(127), f32::MAX] {
             let mut a = vec![0f32; codes.len()];
             let mut b = vec![0f32; codes.len()];
             dequantize_tile(&codes, scale, &mut a);
