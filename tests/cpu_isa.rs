@@ -36,9 +36,11 @@ impl Drop for Engine {
     }
 }
 
-/// Creates a 2-thread engine with `MLART_CPU_ISA=isa` (this test binary is
-/// the only user of the variable, and its one test runs the variants in turn).
+/// Creates a 2-thread engine with `MLART_CPU_ISA=isa`.
 fn engine_for(isa: &str) -> Result<Engine, (u32, String)> {
+    // Tests run on parallel threads: one engine creation at a time.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
     std::env::set_var("MLART_CPU_ISA", isa);
     let mut opts = unsafe { std::mem::zeroed::<mlart_engine_options>() };
     mlart_engine_options_init(&mut opts);
@@ -87,7 +89,21 @@ struct Case {
     sink: Option<Vec<f32>>,
 }
 
+/// Fixed geometry for a case; `None` fields are drawn at random.
+#[derive(Default, Clone)]
+struct Spec {
+    lens: Option<Vec<usize>>,
+    block_size: Option<usize>,
+    h_q: Option<usize>,
+    s_q: Option<usize>,
+    causal: Option<bool>,
+}
+
 fn make_case(rng: &mut SmallRng, format: u32, sparse: bool) -> Case {
+    make_case_with(rng, format, sparse, &Spec::default())
+}
+
+fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) -> Case {
     let (d_qk, d_v) = match format {
         MLART_KV_FORMAT_FP8_V32 => (576, 512),
         MLART_KV_FORMAT_FP8_MODEL1 => (512, 512),
@@ -95,18 +111,29 @@ fn make_case(rng: &mut SmallRng, format: u32, sparse: bool) -> Case {
             .get(rng.random_range(0..5))
             .unwrap(),
     };
-    let batch = rng.random_range(1..4);
-    let s_q = rng.random_range(1..4);
-    let h_q = *[1usize, 7, 16, 128].get(rng.random_range(0..4)).unwrap();
-    let block_size = *[1usize, 16, 64, 100].get(rng.random_range(0..4)).unwrap();
-    let causal = !sparse && rng.random_bool(0.5);
-    let lens: Vec<usize> = (0..batch)
-        .map(|_| match rng.random_range(0..4) {
-            0 => 0,
-            1 => rng.random_range(1..5),
-            _ => rng.random_range(1..300),
-        })
-        .collect();
+    let batch = spec
+        .lens
+        .as_ref()
+        .map_or_else(|| rng.random_range(1..4), |l| l.len());
+    let s_q = spec.s_q.unwrap_or_else(|| rng.random_range(1..4));
+    let h_q = spec
+        .h_q
+        .unwrap_or_else(|| *[1usize, 7, 16, 128].get(rng.random_range(0..4)).unwrap());
+    let block_size = spec
+        .block_size
+        .unwrap_or_else(|| *[1usize, 16, 64, 100].get(rng.random_range(0..4)).unwrap());
+    let causal = spec
+        .causal
+        .unwrap_or_else(|| !sparse && rng.random_bool(0.5));
+    let lens: Vec<usize> = spec.lens.clone().unwrap_or_else(|| {
+        (0..batch)
+            .map(|_| match rng.random_range(0..4) {
+                0 => 0,
+                1 => rng.random_range(1..5),
+                _ => rng.random_range(1..300),
+            })
+            .collect()
+    });
     let stride = lens
         .iter()
         .map(|l| l.div_ceil(block_size))
@@ -412,4 +439,69 @@ fn every_cpu_variant_matches_the_f64_reference() {
         tested.contains(&"scalar"),
         "the scalar reference kernel must always be available"
     );
+}
+
+/// Split-KV edges on every variant: with 2 workers a single 65-token
+/// sequence is split into 64 + 1 tokens (a one-token split), and with block
+/// size 100 the 64-token split boundaries cut blocks; causal MTP makes the
+/// last split partly masked.
+#[test]
+fn split_edges_match_the_reference_on_every_variant() {
+    let specs = [
+        Spec {
+            lens: Some(vec![65]),
+            block_size: Some(16),
+            h_q: Some(16),
+            s_q: Some(1),
+            causal: Some(false),
+        },
+        Spec {
+            lens: Some(vec![65]),
+            block_size: Some(100),
+            h_q: Some(7),
+            s_q: Some(2),
+            causal: Some(true),
+        },
+        Spec {
+            lens: Some(vec![150]),
+            block_size: Some(100),
+            h_q: Some(128),
+            s_q: Some(1),
+            causal: Some(false),
+        },
+        Spec {
+            lens: Some(vec![129]),
+            block_size: Some(1),
+            h_q: Some(3),
+            s_q: Some(4),
+            causal: Some(true),
+        },
+    ];
+    let mut ran = 0;
+    for isa in ["scalar", "avx2", "avx512"] {
+        let Ok(engine) = engine_for(isa) else {
+            println!("{isa}: not available here");
+            continue;
+        };
+        let mut rng = SmallRng::seed_from_u64(0x5_1117);
+        for (k, spec) in specs.iter().enumerate() {
+            for format in [MLART_KV_FORMAT_F32, MLART_KV_FORMAT_FP8_V32] {
+                let c = make_case_with(&mut rng, format, false, spec);
+                let (out, lse) = run(&engine, &c);
+                let (rout, rlse) = reference(&c);
+                let err = rel_l2(&out, &rout);
+                assert!(
+                    err <= 1e-5,
+                    "{isa} spec {k} format {format}: rel-L2 {err:e}"
+                );
+                for (g, w) in lse.iter().zip(&rlse) {
+                    assert!(
+                        (*g as f64 - w).abs() <= 1e-4 || (w.is_infinite() && *g == f32::INFINITY)
+                    );
+                }
+                ran += 1;
+            }
+        }
+    }
+    assert!(ran >= specs.len() * 2, "the scalar kernel always runs");
 }
