@@ -193,7 +193,10 @@ mod simd {
                 let mag = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x7f)), 7);
                 let sign = _mm256_slli_epi16(_mm256_and_si256(c, _mm256_set1_epi16(0x80)), 8);
                 let f = _mm512_cvtph_ps(_mm256_or_si256(mag, sign));
-                _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_mul_ps(_mm512_mul_ps(f, k), s));
+                _mm512_storeu_ps(
+                    dst.as_mut_ptr().add(i),
+                    _mm512_mul_ps(_mm512_mul_ps(f, k), s),
+                );
             }
             i += 16;
         }

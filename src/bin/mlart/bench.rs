@@ -1,12 +1,13 @@
 //! `mlart bench`: decode throughput on the DeepSeek-V3 shape, each figure
-//! stated against the ceiling that binds it, measured in the same run.
+//! stated against the ceiling that binds it and against the scalar reference
+//! kernel, both measured in the same run.
 
 use super::ceilings::{self, Ceilings};
 use mlart::decode::desc::DecodeOutput;
 use mlart::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
 use mlart::format::{store_slice, Dtype, KvFormat, KvLayout};
 use mlart::{Engine, EngineOptions, Result};
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// One benchmark point.
 #[derive(Clone, Copy, Debug)]
@@ -16,20 +17,32 @@ pub struct Point {
     pub h_q: usize,
     pub s_q: usize,
     pub format: KvFormat,
-    /// Sparse: keys per query token (random positions of the sequence).
+    /// Sparse: keys per query token, random positions of the sequence drawn
+    /// with replacement (so duplicates occur, and topk may exceed seqlen).
     pub topk: Option<usize>,
 }
 
 pub struct Options {
     pub threads: usize,
+    /// Four small points.
     pub quick: bool,
+    /// The full grid (see [`grid_points`]).
+    pub grid: bool,
+    /// Explicit points (`--points`); overrides the built-in lists.
+    pub points: Option<Vec<Point>>,
     pub json: Option<String>,
-    pub seconds: f64,
+    /// Time budget per point and kernel; `None`: 1.0 s, 0.3 s with `--grid`.
+    pub seconds: Option<f64>,
+    /// Also time the scalar reference kernel on every point.
+    pub scalar: bool,
 }
 
 const D_QK: usize = 576;
 const D_V: usize = 512;
 const BLOCK: usize = 64;
+/// Repetitions per point and kernel: at least / at most (median reported).
+const MIN_REPS: usize = 3;
+const MAX_REPS: usize = 50;
 
 fn default_points(quick: bool) -> Vec<Point> {
     let p = |batch, seqlen, h_q, format, topk| Point {
@@ -64,29 +77,177 @@ fn default_points(quick: bool) -> Vec<Point> {
     }
 }
 
-/// Deterministic uniform noise in [-0.1, 0.1) (xorshift; quality is irrelevant here).
-fn noise(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+/// The full grid: h_q {16, 64, 128} x s_q {1, 2} x N {1024, 4096, 16384} x
+/// batch {1, 8} x {bf16, fp8_v32} x {dense, sparse topk 2048} = 144 points.
+/// Ordered so that points sharing a cache (format, N, batch) are adjacent.
+/// Sparse at N = 1024 reads 2048 positions of 1024 tokens: duplicates are
+/// allowed by the semantics and each counts as a row read.
+pub fn grid_points() -> Vec<Point> {
+    let mut v = Vec::new();
+    for format in [KvFormat::Bf16, KvFormat::Fp8V32] {
+        for seqlen in [1024, 4096, 16384] {
+            for batch in [1, 8] {
+                for h_q in [16, 64, 128] {
+                    for s_q in [1, 2] {
+                        for topk in [None, Some(2048)] {
+                            v.push(Point {
+                                batch,
+                                seqlen,
+                                h_q,
+                                s_q,
+                                format,
+                                topk,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+    }
+    v
+}
+
+/// Parses `h_q:s_q:N:batch:format:topk,...` (topk: a number, or `dense`).
+pub fn parse_points(s: &str) -> std::result::Result<Vec<Point>, String> {
+    s.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            let f: Vec<&str> = p.trim().split(':').collect();
+            let bad = |why: &str| format!("--points {p}: {why} (want h_q:s_q:N:batch:format:topk)");
+            if f.len() != 6 {
+                return Err(bad("six fields separated by ':'"));
+            }
+            let num = |i: usize, name: &str| -> std::result::Result<usize, String> {
+                f[i].parse::<usize>()
+                    .ok()
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad(&format!("{name} = {} is not a positive number", f[i])))
+            };
+            let format = [
+                KvFormat::Bf16,
+                KvFormat::F16,
+                KvFormat::F32,
+                KvFormat::Fp8V32,
+                KvFormat::Fp8Model1,
+            ]
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(f[4]))
+            .ok_or_else(|| {
+                bad(&format!(
+                    "format {} is not one of bf16, f16, f32, fp8_v32, fp8_model1",
+                    f[4]
+                ))
+            })?;
+            let topk = match f[5] {
+                "dense" | "-" | "none" => None,
+                _ => Some(num(5, "topk")?),
+            };
+            Ok(Point {
+                h_q: num(0, "h_q")?,
+                s_q: num(1, "s_q")?,
+                seqlen: num(2, "N")?,
+                batch: num(3, "batch")?,
+                format,
+                topk,
+            })
         })
         .collect()
 }
 
-struct Measured {
-    point: Point,
-    seconds: f64,
-    gflops: f64,
-    gbytes: f64,
-    bound: &'static str,
-    fraction: f64,
+/// xorshift64; quality is irrelevant here.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        let x = &mut self.0;
+        *x ^= *x << 13;
+        *x ^= *x >> 7;
+        *x ^= *x << 17;
+        *x
+    }
+
+    /// Uniform in [-0.1, 0.1).
+    fn noise(&mut self) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+    }
 }
 
-fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result<Measured> {
+/// A filled KV cache, reused by adjacent points of the same (format, N, batch).
+struct KvData {
+    key: (KvFormat, usize, usize),
+    layout: KvLayout,
+    num_blocks: usize,
+    bytes: Vec<u8>,
+}
+
+fn build_kv(pt: &Point) -> Result<KvData> {
+    let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
+    let num_blocks = blocks_per_seq * pt.batch;
+    let layout = KvLayout::new(pt.format, D_QK, BLOCK, "kv_format")?;
+    let mut bytes = vec![0u8; layout.cache_bytes(num_blocks)?];
+    let mut rng = Rng(7);
+    let mut row = vec![0f32; D_QK];
+    for t in 0..num_blocks * BLOCK {
+        row.iter_mut().for_each(|x| *x = rng.noise());
+        layout.store_row(&mut bytes, t / BLOCK, t % BLOCK, &row);
+    }
+    Ok(KvData {
+        key: (pt.format, pt.seqlen, pt.batch),
+        layout,
+        num_blocks,
+        bytes,
+    })
+}
+
+struct Measured {
+    point: Point,
+    flops: f64,
+    bytes: f64,
+    seconds: f64,
+    scalar_seconds: Option<f64>,
+}
+
+impl Measured {
+    fn gflops(&self) -> f64 {
+        self.flops / self.seconds / 1e9
+    }
+    fn gbytes(&self) -> f64 {
+        self.bytes / self.seconds / 1e9
+    }
+    /// Arithmetic intensity, FLOP per cache byte.
+    fn intensity(&self) -> f64 {
+        self.flops / self.bytes
+    }
+    fn scalar_gflops(&self) -> Option<f64> {
+        self.scalar_seconds.map(|s| self.flops / s / 1e9)
+    }
+    fn speedup(&self) -> Option<f64> {
+        self.scalar_seconds.map(|s| s / self.seconds)
+    }
+    /// The ceiling that binds this point, and the fraction of it reached.
+    fn bound(&self, ceil: &Ceilings) -> (&'static str, f64) {
+        if ceil.fma_flops > 0.0 && self.intensity() > ceil.fma_flops / ceil.read_bw {
+            ("fp32 fma", self.flops / self.seconds / ceil.fma_flops)
+        } else {
+            ("dram read", self.bytes / self.seconds / ceil.read_bw)
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// Times `pt` on every engine (the kernel under test first), interleaving
+/// the engines' runs so that both see the same machine noise. Returns the
+/// median seconds per engine.
+fn run_point(
+    engines: &[&Engine],
+    pt: Point,
+    kv: &KvData,
+    budget: f64,
+) -> Result<(f64, f64, Vec<f64>)> {
     let shape = DecodeShape::new(
         pt.batch as i32,
         pt.s_q as i32,
@@ -97,35 +258,28 @@ fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result
         false,
     )?;
     let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
-    let num_blocks = blocks_per_seq * pt.batch;
     let dtype = Dtype::Bf16;
-    let layout = KvLayout::new(pt.format, D_QK, BLOCK, "kv_format")?;
-    let mut kv = vec![0u8; layout.cache_bytes(num_blocks)?];
-    let rows = noise(num_blocks * BLOCK * D_QK, 7);
-    for (t, row) in rows.chunks_exact(D_QK).enumerate() {
-        layout.store_row(&mut kv, t / BLOCK, t % BLOCK, row);
-    }
     let mut q = vec![0u8; shape.q_elems() * dtype.size()];
-    store_slice(dtype, &noise(shape.q_elems(), 11), &mut q);
+    let mut rng = Rng(11);
+    let qf: Vec<f32> = (0..shape.q_elems()).map(|_| rng.noise()).collect();
+    store_slice(dtype, &qf, &mut q);
     // Interleave the sequences' blocks so reads are not one linear stream.
     let table: Vec<i32> = (0..pt.batch)
         .flat_map(|b| (0..blocks_per_seq).map(move |j| (j * pt.batch + b) as i32))
         .collect();
     let seqlens = vec![pt.seqlen as i32; pt.batch];
-    let cache = KvCache::new(layout, &kv, num_blocks)?;
+    let cache = KvCache::new(kv.layout, &kv.bytes, kv.num_blocks)?;
     let indices: Vec<i32>;
     let d = match pt.topk {
         None => Decode::dense(shape, dtype, &q, cache, &table, blocks_per_seq, &seqlens)?,
         Some(topk) => {
-            // Random token positions of each sequence, as physical cache positions.
-            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            // Random token positions of each sequence (with replacement), as
+            // physical cache positions.
+            let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
             indices = (0..pt.batch * pt.s_q * topk)
                 .map(|k| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
                     let b = k / (pt.s_q * topk);
-                    let t = (x % pt.seqlen as u64) as usize;
+                    let t = (rng.next() % pt.seqlen as u64) as usize;
                     table[b * blocks_per_seq + t / BLOCK] * BLOCK as i32 + (t % BLOCK) as i32
                 })
                 .collect();
@@ -140,36 +294,85 @@ fn run_point(engine: &Engine, pt: Point, ceil: &Ceilings, budget: f64) -> Result
     };
     let mut out = vec![0u8; shape.out_elems() * dtype.size()];
     let mut lse = vec![0f32; shape.lse_elems()];
-    let mut run = || -> Result<f64> {
+    let mut run = |engine: &Engine| -> Result<f64> {
         let mut o = DecodeOutput::new(&shape, dtype, &mut out, Some(&mut lse))?;
         let t0 = Instant::now();
         engine.decode(&d, &mut o)?;
         Ok(t0.elapsed().as_secs_f64())
     };
-    run()?; // warm-up: workspace growth, page faults
-    let mut times = Vec::new();
-    let start = Instant::now();
-    while times.len() < 3 || (start.elapsed().as_secs_f64() < budget && times.len() < 50) {
-        times.push(run()?);
+    for e in engines {
+        run(e)?; // warm-up: workspace growth, page faults
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let seconds = times[times.len() / 2];
-    let (flops, bytes) = (d.flops(), d.kv_bytes());
-    let (gflops, gbytes) = (flops / seconds / 1e9, bytes / seconds / 1e9);
-    let compute_bound = ceil.fma_flops > 0.0 && flops / bytes > ceil.fma_flops / ceil.read_bw;
-    let (bound, fraction) = if compute_bound {
-        ("fp32 fma", gflops * 1e9 / ceil.fma_flops)
-    } else {
-        ("dram read", gbytes * 1e9 / ceil.read_bw)
-    };
-    Ok(Measured {
-        point: pt,
-        seconds,
-        gflops,
-        gbytes,
-        bound,
-        fraction,
-    })
+    let mut times = vec![Vec::new(); engines.len()];
+    let total = budget * engines.len() as f64;
+    let start = Instant::now();
+    while times[0].len() < MIN_REPS
+        || (start.elapsed().as_secs_f64() < total && times[0].len() < MAX_REPS)
+    {
+        for (e, t) in engines.iter().zip(times.iter_mut()) {
+            t.push(run(e)?);
+        }
+    }
+    Ok((
+        d.flops(),
+        d.kv_bytes(),
+        times.into_iter().map(median).collect(),
+    ))
+}
+
+/// A second engine with the scalar reference kernel: `Engine::new` reads
+/// `MLART_CPU_ISA` at creation, so it is set just for that call and then
+/// restored (nothing else reads the environment meanwhile).
+fn scalar_engine(threads: usize) -> Result<Engine> {
+    const VAR: &str = "MLART_CPU_ISA";
+    let prev = std::env::var_os(VAR);
+    std::env::set_var(VAR, "scalar");
+    let engine = Engine::new(&EngineOptions {
+        num_threads: threads,
+        ..EngineOptions::default()
+    });
+    match prev {
+        Some(v) => std::env::set_var(VAR, v),
+        None => std::env::remove_var(VAR),
+    }
+    engine
+}
+
+/// The current UTC time as `YYYY-MM-DD HH:MM:SS`.
+fn utc_now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn print_ceilings(when: &str, c: &Ceilings) {
+    println!(
+        "ceilings {when}: FP32 FMA peak {:.1} GFLOP/s ({}), DRAM read {:.1} GB/s",
+        c.fma_flops / 1e9,
+        c.fma_isa,
+        c.read_bw / 1e9
+    );
+}
+
+fn topk_name(topk: Option<usize>) -> String {
+    topk.map_or("dense".to_string(), |k| k.to_string())
 }
 
 pub fn run(opts: &Options) -> Result<()> {
@@ -179,8 +382,9 @@ pub fn run(opts: &Options) -> Result<()> {
     })?;
     let info = engine.info();
     let threads = info.threads;
+    let date = utc_now();
     println!(
-        "mlart {} bench — {} ({} threads)",
+        "mlart {} bench — {} ({} threads), {date} UTC",
         env!("CARGO_PKG_VERSION"),
         info.device_name,
         threads
@@ -191,69 +395,246 @@ pub fn run(opts: &Options) -> Result<()> {
         info.cpu_isa.name(),
         info.reason
     );
-    println!("measuring ceilings with {threads} threads ...");
-    let ceil = ceilings::measure(threads);
-    println!(
-        "ceilings: FP32 FMA peak {:.1} GFLOP/s ({}), DRAM read {:.1} GB/s",
-        ceil.fma_flops / 1e9,
-        ceil.fma_isa,
-        ceil.read_bw / 1e9
-    );
-    println!(
-        "shape: DeepSeek-V3 MLA decode, d_qk {D_QK}, d_v {D_V}, bf16 q/out, block {BLOCK}, s_q 1"
-    );
-    println!(
-        "{:>5} {:>6} {:>4} {:>8} {:>6} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "batch", "seqlen", "h_q", "kv", "topk", "time ms", "GFLOP/s", "GB/s", "bound", "% ceil"
-    );
-    let mut results = Vec::new();
-    for pt in default_points(opts.quick) {
-        let m = run_point(&engine, pt, &ceil, opts.seconds)?;
+    let scalar = if !opts.scalar {
+        None
+    } else if info.cpu_isa.name() == "scalar" {
+        println!("reference: none (the kernel under test is already the scalar one)");
+        None
+    } else {
+        let s = scalar_engine(threads)?;
         println!(
-            "{:>5} {:>6} {:>4} {:>8} {:>6} {:>10.3} {:>9.1} {:>8.2} {:>10} {:>7.1}%",
+            "reference: scalar kernel ({}, {} threads), runs interleaved with {}",
+            s.info().cpu_isa.name(),
+            s.info().threads,
+            info.cpu_isa.name()
+        );
+        Some(s)
+    };
+    let engines: Vec<&Engine> = std::iter::once(&engine).chain(scalar.as_ref()).collect();
+
+    let (points, mode) = match (&opts.points, opts.grid, opts.quick) {
+        (Some(p), _, _) => (p.clone(), "points"),
+        (None, true, _) => (grid_points(), "grid"),
+        (None, false, quick) => (
+            default_points(quick),
+            if quick { "quick" } else { "default" },
+        ),
+    };
+    let budget = opts
+        .seconds
+        .unwrap_or(if mode == "grid" { 0.3 } else { 1.0 });
+
+    println!("measuring ceilings before the points ({threads} threads) ...");
+    let before = ceilings::measure(threads);
+    print_ceilings("before", &before);
+    println!(
+        "{} points ({mode}), budget {budget} s per point and kernel, median of {MIN_REPS}..{MAX_REPS} runs after a warm-up",
+        points.len()
+    );
+
+    let mut results = Vec::new();
+    let mut kv: Option<KvData> = None;
+    let n = points.len();
+    for (i, pt) in points.into_iter().enumerate() {
+        if kv.as_ref().map(|k| k.key) != Some((pt.format, pt.seqlen, pt.batch)) {
+            drop(kv.take()); // free the previous cache first
+            kv = Some(build_kv(&pt)?);
+        }
+        let data = kv.as_ref().expect("built above");
+        let (flops, bytes, secs) = run_point(&engines, pt, data, budget)?;
+        let m = Measured {
+            point: pt,
+            flops,
+            bytes,
+            seconds: secs[0],
+            scalar_seconds: secs.get(1).copied(),
+        };
+        eprintln!(
+            "[{:>3}/{n}] b {} N {} h_q {} s_q {} {} {}: {:.3} ms, {:.1} GFLOP/s{}",
+            i + 1,
             pt.batch,
             pt.seqlen,
             pt.h_q,
+            pt.s_q,
             pt.format.name(),
-            pt.topk.map_or("dense".to_string(), |k| k.to_string()),
+            topk_name(pt.topk),
             m.seconds * 1e3,
-            m.gflops,
-            m.gbytes,
-            m.bound,
-            m.fraction * 100.0
+            m.gflops(),
+            m.scalar_seconds.map_or(String::new(), |s| format!(
+                "; scalar {:.3} ms, {:.2}x",
+                s * 1e3,
+                s / m.seconds
+            ))
         );
         results.push(m);
     }
+    drop(kv);
+
+    println!("measuring ceilings after the points ...");
+    let after = ceilings::measure(threads);
+    print_ceilings("before", &before);
+    print_ceilings("after", &after);
+    let used = Ceilings {
+        fma_flops: before.fma_flops.max(after.fma_flops),
+        fma_isa: before.fma_isa,
+        read_bw: before.read_bw.max(after.read_bw),
+    };
+    println!(
+        "ceilings used: the max of before and after (the VM is noisy): FP32 FMA {:.1} GFLOP/s, DRAM read {:.1} GB/s, machine balance {:.1} FLOP/byte",
+        used.fma_flops / 1e9,
+        used.read_bw / 1e9,
+        used.fma_flops / used.read_bw
+    );
+    println!(
+        "shape: DeepSeek-V3 MLA decode, d_qk {D_QK}, d_v {D_V}, bf16 q/out, block {BLOCK}, not causal\n\
+         FLOPs = 2·b·s_q·h_q·keys·(d_qk+d_v); bytes = cache rows read (dense: once per sequence; \
+         sparse: topk random positions per query token, drawn with replacement, each counted)"
+    );
+    let with_scalar = scalar.is_some();
+    print!(
+        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7}",
+        "batch",
+        "seqlen",
+        "h_q",
+        "s_q",
+        "kv",
+        "topk",
+        "time ms",
+        "GFLOP/s",
+        "GB/s",
+        "FLOP/B",
+        "bound",
+        "% ceil"
+    );
+    if with_scalar {
+        print!(" {:>10} {:>8}", "scalar ms", "x scalar");
+    }
+    println!();
+    for m in &results {
+        let pt = &m.point;
+        let (bound, fraction) = m.bound(&used);
+        print!(
+            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}%",
+            pt.batch,
+            pt.seqlen,
+            pt.h_q,
+            pt.s_q,
+            pt.format.name(),
+            topk_name(pt.topk),
+            m.seconds * 1e3,
+            m.gflops(),
+            m.gbytes(),
+            m.intensity(),
+            bound,
+            fraction * 100.0
+        );
+        if let (Some(s), Some(x)) = (m.scalar_seconds, m.speedup()) {
+            print!(" {:>10.3} {:>7.2}x", s * 1e3, x);
+        }
+        println!();
+    }
+    let speedups: Vec<f64> = results.iter().filter_map(Measured::speedup).collect();
+    if !speedups.is_empty() {
+        let geo = (speedups.iter().map(|x| x.ln()).sum::<f64>() / speedups.len() as f64).exp();
+        let (lo, hi) = speedups
+            .iter()
+            .fold((f64::INFINITY, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
+        println!(
+            "speed-up over scalar: geometric mean {geo:.2}x, min {lo:.2}x, max {hi:.2}x ({} points)",
+            speedups.len()
+        );
+    }
     if let Some(path) = &opts.json {
-        std::fs::write(path, to_json(info, &ceil, &results))
+        let json = to_json(&JsonRun {
+            info,
+            date: &date,
+            mode,
+            budget,
+            before: &before,
+            after: &after,
+            used: &used,
+            scalar_isa: scalar.as_ref().map(|s| s.info().cpu_isa.name()),
+            results: &results,
+        });
+        std::fs::write(path, json)
             .map_err(|e| mlart::Error::new(mlart::Status::Io, format!("--json {path}: {e}")))?;
         println!("wrote {path}");
     }
     Ok(())
 }
 
-fn to_json(info: &mlart::backend::BackendInfo, ceil: &Ceilings, results: &[Measured]) -> String {
+struct JsonRun<'a> {
+    info: &'a mlart::backend::BackendInfo,
+    date: &'a str,
+    mode: &'a str,
+    budget: f64,
+    before: &'a Ceilings,
+    after: &'a Ceilings,
+    used: &'a Ceilings,
+    scalar_isa: Option<&'static str>,
+    results: &'a [Measured],
+}
+
+fn to_json(r: &JsonRun) -> String {
     let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let points: Vec<String> = results
+    let opt = |x: Option<f64>, prec: usize| x.map_or("null".to_string(), |v| format!("{v:.prec$}"));
+    let ceil = |c: &Ceilings| {
+        format!(
+            "{{\"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"read_gbytes_per_s\": {:.3}}}",
+            c.fma_flops / 1e9,
+            c.fma_isa,
+            c.read_bw / 1e9
+        )
+    };
+    let points: Vec<String> = r
+        .results
         .iter()
         .map(|m| {
+            let (bound, fraction) = m.bound(r.used);
             format!(
-                "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \"seconds\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}}}",
-                m.point.batch, m.point.seqlen, m.point.h_q, m.point.s_q, m.point.format.name(),
-                m.point.topk.map_or("null".to_string(), |k| k.to_string()), m.seconds, m.gflops, m.gbytes, m.bound, m.fraction
+                "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \
+                 \"flops\": {:.6e}, \"bytes\": {:.6e}, \"seconds\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"intensity\": {:.3}, \
+                 \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}}}",
+                m.point.batch,
+                m.point.seqlen,
+                m.point.h_q,
+                m.point.s_q,
+                m.point.format.name(),
+                m.point.topk.map_or("null".to_string(), |k| k.to_string()),
+                m.flops,
+                m.bytes,
+                m.seconds,
+                m.gflops(),
+                m.gbytes(),
+                m.intensity(),
+                bound,
+                fraction,
+                m.scalar_seconds.map_or("null".to_string(), |s| format!("{s:.6e}")),
+                opt(m.scalar_gflops(), 3),
+                opt(m.speedup(), 4),
             )
         })
         .collect();
     format!(
-        "{{\n  \"version\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"threads\": {},\n  \"ceilings\": {{\"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"read_gbytes_per_s\": {:.3}}},\n  \"points\": [\n{}\n  ]\n}}\n",
+        "{{\n  \"version\": \"{}\",\n  \"date\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"reference_isa\": {},\n  \"threads\": {},\n  \"mode\": \"{}\",\n  \"seconds_per_point\": {},\n  \
+         \"ceilings\": {{\n    \"rule\": \"used = max of before and after\",\n    \"before\": {},\n    \"after\": {},\n    \"used\": {},\n    \
+         \"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"read_gbytes_per_s\": {:.3}, \"balance_flop_per_byte\": {:.3}\n  }},\n  \"points\": [\n{}\n  ]\n}}\n",
         env!("CARGO_PKG_VERSION"),
-        esc(&info.device_name),
-        info.kind.name(),
-        info.cpu_isa.name(),
-        info.threads,
-        ceil.fma_flops / 1e9,
-        ceil.fma_isa,
-        ceil.read_bw / 1e9,
+        r.date,
+        esc(&r.info.device_name),
+        r.info.kind.name(),
+        r.info.cpu_isa.name(),
+        r.scalar_isa.map_or("null".to_string(), |s| format!("\"{s}\"")),
+        r.info.threads,
+        r.mode,
+        r.budget,
+        ceil(r.before),
+        ceil(r.after),
+        ceil(r.used),
+        r.used.fma_flops / 1e9,
+        r.used.fma_isa,
+        r.used.read_bw / 1e9,
+        r.used.fma_flops / r.used.read_bw,
         points.join(",\n")
     )
 }

@@ -17,9 +17,14 @@ commands:
   info                    version, ABI, chosen backend and kernel, CPU features
   bench [options]         decode throughput on the DeepSeek-V3 shape (h_q 128, d_qk 576, d_v 512, bf16)
       --threads N         worker threads (default: all cores)
-      --quick             two small points only
-      --seconds S         time budget per point (default 1.0)
-      --json PATH         also write the results as JSON
+      --quick             four small points only
+      --grid              the full grid: h_q 16|64|128 x s_q 1|2 x N 1024|4096|16384 x batch 1|8
+                          x bf16|fp8_v32 x dense|sparse topk 2048 (144 points; topk > N repeats positions)
+      --points LIST       explicit points h_q:s_q:N:batch:format:topk,... (topk: a number or dense),
+                          e.g. 128:1:4096:1:bf16:dense,128:2:16384:8:fp8_v32:2048
+      --seconds S         time budget per point and kernel, median of >= 3 runs (default 1.0; 0.3 with --grid)
+      --no-scalar         skip the scalar reference kernel (otherwise timed on every point: x scalar column)
+      --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
   run --model DIR [options]
                           load a checkpoint's attention layers, prefill random hidden states, decode
       --layers A..B       layers to load (default: all)
@@ -61,8 +66,11 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
     let mut o = bench::Options {
         threads: 0,
         quick: false,
+        grid: false,
+        points: None,
         json: None,
-        seconds: 1.0,
+        seconds: None,
+        scalar: true,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -76,14 +84,32 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
             }
             "--seconds" => {
                 let v = value("--seconds")?;
-                o.seconds = v
+                let s: f64 = v
                     .parse()
                     .map_err(|_| format!("--seconds {v}: not a number"))?;
+                if !(s >= 0.0 && s.is_finite()) {
+                    return Err(format!("--seconds {v}: not a non-negative number"));
+                }
+                o.seconds = Some(s);
             }
             "--json" => o.json = Some(value("--json")?),
             "--quick" => o.quick = true,
+            "--grid" => o.grid = true,
+            "--points" => o.points = Some(bench::parse_points(&value("--points")?)?),
+            "--no-scalar" => o.scalar = false,
             other => return Err(format!("unknown bench option {other}")),
         }
+    }
+    if [o.quick, o.grid, o.points.is_some()]
+        .iter()
+        .filter(|&&x| x)
+        .count()
+        > 1
+    {
+        return Err("--quick, --grid and --points exclude each other".to_string());
+    }
+    if o.points.as_ref().is_some_and(|p| p.is_empty()) {
+        return Err("--points: no points given".to_string());
     }
     Ok(o)
 }
