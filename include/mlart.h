@@ -282,7 +282,7 @@ typedef struct mlart_engine_options {
 } mlart_engine_options;
 
 /**
- * CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|amx` forces one).
+ * CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx` forces one).
  */
 typedef uint32_t mlart_cpu_isa;
 
@@ -783,6 +783,12 @@ typedef struct mlart_kv_pool_decode_args {
  * AMX-BF16 tiles.
  */
 #define MLART_CPU_ISA_AMX 3
+
+/**
+ * AVX-512F with AVX512-BF16 dot products (`vdpbf16ps`) for Q·Kᵀ when the
+ * queries are bf16 and the cache bf16 or FP8; the AVX-512F path otherwise.
+ */
+#define MLART_CPU_ISA_AVX512_BF16 4
 
 #ifdef __cplusplus
 extern "C" {

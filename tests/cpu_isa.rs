@@ -75,6 +75,9 @@ struct Case {
     causal: bool,
     sparse: bool,
     q: Vec<f32>,
+    /// `q` holds bf16-exact values and is passed as BF16 (exercises the
+    /// bf16 dot-product path of the avx512bf16 variant).
+    q_bf16: bool,
     lens: Vec<usize>,
     /// Per sequence, per token: the values the kernel reads (dequantized).
     keys: Vec<Vec<Vec<f64>>>,
@@ -214,6 +217,17 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
     let q: Vec<f32> = (0..batch * s_q * h_q * d_qk)
         .map(|_| ((normal(rng) / 10.0).clamp(-1.0, 1.0)) as f32)
         .collect();
+    let q_bf16 = matches!(
+        format,
+        MLART_KV_FORMAT_BF16 | MLART_KV_FORMAT_FP8_V32 | MLART_KV_FORMAT_FP8_MODEL1
+    ) && rng.random_bool(0.7);
+    let q: Vec<f32> = if q_bf16 {
+        q.iter()
+            .map(|&x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    } else {
+        q
+    };
     let (mut logical, mut indices, mut topk) = (Vec::new(), Vec::new(), 0);
     if sparse {
         topk = *[1usize, 5, 64, 130].get(rng.random_range(0..4)).unwrap();
@@ -253,6 +267,7 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
         causal,
         sparse,
         q,
+        q_bf16,
         lens,
         keys,
         kv,
@@ -330,8 +345,17 @@ fn run(engine: &Engine, c: &Case) -> (Vec<f32>, Vec<f32>) {
     a.d_qk = c.d_qk as i32;
     a.d_v = c.d_v as i32;
     a.causal = c.causal;
-    a.q_dtype = MLART_DTYPE_F32;
-    a.q = c.q.as_ptr().cast();
+    let q_bytes: Vec<u8> =
+        c.q.iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect();
+    if c.q_bf16 {
+        a.q_dtype = MLART_DTYPE_BF16;
+        a.q = q_bytes.as_ptr().cast();
+    } else {
+        a.q_dtype = MLART_DTYPE_F32;
+        a.q = c.q.as_ptr().cast();
+    }
     a.kv_format = c.format;
     a.kv = c.kv.as_ptr().cast();
     a.num_blocks = c.num_blocks as i32;
@@ -375,7 +399,7 @@ fn every_cpu_variant_matches_the_f64_reference() {
         MLART_KV_FORMAT_FP8_MODEL1,
     ];
     let mut tested = Vec::new();
-    for isa in ["scalar", "avx2", "avx512", "amx"] {
+    for isa in ["scalar", "avx2", "avx512", "avx512bf16", "amx"] {
         let engine = match engine_for(isa) {
             Ok(e) => e,
             Err((code, msg)) => {
@@ -393,6 +417,7 @@ fn every_cpu_variant_matches_the_f64_reference() {
             "scalar" => MLART_CPU_ISA_SCALAR,
             "avx2" => MLART_CPU_ISA_AVX2,
             "avx512" => MLART_CPU_ISA_AVX512,
+            "avx512bf16" => MLART_CPU_ISA_AVX512_BF16,
             _ => MLART_CPU_ISA_AMX,
         };
         assert_eq!(props.cpu_isa, want_isa, "{isa}");
@@ -478,7 +503,7 @@ fn split_edges_match_the_reference_on_every_variant() {
         },
     ];
     let mut ran = 0;
-    for isa in ["scalar", "avx2", "avx512"] {
+    for isa in ["scalar", "avx2", "avx512", "avx512bf16"] {
         let Ok(engine) = engine_for(isa) else {
             println!("{isa}: not available here");
             continue;

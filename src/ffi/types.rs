@@ -85,7 +85,7 @@ pub const MLART_BACKEND_CPU: mlart_backend = 1;
 /// A CUDA GPU (not in this version: returns MLART_STATUS_UNSUPPORTED).
 pub const MLART_BACKEND_CUDA: mlart_backend = 2;
 
-/// CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|amx` forces one).
+/// CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx` forces one).
 pub type mlart_cpu_isa = u32;
 /// Portable reference kernel.
 pub const MLART_CPU_ISA_SCALAR: mlart_cpu_isa = 0;
@@ -95,6 +95,9 @@ pub const MLART_CPU_ISA_AVX2: mlart_cpu_isa = 1;
 pub const MLART_CPU_ISA_AVX512: mlart_cpu_isa = 2;
 /// AMX-BF16 tiles.
 pub const MLART_CPU_ISA_AMX: mlart_cpu_isa = 3;
+/// AVX-512F with AVX512-BF16 dot products (`vdpbf16ps`) for Q·Kᵀ when the
+/// queries are bf16 and the cache bf16 or FP8; the AVX-512F path otherwise.
+pub const MLART_CPU_ISA_AVX512_BF16: mlart_cpu_isa = 4;
 
 #[cfg(test)]
 mod tests {
@@ -132,5 +135,6 @@ mod tests {
         assert_eq!(MLART_STATUS_INTERNAL, Status::Internal as u32);
         assert_eq!(MLART_CPU_ISA_AVX512, CpuIsa::Avx512.raw());
         assert_eq!(MLART_CPU_ISA_AMX, CpuIsa::Amx.raw());
+        assert_eq!(MLART_CPU_ISA_AVX512_BF16, CpuIsa::Avx512Bf16.raw());
     }
 }

@@ -254,7 +254,7 @@ static mlart_engine *create_engine(void) {
     if (OK(mlart_engine_info(engine, &props))) {
         CHECK(props.backend == MLART_BACKEND_CPU, "props.backend = %u", (unsigned)props.backend);
         CHECK(props.num_threads == 2, "props.num_threads = %d", props.num_threads);
-        CHECK(props.cpu_isa <= MLART_CPU_ISA_AMX, "props.cpu_isa = %u", (unsigned)props.cpu_isa);
+        CHECK(props.cpu_isa <= MLART_CPU_ISA_AVX512_BF16, "props.cpu_isa = %u", (unsigned)props.cpu_isa);
         CHECK(memchr(props.device_name, '\0', sizeof props.device_name) != NULL &&
                   memchr(props.cpu_features, '\0', sizeof props.cpu_features) != NULL &&
                   memchr(props.reason, '\0', sizeof props.reason) != NULL,

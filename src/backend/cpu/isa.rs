@@ -2,17 +2,26 @@
 
 use crate::error::{Error, Result};
 
-/// CPU kernel variants, widest last. The numbers are the C `mlart_cpu_isa`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+/// CPU kernel variants. `raw` is the C `mlart_cpu_isa` (append-only);
+/// `rank` orders them from narrowest to widest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CpuIsa {
     Scalar,
     Avx2,
     Avx512,
     Amx,
+    /// AVX-512F plus `vdpbf16ps` for Q·Kᵀ when queries and cache are bf16/FP8.
+    Avx512Bf16,
 }
 
 impl CpuIsa {
-    pub const ALL: [CpuIsa; 4] = [CpuIsa::Scalar, CpuIsa::Avx2, CpuIsa::Avx512, CpuIsa::Amx];
+    pub const ALL: [CpuIsa; 5] = [
+        CpuIsa::Scalar,
+        CpuIsa::Avx2,
+        CpuIsa::Avx512,
+        CpuIsa::Avx512Bf16,
+        CpuIsa::Amx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -20,11 +29,29 @@ impl CpuIsa {
             CpuIsa::Avx2 => "avx2",
             CpuIsa::Avx512 => "avx512",
             CpuIsa::Amx => "amx",
+            CpuIsa::Avx512Bf16 => "avx512bf16",
         }
     }
 
     pub fn raw(self) -> u32 {
-        self as u32
+        match self {
+            CpuIsa::Scalar => 0,
+            CpuIsa::Avx2 => 1,
+            CpuIsa::Avx512 => 2,
+            CpuIsa::Amx => 3,
+            CpuIsa::Avx512Bf16 => 4,
+        }
+    }
+
+    /// Preference order: a wider variant wins when the CPU supports it.
+    pub fn rank(self) -> u32 {
+        match self {
+            CpuIsa::Scalar => 0,
+            CpuIsa::Avx2 => 1,
+            CpuIsa::Avx512 => 2,
+            CpuIsa::Avx512Bf16 => 3,
+            CpuIsa::Amx => 4,
+        }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
@@ -76,6 +103,7 @@ impl CpuFeatures {
             CpuIsa::Scalar => true,
             CpuIsa::Avx2 => self.avx2_fma,
             CpuIsa::Avx512 => self.avx512f,
+            CpuIsa::Avx512Bf16 => self.avx512f && self.avx512bf16,
             CpuIsa::Amx => self.amx_bf16,
         }
     }
@@ -119,7 +147,7 @@ pub fn choose(
     if let Some(raw) = forced {
         let isa = CpuIsa::parse(raw).ok_or_else(|| {
             Error::invalid(format!(
-                "MLART_CPU_ISA = \"{raw}\" is not one of scalar, avx2, avx512, amx"
+                "MLART_CPU_ISA = \"{raw}\" is not one of scalar, avx2, avx512, avx512bf16, amx"
             ))
         })?;
         if !features.supports(isa) {
@@ -142,7 +170,7 @@ pub fn choose(
         .iter()
         .copied()
         .filter(|&i| features.supports(i))
-        .max()
+        .max_by_key(|i| i.rank())
         .unwrap_or(CpuIsa::Scalar);
     Ok((
         best,

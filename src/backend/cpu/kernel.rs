@@ -49,6 +49,11 @@ pub struct AttnTask<'a> {
     /// `Some(seqlen)`: bottom-right causal mask, query `i` sees keys
     /// `j < seqlen - (n_q - 1 - i)`. `None`: every key is visible.
     pub causal_seqlen: Option<usize>,
+    /// The same queries as stored bf16 (unscaled), when the call's queries
+    /// are bf16: lets a bf16 dot-product kernel use them exactly.
+    pub q_bf16: Option<&'a [u8]>,
+    /// The softmax scale already applied to `q`.
+    pub scale: f32,
 }
 
 impl AttnTask<'_> {
@@ -58,6 +63,13 @@ impl AttnTask<'_> {
         match self.causal_seqlen {
             Some(len) => (len + i + 1).saturating_sub(self.n_q),
             None => usize::MAX,
+        }
+    }
+
+    /// Format of the cache(s) the keys come from.
+    pub fn kv_format(&self) -> crate::format::KvFormat {
+        match self.source {
+            KeySource::Paged { kv, .. } | KeySource::List { main: kv, .. } => kv.layout.format,
         }
     }
 
@@ -83,6 +95,8 @@ impl AttnTask<'_> {
 /// Per-thread scratch memory, grown on first use and then reused.
 #[derive(Default)]
 pub struct Scratch {
+    /// bf16 pairs (queries, then keys) for bf16 dot-product kernels.
+    pub pairs: Vec<u32>,
     pub k_tile: Vec<f32>,
     pub scores: Vec<f32>,
     pub row_max: Vec<f32>,

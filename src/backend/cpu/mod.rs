@@ -12,19 +12,25 @@ use crate::decode::desc::DecodeOutput;
 use crate::decode::desc::MAX_HEAD_DIM;
 use crate::decode::{Decode, Keys, SplitPlan};
 use crate::error::{Error, Result};
-use crate::format::{load_slice, store_slice};
+use crate::format::{load_slice, store_slice, Dtype};
 use kernel::{AttentionKernel, AttnTask, KeySource, ScalarKernel, Scratch, EXTRA_KEY};
 use parking_lot::Mutex;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
 /// Kernel variants compiled into this build.
-pub const BUILT_KERNELS: &[CpuIsa] = &[CpuIsa::Scalar, CpuIsa::Avx2, CpuIsa::Avx512];
+pub const BUILT_KERNELS: &[CpuIsa] = &[
+    CpuIsa::Scalar,
+    CpuIsa::Avx2,
+    CpuIsa::Avx512,
+    CpuIsa::Avx512Bf16,
+];
 
 fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
     match isa {
         CpuIsa::Avx2 => Box::new(simd::Avx2Kernel),
         CpuIsa::Avx512 => Box::new(simd::Avx512Kernel),
+        CpuIsa::Avx512Bf16 => Box::new(simd::Avx512Bf16Kernel),
         CpuIsa::Scalar | CpuIsa::Amx => Box::new(ScalarKernel),
     }
 }
@@ -211,6 +217,9 @@ impl CpuBackend {
                         start: item.start as usize,
                         end: item.end as usize,
                         causal_seqlen,
+                        q_bf16: (d.q_dtype == Dtype::Bf16)
+                            .then(|| &d.q[g * rows * s.d_qk * 2..(g + 1) * rows * s.d_qk * 2]),
+                        scale: s.softmax_scale,
                     };
                     SCRATCH.with(|cell| match cell.try_borrow_mut() {
                         Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),

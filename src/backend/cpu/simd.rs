@@ -18,6 +18,7 @@
 
 use super::isa::CpuIsa;
 use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
+use crate::format::KvFormat;
 
 /// Query rows per register block.
 const R: usize = 6;
@@ -119,6 +120,130 @@ mod x86 {
             V512(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
         }
     }
+}
+
+/// Q·Kᵀ with `vdpbf16ps`: each 32-bit lane holds a bf16 pair (dims 2i,
+/// 2i+1); one instruction multiplies 16 rows' pairs by a broadcast key
+/// pair and accumulates in f32.
+#[cfg(target_arch = "x86_64")]
+mod bf16 {
+    use super::{K_TILE, R};
+    use std::arch::x86_64::*;
+
+    /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · k2[j][i]` for `NJ` keys from `j0`
+    /// and `RV` row vectors from `rb`.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 enabled; sizes as in `scores_tile`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const NJ: usize, const RV: usize>(
+        qt2: &[u32],
+        rp: usize,
+        rb: usize,
+        k2: &[u32],
+        d2: usize,
+        j0: usize,
+        scale: f32,
+        st: &mut [f32],
+    ) {
+        debug_assert!(rb + RV * 16 <= rp && qt2.len() >= d2 * rp && k2.len() >= (j0 + NJ) * d2);
+        debug_assert!(st.len() >= (j0 + NJ) * rp);
+        let mut acc = [[_mm512_setzero_ps(); 4]; NJ];
+        for i in 0..d2 {
+            let mut qv = [_mm512_setzero_si512(); 4];
+            for (v, x) in qv.iter_mut().enumerate().take(RV) {
+                // SAFETY: in bounds by the assertions above.
+                *x = unsafe {
+                    _mm512_loadu_si512(qt2.as_ptr().add(i * rp + rb + v * 16) as *const __m512i)
+                };
+            }
+            for jj in 0..NJ {
+                // SAFETY: in bounds by the assertions above.
+                let kb = _mm512_set1_epi32(unsafe { *k2.get_unchecked((j0 + jj) * d2 + i) } as i32);
+                for v in 0..RV {
+                    // SAFETY: bit casts between same-size vector types.
+                    let (q, k): (__m512bh, __m512bh) = unsafe {
+                        (
+                            std::mem::transmute::<__m512i, __m512bh>(qv[v]),
+                            std::mem::transmute::<__m512i, __m512bh>(kb),
+                        )
+                    };
+                    acc[jj][v] = _mm512_dpbf16_ps(acc[jj][v], q, k);
+                }
+            }
+        }
+        let sv = _mm512_set1_ps(scale);
+        for jj in 0..NJ {
+            for v in 0..RV {
+                // SAFETY: in bounds by the assertions above.
+                unsafe {
+                    _mm512_storeu_ps(
+                        st.as_mut_ptr().add((j0 + jj) * rp + rb + v * 16),
+                        _mm512_mul_ps(acc[jj][v], sv),
+                    )
+                };
+            }
+        }
+    }
+
+    /// Scores of the whole tile (`n` keys, all `rp` rows).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 enabled; `qt2` holds `d2 * rp`, `k2` holds
+    /// `n * d2`, `st` holds `K_TILE * rp`, `rp` a multiple of 16, `n <= K_TILE`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn scores_tile(
+        qt2: &[u32],
+        rp: usize,
+        k2: &[u32],
+        d2: usize,
+        n: usize,
+        scale: f32,
+        st: &mut [f32],
+    ) {
+        debug_assert!(n <= K_TILE);
+        macro_rules! keys {
+            ($rv:literal, $nj:expr, $rb:expr, $j0:expr) => {
+                match $nj {
+                    1 => block::<1, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    2 => block::<2, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    3 => block::<3, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    4 => block::<4, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    5 => block::<5, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    _ => block::<R, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                }
+            };
+        }
+        let mut rb = 0;
+        while rb < rp {
+            let rv = 4.min((rp - rb) / 16);
+            let mut j0 = 0;
+            while j0 < n {
+                let nj = R.min(n - j0);
+                // SAFETY: forwarded contract; block sizes within bounds.
+                unsafe {
+                    match rv {
+                        1 => keys!(1, nj, rb, j0),
+                        2 => keys!(2, nj, rb, j0),
+                        3 => keys!(3, nj, rb, j0),
+                        _ => keys!(4, nj, rb, j0),
+                    }
+                }
+                j0 += nj;
+            }
+            rb += rv * 16;
+        }
+    }
+}
+
+fn fit_u32(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
+    if v.len() < n {
+        v.resize(n, 0);
+    }
+    &mut v[..n]
 }
 
 fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -286,7 +411,7 @@ unsafe fn accumulate<V: Vector, const RN: usize>(
 /// # Safety
 /// The ISA of `V` must be enabled.
 #[inline(always)]
-unsafe fn attend_with<V: Vector>(
+unsafe fn attend_with<V: Vector, const BF16: bool>(
     task: &AttnTask<'_>,
     scratch: &mut Scratch,
     o: &mut [f32],
@@ -297,12 +422,39 @@ unsafe fn attend_with<V: Vector>(
     let lanes = V::LANES;
     // Query rows padded to whole vectors; padding rows are zero and ignored.
     let rp = rows.div_ceil(lanes) * lanes;
+    // bf16 dot products for Q·Kᵀ when queries and keys are exactly bf16:
+    // bf16 queries, bf16 or FP8 cache (e4m3 x power-of-two is a bf16), even d.
+    let use_bf16 = BF16
+        && lanes == 16
+        && d % 2 == 0
+        && task.q_bf16.is_some()
+        && matches!(
+            task.kv_format(),
+            KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
+        );
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
     let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
     let (qt, st) = buf.split_at_mut(d * rp);
-    for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
-        for (r, x) in qrow.iter_mut().enumerate() {
-            *x = if r < rows { task.q[r * d + k] } else { 0.0 };
+    let d2 = d / 2;
+    if use_bf16 {
+        let qb = task.q_bf16.unwrap_or_default();
+        let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
+        let (qt2, _) = pairs.split_at_mut(d2 * rp);
+        for (k2, qrow) in qt2.chunks_exact_mut(rp).enumerate() {
+            for (r, x) in qrow.iter_mut().enumerate() {
+                *x = if r < rows {
+                    let at = (r * d + 2 * k2) * 2;
+                    u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
+                } else {
+                    0
+                };
+            }
+        }
+    } else {
+        for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
+            for (r, x) in qrow.iter_mut().enumerate() {
+                *x = if r < rows { task.q[r * d + k] } else { 0.0 };
+            }
         }
     }
     let row_max = fit(&mut scratch.row_max, rows);
@@ -317,18 +469,38 @@ unsafe fn attend_with<V: Vector>(
         for j in 0..n {
             task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
         }
-        // S for the whole tile: blocks of R keys x BLOCK row vectors.
-        let mut rb = 0;
-        while rb < rp {
-            let rv = V::BLOCK.min((rp - rb) / lanes);
-            let mut j0 = 0;
-            while j0 < n {
-                let nj = R.min(n - j0);
-                // SAFETY: ISA enabled (caller); sizes as required.
-                unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, d, j0, st) };
-                j0 += nj;
+        if use_bf16 {
+            // Keys as bf16 pairs [64][d/2] (exact: the values are bf16).
+            let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
+            let (qt2, k2) = pairs.split_at_mut(d2 * rp);
+            for j in 0..n {
+                for (i, x) in k2[j * d2..(j + 1) * d2].iter_mut().enumerate() {
+                    let (a, b) = (
+                        k_tile[j * d + 2 * i].to_bits(),
+                        k_tile[j * d + 2 * i + 1].to_bits(),
+                    );
+                    *x = (a >> 16) | (b & 0xffff_0000);
+                }
             }
-            rb += rv * lanes;
+            // SAFETY: BF16 is only true in the avx512bf16 entry point.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                bf16::scores_tile(qt2, rp, k2, d2, n, task.scale, st)
+            };
+        } else {
+            // S for the whole tile: blocks of R keys x BLOCK row vectors.
+            let mut rb = 0;
+            while rb < rp {
+                let rv = V::BLOCK.min((rp - rb) / lanes);
+                let mut j0 = 0;
+                while j0 < n {
+                    let nj = R.min(n - j0);
+                    // SAFETY: ISA enabled (caller); sizes as required.
+                    unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, d, j0, st) };
+                    j0 += nj;
+                }
+                rb += rv * lanes;
+            }
         }
         // Online softmax per row; keys past the visible prefix get p = 0.
         for row in 0..rows {
@@ -375,6 +547,31 @@ unsafe fn attend_with<V: Vector>(
 
 /// AVX2 + FMA, 8 lanes.
 pub struct Avx2Kernel;
+/// AVX-512F with `vdpbf16ps` for Q·Kᵀ on bf16 queries and bf16/FP8 caches.
+pub struct Avx512Bf16Kernel;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn attend_avx512bf16(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+    // SAFETY: this function only runs with AVX-512F and AVX512-BF16 enabled.
+    unsafe { attend_with::<x86::V512, true>(task, scratch, o, lse) }
+}
+
+impl AttentionKernel for Avx512Bf16Kernel {
+    fn isa(&self) -> CpuIsa {
+        CpuIsa::Avx512Bf16
+    }
+
+    fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the engine selects this kernel only after detecting AVX-512F and AVX512-BF16.
+        unsafe {
+            attend_avx512bf16(task, scratch, o, lse)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        super::kernel::ScalarKernel.attend(task, scratch, o, lse)
+    }
+}
 /// AVX-512F, 16 lanes.
 pub struct Avx512Kernel;
 
@@ -382,14 +579,14 @@ pub struct Avx512Kernel;
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX2 and FMA enabled.
-    unsafe { attend_with::<x86::V256>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V256, false>(task, scratch, o, lse) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn attend_avx512(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX-512F enabled.
-    unsafe { attend_with::<x86::V512>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V512, false>(task, scratch, o, lse) }
 }
 
 impl AttentionKernel for Avx2Kernel {

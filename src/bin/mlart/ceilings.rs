@@ -14,6 +14,30 @@ pub struct Ceilings {
     pub fma_isa: &'static str,
     /// DRAM read bandwidth over all threads, bytes/s.
     pub read_bw: f64,
+    /// AVX512-BF16 `vdpbf16ps` peak over all threads, FLOP/s (0 if absent).
+    pub bf16_flops: f64,
+    /// The compute ceiling of the kernel being measured and its name:
+    /// the FP32 FMA peak, or for the avx512bf16 kernel the blend of the
+    /// `vdpbf16ps` peak (Q·Kᵀ, d_qk of every d_qk + d_v FLOPs) and the
+    /// FMA peak (P·V).
+    pub compute_flops: f64,
+    pub compute_name: &'static str,
+}
+
+impl Ceilings {
+    /// Sets the compute ceiling for a kernel variant (`bf16_qk`: Q·Kᵀ on
+    /// `vdpbf16ps`, P·V on FMA) and a head geometry.
+    pub fn for_kernel(mut self, bf16_qk: bool, d_qk: usize, d_v: usize) -> Self {
+        if bf16_qk && self.bf16_flops > 0.0 && self.fma_flops > 0.0 {
+            let t = d_qk as f64 / self.bf16_flops + d_v as f64 / self.fma_flops;
+            self.compute_flops = (d_qk + d_v) as f64 / t;
+            self.compute_name = "bf16dp+fma";
+        } else {
+            self.compute_flops = self.fma_flops;
+            self.compute_name = "fp32 fma";
+        }
+        self
+    }
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -45,6 +69,25 @@ mod simd {
         for _ in 0..iters {
             for x in acc.iter_mut() {
                 *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+
+    /// FLOPs of one `dp_512` call: each `vdpbf16ps` does 16 lanes x 2 products x 2.
+    pub fn flops_dp(iters: usize) -> f64 {
+        (iters * CHAINS * 16 * 2 * 2) as f64
+    }
+
+    /// Independent `vdpbf16ps` chains.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub fn dp_512(iters: usize) -> f32 {
+        let a: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3f80_3f80)) };
+        let b: __m512bh = unsafe { std::mem::transmute(_mm512_set1_epi32(0x3c23_3c23)) };
+        let mut acc = [_mm512_setzero_ps(); CHAINS];
+        for _ in 0..iters {
+            for x in acc.iter_mut() {
+                *x = _mm512_dpbf16_ps(*x, a, b);
             }
         }
         acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
@@ -166,10 +209,35 @@ fn read_bandwidth(threads: usize, reps: usize) -> f64 {
     median(runs)
 }
 
+#[cfg(target_arch = "x86_64")]
+fn bf16_peak(threads: usize, reps: usize) -> f64 {
+    if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")) {
+        return 0.0;
+    }
+    let iters = 10_000_000;
+    let runs = (0..reps)
+        .map(|_| {
+            // SAFETY: avx512f and avx512bf16 were detected above.
+            let t = timed_parallel(threads, |_| unsafe { simd::dp_512(iters) });
+            simd::flops_dp(iters) * threads as f64 / t
+        })
+        .collect();
+    median(runs)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn bf16_peak(_threads: usize, _reps: usize) -> f64 {
+    0.0
+}
+
 pub fn measure(threads: usize) -> Ceilings {
     let (fma_flops, fma_isa) = fma_peak(threads, 5);
+    let bf16_flops = bf16_peak(threads, 5);
     let read_bw = read_bandwidth(threads, 7);
     Ceilings {
+        bf16_flops,
+        compute_flops: fma_flops,
+        compute_name: "fp32 fma",
         fma_flops,
         fma_isa,
         read_bw,
