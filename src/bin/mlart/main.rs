@@ -43,7 +43,7 @@ commands:
       --shards K          safetensors files; K > 1 adds model.safetensors.index.json (default 1)
       --no-yarn           omit rope_scaling from config.json
 
-environment: MLART_BACKEND=cpu|cuda, MLART_CPU_ISA=scalar|avx2|avx512|amx";
+environment: MLART_BACKEND=cpu|cuda, MLART_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx";
 
 fn info() -> mlart::Result<()> {
     println!(
