@@ -176,6 +176,52 @@ impl Linear {
         yt.par_chunks_mut(tokens * ROWS)
             .enumerate()
             .for_each(|(c, chunk)| {
+                // bf16 decode: four rows per pass over x (see dot_bf16_x4).
+                if let (true, Data::Plain(Dtype::Bf16, b)) = (tokens <= 4, &self.data) {
+                    let rows_here = chunk.len() / tokens;
+                    let mut r = 0;
+                    while r < rows_here {
+                        let o = c * ROWS + r;
+                        let group = 4.min(rows_here - r);
+                        let row = |k: usize| &b[(o + k.min(group - 1)) * inp * 2..][..inp * 2];
+                        for t in 0..tokens {
+                            let v = vecops::dot_bf16_x4(
+                                [row(0), row(1), row(2), row(3)],
+                                &x[t * inp..(t + 1) * inp],
+                            );
+                            for (k, &val) in v.iter().enumerate().take(group) {
+                                chunk[(r + k) * tokens + t] = val;
+                            }
+                        }
+                        r += group;
+                    }
+                    return;
+                }
+                if let (true, Data::Fp8 { codes, scales }) = (tokens <= 4, &self.data) {
+                    let rows_here = chunk.len() / tokens;
+                    let per_row = inp.div_ceil(FP8_BLOCK);
+                    let mut r = 0;
+                    while r < rows_here {
+                        let o = c * ROWS + r;
+                        let group = 4.min(rows_here - r);
+                        let at = |k: usize| o + k.min(group - 1);
+                        let row = |k: usize| &codes[at(k) * inp..][..inp];
+                        let sc = |k: usize| &scales[(at(k) / FP8_BLOCK) * per_row..][..per_row];
+                        for t in 0..tokens {
+                            let v = vecops::dot_fp8_x4(
+                                [row(0), row(1), row(2), row(3)],
+                                [sc(0), sc(1), sc(2), sc(3)],
+                                FP8_BLOCK,
+                                &x[t * inp..(t + 1) * inp],
+                            );
+                            for (k, &val) in v.iter().enumerate().take(group) {
+                                chunk[(r + k) * tokens + t] = val;
+                            }
+                        }
+                        r += group;
+                    }
+                    return;
+                }
                 let mut row = Vec::new();
                 for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
                     let o = c * ROWS + r;
@@ -210,6 +256,95 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
         let inv = 1.0 / (ms + eps).sqrt();
         for (v, &g) in row.iter_mut().zip(w) {
             *v = *v * inv * g;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::fp8::f32_to_e4m3;
+
+    fn tensor(name: &str, dtype: StoredDtype, shape: &[usize], bytes: Vec<u8>) -> Tensor {
+        Tensor {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+            bytes,
+        }
+    }
+
+    /// Every matmul path (decode row-groups of 4 with partial groups, the
+    /// per-row path, the prefill path) equals `row()` dotted in f64.
+    #[test]
+    fn matmul_matches_rows_for_every_dtype_and_shape() {
+        for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
+            let w: Vec<f32> = (0..out * inp)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
+                .collect();
+            let bf: Vec<u8> = w
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+                .collect();
+            let f32b: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let (sr, sc) = (out.div_ceil(FP8_BLOCK), inp.div_ceil(FP8_BLOCK));
+            let scales: Vec<f32> = (0..sr * sc).map(|k| 0.01 * (1 + k) as f32).collect();
+            let codes: Vec<u8> = (0..out * inp)
+                .map(|i| {
+                    f32_to_e4m3(w[i] / scales[(i / inp / FP8_BLOCK) * sc + (i % inp) / FP8_BLOCK])
+                })
+                .collect();
+            let sbytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let lins = [
+                Linear::new(
+                    tensor("w", StoredDtype::Bf16, &[out, inp], bf),
+                    None,
+                    out,
+                    inp,
+                    WeightCompute::AsStored,
+                ),
+                Linear::new(
+                    tensor("w", StoredDtype::F32, &[out, inp], f32b),
+                    None,
+                    out,
+                    inp,
+                    WeightCompute::AsStored,
+                ),
+                Linear::new(
+                    tensor("w", StoredDtype::Fp8E4m3, &[out, inp], codes),
+                    Some(tensor("s", StoredDtype::F32, &[sr, sc], sbytes)),
+                    out,
+                    inp,
+                    WeightCompute::AsStored,
+                ),
+            ];
+            for lin in lins {
+                let lin = lin.unwrap();
+                for tokens in [1usize, 3, 4, 5] {
+                    let x: Vec<f32> = (0..tokens * inp)
+                        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 10.0)
+                        .collect();
+                    let mut y = vec![f32::NAN; tokens * out];
+                    lin.matmul(&x, tokens, &mut y);
+                    let mut row = vec![0f32; inp];
+                    for o in 0..out {
+                        lin.row(o, &mut row);
+                        for t in 0..tokens {
+                            let want: f64 = row
+                                .iter()
+                                .zip(&x[t * inp..])
+                                .map(|(a, b)| *a as f64 * *b as f64)
+                                .sum();
+                            let got = y[t * out + o] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{:?} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
+                                lin.dtype()
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
