@@ -24,6 +24,7 @@ pub const BUILT_KERNELS: &[CpuIsa] = &[
     CpuIsa::Avx2,
     CpuIsa::Avx512,
     CpuIsa::Avx512Bf16,
+    CpuIsa::Amx,
 ];
 
 fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
@@ -31,7 +32,8 @@ fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
         CpuIsa::Avx2 => Box::new(simd::Avx2Kernel),
         CpuIsa::Avx512 => Box::new(simd::Avx512Kernel),
         CpuIsa::Avx512Bf16 => Box::new(simd::Avx512Bf16Kernel),
-        CpuIsa::Scalar | CpuIsa::Amx => Box::new(ScalarKernel),
+        CpuIsa::Amx => Box::new(simd::AmxKernel),
+        CpuIsa::Scalar => Box::new(ScalarKernel),
     }
 }
 

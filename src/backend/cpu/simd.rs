@@ -239,6 +239,99 @@ mod bf16 {
     }
 }
 
+/// Q·Kᵀ on AMX tiles (`tdpbf16ps`), through `asm!` since the intrinsics
+/// are not stable. tmm0 = C (16 rows x 16 keys, f32), tmm1 = A (16 query
+/// rows x 32 bf16 of d), tmm2 = B (16 pairs of d x 16 keys, VNNI layout).
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    use super::K_TILE;
+    use std::arch::asm;
+
+    /// Loads the tile configuration on this thread (palette 1, three 16 x 64-byte tiles).
+    ///
+    /// # Safety
+    /// The CPU must support AMX and the process must hold AMX permission.
+    pub unsafe fn configure() {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..3 {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + t] = 16;
+        }
+        // SAFETY: cfg is a valid 64-byte palette-1 configuration (caller: AMX present).
+        unsafe { asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly)) };
+    }
+
+    /// Releases the tile state of this thread.
+    ///
+    /// # Safety
+    /// As [`configure`].
+    pub unsafe fn release() {
+        // SAFETY: caller contract.
+        unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    }
+
+    /// `st[j*rp + r] = scale * Σ_d qa[r][d] k[j][d]` for all `rp` rows and the
+    /// first `n` keys (rounded up to 16; keys past `n` are zero in `k2t`).
+    ///
+    /// # Safety
+    /// Tiles configured on this thread; `qa` holds `rp` rows of `d` bf16
+    /// (`d/2` u32), `k2t` holds `d/2` rows of `K_TILE` u32, `d % 32 == 0`,
+    /// `rp % 16 == 0`, `st` holds `K_TILE * rp`.
+    pub unsafe fn scores_tile(
+        qa: &[u32],
+        rp: usize,
+        d: usize,
+        k2t: &[u32],
+        n: usize,
+        scale: f32,
+        st: &mut [f32],
+    ) {
+        debug_assert!(
+            d % 32 == 0 && rp % 16 == 0 && qa.len() >= rp * d / 2 && k2t.len() >= d / 2 * K_TILE
+        );
+        debug_assert!(st.len() >= K_TILE * rp && n <= K_TILE);
+        let mut c = [0f32; 256];
+        let a_stride = d * 2;
+        let b_stride = K_TILE * 4;
+        for rb in (0..rp).step_by(16) {
+            for jb in (0..n.div_ceil(16) * 16).step_by(16) {
+                // SAFETY: every tile row read lies inside qa (rows rb..rb+16,
+                // bytes kc*2..kc*2+64 of each) or k2t (rows kc/2..kc/2+16,
+                // keys jb..jb+16); c holds 16 x 64 bytes.
+                unsafe {
+                    asm!("tilezero tmm0", options(nostack, nomem));
+                    for kc in (0..d).step_by(32) {
+                        let a = (qa.as_ptr() as *const u8).add(rb * a_stride + kc * 2);
+                        let b = k2t.as_ptr().add((kc / 2) * K_TILE + jb) as *const u8;
+                        asm!(
+                            "tileloadd tmm1, [{a} + {sa}]",
+                            "tileloadd tmm2, [{b} + {sb}]",
+                            "tdpbf16ps tmm0, tmm1, tmm2",
+                            a = in(reg) a,
+                            sa = in(reg) a_stride,
+                            b = in(reg) b,
+                            sb = in(reg) b_stride,
+                            options(nostack, readonly),
+                        );
+                    }
+                    asm!(
+                        "tilestored [{c} + {sc}], tmm0",
+                        c = in(reg) c.as_mut_ptr(),
+                        sc = in(reg) 64usize,
+                        options(nostack),
+                    );
+                }
+                for r in 0..16 {
+                    for jj in 0..16 {
+                        st[(jb + jj) * rp + rb + r] = c[r * 16 + jj] * scale;
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn fit_u32(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
     if v.len() < n {
         v.resize(n, 0);
@@ -411,7 +504,7 @@ unsafe fn accumulate<V: Vector, const RN: usize>(
 /// # Safety
 /// The ISA of `V` must be enabled.
 #[inline(always)]
-unsafe fn attend_with<V: Vector, const BF16: bool>(
+unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     task: &AttnTask<'_>,
     scratch: &mut Scratch,
     o: &mut [f32],
@@ -436,7 +529,23 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
     let (qt, st) = buf.split_at_mut(d * rp);
     let d2 = d / 2;
-    if use_bf16 {
+    // AMX tiles: 16 rows x 32 bf16 of Q times 16 keys, d in chunks of 32.
+    let use_amx = AMX && use_bf16 && d % 32 == 0;
+    if use_amx {
+        let qb = task.q_bf16.unwrap_or_default();
+        let pairs = fit_u32(&mut scratch.pairs, rp * d2 + d2 * K_TILE);
+        // Q as stored, rows padded with zeros to a multiple of 16.
+        for (r, qrow) in pairs[..rp * d2].chunks_exact_mut(d2).enumerate() {
+            for (i, x) in qrow.iter_mut().enumerate() {
+                *x = if r < rows {
+                    let at = (r * d + 2 * i) * 2;
+                    u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
+                } else {
+                    0
+                };
+            }
+        }
+    } else if use_bf16 {
         let qb = task.q_bf16.unwrap_or_default();
         let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
         let (qt2, _) = pairs.split_at_mut(d2 * rp);
@@ -469,7 +578,31 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
         for j in 0..n {
             task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
         }
-        if use_bf16 {
+        if use_amx {
+            // Keys as bf16 pairs transposed to [d/2][64] (VNNI B layout).
+            let pairs = fit_u32(&mut scratch.pairs, rp * d2 + d2 * K_TILE);
+            let (qa, k2t) = pairs.split_at_mut(rp * d2);
+            for i in 0..d2 {
+                for j in 0..K_TILE {
+                    k2t[i * K_TILE + j] = if j < n {
+                        let (a, b) = (
+                            k_tile[j * d + 2 * i].to_bits(),
+                            k_tile[j * d + 2 * i + 1].to_bits(),
+                        );
+                        (a >> 16) | (b & 0xffff_0000)
+                    } else {
+                        0
+                    };
+                }
+            }
+            // SAFETY: AMX is only true in the AMX entry point, which is
+            // selected after the CPU and the OS allowed AMX, and configured
+            // the tiles on this thread.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                amx::scores_tile(qa, rp, d, k2t, n, task.scale, st)
+            };
+        } else if use_bf16 {
             // Keys as bf16 pairs [64][d/2] (exact: the values are bf16).
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
@@ -549,12 +682,43 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
 pub struct Avx2Kernel;
 /// AVX-512F with `vdpbf16ps` for Q·Kᵀ on bf16 queries and bf16/FP8 caches.
 pub struct Avx512Bf16Kernel;
+/// AMX-BF16 tiles for Q·Kᵀ (d a multiple of 32), otherwise as Avx512Bf16.
+pub struct AmxKernel;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+fn attend_amx(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+    // SAFETY: selected only when the CPU has AMX-BF16, AVX-512F and
+    // AVX512-BF16 and the OS granted AMX permission; the tiles are
+    // configured for this call on this thread and released after it.
+    unsafe {
+        amx::configure();
+        attend_with::<x86::V512, true, true>(task, scratch, o, lse);
+        amx::release();
+    }
+}
+
+impl AttentionKernel for AmxKernel {
+    fn isa(&self) -> CpuIsa {
+        CpuIsa::Amx
+    }
+
+    fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the engine selects this kernel only after detecting AMX and its permission.
+        unsafe {
+            attend_amx(task, scratch, o, lse)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        super::kernel::ScalarKernel.attend(task, scratch, o, lse)
+    }
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 fn attend_avx512bf16(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX-512F and AVX512-BF16 enabled.
-    unsafe { attend_with::<x86::V512, true>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V512, true, false>(task, scratch, o, lse) }
 }
 
 impl AttentionKernel for Avx512Bf16Kernel {
@@ -579,14 +743,14 @@ pub struct Avx512Kernel;
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX2 and FMA enabled.
-    unsafe { attend_with::<x86::V256, false>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V256, false, false>(task, scratch, o, lse) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn attend_avx512(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX-512F enabled.
-    unsafe { attend_with::<x86::V512, false>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V512, false, false>(task, scratch, o, lse) }
 }
 
 impl AttentionKernel for Avx2Kernel {
