@@ -2,7 +2,7 @@
 //! stated against the ceiling that binds it and against the scalar reference
 //! kernel, both measured in the same run.
 
-use super::ceilings::{self, Ceilings};
+use super::ceilings::{self, Ceilings, QkUnit};
 use mlart::backend::cpu::CpuIsa;
 use mlart::decode::desc::DecodeOutput;
 use mlart::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
@@ -368,10 +368,11 @@ fn utc_now() -> String {
 
 fn print_ceilings(when: &str, c: &Ceilings) {
     println!(
-        "ceilings {when}: FP32 FMA peak {:.1} GFLOP/s ({}), vdpbf16ps peak {:.1} GFLOP/s, DRAM read {:.1} GB/s",
+        "ceilings {when}: FP32 FMA peak {:.1} GFLOP/s ({}), vdpbf16ps peak {:.1} GFLOP/s, AMX tdpbf16ps peak {:.1} GFLOP/s, DRAM read {:.1} GB/s",
         c.fma_flops / 1e9,
         c.fma_isa,
         c.bf16_flops / 1e9,
+        c.amx_flops / 1e9,
         c.read_bw / 1e9
     );
 }
@@ -484,11 +485,20 @@ pub fn run(opts: &Options) -> Result<()> {
         fma_isa: before.fma_isa,
         read_bw: before.read_bw.max(after.read_bw),
         bf16_flops: before.bf16_flops.max(after.bf16_flops),
+        amx_flops: before.amx_flops.max(after.amx_flops),
         ..before
     }
-    // Every point has bf16 queries and a bf16/FP8 cache with even d_qk, so
-    // the avx512bf16 kernel takes its bf16 path on all of them.
-    .for_kernel(info.cpu_isa == CpuIsa::Avx512Bf16, D_QK, D_V);
+    // Every point has bf16 queries and a bf16/FP8 cache with d_qk = 576, so
+    // the avx512bf16 and amx kernels take their bf16 Q·Kᵀ path on all of them.
+    .for_kernel(
+        match info.cpu_isa {
+            CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
+            CpuIsa::Amx => QkUnit::Amx,
+            _ => QkUnit::Fma,
+        },
+        D_QK,
+        D_V,
+    );
     println!(
         "ceilings used: the max of before and after (the VM is noisy): compute ({}) {:.1} GFLOP/s, DRAM read {:.1} GB/s, machine balance {:.1} FLOP/byte",
         used.compute_name,
@@ -591,10 +601,11 @@ fn to_json(r: &JsonRun) -> String {
     let opt = |x: Option<f64>, prec: usize| x.map_or("null".to_string(), |v| format!("{v:.prec$}"));
     let ceil = |c: &Ceilings| {
         format!(
-            "{{\"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"bf16dp_gflops\": {:.3}, \"read_gbytes_per_s\": {:.3}}}",
+            "{{\"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"bf16dp_gflops\": {:.3}, \"amx_gflops\": {:.3}, \"read_gbytes_per_s\": {:.3}}}",
             c.fma_flops / 1e9,
             c.fma_isa,
             c.bf16_flops / 1e9,
+            c.amx_flops / 1e9,
             c.read_bw / 1e9
         )
     };

@@ -6,6 +6,14 @@
 
 use std::time::Instant;
 
+/// The unit a kernel variant runs Q·Kᵀ on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QkUnit {
+    Fma,
+    Bf16Dp,
+    Amx,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct Ceilings {
     /// FP32 FMA peak over all threads, FLOP/s (0 if no SIMD FMA).
@@ -16,6 +24,8 @@ pub struct Ceilings {
     pub read_bw: f64,
     /// AVX512-BF16 `vdpbf16ps` peak over all threads, FLOP/s (0 if absent).
     pub bf16_flops: f64,
+    /// AMX-BF16 `tdpbf16ps` peak over all threads, FLOP/s (0 if absent).
+    pub amx_flops: f64,
     /// The compute ceiling of the kernel being measured and its name:
     /// the FP32 FMA peak, or for the avx512bf16 kernel the blend of the
     /// `vdpbf16ps` peak (Q·Kᵀ, d_qk of every d_qk + d_v FLOPs) and the
@@ -25,13 +35,18 @@ pub struct Ceilings {
 }
 
 impl Ceilings {
-    /// Sets the compute ceiling for a kernel variant (`bf16_qk`: Q·Kᵀ on
-    /// `vdpbf16ps`, P·V on FMA) and a head geometry.
-    pub fn for_kernel(mut self, bf16_qk: bool, d_qk: usize, d_v: usize) -> Self {
-        if bf16_qk && self.bf16_flops > 0.0 && self.fma_flops > 0.0 {
-            let t = d_qk as f64 / self.bf16_flops + d_v as f64 / self.fma_flops;
+    /// Sets the compute ceiling for a kernel variant whose Q·Kᵀ runs on
+    /// `qk` (P·V always runs on FMA) and a head geometry.
+    pub fn for_kernel(mut self, qk: QkUnit, d_qk: usize, d_v: usize) -> Self {
+        let (peak, name) = match qk {
+            QkUnit::Fma => (0.0, ""),
+            QkUnit::Bf16Dp => (self.bf16_flops, "bf16dp+fma"),
+            QkUnit::Amx => (self.amx_flops, "amx+fma"),
+        };
+        if peak > 0.0 && self.fma_flops > 0.0 {
+            let t = d_qk as f64 / peak + d_v as f64 / self.fma_flops;
             self.compute_flops = (d_qk + d_v) as f64 / t;
-            self.compute_name = "bf16dp+fma";
+            self.compute_name = name;
         } else {
             self.compute_flops = self.fma_flops;
             self.compute_name = "fp32 fma";
@@ -230,12 +245,69 @@ fn bf16_peak(_threads: usize, _reps: usize) -> f64 {
     0.0
 }
 
+/// `tdpbf16ps` throughput: four accumulator tiles, two A and two B tiles
+/// (as `shared/tools/peak.c`), each instruction 16 x 16 x 32 x 2 FLOPs.
+#[cfg(target_arch = "x86_64")]
+fn amx_peak(threads: usize, reps: usize) -> f64 {
+    use mlart::backend::cpu::isa::{amx_permitted, CpuFeatures, CpuIsa};
+    if !CpuFeatures::detect().supports(CpuIsa::Amx) || !amx_permitted() {
+        return 0.0;
+    }
+    fn run(iters: usize) -> f32 {
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..8 {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + t] = 16;
+        }
+        let tile = [0x3c23_3c23u32; 256];
+        let mut c = [0f32; 256];
+        // SAFETY: AMX is present and permitted (checked by the caller); the
+        // configuration is valid, every tile load reads 16 rows of 64 bytes
+        // from `tile` (1 KiB) and the store writes 1 KiB into `c`.
+        unsafe {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
+            std::arch::asm!(
+                "tileloadd tmm4, [{p} + {s}]", "tileloadd tmm5, [{p} + {s}]",
+                "tileloadd tmm6, [{p} + {s}]", "tileloadd tmm7, [{p} + {s}]",
+                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+                p = in(reg) tile.as_ptr(), s = in(reg) 64usize, options(nostack, readonly),
+            );
+            for _ in 0..iters {
+                std::arch::asm!(
+                    "tdpbf16ps tmm0, tmm4, tmm6", "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm2, tmm5, tmm6", "tdpbf16ps tmm3, tmm5, tmm7",
+                    options(nostack, nomem),
+                );
+            }
+            std::arch::asm!("tilestored [{p} + {s}], tmm0", p = in(reg) c.as_mut_ptr(), s = in(reg) 64usize, options(nostack));
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+        c[0]
+    }
+    let iters = 2_000_000;
+    let runs = (0..reps)
+        .map(|_| {
+            let t = timed_parallel(threads, |_| run(iters));
+            (iters * 4 * 16 * 16 * 32 * 2) as f64 * threads as f64 / t
+        })
+        .collect();
+    median(runs)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn amx_peak(_threads: usize, _reps: usize) -> f64 {
+    0.0
+}
+
 pub fn measure(threads: usize) -> Ceilings {
     let (fma_flops, fma_isa) = fma_peak(threads, 5);
     let bf16_flops = bf16_peak(threads, 5);
+    let amx_flops = amx_peak(threads, 5);
     let read_bw = read_bandwidth(threads, 7);
     Ceilings {
         bf16_flops,
+        amx_flops,
         compute_flops: fma_flops,
         compute_name: "fp32 fma",
         fma_flops,
