@@ -288,7 +288,10 @@ mod amx {
         st: &mut [f32],
     ) {
         debug_assert!(
-            d % 32 == 0 && rp % 16 == 0 && qa.len() >= rp * d / 2 && k2t.len() >= d / 2 * K_TILE
+            d.is_multiple_of(32)
+                && rp.is_multiple_of(16)
+                && qa.len() >= rp * d / 2
+                && k2t.len() >= d / 2 * K_TILE
         );
         debug_assert!(st.len() >= K_TILE * rp && n <= K_TILE);
         let mut c = [0f32; 256];
