@@ -255,6 +255,46 @@ typedef struct mlart_decode_args {
 } mlart_decode_args;
 
 /**
+ * One CUDA device. Fill `struct_size` with `mlart_device_props_init`
+ * before passing it to `mlart_device_info`.
+ */
+typedef struct mlart_device_props {
+  /**
+   * `sizeof(mlart_device_props)`.
+   */
+  uint32_t struct_size;
+  /**
+   * The ordinal passed in (`device_index` of the engine options).
+   */
+  int32_t device_index;
+  /**
+   * GPU name, NUL-terminated UTF-8.
+   */
+  char name[128];
+  /**
+   * Compute capability, e.g. 9 and 0 for an H100/H200.
+   */
+  int32_t compute_major;
+  int32_t compute_minor;
+  /**
+   * Streaming multiprocessors.
+   */
+  int32_t sm_count;
+  /**
+   * Device memory in bytes.
+   */
+  uint64_t total_memory;
+  /**
+   * Whether this build of mlart carries kernels that run on it.
+   */
+  bool has_kernels;
+  /**
+   * Which kernel image the driver will use, or why there is none.
+   */
+  char kernels[128];
+} mlart_device_props;
+
+/**
  * Which compute backend an engine uses.
  */
 typedef uint32_t mlart_backend;
@@ -826,6 +866,43 @@ void mlart_decode_args_init(struct mlart_decode_args *args);
  * when `out` and `lse` are complete.
  */
 struct mlart_error *mlart_decode_paged(struct mlart_engine *engine, const struct mlart_decode_args *args);
+
+/**
+ * Zeroes `props` and sets its `struct_size`. NULL is ignored.
+ */
+void mlart_device_props_init(struct mlart_device_props *props);
+
+/**
+ * Writes the number of CUDA devices to `*out`: 0 when there is no NVIDIA
+ * driver (that is not an error). A driver that fails is a DEVICE error.
+ */
+struct mlart_error *mlart_device_count(int32_t *out);
+
+/**
+ * Describes CUDA device `device_index`. NOT_FOUND when there is no such
+ * device, UNSUPPORTED when there is no driver.
+ */
+struct mlart_error *mlart_device_info(int32_t device_index, struct mlart_device_props *out);
+
+/**
+ * Allocates `bytes` (> 0) in the engine's memory: device memory on a CUDA
+ * engine, 256-byte aligned host memory on a CPU engine. Contents are
+ * undefined. Release with `mlart_engine_mem_free` on the same engine.
+ */
+struct mlart_error *mlart_engine_mem_alloc(struct mlart_engine *engine, size_t bytes, void **out);
+
+/**
+ * Frees memory from `mlart_engine_mem_alloc` of the same engine. NULL is
+ * ignored.
+ */
+struct mlart_error *mlart_engine_mem_free(struct mlart_engine *engine, void *ptr);
+
+/**
+ * Copies `bytes` from `src` to `dst`, each in host or the engine's device
+ * memory as `*_memory` says, and returns when the copy is done. The ranges
+ * must not overlap. A CPU engine accepts host memory only.
+ */
+struct mlart_error *mlart_engine_mem_copy(struct mlart_engine *engine, void *dst, mlart_memory dst_memory, const void *src, mlart_memory src_memory, size_t bytes);
 
 /**
  * Fills `options` with the defaults. NULL is ignored.

@@ -2,6 +2,7 @@
 //! decode on it. It is shared (`Arc`) by the handles that use it.
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendInfo};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::Decode;
@@ -47,6 +48,12 @@ impl Default for EngineOptions {
     }
 }
 
+/// Whether `MLART_BACKEND_AUTO` may choose a GPU. The CUDA kernels build
+/// and their host side is tested everywhere, but no GPU run has checked
+/// their numbers yet, so AUTO stays on the CPU and says so; an explicit
+/// `MLART_BACKEND_CUDA` (or `MLART_BACKEND=cuda`) uses the GPU.
+pub const AUTO_USES_CUDA: bool = false;
+
 /// Environment overrides, read once per engine creation.
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -75,13 +82,28 @@ impl Engine {
                 };
                 prefix = format!("backend forced by MLART_BACKEND={v}; ");
             } else {
-                prefix = "auto: this build has no CUDA backend; ".to_string();
+                prefix = match CudaBackend::probe(opts.device_index) {
+                    Ok(_) if AUTO_USES_CUDA => {
+                        let cuda = CudaBackend::new(opts.device_index, "auto: ")?;
+                        return Ok(Engine {
+                            backend: Box::new(cuda),
+                        });
+                    }
+                    Ok((props, _)) => format!(
+                        "auto: {} found, but the CUDA kernels are not yet verified on hardware, so AUTO uses the CPU (MLART_BACKEND=cuda to use it); ",
+                        props.name
+                    ),
+                    Err(e) => format!("auto: no usable CUDA device ({}); ", e.message),
+                };
             }
         }
         match request {
-            BackendRequest::Cuda => Err(Error::unsupported(
-                "backend = CUDA: this build of mlart has no CUDA backend yet; use MLART_BACKEND_CPU or MLART_BACKEND_AUTO",
-            )),
+            BackendRequest::Cuda => Ok(Engine {
+                backend: Box::new(
+                    CudaBackend::new(opts.device_index, &prefix)
+                        .map_err(|e| e.with_context("backend = CUDA"))?,
+                ),
+            }),
             BackendRequest::Cpu | BackendRequest::Auto => {
                 if opts.device_index != 0 {
                     return Err(Error::invalid(format!(
@@ -91,7 +113,9 @@ impl Engine {
                 }
                 let isa = env_var("MLART_CPU_ISA");
                 let cpu = CpuBackend::new(opts.num_threads, isa.as_deref(), &prefix)?;
-                Ok(Engine { backend: Box::new(cpu) })
+                Ok(Engine {
+                    backend: Box::new(cpu),
+                })
             }
         }
     }

@@ -73,6 +73,17 @@ impl Error {
         Self::new(Status::Unsupported, message)
     }
 
+    /// Prefixes the message with where it happened.
+    pub fn with_context(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// A GPU driver or device failure.
+    pub fn device(message: impl Into<String>) -> Self {
+        Self::new(Status::Device, message)
+    }
+
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(Status::NotFound, message)
     }

@@ -4,6 +4,7 @@
 //! format layer, never the pool, the engine or C.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::decode::desc::DecodeOutput;
 use crate::decode::Decode;
@@ -33,6 +34,8 @@ pub struct BackendInfo {
     pub device_name: String,
     /// The CPU kernel variant in use (CPU backends).
     pub cpu_isa: cpu::CpuIsa,
+    /// GPU ordinal (CUDA) or 0.
+    pub device_index: usize,
     /// Worker threads (CPU) or 0.
     pub threads: usize,
     /// CPU features detected at run time, space separated.
@@ -77,6 +80,11 @@ pub trait Backend: Send + Sync {
 
     /// Allocates `bytes` of zeroed memory in the backend's memory space.
     fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer>;
+
+    /// The CUDA backend behind this one, for calls on device memory.
+    fn cuda(&self) -> Option<&cuda::CudaBackend> {
+        None
+    }
 }
 
 /// Allocates a zeroed host vector, reporting failure instead of aborting.

@@ -5,6 +5,7 @@ use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::types::*;
 use super::{check_disjoint, check_ptr, read_struct, slice, slice_mut, Region};
+use crate::backend::cuda::CudaBackend;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
 use crate::error::{Error, Result};
@@ -153,6 +154,108 @@ pub(crate) fn check_memory(raw: mlart_memory) -> Result<()> {
     }
 }
 
+fn dev(p: *const c_void) -> u64 {
+    p as usize as u64
+}
+
+/// `name` must be set: device pointers cannot be checked further here.
+fn required(p: *const c_void, name: &str) -> Result<u64> {
+    if p.is_null() {
+        return Err(Error::null(name));
+    }
+    Ok(dev(p))
+}
+
+/// A decode over the engine's device memory: every scalar is validated
+/// here; the contents (block ids, lengths, indices) are checked by the
+/// kernels, which mask bad entries and report them (after a synchronous
+/// call) as INVALID_ARGUMENT.
+fn decode_paged_device(
+    cuda: &CudaBackend,
+    a: &mlart_decode_args,
+    shape: DecodeShape,
+    layout: KvLayout,
+    num_blocks: usize,
+) -> Result<()> {
+    use crate::backend::cuda::args::{DenseDev, DeviceDecode, IndexedDev, KeysDev};
+    let q_dtype = Dtype::from_raw("q_dtype", a.q_dtype)?.check_activation("q_dtype")?;
+    let out_dtype = Dtype::from_raw("out_dtype", a.out_dtype)?.check_activation("out_dtype")?;
+    let q = required(a.q, "q")?;
+    let out = required(a.out as *const c_void, "out")?;
+    let kv = required(a.kv, "kv")?;
+    let keys = if a.indices.is_null() {
+        for (name, set) in [
+            ("topk_length", !a.topk_length.is_null()),
+            ("extra_kv", !a.extra_kv.is_null()),
+            ("extra_indices", !a.extra_indices.is_null()),
+            ("extra_topk_length", !a.extra_topk_length.is_null()),
+        ] {
+            if set {
+                return Err(Error::invalid(format!(
+                    "{name} is set but indices is NULL: it belongs to sparse decode"
+                )));
+            }
+        }
+        KeysDev::Dense(DenseDev {
+            block_table: required(a.block_table as *const c_void, "block_table")?,
+            stride: positive("block_table_stride", a.block_table_stride)?,
+            seqlens: required(a.seqlens as *const c_void, "seqlens")?,
+        })
+    } else {
+        if shape.causal {
+            return Err(Error::invalid(
+                "causal = true with indices set: sparse decode has no causal mask",
+            ));
+        }
+        let main = IndexedDev {
+            layout,
+            kv,
+            num_blocks,
+            indices: dev(a.indices as *const c_void),
+            topk: positive("topk", a.topk)?,
+            topk_length: dev(a.topk_length as *const c_void),
+        };
+        let extra = if a.extra_kv.is_null() {
+            if !a.extra_indices.is_null() || !a.extra_topk_length.is_null() {
+                return Err(Error::invalid(
+                    "extra_indices or extra_topk_length is set but extra_kv is NULL",
+                ));
+            }
+            None
+        } else {
+            let xlayout = KvLayout::new(
+                layout.format,
+                shape.d_qk,
+                positive("extra_block_size", a.extra_block_size)?,
+                "kv_format",
+            )?;
+            Some(IndexedDev {
+                layout: xlayout,
+                kv: dev(a.extra_kv),
+                num_blocks: positive("extra_num_blocks", a.extra_num_blocks)?,
+                indices: required(a.extra_indices as *const c_void, "extra_indices")?,
+                topk: positive("extra_topk", a.extra_topk)?,
+                topk_length: dev(a.extra_topk_length as *const c_void),
+            })
+        };
+        KeysDev::Sparse { main, extra }
+    };
+    cuda.decode_device(&DeviceDecode {
+        shape,
+        q_dtype,
+        out_dtype,
+        layout,
+        q,
+        kv,
+        num_blocks,
+        keys,
+        sink: dev(a.attn_sink as *const c_void),
+        out,
+        lse: dev(a.lse as *const c_void),
+        stream: dev(a.stream),
+    })
+}
+
 /// The caller's query, output and lse buffers, validated against `shape`.
 pub(crate) struct Activations<'a> {
     pub q_dtype: Dtype,
@@ -242,7 +345,11 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
     let engine = unsafe { engine_ref(engine) }?;
     // SAFETY: a non-NULL args points to a caller struct.
     let a = unsafe { read_struct(args, "args", "mlart_decode_args_init") }?;
-    check_memory(a.memory)?;
+    let memory = Memory::from_raw("memory", a.memory)?;
+    let cuda = engine.inner.backend().cuda();
+    if cuda.is_none() {
+        check_memory(a.memory)?;
+    }
     let shape = DecodeShape::new(
         a.batch,
         a.s_q,
@@ -260,6 +367,9 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
         positive("block_size", a.block_size)?,
         "kv_format",
     )?;
+    if let (Some(c), Memory::Device) = (cuda, memory) {
+        return decode_paged_device(c, &a, shape, layout, num_blocks);
+    }
     // SAFETY: mlart_decode_args contract: kv holds num_blocks blocks.
     let kv = unsafe { slice(a.kv as *const u8, layout.cache_bytes(num_blocks)?, "kv") }?;
     let cache = KvCache::new(layout, kv, num_blocks)?;

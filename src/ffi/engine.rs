@@ -190,7 +190,7 @@ pub extern "C" fn mlart_engine_info(
         };
         p.cpu_isa = info.cpu_isa.raw();
         p.num_threads = info.threads.min(i32::MAX as usize) as i32;
-        p.device_index = 0;
+        p.device_index = info.device_index.min(i32::MAX as usize) as i32;
         write_c_str(&mut p.device_name, &info.device_name);
         write_c_str(&mut p.cpu_features, &info.cpu_features);
         write_c_str(&mut p.reason, &info.reason);

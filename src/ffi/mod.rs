@@ -13,6 +13,7 @@
 #![allow(clippy::not_unsafe_ptr_arg_deref)]
 
 pub mod decode;
+pub mod device;
 pub mod engine;
 pub mod error;
 pub mod format;

@@ -94,6 +94,7 @@ impl CpuBackend {
                 kind: BackendKind::Cpu,
                 device_name: cpu_model_name(),
                 cpu_isa: isa,
+                device_index: 0,
                 threads,
                 cpu_features: features.describe(),
                 reason: format!("{reason_prefix}cpu kernel {}: {why}", isa.name()),

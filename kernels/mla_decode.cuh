@@ -1,0 +1,369 @@
+// Split-KV flash decode for MLA (one KV head, V = the first 512 dims of K).
+//
+// One block of 4 warps takes one work item (a group's keys [start, end))
+// for 16 of the group's query rows. Per 32-key tile:
+//   S  = Q Kᵀ   each warp one 16x8 slice of S over all d_qk  (mma.sync m16n8k16)
+//   P  = online softmax of S in f32, rounded to the operand type
+//   O += P V    each warp 128 of the 512 value columns     (ldmatrix.trans for V)
+// K tiles are double-buffered: cp.async for BF16/F16 caches, a converting
+// load (FP8 dequantized with its tile scales, F32 rounded) otherwise. Keys
+// that are masked or past the item's end are zero-filled in shared memory,
+// so NaN-poisoned unused slots are never read.
+//
+// A group with one item writes the output (sink applied) and lse; otherwise
+// the item writes its normalized partial output and lse for mla_combine.
+#pragma once
+#include "mla_keys.cuh"
+#include "mla_math.cuh"
+
+#define MLA_DV 512
+#define MLA_ROWS 16
+#define MLA_TOKENS 32
+#define MLA_THREADS 128
+#define MLA_ERR_LAUNCH 8  // the block got less shared memory than it needs
+
+namespace mla {
+
+// Shared-memory layout; row strides padded by 8 elements (16 bytes) so the
+// fragment loads and ldmatrix hit 32 different banks.
+template <int DQK>
+struct Smem {
+    static constexpr int KSTRIDE = DQK + 8;               // elements
+    static constexpr int SSTRIDE = MLA_TOKENS + 4;        // floats
+    static constexpr int PSTRIDE = MLA_TOKENS + 8;        // elements
+    static constexpr int Q = 0;
+    static constexpr int K = Q + MLA_ROWS * KSTRIDE * 2;  // two buffers
+    static constexpr int S = K + 2 * MLA_TOKENS * KSTRIDE * 2;
+    static constexpr int P = S + MLA_ROWS * SSTRIDE * 4;
+    static constexpr int TOK_ROW = P + MLA_ROWS * PSTRIDE * 2;  // [2][32] row pointers
+    static constexpr int TOK_AUX = TOK_ROW + 2 * MLA_TOKENS * 8;  // [2][32] scale pointers
+    static constexpr int ROW_M = TOK_AUX + 2 * MLA_TOKENS * 8;
+    static constexpr int ROW_L = ROW_M + MLA_ROWS * 4;
+    static constexpr int ROW_SCALE = ROW_L + MLA_ROWS * 4;
+    static constexpr int ROW_LIMIT = ROW_SCALE + MLA_ROWS * 4;
+    static constexpr int BYTES = ROW_LIMIT + MLA_ROWS * 4;
+};
+static_assert(Smem<576>::BYTES == 98304, "update launch.rs: decode_smem_bytes(576)");
+static_assert(Smem<512>::BYTES == 88064, "update launch.rs: decode_smem_bytes(512)");
+static_assert(Smem<576>::K % 16 == 0 && Smem<576>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<512>::K % 16 == 0 && Smem<512>::TOK_ROW % 16 == 0, "alignment");
+
+__device__ __forceinline__ uint32_t dyn_smem_bytes() {
+    uint32_t r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+}
+
+// Fills K buffer `buf` with the keys whose row pointers are in tok_row[buf].
+template <int KV, int DQK, typename Op>
+__device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* const* rows,
+                                          const uint8_t* const* aux) {
+    using T = typename Op::T;
+    constexpr int KS = Smem<DQK>::KSTRIDE;
+    const int tid = threadIdx.x;
+    if constexpr (KV == MLA_KV_BF16 || KV == MLA_KV_F16) {
+        constexpr int PER_ROW = DQK / 8;  // 16-byte pieces
+        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += MLA_THREADS) {
+            const int t = c / PER_ROW, part = c % PER_ROW;
+            T* dst = ks + t * KS + part * 8;
+            if (rows[t]) {
+                cp_async_16(dst, rows[t] + part * 16);
+            } else {
+                *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
+            }
+        }
+    } else if constexpr (KV == MLA_KV_F32) {
+        constexpr int PER_ROW = DQK / 4;
+        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += MLA_THREADS) {
+            const int t = c / PER_ROW, part = c % PER_ROW;
+            uint2 v = make_uint2(0, 0);
+            if (rows[t]) {
+                const float4 f = __ldg(reinterpret_cast<const float4*>(rows[t]) + part);
+                v = make_uint2(Op::pack(f.x, f.y), Op::pack(f.z, f.w));
+            }
+            *reinterpret_cast<uint2*>(ks + t * KS + part * 4) = v;
+        }
+    } else {
+        // FP8: 16 codes per piece, then the bf16 rope copied as is.
+        constexpr bool V32 = KV == MLA_KV_FP8_V32;
+        constexpr int NOPE = V32 ? 512 : 448;
+        constexpr int TILE = V32 ? 128 : 64;
+        constexpr int ROPE_AT = V32 ? 528 : 448;  // byte offset of the rope in a row
+        constexpr int PIECES = NOPE / 16 + 8;     // + 128 rope bytes
+        for (int c = tid; c < MLA_TOKENS * PIECES; c += MLA_THREADS) {
+            const int t = c / PIECES, part = c % PIECES;
+            T* dst = ks + t * KS;
+            const uint8_t* row = rows[t];
+            if (part < NOPE / 16) {
+                uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+                if (row) {
+                    const int tile = part * 16 / TILE;
+                    const float scale =
+                        V32 ? __ldg(reinterpret_cast<const float*>(row + NOPE) + tile)
+                            : ue8m0_to_float(__ldg(aux[t] + tile));
+                    const uint4 codes = __ldg(reinterpret_cast<const uint4*>(row) + part);
+                    const uint32_t w[4] = {codes.x, codes.y, codes.z, codes.w};
+                    uint32_t o[8];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        o[2 * i] = Op::pack(e4m3_to_float(w[i] & 0xff) * scale,
+                                            e4m3_to_float((w[i] >> 8) & 0xff) * scale);
+                        o[2 * i + 1] = Op::pack(e4m3_to_float((w[i] >> 16) & 0xff) * scale,
+                                                e4m3_to_float(w[i] >> 24) * scale);
+                    }
+                    lo = make_uint4(o[0], o[1], o[2], o[3]);
+                    hi = make_uint4(o[4], o[5], o[6], o[7]);
+                }
+                *reinterpret_cast<uint4*>(dst + part * 16) = lo;
+                *reinterpret_cast<uint4*>(dst + part * 16 + 8) = hi;
+            } else {
+                const int r = part - NOPE / 16;
+                uint4 v = make_uint4(0, 0, 0, 0);
+                if (row) v = __ldg(reinterpret_cast<const uint4*>(row + ROPE_AT) + r);
+                *reinterpret_cast<uint4*>(dst + NOPE + r * 8) = v;
+            }
+        }
+    }
+}
+
+template <int KV, int DQK, typename Op>
+__device__ __forceinline__ void decode_block(const MlaParams& p) {
+    using T = typename Op::T;
+    using L = Smem<DQK>;
+    constexpr int KS = L::KSTRIDE;
+    constexpr int ROW_BYTES = KV == MLA_KV_BF16 || KV == MLA_KV_F16 ? DQK * 2
+                            : KV == MLA_KV_F32                       ? DQK * 4
+                            : KV == MLA_KV_FP8_V32                   ? 656
+                                                                     : 576;
+    extern __shared__ __align__(16) uint8_t smem[];
+    if (dyn_smem_bytes() < (uint32_t)L::BYTES) {
+        if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
+        return;
+    }
+    const int item_ix = blockIdx.x;
+    if (item_ix >= *p.num_items) return;
+    const int4 item = p.items[item_ix];
+    const int g = item.x, kstart = item.y, kend = item.z, splits = item.w;
+    const int R = p.rows_per_group;
+    const int row0 = blockIdx.y * MLA_ROWS;
+    if (row0 >= R) return;
+
+    T* qs = reinterpret_cast<T*>(smem + L::Q);
+    T* kbuf = reinterpret_cast<T*>(smem + L::K);
+    float* ss = reinterpret_cast<float*>(smem + L::S);
+    T* ps = reinterpret_cast<T*>(smem + L::P);
+    const uint8_t** tok_row = reinterpret_cast<const uint8_t**>(smem + L::TOK_ROW);
+    const uint8_t** tok_aux = reinterpret_cast<const uint8_t**>(smem + L::TOK_AUX);
+    float* row_m = reinterpret_cast<float*>(smem + L::ROW_M);
+    float* row_l = reinterpret_cast<float*>(smem + L::ROW_L);
+    float* row_scale = reinterpret_cast<float*>(smem + L::ROW_SCALE);
+    int* row_limit = reinterpret_cast<int*>(smem + L::ROW_LIMIT);
+
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int gq = lane / 4, q4 = lane % 4;  // mma fragment row group / quad
+    const int n_main = main_keys(p, g);
+    const int n_all = n_main + extra_keys(p, g);
+
+    // Queries of this block's rows, converted to the operand type; rows past
+    // the group are zero.
+    const int64_t q_row0 = (int64_t)g * R + row0;
+    for (int i = tid; i < MLA_ROWS * DQK; i += MLA_THREADS) {
+        const int r = i / DQK, k = i % DQK;
+        float v = 0.f;
+        if (row0 + r < R) v = load_elem(p.q, p.q_dtype, (q_row0 + r) * DQK + k);
+        qs[r * KS + k] = Op::from_float(v);
+    }
+    if (tid < MLA_ROWS) {
+        const int r = row0 + tid;
+        int limit = 0;
+        if (r < R) {
+            limit = n_all;
+            if (!p.sparse && p.causal) limit = n_all - (p.s_q - 1 - r / p.h_q);
+        }
+        row_limit[tid] = limit;
+        row_m[tid] = -INFINITY;
+        row_l[tid] = 0.f;
+    }
+
+    // Key rows of the tile at `start` into slot `buf` (warp 0).
+    auto locate_tile = [&](int start, int buf) {
+        if (warp == 0) {
+            const int j = start + lane;
+            const uint8_t* row = nullptr;
+            const uint8_t* aux = nullptr;
+            const uint8_t* block;
+            int slot, bs;
+            if (j < kend && locate_key(p, g, n_main, j, &block, &slot, &bs)) {
+                if (KV == MLA_KV_FP8_MODEL1) {
+                    row = block + (int64_t)slot * 576;
+                    aux = block + (int64_t)bs * 576 + (int64_t)slot * 8;
+                } else {
+                    row = block + (int64_t)slot * ROW_BYTES;
+                }
+            }
+            tok_row[buf * MLA_TOKENS + lane] = row;
+            tok_aux[buf * MLA_TOKENS + lane] = aux;
+        }
+    };
+
+    float o[16][4];
+#pragma unroll
+    for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+
+    const int tiles = (kend - kstart + MLA_TOKENS - 1) / MLA_TOKENS;
+    if (tiles > 0) {
+        locate_tile(kstart, 0);
+        __syncthreads();
+        load_tile<KV, DQK, Op>(kbuf, tok_row, tok_aux);
+        cp_async_commit();
+    }
+    for (int t = 0; t < tiles; ++t) {
+        const int buf = t & 1;
+        const int tstart = kstart + t * MLA_TOKENS;
+        T* ks = kbuf + buf * MLA_TOKENS * KS;
+        // Prefetch the next tile into the other buffer.
+        if (t + 1 < tiles) {
+            locate_tile(tstart + MLA_TOKENS, buf ^ 1);
+            __syncthreads();
+            load_tile<KV, DQK, Op>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
+                                   tok_row + (buf ^ 1) * MLA_TOKENS,
+                                   tok_aux + (buf ^ 1) * MLA_TOKENS);
+        }
+        cp_async_commit();  // (possibly empty) group of the next tile
+        cp_async_wait<1>(); // this tile's group has landed
+        __syncthreads();
+
+        // S = Q Kᵀ: this warp's 8 keys against the 16 rows.
+        {
+            float s[4] = {0.f, 0.f, 0.f, 0.f};
+            const T* kr = ks + (warp * 8 + gq) * KS + q4 * 2;
+            const T* q0 = qs + gq * KS + q4 * 2;
+            const T* q8 = q0 + 8 * KS;
+#pragma unroll 4
+            for (int k = 0; k < DQK; k += 16) {
+                const uint32_t a[4] = {lds32(q0 + k), lds32(q8 + k), lds32(q0 + k + 8),
+                                       lds32(q8 + k + 8)};
+                Op::mma(s, a, lds32(kr + k), lds32(kr + k + 8));
+            }
+            float* s0 = ss + gq * L::SSTRIDE + warp * 8 + q4 * 2;
+            s0[0] = s[0];
+            s0[1] = s[1];
+            s0[8 * L::SSTRIDE] = s[2];
+            s0[8 * L::SSTRIDE + 1] = s[3];
+        }
+        __syncthreads();
+
+        // Online softmax: 8 threads per row, 4 keys each.
+        {
+            const int r = tid / 8, sub = tid % 8;
+            const int limit = row_limit[r];
+            const float m_old = row_m[r];
+            float sv[4];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const int j = sub * 4 + i;
+                const bool ok = tok_row[buf * MLA_TOKENS + j] != nullptr && tstart + j < limit;
+                sv[i] = ok ? ss[r * L::SSTRIDE + j] * p.scale_log2 : -INFINITY;
+                mx = fmaxf(mx, sv[i]);
+            }
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            const float m_new = fmaxf(m_old, mx);
+            const float m_use = m_new == -INFINITY ? 0.f : m_new;
+            float sum = 0.f;
+            uint32_t pk[2];
+#pragma unroll
+            for (int i = 0; i < 4; i += 2) {
+                const float p0 = exp2f(sv[i] - m_use), p1 = exp2f(sv[i + 1] - m_use);
+                sum += p0 + p1;
+                pk[i / 2] = Op::pack(p0, p1);
+            }
+            *reinterpret_cast<uint2*>(ps + r * L::PSTRIDE + sub * 4) = make_uint2(pk[0], pk[1]);
+#pragma unroll
+            for (int off = 1; off < 8; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            if (sub == 0) {
+                const float corr = exp2f(m_old - m_use);
+                row_m[r] = m_new;
+                row_l[r] = row_l[r] * corr + sum;
+                row_scale[r] = corr;
+            }
+        }
+        __syncthreads();
+
+        // O = O * corr + P V over this warp's 128 value columns.
+        {
+            const float c0 = row_scale[gq], c8 = row_scale[gq + 8];
+#pragma unroll
+            for (int n = 0; n < 16; ++n) {
+                o[n][0] *= c0;
+                o[n][1] *= c0;
+                o[n][2] *= c8;
+                o[n][3] *= c8;
+            }
+#pragma unroll
+            for (int kk = 0; kk < MLA_TOKENS; kk += 16) {
+                const T* p0 = ps + gq * L::PSTRIDE + kk + q4 * 2;
+                const uint32_t a[4] = {lds32(p0), lds32(p0 + 8 * L::PSTRIDE), lds32(p0 + 8),
+                                       lds32(p0 + 8 * L::PSTRIDE + 8)};
+                // ldmatrix rows: lanes 0-7 keys kk..+7, 8-15 keys kk+8..+15 (n-tile n),
+                // 16-31 the same keys for n-tile n + 1.
+                const int key = kk + (lane & 7) + ((lane >> 3) & 1) * 8;
+                const T* vrow = ks + key * KS + warp * 128 + (lane >> 4) * 8;
+#pragma unroll
+                for (int n = 0; n < 16; n += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4_trans(b, vrow + n * 8);
+                    Op::mma(o[n], a, b[0], b[1]);
+                    Op::mma(o[n + 1], a, b[2], b[3]);
+                }
+            }
+        }
+        __syncthreads();
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+
+    // Normalize and write: the output itself when the group has one item,
+    // else this item's partial result.
+    const float LN2 = 0.69314718055994530942f;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int rl = gq + half * 8;
+        const int r = row0 + rl;
+        if (r >= R) continue;
+        const float l = row_l[rl];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse = l > 0.f ? (row_m[rl] + log2f(l)) * LN2 : -INFINITY;
+        float f = inv;
+        const int h = p.sparse ? r : r % p.h_q;
+        if (splits == 1 && p.sink) f *= 1.f / (1.f + expf(p.sink[h] - lse));
+        if (l <= 0.f) f = 0.f;
+        const int64_t orow = (int64_t)g * R + r;
+#pragma unroll
+        for (int n = 0; n < 16; ++n) {
+            const int col = warp * 128 + n * 8 + q4 * 2;
+            const float v0 = o[n][half * 2] * f, v1 = o[n][half * 2 + 1] * f;
+            if (splits == 1) {
+                store_pair(p.out, p.out_dtype, orow * MLA_DV + col, v0, v1);
+            } else {
+                float* dst = p.part_o + ((int64_t)item_ix * R + r) * MLA_DV + col;
+                dst[0] = v0;
+                dst[1] = v1;
+            }
+        }
+        if (warp == 0 && q4 == 0) {
+            if (splits == 1) {
+                if (p.lse) {
+                    const int b = p.sparse ? g / p.s_q : g;
+                    const int i = p.sparse ? g % p.s_q : r / p.h_q;
+                    p.lse[((int64_t)b * p.h_q + h) * p.s_q + i] = l > 0.f ? lse : INFINITY;
+                }
+            } else {
+                p.part_lse[(int64_t)item_ix * R + r] = lse;
+            }
+        }
+    }
+}
+
+}  // namespace mla

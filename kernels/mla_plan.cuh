@@ -1,0 +1,64 @@
+// The device twin of src/decode/plan.rs (SplitPlan::build with
+// workers = parts): cuts every group's keys into balanced 64-token chunks
+// with a fixed per-split overhead, so a decode call needs no host sync to
+// know its work. At most num_groups + parts items result, which is the
+// decode grid's size; surplus blocks exit at once.
+#pragma once
+#include "mla_keys.cuh"
+
+#define MLA_PLAN_THREADS 1024
+
+extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS) mla_plan(const __grid_constant__ MlaParams p) {
+    __shared__ unsigned long long s_total;
+    __shared__ int s_scan[MLA_PLAN_THREADS];
+    const int tid = threadIdx.x;
+    const int G = p.num_groups;
+    if (tid == 0) s_total = 0;
+    __syncthreads();
+    unsigned long long local = 0;
+    for (int g = tid; g < G; g += blockDim.x) {
+        int n = mla::group_keys(p, g);
+        local += (n + MLA_CHUNK_TOKENS - 1) / MLA_CHUNK_TOKENS + MLA_SPLIT_OVERHEAD_CHUNKS;
+    }
+    atomicAdd(&s_total, local);
+    __syncthreads();
+    const long long parts = p.parts > 0 ? p.parts : 1;
+    long long per = ((long long)s_total + parts - 1) / parts;
+    if (per < 1) per = 1;
+    int carry = 0;
+    for (int base = 0; base < G; base += blockDim.x) {
+        const int g = base + tid;
+        const int n = g < G ? mla::group_keys(p, g) : 0;
+        const int chunks = (n + MLA_CHUNK_TOKENS - 1) / MLA_CHUNK_TOKENS;
+        int splits = 0;
+        if (g < G) {
+            long long s = (chunks + MLA_SPLIT_OVERHEAD_CHUNKS + per - 1) / per;
+            const int hi = chunks > 1 ? chunks : 1;
+            splits = s < 1 ? 1 : (s > hi ? hi : (int)s);
+        }
+        // Inclusive scan of the split counts (Hillis-Steele).
+        s_scan[tid] = splits;
+        __syncthreads();
+        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+            const int v = tid >= off ? s_scan[tid - off] : 0;
+            __syncthreads();
+            s_scan[tid] += v;
+            __syncthreads();
+        }
+        if (g < G) {
+            const int first = carry + s_scan[tid] - splits;
+            p.group_meta[g] = make_int2(first, splits);
+            const int each = chunks / splits, extra = chunks % splits;
+            int chunk = 0;
+            for (int s = 0; s < splits; ++s) {
+                const int start = min(chunk * MLA_CHUNK_TOKENS, n);
+                chunk += each + (s < extra ? 1 : 0);
+                const int end = min(chunk * MLA_CHUNK_TOKENS, n);
+                p.items[first + s] = make_int4(g, start, end, splits);
+            }
+        }
+        carry += s_scan[blockDim.x - 1];
+        __syncthreads();
+    }
+    if (tid == 0) *p.num_items = carry;
+}

@@ -1,0 +1,689 @@
+//! The CUDA backend: one GPU's primary context, the embedded kernels, a
+//! stream and a workspace. Decode calls enqueue plan -> decode -> combine
+//! with no host sync and no allocation once the workspace has grown, so a
+//! caller can capture them in a CUDA graph.
+
+use super::args::{DeviceDecode, KeysDev};
+use super::driver::{self, dev_err, guarded, DeviceProps};
+use super::fatbin;
+use super::launch::{self, Geometry, DECODE_KERNELS};
+use super::params::{describe_error_flags, MlaParams};
+use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
+use crate::decode::desc::DecodeOutput;
+use crate::decode::{Decode, Keys};
+use crate::error::{Error, Result};
+use crate::format::{Dtype, KvFormat};
+use cudarc::driver::{result, sys};
+use parking_lot::Mutex;
+use std::ffi::{c_void, CString};
+
+/// Device memory owned by the backend.
+#[derive(Debug, Default)]
+struct DeviceMem {
+    ptr: u64,
+    bytes: usize,
+}
+
+struct State {
+    stream: sys::CUstream,
+    /// Recorded after each call's last kernel; the next call's stream waits
+    /// on it, so calls on different streams never share the workspace at once.
+    done: sys::CUevent,
+    workspace: DeviceMem,
+    staging: DeviceMem,
+}
+
+struct DecodeFn {
+    format: KvFormat,
+    d_qk: usize,
+    func: sys::CUfunction,
+    smem: usize,
+    /// Blocks of this kernel the whole GPU holds at once.
+    resident: usize,
+}
+
+pub struct CudaBackend {
+    info: BackendInfo,
+    props: DeviceProps,
+    dev: sys::CUdevice,
+    ctx: sys::CUcontext,
+    module: sys::CUmodule,
+    plan: sys::CUfunction,
+    combine: sys::CUfunction,
+    decoders: Vec<DecodeFn>,
+    state: Mutex<State>,
+    host_calls: Mutex<()>,
+}
+
+// SAFETY: driver handles (context, module, functions, stream, event) may be
+// used from any thread once the context is current; every method makes it
+// current first, and mutable state is behind the mutex.
+unsafe impl Send for CudaBackend {}
+// SAFETY: as above.
+unsafe impl Sync for CudaBackend {}
+
+fn function(module: sys::CUmodule, name: &str) -> Result<sys::CUfunction> {
+    let c = CString::new(name).map_err(|_| Error::internal("kernel name"))?;
+    // SAFETY: module is loaded; c is NUL-terminated.
+    unsafe { result::module::get_function(module, c) }
+        .map_err(|e| dev_err("cuModuleGetFunction")(e).with_context(&format!("kernel {name}")))
+}
+
+impl CudaBackend {
+    /// Checks, without opening a context, that GPU `index` exists and that
+    /// the embedded kernels run on it; returns its description and the
+    /// fatbin image the driver will pick.
+    pub fn probe(index: usize) -> Result<(DeviceProps, String)> {
+        let (_, props) = driver::device(index)?;
+        let image = fatbin::fatbin().ok_or_else(|| {
+            Error::unsupported(
+                "this build of mlart has no CUDA kernels (nvcc was not found at build time; run scripts/cuda-toolchain.sh and rebuild)",
+            )
+        })?;
+        let entries =
+            fatbin::entries(image).map_err(|e| Error::internal(format!("embedded fatbin: {e}")))?;
+        let image_name = fatbin::runs_on(&entries, props.major, props.minor).ok_or_else(|| {
+            Error::unsupported(format!(
+                "{} is sm_{}{}, but the kernels are built for sm_80 and newer",
+                props.name, props.major, props.minor
+            ))
+        })?;
+        Ok((props, image_name))
+    }
+
+    /// Opens GPU `index`. `why` prefixes the reason `mlart_engine_info` shows.
+    pub fn new(index: usize, why: &str) -> Result<Self> {
+        let (props, image_name) = Self::probe(index)?;
+        let (dev, _) = driver::device(index)?;
+        let image = fatbin::fatbin().ok_or_else(|| Error::internal("fatbin vanished"))?;
+        guarded("CUDA backend setup", || {
+            Self::open(dev, props.clone(), image, &image_name, why)
+        })
+    }
+
+    fn open(
+        dev: sys::CUdevice,
+        props: DeviceProps,
+        image: &'static [u8],
+        image_name: &str,
+        why: &str,
+    ) -> Result<Self> {
+        // SAFETY: dev is a valid device after cuInit.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }
+            .map_err(dev_err("cuDevicePrimaryCtxRetain"))?;
+        // SAFETY: ctx was just retained.
+        unsafe { result::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
+        // SAFETY: image is a complete, 8-byte aligned fatbin that lives forever.
+        let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+            .map_err(|e| {
+                let mut err = dev_err("cuModuleLoadData")(e);
+                err.status = crate::Status::Unsupported;
+                err.with_context(&format!("loading the kernels for {}", props.name))
+            })?;
+        let plan = function(module, launch::PLAN_KERNEL)?;
+        let combine = function(module, launch::COMBINE_KERNEL)?;
+        let mut decoders = Vec::new();
+        for (format, d_qk, name) in DECODE_KERNELS {
+            let func = function(module, name)?;
+            let smem = launch::decode_smem_bytes(d_qk);
+            if smem > props.max_smem_per_block {
+                return Err(Error::unsupported(format!(
+                    "{} allows {} bytes of shared memory per block; the decode kernels need {smem}",
+                    props.name, props.max_smem_per_block
+                )));
+            }
+            // SAFETY: func is a kernel of the loaded module.
+            unsafe {
+                result::function::set_function_attribute(
+                    func,
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+            }
+            .map_err(dev_err("cuFuncSetAttribute"))?;
+            // SAFETY: as above; block size and smem are this kernel's.
+            let per_sm = unsafe {
+                result::occupancy::max_active_block_per_multiprocessor(
+                    func,
+                    launch::DECODE_THREADS as i32,
+                    smem,
+                )
+            }
+            .map_err(dev_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+            decoders.push(DecodeFn {
+                format,
+                d_qk,
+                func,
+                smem,
+                resident: (per_sm.max(1) as usize) * props.sm_count as usize,
+            });
+        }
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(dev_err("cuStreamCreate"))?;
+        let done = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+            .map_err(dev_err("cuEventCreate"))?;
+        let reason = format!(
+            "{why}CUDA device {} ({}, sm_{}{}, {} SMs), kernels: {image_name}",
+            props.index, props.name, props.major, props.minor, props.sm_count
+        );
+        Ok(CudaBackend {
+            info: BackendInfo {
+                kind: BackendKind::Cuda,
+                device_name: props.name.clone(),
+                cpu_isa: CpuIsa::Scalar,
+                device_index: props.index,
+                threads: 0,
+                cpu_features: String::new(),
+                reason,
+            },
+            props,
+            dev,
+            ctx,
+            module,
+            plan,
+            combine,
+            decoders,
+            state: Mutex::new(State {
+                stream,
+                done,
+                workspace: DeviceMem::default(),
+                staging: DeviceMem::default(),
+            }),
+            host_calls: Mutex::new(()),
+        })
+    }
+
+    pub fn props(&self) -> &DeviceProps {
+        &self.props
+    }
+
+    fn make_current(&self) -> Result<()> {
+        // SAFETY: ctx is retained for the backend's life.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
+    }
+
+    /// Grows `mem` to `bytes` (after the device is done with the old one).
+    fn ensure(&self, st: &mut State, which: Which, bytes: usize) -> Result<u64> {
+        let cur = match which {
+            Which::Workspace => &st.workspace,
+            Which::Staging => &st.staging,
+        };
+        if cur.bytes >= bytes && cur.ptr != 0 {
+            return Ok(cur.ptr);
+        }
+        // SAFETY: event and stream are the backend's own.
+        unsafe { result::event::synchronize(st.done) }.map_err(dev_err("cuEventSynchronize"))?;
+        // SAFETY: as above.
+        unsafe { result::stream::synchronize(st.stream) }
+            .map_err(dev_err("cuStreamSynchronize"))?;
+        let mem = match which {
+            Which::Workspace => &mut st.workspace,
+            Which::Staging => &mut st.staging,
+        };
+        if mem.ptr != 0 {
+            // SAFETY: allocated by malloc_sync below and no longer in use.
+            unsafe { result::free_sync(mem.ptr) }.map_err(dev_err("cuMemFree"))?;
+            *mem = DeviceMem::default();
+        }
+        let want = bytes.max(1 << 20).next_power_of_two();
+        // SAFETY: plain device allocation.
+        let ptr = unsafe { result::malloc_sync(want) }.map_err(|e| {
+            if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                Error::out_of_memory("CUDA workspace", want)
+            } else {
+                dev_err("cuMemAlloc")(e)
+            }
+        })?;
+        *mem = DeviceMem { ptr, bytes: want };
+        Ok(ptr)
+    }
+
+    /// Allocates `bytes` of device memory for the host (uninitialized).
+    pub fn mem_alloc(&self, bytes: usize) -> Result<u64> {
+        self.make_current()?;
+        guarded("cuMemAlloc", || {
+            // SAFETY: plain device allocation of a nonzero size.
+            unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| {
+                if e.0 == sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY {
+                    Error::out_of_memory("device memory", bytes)
+                } else {
+                    dev_err("cuMemAlloc")(e)
+                }
+            })
+        })
+    }
+
+    /// Frees memory from `mem_alloc`.
+    pub fn mem_free(&self, ptr: u64) -> Result<()> {
+        self.make_current()?;
+        guarded("cuMemFree", || {
+            // SAFETY: the driver checks the address; a bad one is an error.
+            unsafe { result::free_sync(ptr) }.map_err(dev_err("cuMemFree"))
+        })
+    }
+
+    /// Copies `bytes` between any mix of host and device memory (unified
+    /// addressing tells the driver which is which) and waits.
+    pub fn mem_copy(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.make_current()?;
+        guarded("cuMemcpy", || {
+            // SAFETY: the caller vouches for both ranges (C contract); the
+            // driver rejects addresses it does not know as device memory
+            // only when they are not valid host memory either.
+            unsafe { sys::cuMemcpy(dst, src, bytes) }
+                .result()
+                .map_err(dev_err("cuMemcpy"))
+        })
+    }
+
+    /// Enqueues one decode over device memory; waits and checks the error
+    /// word when `a.stream` is 0.
+    pub fn decode_device(&self, a: &DeviceDecode) -> Result<()> {
+        let kernel = launch::decode_kernel(&a.shape, a.layout.format)?;
+        let f = self
+            .decoders
+            .iter()
+            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
+            .ok_or_else(|| Error::internal(format!("kernel {kernel} not loaded")))?;
+        check_alignment(a)?;
+        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
+        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let ws = geo.workspace();
+        let mut p = base_params(a, &geo)?;
+        self.make_current()?;
+        let mut st = self.state.lock();
+        let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
+        p.items = base + ws.items as u64;
+        p.group_meta = base + ws.group_meta as u64;
+        p.num_items = base + ws.num_items as u64;
+        p.error_flags = base + ws.error_flags as u64;
+        p.part_lse = base + ws.part_lse as u64;
+        p.part_o = base + ws.part_o as u64;
+        let stream = if a.stream == 0 {
+            st.stream
+        } else {
+            a.stream as sys::CUstream
+        };
+        self.enqueue(&st, stream, &p, &geo, f)?;
+        if a.stream == 0 {
+            // SAFETY: our stream.
+            unsafe { result::stream::synchronize(stream) }
+                .map_err(dev_err("decode (cuStreamSynchronize)"))?;
+            let mut flags = [0u32; 1];
+            // SAFETY: error_flags is 4 bytes of our workspace; the stream is idle.
+            unsafe { result::memcpy_dtoh_sync(&mut flags, p.error_flags) }
+                .map_err(dev_err("cuMemcpyDtoH"))?;
+            if let Some(m) = describe_error_flags(flags[0]) {
+                return Err(Error::invalid(format!(
+                    "decode on {}: {m}",
+                    self.props.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn enqueue(
+        &self,
+        st: &State,
+        stream: sys::CUstream,
+        p: &MlaParams,
+        geo: &Geometry,
+        f: &DecodeFn,
+    ) -> Result<()> {
+        // SAFETY: every handle is live; `p` outlives the launches (the
+        // driver copies kernel parameters at launch); the workspace is ours
+        // and large enough for `geo` (ensure above).
+        unsafe {
+            result::stream::wait_event(
+                stream,
+                st.done,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+            .map_err(dev_err("cuStreamWaitEvent"))?;
+            result::memset_d8_async(p.error_flags, 0, 4, stream)
+                .map_err(dev_err("cuMemsetD8Async"))?;
+            let mut args = [p as *const MlaParams as *mut c_void];
+            result::launch_kernel(
+                self.plan,
+                (1, 1, 1),
+                (launch::PLAN_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_plan"))?;
+            result::launch_kernel(
+                f.func,
+                geo.decode_grid(),
+                (launch::DECODE_THREADS, 1, 1),
+                f.smem as u32,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_decode"))?;
+            result::launch_kernel(
+                self.combine,
+                geo.combine_grid(),
+                (32 * launch::COMBINE_ROWS as u32, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_combine"))?;
+            result::event::record(st.done, stream).map_err(dev_err("cuEventRecord"))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Which {
+    Workspace,
+    Staging,
+}
+
+fn dtype_code(d: Dtype) -> i32 {
+    match d {
+        Dtype::F32 => 0,
+        Dtype::Bf16 => 1,
+        Dtype::F16 => 2,
+        Dtype::Fp8E4m3 => 3,
+    }
+}
+
+fn format_code(f: KvFormat) -> i32 {
+    match f {
+        KvFormat::Bf16 => 0,
+        KvFormat::F16 => 1,
+        KvFormat::F32 => 2,
+        KvFormat::Fp8V32 => 3,
+        KvFormat::Fp8Model1 => 4,
+    }
+}
+
+fn int(name: &str, v: usize) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{name} = {v} does not fit in int32")))
+}
+
+/// The kernels read caches with 16-byte loads and activations by element.
+fn check_alignment(a: &DeviceDecode) -> Result<()> {
+    let check = |name: &str, ptr: u64, align: u64| -> Result<()> {
+        if !ptr.is_multiple_of(align) {
+            return Err(Error::invalid(format!(
+                "{name} = {ptr:#x} must be {align}-byte aligned for the CUDA kernels"
+            )));
+        }
+        Ok(())
+    };
+    check("kv", a.kv, 16)?;
+    check("q", a.q, a.q_dtype.size() as u64)?;
+    check("out", a.out, 4)?;
+    check("lse", a.lse, 4)?;
+    check("attn_sink", a.sink, 4)?;
+    if let KeysDev::Sparse { extra: Some(x), .. } = a.keys {
+        check("extra_kv", x.kv, 16)?;
+    }
+    Ok(())
+}
+
+/// The call's parameters, without the workspace addresses.
+pub(crate) fn base_params(a: &DeviceDecode, geo: &Geometry) -> Result<MlaParams> {
+    let s = &a.shape;
+    let mut p = MlaParams {
+        batch: int("batch", s.batch)?,
+        s_q: int("s_q", s.s_q)?,
+        h_q: int("h_q", s.h_q)?,
+        d_qk: int("d_qk", s.d_qk)?,
+        d_v: int("d_v", s.d_v)?,
+        causal: i32::from(s.causal),
+        rows_per_group: int("rows", geo.rows_per_group)?,
+        num_groups: int("groups", geo.groups)?,
+        scale_log2: s.softmax_scale * std::f32::consts::LOG2_E,
+        q_dtype: dtype_code(a.q_dtype),
+        out_dtype: dtype_code(a.out_dtype),
+        kv_format: format_code(a.layout.format),
+        num_blocks: int("num_blocks", a.num_blocks)?,
+        block_size: int("block_size", a.layout.block_size)?,
+        block_bytes: a.layout.block_bytes as i64,
+        parts: int("parts", geo.parts)?,
+        max_items: int("items", geo.max_items)?,
+        q: a.q,
+        kv: a.kv,
+        sink: a.sink,
+        out: a.out,
+        lse: a.lse,
+        ..MlaParams::default()
+    };
+    match a.keys {
+        KeysDev::Dense(d) => {
+            p.block_table = d.block_table;
+            p.bt_stride = int("block_table_stride", d.stride)?;
+            p.seqlens = d.seqlens;
+        }
+        KeysDev::Sparse { main, extra } => {
+            p.sparse = 1;
+            p.kv = main.kv;
+            p.num_blocks = int("num_blocks", main.num_blocks)?;
+            p.block_size = int("block_size", main.layout.block_size)?;
+            p.block_bytes = main.layout.block_bytes as i64;
+            p.indices = main.indices;
+            p.topk = int("topk", main.topk)?;
+            p.topk_length = main.topk_length;
+            if let Some(x) = extra {
+                p.extra_kv = x.kv;
+                p.extra_num_blocks = int("extra_num_blocks", x.num_blocks)?;
+                p.extra_block_size = int("extra_block_size", x.layout.block_size)?;
+                p.extra_block_bytes = x.layout.block_bytes as i64;
+                p.extra_indices = x.indices;
+                p.extra_topk = int("extra_topk", x.topk)?;
+                p.extra_topk_length = x.topk_length;
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// Host slices packed into one staging area, each piece 256-byte aligned.
+struct Staging<'a> {
+    pieces: Vec<(usize, &'a [u8])>,
+    bytes: usize,
+}
+
+impl<'a> Staging<'a> {
+    fn new() -> Self {
+        Staging {
+            pieces: Vec::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Reserves room for `data` (copied in) and returns its offset.
+    fn put(&mut self, data: &'a [u8]) -> usize {
+        let off = self.bytes;
+        self.bytes += data.len().div_ceil(256) * 256;
+        self.pieces.push((off, data));
+        off
+    }
+
+    /// Reserves `len` bytes the device writes.
+    fn reserve(&mut self, len: usize) -> usize {
+        let off = self.bytes;
+        self.bytes += len.div_ceil(256) * 256;
+        off
+    }
+}
+
+struct StagedIndexed {
+    layout: crate::format::KvLayout,
+    kv: usize,
+    num_blocks: usize,
+    indices: usize,
+    topk: usize,
+    topk_length: Option<usize>,
+}
+
+enum StagedKeys {
+    /// block table, stride, seqlens
+    Dense(usize, usize, usize),
+    Sparse(StagedIndexed, Option<StagedIndexed>),
+}
+
+fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &crate::decode::IndexedKeys<'a>) -> StagedIndexed {
+    StagedIndexed {
+        layout: ik.kv.layout,
+        kv: sg.put(ik.kv.data),
+        num_blocks: ik.kv.num_blocks,
+        indices: sg.put(as_bytes(ik.indices)),
+        topk: ik.topk,
+        topk_length: ik.topk_length.map(|l| sg.put(as_bytes(l))),
+    }
+}
+
+fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: i32/f32 slices reinterpreted as their bytes; u8 has no alignment.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    /// Host memory: stages the inputs, decodes, copies the results back.
+    fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+        // One host-memory call at a time owns the staging area, from the
+        // copies in to the copies back.
+        let _host_call = self.host_calls.lock();
+        let mut sg = Staging::new();
+        let q = sg.put(d.q);
+        let sink = d.attn_sink.map(|s| sg.put(as_bytes(s)));
+        let (layout, kv, num_blocks, keys) = match &d.keys {
+            Keys::Dense(k) => {
+                let kv = sg.put(k.kv.data);
+                let bt = sg.put(as_bytes(k.block_table));
+                let sl = sg.put(as_bytes(k.seqlens));
+                (
+                    k.kv.layout,
+                    kv,
+                    k.kv.num_blocks,
+                    StagedKeys::Dense(bt, k.block_table_stride, sl),
+                )
+            }
+            Keys::Sparse(s) => {
+                let main = stage_indexed(&mut sg, &s.main);
+                let extra = s.extra.as_ref().map(|x| stage_indexed(&mut sg, x));
+                (
+                    s.main.kv.layout,
+                    main.kv,
+                    s.main.kv.num_blocks,
+                    StagedKeys::Sparse(main, extra),
+                )
+            }
+        };
+        let out_off = sg.reserve(out.out.len());
+        let lse_off = out
+            .lse
+            .as_ref()
+            .map(|l| sg.reserve(std::mem::size_of_val(&**l)));
+
+        self.make_current()?;
+        let base = {
+            let mut st = self.state.lock();
+            let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
+            for (off, data) in &sg.pieces {
+                if !data.is_empty() {
+                    // SAFETY: the staging area holds `sg.bytes`; data is host memory
+                    // that outlives the synchronous copy.
+                    unsafe { result::memcpy_htod_sync(base + *off as u64, data) }
+                        .map_err(dev_err("cuMemcpyHtoD"))?;
+                }
+            }
+            base
+        };
+        let at = |off: usize| base + off as u64;
+        let keys_dev = match keys {
+            StagedKeys::Dense(bt, stride, sl) => KeysDev::Dense(super::args::DenseDev {
+                block_table: at(bt),
+                stride,
+                seqlens: at(sl),
+            }),
+            StagedKeys::Sparse(main, extra) => {
+                let dev = |s: &StagedIndexed| super::args::IndexedDev {
+                    layout: s.layout,
+                    kv: at(s.kv),
+                    num_blocks: s.num_blocks,
+                    indices: at(s.indices),
+                    topk: s.topk,
+                    topk_length: s.topk_length.map_or(0, at),
+                };
+                KeysDev::Sparse {
+                    main: dev(&main),
+                    extra: extra.as_ref().map(dev),
+                }
+            }
+        };
+        let args = DeviceDecode {
+            shape: d.shape,
+            q_dtype: d.q_dtype,
+            out_dtype: out.dtype,
+            layout,
+            q: at(q),
+            kv: at(kv),
+            num_blocks,
+            keys: keys_dev,
+            sink: sink.map_or(0, at),
+            out: at(out_off),
+            lse: lse_off.map_or(0, at),
+            stream: 0,
+        };
+        self.decode_device(&args)?;
+        // SAFETY: the decode finished (stream 0 waits); sizes match the reservations.
+        unsafe { result::memcpy_dtoh_sync(&mut *out.out, at(out_off)) }
+            .map_err(dev_err("cuMemcpyDtoH"))?;
+        if let (Some(l), Some(off)) = (out.lse.as_deref_mut(), lse_off) {
+            // SAFETY: as above.
+            unsafe { result::memcpy_dtoh_sync(l, at(off)) }.map_err(dev_err("cuMemcpyDtoH"))?;
+        }
+        Ok(())
+    }
+
+    fn install(&self, f: &mut (dyn FnMut() + Send)) {
+        f()
+    }
+
+    fn cuda(&self) -> Option<&CudaBackend> {
+        Some(self)
+    }
+
+    fn alloc(&self, what: &str, _bytes: usize) -> Result<Buffer> {
+        Err(Error::unsupported(format!(
+            "{what}: a KV pool in GPU memory is not implemented yet; create the pool on a CPU engine (MLART_BACKEND_CPU)"
+        )))
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // Errors cannot be reported from here; the driver frees what is left
+        // when the process ends.
+        let _ = guarded("CUDA backend teardown", || {
+            let st = self.state.get_mut();
+            // SAFETY: the handles are ours and no call is in flight (&mut self).
+            unsafe {
+                let _ = result::ctx::set_current(self.ctx);
+                let _ = result::stream::synchronize(st.stream);
+                for m in [&st.workspace, &st.staging] {
+                    if m.ptr != 0 {
+                        let _ = result::free_sync(m.ptr);
+                    }
+                }
+                let _ = result::event::destroy(st.done);
+                let _ = result::stream::destroy(st.stream);
+                let _ = result::module::unload(self.module);
+                let _ = result::primary_ctx::release(self.dev);
+            }
+            Ok(())
+        });
+    }
+}

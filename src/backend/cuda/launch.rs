@@ -1,0 +1,314 @@
+//! Launch geometry of the CUDA kernels: which entry point serves a shape,
+//! grid and shared-memory sizes, the workspace layout, and the host twin of
+//! the on-device split plan. Pure, so every machine tests it.
+
+use crate::decode::plan::SplitPlan;
+use crate::decode::DecodeShape;
+use crate::error::{Error, Result};
+use crate::format::KvFormat;
+
+/// Value dimension every decode kernel is built for (DeepSeek MLA).
+pub const DV: usize = 512;
+/// Query rows per decode block (one m16 tensor-core tile).
+pub const ROWS: usize = 16;
+/// Keys per shared-memory tile.
+pub const TOKENS: usize = 32;
+/// Threads of a decode block (4 warps).
+pub const DECODE_THREADS: u32 = 128;
+/// Threads of the one plan block.
+pub const PLAN_THREADS: u32 = 1024;
+/// Query rows per combine block (one warp each).
+pub const COMBINE_ROWS: usize = 4;
+
+pub const PLAN_KERNEL: &str = "mla_plan";
+pub const COMBINE_KERNEL: &str = "mla_combine";
+
+/// Every decode entry point: cache format, d_qk, name in the fatbin.
+pub const DECODE_KERNELS: [(KvFormat, usize, &str); 8] = [
+    (KvFormat::Bf16, 576, "mla_decode_bf16_d576"),
+    (KvFormat::Bf16, 512, "mla_decode_bf16_d512"),
+    (KvFormat::F16, 576, "mla_decode_f16_d576"),
+    (KvFormat::F16, 512, "mla_decode_f16_d512"),
+    (KvFormat::F32, 576, "mla_decode_f32_d576"),
+    (KvFormat::F32, 512, "mla_decode_f32_d512"),
+    (KvFormat::Fp8V32, 576, "mla_decode_fp8v32_d576"),
+    (KvFormat::Fp8Model1, 512, "mla_decode_fp8model1_d512"),
+];
+
+/// The decode kernel for a cache format and head dimension, or an
+/// UNSUPPORTED error saying what the CUDA backend takes.
+pub fn decode_kernel(shape: &DecodeShape, format: KvFormat) -> Result<&'static str> {
+    if shape.d_v != DV {
+        return Err(Error::unsupported(format!(
+            "d_v = {}: the CUDA kernels are built for DeepSeek MLA's d_v = {DV}; use a CPU engine for other shapes",
+            shape.d_v
+        )));
+    }
+    DECODE_KERNELS
+        .iter()
+        .find(|(f, d, _)| *f == format && *d == shape.d_qk)
+        .map(|(_, _, name)| *name)
+        .ok_or_else(|| {
+            Error::unsupported(format!(
+                "d_qk = {}: the CUDA kernels are built for d_qk = 576 or 512; use a CPU engine for other shapes",
+                shape.d_qk
+            ))
+        })
+}
+
+/// Dynamic shared memory of a decode block; mirrors `Smem<DQK>` in
+/// kernels/mla_decode.cuh (both sides pin the numbers).
+pub const fn decode_smem_bytes(d_qk: usize) -> usize {
+    let ks = d_qk + 8;
+    let q = ROWS * ks * 2;
+    let k = 2 * TOKENS * ks * 2;
+    let s = ROWS * (TOKENS + 4) * 4;
+    let p = ROWS * (TOKENS + 8) * 2;
+    let tokens = 2 * 2 * TOKENS * 8;
+    let rows = 4 * ROWS * 4;
+    q + k + s + p + tokens + rows
+}
+
+/// Grid sizes and workspace extents of one decode call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Query groups: sequences (dense) or sequence x query token (sparse).
+    pub groups: usize,
+    /// Query rows of a group: s_q * h_q (dense) or h_q (sparse).
+    pub rows_per_group: usize,
+    /// Decode blocks per work item (16 rows each).
+    pub row_tiles: usize,
+    /// Workers the split plan balances over.
+    pub parts: usize,
+    /// Upper bound on work items: groups + parts.
+    pub max_items: usize,
+}
+
+impl Geometry {
+    /// `resident_blocks`: decode blocks the whole device runs at once.
+    pub fn new(shape: &DecodeShape, sparse: bool, resident_blocks: usize) -> Result<Self> {
+        let (groups, rows_per_group) = if sparse {
+            (shape.batch * shape.s_q, shape.h_q)
+        } else {
+            (shape.batch, shape.s_q * shape.h_q)
+        };
+        let row_tiles = rows_per_group.div_ceil(ROWS);
+        let parts = (resident_blocks / row_tiles).max(1);
+        let max_items = groups + parts;
+        if row_tiles > 65535 || max_items > i32::MAX as usize || rows_per_group > i32::MAX as usize
+        {
+            return Err(Error::unsupported(format!(
+                "batch = {}, s_q = {}, h_q = {}: too many query rows for one CUDA launch",
+                shape.batch, shape.s_q, shape.h_q
+            )));
+        }
+        Ok(Geometry {
+            groups,
+            rows_per_group,
+            row_tiles,
+            parts,
+            max_items,
+        })
+    }
+
+    pub fn decode_grid(&self) -> (u32, u32, u32) {
+        (self.max_items as u32, self.row_tiles as u32, 1)
+    }
+
+    pub fn combine_grid(&self) -> (u32, u32, u32) {
+        (
+            self.groups as u32,
+            self.rows_per_group.div_ceil(COMBINE_ROWS) as u32,
+            1,
+        )
+    }
+
+    /// Byte offsets of the workspace pieces, each 256-aligned, and the total.
+    pub fn workspace(&self) -> WorkspaceLayout {
+        let mut at = 0usize;
+        let mut take = |bytes: usize| {
+            let off = at;
+            at += bytes.div_ceil(256) * 256;
+            off
+        };
+        let items = take(self.max_items * 16);
+        let group_meta = take(self.groups * 8);
+        let num_items = take(4);
+        let error_flags = take(4);
+        let part_lse = take(self.max_items * self.rows_per_group * 4);
+        let part_o = take(self.max_items * self.rows_per_group * DV * 4);
+        WorkspaceLayout {
+            items,
+            group_meta,
+            num_items,
+            error_flags,
+            part_lse,
+            part_o,
+            bytes: at,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkspaceLayout {
+    pub items: usize,
+    pub group_meta: usize,
+    pub num_items: usize,
+    pub error_flags: usize,
+    pub part_lse: usize,
+    pub part_o: usize,
+    pub bytes: usize,
+}
+
+/// The host twin of `mla_plan`: the items (`{group, start, end, splits}`)
+/// and group table (`{first item, splits}`) the device builds for these key
+/// counts. The device kernel implements `SplitPlan::build` with
+/// `workers = parts`; GPU tests compare the two.
+pub fn host_plan(keys: &[usize], parts: usize) -> (Vec<[i32; 4]>, Vec<[i32; 2]>) {
+    let mut plan = SplitPlan::default();
+    plan.build(keys, parts);
+    let mut items = Vec::with_capacity(plan.items().len());
+    let mut groups = Vec::with_capacity(keys.len());
+    for g in 0..keys.len() {
+        let of = plan.items_of(g);
+        groups.push([plan.first_item(g) as i32, of.len() as i32]);
+        for it in of {
+            items.push([
+                it.seq as i32,
+                it.start as i32,
+                it.end as i32,
+                of.len() as i32,
+            ]);
+        }
+    }
+    (items, groups)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn shape(batch: usize, s_q: usize, h_q: usize, d_qk: usize) -> DecodeShape {
+        DecodeShape::new(
+            batch as i32,
+            s_q as i32,
+            h_q as i32,
+            d_qk as i32,
+            512,
+            0.0,
+            false,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn shared_memory_matches_the_kernel_source() {
+        let src = include_str!("../../../kernels/mla_decode.cuh");
+        for d in [576, 512] {
+            let want = format!("Smem<{d}>::BYTES == {}", decode_smem_bytes(d));
+            assert!(src.contains(&want), "kernels/mla_decode.cuh lacks `{want}`");
+            // Fits the smallest opt-in limit of the targets (sm_86/89/120: 99 KiB).
+            assert!(decode_smem_bytes(d) <= 101376);
+        }
+        let defs = [
+            ("MLA_ROWS", ROWS),
+            ("MLA_TOKENS", TOKENS),
+            ("MLA_THREADS", DECODE_THREADS as usize),
+            ("MLA_DV", DV),
+        ];
+        for (name, v) in defs {
+            assert!(src.contains(&format!("#define {name} {v}")), "{name}");
+        }
+        let plan = include_str!("../../../kernels/mla_plan.cuh");
+        assert!(plan.contains(&format!("#define MLA_PLAN_THREADS {PLAN_THREADS}")));
+        let combine = include_str!("../../../kernels/mla_combine.cuh");
+        assert!(combine.contains(&format!("#define MLA_COMBINE_ROWS {COMBINE_ROWS}")));
+        let params = include_str!("../../../kernels/mla_params.cuh");
+        assert!(params.contains(&format!(
+            "#define MLA_CHUNK_TOKENS {}",
+            crate::decode::plan::CHUNK_TOKENS
+        )));
+        assert!(params.contains(&format!(
+            "#define MLA_SPLIT_OVERHEAD_CHUNKS {}",
+            crate::decode::plan::SPLIT_OVERHEAD_CHUNKS
+        )));
+    }
+
+    #[test]
+    fn every_entry_point_is_defined_in_the_kernel_source() {
+        let src = include_str!("../../../kernels/mlart_kernels.cu");
+        for (_, _, name) in DECODE_KERNELS {
+            assert!(src.contains(&format!("({name},")), "{name}");
+        }
+        assert!(include_str!("../../../kernels/mla_plan.cuh").contains(PLAN_KERNEL));
+        assert!(include_str!("../../../kernels/mla_combine.cuh").contains(COMBINE_KERNEL));
+    }
+
+    #[test]
+    fn kernels_are_chosen_by_format_and_dims() {
+        let s576 = shape(1, 1, 16, 576);
+        assert_eq!(
+            decode_kernel(&s576, KvFormat::Fp8V32).unwrap(),
+            "mla_decode_fp8v32_d576"
+        );
+        assert_eq!(
+            decode_kernel(&shape(1, 1, 16, 512), KvFormat::Fp8Model1).unwrap(),
+            "mla_decode_fp8model1_d512"
+        );
+        let e = decode_kernel(&shape(1, 1, 16, 1024), KvFormat::Bf16).unwrap_err();
+        assert_eq!(e.status, crate::Status::Unsupported);
+        assert!(e.message.contains("d_qk = 1024"), "{}", e.message);
+        let mut s = s576;
+        s.d_v = 128;
+        let e = decode_kernel(&s, KvFormat::Bf16).unwrap_err();
+        assert!(e.message.contains("d_v = 128"), "{}", e.message);
+    }
+
+    #[test]
+    fn geometry_tiles_heads_and_bounds_the_items() {
+        let g = Geometry::new(&shape(128, 1, 128, 576), false, 264).unwrap();
+        assert_eq!((g.groups, g.rows_per_group, g.row_tiles), (128, 128, 8));
+        assert_eq!(g.parts, 33);
+        assert_eq!(g.decode_grid(), (161, 8, 1));
+        assert_eq!(g.combine_grid(), (128, 32, 1));
+        // MTP: dense rows span the query tokens; sparse groups are per token.
+        let d = Geometry::new(&shape(4, 2, 20, 576), false, 100).unwrap();
+        assert_eq!((d.groups, d.rows_per_group, d.row_tiles), (4, 40, 3));
+        let s = Geometry::new(&shape(4, 2, 20, 576), true, 100).unwrap();
+        assert_eq!((s.groups, s.rows_per_group, s.row_tiles), (8, 20, 2));
+        // h_q = 1 still gets a block; a tiny device still gets one part.
+        let one = Geometry::new(&shape(1, 1, 1, 512), false, 0).unwrap();
+        assert_eq!((one.row_tiles, one.parts, one.max_items), (1, 1, 2));
+        let w = g.workspace();
+        assert!(w.part_o.is_multiple_of(256) && w.part_lse.is_multiple_of(256));
+        assert_eq!(w.bytes - w.part_o, 161 * 128 * 512 * 4);
+    }
+
+    #[test]
+    fn host_plan_fits_the_grid_and_tiles_every_group() {
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+        for _ in 0..300 {
+            let groups = rng.random_range(1..40);
+            let parts = rng.random_range(1..300);
+            let keys: Vec<usize> = (0..groups)
+                .map(|_| match rng.random_range(0..4) {
+                    0 => 0,
+                    1 => rng.random_range(1..70),
+                    _ => rng.random_range(1..20000),
+                })
+                .collect();
+            let (items, meta) = host_plan(&keys, parts);
+            assert!(items.len() <= groups + parts, "{} items", items.len());
+            for (g, m) in meta.iter().enumerate() {
+                let of = &items[m[0] as usize..(m[0] + m[1]) as usize];
+                assert_eq!(of[0][1], 0);
+                assert_eq!(of.last().unwrap()[2] as usize, keys[g]);
+                for w in of.windows(2) {
+                    assert_eq!(w[0][2], w[1][1]);
+                }
+                assert!(of.iter().all(|it| it[0] == g as i32 && it[3] == m[1]));
+            }
+        }
+    }
+}

@@ -1,0 +1,17 @@
+//! The CUDA backend: NVIDIA GPUs from Ampere (sm_80) up, through cudarc with
+//! the driver loaded at run time, running the kernels of `kernels/` from one
+//! fatbin embedded at build time.
+//!
+//! Everything but `device` (which needs a GPU to do anything) is pure and
+//! tested on every machine: the launch geometry, the parameter block the
+//! kernels read, the fatbin's contents and the host twin of the device plan.
+
+pub mod args;
+pub mod device;
+pub mod driver;
+pub mod fatbin;
+pub mod launch;
+pub mod params;
+
+pub use device::CudaBackend;
+pub use driver::{device_count, device_props, DeviceProps};

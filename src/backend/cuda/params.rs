@@ -1,0 +1,195 @@
+//! `MlaParams`: the one argument of every decode-path kernel, field for field
+//! the struct in `kernels/mla_params.cuh` (a test compares the two).
+
+/// Device addresses are `u64` (`CUdeviceptr`); 0 is "absent".
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct MlaParams {
+    pub batch: i32,
+    pub s_q: i32,
+    pub h_q: i32,
+    pub d_qk: i32,
+    pub d_v: i32,
+    pub sparse: i32,
+    pub causal: i32,
+    pub rows_per_group: i32,
+    pub num_groups: i32,
+    pub scale_log2: f32,
+    pub q_dtype: i32,
+    pub out_dtype: i32,
+    pub kv_format: i32,
+    pub num_blocks: i32,
+    pub block_size: i32,
+    pub bt_stride: i32,
+    pub topk: i32,
+    pub extra_num_blocks: i32,
+    pub extra_block_size: i32,
+    pub extra_topk: i32,
+    pub parts: i32,
+    pub max_items: i32,
+    pub pad0: i32,
+    pub pad1: i32,
+    pub block_bytes: i64,
+    pub extra_block_bytes: i64,
+    pub q: u64,
+    pub kv: u64,
+    pub block_table: u64,
+    pub seqlens: u64,
+    pub indices: u64,
+    pub topk_length: u64,
+    pub extra_kv: u64,
+    pub extra_indices: u64,
+    pub extra_topk_length: u64,
+    pub sink: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub items: u64,
+    pub group_meta: u64,
+    pub num_items: u64,
+    pub part_o: u64,
+    pub part_lse: u64,
+    pub error_flags: u64,
+}
+
+/// `MLA_PARAMS_SIZE` in the header.
+pub const MLA_PARAMS_SIZE: usize = 256;
+const _: () = assert!(std::mem::size_of::<MlaParams>() == MLA_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(MlaParams, block_bytes) == 96);
+const _: () = assert!(std::mem::offset_of!(MlaParams, error_flags) == 248);
+
+/// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
+pub const ERR_SEQLEN: u32 = 1;
+pub const ERR_BLOCK_ID: u32 = 2;
+pub const ERR_INDEX: u32 = 4;
+pub const ERR_LAUNCH: u32 = 8;
+
+/// Describes the error word a decode left, or None when it is clear.
+pub fn describe_error_flags(flags: u32) -> Option<String> {
+    if flags == 0 {
+        return None;
+    }
+    let mut parts = Vec::new();
+    if flags & ERR_SEQLEN != 0 {
+        parts.push("a seqlens entry is outside [0, block_table_stride * block_size] (clamped)");
+    }
+    if flags & ERR_BLOCK_ID != 0 {
+        parts.push("a block_table entry is outside [0, num_blocks) (its keys were masked)");
+    }
+    if flags & ERR_INDEX != 0 {
+        parts.push(
+            "a sparse index is outside [-1, num_blocks * block_size) or a topk_length outside [0, topk] (masked)",
+        );
+    }
+    if flags & ERR_LAUNCH != 0 {
+        parts.push("a decode kernel was launched with too little shared memory (internal)");
+    }
+    if flags & !(ERR_SEQLEN | ERR_BLOCK_ID | ERR_INDEX | ERR_LAUNCH) != 0 {
+        parts.push("unknown error bits");
+    }
+    Some(parts.join("; "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &str = include_str!("../../../kernels/mla_params.cuh");
+
+    /// Field names of `struct MlaParams` in the CUDA header, in order.
+    fn header_fields() -> Vec<String> {
+        let body = HEADER
+            .split("struct MlaParams {")
+            .nth(1)
+            .and_then(|s| s.split("};").next())
+            .expect("struct MlaParams in mla_params.cuh");
+        let mut names = Vec::new();
+        for line in body.lines() {
+            let code = line.split("//").next().unwrap_or("").trim();
+            let Some(decl) = code.strip_suffix(';') else {
+                continue;
+            };
+            // "int32_t batch, s_q" or "const int32_t* seqlens".
+            let mut parts = decl.split(',');
+            let first = parts.next().unwrap_or("");
+            names.push(
+                first
+                    .rsplit(|c: char| c.is_whitespace() || c == '*')
+                    .next()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+            names.extend(parts.map(|p| p.trim().to_string()));
+        }
+        names
+    }
+
+    #[test]
+    fn rust_struct_matches_the_cuda_header() {
+        let rust = [
+            "batch",
+            "s_q",
+            "h_q",
+            "d_qk",
+            "d_v",
+            "sparse",
+            "causal",
+            "rows_per_group",
+            "num_groups",
+            "scale_log2",
+            "q_dtype",
+            "out_dtype",
+            "kv_format",
+            "num_blocks",
+            "block_size",
+            "bt_stride",
+            "topk",
+            "extra_num_blocks",
+            "extra_block_size",
+            "extra_topk",
+            "parts",
+            "max_items",
+            "pad0",
+            "pad1",
+            "block_bytes",
+            "extra_block_bytes",
+            "q",
+            "kv",
+            "block_table",
+            "seqlens",
+            "indices",
+            "topk_length",
+            "extra_kv",
+            "extra_indices",
+            "extra_topk_length",
+            "sink",
+            "out",
+            "lse",
+            "items",
+            "group_meta",
+            "num_items",
+            "part_o",
+            "part_lse",
+            "error_flags",
+        ];
+        assert_eq!(header_fields(), rust);
+        assert!(HEADER.contains(&format!("#define MLA_PARAMS_SIZE {MLA_PARAMS_SIZE}")));
+        for (name, v) in [
+            ("MLA_ERR_SEQLEN", ERR_SEQLEN),
+            ("MLA_ERR_BLOCK_ID", ERR_BLOCK_ID),
+            ("MLA_ERR_INDEX", ERR_INDEX),
+        ] {
+            assert!(HEADER.contains(&format!("#define {name} {v}")), "{name}");
+        }
+    }
+
+    #[test]
+    fn error_flags_are_described() {
+        assert_eq!(describe_error_flags(0), None);
+        let m = describe_error_flags(ERR_BLOCK_ID | ERR_INDEX).unwrap();
+        assert!(
+            m.contains("block_table") && m.contains("sparse index"),
+            "{m}"
+        );
+        assert!(describe_error_flags(64).unwrap().contains("unknown"));
+    }
+}
