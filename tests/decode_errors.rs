@@ -1159,6 +1159,14 @@ fn decode_overlaps_and_alignment() {
 // ---------------------------------------------------------------------------
 
 /// A value no engine pointer has; must survive a failed create.
+/// CUDA devices the driver reports (0 without a driver).
+fn cuda_devices() -> i32 {
+    let mut n = -1;
+    assert!(take_error(mlart::ffi::device::mlart_device_count(&mut n)).is_none());
+    assert!(n >= 0);
+    n
+}
+
 fn sentinel_engine() -> *mut mlart_engine {
     std::ptr::dangling_mut::<mlart_engine>().wrapping_byte_add(0x5a50)
 }
@@ -1211,14 +1219,16 @@ fn engine_create_errors() {
             ],
         );
     }
-    let mut o = options();
-    o.backend = MLART_BACKEND_CUDA;
-    create_error(
-        "backend CUDA",
-        Some(&o),
-        MLART_STATUS_UNSUPPORTED,
-        &["backend = CUDA"],
-    );
+    if cuda_devices() == 0 {
+        let mut o = options();
+        o.backend = MLART_BACKEND_CUDA;
+        create_error(
+            "backend CUDA",
+            Some(&o),
+            MLART_STATUS_UNSUPPORTED,
+            &["backend = CUDA", "driver"],
+        );
+    }
     for b in [3, 9, u32::MAX] {
         let mut o = options();
         o.backend = b;
@@ -1320,14 +1330,16 @@ fn engine_create_environment_errors() {
         assert!(take_error(mlart_engine_create(&o, &mut e)).is_none());
         mlart_engine_free(e);
     });
-    with_env(&[("MLART_BACKEND", "cuda")], || {
-        create_error(
-            "MLART_BACKEND=cuda",
-            None,
-            MLART_STATUS_UNSUPPORTED,
-            &["CUDA"],
-        );
-    });
+    if cuda_devices() == 0 {
+        with_env(&[("MLART_BACKEND", "cuda")], || {
+            create_error(
+                "MLART_BACKEND=cuda",
+                None,
+                MLART_STATUS_UNSUPPORTED,
+                &["CUDA"],
+            );
+        });
+    }
     // Forcing a kernel this build or CPU lacks is UNSUPPORTED and names it
     // (or works, where both have it).
     for isa in ["avx2", "avx512", "amx"] {
@@ -1442,4 +1454,130 @@ fn error_object_conventions() {
         (o.backend, o.device_index, o.num_threads),
         (MLART_BACKEND_AUTO, 0, 0)
     );
+}
+
+/// `mlart_device_count/info` and the engine memory helpers on a CPU engine.
+#[test]
+fn device_and_memory_function_errors() {
+    use mlart::ffi::device::*;
+    let inv = MLART_STATUS_INVALID_ARGUMENT;
+    expect_error(
+        "device_count(NULL)",
+        mlart_device_count(std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out"],
+    );
+    let mut dp = MaybeUninit::<mlart_device_props>::uninit();
+    mlart_device_props_init(dp.as_mut_ptr());
+    // SAFETY: initialized above.
+    let mut dp = unsafe { dp.assume_init() };
+    expect_error(
+        "device_info(NULL)",
+        mlart_device_info(0, std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out"],
+    );
+    let mut bad = dp;
+    bad.struct_size = 3;
+    expect_error(
+        "device_info struct_size",
+        mlart_device_info(0, &mut bad),
+        inv,
+        &["struct_size = 3", "mlart_device_props_init"],
+    );
+    expect_error(
+        "device_info(-1)",
+        mlart_device_info(-1, &mut dp),
+        inv,
+        &["device_index = -1"],
+    );
+    let n = cuda_devices();
+    let e = take_error(mlart_device_info(n, &mut dp)).expect("one past the last device");
+    if n == 0 {
+        assert_eq!(e.0, MLART_STATUS_UNSUPPORTED, "{}", e.1);
+        assert!(e.1.contains("driver"), "{}", e.1);
+    } else {
+        assert_eq!(e.0, MLART_STATUS_NOT_FOUND, "{}", e.1);
+        assert!(e.1.contains(&format!("device_index = {n}")), "{}", e.1);
+    }
+
+    let engine = Engine::new();
+    let mut p: *mut c_void = std::ptr::null_mut();
+    expect_error(
+        "mem_alloc(NULL engine)",
+        mlart_engine_mem_alloc(std::ptr::null_mut(), 8, &mut p),
+        MLART_STATUS_NULL_POINTER,
+        &["engine"],
+    );
+    expect_error(
+        "mem_alloc(0)",
+        mlart_engine_mem_alloc(engine.0, 0, &mut p),
+        inv,
+        &["bytes = 0"],
+    );
+    expect_error(
+        "mem_alloc(out NULL)",
+        mlart_engine_mem_alloc(engine.0, 8, std::ptr::null_mut()),
+        MLART_STATUS_NULL_POINTER,
+        &["out"],
+    );
+    assert!(p.is_null(), "a failed alloc wrote *out");
+    // A CPU engine's memory is host memory: usable directly, copied by mem_copy.
+    assert!(take_error(mlart_engine_mem_alloc(engine.0, 1000, &mut p)).is_none());
+    assert!(!p.is_null() && (p as usize).is_multiple_of(256));
+    let src: Vec<u8> = (0..1000).map(|i| (i * 7) as u8).collect();
+    assert!(take_error(mlart_engine_mem_copy(
+        engine.0,
+        p,
+        MLART_MEMORY_HOST,
+        src.as_ptr() as *const c_void,
+        MLART_MEMORY_HOST,
+        1000
+    ))
+    .is_none());
+    // SAFETY: p holds 1000 bytes just written.
+    assert_eq!(
+        unsafe { std::slice::from_raw_parts(p as *const u8, 1000) },
+        &src[..]
+    );
+    expect_error(
+        "mem_copy device on CPU",
+        mlart_engine_mem_copy(
+            engine.0,
+            p,
+            MLART_MEMORY_DEVICE,
+            src.as_ptr() as *const c_void,
+            MLART_MEMORY_HOST,
+            10,
+        ),
+        MLART_STATUS_UNSUPPORTED,
+        &["dst_memory = 1", "CPU"],
+    );
+    expect_error(
+        "mem_copy bad memory",
+        mlart_engine_mem_copy(engine.0, p, 7, src.as_ptr() as *const c_void, 0, 10),
+        inv,
+        &["dst_memory = 7"],
+    );
+    expect_error(
+        "mem_copy overlap",
+        mlart_engine_mem_copy(
+            engine.0,
+            p,
+            MLART_MEMORY_HOST,
+            (p as usize + 10) as *const c_void,
+            MLART_MEMORY_HOST,
+            100,
+        ),
+        inv,
+        &["overlap"],
+    );
+    expect_error(
+        "mem_copy NULL src",
+        mlart_engine_mem_copy(engine.0, p, 0, std::ptr::null(), 0, 10),
+        MLART_STATUS_NULL_POINTER,
+        &["src"],
+    );
+    assert!(take_error(mlart_engine_mem_free(engine.0, p)).is_none());
+    assert!(take_error(mlart_engine_mem_free(engine.0, std::ptr::null_mut())).is_none());
 }

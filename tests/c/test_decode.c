@@ -182,9 +182,17 @@ static mlart_engine *create_engine(void) {
     bad.struct_size = (uint32_t)sizeof bad + 4;
     EXPECT_ERROR(mlart_engine_create(&bad, &engine), MLART_STATUS_INVALID_ARGUMENT, "struct_size");
     CHECK(engine == NULL, "a failed create wrote *out");
-    bad = opts;
-    bad.backend = MLART_BACKEND_CUDA;
-    EXPECT_ERROR(mlart_engine_create(&bad, &engine), MLART_STATUS_UNSUPPORTED, "CUDA");
+    int32_t gpus = -1;
+    CHECK(OK(mlart_device_count(&gpus)) && gpus >= 0, "mlart_device_count");
+    if (gpus == 0) {
+        /* No driver or no GPU: asking for CUDA says why. */
+        bad = opts;
+        bad.backend = MLART_BACKEND_CUDA;
+        EXPECT_ERROR(mlart_engine_create(&bad, &engine), MLART_STATUS_UNSUPPORTED, "CUDA");
+        mlart_device_props dp;
+        mlart_device_props_init(&dp);
+        EXPECT_ERROR(mlart_device_info(0, &dp), MLART_STATUS_UNSUPPORTED, "driver");
+    }
     bad = opts;
     bad.num_threads = -1;
     EXPECT_ERROR(mlart_engine_create(&bad, &engine), MLART_STATUS_INVALID_ARGUMENT, "num_threads");

@@ -323,6 +323,64 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Runs only the plan kernel for `a` and returns its items, group table
+    /// and the geometry it was built for (tests compare it with
+    /// `launch::host_plan`).
+    #[allow(clippy::type_complexity)]
+    pub fn device_plan(
+        &self,
+        a: &DeviceDecode,
+    ) -> Result<(Vec<[i32; 4]>, Vec<[i32; 2]>, Geometry)> {
+        let f = self
+            .decoders
+            .iter()
+            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
+            .ok_or_else(|| Error::unsupported("no decode kernel for this format and d_qk"))?;
+        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
+        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let ws = geo.workspace();
+        let mut p = base_params(a, &geo)?;
+        self.make_current()?;
+        let mut st = self.state.lock();
+        let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
+        p.items = base + ws.items as u64;
+        p.group_meta = base + ws.group_meta as u64;
+        p.num_items = base + ws.num_items as u64;
+        p.error_flags = base + ws.error_flags as u64;
+        let stream = st.stream;
+        let mut n = [0i32; 1];
+        let mut items = vec![0i32; 4 * geo.max_items];
+        let mut groups = vec![0i32; 2 * geo.groups];
+        // SAFETY: handles are live, the workspace holds `geo`'s extents and
+        // the copies wait for the plan kernel (stream synchronized first).
+        unsafe {
+            result::memset_d8_async(p.error_flags, 0, 4, stream)
+                .map_err(dev_err("cuMemsetD8Async"))?;
+            let mut args = [&p as *const MlaParams as *mut c_void];
+            result::launch_kernel(
+                self.plan,
+                (1, 1, 1),
+                (launch::PLAN_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_plan"))?;
+            result::stream::synchronize(stream).map_err(dev_err("mla_plan"))?;
+            result::memcpy_dtoh_sync(&mut n, p.num_items).map_err(dev_err("cuMemcpyDtoH"))?;
+            result::memcpy_dtoh_sync(&mut items, p.items).map_err(dev_err("cuMemcpyDtoH"))?;
+            result::memcpy_dtoh_sync(&mut groups, p.group_meta).map_err(dev_err("cuMemcpyDtoH"))?;
+        }
+        let n = (n[0].max(0) as usize).min(geo.max_items);
+        let items = items
+            .chunks_exact(4)
+            .take(n)
+            .map(|c| [c[0], c[1], c[2], c[3]])
+            .collect();
+        let groups = groups.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
+        Ok((items, groups, geo))
+    }
+
     fn enqueue(
         &self,
         st: &State,

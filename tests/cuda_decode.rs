@@ -1,0 +1,888 @@
+//! The CUDA backend against the CPU backend on the same random cases.
+//!
+//! The CPU engine is the oracle here: `decode_reference.rs` and
+//! `sparse_reference.rs` hold it to a float64 reference at 1e-5. Each case
+//! builds a paged cache (shuffled block tables, NaN-poisoned unused slots and
+//! blocks), runs one `mlart_decode_paged` call on a CPU engine and the same
+//! call on a CUDA engine twice: with host pointers (the engine stages them)
+//! and with device pointers (`mlart_engine_mem_alloc/copy`). The GPU computes
+//! with bf16 (f16 for F16 caches) tensor-core operands and f32 accumulation,
+//! so outputs are compared at the bf16 tolerance, 1e-2 relative L2, per
+//! sequence; queries that see no key must be exactly 0 with lse = +inf.
+//!
+//! Without a usable CUDA device every test is reported as skipped, with the
+//! reason, and not counted as passed: this binary has its own harness
+//! (`harness = false`) whose summary line reads
+//! `test result: ok. P passed; F failed; S skipped`. These tests are the GPU
+//! half of the suite; `scripts/gpu-check.sh` runs them on a GPU machine.
+
+mod common;
+
+use common::{bf16_bits, bf16_value, case_seed, rel_l2, sample, take_error, Engine};
+use mlart::ffi::decode::*;
+use mlart::ffi::device::*;
+use mlart::ffi::engine::*;
+use mlart::ffi::format::*;
+use mlart::ffi::types::*;
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use std::ffi::c_void;
+use std::mem::MaybeUninit;
+
+// ---------------------------------------------------------------------------
+// Engines.
+// ---------------------------------------------------------------------------
+
+struct Gpu {
+    ptr: *mut mlart_engine,
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        mlart_engine_free(self.ptr);
+    }
+}
+
+/// A CUDA engine, or why there is none.
+fn gpu() -> Result<Gpu, String> {
+    let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
+    mlart_engine_options_init(opts.as_mut_ptr());
+    // SAFETY: initialized by mlart_engine_options_init.
+    let mut opts = unsafe { opts.assume_init() };
+    opts.backend = MLART_BACKEND_CUDA;
+    let mut ptr = std::ptr::null_mut();
+    match take_error(mlart_engine_create(&opts, &mut ptr)) {
+        None => Ok(Gpu { ptr }),
+        Some((MLART_STATUS_UNSUPPORTED, msg)) | Some((MLART_STATUS_NOT_FOUND, msg)) => Err(msg),
+        Some((code, msg)) => panic!("creating a CUDA engine failed unexpectedly: {code}: {msg}"),
+    }
+}
+
+/// What a test did: ran its checks, or could not (and why).
+enum Outcome {
+    Ran,
+    Skipped(String),
+}
+
+/// Runs `body` with a CUDA engine, or says why the test is skipped.
+fn with_gpu(body: impl FnOnce(&Gpu)) -> Outcome {
+    match gpu() {
+        Ok(g) => {
+            body(&g);
+            Outcome::Ran
+        }
+        Err(why) => Outcome::Skipped(why),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Element types.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Dt {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Dt {
+    fn raw(self) -> mlart_dtype {
+        match self {
+            Dt::F32 => MLART_DTYPE_F32,
+            Dt::Bf16 => MLART_DTYPE_BF16,
+            Dt::F16 => MLART_DTYPE_F16,
+        }
+    }
+    fn size(self) -> usize {
+        if self == Dt::F32 {
+            4
+        } else {
+            2
+        }
+    }
+    fn push(self, x: f32, out: &mut Vec<u8>) {
+        match self {
+            Dt::F32 => out.extend_from_slice(&x.to_le_bytes()),
+            Dt::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
+            Dt::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
+        }
+    }
+    fn read(self, bytes: &[u8]) -> Vec<f64> {
+        bytes
+            .chunks_exact(self.size())
+            .map(|c| match self {
+                Dt::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64,
+                Dt::Bf16 => bf16_value(u16::from_le_bytes([c[0], c[1]])) as f64,
+                Dt::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64(),
+            })
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Cases.
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Debug)]
+struct Sparse {
+    topk: usize,
+    with_length: bool,
+    /// (topk, block size) of an extra cache.
+    extra: Option<(usize, usize)>,
+}
+
+#[derive(Clone, Debug)]
+struct Case {
+    batch: usize,
+    s_q: usize,
+    h_q: usize,
+    format: mlart_kv_format,
+    block_size: usize,
+    q: Dt,
+    out: Dt,
+    causal: bool,
+    /// Dense: tokens per sequence. Sparse: tokens written per sequence
+    /// (indices point into them).
+    seqlens: Vec<usize>,
+    sparse: Option<Sparse>,
+    sink: bool,
+    scale: f32,
+}
+
+impl Case {
+    fn d_qk(&self) -> usize {
+        // Plain formats: 512 for odd head counts, to cover both kernels.
+        let plain_576 = self.format != MLART_KV_FORMAT_FP8_MODEL1 && self.h_q.is_multiple_of(2);
+        if self.format == MLART_KV_FORMAT_FP8_V32 || plain_576 {
+            576
+        } else {
+            512
+        }
+    }
+}
+
+/// One paged cache: bytes, block count, and where each sequence's tokens are.
+struct Cache {
+    bytes: Vec<u8>,
+    num_blocks: usize,
+    block_size: usize,
+    /// Block table, `[batch, stride]`.
+    table: Vec<i32>,
+    stride: usize,
+}
+
+fn block_bytes(format: mlart_kv_format, d_qk: usize, bs: usize) -> usize {
+    let mut n = 0usize;
+    assert!(take_error(mlart_kv_block_bytes(format, d_qk as i32, bs as i32, &mut n)).is_none());
+    n
+}
+
+fn row_bytes(format: mlart_kv_format, d_qk: usize) -> usize {
+    let mut n = 0usize;
+    assert!(take_error(mlart_kv_row_bytes(format, d_qk as i32, &mut n)).is_none());
+    n
+}
+
+/// Fills every slot of `blocks` blocks with random rows, then poisons the
+/// slots `used(block, slot)` says are unused (NaN in plain formats, 0xff
+/// bytes, NaN codes and scales, in FP8 ones).
+fn build_cache(
+    rng: &mut SmallRng,
+    format: mlart_kv_format,
+    d_qk: usize,
+    bs: usize,
+    blocks: usize,
+    used: &dyn Fn(usize, usize) -> bool,
+) -> Vec<u8> {
+    let bb = block_bytes(format, d_qk, bs);
+    let mut cache = vec![0u8; bb * blocks];
+    let src: Vec<f32> = (0..blocks * bs * d_qk).map(|_| sample(rng)).collect();
+    assert!(take_error(mlart_kv_quantize(
+        format,
+        d_qk as i32,
+        bs as i32,
+        (blocks * bs) as i32,
+        MLART_DTYPE_F32,
+        src.as_ptr() as *const c_void,
+        cache.as_mut_ptr() as *mut c_void,
+    ))
+    .is_none());
+    let rb = row_bytes(format, d_qk);
+    for b in 0..blocks {
+        for s in 0..bs {
+            if used(b, s) {
+                continue;
+            }
+            let block = &mut cache[b * bb..(b + 1) * bb];
+            if format == MLART_KV_FORMAT_FP8_MODEL1 {
+                block[s * 576..(s + 1) * 576].fill(0xff);
+                block[bs * 576 + s * 8..bs * 576 + s * 8 + 7].fill(0xff);
+            } else if format == MLART_KV_FORMAT_FP8_V32 {
+                block[s * rb..(s + 1) * rb].fill(0xff);
+            } else {
+                // All-ones is a NaN in f32, bf16 and f16.
+                block[s * rb..(s + 1) * rb].fill(0xff);
+            }
+        }
+    }
+    cache
+}
+
+/// Dense cache: each sequence's blocks drawn from a shuffled pool with
+/// spare blocks; slots past each length poisoned.
+fn dense_cache(rng: &mut SmallRng, c: &Case) -> Cache {
+    let bs = c.block_size;
+    let stride = c
+        .seqlens
+        .iter()
+        .map(|&l| l.div_ceil(bs))
+        .max()
+        .unwrap_or(0)
+        .max(1)
+        + 1;
+    let need: usize = c.seqlens.iter().map(|&l| l.div_ceil(bs)).sum();
+    let blocks = need + 3;
+    let mut ids: Vec<i32> = (0..blocks as i32).collect();
+    ids.shuffle(rng);
+    let mut table = vec![-7i32; c.batch * stride];
+    let mut owner = vec![None; blocks];
+    let mut next = 0;
+    for (b, &l) in c.seqlens.iter().enumerate() {
+        for j in 0..l.div_ceil(bs) {
+            let id = ids[next];
+            next += 1;
+            table[b * stride + j] = id;
+            owner[id as usize] = Some((b, j));
+        }
+    }
+    let seqlens = c.seqlens.clone();
+    let used = move |blk: usize, slot: usize| match owner[blk] {
+        Some((b, j)) => j * bs + slot < seqlens[b],
+        None => false,
+    };
+    let bytes = build_cache(rng, c.format, c.d_qk(), bs, blocks, &used);
+    Cache {
+        bytes,
+        num_blocks: blocks,
+        block_size: bs,
+        table,
+        stride,
+    }
+}
+
+/// Sparse cache of `blocks` blocks where a random third of the slots are
+/// poisoned; returns it and the positions that hold real rows.
+fn sparse_cache(
+    rng: &mut SmallRng,
+    format: mlart_kv_format,
+    d_qk: usize,
+    bs: usize,
+    blocks: usize,
+) -> (Vec<u8>, Vec<i32>) {
+    let live: Vec<bool> = (0..blocks * bs)
+        .map(|_| rng.random_range(0..3) != 0)
+        .collect();
+    let l2 = live.clone();
+    let bytes = build_cache(rng, format, d_qk, bs, blocks, &move |b, s| l2[b * bs + s]);
+    let pos = (0..blocks * bs)
+        .filter(|&p| live[p])
+        .map(|p| p as i32)
+        .collect();
+    (bytes, pos)
+}
+
+fn random_indices(rng: &mut SmallRng, n: usize, live: &[i32]) -> Vec<i32> {
+    (0..n)
+        .map(|_| {
+            if rng.random_range(0..8) == 0 {
+                -1
+            } else {
+                live[rng.random_range(0..live.len())]
+            }
+        })
+        .collect()
+}
+
+/// Everything a call reads, in host memory.
+struct Inputs {
+    q: Vec<u8>,
+    main: Cache,
+    seqlens: Vec<i32>,
+    indices: Vec<i32>,
+    topk_length: Vec<i32>,
+    extra: Option<Cache>,
+    extra_indices: Vec<i32>,
+    extra_topk_length: Vec<i32>,
+    sink: Vec<f32>,
+}
+
+fn inputs(c: &Case, seed: u64) -> Inputs {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let d_qk = c.d_qk();
+    let mut q = Vec::new();
+    for _ in 0..c.batch * c.s_q * c.h_q * d_qk {
+        c.q.push(sample(&mut rng), &mut q);
+    }
+    let sink = (0..c.h_q)
+        .map(|h| match h % 5 {
+            0 => f32::NEG_INFINITY,
+            1 => 3.0,
+            _ => rng.random_range(-2.0..2.0),
+        })
+        .collect();
+    let rows = c.batch * c.s_q;
+    match &c.sparse {
+        None => {
+            let main = dense_cache(&mut rng, c);
+            Inputs {
+                q,
+                main,
+                seqlens: c.seqlens.iter().map(|&l| l as i32).collect(),
+                indices: Vec::new(),
+                topk_length: Vec::new(),
+                extra: None,
+                extra_indices: Vec::new(),
+                extra_topk_length: Vec::new(),
+                sink,
+            }
+        }
+        Some(sp) => {
+            let blocks = c.seqlens.iter().sum::<usize>().div_ceil(c.block_size) + 2;
+            let (bytes, live) = sparse_cache(&mut rng, c.format, d_qk, c.block_size, blocks);
+            let indices = random_indices(&mut rng, rows * sp.topk, &live);
+            let topk_length = (0..c.batch)
+                .map(|b| match b % 4 {
+                    0 => 0,
+                    1 => sp.topk as i32,
+                    _ => rng.random_range(0..=sp.topk as i32),
+                })
+                .collect();
+            let (extra, extra_indices, extra_topk_length) = match sp.extra {
+                None => (None, Vec::new(), Vec::new()),
+                Some((xtopk, xbs)) => {
+                    let xblocks = 3 + xtopk / xbs;
+                    let (xbytes, xlive) = sparse_cache(&mut rng, c.format, d_qk, xbs, xblocks);
+                    let xi = random_indices(&mut rng, rows * xtopk, &xlive);
+                    let xl = (0..c.batch)
+                        .map(|_| rng.random_range(0..=xtopk as i32))
+                        .collect();
+                    (
+                        Some(Cache {
+                            bytes: xbytes,
+                            num_blocks: xblocks,
+                            block_size: xbs,
+                            table: Vec::new(),
+                            stride: 0,
+                        }),
+                        xi,
+                        xl,
+                    )
+                }
+            };
+            Inputs {
+                q,
+                main: Cache {
+                    bytes,
+                    num_blocks: blocks,
+                    block_size: c.block_size,
+                    table: Vec::new(),
+                    stride: 0,
+                },
+                seqlens: Vec::new(),
+                indices,
+                topk_length,
+                extra,
+                extra_indices,
+                extra_topk_length,
+                sink,
+            }
+        }
+    }
+}
+
+/// Pointers for one call: host memory as is, or device copies.
+struct Placed {
+    ptrs: Vec<*mut c_void>,
+    engine: *mut mlart_engine,
+}
+
+impl Drop for Placed {
+    fn drop(&mut self) {
+        for &p in &self.ptrs {
+            assert!(take_error(mlart_engine_mem_free(self.engine, p)).is_none());
+        }
+    }
+}
+
+impl Placed {
+    /// Copies `bytes` to new device memory (NULL for an empty slice).
+    fn put(&mut self, bytes: &[u8]) -> *mut c_void {
+        if bytes.is_empty() {
+            return std::ptr::null_mut();
+        }
+        let mut p = std::ptr::null_mut();
+        assert!(take_error(mlart_engine_mem_alloc(self.engine, bytes.len(), &mut p)).is_none());
+        self.ptrs.push(p);
+        assert!(take_error(mlart_engine_mem_copy(
+            self.engine,
+            p,
+            MLART_MEMORY_DEVICE,
+            bytes.as_ptr() as *const c_void,
+            MLART_MEMORY_HOST,
+            bytes.len(),
+        ))
+        .is_none());
+        p
+    }
+
+    fn get(&self, dst: &mut [u8], src: *const c_void) {
+        assert!(take_error(mlart_engine_mem_copy(
+            self.engine,
+            dst.as_mut_ptr() as *mut c_void,
+            MLART_MEMORY_HOST,
+            src,
+            MLART_MEMORY_DEVICE,
+            dst.len(),
+        ))
+        .is_none());
+    }
+}
+
+fn bytes_of<T: Copy>(v: &[T]) -> &[u8] {
+    // SAFETY: plain i32/f32 data viewed as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Where {
+    Host,
+    Device,
+}
+
+/// Runs the case on `engine` and returns (out as f64, lse).
+fn run(engine: *mut mlart_engine, c: &Case, inp: &Inputs, place: Where) -> (Vec<f64>, Vec<f32>) {
+    let d_qk = c.d_qk();
+    let out_len = c.batch * c.s_q * c.h_q * 512 * c.out.size();
+    let lse_len = c.batch * c.h_q * c.s_q;
+    let mut out = vec![0xffu8; out_len];
+    let mut lse = vec![f32::NAN; lse_len];
+    let mut a = MaybeUninit::<mlart_decode_args>::uninit();
+    mlart_decode_args_init(a.as_mut_ptr());
+    // SAFETY: initialized above.
+    let mut a = unsafe { a.assume_init() };
+    a.batch = c.batch as i32;
+    a.s_q = c.s_q as i32;
+    a.h_q = c.h_q as i32;
+    a.d_qk = d_qk as i32;
+    a.d_v = 512;
+    a.softmax_scale = c.scale;
+    a.causal = c.causal;
+    a.q_dtype = c.q.raw();
+    a.out_dtype = c.out.raw();
+    a.kv_format = c.format;
+    a.num_blocks = inp.main.num_blocks as i32;
+    a.block_size = inp.main.block_size as i32;
+    let mut pl = Placed {
+        ptrs: Vec::new(),
+        engine,
+    };
+    let mut put = |v: &[u8]| -> *mut c_void {
+        match place {
+            Where::Host if v.is_empty() => std::ptr::null_mut(),
+            Where::Host => v.as_ptr() as *mut c_void,
+            Where::Device => pl.put(v),
+        }
+    };
+    a.q = put(&inp.q);
+    a.kv = put(&inp.main.bytes);
+    if let Some(sp) = &c.sparse {
+        a.indices = put(bytes_of(&inp.indices)) as *const i32;
+        a.topk = sp.topk as i32;
+        if sp.with_length {
+            a.topk_length = put(bytes_of(&inp.topk_length)) as *const i32;
+        }
+        if let Some(x) = &inp.extra {
+            a.extra_kv = put(&x.bytes);
+            a.extra_num_blocks = x.num_blocks as i32;
+            a.extra_block_size = x.block_size as i32;
+            a.extra_indices = put(bytes_of(&inp.extra_indices)) as *const i32;
+            a.extra_topk = sp.extra.map_or(0, |x| x.0) as i32;
+            a.extra_topk_length = put(bytes_of(&inp.extra_topk_length)) as *const i32;
+        }
+    } else {
+        a.block_table = put(bytes_of(&inp.main.table)) as *const i32;
+        a.block_table_stride = inp.main.stride as i32;
+        a.seqlens = put(bytes_of(&inp.seqlens)) as *const i32;
+    }
+    if c.sink {
+        a.attn_sink = put(bytes_of(&inp.sink)) as *const f32;
+    }
+    let (dout, dlse) = match place {
+        Where::Host => (out.as_mut_ptr() as *mut c_void, lse.as_mut_ptr()),
+        Where::Device => {
+            let o = pl.put(&out);
+            let l = pl.put(bytes_of(&lse));
+            (o, l as *mut f32)
+        }
+    };
+    a.memory = if place == Where::Host {
+        MLART_MEMORY_HOST
+    } else {
+        MLART_MEMORY_DEVICE
+    };
+    a.out = dout;
+    a.lse = dlse;
+    if let Some((code, msg)) = take_error(mlart_decode_paged(engine, &a)) {
+        panic!("decode failed: {code}: {msg}; {c:?}");
+    }
+    if place == Where::Device {
+        pl.get(&mut out, dout);
+        let mut lb = vec![0u8; lse_len * 4];
+        pl.get(&mut lb, dlse as *const c_void);
+        lse = lb
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+    }
+    (c.out.read(&out), lse)
+}
+
+/// CPU vs both GPU paths for one case.
+fn check_case(gpu: &Gpu, cpu: &Engine, c: &Case, seed: u64) {
+    let inp = inputs(c, seed);
+    let (want, want_lse) = run(cpu.ptr, c, &inp, Where::Host);
+    for place in [Where::Host, Where::Device] {
+        let (got, got_lse) = run(gpu.ptr, c, &inp, place);
+        let what = format!(
+            "{} pointers, seed {seed:#x}, {c:?}",
+            if place == Where::Host {
+                "host"
+            } else {
+                "device"
+            }
+        );
+        if let Some(i) = got.iter().position(|x| !x.is_finite()) {
+            panic!("out[{i}] = {} is not finite; {what}", got[i]);
+        }
+        let row = c.s_q * c.h_q * 512;
+        for b in 0..c.batch {
+            let s = b * row..(b + 1) * row;
+            let (g, w) = (&got[s.clone()], &want[s]);
+            if w.iter().all(|&x| x == 0.0) {
+                assert!(g.iter().all(|&x| x == 0.0), "sequence {b}: want 0; {what}");
+                continue;
+            }
+            // Rows the CPU leaves at exactly 0 see no key: the GPU must too.
+            for (r, (gr, wr)) in g.chunks(512).zip(w.chunks(512)).enumerate() {
+                if wr.iter().all(|&x| x == 0.0) {
+                    assert!(
+                        gr.iter().all(|&x| x == 0.0),
+                        "seq {b} row {r}: want 0; {what}"
+                    );
+                }
+            }
+            let e = rel_l2(g, w);
+            assert!(e <= 1e-2, "sequence {b}: rel L2 {e:.3e} > 1e-2; {what}");
+        }
+        for (j, (&g, &w)) in got_lse.iter().zip(&want_lse).enumerate() {
+            if w == f32::INFINITY {
+                assert_eq!(g, f32::INFINITY, "lse[{j}]; {what}");
+            } else {
+                assert!((g - w).abs() <= 2e-2, "lse[{j}] = {g}, want {w}; {what}");
+            }
+        }
+    }
+}
+
+const FORMATS: [mlart_kv_format; 5] = [
+    MLART_KV_FORMAT_BF16,
+    MLART_KV_FORMAT_F16,
+    MLART_KV_FORMAT_F32,
+    MLART_KV_FORMAT_FP8_V32,
+    MLART_KV_FORMAT_FP8_MODEL1,
+];
+const DTS: [Dt; 3] = [Dt::Bf16, Dt::F16, Dt::F32];
+
+fn lengths(rng: &mut SmallRng, batch: usize, max: usize, bs: usize) -> Vec<usize> {
+    let special = [0, 1, bs, bs + 1, max];
+    (0..batch)
+        .map(|b| {
+            if b < special.len() && rng.random_bool(0.5) {
+                special[b].min(max)
+            } else {
+                rng.random_range(0..=max)
+            }
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------
+// Tests.
+// ---------------------------------------------------------------------------
+
+/// Every format x q/out dtype x block size, dense, with and without causal MTP.
+fn cuda_dense_matrix() -> Outcome {
+    with_gpu(|g| {
+        let cpu = Engine::new(2);
+        let mut n = 0u64;
+        for (fi, &format) in FORMATS.iter().enumerate() {
+            for (bi, &bs) in [1usize, 64, 100].iter().enumerate() {
+                for (hi, &h_q) in [1usize, 16, 64, 128].iter().enumerate() {
+                    let seed = case_seed(61, n);
+                    let mut rng = SmallRng::seed_from_u64(seed);
+                    let batch = 1 + (n as usize * 3) % 6;
+                    let s_q = [1, 2, 3][(fi + bi + hi) % 3];
+                    let max = if h_q >= 64 { 700 } else { 2500 };
+                    let c = Case {
+                        batch,
+                        s_q,
+                        h_q,
+                        format,
+                        block_size: bs,
+                        q: DTS[(fi + hi) % 3],
+                        out: DTS[(bi + hi + 1) % 3],
+                        causal: s_q > 1 && n.is_multiple_of(2),
+                        seqlens: lengths(&mut rng, batch, max, bs),
+                        sparse: None,
+                        sink: n % 3 == 1,
+                        scale: [0.0, 0.3, 4.0][n as usize % 3],
+                    };
+                    check_case(g, &cpu, &c, seed);
+                    n += 1;
+                }
+            }
+        }
+        println!("cuda_dense_matrix: {n} cases");
+    })
+}
+
+/// Long sequences: the plan splits them and the combine kernel merges.
+fn cuda_split_kv() -> Outcome {
+    with_gpu(|g| {
+        let cpu = Engine::new(2);
+        for (n, &(batch, len, h_q)) in [(1usize, 16384usize, 16usize), (2, 9000, 128), (3, 4097, 1)]
+            .iter()
+            .enumerate()
+        {
+            let seed = case_seed(62, n as u64);
+            let c = Case {
+                batch,
+                s_q: 1,
+                h_q,
+                format: [
+                    MLART_KV_FORMAT_BF16,
+                    MLART_KV_FORMAT_FP8_V32,
+                    MLART_KV_FORMAT_F16,
+                ][n],
+                block_size: 64,
+                q: Dt::Bf16,
+                out: Dt::Bf16,
+                causal: false,
+                seqlens: (0..batch).map(|b| len - b * 1000).collect(),
+                sparse: None,
+                sink: n == 1,
+                scale: 0.0,
+            };
+            check_case(g, &cpu, &c, seed);
+        }
+    })
+}
+
+/// Sparse indices (with -1 entries), topk_length, an extra cache and the sink.
+fn cuda_sparse_matrix() -> Outcome {
+    with_gpu(|g| {
+        let cpu = Engine::new(2);
+        let mut n = 0u64;
+        for &format in &FORMATS {
+            for (hi, &h_q) in [1usize, 16, 64, 128].iter().enumerate() {
+                for extra in [false, true] {
+                    let seed = case_seed(63, n);
+                    let mut rng = SmallRng::seed_from_u64(seed);
+                    let batch = 1 + n as usize % 4;
+                    let topk = [64, 100, 2048, 33][(hi + extra as usize) % 4];
+                    let c = Case {
+                        batch,
+                        s_q: 1 + n as usize % 2,
+                        h_q,
+                        format,
+                        block_size: [64, 1, 100][n as usize % 3],
+                        q: DTS[n as usize % 3],
+                        out: DTS[(n as usize + 1) % 3],
+                        causal: false,
+                        seqlens: lengths(&mut rng, batch, 3000, 64),
+                        sparse: Some(Sparse {
+                            topk,
+                            with_length: !n.is_multiple_of(3),
+                            extra: extra.then_some((96, [64, 100][n as usize % 2])),
+                        }),
+                        sink: n.is_multiple_of(2),
+                        scale: 0.0,
+                    };
+                    check_case(g, &cpu, &c, seed);
+                    n += 1;
+                }
+            }
+        }
+        println!("cuda_sparse_matrix: {n} cases");
+    })
+}
+
+/// Bad device-resident block ids and indices are masked and reported as
+/// INVALID_ARGUMENT after the (synchronous) call, never read.
+fn cuda_device_memory_errors() -> Outcome {
+    with_gpu(|g| {
+        let c = Case {
+            batch: 2,
+            s_q: 1,
+            h_q: 16,
+            format: MLART_KV_FORMAT_BF16,
+            block_size: 64,
+            q: Dt::Bf16,
+            out: Dt::Bf16,
+            causal: false,
+            seqlens: vec![100, 200],
+            sparse: None,
+            sink: false,
+            scale: 0.0,
+        };
+        let mut inp = inputs(&c, 9);
+        inp.main.table[1] = 1_000_000;
+        let mut pl = Placed {
+            ptrs: Vec::new(),
+            engine: g.ptr,
+        };
+        let mut a = MaybeUninit::<mlart_decode_args>::uninit();
+        mlart_decode_args_init(a.as_mut_ptr());
+        // SAFETY: initialized above.
+        let mut a = unsafe { a.assume_init() };
+        a.memory = MLART_MEMORY_DEVICE;
+        a.batch = 2;
+        a.h_q = 16;
+        a.d_qk = 576;
+        a.d_v = 512;
+        a.num_blocks = inp.main.num_blocks as i32;
+        a.q = pl.put(&inp.q);
+        a.kv = pl.put(&inp.main.bytes);
+        a.block_table = pl.put(bytes_of(&inp.main.table)) as *const i32;
+        a.block_table_stride = inp.main.stride as i32;
+        a.seqlens = pl.put(bytes_of(&inp.seqlens)) as *const i32;
+        a.out = pl.put(&vec![0u8; 2 * 16 * 512 * 2]);
+        let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("bad block id must fail");
+        assert_eq!(e.0, MLART_STATUS_INVALID_ARGUMENT, "{}", e.1);
+        assert!(e.1.contains("block_table"), "{}", e.1);
+        // Misaligned cache pointer: rejected before any launch.
+        a.kv = (a.kv as usize + 2) as *const c_void;
+        let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("misaligned kv must fail");
+        assert!(e.1.contains("kv") && e.1.contains("aligned"), "{}", e.1);
+    })
+}
+
+/// The device plan equals its host twin (`launch::host_plan`).
+fn cuda_plan_matches_host_twin() -> Outcome {
+    use mlart::backend::cuda::args::{DenseDev, DeviceDecode, KeysDev};
+    use mlart::backend::cuda::launch::{host_plan, Geometry};
+    use mlart::decode::DecodeShape;
+    use mlart::format::{Dtype, KvFormat, KvLayout};
+    let engine = match mlart::Engine::new(&mlart::EngineOptions {
+        backend: mlart::BackendRequest::Cuda,
+        ..Default::default()
+    }) {
+        Ok(e) => e,
+        Err(e) => return Outcome::Skipped(e.message),
+    };
+    let cuda = engine
+        .backend()
+        .cuda()
+        .expect("a CUDA engine has a CUDA backend");
+    let mut rng = SmallRng::seed_from_u64(case_seed(64, 0));
+    for round in 0..20 {
+        let batch = rng.random_range(1..300);
+        let lens: Vec<i32> = (0..batch)
+            .map(|_| match rng.random_range(0..4) {
+                0 => 0,
+                1 => rng.random_range(1..100),
+                _ => rng.random_range(1..30000),
+            })
+            .collect();
+        let h_q = [1, 16, 128][round % 3];
+        let shape = DecodeShape::new(batch, 1, h_q, 576, 512, 0.0, false).unwrap();
+        let stride = 30000usize.div_ceil(64);
+        let seqlens = cuda.mem_alloc(4 * batch as usize).unwrap();
+        cuda.mem_copy(seqlens, lens.as_ptr() as usize as u64, 4 * batch as usize)
+            .unwrap();
+        let a = DeviceDecode {
+            shape,
+            q_dtype: Dtype::Bf16,
+            out_dtype: Dtype::Bf16,
+            layout: KvLayout::new(KvFormat::Bf16, 576, 64, "kv_format").unwrap(),
+            q: 0,
+            kv: 0,
+            num_blocks: 1,
+            keys: KeysDev::Dense(DenseDev {
+                block_table: 0,
+                stride,
+                seqlens,
+            }),
+            sink: 0,
+            out: 0,
+            lse: 0,
+            stream: 0,
+        };
+        let (items, groups, geo): (Vec<[i32; 4]>, Vec<[i32; 2]>, Geometry) =
+            cuda.device_plan(&a).unwrap();
+        cuda.mem_free(seqlens).unwrap();
+        let keys: Vec<usize> = lens.iter().map(|&l| l as usize).collect();
+        let (want_items, want_groups) = host_plan(&keys, geo.parts);
+        assert_eq!(groups, want_groups, "round {round}");
+        assert_eq!(items, want_items, "round {round}");
+        assert!(items.len() <= geo.max_items);
+    }
+    Outcome::Ran
+}
+
+type Test = (&'static str, fn() -> Outcome);
+
+fn main() {
+    let tests: [Test; 5] = [
+        ("cuda_dense_matrix", cuda_dense_matrix),
+        ("cuda_split_kv", cuda_split_kv),
+        ("cuda_sparse_matrix", cuda_sparse_matrix),
+        ("cuda_device_memory_errors", cuda_device_memory_errors),
+        ("cuda_plan_matches_host_twin", cuda_plan_matches_host_twin),
+    ];
+    // `cargo test -- NAME` filters like the standard harness does.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    println!("\nrunning {} tests", tests.len());
+    for (name, f) in tests {
+        if !filters.is_empty() && !filters.iter().any(|x| name.contains(x.as_str())) {
+            continue;
+        }
+        match std::panic::catch_unwind(f) {
+            Ok(Outcome::Ran) => {
+                passed += 1;
+                println!("test {name} ... ok");
+            }
+            Ok(Outcome::Skipped(why)) => {
+                skipped += 1;
+                println!("test {name} ... skipped: {why}");
+            }
+            Err(_) => {
+                failed += 1;
+                println!("test {name} ... FAILED");
+            }
+        }
+    }
+    println!(
+        "\ntest result: {}. {passed} passed; {failed} failed; {skipped} skipped\n",
+        if failed == 0 { "ok" } else { "FAILED" }
+    );
+    if failed > 0 {
+        std::process::exit(101);
+    }
+}
