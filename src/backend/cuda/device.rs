@@ -272,7 +272,10 @@ impl CudaBackend {
             // only when they are not valid host memory either.
             unsafe { sys::cuMemcpy(dst, src, bytes) }
                 .result()
-                .map_err(dev_err("cuMemcpy"))
+                .map_err(dev_err("cuMemcpy"))?;
+            // A copy from pageable host memory may still be in flight on the
+            // legacy stream; the engine's stream does not wait for it.
+            result::ctx::synchronize().map_err(dev_err("cuCtxSynchronize"))
         })
     }
 
@@ -321,6 +324,100 @@ impl CudaBackend {
             }
         }
         Ok(())
+    }
+
+    /// Device-to-device copy bandwidth (bytes read + written per second) over
+    /// `bytes`-sized buffers, median of `reps`: the ruler GPU figures use.
+    pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
+        let a = self.mem_alloc(bytes)?;
+        let b = self.mem_alloc(bytes);
+        let r = b.and_then(|b| {
+            let r = self.time_on_stream(reps, |stream| {
+                // SAFETY: a and b are `bytes` long and ours.
+                unsafe { result::memcpy_dtod_async(b, a, bytes, stream) }
+                    .map_err(dev_err("cuMemcpyDtoDAsync"))
+            });
+            self.mem_free(b)?;
+            r
+        });
+        self.mem_free(a)?;
+        Ok(2.0 * bytes as f64 / r?)
+    }
+
+    /// Median seconds of one `decode_device(a)` enqueue, timed with events
+    /// over `reps` back-to-back calls on the engine's stream (after one
+    /// warm-up call that also checks the error word).
+    pub fn time_decode(&self, a: &DeviceDecode, reps: usize) -> Result<f64> {
+        let mut warm = *a;
+        warm.stream = 0;
+        self.decode_device(&warm)?;
+        let f = self
+            .decoders
+            .iter()
+            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
+            .ok_or_else(|| Error::unsupported("no decode kernel for this format and d_qk"))?;
+        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
+        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let ws = geo.workspace();
+        let mut p = base_params(a, &geo)?;
+        {
+            let mut st = self.state.lock();
+            let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
+            p.items = base + ws.items as u64;
+            p.group_meta = base + ws.group_meta as u64;
+            p.num_items = base + ws.num_items as u64;
+            p.error_flags = base + ws.error_flags as u64;
+            p.part_lse = base + ws.part_lse as u64;
+            p.part_o = base + ws.part_o as u64;
+        }
+        self.time_on_stream(reps, |stream| {
+            let st = self.state.lock();
+            self.enqueue(&st, stream, &p, &geo, f)
+        })
+    }
+
+    /// Median seconds of `op` enqueued on the engine's stream, each timed
+    /// between two events.
+    fn time_on_stream(
+        &self,
+        reps: usize,
+        mut op: impl FnMut(sys::CUstream) -> Result<()>,
+    ) -> Result<f64> {
+        self.make_current()?;
+        let stream = self.state.lock().stream;
+        let ev = |_: usize| {
+            result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+                .map_err(dev_err("cuEventCreate"))
+        };
+        let events: Vec<sys::CUevent> = (0..2 * reps.max(1)).map(ev).collect::<Result<_>>()?;
+        let run = (|| {
+            for pair in events.chunks_exact(2) {
+                // SAFETY: our events and stream.
+                unsafe { result::event::record(pair[0], stream) }
+                    .map_err(dev_err("cuEventRecord"))?;
+                op(stream)?;
+                // SAFETY: as above.
+                unsafe { result::event::record(pair[1], stream) }
+                    .map_err(dev_err("cuEventRecord"))?;
+            }
+            // SAFETY: as above.
+            unsafe { result::stream::synchronize(stream) }
+                .map_err(dev_err("cuStreamSynchronize"))?;
+            let mut t = Vec::new();
+            for pair in events.chunks_exact(2) {
+                // SAFETY: both events completed (stream synchronized).
+                let ms = unsafe { result::event::elapsed(pair[0], pair[1]) }
+                    .map_err(dev_err("cuEventElapsedTime"))?;
+                t.push(ms as f64 * 1e-3);
+            }
+            t.sort_by(f64::total_cmp);
+            Ok(t[t.len() / 2])
+        })();
+        for e in events {
+            // SAFETY: created above, no longer used.
+            let _ = unsafe { result::event::destroy(e) };
+        }
+        run
     }
 
     /// Runs only the plan kernel for `a` and returns its items, group table
@@ -651,10 +748,11 @@ impl Backend for CudaBackend {
             let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
             for (off, data) in &sg.pieces {
                 if !data.is_empty() {
-                    // SAFETY: the staging area holds `sg.bytes`; data is host memory
-                    // that outlives the synchronous copy.
-                    unsafe { result::memcpy_htod_sync(base + *off as u64, data) }
-                        .map_err(dev_err("cuMemcpyHtoD"))?;
+                    // SAFETY: the staging area holds `sg.bytes`. On our stream, so
+                    // the kernels (same stream) see the data; a copy from
+                    // pageable memory is staged before the call returns.
+                    unsafe { result::memcpy_htod_async(base + *off as u64, data, st.stream) }
+                        .map_err(dev_err("cuMemcpyHtoDAsync"))?;
                 }
             }
             base

@@ -95,7 +95,10 @@ impl Geometry {
         let row_tiles = rows_per_group.div_ceil(ROWS);
         let parts = (resident_blocks / row_tiles).max(1);
         let max_items = groups + parts;
-        if row_tiles > 65535 || max_items > i32::MAX as usize || rows_per_group > i32::MAX as usize
+        if row_tiles > 65535
+            || rows_per_group.div_ceil(COMBINE_ROWS) > 65535
+            || max_items > i32::MAX as usize
+            || rows_per_group > i32::MAX as usize
         {
             return Err(Error::unsupported(format!(
                 "batch = {}, s_q = {}, h_q = {}: too many query rows for one CUDA launch",

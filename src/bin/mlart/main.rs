@@ -3,6 +3,7 @@
 //! `gen-model` writes a random-weight DeepSeek checkpoint.
 
 mod bench;
+mod bench_cuda;
 mod ceilings;
 mod gen_model;
 mod run;
@@ -25,6 +26,11 @@ commands:
       --seconds S         time budget per point and kernel, median of >= 3 runs (default 1.0; 0.3 with --grid)
       --no-scalar         skip the scalar reference kernel (otherwise timed on every point: x scalar column)
       --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
+  bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048
+      --device I          CUDA device (default 0)
+      --matmul-tflops T   the GPU's measured bf16 matmul rate, for the % matmul column
+      --reps R            timed calls per point, median reported (default 20)
+      --json PATH         also write the results as JSON
   run --model DIR [options]
                           load a checkpoint's attention layers, prefill random hidden states, decode
       --layers A..B       layers to load (default: all)
@@ -59,6 +65,33 @@ fn info() -> mlart::Result<()> {
     println!("cpu kernel: {}", i.cpu_isa.name());
     println!("threads: {}", i.threads);
     println!("why: {}", i.reason);
+    match mlart::backend::cuda::device_count() {
+        Ok(n) => {
+            println!("cuda devices: {n}");
+            for d in 0..n {
+                match mlart::backend::cuda::CudaBackend::probe(d) {
+                    Ok((p, image)) => println!(
+                        "  {d}: {} (sm_{}{}, {} SMs, {:.0} GiB), kernels: {image}",
+                        p.name,
+                        p.major,
+                        p.minor,
+                        p.sm_count,
+                        p.total_memory as f64 / (1u64 << 30) as f64
+                    ),
+                    Err(e) => println!("  {d}: {}", e.message),
+                }
+            }
+        }
+        Err(e) => println!("cuda devices: none ({})", e.message),
+    }
+    println!(
+        "cuda kernels in this build: {}",
+        if mlart::backend::cuda::fatbin::fatbin().is_some() {
+            "yes (sm_80, sm_90a, sm_100a SASS + compute_80 PTX)"
+        } else {
+            "no (built without nvcc)"
+        }
+    );
     Ok(())
 }
 
@@ -114,12 +147,61 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
     Ok(o)
 }
 
+fn parse_bench_cuda(args: &[String]) -> Result<bench_cuda::Options, String> {
+    let mut o = bench_cuda::Options {
+        device: 0,
+        matmul_tflops: None,
+        reps: 20,
+        json: None,
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = |name: &str| it.next().cloned().ok_or(format!("{name} needs a value"));
+        match a.as_str() {
+            "--cuda" => {}
+            "--device" => {
+                let v = value("--device")?;
+                o.device = v
+                    .parse()
+                    .map_err(|_| format!("--device {v}: not a number"))?;
+            }
+            "--reps" => {
+                let v = value("--reps")?;
+                o.reps = v.parse().map_err(|_| format!("--reps {v}: not a number"))?;
+                if o.reps == 0 {
+                    return Err("--reps 0: must be >= 1".to_string());
+                }
+            }
+            "--matmul-tflops" => {
+                let v = value("--matmul-tflops")?;
+                let t: f64 = v
+                    .parse()
+                    .map_err(|_| format!("--matmul-tflops {v}: not a number"))?;
+                if !(t > 0.0 && t.is_finite()) {
+                    return Err(format!("--matmul-tflops {v}: not a positive number"));
+                }
+                o.matmul_tflops = Some(t);
+            }
+            "--json" => o.json = Some(value("--json")?),
+            other => return Err(format!("unknown bench --cuda option {other}")),
+        }
+    }
+    Ok(o)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("info") => info(),
         Some("bench") if args.iter().any(|a| a == "--model") => match run::parse(&args[1..]) {
             Ok(o) => run::bench(&o),
+            Err(e) => {
+                eprintln!("mlart: {e}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+        Some("bench") if args.iter().any(|a| a == "--cuda") => match parse_bench_cuda(&args[1..]) {
+            Ok(o) => bench_cuda::run(&o),
             Err(e) => {
                 eprintln!("mlart: {e}\n\n{USAGE}");
                 return ExitCode::from(2);

@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The CUDA backend's check on a lent GPU machine, in two halves.
+#
+#   scripts/gpu-check.sh build   (here) builds the release test binaries and
+#                                `mlart` with the kernels, strips them into
+#                                target/gpu/ (carried by the device tool; < 64 MiB)
+#   scripts/gpu-check.sh run     (on the GPU machine, which has the driver and
+#                                python3 + torch but no Rust) runs the GPU test
+#                                suite, the unit tests that need a device, and
+#                                `mlart bench --cuda` against the copy bandwidth
+#                                and bf16 matmul rate torch measures in the same
+#                                run; writes $OUT/gpu-check.txt and
+#                                $OUT/bench-cuda.json
+#
+# Device tool call: command "bash scripts/gpu-check.sh run", carry ["target/gpu"].
+set -uo pipefail
+cd "$(dirname "$0")/.."
+g=target/gpu
+
+build() {
+    set -e
+    CUDA_HOME="$(scripts/cuda-toolchain.sh)"
+    export CUDA_HOME MLART_REQUIRE_CUDA_KERNELS=1
+    cargo build --release --locked --bin mlart
+    # Test executables, found in cargo's JSON messages.
+    cargo test --release --locked --no-run --message-format=json 2>/dev/null \
+        | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        t = m["target"]
+        name = "unit" if {"lib", "rlib"} & set(t["kind"]) else t["name"]
+        print(name, m["executable"])
+' > target/gpu-tests.txt
+    rm -rf "$g" && mkdir -p "$g"
+    cp target/release/mlart "$g/"
+    while read -r name exe; do
+        case "$name" in unit|cuda_decode|decode_errors) cp "$exe" "$g/$name" ;; esac
+    done < target/gpu-tests.txt
+    strip "$g"/*
+    ls -la "$g"
+    du -sh "$g"
+}
+
+run() {
+    out="${OUT:-.}"
+    log="$out/gpu-check.txt"
+    {
+        echo "== date"; date -u
+        echo "== gpu"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
+        echo "== mlart info"; timeout 60 "$g/mlart" info 2>&1
+        echo "== GPU test suite (CUDA vs CPU engine)"
+        timeout 300 "$g/cuda_decode" 2>&1 | tail -40
+        echo "== unit tests that touch the driver, the fatbin and the plan"
+        timeout 60 "$g/unit" cuda 2>&1 | grep -E "^test |test result|panicked" | head -40
+        echo "== C-ABI error tests with a device present"
+        timeout 60 "$g/decode_errors" 2>&1 | grep -E "test result|panicked|FAILED" | head -20
+        echo "== ceilings (torch)"
+        timeout 120 python3 - <<'PY' 2>&1 | tee "$out/torch-ceilings.txt"
+import torch
+d = torch.device("cuda")
+def timed(f, reps=20):
+    f(); torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s = torch.cuda.Event(enable_timing=True); e = torch.cuda.Event(enable_timing=True)
+        s.record(); f(); e.record(); torch.cuda.synchronize(); ts.append(s.elapsed_time(e) / 1e3)
+    ts.sort(); return ts[len(ts) // 2]
+n = 1 << 30
+a = torch.empty(n, dtype=torch.uint8, device=d); b = torch.empty_like(a)
+t = timed(lambda: b.copy_(a))
+print(f"copy_gbytes_per_s {2 * n / t / 1e9:.0f}")
+m = 8192
+x = torch.randn(m, m, dtype=torch.bfloat16, device=d); y = torch.randn(m, m, dtype=torch.bfloat16, device=d)
+t = timed(lambda: x @ y)
+print(f"matmul_tflops {2 * m ** 3 / t / 1e12:.0f}")
+PY
+        mm=$(awk '/^matmul_tflops/ {print $2}' "$out/torch-ceilings.txt")
+        echo "== mlart bench --cuda"
+        timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
+    } > "$log" 2>&1
+    cat "$log"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) run ;;
+    *) echo "usage: scripts/gpu-check.sh build|run" >&2; exit 2 ;;
+esac
