@@ -842,15 +842,152 @@ fn cuda_plan_matches_host_twin() -> Outcome {
     Outcome::Ran
 }
 
+/// A device-resident pool (CUDA engine) against a host pool (CPU engine)
+/// through the same appends (new blocks, copy-on-write after a fork,
+/// truncation, several layers and formats) and decodes (dense with causal
+/// MTP, sparse on logical positions).
+fn cuda_pool_matches_cpu_pool() -> Outcome {
+    use mlart::decode::desc::DecodeOutput;
+    use mlart::decode::DecodeShape;
+    use mlart::format::{Dtype, KvFormat};
+    use mlart::kv::{KvPool, PoolOptions, PoolSparse};
+    use std::sync::Arc;
+    let gpu = match mlart::Engine::new(&mlart::EngineOptions {
+        backend: mlart::BackendRequest::Cuda,
+        ..Default::default()
+    }) {
+        Ok(e) => Arc::new(e),
+        Err(e) => return Outcome::Skipped(e.message),
+    };
+    let cpu = Arc::new(
+        mlart::Engine::new(&mlart::EngineOptions {
+            backend: mlart::BackendRequest::Cpu,
+            num_threads: 2,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let mut rng = SmallRng::seed_from_u64(case_seed(65, 0));
+    for (fi, format) in [
+        KvFormat::Bf16,
+        KvFormat::F16,
+        KvFormat::F32,
+        KvFormat::Fp8V32,
+        KvFormat::Fp8Model1,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let d_qk = if format == KvFormat::Fp8Model1 {
+            512
+        } else {
+            576
+        };
+        let bs = [16, 64, 7][fi % 3];
+        let opts = PoolOptions {
+            format,
+            d_qk,
+            num_layers: 2,
+            block_size: bs,
+            num_blocks: 64,
+        };
+        let pools = [
+            KvPool::new(cpu.clone(), opts).unwrap(),
+            KvPool::new(gpu.clone(), opts).unwrap(),
+        ];
+        let dtype = [Dtype::Bf16, Dtype::F32][fi % 2];
+        let rows = |rng: &mut SmallRng, n: usize| -> Vec<u8> {
+            let mut v = Vec::new();
+            for _ in 0..n * d_qk {
+                let x = sample(rng);
+                match dtype {
+                    Dtype::F32 => v.extend_from_slice(&x.to_le_bytes()),
+                    _ => v.extend_from_slice(&bf16_bits(x).to_le_bytes()),
+                }
+            }
+            v
+        };
+        let (r1, r2, r3, r2b) = (
+            rows(&mut rng, 37),
+            rows(&mut rng, 5),
+            rows(&mut rng, 20),
+            rows(&mut rng, 9),
+        );
+        for p in &pools {
+            p.create_seq(1).unwrap();
+            p.create_seq(2).unwrap();
+            for layer in 0..2 {
+                p.append_batch(layer, &[(1, 37, &r1[..]), (2, 5, &r2[..])], dtype)
+                    .unwrap();
+            }
+            p.fork(1, 3).unwrap();
+            for layer in 0..2 {
+                p.append(3, layer, 20, dtype, &r3).unwrap();
+            }
+            p.truncate(2, 3).unwrap();
+            for layer in 0..2 {
+                p.append(2, layer, 9, dtype, &r2b).unwrap();
+            }
+        }
+        let (h_q, s_q) = (16, 2);
+        let seqs = [1u64, 3, 2];
+        let shape = DecodeShape::new(3, s_q, h_q, d_qk as i32, 512, 0.0, true).unwrap();
+        let mut q = Vec::new();
+        for _ in 0..shape.q_elems() {
+            q.extend_from_slice(&bf16_bits(sample(&mut rng)).to_le_bytes());
+        }
+        let topk = 24;
+        let lens = [37i32, 57, 12];
+        let indices: Vec<i32> = (0..3 * s_q as usize * topk)
+            .map(|i| {
+                let b = i / (s_q as usize * topk);
+                if i % 5 == 0 {
+                    -1
+                } else {
+                    rng.random_range(0..lens[b])
+                }
+            })
+            .collect();
+        for layer in 0..2 {
+            for sparse in [false, true] {
+                let mut shape = shape;
+                shape.causal = !sparse;
+                let mut got = Vec::new();
+                for p in &pools {
+                    let mut out = vec![0u8; shape.out_elems() * 4];
+                    let mut lse = vec![0f32; shape.lse_elems()];
+                    let mut o =
+                        DecodeOutput::new(&shape, Dtype::F32, &mut out, Some(&mut lse)).unwrap();
+                    let sp = sparse.then_some(PoolSparse {
+                        indices: &indices,
+                        topk,
+                        topk_length: None,
+                    });
+                    p.decode(layer, &seqs, shape, Dtype::Bf16, &q, sp, None, &mut o)
+                        .unwrap();
+                    got.push(Dt::F32.read(&out));
+                }
+                let e = rel_l2(&got[1], &got[0]);
+                assert!(
+                    e <= 1e-2,
+                    "{format:?} layer {layer} sparse {sparse}: rel L2 {e:.3e}"
+                );
+            }
+        }
+    }
+    Outcome::Ran
+}
+
 type Test = (&'static str, fn() -> Outcome);
 
 fn main() {
-    let tests: [Test; 5] = [
+    let tests: [Test; 6] = [
         ("cuda_dense_matrix", cuda_dense_matrix),
         ("cuda_split_kv", cuda_split_kv),
         ("cuda_sparse_matrix", cuda_sparse_matrix),
         ("cuda_device_memory_errors", cuda_device_memory_errors),
         ("cuda_plan_matches_host_twin", cuda_plan_matches_host_twin),
+        ("cuda_pool_matches_cpu_pool", cuda_pool_matches_cpu_pool),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()

@@ -7,6 +7,11 @@
 //! are reference counted: a fork shares them, and the first write into a
 //! shared block copies it (all layers) first.
 //!
+//! Memory: the engine's. On a CPU engine the layers are host buffers; on a
+//! CUDA engine they are device memory, appends are converted/quantized on the
+//! host and copied to their rows, copy-on-write copies stay on the device, and
+//! decode reads the layer in place (only queries, tables and outputs move).
+//!
 //! Concurrency: the state sits behind one reader-writer lock. Mutations
 //! (create, free, fork, truncate, append) are serialized; decodes and
 //! queries share the lock and run concurrently with each other.
@@ -67,9 +72,16 @@ impl Sequence {
     }
 }
 
+/// One layer's `[num_blocks, block]` cache.
+enum LayerMem {
+    Host(Buffer),
+    /// Device memory of the engine's GPU.
+    Device(u64),
+}
+
 struct State {
     /// Per layer: `[num_blocks, block_size, row]`.
-    layers: Vec<Buffer>,
+    layers: Vec<LayerMem>,
     refcount: Vec<u32>,
     free: Vec<i32>,
     seqs: HashMap<u64, Sequence>,
@@ -80,6 +92,20 @@ pub struct KvPool {
     opts: PoolOptions,
     layout: KvLayout,
     state: RwLock<State>,
+}
+
+impl Drop for KvPool {
+    fn drop(&mut self) {
+        if let Some(cuda) = self.engine.backend().cuda() {
+            for m in &self.state.get_mut().layers {
+                if let LayerMem::Device(p) = m {
+                    // Nothing to report to from a drop; the driver frees
+                    // the rest at exit.
+                    let _ = cuda.mem_free(*p);
+                }
+            }
+        }
+    }
 }
 
 impl KvPool {
@@ -96,13 +122,36 @@ impl KvPool {
         let layout = KvLayout::new(opts.format, opts.d_qk, opts.block_size, "kv_format")?;
         let layer_bytes = layout.cache_bytes(opts.num_blocks)?;
         checked_size("kv pool", &[layer_bytes, opts.num_layers])?;
-        let layers = (0..opts.num_layers)
-            .map(|l| {
-                engine
-                    .backend()
-                    .alloc(&format!("kv pool layer {l}"), layer_bytes)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = match engine.backend().cuda() {
+            None => (0..opts.num_layers)
+                .map(|l| {
+                    engine
+                        .backend()
+                        .alloc(&format!("kv pool layer {l}"), layer_bytes)
+                        .map(LayerMem::Host)
+                })
+                .collect::<Result<Vec<_>>>()?,
+            Some(cuda) => {
+                let mut v = Vec::with_capacity(opts.num_layers);
+                let r = (|| {
+                    for _ in 0..opts.num_layers {
+                        let p = cuda.mem_alloc(layer_bytes)?;
+                        v.push(LayerMem::Device(p));
+                        cuda.zero_async(p, layer_bytes)?;
+                    }
+                    cuda.sync()
+                })();
+                if let Err(e) = r {
+                    for m in &v {
+                        if let LayerMem::Device(p) = m {
+                            let _ = cuda.mem_free(*p);
+                        }
+                    }
+                    return Err(e.with_context("creating the KV pool in GPU memory"));
+                }
+                v
+            }
+        };
         Ok(KvPool {
             engine,
             opts,
@@ -306,48 +355,159 @@ impl KvPool {
                 ),
             ));
         }
-        // From here on nothing can fail.
-        let block_bytes = self.layout.block_bytes;
-        let plain = self.opts.format.plain_dtype();
-        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
-        for (&(seq, n, src), (start, end, fresh, shared)) in items.iter().zip(plans) {
-            let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+        // Block ids in the order `free.pop()` hands them out, assigned now
+        // so the data can be written before any state changes.
+        let mut take = st.free.iter().rev().copied();
+        let mut applies = Vec::with_capacity(items.len());
+        for (&(seq, _, _), (start, end, fresh, shared)) in items.iter().zip(plans) {
+            let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+            let mut blocks = s.blocks.clone();
+            let mut copies = Vec::with_capacity(shared.len());
             for j in shared {
-                let old = s.blocks[j] as usize;
-                let new = st.free.pop().unwrap_or_default() as usize;
-                for buf in st.layers.iter_mut() {
-                    buf.as_mut_slice().copy_within(
-                        old * block_bytes..(old + 1) * block_bytes,
-                        new * block_bytes,
-                    );
-                }
-                st.refcount[old] -= 1;
-                st.refcount[new] = 1;
-                s.blocks[j] = new as i32;
+                let new = take
+                    .next()
+                    .ok_or_else(|| Error::internal("free list too short"))?;
+                copies.push((blocks[j], new));
+                blocks[j] = new;
             }
+            let mut fresh_ids = Vec::with_capacity(fresh);
             for _ in 0..fresh {
-                let id = st.free.pop().unwrap_or_default();
+                let id = take
+                    .next()
+                    .ok_or_else(|| Error::internal("free list too short"))?;
+                fresh_ids.push(id);
+                blocks.push(id);
+            }
+            applies.push(PlannedAppend {
+                start,
+                end,
+                blocks,
+                copies,
+                fresh: fresh_ids,
+            });
+        }
+        // Data: copy-on-write copies (every layer), then the rows.
+        self.write_data(st, layer, items, &applies, dtype)?;
+        // Commit; nothing can fail from here on.
+        st.free.truncate(st.free.len() - needed);
+        for (&(seq, _, _), a) in items.iter().zip(applies) {
+            for &(old, new) in &a.copies {
+                st.refcount[old as usize] -= 1;
+                st.refcount[new as usize] = 1;
+            }
+            for &id in &a.fresh {
                 st.refcount[id as usize] = 1;
-                s.blocks.push(id);
             }
-            let data = st.layers[layer].as_mut_slice();
-            for k in 0..n {
-                let t = start + k;
-                let (block, off) = (s.blocks[t / bs] as usize, t % bs);
-                let srow = &src[k * src_row..(k + 1) * src_row];
-                if plain == Some(dtype) {
-                    // Same element type: a plain copy.
-                    let at = block * block_bytes + off * src_row;
-                    data[at..at + src_row].copy_from_slice(srow);
-                } else {
-                    let d_qk = self.opts.d_qk;
-                    load_slice(dtype, srow, &mut row[..d_qk]);
-                    self.layout.store_row(data, block, off, &row[..d_qk]);
-                }
-            }
-            s.lens[layer] = end;
+            let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
+            s.blocks = a.blocks;
+            s.lens[layer] = a.end;
         }
         Ok(())
+    }
+
+    /// Writes an append's data (see `append_batch`): on the host in place,
+    /// on a GPU through the engine's stream, waiting for it at the end so a
+    /// failure is seen before the append commits.
+    fn write_data(
+        &self,
+        st: &mut State,
+        layer: usize,
+        items: &[(u64, usize, &[u8])],
+        applies: &[PlannedAppend],
+        dtype: Dtype,
+    ) -> Result<()> {
+        let block_bytes = self.layout.block_bytes;
+        let bs = self.opts.block_size;
+        let d_qk = self.opts.d_qk;
+        let src_row = d_qk * dtype.size();
+        let plain = self.opts.format.plain_dtype();
+        let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
+        // Converts row k of `src` into token `off` of the block at `dst` (a
+        // buffer holding that block at offset 0).
+        let mut put_row = |dst: &mut [u8], block: usize, off: usize, srow: &[u8]| {
+            if plain == Some(dtype) {
+                let at = block * block_bytes + off * src_row;
+                dst[at..at + src_row].copy_from_slice(srow);
+            } else {
+                load_slice(dtype, srow, &mut row[..d_qk]);
+                self.layout.store_row(dst, block, off, &row[..d_qk]);
+            }
+        };
+        match self.engine.backend().cuda() {
+            None => {
+                for a in applies {
+                    for &(old, new) in &a.copies {
+                        for buf in st.layers.iter_mut() {
+                            if let LayerMem::Host(b) = buf {
+                                b.as_mut_slice().copy_within(
+                                    old as usize * block_bytes..(old as usize + 1) * block_bytes,
+                                    new as usize * block_bytes,
+                                );
+                            }
+                        }
+                    }
+                }
+                let LayerMem::Host(buf) = &mut st.layers[layer] else {
+                    return Err(Error::internal("host pool with a device layer"));
+                };
+                let data = buf.as_mut_slice();
+                for (&(_, n, src), a) in items.iter().zip(applies) {
+                    for k in 0..n {
+                        let t = a.start + k;
+                        let block = a.blocks[t / bs] as usize;
+                        put_row(data, block, t % bs, &src[k * src_row..(k + 1) * src_row]);
+                    }
+                }
+                Ok(())
+            }
+            Some(cuda) => {
+                let ptrs: Vec<u64> = st
+                    .layers
+                    .iter()
+                    .map(|m| match m {
+                        LayerMem::Device(p) => Ok(*p),
+                        LayerMem::Host(_) => Err(Error::internal("device pool with a host layer")),
+                    })
+                    .collect::<Result<_>>()?;
+                for a in applies {
+                    for &(old, new) in &a.copies {
+                        for &p in &ptrs {
+                            cuda.copy_async(
+                                p + (new as usize * block_bytes) as u64,
+                                p + (old as usize * block_bytes) as u64,
+                                block_bytes,
+                            )?;
+                        }
+                    }
+                }
+                // Rows go through a host copy of one block, a run of rows
+                // of the same block at a time.
+                let mut tmp = vec![0u8; block_bytes];
+                for (&(_, n, src), a) in items.iter().zip(applies) {
+                    let mut k = 0;
+                    while k < n {
+                        let t = a.start + k;
+                        let (bi, first) = (t / bs, t % bs);
+                        let run = (bs - first).min(n - k);
+                        for r in 0..run {
+                            let kk = k + r;
+                            put_row(
+                                &mut tmp,
+                                0,
+                                first + r,
+                                &src[kk * src_row..(kk + 1) * src_row],
+                            );
+                        }
+                        let base = ptrs[layer] + (a.blocks[bi] as usize * block_bytes) as u64;
+                        for range in self.layout.row_byte_ranges(first, first + run) {
+                            cuda.write_async(base + range.start as u64, &tmp[range])?;
+                        }
+                        k += run;
+                    }
+                }
+                cuda.sync()
+            }
+        }
     }
 
     /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the
@@ -386,13 +546,14 @@ impl KvPool {
                 ))
             })?);
         }
-        let kv = KvCache::new(
-            self.layout,
-            st.layers[layer].as_slice(),
-            self.opts.num_blocks,
-        )?;
         let bs = self.opts.block_size;
-        match sparse {
+        // Dense: block table and lengths. Sparse: logical positions
+        // translated to physical ones (entries past topk_length stay -1).
+        enum Keys {
+            Dense(Vec<i32>, usize, Vec<i32>),
+            Sparse(Vec<i32>),
+        }
+        let keys = match &sparse {
             None => {
                 let lens: Vec<i32> = found.iter().map(|s| s.lens[layer] as i32).collect();
                 let stride = found
@@ -405,27 +566,32 @@ impl KvPool {
                 for (i, s) in found.iter().enumerate() {
                     table[i * stride..i * stride + s.blocks.len()].copy_from_slice(&s.blocks);
                 }
-                let d = Decode::dense(shape, q_dtype, q, kv, &table, stride, &lens)?;
-                self.finish(d, attn_sink, out)
+                Keys::Dense(table, stride, lens)
             }
             Some(sp) => {
-                let logical = IndexedKeys {
-                    kv,
-                    indices: sp.indices,
-                    topk: sp.topk,
-                    topk_length: sp.topk_length,
-                };
                 if sp.indices.len() < shape.batch * shape.s_q * sp.topk {
                     return Err(Error::internal("indices smaller than [batch, s_q, topk]"));
                 }
-                logical.check_lengths(shape.batch, "")?;
-                // Translate logical positions; entries past topk_length stay -1.
                 let mut phys = vec![-1i32; shape.batch * shape.s_q * sp.topk];
                 for (b, s) in found.iter().enumerate() {
                     let len = s.lens[layer];
+                    let used = match sp.topk_length {
+                        None => sp.topk,
+                        Some(l) => {
+                            let n = l[b];
+                            if n < 0 || n as usize > sp.topk {
+                                return Err(Error::invalid(format!(
+                                    "topk_length[{b}] = {n} is outside [0, {}]",
+                                    sp.topk
+                                )));
+                            }
+                            n as usize
+                        }
+                    };
                     for i in 0..shape.s_q {
-                        let dst = &mut phys[(b * shape.s_q + i) * sp.topk..];
-                        for (k, &p) in logical.list(shape.s_q, b, i).iter().enumerate() {
+                        let row = (b * shape.s_q + i) * sp.topk;
+                        for k in 0..used {
+                            let p = sp.indices[row + k];
                             if p == -1 {
                                 continue;
                             }
@@ -436,16 +602,81 @@ impl KvPool {
                                 )));
                             }
                             let p = p as usize;
-                            dst[k] = (s.blocks[p / bs] as usize * bs + p % bs) as i32;
+                            phys[row + k] = (s.blocks[p / bs] as usize * bs + p % bs) as i32;
                         }
                     }
                 }
-                let main = IndexedKeys {
-                    indices: &phys,
-                    ..logical
+                Keys::Sparse(phys)
+            }
+        };
+        let topk_length = sparse.as_ref().and_then(|sp| sp.topk_length);
+        let topk = sparse.as_ref().map_or(0, |sp| sp.topk);
+        match &st.layers[layer] {
+            LayerMem::Host(buf) => {
+                let kv = KvCache::new(self.layout, buf.as_slice(), self.opts.num_blocks)?;
+                let d = match &keys {
+                    Keys::Dense(table, stride, lens) => {
+                        Decode::dense(shape, q_dtype, q, kv, table, *stride, lens)?
+                    }
+                    Keys::Sparse(phys) => {
+                        let main = IndexedKeys {
+                            kv,
+                            indices: phys,
+                            topk,
+                            topk_length,
+                        };
+                        Decode::sparse(shape, q_dtype, q, main, None)?
+                    }
                 };
-                let d = Decode::sparse(shape, q_dtype, q, main, None)?;
                 self.finish(d, attn_sink, out)
+            }
+            LayerMem::Device(ptr) => {
+                use crate::backend::cuda::device::{CacheRef, HostDecode, HostIndexed, HostKeys};
+                let cuda = self
+                    .engine
+                    .backend()
+                    .cuda()
+                    .ok_or_else(|| Error::internal("device pool on a CPU engine"))?;
+                let kv = CacheRef::Device(*ptr);
+                let keys = match &keys {
+                    Keys::Dense(table, stride, lens) => HostKeys::Dense {
+                        layout: self.layout,
+                        kv,
+                        num_blocks: self.opts.num_blocks,
+                        table,
+                        stride: *stride,
+                        seqlens: lens,
+                    },
+                    Keys::Sparse(phys) => HostKeys::Sparse {
+                        main: HostIndexed {
+                            layout: self.layout,
+                            kv,
+                            num_blocks: self.opts.num_blocks,
+                            indices: phys,
+                            topk,
+                            topk_length,
+                        },
+                        extra: None,
+                    },
+                };
+                if let Some(s) = attn_sink {
+                    if s.len() < shape.h_q {
+                        return Err(Error::internal("attn_sink is smaller than [h_q]"));
+                    }
+                    if let Some(h) = s[..shape.h_q].iter().position(|v| v.is_nan()) {
+                        return Err(Error::invalid(format!("attn_sink[{h}] = NaN")));
+                    }
+                }
+                cuda.decode_host(
+                    &HostDecode {
+                        shape,
+                        q_dtype,
+                        q,
+                        keys,
+                        sink: attn_sink,
+                    },
+                    out,
+                )
             }
         }
     }
@@ -462,6 +693,17 @@ impl KvPool {
         };
         self.engine.decode(&d, out)
     }
+}
+
+/// One sequence's part of an append, planned before anything changes.
+struct PlannedAppend {
+    start: usize,
+    end: usize,
+    /// The sequence's block list after the append.
+    blocks: Vec<i32>,
+    /// Copy-on-write: (old, new) block ids.
+    copies: Vec<(i32, i32)>,
+    fresh: Vec<i32>,
 }
 
 fn release(st: &mut State, block: i32) {

@@ -326,6 +326,53 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Enqueues a copy of host `data` to device address `dst` on the
+    /// engine's stream (`data` may be reused at once: pageable memory is
+    /// staged before the call returns). Pair with [`Self::sync`].
+    pub fn write_async(&self, dst: u64, data: &[u8]) -> Result<()> {
+        self.make_current()?;
+        let stream = self.state.lock().stream;
+        guarded("cuMemcpyHtoDAsync", || {
+            // SAFETY: dst is engine memory of at least data.len() bytes
+            // (callers own the layout).
+            unsafe { result::memcpy_htod_async(dst, data, stream) }
+                .map_err(dev_err("cuMemcpyHtoDAsync"))
+        })
+    }
+
+    /// Enqueues a device-to-device copy on the engine's stream.
+    pub fn copy_async(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        self.make_current()?;
+        let stream = self.state.lock().stream;
+        guarded("cuMemcpyDtoDAsync", || {
+            // SAFETY: both ranges are engine memory of `bytes` (callers own
+            // the layout) and do not overlap.
+            unsafe { result::memcpy_dtod_async(dst, src, bytes, stream) }
+                .map_err(dev_err("cuMemcpyDtoDAsync"))
+        })
+    }
+
+    /// Enqueues zeroing `bytes` at `dst` on the engine's stream.
+    pub fn zero_async(&self, dst: u64, bytes: usize) -> Result<()> {
+        self.make_current()?;
+        let stream = self.state.lock().stream;
+        guarded("cuMemsetD8Async", || {
+            // SAFETY: as above.
+            unsafe { result::memset_d8_async(dst, 0, bytes, stream) }
+                .map_err(dev_err("cuMemsetD8Async"))
+        })
+    }
+
+    /// Waits for everything enqueued on the engine's stream.
+    pub fn sync(&self) -> Result<()> {
+        self.make_current()?;
+        let stream = self.state.lock().stream;
+        guarded("cuStreamSynchronize", || {
+            // SAFETY: our stream.
+            unsafe { result::stream::synchronize(stream) }.map_err(dev_err("cuStreamSynchronize"))
+        })
+    }
+
     /// Device-to-device copy bandwidth (bytes read + written per second) over
     /// `bytes`-sized buffers, median of `reps`: the ruler GPU figures use.
     pub fn copy_bandwidth(&self, bytes: usize, reps: usize) -> Result<f64> {
@@ -639,6 +686,52 @@ pub(crate) fn base_params(a: &DeviceDecode, geo: &Geometry) -> Result<MlaParams>
     Ok(p)
 }
 
+/// A cache a host-memory call reads: caller bytes (staged per call) or
+/// engine device memory (a device-resident pool layer).
+#[derive(Clone, Copy, Debug)]
+pub enum CacheRef<'a> {
+    Host(&'a [u8]),
+    Device(u64),
+}
+
+/// One indexed cache of a host-memory sparse call.
+#[derive(Clone, Copy, Debug)]
+pub struct HostIndexed<'a> {
+    pub layout: crate::format::KvLayout,
+    pub kv: CacheRef<'a>,
+    pub num_blocks: usize,
+    pub indices: &'a [i32],
+    pub topk: usize,
+    pub topk_length: Option<&'a [i32]>,
+}
+
+/// Which keys a host-memory call reads.
+#[derive(Clone, Copy, Debug)]
+pub enum HostKeys<'a> {
+    Dense {
+        layout: crate::format::KvLayout,
+        kv: CacheRef<'a>,
+        num_blocks: usize,
+        table: &'a [i32],
+        stride: usize,
+        seqlens: &'a [i32],
+    },
+    Sparse {
+        main: HostIndexed<'a>,
+        extra: Option<HostIndexed<'a>>,
+    },
+}
+
+/// A validated decode whose small inputs are in host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct HostDecode<'a> {
+    pub shape: crate::decode::DecodeShape,
+    pub q_dtype: Dtype,
+    pub q: &'a [u8],
+    pub keys: HostKeys<'a>,
+    pub sink: Option<&'a [f32]>,
+}
+
 /// Host slices packed into one staging area, each piece 256-byte aligned.
 struct Staging<'a> {
     pieces: Vec<(usize, &'a [u8])>,
@@ -646,13 +739,6 @@ struct Staging<'a> {
 }
 
 impl<'a> Staging<'a> {
-    fn new() -> Self {
-        Staging {
-            pieces: Vec::new(),
-            bytes: 0,
-        }
-    }
-
     /// Reserves room for `data` (copied in) and returns its offset.
     fn put(&mut self, data: &'a [u8]) -> usize {
         let off = self.bytes;
@@ -669,26 +755,44 @@ impl<'a> Staging<'a> {
     }
 }
 
+/// Where a staged piece will be: an offset in the staging area, or a
+/// device address already.
+#[derive(Clone, Copy)]
+enum At {
+    Staged(usize),
+    Device(u64),
+}
+
+impl At {
+    fn addr(self, base: u64) -> u64 {
+        match self {
+            At::Staged(off) => base + off as u64,
+            At::Device(p) => p,
+        }
+    }
+}
+
+fn stage_cache<'a>(sg: &mut Staging<'a>, c: CacheRef<'a>) -> At {
+    match c {
+        CacheRef::Host(d) => At::Staged(sg.put(d)),
+        CacheRef::Device(p) => At::Device(p),
+    }
+}
+
 struct StagedIndexed {
     layout: crate::format::KvLayout,
-    kv: usize,
+    kv: At,
     num_blocks: usize,
     indices: usize,
     topk: usize,
     topk_length: Option<usize>,
 }
 
-enum StagedKeys {
-    /// block table, stride, seqlens
-    Dense(usize, usize, usize),
-    Sparse(StagedIndexed, Option<StagedIndexed>),
-}
-
-fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &crate::decode::IndexedKeys<'a>) -> StagedIndexed {
+fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &HostIndexed<'a>) -> StagedIndexed {
     StagedIndexed {
-        layout: ik.kv.layout,
-        kv: sg.put(ik.kv.data),
-        num_blocks: ik.kv.num_blocks,
+        layout: ik.layout,
+        kv: stage_cache(sg, ik.kv),
+        num_blocks: ik.num_blocks,
         indices: sg.put(as_bytes(ik.indices)),
         topk: ik.topk,
         topk_length: ik.topk_length.map(|l| sg.put(as_bytes(l))),
@@ -700,40 +804,42 @@ fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-impl Backend for CudaBackend {
-    fn info(&self) -> &BackendInfo {
-        &self.info
-    }
-
-    /// Host memory: stages the inputs, decodes, copies the results back.
-    fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+impl CudaBackend {
+    /// A decode whose queries, tables, output and (unless device-resident)
+    /// caches are in host memory: stages them into engine memory, decodes,
+    /// copies the results back.
+    pub fn decode_host(&self, d: &HostDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
         // One host-memory call at a time owns the staging area, from the
         // copies in to the copies back.
         let _host_call = self.host_calls.lock();
-        let mut sg = Staging::new();
+        let mut sg = Staging {
+            pieces: Vec::new(),
+            bytes: 0,
+        };
         let q = sg.put(d.q);
-        let sink = d.attn_sink.map(|s| sg.put(as_bytes(s)));
-        let (layout, kv, num_blocks, keys) = match &d.keys {
-            Keys::Dense(k) => {
-                let kv = sg.put(k.kv.data);
-                let bt = sg.put(as_bytes(k.block_table));
-                let sl = sg.put(as_bytes(k.seqlens));
-                (
-                    k.kv.layout,
-                    kv,
-                    k.kv.num_blocks,
-                    StagedKeys::Dense(bt, k.block_table_stride, sl),
-                )
+        let sink = d.sink.map(|s| sg.put(as_bytes(s)));
+        enum Staged {
+            Dense(At, usize, usize, usize),
+            Sparse(StagedIndexed, Option<StagedIndexed>),
+        }
+        let (layout, num_blocks, staged) = match &d.keys {
+            HostKeys::Dense {
+                layout,
+                kv,
+                num_blocks,
+                table,
+                stride,
+                seqlens,
+            } => {
+                let kv = stage_cache(&mut sg, *kv);
+                let bt = sg.put(as_bytes(table));
+                let sl = sg.put(as_bytes(seqlens));
+                (*layout, *num_blocks, Staged::Dense(kv, bt, *stride, sl))
             }
-            Keys::Sparse(s) => {
-                let main = stage_indexed(&mut sg, &s.main);
-                let extra = s.extra.as_ref().map(|x| stage_indexed(&mut sg, x));
-                (
-                    s.main.kv.layout,
-                    main.kv,
-                    s.main.kv.num_blocks,
-                    StagedKeys::Sparse(main, extra),
-                )
+            HostKeys::Sparse { main, extra } => {
+                let m = stage_indexed(&mut sg, main);
+                let x = extra.as_ref().map(|x| stage_indexed(&mut sg, x));
+                (main.layout, main.num_blocks, Staged::Sparse(m, x))
             }
         };
         let out_off = sg.reserve(out.out.len());
@@ -758,25 +864,31 @@ impl Backend for CudaBackend {
             base
         };
         let at = |off: usize| base + off as u64;
-        let keys_dev = match keys {
-            StagedKeys::Dense(bt, stride, sl) => KeysDev::Dense(super::args::DenseDev {
-                block_table: at(bt),
-                stride,
-                seqlens: at(sl),
-            }),
-            StagedKeys::Sparse(main, extra) => {
+        let (kv, keys_dev) = match staged {
+            Staged::Dense(kv, bt, stride, sl) => (
+                kv.addr(base),
+                KeysDev::Dense(super::args::DenseDev {
+                    block_table: at(bt),
+                    stride,
+                    seqlens: at(sl),
+                }),
+            ),
+            Staged::Sparse(main, extra) => {
                 let dev = |s: &StagedIndexed| super::args::IndexedDev {
                     layout: s.layout,
-                    kv: at(s.kv),
+                    kv: s.kv.addr(base),
                     num_blocks: s.num_blocks,
                     indices: at(s.indices),
                     topk: s.topk,
                     topk_length: s.topk_length.map_or(0, at),
                 };
-                KeysDev::Sparse {
-                    main: dev(&main),
-                    extra: extra.as_ref().map(dev),
-                }
+                (
+                    main.kv.addr(base),
+                    KeysDev::Sparse {
+                        main: dev(&main),
+                        extra: extra.as_ref().map(dev),
+                    },
+                )
             }
         };
         let args = DeviceDecode {
@@ -785,7 +897,7 @@ impl Backend for CudaBackend {
             out_dtype: out.dtype,
             layout,
             q: at(q),
-            kv: at(kv),
+            kv,
             num_blocks,
             keys: keys_dev,
             sink: sink.map_or(0, at),
@@ -803,6 +915,51 @@ impl Backend for CudaBackend {
         }
         Ok(())
     }
+}
+
+fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexed<'a> {
+    HostIndexed {
+        layout: k.kv.layout,
+        kv: CacheRef::Host(k.kv.data),
+        num_blocks: k.kv.num_blocks,
+        indices: k.indices,
+        topk: k.topk,
+        topk_length: k.topk_length,
+    }
+}
+
+impl Backend for CudaBackend {
+    fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    /// Host memory: stages the inputs, decodes, copies the results back.
+    fn decode(&self, d: &Decode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+        let keys = match &d.keys {
+            Keys::Dense(k) => HostKeys::Dense {
+                layout: k.kv.layout,
+                kv: CacheRef::Host(k.kv.data),
+                num_blocks: k.kv.num_blocks,
+                table: k.block_table,
+                stride: k.block_table_stride,
+                seqlens: k.seqlens,
+            },
+            Keys::Sparse(s) => HostKeys::Sparse {
+                main: host_indexed(&s.main),
+                extra: s.extra.as_ref().map(host_indexed),
+            },
+        };
+        self.decode_host(
+            &HostDecode {
+                shape: d.shape,
+                q_dtype: d.q_dtype,
+                q: d.q,
+                keys,
+                sink: d.attn_sink,
+            },
+            out,
+        )
+    }
 
     fn install(&self, f: &mut (dyn FnMut() + Send)) {
         f()
@@ -812,10 +969,10 @@ impl Backend for CudaBackend {
         Some(self)
     }
 
-    fn alloc(&self, what: &str, _bytes: usize) -> Result<Buffer> {
-        Err(Error::unsupported(format!(
-            "{what}: a KV pool in GPU memory is not implemented yet; create the pool on a CPU engine (MLART_BACKEND_CPU)"
-        )))
+    /// The KV pool keeps its layers in device memory through
+    /// `CudaBackend::mem_alloc`; this host allocation is not used for it.
+    fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
+        Buffer::host_zeroed(what, bytes)
     }
 }
 
