@@ -49,9 +49,13 @@ static_assert(Smem<576>::K % 16 == 0 && Smem<576>::TOK_ROW % 16 == 0, "alignment
 static_assert(Smem<512>::K % 16 == 0 && Smem<512>::TOK_ROW % 16 == 0, "alignment");
 
 __device__ __forceinline__ uint32_t dyn_smem_bytes() {
+#ifdef MLA_EMULATE
+    return emu::st().dyn_smem;
+#else
     uint32_t r;
     asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
     return r;
+#endif
 }
 
 // Fills K buffer `buf` with the keys whose row pointers are in tok_row[buf].
@@ -135,7 +139,11 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
                             : KV == MLA_KV_F32                       ? DQK * 4
                             : KV == MLA_KV_FP8_V32                   ? 656
                                                                      : 576;
+#ifdef MLA_EMULATE
+    uint8_t* smem = emu::dynamic_smem();
+#else
     extern __shared__ __align__(16) uint8_t smem[];
+#endif
     if (dyn_smem_bytes() < (uint32_t)L::BYTES) {
         if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
         return;

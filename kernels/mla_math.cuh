@@ -2,8 +2,12 @@
 // tensor-core instructions (mma.sync m16n8k16, ldmatrix, cp.async) that every
 // architecture from sm_80 up runs.
 #pragma once
+#ifdef MLA_EMULATE
+#include "emu/mla_emu.h"  // CPU emulation for tests (kernels/emu/)
+#else
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#endif
 #include <stdint.h>
 
 #include "mla_params.cuh"
@@ -71,11 +75,15 @@ struct OpBf16 {
     // D = A * B + D, A 16x16 (row), B 16x8 (col), f32 accumulators.
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
+#ifdef MLA_EMULATE
+        emu::mma(d, a, b0, b1, false);
+#else
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
     }
 };
 
@@ -88,14 +96,27 @@ struct OpF16 {
     }
     static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                                uint32_t b1) {
+#ifdef MLA_EMULATE
+        emu::mma(d, a, b0, b1, true);
+#else
         asm volatile(
             "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
             "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
             : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
     }
 };
 
+#ifdef MLA_EMULATE
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    emu::ldmatrix_x4_trans(r, row);
+}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) { memcpy(dst, src, 16); }
+__device__ __forceinline__ void cp_async_commit() {}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {}
+#else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -117,6 +138,7 @@ template <int N>
 __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
+#endif
 
 __device__ __forceinline__ uint32_t lds32(const void* p) {
     return *static_cast<const uint32_t*>(p);

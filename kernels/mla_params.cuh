@@ -5,6 +5,9 @@
 // All 4-byte fields come first, then all 8-byte fields, so neither side has
 // padding to disagree on.
 #pragma once
+#ifdef MLA_EMULATE
+#include "emu/mla_emu.h"  // CPU emulation for tests (kernels/emu/)
+#endif
 #include <stddef.h>
 #include <stdint.h>
 

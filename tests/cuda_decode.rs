@@ -590,7 +590,9 @@ fn check_case(gpu: &Gpu, cpu: &Engine, c: &Case, seed: u64) {
             if w == f32::INFINITY {
                 assert_eq!(g, f32::INFINITY, "lse[{j}]; {what}");
             } else {
-                assert!((g - w).abs() <= 2e-2, "lse[{j}] = {g}, want {w}; {what}");
+                // bf16 operands: the score error grows with |score|.
+                let tol = 2e-2 + 4e-3 * w.abs();
+                assert!((g - w).abs() <= tol, "lse[{j}] = {g}, want {w}; {what}");
             }
         }
     }

@@ -1,0 +1,482 @@
+// Runs mlart's CUDA kernels (plan -> decode -> combine) on the CPU emulator
+// (mla_emu.h) over random paged-cache problems and checks every output
+// against a float64 reference written from the documented semantics.
+//
+// Cases cover every cache format and both head dimensions, q/out dtypes,
+// dense varlen (zero-length sequences, NaN-poisoned unused slots), causal
+// MTP, sparse indices with -1 entries and topk_length, an extra cache, the
+// attention sink, head counts that are not multiples of 16, block sizes
+// 1/16/64/100, sequences split across items (combine), and a bad block id
+// (masked and reported). Exit status 0 when all pass.
+//
+//   c++ -std=c++17 -O1 -I kernels kernels/emu/emu_main.cpp -o emu && ./emu
+#define MLA_EMULATE 1
+#include "../mlart_kernels.cu"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace {
+
+std::mt19937_64 rng;
+
+double uniform() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng); }
+int irange(int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); }  // [lo, hi]
+float sample() {
+    double x = std::normal_distribution<double>(0.0, 0.1)(rng);
+    return (float)std::max(-1.0, std::min(1.0, x));
+}
+
+// ---- independent element codecs ----
+double bf16_val(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+double f16_val(uint16_t h) {
+    int s = h >> 15, e = (h >> 10) & 31, m = h & 1023;
+    double v = e == 0 ? std::ldexp((double)m, -24) : std::ldexp(1.0 + m / 1024.0, e - 15);
+    return s ? -v : v;
+}
+double e4m3_val(uint8_t c) {
+    int s = c >> 7, e = (c >> 3) & 15, m = c & 7;
+    double v = e == 0 ? std::ldexp(m / 8.0, -6) : std::ldexp(1.0 + m / 8.0, e - 7);
+    return s ? -v : v;
+}
+
+int dt_size(int dt) { return dt == MLA_DT_F32 ? 4 : 2; }
+// Stores x in dtype dt at bytes p; returns the stored value.
+double put(uint8_t* p, int dt, float x) {
+    if (dt == MLA_DT_F32) {
+        memcpy(p, &x, 4);
+        return x;
+    }
+    uint16_t b = dt == MLA_DT_BF16 ? __float2bfloat16_rn(x).bits : __float2half_rn(x).bits;
+    memcpy(p, &b, 2);
+    return dt == MLA_DT_BF16 ? bf16_val(b) : f16_val(b);
+}
+double get(const uint8_t* p, int dt) {
+    if (dt == MLA_DT_F32) {
+        float f;
+        memcpy(&f, p, 4);
+        return f;
+    }
+    uint16_t b;
+    memcpy(&b, p, 2);
+    return dt == MLA_DT_BF16 ? bf16_val(b) : f16_val(b);
+}
+
+// ---- cache layouts (FlashMLA's), independent of the kernels ----
+struct Layout {
+    int format, d_qk, bs;
+    int64_t row_bytes() const {
+        switch (format) {
+            case MLA_KV_BF16: case MLA_KV_F16: return 2 * d_qk;
+            case MLA_KV_F32: return 4 * d_qk;
+            case MLA_KV_FP8_V32: return 656;
+            default: return 584;
+        }
+    }
+    int64_t block_bytes() const {
+        if (format == MLA_KV_FP8_MODEL1) return ((int64_t)584 * bs + 575) / 576 * 576;
+        return row_bytes() * bs;
+    }
+};
+
+// Writes a random row into slot `s` of `block`; returns its values.
+std::vector<double> write_row(const Layout& L, uint8_t* block, int s) {
+    std::vector<double> v(L.d_qk);
+    switch (L.format) {
+        case MLA_KV_BF16: case MLA_KV_F16: case MLA_KV_F32: {
+            int dt = L.format == MLA_KV_BF16 ? MLA_DT_BF16 : L.format == MLA_KV_F16 ? MLA_DT_F16 : MLA_DT_F32;
+            for (int k = 0; k < L.d_qk; ++k)
+                v[k] = put(block + s * L.row_bytes() + k * dt_size(dt), dt, sample());
+            break;
+        }
+        case MLA_KV_FP8_V32: {
+            uint8_t* r = block + s * 656;
+            for (int t = 0; t < 4; ++t) {
+                float scale = std::ldexp(1.0f, irange(-12, -4));
+                memcpy(r + 512 + 4 * t, &scale, 4);
+                for (int k = 0; k < 128; ++k) {
+                    uint8_t c = (uint8_t)irange(0, 255);
+                    if ((c & 0x7f) == 0x7f) c = 0x00;  // no NaN codes
+                    r[t * 128 + k] = c;
+                    v[t * 128 + k] = e4m3_val(c) * scale;
+                }
+            }
+            for (int k = 0; k < 64; ++k) v[512 + k] = put(r + 528 + 2 * k, MLA_DT_BF16, sample());
+            break;
+        }
+        default: {  // MODEL1
+            uint8_t* r = block + s * 576;
+            uint8_t* sc = block + L.bs * 576 + s * 8;
+            for (int t = 0; t < 7; ++t) {
+                int e = irange(115, 123);
+                sc[t] = (uint8_t)e;
+                double scale = std::ldexp(1.0, e - 127);
+                for (int k = 0; k < 64; ++k) {
+                    uint8_t c = (uint8_t)irange(0, 255);
+                    if ((c & 0x7f) == 0x7f) c = 0x00;
+                    r[t * 64 + k] = c;
+                    v[t * 64 + k] = e4m3_val(c) * scale;
+                }
+            }
+            sc[7] = 0;
+            for (int k = 0; k < 64; ++k) v[448 + k] = put(r + 448 + 2 * k, MLA_DT_BF16, sample());
+            break;
+        }
+    }
+    return v;
+}
+
+// Fills slot `s` with NaN-like garbage (0xff bytes, scales included).
+void poison_row(const Layout& L, uint8_t* block, int s) {
+    if (L.format == MLA_KV_FP8_MODEL1) {
+        memset(block + s * 576, 0xff, 576);
+        memset(block + L.bs * 576 + s * 8, 0xff, 8);
+    } else {
+        memset(block + s * L.row_bytes(), 0xff, L.row_bytes());
+    }
+}
+
+struct Cache {
+    Layout L;
+    int blocks;
+    std::vector<uint8_t> bytes;
+    std::vector<std::vector<double>> rows;  // [block * bs + slot], empty = poisoned
+    void init(const Layout& l, int n) {
+        L = l;
+        blocks = n;
+        bytes.assign((size_t)(L.block_bytes() * n), 0);
+        rows.assign((size_t)n * L.bs, {});
+        for (int b = 0; b < n; ++b)
+            for (int s = 0; s < L.bs; ++s) poison_row(L, block(b), s);
+    }
+    uint8_t* block(int b) { return bytes.data() + (size_t)b * L.block_bytes(); }
+    void fill(int pos) { rows[pos] = write_row(L, block(pos / L.bs), pos % L.bs); }
+};
+
+struct Case {
+    std::string name;
+    int batch = 1, s_q = 1, h_q = 16, d_qk = 576;
+    int format = MLA_KV_BF16, bs = 64;
+    int q_dt = MLA_DT_BF16, out_dt = MLA_DT_BF16;
+    bool causal = false, sparse = false, sink = false, with_len = true, extra = false;
+    bool bad_block = false;
+    std::vector<int> seqlens;  // dense lengths, or sparse live tokens per sequence
+    int topk = 0, extra_topk = 0, extra_bs = 64;
+    int parts = 4;
+    float scale = 0.f;
+};
+
+struct Outcome {
+    double max_err = 0;
+    bool ok = true;
+};
+
+Outcome run(const Case& c) {
+    Outcome res;
+    const int d_qk = c.d_qk, d_v = 512;
+    Layout L{c.format, d_qk, c.bs};
+    const int groups = c.sparse ? c.batch * c.s_q : c.batch;
+    const int R = c.sparse ? c.h_q : c.s_q * c.h_q;
+    const int row_tiles = (R + 15) / 16;
+    const int max_items = groups + c.parts;
+
+    // Queries.
+    std::vector<uint8_t> q((size_t)c.batch * c.s_q * c.h_q * d_qk * dt_size(c.q_dt));
+    std::vector<double> qv(q.size() / dt_size(c.q_dt));
+    for (size_t i = 0; i < qv.size(); ++i) qv[i] = put(q.data() + i * dt_size(c.q_dt), c.q_dt, sample());
+    std::vector<float> sink(c.h_q);
+    for (int h = 0; h < c.h_q; ++h) sink[h] = h % 5 == 0 ? -INFINITY : (float)(uniform() * 4 - 2);
+
+    // Caches, tables, indices.
+    Cache main, xc;
+    std::vector<int> table, seqlens, indices, topk_len, xind, xlen;
+    int stride = 1;
+    if (!c.sparse) {
+        for (int l : c.seqlens) stride = std::max(stride, (l + c.bs - 1) / c.bs);
+        stride += 1;
+        int need = 0;
+        for (int l : c.seqlens) need += (l + c.bs - 1) / c.bs;
+        main.init(L, need + 2);
+        std::vector<int> ids(need + 2);
+        for (int i = 0; i < need + 2; ++i) ids[i] = i;
+        std::shuffle(ids.begin(), ids.end(), rng);
+        table.assign((size_t)c.batch * stride, -3);
+        int next = 0;
+        for (int b = 0; b < c.batch; ++b) {
+            for (int j = 0; j < (c.seqlens[b] + c.bs - 1) / c.bs; ++j) table[b * stride + j] = ids[next++];
+            for (int t = 0; t < c.seqlens[b]; ++t) main.fill(table[b * stride + t / c.bs] * c.bs + t % c.bs);
+            seqlens.push_back(c.seqlens[b]);
+        }
+        if (c.bad_block) table[0] = 1 << 20;
+    } else {
+        int live = 0;
+        for (int l : c.seqlens) live += l;
+        int nb = (live + c.bs - 1) / c.bs + 2;
+        main.init(L, nb);
+        std::vector<int> pos;
+        for (int p = 0; p < nb * c.bs; ++p)
+            if (uniform() < 0.7) { main.fill(p); pos.push_back(p); }
+        indices.resize((size_t)groups * c.topk);
+        for (auto& x : indices) x = uniform() < 0.1 ? -1 : pos[irange(0, (int)pos.size() - 1)];
+        for (int b = 0; b < c.batch; ++b) topk_len.push_back(b % 3 == 0 ? 0 : irange(0, c.topk));
+        if (c.extra) {
+            Layout XL{c.format, d_qk, c.extra_bs};
+            int xb = 3;
+            xc.init(XL, xb);
+            std::vector<int> xpos;
+            for (int p = 0; p < xb * c.extra_bs; ++p)
+                if (uniform() < 0.7) { xc.fill(p); xpos.push_back(p); }
+            xind.resize((size_t)groups * c.extra_topk);
+            for (auto& x : xind) x = uniform() < 0.1 ? -1 : xpos[irange(0, (int)xpos.size() - 1)];
+            for (int b = 0; b < c.batch; ++b) xlen.push_back(irange(0, c.extra_topk));
+        }
+    }
+
+    // Workspace and outputs (NaN-poisoned).
+    std::vector<int4> items(max_items);
+    std::vector<int2> meta(groups);
+    int num_items = -1, flags = 0;
+    std::vector<float> part_o((size_t)max_items * R * d_v), part_lse((size_t)max_items * R);
+    std::vector<uint8_t> out((size_t)c.batch * c.s_q * c.h_q * d_v * dt_size(c.out_dt), 0xff);
+    std::vector<float> lse((size_t)c.batch * c.h_q * c.s_q, NAN);
+
+    MlaParams p{};
+    p.batch = c.batch; p.s_q = c.s_q; p.h_q = c.h_q; p.d_qk = d_qk; p.d_v = d_v;
+    p.sparse = c.sparse; p.causal = c.causal; p.rows_per_group = R; p.num_groups = groups;
+    float scale = c.scale != 0.f ? c.scale : 1.f / std::sqrt((float)d_qk);
+    p.scale_log2 = scale * 1.4426950408889634f;
+    p.q_dtype = c.q_dt; p.out_dtype = c.out_dt; p.kv_format = c.format;
+    p.num_blocks = main.blocks; p.block_size = c.bs; p.bt_stride = stride;
+    p.block_bytes = L.block_bytes();
+    p.parts = c.parts; p.max_items = max_items;
+    p.q = q.data(); p.kv = main.bytes.data();
+    p.block_table = table.empty() ? nullptr : table.data();
+    p.seqlens = seqlens.empty() ? nullptr : seqlens.data();
+    if (c.sparse) {
+        p.indices = indices.data(); p.topk = c.topk;
+        p.topk_length = c.with_len ? topk_len.data() : nullptr;
+        if (c.extra) {
+            p.extra_kv = xc.bytes.data(); p.extra_num_blocks = xc.blocks; p.extra_block_size = c.extra_bs;
+            p.extra_block_bytes = xc.L.block_bytes();
+            p.extra_indices = xind.data(); p.extra_topk = c.extra_topk; p.extra_topk_length = xlen.data();
+        }
+    }
+    p.sink = c.sink ? sink.data() : nullptr;
+    p.out = out.data(); p.lse = lse.data();
+    p.items = items.data(); p.group_meta = meta.data(); p.num_items = &num_items;
+    p.part_o = part_o.data(); p.part_lse = part_lse.data(); p.error_flags = &flags;
+
+    emu::launch(mla_plan, {1, 1, 1}, {MLA_PLAN_THREADS, 1, 1}, 0, p);
+    auto kernel = mla_decode_bf16_d576;
+    struct K { int f, d; void (*k)(MlaParams); };
+    const K ks[] = {{MLA_KV_BF16, 576, mla_decode_bf16_d576}, {MLA_KV_BF16, 512, mla_decode_bf16_d512},
+                    {MLA_KV_F16, 576, mla_decode_f16_d576},   {MLA_KV_F16, 512, mla_decode_f16_d512},
+                    {MLA_KV_F32, 576, mla_decode_f32_d576},   {MLA_KV_F32, 512, mla_decode_f32_d512},
+                    {MLA_KV_FP8_V32, 576, mla_decode_fp8v32_d576},
+                    {MLA_KV_FP8_MODEL1, 512, mla_decode_fp8model1_d512}};
+    for (auto& k : ks)
+        if (k.f == c.format && k.d == d_qk) kernel = k.k;
+    emu::launch(kernel, {(unsigned)max_items, (unsigned)row_tiles, 1}, {MLA_THREADS, 1, 1},
+                (uint32_t)mla::Smem<576>::BYTES, p);
+    emu::launch(mla_combine, {(unsigned)groups, (unsigned)((R + 3) / 4), 1}, {32 * MLA_COMBINE_ROWS, 1, 1}, 0, p);
+
+    if (c.bad_block) {
+        if (!(flags & MLA_ERR_BLOCK_ID)) {
+            printf("  %s: bad block id not reported (flags %d)\n", c.name.c_str(), flags);
+            res.ok = false;
+        }
+        return res;  // outputs are unspecified; the point is no crash and the report
+    }
+    if (flags != 0) {
+        printf("  %s: unexpected error flags %d\n", c.name.c_str(), flags);
+        res.ok = false;
+    }
+    if (num_items < groups || num_items > max_items) {
+        printf("  %s: num_items %d outside [%d, %d]\n", c.name.c_str(), num_items, groups, max_items);
+        res.ok = false;
+        return res;
+    }
+
+    // Reference, per group and row.
+    for (int g = 0; g < groups; ++g) {
+        const int b = c.sparse ? g / c.s_q : g;
+        std::vector<const std::vector<double>*> keys;
+        if (!c.sparse) {
+            for (int t = 0; t < seqlens[b]; ++t)
+                keys.push_back(&main.rows[table[b * stride + t / c.bs] * c.bs + t % c.bs]);
+        } else {
+            int n = c.with_len ? topk_len[b] : c.topk;
+            for (int j = 0; j < n; ++j) {
+                int x = indices[(size_t)g * c.topk + j];
+                keys.push_back(x < 0 ? nullptr : &main.rows[x]);
+            }
+            if (c.extra)
+                for (int j = 0; j < xlen[b]; ++j) {
+                    int x = xind[(size_t)g * c.extra_topk + j];
+                    keys.push_back(x < 0 ? nullptr : &xc.rows[x]);
+                }
+        }
+        double num = 0, den = 0;
+        for (int r = 0; r < R; ++r) {
+            const int i = c.sparse ? g % c.s_q : r / c.h_q;
+            const int h = c.sparse ? r : r % c.h_q;
+            const size_t qrow = ((size_t)(b * c.s_q + i) * c.h_q + h);
+            int limit = (int)keys.size();
+            if (!c.sparse && c.causal) limit = seqlens[b] - (c.s_q - 1 - i);
+            std::vector<double> sc;
+            std::vector<const std::vector<double>*> used;
+            for (int t = 0; t < limit; ++t) {
+                if (!keys[t]) continue;
+                if (keys[t]->empty()) {
+                    printf("  %s: reference reads a poisoned slot\n", c.name.c_str());
+                    res.ok = false;
+                    return res;
+                }
+                double d = 0;
+                for (int k = 0; k < d_qk; ++k) d += qv[qrow * d_qk + k] * (*keys[t])[k];
+                sc.push_back(d * scale);
+                used.push_back(keys[t]);
+            }
+            std::vector<double> o(d_v, 0.0);
+            double l = INFINITY;
+            if (!sc.empty()) {
+                double m = *std::max_element(sc.begin(), sc.end()), s = 0;
+                for (double x : sc) s += std::exp(x - m);
+                for (size_t t = 0; t < sc.size(); ++t) {
+                    double w = std::exp(sc[t] - m) / s;
+                    for (int k = 0; k < d_v; ++k) o[k] += w * (*used[t])[k];
+                }
+                l = m + std::log(s);
+                if (c.sink) {
+                    double f = 1.0 / (1.0 + std::exp((double)sink[h] - l));
+                    for (auto& x : o) x *= f;
+                }
+            }
+            const uint8_t* got = out.data() + qrow * d_v * dt_size(c.out_dt);
+            bool all_zero = true;
+            for (int k = 0; k < d_v; ++k) {
+                double y = get(got + k * dt_size(c.out_dt), c.out_dt);
+                if (!std::isfinite(y)) {
+                    printf("  %s: out[g %d][row %d][%d] = %g not finite\n", c.name.c_str(), g, r, k, y);
+                    res.ok = false;
+                    return res;
+                }
+                all_zero = all_zero && y == 0.0;
+                num += (y - o[k]) * (y - o[k]);
+                den += o[k] * o[k];
+            }
+            if (sc.empty() && !all_zero) {
+                printf("  %s: group %d row %d sees no key but is not 0\n", c.name.c_str(), g, r);
+                res.ok = false;
+            }
+            float gl = lse[((size_t)b * c.h_q + h) * c.s_q + i];
+            // Scores are rounded to bf16 operands: their error grows with |score|.
+            if (sc.empty() ? gl != INFINITY : !(std::fabs(gl - l) <= 2e-2 + 4e-3 * std::fabs(l))) {
+                printf("  %s: lse[b %d][h %d][i %d] = %g, want %g\n", c.name.c_str(), b, h, i, gl, l);
+                res.ok = false;
+            }
+        }
+        double e = den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+        res.max_err = std::max(res.max_err, e);
+        if (!(e <= 1e-2)) {
+            printf("  %s: group %d rel L2 %.3e\n", c.name.c_str(), g, e);
+            res.ok = false;
+        }
+    }
+    return res;
+}
+
+std::vector<int> lengths(int batch, int max, int bs) {
+    std::vector<int> v;
+    const int special[] = {0, 1, bs, bs + 1, max};
+    for (int b = 0; b < batch; ++b) v.push_back(b < 5 && uniform() < 0.5 ? std::min(special[b], max) : irange(0, max));
+    return v;
+}
+
+}  // namespace
+
+int main() {
+    rng.seed(0x6d6c6172743a656dull);
+    std::vector<Case> cases;
+    const int formats[] = {MLA_KV_BF16, MLA_KV_F16, MLA_KV_F32, MLA_KV_FP8_V32, MLA_KV_FP8_MODEL1};
+    const int dts[] = {MLA_DT_BF16, MLA_DT_F16, MLA_DT_F32};
+    const int bss[] = {1, 16, 64, 100};
+    int n = 0;
+    for (int f : formats) {
+        for (int v = 0; v < 3; ++v, ++n) {
+            Case c;
+            c.format = f;
+            c.d_qk = f == MLA_KV_FP8_MODEL1 ? 512 : f == MLA_KV_FP8_V32 ? 576 : (v == 1 ? 512 : 576);
+            c.bs = bss[(n + v) % 4];
+            c.batch = 1 + n % 4;
+            c.s_q = 1 + v;
+            c.h_q = (int[]){16, 20, 1, 33}[n % 4];
+            c.causal = v > 0;
+            c.q_dt = dts[n % 3];
+            c.out_dt = dts[(n + 1) % 3];
+            c.sink = v == 2;
+            c.parts = (int[]){1, 4, 16}[v];
+            c.scale = v == 1 ? 2.0f : 0.f;
+            c.seqlens = lengths(c.batch, v == 2 ? 300 : 150, c.bs);
+            c.name = "dense f" + std::to_string(f) + " d" + std::to_string(c.d_qk) + " bs" + std::to_string(c.bs) +
+                     " b" + std::to_string(c.batch) + " s_q" + std::to_string(c.s_q) + " h" + std::to_string(c.h_q) +
+                     (c.causal ? " causal" : "") + (c.sink ? " sink" : "") + " parts" + std::to_string(c.parts);
+            cases.push_back(c);
+        }
+        for (int v = 0; v < 2; ++v, ++n) {
+            Case c;
+            c.sparse = true;
+            c.format = f;
+            c.d_qk = f == MLA_KV_FP8_MODEL1 ? 512 : 576;
+            c.bs = bss[(n + 1) % 4];
+            c.batch = 2 + v;
+            c.s_q = 1 + v;
+            c.h_q = v ? 16 : 17;
+            c.topk = v ? 100 : 64;
+            c.with_len = v == 0;
+            c.extra = v == 1;
+            c.extra_topk = 40;
+            c.extra_bs = 16;
+            c.sink = v == 0;
+            c.parts = v ? 8 : 2;
+            c.q_dt = dts[(n + 2) % 3];
+            c.out_dt = dts[n % 3];
+            c.seqlens = lengths(c.batch, 200, c.bs);
+            c.name = "sparse f" + std::to_string(f) + " bs" + std::to_string(c.bs) + " b" + std::to_string(c.batch) +
+                     " s_q" + std::to_string(c.s_q) + " h" + std::to_string(c.h_q) + (c.extra ? " extra" : "") +
+                     (c.sink ? " sink" : "") + (c.with_len ? " topk_length" : "");
+            cases.push_back(c);
+        }
+    }
+    {
+        Case c;  // one long sequence split across 8 items, 64 heads
+        c.name = "split-kv long h64";
+        c.h_q = 64;
+        c.seqlens = {1000};
+        c.parts = 8;
+        cases.push_back(c);
+        Case d;  // bad block id
+        d.name = "bad block id";
+        d.seqlens = {100, 50};
+        d.batch = 2;
+        d.bad_block = true;
+        cases.push_back(d);
+    }
+    int failed = 0;
+    for (auto& c : cases) {
+        Outcome o = run(c);
+        printf("%s %s (max rel L2 %.2e)\n", o.ok ? "ok  " : "FAIL", c.name.c_str(), o.max_err);
+        failed += !o.ok;
+    }
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size(), failed);
+    return failed ? 1 : 0;
+}

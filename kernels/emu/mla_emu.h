@@ -1,0 +1,328 @@
+// A small CUDA emulator for mlart's kernels, so their logic is tested on
+// machines without a GPU (tests/kernel_emulation.rs builds and runs
+// kernels/emu/emu_main.cpp with the host C++ compiler).
+//
+// Each block runs as 32 * warps cooperative fibers (ucontext). __syncthreads
+// parks a fiber until every live thread of the block arrives; warp
+// collectives (shuffles, mma.sync, ldmatrix) exchange through per-warp slots
+// between warp barriers, and compute exactly the fragment layouts the PTX ISA
+// documents for mma.m16n8k16 and ldmatrix .trans. cp.async copies at once.
+// Blocks run one after another, so `static` stands in for __shared__.
+//
+// This checks indexing, masking, the schedule, softmax, the combine and the
+// FP8 decoding: everything but the hardware itself and the assumption, shared
+// with the kernels, of what those fragment layouts are.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <ucontext.h>
+
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __grid_constant__
+#define __shared__ static
+#define __align__(n) alignas(n)
+
+struct int2 { int x, y; };
+struct int4 { int x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+inline int2 make_int2(int x, int y) { return {x, y}; }
+inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
+inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline int max(int a, int b) { return a > b ? a : b; }
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+
+// ---- bf16 / f16 ---------------------------------------------------------
+struct __nv_bfloat16 { uint16_t bits; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct __half { uint16_t bits; };
+struct __half2 { __half x, y; };
+
+inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+inline uint32_t emu_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((uint32_t)b.bits << 16); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) {
+    uint32_t u = emu_float_bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {(uint16_t)((u >> 16) | 0x40)};
+    u += 0x7fffu + ((u >> 16) & 1);
+    return {(uint16_t)(u >> 16)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+    return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}
+inline float __half2float(__half h) {
+    uint32_t s = (h.bits >> 15) & 1, e = (h.bits >> 10) & 0x1f, m = h.bits & 0x3ff;
+    float v;
+    if (e == 0) v = ldexpf((float)m, -24);
+    else if (e == 31) v = m ? NAN : INFINITY;
+    else v = ldexpf((float)(m | 0x400), (int)e - 25);
+    return s ? -v : v;
+}
+inline __half __float2half_rn(float f) {
+    // Via the nearest representable value found by rounding the mantissa.
+    uint32_t u = emu_float_bits(f);
+    uint16_t sign = (u >> 16) & 0x8000;
+    float a = fabsf(f);
+    if (isnan(f)) return {(uint16_t)(sign | 0x7e00)};
+    if (a >= 65520.0f) return {(uint16_t)(sign | 0x7c00)};
+    if (a < ldexpf(1.0f, -14)) {  // subnormal: multiples of 2^-24
+        float q = nearbyintf(a * ldexpf(1.0f, 24));
+        return {(uint16_t)(sign | (uint16_t)q)};
+    }
+    int e;
+    float m = frexpf(a, &e);  // a = m * 2^e, m in [0.5, 1)
+    float q = nearbyintf(m * 2048.0f);  // 11 significant bits
+    if (q == 2048.0f) { q = 1024.0f; e += 1; }
+    int exp = e - 1 + 15;
+    if (exp >= 31) return {(uint16_t)(sign | 0x7c00)};
+    return {(uint16_t)(sign | (exp << 10) | ((uint16_t)q & 0x3ff))};
+}
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }
+inline __half __ushort_as_half(unsigned short b) { return {b}; }
+
+// ---- threads, blocks, fibers ----------------------------------------------
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+
+namespace emu {
+
+enum Wait { RUN = 0, BLOCK = 1, WARP = 2, DONE = 3 };
+
+struct Fiber {
+    ucontext_t ctx;
+    std::vector<char> stack;
+    int tid = 0;
+    Wait wait = RUN;
+};
+
+struct WarpSlots {
+    uint32_t a[32][4], b[32][2];
+    float c[32][4], f[32];
+    const void* addr[32];
+};
+
+struct State {
+    ucontext_t sched;
+    std::vector<Fiber> fibers;
+    std::vector<WarpSlots> warps;
+    int cur = 0;
+    dim3 block_idx, block_dim, grid_dim;
+    uint32_t dyn_smem = 0;
+    void (*body)(const void*) = nullptr;
+    const void* arg = nullptr;
+};
+
+inline State& st() {
+    static State s;
+    return s;
+}
+
+inline void park(Wait w) {
+    State& s = st();
+    s.fibers[s.cur].wait = w;
+    swapcontext(&s.fibers[s.cur].ctx, &s.sched);
+}
+
+inline void entry() {
+    State& s = st();
+    s.body(s.arg);
+    s.fibers[s.cur].wait = DONE;
+    swapcontext(&s.fibers[s.cur].ctx, &s.sched);
+}
+
+// Runs one block of `threads` fibers to completion.
+inline void run_block(int threads) {
+    State& s = st();
+    s.fibers.resize(threads);
+    s.warps.resize((threads + 31) / 32);
+    for (int t = 0; t < threads; ++t) {
+        Fiber& f = s.fibers[t];
+        f.tid = t;
+        f.wait = RUN;
+        f.stack.resize(64 * 1024);
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, entry, 0);
+    }
+    for (;;) {
+        bool ran = false;
+        for (int t = 0; t < threads; ++t) {
+            if (s.fibers[t].wait != RUN) continue;
+            s.cur = t;
+            swapcontext(&s.sched, &s.fibers[t].ctx);
+            ran = true;
+        }
+        // Release warps whose live lanes all wait at a warp barrier.
+        bool released = false;
+        for (int w = 0; w * 32 < threads; ++w) {
+            int live = 0, waiting = 0;
+            for (int t = w * 32; t < threads && t < w * 32 + 32; ++t) {
+                if (s.fibers[t].wait != DONE) ++live;
+                if (s.fibers[t].wait == WARP) ++waiting;
+            }
+            if (live > 0 && waiting == live) {
+                for (int t = w * 32; t < threads && t < w * 32 + 32; ++t)
+                    if (s.fibers[t].wait == WARP) s.fibers[t].wait = RUN;
+                released = true;
+            }
+        }
+        int live = 0, at_block = 0;
+        for (auto& f : s.fibers) {
+            if (f.wait != DONE) ++live;
+            if (f.wait == BLOCK) ++at_block;
+        }
+        if (live == 0) return;
+        if (at_block == live) {
+            for (auto& f : s.fibers) f.wait = RUN;
+            released = true;
+        }
+        if (!ran && !released) {
+            fprintf(stderr, "emu: deadlock in block (%u,%u): barriers do not match\n",
+                    s.block_idx.x, s.block_idx.y);
+            abort();
+        }
+    }
+}
+
+// Launches `kernel(arg)` over `grid` x `block` with `smem` dynamic bytes.
+template <typename P>
+void launch(void (*kernel)(P), dim3 grid, dim3 block, uint32_t smem, P arg) {
+    State& s = st();
+    static P held;
+    held = arg;
+    s.body = [](const void* a) { reinterpret_cast<void (*)(P)>(st().arg)(held); };
+    s.arg = reinterpret_cast<const void*>(kernel);
+    s.grid_dim = grid;
+    s.block_dim = block;
+    s.dyn_smem = smem;
+    for (unsigned y = 0; y < grid.y; ++y)
+        for (unsigned x = 0; x < grid.x; ++x) {
+            s.block_idx.x = x;
+            s.block_idx.y = y;
+            run_block((int)block.x);
+        }
+}
+
+// The dynamic shared memory of the running block (uninitialized between
+// blocks, like the hardware's).
+inline uint8_t* dynamic_smem() {
+    alignas(16) static uint8_t buf[256 * 1024];
+    return buf;
+}
+
+inline dim3 thread_idx() {
+    dim3 d;
+    d.x = st().fibers[st().cur].tid;
+    return d;
+}
+inline int lane() { return st().fibers[st().cur].tid % 32; }
+inline WarpSlots& slots() { return st().warps[st().fibers[st().cur].tid / 32]; }
+
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx())
+#define blockIdx (emu::st().block_idx)
+#define blockDim (emu::st().block_dim)
+#define gridDim (emu::st().grid_dim)
+
+inline void __syncthreads() { emu::park(emu::BLOCK); }
+inline void __syncwarp() { emu::park(emu::WARP); }
+
+inline float __shfl_xor_sync(unsigned, float v, int off) {
+    emu::WarpSlots& w = emu::slots();
+    int l = emu::lane();
+    w.f[l] = v;
+    __syncwarp();
+    float r = w.f[l ^ off];
+    __syncwarp();
+    return r;
+}
+
+// Fibers never run concurrently: plain read-modify-write is atomic.
+inline int atomicOr(int* p, int v) { int o = *p; *p |= v; return o; }
+inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
+    unsigned long long o = *p;
+    *p += v;
+    return o;
+}
+
+namespace emu {
+
+inline float lo_f(uint32_t r, bool f16) {
+    return f16 ? __half2float({(uint16_t)(r & 0xffff)}) : __bfloat162float({(uint16_t)(r & 0xffff)});
+}
+inline float hi_f(uint32_t r, bool f16) {
+    return f16 ? __half2float({(uint16_t)(r >> 16)}) : __bfloat162float({(uint16_t)(r >> 16)});
+}
+
+// mma.sync.m16n8k16.row.col, f32 accumulators. Lane l = 4g + q holds
+// A[g][2q..2q+1], A[g+8][2q..], A[g][2q+8..], A[g+8][2q+8..] (a0..a3),
+// B[2q..2q+1][g], B[2q+8..2q+9][g] (b0, b1) and C/D[g][2q..], [g+8][2q..].
+inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1, bool f16) {
+    WarpSlots& w = slots();
+    int l = lane();
+    for (int i = 0; i < 4; ++i) w.a[l][i] = a[i];
+    w.b[l][0] = b0;
+    w.b[l][1] = b1;
+    for (int i = 0; i < 4; ++i) w.c[l][i] = d[i];
+    __syncwarp();
+    float A[16][16], B[16][8];
+    for (int t = 0; t < 32; ++t) {
+        int g = t / 4, q = t % 4;
+        A[g][2 * q] = lo_f(w.a[t][0], f16);
+        A[g][2 * q + 1] = hi_f(w.a[t][0], f16);
+        A[g + 8][2 * q] = lo_f(w.a[t][1], f16);
+        A[g + 8][2 * q + 1] = hi_f(w.a[t][1], f16);
+        A[g][2 * q + 8] = lo_f(w.a[t][2], f16);
+        A[g][2 * q + 9] = hi_f(w.a[t][2], f16);
+        A[g + 8][2 * q + 8] = lo_f(w.a[t][3], f16);
+        A[g + 8][2 * q + 9] = hi_f(w.a[t][3], f16);
+        B[2 * q][g] = lo_f(w.b[t][0], f16);
+        B[2 * q + 1][g] = hi_f(w.b[t][0], f16);
+        B[2 * q + 8][g] = lo_f(w.b[t][1], f16);
+        B[2 * q + 9][g] = hi_f(w.b[t][1], f16);
+    }
+    int g = l / 4, q = l % 4;
+    int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * q, 2 * q + 1, 2 * q, 2 * q + 1};
+    float out[4];
+    for (int i = 0; i < 4; ++i) {
+        float acc = w.c[l][i];
+        for (int k = 0; k < 16; ++k) acc += A[rows[i]][k] * B[k][cols[i]];
+        out[i] = acc;
+    }
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) d[i] = out[i];
+}
+
+// ldmatrix.m8n8.x4.trans.b16: lanes 8i..8i+7 give the row addresses of
+// matrix i; lane l gets, in register i, M_i[2(l%4)][l/4] (low half) and
+// M_i[2(l%4)+1][l/4] (high half).
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    WarpSlots& w = slots();
+    int l = lane();
+    w.addr[l] = row;
+    __syncwarp();
+    for (int i = 0; i < 4; ++i) {
+        int k = 2 * (l % 4), n = l / 4;
+        const uint16_t* r0 = static_cast<const uint16_t*>(w.addr[8 * i + k]);
+        const uint16_t* r1 = static_cast<const uint16_t*>(w.addr[8 * i + k + 1]);
+        r[i] = (uint32_t)r0[n] | ((uint32_t)r1[n] << 16);
+    }
+    __syncwarp();
+}
+
+}  // namespace emu
