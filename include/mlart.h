@@ -248,8 +248,12 @@ typedef struct mlart_decode_args {
    */
   float *lse;
   /**
-   * CUDA stream (CUDA engines); ignored by CPU engines, which always finish
-   * before returning.
+   * CUDA stream (`CUstream`) for a CUDA engine with `MLART_MEMORY_DEVICE`
+   * pointers: the call only enqueues its kernels there (no host sync, no
+   * allocation once the engine's workspace has grown, so it can be
+   * captured in a CUDA graph); bad device-resident block ids and indices
+   * are then masked, not reported. NULL: the call waits and reports them.
+   * Host-memory calls and CPU engines always finish before returning.
    */
   void *stream;
 } mlart_decode_args;
@@ -790,7 +794,9 @@ typedef struct mlart_kv_pool_decode_args {
 #define MLART_MEMORY_DEVICE 1
 
 /**
- * The best available: a usable CUDA device, else the CPU. `MLART_BACKEND=cpu|cuda` overrides.
+ * The best available: the CPU in this version (a usable CUDA device is
+ * reported in `mlart_engine_info`'s reason, but AUTO chooses it only once
+ * the CUDA kernels are verified on hardware). `MLART_BACKEND=cpu|cuda` overrides.
  */
 #define MLART_BACKEND_AUTO 0
 
@@ -800,7 +806,9 @@ typedef struct mlart_kv_pool_decode_args {
 #define MLART_BACKEND_CPU 1
 
 /**
- * A CUDA GPU (not in this version: returns MLART_STATUS_UNSUPPORTED).
+ * A CUDA GPU, sm_80 (Ampere) or newer, chosen by `device_index`. Without a
+ * driver, a device or kernels for it: MLART_STATUS_UNSUPPORTED (or
+ * NOT_FOUND for a missing index) naming the cause.
  */
 #define MLART_BACKEND_CUDA 2
 
@@ -864,6 +872,13 @@ void mlart_decode_args_init(struct mlart_decode_args *args);
  * are never read. Every pointer, size and used block id is validated before
  * any read; on error nothing is written. On a CPU engine the call returns
  * when `out` and `lse` are complete.
+ *
+ * On a CUDA engine, `memory = MLART_MEMORY_HOST` pointers are staged
+ * through engine memory (the call waits); `MLART_MEMORY_DEVICE` pointers are
+ * read in place: the scalars are validated here, the contents (lengths, block
+ * ids, indices) by the kernels (see `stream`). The cache must be 16-byte
+ * aligned. The GPU computes with bf16 (f16 for F16 caches) tensor-core
+ * operands and f32 accumulation: results match the CPU's to bf16 precision.
  */
 struct mlart_error *mlart_decode_paged(struct mlart_engine *engine, const struct mlart_decode_args *args);
 
@@ -1040,8 +1055,10 @@ void mlart_kv_pool_stats_init(struct mlart_kv_pool_stats *stats);
 void mlart_kv_pool_decode_args_init(struct mlart_kv_pool_decode_args *args);
 
 /**
- * Creates a pool whose memory the engine's backend owns. The pool keeps the
- * engine alive. On success `*out` receives the pool.
+ * Creates a pool whose memory the engine's backend owns: host memory on a
+ * CPU engine, GPU memory on a CUDA engine (appends are converted on the host
+ * and copied; decodes read the cache in place). The pool keeps the engine
+ * alive. On success `*out` receives the pool.
  */
 struct mlart_error *mlart_kv_pool_create(struct mlart_engine *engine, const struct mlart_kv_pool_options *options, struct mlart_kv_pool **out);
 

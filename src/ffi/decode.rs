@@ -95,8 +95,12 @@ pub struct mlart_decode_args {
     /// Optional natural-log log-sum-exp of the scaled scores; +inf for a
     /// query that sees no key (whose output is 0).
     pub lse: *mut f32,
-    /// CUDA stream (CUDA engines); ignored by CPU engines, which always finish
-    /// before returning.
+    /// CUDA stream (`CUstream`) for a CUDA engine with `MLART_MEMORY_DEVICE`
+    /// pointers: the call only enqueues its kernels there (no host sync, no
+    /// allocation once the engine's workspace has grown, so it can be
+    /// captured in a CUDA graph); bad device-resident block ids and indices
+    /// are then masked, not reported. NULL: the call waits and reports them.
+    /// Host-memory calls and CPU engines always finish before returning.
     pub stream: *mut c_void,
 }
 
@@ -500,6 +504,13 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
 /// are never read. Every pointer, size and used block id is validated before
 /// any read; on error nothing is written. On a CPU engine the call returns
 /// when `out` and `lse` are complete.
+///
+/// On a CUDA engine, `memory = MLART_MEMORY_HOST` pointers are staged
+/// through engine memory (the call waits); `MLART_MEMORY_DEVICE` pointers are
+/// read in place: the scalars are validated here, the contents (lengths, block
+/// ids, indices) by the kernels (see `stream`). The cache must be 16-byte
+/// aligned. The GPU computes with bf16 (f16 for F16 caches) tensor-core
+/// operands and f32 accumulation: results match the CPU's to bf16 precision.
 #[no_mangle]
 pub extern "C" fn mlart_decode_paged(
     engine: *mut mlart_engine,

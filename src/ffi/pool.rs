@@ -213,8 +213,10 @@ fn pool_options(o: &mlart_kv_pool_options) -> Result<PoolOptions> {
     })
 }
 
-/// Creates a pool whose memory the engine's backend owns. The pool keeps the
-/// engine alive. On success `*out` receives the pool.
+/// Creates a pool whose memory the engine's backend owns: host memory on a
+/// CPU engine, GPU memory on a CUDA engine (appends are converted on the host
+/// and copied; decodes read the cache in place). The pool keeps the engine
+/// alive. On success `*out` receives the pool.
 #[no_mangle]
 pub extern "C" fn mlart_kv_pool_create(
     engine: *mut mlart_engine,

@@ -78,11 +78,15 @@ pub const MLART_MEMORY_DEVICE: mlart_memory = 1;
 
 /// Which compute backend an engine uses.
 pub type mlart_backend = u32;
-/// The best available: a usable CUDA device, else the CPU. `MLART_BACKEND=cpu|cuda` overrides.
+/// The best available: the CPU in this version (a usable CUDA device is
+/// reported in `mlart_engine_info`'s reason, but AUTO chooses it only once
+/// the CUDA kernels are verified on hardware). `MLART_BACKEND=cpu|cuda` overrides.
 pub const MLART_BACKEND_AUTO: mlart_backend = 0;
 /// The CPU (kernel variant from `MLART_CPU_ISA` or detection).
 pub const MLART_BACKEND_CPU: mlart_backend = 1;
-/// A CUDA GPU (not in this version: returns MLART_STATUS_UNSUPPORTED).
+/// A CUDA GPU, sm_80 (Ampere) or newer, chosen by `device_index`. Without a
+/// driver, a device or kernels for it: MLART_STATUS_UNSUPPORTED (or
+/// NOT_FOUND for a missing index) naming the cause.
 pub const MLART_BACKEND_CUDA: mlart_backend = 2;
 
 /// CPU kernel variant (`MLART_CPU_ISA=scalar|avx2|avx512|avx512bf16|amx` forces one).
