@@ -980,16 +980,124 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
     Outcome::Ran
 }
 
+/// A device-memory decode on a caller stream is enqueue-only and can be
+/// captured into a CUDA graph: the replayed graph gives the same bytes as a
+/// synchronous call. Capturing a call whose workspace would have to grow is
+/// refused with an error that says what to do.
+fn cuda_graph_capture() -> Outcome {
+    use cudarc::driver::{result, sys};
+    with_gpu(|g| {
+        let c = Case {
+            batch: 2,
+            s_q: 1,
+            h_q: 16,
+            format: MLART_KV_FORMAT_BF16,
+            block_size: 64,
+            q: Dt::Bf16,
+            out: Dt::Bf16,
+            causal: false,
+            seqlens: vec![3000, 77],
+            sparse: None,
+            sink: false,
+            scale: 0.0,
+        };
+        let inp = inputs(&c, 11);
+        let mut pl = Placed {
+            ptrs: Vec::new(),
+            engine: g.ptr,
+        };
+        let out_bytes = 2 * 16 * 512 * 2;
+        let mut a = MaybeUninit::<mlart_decode_args>::uninit();
+        mlart_decode_args_init(a.as_mut_ptr());
+        // SAFETY: initialized above.
+        let mut a = unsafe { a.assume_init() };
+        a.memory = MLART_MEMORY_DEVICE;
+        a.batch = 2;
+        a.h_q = 16;
+        a.d_qk = 576;
+        a.d_v = 512;
+        a.num_blocks = inp.main.num_blocks as i32;
+        a.q = pl.put(&inp.q);
+        a.kv = pl.put(&inp.main.bytes);
+        a.block_table = pl.put(bytes_of(&inp.main.table)) as *const i32;
+        a.block_table_stride = inp.main.stride as i32;
+        a.seqlens = pl.put(bytes_of(&inp.seqlens)) as *const i32;
+        a.out = pl.put(&vec![0u8; out_bytes]);
+        assert!(take_error(mlart_decode_paged(g.ptr, &a)).is_none());
+        let mut want = vec![0u8; out_bytes];
+        pl.get(&mut want, a.out);
+        let zero = vec![0u8; out_bytes];
+        assert!(take_error(mlart_engine_mem_copy(
+            g.ptr,
+            a.out,
+            MLART_MEMORY_DEVICE,
+            zero.as_ptr() as *const c_void,
+            MLART_MEMORY_HOST,
+            out_bytes
+        ))
+        .is_none());
+        // SAFETY: plain driver calls on a stream and graph made here; the
+        // engine's context is current on this thread (mlart made it so).
+        unsafe {
+            let stream = result::stream::create(result::stream::StreamKind::NonBlocking).unwrap();
+            result::stream::begin_capture(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .unwrap();
+            a.stream = stream as *mut c_void;
+            let r = take_error(mlart_decode_paged(g.ptr, &a));
+            let graph = result::stream::end_capture(stream).unwrap();
+            assert!(r.is_none(), "captured decode failed: {r:?}");
+            let exec = result::graph::instantiate(
+                graph,
+                sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH,
+            )
+            .unwrap();
+            result::graph::launch(exec, stream).unwrap();
+            result::stream::synchronize(stream).unwrap();
+            let mut got = vec![0u8; out_bytes];
+            pl.get(&mut got, a.out);
+            assert!(
+                got == want,
+                "graph replay differs from the synchronous call"
+            );
+            // A shape that needs a larger workspace cannot be captured.
+            result::stream::begin_capture(
+                stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+            .unwrap();
+            let mut huge = a;
+            huge.s_q = 64;
+            huge.causal = true;
+            let e = take_error(mlart_decode_paged(g.ptr, &huge));
+            let graph2 = result::stream::end_capture(stream).unwrap();
+            let (code, msg) = e.expect("growing the workspace during capture must fail");
+            assert_eq!(code, MLART_STATUS_INVALID_ARGUMENT, "{msg}");
+            assert!(
+                msg.contains("captured") && msg.contains("outside the capture"),
+                "{msg}"
+            );
+            result::graph::exec_destroy(exec).unwrap();
+            result::graph::destroy(graph).unwrap();
+            result::graph::destroy(graph2).unwrap();
+            result::stream::destroy(stream).unwrap();
+        }
+    })
+}
+
 type Test = (&'static str, fn() -> Outcome);
 
 fn main() {
-    let tests: [Test; 6] = [
+    let tests: [Test; 7] = [
         ("cuda_dense_matrix", cuda_dense_matrix),
         ("cuda_split_kv", cuda_split_kv),
         ("cuda_sparse_matrix", cuda_sparse_matrix),
         ("cuda_device_memory_errors", cuda_device_memory_errors),
         ("cuda_plan_matches_host_twin", cuda_plan_matches_host_twin),
         ("cuda_pool_matches_cpu_pool", cuda_pool_matches_cpu_pool),
+        ("cuda_graph_capture", cuda_graph_capture),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()

@@ -19,7 +19,14 @@ fn cuda_kernels_match_the_reference_under_emulation() {
     let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mlart_kernel_emu");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let build = Command::new(&cxx)
-        .args(["-std=c++17", "-O1", "-Wall", "-Wno-unused-function", "-Wno-unknown-pragmas", "-I"])
+        .args([
+            "-std=c++17",
+            "-O1",
+            "-Wall",
+            "-Wno-unused-function",
+            "-Wno-unknown-pragmas",
+            "-I",
+        ])
         .arg(&kernels)
         .arg(kernels.join("emu/emu_main.cpp"))
         .arg("-o")

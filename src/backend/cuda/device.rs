@@ -295,6 +295,23 @@ impl CudaBackend {
         let mut p = base_params(a, &geo)?;
         self.make_current()?;
         let mut st = self.state.lock();
+        let stream = if a.stream == 0 {
+            st.stream
+        } else {
+            a.stream as sys::CUstream
+        };
+        // SAFETY: a caller stream is a live CUstream (C contract).
+        let capturing = unsafe { result::stream::is_capturing(stream) }
+            .map_err(dev_err("cuStreamIsCapturing"))?
+            != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if capturing && (st.workspace.ptr == 0 || st.workspace.bytes < ws.bytes) {
+            // Growing needs a sync and an allocation, neither allowed while
+            // the stream is captured.
+            return Err(Error::invalid(format!(
+                "stream is being captured into a CUDA graph, but the engine's workspace must first grow to {} bytes: run one call of this shape outside the capture first",
+                ws.bytes
+            )));
+        }
         let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
         p.items = base + ws.items as u64;
         p.group_meta = base + ws.group_meta as u64;
@@ -302,12 +319,7 @@ impl CudaBackend {
         p.error_flags = base + ws.error_flags as u64;
         p.part_lse = base + ws.part_lse as u64;
         p.part_o = base + ws.part_o as u64;
-        let stream = if a.stream == 0 {
-            st.stream
-        } else {
-            a.stream as sys::CUstream
-        };
-        self.enqueue(&st, stream, &p, &geo, f)?;
+        self.enqueue(&st, stream, &p, &geo, f, !capturing)?;
         if a.stream == 0 {
             // SAFETY: our stream.
             unsafe { result::stream::synchronize(stream) }
@@ -419,7 +431,7 @@ impl CudaBackend {
         }
         self.time_on_stream(reps, |stream| {
             let st = self.state.lock();
-            self.enqueue(&st, stream, &p, &geo, f)
+            self.enqueue(&st, stream, &p, &geo, f, true)
         })
     }
 
@@ -532,17 +544,23 @@ impl CudaBackend {
         p: &MlaParams,
         geo: &Geometry,
         f: &DecodeFn,
+        // Order against other streams' use of the workspace through the
+        // `done` event (not inside a graph capture, where the graph's own
+        // order applies and outside events cannot be waited on).
+        order: bool,
     ) -> Result<()> {
         // SAFETY: every handle is live; `p` outlives the launches (the
         // driver copies kernel parameters at launch); the workspace is ours
         // and large enough for `geo` (ensure above).
         unsafe {
-            result::stream::wait_event(
-                stream,
-                st.done,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-            .map_err(dev_err("cuStreamWaitEvent"))?;
+            if order {
+                result::stream::wait_event(
+                    stream,
+                    st.done,
+                    sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                )
+                .map_err(dev_err("cuStreamWaitEvent"))?;
+            }
             result::memset_d8_async(p.error_flags, 0, 4, stream)
                 .map_err(dev_err("cuMemsetD8Async"))?;
             let mut args = [p as *const MlaParams as *mut c_void];
@@ -573,7 +591,9 @@ impl CudaBackend {
                 &mut args,
             )
             .map_err(dev_err("launch mla_combine"))?;
-            result::event::record(st.done, stream).map_err(dev_err("cuEventRecord"))?;
+            if order {
+                result::event::record(st.done, stream).map_err(dev_err("cuEventRecord"))?;
+            }
         }
         Ok(())
     }
