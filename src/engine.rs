@@ -83,12 +83,15 @@ impl Engine {
                 prefix = format!("backend forced by MLART_BACKEND={v}; ");
             } else {
                 prefix = match CudaBackend::probe(opts.device_index) {
-                    Ok(_) if AUTO_USES_CUDA => {
-                        let cuda = CudaBackend::new(opts.device_index, "auto: ")?;
-                        return Ok(Engine {
-                            backend: Box::new(cuda),
-                        });
-                    }
+                    Ok(_) if AUTO_USES_CUDA => match CudaBackend::new(opts.device_index, "auto: ") {
+                        Ok(cuda) => {
+                            return Ok(Engine {
+                                backend: Box::new(cuda),
+                            })
+                        }
+                        // E.g. a driver too old for the kernels: the CPU still works.
+                        Err(e) => format!("auto: the CUDA device failed to open ({}); ", e.message),
+                    },
                     Ok((props, _)) => format!(
                         "auto: {} found, but the CUDA kernels are not yet verified on hardware, so AUTO uses the CPU (MLART_BACKEND=cuda to use it); ",
                         props.name

@@ -35,6 +35,7 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use crate::format::fp8::simd::e4m3_as_f16;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f")]
@@ -138,7 +139,6 @@ mod avx512 {
         let mut total = [_mm512_setzero_ps(); 4];
         let mut tail = [0f32; 4];
         let k256 = _mm512_set1_ps(256.0);
-        let (lo7, sgn) = (_mm256_set1_epi16(0x7f), _mm256_set1_epi16(0x80));
         let mut b0 = 0;
         let mut bi = 0;
         while b0 < n {
@@ -151,13 +151,7 @@ mod avx512 {
                 unsafe {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(i));
                     for (r, row) in rows.iter().enumerate() {
-                        let c = _mm256_cvtepu8_epi16(_mm_loadu_si128(
-                            row.as_ptr().add(i) as *const __m128i
-                        ));
-                        let h = _mm256_or_si256(
-                            _mm256_slli_epi16(_mm256_and_si256(c, lo7), 7),
-                            _mm256_slli_epi16(_mm256_and_si256(c, sgn), 8),
-                        );
+                        let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, acc[r]);
                     }
                 }
@@ -229,16 +223,11 @@ mod avx512 {
                 unsafe {
                     let c = _mm256_loadu_si256(codes.as_ptr().add(i) as *const __m256i);
                     for (h, acc) in [&mut s0, &mut s1].into_iter().enumerate() {
-                        let w = _mm256_cvtepu8_epi16(if h == 0 {
+                        let f = _mm512_cvtph_ps(e4m3_as_f16(if h == 0 {
                             _mm256_castsi256_si128(c)
                         } else {
                             _mm256_extracti128_si256(c, 1)
-                        });
-                        let mag =
-                            _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x7f)), 7);
-                        let sign =
-                            _mm256_slli_epi16(_mm256_and_si256(w, _mm256_set1_epi16(0x80)), 8);
-                        let f = _mm512_cvtph_ps(_mm256_or_si256(mag, sign));
+                        }));
                         *acc =
                             _mm512_fmadd_ps(f, _mm512_loadu_ps(x.as_ptr().add(i + 16 * h)), *acc);
                     }
