@@ -6,6 +6,7 @@
 use crate::format::fp8::E4M3_TABLE;
 use once_cell::sync::Lazy;
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 static AVX512: Lazy<bool> = Lazy::new(|| {
     #[cfg(target_arch = "x86_64")]
     {
