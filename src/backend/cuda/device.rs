@@ -1020,3 +1020,126 @@ impl Drop for CudaBackend {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::args::{DenseDev, IndexedDev};
+    use crate::decode::DecodeShape;
+    use crate::format::KvLayout;
+
+    fn dense(shape: DecodeShape) -> DeviceDecode {
+        DeviceDecode {
+            shape,
+            q_dtype: Dtype::F16,
+            out_dtype: Dtype::F32,
+            layout: KvLayout::new(KvFormat::Fp8V32, 576, 100, "f").unwrap(),
+            q: 0x1000,
+            kv: 0x2000,
+            num_blocks: 77,
+            keys: KeysDev::Dense(DenseDev {
+                block_table: 0x3000,
+                stride: 9,
+                seqlens: 0x4000,
+            }),
+            sink: 0x5000,
+            out: 0x6000,
+            lse: 0,
+            stream: 0,
+        }
+    }
+
+    #[test]
+    fn dense_arguments_are_lowered_field_by_field() {
+        let shape = DecodeShape::new(3, 2, 20, 576, 512, 0.0, true).unwrap();
+        let a = dense(shape);
+        let geo = Geometry::new(&shape, false, 100).unwrap();
+        let p = base_params(&a, &geo).unwrap();
+        assert_eq!((p.batch, p.s_q, p.h_q, p.d_qk, p.d_v), (3, 2, 20, 576, 512));
+        assert_eq!((p.sparse, p.causal), (0, 1));
+        assert_eq!((p.rows_per_group, p.num_groups), (40, 3));
+        assert!((p.scale_log2 - std::f32::consts::LOG2_E / 24.0).abs() < 1e-6);
+        assert_eq!((p.q_dtype, p.out_dtype, p.kv_format), (2, 0, 3));
+        assert_eq!((p.num_blocks, p.block_size, p.bt_stride), (77, 100, 9));
+        assert_eq!(p.block_bytes, 65600);
+        assert_eq!(
+            (p.parts, p.max_items),
+            (geo.parts as i32, geo.max_items as i32)
+        );
+        assert_eq!(
+            (p.q, p.kv, p.block_table, p.seqlens),
+            (0x1000, 0x2000, 0x3000, 0x4000)
+        );
+        assert_eq!(
+            (p.sink, p.out, p.lse, p.indices, p.extra_kv),
+            (0x5000, 0x6000, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn sparse_arguments_take_the_caches_of_their_index_lists() {
+        let shape = DecodeShape::new(2, 2, 128, 512, 512, 0.5, false).unwrap();
+        let l64 = KvLayout::new(KvFormat::Fp8Model1, 512, 64, "f").unwrap();
+        let l3 = KvLayout::new(KvFormat::Fp8Model1, 512, 3, "f").unwrap();
+        let mut a = dense(shape);
+        a.layout = l64;
+        a.keys = KeysDev::Sparse {
+            main: IndexedDev {
+                layout: l64,
+                kv: 0xa000,
+                num_blocks: 5,
+                indices: 0xb000,
+                topk: 2048,
+                topk_length: 0,
+            },
+            extra: Some(IndexedDev {
+                layout: l3,
+                kv: 0xc000,
+                num_blocks: 6,
+                indices: 0xd000,
+                topk: 64,
+                topk_length: 0xe000,
+            }),
+        };
+        let geo = Geometry::new(&shape, true, 264).unwrap();
+        let p = base_params(&a, &geo).unwrap();
+        assert_eq!((p.sparse, p.rows_per_group, p.num_groups), (1, 128, 4));
+        assert!((p.scale_log2 - 0.5 * std::f32::consts::LOG2_E).abs() < 1e-6);
+        assert_eq!((p.kv, p.num_blocks, p.block_size), (0xa000, 5, 64));
+        assert_eq!(p.block_bytes, l64.block_bytes as i64);
+        assert_eq!((p.indices, p.topk, p.topk_length), (0xb000, 2048, 0));
+        assert_eq!(
+            (p.extra_kv, p.extra_num_blocks, p.extra_block_size),
+            (0xc000, 6, 3)
+        );
+        assert_eq!(p.extra_block_bytes, 2304); // 3 x 584 rounded up to 4 x 576
+        assert_eq!(
+            (p.extra_indices, p.extra_topk, p.extra_topk_length),
+            (0xd000, 64, 0xe000)
+        );
+        assert_eq!((p.block_table, p.seqlens), (0, 0));
+    }
+
+    #[test]
+    fn misaligned_device_pointers_are_named() {
+        let shape = DecodeShape::new(1, 1, 16, 576, 512, 0.0, false).unwrap();
+        let mut a = dense(shape);
+        assert!(check_alignment(&a).is_ok());
+        a.kv += 8;
+        let e = check_alignment(&a).unwrap_err();
+        assert!(
+            e.message.contains("kv = 0x2008") && e.message.contains("16-byte"),
+            "{}",
+            e.message
+        );
+        let mut a = dense(shape);
+        a.q += 1;
+        assert!(check_alignment(&a)
+            .unwrap_err()
+            .message
+            .contains("q = 0x1001"));
+        let mut a = dense(shape);
+        a.out += 2;
+        assert!(check_alignment(&a).unwrap_err().message.contains("out"));
+    }
+}
