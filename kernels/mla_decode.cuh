@@ -1,10 +1,13 @@
 // Split-KV flash decode for MLA (one KV head, V = the first 512 dims of K).
 //
-// One block of 4 warps takes one work item (a group's keys [start, end))
-// for 16 of the group's query rows. Per 32-key tile:
-//   S  = Q Kᵀ   each warp one 16x8 slice of S over all d_qk  (mma.sync m16n8k16)
+// One block takes one work item (a group's keys [start, end)) for 16 * RG
+// of the group's query rows: RG = 1 (4 warps, 16 rows; any GPU) or RG = 4
+// (8 warps, 64 rows; 162 KiB of shared memory: A100, H100/H200, B200),
+// which reads each K tile once for 64 heads instead of 16. Warp w owns
+// row group w / (WARPS / RG) and a slice of the value columns. Per 32-key tile:
+//   S  = Q Kᵀ   each warp 4 / (WARPS / RG) 16x8 slices over all d_qk (mma.sync m16n8k16)
 //   P  = online softmax of S in f32, rounded to the operand type
-//   O += P V    each warp 128 of the 512 value columns     (ldmatrix.trans for V)
+//   O += P V    each warp 512 / (WARPS / RG) value columns of its 16 rows (ldmatrix.trans)
 // K tiles are double-buffered: cp.async for BF16/F16 caches, a converting
 // load (FP8 dequantized with its tile scales, F32 rounded) otherwise. Keys
 // that are masked or past the item's end are zero-filled in shared memory,
@@ -17,36 +20,56 @@
 #include "mla_math.cuh"
 
 #define MLA_DV 512
-#define MLA_ROWS 16
+#define MLA_ROWS 16      // rows of one row group (one m16 tile)
 #define MLA_TOKENS 32
-#define MLA_THREADS 128
+#define MLA_THREADS 128  // threads of an RG = 1 block; RG = 4 blocks have 256
 #define MLA_ERR_LAUNCH 8  // the block got less shared memory than it needs
 
 namespace mla {
 
+// Threads of a block with RG row groups.
+template <int RG>
+struct Shape {
+    static constexpr int WARPS = RG == 1 ? 4 : 8;
+    static constexpr int THREADS = 32 * WARPS;
+    static constexpr int ROWS = MLA_ROWS * RG;
+    static constexpr int COL_GROUPS = WARPS / RG;         // warps sharing a row group
+    static constexpr int NT = MLA_DV / COL_GROUPS / 8;    // value n-tiles per warp
+    static constexpr int S_TILES = (MLA_TOKENS / 8) / COL_GROUPS;  // S n-tiles per warp
+    static constexpr int TPR = THREADS / ROWS;            // softmax threads per row
+    static constexpr int KPT = MLA_TOKENS / TPR;          // keys per softmax thread
+};
+static_assert(Shape<1>::S_TILES == 1 && Shape<4>::S_TILES == 2, "S partition");
+static_assert(Shape<1>::KPT == 4 && Shape<4>::KPT == 8, "softmax partition");
+
 // Shared-memory layout; row strides padded by 8 elements (16 bytes) so the
 // fragment loads and ldmatrix hit 32 different banks.
-template <int DQK>
+template <int DQK, int RG>
 struct Smem {
+    static constexpr int ROWS = MLA_ROWS * RG;
     static constexpr int KSTRIDE = DQK + 8;               // elements
     static constexpr int SSTRIDE = MLA_TOKENS + 4;        // floats
     static constexpr int PSTRIDE = MLA_TOKENS + 8;        // elements
     static constexpr int Q = 0;
-    static constexpr int K = Q + MLA_ROWS * KSTRIDE * 2;  // two buffers
+    static constexpr int K = Q + ROWS * KSTRIDE * 2;      // two buffers
     static constexpr int S = K + 2 * MLA_TOKENS * KSTRIDE * 2;
-    static constexpr int P = S + MLA_ROWS * SSTRIDE * 4;
-    static constexpr int TOK_ROW = P + MLA_ROWS * PSTRIDE * 2;  // [2][32] row pointers
+    static constexpr int P = S + ROWS * SSTRIDE * 4;
+    static constexpr int TOK_ROW = P + ROWS * PSTRIDE * 2;  // [2][32] row pointers
     static constexpr int TOK_AUX = TOK_ROW + 2 * MLA_TOKENS * 8;  // [2][32] scale pointers
     static constexpr int ROW_M = TOK_AUX + 2 * MLA_TOKENS * 8;
-    static constexpr int ROW_L = ROW_M + MLA_ROWS * 4;
-    static constexpr int ROW_SCALE = ROW_L + MLA_ROWS * 4;
-    static constexpr int ROW_LIMIT = ROW_SCALE + MLA_ROWS * 4;
-    static constexpr int BYTES = ROW_LIMIT + MLA_ROWS * 4;
+    static constexpr int ROW_L = ROW_M + ROWS * 4;
+    static constexpr int ROW_SCALE = ROW_L + ROWS * 4;
+    static constexpr int ROW_LIMIT = ROW_SCALE + ROWS * 4;
+    static constexpr int BYTES = ROW_LIMIT + ROWS * 4;
 };
-static_assert(Smem<576>::BYTES == 98304, "update launch.rs: decode_smem_bytes(576)");
-static_assert(Smem<512>::BYTES == 88064, "update launch.rs: decode_smem_bytes(512)");
-static_assert(Smem<576>::K % 16 == 0 && Smem<576>::TOK_ROW % 16 == 0, "alignment");
-static_assert(Smem<512>::K % 16 == 0 && Smem<512>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<576, 1>::BYTES == 98304, "update launch.rs: decode_smem_bytes(576, 1)");
+static_assert(Smem<512, 1>::BYTES == 88064, "update launch.rs: decode_smem_bytes(512, 1)");
+static_assert(Smem<576, 4>::BYTES == 165888, "update launch.rs: decode_smem_bytes(576, 4)");
+static_assert(Smem<512, 4>::BYTES == 149504, "update launch.rs: decode_smem_bytes(512, 4)");
+static_assert(Smem<576, 4>::K % 16 == 0 && Smem<576, 4>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<512, 4>::K % 16 == 0 && Smem<512, 4>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<576, 1>::K % 16 == 0 && Smem<576, 1>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<512, 1>::K % 16 == 0 && Smem<512, 1>::TOK_ROW % 16 == 0, "alignment");
 
 __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 #ifdef MLA_EMULATE
@@ -59,15 +82,15 @@ __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 }
 
 // Fills K buffer `buf` with the keys whose row pointers are in tok_row[buf].
-template <int KV, int DQK, typename Op>
+template <int KV, int DQK, typename Op, int THREADS>
 __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* const* rows,
                                           const uint8_t* const* aux) {
     using T = typename Op::T;
-    constexpr int KS = Smem<DQK>::KSTRIDE;
+    constexpr int KS = DQK + 8;
     const int tid = threadIdx.x;
     if constexpr (KV == MLA_KV_BF16 || KV == MLA_KV_F16) {
         constexpr int PER_ROW = DQK / 8;  // 16-byte pieces
-        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += MLA_THREADS) {
+        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += THREADS) {
             const int t = c / PER_ROW, part = c % PER_ROW;
             T* dst = ks + t * KS + part * 8;
             if (rows[t]) {
@@ -78,7 +101,7 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
         }
     } else if constexpr (KV == MLA_KV_F32) {
         constexpr int PER_ROW = DQK / 4;
-        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += MLA_THREADS) {
+        for (int c = tid; c < MLA_TOKENS * PER_ROW; c += THREADS) {
             const int t = c / PER_ROW, part = c % PER_ROW;
             uint2 v = make_uint2(0, 0);
             if (rows[t]) {
@@ -94,7 +117,7 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
         constexpr int TILE = V32 ? 128 : 64;
         constexpr int ROPE_AT = V32 ? 528 : 448;  // byte offset of the rope in a row
         constexpr int PIECES = NOPE / 16 + 8;     // + 128 rope bytes
-        for (int c = tid; c < MLA_TOKENS * PIECES; c += MLA_THREADS) {
+        for (int c = tid; c < MLA_TOKENS * PIECES; c += THREADS) {
             const int t = c / PIECES, part = c % PIECES;
             T* dst = ks + t * KS;
             const uint8_t* row = rows[t];
@@ -130,10 +153,12 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
     }
 }
 
-template <int KV, int DQK, typename Op>
+template <int KV, int DQK, typename Op, int RG>
 __device__ __forceinline__ void decode_block(const MlaParams& p) {
     using T = typename Op::T;
-    using L = Smem<DQK>;
+    using L = Smem<DQK, RG>;
+    using B = Shape<RG>;
+    constexpr int ROWS = B::ROWS;
     constexpr int KS = L::KSTRIDE;
     constexpr int ROW_BYTES = KV == MLA_KV_BF16 || KV == MLA_KV_F16 ? DQK * 2
                             : KV == MLA_KV_F32                       ? DQK * 4
@@ -153,7 +178,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
     const int4 item = p.items[item_ix];
     const int g = item.x, kstart = item.y, kend = item.z, splits = item.w;
     const int R = p.rows_per_group;
-    const int row0 = blockIdx.y * MLA_ROWS;
+    const int row0 = blockIdx.y * ROWS;
     if (row0 >= R) return;
 
     T* qs = reinterpret_cast<T*>(smem + L::Q);
@@ -169,19 +194,21 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int gq = lane / 4, q4 = lane % 4;  // mma fragment row group / quad
+    const int rg = warp / B::COL_GROUPS;     // this warp's 16-row group
+    const int cg = warp % B::COL_GROUPS;     // and column group
     const int n_main = main_keys(p, g);
     const int n_all = n_main + extra_keys(p, g);
 
     // Queries of this block's rows, converted to the operand type; rows past
     // the group are zero.
     const int64_t q_row0 = (int64_t)g * R + row0;
-    for (int i = tid; i < MLA_ROWS * DQK; i += MLA_THREADS) {
+    for (int i = tid; i < ROWS * DQK; i += B::THREADS) {
         const int r = i / DQK, k = i % DQK;
         float v = 0.f;
         if (row0 + r < R) v = load_elem(p.q, p.q_dtype, (q_row0 + r) * DQK + k);
         qs[r * KS + k] = Op::from_float(v);
     }
-    if (tid < MLA_ROWS) {
+    if (tid < ROWS) {
         const int r = row0 + tid;
         int limit = 0;
         if (r < R) {
@@ -214,15 +241,15 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         }
     };
 
-    float o[16][4];
+    float o[B::NT][4];
 #pragma unroll
-    for (int n = 0; n < 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    for (int n = 0; n < B::NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
 
     const int tiles = (kend - kstart + MLA_TOKENS - 1) / MLA_TOKENS;
     if (tiles > 0) {
         locate_tile(kstart, 0);
         __syncthreads();
-        load_tile<KV, DQK, Op>(kbuf, tok_row, tok_aux);
+        load_tile<KV, DQK, Op, B::THREADS>(kbuf, tok_row, tok_aux);
         cp_async_commit();
     }
     for (int t = 0; t < tiles; ++t) {
@@ -233,7 +260,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         if (t + 1 < tiles) {
             locate_tile(tstart + MLA_TOKENS, buf ^ 1);
             __syncthreads();
-            load_tile<KV, DQK, Op>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
+            load_tile<KV, DQK, Op, B::THREADS>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
                                    tok_row + (buf ^ 1) * MLA_TOKENS,
                                    tok_aux + (buf ^ 1) * MLA_TOKENS);
         }
@@ -241,55 +268,64 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         cp_async_wait<1>(); // this tile's group has landed
         __syncthreads();
 
-        // S = Q Kᵀ: this warp's 8 keys against the 16 rows.
+        // S = Q Kᵀ: this warp's S_TILES x 8 keys against its 16 rows.
         {
-            float s[4] = {0.f, 0.f, 0.f, 0.f};
-            const T* kr = ks + (warp * 8 + gq) * KS + q4 * 2;
-            const T* q0 = qs + gq * KS + q4 * 2;
+            const T* q0 = qs + (rg * 16 + gq) * KS + q4 * 2;
             const T* q8 = q0 + 8 * KS;
+#pragma unroll
+            for (int st = 0; st < B::S_TILES; ++st) {
+                const int key0 = (cg * B::S_TILES + st) * 8;
+                float s[4] = {0.f, 0.f, 0.f, 0.f};
+                const T* kr = ks + (key0 + gq) * KS + q4 * 2;
 #pragma unroll 4
-            for (int k = 0; k < DQK; k += 16) {
-                const uint32_t a[4] = {lds32(q0 + k), lds32(q8 + k), lds32(q0 + k + 8),
-                                       lds32(q8 + k + 8)};
-                Op::mma(s, a, lds32(kr + k), lds32(kr + k + 8));
+                for (int k = 0; k < DQK; k += 16) {
+                    const uint32_t a[4] = {lds32(q0 + k), lds32(q8 + k), lds32(q0 + k + 8),
+                                           lds32(q8 + k + 8)};
+                    Op::mma(s, a, lds32(kr + k), lds32(kr + k + 8));
+                }
+                float* s0 = ss + (rg * 16 + gq) * L::SSTRIDE + key0 + q4 * 2;
+                s0[0] = s[0];
+                s0[1] = s[1];
+                s0[8 * L::SSTRIDE] = s[2];
+                s0[8 * L::SSTRIDE + 1] = s[3];
             }
-            float* s0 = ss + gq * L::SSTRIDE + warp * 8 + q4 * 2;
-            s0[0] = s[0];
-            s0[1] = s[1];
-            s0[8 * L::SSTRIDE] = s[2];
-            s0[8 * L::SSTRIDE + 1] = s[3];
         }
         __syncthreads();
 
-        // Online softmax: 8 threads per row, 4 keys each.
+        // Online softmax: TPR threads per row, KPT keys each.
         {
-            const int r = tid / 8, sub = tid % 8;
+            const int r = tid / B::TPR, sub = tid % B::TPR;
             const int limit = row_limit[r];
             const float m_old = row_m[r];
-            float sv[4];
+            float sv[B::KPT];
             float mx = -INFINITY;
 #pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int j = sub * 4 + i;
+            for (int i = 0; i < B::KPT; ++i) {
+                const int j = sub * B::KPT + i;
                 const bool ok = tok_row[buf * MLA_TOKENS + j] != nullptr && tstart + j < limit;
                 sv[i] = ok ? ss[r * L::SSTRIDE + j] * p.scale_log2 : -INFINITY;
                 mx = fmaxf(mx, sv[i]);
             }
 #pragma unroll
-            for (int off = 1; off < 8; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+            for (int off = 1; off < B::TPR; off <<= 1)
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
             const float m_new = fmaxf(m_old, mx);
             const float m_use = m_new == -INFINITY ? 0.f : m_new;
             float sum = 0.f;
-            uint32_t pk[2];
+            uint32_t pk[B::KPT / 2];
 #pragma unroll
-            for (int i = 0; i < 4; i += 2) {
+            for (int i = 0; i < B::KPT; i += 2) {
                 const float p0 = exp2f(sv[i] - m_use), p1 = exp2f(sv[i + 1] - m_use);
                 sum += p0 + p1;
                 pk[i / 2] = Op::pack(p0, p1);
             }
-            *reinterpret_cast<uint2*>(ps + r * L::PSTRIDE + sub * 4) = make_uint2(pk[0], pk[1]);
 #pragma unroll
-            for (int off = 1; off < 8; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+            for (int i = 0; i < B::KPT / 2; i += 2)
+                *reinterpret_cast<uint2*>(ps + r * L::PSTRIDE + sub * B::KPT + 2 * i) =
+                    make_uint2(pk[i], pk[i + 1]);
+#pragma unroll
+            for (int off = 1; off < B::TPR; off <<= 1)
+                sum += __shfl_xor_sync(0xffffffffu, sum, off);
             if (sub == 0) {
                 const float corr = exp2f(m_old - m_use);
                 row_m[r] = m_new;
@@ -299,11 +335,11 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         }
         __syncthreads();
 
-        // O = O * corr + P V over this warp's 128 value columns.
+        // O = O * corr + P V over this warp's value columns of its rows.
         {
-            const float c0 = row_scale[gq], c8 = row_scale[gq + 8];
+            const float c0 = row_scale[rg * 16 + gq], c8 = row_scale[rg * 16 + gq + 8];
 #pragma unroll
-            for (int n = 0; n < 16; ++n) {
+            for (int n = 0; n < B::NT; ++n) {
                 o[n][0] *= c0;
                 o[n][1] *= c0;
                 o[n][2] *= c8;
@@ -311,15 +347,15 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
             }
 #pragma unroll
             for (int kk = 0; kk < MLA_TOKENS; kk += 16) {
-                const T* p0 = ps + gq * L::PSTRIDE + kk + q4 * 2;
+                const T* p0 = ps + (rg * 16 + gq) * L::PSTRIDE + kk + q4 * 2;
                 const uint32_t a[4] = {lds32(p0), lds32(p0 + 8 * L::PSTRIDE), lds32(p0 + 8),
                                        lds32(p0 + 8 * L::PSTRIDE + 8)};
                 // ldmatrix rows: lanes 0-7 keys kk..+7, 8-15 keys kk+8..+15 (n-tile n),
                 // 16-31 the same keys for n-tile n + 1.
                 const int key = kk + (lane & 7) + ((lane >> 3) & 1) * 8;
-                const T* vrow = ks + key * KS + warp * 128 + (lane >> 4) * 8;
+                const T* vrow = ks + key * KS + cg * (B::NT * 8) + (lane >> 4) * 8;
 #pragma unroll
-                for (int n = 0; n < 16; n += 2) {
+                for (int n = 0; n < B::NT; n += 2) {
                     uint32_t b[4];
                     ldmatrix_x4_trans(b, vrow + n * 8);
                     Op::mma(o[n], a, b[0], b[1]);
@@ -337,7 +373,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
     const float LN2 = 0.69314718055994530942f;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        const int rl = gq + half * 8;
+        const int rl = rg * 16 + gq + half * 8;
         const int r = row0 + rl;
         if (r >= R) continue;
         const float l = row_l[rl];
@@ -349,8 +385,8 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         if (l <= 0.f) f = 0.f;
         const int64_t orow = (int64_t)g * R + r;
 #pragma unroll
-        for (int n = 0; n < 16; ++n) {
-            const int col = warp * 128 + n * 8 + q4 * 2;
+        for (int n = 0; n < B::NT; ++n) {
+            const int col = cg * (B::NT * 8) + n * 8 + q4 * 2;
             const float v0 = o[n][half * 2] * f, v1 = o[n][half * 2 + 1] * f;
             if (splits == 1) {
                 store_pair(p.out, p.out_dtype, orow * MLA_DV + col, v0, v1);
@@ -360,7 +396,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
                 dst[1] = v1;
             }
         }
-        if (warp == 0 && q4 == 0) {
+        if (cg == 0 && q4 == 0) {
             if (splits == 1) {
                 if (p.lse) {
                     const int b = p.sparse ? g / p.s_q : g;

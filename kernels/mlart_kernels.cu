@@ -5,17 +5,24 @@
 #include "mla_decode.cuh"
 #include "mla_plan.cuh"
 
-#define MLA_DECODE_ENTRY(NAME, KV, DQK, OP)                                          \
-    extern "C" __global__ void __launch_bounds__(MLA_THREADS)                        \
+// RG = 1: 16 query rows per block (4 warps); RG = 4: 64 rows (8 warps, one
+// block per SM; chosen when a group has >= 64 rows and the GPU allows 162 KiB
+// of shared memory per block).
+#define MLA_DECODE_ENTRY(NAME, KV, DQK, OP, RG)                                      \
+    extern "C" __global__ void __launch_bounds__(mla::Shape<RG>::THREADS)            \
         NAME(const __grid_constant__ MlaParams p) {                                  \
-        mla::decode_block<KV, DQK, mla::OP>(p);                                      \
+        mla::decode_block<KV, DQK, mla::OP, RG>(p);                                  \
     }
 
-MLA_DECODE_ENTRY(mla_decode_bf16_d576, MLA_KV_BF16, 576, OpBf16)
-MLA_DECODE_ENTRY(mla_decode_bf16_d512, MLA_KV_BF16, 512, OpBf16)
-MLA_DECODE_ENTRY(mla_decode_f16_d576, MLA_KV_F16, 576, OpF16)
-MLA_DECODE_ENTRY(mla_decode_f16_d512, MLA_KV_F16, 512, OpF16)
-MLA_DECODE_ENTRY(mla_decode_f32_d576, MLA_KV_F32, 576, OpBf16)
-MLA_DECODE_ENTRY(mla_decode_f32_d512, MLA_KV_F32, 512, OpBf16)
-MLA_DECODE_ENTRY(mla_decode_fp8v32_d576, MLA_KV_FP8_V32, 576, OpBf16)
-MLA_DECODE_ENTRY(mla_decode_fp8model1_d512, MLA_KV_FP8_MODEL1, 512, OpBf16)
+#define MLA_DECODE_ENTRIES(NAME, KV, DQK, OP) \
+    MLA_DECODE_ENTRY(NAME, KV, DQK, OP, 1)    \
+    MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4)
+
+MLA_DECODE_ENTRIES(mla_decode_bf16_d576, MLA_KV_BF16, 576, OpBf16)
+MLA_DECODE_ENTRIES(mla_decode_bf16_d512, MLA_KV_BF16, 512, OpBf16)
+MLA_DECODE_ENTRIES(mla_decode_f16_d576, MLA_KV_F16, 576, OpF16)
+MLA_DECODE_ENTRIES(mla_decode_f16_d512, MLA_KV_F16, 512, OpF16)
+MLA_DECODE_ENTRIES(mla_decode_f32_d576, MLA_KV_F32, 576, OpBf16)
+MLA_DECODE_ENTRIES(mla_decode_f32_d512, MLA_KV_F32, 512, OpBf16)
+MLA_DECODE_ENTRIES(mla_decode_fp8v32_d576, MLA_KV_FP8_V32, 576, OpBf16)
+MLA_DECODE_ENTRIES(mla_decode_fp8model1_d512, MLA_KV_FP8_MODEL1, 512, OpBf16)

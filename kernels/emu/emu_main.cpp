@@ -169,6 +169,7 @@ struct Case {
     int q_dt = MLA_DT_BF16, out_dt = MLA_DT_BF16;
     bool causal = false, sparse = false, sink = false, with_len = true, extra = false;
     bool bad_block = false;
+    int rg = 1;  // row groups per block: 1 (16 rows, 4 warps) or 4 (64 rows, 8 warps)
     std::vector<int> seqlens;  // dense lengths, or sparse live tokens per sequence
     int topk = 0, extra_topk = 0, extra_bs = 64;
     int parts = 4;
@@ -186,7 +187,7 @@ Outcome run(const Case& c) {
     Layout L{c.format, d_qk, c.bs};
     const int groups = c.sparse ? c.batch * c.s_q : c.batch;
     const int R = c.sparse ? c.h_q : c.s_q * c.h_q;
-    const int row_tiles = (R + 15) / 16;
+    const int row_tiles = (R + 16 * c.rg - 1) / (16 * c.rg);
     const int max_items = groups + c.parts;
 
     // Queries.
@@ -277,16 +278,21 @@ Outcome run(const Case& c) {
 
     emu::launch(mla_plan, {1, 1, 1}, {MLA_PLAN_THREADS, 1, 1}, 0, p);
     auto kernel = mla_decode_bf16_d576;
-    struct K { int f, d; void (*k)(MlaParams); };
-    const K ks[] = {{MLA_KV_BF16, 576, mla_decode_bf16_d576}, {MLA_KV_BF16, 512, mla_decode_bf16_d512},
-                    {MLA_KV_F16, 576, mla_decode_f16_d576},   {MLA_KV_F16, 512, mla_decode_f16_d512},
-                    {MLA_KV_F32, 576, mla_decode_f32_d576},   {MLA_KV_F32, 512, mla_decode_f32_d512},
-                    {MLA_KV_FP8_V32, 576, mla_decode_fp8v32_d576},
-                    {MLA_KV_FP8_MODEL1, 512, mla_decode_fp8model1_d512}};
+    struct K { int f, d; void (*k)(MlaParams); void (*k64)(MlaParams); };
+    const K ks[] = {{MLA_KV_BF16, 576, mla_decode_bf16_d576, mla_decode_bf16_d576_m64},
+                    {MLA_KV_BF16, 512, mla_decode_bf16_d512, mla_decode_bf16_d512_m64},
+                    {MLA_KV_F16, 576, mla_decode_f16_d576, mla_decode_f16_d576_m64},
+                    {MLA_KV_F16, 512, mla_decode_f16_d512, mla_decode_f16_d512_m64},
+                    {MLA_KV_F32, 576, mla_decode_f32_d576, mla_decode_f32_d576_m64},
+                    {MLA_KV_F32, 512, mla_decode_f32_d512, mla_decode_f32_d512_m64},
+                    {MLA_KV_FP8_V32, 576, mla_decode_fp8v32_d576, mla_decode_fp8v32_d576_m64},
+                    {MLA_KV_FP8_MODEL1, 512, mla_decode_fp8model1_d512, mla_decode_fp8model1_d512_m64}};
     for (auto& k : ks)
-        if (k.f == c.format && k.d == d_qk) kernel = k.k;
-    emu::launch(kernel, {(unsigned)max_items, (unsigned)row_tiles, 1}, {MLA_THREADS, 1, 1},
-                (uint32_t)mla::Smem<576>::BYTES, p);
+        if (k.f == c.format && k.d == d_qk) kernel = c.rg == 4 ? k.k64 : k.k;
+    const uint32_t smem = c.rg == 4 ? (d_qk == 576 ? mla::Smem<576, 4>::BYTES : mla::Smem<512, 4>::BYTES)
+                                    : (d_qk == 576 ? mla::Smem<576, 1>::BYTES : mla::Smem<512, 1>::BYTES);
+    emu::launch(kernel, {(unsigned)max_items, (unsigned)row_tiles, 1},
+                {(unsigned)(c.rg == 4 ? mla::Shape<4>::THREADS : mla::Shape<1>::THREADS), 1, 1}, smem, p);
     emu::launch(mla_combine, {(unsigned)groups, (unsigned)((R + 3) / 4), 1}, {32 * MLA_COMBINE_ROWS, 1, 1}, 0, p);
 
     if (c.bad_block) {
@@ -470,6 +476,34 @@ int main() {
         d.batch = 2;
         d.bad_block = true;
         cases.push_back(d);
+    }
+    // The 64-row kernels on every case with at least 32 rows per group (so
+    // full and partly filled 64-row tiles), plus wide-head cases.
+    const size_t base_cases = cases.size();
+    for (size_t i = 0; i < base_cases; ++i) {
+        Case c = cases[i];
+        int R = c.sparse ? c.h_q : c.s_q * c.h_q;
+        if (R < 32 || c.bad_block) continue;
+        c.rg = 4;
+        c.name += " m64";
+        cases.push_back(c);
+    }
+    for (int f : formats) {
+        Case c;
+        c.rg = 4;
+        c.format = f;
+        c.d_qk = f == MLA_KV_FP8_MODEL1 ? 512 : 576;
+        c.h_q = f == MLA_KV_F16 ? 80 : 128;
+        c.batch = 2;
+        c.bs = 64;
+        c.seqlens = lengths(2, 200, 64);
+        c.sparse = f == MLA_KV_FP8_V32;
+        c.topk = 96;
+        c.sink = true;
+        c.parts = 4;
+        c.name = std::string(c.sparse ? "sparse" : "dense") + " f" + std::to_string(f) + " h" +
+                 std::to_string(c.h_q) + " sink m64";
+        cases.push_back(c);
     }
     int failed = 0;
     for (auto& c : cases) {

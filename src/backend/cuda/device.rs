@@ -36,6 +36,8 @@ struct State {
 struct DecodeFn {
     format: KvFormat,
     d_qk: usize,
+    /// Query rows per block (16 or 64).
+    rows: usize,
     func: sys::CUfunction,
     smem: usize,
     /// Blocks of this kernel the whole GPU holds at once.
@@ -123,40 +125,46 @@ impl CudaBackend {
         let plan = function(module, launch::PLAN_KERNEL)?;
         let combine = function(module, launch::COMBINE_KERNEL)?;
         let mut decoders = Vec::new();
-        for (format, d_qk, name) in DECODE_KERNELS {
-            let func = function(module, name)?;
-            let smem = launch::decode_smem_bytes(d_qk);
-            if smem > props.max_smem_per_block {
-                return Err(Error::unsupported(format!(
-                    "{} allows {} bytes of shared memory per block; the decode kernels need {smem}",
-                    props.name, props.max_smem_per_block
-                )));
-            }
-            // SAFETY: func is a kernel of the loaded module.
-            unsafe {
-                result::function::set_function_attribute(
+        for (format, d_qk, base) in DECODE_KERNELS {
+            for rows in launch::BLOCK_ROWS {
+                let smem = launch::decode_smem_bytes(d_qk, rows);
+                if smem > props.max_smem_per_block {
+                    if rows == 16 {
+                        return Err(Error::unsupported(format!(
+                            "{} allows {} bytes of shared memory per block; the decode kernels need {smem}",
+                            props.name, props.max_smem_per_block
+                        )));
+                    }
+                    continue; // the 64-row variant is optional
+                }
+                let func = function(module, &launch::decode_kernel_name(base, rows))?;
+                // SAFETY: func is a kernel of the loaded module.
+                unsafe {
+                    result::function::set_function_attribute(
+                        func,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                }
+                .map_err(dev_err("cuFuncSetAttribute"))?;
+                // SAFETY: as above; block size and smem are this kernel's.
+                let per_sm = unsafe {
+                    result::occupancy::max_active_block_per_multiprocessor(
+                        func,
+                        launch::decode_threads(rows) as i32,
+                        smem,
+                    )
+                }
+                .map_err(dev_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+                decoders.push(DecodeFn {
+                    format,
+                    d_qk,
+                    rows,
                     func,
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-            }
-            .map_err(dev_err("cuFuncSetAttribute"))?;
-            // SAFETY: as above; block size and smem are this kernel's.
-            let per_sm = unsafe {
-                result::occupancy::max_active_block_per_multiprocessor(
-                    func,
-                    launch::DECODE_THREADS as i32,
                     smem,
-                )
+                    resident: (per_sm.max(1) as usize) * props.sm_count as usize,
+                });
             }
-            .map_err(dev_err("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
-            decoders.push(DecodeFn {
-                format,
-                d_qk,
-                func,
-                smem,
-                resident: (per_sm.max(1) as usize) * props.sm_count as usize,
-            });
         }
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(dev_err("cuStreamCreate"))?;
@@ -195,6 +203,28 @@ impl CudaBackend {
 
     pub fn props(&self) -> &DeviceProps {
         &self.props
+    }
+
+    /// The decode kernel and launch geometry for a call.
+    fn select(&self, a: &DeviceDecode) -> Result<(&DecodeFn, Geometry)> {
+        launch::decode_kernel(&a.shape, a.layout.format)?;
+        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
+        let rows_per_group = if sparse {
+            a.shape.h_q
+        } else {
+            a.shape.s_q * a.shape.h_q
+        };
+        let want = launch::block_rows(rows_per_group, a.shape.d_qk, self.props.max_smem_per_block);
+        let pick = |rows: usize| {
+            self.decoders
+                .iter()
+                .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk && k.rows == rows)
+        };
+        let f = pick(want)
+            .or_else(|| pick(16))
+            .ok_or_else(|| Error::internal("no decode kernel loaded for this format and d_qk"))?;
+        let geo = Geometry::new(&a.shape, sparse, f.rows, f.resident)?;
+        Ok((f, geo))
     }
 
     fn make_current(&self) -> Result<()> {
@@ -282,15 +312,8 @@ impl CudaBackend {
     /// Enqueues one decode over device memory; waits and checks the error
     /// word when `a.stream` is 0.
     pub fn decode_device(&self, a: &DeviceDecode) -> Result<()> {
-        let kernel = launch::decode_kernel(&a.shape, a.layout.format)?;
-        let f = self
-            .decoders
-            .iter()
-            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
-            .ok_or_else(|| Error::internal(format!("kernel {kernel} not loaded")))?;
         check_alignment(a)?;
-        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
-        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let (f, geo) = self.select(a)?;
         let ws = geo.workspace();
         let mut p = base_params(a, &geo)?;
         self.make_current()?;
@@ -410,13 +433,7 @@ impl CudaBackend {
         let mut warm = *a;
         warm.stream = 0;
         self.decode_device(&warm)?;
-        let f = self
-            .decoders
-            .iter()
-            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
-            .ok_or_else(|| Error::unsupported("no decode kernel for this format and d_qk"))?;
-        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
-        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let (f, geo) = self.select(a)?;
         let ws = geo.workspace();
         let mut p = base_params(a, &geo)?;
         {
@@ -487,13 +504,7 @@ impl CudaBackend {
         &self,
         a: &DeviceDecode,
     ) -> Result<(Vec<[i32; 4]>, Vec<[i32; 2]>, Geometry)> {
-        let f = self
-            .decoders
-            .iter()
-            .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk)
-            .ok_or_else(|| Error::unsupported("no decode kernel for this format and d_qk"))?;
-        let sparse = matches!(a.keys, KeysDev::Sparse { .. });
-        let geo = Geometry::new(&a.shape, sparse, f.resident)?;
+        let (_, geo) = self.select(a)?;
         let ws = geo.workspace();
         let mut p = base_params(a, &geo)?;
         self.make_current()?;
@@ -576,7 +587,7 @@ impl CudaBackend {
             result::launch_kernel(
                 f.func,
                 geo.decode_grid(),
-                (launch::DECODE_THREADS, 1, 1),
+                (launch::decode_threads(f.rows), 1, 1),
                 f.smem as u32,
                 stream,
                 &mut args,
@@ -1053,7 +1064,7 @@ mod tests {
     fn dense_arguments_are_lowered_field_by_field() {
         let shape = DecodeShape::new(3, 2, 20, 576, 512, 0.0, true).unwrap();
         let a = dense(shape);
-        let geo = Geometry::new(&shape, false, 100).unwrap();
+        let geo = Geometry::new(&shape, false, 16, 100).unwrap();
         let p = base_params(&a, &geo).unwrap();
         assert_eq!((p.batch, p.s_q, p.h_q, p.d_qk, p.d_v), (3, 2, 20, 576, 512));
         assert_eq!((p.sparse, p.causal), (0, 1));
@@ -1101,7 +1112,7 @@ mod tests {
                 topk_length: 0xe000,
             }),
         };
-        let geo = Geometry::new(&shape, true, 264).unwrap();
+        let geo = Geometry::new(&shape, true, 64, 264).unwrap();
         let p = base_params(&a, &geo).unwrap();
         assert_eq!((p.sparse, p.rows_per_group, p.num_groups), (1, 128, 4));
         assert!((p.scale_log2 - 0.5 * std::f32::consts::LOG2_E).abs() < 1e-6);

@@ -9,12 +9,24 @@ use crate::format::KvFormat;
 
 /// Value dimension every decode kernel is built for (DeepSeek MLA).
 pub const DV: usize = 512;
-/// Query rows per decode block (one m16 tensor-core tile).
+/// Query rows of one row group (one m16 tensor-core tile). A decode block
+/// takes 1 row group (4 warps) or 4 (8 warps), see [`BLOCK_ROWS`].
 pub const ROWS: usize = 16;
+/// Query rows per decode block of the two kernel variants.
+pub const BLOCK_ROWS: [usize; 2] = [16, 64];
 /// Keys per shared-memory tile.
 pub const TOKENS: usize = 32;
-/// Threads of a decode block (4 warps).
+/// Threads of a 16-row decode block (4 warps); 64-row blocks have 256.
 pub const DECODE_THREADS: u32 = 128;
+
+/// Threads of a decode block of `rows` query rows.
+pub const fn decode_threads(rows: usize) -> u32 {
+    if rows == 16 {
+        DECODE_THREADS
+    } else {
+        2 * DECODE_THREADS
+    }
+}
 /// Threads of the one plan block.
 pub const PLAN_THREADS: u32 = 1024;
 /// Query rows per combine block (one warp each).
@@ -23,7 +35,8 @@ pub const COMBINE_ROWS: usize = 4;
 pub const PLAN_KERNEL: &str = "mla_plan";
 pub const COMBINE_KERNEL: &str = "mla_combine";
 
-/// Every decode entry point: cache format, d_qk, name in the fatbin.
+/// Every decode entry point's family: cache format, d_qk, name in the
+/// fatbin of the 16-row variant (the 64-row one appends `_m64`).
 pub const DECODE_KERNELS: [(KvFormat, usize, &str); 8] = [
     (KvFormat::Bf16, 576, "mla_decode_bf16_d576"),
     (KvFormat::Bf16, 512, "mla_decode_bf16_d512"),
@@ -35,7 +48,27 @@ pub const DECODE_KERNELS: [(KvFormat, usize, &str); 8] = [
     (KvFormat::Fp8Model1, 512, "mla_decode_fp8model1_d512"),
 ];
 
-/// The decode kernel for a cache format and head dimension, or an
+/// Name of a decode entry point with `rows` query rows per block.
+pub fn decode_kernel_name(base: &str, rows: usize) -> String {
+    if rows == 16 {
+        base.to_string()
+    } else {
+        format!("{base}_m{rows}")
+    }
+}
+
+/// The 64-row variant reads each K tile once for 64 rows instead of 16; it
+/// is used when a query group has that many rows (h_q x s_q dense, h_q
+/// sparse) and the GPU gives a block its shared memory.
+pub fn block_rows(rows_per_group: usize, d_qk: usize, max_smem_per_block: usize) -> usize {
+    if rows_per_group >= 64 && decode_smem_bytes(d_qk, 64) <= max_smem_per_block {
+        64
+    } else {
+        16
+    }
+}
+
+/// The decode kernel family for a cache format and head dimension, or an
 /// UNSUPPORTED error saying what the CUDA backend takes.
 pub fn decode_kernel(shape: &DecodeShape, format: KvFormat) -> Result<&'static str> {
     if shape.d_v != DV {
@@ -56,17 +89,17 @@ pub fn decode_kernel(shape: &DecodeShape, format: KvFormat) -> Result<&'static s
         })
 }
 
-/// Dynamic shared memory of a decode block; mirrors `Smem<DQK>` in
-/// kernels/mla_decode.cuh (both sides pin the numbers).
-pub const fn decode_smem_bytes(d_qk: usize) -> usize {
+/// Dynamic shared memory of a decode block of `rows` query rows; mirrors
+/// `Smem<DQK, RG>` in kernels/mla_decode.cuh (both sides pin the numbers).
+pub const fn decode_smem_bytes(d_qk: usize, rows: usize) -> usize {
     let ks = d_qk + 8;
-    let q = ROWS * ks * 2;
+    let q = rows * ks * 2;
     let k = 2 * TOKENS * ks * 2;
-    let s = ROWS * (TOKENS + 4) * 4;
-    let p = ROWS * (TOKENS + 8) * 2;
+    let s = rows * (TOKENS + 4) * 4;
+    let p = rows * (TOKENS + 8) * 2;
     let tokens = 2 * 2 * TOKENS * 8;
-    let rows = 4 * ROWS * 4;
-    q + k + s + p + tokens + rows
+    let row_state = 4 * rows * 4;
+    q + k + s + p + tokens + row_state
 }
 
 /// Grid sizes and workspace extents of one decode call.
@@ -76,7 +109,9 @@ pub struct Geometry {
     pub groups: usize,
     /// Query rows of a group: s_q * h_q (dense) or h_q (sparse).
     pub rows_per_group: usize,
-    /// Decode blocks per work item (16 rows each).
+    /// Query rows per decode block (16 or 64).
+    pub block_rows: usize,
+    /// Decode blocks per work item.
     pub row_tiles: usize,
     /// Workers the split plan balances over.
     pub parts: usize,
@@ -85,14 +120,20 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// `resident_blocks`: decode blocks the whole device runs at once.
-    pub fn new(shape: &DecodeShape, sparse: bool, resident_blocks: usize) -> Result<Self> {
+    /// `resident_blocks`: decode blocks (of `block_rows` rows) the whole
+    /// device runs at once.
+    pub fn new(
+        shape: &DecodeShape,
+        sparse: bool,
+        block_rows: usize,
+        resident_blocks: usize,
+    ) -> Result<Self> {
         let (groups, rows_per_group) = if sparse {
             (shape.batch * shape.s_q, shape.h_q)
         } else {
             (shape.batch, shape.s_q * shape.h_q)
         };
-        let row_tiles = rows_per_group.div_ceil(ROWS);
+        let row_tiles = rows_per_group.div_ceil(block_rows);
         let parts = (resident_blocks / row_tiles).max(1);
         let max_items = groups + parts;
         if row_tiles > 65535
@@ -108,6 +149,7 @@ impl Geometry {
         Ok(Geometry {
             groups,
             rows_per_group,
+            block_rows,
             row_tiles,
             parts,
             max_items,
@@ -209,10 +251,14 @@ mod tests {
     fn shared_memory_matches_the_kernel_source() {
         let src = include_str!("../../../kernels/mla_decode.cuh");
         for d in [576, 512] {
-            let want = format!("Smem<{d}>::BYTES == {}", decode_smem_bytes(d));
-            assert!(src.contains(&want), "kernels/mla_decode.cuh lacks `{want}`");
-            // Fits the smallest opt-in limit of the targets (sm_86/89/120: 99 KiB).
-            assert!(decode_smem_bytes(d) <= 101376);
+            for (rows, rg) in [(16, 1), (64, 4)] {
+                let want = format!("Smem<{d}, {rg}>::BYTES == {}", decode_smem_bytes(d, rows));
+                assert!(src.contains(&want), "kernels/mla_decode.cuh lacks `{want}`");
+            }
+            // 16 rows fit the smallest opt-in limit of the targets
+            // (sm_86/89/120: 99 KiB); 64 rows fit A100's 163 KiB.
+            assert!(decode_smem_bytes(d, 16) <= 101376);
+            assert!(decode_smem_bytes(d, 64) <= 166912);
         }
         let defs = [
             ("MLA_ROWS", ROWS),
@@ -242,8 +288,15 @@ mod tests {
     fn every_entry_point_is_defined_in_the_kernel_source() {
         let src = include_str!("../../../kernels/mlart_kernels.cu");
         for (_, _, name) in DECODE_KERNELS {
-            assert!(src.contains(&format!("({name},")), "{name}");
+            // MLA_DECODE_ENTRIES defines NAME and NAME_m64.
+            assert!(
+                src.contains(&format!("MLA_DECODE_ENTRIES({name},")),
+                "{name}"
+            );
         }
+        assert!(src.contains("MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4)"));
+        assert_eq!(decode_kernel_name("k", 64), "k_m64");
+        assert_eq!((decode_threads(16), decode_threads(64)), (128, 256));
         assert!(include_str!("../../../kernels/mla_plan.cuh").contains(PLAN_KERNEL));
         assert!(include_str!("../../../kernels/mla_combine.cuh").contains(COMBINE_KERNEL));
     }
@@ -269,19 +322,31 @@ mod tests {
     }
 
     #[test]
+    fn block_rows_follow_heads_and_shared_memory() {
+        let h100 = 232448;
+        assert_eq!(block_rows(128, 576, h100), 64);
+        assert_eq!(block_rows(64, 512, h100), 64);
+        assert_eq!(block_rows(63, 576, h100), 16);
+        assert_eq!(block_rows(128, 576, 166912), 64); // A100
+        assert_eq!(block_rows(128, 576, 101376), 16); // sm_86/89/120
+    }
+
+    #[test]
     fn geometry_tiles_heads_and_bounds_the_items() {
-        let g = Geometry::new(&shape(128, 1, 128, 576), false, 264).unwrap();
+        let g = Geometry::new(&shape(128, 1, 128, 576), false, 16, 264).unwrap();
         assert_eq!((g.groups, g.rows_per_group, g.row_tiles), (128, 128, 8));
         assert_eq!(g.parts, 33);
         assert_eq!(g.decode_grid(), (161, 8, 1));
         assert_eq!(g.combine_grid(), (128, 32, 1));
+        let g64 = Geometry::new(&shape(128, 1, 128, 576), false, 64, 132).unwrap();
+        assert_eq!((g64.row_tiles, g64.parts), (2, 66));
         // MTP: dense rows span the query tokens; sparse groups are per token.
-        let d = Geometry::new(&shape(4, 2, 20, 576), false, 100).unwrap();
+        let d = Geometry::new(&shape(4, 2, 20, 576), false, 16, 100).unwrap();
         assert_eq!((d.groups, d.rows_per_group, d.row_tiles), (4, 40, 3));
-        let s = Geometry::new(&shape(4, 2, 20, 576), true, 100).unwrap();
+        let s = Geometry::new(&shape(4, 2, 20, 576), true, 16, 100).unwrap();
         assert_eq!((s.groups, s.rows_per_group, s.row_tiles), (8, 20, 2));
         // h_q = 1 still gets a block; a tiny device still gets one part.
-        let one = Geometry::new(&shape(1, 1, 1, 512), false, 0).unwrap();
+        let one = Geometry::new(&shape(1, 1, 1, 512), false, 16, 0).unwrap();
         assert_eq!((one.row_tiles, one.parts, one.max_items), (1, 1, 2));
         let w = g.workspace();
         assert!(w.part_o.is_multiple_of(256) && w.part_lse.is_multiple_of(256));
