@@ -42,17 +42,29 @@ struct Shape {
 static_assert(Shape<1>::S_TILES == 1 && Shape<4>::S_TILES == 2, "S partition");
 static_assert(Shape<1>::KPT == 4 && Shape<4>::KPT == 8, "softmax partition");
 
+// FP8 caches are staged raw: cp.async copies each key row's bytes (V32: 656;
+// MODEL1: 576 data + its 8 scale bytes, padded to 592) for the next tile
+// while the current one computes, then the block converts them to bf16.
+template <int KV>
+struct Raw {
+    static constexpr bool ON = KV == MLA_KV_FP8_V32 || KV == MLA_KV_FP8_MODEL1;
+    static constexpr int ROW = KV == MLA_KV_FP8_V32 ? 656 : 592;
+    static constexpr int BYTES = ON ? MLA_TOKENS * ROW : 0;
+    static constexpr int K_BUFFERS = ON ? 1 : 2;  // bf16 K tiles in shared memory
+};
+
 // Shared-memory layout; row strides padded by 8 elements (16 bytes) so the
 // fragment loads and ldmatrix hit 32 different banks.
-template <int DQK, int RG>
+template <int DQK, int RG, int KV>
 struct Smem {
     static constexpr int ROWS = MLA_ROWS * RG;
     static constexpr int KSTRIDE = DQK + 8;               // elements
     static constexpr int SSTRIDE = MLA_TOKENS + 4;        // floats
     static constexpr int PSTRIDE = MLA_TOKENS + 8;        // elements
     static constexpr int Q = 0;
-    static constexpr int K = Q + ROWS * KSTRIDE * 2;      // two buffers
-    static constexpr int S = K + 2 * MLA_TOKENS * KSTRIDE * 2;
+    static constexpr int K = Q + ROWS * KSTRIDE * 2;
+    static constexpr int RAW = K + Raw<KV>::K_BUFFERS * MLA_TOKENS * KSTRIDE * 2;
+    static constexpr int S = RAW + Raw<KV>::BYTES;
     static constexpr int P = S + ROWS * SSTRIDE * 4;
     static constexpr int TOK_ROW = P + ROWS * PSTRIDE * 2;  // [2][32] row pointers
     static constexpr int TOK_AUX = TOK_ROW + 2 * MLA_TOKENS * 8;  // [2][32] scale pointers
@@ -61,15 +73,16 @@ struct Smem {
     static constexpr int ROW_SCALE = ROW_L + ROWS * 4;
     static constexpr int ROW_LIMIT = ROW_SCALE + ROWS * 4;
     static constexpr int BYTES = ROW_LIMIT + ROWS * 4;
+    static_assert(K % 16 == 0 && RAW % 16 == 0 && S % 16 == 0 && TOK_ROW % 16 == 0, "alignment");
 };
-static_assert(Smem<576, 1>::BYTES == 98304, "update launch.rs: decode_smem_bytes(576, 1)");
-static_assert(Smem<512, 1>::BYTES == 88064, "update launch.rs: decode_smem_bytes(512, 1)");
-static_assert(Smem<576, 4>::BYTES == 165888, "update launch.rs: decode_smem_bytes(576, 4)");
-static_assert(Smem<512, 4>::BYTES == 149504, "update launch.rs: decode_smem_bytes(512, 4)");
-static_assert(Smem<576, 4>::K % 16 == 0 && Smem<576, 4>::TOK_ROW % 16 == 0, "alignment");
-static_assert(Smem<512, 4>::K % 16 == 0 && Smem<512, 4>::TOK_ROW % 16 == 0, "alignment");
-static_assert(Smem<576, 1>::K % 16 == 0 && Smem<576, 1>::TOK_ROW % 16 == 0, "alignment");
-static_assert(Smem<512, 1>::K % 16 == 0 && Smem<512, 1>::TOK_ROW % 16 == 0, "alignment");
+static_assert(Smem<576, 1, MLA_KV_BF16>::BYTES == 98304, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 1, MLA_KV_BF16>::BYTES == 88064, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_BF16>::BYTES == 165888, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_BF16>::BYTES == 149504, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 1, MLA_KV_FP8_V32>::BYTES == 81920, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_FP8_V32>::BYTES == 149504, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 1, MLA_KV_FP8_MODEL1>::BYTES == 73728, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1>::BYTES == 135168, "update launch.rs: decode_smem_bytes");
 
 __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 #ifdef MLA_EMULATE
@@ -81,12 +94,14 @@ __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 #endif
 }
 
-// Fills K buffer `buf` with the keys whose row pointers are in tok_row[buf].
+// Fills a K buffer with the keys whose row pointers are in `rows` (BF16/F16
+// by cp.async, F32 converted; FP8 goes through issue_raw/convert_raw).
 template <int KV, int DQK, typename Op, int THREADS>
 __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* const* rows,
                                           const uint8_t* const* aux) {
     using T = typename Op::T;
     constexpr int KS = DQK + 8;
+    static_assert(!Raw<KV>::ON, "FP8 tiles are staged raw");
     const int tid = threadIdx.x;
     if constexpr (KV == MLA_KV_BF16 || KV == MLA_KV_F16) {
         constexpr int PER_ROW = DQK / 8;  // 16-byte pieces
@@ -99,7 +114,7 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
                 *reinterpret_cast<uint4*>(dst) = make_uint4(0, 0, 0, 0);
             }
         }
-    } else if constexpr (KV == MLA_KV_F32) {
+    } else {
         constexpr int PER_ROW = DQK / 4;
         for (int c = tid; c < MLA_TOKENS * PER_ROW; c += THREADS) {
             const int t = c / PER_ROW, part = c % PER_ROW;
@@ -110,45 +125,71 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
             }
             *reinterpret_cast<uint2*>(ks + t * KS + part * 4) = v;
         }
-    } else {
-        // FP8: 16 codes per piece, then the bf16 rope copied as is.
-        constexpr bool V32 = KV == MLA_KV_FP8_V32;
-        constexpr int NOPE = V32 ? 512 : 448;
-        constexpr int TILE = V32 ? 128 : 64;
-        constexpr int ROPE_AT = V32 ? 528 : 448;  // byte offset of the rope in a row
-        constexpr int PIECES = NOPE / 16 + 8;     // + 128 rope bytes
-        for (int c = tid; c < MLA_TOKENS * PIECES; c += THREADS) {
-            const int t = c / PIECES, part = c % PIECES;
-            T* dst = ks + t * KS;
-            const uint8_t* row = rows[t];
-            if (part < NOPE / 16) {
-                uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-                if (row) {
-                    const int tile = part * 16 / TILE;
-                    const float scale =
-                        V32 ? __ldg(reinterpret_cast<const float*>(row + NOPE) + tile)
-                            : ue8m0_to_float(__ldg(aux[t] + tile));
-                    const uint4 codes = __ldg(reinterpret_cast<const uint4*>(row) + part);
-                    const uint32_t w[4] = {codes.x, codes.y, codes.z, codes.w};
-                    uint32_t o[8];
+    }
+}
+
+// Starts the copies of the raw FP8 rows of one tile into `raw` (rows whose
+// pointer is null are skipped; convert_raw zero-fills them).
+template <int KV, int THREADS>
+__device__ __forceinline__ void issue_raw(uint8_t* raw, const uint8_t* const* rows,
+                                          const uint8_t* const* aux) {
+    constexpr bool V32 = KV == MLA_KV_FP8_V32;
+    constexpr int PIECES = V32 ? 41 : 37;  // 16-byte pieces (MODEL1: 36 + the 8 scale bytes)
+    for (int c = threadIdx.x; c < MLA_TOKENS * PIECES; c += THREADS) {
+        const int t = c / PIECES, part = c % PIECES;
+        if (!rows[t]) continue;
+        uint8_t* dst = raw + t * Raw<KV>::ROW + part * 16;
+        if (!V32 && part == 36) {
+            cp_async_8(dst, aux[t]);
+        } else {
+            cp_async_16(dst, rows[t] + part * 16);
+        }
+    }
+}
+
+// Dequantizes a staged raw tile into bf16 key rows.
+template <int KV, int DQK, typename Op, int THREADS>
+__device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* raw,
+                                            const uint8_t* const* rows) {
+    using T = typename Op::T;
+    constexpr int KS = DQK + 8;
+    constexpr bool V32 = KV == MLA_KV_FP8_V32;
+    constexpr int NOPE = V32 ? 512 : 448;
+    constexpr int TILE = V32 ? 128 : 64;
+    constexpr int ROPE_AT = V32 ? 528 : 448;
+    constexpr int SCALES_AT = V32 ? 512 : 576;
+    constexpr int PIECES = NOPE / 16 + 8;
+    for (int c = threadIdx.x; c < MLA_TOKENS * PIECES; c += THREADS) {
+        const int t = c / PIECES, part = c % PIECES;
+        T* dst = ks + t * KS;
+        const uint8_t* row = raw + t * Raw<KV>::ROW;
+        const bool live = rows[t] != nullptr;
+        if (part < NOPE / 16) {
+            uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+            if (live) {
+                const int tile = part * 16 / TILE;
+                const float scale = V32 ? reinterpret_cast<const float*>(row + SCALES_AT)[tile]
+                                        : ue8m0_to_float(row[SCALES_AT + tile]);
+                const uint4 codes = reinterpret_cast<const uint4*>(row)[part];
+                const uint32_t w[4] = {codes.x, codes.y, codes.z, codes.w};
+                uint32_t o[8];
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        o[2 * i] = Op::pack(e4m3_to_float(w[i] & 0xff) * scale,
-                                            e4m3_to_float((w[i] >> 8) & 0xff) * scale);
-                        o[2 * i + 1] = Op::pack(e4m3_to_float((w[i] >> 16) & 0xff) * scale,
-                                                e4m3_to_float(w[i] >> 24) * scale);
-                    }
-                    lo = make_uint4(o[0], o[1], o[2], o[3]);
-                    hi = make_uint4(o[4], o[5], o[6], o[7]);
+                for (int i = 0; i < 4; ++i) {
+                    o[2 * i] = Op::pack(e4m3_to_float(w[i] & 0xff) * scale,
+                                        e4m3_to_float((w[i] >> 8) & 0xff) * scale);
+                    o[2 * i + 1] = Op::pack(e4m3_to_float((w[i] >> 16) & 0xff) * scale,
+                                            e4m3_to_float(w[i] >> 24) * scale);
                 }
-                *reinterpret_cast<uint4*>(dst + part * 16) = lo;
-                *reinterpret_cast<uint4*>(dst + part * 16 + 8) = hi;
-            } else {
-                const int r = part - NOPE / 16;
-                uint4 v = make_uint4(0, 0, 0, 0);
-                if (row) v = __ldg(reinterpret_cast<const uint4*>(row + ROPE_AT) + r);
-                *reinterpret_cast<uint4*>(dst + NOPE + r * 8) = v;
+                lo = make_uint4(o[0], o[1], o[2], o[3]);
+                hi = make_uint4(o[4], o[5], o[6], o[7]);
             }
+            *reinterpret_cast<uint4*>(dst + part * 16) = lo;
+            *reinterpret_cast<uint4*>(dst + part * 16 + 8) = hi;
+        } else {
+            const int r = part - NOPE / 16;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (live) v = reinterpret_cast<const uint4*>(row + ROPE_AT)[r];
+            *reinterpret_cast<uint4*>(dst + NOPE + r * 8) = v;
         }
     }
 }
@@ -156,7 +197,7 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
 template <int KV, int DQK, typename Op, int RG>
 __device__ __forceinline__ void decode_block(const MlaParams& p) {
     using T = typename Op::T;
-    using L = Smem<DQK, RG>;
+    using L = Smem<DQK, RG, KV>;
     using B = Shape<RG>;
     constexpr int ROWS = B::ROWS;
     constexpr int KS = L::KSTRIDE;
@@ -183,6 +224,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
 
     T* qs = reinterpret_cast<T*>(smem + L::Q);
     T* kbuf = reinterpret_cast<T*>(smem + L::K);
+    uint8_t* raw = smem + L::RAW;
     float* ss = reinterpret_cast<float*>(smem + L::S);
     T* ps = reinterpret_cast<T*>(smem + L::P);
     const uint8_t** tok_row = reinterpret_cast<const uint8_t**>(smem + L::TOK_ROW);
@@ -249,24 +291,45 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
     if (tiles > 0) {
         locate_tile(kstart, 0);
         __syncthreads();
-        load_tile<KV, DQK, Op, B::THREADS>(kbuf, tok_row, tok_aux);
+        if constexpr (Raw<KV>::ON) {
+            issue_raw<KV, B::THREADS>(raw, tok_row, tok_aux);
+        } else {
+            load_tile<KV, DQK, Op, B::THREADS>(kbuf, tok_row, tok_aux);
+        }
         cp_async_commit();
     }
     for (int t = 0; t < tiles; ++t) {
         const int buf = t & 1;
         const int tstart = kstart + t * MLA_TOKENS;
-        T* ks = kbuf + buf * MLA_TOKENS * KS;
-        // Prefetch the next tile into the other buffer.
-        if (t + 1 < tiles) {
-            locate_tile(tstart + MLA_TOKENS, buf ^ 1);
+        T* ks = kbuf;
+        if constexpr (Raw<KV>::ON) {
+            // This tile's raw rows landed: convert them, then start the next
+            // tile's copies into the freed raw buffer.
+            cp_async_wait<0>();
             __syncthreads();
-            load_tile<KV, DQK, Op, B::THREADS>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
-                                   tok_row + (buf ^ 1) * MLA_TOKENS,
-                                   tok_aux + (buf ^ 1) * MLA_TOKENS);
+            convert_raw<KV, DQK, Op, B::THREADS>(kbuf, raw, tok_row + buf * MLA_TOKENS);
+            __syncthreads();
+            if (t + 1 < tiles) {
+                locate_tile(tstart + MLA_TOKENS, buf ^ 1);
+                __syncthreads();
+                issue_raw<KV, B::THREADS>(raw, tok_row + (buf ^ 1) * MLA_TOKENS,
+                                          tok_aux + (buf ^ 1) * MLA_TOKENS);
+                cp_async_commit();
+            }
+        } else {
+            ks = kbuf + buf * MLA_TOKENS * KS;
+            // Prefetch the next tile into the other buffer.
+            if (t + 1 < tiles) {
+                locate_tile(tstart + MLA_TOKENS, buf ^ 1);
+                __syncthreads();
+                load_tile<KV, DQK, Op, B::THREADS>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
+                                                   tok_row + (buf ^ 1) * MLA_TOKENS,
+                                                   tok_aux + (buf ^ 1) * MLA_TOKENS);
+            }
+            cp_async_commit();   // (possibly empty) group of the next tile
+            cp_async_wait<1>();  // this tile's group has landed
+            __syncthreads();
         }
-        cp_async_commit();  // (possibly empty) group of the next tile
-        cp_async_wait<1>(); // this tile's group has landed
-        __syncthreads();
 
         // S = Q Kᵀ: this warp's S_TILES x 8 keys against its 16 rows.
         {

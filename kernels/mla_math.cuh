@@ -113,6 +113,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
     emu::ldmatrix_x4_trans(r, row);
 }
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) { memcpy(dst, src, 16); }
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) { memcpy(dst, src, 8); }
 __device__ __forceinline__ void cp_async_commit() {}
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {}
@@ -132,6 +133,10 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
 // 16-byte asynchronous global -> shared copy (bypasses L1).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(dst)), "l"(src));
+}
+// 8-byte asynchronous copy (through L1: .cg takes 16 bytes only).
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(smem_addr(dst)), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>

@@ -289,8 +289,14 @@ Outcome run(const Case& c) {
                     {MLA_KV_FP8_MODEL1, 512, mla_decode_fp8model1_d512, mla_decode_fp8model1_d512_m64}};
     for (auto& k : ks)
         if (k.f == c.format && k.d == d_qk) kernel = c.rg == 4 ? k.k64 : k.k;
-    const uint32_t smem = c.rg == 4 ? (d_qk == 576 ? mla::Smem<576, 4>::BYTES : mla::Smem<512, 4>::BYTES)
-                                    : (d_qk == 576 ? mla::Smem<576, 1>::BYTES : mla::Smem<512, 1>::BYTES);
+    uint32_t smem = 0;
+#define MLA_EMU_SMEM(KVF, D)                                                                      \
+    if (c.format == KVF && d_qk == D)                                                            \
+        smem = c.rg == 4 ? mla::Smem<D, 4, KVF>::BYTES : mla::Smem<D, 1, KVF>::BYTES;
+    MLA_EMU_SMEM(MLA_KV_BF16, 576) MLA_EMU_SMEM(MLA_KV_BF16, 512)
+    MLA_EMU_SMEM(MLA_KV_F16, 576) MLA_EMU_SMEM(MLA_KV_F16, 512)
+    MLA_EMU_SMEM(MLA_KV_F32, 576) MLA_EMU_SMEM(MLA_KV_F32, 512)
+    MLA_EMU_SMEM(MLA_KV_FP8_V32, 576) MLA_EMU_SMEM(MLA_KV_FP8_MODEL1, 512)
     emu::launch(kernel, {(unsigned)max_items, (unsigned)row_tiles, 1},
                 {(unsigned)(c.rg == 4 ? mla::Shape<4>::THREADS : mla::Shape<1>::THREADS), 1, 1}, smem, p);
     emu::launch(mla_combine, {(unsigned)groups, (unsigned)((R + 3) / 4), 1}, {32 * MLA_COMBINE_ROWS, 1, 1}, 0, p);

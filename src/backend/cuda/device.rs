@@ -127,7 +127,7 @@ impl CudaBackend {
         let mut decoders = Vec::new();
         for (format, d_qk, base) in DECODE_KERNELS {
             for rows in launch::BLOCK_ROWS {
-                let smem = launch::decode_smem_bytes(d_qk, rows);
+                let smem = launch::decode_smem_bytes(format, d_qk, rows);
                 if smem > props.max_smem_per_block {
                     if rows == 16 {
                         return Err(Error::unsupported(format!(
@@ -214,7 +214,12 @@ impl CudaBackend {
         } else {
             a.shape.s_q * a.shape.h_q
         };
-        let want = launch::block_rows(rows_per_group, a.shape.d_qk, self.props.max_smem_per_block);
+        let want = launch::block_rows(
+            rows_per_group,
+            a.layout.format,
+            a.shape.d_qk,
+            self.props.max_smem_per_block,
+        );
         let pick = |rows: usize| {
             self.decoders
                 .iter()

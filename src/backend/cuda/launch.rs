@@ -60,8 +60,13 @@ pub fn decode_kernel_name(base: &str, rows: usize) -> String {
 /// The 64-row variant reads each K tile once for 64 rows instead of 16; it
 /// is used when a query group has that many rows (h_q x s_q dense, h_q
 /// sparse) and the GPU gives a block its shared memory.
-pub fn block_rows(rows_per_group: usize, d_qk: usize, max_smem_per_block: usize) -> usize {
-    if rows_per_group >= 64 && decode_smem_bytes(d_qk, 64) <= max_smem_per_block {
+pub fn block_rows(
+    rows_per_group: usize,
+    format: KvFormat,
+    d_qk: usize,
+    max_smem_per_block: usize,
+) -> usize {
+    if rows_per_group >= 64 && decode_smem_bytes(format, d_qk, 64) <= max_smem_per_block {
         64
     } else {
         16
@@ -90,11 +95,18 @@ pub fn decode_kernel(shape: &DecodeShape, format: KvFormat) -> Result<&'static s
 }
 
 /// Dynamic shared memory of a decode block of `rows` query rows; mirrors
-/// `Smem<DQK, RG>` in kernels/mla_decode.cuh (both sides pin the numbers).
-pub const fn decode_smem_bytes(d_qk: usize, rows: usize) -> usize {
+/// `Smem<DQK, RG, KV>` in kernels/mla_decode.cuh (both sides pin the
+/// numbers). BF16/F16/F32 tiles are double-buffered; FP8 tiles have one
+/// bf16 buffer plus a buffer of raw rows copied ahead.
+pub const fn decode_smem_bytes(format: KvFormat, d_qk: usize, rows: usize) -> usize {
     let ks = d_qk + 8;
+    let (k_buffers, raw) = match format {
+        KvFormat::Fp8V32 => (1, TOKENS * 656),
+        KvFormat::Fp8Model1 => (1, TOKENS * 592),
+        _ => (2, 0),
+    };
     let q = rows * ks * 2;
-    let k = 2 * TOKENS * ks * 2;
+    let k = k_buffers * TOKENS * ks * 2 + raw;
     let s = rows * (TOKENS + 4) * 4;
     let p = rows * (TOKENS + 8) * 2;
     let tokens = 2 * 2 * TOKENS * 8;
@@ -250,15 +262,35 @@ mod tests {
     #[test]
     fn shared_memory_matches_the_kernel_source() {
         let src = include_str!("../../../kernels/mla_decode.cuh");
-        for d in [576, 512] {
+        for (format, d, name) in [
+            (KvFormat::Bf16, 576, "MLA_KV_BF16"),
+            (KvFormat::Bf16, 512, "MLA_KV_BF16"),
+            (KvFormat::Fp8V32, 576, "MLA_KV_FP8_V32"),
+            (KvFormat::Fp8Model1, 512, "MLA_KV_FP8_MODEL1"),
+        ] {
             for (rows, rg) in [(16, 1), (64, 4)] {
-                let want = format!("Smem<{d}, {rg}>::BYTES == {}", decode_smem_bytes(d, rows));
+                let want = format!(
+                    "Smem<{d}, {rg}, {name}>::BYTES == {}",
+                    decode_smem_bytes(format, d, rows)
+                );
                 assert!(src.contains(&want), "kernels/mla_decode.cuh lacks `{want}`");
             }
+        }
+        for (format, d, _) in DECODE_KERNELS {
+            // F16/F32 share BF16's layout.
+            let like = if matches!(format, KvFormat::F16 | KvFormat::F32) {
+                KvFormat::Bf16
+            } else {
+                format
+            };
+            assert_eq!(
+                decode_smem_bytes(format, d, 16),
+                decode_smem_bytes(like, d, 16)
+            );
             // 16 rows fit the smallest opt-in limit of the targets
             // (sm_86/89/120: 99 KiB); 64 rows fit A100's 163 KiB.
-            assert!(decode_smem_bytes(d, 16) <= 101376);
-            assert!(decode_smem_bytes(d, 64) <= 166912);
+            assert!(decode_smem_bytes(format, d, 16) <= 101376);
+            assert!(decode_smem_bytes(format, d, 64) <= 166912);
         }
         let defs = [
             ("MLA_ROWS", ROWS),
@@ -324,11 +356,12 @@ mod tests {
     #[test]
     fn block_rows_follow_heads_and_shared_memory() {
         let h100 = 232448;
-        assert_eq!(block_rows(128, 576, h100), 64);
-        assert_eq!(block_rows(64, 512, h100), 64);
-        assert_eq!(block_rows(63, 576, h100), 16);
-        assert_eq!(block_rows(128, 576, 166912), 64); // A100
-        assert_eq!(block_rows(128, 576, 101376), 16); // sm_86/89/120
+        let bf16 = KvFormat::Bf16;
+        assert_eq!(block_rows(128, bf16, 576, h100), 64);
+        assert_eq!(block_rows(64, KvFormat::Fp8Model1, 512, h100), 64);
+        assert_eq!(block_rows(63, bf16, 576, h100), 16);
+        assert_eq!(block_rows(128, bf16, 576, 166912), 64); // A100
+        assert_eq!(block_rows(128, bf16, 576, 101376), 16); // sm_86/89/120
     }
 
     #[test]
