@@ -3,6 +3,7 @@
 // (src/backend/cuda/launch.rs lists them).
 #include "mla_combine.cuh"
 #include "mla_decode.cuh"
+#include "mla_append.cuh"
 #include "mla_plan.cuh"
 
 // RG = 1: 16 query rows per block (4 warps); RG = 4: 64 rows (8 warps, one

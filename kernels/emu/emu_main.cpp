@@ -407,6 +407,105 @@ Outcome run(const Case& c) {
     return res;
 }
 
+// ---- mla_append against an independent encoder ----
+uint8_t ref_e4m3(float x) {
+    // Nearest of the 127 finite magnitudes, ties to the even code.
+    uint8_t sign = std::signbit(x) ? 0x80 : 0;
+    double a = std::fabs((double)x);
+    if (a >= 448.0) return sign | 0x7e;
+    int best = 0;
+    double bd = 1e300;
+    for (int c = 0; c <= 0x7e; ++c) {
+        double d = std::fabs(e4m3_val((uint8_t)c) - a);
+        if (d < bd || (d == bd && (c & 1) == 0)) {
+            bd = d;
+            best = c;
+        }
+    }
+    return sign | (uint8_t)best;
+}
+
+float ref_scale(float amax) {
+    float v = std::max(amax / 448.0f, 1e-4f);
+    int e;
+    float m = std::frexp(v, &e);  // v = m * 2^e, m in [0.5, 1)
+    return std::ldexp(1.0f, m == 0.5f ? e - 1 : e);
+}
+
+// Writes `vals` (one row) into slot `pos` of `cache` the way the host does.
+void ref_store(const Layout& L, std::vector<uint8_t>& cache, int pos, const std::vector<float>& vals) {
+    uint8_t* block = cache.data() + (size_t)(pos / L.bs) * L.block_bytes();
+    int s = pos % L.bs;
+    if (L.format == MLA_KV_BF16 || L.format == MLA_KV_F16 || L.format == MLA_KV_F32) {
+        int dt = L.format == MLA_KV_BF16 ? MLA_DT_BF16 : L.format == MLA_KV_F16 ? MLA_DT_F16 : MLA_DT_F32;
+        for (int k = 0; k < L.d_qk; ++k) put(block + s * L.row_bytes() + k * dt_size(dt), dt, vals[k]);
+        return;
+    }
+    bool v32 = L.format == MLA_KV_FP8_V32;
+    int nope = v32 ? 512 : 448, tile = v32 ? 128 : 64;
+    uint8_t* row = block + s * (v32 ? 656 : 576);
+    for (int t = 0; t < nope / tile; ++t) {
+        float amax = 0;
+        for (int k = 0; k < tile; ++k) amax = std::max(amax, std::fabs(vals[t * tile + k]));
+        float scale = ref_scale(amax);
+        for (int k = 0; k < tile; ++k) row[t * tile + k] = ref_e4m3(vals[t * tile + k] / scale);
+        if (v32) {
+            memcpy(row + 512 + 4 * t, &scale, 4);
+        } else {
+            int e;
+            std::frexp(scale, &e);
+            block[L.bs * 576 + s * 8 + t] = (uint8_t)(e - 1 + 127);
+        }
+    }
+    if (!v32) block[L.bs * 576 + s * 8 + 7] = 0;
+    for (int k = 0; k < 64; ++k) put(row + (v32 ? 528 : 448) + 2 * k, MLA_DT_BF16, vals[nope + k]);
+}
+
+bool run_append(int format, int src_dt) {
+    const int d_qk = format == MLA_KV_FP8_MODEL1 || (format != MLA_KV_FP8_V32 && src_dt == MLA_DT_F16) ? 512 : 576;
+    const int bs = format == MLA_KV_FP8_MODEL1 ? 3 : 16;
+    Layout L{format, d_qk, bs};
+    const int blocks = 4, n = 7;
+    std::vector<uint8_t> got((size_t)L.block_bytes() * blocks, 0), want = got;
+    std::vector<int> slots;
+    std::vector<int> all(blocks * bs);
+    for (int i = 0; i < blocks * bs; ++i) all[i] = i;
+    std::shuffle(all.begin(), all.end(), rng);
+    for (int i = 0; i < n; ++i) slots.push_back(i == 3 ? -1 : all[i]);
+    std::vector<uint8_t> src((size_t)n * d_qk * dt_size(src_dt));
+    for (int i = 0; i < n; ++i) {
+        std::vector<float> vals(d_qk);
+        for (int k = 0; k < d_qk; ++k) {
+            float x = sample();
+            if (i == 1) x *= 5000.f;                       // saturating tiles / big scales
+            if (i == 2) x *= 1e-7f;                        // the scale floor, subnormal codes
+            if (i == 4 && k < 128) x = 0.f;                // an all-zero tile
+            if (i == 5 && k % 37 == 0) x = 448.f * (k % 2 ? 1 : -1);
+            put(src.data() + ((size_t)i * d_qk + k) * dt_size(src_dt), src_dt, x);
+            vals[k] = (float)get(src.data() + ((size_t)i * d_qk + k) * dt_size(src_dt), src_dt);
+        }
+        if (slots[i] >= 0) ref_store(L, want, slots[i], vals);
+    }
+    MlaAppendParams ap{};
+    ap.n_rows = n;
+    ap.d_qk = d_qk;
+    ap.src_dtype = src_dt;
+    ap.kv_format = format;
+    ap.block_size = bs;
+    ap.block_bytes = L.block_bytes();
+    ap.src = src.data();
+    ap.slots = slots.data();
+    ap.kv = got.data();
+    emu::launch(mla_append, {(unsigned)n, 1, 1}, {MLA_APPEND_THREADS, 1, 1}, 0, ap);
+    for (size_t b = 0; b < got.size(); ++b) {
+        if (got[b] != want[b]) {
+            printf("  append f%d src dt %d: byte %zu = %#x, want %#x\n", format, src_dt, b, got[b], want[b]);
+            return false;
+        }
+    }
+    return true;
+}
+
 std::vector<int> lengths(int batch, int max, int bs) {
     std::vector<int> v;
     const int special[] = {0, 1, bs, bs + 1, max};
@@ -517,6 +616,14 @@ int main() {
         printf("%s %s (max rel L2 %.2e)\n", o.ok ? "ok  " : "FAIL", c.name.c_str(), o.max_err);
         failed += !o.ok;
     }
-    printf("emulated kernels: %zu cases, %d failed\n", cases.size(), failed);
+    int appends = 0;
+    for (int f : formats)
+        for (int dt : dts) {
+            bool ok = run_append(f, dt);
+            printf("%s append f%d src dt %d (byte-exact vs the host encoder)\n", ok ? "ok  " : "FAIL", f, dt);
+            failed += !ok;
+            ++appends;
+        }
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends, failed);
     return failed ? 1 : 0;
 }

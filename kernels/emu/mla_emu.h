@@ -53,6 +53,7 @@ struct __half2 { __half x, y; };
 
 inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 inline uint32_t emu_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline uint32_t __float_as_uint(float f) { return emu_float_bits(f); }
 inline float __bfloat162float(__nv_bfloat16 b) { return __uint_as_float((uint32_t)b.bits << 16); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
     uint32_t u = emu_float_bits(f);

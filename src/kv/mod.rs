@@ -8,9 +8,10 @@
 //! shared block copies it (all layers) first.
 //!
 //! Memory: the engine's. On a CPU engine the layers are host buffers; on a
-//! CUDA engine they are device memory, appends are converted/quantized on the
-//! host and copied to their rows, copy-on-write copies stay on the device, and
-//! decode reads the layer in place (only queries, tables and outputs move).
+//! CUDA engine they are device memory: appended rows are copied once and
+//! converted/quantized by the `mla_append` kernel (byte-identical to the
+//! host's encoding), copy-on-write copies stay on the device, and decode
+//! reads the layer in place (only queries, tables and outputs move).
 //!
 //! Concurrency: the state sits behind one reader-writer lock. Mutations
 //! (create, free, fork, truncate, append) are serialized; decodes and
@@ -480,31 +481,19 @@ impl KvPool {
                         }
                     }
                 }
-                // Rows go through a host copy of one block, a run of rows
-                // of the same block at a time.
-                let mut tmp = vec![0u8; block_bytes];
+                // Rows: one staged copy and the append kernel, which
+                // converts/quantizes exactly as the host does.
+                let mut rows = Vec::new();
+                let mut slots = Vec::new();
                 for (&(_, n, src), a) in items.iter().zip(applies) {
-                    let mut k = 0;
-                    while k < n {
+                    rows.extend_from_slice(&src[..n * src_row]);
+                    for k in 0..n {
                         let t = a.start + k;
-                        let (bi, first) = (t / bs, t % bs);
-                        let run = (bs - first).min(n - k);
-                        for r in 0..run {
-                            let kk = k + r;
-                            put_row(
-                                &mut tmp,
-                                0,
-                                first + r,
-                                &src[kk * src_row..(kk + 1) * src_row],
-                            );
-                        }
-                        let base = ptrs[layer] + (a.blocks[bi] as usize * block_bytes) as u64;
-                        for range in self.layout.row_byte_ranges(first, first + run) {
-                            cuda.write_async(base + range.start as u64, &tmp[range])?;
-                        }
-                        k += run;
+                        slots.push((a.blocks[t / bs] as usize * bs + t % bs) as i32);
                     }
                 }
+                cuda.append_rows(ptrs[layer], &self.layout, dtype, &rows, &slots)?;
+                // The copy-on-write copies too, before the append commits.
                 cuda.sync()
             }
         }

@@ -7,7 +7,7 @@ use super::args::{DeviceDecode, KeysDev};
 use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
 use super::launch::{self, Geometry, DECODE_KERNELS};
-use super::params::{describe_error_flags, MlaParams};
+use super::params::{describe_error_flags, AppendParams, MlaParams};
 use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, Keys};
@@ -52,6 +52,7 @@ pub struct CudaBackend {
     module: sys::CUmodule,
     plan: sys::CUfunction,
     combine: sys::CUfunction,
+    append: sys::CUfunction,
     decoders: Vec<DecodeFn>,
     state: Mutex<State>,
     host_calls: Mutex<()>,
@@ -124,6 +125,7 @@ impl CudaBackend {
             })?;
         let plan = function(module, launch::PLAN_KERNEL)?;
         let combine = function(module, launch::COMBINE_KERNEL)?;
+        let append = function(module, launch::APPEND_KERNEL)?;
         let mut decoders = Vec::new();
         for (format, d_qk, base) in DECODE_KERNELS {
             for rows in launch::BLOCK_ROWS {
@@ -190,6 +192,7 @@ impl CudaBackend {
             module,
             plan,
             combine,
+            append,
             decoders,
             state: Mutex::new(State {
                 stream,
@@ -378,6 +381,67 @@ impl CudaBackend {
             unsafe { result::memcpy_htod_async(dst, data, stream) }
                 .map_err(dev_err("cuMemcpyHtoDAsync"))
         })
+    }
+
+    /// Writes host `rows` (`[slots.len(), layout.d_qk]` of `src_dtype`) into
+    /// the cache at `kv` (device memory, `layout`), row i at flat position
+    /// `slots[i]` (negative: skipped), converting or quantizing on the GPU
+    /// exactly as the host would; waits for it.
+    pub fn append_rows(
+        &self,
+        kv: u64,
+        layout: &crate::format::KvLayout,
+        src_dtype: Dtype,
+        rows: &[u8],
+        slots: &[i32],
+    ) -> Result<()> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let n = slots.len();
+        if rows.len() < n * layout.d_qk * src_dtype.size() {
+            return Err(Error::internal("append rows smaller than [n, d_qk]"));
+        }
+        let _host_call = self.host_calls.lock();
+        self.make_current()?;
+        let mut st = self.state.lock();
+        let slots_at = rows.len().div_ceil(256) * 256;
+        let bytes = slots_at + 4 * n;
+        let base = self.ensure(&mut st, Which::Staging, bytes)?;
+        let p = AppendParams {
+            n_rows: int("rows", n)?,
+            d_qk: int("d_qk", layout.d_qk)?,
+            src_dtype: dtype_code(src_dtype),
+            kv_format: format_code(layout.format),
+            block_size: int("block_size", layout.block_size)?,
+            pad0: 0,
+            block_bytes: layout.block_bytes as i64,
+            src: base,
+            slots: base + slots_at as u64,
+            kv,
+        };
+        // SAFETY: the staging area holds `bytes`; copies and the kernel are
+        // ordered on our stream; `p` is copied at launch; the cache layout
+        // is the caller's (a pool's own layer).
+        unsafe {
+            result::memcpy_htod_async(base, rows, st.stream)
+                .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+            result::memcpy_htod_async(p.slots, as_bytes(slots), st.stream)
+                .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+            let mut args = [&p as *const AppendParams as *mut c_void];
+            result::launch_kernel(
+                self.append,
+                (n as u32, 1, 1),
+                (launch::APPEND_THREADS, 1, 1),
+                0,
+                st.stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_append"))?;
+            result::stream::synchronize(st.stream).map_err(dev_err("mla_append"))?;
+        }
+        drop(st);
+        Ok(())
     }
 
     /// Enqueues a device-to-device copy on the engine's stream.

@@ -33,6 +33,9 @@ pub const PLAN_THREADS: u32 = 1024;
 pub const COMBINE_ROWS: usize = 4;
 
 pub const PLAN_KERNEL: &str = "mla_plan";
+pub const APPEND_KERNEL: &str = "mla_append";
+/// Threads of an append block (one block per row).
+pub const APPEND_THREADS: u32 = 128;
 pub const COMBINE_KERNEL: &str = "mla_combine";
 
 /// Every decode entry point's family: cache format, d_qk, name in the
@@ -303,6 +306,9 @@ mod tests {
         }
         let plan = include_str!("../../../kernels/mla_plan.cuh");
         assert!(plan.contains(&format!("#define MLA_PLAN_THREADS {PLAN_THREADS}")));
+        let append = include_str!("../../../kernels/mla_append.cuh");
+        assert!(append.contains(&format!("#define MLA_APPEND_THREADS {APPEND_THREADS}")));
+        assert!(append.contains(APPEND_KERNEL));
         let combine = include_str!("../../../kernels/mla_combine.cuh");
         assert!(combine.contains(&format!("#define MLA_COMBINE_ROWS {COMBINE_ROWS}")));
         let params = include_str!("../../../kernels/mla_params.cuh");

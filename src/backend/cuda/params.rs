@@ -57,6 +57,27 @@ const _: () = assert!(std::mem::size_of::<MlaParams>() == MLA_PARAMS_SIZE);
 const _: () = assert!(std::mem::offset_of!(MlaParams, block_bytes) == 96);
 const _: () = assert!(std::mem::offset_of!(MlaParams, error_flags) == 248);
 
+/// The argument of `mla_append`, field for field `MlaAppendParams` in
+/// `kernels/mla_append.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AppendParams {
+    pub n_rows: i32,
+    pub d_qk: i32,
+    pub src_dtype: i32,
+    pub kv_format: i32,
+    pub block_size: i32,
+    pub pad0: i32,
+    pub block_bytes: i64,
+    pub src: u64,
+    pub slots: u64,
+    pub kv: u64,
+}
+
+/// `MLA_APPEND_PARAMS_SIZE` in the header.
+pub const APPEND_PARAMS_SIZE: usize = 56;
+const _: () = assert!(std::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
+
 /// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
 pub const ERR_SEQLEN: u32 = 1;
 pub const ERR_BLOCK_ID: u32 = 2;
@@ -94,14 +115,15 @@ mod tests {
     use super::*;
 
     const HEADER: &str = include_str!("../../../kernels/mla_params.cuh");
+    const APPEND: &str = include_str!("../../../kernels/mla_append.cuh");
 
-    /// Field names of `struct MlaParams` in the CUDA header, in order.
-    fn header_fields() -> Vec<String> {
-        let body = HEADER
-            .split("struct MlaParams {")
+    /// Field names of `struct NAME` in a CUDA header, in order.
+    fn header_fields(src: &str, name: &str) -> Vec<String> {
+        let body = src
+            .split(&format!("struct {name} {{"))
             .nth(1)
             .and_then(|s| s.split("};").next())
-            .expect("struct MlaParams in mla_params.cuh");
+            .expect("the struct in the header");
         let mut names = Vec::new();
         for line in body.lines() {
             let code = line.split("//").next().unwrap_or("").trim();
@@ -171,7 +193,7 @@ mod tests {
             "part_lse",
             "error_flags",
         ];
-        assert_eq!(header_fields(), rust);
+        assert_eq!(header_fields(HEADER, "MlaParams"), rust);
         assert!(HEADER.contains(&format!("#define MLA_PARAMS_SIZE {MLA_PARAMS_SIZE}")));
         for (name, v) in [
             ("MLA_ERR_SEQLEN", ERR_SEQLEN),
@@ -180,6 +202,26 @@ mod tests {
         ] {
             assert!(HEADER.contains(&format!("#define {name} {v}")), "{name}");
         }
+    }
+
+    #[test]
+    fn append_struct_matches_the_cuda_header() {
+        let rust = [
+            "n_rows",
+            "d_qk",
+            "src_dtype",
+            "kv_format",
+            "block_size",
+            "pad0",
+            "block_bytes",
+            "src",
+            "slots",
+            "kv",
+        ];
+        assert_eq!(header_fields(APPEND, "MlaAppendParams"), rust);
+        assert!(APPEND.contains(&format!(
+            "#define MLA_APPEND_PARAMS_SIZE {APPEND_PARAMS_SIZE}"
+        )));
     }
 
     #[test]
