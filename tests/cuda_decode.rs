@@ -731,6 +731,27 @@ fn cuda_sparse_matrix() -> Outcome {
     })
 }
 
+/// Dense BF16 args for 2 sequences x 16 heads (d_qk 576) over device
+/// copies of `inp`; `out` is left to the caller.
+fn device_dense_args(pl: &mut Placed, inp: &Inputs) -> mlart_decode_args {
+    let mut a = MaybeUninit::<mlart_decode_args>::uninit();
+    mlart_decode_args_init(a.as_mut_ptr());
+    // SAFETY: initialized above.
+    let mut a = unsafe { a.assume_init() };
+    a.memory = MLART_MEMORY_DEVICE;
+    a.batch = 2;
+    a.h_q = 16;
+    a.d_qk = 576;
+    a.d_v = 512;
+    a.num_blocks = inp.main.num_blocks as i32;
+    a.q = pl.put(&inp.q);
+    a.kv = pl.put(&inp.main.bytes);
+    a.block_table = pl.put(bytes_of(&inp.main.table)) as *const i32;
+    a.block_table_stride = inp.main.stride as i32;
+    a.seqlens = pl.put(bytes_of(&inp.seqlens)) as *const i32;
+    a
+}
+
 /// Bad device-resident block ids and indices are masked and reported as
 /// INVALID_ARGUMENT after the (synchronous) call, never read.
 fn cuda_device_memory_errors() -> Outcome {
@@ -755,21 +776,7 @@ fn cuda_device_memory_errors() -> Outcome {
             ptrs: Vec::new(),
             engine: g.ptr,
         };
-        let mut a = MaybeUninit::<mlart_decode_args>::uninit();
-        mlart_decode_args_init(a.as_mut_ptr());
-        // SAFETY: initialized above.
-        let mut a = unsafe { a.assume_init() };
-        a.memory = MLART_MEMORY_DEVICE;
-        a.batch = 2;
-        a.h_q = 16;
-        a.d_qk = 576;
-        a.d_v = 512;
-        a.num_blocks = inp.main.num_blocks as i32;
-        a.q = pl.put(&inp.q);
-        a.kv = pl.put(&inp.main.bytes);
-        a.block_table = pl.put(bytes_of(&inp.main.table)) as *const i32;
-        a.block_table_stride = inp.main.stride as i32;
-        a.seqlens = pl.put(bytes_of(&inp.seqlens)) as *const i32;
+        let mut a = device_dense_args(&mut pl, &inp);
         a.out = pl.put(&vec![0u8; 2 * 16 * 512 * 2]);
         let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("bad block id must fail");
         assert_eq!(e.0, MLART_STATUS_INVALID_ARGUMENT, "{}", e.1);
@@ -1007,21 +1014,7 @@ fn cuda_graph_capture() -> Outcome {
             engine: g.ptr,
         };
         let out_bytes = 2 * 16 * 512 * 2;
-        let mut a = MaybeUninit::<mlart_decode_args>::uninit();
-        mlart_decode_args_init(a.as_mut_ptr());
-        // SAFETY: initialized above.
-        let mut a = unsafe { a.assume_init() };
-        a.memory = MLART_MEMORY_DEVICE;
-        a.batch = 2;
-        a.h_q = 16;
-        a.d_qk = 576;
-        a.d_v = 512;
-        a.num_blocks = inp.main.num_blocks as i32;
-        a.q = pl.put(&inp.q);
-        a.kv = pl.put(&inp.main.bytes);
-        a.block_table = pl.put(bytes_of(&inp.main.table)) as *const i32;
-        a.block_table_stride = inp.main.stride as i32;
-        a.seqlens = pl.put(bytes_of(&inp.seqlens)) as *const i32;
+        let mut a = device_dense_args(&mut pl, &inp);
         a.out = pl.put(&vec![0u8; out_bytes]);
         assert!(take_error(mlart_decode_paged(g.ptr, &a)).is_none());
         let mut want = vec![0u8; out_bytes];

@@ -158,6 +158,23 @@ pub(crate) fn check_memory(raw: mlart_memory) -> Result<()> {
     }
 }
 
+/// Dense decode: the sparse-only fields must be unset.
+fn no_sparse_fields(a: &mlart_decode_args) -> Result<()> {
+    for (name, set) in [
+        ("topk_length", !a.topk_length.is_null()),
+        ("extra_kv", !a.extra_kv.is_null()),
+        ("extra_indices", !a.extra_indices.is_null()),
+        ("extra_topk_length", !a.extra_topk_length.is_null()),
+    ] {
+        if set {
+            return Err(Error::invalid(format!(
+                "{name} is set but indices is NULL: it belongs to sparse decode"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn dev(p: *const c_void) -> u64 {
     p as usize as u64
 }
@@ -188,18 +205,7 @@ fn decode_paged_device(
     let out = required(a.out as *const c_void, "out")?;
     let kv = required(a.kv, "kv")?;
     let keys = if a.indices.is_null() {
-        for (name, set) in [
-            ("topk_length", !a.topk_length.is_null()),
-            ("extra_kv", !a.extra_kv.is_null()),
-            ("extra_indices", !a.extra_indices.is_null()),
-            ("extra_topk_length", !a.extra_topk_length.is_null()),
-        ] {
-            if set {
-                return Err(Error::invalid(format!(
-                    "{name} is set but indices is NULL: it belongs to sparse decode"
-                )));
-            }
-        }
+        no_sparse_fields(a)?;
         KeysDev::Dense(DenseDev {
             block_table: required(a.block_table as *const c_void, "block_table")?,
             stride: positive("block_table_stride", a.block_table_stride)?,
@@ -385,18 +391,7 @@ fn decode_paged(engine: *const mlart_engine, args: *const mlart_decode_args) -> 
     }
 
     if a.indices.is_null() {
-        for (name, set) in [
-            ("topk_length", !a.topk_length.is_null()),
-            ("extra_kv", !a.extra_kv.is_null()),
-            ("extra_indices", !a.extra_indices.is_null()),
-            ("extra_topk_length", !a.extra_topk_length.is_null()),
-        ] {
-            if set {
-                return Err(Error::invalid(format!(
-                    "{name} is set but indices is NULL: it belongs to sparse decode"
-                )));
-            }
-        }
+        no_sparse_fields(&a)?;
         let stride = positive("block_table_stride", a.block_table_stride)?;
         // SAFETY: block_table holds batch * stride entries.
         let table = unsafe { slice(a.block_table, shape.batch * stride, "block_table") }?;

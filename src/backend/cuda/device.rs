@@ -344,12 +344,7 @@ impl CudaBackend {
             )));
         }
         let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
-        p.items = base + ws.items as u64;
-        p.group_meta = base + ws.group_meta as u64;
-        p.num_items = base + ws.num_items as u64;
-        p.error_flags = base + ws.error_flags as u64;
-        p.part_lse = base + ws.part_lse as u64;
-        p.part_o = base + ws.part_o as u64;
+        bind_workspace(&mut p, base, &ws);
         self.enqueue(&st, stream, &p, &geo, f, !capturing)?;
         if a.stream == 0 {
             // SAFETY: our stream.
@@ -508,12 +503,7 @@ impl CudaBackend {
         {
             let mut st = self.state.lock();
             let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
-            p.items = base + ws.items as u64;
-            p.group_meta = base + ws.group_meta as u64;
-            p.num_items = base + ws.num_items as u64;
-            p.error_flags = base + ws.error_flags as u64;
-            p.part_lse = base + ws.part_lse as u64;
-            p.part_o = base + ws.part_o as u64;
+            bind_workspace(&mut p, base, &ws);
         }
         self.time_on_stream(reps, |stream| {
             let st = self.state.lock();
@@ -579,10 +569,7 @@ impl CudaBackend {
         self.make_current()?;
         let mut st = self.state.lock();
         let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
-        p.items = base + ws.items as u64;
-        p.group_meta = base + ws.group_meta as u64;
-        p.num_items = base + ws.num_items as u64;
-        p.error_flags = base + ws.error_flags as u64;
+        bind_workspace(&mut p, base, &ws);
         let stream = st.stream;
         let mut n = [0i32; 1];
         let mut items = vec![0i32; 4 * geo.max_items];
@@ -727,6 +714,16 @@ fn check_alignment(a: &DeviceDecode) -> Result<()> {
         check("extra_kv", x.kv, 16)?;
     }
     Ok(())
+}
+
+/// Points the parameters at the pieces of a workspace at `base`.
+fn bind_workspace(p: &mut MlaParams, base: u64, ws: &launch::WorkspaceLayout) {
+    p.items = base + ws.items as u64;
+    p.group_meta = base + ws.group_meta as u64;
+    p.num_items = base + ws.num_items as u64;
+    p.error_flags = base + ws.error_flags as u64;
+    p.part_lse = base + ws.part_lse as u64;
+    p.part_o = base + ws.part_o as u64;
 }
 
 /// The call's parameters, without the workspace addresses.
