@@ -577,18 +577,7 @@ impl CudaBackend {
         // SAFETY: handles are live, the workspace holds `geo`'s extents and
         // the copies wait for the plan kernel (stream synchronized first).
         unsafe {
-            result::memset_d8_async(p.error_flags, 0, 4, stream)
-                .map_err(dev_err("cuMemsetD8Async"))?;
-            let mut args = [&p as *const MlaParams as *mut c_void];
-            result::launch_kernel(
-                self.plan,
-                (1, 1, 1),
-                (launch::PLAN_THREADS, 1, 1),
-                0,
-                stream,
-                &mut args,
-            )
-            .map_err(dev_err("launch mla_plan"))?;
+            self.enqueue_plan(stream, &p)?;
             result::stream::synchronize(stream).map_err(dev_err("mla_plan"))?;
             result::memcpy_dtoh_sync(&mut n, p.num_items).map_err(dev_err("cuMemcpyDtoH"))?;
             result::memcpy_dtoh_sync(&mut items, p.items).map_err(dev_err("cuMemcpyDtoH"))?;
@@ -602,6 +591,28 @@ impl CudaBackend {
             .collect();
         let groups = groups.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
         Ok((items, groups, geo))
+    }
+
+    /// Clears the error word and enqueues the plan kernel.
+    ///
+    /// # Safety
+    /// `stream` is live and `p`'s workspace addresses hold its geometry.
+    unsafe fn enqueue_plan(&self, stream: sys::CUstream, p: &MlaParams) -> Result<()> {
+        // SAFETY: forwarded contract; `p` is copied at launch.
+        unsafe {
+            result::memset_d8_async(p.error_flags, 0, 4, stream)
+                .map_err(dev_err("cuMemsetD8Async"))?;
+            let mut args = [p as *const MlaParams as *mut c_void];
+            result::launch_kernel(
+                self.plan,
+                (1, 1, 1),
+                (launch::PLAN_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_plan"))
+        }
     }
 
     fn enqueue(
@@ -628,18 +639,8 @@ impl CudaBackend {
                 )
                 .map_err(dev_err("cuStreamWaitEvent"))?;
             }
-            result::memset_d8_async(p.error_flags, 0, 4, stream)
-                .map_err(dev_err("cuMemsetD8Async"))?;
+            self.enqueue_plan(stream, p)?;
             let mut args = [p as *const MlaParams as *mut c_void];
-            result::launch_kernel(
-                self.plan,
-                (1, 1, 1),
-                (launch::PLAN_THREADS, 1, 1),
-                0,
-                stream,
-                &mut args,
-            )
-            .map_err(dev_err("launch mla_plan"))?;
             result::launch_kernel(
                 f.func,
                 geo.decode_grid(),
