@@ -1581,3 +1581,32 @@ fn device_and_memory_function_errors() {
     assert!(take_error(mlart_engine_mem_free(engine.0, p)).is_none());
     assert!(take_error(mlart_engine_mem_free(engine.0, std::ptr::null_mut())).is_none());
 }
+
+/// AUTO says in `mlart_engine_info` why it chose the CPU: without a GPU it
+/// names the missing driver or device; with one, that the CUDA kernels are
+/// not yet enabled for AUTO.
+#[test]
+fn auto_explains_its_backend_choice() {
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    let saved = std::env::var_os("MLART_BACKEND");
+    std::env::remove_var("MLART_BACKEND");
+    let mut e = sentinel_engine();
+    let r = take_error(mlart_engine_create(std::ptr::null(), &mut e));
+    if let Some(v) = saved {
+        std::env::set_var("MLART_BACKEND", v);
+    }
+    assert!(r.is_none(), "{r:?}");
+    let mut p = props();
+    assert!(take_error(mlart_engine_info(e, &mut p)).is_none());
+    mlart_engine_free(e);
+    // SAFETY: NUL-terminated by mlart_engine_info.
+    let reason = unsafe { CStr::from_ptr(p.reason.as_ptr()) }.to_string_lossy();
+    assert!(reason.starts_with("auto: "), "{reason}");
+    if cuda_devices() == 0 {
+        assert_eq!(p.backend, MLART_BACKEND_CPU, "{reason}");
+        assert!(reason.contains("no usable CUDA device"), "{reason}");
+    } else if !mlart::engine::AUTO_USES_CUDA {
+        assert_eq!(p.backend, MLART_BACKEND_CPU, "{reason}");
+        assert!(reason.contains("not yet verified"), "{reason}");
+    }
+}
