@@ -114,6 +114,31 @@ impl CudaBackend {
         // SAFETY: dev is a valid device after cuInit.
         let ctx = unsafe { result::primary_ctx::retain(dev) }
             .map_err(dev_err("cuDevicePrimaryCtxRetain"))?;
+        // Whatever fails from here gives back the context (and module).
+        let mut module_slot: Option<sys::CUmodule> = None;
+        let r = Self::open_in(ctx, dev, props, image, image_name, why, &mut module_slot);
+        if r.is_err() {
+            // SAFETY: the module (if loaded) and the retain are ours, unused.
+            unsafe {
+                if let Some(m) = module_slot {
+                    let _ = result::module::unload(m);
+                }
+                let _ = result::primary_ctx::release(dev);
+            }
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_in(
+        ctx: sys::CUcontext,
+        dev: sys::CUdevice,
+        props: DeviceProps,
+        image: &'static [u8],
+        image_name: &str,
+        why: &str,
+        module_slot: &mut Option<sys::CUmodule>,
+    ) -> Result<Self> {
         // SAFETY: ctx was just retained.
         unsafe { result::ctx::set_current(ctx) }.map_err(dev_err("cuCtxSetCurrent"))?;
         // SAFETY: image is a complete, 8-byte aligned fatbin that lives forever.
@@ -123,6 +148,7 @@ impl CudaBackend {
                 err.status = crate::Status::Unsupported;
                 err.with_context(&format!("loading the kernels for {}", props.name))
             })?;
+        *module_slot = Some(module);
         let plan = function(module, launch::PLAN_KERNEL)?;
         let combine = function(module, launch::COMBINE_KERNEL)?;
         let append = function(module, launch::APPEND_KERNEL)?;
