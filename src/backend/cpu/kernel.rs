@@ -54,6 +54,9 @@ pub struct AttnTask<'a> {
     pub q_bf16: Option<&'a [u8]>,
     /// The softmax scale already applied to `q`.
     pub scale: f32,
+    /// The output is bf16: a kernel may round P to bf16 for P·V (FlashMLA
+    /// does), whose error then stays below the output's own rounding.
+    pub p_bf16: bool,
 }
 
 impl AttnTask<'_> {
@@ -97,6 +100,8 @@ impl AttnTask<'_> {
 pub struct Scratch {
     /// bf16 pairs (queries, then keys) for bf16 dot-product kernels.
     pub pairs: Vec<u32>,
+    /// bf16 pairs of V and P along the keys, for bf16 P·V.
+    pub pv_pairs: Vec<u32>,
     pub k_tile: Vec<f32>,
     pub scores: Vec<f32>,
     pub row_max: Vec<f32>,

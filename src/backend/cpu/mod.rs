@@ -223,6 +223,7 @@ impl CpuBackend {
                         q_bf16: (d.q_dtype == Dtype::Bf16)
                             .then(|| &d.q[g * rows * s.d_qk * 2..(g + 1) * rows * s.d_qk * 2]),
                         scale: s.softmax_scale,
+                        p_bf16: out.dtype == Dtype::Bf16,
                     };
                     SCRATCH.with(|cell| match cell.try_borrow_mut() {
                         Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),

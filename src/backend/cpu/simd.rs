@@ -190,6 +190,140 @@ mod bf16 {
         }
     }
 
+    /// V of a tile as bf16 pairs along the keys: `vp[jp][c]` holds
+    /// `V[2jp][c]` (low half) and `V[2jp + 1][c]` (high half, 0 past `n`).
+    /// Exact: the tile's values are bf16 (bf16 or FP8 cache).
+    ///
+    /// # Safety
+    /// AVX-512F enabled; `k_tile` holds `n` rows at stride `d >= dv`, `vp`
+    /// holds `n.div_ceil(2) * dv`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn v_pairs(k_tile: &[f32], d: usize, n: usize, dv: usize, vp: &mut [u32]) {
+        debug_assert!(vp.len() >= n.div_ceil(2) * dv && k_tile.len() >= n * d && dv <= d);
+        for jp in 0..n.div_ceil(2) {
+            let lo = &k_tile[2 * jp * d..2 * jp * d + dv];
+            let out = &mut vp[jp * dv..(jp + 1) * dv];
+            if 2 * jp + 1 < n {
+                let hi = &k_tile[(2 * jp + 1) * d..(2 * jp + 1) * d + dv];
+                for ((o, a), b) in out.iter_mut().zip(lo).zip(hi) {
+                    *o = (a.to_bits() >> 16) | (b.to_bits() & 0xffff_0000);
+                }
+            } else {
+                for (o, a) in out.iter_mut().zip(lo) {
+                    *o = a.to_bits() >> 16;
+                }
+            }
+        }
+    }
+
+    /// P of a tile (`st [n][rp]`, f32) rounded to bf16 pairs along the keys:
+    /// `pp[jp][r]` = (P[2jp][r], P[2jp + 1][r]), rounded to nearest even.
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 enabled; `st` holds `n * rp`, `pp` holds
+    /// `n.div_ceil(2) * rp`, `rp` a multiple of 16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub unsafe fn p_pairs(st: &[f32], rp: usize, n: usize, pp: &mut [u32]) {
+        debug_assert!(rp.is_multiple_of(16) && st.len() >= n * rp && pp.len() >= n.div_ceil(2) * rp);
+        for jp in 0..n.div_ceil(2) {
+            for r in (0..rp).step_by(16) {
+                // SAFETY: in bounds by the assertion above.
+                unsafe {
+                    let e = _mm512_loadu_ps(st.as_ptr().add(2 * jp * rp + r));
+                    let o = if 2 * jp + 1 < n {
+                        _mm512_loadu_ps(st.as_ptr().add((2 * jp + 1) * rp + r))
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    let lo: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
+                    let hi: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(o));
+                    let v = _mm512_or_si512(
+                        _mm512_cvtepu16_epi32(lo),
+                        _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16),
+                    );
+                    _mm512_storeu_si512(pp.as_mut_ptr().add(jp * rp + r) as *mut __m512i, v);
+                }
+            }
+        }
+    }
+
+    /// `o[r][..] += Σ_jp pp[jp][r0 + r] · vp[jp][..]` for `RN` rows, with
+    /// `vdpbf16ps` (two keys per instruction).
+    ///
+    /// # Safety
+    /// AVX-512F and AVX512-BF16 enabled; `pp` holds `np * rp` from `r0`,
+    /// `vp` holds `np * dv`, `o` holds `RN * dv`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn accumulate_pairs<const RN: usize>(
+        pp: &[u32],
+        rp: usize,
+        r0: usize,
+        np: usize,
+        vp: &[u32],
+        dv: usize,
+        o: &mut [f32],
+    ) {
+        debug_assert!(RN <= R && o.len() >= RN * dv && vp.len() >= np * dv);
+        debug_assert!(np == 0 || pp.len() >= (np - 1) * rp + r0 + RN);
+        let full = dv / 64 * 64;
+        let mut c = 0;
+        while c < full {
+            let mut acc = [[_mm512_setzero_ps(); 4]; RN];
+            for (r, a) in acc.iter_mut().enumerate() {
+                for (v, x) in a.iter_mut().enumerate() {
+                    // SAFETY: in bounds by the assertions above.
+                    *x = unsafe { _mm512_loadu_ps(o.as_ptr().add(r * dv + c + 16 * v)) };
+                }
+            }
+            for jp in 0..np {
+                let mut vv = [_mm512_setzero_si512(); 4];
+                for (v, x) in vv.iter_mut().enumerate() {
+                    // SAFETY: in bounds by the assertions above.
+                    *x = unsafe {
+                        _mm512_loadu_si512(vp.as_ptr().add(jp * dv + c + 16 * v) as *const __m512i)
+                    };
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: in bounds by the assertions above.
+                    let pb = _mm512_set1_epi32(unsafe { *pp.get_unchecked(jp * rp + r0 + r) } as i32);
+                    for v in 0..4 {
+                        // SAFETY: bit casts between same-size vector types.
+                        let (pv, vb): (__m512bh, __m512bh) = unsafe {
+                            (
+                                std::mem::transmute::<__m512i, __m512bh>(pb),
+                                std::mem::transmute::<__m512i, __m512bh>(vv[v]),
+                            )
+                        };
+                        a[v] = _mm512_dpbf16_ps(a[v], pv, vb);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate() {
+                for (v, x) in a.iter().enumerate() {
+                    // SAFETY: in bounds by the assertions above.
+                    unsafe { _mm512_storeu_ps(o.as_mut_ptr().add(r * dv + c + 16 * v), *x) };
+                }
+            }
+            c += 64;
+        }
+        // Columns past the last full chunk.
+        let bf = |x: u32| f32::from_bits(x << 16);
+        for r in 0..RN {
+            for jp in 0..np {
+                let p = pp[jp * rp + r0 + r];
+                let (pe, po) = (bf(p & 0xffff), bf(p >> 16));
+                for x in full..dv {
+                    let v = vp[jp * dv + x];
+                    o[r * dv + x] += pe * bf(v & 0xffff) + po * bf(v >> 16);
+                }
+            }
+        }
+    }
+
     /// Scores of the whole tile (`n` keys, all `rp` rows).
     ///
     /// # Safety
@@ -530,6 +664,9 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             task.kv_format(),
             KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
         );
+    // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
+    // the output is bf16 anyway; V is exactly bf16 when the keys are.
+    let p_bf16 = BF16 && !AMX && use_bf16 && task.p_bf16 && dv % 16 == 0;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
     let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
     let (qt, st) = buf.split_at_mut(d * rp);
@@ -665,6 +802,36 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                     .iter_mut()
                     .for_each(|x| *x *= alpha);
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if p_bf16 {
+            let np = n.div_ceil(2);
+            let pairs = fit_u32(&mut scratch.pv_pairs, np * dv + np * rp);
+            let (vp, pp) = pairs.split_at_mut(np * dv);
+            // SAFETY: p_bf16 implies the avx512bf16 entry point; sizes as required.
+            unsafe {
+                bf16::v_pairs(k_tile, d, n, dv, vp);
+                bf16::p_pairs(st, rp, n, pp);
+            }
+            let mut r0 = 0;
+            while r0 < rows {
+                let rn = R.min(rows - r0);
+                let o_rows = &mut o[r0 * dv..];
+                // SAFETY: as above.
+                unsafe {
+                    match rn {
+                        1 => bf16::accumulate_pairs::<1>(pp, rp, r0, np, vp, dv, o_rows),
+                        2 => bf16::accumulate_pairs::<2>(pp, rp, r0, np, vp, dv, o_rows),
+                        3 => bf16::accumulate_pairs::<3>(pp, rp, r0, np, vp, dv, o_rows),
+                        4 => bf16::accumulate_pairs::<4>(pp, rp, r0, np, vp, dv, o_rows),
+                        5 => bf16::accumulate_pairs::<5>(pp, rp, r0, np, vp, dv, o_rows),
+                        _ => bf16::accumulate_pairs::<R>(pp, rp, r0, np, vp, dv, o_rows),
+                    }
+                };
+                r0 += rn;
+            }
+            t0 += n;
+            continue;
         }
         let mut r0 = 0;
         while r0 < rows {

@@ -488,12 +488,17 @@ pub fn run(opts: &Options) -> Result<()> {
         amx_flops: before.amx_flops.max(after.amx_flops),
         ..before
     }
-    // Every point has bf16 queries and a bf16/FP8 cache with d_qk = 576, so
-    // the avx512bf16 and amx kernels take their bf16 Q·Kᵀ path on all of them.
+    // Every point has bf16 queries and outputs and a bf16/FP8 cache with
+    // d_qk = 576, so the avx512bf16 kernel runs both GEMMs on vdpbf16ps
+    // (P·V in bf16 because the output is bf16) and amx Q·Kᵀ on tiles.
     .for_kernel(
         match info.cpu_isa {
             CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
             CpuIsa::Amx => QkUnit::Amx,
+            _ => QkUnit::Fma,
+        },
+        match info.cpu_isa {
+            CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
             _ => QkUnit::Fma,
         },
         D_QK,

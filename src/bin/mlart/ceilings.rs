@@ -26,27 +26,35 @@ pub struct Ceilings {
     pub bf16_flops: f64,
     /// AMX-BF16 `tdpbf16ps` peak over all threads, FLOP/s (0 if absent).
     pub amx_flops: f64,
-    /// The compute ceiling of the kernel being measured and its name:
-    /// the FP32 FMA peak, or for the avx512bf16 kernel the blend of the
-    /// `vdpbf16ps` peak (Q·Kᵀ, d_qk of every d_qk + d_v FLOPs) and the
-    /// FMA peak (P·V).
+    /// The compute ceiling of the kernel being measured and its name: the
+    /// FP32 FMA peak, or the blend of the peaks of the units its two GEMMs
+    /// run on (Q·Kᵀ is d_qk of every d_qk + d_v FLOPs, P·V the rest).
     pub compute_flops: f64,
     pub compute_name: &'static str,
 }
 
 impl Ceilings {
+    fn peak(&self, unit: QkUnit) -> f64 {
+        match unit {
+            QkUnit::Fma => self.fma_flops,
+            QkUnit::Bf16Dp => self.bf16_flops,
+            QkUnit::Amx => self.amx_flops,
+        }
+    }
+
     /// Sets the compute ceiling for a kernel variant whose Q·Kᵀ runs on
-    /// `qk` (P·V always runs on FMA) and a head geometry.
-    pub fn for_kernel(mut self, qk: QkUnit, d_qk: usize, d_v: usize) -> Self {
-        let (peak, name) = match qk {
-            QkUnit::Fma => (0.0, ""),
-            QkUnit::Bf16Dp => (self.bf16_flops, "bf16dp+fma"),
-            QkUnit::Amx => (self.amx_flops, "amx+fma"),
-        };
-        if peak > 0.0 && self.fma_flops > 0.0 {
-            let t = d_qk as f64 / peak + d_v as f64 / self.fma_flops;
+    /// `qk` and P·V on `pv`, and a head geometry.
+    pub fn for_kernel(mut self, qk: QkUnit, pv: QkUnit, d_qk: usize, d_v: usize) -> Self {
+        let (pq, pp) = (self.peak(qk), self.peak(pv));
+        if pq > 0.0 && pp > 0.0 && (qk, pv) != (QkUnit::Fma, QkUnit::Fma) {
+            let t = d_qk as f64 / pq + d_v as f64 / pp;
             self.compute_flops = (d_qk + d_v) as f64 / t;
-            self.compute_name = name;
+            self.compute_name = match (qk, pv) {
+                (QkUnit::Bf16Dp, QkUnit::Bf16Dp) => "bf16dp",
+                (QkUnit::Bf16Dp, _) => "bf16dp+fma",
+                (QkUnit::Amx, QkUnit::Bf16Dp) => "amx+bf16dp",
+                _ => "amx+fma",
+            };
         } else {
             self.compute_flops = self.fma_flops;
             self.compute_name = "fp32 fma";
