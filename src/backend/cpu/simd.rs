@@ -226,7 +226,9 @@ mod bf16 {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn p_pairs(st: &[f32], rp: usize, n: usize, pp: &mut [u32]) {
-        debug_assert!(rp.is_multiple_of(16) && st.len() >= n * rp && pp.len() >= n.div_ceil(2) * rp);
+        debug_assert!(
+            rp.is_multiple_of(16) && st.len() >= n * rp && pp.len() >= n.div_ceil(2) * rp
+        );
         for jp in 0..n.div_ceil(2) {
             for r in (0..rp).step_by(16) {
                 // SAFETY: in bounds by the assertion above.
@@ -237,8 +239,10 @@ mod bf16 {
                     } else {
                         _mm512_setzero_ps()
                     };
-                    let lo: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
-                    let hi: __m256i = std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(o));
+                    let lo: __m256i =
+                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(e));
+                    let hi: __m256i =
+                        std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(o));
                     let v = _mm512_or_si512(
                         _mm512_cvtepu16_epi32(lo),
                         _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16),
@@ -289,7 +293,8 @@ mod bf16 {
                 }
                 for (r, a) in acc.iter_mut().enumerate() {
                     // SAFETY: in bounds by the assertions above.
-                    let pb = _mm512_set1_epi32(unsafe { *pp.get_unchecked(jp * rp + r0 + r) } as i32);
+                    let pb =
+                        _mm512_set1_epi32(unsafe { *pp.get_unchecked(jp * rp + r0 + r) } as i32);
                     for v in 0..4 {
                         // SAFETY: bit casts between same-size vector types.
                         let (pv, vb): (__m512bh, __m512bh) = unsafe {
