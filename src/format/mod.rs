@@ -220,6 +220,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn load_slice_converts_every_16_bit_pattern_exactly() {
+        // Every bf16 and f16 bit pattern, at several lengths.
+        let all: Vec<u8> = (0..=u16::MAX).flat_map(|x| x.to_le_bytes()).collect();
+        for n in [65536usize, 65535, 17, 3] {
+            let mut out = vec![0f32; n];
+            load_slice(Dtype::Bf16, &all[..2 * n], &mut out);
+            for (i, &y) in out.iter().enumerate() {
+                assert_eq!(y.to_bits(), (i as u32) << 16, "bf16 {i:#06x}");
+            }
+            load_slice(Dtype::F16, &all[..2 * n], &mut out);
+            for (i, &y) in out.iter().enumerate() {
+                let want = f16::from_bits(i as u16).to_f32();
+                assert!(
+                    y.to_bits() == want.to_bits() || (y.is_nan() && want.is_nan()),
+                    "f16 {i:#06x}: {y} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn enums_round_trip_and_reject_unknown_values() {
         for raw in 0..4 {
             assert_eq!(Dtype::from_raw("d", raw).unwrap().raw(), raw);
