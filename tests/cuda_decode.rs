@@ -1080,10 +1080,94 @@ fn cuda_graph_capture() -> Outcome {
     })
 }
 
+/// A model layer end to end on a GPU engine (pool in GPU memory, GPU
+/// attention) against the same checkpoint on a CPU engine: prefill then a
+/// decode step, bf16 and FP8 pools.
+fn cuda_model_forward_matches_cpu() -> Outcome {
+    use mlart::kv::{KvPool, PoolOptions};
+    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::{LoadOptions, Model};
+    use std::sync::Arc;
+    let gpu = match mlart::Engine::new(&mlart::EngineOptions {
+        backend: mlart::BackendRequest::Cuda,
+        ..Default::default()
+    }) {
+        Ok(e) => Arc::new(e),
+        Err(e) => return Outcome::Skipped(e.message),
+    };
+    let cpu = Arc::new(
+        mlart::Engine::new(&mlart::EngineOptions {
+            backend: mlart::BackendRequest::Cpu,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
+    let dir = std::env::temp_dir().join(format!("mlart-cuda-model-{}", std::process::id()));
+    let opts = GenOptions {
+        preset: Preset::Tiny,
+        dtype: WeightDtype::Bf16,
+        layers: 1,
+        seed: 3,
+        shards: 1,
+        yarn: true,
+    };
+    generate(&dir, &opts).unwrap();
+    let models = [
+        Model::load(cpu.clone(), &dir, LoadOptions::default()).unwrap(),
+        Model::load(gpu.clone(), &dir, LoadOptions::default()).unwrap(),
+    ];
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = &models[0].config;
+    let hid = c.hidden_size;
+    for format in [
+        mlart::format::KvFormat::Bf16,
+        mlart::format::KvFormat::Fp8V32,
+    ] {
+        if format == mlart::format::KvFormat::Fp8V32 && c.d_qk() != 576 {
+            continue;
+        }
+        let popts = PoolOptions {
+            format,
+            d_qk: c.d_qk(),
+            num_layers: 1,
+            block_size: 16,
+            num_blocks: 16,
+        };
+        let pools = [
+            KvPool::new(cpu.clone(), popts).unwrap(),
+            KvPool::new(gpu.clone(), popts).unwrap(),
+        ];
+        let mut rng = SmallRng::seed_from_u64(case_seed(66, 0));
+        for p in &pools {
+            p.create_seq(1).unwrap();
+            p.create_seq(2).unwrap();
+        }
+        let steps: [(&[usize], usize); 2] = [(&[20, 7], 27), (&[1, 1], 2)];
+        for (n_tokens, total) in steps {
+            let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
+            let outs: Vec<Vec<f32>> = models
+                .iter()
+                .zip(&pools)
+                .map(|(m, p)| m.forward(p, 0, &[1, 2], n_tokens, &x).unwrap())
+                .collect();
+            let (a, b): (Vec<f64>, Vec<f64>) = (
+                outs[1].iter().map(|&v| v as f64).collect(),
+                outs[0].iter().map(|&v| v as f64).collect(),
+            );
+            let e = rel_l2(&a, &b);
+            assert!(
+                e <= 2e-2,
+                "{format:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
+            );
+        }
+    }
+    Outcome::Ran
+}
+
 type Test = (&'static str, fn() -> Outcome);
 
 fn main() {
-    let tests: [Test; 7] = [
+    let tests: [Test; 8] = [
         ("cuda_dense_matrix", cuda_dense_matrix),
         ("cuda_split_kv", cuda_split_kv),
         ("cuda_sparse_matrix", cuda_sparse_matrix),
@@ -1091,6 +1175,10 @@ fn main() {
         ("cuda_plan_matches_host_twin", cuda_plan_matches_host_twin),
         ("cuda_pool_matches_cpu_pool", cuda_pool_matches_cpu_pool),
         ("cuda_graph_capture", cuda_graph_capture),
+        (
+            "cuda_model_forward_matches_cpu",
+            cuda_model_forward_matches_cpu,
+        ),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()
