@@ -9,8 +9,10 @@
 #                                suite, the unit tests that need a device, and
 #                                `mlart bench --cuda` against the copy bandwidth
 #                                and bf16 matmul rate torch measures in the same
-#                                run; writes $OUT/gpu-check.txt and
-#                                $OUT/bench-cuda.json
+#                                run; then, on its Xeon host (AMX-BF16), the CPU
+#                                reference suites forced to the amx kernel with
+#                                P·V on tiles (MLART_AMX_PV=1) and an amx bench;
+#                                writes $OUT/gpu-check.txt and $OUT/bench-*.json
 #
 # Device tool call: command "bash scripts/gpu-check.sh run", carry ["target/gpu"].
 set -uo pipefail
@@ -36,7 +38,10 @@ for line in sys.stdin:
     rm -rf "$g" && mkdir -p "$g"
     cp target/release/mlart "$g/"
     while read -r name exe; do
-        case "$name" in unit|cuda_decode|decode_errors) cp "$exe" "$g/$name" ;; esac
+        case "$name" in
+            unit|cuda_decode|decode_errors|cpu_isa|decode_reference|sparse_reference)
+                cp "$exe" "$g/$name" ;;
+        esac
     done < target/gpu-tests.txt
     strip "$g"/*
     ls -la "$g"
@@ -79,6 +84,18 @@ PY
         mm=$(awk '/^matmul_tflops/ {print $2}' "$out/torch-ceilings.txt")
         echo "== mlart bench --cuda"
         timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
+        echo "== host CPU: amx kernel with P·V on tiles (MLART_AMX_PV=1) vs the f64 reference"
+        grep -o -m1 'amx_bf16' /proc/cpuinfo || echo "no amx_bf16 on this host"
+        MLART_AMX_PV=1 timeout 200 "$g/cpu_isa" 2>&1 | grep -E "test result|panicked|FAILED|skipped" | head -8
+        for t in decode_reference sparse_reference; do
+            MLART_CPU_ISA=amx MLART_AMX_PV=1 timeout 200 "$g/$t" 2>&1 | grep -E "test result|panicked|FAILED" | head -5
+        done
+        pts=128:1:4096:1:bf16:dense,128:1:16384:8:bf16:dense,128:1:16384:1:fp8_v32:2048,16:1:16384:8:bf16:dense
+        for pv in 0 1; do
+            echo "== bench amx, MLART_AMX_PV=$pv"
+            MLART_CPU_ISA=amx MLART_AMX_PV=$pv timeout 120 "$g/mlart" bench --no-scalar --seconds 0.5 \
+                --points $pts --json "$out/bench-amx-pv$pv.json" 2>&1 | grep -vE "^\s*$|^point"
+        done
     } > "$log" 2>&1
     cat "$log"
 }

@@ -25,6 +25,13 @@ use crate::format::KvFormat;
 /// Query rows per register block.
 const R: usize = 6;
 
+/// P·V on AMX tiles (with bf16 outputs). The code is checked against a
+/// software model of the tiles here, but not yet on an AMX CPU, so it is
+/// opt-in (`MLART_AMX_PV=1`) until a run on one confirms it.
+#[cfg(target_arch = "x86_64")]
+static AMX_PV: once_cell::sync::Lazy<bool> =
+    once_cell::sync::Lazy::new(|| std::env::var("MLART_AMX_PV").is_ok_and(|v| v == "1"));
+
 /// Calls `$f::<V, RN>(args)` with the run-time row count `$rn` (1..=R)
 /// turned into a constant, so register blocks are fully unrolled and stay
 /// in registers.
@@ -412,6 +419,177 @@ mod amx {
         unsafe { asm!("tilerelease", options(nostack, nomem)) };
     }
 
+    /// Operations on the 16-row x 64-byte tiles 0..2: the hardware's, or
+    /// (tests on machines without AMX) a software model of them.
+    pub trait Tiles {
+        /// # Safety
+        /// `p + r * stride .. + 64` readable for r in 0..16; tiles configured.
+        unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize);
+        /// # Safety
+        /// `p + r * stride .. + 64` writable for r in 0..16; tiles configured.
+        unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize);
+        /// `tdpbf16ps tmm0, tmm1, tmm2`.
+        ///
+        /// # Safety
+        /// Tiles configured.
+        unsafe fn dpbf16(&mut self);
+    }
+
+    /// The CPU's tiles (`asm!`).
+    pub struct Hw;
+
+    impl Tiles for Hw {
+        unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+            // SAFETY: caller contract.
+            unsafe {
+                match t {
+                    0 => {
+                        asm!("tileloadd tmm0, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
+                    }
+                    1 => {
+                        asm!("tileloadd tmm1, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
+                    }
+                    _ => {
+                        asm!("tileloadd tmm2, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
+                    }
+                }
+            }
+        }
+
+        unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+            debug_assert_eq!(t, 0);
+            // SAFETY: caller contract.
+            unsafe {
+                asm!("tilestored [{p} + {s}], tmm0", p = in(reg) p, s = in(reg) stride, options(nostack))
+            };
+        }
+
+        unsafe fn dpbf16(&mut self) {
+            // SAFETY: caller contract.
+            unsafe { asm!("tdpbf16ps tmm0, tmm1, tmm2", options(nostack, nomem)) };
+        }
+    }
+
+    /// A software model of tiles 0..2 (row r of tile t at `t[t][64 r..]`).
+    #[cfg(test)]
+    pub struct Emu(pub [[u8; 1024]; 3]);
+
+    #[cfg(test)]
+    impl Tiles for Emu {
+        unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+            for r in 0..16 {
+                // SAFETY: caller contract.
+                let row = unsafe { std::slice::from_raw_parts(p.add(r * stride), 64) };
+                self.0[t][64 * r..64 * r + 64].copy_from_slice(row);
+            }
+        }
+
+        unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+            for r in 0..16 {
+                // SAFETY: caller contract.
+                let row = unsafe { std::slice::from_raw_parts_mut(p.add(r * stride), 64) };
+                row.copy_from_slice(&self.0[t][64 * r..64 * r + 64]);
+            }
+        }
+
+        unsafe fn dpbf16(&mut self) {
+            let bf = |t: &[u8; 1024], r: usize, i: usize| {
+                f32::from_bits(
+                    (u16::from_le_bytes([t[64 * r + 2 * i], t[64 * r + 2 * i + 1]]) as u32) << 16,
+                )
+            };
+            for m in 0..16 {
+                for n in 0..16 {
+                    let at = 64 * m + 4 * n;
+                    let mut c =
+                        f32::from_le_bytes(self.0[0][at..at + 4].try_into().unwrap_or([0; 4]));
+                    for k in 0..16 {
+                        c += bf(&self.0[1], m, 2 * k) * bf(&self.0[2], k, 2 * n)
+                            + bf(&self.0[1], m, 2 * k + 1) * bf(&self.0[2], k, 2 * n + 1);
+                    }
+                    self.0[0][at..at + 4].copy_from_slice(&c.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// P of a tile (`st [n][rp]`) as bf16 pairs along the keys in the A
+    /// layout: `pa[r][jp]` = (P[2jp][r], P[2jp + 1][r]) rounded to nearest
+    /// even, zero for pairs past `n` up to `np16`.
+    pub fn p_pairs_rows(st: &[f32], rp: usize, n: usize, np16: usize, pa: &mut [u32]) {
+        let bf = |x: f32| {
+            // P is finite and >= 0: round to nearest even by adding.
+            let b = x.to_bits();
+            (b + 0x7fff + ((b >> 16) & 1)) >> 16
+        };
+        for r in 0..rp {
+            let row = &mut pa[r * np16..(r + 1) * np16];
+            for (jp, x) in row.iter_mut().enumerate() {
+                let (e, o) = (2 * jp, 2 * jp + 1);
+                let lo = if e < n { bf(st[e * rp + r]) } else { 0 };
+                let hi = if o < n { bf(st[o * rp + r]) } else { 0 };
+                *x = lo | (hi << 16);
+            }
+        }
+    }
+
+    /// `o[r][..dv] += Σ_jp P·V` on tiles, for the first `rows` of `rp` rows:
+    /// `pa [rp][np16]` holds P as bf16 pairs along the keys (row-major, the
+    /// A layout), `vp [np16][dv]` V as bf16 pairs (the VNNI B layout);
+    /// pairs past the tile's keys are zero. A 16 x 16 block of O stays in
+    /// tile 0 over all key pairs.
+    ///
+    /// # Safety
+    /// Tiles configured (16 rows x 64 bytes); `np16 % 16 == 0`,
+    /// `rp % 16 == 0`, `dv % 16 == 0`; `pa` holds `rp * np16`, `vp`
+    /// `np16 * dv`, `o` `rows * dv` with `rows <= rp`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn pv_tiles<T: Tiles>(
+        tiles: &mut T,
+        pa: &[u32],
+        rp: usize,
+        np16: usize,
+        vp: &[u32],
+        dv: usize,
+        o: &mut [f32],
+        rows: usize,
+    ) {
+        debug_assert!(np16.is_multiple_of(16) && rp.is_multiple_of(16) && dv.is_multiple_of(16));
+        debug_assert!(
+            pa.len() >= rp * np16 && vp.len() >= np16 * dv && o.len() >= rows * dv && rows <= rp
+        );
+        let mut c = [0f32; 256];
+        for rb in (0..rows).step_by(16) {
+            let live = 16.min(rows - rb);
+            for cb in (0..dv).step_by(16) {
+                for r in 0..16 {
+                    for x in 0..16 {
+                        c[r * 16 + x] = if r < live {
+                            o[(rb + r) * dv + cb + x]
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+                // SAFETY: c is 16 x 64 bytes; the A rows rb..rb+16 of pa and
+                // the B rows kc..kc+16 of vp (columns cb..cb+16) are in bounds.
+                unsafe {
+                    tiles.load(0, c.as_ptr() as *const u8, 64);
+                    for kc in (0..np16).step_by(16) {
+                        tiles.load(1, pa.as_ptr().add(rb * np16 + kc) as *const u8, np16 * 4);
+                        tiles.load(2, vp.as_ptr().add(kc * dv + cb) as *const u8, dv * 4);
+                        tiles.dpbf16();
+                    }
+                    tiles.store(0, c.as_mut_ptr() as *mut u8, 64);
+                }
+                for r in 0..live {
+                    o[(rb + r) * dv + cb..(rb + r) * dv + cb + 16]
+                        .copy_from_slice(&c[r * 16..r * 16 + 16]);
+                }
+            }
+        }
+    }
+
     /// `st[j*rp + r] = scale * Σ_d qa[r][d] k[j][d]` for all `rp` rows and the
     /// first `n` keys (rounded up to 16; keys past `n` are zero in `k2t`).
     ///
@@ -672,6 +850,8 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
     // the output is bf16 anyway; V is exactly bf16 when the keys are.
     let p_bf16 = BF16 && !AMX && use_bf16 && task.p_bf16 && dv % 16 == 0;
+    #[cfg(target_arch = "x86_64")]
+    let pv_amx = AMX && use_bf16 && task.p_bf16 && dv % 16 == 0 && *AMX_PV;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
     let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
     let (qt, st) = buf.split_at_mut(d * rp);
@@ -807,6 +987,21 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                     .iter_mut()
                     .for_each(|x| *x *= alpha);
             }
+        }
+        #[cfg(target_arch = "x86_64")]
+        if pv_amx {
+            let np16 = n.div_ceil(32) * 16;
+            let pairs = fit_u32(&mut scratch.pv_pairs, np16 * dv + rp * np16);
+            let (vp, pa) = pairs.split_at_mut(np16 * dv);
+            vp[n.div_ceil(2) * dv..].fill(0);
+            // SAFETY: AMX implies AVX-512F (the amx entry point); sizes as required.
+            unsafe { bf16::v_pairs(k_tile, d, n, dv, vp) };
+            amx::p_pairs_rows(st, rp, n, np16, pa);
+            // SAFETY: the tiles are configured on this thread (attend_amx)
+            // with 16 x 64-byte shapes; sizes as required.
+            unsafe { amx::pv_tiles(&mut amx::Hw, pa, rp, np16, vp, dv, o, rows) };
+            t0 += n;
+            continue;
         }
         #[cfg(target_arch = "x86_64")]
         if p_bf16 {
@@ -959,5 +1154,74 @@ impl AttentionKernel for Avx512Kernel {
         }
         #[cfg(not(target_arch = "x86_64"))]
         super::kernel::ScalarKernel.attend(task, scratch, o, lse)
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::amx;
+
+    fn bf16_round(x: f32) -> f32 {
+        let b = x.to_bits();
+        f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
+    }
+
+    /// The AMX P·V code path on the software tile model against a plain
+    /// loop over the same bf16-rounded values: layouts, padding (odd key
+    /// counts, rows not a multiple of 16) and accumulation into O.
+    #[test]
+    fn amx_pv_tiles_match_a_plain_product_on_the_tile_model() {
+        let mut seed = 0x1234_5678_9abc_def0u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (rows, n, dv) in [
+            (16usize, 64usize, 512usize),
+            (20, 37, 64),
+            (1, 1, 16),
+            (33, 33, 32),
+        ] {
+            let rp = rows.div_ceil(16) * 16;
+            let d = dv + 8;
+            // Keys as bf16 values in f32 (as gathered), P as f32 in [0, 1).
+            let k_tile: Vec<f32> = (0..n * d).map(|_| bf16_round(rnd())).collect();
+            let st: Vec<f32> = (0..n * rp).map(|_| rnd() + 0.5).collect();
+            let o0: Vec<f32> = (0..rows * dv).map(|_| rnd()).collect();
+            let np16 = n.div_ceil(32) * 16;
+            let mut vp = vec![0u32; np16 * dv];
+            let mut pa = vec![0u32; rp * np16];
+            for jp in 0..n.div_ceil(2) {
+                for c in 0..dv {
+                    let lo = k_tile[2 * jp * d + c].to_bits() >> 16;
+                    let hi = if 2 * jp + 1 < n {
+                        k_tile[(2 * jp + 1) * d + c].to_bits() & 0xffff_0000
+                    } else {
+                        0
+                    };
+                    vp[jp * dv + c] = lo | hi;
+                }
+            }
+            amx::p_pairs_rows(&st, rp, n, np16, &mut pa);
+            let mut o = o0.clone();
+            let mut tiles = amx::Emu([[0u8; 1024]; 3]);
+            // SAFETY: the software model needs no tile configuration; sizes as required.
+            unsafe { amx::pv_tiles(&mut tiles, &pa, rp, np16, &vp, dv, &mut o, rows) };
+            for r in 0..rows {
+                for c in 0..dv {
+                    let mut want = o0[r * dv + c] as f64;
+                    for j in 0..n {
+                        want += bf16_round(st[j * rp + r]) as f64 * k_tile[j * d + c] as f64;
+                    }
+                    let got = o[r * dv + c] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "rows {rows} n {n} dv {dv}: o[{r}][{c}] = {got}, want {want}"
+                    );
+                }
+            }
+        }
     }
 }
