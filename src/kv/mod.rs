@@ -620,7 +620,7 @@ impl KvPool {
                 self.finish(d, attn_sink, out)
             }
             LayerMem::Device(ptr) => {
-                use crate::backend::cuda::device::{CacheRef, HostDecode, HostIndexed, HostKeys};
+                use crate::backend::cuda::staging::{CacheRef, HostDecode, HostIndexed, HostKeys};
                 let cuda = self
                     .engine
                     .backend()

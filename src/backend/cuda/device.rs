@@ -7,7 +7,11 @@ use super::args::{DeviceDecode, KeysDev};
 use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
 use super::launch::{self, Geometry, DECODE_KERNELS};
+use super::lowering::{
+    as_bytes, base_params, bind_workspace, check_alignment, dtype_code, format_code, int,
+};
 use super::params::{describe_error_flags, AppendParams, MlaParams};
+use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
 use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, Keys};
@@ -19,16 +23,16 @@ use std::ffi::{c_void, CString};
 
 /// Device memory owned by the backend.
 #[derive(Debug, Default)]
-struct DeviceMem {
+pub(super) struct DeviceMem {
     ptr: u64,
     bytes: usize,
 }
 
-struct State {
-    stream: sys::CUstream,
+pub(super) struct State {
+    pub(super) stream: sys::CUstream,
     /// Recorded after each call's last kernel; the next call's stream waits
     /// on it, so calls on different streams never share the workspace at once.
-    done: sys::CUevent,
+    pub(super) done: sys::CUevent,
     workspace: DeviceMem,
     staging: DeviceMem,
 }
@@ -54,8 +58,9 @@ pub struct CudaBackend {
     combine: sys::CUfunction,
     append: sys::CUfunction,
     decoders: Vec<DecodeFn>,
-    state: Mutex<State>,
-    host_calls: Mutex<()>,
+    pub(super) state: Mutex<State>,
+    /// One host-memory call at a time owns the staging area.
+    pub(super) host_calls: Mutex<()>,
 }
 
 // SAFETY: driver handles (context, module, functions, stream, event) may be
@@ -261,13 +266,13 @@ impl CudaBackend {
         Ok((f, geo))
     }
 
-    fn make_current(&self) -> Result<()> {
+    pub(super) fn make_current(&self) -> Result<()> {
         // SAFETY: ctx is retained for the backend's life.
         unsafe { result::ctx::set_current(self.ctx) }.map_err(dev_err("cuCtxSetCurrent"))
     }
 
     /// Grows `mem` to `bytes` (after the device is done with the old one).
-    fn ensure(&self, st: &mut State, which: Which, bytes: usize) -> Result<u64> {
+    pub(super) fn ensure(&self, st: &mut State, which: Which, bytes: usize) -> Result<u64> {
         let cur = match which {
             Which::Workspace => &st.workspace,
             Which::Staging => &st.staging,
@@ -693,363 +698,11 @@ impl CudaBackend {
     }
 }
 
+/// Which engine-owned buffer `ensure` grows.
 #[derive(Clone, Copy)]
-enum Which {
+pub(super) enum Which {
     Workspace,
     Staging,
-}
-
-fn dtype_code(d: Dtype) -> i32 {
-    match d {
-        Dtype::F32 => 0,
-        Dtype::Bf16 => 1,
-        Dtype::F16 => 2,
-        Dtype::Fp8E4m3 => 3,
-    }
-}
-
-fn format_code(f: KvFormat) -> i32 {
-    match f {
-        KvFormat::Bf16 => 0,
-        KvFormat::F16 => 1,
-        KvFormat::F32 => 2,
-        KvFormat::Fp8V32 => 3,
-        KvFormat::Fp8Model1 => 4,
-    }
-}
-
-fn int(name: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(format!("{name} = {v} does not fit in int32")))
-}
-
-/// The kernels read caches with 16-byte loads and activations by element.
-fn check_alignment(a: &DeviceDecode) -> Result<()> {
-    let check = |name: &str, ptr: u64, align: u64| -> Result<()> {
-        if !ptr.is_multiple_of(align) {
-            return Err(Error::invalid(format!(
-                "{name} = {ptr:#x} must be {align}-byte aligned for the CUDA kernels"
-            )));
-        }
-        Ok(())
-    };
-    check("kv", a.kv, 16)?;
-    check("q", a.q, a.q_dtype.size() as u64)?;
-    check("out", a.out, 4)?;
-    check("lse", a.lse, 4)?;
-    check("attn_sink", a.sink, 4)?;
-    if let KeysDev::Sparse { extra: Some(x), .. } = a.keys {
-        check("extra_kv", x.kv, 16)?;
-    }
-    Ok(())
-}
-
-/// Points the parameters at the pieces of a workspace at `base`.
-fn bind_workspace(p: &mut MlaParams, base: u64, ws: &launch::WorkspaceLayout) {
-    p.items = base + ws.items as u64;
-    p.group_meta = base + ws.group_meta as u64;
-    p.num_items = base + ws.num_items as u64;
-    p.error_flags = base + ws.error_flags as u64;
-    p.part_lse = base + ws.part_lse as u64;
-    p.part_o = base + ws.part_o as u64;
-}
-
-/// The call's parameters, without the workspace addresses.
-pub(crate) fn base_params(a: &DeviceDecode, geo: &Geometry) -> Result<MlaParams> {
-    let s = &a.shape;
-    let mut p = MlaParams {
-        batch: int("batch", s.batch)?,
-        s_q: int("s_q", s.s_q)?,
-        h_q: int("h_q", s.h_q)?,
-        d_qk: int("d_qk", s.d_qk)?,
-        d_v: int("d_v", s.d_v)?,
-        causal: i32::from(s.causal),
-        rows_per_group: int("rows", geo.rows_per_group)?,
-        num_groups: int("groups", geo.groups)?,
-        scale_log2: s.softmax_scale * std::f32::consts::LOG2_E,
-        q_dtype: dtype_code(a.q_dtype),
-        out_dtype: dtype_code(a.out_dtype),
-        kv_format: format_code(a.layout.format),
-        num_blocks: int("num_blocks", a.num_blocks)?,
-        block_size: int("block_size", a.layout.block_size)?,
-        block_bytes: a.layout.block_bytes as i64,
-        parts: int("parts", geo.parts)?,
-        max_items: int("items", geo.max_items)?,
-        q: a.q,
-        kv: a.kv,
-        sink: a.sink,
-        out: a.out,
-        lse: a.lse,
-        ..MlaParams::default()
-    };
-    match a.keys {
-        KeysDev::Dense(d) => {
-            p.block_table = d.block_table;
-            p.bt_stride = int("block_table_stride", d.stride)?;
-            p.seqlens = d.seqlens;
-        }
-        KeysDev::Sparse { main, extra } => {
-            p.sparse = 1;
-            p.kv = main.kv;
-            p.num_blocks = int("num_blocks", main.num_blocks)?;
-            p.block_size = int("block_size", main.layout.block_size)?;
-            p.block_bytes = main.layout.block_bytes as i64;
-            p.indices = main.indices;
-            p.topk = int("topk", main.topk)?;
-            p.topk_length = main.topk_length;
-            if let Some(x) = extra {
-                p.extra_kv = x.kv;
-                p.extra_num_blocks = int("extra_num_blocks", x.num_blocks)?;
-                p.extra_block_size = int("extra_block_size", x.layout.block_size)?;
-                p.extra_block_bytes = x.layout.block_bytes as i64;
-                p.extra_indices = x.indices;
-                p.extra_topk = int("extra_topk", x.topk)?;
-                p.extra_topk_length = x.topk_length;
-            }
-        }
-    }
-    Ok(p)
-}
-
-/// A cache a host-memory call reads: caller bytes (staged per call) or
-/// engine device memory (a device-resident pool layer).
-#[derive(Clone, Copy, Debug)]
-pub enum CacheRef<'a> {
-    Host(&'a [u8]),
-    Device(u64),
-}
-
-/// One indexed cache of a host-memory sparse call.
-#[derive(Clone, Copy, Debug)]
-pub struct HostIndexed<'a> {
-    pub layout: crate::format::KvLayout,
-    pub kv: CacheRef<'a>,
-    pub num_blocks: usize,
-    pub indices: &'a [i32],
-    pub topk: usize,
-    pub topk_length: Option<&'a [i32]>,
-}
-
-/// Which keys a host-memory call reads.
-#[derive(Clone, Copy, Debug)]
-pub enum HostKeys<'a> {
-    Dense {
-        layout: crate::format::KvLayout,
-        kv: CacheRef<'a>,
-        num_blocks: usize,
-        table: &'a [i32],
-        stride: usize,
-        seqlens: &'a [i32],
-    },
-    Sparse {
-        main: HostIndexed<'a>,
-        extra: Option<HostIndexed<'a>>,
-    },
-}
-
-/// A validated decode whose small inputs are in host memory.
-#[derive(Clone, Copy, Debug)]
-pub struct HostDecode<'a> {
-    pub shape: crate::decode::DecodeShape,
-    pub q_dtype: Dtype,
-    pub q: &'a [u8],
-    pub keys: HostKeys<'a>,
-    pub sink: Option<&'a [f32]>,
-}
-
-/// Host slices packed into one staging area, each piece 256-byte aligned.
-struct Staging<'a> {
-    pieces: Vec<(usize, &'a [u8])>,
-    bytes: usize,
-}
-
-impl<'a> Staging<'a> {
-    /// Reserves room for `data` (copied in) and returns its offset.
-    fn put(&mut self, data: &'a [u8]) -> usize {
-        let off = self.bytes;
-        self.bytes += data.len().div_ceil(256) * 256;
-        self.pieces.push((off, data));
-        off
-    }
-
-    /// Reserves `len` bytes the device writes.
-    fn reserve(&mut self, len: usize) -> usize {
-        let off = self.bytes;
-        self.bytes += len.div_ceil(256) * 256;
-        off
-    }
-}
-
-/// Where a staged piece will be: an offset in the staging area, or a
-/// device address already.
-#[derive(Clone, Copy)]
-enum At {
-    Staged(usize),
-    Device(u64),
-}
-
-impl At {
-    fn addr(self, base: u64) -> u64 {
-        match self {
-            At::Staged(off) => base + off as u64,
-            At::Device(p) => p,
-        }
-    }
-}
-
-fn stage_cache<'a>(sg: &mut Staging<'a>, c: CacheRef<'a>) -> At {
-    match c {
-        CacheRef::Host(d) => At::Staged(sg.put(d)),
-        CacheRef::Device(p) => At::Device(p),
-    }
-}
-
-struct StagedIndexed {
-    layout: crate::format::KvLayout,
-    kv: At,
-    num_blocks: usize,
-    indices: usize,
-    topk: usize,
-    topk_length: Option<usize>,
-}
-
-fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &HostIndexed<'a>) -> StagedIndexed {
-    StagedIndexed {
-        layout: ik.layout,
-        kv: stage_cache(sg, ik.kv),
-        num_blocks: ik.num_blocks,
-        indices: sg.put(as_bytes(ik.indices)),
-        topk: ik.topk,
-        topk_length: ik.topk_length.map(|l| sg.put(as_bytes(l))),
-    }
-}
-
-fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
-    // SAFETY: i32/f32 slices reinterpreted as their bytes; u8 has no alignment.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
-}
-
-impl CudaBackend {
-    /// A decode whose queries, tables, output and (unless device-resident)
-    /// caches are in host memory: stages them into engine memory, decodes,
-    /// copies the results back.
-    pub fn decode_host(&self, d: &HostDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
-        // One host-memory call at a time owns the staging area, from the
-        // copies in to the copies back.
-        let _host_call = self.host_calls.lock();
-        let mut sg = Staging {
-            pieces: Vec::new(),
-            bytes: 0,
-        };
-        let q = sg.put(d.q);
-        let sink = d.sink.map(|s| sg.put(as_bytes(s)));
-        enum Staged {
-            Dense(At, usize, usize, usize),
-            Sparse(StagedIndexed, Option<StagedIndexed>),
-        }
-        let (layout, num_blocks, staged) = match &d.keys {
-            HostKeys::Dense {
-                layout,
-                kv,
-                num_blocks,
-                table,
-                stride,
-                seqlens,
-            } => {
-                let kv = stage_cache(&mut sg, *kv);
-                let bt = sg.put(as_bytes(table));
-                let sl = sg.put(as_bytes(seqlens));
-                (*layout, *num_blocks, Staged::Dense(kv, bt, *stride, sl))
-            }
-            HostKeys::Sparse { main, extra } => {
-                let m = stage_indexed(&mut sg, main);
-                let x = extra.as_ref().map(|x| stage_indexed(&mut sg, x));
-                (main.layout, main.num_blocks, Staged::Sparse(m, x))
-            }
-        };
-        let out_off = sg.reserve(out.out.len());
-        let lse_off = out
-            .lse
-            .as_ref()
-            .map(|l| sg.reserve(std::mem::size_of_val(&**l)));
-
-        self.make_current()?;
-        let base = {
-            let mut st = self.state.lock();
-            let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
-            for (off, data) in &sg.pieces {
-                if !data.is_empty() {
-                    // SAFETY: the staging area holds `sg.bytes`. On our stream, so
-                    // the kernels (same stream) see the data; a copy from
-                    // pageable memory is staged before the call returns.
-                    unsafe { result::memcpy_htod_async(base + *off as u64, data, st.stream) }
-                        .map_err(dev_err("cuMemcpyHtoDAsync"))?;
-                }
-            }
-            base
-        };
-        let at = |off: usize| base + off as u64;
-        let (kv, keys_dev) = match staged {
-            Staged::Dense(kv, bt, stride, sl) => (
-                kv.addr(base),
-                KeysDev::Dense(super::args::DenseDev {
-                    block_table: at(bt),
-                    stride,
-                    seqlens: at(sl),
-                }),
-            ),
-            Staged::Sparse(main, extra) => {
-                let dev = |s: &StagedIndexed| super::args::IndexedDev {
-                    layout: s.layout,
-                    kv: s.kv.addr(base),
-                    num_blocks: s.num_blocks,
-                    indices: at(s.indices),
-                    topk: s.topk,
-                    topk_length: s.topk_length.map_or(0, at),
-                };
-                (
-                    main.kv.addr(base),
-                    KeysDev::Sparse {
-                        main: dev(&main),
-                        extra: extra.as_ref().map(dev),
-                    },
-                )
-            }
-        };
-        let args = DeviceDecode {
-            shape: d.shape,
-            q_dtype: d.q_dtype,
-            out_dtype: out.dtype,
-            layout,
-            q: at(q),
-            kv,
-            num_blocks,
-            keys: keys_dev,
-            sink: sink.map_or(0, at),
-            out: at(out_off),
-            lse: lse_off.map_or(0, at),
-            stream: 0,
-        };
-        self.decode_device(&args)?;
-        // SAFETY: the decode finished (stream 0 waits); sizes match the reservations.
-        unsafe { result::memcpy_dtoh_sync(&mut *out.out, at(out_off)) }
-            .map_err(dev_err("cuMemcpyDtoH"))?;
-        if let (Some(l), Some(off)) = (out.lse.as_deref_mut(), lse_off) {
-            // SAFETY: as above.
-            unsafe { result::memcpy_dtoh_sync(l, at(off)) }.map_err(dev_err("cuMemcpyDtoH"))?;
-        }
-        Ok(())
-    }
-}
-
-fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexed<'a> {
-    HostIndexed {
-        layout: k.kv.layout,
-        kv: CacheRef::Host(k.kv.data),
-        num_blocks: k.kv.num_blocks,
-        indices: k.indices,
-        topk: k.topk,
-        topk_length: k.topk_length,
-    }
 }
 
 impl Backend for CudaBackend {
@@ -1122,128 +775,5 @@ impl Drop for CudaBackend {
             }
             Ok(())
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::backend::cuda::args::{DenseDev, IndexedDev};
-    use crate::decode::DecodeShape;
-    use crate::format::KvLayout;
-
-    fn dense(shape: DecodeShape) -> DeviceDecode {
-        DeviceDecode {
-            shape,
-            q_dtype: Dtype::F16,
-            out_dtype: Dtype::F32,
-            layout: KvLayout::new(KvFormat::Fp8V32, 576, 100, "f").unwrap(),
-            q: 0x1000,
-            kv: 0x2000,
-            num_blocks: 77,
-            keys: KeysDev::Dense(DenseDev {
-                block_table: 0x3000,
-                stride: 9,
-                seqlens: 0x4000,
-            }),
-            sink: 0x5000,
-            out: 0x6000,
-            lse: 0,
-            stream: 0,
-        }
-    }
-
-    #[test]
-    fn dense_arguments_are_lowered_field_by_field() {
-        let shape = DecodeShape::new(3, 2, 20, 576, 512, 0.0, true).unwrap();
-        let a = dense(shape);
-        let geo = Geometry::new(&shape, false, 16, 100).unwrap();
-        let p = base_params(&a, &geo).unwrap();
-        assert_eq!((p.batch, p.s_q, p.h_q, p.d_qk, p.d_v), (3, 2, 20, 576, 512));
-        assert_eq!((p.sparse, p.causal), (0, 1));
-        assert_eq!((p.rows_per_group, p.num_groups), (40, 3));
-        assert!((p.scale_log2 - std::f32::consts::LOG2_E / 24.0).abs() < 1e-6);
-        assert_eq!((p.q_dtype, p.out_dtype, p.kv_format), (2, 0, 3));
-        assert_eq!((p.num_blocks, p.block_size, p.bt_stride), (77, 100, 9));
-        assert_eq!(p.block_bytes, 65600);
-        assert_eq!(
-            (p.parts, p.max_items),
-            (geo.parts as i32, geo.max_items as i32)
-        );
-        assert_eq!(
-            (p.q, p.kv, p.block_table, p.seqlens),
-            (0x1000, 0x2000, 0x3000, 0x4000)
-        );
-        assert_eq!(
-            (p.sink, p.out, p.lse, p.indices, p.extra_kv),
-            (0x5000, 0x6000, 0, 0, 0)
-        );
-    }
-
-    #[test]
-    fn sparse_arguments_take_the_caches_of_their_index_lists() {
-        let shape = DecodeShape::new(2, 2, 128, 512, 512, 0.5, false).unwrap();
-        let l64 = KvLayout::new(KvFormat::Fp8Model1, 512, 64, "f").unwrap();
-        let l3 = KvLayout::new(KvFormat::Fp8Model1, 512, 3, "f").unwrap();
-        let mut a = dense(shape);
-        a.layout = l64;
-        a.keys = KeysDev::Sparse {
-            main: IndexedDev {
-                layout: l64,
-                kv: 0xa000,
-                num_blocks: 5,
-                indices: 0xb000,
-                topk: 2048,
-                topk_length: 0,
-            },
-            extra: Some(IndexedDev {
-                layout: l3,
-                kv: 0xc000,
-                num_blocks: 6,
-                indices: 0xd000,
-                topk: 64,
-                topk_length: 0xe000,
-            }),
-        };
-        let geo = Geometry::new(&shape, true, 64, 264).unwrap();
-        let p = base_params(&a, &geo).unwrap();
-        assert_eq!((p.sparse, p.rows_per_group, p.num_groups), (1, 128, 4));
-        assert!((p.scale_log2 - 0.5 * std::f32::consts::LOG2_E).abs() < 1e-6);
-        assert_eq!((p.kv, p.num_blocks, p.block_size), (0xa000, 5, 64));
-        assert_eq!(p.block_bytes, l64.block_bytes as i64);
-        assert_eq!((p.indices, p.topk, p.topk_length), (0xb000, 2048, 0));
-        assert_eq!(
-            (p.extra_kv, p.extra_num_blocks, p.extra_block_size),
-            (0xc000, 6, 3)
-        );
-        assert_eq!(p.extra_block_bytes, 2304); // 3 x 584 rounded up to 4 x 576
-        assert_eq!(
-            (p.extra_indices, p.extra_topk, p.extra_topk_length),
-            (0xd000, 64, 0xe000)
-        );
-        assert_eq!((p.block_table, p.seqlens), (0, 0));
-    }
-
-    #[test]
-    fn misaligned_device_pointers_are_named() {
-        let shape = DecodeShape::new(1, 1, 16, 576, 512, 0.0, false).unwrap();
-        let mut a = dense(shape);
-        assert!(check_alignment(&a).is_ok());
-        a.kv += 8;
-        let e = check_alignment(&a).unwrap_err();
-        assert!(
-            e.message.contains("kv = 0x2008") && e.message.contains("16-byte"),
-            "{}",
-            e.message
-        );
-        let mut a = dense(shape);
-        a.q += 1;
-        assert!(check_alignment(&a)
-            .unwrap_err()
-            .message
-            .contains("q = 0x1001"));
-        let mut a = dense(shape);
-        a.out += 2;
-        assert!(check_alignment(&a).unwrap_err().message.contains("out"));
     }
 }

@@ -2,16 +2,19 @@
 //! the driver loaded at run time, running the kernels of `kernels/` from one
 //! fatbin embedded at build time.
 //!
-//! Everything but `device` (which needs a GPU to do anything) is pure and
-//! tested on every machine: the launch geometry, the parameter block the
-//! kernels read, the fatbin's contents and the host twin of the device plan.
+//! Everything but `device` and `staging` (which need a GPU to do anything)
+//! is pure and tested on every machine: the launch geometry, the parameter
+//! block the kernels read and its lowering, the fatbin's contents and the
+//! host twin of the device plan.
 
 pub mod args;
 pub mod device;
 pub mod driver;
 pub mod fatbin;
 pub mod launch;
+pub mod lowering;
 pub mod params;
+pub mod staging;
 
 pub use device::CudaBackend;
 pub use driver::{device_count, device_props, DeviceProps};

@@ -1,0 +1,250 @@
+//! Host-memory decodes on a GPU: the inputs are packed into one engine-owned
+//! staging area (256-byte aligned pieces), copied on the engine's stream,
+//! decoded, and the outputs copied back. Caches that already live in engine
+//! memory (a GPU-resident pool) are used in place.
+
+use super::args::{DeviceDecode, KeysDev};
+use super::device::{CudaBackend, Which};
+use super::driver::dev_err;
+use super::lowering::as_bytes;
+use crate::decode::desc::DecodeOutput;
+use crate::error::Result;
+use crate::format::Dtype;
+use cudarc::driver::result;
+
+/// A cache a host-memory call reads: caller bytes (staged per call) or
+/// engine device memory (a device-resident pool layer).
+#[derive(Clone, Copy, Debug)]
+pub enum CacheRef<'a> {
+    Host(&'a [u8]),
+    Device(u64),
+}
+
+/// One indexed cache of a host-memory sparse call.
+#[derive(Clone, Copy, Debug)]
+pub struct HostIndexed<'a> {
+    pub layout: crate::format::KvLayout,
+    pub kv: CacheRef<'a>,
+    pub num_blocks: usize,
+    pub indices: &'a [i32],
+    pub topk: usize,
+    pub topk_length: Option<&'a [i32]>,
+}
+
+/// Which keys a host-memory call reads.
+#[derive(Clone, Copy, Debug)]
+pub enum HostKeys<'a> {
+    Dense {
+        layout: crate::format::KvLayout,
+        kv: CacheRef<'a>,
+        num_blocks: usize,
+        table: &'a [i32],
+        stride: usize,
+        seqlens: &'a [i32],
+    },
+    Sparse {
+        main: HostIndexed<'a>,
+        extra: Option<HostIndexed<'a>>,
+    },
+}
+
+/// A validated decode whose small inputs are in host memory.
+#[derive(Clone, Copy, Debug)]
+pub struct HostDecode<'a> {
+    pub shape: crate::decode::DecodeShape,
+    pub q_dtype: Dtype,
+    pub q: &'a [u8],
+    pub keys: HostKeys<'a>,
+    pub sink: Option<&'a [f32]>,
+}
+
+/// Host slices packed into one staging area, each piece 256-byte aligned.
+struct Staging<'a> {
+    pieces: Vec<(usize, &'a [u8])>,
+    bytes: usize,
+}
+
+impl<'a> Staging<'a> {
+    /// Reserves room for `data` (copied in) and returns its offset.
+    fn put(&mut self, data: &'a [u8]) -> usize {
+        let off = self.bytes;
+        self.bytes += data.len().div_ceil(256) * 256;
+        self.pieces.push((off, data));
+        off
+    }
+
+    /// Reserves `len` bytes the device writes.
+    fn reserve(&mut self, len: usize) -> usize {
+        let off = self.bytes;
+        self.bytes += len.div_ceil(256) * 256;
+        off
+    }
+}
+
+/// Where a staged piece will be: an offset in the staging area, or a
+/// device address already.
+#[derive(Clone, Copy)]
+enum At {
+    Staged(usize),
+    Device(u64),
+}
+
+impl At {
+    fn addr(self, base: u64) -> u64 {
+        match self {
+            At::Staged(off) => base + off as u64,
+            At::Device(p) => p,
+        }
+    }
+}
+
+fn stage_cache<'a>(sg: &mut Staging<'a>, c: CacheRef<'a>) -> At {
+    match c {
+        CacheRef::Host(d) => At::Staged(sg.put(d)),
+        CacheRef::Device(p) => At::Device(p),
+    }
+}
+
+struct StagedIndexed {
+    layout: crate::format::KvLayout,
+    kv: At,
+    num_blocks: usize,
+    indices: usize,
+    topk: usize,
+    topk_length: Option<usize>,
+}
+
+fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &HostIndexed<'a>) -> StagedIndexed {
+    StagedIndexed {
+        layout: ik.layout,
+        kv: stage_cache(sg, ik.kv),
+        num_blocks: ik.num_blocks,
+        indices: sg.put(as_bytes(ik.indices)),
+        topk: ik.topk,
+        topk_length: ik.topk_length.map(|l| sg.put(as_bytes(l))),
+    }
+}
+
+impl CudaBackend {
+    /// A decode whose queries, tables, output and (unless device-resident)
+    /// caches are in host memory: stages them into engine memory, decodes,
+    /// copies the results back.
+    pub fn decode_host(&self, d: &HostDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+        // One host-memory call at a time owns the staging area, from the
+        // copies in to the copies back.
+        let _host_call = self.host_calls.lock();
+        let mut sg = Staging {
+            pieces: Vec::new(),
+            bytes: 0,
+        };
+        let q = sg.put(d.q);
+        let sink = d.sink.map(|s| sg.put(as_bytes(s)));
+        enum Staged {
+            Dense(At, usize, usize, usize),
+            Sparse(StagedIndexed, Option<StagedIndexed>),
+        }
+        let (layout, num_blocks, staged) = match &d.keys {
+            HostKeys::Dense {
+                layout,
+                kv,
+                num_blocks,
+                table,
+                stride,
+                seqlens,
+            } => {
+                let kv = stage_cache(&mut sg, *kv);
+                let bt = sg.put(as_bytes(table));
+                let sl = sg.put(as_bytes(seqlens));
+                (*layout, *num_blocks, Staged::Dense(kv, bt, *stride, sl))
+            }
+            HostKeys::Sparse { main, extra } => {
+                let m = stage_indexed(&mut sg, main);
+                let x = extra.as_ref().map(|x| stage_indexed(&mut sg, x));
+                (main.layout, main.num_blocks, Staged::Sparse(m, x))
+            }
+        };
+        let out_off = sg.reserve(out.out.len());
+        let lse_off = out
+            .lse
+            .as_ref()
+            .map(|l| sg.reserve(std::mem::size_of_val(&**l)));
+
+        self.make_current()?;
+        let base = {
+            let mut st = self.state.lock();
+            let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
+            for (off, data) in &sg.pieces {
+                if !data.is_empty() {
+                    // SAFETY: the staging area holds `sg.bytes`. On our stream, so
+                    // the kernels (same stream) see the data; a copy from
+                    // pageable memory is staged before the call returns.
+                    unsafe { result::memcpy_htod_async(base + *off as u64, data, st.stream) }
+                        .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+                }
+            }
+            base
+        };
+        let at = |off: usize| base + off as u64;
+        let (kv, keys_dev) = match staged {
+            Staged::Dense(kv, bt, stride, sl) => (
+                kv.addr(base),
+                KeysDev::Dense(super::args::DenseDev {
+                    block_table: at(bt),
+                    stride,
+                    seqlens: at(sl),
+                }),
+            ),
+            Staged::Sparse(main, extra) => {
+                let dev = |s: &StagedIndexed| super::args::IndexedDev {
+                    layout: s.layout,
+                    kv: s.kv.addr(base),
+                    num_blocks: s.num_blocks,
+                    indices: at(s.indices),
+                    topk: s.topk,
+                    topk_length: s.topk_length.map_or(0, at),
+                };
+                (
+                    main.kv.addr(base),
+                    KeysDev::Sparse {
+                        main: dev(&main),
+                        extra: extra.as_ref().map(dev),
+                    },
+                )
+            }
+        };
+        let args = DeviceDecode {
+            shape: d.shape,
+            q_dtype: d.q_dtype,
+            out_dtype: out.dtype,
+            layout,
+            q: at(q),
+            kv,
+            num_blocks,
+            keys: keys_dev,
+            sink: sink.map_or(0, at),
+            out: at(out_off),
+            lse: lse_off.map_or(0, at),
+            stream: 0,
+        };
+        self.decode_device(&args)?;
+        // SAFETY: the decode finished (stream 0 waits); sizes match the reservations.
+        unsafe { result::memcpy_dtoh_sync(&mut *out.out, at(out_off)) }
+            .map_err(dev_err("cuMemcpyDtoH"))?;
+        if let (Some(l), Some(off)) = (out.lse.as_deref_mut(), lse_off) {
+            // SAFETY: as above.
+            unsafe { result::memcpy_dtoh_sync(l, at(off)) }.map_err(dev_err("cuMemcpyDtoH"))?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexed<'a> {
+    HostIndexed {
+        layout: k.kv.layout,
+        kv: CacheRef::Host(k.kv.data),
+        num_blocks: k.kv.num_blocks,
+        indices: k.indices,
+        topk: k.topk,
+        topk_length: k.topk_length,
+    }
+}
