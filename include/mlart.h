@@ -875,9 +875,11 @@ void mlart_decode_args_init(struct mlart_decode_args *args);
  *
  * On a CUDA engine, `memory = MLART_MEMORY_HOST` pointers are staged
  * through engine memory (the call waits); `MLART_MEMORY_DEVICE` pointers are
- * read in place: the scalars are validated here, the contents (lengths, block
- * ids, indices) by the kernels (see `stream`). The cache must be 16-byte
- * aligned. The GPU computes with bf16 (f16 for F16 caches) tensor-core
+ * read in place: the scalars are validated here, and so is every buffer
+ * against the driver's record of its allocation (a host pointer or a buffer
+ * too small for the call is an INVALID_ARGUMENT naming it); the contents
+ * (lengths, block ids, indices) are checked by the kernels (see `stream`).
+ * The cache must be 16-byte aligned. The GPU computes with bf16 (f16 for F16 caches) tensor-core
  * operands and f32 accumulation: results match the CPU's to bf16 precision.
  */
 struct mlart_error *mlart_decode_paged(struct mlart_engine *engine, const struct mlart_decode_args *args);

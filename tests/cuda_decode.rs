@@ -782,9 +782,31 @@ fn cuda_device_memory_errors() -> Outcome {
         assert_eq!(e.0, MLART_STATUS_INVALID_ARGUMENT, "{}", e.1);
         assert!(e.1.contains("block_table"), "{}", e.1);
         // Misaligned cache pointer: rejected before any launch.
+        let good_kv = a.kv;
         a.kv = (a.kv as usize + 2) as *const c_void;
         let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("misaligned kv must fail");
         assert!(e.1.contains("kv") && e.1.contains("aligned"), "{}", e.1);
+        a.kv = good_kv;
+        // A host pointer where device memory is promised, and a device
+        // buffer too small for the call: named, never launched.
+        let host_q = inp.q.clone();
+        let dev_q = a.q;
+        a.q = host_q.as_ptr() as *const c_void;
+        let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("host q must fail");
+        assert_eq!(e.0, MLART_STATUS_INVALID_ARGUMENT, "{}", e.1);
+        assert!(
+            e.1.contains("q = ") && e.1.contains("not memory of a CUDA device"),
+            "{}",
+            e.1
+        );
+        a.q = dev_q;
+        a.out = pl.put(&[0u8; 100]);
+        let e = take_error(mlart_decode_paged(g.ptr, &a)).expect("short out must fail");
+        assert!(
+            e.1.contains("out = ") && e.1.contains("past the end"),
+            "{}",
+            e.1
+        );
     })
 }
 

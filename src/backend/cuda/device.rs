@@ -8,7 +8,7 @@ use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
 use super::launch::{self, Geometry, DECODE_KERNELS};
 use super::lowering::{
-    as_bytes, base_params, bind_workspace, check_alignment, dtype_code, format_code, int,
+    self, as_bytes, base_params, bind_workspace, check_alignment, dtype_code, format_code, int,
 };
 use super::params::{describe_error_flags, AppendParams, MlaParams};
 use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
@@ -307,6 +307,50 @@ impl CudaBackend {
         Ok(ptr)
     }
 
+    /// Checks that `[ptr, ptr + len)` lies inside one allocation the driver
+    /// knows (device, managed or pinned host memory), so a kernel can
+    /// neither fault on a host pointer nor read or write past a buffer.
+    fn check_range(&self, name: &str, ptr: u64, len: usize) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let mut start: sys::CUdeviceptr = 0;
+        let mut size: usize = 0;
+        let not_device = || {
+            Error::invalid(format!(
+                "{name} = {ptr:#x} is not memory of a CUDA device (MLART_MEMORY_DEVICE needs device, managed or pinned host memory)"
+            ))
+        };
+        guarded("cuPointerGetAttribute", || {
+            // SAFETY: the attribute values are a CUdeviceptr and a size_t,
+            // written into locals of those types.
+            unsafe {
+                sys::cuPointerGetAttribute(
+                    &mut start as *mut sys::CUdeviceptr as *mut c_void,
+                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                    ptr,
+                )
+                .result()
+                .map_err(|_| not_device())?;
+                sys::cuPointerGetAttribute(
+                    &mut size as *mut usize as *mut c_void,
+                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                    ptr,
+                )
+                .result()
+                .map_err(|_| not_device())?;
+            }
+            Ok(())
+        })?;
+        let end = ptr.checked_add(len as u64);
+        if end.is_none_or(|e| e > start.saturating_add(size as u64)) {
+            return Err(Error::invalid(format!(
+                "{name} = {ptr:#x}: the call uses {len} bytes from there, past the end of its allocation ({size} bytes at {start:#x})"
+            )));
+        }
+        Ok(())
+    }
+
     /// Allocates `bytes` of device memory for the host (uninitialized).
     pub fn mem_alloc(&self, bytes: usize) -> Result<u64> {
         self.make_current()?;
@@ -356,6 +400,9 @@ impl CudaBackend {
         let ws = geo.workspace();
         let mut p = base_params(a, &geo)?;
         self.make_current()?;
+        for (name, ptr, len) in lowering::device_ranges(a)? {
+            self.check_range(name, ptr, len)?;
+        }
         let mut st = self.state.lock();
         let stream = if a.stream == 0 {
             st.stream

@@ -119,6 +119,48 @@ pub(crate) fn base_params(a: &DeviceDecode, geo: &Geometry) -> Result<MlaParams>
     Ok(p)
 }
 
+/// Every buffer a device-memory call reads or writes, with the bytes it
+/// uses: (argument name, address, bytes); absent optional ones are left out.
+pub(super) fn device_ranges(a: &DeviceDecode) -> Result<Vec<(&'static str, u64, usize)>> {
+    let s = &a.shape;
+    let size = |what: &str, dims: &[usize]| crate::error::checked_size(what, dims);
+    let mut v = vec![
+        ("q", a.q, size("q", &[s.q_elems(), a.q_dtype.size()])?),
+        (
+            "out",
+            a.out,
+            size("out", &[s.out_elems(), a.out_dtype.size()])?,
+        ),
+        ("lse", a.lse, size("lse", &[s.lse_elems(), 4])?),
+        ("attn_sink", a.sink, size("attn_sink", &[s.h_q, 4])?),
+    ];
+    match a.keys {
+        KeysDev::Dense(d) => {
+            v.push(("kv", a.kv, a.layout.cache_bytes(a.num_blocks)?));
+            v.push((
+                "block_table",
+                d.block_table,
+                size("block_table", &[s.batch, d.stride, 4])?,
+            ));
+            v.push(("seqlens", d.seqlens, size("seqlens", &[s.batch, 4])?));
+        }
+        KeysDev::Sparse { main, extra } => {
+            let rows = s.batch * s.s_q;
+            for (x, kv, ind, len) in [
+                (Some(main), "kv", "indices", "topk_length"),
+                (extra, "extra_kv", "extra_indices", "extra_topk_length"),
+            ] {
+                let Some(x) = x else { continue };
+                v.push((kv, x.kv, x.layout.cache_bytes(x.num_blocks)?));
+                v.push((ind, x.indices, size(ind, &[rows, x.topk, 4])?));
+                v.push((len, x.topk_length, size(len, &[s.batch, 4])?));
+            }
+        }
+    }
+    v.retain(|&(_, ptr, _)| ptr != 0);
+    Ok(v)
+}
+
 /// i32/f32 slices as their bytes (for copies to the device).
 pub(super) fn as_bytes<T: Copy>(v: &[T]) -> &[u8] {
     // SAFETY: plain numeric slices reinterpreted as bytes; u8 has no alignment.
@@ -222,6 +264,39 @@ mod tests {
             (0xd000, 64, 0xe000)
         );
         assert_eq!((p.block_table, p.seqlens), (0, 0));
+    }
+
+    #[test]
+    fn every_device_buffer_is_listed_with_its_size() {
+        let shape = DecodeShape::new(3, 2, 20, 576, 512, 0.0, true).unwrap();
+        let r = device_ranges(&dense(shape)).unwrap();
+        let names: Vec<&str> = r.iter().map(|x| x.0).collect();
+        // lse is absent (0) here.
+        assert_eq!(
+            names,
+            ["q", "out", "attn_sink", "kv", "block_table", "seqlens"]
+        );
+        let len = |n: &str| r.iter().find(|x| x.0 == n).unwrap().2;
+        assert_eq!(len("q"), 3 * 2 * 20 * 576 * 2);
+        assert_eq!(len("out"), 3 * 2 * 20 * 512 * 4);
+        assert_eq!(len("kv"), 77 * 65600);
+        assert_eq!(len("block_table"), 3 * 9 * 4);
+        let mut a = dense(shape);
+        a.keys = KeysDev::Sparse {
+            main: IndexedDev {
+                layout: a.layout,
+                kv: 0xa000,
+                num_blocks: 5,
+                indices: 0xb000,
+                topk: 64,
+                topk_length: 0,
+            },
+            extra: None,
+        };
+        let r = device_ranges(&a).unwrap();
+        let names: Vec<&str> = r.iter().map(|x| x.0).collect();
+        assert_eq!(names, ["q", "out", "attn_sink", "kv", "indices"]);
+        assert_eq!(r[4].2, 3 * 2 * 64 * 4);
     }
 
     #[test]
