@@ -217,7 +217,16 @@ pub extern "C" fn mlart_engine_mem_copy(
             )));
         }
         match e.inner.backend().cuda() {
-            Some(c) => c.mem_copy(d as u64, s as u64, bytes),
+            Some(c) => {
+                // Device sides are checked against their allocations.
+                if dm == Memory::Device {
+                    c.check_range("dst", d as u64, bytes)?;
+                }
+                if sm == Memory::Device {
+                    c.check_range("src", s as u64, bytes)?;
+                }
+                c.mem_copy(d as u64, s as u64, bytes)
+            }
             None => {
                 for (name, m, raw) in [
                     ("dst_memory", dm, dst_memory),

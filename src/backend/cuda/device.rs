@@ -310,7 +310,7 @@ impl CudaBackend {
     /// Checks that `[ptr, ptr + len)` lies inside one allocation the driver
     /// knows (device, managed or pinned host memory), so a kernel can
     /// neither fault on a host pointer nor read or write past a buffer.
-    fn check_range(&self, name: &str, ptr: u64, len: usize) -> Result<()> {
+    pub fn check_range(&self, name: &str, ptr: u64, len: usize) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
