@@ -226,6 +226,22 @@ static mlart_engine *create_engine(void) {
     EXPECT_ERROR(mlart_engine_info(engine, &unset), MLART_STATUS_INVALID_ARGUMENT, "struct_size");
     EXPECT_ERROR(mlart_engine_info(NULL, &props), MLART_STATUS_NULL_POINTER, "engine");
     EXPECT_ERROR(mlart_engine_info(engine, NULL), MLART_STATUS_NULL_POINTER, NULL);
+
+    /* Engine memory: host memory on a CPU engine, copied with mem_copy. */
+    void *buf = NULL;
+    if (OK(mlart_engine_mem_alloc(engine, 64, &buf)) && buf != NULL) {
+        unsigned char src[64], back[64];
+        for (int i = 0; i < 64; ++i) src[i] = (unsigned char)(i * 3);
+        CHECK(OK(mlart_engine_mem_copy(engine, buf, MLART_MEMORY_HOST, src, MLART_MEMORY_HOST, 64)),
+              "mem_copy in");
+        CHECK(OK(mlart_engine_mem_copy(engine, back, MLART_MEMORY_HOST, buf, MLART_MEMORY_HOST, 64)),
+              "mem_copy out");
+        CHECK(memcmp(src, back, 64) == 0, "engine memory round trip");
+        EXPECT_ERROR(mlart_engine_mem_copy(engine, buf, MLART_MEMORY_DEVICE, src, MLART_MEMORY_HOST, 8),
+                     MLART_STATUS_UNSUPPORTED, "dst_memory");
+        CHECK(OK(mlart_engine_mem_free(engine, buf)), "mem_free");
+    }
+    EXPECT_ERROR(mlart_engine_mem_alloc(engine, 0, &buf), MLART_STATUS_INVALID_ARGUMENT, "bytes = 0");
     return engine;
 }
 
