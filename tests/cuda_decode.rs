@@ -29,6 +29,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use std::ffi::c_void;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 // ---------------------------------------------------------------------------
 // Engines.
@@ -873,6 +874,23 @@ fn cuda_plan_matches_host_twin() -> Outcome {
     Outcome::Ran
 }
 
+/// A CUDA engine and a CPU engine through the Rust API, or why there is no
+/// CUDA engine.
+fn rust_engines() -> Result<(std::sync::Arc<mlart::Engine>, std::sync::Arc<mlart::Engine>), String>
+{
+    let gpu = mlart::Engine::new(&mlart::EngineOptions {
+        backend: mlart::BackendRequest::Cuda,
+        ..Default::default()
+    })
+    .map_err(|e| e.message)?;
+    let cpu = mlart::Engine::new(&mlart::EngineOptions {
+        backend: mlart::BackendRequest::Cpu,
+        ..Default::default()
+    })
+    .map_err(|e| e.message)?;
+    Ok((Arc::new(gpu), Arc::new(cpu)))
+}
+
 /// A device-resident pool (CUDA engine) against a host pool (CPU engine)
 /// through the same appends (new blocks, copy-on-write after a fork,
 /// truncation, several layers and formats) and decodes (dense with causal
@@ -882,22 +900,10 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
     use mlart::decode::DecodeShape;
     use mlart::format::{Dtype, KvFormat};
     use mlart::kv::{KvPool, PoolOptions, PoolSparse};
-    use std::sync::Arc;
-    let gpu = match mlart::Engine::new(&mlart::EngineOptions {
-        backend: mlart::BackendRequest::Cuda,
-        ..Default::default()
-    }) {
-        Ok(e) => Arc::new(e),
-        Err(e) => return Outcome::Skipped(e.message),
+    let (gpu, cpu) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
     };
-    let cpu = Arc::new(
-        mlart::Engine::new(&mlart::EngineOptions {
-            backend: mlart::BackendRequest::Cpu,
-            num_threads: 2,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
     let mut rng = SmallRng::seed_from_u64(case_seed(65, 0));
     for (fi, format) in [
         KvFormat::Bf16,
@@ -1109,21 +1115,10 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
     use mlart::kv::{KvPool, PoolOptions};
     use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
     use mlart::model::{LoadOptions, Model};
-    use std::sync::Arc;
-    let gpu = match mlart::Engine::new(&mlart::EngineOptions {
-        backend: mlart::BackendRequest::Cuda,
-        ..Default::default()
-    }) {
-        Ok(e) => Arc::new(e),
-        Err(e) => return Outcome::Skipped(e.message),
+    let (gpu, cpu) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
     };
-    let cpu = Arc::new(
-        mlart::Engine::new(&mlart::EngineOptions {
-            backend: mlart::BackendRequest::Cpu,
-            ..Default::default()
-        })
-        .unwrap(),
-    );
     let dir = std::env::temp_dir().join(format!("mlart-cuda-model-{}", std::process::id()));
     let opts = GenOptions {
         preset: Preset::Tiny,
