@@ -195,7 +195,8 @@ __device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* r
 }
 
 template <int KV, int DQK, typename Op, int RG>
-__device__ __forceinline__ void decode_block(const MlaParams& p) {
+__device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int row0,
+                                            uint8_t* smem) {
     using T = typename Op::T;
     using L = Smem<DQK, RG, KV>;
     using B = Shape<RG>;
@@ -205,23 +206,7 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
                             : KV == MLA_KV_F32                       ? DQK * 4
                             : KV == MLA_KV_FP8_V32                   ? 656
                                                                      : 576;
-#ifdef MLA_EMULATE
-    uint8_t* smem = emu::dynamic_smem();
-#else
-    extern __shared__ __align__(16) uint8_t smem[];
-#endif
-    if (dyn_smem_bytes() < (uint32_t)L::BYTES) {
-        if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
-        return;
-    }
-    const int item_ix = blockIdx.x;
-    if (item_ix >= *p.num_items) return;
-    const int4 item = p.items[item_ix];
-    const int g = item.x, kstart = item.y, kend = item.z, splits = item.w;
     const int R = p.rows_per_group;
-    const int row0 = blockIdx.y * ROWS;
-    if (row0 >= R) return;
-
     T* qs = reinterpret_cast<T*>(smem + L::Q);
     T* kbuf = reinterpret_cast<T*>(smem + L::K);
     uint8_t* raw = smem + L::RAW;
@@ -238,6 +223,9 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
     const int gq = lane / 4, q4 = lane % 4;  // mma fragment row group / quad
     const int rg = warp / B::COL_GROUPS;     // this warp's 16-row group
     const int cg = warp % B::COL_GROUPS;     // and column group
+
+    const int4 item = p.items[item_ix];
+    const int g = item.x, kstart = item.y, kend = item.z, splits = item.w;
     const int n_main = main_keys(p, g);
     const int n_all = n_main + extra_keys(p, g);
 
@@ -335,22 +323,26 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         {
             const T* q0 = qs + (rg * 16 + gq) * KS + q4 * 2;
             const T* q8 = q0 + 8 * KS;
+            // Each Q fragment feeds all of this warp's S tiles.
+            float s[B::S_TILES][4] = {};
+#pragma unroll 2
+            for (int k = 0; k < DQK; k += 16) {
+                const uint32_t a[4] = {lds32(q0 + k), lds32(q8 + k), lds32(q0 + k + 8),
+                                       lds32(q8 + k + 8)};
+#pragma unroll
+                for (int st = 0; st < B::S_TILES; ++st) {
+                    const T* kr = ks + ((cg * B::S_TILES + st) * 8 + gq) * KS + q4 * 2;
+                    Op::mma(s[st], a, lds32(kr + k), lds32(kr + k + 8));
+                }
+            }
 #pragma unroll
             for (int st = 0; st < B::S_TILES; ++st) {
                 const int key0 = (cg * B::S_TILES + st) * 8;
-                float s[4] = {0.f, 0.f, 0.f, 0.f};
-                const T* kr = ks + (key0 + gq) * KS + q4 * 2;
-#pragma unroll 4
-                for (int k = 0; k < DQK; k += 16) {
-                    const uint32_t a[4] = {lds32(q0 + k), lds32(q8 + k), lds32(q0 + k + 8),
-                                           lds32(q8 + k + 8)};
-                    Op::mma(s, a, lds32(kr + k), lds32(kr + k + 8));
-                }
                 float* s0 = ss + (rg * 16 + gq) * L::SSTRIDE + key0 + q4 * 2;
-                s0[0] = s[0];
-                s0[1] = s[1];
-                s0[8 * L::SSTRIDE] = s[2];
-                s0[8 * L::SSTRIDE + 1] = s[3];
+                s0[0] = s[st][0];
+                s0[1] = s[st][1];
+                s0[8 * L::SSTRIDE] = s[st][2];
+                s0[8 * L::SSTRIDE + 1] = s[st][3];
             }
         }
         __syncthreads();
@@ -472,5 +464,34 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         }
     }
 }
+
+template <int KV, int DQK, typename Op, int RG>
+__device__ __forceinline__ void decode_block(const MlaParams& p) {
+#ifdef MLA_EMULATE
+    uint8_t* smem = emu::dynamic_smem();
+#else
+    extern __shared__ __align__(16) uint8_t smem[];
+#endif
+    if (dyn_smem_bytes() < (uint32_t)Smem<DQK, RG, KV>::BYTES) {
+        if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
+        return;
+    }
+    const int row0 = blockIdx.y * Shape<RG>::ROWS;
+    if (row0 >= p.rows_per_group) return;
+    if constexpr (RG == 1) {
+        // A persistent block: the items the plan dealt to this part, so a
+        // memory-bound decode has no partly empty last wave.
+        const int it_end = p.part_first[blockIdx.x + 1];
+        for (int item_ix = p.part_first[blockIdx.x]; item_ix < it_end; ++item_ix) {
+            decode_item<KV, DQK, Op, RG>(p, item_ix, row0, smem);
+            __syncthreads();  // shared memory is reused by the next item
+        }
+    } else {
+        // 64-row blocks run one item each: a loop around the body costs
+        // registers these blocks do not have (they use ~240 of 255).
+        if ((int)blockIdx.x < *p.num_items) decode_item<KV, DQK, Op, RG>(p, blockIdx.x, row0, smem);
+    }
+}
+
 
 }  // namespace mla

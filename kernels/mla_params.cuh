@@ -45,8 +45,8 @@ struct MlaParams {
     int32_t num_blocks, block_size, bt_stride;
     int32_t topk;
     int32_t extra_num_blocks, extra_block_size, extra_topk;
-    int32_t parts;             // workers the plan balances over
-    int32_t max_items;         // num_groups + parts: the decode grid's x
+    int32_t parts;             // workers the plan balances over: the decode grid's x
+    int32_t max_items;         // num_groups + parts: the most items a plan makes
     int32_t pad0, pad1;
     // ---- 8-byte fields
     int64_t block_bytes, extra_block_bytes;
@@ -69,9 +69,10 @@ struct MlaParams {
     float* part_o;             // [max_items, rows_per_group, d_v]
     float* part_lse;           // [max_items, rows_per_group]
     int32_t* error_flags;      // [1]
+    int32_t* part_first;       // [parts + 1]: part q runs items [part_first[q], part_first[q + 1])
 };
 
-#define MLA_PARAMS_SIZE 256
+#define MLA_PARAMS_SIZE 264
 static_assert(sizeof(MlaParams) == MLA_PARAMS_SIZE, "MlaParams size changed: update params.rs");
 static_assert(offsetof(MlaParams, block_bytes) == 96, "MlaParams layout changed: update params.rs");
 static_assert(offsetof(MlaParams, error_flags) == 248, "MlaParams layout changed: update params.rs");

@@ -1,8 +1,10 @@
 // The device twin of src/decode/plan.rs (SplitPlan::build with
 // workers = parts): cuts every group's keys into balanced 64-token chunks
 // with a fixed per-split overhead, so a decode call needs no host sync to
-// know its work. At most num_groups + parts items result, which is the
-// decode grid's size; surplus blocks exit at once.
+// know its work. At most num_groups + parts items result. Then, like
+// FlashMLA's scheduler, it deals the items out to `parts` persistent decode
+// blocks: contiguous runs of about equal cost, so no partly empty last wave
+// of blocks (src/backend/cuda/launch.rs: host_plan is the host twin).
 #pragma once
 #include "mla_keys.cuh"
 
@@ -61,4 +63,48 @@ extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS) mla_plan(const __
         __syncthreads();
     }
     if (tid == 0) *p.num_items = carry;
+
+    // Deal the items out: item i (cost = its chunks + the split overhead,
+    // prefix cost C_i) goes to part min(parts - 1, C_i / per2).
+    const int N = carry;
+    auto cost = [&](int i) {
+        const int4 it = p.items[i];
+        return (it.z - it.y + MLA_CHUNK_TOKENS - 1) / MLA_CHUNK_TOKENS + MLA_SPLIT_OVERHEAD_CHUNKS;
+    };
+    __syncthreads();  // the items above are visible to the whole block
+    if (tid == 0) s_total = 0;
+    __syncthreads();
+    unsigned long long local2 = 0;
+    for (int i = tid; i < N; i += blockDim.x) local2 += cost(i);
+    atomicAdd(&s_total, local2);
+    __syncthreads();
+    long long per2 = ((long long)s_total + parts - 1) / parts;
+    if (per2 < 1) per2 = 1;
+    const int last_part = (int)parts - 1;
+    long long run = 0;
+    for (int base = 0; base < N; base += blockDim.x) {
+        const int i = base + tid;
+        const int c = i < N ? cost(i) : 0;
+        s_scan[tid] = c;
+        __syncthreads();
+        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+            const int v = tid >= off ? s_scan[tid - off] : 0;
+            __syncthreads();
+            s_scan[tid] += v;
+            __syncthreads();
+        }
+        if (i < N) {
+            const long long ci = run + s_scan[tid] - c;  // exclusive prefix
+            const int part = (int)min((long long)last_part, ci / per2);
+            const int prev = i == 0 ? -1 : (int)min((long long)last_part, (ci - cost(i - 1)) / per2);
+            for (int q = prev + 1; q <= part; ++q) p.part_first[q] = i;
+        }
+        run += s_scan[blockDim.x - 1];
+        __syncthreads();
+    }
+    if (tid == 0) {
+        const long long cl = run - cost(N - 1);
+        const int last = (int)min((long long)last_part, cl / per2);
+        for (int q = last + 1; q <= last_part + 1; ++q) p.part_first[q] = N;
+    }
 }

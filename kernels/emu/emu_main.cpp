@@ -244,6 +244,7 @@ Outcome run(const Case& c) {
 
     // Workspace and outputs (NaN-poisoned).
     std::vector<int4> items(max_items);
+    std::vector<int> part_first(c.parts + 1, -1);
     std::vector<int2> meta(groups);
     int num_items = -1, flags = 0;
     std::vector<float> part_o((size_t)max_items * R * d_v), part_lse((size_t)max_items * R);
@@ -275,6 +276,7 @@ Outcome run(const Case& c) {
     p.out = out.data(); p.lse = lse.data();
     p.items = items.data(); p.group_meta = meta.data(); p.num_items = &num_items;
     p.part_o = part_o.data(); p.part_lse = part_lse.data(); p.error_flags = &flags;
+    p.part_first = part_first.data();
 
     emu::launch(mla_plan, {1, 1, 1}, {MLA_PLAN_THREADS, 1, 1}, 0, p);
     auto kernel = mla_decode_bf16_d576;
@@ -297,7 +299,20 @@ Outcome run(const Case& c) {
     MLA_EMU_SMEM(MLA_KV_F16, 576) MLA_EMU_SMEM(MLA_KV_F16, 512)
     MLA_EMU_SMEM(MLA_KV_F32, 576) MLA_EMU_SMEM(MLA_KV_F32, 512)
     MLA_EMU_SMEM(MLA_KV_FP8_V32, 576) MLA_EMU_SMEM(MLA_KV_FP8_MODEL1, 512)
-    emu::launch(kernel, {(unsigned)max_items, (unsigned)row_tiles, 1},
+    // The parts: every item dealt out once, in order.
+    if (part_first[0] != 0 || part_first[c.parts] != num_items) {
+        printf("  %s: part_first[0] = %d, part_first[parts] = %d (items %d)\n", c.name.c_str(),
+               part_first[0], part_first[c.parts], num_items);
+        res.ok = false;
+        return res;
+    }
+    for (int q = 0; q < c.parts; ++q)
+        if (part_first[q] > part_first[q + 1]) {
+            printf("  %s: part_first not monotone at %d\n", c.name.c_str(), q);
+            res.ok = false;
+            return res;
+        }
+    emu::launch(kernel, {(unsigned)(c.rg == 4 ? max_items : c.parts), (unsigned)row_tiles, 1},
                 {(unsigned)(c.rg == 4 ? mla::Shape<4>::THREADS : mla::Shape<1>::THREADS), 1, 1}, smem, p);
     emu::launch(mla_combine, {(unsigned)groups, (unsigned)((R + 3) / 4), 1}, {32 * MLA_COMBINE_ROWS, 1, 1}, 0, p);
 

@@ -633,14 +633,9 @@ impl CudaBackend {
         run
     }
 
-    /// Runs only the plan kernel for `a` and returns its items, group table
-    /// and the geometry it was built for (tests compare it with
-    /// `launch::host_plan`).
-    #[allow(clippy::type_complexity)]
-    pub fn device_plan(
-        &self,
-        a: &DeviceDecode,
-    ) -> Result<(Vec<[i32; 4]>, Vec<[i32; 2]>, Geometry)> {
+    /// Runs only the plan kernel for `a` and returns what it wrote and the
+    /// geometry it was built for (tests compare it with `launch::host_plan`).
+    pub fn device_plan(&self, a: &DeviceDecode) -> Result<(launch::DevicePlan, Geometry)> {
         let (_, geo) = self.select(a)?;
         let ws = geo.workspace();
         let mut p = base_params(a, &geo)?;
@@ -652,6 +647,7 @@ impl CudaBackend {
         let mut n = [0i32; 1];
         let mut items = vec![0i32; 4 * geo.max_items];
         let mut groups = vec![0i32; 2 * geo.groups];
+        let mut part_first = vec![0i32; geo.parts + 1];
         // SAFETY: handles are live, the workspace holds `geo`'s extents and
         // the copies wait for the plan kernel (stream synchronized first).
         unsafe {
@@ -660,6 +656,8 @@ impl CudaBackend {
             result::memcpy_dtoh_sync(&mut n, p.num_items).map_err(dev_err("cuMemcpyDtoH"))?;
             result::memcpy_dtoh_sync(&mut items, p.items).map_err(dev_err("cuMemcpyDtoH"))?;
             result::memcpy_dtoh_sync(&mut groups, p.group_meta).map_err(dev_err("cuMemcpyDtoH"))?;
+            result::memcpy_dtoh_sync(&mut part_first, p.part_first)
+                .map_err(dev_err("cuMemcpyDtoH"))?;
         }
         let n = (n[0].max(0) as usize).min(geo.max_items);
         let items = items
@@ -668,7 +666,14 @@ impl CudaBackend {
             .map(|c| [c[0], c[1], c[2], c[3]])
             .collect();
         let groups = groups.chunks_exact(2).map(|c| [c[0], c[1]]).collect();
-        Ok((items, groups, geo))
+        Ok((
+            launch::DevicePlan {
+                items,
+                groups,
+                part_first,
+            },
+            geo,
+        ))
     }
 
     /// Clears the error word and enqueues the plan kernel.

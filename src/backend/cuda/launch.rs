@@ -171,8 +171,16 @@ impl Geometry {
         })
     }
 
+    /// 16-row blocks are persistent: one per part and row tile, each looping
+    /// over the items the plan dealt to its part. 64-row blocks take one
+    /// item each (grid over the most items a plan makes; surplus blocks exit).
     pub fn decode_grid(&self) -> (u32, u32, u32) {
-        (self.max_items as u32, self.row_tiles as u32, 1)
+        let x = if self.block_rows == ROWS {
+            self.parts
+        } else {
+            self.max_items
+        };
+        (x as u32, self.row_tiles as u32, 1)
     }
 
     pub fn combine_grid(&self) -> (u32, u32, u32) {
@@ -197,6 +205,7 @@ impl Geometry {
         let error_flags = take(4);
         let part_lse = take(self.max_items * self.rows_per_group * 4);
         let part_o = take(self.max_items * self.rows_per_group * DV * 4);
+        let part_first = take((self.parts + 1) * 4);
         WorkspaceLayout {
             items,
             group_meta,
@@ -204,6 +213,7 @@ impl Geometry {
             error_flags,
             part_lse,
             part_o,
+            part_first,
             bytes: at,
         }
     }
@@ -217,14 +227,27 @@ pub struct WorkspaceLayout {
     pub error_flags: usize,
     pub part_lse: usize,
     pub part_o: usize,
+    pub part_first: usize,
     pub bytes: usize,
 }
 
-/// The host twin of `mla_plan`: the items (`{group, start, end, splits}`)
-/// and group table (`{first item, splits}`) the device builds for these key
-/// counts. The device kernel implements `SplitPlan::build` with
-/// `workers = parts`; GPU tests compare the two.
-pub fn host_plan(keys: &[usize], parts: usize) -> (Vec<[i32; 4]>, Vec<[i32; 2]>) {
+/// What `mla_plan` writes: the items (`{group, start, end, splits}`), the
+/// group table (`{first item, splits}`) and the part table (part q runs
+/// items `part_first[q]..part_first[q + 1]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicePlan {
+    pub items: Vec<[i32; 4]>,
+    pub groups: Vec<[i32; 2]>,
+    pub part_first: Vec<i32>,
+}
+
+/// The host twin of `mla_plan` for these key counts. The items come from
+/// `SplitPlan::build` with `workers = parts`; then item i (cost = its
+/// 64-token chunks + the split overhead, prefix cost C_i) goes to part
+/// `min(parts - 1, C_i / ceil(total / parts))`. GPU tests compare the two.
+pub fn host_plan(keys: &[usize], parts: usize) -> DevicePlan {
+    use crate::decode::plan::{CHUNK_TOKENS, SPLIT_OVERHEAD_CHUNKS};
+    let parts = parts.max(1);
     let mut plan = SplitPlan::default();
     plan.build(keys, parts);
     let mut items = Vec::with_capacity(plan.items().len());
@@ -241,7 +264,26 @@ pub fn host_plan(keys: &[usize], parts: usize) -> (Vec<[i32; 4]>, Vec<[i32; 2]>)
             ]);
         }
     }
-    (items, groups)
+    let cost =
+        |it: &[i32; 4]| ((it[2] - it[1]) as usize).div_ceil(CHUNK_TOKENS) + SPLIT_OVERHEAD_CHUNKS;
+    let total: usize = items.iter().map(cost).sum();
+    let per = total.div_ceil(parts).max(1);
+    let mut part_first = vec![items.len() as i32; parts + 1];
+    let mut c = 0usize;
+    let mut prev: i64 = -1;
+    for (i, it) in items.iter().enumerate() {
+        let part = (c / per).min(parts - 1) as i64;
+        for q in prev + 1..=part {
+            part_first[q as usize] = i as i32;
+        }
+        prev = part;
+        c += cost(it);
+    }
+    DevicePlan {
+        items,
+        groups,
+        part_first,
+    }
 }
 
 #[cfg(test)]
@@ -375,10 +417,12 @@ mod tests {
         let g = Geometry::new(&shape(128, 1, 128, 576), false, 16, 264).unwrap();
         assert_eq!((g.groups, g.rows_per_group, g.row_tiles), (128, 128, 8));
         assert_eq!(g.parts, 33);
-        assert_eq!(g.decode_grid(), (161, 8, 1));
+        assert_eq!(g.decode_grid(), (33, 8, 1));
+        assert_eq!(g.max_items, 161);
         assert_eq!(g.combine_grid(), (128, 32, 1));
         let g64 = Geometry::new(&shape(128, 1, 128, 576), false, 64, 132).unwrap();
         assert_eq!((g64.row_tiles, g64.parts), (2, 66));
+        assert_eq!(g64.decode_grid(), (194, 2, 1));
         // MTP: dense rows span the query tokens; sparse groups are per token.
         let d = Geometry::new(&shape(4, 2, 20, 576), false, 16, 100).unwrap();
         assert_eq!((d.groups, d.rows_per_group, d.row_tiles), (4, 40, 3));
@@ -389,7 +433,7 @@ mod tests {
         assert_eq!((one.row_tiles, one.parts, one.max_items), (1, 1, 2));
         let w = g.workspace();
         assert!(w.part_o.is_multiple_of(256) && w.part_lse.is_multiple_of(256));
-        assert_eq!(w.bytes - w.part_o, 161 * 128 * 512 * 4);
+        assert_eq!(w.part_first - w.part_o, 161 * 128 * 512 * 4);
     }
 
     #[test]
@@ -405,7 +449,11 @@ mod tests {
                     _ => rng.random_range(1..20000),
                 })
                 .collect();
-            let (items, meta) = host_plan(&keys, parts);
+            let DevicePlan {
+                items,
+                groups: meta,
+                part_first,
+            } = host_plan(&keys, parts);
             assert!(items.len() <= groups + parts, "{} items", items.len());
             for (g, m) in meta.iter().enumerate() {
                 let of = &items[m[0] as usize..(m[0] + m[1]) as usize];
@@ -416,6 +464,10 @@ mod tests {
                 }
                 assert!(of.iter().all(|it| it[0] == g as i32 && it[3] == m[1]));
             }
+            // Parts deal out every item once, in order.
+            assert_eq!(part_first.len(), parts + 1);
+            assert_eq!((part_first[0], part_first[parts]), (0, items.len() as i32));
+            assert!(part_first.windows(2).all(|w| w[0] <= w[1]));
         }
     }
 }

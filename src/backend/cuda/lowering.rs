@@ -60,6 +60,7 @@ pub(super) fn bind_workspace(p: &mut MlaParams, base: u64, ws: &launch::Workspac
     p.error_flags = base + ws.error_flags as u64;
     p.part_lse = base + ws.part_lse as u64;
     p.part_o = base + ws.part_o as u64;
+    p.part_first = base + ws.part_first as u64;
 }
 
 /// The call's parameters, without the workspace addresses.

@@ -49,10 +49,12 @@ pub struct MlaParams {
     pub part_o: u64,
     pub part_lse: u64,
     pub error_flags: u64,
+    /// `[parts + 1]`: part q runs items `part_first[q]..part_first[q + 1]`.
+    pub part_first: u64,
 }
 
 /// `MLA_PARAMS_SIZE` in the header.
-pub const MLA_PARAMS_SIZE: usize = 256;
+pub const MLA_PARAMS_SIZE: usize = 264;
 const _: () = assert!(std::mem::size_of::<MlaParams>() == MLA_PARAMS_SIZE);
 const _: () = assert!(std::mem::offset_of!(MlaParams, block_bytes) == 96);
 const _: () = assert!(std::mem::offset_of!(MlaParams, error_flags) == 248);
@@ -192,6 +194,7 @@ mod tests {
             "part_o",
             "part_lse",
             "error_flags",
+            "part_first",
         ];
         assert_eq!(header_fields(HEADER, "MlaParams"), rust);
         assert!(HEADER.contains(&format!("#define MLA_PARAMS_SIZE {MLA_PARAMS_SIZE}")));
