@@ -10,6 +10,20 @@
 
 #define MLA_PLAN_THREADS 1024
 
+// Inclusive scan of one value per thread into scan[0 .. blockDim.x)
+// (Hillis-Steele); every thread of the block must call it.
+__device__ __forceinline__ void block_scan(int* scan, int value) {
+    const int tid = threadIdx.x;
+    scan[tid] = value;
+    __syncthreads();
+    for (int off = 1; off < (int)blockDim.x; off <<= 1) {
+        const int v = tid >= off ? scan[tid - off] : 0;
+        __syncthreads();
+        scan[tid] += v;
+        __syncthreads();
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS) mla_plan(const __grid_constant__ MlaParams p) {
     __shared__ unsigned long long s_total;
     __shared__ int s_scan[MLA_PLAN_THREADS];
@@ -38,15 +52,8 @@ extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS) mla_plan(const __
             const int hi = chunks > 1 ? chunks : 1;
             splits = s < 1 ? 1 : (s > hi ? hi : (int)s);
         }
-        // Inclusive scan of the split counts (Hillis-Steele).
-        s_scan[tid] = splits;
-        __syncthreads();
-        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
-            const int v = tid >= off ? s_scan[tid - off] : 0;
-            __syncthreads();
-            s_scan[tid] += v;
-            __syncthreads();
-        }
+        // Inclusive scan of the split counts.
+        block_scan(s_scan, splits);
         if (g < G) {
             const int first = carry + s_scan[tid] - splits;
             p.group_meta[g] = make_int2(first, splits);
@@ -85,14 +92,7 @@ extern "C" __global__ void __launch_bounds__(MLA_PLAN_THREADS) mla_plan(const __
     for (int base = 0; base < N; base += blockDim.x) {
         const int i = base + tid;
         const int c = i < N ? cost(i) : 0;
-        s_scan[tid] = c;
-        __syncthreads();
-        for (int off = 1; off < (int)blockDim.x; off <<= 1) {
-            const int v = tid >= off ? s_scan[tid - off] : 0;
-            __syncthreads();
-            s_scan[tid] += v;
-            __syncthreads();
-        }
+        block_scan(s_scan, c);
         if (i < N) {
             const long long ci = run + s_scan[tid] - c;  // exclusive prefix
             const int part = (int)min((long long)last_part, ci / per2);
