@@ -732,6 +732,24 @@ fn cuda_sparse_matrix() -> Outcome {
     })
 }
 
+/// The dense BF16 case `device_dense_args` expects: 2 sequences, 16 heads.
+fn dense_bf16_case(seqlens: Vec<usize>) -> Case {
+    Case {
+        batch: 2,
+        s_q: 1,
+        h_q: 16,
+        format: MLART_KV_FORMAT_BF16,
+        block_size: 64,
+        q: Dt::Bf16,
+        out: Dt::Bf16,
+        causal: false,
+        seqlens,
+        sparse: None,
+        sink: false,
+        scale: 0.0,
+    }
+}
+
 /// Dense BF16 args for 2 sequences x 16 heads (d_qk 576) over device
 /// copies of `inp`; `out` is left to the caller.
 fn device_dense_args(pl: &mut Placed, inp: &Inputs) -> mlart_decode_args {
@@ -757,20 +775,7 @@ fn device_dense_args(pl: &mut Placed, inp: &Inputs) -> mlart_decode_args {
 /// INVALID_ARGUMENT after the (synchronous) call, never read.
 fn cuda_device_memory_errors() -> Outcome {
     with_gpu(|g| {
-        let c = Case {
-            batch: 2,
-            s_q: 1,
-            h_q: 16,
-            format: MLART_KV_FORMAT_BF16,
-            block_size: 64,
-            q: Dt::Bf16,
-            out: Dt::Bf16,
-            causal: false,
-            seqlens: vec![100, 200],
-            sparse: None,
-            sink: false,
-            scale: 0.0,
-        };
+        let c = dense_bf16_case(vec![100, 200]);
         let mut inp = inputs(&c, 9);
         inp.main.table[1] = 1_000_000;
         let mut pl = Placed {
@@ -1023,20 +1028,7 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
 fn cuda_graph_capture() -> Outcome {
     use cudarc::driver::{result, sys};
     with_gpu(|g| {
-        let c = Case {
-            batch: 2,
-            s_q: 1,
-            h_q: 16,
-            format: MLART_KV_FORMAT_BF16,
-            block_size: 64,
-            q: Dt::Bf16,
-            out: Dt::Bf16,
-            causal: false,
-            seqlens: vec![3000, 77],
-            sparse: None,
-            sink: false,
-            scale: 0.0,
-        };
+        let c = dense_bf16_case(vec![3000, 77]);
         let inp = inputs(&c, 11);
         let mut pl = Placed {
             ptrs: Vec::new(),
