@@ -18,7 +18,7 @@
 
 mod common;
 
-use common::{bf16_bits, bf16_value, case_seed, rel_l2, sample, take_error, Engine};
+use common::{bf16_bits, case_seed, rel_l2, sample, take_error, Dt, Engine};
 use mlart::ffi::decode::*;
 use mlart::ffi::device::*;
 use mlart::ffi::engine::*;
@@ -74,51 +74,6 @@ fn with_gpu(body: impl FnOnce(&Gpu)) -> Outcome {
             Outcome::Ran
         }
         Err(why) => Outcome::Skipped(why),
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Element types.
-// ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Dt {
-    F32,
-    Bf16,
-    F16,
-}
-
-impl Dt {
-    fn raw(self) -> mlart_dtype {
-        match self {
-            Dt::F32 => MLART_DTYPE_F32,
-            Dt::Bf16 => MLART_DTYPE_BF16,
-            Dt::F16 => MLART_DTYPE_F16,
-        }
-    }
-    fn size(self) -> usize {
-        if self == Dt::F32 {
-            4
-        } else {
-            2
-        }
-    }
-    fn push(self, x: f32, out: &mut Vec<u8>) {
-        match self {
-            Dt::F32 => out.extend_from_slice(&x.to_le_bytes()),
-            Dt::Bf16 => out.extend_from_slice(&bf16_bits(x).to_le_bytes()),
-            Dt::F16 => out.extend_from_slice(&half::f16::from_f32(x).to_bits().to_le_bytes()),
-        }
-    }
-    fn read(self, bytes: &[u8]) -> Vec<f64> {
-        bytes
-            .chunks_exact(self.size())
-            .map(|c| match self {
-                Dt::F32 => f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64,
-                Dt::Bf16 => bf16_value(u16::from_le_bytes([c[0], c[1]])) as f64,
-                Dt::F16 => half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64(),
-            })
-            .collect()
     }
 }
 
@@ -480,8 +435,8 @@ fn run(engine: *mut mlart_engine, c: &Case, inp: &Inputs, place: Where) -> (Vec<
     a.d_v = 512;
     a.softmax_scale = c.scale;
     a.causal = c.causal;
-    a.q_dtype = c.q.raw();
-    a.out_dtype = c.out.raw();
+    a.q_dtype = c.q.dtype();
+    a.out_dtype = c.out.dtype();
     a.kv_format = c.format;
     a.num_blocks = inp.main.num_blocks as i32;
     a.block_size = inp.main.block_size as i32;
@@ -547,7 +502,7 @@ fn run(engine: *mut mlart_engine, c: &Case, inp: &Inputs, place: Where) -> (Vec<
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
     }
-    (c.out.read(&out), lse)
+    (c.out.read_all(&out), lse)
 }
 
 /// CPU vs both GPU paths for one case.
@@ -1008,7 +963,7 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
                     });
                     p.decode(layer, &seqs, shape, Dtype::Bf16, &q, sp, None, &mut o)
                         .unwrap();
-                    got.push(Dt::F32.read(&out));
+                    got.push(Dt::F32.read_all(&out));
                 }
                 let e = rel_l2(&got[1], &got[0]);
                 assert!(

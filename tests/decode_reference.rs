@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{bf16_bits, bf16_value, rel_l2, sample, take_error, Engine, ENV_LOCK};
+use common::{rel_l2, sample, take_error, Dt, Engine, DTS, ENV_LOCK};
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
 use mlart::ffi::types::*;
@@ -61,89 +61,8 @@ impl Engine {
 }
 
 // ---------------------------------------------------------------------------
-// Element types, written out independently of the library.
+// Element types: `common::Dt`, written out independently of the library.
 // ---------------------------------------------------------------------------
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dt {
-    F32,
-    Bf16,
-    F16,
-}
-
-const DTS: [Dt; 3] = [Dt::F32, Dt::Bf16, Dt::F16];
-
-impl Dt {
-    fn size(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            Dt::Bf16 | Dt::F16 => 2,
-        }
-    }
-
-    /// The `mlart_dtype` of queries and outputs.
-    fn dtype(self) -> mlart_dtype {
-        match self {
-            Dt::F32 => MLART_DTYPE_F32,
-            Dt::Bf16 => MLART_DTYPE_BF16,
-            Dt::F16 => MLART_DTYPE_F16,
-        }
-    }
-
-    /// The `mlart_kv_format` of a cache of this element type.
-    fn kv_format(self) -> mlart_kv_format {
-        match self {
-            Dt::F32 => MLART_KV_FORMAT_F32,
-            Dt::Bf16 => MLART_KV_FORMAT_BF16,
-            Dt::F16 => MLART_KV_FORMAT_F16,
-        }
-    }
-
-    /// Appends `x` rounded to nearest-even in this type (little endian) and
-    /// returns the rounded value.
-    fn push(self, x: f32, bytes: &mut Vec<u8>) -> f64 {
-        assert!(x.is_finite());
-        match self {
-            Dt::F32 => {
-                bytes.extend_from_slice(&x.to_le_bytes());
-                x as f64
-            }
-            Dt::Bf16 => {
-                let r = bf16_bits(x);
-                bytes.extend_from_slice(&r.to_le_bytes());
-                bf16_value(r) as f64
-            }
-            Dt::F16 => {
-                let h = half::f16::from_f32(x);
-                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
-                h.to_f64()
-            }
-        }
-    }
-
-    /// A quiet NaN of this type, as bytes.
-    fn nan(self) -> &'static [u8] {
-        match self {
-            Dt::F32 => &[0x00, 0x00, 0xc0, 0x7f],
-            Dt::Bf16 => &[0xc0, 0x7f],
-            Dt::F16 => &[0x00, 0x7e],
-        }
-    }
-
-    fn read(self, bytes: &[u8], i: usize) -> f64 {
-        match self {
-            Dt::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
-            Dt::Bf16 => {
-                let b = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
-                bf16_value(b) as f64
-            }
-            Dt::F16 => {
-                let b = u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]]);
-                half::f16::from_bits(b).to_f64()
-            }
-        }
-    }
-}
 
 /// NaN-filled buffer of `n` elements of `dt`.
 fn nan_buffer(dt: Dt, n: usize) -> Vec<u8> {

@@ -27,73 +27,8 @@ use std::mem::MaybeUninit;
 use std::time::Instant;
 
 // ---------------------------------------------------------------------------
-// Element types and cache formats.
+// Cache formats (element types: `common::Dt`).
 // ---------------------------------------------------------------------------
-
-/// Element type of queries and outputs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Dt {
-    F32,
-    Bf16,
-    F16,
-}
-
-const DTS: [Dt; 3] = [Dt::F32, Dt::Bf16, Dt::F16];
-
-impl Dt {
-    fn size(self) -> usize {
-        match self {
-            Dt::F32 => 4,
-            Dt::Bf16 | Dt::F16 => 2,
-        }
-    }
-
-    fn dtype(self) -> mlart_dtype {
-        match self {
-            Dt::F32 => MLART_DTYPE_F32,
-            Dt::Bf16 => MLART_DTYPE_BF16,
-            Dt::F16 => MLART_DTYPE_F16,
-        }
-    }
-
-    /// Appends `x` rounded to this type; returns the rounded value.
-    fn push(self, x: f32, bytes: &mut Vec<u8>) -> f64 {
-        match self {
-            Dt::F32 => {
-                bytes.extend_from_slice(&x.to_le_bytes());
-                x as f64
-            }
-            Dt::Bf16 => {
-                let b = bf16_bits(x);
-                bytes.extend_from_slice(&b.to_le_bytes());
-                bf16_value(b) as f64
-            }
-            Dt::F16 => {
-                let h = half::f16::from_f32(x);
-                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
-                h.to_f64()
-            }
-        }
-    }
-
-    fn nan(self) -> &'static [u8] {
-        match self {
-            Dt::F32 => &[0x00, 0x00, 0xc0, 0x7f],
-            Dt::Bf16 => &[0xc0, 0x7f],
-            Dt::F16 => &[0x00, 0x7e],
-        }
-    }
-
-    fn read(self, bytes: &[u8], i: usize) -> f64 {
-        match self {
-            Dt::F32 => f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().unwrap()) as f64,
-            Dt::Bf16 => bf16_value(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])) as f64,
-            Dt::F16 => {
-                half::f16::from_bits(u16::from_le_bytes([bytes[2 * i], bytes[2 * i + 1]])).to_f64()
-            }
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Fmt {

@@ -1,4 +1,4 @@
-//! Helpers shared by the integration tests (`fp8_format.rs`,
+//! Helpers shared by the integration tests (`fp8_format.rs`, `cuda_decode.rs`,
 //! `sparse_reference.rs`, `decode_reference.rs`, `decode_errors.rs`).
 //!
 //! Everything here is written from the specification (mlart.h, FlashMLA's
@@ -428,5 +428,95 @@ impl Fp8 {
             out.push(bf16_value(b) as f64);
         }
         out
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Element types of queries, outputs and plain caches.
+// ---------------------------------------------------------------------------
+
+/// An element type, written out independently of the library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dt {
+    F32,
+    Bf16,
+    F16,
+}
+
+pub const DTS: [Dt; 3] = [Dt::F32, Dt::Bf16, Dt::F16];
+
+impl Dt {
+    pub fn size(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 | Dt::F16 => 2,
+        }
+    }
+
+    /// The `mlart_dtype` of queries and outputs.
+    pub fn dtype(self) -> mlart_dtype {
+        match self {
+            Dt::F32 => MLART_DTYPE_F32,
+            Dt::Bf16 => MLART_DTYPE_BF16,
+            Dt::F16 => MLART_DTYPE_F16,
+        }
+    }
+
+    /// The `mlart_kv_format` of a cache of this element type.
+    pub fn kv_format(self) -> mlart_kv_format {
+        match self {
+            Dt::F32 => MLART_KV_FORMAT_F32,
+            Dt::Bf16 => MLART_KV_FORMAT_BF16,
+            Dt::F16 => MLART_KV_FORMAT_F16,
+        }
+    }
+
+    /// Appends `x` rounded to nearest-even in this type (little endian) and
+    /// returns the rounded value.
+    pub fn push(self, x: f32, bytes: &mut Vec<u8>) -> f64 {
+        assert!(x.is_finite());
+        match self {
+            Dt::F32 => {
+                bytes.extend_from_slice(&x.to_le_bytes());
+                x as f64
+            }
+            Dt::Bf16 => {
+                let r = bf16_bits(x);
+                bytes.extend_from_slice(&r.to_le_bytes());
+                bf16_value(r) as f64
+            }
+            Dt::F16 => {
+                let h = half::f16::from_f32(x);
+                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                h.to_f64()
+            }
+        }
+    }
+
+    /// A quiet NaN of this type, as bytes.
+    pub fn nan(self) -> &'static [u8] {
+        match self {
+            Dt::F32 => &[0x00, 0x00, 0xc0, 0x7f],
+            Dt::Bf16 => &[0xc0, 0x7f],
+            Dt::F16 => &[0x00, 0x7e],
+        }
+    }
+
+    /// Element `i` of `bytes`.
+    pub fn read(self, bytes: &[u8], i: usize) -> f64 {
+        let w = self.size();
+        let b = &bytes[w * i..w * (i + 1)];
+        match self {
+            Dt::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f64,
+            Dt::Bf16 => bf16_value(u16::from_le_bytes([b[0], b[1]])) as f64,
+            Dt::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f64(),
+        }
+    }
+
+    /// Every element of `bytes`.
+    pub fn read_all(self, bytes: &[u8]) -> Vec<f64> {
+        (0..bytes.len() / self.size())
+            .map(|i| self.read(bytes, i))
+            .collect()
     }
 }
