@@ -7,9 +7,7 @@ use super::args::{DeviceDecode, KeysDev};
 use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
 use super::launch::{self, Geometry, DECODE_KERNELS};
-use super::lowering::{
-    self, as_bytes, base_params, bind_workspace, check_alignment, dtype_code, format_code, int,
-};
+use super::lowering::{self, as_bytes, base_params, bind_workspace, check_alignment, code, int};
 use super::params::{describe_error_flags, AppendParams, MlaParams};
 use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
 use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
@@ -484,8 +482,8 @@ impl CudaBackend {
         let p = AppendParams {
             n_rows: int("rows", n)?,
             d_qk: int("d_qk", layout.d_qk)?,
-            src_dtype: dtype_code(src_dtype),
-            kv_format: format_code(layout.format),
+            src_dtype: code(src_dtype.raw()),
+            kv_format: code(layout.format.raw()),
             block_size: int("block_size", layout.block_size)?,
             pad0: 0,
             block_bytes: layout.block_bytes as i64,

@@ -6,25 +6,11 @@ use super::args::{DeviceDecode, KeysDev};
 use super::launch::{self, Geometry};
 use super::params::MlaParams;
 use crate::error::{Error, Result};
-use crate::format::{Dtype, KvFormat};
 
-pub(super) fn dtype_code(d: Dtype) -> i32 {
-    match d {
-        Dtype::F32 => 0,
-        Dtype::Bf16 => 1,
-        Dtype::F16 => 2,
-        Dtype::Fp8E4m3 => 3,
-    }
-}
-
-pub(super) fn format_code(f: KvFormat) -> i32 {
-    match f {
-        KvFormat::Bf16 => 0,
-        KvFormat::F16 => 1,
-        KvFormat::F32 => 2,
-        KvFormat::Fp8V32 => 3,
-        KvFormat::Fp8Model1 => 4,
-    }
+/// The kernels number dtypes and cache formats like the C ABI (`MLA_DT_*`,
+/// `MLA_KV_*`; checked by `codes_match_the_kernel_headers`).
+pub(super) fn code(raw: u32) -> i32 {
+    raw as i32
 }
 
 pub(super) fn int(name: &str, v: usize) -> Result<i32> {
@@ -76,9 +62,9 @@ pub(crate) fn base_params(a: &DeviceDecode, geo: &Geometry) -> Result<MlaParams>
         rows_per_group: int("rows", geo.rows_per_group)?,
         num_groups: int("groups", geo.groups)?,
         scale_log2: s.softmax_scale * std::f32::consts::LOG2_E,
-        q_dtype: dtype_code(a.q_dtype),
-        out_dtype: dtype_code(a.out_dtype),
-        kv_format: format_code(a.layout.format),
+        q_dtype: code(a.q_dtype.raw()),
+        out_dtype: code(a.out_dtype.raw()),
+        kv_format: code(a.layout.format.raw()),
         num_blocks: int("num_blocks", a.num_blocks)?,
         block_size: int("block_size", a.layout.block_size)?,
         block_bytes: a.layout.block_bytes as i64,
@@ -174,6 +160,7 @@ mod tests {
     use crate::backend::cuda::args::{DenseDev, IndexedDev};
     use crate::decode::DecodeShape;
     use crate::format::KvLayout;
+    use crate::format::{Dtype, KvFormat};
 
     fn dense(shape: DecodeShape) -> DeviceDecode {
         DeviceDecode {
@@ -298,6 +285,23 @@ mod tests {
         let names: Vec<&str> = r.iter().map(|x| x.0).collect();
         assert_eq!(names, ["q", "out", "attn_sink", "kv", "indices"]);
         assert_eq!(r[4].2, 3 * 2 * 64 * 4);
+    }
+
+    #[test]
+    fn codes_match_the_kernel_headers() {
+        let h = include_str!("../../../kernels/mla_params.cuh");
+        for (name, raw) in [
+            ("MLA_DT_F32", Dtype::F32.raw()),
+            ("MLA_DT_BF16", Dtype::Bf16.raw()),
+            ("MLA_DT_F16", Dtype::F16.raw()),
+            ("MLA_KV_BF16", KvFormat::Bf16.raw()),
+            ("MLA_KV_F16", KvFormat::F16.raw()),
+            ("MLA_KV_F32", KvFormat::F32.raw()),
+            ("MLA_KV_FP8_V32", KvFormat::Fp8V32.raw()),
+            ("MLA_KV_FP8_MODEL1", KvFormat::Fp8Model1.raw()),
+        ] {
+            assert!(h.contains(&format!("#define {name} {raw}")), "{name}");
+        }
     }
 
     #[test]
