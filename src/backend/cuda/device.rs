@@ -319,27 +319,25 @@ impl CudaBackend {
                 "{name} = {ptr:#x} is not memory of a CUDA device (MLART_MEMORY_DEVICE needs device, managed or pinned host memory)"
             ))
         };
-        guarded("cuPointerGetAttribute", || {
-            // SAFETY: the attribute values are a CUdeviceptr and a size_t,
-            // written into locals of those types.
-            unsafe {
-                sys::cuPointerGetAttribute(
-                    &mut start as *mut sys::CUdeviceptr as *mut c_void,
-                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
-                    ptr,
-                )
+        guarded("cuPointerGetAttributes", || {
+            let mut attrs = [
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+            ];
+            let mut data = [
+                &mut start as *mut sys::CUdeviceptr as *mut c_void,
+                &mut size as *mut usize as *mut c_void,
+            ];
+            // SAFETY: both attributes are written into locals of their types
+            // (a CUdeviceptr and a size_t); one call for both.
+            unsafe { sys::cuPointerGetAttributes(2, attrs.as_mut_ptr(), data.as_mut_ptr(), ptr) }
                 .result()
-                .map_err(|_| not_device())?;
-                sys::cuPointerGetAttribute(
-                    &mut size as *mut usize as *mut c_void,
-                    sys::CUpointer_attribute::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
-                    ptr,
-                )
-                .result()
-                .map_err(|_| not_device())?;
-            }
-            Ok(())
+                .map_err(|_| not_device())
         })?;
+        // Memory the driver does not know reads as an empty range at 0.
+        if size == 0 {
+            return Err(not_device());
+        }
         let end = ptr.checked_add(len as u64);
         if end.is_none_or(|e| e > start.saturating_add(size as u64)) {
             return Err(Error::invalid(format!(
@@ -796,10 +794,12 @@ impl Backend for CudaBackend {
         Some(self)
     }
 
-    /// The KV pool keeps its layers in device memory through
-    /// `CudaBackend::mem_alloc`; this host allocation is not used for it.
+    /// `Buffer` is host memory; GPU memory comes from `mem_alloc` (the KV
+    /// pool uses that on CUDA engines), so nothing may ask for this.
     fn alloc(&self, what: &str, bytes: usize) -> Result<Buffer> {
-        Buffer::host_zeroed(what, bytes)
+        Err(Error::internal(format!(
+            "{what}: host buffer of {bytes} bytes asked of the CUDA backend (use mem_alloc)"
+        )))
     }
 }
 

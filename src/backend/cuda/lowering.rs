@@ -159,8 +159,7 @@ mod tests {
     use super::*;
     use crate::backend::cuda::args::{DenseDev, IndexedDev};
     use crate::decode::DecodeShape;
-    use crate::format::KvLayout;
-    use crate::format::{Dtype, KvFormat};
+    use crate::format::{Dtype, KvFormat, KvLayout};
 
     fn dense(shape: DecodeShape) -> DeviceDecode {
         DeviceDecode {
