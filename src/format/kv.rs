@@ -103,23 +103,6 @@ impl KvLayout {
 
     /// Dequantizes/converts token `off` of block `block` into `out[..d_qk]`.
     #[inline]
-    /// Block-relative byte ranges that rows `first..end` of one block occupy
-    /// (MODEL1 keeps its scales apart from the row data): what a writer of
-    /// those rows must copy.
-    #[allow(clippy::single_range_in_vec_init)]
-    pub fn row_byte_ranges(&self, first: usize, end: usize) -> Vec<std::ops::Range<usize>> {
-        match self.format {
-            KvFormat::Fp8Model1 => {
-                let scales = self.block_size * M1_DATA;
-                vec![
-                    first * M1_DATA..end * M1_DATA,
-                    scales + first * M1_SCALES..scales + end * M1_SCALES,
-                ]
-            }
-            _ => vec![first * self.row_bytes..end * self.row_bytes],
-        }
-    }
-
     pub fn load_row(&self, cache: &[u8], block: usize, off: usize, out: &mut [f32]) {
         let at = self.data_at(block, off);
         match self.format {
@@ -214,44 +197,6 @@ impl KvLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn row_byte_ranges_cover_exactly_what_store_row_writes() {
-        for format in [
-            KvFormat::Bf16,
-            KvFormat::F32,
-            KvFormat::Fp8V32,
-            KvFormat::Fp8Model1,
-        ] {
-            let d_qk = if format == KvFormat::Fp8Model1 {
-                512
-            } else {
-                576
-            };
-            let bs = 5;
-            let l = KvLayout::new(format, d_qk, bs, "f").unwrap();
-            let row: Vec<f32> = (0..d_qk).map(|i| 1.0 + i as f32 / 7.0).collect();
-            for (first, end) in [(0, 1), (1, 4), (0, 5), (4, 5)] {
-                let mut block = vec![0u8; l.block_bytes];
-                for off in first..end {
-                    l.store_row(&mut block, 0, off, &row);
-                }
-                let ranges = l.row_byte_ranges(first, end);
-                for (i, &b) in block.iter().enumerate() {
-                    let inside = ranges.iter().any(|r| r.contains(&i));
-                    assert!(
-                        b == 0 || inside,
-                        "{format:?} rows {first}..{end}: byte {i} written outside"
-                    );
-                }
-                // Every range is fully inside the block and written somewhere.
-                for r in &ranges {
-                    assert!(r.end <= l.block_bytes && r.start < r.end);
-                    assert!(block[r.clone()].iter().any(|&b| b != 0), "{format:?} {r:?}");
-                }
-            }
-        }
-    }
 
     #[test]
     fn sizes_match_flashmla() {
