@@ -423,8 +423,7 @@ impl KvPool {
         let src_row = d_qk * dtype.size();
         let plain = self.opts.format.plain_dtype();
         let mut row = [0f32; crate::decode::desc::MAX_HEAD_DIM];
-        // Converts row k of `src` into token `off` of the block at `dst` (a
-        // buffer holding that block at offset 0).
+        // Converts one source row into token `off` of block `block` of `dst`.
         let mut put_row = |dst: &mut [u8], block: usize, off: usize, srow: &[u8]| {
             if plain == Some(dtype) {
                 let at = block * block_bytes + off * src_row;

@@ -438,20 +438,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Enqueues a copy of host `data` to device address `dst` on the
-    /// engine's stream (`data` may be reused at once: pageable memory is
-    /// staged before the call returns). Pair with [`Self::sync`].
-    pub fn write_async(&self, dst: u64, data: &[u8]) -> Result<()> {
-        self.make_current()?;
-        let stream = self.state.lock().stream;
-        guarded("cuMemcpyHtoDAsync", || {
-            // SAFETY: dst is engine memory of at least data.len() bytes
-            // (callers own the layout).
-            unsafe { result::memcpy_htod_async(dst, data, stream) }
-                .map_err(dev_err("cuMemcpyHtoDAsync"))
-        })
-    }
-
     /// Writes host `rows` (`[slots.len(), layout.d_qk]` of `src_dtype`) into
     /// the cache at `kv` (device memory, `layout`), row i at flat position
     /// `slots[i]` (negative: skipped), converting or quantizing on the GPU
