@@ -6,7 +6,6 @@
 //! chunk), `o = W_UV · o_lat`, `o_proj`.
 
 use super::linear::rms_norm;
-use super::vecops::{axpy, dot};
 use super::{Model, QProj};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
@@ -106,17 +105,11 @@ impl Model {
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
             let mut qf = vec![0f32; total * h * d_qk];
-            // One task per (token, head): decode has one token, many heads.
+            lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk);
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
-                let (t, head) = (th / h, th % h);
-                let src = &q[th * qk..][..qk];
-                let (lat, pe) = dst.split_at_mut(lora);
-                lat.fill(0.0);
-                for (d, &qn) in src[..nope].iter().enumerate() {
-                    axpy(lat, qn, &lw.w_uk[(head * nope + d) * lora..][..lora]);
-                }
-                pe.copy_from_slice(&src[nope..]);
-                self.rope.apply(pe, pos[t]);
+                let t = th / h;
+                dst[lora..].copy_from_slice(&q[th * qk + nope..][..qk - nope]);
+                self.rope.apply(&mut dst[lora..], pos[t]);
             });
 
             // Append [c | k_pe] for every sequence at once (all or nothing);
@@ -176,13 +169,7 @@ impl Model {
                 }
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = vec![0f32; total * h * v];
-                o.par_chunks_mut(v).enumerate().for_each(|(th, ot)| {
-                    let head = th % h;
-                    let lat = &o_lat[th * lora..][..lora];
-                    for (d, od) in ot.iter_mut().enumerate() {
-                        *od = dot(&lw.w_uv[(head * v + d) * lora..][..lora], lat);
-                    }
-                });
+                lw.absorbed.values(&o_lat, total, &mut o);
                 let mut y = vec![0f32; total * hid];
                 lw.o_proj.matmul(&o, total, &mut y);
                 Ok(y)

@@ -3,8 +3,8 @@
 //! f32 activations; each weight row is converted once per call and used for
 //! every token.
 
-use super::vecops;
 use super::weights::{StoredDtype, Tensor};
+use super::{fp8_bf16, vecops};
 use crate::error::{Error, Result, Status};
 use crate::format::fp8::E4M3_TABLE;
 use crate::format::{load_slice, store_slice, Dtype};
@@ -163,78 +163,117 @@ impl Linear {
         }
     }
 
+    /// `x` prepared for [`Linear::dot4`]: the bf16 split that the FP8
+    /// `vdpbf16ps` path reads, when this weight is FP8 and the CPU has it.
+    pub fn prepare(&self, x: &[f32]) -> Option<fp8_bf16::SplitX> {
+        match self.data {
+            Data::Fp8 { .. } if fp8_bf16::available() => {
+                Some(fp8_bf16::SplitX::new(&x[..self.inp]))
+            }
+            _ => None,
+        }
+    }
+
+    /// Rows `rows` times `x` (repeat an index to use fewer than four),
+    /// converted in registers; `split` is `self.prepare(x)`. Each call
+    /// prefetches the four rows that follow, which is where a row-ordered
+    /// sweep goes next.
+    pub fn dot4(&self, rows: [usize; 4], x: &[f32], split: Option<&fp8_bf16::SplitX>) -> [f32; 4] {
+        let n = self.inp;
+        match &self.data {
+            Data::Plain(Dtype::Bf16, b) => {
+                vecops::dot_bf16_x4(rows.map(|o| &b[o * n * 2..][..n * 2]), &x[..n], 8 * n)
+            }
+            Data::Fp8 { codes, scales } => {
+                let per_row = n.div_ceil(FP8_BLOCK);
+                let r = rows.map(|o| &codes[o * n..][..n]);
+                let sc = rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]);
+                match split {
+                    Some(xs) => fp8_bf16::dot_fp8_x4(r, sc, FP8_BLOCK, xs, &x[..n], 4 * n),
+                    None => vecops::dot_fp8_x4(r, sc, FP8_BLOCK, &x[..n], 4 * n),
+                }
+            }
+            _ => rows.map(|o| self.dot_row(o, x)),
+        }
+    }
+
+    /// `y += Σ a[k] · row(rows[k])`, converted in registers (repeat an index
+    /// with a zero coefficient to use fewer than four rows).
+    pub fn axpy4(&self, rows: [usize; 4], a: [f32; 4], y: &mut [f32]) {
+        let n = self.inp;
+        match &self.data {
+            Data::Plain(Dtype::Bf16, b) => {
+                vecops::axpy_bf16_x4(rows.map(|o| &b[o * n * 2..][..n * 2]), a, &mut y[..n])
+            }
+            Data::Fp8 { codes, scales } => {
+                let per_row = n.div_ceil(FP8_BLOCK);
+                vecops::axpy_fp8_x4(
+                    rows.map(|o| &codes[o * n..][..n]),
+                    rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]),
+                    FP8_BLOCK,
+                    a,
+                    &mut y[..n],
+                )
+            }
+            Data::Plain(d, b) => {
+                // f32 and f16 rows: convert 256 elements at a time on the stack.
+                let size = d.size();
+                let mut buf = [0f32; 256];
+                for (&o, &ak) in rows.iter().zip(&a) {
+                    for (c, yc) in y[..n].chunks_mut(256).enumerate() {
+                        let m = yc.len();
+                        load_slice(
+                            *d,
+                            &b[(o * n + c * 256) * size..][..m * size],
+                            &mut buf[..m],
+                        );
+                        vecops::axpy(yc, ak, &buf[..m]);
+                    }
+                }
+            }
+        }
+    }
+
     /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool. Weight
     /// rows are read once per call: converted in registers for each token
-    /// when there are few tokens (decode: a pure weight stream), converted
-    /// once to f32 and reused when there are many (prefill).
+    /// when there are few tokens (decode: a pure weight stream, four rows
+    /// per pass over `x`), converted once to f32 and reused when there
+    /// are many (prefill).
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
         let mut yt = vec![0f32; out * tokens];
+        let split: Vec<Option<fp8_bf16::SplitX>> = if tokens <= 4 {
+            (0..tokens).map(|t| self.prepare(&x[t * inp..])).collect()
+        } else {
+            Vec::new()
+        };
         yt.par_chunks_mut(tokens * ROWS)
             .enumerate()
             .for_each(|(c, chunk)| {
-                // bf16 decode: four rows per pass over x (see dot_bf16_x4).
-                if let (true, Data::Plain(Dtype::Bf16, b)) = (tokens <= 4, &self.data) {
-                    let rows_here = chunk.len() / tokens;
-                    let mut r = 0;
-                    while r < rows_here {
-                        let o = c * ROWS + r;
+                let rows_here = chunk.len() / tokens;
+                if tokens <= 4 {
+                    // Four rows share each pass over x: o_proj's x is 64 KiB,
+                    // larger than L1.
+                    for r in (0..rows_here).step_by(4) {
                         let group = 4.min(rows_here - r);
-                        let row = |k: usize| &b[(o + k.min(group - 1)) * inp * 2..][..inp * 2];
+                        let rows = [0, 1, 2, 3].map(|k| c * ROWS + r + k.min(group - 1));
                         for t in 0..tokens {
-                            let v = vecops::dot_bf16_x4(
-                                [row(0), row(1), row(2), row(3)],
-                                &x[t * inp..(t + 1) * inp],
-                            );
+                            let v = self.dot4(rows, &x[t * inp..(t + 1) * inp], split[t].as_ref());
                             for (k, &val) in v.iter().enumerate().take(group) {
                                 chunk[(r + k) * tokens + t] = val;
                             }
                         }
-                        r += group;
                     }
                     return;
                 }
-                if let (true, Data::Fp8 { codes, scales }) = (tokens <= 4, &self.data) {
-                    let rows_here = chunk.len() / tokens;
-                    let per_row = inp.div_ceil(FP8_BLOCK);
-                    let mut r = 0;
-                    while r < rows_here {
-                        let o = c * ROWS + r;
-                        let group = 4.min(rows_here - r);
-                        let at = |k: usize| o + k.min(group - 1);
-                        let row = |k: usize| &codes[at(k) * inp..][..inp];
-                        let sc = |k: usize| &scales[(at(k) / FP8_BLOCK) * per_row..][..per_row];
-                        for t in 0..tokens {
-                            let v = vecops::dot_fp8_x4(
-                                [row(0), row(1), row(2), row(3)],
-                                [sc(0), sc(1), sc(2), sc(3)],
-                                FP8_BLOCK,
-                                &x[t * inp..(t + 1) * inp],
-                            );
-                            for (k, &val) in v.iter().enumerate().take(group) {
-                                chunk[(r + k) * tokens + t] = val;
-                            }
-                        }
-                        r += group;
-                    }
-                    return;
-                }
-                let mut row = Vec::new();
+                let mut row = vec![0f32; inp];
                 for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
-                    let o = c * ROWS + r;
-                    if tokens <= 4 {
-                        for (t, yv) in yrow.iter_mut().enumerate() {
-                            *yv = self.dot_row(o, &x[t * inp..(t + 1) * inp]);
-                        }
-                    } else {
-                        row.resize(inp, 0.0);
-                        self.row(o, &mut row);
-                        for (t, yv) in yrow.iter_mut().enumerate() {
-                            *yv = vecops::dot(&row, &x[t * inp..(t + 1) * inp]);
-                        }
+                    self.row(c * ROWS + r, &mut row);
+                    for (t, yv) in yrow.iter_mut().enumerate() {
+                        *yv = vecops::dot(&row, &x[t * inp..(t + 1) * inp]);
                     }
                 }
             });
@@ -260,70 +299,98 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     }
 }
 
+/// Weights of every stored dtype for the model's unit tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
     use crate::format::fp8::f32_to_e4m3;
 
-    fn tensor(name: &str, dtype: StoredDtype, shape: &[usize], bytes: Vec<u8>) -> Tensor {
+    fn tensor(dtype: StoredDtype, shape: &[usize], bytes: Vec<u8>) -> Tensor {
         Tensor {
-            name: name.into(),
+            name: "w".into(),
             dtype,
             shape: shape.to_vec(),
             bytes,
         }
     }
 
+    /// Small deterministic generator of values in [-1, 1).
+    pub fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+            })
+            .collect()
+    }
+
+    /// One random `[out, inp]` weight as bf16, f16, f32 and FP8 (scales
+    /// that differ per 128x128 block).
+    pub fn every_dtype(out: usize, inp: usize, seed: u64) -> Vec<Linear> {
+        let w = values(out * inp, seed);
+        let bytes = |f: fn(f32) -> [u8; 2]| w.iter().flat_map(|v| f(*v)).collect::<Vec<u8>>();
+        let (sr, sc) = (out.div_ceil(FP8_BLOCK), inp.div_ceil(FP8_BLOCK));
+        let scales: Vec<f32> = (0..sr * sc).map(|k| 0.01 * (1 + k) as f32).collect();
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|i| f32_to_e4m3(w[i] / scales[(i / inp / FP8_BLOCK) * sc + (i % inp) / FP8_BLOCK]))
+            .collect();
+        let sbytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let plain = |dtype, b| {
+            Linear::new(
+                tensor(dtype, &[out, inp], b),
+                None,
+                out,
+                inp,
+                WeightCompute::AsStored,
+            )
+        };
+        vec![
+            plain(
+                StoredDtype::Bf16,
+                bytes(|v| half::bf16::from_f32(v).to_bits().to_le_bytes()),
+            ),
+            plain(
+                StoredDtype::F16,
+                bytes(|v| half::f16::from_f32(v).to_bits().to_le_bytes()),
+            ),
+            plain(
+                StoredDtype::F32,
+                w.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ),
+            Linear::new(
+                tensor(StoredDtype::Fp8E4m3, &[out, inp], codes),
+                Some(tensor(StoredDtype::F32, &[sr, sc], sbytes)),
+                out,
+                inp,
+                WeightCompute::AsStored,
+            ),
+        ]
+        .into_iter()
+        .map(|l| l.expect("valid test weight"))
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{every_dtype, values};
+    use super::*;
+
+    fn close(got: f32, want: f64) -> bool {
+        (got as f64 - want).abs() <= 1e-4 * (1.0 + want.abs())
+    }
+
     /// Every matmul path (decode row-groups of 4 with partial groups, the
-    /// per-row path, the prefill path) equals `row()` dotted in f64.
+    /// prefill path) equals `row()` dotted in f64.
     #[test]
     fn matmul_matches_rows_for_every_dtype_and_shape() {
         for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
-            let w: Vec<f32> = (0..out * inp)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 60.0)
-                .collect();
-            let bf: Vec<u8> = w
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-                .collect();
-            let f32b: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let (sr, sc) = (out.div_ceil(FP8_BLOCK), inp.div_ceil(FP8_BLOCK));
-            let scales: Vec<f32> = (0..sr * sc).map(|k| 0.01 * (1 + k) as f32).collect();
-            let codes: Vec<u8> = (0..out * inp)
-                .map(|i| {
-                    f32_to_e4m3(w[i] / scales[(i / inp / FP8_BLOCK) * sc + (i % inp) / FP8_BLOCK])
-                })
-                .collect();
-            let sbytes: Vec<u8> = scales.iter().flat_map(|v| v.to_le_bytes()).collect();
-            let lins = [
-                Linear::new(
-                    tensor("w", StoredDtype::Bf16, &[out, inp], bf),
-                    None,
-                    out,
-                    inp,
-                    WeightCompute::AsStored,
-                ),
-                Linear::new(
-                    tensor("w", StoredDtype::F32, &[out, inp], f32b),
-                    None,
-                    out,
-                    inp,
-                    WeightCompute::AsStored,
-                ),
-                Linear::new(
-                    tensor("w", StoredDtype::Fp8E4m3, &[out, inp], codes),
-                    Some(tensor("s", StoredDtype::F32, &[sr, sc], sbytes)),
-                    out,
-                    inp,
-                    WeightCompute::AsStored,
-                ),
-            ];
-            for lin in lins {
-                let lin = lin.unwrap();
+            for lin in every_dtype(out, inp, (out * inp) as u64) {
                 for tokens in [1usize, 3, 4, 5] {
-                    let x: Vec<f32> = (0..tokens * inp)
-                        .map(|i| ((i * 13 % 29) as f32 - 14.0) / 10.0)
-                        .collect();
+                    let x = values(tokens * inp, tokens as u64);
                     let mut y = vec![f32::NAN; tokens * out];
                     lin.matmul(&x, tokens, &mut y);
                     let mut row = vec![0f32; inp];
@@ -335,14 +402,59 @@ mod tests {
                                 .zip(&x[t * inp..])
                                 .map(|(a, b)| *a as f64 * *b as f64)
                                 .sum();
-                            let got = y[t * out + o] as f64;
+                            let got = y[t * out + o];
                             assert!(
-                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                close(got, want),
                                 "{:?} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
                                 lin.dtype()
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// `dot4` (with and without the FP8 bf16 split) and `axpy4` on rows in
+    /// any order, repeated rows included, against `row()` in f64.
+    #[test]
+    fn dot4_and_axpy4_match_rows() {
+        let (out, inp) = (300usize, 700usize);
+        for lin in every_dtype(out, inp, 5) {
+            let x = values(inp, 9);
+            let split = lin.prepare(&x);
+            assert_eq!(
+                split.is_some(),
+                lin.dtype() == Dtype::Fp8E4m3 && fp8_bf16::available()
+            );
+            let mut row = vec![0f32; inp];
+            for rows in [[0usize, 1, 2, 3], [299, 130, 7, 7], [128, 127, 256, 255]] {
+                let a = [0.5f32, -2.0, 1.25, 0.0];
+                let mut y = values(inp, 11);
+                let y0 = y.clone();
+                lin.axpy4(rows, a, &mut y);
+                let mut want_y: Vec<f64> = y0.iter().map(|v| *v as f64).collect();
+                for (k, &o) in rows.iter().enumerate() {
+                    lin.row(o, &mut row);
+                    let want: f64 = row.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    for (s, label) in [(split.as_ref(), "split"), (None, "f32")] {
+                        let got = lin.dot4(rows, &x, s)[k];
+                        assert!(
+                            close(got, want),
+                            "{:?} dot4 {label} {rows:?}[{k}]: {got} vs {want}",
+                            lin.dtype()
+                        );
+                    }
+                    for (w, r) in want_y.iter_mut().zip(&row) {
+                        *w += a[k] as f64 * *r as f64;
+                    }
+                }
+                for (c, (&got, &want)) in y.iter().zip(&want_y).enumerate() {
+                    assert!(
+                        close(got, want),
+                        "{:?} axpy4 {rows:?} [{c}]: {got} vs {want}",
+                        lin.dtype()
+                    );
                 }
             }
         }

@@ -2,8 +2,10 @@
 //! decode, and the layer forward (projections, norms, RoPE, cache append,
 //! attention through the pool, output projection).
 
+pub mod absorb;
 pub mod config;
 pub mod forward;
+pub mod fp8_bf16;
 pub mod gen;
 pub mod linear;
 pub mod rope;
@@ -61,10 +63,10 @@ pub struct LayerWeights {
     pub kv_a: Linear,
     /// `[kv_lora]`.
     pub kv_norm: Vec<f32>,
-    /// `W_UK [H, nope, kv_lora]` (f32): `q_lat[h] = q_nope[h] · W_UK[h]`.
-    pub w_uk: Vec<f32>,
-    /// `W_UV [H, v, kv_lora]` (f32): `o[h] = W_UV[h] · o_lat[h]`.
-    pub w_uv: Vec<f32>,
+    /// `kv_b_proj` in stored precision, read as `W_UK [H, nope, kv_lora]`
+    /// (`q_lat[h] = q_nope[h] · W_UK[h]`) and `W_UV [H, v, kv_lora]`
+    /// (`o[h] = W_UV[h] · o_lat[h]`).
+    pub absorbed: absorb::Absorbed,
     /// `[hidden, H * v]`.
     pub o_proj: Linear,
 }
@@ -225,31 +227,13 @@ impl Model {
             let kv_norm = ld.vector(&format!("{p}kv_a_layernorm.weight"), lora)?;
             // Absorption: kv_b_proj [H * (nope + v), lora] viewed per head.
             let kv_b = ld.linear(&format!("{p}kv_b_proj.weight"), h * (nope + v), lora)?;
-            ld.bytes -= kv_b.bytes();
-            let mut w_uk = vec![0f32; h * nope * lora];
-            let mut w_uv = vec![0f32; h * v * lora];
-            for head in 0..h {
-                for d in 0..nope {
-                    kv_b.row(
-                        head * (nope + v) + d,
-                        &mut w_uk[(head * nope + d) * lora..][..lora],
-                    );
-                }
-                for d in 0..v {
-                    kv_b.row(
-                        head * (nope + v) + nope + d,
-                        &mut w_uv[(head * v + d) * lora..][..lora],
-                    );
-                }
-            }
-            ld.bytes += 4 * (w_uk.len() + w_uv.len());
+            let absorbed = absorb::Absorbed::new(kv_b, h, nope, v);
             let o_proj = ld.linear(&format!("{p}o_proj.weight"), hid, h * v)?;
             layers.push(LayerWeights {
                 q,
                 kv_a,
                 kv_norm,
-                w_uk,
-                w_uv,
+                absorbed,
                 o_proj,
             });
         }

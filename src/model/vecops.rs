@@ -18,6 +18,26 @@ static AVX512: Lazy<bool> = Lazy::new(|| {
     }
 });
 
+/// Asks the CPU to bring the cache line at `p` into L2. A hint: any
+/// address is allowed, nothing is read.
+///
+/// A batch-1 projection reads four weight rows at a time, and the next
+/// four rows follow them in memory. With rows of a few KiB, the hardware
+/// prefetcher sees each row as a short new stream and is late every time;
+/// prefetching the next group's rows from the current position measured
+/// 15 → 34 GB/s on `q_b_proj`'s 1536-byte FP8 rows and 23 → 31–35 GB/s on
+/// `o_proj`'s 16 KiB rows.
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults and has no architectural effect.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Portable f32 dot product with independent partial sums.
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
@@ -36,6 +56,7 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::prefetch;
     use crate::format::fp8::simd::e4m3_as_f16;
     use std::arch::x86_64::*;
 
@@ -104,7 +125,7 @@ mod avx512 {
     /// for four rows, which matters when `x` is larger than L1 (o_proj's
     /// input is 64 KiB).
     #[target_feature(enable = "avx512f")]
-    pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+    pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
         let n = rows.iter().fold(x.len(), |m, r| m.min(r.len() / 2));
         let full = n / 32 * 32;
         let mut acc = [[_mm512_setzero_ps(); 2]; 4];
@@ -115,6 +136,7 @@ mod avx512 {
                 let x0 = _mm512_loadu_ps(x.as_ptr().add(i));
                 let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
                 for (r, row) in rows.iter().enumerate() {
+                    prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
                     let w0 = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
                     let w1 = _mm256_loadu_si256(row.as_ptr().add(2 * i + 32) as *const __m256i);
                     let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
@@ -135,7 +157,13 @@ mod avx512 {
 
     /// Four E4M3 rows (each with its per-block scales) times the same `x`.
     #[target_feature(enable = "avx512f,f16c")]
-    pub fn dot_fp8_x4(rows: [&[u8]; 4], scales: [&[f32]; 4], block: usize, x: &[f32]) -> [f32; 4] {
+    pub fn dot_fp8_x4(
+        rows: [&[u8]; 4],
+        scales: [&[f32]; 4],
+        block: usize,
+        x: &[f32],
+        ahead: usize,
+    ) -> [f32; 4] {
         let n = rows.iter().fold(x.len(), |m, r| m.min(r.len()));
         let mut total = [_mm512_setzero_ps(); 4];
         let mut tail = [0f32; 4];
@@ -152,6 +180,9 @@ mod avx512 {
                 unsafe {
                     let xv = _mm512_loadu_ps(x.as_ptr().add(i));
                     for (r, row) in rows.iter().enumerate() {
+                        if (i - b0).is_multiple_of(64) {
+                            prefetch(row.as_ptr().wrapping_add(i + ahead));
+                        }
                         let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
                         acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, acc[r]);
                     }
@@ -248,6 +279,75 @@ mod avx512 {
         _mm512_reduce_add_ps(total) + tail
     }
 
+    /// `y += Σ a[k] · rows[k]` for four bf16 rows: `y` is loaded and
+    /// stored once per four rows.
+    #[target_feature(enable = "avx512f")]
+    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32]) {
+        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
+        let full = n / 16 * 16;
+        let av = a.map(|v| _mm512_set1_ps(v));
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in y and in every row.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                let mut acc = _mm512_loadu_ps(p);
+                for (r, row) in rows.iter().enumerate() {
+                    let w = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
+                    let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+                    acc = _mm512_fmadd_ps(f, av[r], acc);
+                }
+                _mm512_storeu_ps(p, acc);
+            }
+            i += 16;
+        }
+        for (r, row) in rows.iter().enumerate() {
+            super::portable::axpy_bf16(&row[2 * full..2 * n], a[r], &mut y[full..n]);
+        }
+    }
+
+    /// `y += Σ a[k] · rows[k]` for four E4M3 rows with per-`block` scales.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub fn axpy_fp8_x4(
+        rows: [&[u8]; 4],
+        scales: [&[f32]; 4],
+        block: usize,
+        a: [f32; 4],
+        y: &mut [f32],
+    ) {
+        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
+        let mut b0 = 0;
+        let mut bi = 0;
+        while b0 < n {
+            let b1 = (b0 + block).min(n);
+            let full = b0 + (b1 - b0) / 16 * 16;
+            // The f16 reading of a code is its value times 2^-8.
+            let coef: [f32; 4] = [0, 1, 2, 3].map(|r| a[r] * scales[r][bi]);
+            let cv = coef.map(|c| _mm512_mul_ps(_mm512_set1_ps(c), _mm512_set1_ps(256.0)));
+            let mut i = b0;
+            while i < full {
+                // SAFETY: elements i..i+16 exist in y and in every row.
+                unsafe {
+                    let p = y.as_mut_ptr().add(i);
+                    let mut acc = _mm512_loadu_ps(p);
+                    for (r, row) in rows.iter().enumerate() {
+                        let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
+                        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), cv[r], acc);
+                    }
+                    _mm512_storeu_ps(p, acc);
+                }
+                i += 16;
+            }
+            for (r, row) in rows.iter().enumerate() {
+                for k in full..b1 {
+                    y[k] += coef[r] * super::E4M3_TABLE[row[k] as usize];
+                }
+            }
+            b0 = b1;
+            bi += 1;
+        }
+    }
+
     #[target_feature(enable = "avx512f")]
     pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         let n = y.len().min(x.len());
@@ -320,24 +420,45 @@ mod portable {
     pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         y.iter_mut().zip(x).for_each(|(v, &b)| *v += a * b);
     }
+
+    pub fn axpy_bf16(row: &[u8], a: f32, y: &mut [f32]) {
+        y.iter_mut().zip(row.chunks_exact(2)).for_each(|(v, b)| {
+            *v += a * f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16)
+        });
+    }
+
+    pub fn axpy_fp8(codes: &[u8], scales: &[f32], block: usize, a: f32, y: &mut [f32]) {
+        y.iter_mut()
+            .zip(codes)
+            .enumerate()
+            .for_each(|(k, (v, &c))| *v += a * scales[k / block] * E4M3_TABLE[c as usize]);
+    }
 }
 
-/// Four bf16 rows times the same `x`.
-pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32]) -> [f32; 4] {
+/// Four bf16 rows times the same `x`. `ahead` is how far past each row's
+/// current position to prefetch, in bytes; any value is safe.
+pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if *AVX512 {
         // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::dot_bf16_x4(rows, x) };
+        return unsafe { avx512::dot_bf16_x4(rows, x, ahead) };
     }
     rows.map(|r| portable::dot_bf16(r, x))
 }
 
 /// Four E4M3 rows (scales per `block` elements) times the same `x`.
-pub fn dot_fp8_x4(rows: [&[u8]; 4], scales: [&[f32]; 4], block: usize, x: &[f32]) -> [f32; 4] {
+/// `ahead` is the prefetch distance in bytes, as for [`dot_bf16_x4`].
+pub fn dot_fp8_x4(
+    rows: [&[u8]; 4],
+    scales: [&[f32]; 4],
+    block: usize,
+    x: &[f32],
+    ahead: usize,
+) -> [f32; 4] {
     #[cfg(target_arch = "x86_64")]
     if *AVX512 {
         // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::dot_fp8_x4(rows, scales, block, x) };
+        return unsafe { avx512::dot_fp8_x4(rows, scales, block, x, ahead) };
     }
     [0, 1, 2, 3].map(|r| portable::dot_fp8(rows[r], scales[r], block, x))
 }
@@ -360,6 +481,36 @@ pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
         return unsafe { avx512::dot_fp8(codes, scales, block, x) };
     }
     portable::dot_fp8(codes, scales, block, x)
+}
+
+/// `y += Σ a[k] · rows[k]` for four bf16 rows.
+pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F detected at run time.
+        return unsafe { avx512::axpy_bf16_x4(rows, a, y) };
+    }
+    for r in 0..4 {
+        portable::axpy_bf16(rows[r], a[r], y);
+    }
+}
+
+/// `y += Σ a[k] · rows[k]` for four E4M3 rows (scales per `block` elements).
+pub fn axpy_fp8_x4(
+    rows: [&[u8]; 4],
+    scales: [&[f32]; 4],
+    block: usize,
+    a: [f32; 4],
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if *AVX512 {
+        // SAFETY: AVX-512F and F16C detected at run time.
+        return unsafe { avx512::axpy_fp8_x4(rows, scales, block, a, y) };
+    }
+    for r in 0..4 {
+        portable::axpy_fp8(rows[r], scales[r], block, a[r], y);
+    }
 }
 
 /// `y += a * x`.
@@ -431,6 +582,62 @@ mod tests {
                 close(portable::dot_fp8(&codes, &scales, 64, &x), w8),
                 "portable fp8 n={n}"
             );
+            // Four rows at once: rows 1..4 are rotations of row 0.
+            let rot = |v: &[u8], r: usize| -> Vec<u8> {
+                let mut v = v.to_vec();
+                if !v.is_empty() {
+                    let k = (r * 5) % v.len();
+                    v.rotate_left(k);
+                }
+                v
+            };
+            let bf4: Vec<Vec<u8>> = (0..4).map(|r| rot(&bf, 2 * r)).collect();
+            let got = dot_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], &x, 4 * n);
+            for r in 0..4 {
+                let want = portable::dot_bf16(&bf4[r], &x);
+                assert!(close(got[r], want), "bf16 x4 n={n} row {r}");
+            }
+            let c4: Vec<Vec<u8>> = (0..4).map(|r| rot(&codes, r)).collect();
+            let got = dot_fp8_x4(
+                [&c4[0], &c4[1], &c4[2], &c4[3]],
+                [&scales, &scales, &scales, &scales],
+                64,
+                &x,
+                4 * n,
+            );
+            for r in 0..4 {
+                let want = portable::dot_fp8(&c4[r], &scales, 64, &x);
+                assert!(close(got[r], want), "fp8 x4 n={n} row {r}");
+            }
+            let a4 = [0.5f32, -1.25, 2.0, 0.0];
+            let (mut y, mut yp) = (x.clone(), x.clone());
+            axpy_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], a4, &mut y);
+            for r in 0..4 {
+                portable::axpy_bf16(&bf4[r], a4[r], &mut yp);
+            }
+            assert!(
+                y.iter().zip(&yp).all(|(a, b)| close(*a, *b)),
+                "bf16 axpy x4 n={n}"
+            );
+            let (mut y, mut yp) = (x.clone(), x.clone());
+            let s4 = [&scales[..], &scales[..], &scales[..], &scales[..]];
+            axpy_fp8_x4([&c4[0], &c4[1], &c4[2], &c4[3]], s4, 64, a4, &mut y);
+            for r in 0..4 {
+                portable::axpy_fp8(&c4[r], &scales, 64, a4[r], &mut yp);
+            }
+            assert!(
+                y.iter().zip(&yp).all(|(a, b)| close(*a, *b)),
+                "fp8 axpy x4 n={n}"
+            );
+            // The portable forms against the plain sums.
+            let mut yb = vec![0f32; n];
+            portable::axpy_bf16(&bf, 1.0, &mut yb);
+            let mut y8 = vec![0f32; n];
+            portable::axpy_fp8(&codes, &scales, 64, 1.0, &mut y8);
+            for k in 0..n {
+                assert_eq!(yb[k], half::bf16::from_f32(w[k]).to_f32());
+                assert_eq!(y8[k], E4M3_TABLE[codes[k] as usize] * scales[k / 64]);
+            }
             let (mut y, mut yp) = (w.clone(), w.clone());
             axpy(&mut y, 0.5, &x);
             portable::axpy(&mut yp, 0.5, &x);

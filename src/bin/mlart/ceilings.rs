@@ -212,7 +212,8 @@ fn fma_peak(_threads: usize, _reps: usize) -> (f64, &'static str) {
     (0.0, "none")
 }
 
-fn read_bandwidth(threads: usize, reps: usize) -> f64 {
+/// Median DRAM read bandwidth (bytes/s) of `reps` sums over 512 MiB.
+pub fn read_bandwidth(threads: usize, reps: usize) -> f64 {
     // 512 MiB: far beyond any last-level cache.
     let n = (512usize << 20) / 4;
     let data: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();

@@ -1,0 +1,229 @@
+//! The absorbed up-projections. `kv_b_proj [H·(nope + v), kv_lora]` read
+//! per head is `W_UK [H, nope, kv_lora]` (its first `nope` rows) and
+//! `W_UV [H, v, kv_lora]` (the next `v`), so both stay inside `kv_b_proj`
+//! in its stored precision: for DeepSeek-V3 that is 17 MB of FP8 per layer
+//! instead of 67 MB of f32, and a batch-1 decode step streams it like the
+//! other projections.
+//!
+//! Few tokens (decode) convert the rows in registers for each token. Many
+//! tokens (prefill) convert a group of heads to f32 once and reuse it, so
+//! the conversion is paid once per call, not once per token.
+
+use super::linear::Linear;
+use super::vecops::{axpy, dot};
+use rayon::prelude::*;
+
+/// Tokens above which rows are converted once per call rather than per token.
+const FEW_TOKENS: usize = 4;
+/// Heads converted to f32 at a time for many tokens (4 MB for V3's W_UK).
+const HEAD_GROUP: usize = 16;
+
+pub struct Absorbed {
+    kv_b: Linear,
+    heads: usize,
+    nope: usize,
+    v: usize,
+}
+
+impl Absorbed {
+    /// `kv_b` is `kv_b_proj` as loaded: `[heads·(nope + v), kv_lora]`.
+    pub fn new(kv_b: Linear, heads: usize, nope: usize, v: usize) -> Self {
+        debug_assert_eq!(kv_b.out, heads * (nope + v));
+        Absorbed {
+            kv_b,
+            heads,
+            nope,
+            v,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        self.kv_b.bytes()
+    }
+
+    fn lora(&self) -> usize {
+        self.kv_b.inp
+    }
+
+    /// kv_b row of `W_UK[head, d]`.
+    fn uk_row(&self, head: usize, d: usize) -> usize {
+        head * (self.nope + self.v) + d
+    }
+
+    /// kv_b row of `W_UV[head, d]`.
+    fn uv_row(&self, head: usize, d: usize) -> usize {
+        head * (self.nope + self.v) + self.nope + d
+    }
+
+    /// `W_UK` (`uk`) or `W_UV` rows of heads `first..first + count` as
+    /// f32, `[count, nope or v, lora]`.
+    fn heads_f32(&self, first: usize, count: usize, uk: bool) -> Vec<f32> {
+        let (rows, lora) = (if uk { self.nope } else { self.v }, self.lora());
+        let mut w = vec![0f32; count * rows * lora];
+        w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
+            let (head, d) = (first + i / rows, i % rows);
+            let o = if uk {
+                self.uk_row(head, d)
+            } else {
+                self.uv_row(head, d)
+            };
+            self.kv_b.row(o, dst);
+        });
+        w
+    }
+
+    /// Runs `f(t, head, chunk)` on every `stride`-chunk of `out`
+    /// (`[tokens, heads, stride]`), with head `h`'s weights converted to
+    /// f32 once for the call when there are many tokens (`Some(rows of
+    /// head h)`), or read in stored precision per token (`None`).
+    fn per_head<F>(&self, out: &mut [f32], stride: usize, tokens: usize, uk: bool, f: F)
+    where
+        F: Fn(usize, usize, &mut [f32], Option<&[f32]>) + Sync + Send,
+    {
+        let h = self.heads;
+        if tokens <= FEW_TOKENS {
+            out.par_chunks_mut(stride)
+                .enumerate()
+                .for_each(|(th, chunk)| f(th / h, th % h, chunk, None));
+            return;
+        }
+        let per_head = if uk { self.nope } else { self.v } * self.lora();
+        for first in (0..h).step_by(HEAD_GROUP) {
+            let count = HEAD_GROUP.min(h - first);
+            let w = self.heads_f32(first, count, uk);
+            out.par_chunks_mut(stride)
+                .enumerate()
+                .filter(|(th, _)| (first..first + count).contains(&(th % h)))
+                .for_each(|(th, chunk)| {
+                    let head = th % h;
+                    let rows = &w[(head - first) * per_head..][..per_head];
+                    f(th / h, head, chunk, Some(rows))
+                });
+        }
+    }
+
+    /// `lat[t, h] = q_nope[t, h] · W_UK[h]`: `q` is `[tokens, H, q_stride]`
+    /// with `q_nope` first in each head's row; writes the first `kv_lora`
+    /// values of each `out_stride` row of `out [tokens, H, out_stride]`.
+    pub fn latent_queries(
+        &self,
+        q: &[f32],
+        q_stride: usize,
+        tokens: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let (h, nope, lora) = (self.heads, self.nope, self.lora());
+        self.per_head(out, out_stride, tokens, true, |t, head, dst, w| {
+            let qn = &q[(t * h + head) * q_stride..][..nope];
+            let lat = &mut dst[..lora];
+            lat.fill(0.0);
+            match w {
+                Some(w) => {
+                    for (d, &a) in qn.iter().enumerate() {
+                        axpy(lat, a, &w[d * lora..][..lora]);
+                    }
+                }
+                None => {
+                    for d in (0..nope).step_by(4) {
+                        let rows = [0, 1, 2, 3].map(|k| self.uk_row(head, (d + k).min(nope - 1)));
+                        let a = [0, 1, 2, 3].map(|k| if d + k < nope { qn[d + k] } else { 0.0 });
+                        self.kv_b.axpy4(rows, a, lat);
+                    }
+                }
+            }
+        });
+    }
+
+    /// `o[t, h] = W_UV[h] · lat[t, h]`: `lat` is `[tokens, H, kv_lora]`,
+    /// `o` is `[tokens, H, v]`.
+    pub fn values(&self, lat: &[f32], tokens: usize, o: &mut [f32]) {
+        let (h, v, lora) = (self.heads, self.v, self.lora());
+        self.per_head(o, v, tokens, false, |t, head, dst, w| {
+            let x = &lat[(t * h + head) * lora..][..lora];
+            match w {
+                Some(w) => {
+                    for (d, od) in dst.iter_mut().enumerate() {
+                        *od = dot(&w[d * lora..][..lora], x);
+                    }
+                }
+                None => {
+                    let split = self.kv_b.prepare(x);
+                    for d in (0..v).step_by(4) {
+                        let rows = [0, 1, 2, 3].map(|k| self.uv_row(head, (d + k).min(v - 1)));
+                        let r = self.kv_b.dot4(rows, x, split.as_ref());
+                        for (k, &val) in r.iter().enumerate().take(v - d) {
+                            dst[d + k] = val;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::linear::testing::{every_dtype, values};
+
+    /// Both directions, for few tokens (stored rows) and many (heads
+    /// converted in groups, here 20 heads: a full group and a partial one),
+    /// with head dims that are not multiples of four, against f64 sums over
+    /// `kv_b.row()`.
+    #[test]
+    fn latent_queries_and_values_match_f64() {
+        let (heads, nope, v, lora) = (20usize, 6usize, 5usize, 130usize);
+        for kv_b in every_dtype(heads * (nope + v), lora, 3) {
+            let name = format!("{:?}", kv_b.dtype());
+            let rows: Vec<Vec<f32>> = (0..kv_b.out)
+                .map(|o| {
+                    let mut r = vec![0f32; lora];
+                    kv_b.row(o, &mut r);
+                    r
+                })
+                .collect();
+            let ab = Absorbed::new(kv_b, heads, nope, v);
+            for tokens in [1usize, 3, 7] {
+                // q rows of 9 (nope 6 + 3 others), out rows of lora + 2.
+                let (qs, os) = (nope + 3, lora + 2);
+                let q = values(tokens * heads * qs, tokens as u64);
+                let mut out = vec![f32::NAN; tokens * heads * os];
+                ab.latent_queries(&q, qs, tokens, &mut out, os);
+                let lat = values(tokens * heads * lora, 100 + tokens as u64);
+                let mut o = vec![f32::NAN; tokens * heads * v];
+                ab.values(&lat, tokens, &mut o);
+                for t in 0..tokens {
+                    for h in 0..heads {
+                        let th = t * heads + h;
+                        for c in 0..lora {
+                            let want: f64 = (0..nope)
+                                .map(|d| q[th * qs + d] as f64 * rows[h * (nope + v) + d][c] as f64)
+                                .sum();
+                            let got = out[th * os + c] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{name} t{tokens} lat[{t},{h},{c}] {got} vs {want}"
+                            );
+                        }
+                        assert!(out[th * os + lora].is_nan(), "wrote past kv_lora");
+                        for d in 0..v {
+                            let want: f64 = (0..lora)
+                                .map(|c| {
+                                    rows[h * (nope + v) + nope + d][c] as f64
+                                        * lat[th * lora + c] as f64
+                                })
+                                .sum();
+                            let got = o[th * v + d] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{name} t{tokens} o[{t},{h},{d}] {got} vs {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
