@@ -202,9 +202,12 @@ impl Linear {
     pub fn axpy4(&self, rows: [usize; 4], a: [f32; 4], y: &mut [f32]) {
         let n = self.inp;
         match &self.data {
-            Data::Plain(Dtype::Bf16, b) => {
-                vecops::axpy_bf16_x4(rows.map(|o| &b[o * n * 2..][..n * 2]), a, &mut y[..n])
-            }
+            Data::Plain(Dtype::Bf16, b) => vecops::axpy_bf16_x4(
+                rows.map(|o| &b[o * n * 2..][..n * 2]),
+                a,
+                &mut y[..n],
+                8 * n,
+            ),
             Data::Fp8 { codes, scales } => {
                 let per_row = n.div_ceil(FP8_BLOCK);
                 vecops::axpy_fp8_x4(
@@ -213,6 +216,7 @@ impl Linear {
                     FP8_BLOCK,
                     a,
                     &mut y[..n],
+                    4 * n,
                 )
             }
             Data::Plain(d, b) => {

@@ -282,7 +282,7 @@ mod avx512 {
     /// `y += Σ a[k] · rows[k]` for four bf16 rows: `y` is loaded and
     /// stored once per four rows.
     #[target_feature(enable = "avx512f")]
-    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32]) {
+    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
         let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
         let full = n / 16 * 16;
         let av = a.map(|v| _mm512_set1_ps(v));
@@ -293,6 +293,9 @@ mod avx512 {
                 let p = y.as_mut_ptr().add(i);
                 let mut acc = _mm512_loadu_ps(p);
                 for (r, row) in rows.iter().enumerate() {
+                    if i % 32 == 0 {
+                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                    }
                     let w = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
                     let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
                     acc = _mm512_fmadd_ps(f, av[r], acc);
@@ -314,6 +317,7 @@ mod avx512 {
         block: usize,
         a: [f32; 4],
         y: &mut [f32],
+        ahead: usize,
     ) {
         let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
         let mut b0 = 0;
@@ -331,6 +335,9 @@ mod avx512 {
                     let p = y.as_mut_ptr().add(i);
                     let mut acc = _mm512_loadu_ps(p);
                     for (r, row) in rows.iter().enumerate() {
+                        if (i - b0).is_multiple_of(64) {
+                            prefetch(row.as_ptr().wrapping_add(i + ahead));
+                        }
                         let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
                         acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), cv[r], acc);
                     }
@@ -483,30 +490,33 @@ pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
     portable::dot_fp8(codes, scales, block, x)
 }
 
-/// `y += Σ a[k] · rows[k]` for four bf16 rows.
-pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32]) {
+/// `y += Σ a[k] · rows[k]` for four bf16 rows; `ahead` is the prefetch
+/// distance in bytes, as for [`dot_bf16_x4`].
+pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
     #[cfg(target_arch = "x86_64")]
     if *AVX512 {
         // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::axpy_bf16_x4(rows, a, y) };
+        return unsafe { avx512::axpy_bf16_x4(rows, a, y, ahead) };
     }
     for r in 0..4 {
         portable::axpy_bf16(rows[r], a[r], y);
     }
 }
 
-/// `y += Σ a[k] · rows[k]` for four E4M3 rows (scales per `block` elements).
+/// `y += Σ a[k] · rows[k]` for four E4M3 rows (scales per `block`
+/// elements); `ahead` is the prefetch distance in bytes.
 pub fn axpy_fp8_x4(
     rows: [&[u8]; 4],
     scales: [&[f32]; 4],
     block: usize,
     a: [f32; 4],
     y: &mut [f32],
+    ahead: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
     if *AVX512 {
         // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::axpy_fp8_x4(rows, scales, block, a, y) };
+        return unsafe { avx512::axpy_fp8_x4(rows, scales, block, a, y, ahead) };
     }
     for r in 0..4 {
         portable::axpy_fp8(rows[r], scales[r], block, a[r], y);
@@ -611,7 +621,7 @@ mod tests {
             }
             let a4 = [0.5f32, -1.25, 2.0, 0.0];
             let (mut y, mut yp) = (x.clone(), x.clone());
-            axpy_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], a4, &mut y);
+            axpy_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], a4, &mut y, 8 * n);
             for r in 0..4 {
                 portable::axpy_bf16(&bf4[r], a4[r], &mut yp);
             }
@@ -621,7 +631,7 @@ mod tests {
             );
             let (mut y, mut yp) = (x.clone(), x.clone());
             let s4 = [&scales[..], &scales[..], &scales[..], &scales[..]];
-            axpy_fp8_x4([&c4[0], &c4[1], &c4[2], &c4[3]], s4, 64, a4, &mut y);
+            axpy_fp8_x4([&c4[0], &c4[1], &c4[2], &c4[3]], s4, 64, a4, &mut y, 4 * n);
             for r in 0..4 {
                 portable::axpy_fp8(&c4[r], &scales, 64, a4[r], &mut yp);
             }
