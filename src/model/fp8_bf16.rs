@@ -44,7 +44,7 @@ pub fn available() -> bool {
 /// Position, within a 64-code chunk, of the `k`-th bf16 lane that the
 /// two unpacks produce: lanes 0..32 come from `unpacklo` (codes 0..8 of
 /// each 16-code lane), lanes 32..64 from `unpackhi` (codes 8..16).
-const fn source_of(k: usize) -> usize {
+pub(crate) const fn source_of(k: usize) -> usize {
     let (half, w) = (k / 32, k % 32);
     (w / 8) * 16 + half * 8 + w % 8
 }
@@ -85,6 +85,21 @@ impl SplitX {
                 out[base + 32] = lo.to_bits();
             }
         }
+    }
+}
+
+/// Converts 64 E4M3 codes to their exact bf16 values as 32 pairs: pair
+/// `q` holds codes `source_of(2q)` (low half) and `source_of(2q + 1)`.
+pub fn codes_to_bf16_pairs(codes: &[u8; CHUNK], out: &mut [u32; CHUNK / 2]) {
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected at run time.
+        unsafe { avx512::widen_store(codes, out) };
+        return;
+    }
+    let bits = |c: u8| half::bf16::from_f32(E4M3_TABLE[c as usize]).to_bits() as u32;
+    for (q, o) in out.iter_mut().enumerate() {
+        *o = bits(codes[source_of(2 * q)]) | bits(codes[source_of(2 * q + 1)]) << 16;
     }
 }
 
@@ -167,6 +182,34 @@ mod avx512 {
         }
     }
 
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    fn tables() -> [__m512i; 4] {
+        let (thi, tlo) = &*TABLES;
+        // SAFETY: each table is 128 bytes, read as two 64-byte halves.
+        unsafe {
+            [
+                _mm512_loadu_si512(thi.as_ptr() as *const _),
+                _mm512_loadu_si512(thi.as_ptr().add(64) as *const _),
+                _mm512_loadu_si512(tlo.as_ptr() as *const _),
+                _mm512_loadu_si512(tlo.as_ptr().add(64) as *const _),
+            ]
+        }
+    }
+
+    /// [`super::codes_to_bf16_pairs`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+    pub fn widen_store(codes: &[u8; CHUNK], out: &mut [u32; CHUNK / 2]) {
+        // SAFETY: 64 bytes in, 128 bytes out.
+        unsafe {
+            let c = _mm512_loadu_si512(codes.as_ptr() as *const _);
+            let (a, b) = widen(c, &tables(), _mm512_set1_epi8(0x80u8 as i8));
+            let p = out.as_mut_ptr() as *mut __m512i;
+            _mm512_storeu_si512(p, std::mem::transmute::<__m512bh, __m512i>(a));
+            _mm512_storeu_si512(p.add(1), std::mem::transmute::<__m512bh, __m512i>(b));
+        }
+    }
+
     /// [`super::SplitX::new`] 64 elements at a time: `vcvtneps2bf16`
     /// rounds to nearest even like the portable split, then the 128-bit
     /// halves are regrouped into the unpack order.
@@ -218,16 +261,7 @@ mod avx512 {
         n: usize,
         ahead: usize,
     ) -> [f32; 4] {
-        let (thi, tlo) = &*TABLES;
-        // SAFETY: each table is 128 bytes, read as two 64-byte halves.
-        let t = unsafe {
-            [
-                _mm512_loadu_si512(thi.as_ptr() as *const _),
-                _mm512_loadu_si512(thi.as_ptr().add(64) as *const _),
-                _mm512_loadu_si512(tlo.as_ptr() as *const _),
-                _mm512_loadu_si512(tlo.as_ptr().add(64) as *const _),
-            ]
-        };
+        let t = tables();
         let sign = _mm512_set1_epi8(0x80u8 as i8);
         let mut total = [_mm512_setzero_ps(); 4];
         let mut tail = [0f32; 4];
@@ -374,6 +408,27 @@ mod tests {
                     "n={n} row {r}: {} vs {want} (sum |terms| {mag})",
                     got[r]
                 );
+            }
+        }
+    }
+
+    /// Every code lands, exactly, in the pair slot `source_of` names.
+    #[test]
+    fn codes_to_pairs_follow_source_order() {
+        for base in [0usize, 64, 128, 192] {
+            let codes: [u8; CHUNK] = std::array::from_fn(|k| (base + k) as u8);
+            let mut out = [0u32; CHUNK / 2];
+            codes_to_bf16_pairs(&codes, &mut out);
+            for q in 0..CHUNK / 2 {
+                for (half, shift) in [(0, 0), (1, 16)] {
+                    let c = codes[source_of(2 * q + half)];
+                    let got = half::bf16::from_bits((out[q] >> shift) as u16).to_f32();
+                    let want = E4M3_TABLE[c as usize];
+                    assert!(
+                        got == want || (got.is_nan() && want.is_nan()),
+                        "code {c}: {got} vs {want}"
+                    );
+                }
             }
         }
     }

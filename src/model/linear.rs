@@ -4,7 +4,7 @@
 //! every token.
 
 use super::weights::{StoredDtype, Tensor};
-use super::{fp8_bf16, vecops};
+use super::{fp8_bf16, gemm, vecops};
 use crate::error::{Error, Result, Status};
 use crate::format::fp8::E4M3_TABLE;
 use crate::format::{load_slice, store_slice, Dtype};
@@ -246,6 +246,16 @@ impl Linear {
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
+        if tokens > 4 && gemm::available() {
+            let w = match &self.data {
+                Data::Plain(Dtype::Bf16, b) => Some(gemm::Weights::Bf16(b)),
+                Data::Fp8 { codes, scales } => Some(gemm::Weights::Fp8 { codes, scales }),
+                _ => None,
+            };
+            if let Some(w) = w {
+                return gemm::matmul(w, out, inp, x, tokens, y);
+            }
+        }
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
         let mut yt = vec![0f32; out * tokens];
@@ -393,7 +403,7 @@ mod tests {
     fn matmul_matches_rows_for_every_dtype_and_shape() {
         for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
             for lin in every_dtype(out, inp, (out * inp) as u64) {
-                for tokens in [1usize, 3, 4, 5] {
+                for tokens in [1usize, 3, 4, 5, 17, 33] {
                     let x = values(tokens * inp, tokens as u64);
                     let mut y = vec![f32::NAN; tokens * out];
                     lin.matmul(&x, tokens, &mut y);

@@ -6,6 +6,7 @@ pub mod absorb;
 pub mod config;
 pub mod forward;
 pub mod fp8_bf16;
+pub mod gemm;
 pub mod gen;
 pub mod linear;
 pub mod rope;
