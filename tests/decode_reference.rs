@@ -761,6 +761,55 @@ fn long_sequences_split_kv_threads() {
     stats.print("long_sequences_split_kv_threads", t);
 }
 
+/// Prefill-shaped calls: many query tokens per sequence, so the CPU driver
+/// attends them in runs of a few tokens (and, when causal, each run sees
+/// only its visible keys) instead of splitting keys. Lengths shorter than,
+/// equal to and longer than s_q; heads that do and do not divide the run.
+#[test]
+fn many_query_tokens_in_runs() {
+    let t = Instant::now();
+    let engines = [Engine::new(1), Engine::new(2), Engine::new(3)];
+    let mut stats = Stats::default();
+    // (seqlens, s_q, h_q, causal, kv, out, block size)
+    type Config = (Vec<usize>, usize, usize, bool, Dt, Dt, usize);
+    let configs: [Config; 6] = [
+        (vec![40], 40, 16, true, Dt::F32, Dt::F32, 64),
+        (vec![150, 7, 0, 33], 33, 16, true, Dt::Bf16, Dt::Bf16, 16),
+        (vec![90, 12], 12, 128, true, Dt::Bf16, Dt::F32, 64),
+        (vec![61, 300], 37, 7, true, Dt::F16, Dt::F32, 100),
+        (vec![45, 5], 20, 16, false, Dt::F32, Dt::F32, 1),
+        (vec![200], 300, 1, true, Dt::F32, Dt::Bf16, 64),
+    ];
+    for (n, (seqlens, s_q, h_q, causal, kv, out, bs)) in configs.into_iter().enumerate() {
+        let case = Case {
+            group: "many_query_tokens",
+            batch: seqlens.len(),
+            s_q,
+            h_q,
+            d_qk: 576,
+            d_v: 512,
+            causal,
+            block_size: bs,
+            kv,
+            q: kv,
+            out,
+            seqlens,
+            scale: SCALES[n % SCALES.len()],
+            with_lse: true,
+        };
+        let seed = case_seed(7, n as u64);
+        let p = Problem::new(case, seed);
+        let pg = page(&p, seed ^ 0x5eed);
+        let r = reference(&p);
+        for e in &engines {
+            let got = decode(e, &p, &pg);
+            check(&p, &r, &got, &format!("{} threads", e.threads), &mut stats);
+        }
+        stats.cases += 1;
+    }
+    stats.print("many_query_tokens_in_runs", t);
+}
+
 /// The physical placement of blocks does not change the result: the same
 /// logical cache under different shuffled block tables gives bit-identical
 /// outputs on one engine.

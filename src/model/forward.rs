@@ -10,7 +10,7 @@ use super::{Model, QProj};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
-use crate::format::{load_slice, store_slice, Dtype};
+use crate::format::Dtype;
 use crate::kv::KvPool;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -114,8 +114,7 @@ impl Model {
 
             // Append [c | k_pe] for every sequence at once (all or nothing);
             // undo the appends if anything later fails.
-            let mut kv_bytes = vec![0u8; kv.len() * 4];
-            store_slice(Dtype::F32, &kv, &mut kv_bytes);
+            let kv_bytes: &[u8] = bytemuck::cast_slice(&kv);
             let items: Vec<(u64, usize, &[u8])> = seqs
                 .iter()
                 .enumerate()
@@ -146,25 +145,35 @@ impl Model {
                         c.softmax_scale() as f32,
                         true,
                     )?;
-                    let mut qb = vec![0u8; shape.q_elems() * 4];
-                    for (g, &b) in members.iter().enumerate() {
-                        let src = &qf[first_tok[b] * h * d_qk..][..n * h * d_qk];
-                        store_slice(
-                            Dtype::F32,
-                            src,
-                            &mut qb[g * n * h * d_qk * 4..][..n * h * d_qk * 4],
+                    // Members with consecutive indices have consecutive
+                    // tokens: decode straight from qf into o_lat. Otherwise
+                    // gather them.
+                    let (qe, oe) = (n * h * d_qk, n * h * lora);
+                    let t0 = first_tok[members[0]];
+                    if members.windows(2).all(|w| w[1] == w[0] + 1) {
+                        let qb = bytemuck::cast_slice(&qf[t0 * h * d_qk..][..members.len() * qe]);
+                        let ob = bytemuck::cast_slice_mut(
+                            &mut o_lat[t0 * h * lora..][..members.len() * oe],
                         );
+                        let mut out = DecodeOutput::new(&shape, Dtype::F32, ob, None)?;
+                        pool.decode(pl, &ids, shape, Dtype::F32, qb, None, None, &mut out)?;
+                        continue;
                     }
-                    let mut ob = vec![0u8; shape.out_elems() * 4];
-                    let mut out = DecodeOutput::new(&shape, Dtype::F32, &mut ob, None)?;
-                    pool.decode(pl, &ids, shape, Dtype::F32, &qb, None, None, &mut out)?;
+                    let mut qg = Vec::with_capacity(members.len() * qe);
+                    for &b in members {
+                        qg.extend_from_slice(&qf[first_tok[b] * h * d_qk..][..qe]);
+                    }
+                    let mut og = vec![0f32; members.len() * oe];
+                    let mut out = DecodeOutput::new(
+                        &shape,
+                        Dtype::F32,
+                        bytemuck::cast_slice_mut(&mut og),
+                        None,
+                    )?;
+                    let qb = bytemuck::cast_slice(&qg);
+                    pool.decode(pl, &ids, shape, Dtype::F32, qb, None, None, &mut out)?;
                     for (g, &b) in members.iter().enumerate() {
-                        let dst = &mut o_lat[first_tok[b] * h * lora..][..n * h * lora];
-                        load_slice(
-                            Dtype::F32,
-                            &ob[g * n * h * lora * 4..][..n * h * lora * 4],
-                            dst,
-                        );
+                        o_lat[first_tok[b] * h * lora..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                     }
                 }
                 // o = W_UV · o_lat per head, then o_proj.

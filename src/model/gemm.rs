@@ -186,11 +186,19 @@ pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &
                 }
             }
         });
-    for (o, row) in yt.chunks(t_pad).take(out).enumerate() {
-        for (t, &v) in row.iter().take(tokens).enumerate() {
-            y[t * out + o] = v;
-        }
-    }
+    // yt [out][t_pad] → y [T][out], 16 tokens at a time: each cache line of
+    // yt is read once, and the 16 output rows are written in runs.
+    y[..tokens * out]
+        .par_chunks_mut(TOKENS * out)
+        .enumerate()
+        .for_each(|(tb, ys)| {
+            let n = ys.len() / out;
+            for (o, col) in yt.chunks_exact(t_pad).take(out).enumerate() {
+                for (t, &v) in col[tb * TOKENS..][..n].iter().enumerate() {
+                    ys[t * out + o] = v;
+                }
+            }
+        });
 }
 
 /// One 12-row × 16-token tile over one column block (`x`: one [`PackedX`]

@@ -18,6 +18,12 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
+/// Query rows (tokens × heads) a kernel attends at once. A prefill chunk
+/// of 256 tokens × 128 heads packed whole is 75 MB of queries and 67 MB of
+/// accumulators, re-read for every 64-key tile; in runs of 256 rows both
+/// stay in L2.
+const ROWS_PER_RUN: usize = 256;
+
 /// Kernel variants compiled into this build.
 pub const BUILT_KERNELS: &[CpuIsa] = &[
     CpuIsa::Scalar,
@@ -149,7 +155,17 @@ impl CpuBackend {
                 ws.key_first.push(ws.keys.len());
             }
         }
-        ws.plan.build(&ws.key_counts, self.info.threads);
+        // Groups of many query rows (prefill chunks) are attended in runs
+        // of tokens, in parallel (below). When they have several runs each,
+        // and the runs alone give every thread work, keys are not split:
+        // no partial results to merge. Decode-sized groups keep the plan.
+        let runs = n_groups * n_q.div_ceil((ROWS_PER_RUN / s.h_q).max(1));
+        let plan_workers = if rows > ROWS_PER_RUN && runs >= self.info.threads {
+            1
+        } else {
+            self.info.threads
+        };
+        ws.plan.build(&ws.key_counts, plan_workers);
         let n_items = ws.plan.items().len();
         try_grow(&mut ws.q, "packed queries", s.batch * s.rows() * s.d_qk)?;
         try_grow(&mut ws.part_o, "partial outputs", n_items * rows * s.d_v)?;
@@ -210,25 +226,47 @@ impl CpuBackend {
                             None,
                         ),
                     };
-                    let task = AttnTask {
-                        q: &q[g * rows * s.d_qk..(g + 1) * rows * s.d_qk],
-                        n_q,
-                        h_q: s.h_q,
-                        d_qk: s.d_qk,
-                        d_v: s.d_v,
-                        source,
-                        start: item.start as usize,
-                        end: item.end as usize,
-                        causal_seqlen,
-                        q_bf16: (d.q_dtype == Dtype::Bf16)
-                            .then(|| &d.q[g * rows * s.d_qk * 2..(g + 1) * rows * s.d_qk * 2]),
-                        scale: s.softmax_scale,
-                        p_bf16: out.dtype == Dtype::Bf16,
+                    // Many query tokens (a prefill chunk): attend a few at a
+                    // time, so their packed rows stay in cache and, when
+                    // causal, each run skips the keys none of its tokens sees.
+                    let per_run = (ROWS_PER_RUN / s.h_q).max(1);
+                    let run = |ri: usize, o: &mut [f32], l: &mut [f32]| {
+                        let i0 = ri * per_run;
+                        let i1 = (i0 + per_run).min(n_q);
+                        let (r0, r1) = (i0 * s.h_q, i1 * s.h_q);
+                        // Token i0 + i sees keys < len - n_q + i0 + i + 1, which
+                        // is the mask of i1 - i0 tokens over len - (n_q - i1).
+                        let run_seqlen = causal_seqlen.map(|len| (len + i1).saturating_sub(n_q));
+                        let end = (item.end as usize).min(run_seqlen.unwrap_or(usize::MAX));
+                        let qr = (g * rows + r0) * s.d_qk..(g * rows + r1) * s.d_qk;
+                        let task = AttnTask {
+                            q: &q[qr.clone()],
+                            n_q: i1 - i0,
+                            h_q: s.h_q,
+                            d_qk: s.d_qk,
+                            d_v: s.d_v,
+                            source,
+                            start: (item.start as usize).min(end),
+                            end,
+                            causal_seqlen: run_seqlen,
+                            q_bf16: (d.q_dtype == Dtype::Bf16)
+                                .then(|| &d.q[qr.start * 2..qr.end * 2]),
+                            scale: s.softmax_scale,
+                            p_bf16: out.dtype == Dtype::Bf16,
+                        };
+                        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                            Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),
+                            Err(_) => kernel.attend(&task, &mut Scratch::default(), o, l),
+                        });
                     };
-                    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-                        Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),
-                        Err(_) => kernel.attend(&task, &mut Scratch::default(), o, l),
-                    });
+                    if n_q <= per_run {
+                        run(0, o, l);
+                    } else {
+                        o.par_chunks_mut(per_run * s.h_q * s.d_v)
+                            .zip(l.par_chunks_mut(per_run * s.h_q))
+                            .enumerate()
+                            .for_each(|(ri, (o, l))| run(ri, o, l));
+                    }
                 });
 
             // 3. Merge the splits of each group by lse, apply the sink, store.
