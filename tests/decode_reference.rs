@@ -721,22 +721,7 @@ fn long_sequences_split_kv_threads() {
         (vec![2500, 2600], 2, 1, true, Dt::F32, Dt::F32, 1, 50.0),
     ];
     for (n, (seqlens, s_q, h_q, causal, kv, out, bs, scale)) in configs.into_iter().enumerate() {
-        let case = Case {
-            group: "long",
-            batch: seqlens.len(),
-            s_q,
-            h_q,
-            d_qk: 576,
-            d_v: 512,
-            causal,
-            block_size: bs,
-            kv,
-            q: kv,
-            out,
-            seqlens,
-            scale,
-            with_lse: true,
-        };
+        let case = deepseek_case("long", seqlens, s_q, h_q, causal, kv, out, bs, scale);
         let seed = case_seed(4, n as u64);
         let p = Problem::new(case, seed);
         let pg = page(&p, seed ^ 0x5eed);
@@ -761,6 +746,37 @@ fn long_sequences_split_kv_threads() {
     stats.print("long_sequences_split_kv_threads", t);
 }
 
+/// A case with DeepSeek's head dims, queries in the cache's dtype and the lse.
+#[allow(clippy::too_many_arguments)]
+fn deepseek_case(
+    group: &'static str,
+    seqlens: Vec<usize>,
+    s_q: usize,
+    h_q: usize,
+    causal: bool,
+    kv: Dt,
+    out: Dt,
+    block_size: usize,
+    scale: f32,
+) -> Case {
+    Case {
+        group,
+        batch: seqlens.len(),
+        s_q,
+        h_q,
+        d_qk: 576,
+        d_v: 512,
+        causal,
+        block_size,
+        kv,
+        q: kv,
+        out,
+        seqlens,
+        scale,
+        with_lse: true,
+    }
+}
+
 /// Prefill-shaped calls: many query tokens per sequence, so the CPU driver
 /// attends them in runs of a few tokens (and, when causal, each run sees
 /// only its visible keys) instead of splitting keys. Lengths shorter than,
@@ -781,22 +797,18 @@ fn many_query_tokens_in_runs() {
         (vec![200], 300, 1, true, Dt::F32, Dt::Bf16, 64),
     ];
     for (n, (seqlens, s_q, h_q, causal, kv, out, bs)) in configs.into_iter().enumerate() {
-        let case = Case {
-            group: "many_query_tokens",
-            batch: seqlens.len(),
+        let scale = SCALES[n % SCALES.len()];
+        let case = deepseek_case(
+            "many_query_tokens",
+            seqlens,
             s_q,
             h_q,
-            d_qk: 576,
-            d_v: 512,
             causal,
-            block_size: bs,
             kv,
-            q: kv,
             out,
-            seqlens,
-            scale: SCALES[n % SCALES.len()],
-            with_lse: true,
-        };
+            bs,
+            scale,
+        );
         let seed = case_seed(7, n as u64);
         let p = Problem::new(case, seed);
         let pg = page(&p, seed ^ 0x5eed);

@@ -646,6 +646,20 @@ fn config_json(opts: &GenOptions) -> Value {
 // ---------------------------------------------------------------------------
 // Random values.
 
+/// Deterministic values in [-1, 1) from `seed` (xorshift): stand-in hidden
+/// states for `mlart run`/`bench --model`, and test inputs.
+pub fn uniform(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
 fn splitmix64(state: &mut u64) -> u64 {
     *state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = *state;

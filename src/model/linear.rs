@@ -328,18 +328,7 @@ pub(crate) mod testing {
         }
     }
 
-    /// Small deterministic generator of values in [-1, 1).
-    pub fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    pub use crate::model::gen::uniform as values;
 
     /// One random `[out, inp]` weight as bf16, f16, f32 and FP8 (scales
     /// that differ per 128x128 block).

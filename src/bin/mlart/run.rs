@@ -148,15 +148,7 @@ fn pool_for(
 
 /// Deterministic hidden states in [-1, 1).
 fn hidden(n: usize, seed: u64) -> Vec<f32> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        })
-        .collect()
+    mlart::model::gen::uniform(n, seed)
 }
 
 /// Runs every loaded layer once on `x` (residual added), timing each.
