@@ -101,6 +101,17 @@ impl KvLayout {
         block * self.block_bytes + self.block_size * M1_DATA + off * M1_SCALES
     }
 
+    /// The stored bytes of token `off` of block `block` for the BF16
+    /// format (`2 * d_qk` bytes, the values as they are), or `None` for
+    /// other formats.
+    #[inline]
+    pub fn bf16_row<'c>(&self, cache: &'c [u8], block: usize, off: usize) -> Option<&'c [u8]> {
+        (self.format == KvFormat::Bf16).then(|| {
+            let at = self.data_at(block, off);
+            &cache[at..at + self.row_bytes]
+        })
+    }
+
     /// Dequantizes/converts token `off` of block `block` into `out[..d_qk]`.
     #[inline]
     pub fn load_row(&self, cache: &[u8], block: usize, off: usize, out: &mut [f32]) {

@@ -76,6 +76,45 @@ impl AttnTask<'_> {
         }
     }
 
+    /// Copies key `j` as stored into `out` (`d_qk / 2` bf16 pairs) when
+    /// every key is a BF16 cache row; false (nothing written) otherwise.
+    #[inline]
+    pub fn gather_bf16(&self, j: usize, out: &mut [u32]) -> bool {
+        let row = match self.source {
+            KeySource::Paged { kv, blocks } => {
+                let bs = kv.block_size();
+                kv.layout.bf16_row(kv.data, blocks[j / bs] as usize, j % bs)
+            }
+            KeySource::List { main, extra, keys } => {
+                let k = keys[j];
+                let (c, pos) = match (k & EXTRA_KEY != 0, extra) {
+                    (true, Some(x)) => (x, (k & !EXTRA_KEY) as usize),
+                    _ => (main, k as usize),
+                };
+                let bs = c.block_size();
+                c.layout.bf16_row(c.data, pos / bs, pos % bs)
+            }
+        };
+        match row {
+            Some(r) if r.len() == 4 * out.len() => {
+                bytemuck::cast_slice_mut::<u32, u8>(out).copy_from_slice(r);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether every key source is a BF16 cache (see [`Self::gather_bf16`]).
+    pub fn keys_are_bf16(&self) -> bool {
+        match self.source {
+            KeySource::Paged { kv, .. } => kv.layout.format == crate::format::KvFormat::Bf16,
+            KeySource::List { main, extra, .. } => {
+                main.layout.format == crate::format::KvFormat::Bf16
+                    && extra.is_none_or(|x| x.layout.format == crate::format::KvFormat::Bf16)
+            }
+        }
+    }
+
     /// Converts key `j` to f32 (`out[..d_qk]`).
     #[inline]
     pub fn gather(&self, j: usize, out: &mut [f32]) {

@@ -68,6 +68,59 @@ trait Vector: Copy {
     /// # Safety
     /// The ISA must be enabled.
     unsafe fn fma(self, a: Self, b: Self) -> Self;
+    /// Lane-wise `a op b` for `op` in +, -, *, max, min; round to nearest.
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn add(self, b: Self) -> Self;
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn sub(self, b: Self) -> Self;
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn mul(self, b: Self) -> Self;
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn max(self, b: Self) -> Self;
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn min(self, b: Self) -> Self;
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn round(self) -> Self;
+    /// `2^self` for integral lanes in [-126, 127].
+    /// # Safety
+    /// The ISA must be enabled.
+    unsafe fn pow2(self) -> Self;
+
+    /// `e^x` lane-wise, to about 2 ulp (Cephes' `expf`: `x = n·ln2 + r`,
+    /// a degree-6 polynomial in r, times `2^n`). Inputs are clamped to
+    /// [-87.3, 88.3], so very negative ones (the softmax's masked or
+    /// far-below-max scores, and -inf) give ~1e-38, not 0.
+    /// # Safety
+    /// The ISA must be enabled.
+    #[inline(always)]
+    unsafe fn exp(self) -> Self {
+        // SAFETY: caller contract (the ISA is enabled).
+        unsafe {
+            let x = self.max(Self::splat(-87.3)).min(Self::splat(88.3));
+            let n = x.mul(Self::splat(std::f32::consts::LOG2_E)).round();
+            let r = x
+                .fma(n, Self::splat(-0.693_359_4))
+                .fma(n, Self::splat(2.121_944_4e-4));
+            let mut p = Self::splat(1.987_569_1e-4);
+            for c in [
+                1.398_199_9e-3,
+                8.333_452e-3,
+                4.166_579_6e-2,
+                0.166_666_65,
+                0.5,
+            ] {
+                p = Self::splat(c).fma(p, r);
+            }
+            let y = r.add(Self::splat(1.0)).fma(p, r.mul(r));
+            y.mul(n.pow2())
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -103,6 +156,46 @@ mod x86 {
             // SAFETY: caller contract (FMA enabled).
             V256(unsafe { _mm256_fmadd_ps(a.0, b.0, self.0) })
         }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe { _mm256_add_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe { _mm256_sub_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe { _mm256_mul_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe { _mm256_max_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn min(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe { _mm256_min_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn round(self) -> Self {
+            // SAFETY: caller contract (AVX enabled).
+            V256(unsafe {
+                _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+            })
+        }
+        #[inline(always)]
+        unsafe fn pow2(self) -> Self {
+            // SAFETY: caller contract (AVX2 enabled).
+            V256(unsafe {
+                let e = _mm256_add_epi32(_mm256_cvtps_epi32(self.0), _mm256_set1_epi32(127));
+                _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e))
+            })
+        }
     }
 
     impl Vector for V512 {
@@ -127,6 +220,46 @@ mod x86 {
         unsafe fn fma(self, a: Self, b: Self) -> Self {
             // SAFETY: caller contract (AVX-512F enabled).
             V512(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
+        }
+        #[inline(always)]
+        unsafe fn add(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe { _mm512_add_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe { _mm512_sub_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe { _mm512_mul_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn max(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe { _mm512_max_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn min(self, b: Self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe { _mm512_min_ps(self.0, b.0) })
+        }
+        #[inline(always)]
+        unsafe fn round(self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe {
+                _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(self.0)
+            })
+        }
+        #[inline(always)]
+        unsafe fn pow2(self) -> Self {
+            // SAFETY: caller contract (AVX-512F enabled).
+            V512(unsafe {
+                let e = _mm512_add_epi32(_mm512_cvtps_epi32(self.0), _mm512_set1_epi32(127));
+                _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e))
+            })
         }
     }
 }
@@ -220,6 +353,46 @@ mod bf16 {
                 for (o, a) in out.iter_mut().zip(lo) {
                     *o = a.to_bits() >> 16;
                 }
+            }
+        }
+    }
+
+    /// [`v_pairs`] from the keys as stored bf16 pairs (`k2 [n][d2]`, what a
+    /// BF16 cache holds): no f32 copy of the tile is needed.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; `k2` holds `n * d2`, `vp` holds `n.div_ceil(2) * dv`,
+    /// `dv <= 2 * d2`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn v_pairs_raw(k2: &[u32], d2: usize, n: usize, dv: usize, vp: &mut [u32]) {
+        debug_assert!(vp.len() >= n.div_ceil(2) * dv && k2.len() >= n * d2 && dv <= 2 * d2);
+        let w: &[u16] = bytemuck::cast_slice(&k2[..n * d2]);
+        let d = 2 * d2;
+        let full = dv / 16 * 16;
+        for jp in 0..n.div_ceil(2) {
+            let lo = &w[2 * jp * d..][..dv];
+            let hi = (2 * jp + 1 < n).then(|| &w[(2 * jp + 1) * d..][..dv]);
+            let out = &mut vp[jp * dv..][..dv];
+            let mut c = 0;
+            while c < full {
+                // SAFETY: columns c..c + 16 exist in lo, hi and out.
+                unsafe {
+                    let load = |r: &[u16]| {
+                        _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                            r.as_ptr().add(c) as *const __m256i
+                        ))
+                    };
+                    let mut v = load(lo);
+                    if let Some(h) = hi {
+                        v = _mm512_or_si512(v, _mm512_slli_epi32(load(h), 16));
+                    }
+                    _mm512_storeu_si512(out.as_mut_ptr().add(c) as *mut __m512i, v);
+                }
+                c += 16;
+            }
+            for c in full..dv {
+                out[c] = lo[c] as u32 | hi.map_or(0, |h| (h[c] as u32) << 16);
             }
         }
     }
@@ -821,6 +994,60 @@ unsafe fn accumulate<V: Vector, const RN: usize>(
     }
 }
 
+/// The online-softmax step for `V::LANES` rows from `rb` that see every
+/// key of the tile: new running max, `p = e^(s - max)` stored over the
+/// scores, running sums, and the rescale of rows whose max moved.
+///
+/// # Safety
+/// The ISA of `V` is enabled; `st` holds `n` keys × `rp` rows, `row_max`
+/// and `row_sum` rows `rb..rb + LANES`, `o` those rows × `dv`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_rows<V: Vector>(
+    st: &mut [f32],
+    rp: usize,
+    rb: usize,
+    n: usize,
+    row_max: &mut [f32],
+    row_sum: &mut [f32],
+    o: &mut [f32],
+    dv: usize,
+) {
+    let lanes = V::LANES;
+    debug_assert!(n >= 1 && st.len() >= (n - 1) * rp + rb + lanes);
+    debug_assert!(row_max.len() >= rb + lanes && row_sum.len() >= rb + lanes);
+    debug_assert!(o.len() >= (rb + lanes) * dv && lanes <= 16);
+    // SAFETY: in bounds by the assertions above; ISA enabled (caller).
+    unsafe {
+        let s = st.as_mut_ptr().add(rb);
+        let mut tmax = V::load(s);
+        for j in 1..n {
+            tmax = tmax.max(V::load(s.add(j * rp)));
+        }
+        let m_old = V::load(row_max.as_ptr().add(rb));
+        let m_new = m_old.max(tmax);
+        let alpha = m_old.sub(m_new).exp();
+        let mut sum = V::splat(0.0);
+        for j in 0..n {
+            let p = V::load(s.add(j * rp)).sub(m_new).exp();
+            p.store(s.add(j * rp));
+            sum = sum.add(p);
+        }
+        let rs = row_sum.as_mut_ptr().add(rb);
+        V::load(rs).mul(alpha).add(sum).store(rs);
+        m_new.store(row_max.as_mut_ptr().add(rb));
+        let mut a = [0f32; 16];
+        alpha.store(a.as_mut_ptr());
+        for (l, &al) in a[..lanes].iter().enumerate() {
+            if al != 1.0 {
+                o[(rb + l) * dv..(rb + l + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x *= al);
+            }
+        }
+    }
+}
+
 /// The kernel body for one vector type.
 ///
 /// # Safety
@@ -850,6 +1077,10 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
     // the output is bf16 anyway; V is exactly bf16 when the keys are.
     let p_bf16 = BF16 && !AMX && use_bf16 && task.p_bf16 && dv % 16 == 0;
+    // Both GEMMs on a BF16 cache: the stored rows are the pairs Q·Kᵀ reads
+    // and V's pairs interleave them, so the f32 copy of the tile is skipped
+    // (at h_q = 16 that copy was a third of the kernel's time).
+    let raw_bf16 = p_bf16 && task.keys_are_bf16();
     #[cfg(target_arch = "x86_64")]
     let pv_amx = AMX && use_bf16 && task.p_bf16 && dv % 16 == 0 && *AMX_PV;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
@@ -902,8 +1133,10 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     let mut t0 = task.start;
     while t0 < task.end {
         let n = K_TILE.min(task.end - t0);
-        for j in 0..n {
-            task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
+        if !raw_bf16 {
+            for j in 0..n {
+                task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
+            }
         }
         if use_amx {
             // Keys as bf16 pairs transposed to [d/2][64] (VNNI B layout).
@@ -934,7 +1167,14 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
             for j in 0..n {
-                for (i, x) in k2[j * d2..(j + 1) * d2].iter_mut().enumerate() {
+                let kr = &mut k2[j * d2..(j + 1) * d2];
+                if raw_bf16 && task.gather_bf16(t0 + j, kr) {
+                    continue;
+                }
+                if raw_bf16 {
+                    task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
+                }
+                for (i, x) in kr.iter_mut().enumerate() {
                     let (a, b) = (
                         k_tile[j * d + 2 * i].to_bits(),
                         k_tile[j * d + 2 * i + 1].to_bits(),
@@ -962,31 +1202,45 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                 rb += rv * lanes;
             }
         }
-        // Online softmax per row; keys past the visible prefix get p = 0.
-        for row in 0..rows {
-            let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
-            let tile_max = (0..vis)
-                .map(|j| st[j * rp + row])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let new_max = row_max[row].max(tile_max);
-            if new_max == f32::NEG_INFINITY {
-                (0..n).for_each(|j| st[j * rp + row] = 0.0);
+        // Online softmax, one vector of rows at a time. Rows at a causal
+        // edge (some keys of this tile past their visible prefix, p = 0
+        // there) and a last partial vector go one by one.
+        let mut rb = 0;
+        while rb < rows {
+            let re = (rb + lanes).min(rows);
+            if re - rb == lanes && (rb..re).all(|row| task.visible(row / h_q) >= t0 + n) {
+                // SAFETY: ISA enabled (caller); rows rb..rb + lanes exist in
+                // st (stride rp), row_max, row_sum and o.
+                unsafe { softmax_rows::<V>(st, rp, rb, n, row_max, row_sum, o, dv) };
+                rb = re;
                 continue;
             }
-            let alpha = (row_max[row] - new_max).exp();
-            let mut sum = 0.0;
-            for j in 0..n {
-                let x = &mut st[j * rp + row];
-                *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
-                sum += *x;
+            for row in rb..re {
+                let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
+                let tile_max = (0..vis)
+                    .map(|j| st[j * rp + row])
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = row_max[row].max(tile_max);
+                if new_max == f32::NEG_INFINITY {
+                    (0..n).for_each(|j| st[j * rp + row] = 0.0);
+                    continue;
+                }
+                let alpha = (row_max[row] - new_max).exp();
+                let mut sum = 0.0;
+                for j in 0..n {
+                    let x = &mut st[j * rp + row];
+                    *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
+                    sum += *x;
+                }
+                row_sum[row] = row_sum[row] * alpha + sum;
+                row_max[row] = new_max;
+                if alpha != 1.0 {
+                    o[row * dv..(row + 1) * dv]
+                        .iter_mut()
+                        .for_each(|x| *x *= alpha);
+                }
             }
-            row_sum[row] = row_sum[row] * alpha + sum;
-            row_max[row] = new_max;
-            if alpha != 1.0 {
-                o[row * dv..(row + 1) * dv]
-                    .iter_mut()
-                    .for_each(|x| *x *= alpha);
-            }
+            rb = re;
         }
         #[cfg(target_arch = "x86_64")]
         if pv_amx {
@@ -1010,7 +1264,11 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             let (vp, pp) = pairs.split_at_mut(np * dv);
             // SAFETY: p_bf16 implies the avx512bf16 entry point; sizes as required.
             unsafe {
-                bf16::v_pairs(k_tile, d, n, dv, vp);
+                if raw_bf16 {
+                    bf16::v_pairs_raw(&scratch.pairs[d2 * rp..], d2, n, dv, vp);
+                } else {
+                    bf16::v_pairs(k_tile, d, n, dv, vp);
+                }
                 bf16::p_pairs(st, rp, n, pp);
             }
             let mut r0 = 0;
@@ -1159,7 +1417,81 @@ impl AttentionKernel for Avx512Kernel {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::amx;
+    use super::{amx, bf16};
+
+    /// The vector `exp` of both widths against f64 over the softmax's
+    /// range, -inf and the clamp included.
+    #[test]
+    fn vector_exp_is_within_a_few_ulp() {
+        use super::x86::{V256, V512};
+        use super::Vector;
+        fn check<V: Vector>(name: &str) {
+            let mut xs: Vec<f32> = (0..20000).map(|i| -100.0 + i as f32 * 0.0094).collect();
+            xs.extend([0.0, -0.0, 1e-30, -1e-30, 88.0, f32::NEG_INFINITY, -87.0, -88.0]);
+            xs.resize(xs.len().div_ceil(16) * 16, 0.5);
+            let mut out = vec![0f32; xs.len()];
+            for (i, c) in xs.chunks(V::LANES).enumerate() {
+                // SAFETY: the caller checked the ISA; c has LANES values.
+                unsafe { V::load(c.as_ptr()).exp().store(out.as_mut_ptr().add(i * V::LANES)) };
+            }
+            for (&x, &y) in xs.iter().zip(&out) {
+                let want = (x as f64).exp();
+                if x < -87.3 {
+                    assert!(y >= 0.0 && y < 2e-38, "{name} exp({x}) = {y}");
+                } else {
+                    let rel = ((y as f64 - want) / want).abs();
+                    assert!(rel <= 4.0 * f32::EPSILON as f64, "{name} exp({x}) = {y}, want {want}");
+                }
+            }
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            check::<V256>("avx2");
+        } else {
+            eprintln!("SKIPPED vector exp avx2: CPU lacks avx2+fma");
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            check::<V512>("avx512");
+        } else {
+            eprintln!("SKIPPED vector exp avx512: CPU lacks avx512f");
+        }
+    }
+
+    /// V pairs from the stored bf16 rows equal the pairs built from the f32
+    /// copy, bit for bit, for odd and even key counts and column tails.
+    #[test]
+    fn v_pairs_from_stored_rows_equal_v_pairs_from_f32() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED v_pairs_raw: CPU lacks avx512f");
+            return;
+        }
+        let vals = crate::model::gen::uniform(64 * 576, 7);
+        for (n, d, dv) in [
+            (64usize, 576usize, 512usize),
+            (37, 576, 512),
+            (1, 64, 64),
+            (5, 40, 40),
+        ] {
+            let words: Vec<u16> = vals[..n * d]
+                .iter()
+                .map(|v| half::bf16::from_f32(*v).to_bits())
+                .collect();
+            let k_tile: Vec<f32> = words
+                .iter()
+                .map(|w| f32::from_bits((*w as u32) << 16))
+                .collect();
+            let k2: Vec<u32> = bytemuck::cast_slice(&words).to_vec();
+            let (mut a, mut b) = (
+                vec![7u32; n.div_ceil(2) * dv],
+                vec![9u32; n.div_ceil(2) * dv],
+            );
+            // SAFETY: avx512f detected; sizes as required.
+            unsafe {
+                bf16::v_pairs(&k_tile, d, n, dv, &mut a);
+                bf16::v_pairs_raw(&k2, d / 2, n, dv, &mut b);
+            }
+            assert_eq!(a, b, "n {n} d {d} dv {dv}");
+        }
+    }
 
     fn bf16_round(x: f32) -> f32 {
         let b = x.to_bits();
