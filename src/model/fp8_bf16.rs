@@ -16,6 +16,8 @@
 //! are stored in that same order ([`SplitX`]); a dot product does not care
 //! about the order of its terms.
 
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
+
 use crate::format::fp8::E4M3_TABLE;
 use once_cell::sync::Lazy;
 

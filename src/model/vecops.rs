@@ -3,6 +3,8 @@
 //! scale per 128 elements), converted in registers, plus `axpy`. AVX-512F
 //! (with F16C for f16/FP8) when the CPU has it, portable code otherwise.
 
+#![cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+
 use crate::format::fp8::E4M3_TABLE;
 use once_cell::sync::Lazy;
 
