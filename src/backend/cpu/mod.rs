@@ -1,6 +1,8 @@
 //! The CPU backend: a persistent thread pool, a reusable workspace and the
 //! split-KV driver around an ISA-specific [`kernel::AttentionKernel`].
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 pub mod isa;
 pub mod kernel;
 mod simd;
