@@ -11,7 +11,9 @@
 #                                and bf16 matmul rate torch measures in the same
 #                                run; then, on its Xeon host (AMX-BF16), the CPU
 #                                reference suites forced to the amx kernel with
-#                                P·V on tiles (MLART_AMX_PV=1) and an amx bench;
+#                                P·V on tiles (MLART_AMX_PV=1) and an amx bench,
+#                                and the model's prefill GEMM on AMX
+#                                (MLART_AMX_GEMM=1): its tests and a timing;
 #                                writes $OUT/gpu-check.txt and $OUT/bench-*.json
 #
 # Device tool call: command "bash scripts/gpu-check.sh run", carry ["target/gpu"].
@@ -39,7 +41,7 @@ for line in sys.stdin:
     cp target/release/mlart "$g/"
     while read -r name exe; do
         case "$name" in
-            unit|cuda_decode|decode_errors|cpu_isa|decode_reference|sparse_reference)
+            unit|cuda_decode|decode_errors|cpu_isa|decode_reference|sparse_reference|model)
                 cp "$exe" "$g/$name" ;;
         esac
     done < target/gpu-tests.txt
@@ -96,6 +98,19 @@ PY
                 MLART_CPU_ISA=amx MLART_AMX_PV=$pv timeout 120 "$g/mlart" bench --no-scalar --seconds 0.5 \
                     --points $pts --json "$out/bench-amx-pv$pv.json" 2>&1 | grep -vE "^\s*$|^point"
             done
+            echo "== host CPU: the model's prefill GEMM on AMX (MLART_AMX_GEMM=1) vs the f64 references"
+            MLART_AMX_GEMM=1 timeout 200 "$g/unit" model:: 2>&1 | grep -E "test result|panicked|FAILED" | head -5
+            MLART_AMX_GEMM=1 timeout 300 "$g/model" 2>&1 | grep -E "test result|panicked|FAILED" | head -5
+            ck=$(mktemp -d)
+            for dt in bf16 fp8; do
+                timeout 120 "$g/mlart" gen-model --preset v3 --layers 1 --dtype $dt "$ck/$dt" > /dev/null 2>&1
+                for amx in 0 1; do
+                    echo "== prefill 256 tokens, one V3 layer, $dt weights, MLART_AMX_GEMM=$amx"
+                    MLART_AMX_GEMM=$amx timeout 120 "$g/mlart" run --model "$ck/$dt" --prompt 256 --decode 8 2>&1 \
+                        | grep -E "prefill|decode:"
+                done
+            done
+            rm -rf "$ck"
         else
             echo "skipped: this host CPU has no AMX-BF16"
         fi

@@ -19,6 +19,8 @@
 
 use super::fp8_bf16::{self, source_of, CHUNK};
 use super::linear::FP8_BLOCK;
+#[cfg(target_arch = "x86_64")]
+use crate::backend::cpu::amx;
 use rayon::prelude::*;
 
 /// Weight rows per tile.
@@ -51,12 +53,22 @@ impl Weights<'_> {
         }
     }
 
-    /// Rows `o0..o0 + ROWS` (zero past `out`), columns of block `cb`, as
-    /// bf16 pairs `[ROWS][PAIRS]`; and each row's scale for the block.
-    fn block(&self, o0: usize, out: usize, inp: usize, cb: usize, w: &mut [u32], s: &mut [f32]) {
+    /// Rows `o0..o0 + rows` (zero past `out`), columns of block `cb`, as
+    /// bf16 pairs `[rows][PAIRS]`; and each row's scale for the block.
+    #[allow(clippy::too_many_arguments)]
+    fn block(
+        &self,
+        o0: usize,
+        rows: usize,
+        out: usize,
+        inp: usize,
+        cb: usize,
+        w: &mut [u32],
+        s: &mut [f32],
+    ) {
         let c0 = cb * COLS;
         let cols = COLS.min(inp - c0);
-        for r in 0..ROWS {
+        for r in 0..rows {
             let dst = &mut w[r * PAIRS..][..PAIRS];
             let o = o0 + r;
             if o >= out {
@@ -111,13 +123,23 @@ struct PackedX {
 const XBLOCK: usize = PAIRS * 2 * TOKENS;
 
 impl PackedX {
-    fn new(w: &Weights, x: &[f32], tokens: usize, inp: usize) -> Self {
+    /// `amx`: each run is instead `[hi: 16 tokens][PAIRS]` then `[lo: 16
+    /// tokens][PAIRS]`, the A-tile layout.
+    fn new(w: &Weights, x: &[f32], tokens: usize, inp: usize, amx: bool) -> Self {
         let token_blocks = tokens.div_ceil(TOKENS);
         let blocks = inp.div_ceil(COLS);
         let mut data = vec![0u32; blocks * token_blocks * XBLOCK];
         data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
             let (cb, tb) = (i / token_blocks, i % token_blocks);
-            for (p, e) in xb.chunks_exact_mut(2 * TOKENS).enumerate() {
+            // Slot of token lane l, pair p, part (0 hi, 1 lo) in the run.
+            let at = |p: usize, l: usize, part: usize| {
+                if amx {
+                    (part * TOKENS + l) * PAIRS + p
+                } else {
+                    p * 2 * TOKENS + part * TOKENS + l
+                }
+            };
+            for p in 0..PAIRS {
                 let (chunk, q) = (cb * COLS / CHUNK + p / (CHUNK / 2), p % (CHUNK / 2));
                 let (a, b) = w.pair_columns(q);
                 let cols = [chunk * CHUNK + a, chunk * CHUNK + b];
@@ -128,8 +150,8 @@ impl PackedX {
                             let v = x[t * inp + c];
                             let vh = half::bf16::from_f32(v);
                             let vl = half::bf16::from_f32(v - vh.to_f32());
-                            e[l] |= (vh.to_bits() as u32) << (16 * k);
-                            e[TOKENS + l] |= (vl.to_bits() as u32) << (16 * k);
+                            xb[at(p, l, 0)] |= (vh.to_bits() as u32) << (16 * k);
+                            xb[at(p, l, 1)] |= (vl.to_bits() as u32) << (16 * k);
                         }
                     }
                 }
@@ -150,7 +172,14 @@ const TILES: usize = 4;
 /// `y [T, out] = x [T, inp] · Wᵀ`. Requires [`available`]; `w` holds `out`
 /// rows of `inp`.
 pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
-    let px = PackedX::new(&w, x, tokens, inp);
+    #[cfg(target_arch = "x86_64")]
+    if *AMX {
+        // SAFETY: AMX is present and permitted (the AMX flag checks both).
+        return matmul_amx(w, out, inp, x, tokens, y, || unsafe {
+            amx::Session::start()
+        });
+    }
+    let px = PackedX::new(&w, x, tokens, inp, false);
     let blocks = inp.div_ceil(COLS);
     let t_pad = px.token_blocks * TOKENS;
     // Each task: TILES × ROWS output rows for every token, as [rows][t_pad].
@@ -167,7 +196,7 @@ pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &
                     .zip(s.chunks_exact_mut(ROWS))
                     .enumerate()
                 {
-                    w.block(g * task_rows + k * ROWS, out, inp, cb, wk, sk);
+                    w.block(g * task_rows + k * ROWS, ROWS, out, inp, cb, wk, sk);
                 }
                 for tb in 0..px.token_blocks {
                     let xb = px.block(cb, tb);
@@ -186,8 +215,12 @@ pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &
                 }
             }
         });
-    // yt [out][t_pad] → y [T][out], 16 tokens at a time: each cache line of
-    // yt is read once, and the 16 output rows are written in runs.
+    scatter(&yt, t_pad, out, tokens, y);
+}
+
+/// `yt [out][t_pad]` → `y [T][out]`, 16 tokens at a time: each cache line
+/// of yt is read once, and the 16 output rows are written in runs.
+fn scatter(yt: &[f32], t_pad: usize, out: usize, tokens: usize, y: &mut [f32]) {
     y[..tokens * out]
         .par_chunks_mut(TOKENS * out)
         .enumerate()
@@ -199,6 +232,83 @@ pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &
                 }
             }
         });
+}
+
+/// AMX for the GEMM: opt-in (`MLART_AMX_GEMM=1`) until it has run on an
+/// AMX CPU (the development machine has none; its logic is tested on the
+/// tile model). Needs AMX-BF16 and the OS's permission.
+#[cfg(target_arch = "x86_64")]
+static AMX: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
+    std::env::var("MLART_AMX_GEMM").is_ok_and(|v| v == "1")
+        && crate::backend::cpu::isa::CpuFeatures::detect().amx_bf16
+        && crate::backend::cpu::isa::amx_permitted()
+});
+
+/// Rows of W per AMX tile (the tile's N).
+#[cfg(target_arch = "x86_64")]
+const AMX_ROWS: usize = 16;
+
+/// [`matmul`] on AMX tiles: per task, 16 weight rows against every token.
+/// C (16 tokens × 16 rows) takes `X_hi·Wᵀ + X_lo·Wᵀ` over a 128-column
+/// block (8 `tdpbf16ps`), then is scaled per row into the accumulator.
+/// `tiles` gives each task its tiles, configured.
+#[cfg(target_arch = "x86_64")]
+fn matmul_amx<T: amx::Tiles>(
+    w: Weights,
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    tiles: impl Fn() -> T + Sync,
+) {
+    let px = PackedX::new(&w, x, tokens, inp, true);
+    let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * TOKENS);
+    let mut yt = vec![0f32; out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad];
+    yt.par_chunks_mut(AMX_ROWS * t_pad)
+        .enumerate()
+        .for_each(|(g, acc)| {
+            // Configured for this task on this thread; released when dropped.
+            let mut t = tiles();
+            let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
+            let mut s = [0f32; AMX_ROWS];
+            let mut c = [0f32; TOKENS * AMX_ROWS];
+            for cb in 0..blocks {
+                w.block(g * AMX_ROWS, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
+                // B tile rows are column pairs, its columns weight rows.
+                for (r, row) in wb.chunks_exact(PAIRS).enumerate() {
+                    for (q, &v) in row.iter().enumerate() {
+                        wt[q * AMX_ROWS + r] = v;
+                    }
+                }
+                for tb in 0..px.token_blocks {
+                    let xb = px.block(cb, tb);
+                    c.fill(0.0);
+                    // SAFETY: the tiles are configured (tiles()); every
+                    // tile read covers 16 rows of 64 bytes inside c, wt
+                    // (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
+                    unsafe {
+                        t.load(0, c.as_ptr() as *const u8, 64);
+                        for kc in (0..PAIRS).step_by(16) {
+                            t.load(2, wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
+                            for part in 0..2 {
+                                let a = xb.as_ptr().add(part * TOKENS * PAIRS + kc);
+                                t.load(1, a as *const u8, PAIRS * 4);
+                                t.dpbf16();
+                            }
+                        }
+                        t.store(0, c.as_mut_ptr() as *mut u8, 64);
+                    }
+                    for (r, &sr) in s.iter().enumerate() {
+                        let dst = &mut acc[r * t_pad + tb * TOKENS..][..TOKENS];
+                        for (l, d) in dst.iter_mut().enumerate() {
+                            *d += sr * c[l * AMX_ROWS + r];
+                        }
+                    }
+                }
+            }
+        });
+    scatter(&yt, t_pad, out, tokens, y);
 }
 
 /// One 12-row × 16-token tile over one column block (`x`: one [`PackedX`]
@@ -283,6 +393,85 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::model::linear::testing::values;
+
+    /// bf16 weight bytes, FP8 codes, FP8 scales, X, and `Y = X·Wᵀ` in f64
+    /// over the bf16 and the dequantized FP8 weights.
+    type Case = (Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>, [Vec<f64>; 2]);
+
+    /// Weights of both kinds and the f64 reference `Y = X·Wᵀ` over their
+    /// dequantized values.
+    fn weights_case(out: usize, inp: usize, tokens: usize) -> Case {
+        use crate::format::fp8::{f32_to_e4m3, E4M3_TABLE};
+        let w = values(out * inp, 1);
+        let bf: Vec<u8> = w
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let sc = inp.div_ceil(FP8_BLOCK);
+        let scales: Vec<f32> = (0..out.div_ceil(FP8_BLOCK) * sc)
+            .map(|k| 0.01 * (1 + k) as f32)
+            .collect();
+        let scale = |i: usize| scales[(i / inp / FP8_BLOCK) * sc + (i % inp) / FP8_BLOCK];
+        let codes: Vec<u8> = (0..out * inp)
+            .map(|i| f32_to_e4m3(w[i] / scale(i)))
+            .collect();
+        let x = values(tokens * inp, 2);
+        let reference = |wv: &dyn Fn(usize) -> f64| -> Vec<f64> {
+            let mut y = vec![0f64; tokens * out];
+            for t in 0..tokens {
+                for o in 0..out {
+                    y[t * out + o] = (0..inp)
+                        .map(|k| wv(o * inp + k) * x[t * inp + k] as f64)
+                        .sum();
+                }
+            }
+            y
+        };
+        let yb = reference(&|i| half::bf16::from_f32(w[i]).to_f64());
+        let y8 = reference(&|i| E4M3_TABLE[codes[i] as usize] as f64 * scale(i) as f64);
+        (bf, codes, scales, x, [yb, y8])
+    }
+
+    fn assert_close(got: &[f32], want: &[f64], what: &str) {
+        for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what} [{k}]: {g} vs {w}"
+            );
+        }
+    }
+
+    /// The AMX GEMM on the tile model (the development machine has no AMX)
+    /// against float64: bf16 and FP8 weights, partial row tiles, token
+    /// blocks and column blocks.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn amx_gemm_on_the_tile_model_matches_f64() {
+        use crate::backend::cpu::amx::Emu;
+        for (out, inp, tokens) in [(20usize, 300usize, 5usize), (33, 128, 17), (16, 40, 33)] {
+            let (bf, codes, scales, x, [yb, y8]) = weights_case(out, inp, tokens);
+            for (w, want, name) in [
+                (Weights::Bf16(&bf), &yb, "bf16"),
+                (
+                    Weights::Fp8 {
+                        codes: &codes,
+                        scales: &scales,
+                    },
+                    &y8,
+                    "fp8",
+                ),
+            ] {
+                let mut y = vec![f32::NAN; tokens * out];
+                matmul_amx(w, out, inp, &x, tokens, &mut y, || Emu([[0u8; 1024]; 3]));
+                assert_close(&y, want, &format!("amx {name} {out}x{inp} t{tokens}"));
+                if available() {
+                    let mut y = vec![f32::NAN; tokens * out];
+                    matmul(w, out, inp, &x, tokens, &mut y);
+                    assert_close(&y, want, &format!("dp {name} {out}x{inp} t{tokens}"));
+                }
+            }
+        }
+    }
 
     /// The vector tile equals the portable one (both sum the same bf16
     /// products in f32; the order differs, so up to rounding).

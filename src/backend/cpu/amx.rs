@@ -83,6 +83,42 @@ impl Tiles for Hw {
     }
 }
 
+/// The CPU's tiles, configured on this thread while the value lives
+/// (released on drop).
+pub struct Session(Hw);
+
+impl Session {
+    /// # Safety
+    /// The CPU must support AMX and the process must hold AMX permission.
+    pub unsafe fn start() -> Self {
+        // SAFETY: caller contract.
+        unsafe { configure() };
+        Session(Hw)
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // SAFETY: start() configured the tiles on this thread.
+        unsafe { release() };
+    }
+}
+
+impl Tiles for Session {
+    unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+        // SAFETY: caller contract; tiles configured by start().
+        unsafe { self.0.load(t, p, stride) }
+    }
+    unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+        // SAFETY: as above.
+        unsafe { self.0.store(t, p, stride) }
+    }
+    unsafe fn dpbf16(&mut self) {
+        // SAFETY: as above.
+        unsafe { self.0.dpbf16() }
+    }
+}
+
 /// A software model of tiles 0..2 (row r of tile t at `t[t][64 r..]`).
 #[cfg(test)]
 pub struct Emu(pub [[u8; 1024]; 3]);
