@@ -104,6 +104,28 @@ impl AttnTask<'_> {
         }
     }
 
+    /// Keys `j0..j0 + n` as stored bf16 pairs, read in place, when they are
+    /// consecutive rows of one block of a BF16 cache (a paged tile that
+    /// does not cross a block) and the rows are 4-byte aligned.
+    #[inline]
+    pub fn bf16_tile(&self, j0: usize, n: usize) -> Option<&[u32]> {
+        let KeySource::Paged { kv, blocks } = self.source else {
+            return None;
+        };
+        let bs = kv.block_size();
+        if n == 0 || j0 % bs + n > bs {
+            return None;
+        }
+        let first = kv
+            .layout
+            .bf16_row(kv.data, *blocks.get(j0 / bs)? as usize, j0 % bs)?;
+        let len = n * first.len();
+        // `first` starts inside `kv.data`; rows of a block are
+        // consecutive, so the tile is the `len` bytes from there.
+        let start = first.as_ptr() as usize - kv.data.as_ptr() as usize;
+        bytemuck::try_cast_slice(kv.data.get(start..start + len)?).ok()
+    }
+
     /// Whether every key source is a BF16 cache (see [`Self::gather_bf16`]).
     pub fn keys_are_bf16(&self) -> bool {
         match self.source {

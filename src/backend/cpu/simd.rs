@@ -868,6 +868,11 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     let mut t0 = task.start;
     while t0 < task.end {
         let n = K_TILE.min(task.end - t0);
+        let in_place = if raw_bf16 {
+            task.bf16_tile(t0, n)
+        } else {
+            None
+        };
         if !raw_bf16 {
             for j in 0..n {
                 task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
@@ -901,23 +906,32 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             // Keys as bf16 pairs [64][d/2] (exact: the values are bf16).
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
-            for j in 0..n {
-                let kr = &mut k2[j * d2..(j + 1) * d2];
-                if raw_bf16 && task.gather_bf16(t0 + j, kr) {
-                    continue;
+            // A tile of one block is read in place: its misses then overlap
+            // the dot products instead of stalling a copy.
+            let k2: &[u32] = match in_place {
+                Some(tile) => tile,
+                None => {
+                    for j in 0..n {
+                        let kr = &mut k2[j * d2..(j + 1) * d2];
+                        if raw_bf16 && task.gather_bf16(t0 + j, kr) {
+                            continue;
+                        }
+                        if raw_bf16 {
+                            task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
+                        }
+                        for (i, x) in kr.iter_mut().enumerate() {
+                            let (a, b) = (
+                                k_tile[j * d + 2 * i].to_bits(),
+                                k_tile[j * d + 2 * i + 1].to_bits(),
+                            );
+                            *x = (a >> 16) | (b & 0xffff_0000);
+                        }
+                    }
+                    k2
                 }
-                if raw_bf16 {
-                    task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
-                }
-                for (i, x) in kr.iter_mut().enumerate() {
-                    let (a, b) = (
-                        k_tile[j * d + 2 * i].to_bits(),
-                        k_tile[j * d + 2 * i + 1].to_bits(),
-                    );
-                    *x = (a >> 16) | (b & 0xffff_0000);
-                }
-            }
-            // SAFETY: BF16 is only true in the avx512bf16 entry point.
+            };
+            // SAFETY: BF16 is only true in the avx512bf16 entry point; k2
+            // holds n rows of d2 pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 bf16::scores_tile(qt2, rp, k2, d2, n, task.scale, st)
@@ -1000,7 +1014,8 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             // SAFETY: p_bf16 implies the avx512bf16 entry point; sizes as required.
             unsafe {
                 if raw_bf16 {
-                    bf16::v_pairs_raw(&scratch.pairs[d2 * rp..], d2, n, dv, vp);
+                    let k2 = in_place.unwrap_or(&scratch.pairs[d2 * rp..]);
+                    bf16::v_pairs_raw(k2, d2, n, dv, vp);
                 } else {
                     bf16::v_pairs(k_tile, d, n, dv, vp);
                 }
