@@ -163,6 +163,49 @@ pub fn dequantize_tile_portable(src: &[u8], scale: f32, dst: &mut [f32]) {
     }
 }
 
+/// bf16 bit patterns of every E4M3 magnitude code 0..128 (each E4M3 value,
+/// subnormals included, is a bf16 value), split into high and low bytes
+/// for byte-table lookups (`vpermi2b`).
+pub static BF16_BYTES: once_cell::sync::Lazy<([u8; 128], [u8; 128])> =
+    once_cell::sync::Lazy::new(|| {
+        let (mut hi, mut lo) = ([0u8; 128], [0u8; 128]);
+        for c in 0..128 {
+            let bits = half::bf16::from_f32(E4M3_TABLE[c]).to_bits();
+            hi[c] = (bits >> 8) as u8;
+            lo[c] = bits as u8;
+        }
+        (hi, lo)
+    });
+
+/// Whether this CPU converts E4M3 to bf16 with byte-table lookups
+/// (AVX512-VBMI; BW for the word operations).
+#[cfg(target_arch = "x86_64")]
+pub(crate) static SIMD_BF16: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
+    std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vbmi")
+});
+
+/// `codes` (a multiple of 64) as bf16 words in order, each value times
+/// `2^k`, into `out` (`codes.len() / 2` pairs: word `2i` low, `2i + 1`
+/// high). Exact while every nonzero result is a normal bf16, which the
+/// caller guarantees (`-117 <= k <= 119`). False, nothing written, when
+/// the CPU lacks the instructions.
+pub fn e4m3_to_bf16_pairs(codes: &[u8], k: i32, out: &mut [u32]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if *SIMD_BF16
+        && codes.len().is_multiple_of(64)
+        && out.len() * 2 >= codes.len()
+        && (-117..=119).contains(&k)
+    {
+        // SAFETY: features detected; sizes checked.
+        unsafe { simd::e4m3_to_bf16_pairs(codes, k, out) };
+        return true;
+    }
+    let _ = (codes, k, out);
+    false
+}
+
 #[cfg(target_arch = "x86_64")]
 static SIMD_DEQUANT: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
     std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c")
@@ -186,6 +229,47 @@ pub(crate) mod simd {
     pub fn e4m3_as_f16(codes: __m128i) -> __m256i {
         let w = _mm256_slli_epi16(_mm256_cvtepi8_epi16(codes), 7);
         _mm256_and_si256(w, _mm256_set1_epi16(0xbfffu16 as i16))
+    }
+
+    /// See [`super::e4m3_to_bf16_pairs`].
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VBMI present; `codes.len() % 64 == 0`, `out` holds
+    /// `codes.len() / 2`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub unsafe fn e4m3_to_bf16_pairs(codes: &[u8], k: i32, out: &mut [u32]) {
+        let (thi, tlo) = &*super::BF16_BYTES;
+        // SAFETY: tables of 128 bytes read as two 64-byte halves; codes
+        // and out sized by the caller.
+        unsafe {
+            let t = [
+                _mm512_loadu_si512(thi.as_ptr() as *const _),
+                _mm512_loadu_si512(thi.as_ptr().add(64) as *const _),
+                _mm512_loadu_si512(tlo.as_ptr() as *const _),
+                _mm512_loadu_si512(tlo.as_ptr().add(64) as *const _),
+            ];
+            let sign = _mm512_set1_epi8(0x80u8 as i8);
+            let bias = _mm512_set1_epi16((k << 7) as i16);
+            let mag = _mm512_set1_epi16(0x7fff);
+            // unpacklo/hi interleave within 128-bit lanes; these put the
+            // qword halves back in code order.
+            let first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
+            let second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+            for (c, o) in codes.chunks_exact(64).zip(out.chunks_exact_mut(32)) {
+                let v = _mm512_loadu_si512(c.as_ptr() as *const _);
+                let hi = _mm512_permutex2var_epi8(t[0], v, t[1]);
+                let lo = _mm512_permutex2var_epi8(t[2], v, t[3]);
+                let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, sign);
+                let (a, b) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
+                for (h, idx) in [first, second].into_iter().enumerate() {
+                    let w = _mm512_permutex2var_epi64(a, idx, b);
+                    // Scale by 2^k in the exponent; zeros stay zero.
+                    let nz = _mm512_test_epi16_mask(w, mag);
+                    let w = _mm512_mask_add_epi16(w, nz, w, bias);
+                    _mm512_storeu_si512(o.as_mut_ptr().add(16 * h) as *mut _, w);
+                }
+            }
+        }
     }
 
     #[target_feature(enable = "avx512f,f16c")]
@@ -215,6 +299,33 @@ pub(crate) mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every code, at several power-of-two scales, lands in its word in
+    /// order with the value `e4m3 * 2^k`.
+    #[test]
+    fn e4m3_to_bf16_pairs_is_exact_and_in_order() {
+        let codes: Vec<u8> = (0..256)
+            .map(|c| c as u8)
+            .filter(|c| c & 0x7f != 0x7f)
+            .chain([0, 0x80])
+            .collect();
+        let mut codes = codes;
+        codes.resize(256, 0x38);
+        for k in [0, -20, 7, 119, -117] {
+            let mut out = vec![0u32; 128];
+            if !e4m3_to_bf16_pairs(&codes, k, &mut out) {
+                eprintln!("SKIPPED e4m3_to_bf16_pairs: CPU lacks avx512vbmi");
+                return;
+            }
+            for (i, &c) in codes.iter().enumerate() {
+                let w = (out[i / 2] >> (16 * (i % 2))) as u16;
+                let got = half::bf16::from_bits(w).to_f64();
+                let want = E4M3_TABLE[c as usize] as f64 * 2f64.powi(k);
+                assert_eq!(got, want, "code {c:#04x} k {k}");
+                assert_eq!(w & 0x8000 != 0, c & 0x80 != 0, "sign of {c:#04x}");
+            }
+        }
+    }
 
     #[test]
     fn every_finite_code_round_trips() {

@@ -112,6 +112,46 @@ impl KvLayout {
         })
     }
 
+    /// Token `off` of block `block` as bf16 pairs (`out` holds `d_qk / 2`)
+    /// without an f32 round trip: BF16 rows are copied, FP8_V32 rows are
+    /// converted exactly (e4m3 times a power-of-two tile scale is a bf16
+    /// value). False, `out` unspecified, for other formats, a tile scale
+    /// that is not a power of two in range, or a CPU without the
+    /// instructions; the caller then converts through f32.
+    pub fn bf16_pairs_row(&self, cache: &[u8], block: usize, off: usize, out: &mut [u32]) -> bool {
+        let at = self.data_at(block, off);
+        match self.format {
+            KvFormat::Bf16 if out.len() * 4 == self.row_bytes => {
+                bytemuck::cast_slice_mut::<u32, u8>(out)
+                    .copy_from_slice(&cache[at..at + self.row_bytes]);
+                true
+            }
+            KvFormat::Fp8V32 if out.len() * 2 == 576 => {
+                let row = &cache[at..at + V32_ROW];
+                for t in 0..V32_TILES {
+                    let s = &row[V32_NOPE + 4 * t..V32_NOPE + 4 * t + 4];
+                    let bits = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+                    // A positive normal power of two: 2^(exponent - 127).
+                    let e = (bits >> 23) as i32;
+                    if bits & 0x807f_ffff != 0 || e == 0 || e == 255 {
+                        return false;
+                    }
+                    let (codes, pairs) = (
+                        &row[t * V32_TILE..][..V32_TILE],
+                        &mut out[t * V32_TILE / 2..][..V32_TILE / 2],
+                    );
+                    if !super::fp8::e4m3_to_bf16_pairs(codes, e - 127, pairs) {
+                        return false;
+                    }
+                }
+                let rope = &row[V32_NOPE + 4 * V32_TILES..];
+                bytemuck::cast_slice_mut::<u32, u8>(&mut out[V32_NOPE / 2..]).copy_from_slice(rope);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Dequantizes/converts token `off` of block `block` into `out[..d_qk]`.
     #[inline]
     pub fn load_row(&self, cache: &[u8], block: usize, off: usize, out: &mut [f32]) {

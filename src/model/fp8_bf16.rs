@@ -105,23 +105,7 @@ pub fn codes_to_bf16_pairs(codes: &[u8; CHUNK], out: &mut [u32; CHUNK / 2]) {
     }
 }
 
-/// bf16 bit pattern of every E4M3 magnitude code 0..128, split into the
-/// high and low bytes the `vpermi2b` lookups return.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn byte_tables() -> ([u8; 128], [u8; 128]) {
-    let (mut hi, mut lo) = ([0u8; 128], [0u8; 128]);
-    for c in 0..128 {
-        let bits = half::bf16::from_f32(E4M3_TABLE[c]).to_bits();
-        debug_assert!(
-            E4M3_TABLE[c].is_nan() || half::bf16::from_bits(bits).to_f32() == E4M3_TABLE[c]
-        );
-        hi[c] = (bits >> 8) as u8;
-        lo[c] = bits as u8;
-    }
-    (hi, lo)
-}
-
-static TABLES: Lazy<([u8; 128], [u8; 128])> = Lazy::new(byte_tables);
+use crate::format::fp8::BF16_BYTES as TABLES;
 
 /// Four E4M3 rows (scales per `block` codes) times the same `x`, prepared
 /// as `xs`. `block` must be a multiple of [`CHUNK`].

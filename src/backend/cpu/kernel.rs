@@ -76,14 +76,15 @@ impl AttnTask<'_> {
         }
     }
 
-    /// Copies key `j` as stored into `out` (`d_qk / 2` bf16 pairs) when
-    /// every key is a BF16 cache row; false (nothing written) otherwise.
+    /// Key `j` as bf16 pairs into `out` (`d_qk / 2`), straight from the
+    /// cache (see `KvLayout::bf16_pairs_row`); false (`out` unspecified)
+    /// when that row cannot be converted directly.
     #[inline]
-    pub fn gather_bf16(&self, j: usize, out: &mut [u32]) -> bool {
-        let row = match self.source {
+    pub fn gather_pairs(&self, j: usize, out: &mut [u32]) -> bool {
+        let (c, block, off) = match self.source {
             KeySource::Paged { kv, blocks } => {
                 let bs = kv.block_size();
-                kv.layout.bf16_row(kv.data, blocks[j / bs] as usize, j % bs)
+                (kv, blocks[j / bs] as usize, j % bs)
             }
             KeySource::List { main, extra, keys } => {
                 let k = keys[j];
@@ -91,17 +92,10 @@ impl AttnTask<'_> {
                     (true, Some(x)) => (x, (k & !EXTRA_KEY) as usize),
                     _ => (main, k as usize),
                 };
-                let bs = c.block_size();
-                c.layout.bf16_row(c.data, pos / bs, pos % bs)
+                (c, pos / c.block_size(), pos % c.block_size())
             }
         };
-        match row {
-            Some(r) if r.len() == 4 * out.len() => {
-                bytemuck::cast_slice_mut::<u32, u8>(out).copy_from_slice(r);
-                true
-            }
-            _ => false,
-        }
+        c.layout.bf16_pairs_row(c.data, block, off, out)
     }
 
     /// Keys `j0..j0 + n` as stored bf16 pairs, read in place, when they are
@@ -126,14 +120,18 @@ impl AttnTask<'_> {
         bytemuck::try_cast_slice(kv.data.get(start..start + len)?).ok()
     }
 
-    /// Whether every key source is a BF16 cache (see [`Self::gather_bf16`]).
-    pub fn keys_are_bf16(&self) -> bool {
+    /// Whether every key source's rows can be read as bf16 pairs directly:
+    /// BF16 caches, and FP8_V32 ones on CPUs with the byte-table lookups.
+    pub fn keys_as_pairs(&self) -> bool {
+        let direct = |c: &KvCache<'_>| match c.layout.format {
+            crate::format::KvFormat::Bf16 => true,
+            #[cfg(target_arch = "x86_64")]
+            crate::format::KvFormat::Fp8V32 => *crate::format::fp8::SIMD_BF16,
+            _ => false,
+        };
         match self.source {
-            KeySource::Paged { kv, .. } => kv.layout.format == crate::format::KvFormat::Bf16,
-            KeySource::List { main, extra, .. } => {
-                main.layout.format == crate::format::KvFormat::Bf16
-                    && extra.is_none_or(|x| x.layout.format == crate::format::KvFormat::Bf16)
-            }
+            KeySource::Paged { kv, .. } => direct(kv),
+            KeySource::List { main, extra, .. } => direct(main) && extra.is_none_or(direct),
         }
     }
 

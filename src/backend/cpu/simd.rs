@@ -812,10 +812,11 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
     // the output is bf16 anyway; V is exactly bf16 when the keys are.
     let p_bf16 = BF16 && !AMX && use_bf16 && task.p_bf16 && dv % 16 == 0;
-    // Both GEMMs on a BF16 cache: the stored rows are the pairs Q·Kᵀ reads
-    // and V's pairs interleave them, so the f32 copy of the tile is skipped
-    // (at h_q = 16 that copy was a third of the kernel's time).
-    let raw_bf16 = p_bf16 && task.keys_are_bf16();
+    // Both GEMMs on `vdpbf16ps` over a BF16 or FP8_V32 cache: keys become
+    // the bf16 pairs Q·Kᵀ reads straight from the cache (copied, or e4m3
+    // converted exactly), V's pairs interleave them, and the f32 copy of
+    // the tile is skipped (at h_q = 16 it was a third of the kernel's time).
+    let raw_bf16 = p_bf16 && task.keys_as_pairs();
     #[cfg(target_arch = "x86_64")]
     let pv_amx = AMX && use_bf16 && task.p_bf16 && dv % 16 == 0 && *AMX_PV;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
@@ -913,7 +914,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                 None => {
                     for j in 0..n {
                         let kr = &mut k2[j * d2..(j + 1) * d2];
-                        if raw_bf16 && task.gather_bf16(t0 + j, kr) {
+                        if raw_bf16 && task.gather_pairs(t0 + j, kr) {
                             continue;
                         }
                         if raw_bf16 {
