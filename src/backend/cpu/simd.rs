@@ -130,6 +130,24 @@ mod x86 {
     use super::Vector;
     use std::arch::x86_64::*;
 
+    /// add, sub, mul, max, min of a vector type through its intrinsics.
+    macro_rules! binary_ops {
+        ($v:ident, $add:ident, $sub:ident, $mul:ident, $max:ident, $min:ident) => {
+            binary_ops!(@one $v, add, $add);
+            binary_ops!(@one $v, sub, $sub);
+            binary_ops!(@one $v, mul, $mul);
+            binary_ops!(@one $v, max, $max);
+            binary_ops!(@one $v, min, $min);
+        };
+        (@one $v:ident, $name:ident, $f:ident) => {
+            #[inline(always)]
+            unsafe fn $name(self, b: Self) -> Self {
+                // SAFETY: caller contract (the vector's ISA is enabled).
+                $v(unsafe { $f(self.0, b.0) })
+            }
+        };
+    }
+
     #[derive(Clone, Copy)]
     pub struct V256(__m256);
     #[derive(Clone, Copy)]
@@ -158,31 +176,14 @@ mod x86 {
             // SAFETY: caller contract (FMA enabled).
             V256(unsafe { _mm256_fmadd_ps(a.0, b.0, self.0) })
         }
-        #[inline(always)]
-        unsafe fn add(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX enabled).
-            V256(unsafe { _mm256_add_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn sub(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX enabled).
-            V256(unsafe { _mm256_sub_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn mul(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX enabled).
-            V256(unsafe { _mm256_mul_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn max(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX enabled).
-            V256(unsafe { _mm256_max_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn min(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX enabled).
-            V256(unsafe { _mm256_min_ps(self.0, b.0) })
-        }
+        binary_ops!(
+            V256,
+            _mm256_add_ps,
+            _mm256_sub_ps,
+            _mm256_mul_ps,
+            _mm256_max_ps,
+            _mm256_min_ps
+        );
         #[inline(always)]
         unsafe fn round(self) -> Self {
             // SAFETY: caller contract (AVX enabled).
@@ -223,31 +224,14 @@ mod x86 {
             // SAFETY: caller contract (AVX-512F enabled).
             V512(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
         }
-        #[inline(always)]
-        unsafe fn add(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX-512F enabled).
-            V512(unsafe { _mm512_add_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn sub(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX-512F enabled).
-            V512(unsafe { _mm512_sub_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn mul(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX-512F enabled).
-            V512(unsafe { _mm512_mul_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn max(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX-512F enabled).
-            V512(unsafe { _mm512_max_ps(self.0, b.0) })
-        }
-        #[inline(always)]
-        unsafe fn min(self, b: Self) -> Self {
-            // SAFETY: caller contract (AVX-512F enabled).
-            V512(unsafe { _mm512_min_ps(self.0, b.0) })
-        }
+        binary_ops!(
+            V512,
+            _mm512_add_ps,
+            _mm512_sub_ps,
+            _mm512_mul_ps,
+            _mm512_max_ps,
+            _mm512_min_ps
+        );
         #[inline(always)]
         unsafe fn round(self) -> Self {
             // SAFETY: caller contract (AVX-512F enabled).
