@@ -16,6 +16,10 @@
 //!
 //! FP8 codes convert in an interleaved column order; `X` is packed in the
 //! same order, which a dot product does not mind.
+//!
+//! On AMX CPUs the same product can run on tiles (`matmul_amx`: 16 tokens ×
+//! 16 rows per C tile); it is opt-in (`MLART_AMX_GEMM=1`) until it has run
+//! on one.
 
 use super::fp8_bf16::{self, source_of, CHUNK};
 use super::linear::FP8_BLOCK;

@@ -238,11 +238,12 @@ impl Linear {
         }
     }
 
-    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool. Weight
-    /// rows are read once per call: converted in registers for each token
-    /// when there are few tokens (decode: a pure weight stream, four rows
-    /// per pass over `x`), converted once to f32 and reused when there
-    /// are many (prefill).
+    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool. Few
+    /// tokens (decode): a pure weight stream, rows converted in registers,
+    /// four rows per pass over `x`. Many tokens (prefill): bf16 and FP8
+    /// weights go through the register-tiled GEMM of [`gemm`] where the
+    /// CPU has AVX512-BF16 and VBMI; otherwise each row is converted once
+    /// to f32 and dotted with every token.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
