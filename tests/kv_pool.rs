@@ -908,6 +908,51 @@ fn blocks_for(lens: &[usize], bs: usize) -> usize {
     lens.iter().copied().max().unwrap_or(0).div_ceil(bs)
 }
 
+/// Per sequence: (id, layer-0 length, layer-1 length).
+type Plan = [(u64, usize, usize)];
+
+/// A two-layer pool holding `plan` (plus `spare` free blocks) and its model,
+/// filled by chunks of 1..=`chunk` rows interleaved across sequences and
+/// layers so that block tables are not contiguous; `rows` makes a chunk's
+/// f32 values. Returns the blocks in use.
+fn filled_pool(
+    geo: Geo,
+    plan: &Plan,
+    spare: usize,
+    rng: &mut SmallRng,
+    chunk: usize,
+    in_dtype: mlart_dtype,
+    rows: impl Fn(&mut SmallRng, &Geo, usize) -> Vec<f32>,
+) -> (Pool, Model, usize) {
+    let nb: usize = plan.iter().map(|p| blocks_for(&[p.1, p.2], geo.bs)).sum();
+    let geo = Geo {
+        nb: nb + spare,
+        ..geo
+    };
+    let pool = Pool::new(geo);
+    let p = pool.ptr;
+    let mut m = Model::new(geo);
+    for &(id, _, _) in plan {
+        m.create(p, id);
+    }
+    let mut remaining: Vec<[usize; 2]> = plan.iter().map(|p| [p.1, p.2]).collect();
+    while remaining.iter().any(|r| r[0] + r[1] > 0) {
+        for (&(id, _, _), rem) in plan.iter().zip(remaining.iter_mut()) {
+            for (layer, left) in rem.iter_mut().enumerate() {
+                if *left == 0 {
+                    continue;
+                }
+                let n = rng.random_range(1..=chunk).min(*left);
+                let vals = rows(rng, &geo, n);
+                m.append_vals(p, id, layer, in_dtype, &vals);
+                *left -= n;
+            }
+        }
+    }
+    m.check_lengths(p);
+    (pool, m, nb)
+}
+
 /// `n` rows for `geo`. FP8 rows get a different amplitude per quantization
 /// tile (zero, subnormal-sized, at the scale floor, small, unit), so tile
 /// scales vary within a row; other formats get unit-amplitude rows. (Larger
@@ -981,36 +1026,17 @@ fn append_then_decode_matches_reference() {
                     (5, 37, 17),
                     (0, 100, 0),
                 ];
-                let nb: usize = plan.iter().map(|p| blocks_for(&[p.1, p.2], bs)).sum();
                 let geo = Geo {
                     fmt,
                     d_qk,
                     layers: 2,
                     bs,
-                    nb: nb + 3,
+                    nb: 0,
                 };
-                let pool = Pool::new(geo);
+                let random =
+                    |rng: &mut SmallRng, g: &Geo, n: usize| random_vals(rng, n * g.d_qk, 1.0);
+                let (pool, mut m, nb) = filled_pool(geo, &plan, 3, &mut rng, 13, in_dtype, random);
                 let p = pool.ptr;
-                let mut m = Model::new(geo);
-                for &(id, _, _) in &plan {
-                    m.create(p, id);
-                }
-                // Interleave chunked appends across sequences and layers so
-                // that block tables are not contiguous.
-                let mut remaining: Vec<[usize; 2]> = plan.iter().map(|p| [p.1, p.2]).collect();
-                while remaining.iter().any(|r| r[0] + r[1] > 0) {
-                    for (&(id, _, _), rem) in plan.iter().zip(remaining.iter_mut()) {
-                        for (layer, left) in rem.iter_mut().enumerate() {
-                            if *left == 0 {
-                                continue;
-                            }
-                            let n = rng.random_range(1..=13usize).min(*left);
-                            m.append(p, &mut rng, id, layer, n, in_dtype);
-                            *left -= n;
-                        }
-                    }
-                }
-                m.check_lengths(p);
                 let s = pool.stats();
                 assert_eq!(s.blocks_used as usize, nb, "blocks used");
                 assert_eq!(s.sequences, plan.len() as i64);
@@ -2342,36 +2368,17 @@ fn fp8_append_then_decode_matches_reference() {
                     (5, bs + 1, 2 * bs),
                     (6, 45, 9),
                 ];
-                let nb: usize = plan.iter().map(|p| blocks_for(&[p.1, p.2], bs)).sum();
                 let geo = Geo {
                     fmt,
                     d_qk,
                     layers: 2,
                     bs,
-                    nb: nb + 2,
+                    nb: 0,
                 };
                 // Pool::new checks the stats' block bytes against FlashMLA's.
-                let pool = Pool::new(geo);
+                let (pool, mut m, nb) =
+                    filled_pool(geo, &plan, 2, &mut rng, 11, in_dtype, varied_rows);
                 let p = pool.ptr;
-                let mut m = Model::new(geo);
-                for &(id, _, _) in &plan {
-                    m.create(p, id);
-                }
-                let mut remaining: Vec<[usize; 2]> = plan.iter().map(|p| [p.1, p.2]).collect();
-                while remaining.iter().any(|r| r[0] + r[1] > 0) {
-                    for (&(id, _, _), rem) in plan.iter().zip(remaining.iter_mut()) {
-                        for (layer, left) in rem.iter_mut().enumerate() {
-                            if *left == 0 {
-                                continue;
-                            }
-                            let n = rng.random_range(1..=11usize).min(*left);
-                            let vals = varied_rows(&mut rng, &geo, n);
-                            m.append_vals(p, id, layer, in_dtype, &vals);
-                            *left -= n;
-                        }
-                    }
-                }
-                m.check_lengths(p);
                 assert_eq!(pool.stats().blocks_used as usize, nb);
 
                 let all: Vec<u64> = plan.iter().map(|p| p.0).collect();
