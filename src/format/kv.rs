@@ -101,15 +101,22 @@ impl KvLayout {
         block * self.block_bytes + self.block_size * M1_DATA + off * M1_SCALES
     }
 
-    /// The stored bytes of token `off` of block `block` for the BF16
-    /// format (`2 * d_qk` bytes, the values as they are), or `None` for
-    /// other formats.
+    /// The stored bytes of tokens `off..off + n` of block `block` for the
+    /// BF16 format (consecutive rows of `2 * d_qk` bytes, the values as
+    /// they are); `None` for other formats or rows past the block.
     #[inline]
-    pub fn bf16_row<'c>(&self, cache: &'c [u8], block: usize, off: usize) -> Option<&'c [u8]> {
-        (self.format == KvFormat::Bf16).then(|| {
-            let at = self.data_at(block, off);
-            &cache[at..at + self.row_bytes]
-        })
+    pub fn bf16_rows<'c>(
+        &self,
+        cache: &'c [u8],
+        block: usize,
+        off: usize,
+        n: usize,
+    ) -> Option<&'c [u8]> {
+        if self.format != KvFormat::Bf16 || off + n > self.block_size {
+            return None;
+        }
+        let at = self.data_at(block, off);
+        cache.get(at..at + n * self.row_bytes)
     }
 
     /// Token `off` of block `block` as bf16 pairs (`out` holds `d_qk / 2`)

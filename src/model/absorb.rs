@@ -56,28 +56,24 @@ impl Absorbed {
         head * (self.nope + self.v) + self.nope + d
     }
 
-    /// `W_UK` (`uk`) or `W_UV` rows of heads `first..first + count` as
-    /// f32, `[count, nope or v, lora]`.
-    fn heads_f32(&self, first: usize, count: usize, uk: bool) -> Vec<f32> {
-        let (rows, lora) = (if uk { self.nope } else { self.v }, self.lora());
+    /// Rows `part` (`(offset, count)` within each head's `nope + v` rows:
+    /// W_UK is `(0, nope)`, W_UV `(nope, v)`) of heads `first..first +
+    /// count` as f32, `[heads, part rows, lora]`.
+    fn heads_f32(&self, first: usize, count: usize, part: (usize, usize)) -> Vec<f32> {
+        let ((offset, rows), lora) = (part, self.lora());
         let mut w = vec![0f32; count * rows * lora];
         w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
             let (head, d) = (first + i / rows, i % rows);
-            let o = if uk {
-                self.uk_row(head, d)
-            } else {
-                self.uv_row(head, d)
-            };
-            self.kv_b.row(o, dst);
+            self.kv_b.row(head * (self.nope + self.v) + offset + d, dst);
         });
         w
     }
 
     /// Runs `f(t, head, chunk)` on every `stride`-chunk of `out`
-    /// (`[tokens, heads, stride]`), with head `h`'s weights converted to
+    /// (`[tokens, heads, stride]`), with head `h`'s rows `part` converted to
     /// f32 once for the call when there are many tokens (`Some(rows of
     /// head h)`), or read in stored precision per token (`None`).
-    fn per_head<F>(&self, out: &mut [f32], stride: usize, tokens: usize, uk: bool, f: F)
+    fn per_head<F>(&self, out: &mut [f32], stride: usize, tokens: usize, part: (usize, usize), f: F)
     where
         F: Fn(usize, usize, &mut [f32], Option<&[f32]>) + Sync + Send,
     {
@@ -88,10 +84,10 @@ impl Absorbed {
                 .for_each(|(th, chunk)| f(th / h, th % h, chunk, None));
             return;
         }
-        let per_head = if uk { self.nope } else { self.v } * self.lora();
+        let per_head = part.1 * self.lora();
         for first in (0..h).step_by(HEAD_GROUP) {
             let count = HEAD_GROUP.min(h - first);
-            let w = self.heads_f32(first, count, uk);
+            let w = self.heads_f32(first, count, part);
             out.par_chunks_mut(stride)
                 .enumerate()
                 .filter(|(th, _)| (first..first + count).contains(&(th % h)))
@@ -115,7 +111,7 @@ impl Absorbed {
         out_stride: usize,
     ) {
         let (h, nope, lora) = (self.heads, self.nope, self.lora());
-        self.per_head(out, out_stride, tokens, true, |t, head, dst, w| {
+        self.per_head(out, out_stride, tokens, (0, nope), |t, head, dst, w| {
             let qn = &q[(t * h + head) * q_stride..][..nope];
             let lat = &mut dst[..lora];
             lat.fill(0.0);
@@ -140,7 +136,7 @@ impl Absorbed {
     /// `o` is `[tokens, H, v]`.
     pub fn values(&self, lat: &[f32], tokens: usize, o: &mut [f32]) {
         let (h, v, lora) = (self.heads, self.v, self.lora());
-        self.per_head(o, v, tokens, false, |t, head, dst, w| {
+        self.per_head(o, v, tokens, (self.nope, v), |t, head, dst, w| {
             let x = &lat[(t * h + head) * lora..][..lora];
             match w {
                 Some(w) => {

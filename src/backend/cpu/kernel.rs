@@ -107,17 +107,13 @@ impl AttnTask<'_> {
             return None;
         };
         let bs = kv.block_size();
-        if n == 0 || j0 % bs + n > bs {
+        if n == 0 {
             return None;
         }
-        let first = kv
+        let rows = kv
             .layout
-            .bf16_row(kv.data, *blocks.get(j0 / bs)? as usize, j0 % bs)?;
-        let len = n * first.len();
-        // `first` starts inside `kv.data`; rows of a block are
-        // consecutive, so the tile is the `len` bytes from there.
-        let start = first.as_ptr() as usize - kv.data.as_ptr() as usize;
-        bytemuck::try_cast_slice(kv.data.get(start..start + len)?).ok()
+            .bf16_rows(kv.data, *blocks.get(j0 / bs)? as usize, j0 % bs, n)?;
+        bytemuck::try_cast_slice(rows).ok()
     }
 
     /// Whether every key source's rows can be read as bf16 pairs directly:

@@ -800,7 +800,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     // the bf16 pairs Q·Kᵀ reads straight from the cache (copied, or e4m3
     // converted exactly), V's pairs interleave them, and the f32 copy of
     // the tile is skipped (at h_q = 16 it was a third of the kernel's time).
-    let raw_bf16 = p_bf16 && task.keys_as_pairs();
+    let direct_pairs = p_bf16 && task.keys_as_pairs();
     #[cfg(target_arch = "x86_64")]
     let pv_amx = AMX && use_bf16 && task.p_bf16 && dv % 16 == 0 && *AMX_PV;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
@@ -853,12 +853,12 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
     let mut t0 = task.start;
     while t0 < task.end {
         let n = K_TILE.min(task.end - t0);
-        let in_place = if raw_bf16 {
+        let in_place = if direct_pairs {
             task.bf16_tile(t0, n)
         } else {
             None
         };
-        if !raw_bf16 {
+        if !direct_pairs {
             for j in 0..n {
                 task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
             }
@@ -898,10 +898,10 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                 None => {
                     for j in 0..n {
                         let kr = &mut k2[j * d2..(j + 1) * d2];
-                        if raw_bf16 && task.gather_pairs(t0 + j, kr) {
+                        if direct_pairs && task.gather_pairs(t0 + j, kr) {
                             continue;
                         }
-                        if raw_bf16 {
+                        if direct_pairs {
                             task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
                         }
                         for (i, x) in kr.iter_mut().enumerate() {
@@ -998,7 +998,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
             let (vp, pp) = pairs.split_at_mut(np * dv);
             // SAFETY: p_bf16 implies the avx512bf16 entry point; sizes as required.
             unsafe {
-                if raw_bf16 {
+                if direct_pairs {
                     let k2 = in_place.unwrap_or(&scratch.pairs[d2 * rp..]);
                     bf16::v_pairs_raw(k2, d2, n, dv, vp);
                 } else {
