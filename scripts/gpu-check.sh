@@ -9,9 +9,10 @@
 #                                suite, the unit tests that need a device, and
 #                                `mlart bench --cuda` against the copy bandwidth
 #                                and bf16 matmul rate torch measures in the same
-#                                run; then, on its Xeon host (AMX-BF16), the CPU
-#                                reference suites forced to the amx kernel with
-#                                P·V on tiles (MLART_AMX_PV=1) and an amx bench,
+#                                run; then, on its Xeon host (AMX-BF16), the AMX
+#                                tiles against their software model, the CPU
+#                                reference suites forced to the amx kernel, an
+#                                amx vs avx512 bench,
 #                                and the model's prefill GEMM on AMX
 #                                (MLART_AMX_GEMM=1): its tests and a timing;
 #                                writes $OUT/gpu-check.txt and $OUT/bench-*.json
@@ -86,17 +87,22 @@ PY
         mm=$(awk '/^matmul_tflops/ {print $2}' "$out/torch-ceilings.txt")
         echo "== mlart bench --cuda"
         timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
-        echo "== host CPU: amx kernel with P·V on tiles (MLART_AMX_PV=1) vs the f64 reference"
+        echo "== host CPU: AMX tiles vs their software model, then the amx kernel vs the f64 reference"
         if grep -q amx_bf16 /proc/cpuinfo; then
-            MLART_AMX_PV=1 timeout 200 "$g/cpu_isa" 2>&1 | grep -E "test result|panicked|FAILED|skipped" | head -8
+            timeout 100 "$g/unit" amx --include-ignored 2>&1 | grep -E "^test |test result|panicked" | head -12
+            MLART_CPU_ISA=amx timeout 200 "$g/cpu_isa" 2>&1 | grep -E "test result|panicked|FAILED" | head -8
+            timeout 300 "$g/decode_reference" amx_kernel --nocapture 2>&1 \
+                | grep -E "^amx_kernel|test result|panicked" | head -5
+            timeout 300 "$g/sparse_reference" every_kernel_variant --nocapture 2>&1 \
+                | grep -E "\(amx\)|test result|panicked" | head -5
             for t in decode_reference sparse_reference; do
-                MLART_CPU_ISA=amx MLART_AMX_PV=1 timeout 200 "$g/$t" 2>&1 | grep -E "test result|panicked|FAILED" | head -5
+                MLART_CPU_ISA=amx timeout 200 "$g/$t" 2>&1 | grep -E "test result|panicked|FAILED" | head -5
             done
             pts=128:1:4096:1:bf16:dense,128:1:16384:8:bf16:dense,128:1:16384:1:fp8_v32:2048,16:1:16384:8:bf16:dense
-            for pv in 0 1; do
-                echo "== bench amx, MLART_AMX_PV=$pv"
-                MLART_CPU_ISA=amx MLART_AMX_PV=$pv timeout 120 "$g/mlart" bench --no-scalar --seconds 0.5 \
-                    --points $pts --json "$out/bench-amx-pv$pv.json" 2>&1 | grep -vE "^\s*$|^point"
+            for isa in amx avx512; do
+                echo "== bench $isa"
+                MLART_CPU_ISA=$isa timeout 120 "$g/mlart" bench --no-scalar --seconds 0.5 \
+                    --points $pts --json "$out/bench-cpu-$isa.json" 2>&1 | grep -vE "^\s*$|^point"
             done
             echo "== host CPU: the model's prefill GEMM on AMX (MLART_AMX_GEMM=1) vs the f64 references"
             MLART_AMX_GEMM=1 timeout 200 "$g/unit" model:: 2>&1 | grep -E "test result|panicked|FAILED" | head -5

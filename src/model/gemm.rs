@@ -292,16 +292,16 @@ fn matmul_amx<T: amx::Tiles>(
                     // tile read covers 16 rows of 64 bytes inside c, wt
                     // (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
                     unsafe {
-                        t.load(0, c.as_ptr() as *const u8, 64);
+                        t.load::<0>(c.as_ptr() as *const u8, 64);
                         for kc in (0..PAIRS).step_by(16) {
-                            t.load(2, wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
+                            t.load::<6>(wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
                             for part in 0..2 {
                                 let a = xb.as_ptr().add(part * TOKENS * PAIRS + kc);
-                                t.load(1, a as *const u8, PAIRS * 4);
-                                t.dpbf16();
+                                t.load::<4>(a as *const u8, PAIRS * 4);
+                                t.dp::<0, 4, 6>();
                             }
                         }
-                        t.store(0, c.as_mut_ptr() as *mut u8, 64);
+                        t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
                     }
                     for (r, &sr) in s.iter().enumerate() {
                         let dst = &mut acc[r * t_pad + tb * TOKENS..][..TOKENS];
@@ -466,7 +466,7 @@ mod tests {
                 ),
             ] {
                 let mut y = vec![f32::NAN; tokens * out];
-                matmul_amx(w, out, inp, &x, tokens, &mut y, || Emu([[0u8; 1024]; 3]));
+                matmul_amx(w, out, inp, &x, tokens, &mut y, Emu::default);
                 assert_close(&y, want, &format!("amx {name} {out}x{inp} t{tokens}"));
                 if available() {
                     let mut y = vec![f32::NAN; tokens * out];

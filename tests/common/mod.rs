@@ -103,9 +103,42 @@ impl Engine {
     /// An engine forced to the kernel variant `isa` (`MLART_CPU_ISA`), or
     /// `None` where this build or CPU lacks it (UNSUPPORTED).
     pub fn with_isa(isa: &str, threads: i32) -> Option<Engine> {
+        Self::with_env(&[("MLART_CPU_ISA", isa)], threads)
+    }
+
+    /// The AMX kernel: on the CPU's tiles where it has AMX, else on the
+    /// library's software model of them (`MLART_AMX_EMULATE=1`, which needs
+    /// AVX-512 F/BW/BF16); `None` (with the reason printed) where neither
+    /// runs. The flag says whether the tiles are emulated.
+    pub fn amx(threads: i32) -> Option<(Engine, bool)> {
+        if let Some(e) = Self::with_isa("amx", threads) {
+            return Some((e, false));
+        }
+        match Self::with_env(
+            &[("MLART_CPU_ISA", "amx"), ("MLART_AMX_EMULATE", "1")],
+            threads,
+        ) {
+            Some(e) => Some((e, true)),
+            None => {
+                println!("SKIPPED amx: this CPU has neither AMX nor AVX-512 F/BW/BF16 for emulated tiles");
+                None
+            }
+        }
+    }
+
+    /// An engine created with the environment variables `vars` set (and
+    /// restored after), or `None` where they ask for what this build or
+    /// CPU lacks (UNSUPPORTED).
+    pub fn with_env(vars: &[(&str, &str)], threads: i32) -> Option<Engine> {
         let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-        let saved = std::env::var_os("MLART_CPU_ISA");
-        std::env::set_var("MLART_CPU_ISA", isa);
+        let saved: Vec<_> = vars
+            .iter()
+            .map(|(k, v)| {
+                let old = std::env::var_os(k);
+                std::env::set_var(k, v);
+                (*k, old)
+            })
+            .collect();
         let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
         mlart_engine_options_init(opts.as_mut_ptr());
         // SAFETY: initialized by mlart_engine_options_init.
@@ -114,15 +147,17 @@ impl Engine {
         opts.num_threads = threads;
         let mut ptr = std::ptr::null_mut();
         let r = take_error(mlart_engine_create(&opts, &mut ptr));
-        match saved {
-            Some(v) => std::env::set_var("MLART_CPU_ISA", v),
-            None => std::env::remove_var("MLART_CPU_ISA"),
+        for (k, old) in saved {
+            match old {
+                Some(v) => std::env::set_var(k, v),
+                None => std::env::remove_var(k),
+            }
         }
         match r {
             None => Some(Engine { ptr, threads }),
             Some((MLART_STATUS_UNSUPPORTED, _)) => None,
             Some((code, msg)) => {
-                panic!("MLART_CPU_ISA={isa}: {} ({code}): {msg}", status_name(code))
+                panic!("{vars:?}: {} ({code}): {msg}", status_name(code))
             }
         }
     }

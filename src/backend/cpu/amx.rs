@@ -1,21 +1,26 @@
 //! AMX tiles (`tdpbf16ps`), through `asm!` since the intrinsics are not
-//! stable, and a software model of them ([`Emu`]) for tests on CPUs
-//! without AMX. Three 16-row x 64-byte tiles: tmm0 = C (16 x 16 f32),
-//! tmm1 = A (16 rows x 32 bf16), tmm2 = B (16 bf16 pairs x 16 columns, the
-//! VNNI layout). Used for the attention's Q·Kᵀ and P·V, and the model's
-//! prefill GEMM.
+//! stable, and a software model of them ([`Emu`]) that runs the same code
+//! on CPUs without AMX (tests, and `MLART_AMX_EMULATE=1`).
+//!
+//! All eight tiles are configured as 16 rows x 64 bytes: a C tile holds
+//! 16 x 16 f32, an A tile 16 rows x 32 bf16, a B tile 16 bf16 pairs x 16
+//! columns (the VNNI layout). [`mac`] runs the 2 x 2 block of C tiles that
+//! both the attention and the model's prefill GEMM are built from.
 
-use super::kernel::K_TILE;
 use std::arch::asm;
 
-/// Loads the tile configuration on this thread (palette 1, three 16 x 64-byte tiles).
+/// Tiles configured by [`configure`] (all of them).
+pub const TILES: usize = 8;
+
+/// Loads the tile configuration on this thread (palette 1, eight
+/// 16 x 64-byte tiles).
 ///
 /// # Safety
 /// The CPU must support AMX and the process must hold AMX permission.
 pub unsafe fn configure() {
     let mut cfg = [0u8; 64];
     cfg[0] = 1;
-    for t in 0..3 {
+    for t in 0..TILES {
         cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
         cfg[48 + t] = 16;
     }
@@ -32,54 +37,67 @@ pub unsafe fn release() {
     unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
 
-/// Operations on the 16-row x 64-byte tiles 0..2: the hardware's, or
-/// (tests on machines without AMX) a software model of them.
+/// Operations on the configured 16-row x 64-byte tiles: the hardware's, or
+/// a software model of them. Tile numbers are constants, as the
+/// instructions need them.
 pub trait Tiles {
+    /// `tileloadd tmm{T}, [p + stride]`.
+    ///
     /// # Safety
     /// `p + r * stride .. + 64` readable for r in 0..16; tiles configured.
-    unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize);
+    unsafe fn load<const T: usize>(&mut self, p: *const u8, stride: usize);
+    /// `tilestored [p + stride], tmm{T}`.
+    ///
     /// # Safety
     /// `p + r * stride .. + 64` writable for r in 0..16; tiles configured.
-    unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize);
-    /// `tdpbf16ps tmm0, tmm1, tmm2`.
+    unsafe fn store<const T: usize>(&mut self, p: *mut u8, stride: usize);
+    /// `tilezero tmm{T}`.
     ///
     /// # Safety
     /// Tiles configured.
-    unsafe fn dpbf16(&mut self);
+    unsafe fn zero<const T: usize>(&mut self);
+    /// `tdpbf16ps tmm{C}, tmm{A}, tmm{B}`: C[m][n] += Σ_k A[m][k]·B[k/2][n][k%2].
+    ///
+    /// # Safety
+    /// Tiles configured.
+    unsafe fn dp<const C: usize, const A: usize, const B: usize>(&mut self);
 }
 
 /// The CPU's tiles (`asm!`).
 pub struct Hw;
 
 impl Tiles for Hw {
-    unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+    #[inline(always)]
+    unsafe fn load<const T: usize>(&mut self, p: *const u8, stride: usize) {
         // SAFETY: caller contract.
         unsafe {
-            match t {
-                0 => {
-                    asm!("tileloadd tmm0, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
-                }
-                1 => {
-                    asm!("tileloadd tmm1, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
-                }
-                _ => {
-                    asm!("tileloadd tmm2, [{p} + {s}]", p = in(reg) p, s = in(reg) stride, options(nostack, readonly))
-                }
-            }
+            asm!("tileloadd tmm{t}, [{p} + {s}]", t = const T, p = in(reg) p,
+                 s = in(reg) stride, options(nostack, readonly))
         }
     }
 
-    unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
-        debug_assert_eq!(t, 0);
+    #[inline(always)]
+    unsafe fn store<const T: usize>(&mut self, p: *mut u8, stride: usize) {
         // SAFETY: caller contract.
         unsafe {
-            asm!("tilestored [{p} + {s}], tmm0", p = in(reg) p, s = in(reg) stride, options(nostack))
-        };
+            asm!("tilestored [{p} + {s}], tmm{t}", t = const T, p = in(reg) p,
+                 s = in(reg) stride, options(nostack))
+        }
     }
 
-    unsafe fn dpbf16(&mut self) {
+    #[inline(always)]
+    unsafe fn zero<const T: usize>(&mut self) {
         // SAFETY: caller contract.
-        unsafe { asm!("tdpbf16ps tmm0, tmm1, tmm2", options(nostack, nomem)) };
+        unsafe { asm!("tilezero tmm{t}", t = const T, options(nostack, nomem)) }
+    }
+
+    #[inline(always)]
+    unsafe fn dp<const C: usize, const A: usize, const B: usize>(&mut self) {
+        // SAFETY: caller contract.
+        unsafe {
+            asm!("tdpbf16ps tmm{c}, tmm{a}, tmm{b}", c = const C, a = const A,
+                 b = const B, options(nostack, nomem))
+        }
     }
 }
 
@@ -105,196 +123,293 @@ impl Drop for Session {
 }
 
 impl Tiles for Session {
-    unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+    #[inline(always)]
+    unsafe fn load<const T: usize>(&mut self, p: *const u8, stride: usize) {
         // SAFETY: caller contract; tiles configured by start().
-        unsafe { self.0.load(t, p, stride) }
+        unsafe { self.0.load::<T>(p, stride) }
     }
-    unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+    #[inline(always)]
+    unsafe fn store<const T: usize>(&mut self, p: *mut u8, stride: usize) {
         // SAFETY: as above.
-        unsafe { self.0.store(t, p, stride) }
+        unsafe { self.0.store::<T>(p, stride) }
     }
-    unsafe fn dpbf16(&mut self) {
+    #[inline(always)]
+    unsafe fn zero<const T: usize>(&mut self) {
         // SAFETY: as above.
-        unsafe { self.0.dpbf16() }
+        unsafe { self.0.zero::<T>() }
+    }
+    #[inline(always)]
+    unsafe fn dp<const C: usize, const A: usize, const B: usize>(&mut self) {
+        // SAFETY: as above.
+        unsafe { self.0.dp::<C, A, B>() }
     }
 }
 
-/// A software model of tiles 0..2 (row r of tile t at `t[t][64 r..]`).
-#[cfg(test)]
-pub struct Emu(pub [[u8; 1024]; 3]);
+/// A software model of the eight tiles (row r of tile t at `0[t][64 r..]`).
+/// Products are exact in f32 (bf16 x bf16) and summed in f32, pair by pair.
+pub struct Emu(Box<[[u8; 1024]; TILES]>);
 
-#[cfg(test)]
+impl Default for Emu {
+    fn default() -> Self {
+        Emu(Box::new([[0u8; 1024]; TILES]))
+    }
+}
+
 impl Tiles for Emu {
-    unsafe fn load(&mut self, t: usize, p: *const u8, stride: usize) {
+    unsafe fn load<const T: usize>(&mut self, p: *const u8, stride: usize) {
         for r in 0..16 {
             // SAFETY: caller contract.
             let row = unsafe { std::slice::from_raw_parts(p.add(r * stride), 64) };
-            self.0[t][64 * r..64 * r + 64].copy_from_slice(row);
+            self.0[T][64 * r..64 * r + 64].copy_from_slice(row);
         }
     }
 
-    unsafe fn store(&mut self, t: usize, p: *mut u8, stride: usize) {
+    unsafe fn store<const T: usize>(&mut self, p: *mut u8, stride: usize) {
         for r in 0..16 {
             // SAFETY: caller contract.
             let row = unsafe { std::slice::from_raw_parts_mut(p.add(r * stride), 64) };
-            row.copy_from_slice(&self.0[t][64 * r..64 * r + 64]);
+            row.copy_from_slice(&self.0[T][64 * r..64 * r + 64]);
         }
     }
 
-    unsafe fn dpbf16(&mut self) {
-        let bf = |t: &[u8; 1024], r: usize, i: usize| {
-            f32::from_bits(
-                (u16::from_le_bytes([t[64 * r + 2 * i], t[64 * r + 2 * i + 1]]) as u32) << 16,
-            )
+    unsafe fn zero<const T: usize>(&mut self) {
+        self.0[T].fill(0);
+    }
+
+    unsafe fn dp<const C: usize, const A: usize, const B: usize>(&mut self) {
+        let bf16s = |t: &[u8; 1024]| -> Vec<f32> {
+            t.chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect()
         };
+        // a[m][k] at 32 m + k; b[k/2][n][k%2] at 32 (k/2) + 2 n + k%2.
+        let (a, b) = (bf16s(&self.0[A]), bf16s(&self.0[B]));
+        let c = &mut self.0[C];
         for m in 0..16 {
             for n in 0..16 {
                 let at = 64 * m + 4 * n;
-                let mut c = f32::from_le_bytes(self.0[0][at..at + 4].try_into().unwrap_or([0; 4]));
+                let mut acc = f32::from_le_bytes([c[at], c[at + 1], c[at + 2], c[at + 3]]);
                 for k in 0..16 {
-                    c += bf(&self.0[1], m, 2 * k) * bf(&self.0[2], k, 2 * n)
-                        + bf(&self.0[1], m, 2 * k + 1) * bf(&self.0[2], k, 2 * n + 1);
+                    acc += a[32 * m + 2 * k] * b[32 * k + 2 * n]
+                        + a[32 * m + 2 * k + 1] * b[32 * k + 2 * n + 1];
                 }
-                self.0[0][at..at + 4].copy_from_slice(&c.to_le_bytes());
+                c[at..at + 4].copy_from_slice(&acc.to_le_bytes());
             }
         }
     }
 }
 
-/// P of a tile (`st [n][rp]`) as bf16 pairs along the keys in the A
-/// layout: `pa[r][jp]` = (P[2jp][r], P[2jp + 1][r]) rounded to nearest
-/// even, zero for pairs past `n` up to `np16`.
-pub fn p_pairs_rows(st: &[f32], rp: usize, n: usize, np16: usize, pa: &mut [u32]) {
-    let bf = |x: f32| {
-        // P is finite and >= 0: round to nearest even by adding.
-        let b = x.to_bits();
-        (b + 0x7fff + ((b >> 16) & 1)) >> 16
-    };
-    for r in 0..rp {
-        let row = &mut pa[r * np16..(r + 1) * np16];
-        for (jp, x) in row.iter_mut().enumerate() {
-            let (e, o) = (2 * jp, 2 * jp + 1);
-            let lo = if e < n { bf(st[e * rp + r]) } else { 0 };
-            let hi = if o < n { bf(st[o * rp + r]) } else { 0 };
-            *x = lo | (hi << 16);
-        }
+/// Where the tiles of one [`mac`] operand lie: tile `i` of K chunk `k`
+/// starts at `base[i] + k * step` bytes, its 16 rows `stride` bytes apart.
+#[derive(Clone, Copy)]
+pub struct Operand {
+    pub base: [*const u8; 2],
+    pub stride: usize,
+    pub step: usize,
+}
+
+impl Operand {
+    #[inline(always)]
+    fn at(&self, i: usize, k: usize) -> *const u8 {
+        self.base[i].wrapping_add(k * self.step)
     }
 }
 
-/// `o[r][..dv] += Σ_jp P·V` on tiles, for the first `rows` of `rp` rows:
-/// `pa [rp][np16]` holds P as bf16 pairs along the keys (row-major, the
-/// A layout), `vp [np16][dv]` V as bf16 pairs (the VNNI B layout);
-/// pairs past the tile's keys are zero. A 16 x 16 block of O stays in
-/// tile 0 over all key pairs.
+/// Where the C tiles of one [`mac`] lie: C(i, j) at `base[i][j]`, rows
+/// `stride` bytes apart.
+#[derive(Clone, Copy)]
+pub struct Acc {
+    pub base: [[*mut u8; 2]; 2],
+    pub stride: usize,
+}
+
+/// `C(i, j) (+)= Σ_k A(i, k) · B(j, k)` for `i < NM`, `j < NN` (each 1 or
+/// 2) over `chunks` K chunks of 32 bf16. C starts from memory (`load_c`)
+/// or zero and is stored back. C(i, j) lives in tmm(2i + j), A(i) in
+/// tmm(4 + i), B(j) in tmm(6 + j): a 2 x 2 block loads 4 tiles per 4
+/// `tdpbf16ps`.
 ///
 /// # Safety
-/// Tiles configured (16 rows x 64 bytes); `np16 % 16 == 0`,
-/// `rp % 16 == 0`, `dv % 16 == 0`; `pa` holds `rp * np16`, `vp`
-/// `np16 * dv`, `o` `rows * dv` with `rows <= rp`.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn pv_tiles<T: Tiles>(
-    tiles: &mut T,
-    pa: &[u32],
-    rp: usize,
-    np16: usize,
-    vp: &[u32],
-    dv: usize,
-    o: &mut [f32],
-    rows: usize,
+/// Tiles configured; every tile named by `a`, `b` (chunks `0..chunks`)
+/// and `c` lies in readable (C: writable) memory, 16 rows x 64 bytes.
+#[inline(always)]
+pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
+    t: &mut T,
+    a: Operand,
+    b: Operand,
+    chunks: usize,
+    c: Acc,
+    load_c: bool,
 ) {
-    debug_assert!(np16.is_multiple_of(16) && rp.is_multiple_of(16) && dv.is_multiple_of(16));
-    debug_assert!(
-        pa.len() >= rp * np16 && vp.len() >= np16 * dv && o.len() >= rows * dv && rows <= rp
-    );
-    let mut c = [0f32; 256];
-    for rb in (0..rows).step_by(16) {
-        let live = 16.min(rows - rb);
-        for cb in (0..dv).step_by(16) {
-            for r in 0..16 {
-                for x in 0..16 {
-                    c[r * 16 + x] = if r < live {
-                        o[(rb + r) * dv + cb + x]
-                    } else {
-                        0.0
-                    };
+    let cs = c.stride;
+    // SAFETY: caller contract.
+    unsafe {
+        if load_c {
+            t.load::<0>(c.base[0][0], cs);
+            if NN > 1 {
+                t.load::<1>(c.base[0][1], cs);
+            }
+            if NM > 1 {
+                t.load::<2>(c.base[1][0], cs);
+                if NN > 1 {
+                    t.load::<3>(c.base[1][1], cs);
                 }
             }
-            // SAFETY: c is 16 x 64 bytes; the A rows rb..rb+16 of pa and
-            // the B rows kc..kc+16 of vp (columns cb..cb+16) are in bounds.
-            unsafe {
-                tiles.load(0, c.as_ptr() as *const u8, 64);
-                for kc in (0..np16).step_by(16) {
-                    tiles.load(1, pa.as_ptr().add(rb * np16 + kc) as *const u8, np16 * 4);
-                    tiles.load(2, vp.as_ptr().add(kc * dv + cb) as *const u8, dv * 4);
-                    tiles.dpbf16();
-                }
-                tiles.store(0, c.as_mut_ptr() as *mut u8, 64);
+        } else {
+            t.zero::<0>();
+            t.zero::<1>();
+            t.zero::<2>();
+            t.zero::<3>();
+        }
+        for k in 0..chunks {
+            t.load::<4>(a.at(0, k), a.stride);
+            t.load::<6>(b.at(0, k), b.stride);
+            t.dp::<0, 4, 6>();
+            if NN > 1 {
+                t.load::<7>(b.at(1, k), b.stride);
+                t.dp::<1, 4, 7>();
             }
-            for r in 0..live {
-                o[(rb + r) * dv + cb..(rb + r) * dv + cb + 16]
-                    .copy_from_slice(&c[r * 16..r * 16 + 16]);
+            if NM > 1 {
+                t.load::<5>(a.at(1, k), a.stride);
+                t.dp::<2, 5, 6>();
+                if NN > 1 {
+                    t.dp::<3, 5, 7>();
+                }
+            }
+        }
+        t.store::<0>(c.base[0][0], cs);
+        if NN > 1 {
+            t.store::<1>(c.base[0][1], cs);
+        }
+        if NM > 1 {
+            t.store::<2>(c.base[1][0], cs);
+            if NN > 1 {
+                t.store::<3>(c.base[1][1], cs);
             }
         }
     }
 }
 
-/// `st[j*rp + r] = scale * Σ_d qa[r][d] k[j][d]` for all `rp` rows and the
-/// first `n` keys (rounded up to 16; keys past `n` are zero in `k2t`).
+/// [`mac`] with the block shape `(nm, nn)` (1 or 2 each) chosen at run time.
 ///
 /// # Safety
-/// Tiles configured on this thread; `qa` holds `rp` rows of `d` bf16
-/// (`d/2` u32), `k2t` holds `d/2` rows of `K_TILE` u32, `d % 32 == 0`,
-/// `rp % 16 == 0`, `st` holds `K_TILE * rp`.
-pub unsafe fn scores_tile(
-    qa: &[u32],
-    rp: usize,
-    d: usize,
-    k2t: &[u32],
-    n: usize,
-    scale: f32,
-    st: &mut [f32],
+/// As [`mac`].
+#[inline(always)]
+pub unsafe fn mac_dyn<T: Tiles>(
+    t: &mut T,
+    shape: (usize, usize),
+    a: Operand,
+    b: Operand,
+    chunks: usize,
+    c: Acc,
+    load_c: bool,
 ) {
-    debug_assert!(
-        d.is_multiple_of(32)
-            && rp.is_multiple_of(16)
-            && qa.len() >= rp * d / 2
-            && k2t.len() >= d / 2 * K_TILE
-    );
-    debug_assert!(st.len() >= K_TILE * rp && n <= K_TILE);
-    let mut c = [0f32; 256];
-    let a_stride = d * 2;
-    let b_stride = K_TILE * 4;
-    for rb in (0..rp).step_by(16) {
-        for jb in (0..n.div_ceil(16) * 16).step_by(16) {
-            // SAFETY: every tile row read lies inside qa (rows rb..rb+16,
-            // bytes kc*2..kc*2+64 of each) or k2t (rows kc/2..kc/2+16,
-            // keys jb..jb+16); c holds 16 x 64 bytes.
-            unsafe {
-                asm!("tilezero tmm0", options(nostack, nomem));
-                for kc in (0..d).step_by(32) {
-                    let a = (qa.as_ptr() as *const u8).add(rb * a_stride + kc * 2);
-                    let b = k2t.as_ptr().add((kc / 2) * K_TILE + jb) as *const u8;
-                    asm!(
-                        "tileloadd tmm1, [{a} + {sa}]",
-                        "tileloadd tmm2, [{b} + {sb}]",
-                        "tdpbf16ps tmm0, tmm1, tmm2",
-                        a = in(reg) a,
-                        sa = in(reg) a_stride,
-                        b = in(reg) b,
-                        sb = in(reg) b_stride,
-                        options(nostack, readonly),
+    // SAFETY: forwarded contract.
+    unsafe {
+        match shape {
+            (1, 1) => mac::<T, 1, 1>(t, a, b, chunks, c, load_c),
+            (1, _) => mac::<T, 1, 2>(t, a, b, chunks, c, load_c),
+            (_, 1) => mac::<T, 2, 1>(t, a, b, chunks, c, load_c),
+            _ => mac::<T, 2, 2>(t, a, b, chunks, c, load_c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bf16(x: f32) -> u16 {
+        half::bf16::from_f32(x).to_bits()
+    }
+
+    /// Every block shape of `mac` on the tile model against a plain f64
+    /// product: A and B placement (bases, strides, chunk steps), C loaded
+    /// or zeroed, and only the named C tiles written.
+    #[test]
+    fn mac_blocks_match_a_plain_product() {
+        check_mac(&mut Emu::default());
+    }
+
+    /// The same on the CPU's tiles: the `asm!` forms, the tile
+    /// configuration and the model agree. Ignored (not passed) by default;
+    /// `scripts/gpu-check.sh` runs it on an AMX host with `--ignored`.
+    #[test]
+    #[ignore = "needs an AMX CPU: run with --ignored on one"]
+    fn hardware_tiles_match_a_plain_product() {
+        let f = crate::backend::cpu::isa::CpuFeatures::detect();
+        assert!(
+            f.amx_bf16 && crate::backend::cpu::isa::amx_permitted(),
+            "this CPU has no AMX-BF16 (or the OS refused it)"
+        );
+        // SAFETY: AMX-BF16 present and permitted (checked above).
+        check_mac(&mut unsafe { Session::start() });
+    }
+
+    fn check_mac<T: Tiles>(t: &mut T) {
+        let vals = crate::model::gen::uniform(4096, 11);
+        let mut it = vals.iter().cycle();
+        for (nm, nn, chunks, load_c) in [
+            (2, 2, 3, true),
+            (1, 2, 2, false),
+            (2, 1, 1, true),
+            (1, 1, 4, false),
+        ] {
+            let kk = 32 * chunks;
+            // A: rows of kk bf16 at a 5-word padded stride; B: VNNI pairs.
+            let a_stride = kk + 10;
+            let a: Vec<u16> = (0..32 * a_stride)
+                .map(|_| bf16(*it.next().unwrap()))
+                .collect();
+            let b: Vec<u16> = (0..(kk / 2) * 32 * 2)
+                .map(|_| bf16(*it.next().unwrap()))
+                .collect();
+            let c0: Vec<f32> = (0..32 * 40).map(|_| *it.next().unwrap()).collect();
+            let mut c = c0.clone();
+            let op_a = Operand {
+                base: [
+                    a.as_ptr() as *const u8,
+                    a[16 * a_stride..].as_ptr() as *const u8,
+                ],
+                stride: a_stride * 2,
+                step: 64,
+            };
+            // B rows are K pairs, 32 columns (two tiles) per row.
+            let op_b = Operand {
+                base: [b.as_ptr() as *const u8, b[32..].as_ptr() as *const u8],
+                stride: 32 * 4,
+                step: 16 * 32 * 4,
+            };
+            let cp = c.as_mut_ptr();
+            let acc = Acc {
+                base: [
+                    [cp as *mut u8, cp.wrapping_add(16) as *mut u8],
+                    [
+                        cp.wrapping_add(16 * 40) as *mut u8,
+                        cp.wrapping_add(16 * 40 + 16) as *mut u8,
+                    ],
+                ],
+                stride: 40 * 4,
+            };
+            // SAFETY: every tile lies inside a, b or c (sizes above).
+            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c) };
+            let bv = |x: u16| f32::from_bits((x as u32) << 16) as f64;
+            for m in 0..32 {
+                for n in 0..40 {
+                    let (i, j) = (m / 16, n / 16);
+                    let got = c[m * 40 + n] as f64;
+                    if i >= nm || j >= nn || n >= 32 {
+                        assert_eq!(got, c0[m * 40 + n] as f64, "untouched C[{m}][{n}]");
+                        continue;
+                    }
+                    let mut want = if load_c { c0[m * 40 + n] as f64 } else { 0.0 };
+                    for k in 0..kk {
+                        want += bv(a[m * a_stride + k]) * bv(b[(k / 2) * 64 + 2 * n + k % 2]);
+                    }
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{nm}x{nn} C[{m}][{n}] {got} vs {want}"
                     );
-                }
-                asm!(
-                    "tilestored [{c} + {sc}], tmm0",
-                    c = in(reg) c.as_mut_ptr(),
-                    sc = in(reg) 64usize,
-                    options(nostack),
-                );
-            }
-            for r in 0..16 {
-                for jj in 0..16 {
-                    st[(jb + jj) * rp + rb + r] = c[r * 16 + jj] * scale;
                 }
             }
         }

@@ -70,6 +70,8 @@ impl CpuIsa {
 pub struct CpuFeatures {
     pub avx2_fma: bool,
     pub avx512f: bool,
+    /// AVX512-BW (the AMX kernel's operand packing uses 16-bit permutes).
+    pub avx512bw: bool,
     pub avx512bf16: bool,
     pub amx_bf16: bool,
     /// CPUID vendor is AMD (decides between AVX512-BF16 and AVX-512F).
@@ -94,6 +96,7 @@ impl CpuFeatures {
                 avx2_fma: std::is_x86_feature_detected!("avx2")
                     && std::is_x86_feature_detected!("fma"),
                 avx512f: std::is_x86_feature_detected!("avx512f"),
+                avx512bw: std::is_x86_feature_detected!("avx512bw"),
                 avx512bf16: std::is_x86_feature_detected!("avx512bf16"),
                 amx_bf16: amx,
                 amd: {
@@ -117,8 +120,14 @@ impl CpuFeatures {
             CpuIsa::Avx2 => self.avx2_fma,
             CpuIsa::Avx512 => self.avx512f,
             CpuIsa::Avx512Bf16 => self.avx512f && self.avx512bf16,
-            CpuIsa::Amx => self.amx_bf16 && self.avx512f && self.avx512bf16 && amx_permitted(),
+            CpuIsa::Amx => self.amx_tiles_emulable() && self.amx_bf16 && amx_permitted(),
         }
+    }
+
+    /// Whether the AMX kernel's vector parts run here, so that its tiles
+    /// can be emulated in software (`MLART_AMX_EMULATE=1`).
+    pub fn amx_tiles_emulable(&self) -> bool {
+        self.avx512f && self.avx512bw && self.avx512bf16
     }
 
     /// Space-separated list for `mlart info`.
@@ -170,14 +179,32 @@ pub fn amx_permitted() -> bool {
     *PERMITTED
 }
 
+/// Whether the AMX kernel (both GEMMs on tiles) has run on an AMX CPU and
+/// passed the reference suites there. Until then AUTO does not choose it;
+/// `MLART_CPU_ISA=amx` does. Its logic is tested on every machine with
+/// AVX-512 on the software tile model (`MLART_AMX_EMULATE=1`).
+pub const AMX_VERIFIED: bool = false;
+
+/// The kernel variant an engine runs, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Choice {
+    pub isa: CpuIsa,
+    /// For `mlart_engine_info`.
+    pub reason: String,
+    /// AMX tiles run in software (`MLART_AMX_EMULATE=1` with `MLART_CPU_ISA=amx`).
+    pub emulated_tiles: bool,
+}
+
 /// Picks the kernel variant: forced by `forced` (the `MLART_CPU_ISA` value),
-/// else the widest one that is both supported here and built in.
-/// Returns the variant and the reason, for `mlart_engine_info`.
+/// else the widest one that is both supported here and built in (AMX only
+/// once [`AMX_VERIFIED`]). `emulate_amx` (`MLART_AMX_EMULATE=1`) makes a
+/// forced AMX run on software tiles.
 pub fn choose(
     features: &CpuFeatures,
     built: &[CpuIsa],
     forced: Option<&str>,
-) -> Result<(CpuIsa, String)> {
+    emulate_amx: bool,
+) -> Result<Choice> {
     let built_names = built
         .iter()
         .map(|i| i.name())
@@ -196,6 +223,19 @@ pub fn choose(
                 isa.name()
             )));
         }
+        if isa == CpuIsa::Amx && emulate_amx {
+            if !features.amx_tiles_emulable() {
+                return Err(Error::unsupported(format!(
+                    "MLART_CPU_ISA = amx with MLART_AMX_EMULATE=1 needs avx512f, avx512bw and avx512bf16 (detected: {})",
+                    features.describe()
+                )));
+            }
+            return Ok(Choice {
+                isa,
+                reason: "forced by MLART_CPU_ISA=amx, tiles emulated in software (MLART_AMX_EMULATE=1; slow, for testing)".into(),
+                emulated_tiles: true,
+            });
+        }
         if !features.supports(isa) {
             return Err(Error::unsupported(format!(
                 "MLART_CPU_ISA = {} but this CPU does not support it (detected: {})",
@@ -203,21 +243,32 @@ pub fn choose(
                 features.describe()
             )));
         }
-        return Ok((isa, format!("forced by MLART_CPU_ISA={}", isa.name())));
+        return Ok(Choice {
+            isa,
+            reason: format!("forced by MLART_CPU_ISA={}", isa.name()),
+            emulated_tiles: false,
+        });
     }
     let best = built
         .iter()
         .copied()
-        .filter(|&i| features.supports(i))
+        .filter(|&i| features.supports(i) && (i != CpuIsa::Amx || AMX_VERIFIED))
         .max_by_key(|i| i.rank(features))
         .unwrap_or(CpuIsa::Scalar);
-    Ok((
-        best,
-        format!(
-            "widest kernel supported by this CPU (detected: {}; built: {built_names})",
-            features.describe()
-        ),
-    ))
+    let mut reason = format!(
+        "widest kernel supported by this CPU (detected: {}; built: {built_names})",
+        features.describe()
+    );
+    if !AMX_VERIFIED && built.contains(&CpuIsa::Amx) && features.supports(CpuIsa::Amx) {
+        reason.push_str(
+            "; amx is supported but not chosen until its kernel has been verified on AMX hardware (MLART_CPU_ISA=amx uses it)",
+        );
+    }
+    Ok(Choice {
+        isa: best,
+        reason,
+        emulated_tiles: false,
+    })
 }
 
 #[cfg(test)]
@@ -229,27 +280,31 @@ mod tests {
         let all = CpuFeatures {
             avx2_fma: true,
             avx512f: true,
+            avx512bw: true,
             avx512bf16: true,
             amx_bf16: true,
             amd: false,
         };
         let none = CpuFeatures::default();
         let built = [CpuIsa::Scalar, CpuIsa::Avx2];
-        assert_eq!(choose(&all, &built, None).unwrap().0, CpuIsa::Avx2);
-        assert_eq!(choose(&none, &built, None).unwrap().0, CpuIsa::Scalar);
+        assert_eq!(choose(&all, &built, None, false).unwrap().isa, CpuIsa::Avx2);
         assert_eq!(
-            choose(&all, &built, Some("scalar")).unwrap().0,
+            choose(&none, &built, None, false).unwrap().isa,
             CpuIsa::Scalar
         );
-        assert!(choose(&all, &built, Some("amx"))
+        assert_eq!(
+            choose(&all, &built, Some("scalar"), false).unwrap().isa,
+            CpuIsa::Scalar
+        );
+        assert!(choose(&all, &built, Some("amx"), false)
             .unwrap_err()
             .message
             .contains("no amx kernel"));
-        assert!(choose(&none, &built, Some("avx2"))
+        assert!(choose(&none, &built, Some("avx2"), false)
             .unwrap_err()
             .message
             .contains("does not support"));
-        let e = choose(&all, &built, Some("sse9")).unwrap_err();
+        let e = choose(&all, &built, Some("sse9"), false).unwrap_err();
         assert!(e.message.starts_with("MLART_CPU_ISA = \"sse9\""));
     }
 
@@ -264,16 +319,70 @@ mod tests {
         let zen4 = CpuFeatures {
             avx2_fma: true,
             avx512f: true,
+            avx512bw: true,
             avx512bf16: true,
             amx_bf16: false,
             amd: true,
         };
         let xeon = CpuFeatures { amd: false, ..zen4 };
-        assert_eq!(choose(&zen4, &built, None).unwrap().0, CpuIsa::Avx512Bf16);
-        assert_eq!(choose(&xeon, &built, None).unwrap().0, CpuIsa::Avx512);
         assert_eq!(
-            choose(&xeon, &built, Some("avx512bf16")).unwrap().0,
+            choose(&zen4, &built, None, false).unwrap().isa,
             CpuIsa::Avx512Bf16
         );
+        assert_eq!(
+            choose(&xeon, &built, None, false).unwrap().isa,
+            CpuIsa::Avx512
+        );
+        assert_eq!(
+            choose(&xeon, &built, Some("avx512bf16"), false)
+                .unwrap()
+                .isa,
+            CpuIsa::Avx512Bf16
+        );
+    }
+
+    /// AMX tiles in software only when forced and asked for, and only
+    /// with the vector features the kernel's packing needs; AUTO leaves
+    /// an unverified AMX kernel out and says so.
+    #[test]
+    fn amx_emulation_and_verification_gate() {
+        let built = [
+            CpuIsa::Scalar,
+            CpuIsa::Avx512,
+            CpuIsa::Avx512Bf16,
+            CpuIsa::Amx,
+        ];
+        let zen4 = CpuFeatures {
+            avx2_fma: true,
+            avx512f: true,
+            avx512bw: true,
+            avx512bf16: true,
+            amx_bf16: false,
+            amd: true,
+        };
+        let c = choose(&zen4, &built, Some("amx"), true).unwrap();
+        assert_eq!((c.isa, c.emulated_tiles), (CpuIsa::Amx, true));
+        assert!(c.reason.contains("MLART_AMX_EMULATE=1"), "{}", c.reason);
+        let e = choose(&zen4, &built, Some("amx"), false).unwrap_err();
+        assert!(e.message.contains("does not support"), "{}", e.message);
+        let no_bw = CpuFeatures {
+            avx512bw: false,
+            ..zen4
+        };
+        let e = choose(&no_bw, &built, Some("amx"), true).unwrap_err();
+        assert!(e.message.contains("avx512bw"), "{}", e.message);
+        // Emulation never makes AUTO pick AMX.
+        let c = choose(&zen4, &built, None, true).unwrap();
+        assert_eq!((c.isa, c.emulated_tiles), (CpuIsa::Avx512Bf16, false));
+        if !AMX_VERIFIED && amx_permitted() {
+            let spr = CpuFeatures {
+                amx_bf16: true,
+                amd: false,
+                ..zen4
+            };
+            let c = choose(&spr, &built, None, false).unwrap();
+            assert_eq!(c.isa, CpuIsa::Avx512);
+            assert!(c.reason.contains("not chosen"), "{}", c.reason);
+        }
     }
 }

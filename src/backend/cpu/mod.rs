@@ -35,12 +35,14 @@ pub const BUILT_KERNELS: &[CpuIsa] = &[
     CpuIsa::Amx,
 ];
 
-fn kernel_for(isa: CpuIsa) -> Box<dyn AttentionKernel> {
+fn kernel_for(isa: CpuIsa, emulated_tiles: bool) -> Box<dyn AttentionKernel> {
     match isa {
         CpuIsa::Avx2 => Box::new(simd::Avx2Kernel),
         CpuIsa::Avx512 => Box::new(simd::Avx512Kernel),
         CpuIsa::Avx512Bf16 => Box::new(simd::Avx512Bf16Kernel),
-        CpuIsa::Amx => Box::new(simd::AmxKernel),
+        CpuIsa::Amx => Box::new(simd::AmxKernel {
+            emulated: emulated_tiles,
+        }),
         CpuIsa::Scalar => Box::new(ScalarKernel),
     }
 }
@@ -82,7 +84,9 @@ impl CpuBackend {
     /// `MLART_CPU_ISA` value, if set.
     pub fn new(threads: usize, forced_isa: Option<&str>, reason_prefix: &str) -> Result<Self> {
         let features = CpuFeatures::detect();
-        let (isa, why) = isa::choose(&features, BUILT_KERNELS, forced_isa)?;
+        let emulate_amx = std::env::var("MLART_AMX_EMULATE").is_ok_and(|v| v == "1");
+        let choice = isa::choose(&features, BUILT_KERNELS, forced_isa, emulate_amx)?;
+        let (isa, why) = (choice.isa, &choice.reason);
         let threads = if threads == 0 {
             std::thread::available_parallelism()
                 .map(|n| n.get())
@@ -108,7 +112,7 @@ impl CpuBackend {
                 reason: format!("{reason_prefix}cpu kernel {}: {why}", isa.name()),
             },
             pool,
-            kernel: kernel_for(isa),
+            kernel: kernel_for(isa, choice.emulated_tiles),
             workspaces: Mutex::new(Vec::new()),
         })
     }

@@ -20,19 +20,14 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::amx;
+#[cfg(target_arch = "x86_64")]
+mod amx_attn;
 use super::isa::CpuIsa;
 use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
 use crate::format::KvFormat;
 
 /// Query rows per register block.
 const R: usize = 6;
-
-/// P·V on AMX tiles (with bf16 outputs). The code is checked against a
-/// software model of the tiles here, but not yet on an AMX CPU, so it is
-/// opt-in (`MLART_AMX_PV=1`) until a run on one confirms it.
-#[cfg(target_arch = "x86_64")]
-static AMX_PV: once_cell::sync::Lazy<bool> =
-    once_cell::sync::Lazy::new(|| std::env::var("MLART_AMX_PV").is_ok_and(|v| v == "1"));
 
 /// Calls `$f::<V, RN>(args)` with the run-time row count `$rn` (1..=R)
 /// turned into a constant, so register blocks are fully unrolled and stay
@@ -767,12 +762,90 @@ unsafe fn softmax_rows<V: Vector>(
     }
 }
 
+/// `out [d/2][rp]` = the task's bf16 queries as pairs along d, transposed
+/// (rows in lanes); rows past `rows` are zero.
+fn q_pairs_t(qb: &[u8], rows: usize, d: usize, rp: usize, out: &mut [u32]) {
+    for (k2, qrow) in out[..d / 2 * rp].chunks_exact_mut(rp).enumerate() {
+        for (r, x) in qrow.iter_mut().enumerate() {
+            *x = if r < rows {
+                let at = (r * d + 2 * k2) * 2;
+                u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
+            } else {
+                0
+            };
+        }
+    }
+}
+
+/// Online softmax over a tile's scores `st [n][rp]` (keys `t0..t0 + n`),
+/// one vector of rows at a time: p overwrites the scores, running max and
+/// sum advance, and rows whose max moved get `o` rescaled. Rows at a
+/// causal edge (some keys past their visible prefix, p = 0 there) and a
+/// last partial vector go one by one.
+///
+/// # Safety
+/// The ISA of `V` is enabled; `st` holds `n * rp`, `row_max`/`row_sum`
+/// `rows`, `o` `rows * dv`; `rows <= rp`, `rp` a multiple of the lanes.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn softmax_tile<V: Vector>(
+    task: &AttnTask<'_>,
+    st: &mut [f32],
+    rp: usize,
+    t0: usize,
+    n: usize,
+    rows: usize,
+    row_max: &mut [f32],
+    row_sum: &mut [f32],
+    o: &mut [f32],
+    dv: usize,
+) {
+    let (lanes, h_q) = (V::LANES, task.h_q);
+    let mut rb = 0;
+    while rb < rows {
+        let re = (rb + lanes).min(rows);
+        if re - rb == lanes && (rb..re).all(|row| task.visible(row / h_q) >= t0 + n) {
+            // SAFETY: ISA enabled (caller); rows rb..rb + lanes exist in
+            // st (stride rp), row_max, row_sum and o.
+            unsafe { softmax_rows::<V>(st, rp, rb, n, row_max, row_sum, o, dv) };
+            rb = re;
+            continue;
+        }
+        for row in rb..re {
+            let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
+            let tile_max = (0..vis)
+                .map(|j| st[j * rp + row])
+                .fold(f32::NEG_INFINITY, f32::max);
+            let new_max = row_max[row].max(tile_max);
+            if new_max == f32::NEG_INFINITY {
+                (0..n).for_each(|j| st[j * rp + row] = 0.0);
+                continue;
+            }
+            let alpha = (row_max[row] - new_max).exp();
+            let mut sum = 0.0;
+            for j in 0..n {
+                let x = &mut st[j * rp + row];
+                *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
+                sum += *x;
+            }
+            row_sum[row] = row_sum[row] * alpha + sum;
+            row_max[row] = new_max;
+            if alpha != 1.0 {
+                o[row * dv..(row + 1) * dv]
+                    .iter_mut()
+                    .for_each(|x| *x *= alpha);
+            }
+        }
+        rb = re;
+    }
+}
+
 /// The kernel body for one vector type.
 ///
 /// # Safety
 /// The ISA of `V` must be enabled.
 #[inline(always)]
-unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
+unsafe fn attend_with<V: Vector, const BF16: bool>(
     task: &AttnTask<'_>,
     scratch: &mut Scratch,
     o: &mut [f32],
@@ -795,48 +868,19 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
         );
     // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
     // the output is bf16 anyway; V is exactly bf16 when the keys are.
-    let p_bf16 = BF16 && !AMX && use_bf16 && task.p_bf16 && dv % 16 == 0;
+    let p_bf16 = BF16 && use_bf16 && task.p_bf16 && dv % 16 == 0;
     // Both GEMMs on `vdpbf16ps` over a BF16 or FP8_V32 cache: keys become
     // the bf16 pairs Q·Kᵀ reads straight from the cache (copied, or e4m3
     // converted exactly), V's pairs interleave them, and the f32 copy of
     // the tile is skipped (at h_q = 16 it was a third of the kernel's time).
     let direct_pairs = p_bf16 && task.keys_as_pairs();
-    #[cfg(target_arch = "x86_64")]
-    let pv_amx = AMX && use_bf16 && task.p_bf16 && dv % 16 == 0 && *AMX_PV;
     let k_tile = fit(&mut scratch.k_tile, K_TILE * d);
     let buf = fit(&mut scratch.scores, d * rp + K_TILE * rp);
     let (qt, st) = buf.split_at_mut(d * rp);
     let d2 = d / 2;
-    // AMX tiles: 16 rows x 32 bf16 of Q times 16 keys, d in chunks of 32.
-    let use_amx = AMX && use_bf16 && d % 32 == 0;
-    if use_amx {
-        let qb = task.q_bf16.unwrap_or_default();
-        let pairs = fit_u32(&mut scratch.pairs, rp * d2 + d2 * K_TILE);
-        // Q as stored, rows padded with zeros to a multiple of 16.
-        for (r, qrow) in pairs[..rp * d2].chunks_exact_mut(d2).enumerate() {
-            for (i, x) in qrow.iter_mut().enumerate() {
-                *x = if r < rows {
-                    let at = (r * d + 2 * i) * 2;
-                    u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
-                } else {
-                    0
-                };
-            }
-        }
-    } else if use_bf16 {
-        let qb = task.q_bf16.unwrap_or_default();
+    if use_bf16 {
         let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
-        let (qt2, _) = pairs.split_at_mut(d2 * rp);
-        for (k2, qrow) in qt2.chunks_exact_mut(rp).enumerate() {
-            for (r, x) in qrow.iter_mut().enumerate() {
-                *x = if r < rows {
-                    let at = (r * d + 2 * k2) * 2;
-                    u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
-                } else {
-                    0
-                };
-            }
-        }
+        q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, pairs);
     } else {
         for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
             for (r, x) in qrow.iter_mut().enumerate() {
@@ -863,31 +907,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                 task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
             }
         }
-        if use_amx {
-            // Keys as bf16 pairs transposed to [d/2][64] (VNNI B layout).
-            let pairs = fit_u32(&mut scratch.pairs, rp * d2 + d2 * K_TILE);
-            let (qa, k2t) = pairs.split_at_mut(rp * d2);
-            for i in 0..d2 {
-                for j in 0..K_TILE {
-                    k2t[i * K_TILE + j] = if j < n {
-                        let (a, b) = (
-                            k_tile[j * d + 2 * i].to_bits(),
-                            k_tile[j * d + 2 * i + 1].to_bits(),
-                        );
-                        (a >> 16) | (b & 0xffff_0000)
-                    } else {
-                        0
-                    };
-                }
-            }
-            // SAFETY: AMX is only true in the AMX entry point, which is
-            // selected after the CPU and the OS allowed AMX, and configured
-            // the tiles on this thread.
-            #[cfg(target_arch = "x86_64")]
-            unsafe {
-                amx::scores_tile(qa, rp, d, k2t, n, task.scale, st)
-            };
-        } else if use_bf16 {
+        if use_bf16 {
             // Keys as bf16 pairs [64][d/2] (exact: the values are bf16).
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
@@ -936,61 +956,9 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
                 rb += rv * lanes;
             }
         }
-        // Online softmax, one vector of rows at a time. Rows at a causal
-        // edge (some keys of this tile past their visible prefix, p = 0
-        // there) and a last partial vector go one by one.
-        let mut rb = 0;
-        while rb < rows {
-            let re = (rb + lanes).min(rows);
-            if re - rb == lanes && (rb..re).all(|row| task.visible(row / h_q) >= t0 + n) {
-                // SAFETY: ISA enabled (caller); rows rb..rb + lanes exist in
-                // st (stride rp), row_max, row_sum and o.
-                unsafe { softmax_rows::<V>(st, rp, rb, n, row_max, row_sum, o, dv) };
-                rb = re;
-                continue;
-            }
-            for row in rb..re {
-                let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
-                let tile_max = (0..vis)
-                    .map(|j| st[j * rp + row])
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let new_max = row_max[row].max(tile_max);
-                if new_max == f32::NEG_INFINITY {
-                    (0..n).for_each(|j| st[j * rp + row] = 0.0);
-                    continue;
-                }
-                let alpha = (row_max[row] - new_max).exp();
-                let mut sum = 0.0;
-                for j in 0..n {
-                    let x = &mut st[j * rp + row];
-                    *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
-                    sum += *x;
-                }
-                row_sum[row] = row_sum[row] * alpha + sum;
-                row_max[row] = new_max;
-                if alpha != 1.0 {
-                    o[row * dv..(row + 1) * dv]
-                        .iter_mut()
-                        .for_each(|x| *x *= alpha);
-                }
-            }
-            rb = re;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if pv_amx {
-            let np16 = n.div_ceil(32) * 16;
-            let pairs = fit_u32(&mut scratch.pv_pairs, np16 * dv + rp * np16);
-            let (vp, pa) = pairs.split_at_mut(np16 * dv);
-            vp[n.div_ceil(2) * dv..].fill(0);
-            // SAFETY: AMX implies AVX-512F (the amx entry point); sizes as required.
-            unsafe { bf16::v_pairs(k_tile, d, n, dv, vp) };
-            amx::p_pairs_rows(st, rp, n, np16, pa);
-            // SAFETY: the tiles are configured on this thread (attend_amx)
-            // with 16 x 64-byte shapes; sizes as required.
-            unsafe { amx::pv_tiles(&mut amx::Hw, pa, rp, np16, vp, dv, o, rows) };
-            t0 += n;
-            continue;
-        }
+        // SAFETY: ISA enabled (caller); st holds n keys x rp rows, the row
+        // state `rows`, o `rows * dv`.
+        unsafe { softmax_tile::<V>(task, st, rp, t0, n, rows, row_max, row_sum, o, dv) };
         #[cfg(target_arch = "x86_64")]
         if p_bf16 {
             let np = n.div_ceil(2);
@@ -1047,19 +1015,37 @@ unsafe fn attend_with<V: Vector, const BF16: bool, const AMX: bool>(
 pub struct Avx2Kernel;
 /// AVX-512F with `vdpbf16ps` for Q·Kᵀ on bf16 queries and bf16/FP8 caches.
 pub struct Avx512Bf16Kernel;
-/// AMX-BF16 tiles for Q·Kᵀ (d a multiple of 32), otherwise as Avx512Bf16.
-pub struct AmxKernel;
+/// Both GEMMs on AMX-BF16 tiles ([`amx_attn`]) where the task allows it
+/// (bf16 queries and output, a bf16-exact cache, d % 32 == 0,
+/// d_v % 16 == 0), otherwise as [`Avx512Bf16Kernel`]. `emulated` runs the
+/// tiles in software (`MLART_AMX_EMULATE=1`: slow; tests the AMX code on
+/// CPUs without AMX).
+pub struct AmxKernel {
+    pub emulated: bool,
+}
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-fn attend_amx(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
-    // SAFETY: selected only when the CPU has AMX-BF16, AVX-512F and
-    // AVX512-BF16 and the OS granted AMX permission; the tiles are
-    // configured for this call on this thread and released after it.
-    unsafe {
-        amx::configure();
-        attend_with::<x86::V512, true, true>(task, scratch, o, lse);
-        amx::release();
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+fn attend_amx(
+    emulated: bool,
+    task: &AttnTask<'_>,
+    scratch: &mut Scratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    if !amx_attn::applies(task) {
+        // SAFETY: AVX-512F and AVX512-BF16 are enabled here.
+        return unsafe { attend_with::<x86::V512, true>(task, scratch, o, lse) };
+    }
+    if emulated {
+        // SAFETY: AVX-512F, BW and BF16 are enabled; the software tiles
+        // need no configuration.
+        unsafe { amx_attn::attend(&mut amx::Emu::default(), task, scratch, o, lse) }
+    } else {
+        // SAFETY: selected only when the CPU has AMX-BF16 and the OS
+        // granted AMX permission; the session configures the tiles on this
+        // thread and releases them when dropped.
+        unsafe { amx_attn::attend(&mut amx::Session::start(), task, scratch, o, lse) }
     }
 }
 
@@ -1070,9 +1056,10 @@ impl AttentionKernel for AmxKernel {
 
     fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the engine selects this kernel only after detecting AMX and its permission.
+        // SAFETY: the engine selects this kernel only after detecting
+        // AVX-512F, BW and BF16, and AMX with its permission unless emulated.
         unsafe {
-            attend_amx(task, scratch, o, lse)
+            attend_amx(self.emulated, task, scratch, o, lse)
         }
         #[cfg(not(target_arch = "x86_64"))]
         super::kernel::ScalarKernel.attend(task, scratch, o, lse)
@@ -1083,7 +1070,7 @@ impl AttentionKernel for AmxKernel {
 #[target_feature(enable = "avx512f,avx512bf16")]
 fn attend_avx512bf16(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX-512F and AVX512-BF16 enabled.
-    unsafe { attend_with::<x86::V512, true, false>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V512, true>(task, scratch, o, lse) }
 }
 
 impl AttentionKernel for Avx512Bf16Kernel {
@@ -1108,14 +1095,14 @@ pub struct Avx512Kernel;
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX2 and FMA enabled.
-    unsafe { attend_with::<x86::V256, false, false>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V256, false>(task, scratch, o, lse) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn attend_avx512(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
     // SAFETY: this function only runs with AVX-512F enabled.
-    unsafe { attend_with::<x86::V512, false, false>(task, scratch, o, lse) }
+    unsafe { attend_with::<x86::V512, false>(task, scratch, o, lse) }
 }
 
 impl AttentionKernel for Avx2Kernel {
@@ -1152,7 +1139,7 @@ impl AttentionKernel for Avx512Kernel {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
-    use super::{amx, bf16};
+    use super::bf16;
 
     /// The vector `exp` of both widths against f64 over the softmax's
     /// range, -inf and the clamp included.
@@ -1241,70 +1228,6 @@ mod tests {
                 bf16::v_pairs_raw(&k2, d / 2, n, dv, &mut b);
             }
             assert_eq!(a, b, "n {n} d {d} dv {dv}");
-        }
-    }
-
-    fn bf16_round(x: f32) -> f32 {
-        let b = x.to_bits();
-        f32::from_bits(((b + 0x7fff + ((b >> 16) & 1)) >> 16) << 16)
-    }
-
-    /// The AMX P·V code path on the software tile model against a plain
-    /// loop over the same bf16-rounded values: layouts, padding (odd key
-    /// counts, rows not a multiple of 16) and accumulation into O.
-    #[test]
-    fn amx_pv_tiles_match_a_plain_product_on_the_tile_model() {
-        let mut seed = 0x1234_5678_9abc_def0u64;
-        let mut rnd = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-        };
-        for (rows, n, dv) in [
-            (16usize, 64usize, 512usize),
-            (20, 37, 64),
-            (1, 1, 16),
-            (33, 33, 32),
-        ] {
-            let rp = rows.div_ceil(16) * 16;
-            let d = dv + 8;
-            // Keys as bf16 values in f32 (as gathered), P as f32 in [0, 1).
-            let k_tile: Vec<f32> = (0..n * d).map(|_| bf16_round(rnd())).collect();
-            let st: Vec<f32> = (0..n * rp).map(|_| rnd() + 0.5).collect();
-            let o0: Vec<f32> = (0..rows * dv).map(|_| rnd()).collect();
-            let np16 = n.div_ceil(32) * 16;
-            let mut vp = vec![0u32; np16 * dv];
-            let mut pa = vec![0u32; rp * np16];
-            for jp in 0..n.div_ceil(2) {
-                for c in 0..dv {
-                    let lo = k_tile[2 * jp * d + c].to_bits() >> 16;
-                    let hi = if 2 * jp + 1 < n {
-                        k_tile[(2 * jp + 1) * d + c].to_bits() & 0xffff_0000
-                    } else {
-                        0
-                    };
-                    vp[jp * dv + c] = lo | hi;
-                }
-            }
-            amx::p_pairs_rows(&st, rp, n, np16, &mut pa);
-            let mut o = o0.clone();
-            let mut tiles = amx::Emu([[0u8; 1024]; 3]);
-            // SAFETY: the software model needs no tile configuration; sizes as required.
-            unsafe { amx::pv_tiles(&mut tiles, &pa, rp, np16, &vp, dv, &mut o, rows) };
-            for r in 0..rows {
-                for c in 0..dv {
-                    let mut want = o0[r * dv + c] as f64;
-                    for j in 0..n {
-                        want += bf16_round(st[j * rp + r]) as f64 * k_tile[j * d + c] as f64;
-                    }
-                    let got = o[r * dv + c] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
-                        "rows {rows} n {n} dv {dv}: o[{r}][{c}] = {got}, want {want}"
-                    );
-                }
-            }
         }
     }
 }

@@ -490,7 +490,7 @@ pub fn run(opts: &Options) -> Result<()> {
     }
     // Every point has bf16 queries and outputs and a bf16/FP8 cache with
     // d_qk = 576, so the avx512bf16 kernel runs both GEMMs on vdpbf16ps
-    // (P·V in bf16 because the output is bf16) and amx Q·Kᵀ on tiles.
+    // (P·V in bf16 because the output is bf16) and amx both on tiles.
     .for_kernel(
         match info.cpu_isa {
             CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
@@ -499,6 +499,7 @@ pub fn run(opts: &Options) -> Result<()> {
         },
         match info.cpu_isa {
             CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
+            CpuIsa::Amx => QkUnit::Amx,
             _ => QkUnit::Fma,
         },
         D_QK,

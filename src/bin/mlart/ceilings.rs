@@ -52,6 +52,7 @@ impl Ceilings {
             self.compute_name = match (qk, pv) {
                 (QkUnit::Bf16Dp, QkUnit::Bf16Dp) => "bf16dp",
                 (QkUnit::Bf16Dp, _) => "bf16dp+fma",
+                (QkUnit::Amx, QkUnit::Amx) => "amx",
                 (QkUnit::Amx, QkUnit::Bf16Dp) => "amx+bf16dp",
                 _ => "amx+fma",
             };

@@ -1,0 +1,518 @@
+//! The AMX attention kernel: per tile of up to 128 keys both GEMMs run on
+//! AMX tiles, and only the softmax and the packing of operands on AVX-512.
+//!
+//! - `Sᵀ = K · Qᵀ`: the keys' bf16 rows are the A tiles as the cache holds
+//!   them (read in place, or converted once per tile), the queries are
+//!   packed once per call as the B operand (`[d/2][rows]` pairs), and the C
+//!   tiles land as `st [key][row]`, the layout of the vector softmax (rows
+//!   in lanes). Nothing is transposed per key tile.
+//! - online softmax in f32, shared with the AVX-512 kernels;
+//! - `O += P · V`: P rounded to bf16 (as FlashMLA does; only with a bf16
+//!   output) and transposed to row-major pairs (the A operand, a 16 x 16
+//!   transpose per block), V's rows interleaved in pairs (the B operand),
+//!   O accumulated in C tiles over the tile's keys.
+//!
+//! Generic over [`Tiles`], so the tests run the whole kernel on the
+//! software tile model.
+
+use super::x86::V512;
+use super::{fit, fit_u32, q_pairs_t, softmax_tile};
+use crate::backend::cpu::amx::{mac_dyn, Acc, Operand, Tiles};
+use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
+use crate::format::KvFormat;
+use std::arch::x86_64::*;
+
+/// Keys per tile: 128 keys give P·V four K chunks per load and store of an
+/// O tile (64 would give two).
+pub const KT: usize = 128;
+/// Keys per A tile of `Sᵀ`.
+const SUB: usize = 16;
+
+/// Whether the kernel computes `task` as exactly as the AVX512-BF16 one:
+/// bf16 queries, a cache whose values are bf16 (BF16, or FP8 with
+/// power-of-two scales), a bf16 output (P may be rounded), `d_qk % 32 == 0`
+/// (whole A tiles) and `d_v % 16 == 0` (whole C tiles).
+pub fn applies(task: &AttnTask<'_>) -> bool {
+    task.q_bf16.is_some()
+        && task.p_bf16
+        && task.d_qk.is_multiple_of(32)
+        && task.d_v.is_multiple_of(16)
+        && task.d_v <= task.d_qk
+        && matches!(
+            task.kv_format(),
+            KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
+        )
+}
+
+/// The kernel body (see the module comment).
+///
+/// # Safety
+/// AVX-512F, BW and BF16 are enabled; `tiles` are configured (all eight,
+/// 16 x 64 bytes) on this thread; [`applies`] holds for `task`.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+pub unsafe fn attend<T: Tiles>(
+    tiles: &mut T,
+    task: &AttnTask<'_>,
+    scratch: &mut Scratch,
+    o: &mut [f32],
+    lse: &mut [f32],
+) {
+    debug_assert!(applies(task));
+    let (d, dv) = (task.d_qk, task.d_v);
+    let d2 = d / 2;
+    let rows = task.n_q * task.h_q;
+    let rp = rows.div_ceil(16) * 16;
+
+    let pairs = fit_u32(&mut scratch.pairs, d2 * rp + KT * d2);
+    let (qb, kb) = pairs.split_at_mut(d2 * rp);
+    q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, qb);
+    let pv_buf = fit_u32(&mut scratch.pv_pairs, KT / 2 * dv + rp * KT / 2);
+    let (vp, pa) = pv_buf.split_at_mut(KT / 2 * dv);
+    let sc = fit(&mut scratch.scores, KT * rp + rp * dv);
+    let (st, acc) = sc.split_at_mut(KT * rp);
+    acc.fill(0.0);
+    let row = fit(&mut scratch.k_tile, d);
+    let row_max = fit(&mut scratch.row_max, rows);
+    let row_sum = fit(&mut scratch.row_sum, rows);
+    row_max.fill(f32::NEG_INFINITY);
+    row_sum.fill(0.0);
+
+    let mut t0 = task.start;
+    while t0 < task.end {
+        let n = KT.min(task.end - t0);
+        let nsub = n.div_ceil(SUB);
+        // Each 16-key A tile: in place when its rows are consecutive in one
+        // block of a BF16 cache, else converted into `kb` (zero rows past n).
+        let mut in_place: [Option<&[u32]>; KT / SUB] = [None; KT / SUB];
+        for (s, place) in in_place.iter_mut().enumerate().take(nsub) {
+            let (j0, m) = (t0 + s * SUB, SUB.min(n - s * SUB));
+            if m == SUB {
+                *place = task.bf16_tile(j0, SUB);
+                if place.is_some() {
+                    continue;
+                }
+            }
+            let dst = &mut kb[s * SUB * d2..][..SUB * d2];
+            for (j, kr) in dst.chunks_exact_mut(d2).enumerate() {
+                if j >= m {
+                    kr.fill(0);
+                } else if !task.gather_pairs(j0 + j, kr) {
+                    // Exact: the cache's values are bf16 (`applies`).
+                    task.gather(j0 + j, row);
+                    for (x, p) in kr.iter_mut().zip(row.chunks_exact(2)) {
+                        *x = (p[0].to_bits() >> 16) | (p[1].to_bits() & 0xffff_0000);
+                    }
+                }
+            }
+        }
+        let kb: &[u32] = kb;
+        let sub: [&[u32]; KT / SUB] =
+            std::array::from_fn(|s| in_place[s].unwrap_or(&kb[s * SUB * d2..][..SUB * d2]));
+        let sub = &sub[..nsub];
+
+        // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
+        // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
+        unsafe { scores(tiles, sub, qb, rp, d2, st) };
+        // SAFETY: AVX-512F enabled; st holds n * rp, rp % 16 == 0.
+        unsafe { scale(&mut st[..n * rp], task.scale) };
+        // SAFETY: AVX-512F enabled; sizes as softmax_tile requires (acc
+        // holds rp >= rows rows of dv).
+        unsafe { softmax_tile::<V512>(task, st, rp, t0, n, rows, row_max, row_sum, acc, dv) };
+        let np16 = n.div_ceil(2 * SUB) * SUB;
+        // SAFETY: AVX-512F, BW and BF16 enabled; pa holds rp * np16 <= rp * KT/2,
+        // vp np16 * dv <= KT/2 * dv; st holds n * rp.
+        unsafe {
+            p_rows(st, rp, n, np16, pa);
+            v_pairs(sub, d2, n, np16, dv, vp);
+            pv(tiles, pa, rp, np16, vp, dv, acc);
+        }
+        t0 += n;
+    }
+    o[..rows * dv].copy_from_slice(&acc[..rows * dv]);
+    finalize(o, lse, row_max, row_sum, dv);
+}
+
+/// `st [16 s + j][r] = Σ_d sub[s][j][d] · Q[r][d]` for every key tile `s`
+/// and all `rp` rows, unscaled: 2 key tiles x 2 row blocks per [`mac_dyn`].
+///
+/// # Safety
+/// Tiles configured; every `sub[s]` holds 16 x `d2` u32 with `d2 % 16 ==
+/// 0`, `qb` `d2 * rp`, `st` `sub.len() * 16 * rp`, `rp % 16 == 0`.
+#[inline(always)]
+unsafe fn scores<T: Tiles>(
+    t: &mut T,
+    sub: &[&[u32]],
+    qb: &[u32],
+    rp: usize,
+    d2: usize,
+    st: &mut [f32],
+) {
+    assert!(d2.is_multiple_of(16) && rp.is_multiple_of(16) && qb.len() >= d2 * rp);
+    assert!(st.len() >= sub.len() * SUB * rp && sub.iter().all(|s| s.len() >= SUB * d2));
+    let (nr, ns) = (rp / 16, sub.len());
+    let stp = st.as_mut_ptr();
+    for s0 in (0..ns).step_by(2) {
+        let nm = 2.min(ns - s0);
+        let a = Operand {
+            base: [
+                sub[s0].as_ptr() as *const u8,
+                sub[(s0 + 1).min(ns - 1)].as_ptr() as *const u8,
+            ],
+            stride: d2 * 4,
+            step: 64,
+        };
+        for r0 in (0..nr).step_by(2) {
+            let nn = 2.min(nr - r0);
+            let b = Operand {
+                base: [
+                    qb[r0 * 16..].as_ptr() as *const u8,
+                    qb[(r0 + nn - 1) * 16..].as_ptr() as *const u8,
+                ],
+                stride: rp * 4,
+                step: 16 * rp * 4,
+            };
+            let c = |i: usize, j: usize| {
+                stp.wrapping_add((s0 + i.min(nm - 1)) * SUB * rp + (r0 + j.min(nn - 1)) * 16)
+                    as *mut u8
+            };
+            let acc = Acc {
+                base: [[c(0, 0), c(0, 1)], [c(1, 0), c(1, 1)]],
+                stride: rp * 4,
+            };
+            // SAFETY: A tile (s, k): rows of sub[s], bytes 64k..64k + 64 of
+            // each (k < d2 / 16); B tile (j, k): qb rows 16k..16k + 16,
+            // columns of block r0 + j; C tile (i, j): st rows of key tile
+            // s0 + i, columns of block r0 + j. All inside the asserted sizes.
+            unsafe { mac_dyn(t, (nm, nn), a, b, d2 / 16, acc, false) };
+        }
+    }
+}
+
+/// `x *= s` (AMX sums unscaled products; the other kernels fold the scale
+/// into their last step too).
+///
+/// # Safety
+/// AVX-512F enabled; `x.len() % 16 == 0`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn scale(x: &mut [f32], s: f32) {
+    // SAFETY: AVX-512F enabled (caller); each chunk holds 16 values.
+    unsafe {
+        let sv = _mm512_set1_ps(s);
+        for c in x.chunks_exact_mut(16) {
+            _mm512_storeu_ps(
+                c.as_mut_ptr(),
+                _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), sv),
+            );
+        }
+    }
+}
+
+/// Transposes 16 vectors of 16 u32 (`r[i]` lane `l` becomes `r[l]` lane
+/// `i`): at each width b = 8, 4, 2, 1 the off-diagonal b x b blocks of
+/// every 2b x 2b block swap places.
+///
+/// # Safety
+/// AVX-512F enabled.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [__m512i; 16]) {
+    for b in [8usize, 4, 2, 1] {
+        let lo: [i32; 16] = std::array::from_fn(|l| {
+            if (l / b) % 2 == 0 {
+                l as i32
+            } else {
+                (16 + l - b) as i32
+            }
+        });
+        let hi: [i32; 16] = std::array::from_fn(|l| {
+            if (l / b) % 2 == 0 {
+                (l + b) as i32
+            } else {
+                (16 + l) as i32
+            }
+        });
+        // SAFETY: AVX-512F enabled (caller); the index arrays hold 16 i32.
+        unsafe {
+            let (lo, hi) = (
+                _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+            );
+            for i in (0..16).filter(|i| (i / b) % 2 == 0) {
+                let (x, y) = (r[i], r[i + b]);
+                r[i] = _mm512_permutex2var_epi32(x, lo, y);
+                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
+            }
+        }
+    }
+}
+
+/// P (`st [n][rp]`, f32) as the A operand of P·V: `pa [r][jp]` = the pair
+/// (P[2jp][r], P[2jp + 1][r]) rounded to bf16 (nearest even), zero for
+/// keys past `n` up to `np16` pairs.
+///
+/// # Safety
+/// AVX-512F, BW and BF16 enabled; `st` holds `n * rp`, `pa` `rp * np16`;
+/// `rp` and `np16` multiples of 16, `n <= 2 * np16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn p_rows(st: &[f32], rp: usize, n: usize, np16: usize, pa: &mut [u32]) {
+    assert!(st.len() >= n * rp && pa.len() >= rp * np16 && n <= 2 * np16);
+    assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16));
+    // Interleaves the two halves of a 32 x bf16 vector: lane r of the
+    // result holds (low half's r, high half's r).
+    let mix: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
+    // SAFETY: AVX-512F, BW and BF16 enabled (caller); every load reads 16
+    // f32 of a key row < n inside st, every store writes 16 u32 of a row
+    // < rp inside pa (asserted above).
+    unsafe {
+        let mix = _mm512_loadu_si512(mix.as_ptr() as *const __m512i);
+        let key = |j: usize, rb: usize| {
+            if j < n {
+                _mm512_loadu_ps(st.as_ptr().add(j * rp + rb))
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for rb in (0..rp).step_by(16) {
+            for jc in (0..np16).step_by(16) {
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (x, vx) in v.iter_mut().enumerate() {
+                    let jp = jc + x;
+                    if 2 * jp < n {
+                        let pair = _mm512_cvtne2ps_pbh(key(2 * jp + 1, rb), key(2 * jp, rb));
+                        *vx = _mm512_permutexvar_epi16(
+                            mix,
+                            std::mem::transmute::<__m512bh, __m512i>(pair),
+                        );
+                    }
+                }
+                transpose16(&mut v);
+                for (r, vr) in v.iter().enumerate() {
+                    _mm512_storeu_si512(
+                        pa.as_mut_ptr().add((rb + r) * np16 + jc) as *mut __m512i,
+                        *vr,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// V as the B operand of P·V: `vp [jp][c]` = (V[2jp][c], V[2jp + 1][c])
+/// for the first `dv` columns of the keys' bf16 rows (`sub[j / 16]` row
+/// `j % 16`), zero past `n` up to `np16` pairs.
+///
+/// # Safety
+/// AVX-512F and BW enabled; each `sub[s]` holds 16 rows of `d2` u32,
+/// `n <= 16 * sub.len()`, `dv % 16 == 0`, `dv <= 2 * d2`, `vp` holds
+/// `np16 * dv`, `n <= 2 * np16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn v_pairs(sub: &[&[u32]], d2: usize, n: usize, np16: usize, dv: usize, vp: &mut [u32]) {
+    assert!(n <= SUB * sub.len() && dv.is_multiple_of(16) && dv <= 2 * d2);
+    assert!(vp.len() >= np16 * dv && n <= 2 * np16 && sub.iter().all(|s| s.len() >= SUB * d2));
+    let key = |j: usize| -> *const u16 { sub[j / SUB][(j % SUB) * d2..].as_ptr() as *const u16 };
+    let lo: [i16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as i16);
+    let hi: [i16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as i16);
+    // SAFETY: AVX-512F and BW enabled (caller); masked loads read columns
+    // c..c + w < dv <= 2 * d2 of a key row < n; stores write inside row jp
+    // of vp (asserted sizes).
+    unsafe {
+        let (lo, hi) = (
+            _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+        );
+        for jp in 0..np16 {
+            let out = vp.as_mut_ptr().add(jp * dv);
+            if 2 * jp >= n {
+                std::slice::from_raw_parts_mut(out, dv).fill(0);
+                continue;
+            }
+            let (a, b) = (key(2 * jp), (2 * jp + 1 < n).then(|| key(2 * jp + 1)));
+            for c in (0..dv).step_by(32) {
+                let w = 32.min(dv - c);
+                let m: __mmask32 = if w == 32 { !0 } else { (1 << w) - 1 };
+                let x = _mm512_maskz_loadu_epi16(m, a.add(c) as *const i16);
+                let y = match b {
+                    Some(b) => _mm512_maskz_loadu_epi16(m, b.add(c) as *const i16),
+                    None => _mm512_setzero_si512(),
+                };
+                _mm512_storeu_si512(
+                    out.add(c) as *mut __m512i,
+                    _mm512_permutex2var_epi16(x, lo, y),
+                );
+                if w == 32 {
+                    _mm512_storeu_si512(
+                        out.add(c + 16) as *mut __m512i,
+                        _mm512_permutex2var_epi16(x, hi, y),
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `acc [r][..dv] += Σ_jp pa[r][jp] · vp[jp][..]` for all `rp` rows: 2 row
+/// blocks x 2 column blocks of O per [`mac_dyn`], over `np16 / 16` chunks.
+///
+/// # Safety
+/// Tiles configured; `pa` holds `rp * np16`, `vp` `np16 * dv`, `acc`
+/// `rp * dv`; `rp`, `np16`, `dv` multiples of 16.
+#[inline(always)]
+unsafe fn pv<T: Tiles>(
+    t: &mut T,
+    pa: &[u32],
+    rp: usize,
+    np16: usize,
+    vp: &[u32],
+    dv: usize,
+    acc: &mut [f32],
+) {
+    assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
+    assert!(pa.len() >= rp * np16 && vp.len() >= np16 * dv && acc.len() >= rp * dv);
+    let (nr, nc) = (rp / 16, dv / 16);
+    let ap = acc.as_mut_ptr();
+    for r0 in (0..nr).step_by(2) {
+        let nm = 2.min(nr - r0);
+        let a = Operand {
+            base: [
+                pa[r0 * 16 * np16..].as_ptr() as *const u8,
+                pa[(r0 + nm - 1) * 16 * np16..].as_ptr() as *const u8,
+            ],
+            stride: np16 * 4,
+            step: 64,
+        };
+        for c0 in (0..nc).step_by(2) {
+            let nn = 2.min(nc - c0);
+            let b = Operand {
+                base: [
+                    vp[c0 * 16..].as_ptr() as *const u8,
+                    vp[(c0 + nn - 1) * 16..].as_ptr() as *const u8,
+                ],
+                stride: dv * 4,
+                step: 16 * dv * 4,
+            };
+            let c = |i: usize, j: usize| {
+                ap.wrapping_add((r0 + i.min(nm - 1)) * 16 * dv + (c0 + j.min(nn - 1)) * 16)
+                    as *mut u8
+            };
+            let o = Acc {
+                base: [[c(0, 0), c(0, 1)], [c(1, 0), c(1, 1)]],
+                stride: dv * 4,
+            };
+            // SAFETY: A tile (i, k): pa rows of block r0 + i, pairs
+            // 16k..16k + 16; B tile (j, k): vp rows 16k..16k + 16, columns
+            // of block c0 + j; C tile (i, j): acc rows of block r0 + i,
+            // columns of block c0 + j. All inside the asserted sizes.
+            unsafe { mac_dyn(t, (nm, nn), a, b, np16 / 16, o, true) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn avx512_bw_bf16() -> bool {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED transpose16: CPU lacks avx512f");
+            return;
+        }
+        let m: Vec<u32> = (0..256).collect();
+        let mut out = vec![0u32; 256];
+        // SAFETY: AVX-512F detected; m and out hold 16 x 16 u32.
+        unsafe {
+            let mut r: [__m512i; 16] =
+                std::array::from_fn(|i| _mm512_loadu_si512(m[16 * i..].as_ptr() as *const __m512i));
+            transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_si512(out[16 * i..].as_mut_ptr() as *mut __m512i, *v);
+            }
+        }
+        for i in 0..16 {
+            for l in 0..16 {
+                assert_eq!(out[16 * i + l], m[16 * l + i], "[{i}][{l}]");
+            }
+        }
+    }
+
+    fn bf16_bits(x: f32) -> u32 {
+        half::bf16::from_f32(x).to_bits() as u32
+    }
+
+    /// P's A operand: pairs along the keys, rounded to nearest even, rows
+    /// transposed, zero past n (odd n, n not a multiple of 32, rp > 16).
+    #[test]
+    fn p_rows_pairs_and_transposes() {
+        if !avx512_bw_bf16() {
+            eprintln!("SKIPPED p_rows: CPU lacks avx512f+bw+bf16");
+            return;
+        }
+        for (n, rp) in [(128usize, 32usize), (37, 16), (1, 48), (64, 16)] {
+            let np16 = n.div_ceil(32) * 16;
+            let st = crate::model::gen::uniform(n * rp, n as u64);
+            let st: Vec<f32> = st.iter().map(|x| x + 0.5).collect();
+            let mut pa = vec![0xdead_beefu32; rp * np16];
+            // SAFETY: features detected; sizes as required.
+            unsafe { p_rows(&st, rp, n, np16, &mut pa) };
+            for r in 0..rp {
+                for jp in 0..np16 {
+                    let p = |j: usize| if j < n { bf16_bits(st[j * rp + r]) } else { 0 };
+                    let want = p(2 * jp) | (p(2 * jp + 1) << 16);
+                    assert_eq!(pa[r * np16 + jp], want, "n {n} rp {rp} [{r}][{jp}]");
+                }
+            }
+        }
+    }
+
+    /// V's B operand from rows spread over key tiles: pairs of rows,
+    /// column tails of 16, zero past n.
+    #[test]
+    fn v_pairs_interleave_rows() {
+        if !avx512_bw_bf16() {
+            eprintln!("SKIPPED v_pairs: CPU lacks avx512f+bw+bf16");
+            return;
+        }
+        for (n, d2, dv) in [(128usize, 288usize, 512usize), (37, 24, 48), (1, 16, 16)] {
+            let tiles = n.div_ceil(SUB);
+            let raw: Vec<Vec<u32>> = (0..tiles)
+                .map(|s| {
+                    crate::model::gen::uniform(SUB * d2 * 2, s as u64)
+                        .chunks_exact(2)
+                        .map(|p| bf16_bits(p[0]) | (bf16_bits(p[1]) << 16))
+                        .collect()
+                })
+                .collect();
+            let sub: Vec<&[u32]> = raw.iter().map(|v| v.as_slice()).collect();
+            let np16 = n.div_ceil(32) * 16;
+            let mut vp = vec![0xdead_beefu32; np16 * dv];
+            // SAFETY: features detected; sizes as required.
+            unsafe { v_pairs(&sub, d2, n, np16, dv, &mut vp) };
+            let half = |j: usize, c: usize| -> u32 {
+                if j >= n {
+                    return 0;
+                }
+                let w = sub[j / SUB][(j % SUB) * d2 + c / 2];
+                if c.is_multiple_of(2) {
+                    w & 0xffff
+                } else {
+                    w >> 16
+                }
+            };
+            for jp in 0..np16 {
+                for c in 0..dv {
+                    let want = half(2 * jp, c) | (half(2 * jp + 1, c) << 16);
+                    assert_eq!(vp[jp * dv + c], want, "n {n} dv {dv} [{jp}][{c}]");
+                }
+            }
+        }
+    }
+}
