@@ -105,6 +105,7 @@ pub fn codes_to_bf16_pairs(codes: &[u8; CHUNK], out: &mut [u32; CHUNK / 2]) {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 use crate::format::fp8::BF16_BYTES as TABLES;
 
 /// Four E4M3 rows (scales per `block` codes) times the same `x`, prepared

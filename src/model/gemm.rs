@@ -395,6 +395,8 @@ mod avx512 {
 
 #[cfg(test)]
 mod tests {
+    // The AMX test, which uses the shared helpers, is x86-64 only.
+    #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     use super::*;
     use crate::model::linear::testing::values;
 

@@ -763,16 +763,85 @@ unsafe fn softmax_rows<V: Vector>(
 }
 
 /// `out [d/2][rp]` = the task's bf16 queries as pairs along d, transposed
-/// (rows in lanes); rows past `rows` are zero.
-fn q_pairs_t(qb: &[u8], rows: usize, d: usize, rp: usize, out: &mut [u32]) {
-    for (k2, qrow) in out[..d / 2 * rp].chunks_exact_mut(rp).enumerate() {
-        for (r, x) in qrow.iter_mut().enumerate() {
-            *x = if r < rows {
-                let at = (r * d + 2 * k2) * 2;
-                u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
+/// (rows in lanes); rows past `rows` are zero. 16 x 16 blocks of pairs
+/// go through [`transpose16`].
+///
+/// # Safety
+/// AVX-512F enabled; `qb` holds `rows * d` bf16, `out` `d / 2 * rp`,
+/// `rows <= rp`, `rp` a multiple of 16, `d` even.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn q_pairs_t(qb: &[u8], rows: usize, d: usize, rp: usize, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    let d2 = d / 2;
+    assert!(qb.len() >= rows * d * 2 && out.len() >= d2 * rp && rows <= rp);
+    assert!(rp.is_multiple_of(16) && d.is_multiple_of(2));
+    for r0 in (0..rp).step_by(16) {
+        for k0 in (0..d2).step_by(16) {
+            let w = 16.min(d2 - k0);
+            let m: __mmask16 = if w == 16 { !0 } else { (1 << w) - 1 };
+            // SAFETY: AVX-512F enabled (caller); masked loads read pairs
+            // k0..k0 + w of a row < rows inside qb, stores write rows
+            // k0..k0 + w of out at columns r0..r0 + 16 <= rp (asserted).
+            unsafe {
+                let mut v: [__m512i; 16] = std::array::from_fn(|i| {
+                    if r0 + i < rows {
+                        let p = qb.as_ptr().add(((r0 + i) * d + 2 * k0) * 2);
+                        _mm512_maskz_loadu_epi32(m, p as *const i32)
+                    } else {
+                        _mm512_setzero_si512()
+                    }
+                });
+                transpose16(&mut v);
+                for (i, x) in v.iter().take(w).enumerate() {
+                    _mm512_storeu_si512(
+                        out.as_mut_ptr().add((k0 + i) * rp + r0) as *mut __m512i,
+                        *x,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Transposes 16 vectors of 16 u32 (`r[i]` lane `l` becomes `r[l]` lane
+/// `i`): at each width b = 8, 4, 2, 1 the off-diagonal b x b blocks of
+/// every 2b x 2b block swap places.
+///
+/// # Safety
+/// AVX-512F enabled.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
+    use std::arch::x86_64::*;
+    for b in [8usize, 4, 2, 1] {
+        let lo: [i32; 16] = std::array::from_fn(|l| {
+            if (l / b) % 2 == 0 {
+                l as i32
             } else {
-                0
-            };
+                (16 + l - b) as i32
+            }
+        });
+        let hi: [i32; 16] = std::array::from_fn(|l| {
+            if (l / b) % 2 == 0 {
+                (l + b) as i32
+            } else {
+                (16 + l) as i32
+            }
+        });
+        // SAFETY: AVX-512F enabled (caller); the index arrays hold 16 i32.
+        unsafe {
+            let (lo, hi) = (
+                _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+            );
+            for i in (0..16).filter(|i| (i / b) % 2 == 0) {
+                let (x, y) = (r[i], r[i + b]);
+                r[i] = _mm512_permutex2var_epi32(x, lo, y);
+                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
+            }
         }
     }
 }
@@ -880,7 +949,12 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     let d2 = d / 2;
     if use_bf16 {
         let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
-        q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, pairs);
+        // SAFETY: use_bf16 implies the avx512bf16 entry point (AVX-512F);
+        // the task's bf16 queries hold rows x d, pairs d2 x rp.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, pairs)
+        };
     } else {
         for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
             for (r, x) in qrow.iter_mut().enumerate() {
@@ -1191,6 +1265,62 @@ mod tests {
             check::<V512>("avx512");
         } else {
             eprintln!("SKIPPED vector exp avx512: CPU lacks avx512f");
+        }
+    }
+
+    #[test]
+    fn transpose16_transposes() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED transpose16: CPU lacks avx512f");
+            return;
+        }
+        let m: Vec<u32> = (0..256).collect();
+        let mut out = vec![0u32; 256];
+        // SAFETY: AVX-512F detected; m and out hold 16 x 16 u32.
+        unsafe {
+            use std::arch::x86_64::*;
+            let mut r: [__m512i; 16] =
+                std::array::from_fn(|i| _mm512_loadu_si512(m[16 * i..].as_ptr() as *const __m512i));
+            super::transpose16(&mut r);
+            for (i, v) in r.iter().enumerate() {
+                _mm512_storeu_si512(out[16 * i..].as_mut_ptr() as *mut __m512i, *v);
+            }
+        }
+        for i in 0..16 {
+            for l in 0..16 {
+                assert_eq!(out[16 * i + l], m[16 * l + i], "[{i}][{l}]");
+            }
+        }
+    }
+
+    /// Queries as transposed pairs: rows not a multiple of 16 (zero
+    /// padding), pair counts with a partial last block of 16.
+    #[test]
+    fn q_pairs_t_transposes_pairs() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("SKIPPED q_pairs_t: CPU lacks avx512f");
+            return;
+        }
+        for (rows, d) in [(128usize, 576usize), (7, 40), (17, 64), (1, 2)] {
+            let rp = rows.div_ceil(16) * 16;
+            let qb: Vec<u8> = crate::model::gen::uniform(rows * d, rows as u64)
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                .collect();
+            let mut out = vec![0xdead_beefu32; d / 2 * rp];
+            // SAFETY: avx512f detected; sizes as required.
+            unsafe { super::q_pairs_t(&qb, rows, d, rp, &mut out) };
+            for k2 in 0..d / 2 {
+                for r in 0..rp {
+                    let want = if r < rows {
+                        let at = (r * d + 2 * k2) * 2;
+                        u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
+                    } else {
+                        0
+                    };
+                    assert_eq!(out[k2 * rp + r], want, "rows {rows} d {d} [{k2}][{r}]");
+                }
+            }
         }
     }
 

@@ -16,7 +16,7 @@
 //! software tile model.
 
 use super::x86::V512;
-use super::{fit, fit_u32, q_pairs_t, softmax_tile};
+use super::{fit, fit_u32, q_pairs_t, softmax_tile, transpose16};
 use crate::backend::cpu::amx::{mac_dyn, Acc, Operand, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::KvFormat;
@@ -65,7 +65,8 @@ pub unsafe fn attend<T: Tiles>(
 
     let pairs = fit_u32(&mut scratch.pairs, d2 * rp + KT * d2);
     let (qb, kb) = pairs.split_at_mut(d2 * rp);
-    q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, qb);
+    // SAFETY: AVX-512F enabled; the bf16 queries hold rows x d, qb d2 x rp.
+    unsafe { q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, qb) };
     let pv_buf = fit_u32(&mut scratch.pv_pairs, KT / 2 * dv + rp * KT / 2);
     let (vp, pa) = pv_buf.split_at_mut(KT / 2 * dv);
     let sc = fit(&mut scratch.scores, KT * rp + rp * dv);
@@ -204,45 +205,6 @@ unsafe fn scale(x: &mut [f32], s: f32) {
                 c.as_mut_ptr(),
                 _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), sv),
             );
-        }
-    }
-}
-
-/// Transposes 16 vectors of 16 u32 (`r[i]` lane `l` becomes `r[l]` lane
-/// `i`): at each width b = 8, 4, 2, 1 the off-diagonal b x b blocks of
-/// every 2b x 2b block swap places.
-///
-/// # Safety
-/// AVX-512F enabled.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn transpose16(r: &mut [__m512i; 16]) {
-    for b in [8usize, 4, 2, 1] {
-        let lo: [i32; 16] = std::array::from_fn(|l| {
-            if (l / b) % 2 == 0 {
-                l as i32
-            } else {
-                (16 + l - b) as i32
-            }
-        });
-        let hi: [i32; 16] = std::array::from_fn(|l| {
-            if (l / b) % 2 == 0 {
-                (l + b) as i32
-            } else {
-                (16 + l) as i32
-            }
-        });
-        // SAFETY: AVX-512F enabled (caller); the index arrays hold 16 i32.
-        unsafe {
-            let (lo, hi) = (
-                _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
-                _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
-            );
-            for i in (0..16).filter(|i| (i / b) % 2 == 0) {
-                let (x, y) = (r[i], r[i + b]);
-                r[i] = _mm512_permutex2var_epi32(x, lo, y);
-                r[i + b] = _mm512_permutex2var_epi32(x, hi, y);
-            }
         }
     }
 }
@@ -418,30 +380,6 @@ mod tests {
         std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512bw")
             && std::is_x86_feature_detected!("avx512bf16")
-    }
-
-    #[test]
-    fn transpose16_transposes() {
-        if !std::is_x86_feature_detected!("avx512f") {
-            eprintln!("SKIPPED transpose16: CPU lacks avx512f");
-            return;
-        }
-        let m: Vec<u32> = (0..256).collect();
-        let mut out = vec![0u32; 256];
-        // SAFETY: AVX-512F detected; m and out hold 16 x 16 u32.
-        unsafe {
-            let mut r: [__m512i; 16] =
-                std::array::from_fn(|i| _mm512_loadu_si512(m[16 * i..].as_ptr() as *const __m512i));
-            transpose16(&mut r);
-            for (i, v) in r.iter().enumerate() {
-                _mm512_storeu_si512(out[16 * i..].as_mut_ptr() as *mut __m512i, *v);
-            }
-        }
-        for i in 0..16 {
-            for l in 0..16 {
-                assert_eq!(out[16 * i + l], m[16 * l + i], "[{i}][{l}]");
-            }
-        }
     }
 
     fn bf16_bits(x: f32) -> u32 {
