@@ -112,7 +112,24 @@ impl KvLayout {
         off: usize,
         n: usize,
     ) -> Option<&'c [u8]> {
-        if self.format != KvFormat::Bf16 || off + n > self.block_size {
+        if self.format != KvFormat::Bf16 {
+            return None;
+        }
+        self.rows_bytes(cache, block, off, n)
+    }
+
+    /// The bytes of tokens `off..off + n` of block `block` in the formats
+    /// that store a token as one row (all but FP8_MODEL1, whose scales sit
+    /// apart); `None` for rows past the block.
+    #[inline]
+    pub fn rows_bytes<'c>(
+        &self,
+        cache: &'c [u8],
+        block: usize,
+        off: usize,
+        n: usize,
+    ) -> Option<&'c [u8]> {
+        if self.format == KvFormat::Fp8Model1 || off + n > self.block_size {
             return None;
         }
         let at = self.data_at(block, off);

@@ -81,7 +81,14 @@ impl AttnTask<'_> {
     /// when that row cannot be converted directly.
     #[inline]
     pub fn gather_pairs(&self, j: usize, out: &mut [u32]) -> bool {
-        let (c, block, off) = match self.source {
+        let (c, block, off) = self.locate(j);
+        c.layout.bf16_pairs_row(c.data, block, off, out)
+    }
+
+    /// The cache, block and slot of key `j`.
+    #[inline]
+    fn locate(&self, j: usize) -> (&KvCache<'_>, usize, usize) {
+        match self.source {
             KeySource::Paged { kv, blocks } => {
                 let bs = kv.block_size();
                 (kv, blocks[j / bs] as usize, j % bs)
@@ -94,8 +101,26 @@ impl AttnTask<'_> {
                 };
                 (c, pos / c.block_size(), pos % c.block_size())
             }
-        };
-        c.layout.bf16_pairs_row(c.data, block, off, out)
+        }
+    }
+
+    /// Starts fetching the rows of keys `range` (clipped to the task's
+    /// keys) into the cache, for formats that store a token as one row. A
+    /// kernel calls it for the next tile while it computes this one: rows
+    /// read straight from the cache otherwise arrive at memory latency.
+    #[inline]
+    pub fn prefetch_keys(&self, range: std::ops::Range<usize>) {
+        for j in range.start..range.end.min(self.end) {
+            let (c, block, off) = self.locate(j);
+            if let Some(row) = c.layout.rows_bytes(c.data, block, off, 1) {
+                for line in row.chunks(64) {
+                    crate::model::vecops::prefetch(line.as_ptr());
+                }
+                if let Some(last) = row.last() {
+                    crate::model::vecops::prefetch(last);
+                }
+            }
+        }
     }
 
     /// Keys `j0..j0 + n` as stored bf16 pairs, read in place, when they are

@@ -111,9 +111,12 @@ pub unsafe fn attend<T: Tiles>(
             std::array::from_fn(|s| in_place[s].unwrap_or(&kb[s * SUB * d2..][..SUB * d2]));
         let sub = &sub[..nsub];
 
+        // The next tile's keys are fetched into the cache meanwhile (32
+        // per pair of A tiles), as in the AVX-512 kernels.
+        let fetch = |s0: usize| task.prefetch_keys(t0 + n + s0 * SUB..t0 + n + (s0 + 2) * SUB);
         // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
-        unsafe { scores(tiles, sub, qb, rp, d2, st) };
+        unsafe { scores(tiles, sub, qb, rp, d2, st, fetch) };
         // SAFETY: AVX-512F enabled; st holds n * rp, rp % 16 == 0.
         unsafe { scale(&mut st[..n * rp], task.scale) };
         // SAFETY: AVX-512F enabled; sizes as softmax_tile requires (acc
@@ -135,6 +138,7 @@ pub unsafe fn attend<T: Tiles>(
 
 /// `st [16 s + j][r] = Σ_d sub[s][j][d] · Q[r][d]` for every key tile `s`
 /// and all `rp` rows, unscaled: 2 key tiles x 2 row blocks per [`mac_dyn`].
+/// `fetch(s0)` runs before key tiles `s0` and `s0 + 1` (to prefetch).
 ///
 /// # Safety
 /// Tiles configured; every `sub[s]` holds 16 x `d2` u32 with `d2 % 16 ==
@@ -147,12 +151,14 @@ unsafe fn scores<T: Tiles>(
     rp: usize,
     d2: usize,
     st: &mut [f32],
+    fetch: impl Fn(usize),
 ) {
     assert!(d2.is_multiple_of(16) && rp.is_multiple_of(16) && qb.len() >= d2 * rp);
     assert!(st.len() >= sub.len() * SUB * rp && sub.iter().all(|s| s.len() >= SUB * d2));
     let (nr, ns) = (rp / 16, sub.len());
     let stp = st.as_mut_ptr();
     for s0 in (0..ns).step_by(2) {
+        fetch(s0);
         let nm = 2.min(ns - s0);
         let a = Operand {
             base: [
