@@ -311,93 +311,6 @@ mod bf16 {
         }
     }
 
-    /// Whether a tile of `rp` query rows with `d2` pairs uses the packed
-    /// query layout of [`pack_q16`] / [`block_packed`]: with one vector of
-    /// rows, the plain layout spends a broadcast of a key pair on each
-    /// `vdpbf16ps` and ran at a third of the P·V rate.
-    pub fn packed_rows(rp: usize, d2: usize) -> bool {
-        rp == 16 && d2.is_multiple_of(4)
-    }
-
-    /// The 16 query rows' pairs (`qb`: `rows <= 16` rows of `2 * d2`
-    /// bf16) for [`block_packed`]: per group `g` of 4 pairs, 4 vectors
-    /// `v` whose lane `4m + t` holds row `4v + m`, pair `4g + t`;
-    /// `out [d2 / 4][4][16]`, rows past `rows` zero.
-    pub fn pack_q16(qb: &[u8], rows: usize, d2: usize, out: &mut [u32]) {
-        debug_assert!(rows <= 16 && d2.is_multiple_of(4) && out.len() >= d2 * 16);
-        for (i, x) in out[..d2 * 16].iter_mut().enumerate() {
-            let (g, v, lane) = (i / 64, i / 16 % 4, i % 16);
-            let (r, p) = (4 * v + lane / 4, 4 * g + lane % 4);
-            *x = if r < rows {
-                let at = (r * 2 * d2 + 2 * p) * 2;
-                u32::from_le_bytes([qb[at], qb[at + 1], qb[at + 2], qb[at + 3]])
-            } else {
-                0
-            };
-        }
-    }
-
-    /// [`block`] for the 16 rows of a packed query (`qg` from
-    /// [`pack_q16`]): one 128-bit broadcast of 4 pairs of a key feeds 4
-    /// `vdpbf16ps`, and the 4 partial sums of each row are added at the end.
-    ///
-    /// # Safety
-    /// AVX-512F and AVX512-BF16 enabled; `qg` holds `d2 * 16`, `k2` keys
-    /// `j0..j0 + NJ` of `d2` pairs, `st` those keys x `rp` (16) rows.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn block_packed<const NJ: usize>(
-        qg: &[u32],
-        k2: &[u32],
-        d2: usize,
-        j0: usize,
-        scale: f32,
-        st: &mut [f32],
-    ) {
-        debug_assert!(d2.is_multiple_of(4) && qg.len() >= d2 * 16);
-        debug_assert!(k2.len() >= (j0 + NJ) * d2 && st.len() >= (j0 + NJ) * 16);
-        let mut acc = [[_mm512_setzero_ps(); 4]; NJ];
-        for g in 0..d2 / 4 {
-            // SAFETY: in bounds by the assertions above; bit casts between
-            // same-size vector types.
-            unsafe {
-                let q: [__m512bh; 4] = std::array::from_fn(|v| {
-                    std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                        qg.as_ptr().add((4 * g + v) * 16) as *const __m512i,
-                    ))
-                });
-                for jj in 0..NJ {
-                    let k = _mm512_broadcast_i32x4(_mm_loadu_si128(
-                        k2.as_ptr().add((j0 + jj) * d2 + 4 * g) as *const __m128i,
-                    ));
-                    let k = std::mem::transmute::<__m512i, __m512bh>(k);
-                    for v in 0..4 {
-                        acc[jj][v] = _mm512_dpbf16_ps(acc[jj][v], q[v], k);
-                    }
-                }
-            }
-        }
-        // Lane pairs summed twice: 4 vectors of 4 partials per row -> 16 rows.
-        let even: [i32; 16] = std::array::from_fn(|l| (2 * (l % 8) + 16 * (l / 8)) as i32);
-        // SAFETY: the index arrays hold 16 i32; stores stay in key rows
-        // j0..j0 + NJ of st (asserted).
-        unsafe {
-            let e = _mm512_loadu_si512(even.as_ptr() as *const __m512i);
-            let o = _mm512_add_epi32(e, _mm512_set1_epi32(1));
-            let halve = |a: __m512, b: __m512| {
-                _mm512_add_ps(
-                    _mm512_permutex2var_ps(a, e, b),
-                    _mm512_permutex2var_ps(a, o, b),
-                )
-            };
-            let sv = _mm512_set1_ps(scale);
-            for (jj, a) in acc.iter().enumerate() {
-                let rows = halve(halve(a[0], a[1]), halve(a[2], a[3]));
-                _mm512_storeu_ps(st.as_mut_ptr().add((j0 + jj) * 16), _mm512_mul_ps(rows, sv));
-            }
-        }
-    }
-
     /// V of a tile as bf16 pairs along the keys: `vp[jp][c]` holds
     /// `V[2jp][c]` (low half) and `V[2jp + 1][c]` (high half, 0 past `n`).
     /// Exact: the tile's values are bf16 (bf16 or FP8 cache).
@@ -597,27 +510,6 @@ mod bf16 {
         fetch: impl Fn(usize),
     ) {
         debug_assert!(n <= K_TILE);
-        if packed_rows(rp, d2) {
-            let mut j0 = 0;
-            while j0 < n {
-                let nj = R.min(n - j0);
-                fetch(j0);
-                // SAFETY: forwarded contract (qt2 holds the packed layout
-                // when packed_rows); block sizes within bounds.
-                unsafe {
-                    match nj {
-                        1 => block_packed::<1>(qt2, k2, d2, j0, scale, st),
-                        2 => block_packed::<2>(qt2, k2, d2, j0, scale, st),
-                        3 => block_packed::<3>(qt2, k2, d2, j0, scale, st),
-                        4 => block_packed::<4>(qt2, k2, d2, j0, scale, st),
-                        5 => block_packed::<5>(qt2, k2, d2, j0, scale, st),
-                        _ => block_packed::<R>(qt2, k2, d2, j0, scale, st),
-                    }
-                }
-                j0 += nj;
-            }
-            return;
-        }
         macro_rules! keys {
             ($rv:literal, $nj:expr, $rb:expr, $j0:expr) => {
                 match $nj {
@@ -1063,15 +955,12 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     let d2 = d / 2;
     if use_bf16 {
         let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
-        let qb = task.q_bf16.unwrap_or_default();
+        // SAFETY: use_bf16 implies the avx512bf16 entry point (AVX-512F);
+        // the bf16 queries hold rows x d, pairs d2 x rp.
         #[cfg(target_arch = "x86_64")]
-        if bf16::packed_rows(rp, d2) {
-            bf16::pack_q16(qb, rows, d2, pairs);
-        } else {
-            // SAFETY: use_bf16 implies the avx512bf16 entry point
-            // (AVX-512F); qb holds rows x d bf16, pairs d2 x rp.
-            unsafe { q_pairs_t(qb, rows, d, rp, pairs) };
-        }
+        unsafe {
+            q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, pairs)
+        };
     } else {
         for (k, qrow) in qt.chunks_exact_mut(rp).enumerate() {
             for (r, x) in qrow.iter_mut().enumerate() {
