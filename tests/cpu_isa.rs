@@ -36,18 +36,34 @@ impl Drop for Engine {
     }
 }
 
-/// Creates a 2-thread engine with `MLART_CPU_ISA=isa`.
-fn engine_for(isa: &str) -> Result<Engine, (u32, String)> {
+/// Creates a 2-thread engine with `MLART_CPU_ISA=isa`. AMX runs on the
+/// library's software tile model (`MLART_AMX_EMULATE=1`) where the CPU
+/// has no AMX; the name then says so.
+fn engine_for(isa: &str) -> Result<(Engine, String), (u32, String)> {
+    let hw = engine_with(isa, false);
+    match hw {
+        Err((MLART_STATUS_UNSUPPORTED, _)) if isa == "amx" => {
+            engine_with(isa, true).map(|e| (e, "amx (emulated tiles)".to_string()))
+        }
+        _ => hw.map(|e| (e, isa.to_string())),
+    }
+}
+
+fn engine_with(isa: &str, emulate_amx: bool) -> Result<Engine, (u32, String)> {
     // Tests run on parallel threads: one engine creation at a time.
     static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
     std::env::set_var("MLART_CPU_ISA", isa);
+    if emulate_amx {
+        std::env::set_var("MLART_AMX_EMULATE", "1");
+    }
     let mut opts = unsafe { std::mem::zeroed::<mlart_engine_options>() };
     mlart_engine_options_init(&mut opts);
     opts.num_threads = 2;
     let mut e = ptr::null_mut();
     let r = mlart_engine_create(&opts, &mut e);
     std::env::remove_var("MLART_CPU_ISA");
+    std::env::remove_var("MLART_AMX_EMULATE");
     if r.is_null() {
         Ok(Engine(e))
     } else {
@@ -78,6 +94,9 @@ struct Case {
     /// `q` holds bf16-exact values and is passed as BF16 (exercises the
     /// bf16 dot-product path of the avx512bf16 variant).
     q_bf16: bool,
+    /// The output is bf16 (with bf16 queries: P·V on bf16 too, and both
+    /// AMX GEMMs on tiles).
+    out_bf16: bool,
     lens: Vec<usize>,
     /// Per sequence, per token: the values the kernel reads (dequantized).
     keys: Vec<Vec<Vec<f64>>>,
@@ -228,6 +247,7 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
     } else {
         q
     };
+    let out_bf16 = q_bf16 && rng.random_bool(0.5);
     let (mut logical, mut indices, mut topk) = (Vec::new(), Vec::new(), 0);
     if sparse {
         topk = *[1usize, 5, 64, 130].get(rng.random_range(0..4)).unwrap();
@@ -268,6 +288,7 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
         sparse,
         q,
         q_bf16,
+        out_bf16,
         lens,
         keys,
         kv,
@@ -372,11 +393,34 @@ fn run(engine: &Engine, c: &Case) -> (Vec<f32>, Vec<f32>) {
     if let Some(s) = &c.sink {
         a.attn_sink = s.as_ptr();
     }
-    a.out_dtype = MLART_DTYPE_F32;
-    a.out = out.as_mut_ptr().cast();
+    // A bf16 output starts as NaN bits too (0x7fc0).
+    let mut out16 = vec![0x7fc0u16; out.len()];
+    if c.out_bf16 {
+        a.out_dtype = MLART_DTYPE_BF16;
+        a.out = out16.as_mut_ptr().cast();
+    } else {
+        a.out_dtype = MLART_DTYPE_F32;
+        a.out = out.as_mut_ptr().cast();
+    }
     a.lse = lse.as_mut_ptr();
     check(mlart_decode_paged(engine.0, &a), "decode");
+    if c.out_bf16 {
+        out = out16
+            .iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect();
+    }
     (out, lse)
+}
+
+/// rel-L2 bound: f32 arithmetic on exact inputs, or a bf16 output (whose
+/// rounding, with P rounded to bf16, costs about 2e-3 at most).
+fn tolerance(c: &Case) -> f64 {
+    if c.out_bf16 {
+        4e-3
+    } else {
+        1e-5
+    }
 }
 
 fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
@@ -400,13 +444,13 @@ fn every_cpu_variant_matches_the_f64_reference() {
     ];
     let mut tested = Vec::new();
     for isa in ["scalar", "avx2", "avx512", "avx512bf16", "amx"] {
-        let engine = match engine_for(isa) {
+        let (engine, name) = match engine_for(isa) {
             Ok(e) => e,
             Err((code, msg)) => {
                 // Refused, never silently replaced: the CPU or build lacks it.
                 assert_eq!(code, MLART_STATUS_UNSUPPORTED, "{isa}: {msg}");
                 assert!(msg.contains(isa), "{isa}: {msg}");
-                println!("{isa}: not available here ({msg})");
+                println!("SKIPPED {isa}: not available here ({msg})");
                 continue;
             }
         };
@@ -423,7 +467,8 @@ fn every_cpu_variant_matches_the_f64_reference() {
         assert_eq!(props.cpu_isa, want_isa, "{isa}");
         let seed = 0x15A0_0000 + tested.len() as u64;
         let mut rng = SmallRng::seed_from_u64(seed);
-        let mut worst = 0f64;
+        // Worst rel-L2 with f32 outputs, and with bf16 ones.
+        let mut worst = [0f64; 2];
         for case_no in 0..30 {
             let format = formats[case_no % formats.len()];
             let sparse = case_no % 3 == 2;
@@ -431,8 +476,8 @@ fn every_cpu_variant_matches_the_f64_reference() {
             let (out, lse) = run(&engine, &c);
             let (rout, rlse) = reference(&c);
             let what = format!(
-                "{isa} seed {seed:#x} case {case_no}: format {} sparse {} b {} s_q {} h_q {} d {}/{} bs {} causal {} lens {:?} topk {}",
-                c.format, c.sparse, c.batch, c.s_q, c.h_q, c.d_qk, c.d_v, c.block_size, c.causal, c.lens, c.topk
+                "{name} seed {seed:#x} case {case_no}: format {} sparse {} b {} s_q {} h_q {} d {}/{} bs {} causal {} lens {:?} topk {} q/out bf16 {}/{}",
+                c.format, c.sparse, c.batch, c.s_q, c.h_q, c.d_qk, c.d_v, c.block_size, c.causal, c.lens, c.topk, c.q_bf16, c.out_bf16
             );
             assert!(
                 out.iter().all(|x| x.is_finite()),
@@ -441,8 +486,8 @@ fn every_cpu_variant_matches_the_f64_reference() {
             let err = rel_l2(&out, &rout);
             // f32 arithmetic on the exact (dequantized) key values.
             if rout.iter().any(|&x| x != 0.0) {
-                assert!(err <= 1e-5, "{what}: rel-L2 {err:e}");
-                worst = worst.max(err);
+                assert!(err <= tolerance(&c), "{what}: rel-L2 {err:e}");
+                worst[c.out_bf16 as usize] = worst[c.out_bf16 as usize].max(err);
             } else {
                 assert!(
                     out.iter().all(|&x| x == 0.0),
@@ -457,7 +502,10 @@ fn every_cpu_variant_matches_the_f64_reference() {
                 }
             }
         }
-        println!("{isa}: 30 cases, worst rel-L2 {worst:.2e}");
+        println!(
+            "{name}: 30 cases, worst rel-L2 {:.2e} (f32 out) / {:.2e} (bf16 out)",
+            worst[0], worst[1]
+        );
         tested.push(isa);
     }
     assert!(
@@ -503,21 +551,25 @@ fn split_edges_match_the_reference_on_every_variant() {
         },
     ];
     let mut ran = 0;
-    for isa in ["scalar", "avx2", "avx512", "avx512bf16"] {
-        let Ok(engine) = engine_for(isa) else {
-            println!("{isa}: not available here");
+    for isa in ["scalar", "avx2", "avx512", "avx512bf16", "amx"] {
+        let Ok((engine, name)) = engine_for(isa) else {
+            println!("SKIPPED {isa}: not available on this CPU");
             continue;
         };
         let mut rng = SmallRng::seed_from_u64(0x5_1117);
         for (k, spec) in specs.iter().enumerate() {
-            for format in [MLART_KV_FORMAT_F32, MLART_KV_FORMAT_FP8_V32] {
+            for format in [
+                MLART_KV_FORMAT_F32,
+                MLART_KV_FORMAT_FP8_V32,
+                MLART_KV_FORMAT_BF16,
+            ] {
                 let c = make_case_with(&mut rng, format, false, spec);
                 let (out, lse) = run(&engine, &c);
                 let (rout, rlse) = reference(&c);
                 let err = rel_l2(&out, &rout);
                 assert!(
-                    err <= 1e-5,
-                    "{isa} spec {k} format {format}: rel-L2 {err:e}"
+                    err <= tolerance(&c),
+                    "{name} spec {k} format {format}: rel-L2 {err:e}"
                 );
                 for (g, w) in lse.iter().zip(&rlse) {
                     assert!(
