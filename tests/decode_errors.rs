@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{expect_error, status_name, take_error};
+use common::{expect_error, status_name, take_error, with_env};
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
 use mlart::ffi::error::*;
@@ -1276,30 +1276,6 @@ fn engine_create_errors() {
     assert_ne!(e, sentinel_engine());
     assert!(!e.is_null());
     mlart_engine_free(e);
-}
-
-/// Runs `f` with the environment variables set (then restored), holding
-/// the environment lock so no other test creates an engine meanwhile.
-fn with_env(vars: &[(&str, &str)], f: impl FnOnce()) {
-    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-    let saved: Vec<_> = vars
-        .iter()
-        .map(|(k, v)| {
-            let old = std::env::var_os(k);
-            std::env::set_var(k, v);
-            (*k, old)
-        })
-        .collect();
-    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
-    for (k, old) in saved {
-        match old {
-            Some(v) => std::env::set_var(k, v),
-            None => std::env::remove_var(k),
-        }
-    }
-    if let Err(p) = r {
-        std::panic::resume_unwind(p);
-    }
 }
 
 #[test]

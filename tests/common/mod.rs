@@ -94,6 +94,31 @@ unsafe impl Sync for Engine {}
 /// the read side, [`Engine::with_isa`] (which sets it) the write side.
 pub static ENV_LOCK: RwLock<()> = RwLock::new(());
 
+/// Runs `f` with the environment variables set (then restored), holding
+/// the environment lock so no other test creates an engine meanwhile.
+pub fn with_env<R>(vars: &[(&str, &str)], f: impl FnOnce() -> R) -> R {
+    let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
+    let saved: Vec<_> = vars
+        .iter()
+        .map(|(k, v)| {
+            let old = std::env::var_os(k);
+            std::env::set_var(k, v);
+            (*k, old)
+        })
+        .collect();
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    for (k, old) in saved {
+        match old {
+            Some(v) => std::env::set_var(k, v),
+            None => std::env::remove_var(k),
+        }
+    }
+    match r {
+        Ok(v) => v,
+        Err(p) => std::panic::resume_unwind(p),
+    }
+}
+
 impl Engine {
     pub fn new(threads: i32) -> Engine {
         let _env = ENV_LOCK.read().unwrap_or_else(|e| e.into_inner());
@@ -130,33 +155,20 @@ impl Engine {
     /// restored after), or `None` where they ask for what this build or
     /// CPU lacks (UNSUPPORTED).
     pub fn with_env(vars: &[(&str, &str)], threads: i32) -> Option<Engine> {
-        let _env = ENV_LOCK.write().unwrap_or_else(|e| e.into_inner());
-        let saved: Vec<_> = vars
-            .iter()
-            .map(|(k, v)| {
-                let old = std::env::var_os(k);
-                std::env::set_var(k, v);
-                (*k, old)
-            })
-            .collect();
-        let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
-        mlart_engine_options_init(opts.as_mut_ptr());
-        // SAFETY: initialized by mlart_engine_options_init.
-        let mut opts = unsafe { opts.assume_init() };
-        opts.backend = MLART_BACKEND_CPU;
-        opts.num_threads = threads;
-        let mut ptr = std::ptr::null_mut();
-        let r = take_error(mlart_engine_create(&opts, &mut ptr));
-        for (k, old) in saved {
-            match old {
-                Some(v) => std::env::set_var(k, v),
-                None => std::env::remove_var(k),
-            }
-        }
+        let r = with_env(vars, || {
+            let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
+            mlart_engine_options_init(opts.as_mut_ptr());
+            // SAFETY: initialized by mlart_engine_options_init.
+            let mut opts = unsafe { opts.assume_init() };
+            opts.backend = MLART_BACKEND_CPU;
+            opts.num_threads = threads;
+            let mut ptr = std::ptr::null_mut();
+            (take_error(mlart_engine_create(&opts, &mut ptr)), ptr)
+        });
         match r {
-            None => Some(Engine { ptr, threads }),
-            Some((MLART_STATUS_UNSUPPORTED, _)) => None,
-            Some((code, msg)) => {
+            (None, ptr) => Some(Engine { ptr, threads }),
+            (Some((MLART_STATUS_UNSUPPORTED, _)), _) => None,
+            (Some((code, msg)), _) => {
                 panic!("{vars:?}: {} ({code}): {msg}", status_name(code))
             }
         }

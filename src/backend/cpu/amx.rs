@@ -315,6 +315,58 @@ pub unsafe fn mac_dyn<T: Tiles>(
     }
 }
 
+/// One operand of [`grid`]: tile `i` of K chunk 0 starts at `at(i)`, its
+/// rows `stride` bytes apart, chunk `k` `k * step` bytes further on.
+pub struct Tiled<F> {
+    pub at: F,
+    pub stride: usize,
+    pub step: usize,
+}
+
+/// `C(i, j) (+)= Σ_k A(i, k) · B(j, k)` for a grid of `m x n` C tiles (C
+/// tile `(i, j)` at `c(i, j)`, rows `c_stride` bytes apart), in 2 x 2
+/// blocks of [`mac`]; `before(i)` runs before each pair of A rows.
+///
+/// # Safety
+/// As [`mac`], for every tile the grid names.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub unsafe fn grid<T: Tiles>(
+    t: &mut T,
+    (m, n): (usize, usize),
+    chunks: usize,
+    a: Tiled<impl Fn(usize) -> *const u8>,
+    b: Tiled<impl Fn(usize) -> *const u8>,
+    c: impl Fn(usize, usize) -> *mut u8,
+    c_stride: usize,
+    load_c: bool,
+    mut before: impl FnMut(usize),
+) {
+    for i in (0..m).step_by(2) {
+        before(i);
+        let (nm, il) = (2.min(m - i), (i + 1).min(m - 1));
+        let op_a = Operand {
+            base: [(a.at)(i), (a.at)(il)],
+            stride: a.stride,
+            step: a.step,
+        };
+        for j in (0..n).step_by(2) {
+            let (nn, jl) = (2.min(n - j), (j + 1).min(n - 1));
+            let op_b = Operand {
+                base: [(b.at)(j), (b.at)(jl)],
+                stride: b.stride,
+                step: b.step,
+            };
+            let acc = Acc {
+                base: [[c(i, j), c(i, jl)], [c(il, j), c(il, jl)]],
+                stride: c_stride,
+            };
+            // SAFETY: caller contract.
+            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -275,6 +275,18 @@ pub fn choose(
 mod tests {
     use super::*;
 
+    /// An AMD Zen 4: AVX-512 with BF16, no AMX.
+    fn zen4() -> CpuFeatures {
+        CpuFeatures {
+            avx2_fma: true,
+            avx512f: true,
+            avx512bw: true,
+            avx512bf16: true,
+            amx_bf16: false,
+            amd: true,
+        }
+    }
+
     #[test]
     fn forcing_checks_cpu_and_build() {
         let all = CpuFeatures {
@@ -316,14 +328,7 @@ mod tests {
             CpuIsa::Avx512,
             CpuIsa::Avx512Bf16,
         ];
-        let zen4 = CpuFeatures {
-            avx2_fma: true,
-            avx512f: true,
-            avx512bw: true,
-            avx512bf16: true,
-            amx_bf16: false,
-            amd: true,
-        };
+        let zen4 = zen4();
         let xeon = CpuFeatures { amd: false, ..zen4 };
         assert_eq!(
             choose(&zen4, &built, None, false).unwrap().isa,
@@ -352,14 +357,7 @@ mod tests {
             CpuIsa::Avx512Bf16,
             CpuIsa::Amx,
         ];
-        let zen4 = CpuFeatures {
-            avx2_fma: true,
-            avx512f: true,
-            avx512bw: true,
-            avx512bf16: true,
-            amx_bf16: false,
-            amd: true,
-        };
+        let zen4 = zen4();
         let c = choose(&zen4, &built, Some("amx"), true).unwrap();
         assert_eq!((c.isa, c.emulated_tiles), (CpuIsa::Amx, true));
         assert!(c.reason.contains("MLART_AMX_EMULATE=1"), "{}", c.reason);

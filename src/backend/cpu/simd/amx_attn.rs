@@ -17,7 +17,7 @@
 
 use super::x86::V512;
 use super::{fit, fit_u32, q_pairs_t, softmax_tile, transpose16};
-use crate::backend::cpu::amx::{mac_dyn, Acc, Operand, Tiles};
+use crate::backend::cpu::amx::{grid, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::KvFormat;
 use std::arch::x86_64::*;
@@ -155,44 +155,35 @@ unsafe fn scores<T: Tiles>(
 ) {
     assert!(d2.is_multiple_of(16) && rp.is_multiple_of(16) && qb.len() >= d2 * rp);
     assert!(st.len() >= sub.len() * SUB * rp && sub.iter().all(|s| s.len() >= SUB * d2));
-    let (nr, ns) = (rp / 16, sub.len());
     let stp = st.as_mut_ptr();
-    for s0 in (0..ns).step_by(2) {
-        fetch(s0);
-        let nm = 2.min(ns - s0);
-        let a = Operand {
-            base: [
-                sub[s0].as_ptr() as *const u8,
-                sub[(s0 + 1).min(ns - 1)].as_ptr() as *const u8,
-            ],
-            stride: d2 * 4,
-            step: 64,
-        };
-        for r0 in (0..nr).step_by(2) {
-            let nn = 2.min(nr - r0);
-            let b = Operand {
-                base: [
-                    qb[r0 * 16..].as_ptr() as *const u8,
-                    qb[(r0 + nn - 1) * 16..].as_ptr() as *const u8,
-                ],
-                stride: rp * 4,
-                step: 16 * rp * 4,
-            };
-            let c = |i: usize, j: usize| {
-                stp.wrapping_add((s0 + i.min(nm - 1)) * SUB * rp + (r0 + j.min(nn - 1)) * 16)
-                    as *mut u8
-            };
-            let acc = Acc {
-                base: [[c(0, 0), c(0, 1)], [c(1, 0), c(1, 1)]],
-                stride: rp * 4,
-            };
-            // SAFETY: A tile (s, k): rows of sub[s], bytes 64k..64k + 64 of
-            // each (k < d2 / 16); B tile (j, k): qb rows 16k..16k + 16,
-            // columns of block r0 + j; C tile (i, j): st rows of key tile
-            // s0 + i, columns of block r0 + j. All inside the asserted sizes.
-            unsafe { mac_dyn(t, (nm, nn), a, b, d2 / 16, acc, false) };
-        }
-    }
+    let a = Tiled {
+        at: |s: usize| sub[s].as_ptr() as *const u8,
+        stride: d2 * 4,
+        step: 64,
+    };
+    let b = Tiled {
+        at: |r: usize| qb[r * 16..].as_ptr() as *const u8,
+        stride: rp * 4,
+        step: 16 * rp * 4,
+    };
+    let c = |s: usize, r: usize| stp.wrapping_add(s * SUB * rp + r * 16) as *mut u8;
+    // SAFETY: A tile (s, k): rows of sub[s], bytes 64k..64k + 64 of each
+    // (k < d2 / 16); B tile (r, k): qb rows 16k..16k + 16, columns of
+    // block r; C tile (s, r): st rows of key tile s, columns of block r.
+    // All inside the asserted sizes.
+    unsafe {
+        grid(
+            t,
+            (sub.len(), rp / 16),
+            d2 / 16,
+            a,
+            b,
+            c,
+            rp * 4,
+            false,
+            fetch,
+        )
+    };
 }
 
 /// `x *= s` (AMX sums unscaled products; the other kernels fold the scale
@@ -339,43 +330,35 @@ unsafe fn pv<T: Tiles>(
 ) {
     assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
     assert!(pa.len() >= rp * np16 && vp.len() >= np16 * dv && acc.len() >= rp * dv);
-    let (nr, nc) = (rp / 16, dv / 16);
     let ap = acc.as_mut_ptr();
-    for r0 in (0..nr).step_by(2) {
-        let nm = 2.min(nr - r0);
-        let a = Operand {
-            base: [
-                pa[r0 * 16 * np16..].as_ptr() as *const u8,
-                pa[(r0 + nm - 1) * 16 * np16..].as_ptr() as *const u8,
-            ],
-            stride: np16 * 4,
-            step: 64,
-        };
-        for c0 in (0..nc).step_by(2) {
-            let nn = 2.min(nc - c0);
-            let b = Operand {
-                base: [
-                    vp[c0 * 16..].as_ptr() as *const u8,
-                    vp[(c0 + nn - 1) * 16..].as_ptr() as *const u8,
-                ],
-                stride: dv * 4,
-                step: 16 * dv * 4,
-            };
-            let c = |i: usize, j: usize| {
-                ap.wrapping_add((r0 + i.min(nm - 1)) * 16 * dv + (c0 + j.min(nn - 1)) * 16)
-                    as *mut u8
-            };
-            let o = Acc {
-                base: [[c(0, 0), c(0, 1)], [c(1, 0), c(1, 1)]],
-                stride: dv * 4,
-            };
-            // SAFETY: A tile (i, k): pa rows of block r0 + i, pairs
-            // 16k..16k + 16; B tile (j, k): vp rows 16k..16k + 16, columns
-            // of block c0 + j; C tile (i, j): acc rows of block r0 + i,
-            // columns of block c0 + j. All inside the asserted sizes.
-            unsafe { mac_dyn(t, (nm, nn), a, b, np16 / 16, o, true) };
-        }
-    }
+    let a = Tiled {
+        at: |r: usize| pa[r * 16 * np16..].as_ptr() as *const u8,
+        stride: np16 * 4,
+        step: 64,
+    };
+    let b = Tiled {
+        at: |c: usize| vp[c * 16..].as_ptr() as *const u8,
+        stride: dv * 4,
+        step: 16 * dv * 4,
+    };
+    let c = |r: usize, c: usize| ap.wrapping_add(r * 16 * dv + c * 16) as *mut u8;
+    // SAFETY: A tile (r, k): pa rows of block r, pairs 16k..16k + 16; B
+    // tile (c, k): vp rows 16k..16k + 16, columns of block c; C tile
+    // (r, c): acc rows of block r, columns of block c. All inside the
+    // asserted sizes.
+    unsafe {
+        grid(
+            t,
+            (rp / 16, dv / 16),
+            np16 / 16,
+            a,
+            b,
+            c,
+            dv * 4,
+            true,
+            |_| {},
+        )
+    };
 }
 
 #[cfg(test)]
