@@ -207,7 +207,12 @@ pub extern "C" fn mlart_model_load(
         };
         let compute = if o.convert_weights {
             let d = Dtype::from_raw("options->weight_dtype", o.weight_dtype)?;
-            WeightCompute::Convert(d.check_activation("options->weight_dtype")?)
+            if d == Dtype::Fp8E4m3 {
+                return Err(Error::unsupported(
+                    "options->weight_dtype = FP8_E4M3: weights convert to F32, BF16 or F16 (FP8 checkpoints stay FP8 when convert_weights is false)",
+                ));
+            }
+            WeightCompute::Convert(d)
         } else {
             WeightCompute::AsStored
         };

@@ -242,7 +242,7 @@ impl KvPool {
     /// blocks no longer needed (speculative-decode rollback).
     pub fn truncate(&self, seq: u64, len: i64) -> Result<()> {
         if len < 0 {
-            return Err(Error::invalid(format!("len = {len} must be >= 0")));
+            return Err(Error::invalid(format!("length = {len} must be >= 0")));
         }
         let mut st = self.state.write();
         let bs = self.opts.block_size;
@@ -344,12 +344,12 @@ impl KvPool {
         if needed > st.free.len() {
             let what: Vec<String> = items
                 .iter()
-                .map(|&(seq, n, _)| format!("{n} to seq_id {seq}"))
+                .map(|&(seq, n, _)| format!("{n} tokens to seq_id {seq}"))
                 .collect();
             return Err(Error::new(
                 Status::PoolExhausted,
                 format!(
-                    "appending {} tokens needs {needed} free blocks but {} are left (pool of {} blocks x {bs} tokens)",
+                    "appending {} needs {needed} free blocks but {} are left (pool of {} blocks x {bs} tokens)",
                     what.join(", "),
                     st.free.len(),
                     self.opts.num_blocks,

@@ -43,7 +43,7 @@ impl Model {
         }
         if pl as usize >= po.num_layers {
             return Err(Error::invalid(format!(
-                "layer = {layer} is pool layer {pl} (layer - first_layer {}), but the pool has {} layers",
+                "layer = {layer} is pool layer {pl} (layer - first_layer {}), but the pool has {} layer(s)",
                 self.first_layer, po.num_layers
             )));
         }

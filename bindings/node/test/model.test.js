@@ -1,0 +1,121 @@
+'use strict';
+// Model: load the tiny checkpoint, one forward on a pool.
+const test = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const os = require('node:os');
+const mlart = require('..');
+const { rng, randomF32 } = require('../testlib/reference');
+
+const MODEL_DIR = process.env.MLART_TEST_MODEL_DIR || '/tmp/tiny-model';
+const haveModel = fs.existsSync(path.join(MODEL_DIR, 'config.json'));
+const skip = haveModel ? false : `no checkpoint at ${MODEL_DIR} (set MLART_TEST_MODEL_DIR)`;
+
+let engine;
+test.before(() => {
+  engine = new mlart.Engine({ backend: 'cpu' });
+});
+test.after(() => engine.close());
+
+test('Model.load, info and forward on a pool', { skip }, () => {
+  const model = mlart.Model.load(engine, MODEL_DIR, { firstLayer: 0, numLayers: 2 });
+  const info = model.info();
+  assert.equal(info.numLayers, 2);
+  assert.equal(info.firstLayer, 0);
+  assert.equal(info.loadedLayers, 2);
+  assert.equal(info.hiddenSize, 256);
+  assert.equal(info.numHeads, 4);
+  assert.equal(info.kvLoraRank, 64);
+  assert.equal(info.qkRopeHeadDim, 16);
+  assert.equal(info.dQk, info.kvLoraRank + info.qkRopeHeadDim);
+  assert.equal(typeof info.weightDtype, 'string');
+  assert.ok(info.bytesLoaded > 0);
+  assert.ok(info.softmaxScale > 0);
+
+  const hidden = info.hiddenSize;
+  const pool = new mlart.KvPool(engine, { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 16, numBlocks: 8 });
+  try {
+    const rand = rng(31);
+    const x = randomF32(3 * hidden, rand);
+    const forward = (id, input) => {
+      pool.createSeq(id);
+      const out = new Float32Array(3 * hidden).fill(NaN);
+      const r = model.forward(pool, { layer: 0, seqIds: [id], nTokens: Int32Array.of(3), x: input, out });
+      assert.equal(r, out);
+      assert.equal(pool.seqLength(id, 0), 3);
+      assert.equal(pool.seqLength(id, 1), 0);
+      return out;
+    };
+    const out1 = forward(1, x);
+    assert.ok(out1.every(Number.isFinite), 'non-finite output');
+    assert.ok(out1.some((v) => v !== 0), 'all-zero output');
+
+    const out2 = forward(2, x); // same input, same positions: same output
+    assert.deepEqual(out2, out1);
+
+    const x3 = Float32Array.from(x);
+    for (let i = 0; i < hidden; i++) x3[2 * hidden + i] += 0.5; // change the last token only
+    const out3 = forward(3, x3);
+    assert.ok(out3.every(Number.isFinite));
+    let diffLast = 0;
+    for (let i = 0; i < hidden; i++) diffLast += Math.abs(out3[2 * hidden + i] - out1[2 * hidden + i]);
+    assert.ok(diffLast > 1e-3, 'output did not change with the input');
+    // Causal: the first two tokens do not see the third.
+    assert.deepEqual(out3.subarray(0, 2 * hidden), out1.subarray(0, 2 * hidden));
+
+    // A decode step continues the positions; bf16 input and an allocated output.
+    const step = model.forward(pool, { layer: 0, seqIds: [1], nTokens: 1, x: mlart.f32ToBf16(randomF32(hidden, rand)), xDtype: 'bf16' });
+    assert.ok(step instanceof Float32Array && step.length === hidden && step.every(Number.isFinite));
+    assert.equal(pool.seqLength(1, 0), 4);
+
+    // Short buffers are caught in JS; a layer not loaded is the library's error.
+    assert.throws(
+      () => model.forward(pool, { layer: 0, seqIds: [1], nTokens: [2], x: new Float32Array(2 * hidden - 1) }),
+      (e) => e instanceof RangeError && e.message.startsWith('x has ')
+    );
+    assert.throws(
+      () => model.forward(pool, { layer: 0, seqIds: [1], nTokens: [2], x: new Float32Array(2 * hidden), out: new Float32Array(hidden) }),
+      (e) => e instanceof RangeError && e.message.startsWith('out has ')
+    );
+    assert.throws(
+      () => model.forward(pool, { layer: 5, seqIds: [1], nTokens: [1], x: new Float32Array(hidden) }),
+      (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /layer/.test(e.message)
+    );
+    assert.equal(pool.seqLength(1, 0), 4, 'a failed forward changed the pool');
+  } finally {
+    pool.close();
+    model.close();
+    model.close();
+  }
+  assert.throws(() => model.info(), /closed/);
+});
+
+test('a missing directory is an MlartError with the library\'s status', () => {
+  const dir = path.join(os.tmpdir(), `mlart-no-such-model-${process.pid}`);
+  assert.throws(
+    () => mlart.Model.load(engine, dir),
+    (e) => {
+      assert.ok(e instanceof mlart.MlartError);
+      assert.ok(['IO', 'NOT_FOUND'].includes(e.code), e.code);
+      assert.equal(e.status, mlart.Status[e.code]);
+      assert.ok(e.message.includes(dir), e.message);
+      return true;
+    }
+  );
+});
+
+test('load progress is reported; returning false cancels', { skip }, () => {
+  const seen = [];
+  const model = mlart.Model.load(engine, MODEL_DIR, { numLayers: 1, progress: (f, stage) => { seen.push([f, stage]); } });
+  model.close();
+  assert.ok(seen.length > 0);
+  assert.equal(seen[seen.length - 1][0], 1);
+  assert.ok(seen.every(([f, s]) => f >= 0 && f <= 1 && typeof s === 'string' && s.length > 0));
+  assert.throws(
+    () => mlart.Model.load(engine, MODEL_DIR, { progress: () => false }),
+    (e) => e instanceof mlart.MlartError && e.code === 'CANCELLED'
+  );
+  const boom = new Error('boom');
+  assert.throws(() => mlart.Model.load(engine, MODEL_DIR, { progress: () => { throw boom; } }), (e) => e === boom);
+});
