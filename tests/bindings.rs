@@ -26,6 +26,81 @@ fn checkpoint(name: &str) -> PathBuf {
     dir
 }
 
+/// A folder of links to this build's library files, under `names`: `-L`
+/// finds what it holds and nothing else.
+fn link_dir(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let lib = library_dir();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).expect("remove the previous link folder");
+    }
+    std::fs::create_dir_all(&dir).expect("create the link folder");
+    for (link, file) in files {
+        std::os::unix::fs::symlink(lib.join(file), dir.join(link)).expect("link the library");
+    }
+    dir
+}
+
+/// `gofmt` and `go vet`, then `go test` twice: linked to this build's `libmlart.so`
+/// (`-tags mlart_shared`, found at run time through `libmlart.so.0`) and to
+/// its `libmlart.a` (the same tag with a `-L` folder holding only the static
+/// library; the package's default links `target/release/libmlart.a`,
+/// which this test run did not build).
+#[test]
+fn go_binding_tests_pass() {
+    let pkg = root().join("bindings/go");
+    let model = checkpoint("go-model-tiny");
+    let needs = "The Go binding's tests need Go >= 1.22 with cgo (`go` on PATH) and a C compiler.";
+    let shared = link_dir(
+        "go-shared",
+        &[
+            ("libmlart.so", "libmlart.so"),
+            ("libmlart.so.0", "libmlart.so"),
+        ],
+    );
+    let stat = link_dir("go-static", &[("libmlart.a", "libmlart.a")]);
+    let go = |args: &[&str], ldflags: &Path, ld_path: Option<&Path>| {
+        let mut cmd = Command::new("go");
+        cmd.current_dir(&pkg)
+            .args(args)
+            .env("CGO_ENABLED", "1")
+            .env("GOTOOLCHAIN", "local")
+            .env("GOFLAGS", "-mod=mod")
+            .env("CGO_LDFLAGS", format!("-L{}", ldflags.display()))
+            .env("MLART_TEST_MODEL_DIR", &model)
+            .env_remove("MLART_CPU_ISA")
+            .env_remove("MLART_BACKEND");
+        if let Some(p) = ld_path {
+            cmd.env("LD_LIBRARY_PATH", p);
+        }
+        let what = format!("go {}", args.join(" "));
+        expect_success(&what, &run(&what, &mut cmd, needs))
+    };
+    let mut fmt = Command::new("gofmt");
+    fmt.current_dir(&pkg).arg("-l").arg(".");
+    let unformatted = expect_success("gofmt -l", &run("gofmt -l", &mut fmt, needs));
+    assert!(
+        unformatted.trim().is_empty(),
+        "gofmt would change: {unformatted}"
+    );
+    go(
+        &["vet", "-tags", "mlart_shared", "./..."],
+        &shared,
+        Some(&shared),
+    );
+    for (dir, ld) in [(&shared, Some(shared.as_path())), (&stat, None)] {
+        let text = go(
+            &["test", "-tags", "mlart_shared", "-count=1", "-v", "./..."],
+            dir,
+            ld,
+        );
+        assert!(
+            text.contains("--- PASS") && !text.contains("--- FAIL") && !text.contains("--- SKIP"),
+            "unexpected go test output:\n{text}"
+        );
+    }
+}
+
 #[test]
 fn node_binding_tests_pass() {
     let pkg = root().join("bindings/node");

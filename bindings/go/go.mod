@@ -1,0 +1,3 @@
+module mlart
+
+go 1.22
