@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{expect_error, status_name, take_error, with_env};
+use common::{expect_error, status_name, take_error, with_env, ENV_LOCK};
 use mlart::ffi::decode::*;
 use mlart::ffi::engine::*;
 use mlart::ffi::error::*;
@@ -18,11 +18,10 @@ use mlart::ffi::format::*;
 use mlart::ffi::types::*;
 use std::ffi::{c_void, CStr};
 use std::mem::{size_of, MaybeUninit};
-use std::sync::RwLock;
 
-/// `MLART_CPU_ISA` / `MLART_BACKEND` are read when an engine is created:
-/// engine creation holds the read side, tests that set them the write side.
-static ENV_LOCK: RwLock<()> = RwLock::new(());
+// `MLART_CPU_ISA` / `MLART_BACKEND` are read when an engine is created:
+// engine creation holds the read side of `common::ENV_LOCK`, tests that set
+// them (`common::with_env`) the write side.
 
 fn env_read() -> std::sync::RwLockReadGuard<'static, ()> {
     ENV_LOCK.read().unwrap_or_else(|e| e.into_inner())

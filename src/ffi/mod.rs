@@ -27,6 +27,13 @@ use std::ffi::c_char;
 
 /// Reads an argument struct whose first field is `uint32_t struct_size`.
 ///
+/// Every struct is still at its first published layout, so the only size
+/// accepted is the current one. When a field is appended (the header
+/// promises fields are only ever appended), the sizes of the earlier
+/// layouts must be accepted here too, with the new fields at their
+/// `_init` defaults, so binaries built against the older header keep
+/// working; a larger size (a newer header) stays an error.
+///
 /// # Safety
 /// A non-NULL `p` must point to readable memory of `struct_size` bytes.
 pub(crate) unsafe fn read_struct<T: Copy>(p: *const T, name: &str, init: &str) -> Result<T> {
