@@ -762,24 +762,31 @@ class Engine extends Handle {
       throw new TypeError('extraIndices / extraTopkLength need extraKv');
     }
 
-    const sink = float32Array(a.attnSink, 'attnSink', { optional: true });
-    needElements(sink, prod(h_q), 'attnSink', `attnSink [hQ=${h_q}]`);
-    d.attn_sink = sink;
-
-    const nOut = prod(batch, s_q, h_q, d_v);
-    const [out, outDtype] = outputArray(a.out, a.outDtype, nOut, 'out', 'outDtype');
-    needElements(out, nOut, 'out', `out [batch=${batch}, sQ=${s_q}, hQ=${h_q}, dV=${d_v}]`);
-    d.out_dtype = outDtype;
-    d.out = out;
-
-    const lse = lseArray(a.lse, prod(batch, h_q, s_q));
-    needElements(lse, prod(batch, h_q, s_q), 'lse', `lse [batch=${batch}, hQ=${h_q}, sQ=${s_q}]`);
-    d.lse = lse;
-    d.stream = null;
+    const { out, lse } = lowerOutputs(d, a, batch, s_q, h_q, d_v);
 
     check(C.decode_paged(engine, d), 'mlart_decode_paged');
     return { out, lse: lse ?? undefined };
   }
+}
+
+// The sink, output and lse fields shared by both decode structs, checked
+// against the shape; returns the output arrays (allocated when omitted).
+function lowerOutputs(d, a, batch, s_q, h_q, d_v) {
+  const sink = float32Array(a.attnSink, 'attnSink', { optional: true });
+  needElements(sink, prod(h_q), 'attnSink', `attnSink [hQ=${h_q}]`);
+  d.attn_sink = sink;
+
+  const nOut = prod(batch, s_q, h_q, d_v);
+  const [out, outDtype] = outputArray(a.out, a.outDtype, nOut, 'out', 'outDtype');
+  needElements(out, nOut, 'out', `out [batch=${batch}, sQ=${s_q}, hQ=${h_q}, dV=${d_v}]`);
+  d.out_dtype = outDtype;
+  d.out = out;
+
+  const lse = lseArray(a.lse, prod(batch, h_q, s_q));
+  needElements(lse, prod(batch, h_q, s_q), 'lse', `lse [batch=${batch}, hQ=${h_q}, sQ=${s_q}]`);
+  d.lse = lse;
+  d.stream = null;
+  return { out, lse };
 }
 
 function number(value, name, dflt) {
@@ -930,20 +937,7 @@ class KvPool extends Handle {
       throw new TypeError('topkLength is only meaningful with indices (sparse decode)');
     }
 
-    const sink = float32Array(a.attnSink, 'attnSink', { optional: true });
-    needElements(sink, prod(h_q), 'attnSink', `attnSink [hQ=${h_q}]`);
-    d.attn_sink = sink;
-
-    const nOut = prod(batch, s_q, h_q, d_v);
-    const [out, outDtype] = outputArray(a.out, a.outDtype, nOut, 'out', 'outDtype');
-    needElements(out, nOut, 'out', `out [batch=${batch}, sQ=${s_q}, hQ=${h_q}, dV=${d_v}]`);
-    d.out_dtype = outDtype;
-    d.out = out;
-
-    const lse = lseArray(a.lse, prod(batch, h_q, s_q));
-    needElements(lse, prod(batch, h_q, s_q), 'lse', `lse [batch=${batch}, hQ=${h_q}, sQ=${s_q}]`);
-    d.lse = lse;
-    d.stream = null;
+    const { out, lse } = lowerOutputs(d, a, batch, s_q, h_q, d_v);
 
     check(C.kv_pool_decode(pool, d), 'mlart_kv_pool_decode');
     return { out, lse: lse ?? undefined };

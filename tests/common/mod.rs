@@ -155,26 +155,18 @@ impl Engine {
     /// restored after), or `None` where they ask for what this build or
     /// CPU lacks (UNSUPPORTED).
     pub fn with_env(vars: &[(&str, &str)], threads: i32) -> Option<Engine> {
-        let r = with_env(vars, || {
-            let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
-            mlart_engine_options_init(opts.as_mut_ptr());
-            // SAFETY: initialized by mlart_engine_options_init.
-            let mut opts = unsafe { opts.assume_init() };
-            opts.backend = MLART_BACKEND_CPU;
-            opts.num_threads = threads;
-            let mut ptr = std::ptr::null_mut();
-            (take_error(mlart_engine_create(&opts, &mut ptr)), ptr)
-        });
-        match r {
-            (None, ptr) => Some(Engine { ptr, threads }),
-            (Some((MLART_STATUS_UNSUPPORTED, _)), _) => None,
-            (Some((code, msg)), _) => {
+        match with_env(vars, || Self::try_create(threads)) {
+            Ok(e) => Some(e),
+            Err((MLART_STATUS_UNSUPPORTED, _)) => None,
+            Err((code, msg)) => {
                 panic!("{vars:?}: {} ({code}): {msg}", status_name(code))
             }
         }
     }
 
-    fn create(threads: i32) -> Engine {
+    /// A CPU engine of `threads` threads, or the status and message of the
+    /// failure.
+    fn try_create(threads: i32) -> Result<Engine, (mlart_status, String)> {
         let mut opts = MaybeUninit::<mlart_engine_options>::uninit();
         mlart_engine_options_init(opts.as_mut_ptr());
         // SAFETY: initialized by mlart_engine_options_init.
@@ -182,12 +174,20 @@ impl Engine {
         opts.backend = MLART_BACKEND_CPU;
         opts.num_threads = threads;
         let mut ptr = std::ptr::null_mut();
-        expect_ok(
-            &format!("mlart_engine_create(threads = {threads})"),
-            mlart_engine_create(&opts, &mut ptr),
-        );
-        assert!(!ptr.is_null());
-        Engine { ptr, threads }
+        match take_error(mlart_engine_create(&opts, &mut ptr)) {
+            None => Ok(Engine { ptr, threads }),
+            Some(e) => Err(e),
+        }
+    }
+
+    fn create(threads: i32) -> Engine {
+        match Self::try_create(threads) {
+            Ok(e) => e,
+            Err((code, msg)) => panic!(
+                "mlart_engine_create(threads = {threads}): {} ({code}): {msg}",
+                status_name(code)
+            ),
+        }
     }
 }
 
