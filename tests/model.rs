@@ -999,21 +999,28 @@ fn standard_schedule(layers: &[usize]) -> Vec<Step> {
 /// or FP8 dequantized with its block scales), so only f32 arithmetic
 /// separates the two (measured: a few 1e-7).
 const EXACT: f64 = 1e-4;
-/// BF16 / F16 pools against the exact reference (measured: 2e-3 / 3e-4).
+/// BF16 / F16 pools against the exact reference (measured: 4.6e-3 with the
+/// bf16 attention / 3e-4).
 const ROUNDED_ROWS: f64 = 1e-2;
 /// FP8_V32 pools (e4m3 latent) against the exact reference (measured: 3e-2).
 const FP8_ROWS: f64 = 5e-2;
-/// BF16 / F16 pools against the reference whose rows are rounded the same
-/// way. Not 1e-7: the engine's f32 latent and the reference's f64 one can
-/// round to neighbouring bf16 values (measured: up to 1.2e-4 at d_qk 576,
-/// 1e-7 on the tiny model).
+/// F16 pools against the reference whose rows are rounded the same way
+/// (attention in f32). Not 1e-7: the engine's f32 latent and the
+/// reference's f64 one can round to neighbouring values (measured: up to
+/// 1.2e-4 at d_qk 576, 1e-7 on the tiny model).
 const SAME_ROUNDING: f64 = 5e-4;
-/// FP8_V32 pools against rows quantized as FlashMLA does (measured: 2e-7;
-/// one e4m3 code landing on a neighbour would give about 1e-3).
-const SAME_FP8: f64 = 5e-3;
+/// BF16 pools against rows rounded the same way. Over a bf16-valued cache
+/// the attention takes bf16 queries and gives a bf16 latent output (with P
+/// in bf16), as DeepSeek's reference does; the f64 reference keeps them
+/// exact (measured: up to 3.5e-3 on single-token steps of the tiny model).
+const SAME_ROUNDING_BF16: f64 = 6e-3;
+/// FP8_V32 pools against rows quantized as FlashMLA does, with the bf16
+/// attention above (measured: 2.2e-3; one e4m3 code landing on a
+/// neighbour would add about 1e-3).
+const SAME_FP8: f64 = 6e-3;
 
 const F32_POOL: PoolCase = (MLART_KV_FORMAT_F32, EXACT, EXACT);
-const BF16_POOL: PoolCase = (MLART_KV_FORMAT_BF16, ROUNDED_ROWS, SAME_ROUNDING);
+const BF16_POOL: PoolCase = (MLART_KV_FORMAT_BF16, ROUNDED_ROWS, SAME_ROUNDING_BF16);
 const F16_POOL: PoolCase = (MLART_KV_FORMAT_F16, ROUNDED_ROWS, SAME_ROUNDING);
 const FP8_V32_POOL: PoolCase = (MLART_KV_FORMAT_FP8_V32, FP8_ROWS, SAME_FP8);
 

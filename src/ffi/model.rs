@@ -369,8 +369,10 @@ fn forward(
 /// projections, norms, RoPE (YaRN), appending the new `[c | k_pe]` rows to
 /// the pool (quantized per its format), causal attention over each
 /// sequence's cache, and the output projection. The pool's d_qk must be
-/// kv_lora_rank + qk_rope_head_dim. On error the pool is unchanged and
-/// `out` is not written.
+/// kv_lora_rank + qk_rope_head_dim. Over a BF16 or FP8 pool the attention
+/// takes bf16 queries and gives a bf16 latent output (P in bf16), as
+/// DeepSeek's reference does; over an F32 or F16 pool it stays in f32.
+/// On error the pool is unchanged and `out` is not written.
 #[no_mangle]
 pub extern "C" fn mlart_model_forward(
     model: *mut mlart_model,

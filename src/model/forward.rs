@@ -10,7 +10,7 @@ use super::{Model, QProj};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
-use crate::format::Dtype;
+use crate::format::{load_slice, store_slice, Dtype, KvFormat};
 use crate::kv::KvPool;
 use rayon::prelude::*;
 use std::collections::BTreeMap;
@@ -128,8 +128,20 @@ impl Model {
                 .collect();
             pool.append_batch(pl, &items, Dtype::F32)?;
             let mut result = (|| -> Result<Vec<f32>> {
-                // Attention, one batched call per distinct chunk length.
-                let mut o_lat = vec![0f32; total * h * lora];
+                // Attention in the cache's precision: over a cache whose
+                // values are bf16 (BF16, FP8 with power-of-two scales) the
+                // queries and outputs are bf16, as DeepSeek's reference and
+                // FlashMLA's kernels take them, so Q·Kᵀ and P·V run on the
+                // bf16 dot-product units; an F32/F16 cache keeps f32.
+                let adt = match po.format {
+                    KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
+                    _ => Dtype::F32,
+                };
+                let es = adt.size();
+                let mut q_att = vec![0u8; qf.len() * es];
+                store_slice(adt, &qf, &mut q_att);
+                let mut o_att = vec![0u8; total * h * lora * es];
+                // One batched call per distinct chunk length.
                 let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
                 for (b, &n) in n_tokens.iter().enumerate() {
                     groups.entry(n).or_default().push(b);
@@ -145,37 +157,33 @@ impl Model {
                         c.softmax_scale() as f32,
                         true,
                     )?;
+                    // Bytes of one sequence's queries and outputs.
+                    let (qe, oe) = (n * h * d_qk * es, n * h * lora * es);
+                    let tok = |b: usize| first_tok[b] * h;
                     // Members with consecutive indices have consecutive
-                    // tokens: decode straight from qf into o_lat. Otherwise
-                    // gather them.
-                    let (qe, oe) = (n * h * d_qk, n * h * lora);
-                    let t0 = first_tok[members[0]];
+                    // tokens: decode straight from q_att into o_att.
+                    // Otherwise gather them.
                     if members.windows(2).all(|w| w[1] == w[0] + 1) {
-                        let qb = bytemuck::cast_slice(&qf[t0 * h * d_qk..][..members.len() * qe]);
-                        let ob = bytemuck::cast_slice_mut(
-                            &mut o_lat[t0 * h * lora..][..members.len() * oe],
-                        );
-                        let mut out = DecodeOutput::new(&shape, Dtype::F32, ob, None)?;
-                        pool.decode(pl, &ids, shape, Dtype::F32, qb, None, None, &mut out)?;
+                        let t0 = tok(members[0]);
+                        let qb = &q_att[t0 * d_qk * es..][..members.len() * qe];
+                        let ob = &mut o_att[t0 * lora * es..][..members.len() * oe];
+                        let mut out = DecodeOutput::new(&shape, adt, ob, None)?;
+                        pool.decode(pl, &ids, shape, adt, qb, None, None, &mut out)?;
                         continue;
                     }
                     let mut qg = Vec::with_capacity(members.len() * qe);
                     for &b in members {
-                        qg.extend_from_slice(&qf[first_tok[b] * h * d_qk..][..qe]);
+                        qg.extend_from_slice(&q_att[tok(b) * d_qk * es..][..qe]);
                     }
-                    let mut og = vec![0f32; members.len() * oe];
-                    let mut out = DecodeOutput::new(
-                        &shape,
-                        Dtype::F32,
-                        bytemuck::cast_slice_mut(&mut og),
-                        None,
-                    )?;
-                    let qb = bytemuck::cast_slice(&qg);
-                    pool.decode(pl, &ids, shape, Dtype::F32, qb, None, None, &mut out)?;
+                    let mut og = vec![0u8; members.len() * oe];
+                    let mut out = DecodeOutput::new(&shape, adt, &mut og, None)?;
+                    pool.decode(pl, &ids, shape, adt, &qg, None, None, &mut out)?;
                     for (g, &b) in members.iter().enumerate() {
-                        o_lat[first_tok[b] * h * lora..][..oe].copy_from_slice(&og[g * oe..][..oe]);
+                        o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                     }
                 }
+                let mut o_lat = vec![0f32; total * h * lora];
+                load_slice(adt, &o_att, &mut o_lat);
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = vec![0f32; total * h * v];
                 lw.absorbed.values(&o_lat, total, &mut o);
