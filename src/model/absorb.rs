@@ -6,17 +6,21 @@
 //! other projections.
 //!
 //! Few tokens (decode) convert the rows in registers for each token. Many
-//! tokens (prefill) convert a group of heads to f32 once and reuse it, so
-//! the conversion is paid once per call, not once per token.
+//! tokens (prefill) convert a group of heads to f32 once and run each
+//! head as a register-blocked GEMM over the tokens ([`matmul_rows`]), so
+//! the conversion is paid once per call and each row of W serves 8 tokens.
 
+use super::f32_gemm::matmul_rows;
 use super::linear::Linear;
-use super::vecops::{axpy, dot};
 use rayon::prelude::*;
 
 /// Tokens above which rows are converted once per call rather than per token.
 const FEW_TOKENS: usize = 4;
 /// Heads converted to f32 at a time for many tokens (4 MB for V3's W_UK).
 const HEAD_GROUP: usize = 16;
+/// Tokens per parallel task for many tokens: each head's f32 rows (256 KB
+/// for V3) stay in L2 while they serve the task's tokens.
+const TOKEN_BLOCK: usize = 64;
 
 pub struct Absorbed {
     kv_b: Linear,
@@ -58,43 +62,75 @@ impl Absorbed {
 
     /// Rows `part` (`(offset, count)` within each head's `nope + v` rows:
     /// W_UK is `(0, nope)`, W_UV `(nope, v)`) of heads `first..first +
-    /// count` as f32, `[heads, part rows, lora]`.
-    fn heads_f32(&self, first: usize, count: usize, part: (usize, usize)) -> Vec<f32> {
+    /// count` as f32: `[heads, part rows, lora]`, or with `transposed`
+    /// `[heads, lora, part rows]`.
+    fn heads_f32(
+        &self,
+        first: usize,
+        count: usize,
+        part: (usize, usize),
+        transposed: bool,
+    ) -> Vec<f32> {
         let ((offset, rows), lora) = (part, self.lora());
+        let row_of = |head: usize, d: usize| head * (self.nope + self.v) + offset + d;
         let mut w = vec![0f32; count * rows * lora];
-        w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
-            let (head, d) = (first + i / rows, i % rows);
-            self.kv_b.row(head * (self.nope + self.v) + offset + d, dst);
-        });
+        if !transposed {
+            w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
+                self.kv_b.row(row_of(first + i / rows, i % rows), dst);
+            });
+            return w;
+        }
+        w.par_chunks_mut(rows * lora)
+            .enumerate()
+            .for_each(|(i, dst)| {
+                let mut r = vec![0f32; lora];
+                for d in 0..rows {
+                    self.kv_b.row(row_of(first + i, d), &mut r);
+                    for (c, &v) in r.iter().enumerate() {
+                        dst[c * rows + d] = v;
+                    }
+                }
+            });
         w
     }
 
-    /// Runs `f(t, head, chunk)` on every `stride`-chunk of `out`
-    /// (`[tokens, heads, stride]`), with head `h`'s rows `part` converted to
-    /// f32 once for the call when there are many tokens (`Some(rows of
-    /// head h)`), or read in stored precision per token (`None`).
-    fn per_head<F>(&self, out: &mut [f32], stride: usize, tokens: usize, part: (usize, usize), f: F)
-    where
-        F: Fn(usize, usize, &mut [f32], Option<&[f32]>) + Sync + Send,
-    {
+    /// Many tokens: `out[t, h][..n] = x[t, h][..k] · W[h]` for every token
+    /// and head, W[h] being head h's rows `part` as f32 `[k][n]`
+    /// (`transposed`: the rows are W's columns, as for W_UV). `x` is
+    /// `[tokens, H, x_stride]`, `out` `[tokens, H, out_stride]`.
+    #[allow(clippy::too_many_arguments)]
+    fn heads_matmul(
+        &self,
+        part: (usize, usize),
+        transposed: bool,
+        (k, n): (usize, usize),
+        x: &[f32],
+        x_stride: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        tokens: usize,
+    ) {
         let h = self.heads;
-        if tokens <= FEW_TOKENS {
-            out.par_chunks_mut(stride)
-                .enumerate()
-                .for_each(|(th, chunk)| f(th / h, th % h, chunk, None));
-            return;
-        }
-        let per_head = part.1 * self.lora();
         for first in (0..h).step_by(HEAD_GROUP) {
             let count = HEAD_GROUP.min(h - first);
-            let w = self.heads_f32(first, count, part);
-            out.par_chunks_mut(stride)
+            let w = self.heads_f32(first, count, part, transposed);
+            out[..tokens * h * out_stride]
+                .par_chunks_mut(TOKEN_BLOCK * h * out_stride)
                 .enumerate()
-                .filter(|(th, _)| (first..first + count).contains(&(th % h)))
-                .for_each(|(th, chunk)| {
-                    let head = th % h;
-                    let rows = &w[(head - first) * per_head..][..per_head];
-                    f(th / h, head, chunk, Some(rows))
+                .for_each(|(b, chunk)| {
+                    let (t0, rows) = (b * TOKEN_BLOCK, chunk.len() / (h * out_stride));
+                    for head in first..first + count {
+                        matmul_rows(
+                            &x[(t0 * h + head) * x_stride..],
+                            h * x_stride,
+                            &w[(head - first) * k * n..][..k * n],
+                            k,
+                            n,
+                            &mut chunk[head * out_stride..],
+                            h * out_stride,
+                            rows,
+                        );
+                    }
                 });
         }
     }
@@ -111,51 +147,57 @@ impl Absorbed {
         out_stride: usize,
     ) {
         let (h, nope, lora) = (self.heads, self.nope, self.lora());
-        self.per_head(out, out_stride, tokens, (0, nope), |t, head, dst, w| {
-            let qn = &q[(t * h + head) * q_stride..][..nope];
-            let lat = &mut dst[..lora];
-            lat.fill(0.0);
-            match w {
-                Some(w) => {
-                    for (d, &a) in qn.iter().enumerate() {
-                        axpy(lat, a, &w[d * lora..][..lora]);
-                    }
+        if tokens > FEW_TOKENS {
+            let shape = (nope, lora);
+            return self.heads_matmul(
+                (0, nope),
+                false,
+                shape,
+                q,
+                q_stride,
+                out,
+                out_stride,
+                tokens,
+            );
+        }
+        out[..tokens * h * out_stride]
+            .par_chunks_mut(out_stride)
+            .enumerate()
+            .for_each(|(th, dst)| {
+                let (t, head) = (th / h, th % h);
+                let qn = &q[(t * h + head) * q_stride..][..nope];
+                let lat = &mut dst[..lora];
+                lat.fill(0.0);
+                for d in (0..nope).step_by(4) {
+                    let rows = [0, 1, 2, 3].map(|k| self.uk_row(head, (d + k).min(nope - 1)));
+                    let a = [0, 1, 2, 3].map(|k| if d + k < nope { qn[d + k] } else { 0.0 });
+                    self.kv_b.axpy4(rows, a, lat);
                 }
-                None => {
-                    for d in (0..nope).step_by(4) {
-                        let rows = [0, 1, 2, 3].map(|k| self.uk_row(head, (d + k).min(nope - 1)));
-                        let a = [0, 1, 2, 3].map(|k| if d + k < nope { qn[d + k] } else { 0.0 });
-                        self.kv_b.axpy4(rows, a, lat);
-                    }
-                }
-            }
-        });
+            });
     }
 
     /// `o[t, h] = W_UV[h] · lat[t, h]`: `lat` is `[tokens, H, kv_lora]`,
     /// `o` is `[tokens, H, v]`.
     pub fn values(&self, lat: &[f32], tokens: usize, o: &mut [f32]) {
         let (h, v, lora) = (self.heads, self.v, self.lora());
-        self.per_head(o, v, tokens, (self.nope, v), |t, head, dst, w| {
-            let x = &lat[(t * h + head) * lora..][..lora];
-            match w {
-                Some(w) => {
-                    for (d, od) in dst.iter_mut().enumerate() {
-                        *od = dot(&w[d * lora..][..lora], x);
+        if tokens > FEW_TOKENS {
+            return self.heads_matmul((self.nope, v), true, (lora, v), lat, lora, o, v, tokens);
+        }
+        o[..tokens * h * v]
+            .par_chunks_mut(v)
+            .enumerate()
+            .for_each(|(th, dst)| {
+                let (t, head) = (th / h, th % h);
+                let x = &lat[(t * h + head) * lora..][..lora];
+                let split = self.kv_b.prepare(x);
+                for d in (0..v).step_by(4) {
+                    let rows = [0, 1, 2, 3].map(|k| self.uv_row(head, (d + k).min(v - 1)));
+                    let r = self.kv_b.dot4(rows, x, split.as_ref());
+                    for (k, &val) in r.iter().enumerate().take(v - d) {
+                        dst[d + k] = val;
                     }
                 }
-                None => {
-                    let split = self.kv_b.prepare(x);
-                    for d in (0..v).step_by(4) {
-                        let rows = [0, 1, 2, 3].map(|k| self.uv_row(head, (d + k).min(v - 1)));
-                        let r = self.kv_b.dot4(rows, x, split.as_ref());
-                        for (k, &val) in r.iter().enumerate().take(v - d) {
-                            dst[d + k] = val;
-                        }
-                    }
-                }
-            }
-        });
+            });
     }
 }
 
@@ -165,7 +207,8 @@ mod tests {
     use crate::model::linear::testing::{every_dtype, values};
 
     /// Both directions, for few tokens (stored rows) and many (heads
-    /// converted in groups, here 20 heads: a full group and a partial one),
+    /// converted in groups, here 20 heads: a full group and a partial one;
+    /// tokens in tasks of 64: a full task and a partial one),
     /// with head dims that are not multiples of four, against f64 sums over
     /// `kv_b.row()`.
     #[test]
@@ -181,7 +224,8 @@ mod tests {
                 })
                 .collect();
             let ab = Absorbed::new(kv_b, heads, nope, v);
-            for tokens in [1usize, 3, 7] {
+            // 70 tokens: a full task of 64 and a partial one.
+            for tokens in [1usize, 3, 7, 70] {
                 // q rows of 9 (nope 6 + 3 others), out rows of lora + 2.
                 let (qs, os) = (nope + 3, lora + 2);
                 let q = values(tokens * heads * qs, tokens as u64);

@@ -1,0 +1,181 @@
+//! `Y = X · W` in f32 for rows of X and Y at any stride, with W row-major
+//! `[k][n]`: the per-head products of the absorbed projections in prefill
+//! (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose operands interleave the
+//! heads. The AVX-512 kernel keeps 8 rows x 32 columns of Y in registers
+//! over k, so each row of W loaded from cache serves 8 rows of X (one
+//! `axpy` per row of W, as before, re-read W from L2 for every token).
+
+/// Rows of X (and Y) per register block.
+const TB: usize = 8;
+
+/// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows`, where row `t` of x
+/// starts at `x[t * xs]` (`k` values) and of y at `y[t * ys]`.
+///
+/// # Panics
+/// When a slice is too short for the shape (a bug in the caller).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_rows(
+    x: &[f32],
+    xs: usize,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    y: &mut [f32],
+    ys: usize,
+    rows: usize,
+) {
+    if rows == 0 {
+        return;
+    }
+    assert!(w.len() >= k * n && x.len() >= (rows - 1) * xs + k);
+    assert!(y.len() >= (rows - 1) * ys + n && xs >= k && ys >= n);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        let mut t = 0;
+        while t < rows {
+            let tb = TB.min(rows - t);
+            let (xr, yr) = (&x[t * xs..], &mut y[t * ys..]);
+            // SAFETY: AVX-512F detected; the rows t..t + tb of x and y and
+            // all of w lie inside the slices (asserted above).
+            unsafe {
+                match tb {
+                    8 => avx512::block::<8>(xr, xs, w, k, n, yr, ys),
+                    7 => avx512::block::<7>(xr, xs, w, k, n, yr, ys),
+                    6 => avx512::block::<6>(xr, xs, w, k, n, yr, ys),
+                    5 => avx512::block::<5>(xr, xs, w, k, n, yr, ys),
+                    4 => avx512::block::<4>(xr, xs, w, k, n, yr, ys),
+                    3 => avx512::block::<3>(xr, xs, w, k, n, yr, ys),
+                    2 => avx512::block::<2>(xr, xs, w, k, n, yr, ys),
+                    _ => avx512::block::<1>(xr, xs, w, k, n, yr, ys),
+                }
+            }
+            t += tb;
+        }
+        return;
+    }
+    portable(x, xs, w, k, n, y, ys, rows);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn portable(
+    x: &[f32],
+    xs: usize,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    y: &mut [f32],
+    ys: usize,
+    rows: usize,
+) {
+    for t in 0..rows {
+        let yr = &mut y[t * ys..][..n];
+        yr.fill(0.0);
+        for (j, &a) in x[t * xs..][..k].iter().enumerate() {
+            for (o, &b) in yr.iter_mut().zip(&w[j * n..][..n]) {
+                *o += a * b;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// `R` rows of Y, all `n` columns: 32 columns (two vectors) at a time
+    /// with `R x 2` accumulators, the last columns under a mask.
+    ///
+    /// # Safety
+    /// AVX-512F enabled; rows `0..R` of x (stride xs, k values) and y
+    /// (stride ys, n values) and `w [k][n]` are inside the slices.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn block<const R: usize>(
+        x: &[f32],
+        xs: usize,
+        w: &[f32],
+        k: usize,
+        n: usize,
+        y: &mut [f32],
+        ys: usize,
+    ) {
+        debug_assert!(x.len() >= (R - 1) * xs + k && y.len() >= (R - 1) * ys + n);
+        debug_assert!(w.len() >= k * n);
+        let mut c = 0;
+        while c < n {
+            let w0 = (n - c).min(16);
+            let w1 = (n - c).saturating_sub(16).min(16);
+            let (m0, m1): (__mmask16, __mmask16) =
+                (((1u32 << w0) - 1) as u16, ((1u32 << w1) - 1) as u16);
+            // SAFETY: masked loads and stores touch columns c..c + w0 + w1
+            // < n of rows inside the slices; x reads stay in row t's k values.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for j in 0..k {
+                    let wr = w.as_ptr().add(j * n + c);
+                    let b0 = _mm512_maskz_loadu_ps(m0, wr);
+                    let b1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let s = _mm512_set1_ps(*x.get_unchecked(t * xs + j));
+                        a[0] = _mm512_fmadd_ps(s, b0, a[0]);
+                        a[1] = _mm512_fmadd_ps(s, b1, a[1]);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    let yr = y.as_mut_ptr().add(t * ys + c);
+                    _mm512_mask_storeu_ps(yr, m0, a[0]);
+                    _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
+                }
+            }
+            c += 32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::gen::uniform;
+
+    /// Row counts around the block of 8, column counts around the two
+    /// vectors of 16 (masked tails), strides wider than the rows, against
+    /// f64 sums; bytes past each row of y stay untouched.
+    #[test]
+    fn matmul_rows_matches_f64() {
+        for (rows, k, n) in [
+            (17usize, 128usize, 512usize),
+            (3, 5, 7),
+            (8, 40, 33),
+            (1, 1, 16),
+        ] {
+            let (xs, ys) = (k + 3, n + 2);
+            let x = uniform(rows * xs, 1);
+            let w = uniform(k * n, 2);
+            let mut y = vec![f32::NAN; rows * ys];
+            matmul_rows(&x, xs, &w, k, n, &mut y, ys, rows);
+            for t in 0..rows {
+                for o in 0..n {
+                    let want: f64 = (0..k)
+                        .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
+                        .sum();
+                    let got = y[t * ys + o] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
+                    );
+                }
+                assert!(y[t * ys + n].is_nan(), "wrote past row {t}");
+            }
+            let mut yp = vec![f32::NAN; rows * ys];
+            portable(&x, xs, &w, k, n, &mut yp, ys, rows);
+            for t in 0..rows {
+                for o in 0..n {
+                    let (a, b) = (y[t * ys + o], yp[t * ys + o]);
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "portable [{t}][{o}]"
+                    );
+                }
+            }
+        }
+    }
+}
