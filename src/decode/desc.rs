@@ -1,7 +1,7 @@
 //! The validated decode descriptor.
 //!
 //! Construction checks every size, every sequence length and every block id a
-//! sequence will read, so a backend that receives a [`DenseDecode`] can index
+//! sequence will read, so a backend that receives a [`Decode`] can index
 //! the cache without further checks.
 
 use crate::error::{check_range, checked_size, Error, Result};

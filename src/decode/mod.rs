@@ -1,5 +1,5 @@
 //! Pure description of a decode call: the validated descriptor
-//! ([`desc::DenseDecode`]) and the split-KV work plan ([`plan::SplitPlan`]).
+//! ([`desc::Decode`]) and the split-KV work plan ([`plan::SplitPlan`]).
 //! Nothing here touches threads, devices or C.
 
 pub mod desc;

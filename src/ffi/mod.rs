@@ -6,6 +6,9 @@
 //! function; `_free(NULL)` is a no-op; no panic crosses the boundary.
 
 #![allow(non_camel_case_types)]
+// The C docs write array shapes as `[batch, h_q]`, which rustdoc would
+// read as links; they are copied into the header verbatim, so they stay.
+#![allow(rustdoc::broken_intra_doc_links)]
 // The exports are C entry points: their safety contract (valid handles,
 // buffers of the documented sizes) is stated in the header, and every
 // pointer is checked for NULL and alignment before use. Marking them
