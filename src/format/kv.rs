@@ -136,6 +136,33 @@ impl KvLayout {
         cache.get(at..at + n * self.row_bytes)
     }
 
+    /// Starts fetching token `off` of block `block` into the cache: its row,
+    /// or for FP8_MODEL1 its data and its scales. Out-of-range tokens are
+    /// skipped (a prefetch never faults, but nothing is fetched for them).
+    #[inline]
+    pub fn prefetch_token(&self, cache: &[u8], block: usize, off: usize) {
+        let fetch = |bytes: Option<&[u8]>| {
+            if let Some(b) = bytes {
+                for line in b.chunks(64) {
+                    super::prefetch(line.as_ptr());
+                }
+                if let Some(last) = b.last() {
+                    super::prefetch(last);
+                }
+            }
+        };
+        if off >= self.block_size {
+            return;
+        }
+        if self.format == KvFormat::Fp8Model1 {
+            let (d, s) = (self.data_at(block, off), self.model1_scales_at(block, off));
+            fetch(cache.get(d..d + M1_DATA));
+            fetch(cache.get(s..s + M1_SCALES));
+        } else {
+            fetch(self.rows_bytes(cache, block, off, 1));
+        }
+    }
+
     /// Token `off` of block `block` as bf16 pairs (`out` holds `d_qk / 2`)
     /// without an f32 round trip: BF16 rows are copied, FP8_V32 rows are
     /// converted exactly (e4m3 times a power-of-two tile scale is a bf16

@@ -11,6 +11,27 @@ pub use fp8::e4m3_to_f32;
 use half::{bf16, f16};
 pub use kv::KvLayout;
 
+/// Asks the CPU to bring the cache line at `p` into L2. A hint: any
+/// address is allowed, nothing is read. (Weight streams and cache tiles
+/// both use it.)
+///
+/// A batch-1 projection reads four weight rows at a time, and the next
+/// four rows follow them in memory. With rows of a few KiB, the hardware
+/// prefetcher sees each row as a short new stream and is late every time;
+/// prefetching the next group's rows from the current position measured
+/// 15 → 34 GB/s on `q_b_proj`'s 1536-byte FP8 rows and 23 → 31–35 GB/s on
+/// `o_proj`'s 16 KiB rows.
+#[inline(always)]
+pub fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults and has no architectural effect.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// Element type of a dense tensor (queries, outputs, appended rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {

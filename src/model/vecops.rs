@@ -20,25 +20,7 @@ static AVX512: Lazy<bool> = Lazy::new(|| {
     }
 });
 
-/// Asks the CPU to bring the cache line at `p` into L2. A hint: any
-/// address is allowed, nothing is read.
-///
-/// A batch-1 projection reads four weight rows at a time, and the next
-/// four rows follow them in memory. With rows of a few KiB, the hardware
-/// prefetcher sees each row as a short new stream and is late every time;
-/// prefetching the next group's rows from the current position measured
-/// 15 → 34 GB/s on `q_b_proj`'s 1536-byte FP8 rows and 23 → 31–35 GB/s on
-/// `o_proj`'s 16 KiB rows.
-#[inline(always)]
-pub fn prefetch(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch never faults and has no architectural effect.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(p as *const i8)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
+pub use crate::format::prefetch;
 
 /// Portable f32 dot product with independent partial sums.
 pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {

@@ -104,22 +104,15 @@ impl AttnTask<'_> {
         }
     }
 
-    /// Starts fetching the rows of keys `range` (clipped to the task's
-    /// keys) into the cache, for formats that store a token as one row. A
-    /// kernel calls it for the next tile while it computes this one: rows
-    /// read straight from the cache otherwise arrive at memory latency.
+    /// Starts fetching keys `range` (clipped to the task's keys) into the
+    /// cache. A kernel calls it for the next tile while it computes this
+    /// one: rows read straight from the cache otherwise arrive at memory
+    /// latency.
     #[inline]
     pub fn prefetch_keys(&self, range: std::ops::Range<usize>) {
         for j in range.start..range.end.min(self.end) {
             let (c, block, off) = self.locate(j);
-            if let Some(row) = c.layout.rows_bytes(c.data, block, off, 1) {
-                for line in row.chunks(64) {
-                    crate::model::vecops::prefetch(line.as_ptr());
-                }
-                if let Some(last) = row.last() {
-                    crate::model::vecops::prefetch(last);
-                }
-            }
+            c.layout.prefetch_token(c.data, block, off);
         }
     }
 
