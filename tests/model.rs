@@ -1044,6 +1044,57 @@ fn tiny_bf16_yarn_two_layers_matches_reference() {
     );
 }
 
+/// A forward of more than one pass (512 tokens) runs each sequence in
+/// passes, appending before attending: against the reference, with pool
+/// lengths checked and decode steps after it.
+#[test]
+fn long_forward_runs_in_passes() {
+    let dir = TempDir::new("tiny-passes");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let steps: Vec<Step> = vec![
+        (0, vec![1, 2], vec![600, 530]),
+        (0, vec![2, 1], vec![1, 1]),
+        (0, vec![1], vec![1030]),
+    ];
+    run_schedule(
+        "tiny passes",
+        &engine,
+        &model,
+        dir.path(),
+        0,
+        1,
+        &[F32_POOL, BF16_POOL],
+        &steps,
+        64,
+    );
+    // A pass that cannot get its blocks: every sequence goes back to its
+    // length before the call (earlier passes appended already).
+    let pool = Pool::new(&engine, MLART_KV_FORMAT_BF16, 80, 1, 64, 16).with_seqs(&[1, 2]);
+    forward_ok(&model, &pool, 0, &[1, 2], &[3, 2], &random_x(1, 5, 256));
+    let before = pool.stats();
+    let r = forward(
+        &model,
+        &pool,
+        0,
+        &[1, 2],
+        &[600, 530],
+        &random_x(2, 1130, 256),
+    );
+    forward_err(
+        "exhausted in a later pass",
+        r,
+        MLART_STATUS_POOL_EXHAUSTED,
+        &["free blocks"],
+    );
+    assert_eq!((pool.len(1, 0), pool.len(2, 0)), (3, 2));
+    assert_eq!(pool.stats(), before);
+}
+
 #[test]
 fn tiny_bf16_yarn_on_and_off_past_original_context() {
     let dir = TempDir::new("tiny-bf16-long");
