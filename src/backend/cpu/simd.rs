@@ -1,16 +1,20 @@
-//! AVX2+FMA and AVX-512F attention kernels (f32 FMA on dequantized tiles).
+//! The SIMD attention kernels: AVX2+FMA, AVX-512F, AVX512-BF16, and (in
+//! [`amx_attn`]) AMX-BF16.
 //!
 //! Per tile of up to 64 keys, the query rows of a task are the M dimension
 //! of two small GEMMs:
-//! - `S = Q · Kᵀ`: K is gathered (and dequantized) once, transposed to
-//!   `[d_qk][64]`, and a block of R query rows is multiplied against it with
-//!   `R x KEYS/LANES` accumulators in registers (broadcast q, load Kᵀ row);
-//! - online softmax on S (scalar exp, one per score);
-//! - `O += P · V`: V is the first d_v columns of the row-major tile; a block
-//!   of R rows x 4 vectors of O stays in registers over the 64 keys.
+//! - `S = Q · Kᵀ`: Q is transposed once per task (rows in vector lanes) and
+//!   each key element is broadcast, so K is used as the cache stores it; on
+//!   AVX512-BF16 the keys are bf16 pairs read in place (BF16 cache) or
+//!   converted per row (FP8), and the products run on `vdpbf16ps`;
+//! - online softmax in f32, a vector of rows at a time;
+//! - `O += P · V`: V is the first d_v columns of the tile; a block of R rows
+//!   x 4 vectors of O stays in registers over the tile (on `vdpbf16ps` with
+//!   P rounded to bf16 when the output is bf16).
 //!
-//! The code is generic over a vector type and inlined into
-//! `#[target_feature]` entry points, so each ISA gets its own instructions.
+//! While a tile computes, the next tile's keys are prefetched. The code is
+//! generic over a vector type and inlined into `#[target_feature]` entry
+//! points, so each ISA gets its own instructions.
 
 // Off x86-64 only the scalar kernel exists; the generic code here is unused.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
