@@ -729,16 +729,8 @@ class Engine extends Handle {
     d.block_table = blockTable;
     d.seqlens = seqlens;
 
-    if (sparse) {
-      const indices = int32Array(a.indices, 'indices');
-      d.topk = int32(a.topk, 'topk');
-      needElements(indices, prod(batch, s_q, d.topk), 'indices',
-        `indices [batch=${batch}, sQ=${s_q}, topk=${d.topk}]`);
-      d.indices = indices;
-      const topkLength = int32Array(a.topkLength, 'topkLength', { optional: true });
-      needElements(topkLength, prod(batch), 'topkLength', `topkLength [batch=${batch}]`);
-      d.topk_length = topkLength;
-    } else if (a.topkLength != null) {
+    if (sparse) lowerIndices(d, a, batch, s_q);
+    else if (a.topkLength != null) {
       throw new TypeError('topkLength is only meaningful with indices (sparse decode)');
     }
 
@@ -767,6 +759,19 @@ class Engine extends Handle {
     check(C.decode_paged(engine, d), 'mlart_decode_paged');
     return { out, lse: lse ?? undefined };
   }
+}
+
+// Sparse indices [batch, sQ, topk] and the optional topkLength [batch],
+// checked against the shape, into either decode struct.
+function lowerIndices(d, a, batch, s_q) {
+  const indices = int32Array(a.indices, 'indices');
+  d.topk = int32(a.topk, 'topk');
+  needElements(indices, prod(batch, s_q, d.topk), 'indices',
+    `indices [batch=${batch}, sQ=${s_q}, topk=${d.topk}]`);
+  d.indices = indices;
+  const tl = int32Array(a.topkLength, 'topkLength', { optional: true });
+  needElements(tl, prod(batch), 'topkLength', `topkLength [batch=${batch}]`);
+  d.topk_length = tl;
 }
 
 // The sink, output and lse fields shared by both decode structs, checked
@@ -924,16 +929,8 @@ class KvPool extends Handle {
       `q [batch=${batch}, sQ=${s_q}, hQ=${h_q}, dQk=${d_qk}]`);
     d.q = a.q;
 
-    if (a.indices !== undefined && a.indices !== null) {
-      const indices = int32Array(a.indices, 'indices');
-      d.topk = int32(a.topk, 'topk');
-      needElements(indices, prod(batch, s_q, d.topk), 'indices',
-        `indices [batch=${batch}, sQ=${s_q}, topk=${d.topk}]`);
-      d.indices = indices;
-      const tl = int32Array(a.topkLength, 'topkLength', { optional: true });
-      needElements(tl, prod(batch), 'topkLength', `topkLength [batch=${batch}]`);
-      d.topk_length = tl;
-    } else if (a.topkLength != null) {
+    if (a.indices !== undefined && a.indices !== null) lowerIndices(d, a, batch, s_q);
+    else if (a.topkLength != null) {
       throw new TypeError('topkLength is only meaningful with indices (sparse decode)');
     }
 

@@ -146,13 +146,6 @@ impl<'a> KvCache<'a> {
     pub fn load(&self, block: usize, off: usize, out: &mut [f32]) {
         self.layout.load_row(self.data, block, off, out);
     }
-
-    /// Converts the token at flat position `pos = block * block_size + off`.
-    #[inline(always)]
-    pub fn load_pos(&self, pos: usize, out: &mut [f32]) {
-        let bs = self.layout.block_size;
-        self.layout.load_row(self.data, pos / bs, pos % bs, out);
-    }
 }
 
 /// Dense keys: each sequence's first `seqlens[b]` tokens, paged through

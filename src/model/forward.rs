@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::{load_slice, store_slice, Dtype, KvFormat};
 use crate::kv::KvPool;
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Tokens per pass of a forward: longer calls run in passes of at most this
@@ -145,9 +146,24 @@ impl Model {
                     _ => Dtype::F32,
                 };
                 let es = adt.size();
-                let mut q_att = vec![0u8; qf.len() * es];
-                store_slice(adt, &qf, &mut q_att);
-                let mut o_att = vec![0u8; total * h * lora * es];
+                // f32 attention reads qf and writes o_lat as they are.
+                let mut o_lat = vec![0f32; total * h * lora];
+                let q_att: Cow<[u8]> = match adt {
+                    Dtype::F32 => Cow::Borrowed(bytemuck::cast_slice(&qf)),
+                    _ => {
+                        let mut b = vec![0u8; qf.len() * es];
+                        store_slice(adt, &qf, &mut b);
+                        Cow::Owned(b)
+                    }
+                };
+                let mut o_bf16 = Vec::new();
+                let o_att: &mut [u8] = match adt {
+                    Dtype::F32 => bytemuck::cast_slice_mut(&mut o_lat),
+                    _ => {
+                        o_bf16.resize(total * h * lora * es, 0u8);
+                        &mut o_bf16
+                    }
+                };
                 // One batched call per distinct chunk length.
                 let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
                 for (b, &n) in n_tokens.iter().enumerate() {
@@ -189,8 +205,9 @@ impl Model {
                         o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                     }
                 }
-                let mut o_lat = vec![0f32; total * h * lora];
-                load_slice(adt, &o_att, &mut o_lat);
+                if adt != Dtype::F32 {
+                    load_slice(adt, &o_bf16, &mut o_lat);
+                }
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = vec![0f32; total * h * v];
                 lw.absorbed.values(&o_lat, total, &mut o);

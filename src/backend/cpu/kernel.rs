@@ -152,19 +152,8 @@ impl AttnTask<'_> {
     /// Converts key `j` to f32 (`out[..d_qk]`).
     #[inline]
     pub fn gather(&self, j: usize, out: &mut [f32]) {
-        match self.source {
-            KeySource::Paged { kv, blocks } => {
-                let bs = kv.block_size();
-                kv.load(blocks[j / bs] as usize, j % bs, out);
-            }
-            KeySource::List { main, extra, keys } => {
-                let k = keys[j];
-                match (k & EXTRA_KEY != 0, extra) {
-                    (true, Some(x)) => x.load_pos((k & !EXTRA_KEY) as usize, out),
-                    _ => main.load_pos(k as usize, out),
-                }
-            }
-        }
+        let (c, block, off) = self.locate(j);
+        c.load(block, off, out);
     }
 }
 
