@@ -31,7 +31,7 @@
 /**
  * Library version, minor part.
  */
-#define MLART_VERSION_MINOR 1
+#define MLART_VERSION_MINOR 2
 
 /**
  * Library version, patch part.
@@ -382,6 +382,12 @@ typedef uint32_t mlart_status;
 typedef bool (*mlart_progress_fn)(float fraction, const char *stage, void *user_data);
 
 /**
+ * How a model's projections (q_a, q_b or q_proj, kv_a, o_proj) take
+ * their activations.
+ */
+typedef uint32_t mlart_activations;
+
+/**
  * Options for `mlart_model_load`. Fill with `mlart_model_options_init`.
  */
 typedef struct mlart_model_options {
@@ -415,6 +421,13 @@ typedef struct mlart_model_options {
    * Passed to `progress`.
    */
   void *progress_user_data;
+  /**
+   * How the projections take their activations; default
+   * MLART_ACTIVATIONS_PRECISE. Since 0.2: a struct_size of 40 (the 0.1
+   * layout, which ends before this field) is still accepted, and the
+   * field is then not read.
+   */
+  mlart_activations activations;
 } mlart_model_options;
 
 /**
@@ -837,6 +850,22 @@ typedef struct mlart_kv_pool_decode_args {
  * queries are bf16 and the cache bf16 or FP8; the AVX-512F path otherwise.
  */
 #define MLART_CPU_ISA_AVX512_BF16 4
+
+/**
+ * As f32 (default). Where bf16 units do the products, each activation is
+ * split into two bf16, which keeps about 16 of its bits. Activations that
+ * are bf16 values already (bf16 hidden states) take the faster path of
+ * MLART_ACTIVATIONS_BF16 with identical results.
+ */
+#define MLART_ACTIVATIONS_PRECISE 0
+
+/**
+ * Rounded to bf16 (nearest even) before each projection, as DeepSeek's
+ * reference implementation runs them: half the products, so prefill
+ * projections run about twice as fast on bf16 units. The absorbed W_UK /
+ * W_UV products and the attention are unchanged.
+ */
+#define MLART_ACTIVATIONS_BF16 1
 
 #ifdef __cplusplus
 extern "C" {

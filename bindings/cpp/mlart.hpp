@@ -85,6 +85,11 @@ enum class Backend : std::uint32_t {
     Cuda = MLART_BACKEND_CUDA,
 };
 
+enum class Activations : std::uint32_t {
+    Precise = MLART_ACTIVATIONS_PRECISE,
+    Bf16 = MLART_ACTIVATIONS_BF16,
+};
+
 enum class CpuIsa : std::uint32_t {
     Scalar = MLART_CPU_ISA_SCALAR,
     Avx2 = MLART_CPU_ISA_AVX2,
@@ -529,6 +534,9 @@ struct ModelOptions {
     int num_layers = 0;  // 0 = all from first_layer on
     // Empty: keep weights as stored; else convert at load (F32, Bf16, F16).
     std::optional<Dtype> convert_weights;
+    // How the projections take their activations: Precise (about 16 bits
+    // kept), or Bf16 (rounded, as DeepSeek's reference; faster prefill).
+    Activations activations = Activations::Precise;
     // Called as tensors load with a fraction in [0, 1] and the tensor's name
     // (valid during the call); return false to cancel (Status::Cancelled).
     // An exception it throws cancels the load and is rethrown by load().
@@ -561,6 +569,7 @@ public:
             o.convert_weights = true;
             o.weight_dtype = static_cast<mlart_dtype>(*options.convert_weights);
         }
+        o.activations = static_cast<mlart_activations>(options.activations);
         Progress bridge{&options.progress, nullptr};
         if (options.progress) {
             o.progress = &Progress::call;

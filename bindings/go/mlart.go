@@ -161,6 +161,30 @@ func (f KvFormat) String() string {
 	return fmt.Sprintf("KvFormat(%d)", uint32(f))
 }
 
+// Activations is how a model's projections take their activations
+// (MLART_ACTIVATIONS_*). Its zero value is ActivationsPrecise.
+type Activations uint32
+
+// Activation precisions.
+const (
+	// ActivationsPrecise keeps about 16 bits of each activation in every
+	// product (the library's default).
+	ActivationsPrecise Activations = C.MLART_ACTIVATIONS_PRECISE
+	// ActivationsBF16 rounds each projection's input to bf16, as
+	// DeepSeek's reference implementation does: faster prefill.
+	ActivationsBF16 Activations = C.MLART_ACTIVATIONS_BF16
+)
+
+func (a Activations) String() string {
+	switch a {
+	case ActivationsPrecise:
+		return "precise"
+	case ActivationsBF16:
+		return "bf16"
+	}
+	return fmt.Sprintf("Activations(%d)", uint32(a))
+}
+
 // Backend is a compute backend (MLART_BACKEND_*). Its zero value is
 // BackendAuto.
 type Backend uint32
@@ -215,6 +239,13 @@ func (i CPUISA) String() string {
 // ABIVersion is the ABI version of the header this package was compiled
 // against; LibraryABIVersion reports the linked library's.
 const ABIVersion = C.MLART_ABI_VERSION
+
+// HeaderVersionMajor and HeaderVersionMinor are the version of the header
+// this package was compiled against; Version reports the linked library's.
+const (
+	HeaderVersionMajor = C.MLART_VERSION_MAJOR
+	HeaderVersionMinor = C.MLART_VERSION_MINOR
+)
 
 // Version returns the linked library's version, "MAJOR.MINOR.PATCH".
 func Version() string { return C.GoString(C.mlart_version()) }

@@ -353,8 +353,9 @@ var denseCases = []denseCase{
 // Tests.
 
 func TestVersionAndStatus(t *testing.T) {
-	if v := mlart.Version(); !strings.HasPrefix(v, "0.1.") {
-		t.Errorf("Version() = %q, want 0.1.x (header 0.1)", v)
+	want := fmt.Sprintf("%d.%d.", mlart.HeaderVersionMajor, mlart.HeaderVersionMinor)
+	if v := mlart.Version(); !strings.HasPrefix(v, want) {
+		t.Errorf("Version() = %q, want %sx (the header's)", v, want)
 	}
 	if got := mlart.LibraryABIVersion(); got != mlart.ABIVersion {
 		t.Errorf("LibraryABIVersion() = %d, header ABIVersion = %d", got, mlart.ABIVersion)
@@ -961,6 +962,33 @@ func TestModel(t *testing.T) {
 	out3 := forward(3, x3)
 	if d := relL2(out3, toF64(out1)); !(d >= 1e-6) {
 		t.Fatalf("changing the input did not change the output (rel-L2 %.3g)", d)
+	}
+
+	// Bf16 activations reach the library: close to the precise output,
+	// not equal to it.
+	mb, err := mlart.LoadModel(e, dir, mlart.ModelOptions{Activations: mlart.ActivationsBF16})
+	if err != nil {
+		t.Fatalf("LoadModel(ActivationsBF16): %v", err)
+	}
+	defer mb.Close()
+	if err := pool.CreateSeq(4); err != nil {
+		t.Fatal(err)
+	}
+	out4 := nanF32s(len(x))
+	if err := mb.Forward(pool, &mlart.ForwardArgs{Layer: 0, SeqIDs: []uint64{4}, NTokens: []int32{ntok}, X: x, Out: out4}); err != nil {
+		t.Fatalf("Forward (bf16 activations): %v", err)
+	}
+	if d := relL2(out4, toF64(out1)); !(d > 1e-5 && d < 1e-2) {
+		t.Fatalf("bf16 activations vs precise: rel-L2 %.3g, want in (1e-5, 1e-2)", d)
+	} else {
+		t.Logf("bf16 activations vs precise: rel-L2 %.3g", d)
+	}
+	if _, err := mlart.LoadModel(e, dir, mlart.ModelOptions{Activations: 9}); !errors.Is(err, mlart.ErrInvalidArgument) ||
+		!strings.Contains(err.Error(), "activations = 9") {
+		t.Fatalf("Activations 9: %v", err)
+	}
+	if got := mlart.ActivationsBF16.String(); got != "bf16" {
+		t.Fatalf("ActivationsBF16.String() = %q", got)
 	}
 
 	// Go-side and library errors.

@@ -24,6 +24,9 @@ type ModelOptions struct {
 	// their stored precision.
 	ConvertWeights bool
 	WeightDType    DType
+	// Activations is how the projections take their activations:
+	// ActivationsPrecise (the zero value) or ActivationsBF16.
+	Activations Activations
 	// Progress, when set, is called during the load with fraction in
 	// [0, 1] and the name of the tensor just loaded; returning false
 	// cancels the load (StatusCancelled). A panic in Progress cancels the
@@ -94,6 +97,7 @@ func LoadModel(engine *Engine, dir string, opts ModelOptions) (*Model, error) {
 	}
 	o.convert_weights = C.bool(opts.ConvertWeights)
 	o.weight_dtype = C.mlart_dtype(opts.WeightDType)
+	o.activations = C.mlart_activations(opts.Activations)
 
 	var state *progressState
 	if opts.Progress != nil {

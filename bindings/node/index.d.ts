@@ -213,6 +213,11 @@ export interface ModelLoadOptions {
   numLayers?: number;
   convertWeights?: boolean;
   weightDtype?: DTypeName;
+  /**
+   * How the projections take their activations: 'precise' (default; about
+   * 16 bits kept) or 'bf16' (rounded, as DeepSeek's reference; faster prefill).
+   */
+  activations?: 'precise' | 'bf16';
   /** Called during the load; return false to cancel (MlartError 'CANCELLED'). */
   progress?: (fraction: number, stage: string) => boolean | void;
 }

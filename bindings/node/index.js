@@ -74,6 +74,7 @@ const CpuIsa = Object.freeze({ SCALAR: 0, AVX2: 1, AVX512: 2, AMX: 3, AVX512_BF1
 const DTYPE_ALIASES = { f32: 0, float32: 0, bf16: 1, bfloat16: 1, f16: 2, float16: 2, fp8_e4m3: 3 };
 const KV_FORMAT_ALIASES = { bf16: 0, f16: 1, f32: 2, fp8_v32: 3, fp8_model1: 4 };
 const BACKEND_ALIASES = { auto: 0, cpu: 1, cuda: 2 };
+const ACTIVATIONS_ALIASES = { precise: 0, bf16: 1 };
 const CPU_ISA_NAMES = { 0: 'scalar', 1: 'avx2', 2: 'avx512', 3: 'amx', 4: 'avx512bf16' };
 const DTYPE_NAMES = { 0: 'f32', 1: 'bf16', 2: 'f16', 3: 'fp8_e4m3' };
 const BACKEND_NAMES = { 0: 'auto', 1: 'cpu', 2: 'cuda' };
@@ -164,6 +165,7 @@ const mlart_model_options = koffi.struct('mlart_model_options', {
   weight_dtype: 'uint32_t',
   progress: koffi.pointer(mlart_progress_fn),
   progress_user_data: 'void *',
+  activations: 'uint32_t',
 });
 
 const mlart_model_props = koffi.struct('mlart_model_props', {
@@ -964,7 +966,8 @@ class Model extends Handle {
    * @param {Engine} engine
    * @param {string} dir
    * @param {{firstLayer?: number, numLayers?: number, convertWeights?: boolean,
-   *          weightDtype?: string|number, progress?: (fraction: number, stage: string) => boolean|void}} [options]
+   *          weightDtype?: string|number, activations?: 'precise'|'bf16'|number,
+   *          progress?: (fraction: number, stage: string) => boolean|void}} [options]
    */
   static load(engine, dir, options) {
     if (!(engine instanceof Engine)) throw new TypeError(`engine must be an Engine, got ${describe(engine)}`);
@@ -975,6 +978,7 @@ class Model extends Handle {
     opts.num_layers = int32(o.numLayers, 'numLayers', opts.num_layers);
     if (o.convertWeights !== undefined) opts.convert_weights = Boolean(o.convertWeights);
     opts.weight_dtype = enumValue(o.weightDtype, 'weightDtype', DTYPE_ALIASES, opts.weight_dtype);
+    opts.activations = enumValue(o.activations, 'activations', ACTIVATIONS_ALIASES, opts.activations);
 
     let cb = null;
     let thrown;

@@ -28,31 +28,71 @@ pub mod types;
 use crate::error::{checked_size, Error, Result};
 use std::ffi::c_char;
 
-/// Reads an argument struct whose first field is `uint32_t struct_size`.
-///
-/// Every struct is still at its first published layout, so the only size
-/// accepted is the current one. When a field is appended (the header
-/// promises fields are only ever appended), the sizes of the earlier
-/// layouts must be accepted here too, with the new fields at their
-/// `_init` defaults, so binaries built against the older header keep
-/// working; a larger size (a newer header) stays an error.
+/// Reads an argument struct whose first field is `uint32_t struct_size`,
+/// at its current layout only.
 ///
 /// # Safety
 /// A non-NULL `p` must point to readable memory of `struct_size` bytes.
 pub(crate) unsafe fn read_struct<T: Copy>(p: *const T, name: &str, init: &str) -> Result<T> {
+    // SAFETY: forwarded caller contract.
+    unsafe { read_struct_versions(p, name, init, &[], None) }
+}
+
+/// Reads an argument struct that has grown since it was first published.
+///
+/// Fields are only ever appended, so a binary built against an older
+/// header passes a shorter struct: `struct_size` is one of `older` (the
+/// `sizeof` of each earlier layout, which is the offset of the first field
+/// added after it). Its bytes are read over `defaults` (the `_init`
+/// values), so the newer fields keep their defaults. A size that is
+/// neither current nor listed, or larger (a newer header), is an error.
+///
+/// # Safety
+/// A non-NULL `p` must point to readable memory of `struct_size` bytes;
+/// `T` must be a `repr(C)` struct whose every byte pattern of the first
+/// `older` bytes that a C caller can write is a valid prefix (plain
+/// integers, floats, pointers, C `bool` written as 0/1).
+pub(crate) unsafe fn read_struct_versions<T: Copy>(
+    p: *const T,
+    name: &str,
+    init: &str,
+    older: &[usize],
+    defaults: Option<T>,
+) -> Result<T> {
     if p.is_null() {
         return Err(Error::null(name));
     }
     // SAFETY: p is non-NULL and, per the caller contract, starts with a u32.
-    let size = unsafe { (p as *const u32).read_unaligned() };
+    let size = unsafe { (p as *const u32).read_unaligned() } as usize;
     let want = std::mem::size_of::<T>();
-    if size as usize != want {
-        return Err(Error::invalid(format!(
-            "{name}->struct_size = {size} but this library expects {want}; fill the struct with {init}() first"
-        )));
+    if size == want {
+        // SAFETY: struct_size says the caller's struct has exactly our layout.
+        return Ok(unsafe { p.read_unaligned() });
     }
-    // SAFETY: struct_size says the caller's struct has exactly our layout.
-    Ok(unsafe { p.read_unaligned() })
+    match defaults {
+        Some(mut value) if older.contains(&size) && size < want => {
+            // SAFETY: the caller's struct has `size` readable bytes, a
+            // prefix of our layout (older layouts are prefixes); `value`
+            // is a T, at least `want > size` bytes, and does not overlap
+            // the caller's memory.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    p as *const u8,
+                    &mut value as *mut T as *mut u8,
+                    size,
+                );
+            }
+            Ok(value)
+        }
+        _ => {
+            let mut accepted: Vec<String> = older.iter().map(|s| s.to_string()).collect();
+            accepted.push(want.to_string());
+            Err(Error::invalid(format!(
+                "{name}->struct_size = {size} but this library expects {}; fill the struct with {init}() first",
+                accepted.join(" or ")
+            )))
+        }
+    }
 }
 
 /// Checks that `p` is non-NULL and aligned for `T`.

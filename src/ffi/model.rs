@@ -6,10 +6,12 @@ use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::pool::{mlart_kv_pool, pool_ref};
 use super::types::*;
-use super::{check_disjoint, non_negative, read_struct, slice, slice_mut, Region};
+use super::{
+    check_disjoint, non_negative, read_struct, read_struct_versions, slice, slice_mut, Region,
+};
 use crate::error::{checked_size, Error, Result};
 use crate::format::{load_slice, store_slice, Dtype};
-use crate::model::{LoadOptions, Model, WeightCompute};
+use crate::model::{Activations, LoadOptions, Model, WeightCompute};
 use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
 
@@ -52,7 +54,18 @@ pub struct mlart_model_options {
     pub progress: mlart_progress_fn,
     /// Passed to `progress`.
     pub progress_user_data: *mut c_void,
+    /// How the projections take their activations; default
+    /// MLART_ACTIVATIONS_PRECISE. Since 0.2: a struct_size of 40 (the 0.1
+    /// layout, which ends before this field) is still accepted, and the
+    /// field is then not read.
+    pub activations: mlart_activations,
 }
+
+/// `sizeof(mlart_model_options)` before `activations` was appended.
+const MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS: usize =
+    std::mem::offset_of!(mlart_model_options, activations);
+// That first layout ended with a pointer at offset 32: 40 bytes.
+const _: () = assert!(MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS == 40);
 
 /// What a model is. Set `struct_size` with `mlart_model_props_init`.
 #[repr(C)]
@@ -133,6 +146,7 @@ pub extern "C" fn mlart_model_options_init(options: *mut mlart_model_options) {
                 weight_dtype: MLART_DTYPE_BF16,
                 progress: None,
                 progress_user_data: std::ptr::null_mut(),
+                activations: MLART_ACTIVATIONS_PRECISE,
             };
         }
     })
@@ -202,8 +216,20 @@ pub extern "C" fn mlart_model_load(
             // SAFETY: initialized by mlart_model_options_init just above.
             unsafe { o.assume_init() }
         } else {
-            // SAFETY: a non-NULL options points to a caller struct.
-            unsafe { read_struct(options, "options", "mlart_model_options_init") }?
+            let mut defaults = std::mem::MaybeUninit::<mlart_model_options>::uninit();
+            mlart_model_options_init(defaults.as_mut_ptr());
+            // SAFETY: a non-NULL options points to a caller struct of
+            // struct_size bytes; the struct is plain data; defaults was
+            // initialized just above.
+            unsafe {
+                read_struct_versions(
+                    options,
+                    "options",
+                    "mlart_model_options_init",
+                    &[MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS],
+                    Some(defaults.assume_init()),
+                )
+            }?
         };
         let compute = if o.convert_weights {
             let d = Dtype::from_raw("options->weight_dtype", o.weight_dtype)?;
@@ -229,6 +255,15 @@ pub extern "C" fn mlart_model_load(
             first_layer: non_negative("options->first_layer", o.first_layer as i64)?,
             num_layers: non_negative("options->num_layers", o.num_layers as i64)?,
             compute,
+            activations: match o.activations {
+                MLART_ACTIVATIONS_PRECISE => Activations::Precise,
+                MLART_ACTIVATIONS_BF16 => Activations::Bf16,
+                v => {
+                    return Err(Error::invalid(format!(
+                        "options->activations = {v} is not a valid mlart_activations (PRECISE=0, BF16=1)"
+                    )))
+                }
+            },
             progress: Some(&mut report),
         };
         let model = Model::load(engine.inner.clone(), Path::new(path), opts)?;

@@ -8,7 +8,7 @@
 /// Library version, major part. Checked against Cargo.toml by the tests.
 pub const MLART_VERSION_MAJOR: u32 = 0;
 /// Library version, minor part.
-pub const MLART_VERSION_MINOR: u32 = 1;
+pub const MLART_VERSION_MINOR: u32 = 2;
 /// Library version, patch part.
 pub const MLART_VERSION_PATCH: u32 = 0;
 /// ABI version: changes only on an incompatible change of this header; it is
@@ -102,6 +102,20 @@ pub const MLART_CPU_ISA_AMX: mlart_cpu_isa = 3;
 /// AVX-512F with AVX512-BF16 dot products (`vdpbf16ps`) for Q·Kᵀ when the
 /// queries are bf16 and the cache bf16 or FP8; the AVX-512F path otherwise.
 pub const MLART_CPU_ISA_AVX512_BF16: mlart_cpu_isa = 4;
+
+/// How a model's projections (q_a, q_b or q_proj, kv_a, o_proj) take
+/// their activations.
+pub type mlart_activations = u32;
+/// As f32 (default). Where bf16 units do the products, each activation is
+/// split into two bf16, which keeps about 16 of its bits. Activations that
+/// are bf16 values already (bf16 hidden states) take the faster path of
+/// MLART_ACTIVATIONS_BF16 with identical results.
+pub const MLART_ACTIVATIONS_PRECISE: mlart_activations = 0;
+/// Rounded to bf16 (nearest even) before each projection, as DeepSeek's
+/// reference implementation runs them: half the products, so prefill
+/// projections run about twice as fast on bf16 units. The absorbed W_UK /
+/// W_UV products and the attention are unchanged.
+pub const MLART_ACTIVATIONS_BF16: mlart_activations = 1;
 
 #[cfg(test)]
 mod tests {

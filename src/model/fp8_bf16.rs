@@ -56,6 +56,9 @@ pub(crate) const fn source_of(k: usize) -> usize {
 /// (32), lo (32)]`.
 pub struct SplitX {
     words: Vec<u16>,
+    /// Whether any `lo` is non-zero; if not, the dot skips the `lo`
+    /// products (activations that are bf16 values, or rounded to bf16).
+    has_lo: bool,
 }
 
 impl SplitX {
@@ -68,10 +71,21 @@ impl SplitX {
             // SAFETY: the features were detected at run time; words has
             // 128 per full chunk of x.
             unsafe { avx512::split(x, &mut words) };
-            return SplitX { words };
+            return Self::with_words(words);
         }
         Self::split_portable(x, &mut words);
-        SplitX { words }
+        Self::with_words(words)
+    }
+
+    fn with_words(words: Vec<u16>) -> Self {
+        // lo halves are words 32..64 and 96..128 of each chunk; ±0 are
+        // both "no lo" (bit 15 is the sign).
+        let has_lo = words
+            .chunks_exact(32)
+            .skip(1)
+            .step_by(2)
+            .any(|lo| lo.iter().any(|w| w & 0x7fff != 0));
+        SplitX { words, has_lo }
     }
 
     fn split_portable(x: &[f32], words: &mut [u16]) {
@@ -127,7 +141,13 @@ pub fn dot_fp8_x4(
     if available() && block.is_multiple_of(CHUNK) && xs.words.len() >= n / CHUNK * 2 * CHUNK {
         // SAFETY: the features were detected at run time; `xs` covers
         // every full chunk of the first `n` elements (checked above).
-        return unsafe { avx512::dot_fp8_x4(rows, scales, block, &xs.words, x, n, ahead) };
+        return unsafe {
+            if xs.has_lo {
+                avx512::dot_fp8_x4::<true>(rows, scales, block, &xs.words, x, n, ahead)
+            } else {
+                avx512::dot_fp8_x4::<false>(rows, scales, block, &xs.words, x, n, ahead)
+            }
+        };
     }
     [0, 1, 2, 3].map(|r| portable(&rows[r][..n], scales[r], block, &x[..n]))
 }
@@ -238,8 +258,9 @@ mod avx512 {
         }
     }
 
+    /// `LO`: also multiply the `lo` halves (some are non-zero).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
-    pub fn dot_fp8_x4(
+    pub fn dot_fp8_x4<const LO: bool>(
         rows: [&[u8]; 4],
         scales: [&[f32]; 4],
         block: usize,
@@ -283,8 +304,10 @@ mod avx512 {
                         let (a, b) = widen(codes, &t, sign);
                         acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, xv[0]);
                         acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, xv[2]);
-                        acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, xv[1]);
-                        acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, xv[3]);
+                        if LO {
+                            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, xv[1]);
+                            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], b, xv[3]);
+                        }
                     }
                 }
                 i += CHUNK;
@@ -327,7 +350,9 @@ mod tests {
 
     /// Every E4M3 code (subnormals, zeros of both signs, ±448) against the
     /// f64 sum over the dequantized weights, with rows of different
-    /// lengths' tails, partial scale blocks and large and tiny activations.
+    /// lengths' tails, partial scale blocks and large and tiny activations;
+    /// each `x` as drawn (split into hi + lo) and rounded to bf16 (no lo:
+    /// the dot skips those products).
     #[test]
     fn matches_f64_on_every_code_and_tail() {
         if !available() {
@@ -373,30 +398,37 @@ mod tests {
                     m * 2f32.powi(e)
                 })
                 .collect();
-            let xs = SplitX::new(&x);
-            let got = dot_fp8_x4(
-                [&rows[0], &rows[1], &rows[2], &rows[3]],
-                [&scales[0], &scales[1], &scales[2], &scales[3]],
-                block,
-                &xs,
-                &x,
-                4 * n,
-            );
-            for r in 0..4 {
-                let (mut want, mut mag) = (0f64, 0f64);
-                for k in 0..n {
-                    let t = E4M3_TABLE[rows[r][k] as usize] as f64
-                        * scales[r][k / block] as f64
-                        * x[k] as f64;
-                    want += t;
-                    mag += t.abs();
-                }
-                let err = (got[r] as f64 - want).abs();
-                assert!(
-                    err <= 1e-5 * mag + 1e-30,
-                    "n={n} row {r}: {} vs {want} (sum |terms| {mag})",
-                    got[r]
+            let rounded: Vec<f32> = x
+                .iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect();
+            for (x, bf16) in [(&x, false), (&rounded, true)] {
+                let xs = SplitX::new(x);
+                assert_eq!(xs.has_lo, !bf16 && n >= CHUNK, "n={n} bf16 {bf16}");
+                let got = dot_fp8_x4(
+                    [&rows[0], &rows[1], &rows[2], &rows[3]],
+                    [&scales[0], &scales[1], &scales[2], &scales[3]],
+                    block,
+                    &xs,
+                    x,
+                    4 * n,
                 );
+                for r in 0..4 {
+                    let (mut want, mut mag) = (0f64, 0f64);
+                    for k in 0..n {
+                        let t = E4M3_TABLE[rows[r][k] as usize] as f64
+                            * scales[r][k / block] as f64
+                            * x[k] as f64;
+                        want += t;
+                        mag += t.abs();
+                    }
+                    let err = (got[r] as f64 - want).abs();
+                    assert!(
+                        err <= 1e-5 * mag + 1e-30,
+                        "n={n} bf16 {bf16} row {r}: {} vs {want} (sum |terms| {mag})",
+                        got[r]
+                    );
+                }
             }
         }
     }

@@ -9,6 +9,9 @@
 //!   so one load gives one pair for 16 tokens;
 //! - a tile is 12 weight rows × 16 tokens: per column pair, each row's
 //!   bf16 pair is broadcast and multiplied into 16 tokens' `hi` and `lo`;
+//! - with [`Activations::Bf16`] `X` is only rounded to bf16 and the `lo`
+//!   slots hold 16 more tokens, so a tile is 12 rows × 32 tokens and every
+//!   product is useful: half the instructions per token;
 //! - weights are converted 12 rows × 128 columns at a time (one FP8 scale
 //!   block: `vpermi2b` lookups, exact), and that block serves every token;
 //! - each 128-column block's sums are scaled per row (the FP8 block scale,
@@ -22,14 +25,15 @@
 //! on one.
 
 use super::fp8_bf16::{self, source_of, CHUNK};
-use super::linear::FP8_BLOCK;
+use super::linear::{Activations, FP8_BLOCK};
 #[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::amx;
 use rayon::prelude::*;
 
 /// Weight rows per tile.
 const ROWS: usize = 12;
-/// Tokens per tile (one vector of f32 lanes).
+/// Tokens per vector of f32 lanes; a tile has one such block of tokens
+/// (split activations) or two (bf16 activations).
 const TOKENS: usize = 16;
 /// Columns per block: one FP8 scale block.
 const COLS: usize = FP8_BLOCK;
@@ -117,10 +121,13 @@ impl Weights<'_> {
 /// `X` split into bf16 `hi` and `lo` in the weights' column order, zero
 /// past `in` and past `T`: per (column block, 16-token block), `PAIRS`
 /// entries of 16 `hi` pairs then 16 `lo` pairs, so a tile reads one
-/// contiguous 8 KiB run.
+/// contiguous 8 KiB run. With bf16 activations a block has 32 tokens:
+/// the `lo` slots hold `hi` of tokens 16..32.
 struct PackedX {
     data: Vec<u32>,
     token_blocks: usize,
+    /// Tokens per block: 16, or 32 with bf16 activations.
+    block_tokens: usize,
 }
 
 /// u32s per (column block, token block) of [`PackedX`].
@@ -129,8 +136,10 @@ const XBLOCK: usize = PAIRS * 2 * TOKENS;
 impl PackedX {
     /// `amx`: each run is instead `[hi: 16 tokens][PAIRS]` then `[lo: 16
     /// tokens][PAIRS]`, the A-tile layout.
-    fn new(w: &Weights, x: &[f32], tokens: usize, inp: usize, amx: bool) -> Self {
-        let token_blocks = tokens.div_ceil(TOKENS);
+    fn new(w: &Weights, x: &[f32], tokens: usize, inp: usize, amx: bool, a: Activations) -> Self {
+        let split = a == Activations::Precise;
+        let block_tokens = if split { TOKENS } else { 2 * TOKENS };
+        let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
         let mut data = vec![0u32; blocks * token_blocks * XBLOCK];
         data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
@@ -147,21 +156,30 @@ impl PackedX {
                 let (chunk, q) = (cb * COLS / CHUNK + p / (CHUNK / 2), p % (CHUNK / 2));
                 let (a, b) = w.pair_columns(q);
                 let cols = [chunk * CHUNK + a, chunk * CHUNK + b];
-                for l in 0..TOKENS.min(tokens - tb * TOKENS) {
-                    let t = tb * TOKENS + l;
+                for j in 0..block_tokens.min(tokens - tb * block_tokens) {
+                    let t = tb * block_tokens + j;
                     for (k, &c) in cols.iter().enumerate() {
                         if c < inp {
                             let v = x[t * inp + c];
                             let vh = half::bf16::from_f32(v);
-                            let vl = half::bf16::from_f32(v - vh.to_f32());
-                            xb[at(p, l, 0)] |= (vh.to_bits() as u32) << (16 * k);
-                            xb[at(p, l, 1)] |= (vl.to_bits() as u32) << (16 * k);
+                            if split {
+                                let vl = half::bf16::from_f32(v - vh.to_f32());
+                                xb[at(p, j, 0)] |= (vh.to_bits() as u32) << (16 * k);
+                                xb[at(p, j, 1)] |= (vl.to_bits() as u32) << (16 * k);
+                            } else {
+                                let (l, part) = (j % TOKENS, j / TOKENS);
+                                xb[at(p, l, part)] |= (vh.to_bits() as u32) << (16 * k);
+                            }
                         }
                     }
                 }
             }
         });
-        PackedX { data, token_blocks }
+        PackedX {
+            data,
+            token_blocks,
+            block_tokens,
+        }
     }
 
     /// The run of column block `cb`, token block `tb`.
@@ -173,19 +191,28 @@ impl PackedX {
 /// Row tiles per task: the tiles share each `X` run while it is in L1.
 const TILES: usize = 4;
 
-/// `y [T, out] = x [T, inp] · Wᵀ`. Requires [`available`]; `w` holds `out`
-/// rows of `inp`.
-pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &mut [f32]) {
+/// `y [T, out] = x [T, inp] · Wᵀ`, `x` taken as `a` says. Requires
+/// [`available`]; `w` holds `out` rows of `inp`.
+pub fn matmul(
+    w: Weights,
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    a: Activations,
+) {
     #[cfg(target_arch = "x86_64")]
     if *AMX {
         // SAFETY: AMX is present and permitted (the AMX flag checks both).
-        return matmul_amx(w, out, inp, x, tokens, y, || unsafe {
+        return matmul_amx(w, out, inp, x, tokens, y, a, || unsafe {
             amx::Session::start()
         });
     }
-    let px = PackedX::new(&w, x, tokens, inp, false);
+    let px = PackedX::new(&w, x, tokens, inp, false, a);
     let blocks = inp.div_ceil(COLS);
-    let t_pad = px.token_blocks * TOKENS;
+    let t_pad = px.token_blocks * px.block_tokens;
+    let wide = a == Activations::Bf16;
     // Each task: TILES × ROWS output rows for every token, as [rows][t_pad].
     let task_rows = TILES * ROWS;
     let mut yt = vec![0f32; out.div_ceil(task_rows) * task_rows * t_pad];
@@ -212,7 +239,8 @@ pub fn matmul(w: Weights, out: usize, inp: usize, x: &[f32], tokens: usize, y: &
                                 xb,
                                 &mut acc[k * ROWS * t_pad..][..ROWS * t_pad],
                                 t_pad,
-                                tb * TOKENS,
+                                tb * px.block_tokens,
+                                wide,
                             );
                         }
                     }
@@ -255,8 +283,10 @@ const AMX_ROWS: usize = 16;
 /// [`matmul`] on AMX tiles: per task, 16 weight rows against every token.
 /// C (16 tokens × 16 rows) takes `X_hi·Wᵀ + X_lo·Wᵀ` over a 128-column
 /// block (8 `tdpbf16ps`), then is scaled per row into the accumulator.
-/// `tiles` gives each task its tiles, configured.
+/// With bf16 activations the two halves of a run are 16 tokens each, into
+/// two C tiles. `tiles` gives each task its tiles, configured.
 #[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
 fn matmul_amx<T: amx::Tiles>(
     w: Weights,
     out: usize,
@@ -264,10 +294,12 @@ fn matmul_amx<T: amx::Tiles>(
     x: &[f32],
     tokens: usize,
     y: &mut [f32],
+    a: Activations,
     tiles: impl Fn() -> T + Sync,
 ) {
-    let px = PackedX::new(&w, x, tokens, inp, true);
-    let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * TOKENS);
+    let px = PackedX::new(&w, x, tokens, inp, true, a);
+    let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * px.block_tokens);
+    let wide = a == Activations::Bf16;
     let mut yt = vec![0f32; out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad];
     yt.par_chunks_mut(AMX_ROWS * t_pad)
         .enumerate()
@@ -276,7 +308,9 @@ fn matmul_amx<T: amx::Tiles>(
             let mut t = tiles();
             let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
             let mut s = [0f32; AMX_ROWS];
+            // C of the first 16 tokens; c2 of the next 16 (bf16 activations).
             let mut c = [0f32; TOKENS * AMX_ROWS];
+            let mut c2 = [0f32; TOKENS * AMX_ROWS];
             for cb in 0..blocks {
                 w.block(g * AMX_ROWS, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
                 // B tile rows are column pairs, its columns weight rows.
@@ -288,25 +322,36 @@ fn matmul_amx<T: amx::Tiles>(
                 for tb in 0..px.token_blocks {
                     let xb = px.block(cb, tb);
                     c.fill(0.0);
+                    c2.fill(0.0);
                     // SAFETY: the tiles are configured (tiles()); every
-                    // tile read covers 16 rows of 64 bytes inside c, wt
-                    // (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
+                    // tile read covers 16 rows of 64 bytes inside c, c2,
+                    // wt (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
                     unsafe {
                         t.load::<0>(c.as_ptr() as *const u8, 64);
+                        t.load::<1>(c2.as_ptr() as *const u8, 64);
                         for kc in (0..PAIRS).step_by(16) {
                             t.load::<6>(wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
-                            for part in 0..2 {
-                                let a = xb.as_ptr().add(part * TOKENS * PAIRS + kc);
-                                t.load::<4>(a as *const u8, PAIRS * 4);
-                                t.dp::<0, 4, 6>();
+                            let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
+                            t.load::<4>(run(0) as *const u8, PAIRS * 4);
+                            t.dp::<0, 4, 6>();
+                            t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                            if wide {
+                                t.dp::<1, 5, 6>();
+                            } else {
+                                t.dp::<0, 5, 6>();
                             }
                         }
                         t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
+                        t.store::<1>(c2.as_mut_ptr() as *mut u8, 64);
                     }
-                    for (r, &sr) in s.iter().enumerate() {
-                        let dst = &mut acc[r * t_pad + tb * TOKENS..][..TOKENS];
-                        for (l, d) in dst.iter_mut().enumerate() {
-                            *d += sr * c[l * AMX_ROWS + r];
+                    let parts: &[&[f32]] = if wide { &[&c, &c2] } else { &[&c] };
+                    for (part, cp) in parts.iter().enumerate() {
+                        let t0 = tb * px.block_tokens + part * TOKENS;
+                        for (r, &sr) in s.iter().enumerate() {
+                            let dst = &mut acc[r * t_pad + t0..][..TOKENS];
+                            for (l, d) in dst.iter_mut().enumerate() {
+                                *d += sr * cp[l * AMX_ROWS + r];
+                            }
                         }
                     }
                 }
@@ -315,34 +360,59 @@ fn matmul_amx<T: amx::Tiles>(
     scatter(&yt, t_pad, out, tokens, y);
 }
 
-/// One 12-row × 16-token tile over one column block (`x`: one [`PackedX`]
-/// run), added (scaled per row) into `acc [ROWS][t_pad]` at token `tb`.
-fn tile(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usize) {
+/// One tile over one column block (`x`: one [`PackedX`] run), added
+/// (scaled per row) into `acc [ROWS][t_pad]` from token `tb` on: 12 rows ×
+/// 16 tokens of split activations, or with `wide` 12 rows × 32 tokens of
+/// bf16 activations.
+fn tile(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usize, wide: bool) {
+    let tokens = if wide { 2 * TOKENS } else { TOKENS };
     assert!(w.len() >= ROWS * PAIRS && s.len() >= ROWS && x.len() >= XBLOCK);
-    assert!(acc.len() >= (ROWS - 1) * t_pad + tb + TOKENS);
+    assert!(tb + tokens <= t_pad && acc.len() >= (ROWS - 1) * t_pad + tb + tokens);
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: features detected at run time; sizes checked above.
-        unsafe { avx512::tile(w, s, x, acc, t_pad, tb) };
+        unsafe {
+            if wide {
+                avx512::tile::<true>(w, s, x, acc, t_pad, tb)
+            } else {
+                avx512::tile::<false>(w, s, x, acc, t_pad, tb)
+            }
+        };
         return;
     }
-    tile_portable(w, s, x, acc, t_pad, tb)
+    tile_portable(w, s, x, acc, t_pad, tb, wide)
 }
 
 /// [`tile`] without SIMD: the fallback, and the vector tile's test oracle.
-fn tile_portable(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usize) {
+fn tile_portable(
+    w: &[u32],
+    s: &[f32],
+    x: &[u32],
+    acc: &mut [f32],
+    t_pad: usize,
+    tb: usize,
+    wide: bool,
+) {
     let bf = |v: u32| half::bf16::from_bits(v as u16).to_f32();
     for r in 0..ROWS {
-        for t in 0..TOKENS {
-            let mut sum = 0f32;
-            for q in 0..PAIRS {
-                let wv = w[r * PAIRS + q];
-                let (h, l) = (x[q * 2 * TOKENS + t], x[q * 2 * TOKENS + TOKENS + t]);
-                for k in [0, 16] {
-                    sum += bf(wv >> k) * (bf(h >> k) + bf(l >> k));
+        for part in 0..if wide { 2 } else { 1 } {
+            for t in 0..TOKENS {
+                let mut sum = 0f32;
+                for q in 0..PAIRS {
+                    let wv = w[r * PAIRS + q];
+                    let (h, l) = (x[q * 2 * TOKENS + t], x[q * 2 * TOKENS + TOKENS + t]);
+                    // Split: hi + lo of one token; wide: token t or t + 16.
+                    let xv = match (wide, part) {
+                        (false, _) => [h, l],
+                        (true, 0) => [h, 0],
+                        _ => [l, 0],
+                    };
+                    for k in [0, 16] {
+                        sum += bf(wv >> k) * (bf(xv[0] >> k) + bf(xv[1] >> k));
+                    }
                 }
+                acc[r * t_pad + tb + part * TOKENS + t] += s[r] * sum;
             }
-            acc[r * t_pad + tb + t] += s[r] * sum;
         }
     }
 }
@@ -352,12 +422,24 @@ mod avx512 {
     use super::{PAIRS, ROWS, TOKENS};
     use std::arch::x86_64::*;
 
+    /// `WIDE`: the run's two halves are 16 tokens each (bf16
+    /// activations), summed apart; otherwise `hi` and `lo` of the same 16.
+    ///
     /// # Safety
     /// `w` has `ROWS · PAIRS` pairs, `s` `ROWS` scales, `x` one
-    /// `XBLOCK` run, `acc` rows of `t_pad` with `tb + 16 <= t_pad`.
+    /// `XBLOCK` run, `acc` rows of `t_pad` with `tb + 16 <= t_pad`
+    /// (`tb + 32` with `WIDE`).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn tile(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usize) {
+    pub unsafe fn tile<const WIDE: bool>(
+        w: &[u32],
+        s: &[f32],
+        x: &[u32],
+        acc: &mut [f32],
+        t_pad: usize,
+        tb: usize,
+    ) {
         let mut sum = [_mm512_setzero_ps(); ROWS];
+        let mut sum2 = [_mm512_setzero_ps(); ROWS];
         for q in 0..PAIRS {
             // SAFETY (caller): entry q of the run is in x.
             let (xh, xl) = unsafe {
@@ -369,7 +451,7 @@ mod avx512 {
                     )),
                 )
             };
-            for (r, sr) in sum.iter_mut().enumerate() {
+            for (r, (sr, sr2)) in sum.iter_mut().zip(sum2.iter_mut()).enumerate() {
                 // SAFETY: any bits are a valid bf16 pair vector.
                 let wv = unsafe {
                     std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
@@ -377,17 +459,25 @@ mod avx512 {
                     ))
                 };
                 *sr = _mm512_dpbf16_ps(*sr, wv, xh);
-                *sr = _mm512_dpbf16_ps(*sr, wv, xl);
+                if WIDE {
+                    *sr2 = _mm512_dpbf16_ps(*sr2, wv, xl);
+                } else {
+                    *sr = _mm512_dpbf16_ps(*sr, wv, xl);
+                }
             }
         }
-        for (r, v) in sum.iter().enumerate() {
-            // SAFETY (caller): row r of acc has t_pad >= tb + TOKENS values.
-            unsafe {
-                let p = acc.as_mut_ptr().add(r * t_pad + tb);
-                _mm512_storeu_ps(
-                    p,
-                    _mm512_fmadd_ps(*v, _mm512_set1_ps(s[r]), _mm512_loadu_ps(p)),
-                );
+        let halves: &[[__m512; ROWS]] = if WIDE { &[sum, sum2] } else { &[sum] };
+        for (part, sums) in halves.iter().enumerate() {
+            for (r, v) in sums.iter().enumerate() {
+                // SAFETY (caller): row r of acc has t_pad >= tb + 16 (32
+                // with WIDE) values.
+                unsafe {
+                    let p = acc.as_mut_ptr().add(r * t_pad + tb + part * TOKENS);
+                    _mm512_storeu_ps(
+                        p,
+                        _mm512_fmadd_ps(*v, _mm512_set1_ps(s[r]), _mm512_loadu_ps(p)),
+                    );
+                }
             }
         }
     }
@@ -405,8 +495,8 @@ mod tests {
     type Case = (Vec<u8>, Vec<u8>, Vec<f32>, Vec<f32>, [Vec<f64>; 2]);
 
     /// Weights of both kinds and the f64 reference `Y = X·Wᵀ` over their
-    /// dequantized values.
-    fn weights_case(out: usize, inp: usize, tokens: usize) -> Case {
+    /// dequantized values (and `X` rounded to bf16 for bf16 activations).
+    fn weights_case(out: usize, inp: usize, tokens: usize, a: Activations) -> Case {
         use crate::format::fp8::{f32_to_e4m3, E4M3_TABLE};
         let w = values(out * inp, 1);
         let bf: Vec<u8> = w
@@ -422,13 +512,15 @@ mod tests {
             .map(|i| f32_to_e4m3(w[i] / scale(i)))
             .collect();
         let x = values(tokens * inp, 2);
+        let xv = |i: usize| match a {
+            Activations::Precise => x[i] as f64,
+            Activations::Bf16 => half::bf16::from_f32(x[i]).to_f64(),
+        };
         let reference = |wv: &dyn Fn(usize) -> f64| -> Vec<f64> {
             let mut y = vec![0f64; tokens * out];
             for t in 0..tokens {
                 for o in 0..out {
-                    y[t * out + o] = (0..inp)
-                        .map(|k| wv(o * inp + k) * x[t * inp + k] as f64)
-                        .sum();
+                    y[t * out + o] = (0..inp).map(|k| wv(o * inp + k) * xv(t * inp + k)).sum();
                 }
             }
             y
@@ -448,14 +540,25 @@ mod tests {
     }
 
     /// The AMX GEMM on the tile model (the development machine has no AMX)
-    /// against float64: bf16 and FP8 weights, partial row tiles, token
-    /// blocks and column blocks.
+    /// and the `vdpbf16ps` GEMM against float64: bf16 and FP8 weights,
+    /// both activation precisions, partial row tiles, token blocks and
+    /// column blocks. (The tolerance is far below bf16's rounding of X, so
+    /// taking X the wrong way fails.)
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn amx_gemm_on_the_tile_model_matches_f64() {
         use crate::backend::cpu::amx::Emu;
-        for (out, inp, tokens) in [(20usize, 300usize, 5usize), (33, 128, 17), (16, 40, 33)] {
-            let (bf, codes, scales, x, [yb, y8]) = weights_case(out, inp, tokens);
+        let cases = [
+            (20usize, 300usize, 5usize),
+            (33, 128, 17),
+            (16, 40, 33),
+            (40, 200, 70),
+        ];
+        for ((out, inp, tokens), a) in cases
+            .into_iter()
+            .flat_map(|c| [(c, Activations::Precise), (c, Activations::Bf16)])
+        {
+            let (bf, codes, scales, x, [yb, y8]) = weights_case(out, inp, tokens, a);
             for (w, want, name) in [
                 (Weights::Bf16(&bf), &yb, "bf16"),
                 (
@@ -468,12 +571,12 @@ mod tests {
                 ),
             ] {
                 let mut y = vec![f32::NAN; tokens * out];
-                matmul_amx(w, out, inp, &x, tokens, &mut y, Emu::default);
-                assert_close(&y, want, &format!("amx {name} {out}x{inp} t{tokens}"));
+                matmul_amx(w, out, inp, &x, tokens, &mut y, a, Emu::default);
+                assert_close(&y, want, &format!("amx {name} {a:?} {out}x{inp} t{tokens}"));
                 if available() {
                     let mut y = vec![f32::NAN; tokens * out];
-                    matmul(w, out, inp, &x, tokens, &mut y);
-                    assert_close(&y, want, &format!("dp {name} {out}x{inp} t{tokens}"));
+                    matmul(w, out, inp, &x, tokens, &mut y, a);
+                    assert_close(&y, want, &format!("dp {name} {a:?} {out}x{inp} t{tokens}"));
                 }
             }
         }
@@ -500,21 +603,24 @@ mod tests {
         let x = bits(&values(XBLOCK * 2, 2));
         let s: Vec<f32> = (0..ROWS).map(|r| 0.5 + r as f32).collect();
         let init = values(ROWS * t_pad, 4);
-        for tb in [0, 16, 32] {
+        for (tb, wide) in [(0, false), (16, false), (32, false), (0, true), (16, true)] {
             let (mut a, mut b) = (init.clone(), init.clone());
-            tile(&w, &s, &x, &mut a, t_pad, tb);
-            tile_portable(&w, &s, &x, &mut b, t_pad, tb);
+            tile(&w, &s, &x, &mut a, t_pad, tb, wide);
+            tile_portable(&w, &s, &x, &mut b, t_pad, tb, wide);
             for (k, (p, q)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                    "tb {tb} [{k}]: {p} vs {q}"
+                    "tb {tb} wide {wide} [{k}]: {p} vs {q}"
                 );
             }
-            // Only this token block changed.
+            // Exactly this token block changed.
+            let block = tb..tb + if wide { 2 * TOKENS } else { TOKENS };
             for (k, (p, q)) in a.iter().zip(&init).enumerate() {
-                if !(tb..tb + TOKENS).contains(&(k % t_pad)) {
-                    assert_eq!(p, q);
-                }
+                assert_eq!(
+                    p == q,
+                    !block.contains(&(k % t_pad)),
+                    "tb {tb} wide {wide} [{k}]"
+                );
             }
         }
     }

@@ -30,6 +30,32 @@ pub struct Linear {
     pub out: usize,
     pub inp: usize,
     data: Data,
+    activations: Activations,
+}
+
+/// How a projection takes its f32 activations.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Activations {
+    /// As f32. Where bf16 units do the products, each activation is split
+    /// into two bf16 (`hi + lo`), which keeps about 16 of its bits.
+    #[default]
+    Precise,
+    /// Rounded to bf16 (nearest even) first, as DeepSeek's reference
+    /// implementation runs its projections: half the products of the split.
+    Bf16,
+}
+
+/// Whether every value is a bf16 value (low 16 bits zero), so that
+/// rounding to bf16 changes nothing.
+fn all_bf16(x: &[f32]) -> bool {
+    x.iter().all(|v| v.to_bits() & 0xffff == 0)
+}
+
+/// `x` rounded to bf16 (nearest even), as f32.
+fn rounded_to_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect()
 }
 
 /// How to keep weights in memory.
@@ -75,7 +101,12 @@ impl Linear {
             (StoredDtype::Bf16, _) => Data::Plain(Dtype::Bf16, w.bytes),
             (StoredDtype::F16, _) => Data::Plain(Dtype::F16, w.bytes),
         };
-        let mut lin = Linear { out, inp, data };
+        let mut lin = Linear {
+            out,
+            inp,
+            data,
+            activations: Activations::Precise,
+        };
         if let WeightCompute::Convert(dtype) = compute {
             lin = lin.converted(dtype);
         }
@@ -97,6 +128,19 @@ impl Linear {
             data: Data::Plain(dtype, bytes),
             ..self
         }
+    }
+
+    /// Sets how products take their activations.
+    pub fn with_activations(self, activations: Activations) -> Self {
+        Linear {
+            activations,
+            ..self
+        }
+    }
+
+    /// How products take their activations.
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
 
     /// Bytes held in memory.
@@ -238,15 +282,17 @@ impl Linear {
         }
     }
 
-    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool. Few
-    /// tokens (decode): a pure weight stream, rows converted in registers,
-    /// four rows per pass over `x`. Many tokens (prefill): bf16 and FP8
-    /// weights go through the register-tiled GEMM of [`gemm`] where the
-    /// CPU has AVX512-BF16 and VBMI; otherwise each row is converted once
-    /// to f32 and dotted with every token.
+    /// `y [t, out] = x [t, inp] · Wᵀ`, on the current rayon pool, with `x`
+    /// taken as [`Self::activations`] says. Few tokens (decode): a pure
+    /// weight stream, rows converted in registers, four rows per pass over
+    /// `x`. Many tokens (prefill): bf16 and FP8 weights go through the
+    /// register-tiled GEMM of [`gemm`] where the CPU has AVX512-BF16 and
+    /// VBMI; otherwise each row is converted once to f32 and dotted with
+    /// every token.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
+        let x = &x[..tokens * inp];
         if tokens > 4 && gemm::available() {
             let w = match &self.data {
                 Data::Plain(Dtype::Bf16, b) => Some(gemm::Weights::Bf16(b)),
@@ -254,9 +300,23 @@ impl Linear {
                 _ => None,
             };
             if let Some(w) = w {
-                return gemm::matmul(w, out, inp, x, tokens, y);
+                // Activations that are bf16 values (bf16 hidden states) lose
+                // nothing in the faster bf16 tile.
+                let a = match self.activations {
+                    Activations::Precise if all_bf16(x) => Activations::Bf16,
+                    a => a,
+                };
+                return gemm::matmul(w, out, inp, x, tokens, y, a);
             }
         }
+        let rounded;
+        let x = match self.activations {
+            Activations::Bf16 if !all_bf16(x) => {
+                rounded = rounded_to_bf16(x);
+                &rounded[..]
+            }
+            _ => x,
+        };
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
         let mut yt = vec![0f32; out * tokens];
@@ -388,30 +448,42 @@ mod tests {
     }
 
     /// Every matmul path (decode row-groups of 4 with partial groups, the
-    /// prefill path) equals `row()` dotted in f64.
+    /// prefill path) equals `row()` dotted in f64 with `x`, or with `x`
+    /// rounded to bf16 for bf16 activations; and activations that are bf16
+    /// values already (which take the bf16 paths in precise mode) too.
+    /// (The tolerance is far below bf16's rounding error, so taking the
+    /// activations the wrong way fails.)
     #[test]
     fn matmul_matches_rows_for_every_dtype_and_shape() {
         for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
             for lin in every_dtype(out, inp, (out * inp) as u64) {
-                for tokens in [1usize, 3, 4, 5, 17, 33] {
+                for tokens in [1usize, 3, 4, 5, 17, 33, 40] {
                     let x = values(tokens * inp, tokens as u64);
-                    let mut y = vec![f32::NAN; tokens * out];
-                    lin.matmul(&x, tokens, &mut y);
-                    let mut row = vec![0f32; inp];
-                    for o in 0..out {
-                        lin.row(o, &mut row);
-                        for t in 0..tokens {
-                            let want: f64 = row
-                                .iter()
-                                .zip(&x[t * inp..])
-                                .map(|(a, b)| *a as f64 * *b as f64)
-                                .sum();
-                            let got = y[t * out + o];
-                            assert!(
-                                close(got, want),
-                                "{:?} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
-                                lin.dtype()
-                            );
+                    let x_bf16 = rounded_to_bf16(&x);
+                    for (a, x, want_x, what) in [
+                        (Activations::Precise, &x, &x, "precise"),
+                        (Activations::Bf16, &x, &x_bf16, "bf16"),
+                        (Activations::Precise, &x_bf16, &x_bf16, "precise, bf16 x"),
+                    ] {
+                        let lin = lin.clone().with_activations(a);
+                        let mut y = vec![f32::NAN; tokens * out];
+                        lin.matmul(x, tokens, &mut y);
+                        let mut row = vec![0f32; inp];
+                        for o in 0..out {
+                            lin.row(o, &mut row);
+                            for t in 0..tokens {
+                                let want: f64 = row
+                                    .iter()
+                                    .zip(&want_x[t * inp..])
+                                    .map(|(a, b)| *a as f64 * *b as f64)
+                                    .sum();
+                                let got = y[t * out + o];
+                                assert!(
+                                    close(got, want),
+                                    "{:?} {what} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
+                                    lin.dtype()
+                                );
+                            }
                         }
                     }
                 }

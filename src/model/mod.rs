@@ -15,7 +15,7 @@ pub mod vecops;
 pub mod weights;
 
 pub use config::ModelConfig;
-pub use linear::{Linear, WeightCompute};
+pub use linear::{Activations, Linear, WeightCompute};
 
 use crate::engine::Engine;
 use crate::error::{Error, Result, Status};
@@ -33,6 +33,9 @@ pub struct LoadOptions<'a> {
     /// Layers to load; 0 = all from `first_layer` on.
     pub num_layers: usize,
     pub compute: WeightCompute,
+    /// How the projections (q_a, q_b or q_proj, kv_a, o_proj) take their
+    /// activations.
+    pub activations: Activations,
     /// Called with (fraction done, stage); returning false cancels the load.
     pub progress: Option<Progress<'a>>,
 }
@@ -43,6 +46,7 @@ impl Default for LoadOptions<'_> {
             first_layer: 0,
             num_layers: 0,
             compute: WeightCompute::AsStored,
+            activations: Activations::Precise,
             progress: None,
         }
     }
@@ -83,6 +87,8 @@ pub struct Model {
     pub bytes_loaded: usize,
     /// Dtype of the projection weights in memory.
     pub weight_dtype: crate::format::Dtype,
+    /// How the projections take their activations.
+    pub activations: Activations,
 }
 
 fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
@@ -111,6 +117,7 @@ fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
 struct Loader<'c, 'p> {
     ckpt: &'c Checkpoint,
     compute: WeightCompute,
+    activations: Activations,
     progress: Option<Progress<'p>>,
     done: usize,
     total: usize,
@@ -139,7 +146,7 @@ impl Loader<'_, '_> {
         } else {
             None
         };
-        let lin = Linear::new(w, scale, out, inp, self.compute)?;
+        let lin = Linear::new(w, scale, out, inp, self.compute)?.with_activations(self.activations);
         self.bytes += lin.bytes();
         self.step(name)?;
         Ok(lin)
@@ -201,6 +208,7 @@ impl Model {
         let mut ld = Loader {
             ckpt: &ckpt,
             compute: opts.compute,
+            activations: opts.activations,
             progress: opts.progress,
             done: 0,
             total,
@@ -228,7 +236,10 @@ impl Model {
             weight_dtype = kv_a.dtype();
             let kv_norm = ld.vector(&format!("{p}kv_a_layernorm.weight"), lora)?;
             // Absorption: kv_b_proj [H * (nope + v), lora] viewed per head.
-            let kv_b = ld.linear(&format!("{p}kv_b_proj.weight"), h * (nope + v), lora)?;
+            // The absorbed products keep their activations precise.
+            let kv_b = ld
+                .linear(&format!("{p}kv_b_proj.weight"), h * (nope + v), lora)?
+                .with_activations(Activations::Precise);
             let absorbed = absorb::Absorbed::new(kv_b, h, nope, v);
             let o_proj = ld.linear(&format!("{p}o_proj.weight"), hid, h * v)?;
             layers.push(LayerWeights {
@@ -245,6 +256,7 @@ impl Model {
             bytes_loaded: ld.bytes,
             config: c,
             first_layer: opts.first_layer,
+            activations: opts.activations,
             layers,
             weight_dtype,
         })

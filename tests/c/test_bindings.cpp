@@ -741,6 +741,19 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
     CHECK(all_finite(out2) && last > 1e-4, "changed input, last token rel-L2 " << last);
     CHECK(prefix < 1e-6, "a later token changed earlier outputs: " << prefix);
 
+    // Bf16 activations reach the library: the same tokens on a fresh
+    // sequence give an output close to the precise one, but not equal.
+    mlart::ModelOptions rounded;
+    rounded.activations = mlart::Activations::Bf16;
+    const mlart::Model model_bf16 = mlart::Model::load(engine, dir, rounded);
+    std::vector<float> out_bf16(n * hid, kNaN);
+    pool.seq_create(13);
+    model_bf16.forward(pool, 0, 13, n, x.data(), out_bf16.data());
+    const double bf16_diff = rel_l2(out_bf16, out_d);
+    std::cout << "forward: bf16 activations vs precise rel-L2 " << bf16_diff << '\n';
+    CHECK(all_finite(out_bf16) && bf16_diff > 1e-5 && bf16_diff < 1e-2,
+          "bf16 activations vs precise, rel-L2 " << bf16_diff);
+
     // A decode step continues the sequence.
     std::vector<float> step(hid, kNaN);
     model.forward(pool, 0, 10, 1, x.data(), step.data());

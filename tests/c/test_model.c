@@ -11,6 +11,7 @@
 #include "mlart.h"
 
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,6 +147,47 @@ int main(int argc, char **argv) {
     OK(forward(model, pool, layer, seq, 1, x + 3 * hid, out + 3 * hid));
     CHECK(all_finite_nonzero(out + 3 * hid, hid), "decode output");
     CHECK(seq_length(pool, seq, 0) == 4, "length after decode");
+
+    /* A caller built against the 0.1 header passes the options struct as it
+     * was before `activations` was appended: exactly that many bytes, on the
+     * heap so that a sanitizer sees any read past them. It loads, with the
+     * default (precise) activations: the same prefill gives the same output. */
+    {
+        typedef struct options_v01 {
+            uint32_t struct_size;
+            int32_t first_layer;
+            int32_t num_layers;
+            bool convert_weights;
+            mlart_dtype weight_dtype;
+            mlart_progress_fn progress;
+            void *progress_user_data;
+        } options_v01;
+        CHECK(sizeof(options_v01) == offsetof(mlart_model_options, activations),
+              "0.1 layout is %zu bytes, activations at %zu", sizeof(options_v01),
+              offsetof(mlart_model_options, activations));
+        options_v01 *old = (options_v01 *)calloc(1, sizeof(options_v01));
+        float *out_old = (float *)malloc(3 * hid * sizeof(float));
+        mlart_model *model_old = NULL;
+        if (old == NULL || out_old == NULL) {
+            fprintf(stderr, "out of memory\n");
+            return 1;
+        }
+        old->struct_size = (uint32_t)sizeof(options_v01);
+        old->weight_dtype = MLART_DTYPE_BF16;
+        if (OK(mlart_model_load(engine, dir, (const mlart_model_options *)old, &model_old))) {
+            OK(mlart_kv_seq_create(pool, 43));
+            OK(forward(model_old, pool, layer, 43, 3, x, out_old));
+            double diff = 0.0;
+            for (size_t i = 0; i < 3 * hid; ++i) {
+                diff = fmax(diff, fabs((double)out_old[i] - (double)out[i]));
+            }
+            CHECK(diff < 1e-5, "0.1-layout options: output differs by %g", diff);
+            OK(mlart_kv_seq_free(pool, 43));
+        }
+        mlart_model_free(model_old);
+        free(out_old);
+        free(old);
+    }
 
     /* Errors: a sequence not in the pool, a layer not loaded, a missing
      * checkpoint directory. Nothing changes. */

@@ -64,6 +64,27 @@ test('Model.load, info and forward on a pool', { skip }, () => {
     // Causal: the first two tokens do not see the third.
     assert.deepEqual(out3.subarray(0, 2 * hidden), out1.subarray(0, 2 * hidden));
 
+    // Bf16 activations reach the library: close to the precise output, not equal.
+    const rounded = mlart.Model.load(engine, MODEL_DIR, { activations: 'bf16' });
+    try {
+      pool.createSeq(4);
+      const out4 = rounded.forward(pool, { layer: 0, seqIds: [4], nTokens: [3], x });
+      let num = 0;
+      let den = 0;
+      for (let i = 0; i < out4.length; i++) {
+        num += (out4[i] - out1[i]) ** 2;
+        den += out1[i] ** 2;
+      }
+      const rel = Math.sqrt(num / den);
+      assert.ok(rel > 1e-5 && rel < 1e-2, `bf16 activations vs precise: rel-L2 ${rel}`);
+    } finally {
+      rounded.close();
+    }
+    assert.throws(
+      () => mlart.Model.load(engine, MODEL_DIR, { activations: 'fp8' }),
+      (e) => e instanceof RangeError && /activations/.test(e.message)
+    );
+
     // A decode step continues the positions; bf16 input and an allocated output.
     const step = model.forward(pool, { layer: 0, seqIds: [1], nTokens: 1, x: mlart.f32ToBf16(randomF32(hidden, rand)), xDtype: 'bf16' });
     assert.ok(step instanceof Float32Array && step.length === hidden && step.every(Number.isFinite));

@@ -38,6 +38,8 @@ commands:
       --prompt N          prefill tokens per sequence (default 128)
       --decode T          decode steps (default 16)
       --kv F              cache format: bf16 | f32 | fp8 | fp8-model1 (default bf16)
+      --activations A     projections' activations: precise | bf16 (rounded, as DeepSeek's
+                          reference; faster prefill) (default precise)
   bench --model DIR [run options]
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
   gen-model --preset P [options] DIR

@@ -6,7 +6,7 @@
 use super::ceilings;
 use mlart::format::{KvFormat, KvLayout};
 use mlart::kv::{KvPool, PoolOptions};
-use mlart::model::{LoadOptions, Model};
+use mlart::model::{Activations, LoadOptions, Model};
 use mlart::{Engine, EngineOptions, Error, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -22,6 +22,7 @@ pub struct RunOptions {
     pub decode: usize,
     pub kv: KvFormat,
     pub threads: usize,
+    pub activations: Activations,
 }
 
 fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -45,6 +46,7 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
         decode: 16,
         kv: KvFormat::Bf16,
         threads: 0,
+        activations: Activations::Precise,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -70,6 +72,15 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
                         return Err(format!(
                             "--kv {other}: expected bf16, f32, fp8 or fp8-model1"
                         ))
+                    }
+                }
+            }
+            "--activations" => {
+                o.activations = match value("--activations")?.as_str() {
+                    "precise" => Activations::Precise,
+                    "bf16" => Activations::Bf16,
+                    other => {
+                        return Err(format!("--activations {other}: expected precise or bf16"))
                     }
                 }
             }
@@ -110,17 +121,22 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
             first_layer: first,
             num_layers: count,
             progress: Some(&mut bar),
+            activations: o.activations,
             ..LoadOptions::default()
         },
     )?;
     eprintln!();
     println!(
-        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({})",
+        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({}), {} activations",
         model.layers.len(),
         o.model.display(),
         t0.elapsed().as_secs_f64(),
         model.bytes_loaded as f64 / 1e6,
-        model.weight_dtype.name()
+        model.weight_dtype.name(),
+        match model.activations {
+            Activations::Precise => "precise",
+            Activations::Bf16 => "bf16",
+        }
     );
     Ok((engine, model))
 }
