@@ -13,7 +13,6 @@ use crate::error::{Error, Result};
 use crate::format::{load_slice, store_slice, Dtype, KvFormat};
 use crate::kv::KvPool;
 use rayon::prelude::*;
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// Tokens per pass of a forward: longer calls run in passes of at most this
@@ -90,21 +89,23 @@ impl Model {
         let d_qk = c.d_qk();
         let eps = c.rms_norm_eps as f32;
 
+        // Every buffer below is written in full before it is read.
+        let sc = &self.scratch;
         self.engine.install(|| -> Result<Vec<f32>> {
             // Queries.
-            let mut q = vec![0f32; total * h * qk];
+            let mut q = sc.overwritten::<f32>(total * h * qk);
             match &lw.q {
                 QProj::Lora { a, norm, b } => {
-                    let mut qa = vec![0f32; total * a.out];
-                    a.matmul(x, total, &mut qa);
+                    let mut qa = sc.overwritten::<f32>(total * a.out);
+                    a.matmul_with(x, total, &mut qa, sc);
                     rms_norm(&mut qa, norm, eps);
-                    b.matmul(&qa, total, &mut q);
+                    b.matmul_with(&qa, total, &mut q, sc);
                 }
-                QProj::Direct(w) => w.matmul(x, total, &mut q),
+                QProj::Direct(w) => w.matmul_with(x, total, &mut q, sc),
             }
             // Latent KV and its rope part.
-            let mut kv = vec![0f32; total * d_qk];
-            lw.kv_a.matmul(x, total, &mut kv);
+            let mut kv = sc.overwritten::<f32>(total * d_qk);
+            lw.kv_a.matmul_with(x, total, &mut kv, sc);
             kv.par_chunks_mut(d_qk)
                 .zip(pos.par_iter())
                 .for_each(|(row, &p)| {
@@ -112,7 +113,7 @@ impl Model {
                     self.rope.apply(&mut row[lora..], p);
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
-            let mut qf = vec![0f32; total * h * d_qk];
+            let mut qf = sc.overwritten::<f32>(total * h * d_qk);
             lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk);
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
                 let t = th / h;
@@ -147,22 +148,21 @@ impl Model {
                 };
                 let es = adt.size();
                 // f32 attention reads qf and writes o_lat as they are.
-                let mut o_lat = vec![0f32; total * h * lora];
-                let q_att: Cow<[u8]> = match adt {
-                    Dtype::F32 => Cow::Borrowed(bytemuck::cast_slice(&qf)),
+                let mut o_lat = sc.overwritten::<f32>(total * h * lora);
+                // bf16 copies of the queries and outputs; empty for f32.
+                let conv_len = |n: usize| if adt == Dtype::F32 { 0 } else { n * es };
+                let mut q_conv = sc.overwritten::<u8>(conv_len(qf.len()));
+                let mut o_conv = sc.overwritten::<u8>(conv_len(o_lat.len()));
+                let q_att: &[u8] = match adt {
+                    Dtype::F32 => bytemuck::cast_slice(&qf),
                     _ => {
-                        let mut b = vec![0u8; qf.len() * es];
-                        store_slice(adt, &qf, &mut b);
-                        Cow::Owned(b)
+                        store_slice(adt, &qf, &mut q_conv);
+                        &q_conv
                     }
                 };
-                let mut o_bf16 = Vec::new();
                 let o_att: &mut [u8] = match adt {
                     Dtype::F32 => bytemuck::cast_slice_mut(&mut o_lat),
-                    _ => {
-                        o_bf16.resize(total * h * lora * es, 0u8);
-                        &mut o_bf16
-                    }
+                    _ => &mut o_conv,
                 };
                 // One batched call per distinct chunk length.
                 let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
@@ -206,13 +206,13 @@ impl Model {
                     }
                 }
                 if adt != Dtype::F32 {
-                    load_slice(adt, &o_bf16, &mut o_lat);
+                    load_slice(adt, &o_conv, &mut o_lat);
                 }
                 // o = W_UV · o_lat per head, then o_proj.
-                let mut o = vec![0f32; total * h * v];
+                let mut o = sc.overwritten::<f32>(total * h * v);
                 lw.absorbed.values(&o_lat, total, &mut o);
                 let mut y = vec![0f32; total * hid];
-                lw.o_proj.matmul(&o, total, &mut y);
+                lw.o_proj.matmul_with(&o, total, &mut y, sc);
                 Ok(y)
             })();
             if result.is_err() {

@@ -26,6 +26,7 @@
 
 use super::fp8_bf16::{self, source_of, CHUNK};
 use super::linear::{Activations, FP8_BLOCK};
+use super::scratch::{Buf, Scratch};
 #[cfg(target_arch = "x86_64")]
 use crate::backend::cpu::amx;
 use rayon::prelude::*;
@@ -123,8 +124,8 @@ impl Weights<'_> {
 /// entries of 16 `hi` pairs then 16 `lo` pairs, so a tile reads one
 /// contiguous 8 KiB run. With bf16 activations a block has 32 tokens:
 /// the `lo` slots hold `hi` of tokens 16..32.
-struct PackedX {
-    data: Vec<u32>,
+struct PackedX<'s> {
+    data: Buf<'s, u32>,
     token_blocks: usize,
     /// Tokens per block: 16, or 32 with bf16 activations.
     block_tokens: usize,
@@ -133,15 +134,22 @@ struct PackedX {
 /// u32s per (column block, token block) of [`PackedX`].
 const XBLOCK: usize = PAIRS * 2 * TOKENS;
 
-impl PackedX {
+impl<'s> PackedX<'s> {
     /// `amx`: each run is instead `[hi: 16 tokens][PAIRS]` then `[lo: 16
     /// tokens][PAIRS]`, the A-tile layout.
-    fn new(w: &Weights, x: &[f32], tokens: usize, inp: usize, amx: bool, a: Activations) -> Self {
+    fn new(
+        w: &Weights,
+        x: &[f32],
+        tokens: usize,
+        inp: usize,
+        (amx, a): (bool, Activations),
+        scratch: &'s Scratch,
+    ) -> Self {
         let split = a == Activations::Precise;
         let block_tokens = if split { TOKENS } else { 2 * TOKENS };
         let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
-        let mut data = vec![0u32; blocks * token_blocks * XBLOCK];
+        let mut data = scratch.zeroed::<u32>(blocks * token_blocks * XBLOCK);
         data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
             let (cb, tb) = (i / token_blocks, i % token_blocks);
             // Slot of token lane l, pair p, part (0 hi, 1 lo) in the run.
@@ -191,8 +199,9 @@ impl PackedX {
 /// Row tiles per task: the tiles share each `X` run while it is in L1.
 const TILES: usize = 4;
 
-/// `y [T, out] = x [T, inp] · Wᵀ`, `x` taken as `a` says. Requires
-/// [`available`]; `w` holds `out` rows of `inp`.
+/// `y [T, out] = x [T, inp] · Wᵀ`, `x` taken as `a` says, temporaries from
+/// `scratch`. Requires [`available`]; `w` holds `out` rows of `inp`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul(
     w: Weights,
     out: usize,
@@ -201,21 +210,22 @@ pub fn matmul(
     tokens: usize,
     y: &mut [f32],
     a: Activations,
+    scratch: &Scratch,
 ) {
     #[cfg(target_arch = "x86_64")]
     if *AMX {
         // SAFETY: AMX is present and permitted (the AMX flag checks both).
-        return matmul_amx(w, out, inp, x, tokens, y, a, || unsafe {
+        return matmul_amx(w, out, inp, x, tokens, y, a, scratch, || unsafe {
             amx::Session::start()
         });
     }
-    let px = PackedX::new(&w, x, tokens, inp, false, a);
+    let px = PackedX::new(&w, x, tokens, inp, (false, a), scratch);
     let blocks = inp.div_ceil(COLS);
     let t_pad = px.token_blocks * px.block_tokens;
     let wide = a == Activations::Bf16;
     // Each task: TILES × ROWS output rows for every token, as [rows][t_pad].
     let task_rows = TILES * ROWS;
-    let mut yt = vec![0f32; out.div_ceil(task_rows) * task_rows * t_pad];
+    let mut yt = scratch.zeroed::<f32>(out.div_ceil(task_rows) * task_rows * t_pad);
     yt.par_chunks_mut(task_rows * t_pad)
         .enumerate()
         .for_each(|(g, acc)| {
@@ -295,12 +305,13 @@ fn matmul_amx<T: amx::Tiles>(
     tokens: usize,
     y: &mut [f32],
     a: Activations,
+    scratch: &Scratch,
     tiles: impl Fn() -> T + Sync,
 ) {
-    let px = PackedX::new(&w, x, tokens, inp, true, a);
+    let px = PackedX::new(&w, x, tokens, inp, (true, a), scratch);
     let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * px.block_tokens);
     let wide = a == Activations::Bf16;
-    let mut yt = vec![0f32; out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad];
+    let mut yt = scratch.zeroed::<f32>(out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad);
     yt.par_chunks_mut(AMX_ROWS * t_pad)
         .enumerate()
         .for_each(|(g, acc)| {
@@ -571,11 +582,12 @@ mod tests {
                 ),
             ] {
                 let mut y = vec![f32::NAN; tokens * out];
-                matmul_amx(w, out, inp, &x, tokens, &mut y, a, Emu::default);
+                let scratch = Scratch::default();
+                matmul_amx(w, out, inp, &x, tokens, &mut y, a, &scratch, Emu::default);
                 assert_close(&y, want, &format!("amx {name} {a:?} {out}x{inp} t{tokens}"));
                 if available() {
                     let mut y = vec![f32::NAN; tokens * out];
-                    matmul(w, out, inp, &x, tokens, &mut y, a);
+                    matmul(w, out, inp, &x, tokens, &mut y, a, &scratch);
                     assert_close(&y, want, &format!("dp {name} {a:?} {out}x{inp} t{tokens}"));
                 }
             }

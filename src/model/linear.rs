@@ -3,6 +3,7 @@
 //! f32 activations; each weight row is converted once per call and used for
 //! every token.
 
+use super::scratch::Scratch;
 use super::weights::{StoredDtype, Tensor};
 use super::{fp8_bf16, gemm, vecops};
 use crate::error::{Error, Result, Status};
@@ -290,6 +291,11 @@ impl Linear {
     /// VBMI; otherwise each row is converted once to f32 and dotted with
     /// every token.
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
+        self.matmul_with(x, tokens, y, &Scratch::default())
+    }
+
+    /// [`Self::matmul`] with its large temporaries from `scratch`.
+    pub fn matmul_with(&self, x: &[f32], tokens: usize, y: &mut [f32], scratch: &Scratch) {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
         let x = &x[..tokens * inp];
@@ -306,7 +312,7 @@ impl Linear {
                     Activations::Precise if all_bf16(x) => Activations::Bf16,
                     a => a,
                 };
-                return gemm::matmul(w, out, inp, x, tokens, y, a);
+                return gemm::matmul(w, out, inp, x, tokens, y, a, scratch);
             }
         }
         let rounded;
@@ -319,7 +325,7 @@ impl Linear {
         };
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
-        let mut yt = vec![0f32; out * tokens];
+        let mut yt = scratch.overwritten::<f32>(out * tokens);
         let split: Vec<Option<fp8_bf16::SplitX>> = if tokens <= 4 {
             (0..tokens).map(|t| self.prepare(&x[t * inp..])).collect()
         } else {

@@ -11,6 +11,7 @@ pub mod gemm;
 pub mod gen;
 pub mod linear;
 pub mod rope;
+pub mod scratch;
 pub mod vecops;
 pub mod weights;
 
@@ -89,6 +90,8 @@ pub struct Model {
     pub weight_dtype: crate::format::Dtype,
     /// How the projections take their activations.
     pub activations: Activations,
+    /// Per-call temporaries, reused across forwards.
+    pub(crate) scratch: scratch::Scratch,
 }
 
 fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
@@ -257,6 +260,7 @@ impl Model {
             config: c,
             first_layer: opts.first_layer,
             activations: opts.activations,
+            scratch: scratch::Scratch::default(),
             layers,
             weight_dtype,
         })
