@@ -1765,6 +1765,36 @@ fn malformed_checkpoints_give_named_errors() {
     c["rope_scaling"]["type"] = json!("linear");
     std::fs::write(d.join("config.json"), c.to_string()).unwrap();
     load_err(&engine, &d, MLART_STATUS_UNSUPPORTED, &["linear"]);
+    // Dimensions whose products would wrap around (found by a fuzzing
+    // run: with wrapped head counts matching the tensors, the load passed
+    // and forwards failed as internal errors).
+    for (key, value, needle) in [
+        (
+            "num_attention_heads",
+            json!(9223372036854775812u64),
+            "num_attention_heads = 9223372036854775812 exceeds 2147483647",
+        ),
+        (
+            "kv_lora_rank",
+            json!(18446744073709551614u64),
+            "kv_lora_rank = 18446744073709551614 exceeds",
+        ),
+        (
+            "q_lora_rank",
+            json!(4294967296u64),
+            "q_lora_rank = 4294967296 exceeds",
+        ),
+        (
+            "num_attention_heads",
+            json!(1u64 << 30),
+            "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim) = 1073741824 * ",
+        ),
+    ] {
+        let mut c = config.clone();
+        c[key] = value;
+        std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+        load_err(&engine, &d, MLART_STATUS_FORMAT, &[needle]);
+    }
 
     // The safetensors file itself.
     let d = with_config(&tmp, &good, "no-weights");

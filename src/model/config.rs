@@ -83,6 +83,10 @@ pub struct ModelConfig {
 /// Model types this loader understands.
 pub const MODEL_TYPES: [&str; 3] = ["deepseek_v2", "deepseek_v3", "deepseek_v32"];
 
+/// Largest dimension, and largest projection row count, of a config: the C
+/// API reports them as `int32_t`.
+const DIM_LIMIT: usize = i32::MAX as usize;
+
 impl ModelConfig {
     /// Parses and validates `config.json` text; `path` names it in errors.
     pub fn parse(text: &str, path: &str) -> Result<Self> {
@@ -130,6 +134,8 @@ impl ModelConfig {
         Ok(c)
     }
 
+    /// Checks every dimension is positive and that the sizes derived from
+    /// them fit the C API's `int32_t` (no arithmetic on them can overflow).
     fn validate(&self, path: &str) -> Result<()> {
         let bad = |what: String| Err(Error::new(Status::Format, format!("{path}: {what}")));
         for (name, v) in [
@@ -144,9 +150,34 @@ impl ModelConfig {
             if v == 0 {
                 return bad(format!("{name} = 0 must be >= 1"));
             }
+            if v > DIM_LIMIT {
+                return bad(format!("{name} = {v} exceeds {DIM_LIMIT}"));
+            }
         }
-        if self.q_lora_rank == Some(0) {
-            return bad("q_lora_rank = 0 must be >= 1 or null".into());
+        match self.q_lora_rank {
+            Some(0) => return bad("q_lora_rank = 0 must be >= 1 or null".into()),
+            Some(r) if r > DIM_LIMIT => {
+                return bad(format!("q_lora_rank = {r} exceeds {DIM_LIMIT}"))
+            }
+            _ => {}
+        }
+        // The projections' row counts (each dimension is at most 2^31 - 1,
+        // so the sums cannot overflow; the products are checked).
+        let h = self.num_heads;
+        for (what, width) in [
+            (
+                "num_attention_heads * (qk_nope_head_dim + qk_rope_head_dim)",
+                self.qk_head_dim(),
+            ),
+            (
+                "num_attention_heads * (qk_nope_head_dim + v_head_dim)",
+                self.qk_nope_head_dim + self.v_head_dim,
+            ),
+        ] {
+            match h.checked_mul(width) {
+                Some(n) if n <= DIM_LIMIT => {}
+                _ => return bad(format!("{what} = {h} * {width} exceeds {DIM_LIMIT}")),
+            }
         }
         if !self.qk_rope_head_dim.is_multiple_of(2) {
             return bad(format!(
