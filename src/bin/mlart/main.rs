@@ -192,6 +192,14 @@ fn parse_bench_cuda(args: &[String]) -> Result<bench_cuda::Options, String> {
 }
 
 fn main() -> ExitCode {
+    // `mlart info | head` should stop quietly when the reader goes away,
+    // as other command-line tools do, instead of panicking in println!.
+    #[cfg(unix)]
+    // SAFETY: restores the default disposition of one signal before any
+    // thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
         Some("info") => info(),
