@@ -40,6 +40,8 @@ commands:
       --kv F              cache format: bf16 | f32 | fp8 | fp8-model1 (default bf16)
       --activations A     projections' activations: precise | bf16 (rounded, as DeepSeek's
                           reference; faster prefill) (default precise)
+      --hidden H          hidden states as f32 values or bf16 values, as a bf16 host passes them
+                          (default f32)
   bench --model DIR [run options]
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
   gen-model --preset P [options] DIR

@@ -23,6 +23,9 @@ pub struct RunOptions {
     pub kv: KvFormat,
     pub threads: usize,
     pub activations: Activations,
+    /// Hidden states given as bf16 values (as a host with bf16 activations
+    /// passes them) rather than arbitrary f32.
+    pub hidden_bf16: bool,
 }
 
 fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -47,6 +50,7 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
         kv: KvFormat::Bf16,
         threads: 0,
         activations: Activations::Precise,
+        hidden_bf16: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -82,6 +86,13 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
                     other => {
                         return Err(format!("--activations {other}: expected precise or bf16"))
                     }
+                }
+            }
+            "--hidden" => {
+                o.hidden_bf16 = match value("--hidden")?.as_str() {
+                    "f32" => false,
+                    "bf16" => true,
+                    other => return Err(format!("--hidden {other}: expected f32 or bf16")),
                 }
             }
             other => return Err(format!("unknown option {other}")),
@@ -162,13 +173,21 @@ fn pool_for(
     )
 }
 
-/// Deterministic hidden states in [-1, 1).
-fn hidden(n: usize, seed: u64) -> Vec<f32> {
-    mlart::model::gen::uniform(n, seed)
+/// Deterministic hidden states in [-1, 1), rounded to bf16 values for
+/// `--hidden bf16`.
+fn hidden(o: &RunOptions, n: usize, seed: u64) -> Vec<f32> {
+    let mut x = mlart::model::gen::uniform(n, seed);
+    if o.hidden_bf16 {
+        x.iter_mut()
+            .for_each(|v| *v = half::bf16::from_f32(*v).to_f32());
+    }
+    x
 }
 
-/// Runs every loaded layer once on `x` (residual added), timing each.
+/// Runs every loaded layer once on `x` (residual added, and rounded to
+/// bf16 with `--hidden bf16`), timing each.
 fn step(
+    o: &RunOptions,
     model: &Model,
     pool: &KvPool,
     ids: &[u64],
@@ -180,7 +199,12 @@ fn step(
         let t0 = Instant::now();
         let y = model.forward(pool, (model.first_layer + l) as i64, ids, n, x)?;
         *ms += t0.elapsed().as_secs_f64() * 1e3;
-        x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
+        x.iter_mut().zip(&y).for_each(|(a, b)| {
+            *a += b;
+            if o.hidden_bf16 {
+                *a = half::bf16::from_f32(*a).to_f32();
+            }
+        });
     }
     Ok(())
 }
@@ -196,10 +220,10 @@ pub fn run(o: &RunOptions) -> Result<()> {
     let layers = model.layers.len();
     if o.prompt > 0 {
         let n = vec![o.prompt; o.batch];
-        let mut x = hidden(o.batch * o.prompt * hid, 1);
+        let mut x = hidden(o, o.batch * o.prompt * hid, 1);
         let mut ms = vec![0.0; layers];
         let t0 = Instant::now();
-        step(&model, &pool, &ids, &n, &mut x, &mut ms)?;
+        step(o, &model, &pool, &ids, &n, &mut x, &mut ms)?;
         let total = t0.elapsed().as_secs_f64();
         println!(
             "prefill: {} x {} tokens in {:.1} ms ({:.0} tokens/s)",
@@ -217,9 +241,9 @@ pub fn run(o: &RunOptions) -> Result<()> {
         let mut ms = vec![0.0; layers];
         let mut per_token = Vec::new();
         for s in 0..o.decode {
-            let mut x = hidden(o.batch * hid, 100 + s as u64);
+            let mut x = hidden(o, o.batch * hid, 100 + s as u64);
             let t0 = Instant::now();
-            step(&model, &pool, &ids, &n, &mut x, &mut ms)?;
+            step(o, &model, &pool, &ids, &n, &mut x, &mut ms)?;
             per_token.push(t0.elapsed().as_secs_f64() * 1e3);
             if x.iter().any(|v| !v.is_finite()) {
                 return Err(Error::internal("decode produced a non-finite value"));
@@ -261,13 +285,14 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     let pool = pool_for(&engine, &model, o.kv, context + 64, 1)?;
     pool.create_seq(0)?;
     let mut ms = vec![0.0; model.layers.len()];
-    let mut x = hidden(context * hid, 1);
-    step(&model, &pool, &[0], &[context], &mut x, &mut ms)?;
+    let mut x = hidden(o, context * hid, 1);
+    step(o, &model, &pool, &[0], &[context], &mut x, &mut ms)?;
     let mut times = Vec::new();
     for s in 0..32 {
-        let mut x = hidden(hid, 7 + s);
+        let mut x = hidden(o, hid, 7 + s);
         let t0 = Instant::now();
         step(
+            o,
             &model,
             &pool,
             &[0],
