@@ -1753,6 +1753,13 @@ fn malformed_checkpoints_give_named_errors() {
     load_err(&engine, &d, MLART_STATUS_IO, &["config.json"]);
     std::fs::write(d.join("config.json"), "{\"model_type\": \"deepseek_v3\",").unwrap();
     load_err(&engine, &d, MLART_STATUS_FORMAT, &["config.json"]);
+    std::fs::write(d.join("config.json"), b"{\"model_type\": \"\xff\xfe\"}").unwrap();
+    load_err(
+        &engine,
+        &d,
+        MLART_STATUS_FORMAT,
+        &["config.json", "not UTF-8"],
+    );
     let mut c = config.clone();
     c["model_type"] = json!("llama");
     std::fs::write(d.join("config.json"), c.to_string()).unwrap();

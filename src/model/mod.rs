@@ -174,8 +174,14 @@ impl Model {
     /// Loads `config.json` and the attention tensors of the requested layers.
     pub fn load(engine: Arc<Engine>, dir: &Path, opts: LoadOptions<'_>) -> Result<Model> {
         let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
+        let bytes = std::fs::read(&cfg_path)
             .map_err(|e| Error::new(Status::Io, format!("{}: {e}", cfg_path.display())))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            Error::new(
+                Status::Format,
+                format!("{}: not UTF-8 JSON ({e})", cfg_path.display()),
+            )
+        })?;
         let c = ModelConfig::parse(&text, &cfg_path.display().to_string())?;
         if opts.first_layer >= c.num_layers {
             return Err(Error::invalid(format!(
