@@ -1158,6 +1158,86 @@ fn bf16_activations_match_reference() {
     }
 }
 
+/// A model is documented as usable from many threads at once on disjoint
+/// sequences, and its per-call buffers are shared (reused through a lock):
+/// four threads each prefill their own sequence of one pool (chunks of more
+/// than four tokens: the GEMM path and its reused buffers) and decode it, on
+/// both layers, with precise and with bf16 activations. Every output must
+/// equal the same calls made one at a time.
+#[test]
+fn concurrent_forwards_on_one_model() {
+    let dir = TempDir::new("tiny-concurrent");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Fp8, 2, true),
+    );
+    let engine = Engine::new(2);
+    const CLIENTS: u64 = 4;
+    let ids: Vec<u64> = (0..CLIENTS).collect();
+    for activations in [MLART_ACTIVATIONS_PRECISE, MLART_ACTIVATIONS_BF16] {
+        let model = load_with(&engine, dir.path(), |o| o.activations = activations)
+            .unwrap_or_else(|(s, m)| panic!("load: {s}: {m}"));
+        let p = info(&model);
+        let hid = p.hidden_size as usize;
+        // Client c: a prefill of 6 + c tokens, then 4 decode steps, each
+        // through layer 0 and then layer 1.
+        let calls = |c: u64| -> Vec<(i32, i32, Vec<f32>)> {
+            let mut v = Vec::new();
+            for (k, n) in std::iter::once(6 + c as i32).chain([1; 4]).enumerate() {
+                for layer in 0..2 {
+                    let seed = c * 1000 + k as u64 * 10 + layer as u64;
+                    v.push((layer, n, random_x(seed, n as usize, hid)));
+                }
+            }
+            v
+        };
+        let run = |model: &Model, pool: &Pool, c: u64| -> Vec<Vec<f32>> {
+            calls(c)
+                .iter()
+                .map(|(layer, n, x)| forward_ok(model, pool, *layer, &[c], &[*n], x))
+                .collect()
+        };
+        let new_pool =
+            || Pool::new(&engine, MLART_KV_FORMAT_BF16, p.d_qk, 2, 4, 64).with_seqs(&ids);
+        let one_at_a_time = new_pool();
+        let want: Vec<Vec<Vec<f32>>> = ids
+            .iter()
+            .map(|&c| run(&model, &one_at_a_time, c))
+            .collect();
+
+        /// The model and pool, shared by the client threads.
+        struct Shared<'a>(&'a Model, &'a Pool);
+        // SAFETY: mlart_model and mlart_kv_pool are documented thread-safe
+        // for forwards on disjoint sequences, which is all the threads do.
+        unsafe impl Sync for Shared<'_> {}
+        let pool = new_pool();
+        let shared = Shared(&model, &pool);
+        let got: Vec<Vec<Vec<f32>>> = std::thread::scope(|scope| {
+            let threads: Vec<_> = ids
+                .iter()
+                .map(|&c| {
+                    let (shared, run) = (&shared, &run);
+                    scope.spawn(move || run(shared.0, shared.1, c))
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("client thread panicked"))
+                .collect()
+        });
+        for (c, (g, w)) in got.iter().zip(&want).enumerate() {
+            for (k, (gk, wk)) in g.iter().zip(w).enumerate() {
+                let e = rel_l2(&to_f64(gk), &to_f64(wk));
+                assert!(
+                    e <= 1e-6,
+                    "activations {activations}: client {c} call {k}: rel-L2 {e:.2e} against the same call alone"
+                );
+            }
+        }
+        assert_eq!(pool.stats(), one_at_a_time.stats());
+    }
+}
+
 /// A forward of more than one pass (512 tokens) runs each sequence in
 /// passes, appending before attending: against the reference, with pool
 /// lengths checked and decode steps after it.
