@@ -487,6 +487,18 @@ typedef struct mlart_model_props {
    * Bytes of weights held in memory.
    */
   uint64_t bytes_loaded;
+  /**
+   * How the projections take their activations (`mlart_model_options`).
+   * Since 0.2, as the next field.
+   */
+  mlart_activations activations;
+  /**
+   * The vector code of the projections: the engine's CPU kernel variant
+   * (MLART_CPU_ISA forces it) capped by the CPU — SCALAR (portable
+   * code), AVX2, AVX512 or AVX512_BF16 (FP8 dot products and the prefill
+   * GEMM on `vdpbf16ps`).
+   */
+  mlart_cpu_isa projection_isa;
 } mlart_model_props;
 
 /**

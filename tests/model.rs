@@ -1238,6 +1238,74 @@ fn concurrent_forwards_on_one_model() {
     }
 }
 
+/// The projections follow the engine's CPU kernel variant: forced to
+/// scalar, avx2, avx512 and avx512bf16 (each where this CPU runs it;
+/// skipped by name otherwise), `projection_isa` says so and the layer
+/// matches the reference on FP8 and bf16 weights, decode steps and
+/// prefill chunks, precise and bf16 activations.
+#[test]
+fn every_cpu_isa_matches_reference() {
+    let dirs: Vec<(TempDir, WeightDtype)> = [WeightDtype::Bf16, WeightDtype::Fp8]
+        .into_iter()
+        .map(|dtype| {
+            let dir = TempDir::new("tiny-isa");
+            make_checkpoint(dir.path(), &gen_opts(Preset::Tiny, dtype, 1, true));
+            (dir, dtype)
+        })
+        .collect();
+    let mut ran = 0;
+    for (isa, want) in [
+        ("scalar", MLART_CPU_ISA_SCALAR),
+        ("avx2", MLART_CPU_ISA_AVX2),
+        ("avx512", MLART_CPU_ISA_AVX512),
+        ("avx512bf16", MLART_CPU_ISA_AVX512_BF16),
+    ] {
+        let Some(engine) = Engine::with_isa(isa, 2) else {
+            println!("SKIPPED model projections on {isa}: this CPU or build lacks it");
+            continue;
+        };
+        for (dir, dtype) in &dirs {
+            for activations in [MLART_ACTIVATIONS_PRECISE, MLART_ACTIVATIONS_BF16] {
+                let model = load_with(&engine, dir.path(), |o| o.activations = activations)
+                    .unwrap_or_else(|(s, m)| panic!("{isa}: load: {s}: {m}"));
+                let p = info(&model);
+                // The bf16 level also needs AVX512-VBMI; a CPU with
+                // AVX512-BF16 but not VBMI runs the avx512 code.
+                assert!(
+                    p.projection_isa == want
+                        || (want == MLART_CPU_ISA_AVX512_BF16
+                            && p.projection_isa == MLART_CPU_ISA_AVX512),
+                    "{isa}: projection_isa {}",
+                    p.projection_isa
+                );
+                let mut reference = Reference::load(dir.path(), &[0]);
+                reference.bf16_activations = activations == MLART_ACTIVATIONS_BF16;
+                let f32_tol = if reference.bf16_activations {
+                    BF16_ACT_F32
+                } else {
+                    EXACT
+                };
+                let _ = run_schedule_against(
+                    &format!("{isa} {dtype:?} activations {activations}"),
+                    &engine,
+                    &model,
+                    reference,
+                    0,
+                    1,
+                    &[
+                        (MLART_KV_FORMAT_F32, f32_tol, f32_tol),
+                        (MLART_KV_FORMAT_BF16, ROUNDED_ROWS, SAME_ROUNDING_BF16),
+                    ],
+                    &standard_schedule(&[0]),
+                    4,
+                );
+            }
+        }
+        ran += 1;
+    }
+    assert!(ran >= 1, "no CPU kernel variant ran");
+}
+
 /// A forward of more than one pass (512 tokens) runs each sequence in
 /// passes, appending before attending: against the reference, with pool
 /// lengths checked and decode steps after it.
@@ -1593,6 +1661,40 @@ fn model_info_fields() {
         (2, 0, 2),
         "layers"
     );
+    assert_eq!(p.activations, MLART_ACTIVATIONS_PRECISE);
+    assert!(
+        [
+            MLART_CPU_ISA_SCALAR,
+            MLART_CPU_ISA_AVX2,
+            MLART_CPU_ISA_AVX512,
+            MLART_CPU_ISA_AVX512_BF16
+        ]
+        .contains(&p.projection_isa),
+        "projection_isa {}",
+        p.projection_isa
+    );
+    // A caller built against the 0.1 header passes the 136-byte layout:
+    // only those bytes are written, the fields appended since keep what
+    // they held.
+    let mut old = MaybeUninit::<mlart_model_props>::uninit();
+    mlart_model_props_init(old.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut old = unsafe { old.assume_init() };
+    old.struct_size = 136;
+    old.activations = 0xdead;
+    old.projection_isa = 0xbeef;
+    expect_ok(
+        "mlart_model_info (0.1 layout)",
+        mlart_model_info(m.ptr, &mut old),
+    );
+    assert_eq!(
+        (old.struct_size, old.activations, old.projection_isa),
+        (136, 0xdead, 0xbeef)
+    );
+    assert_eq!(
+        (old.hidden_size, old.bytes_loaded),
+        (p.hidden_size, p.bytes_loaded)
+    );
     assert_eq!(
         (
             p.hidden_size,
@@ -1660,13 +1762,15 @@ fn model_info_fields() {
     mlart_model_props_init(bad.as_mut_ptr());
     // SAFETY: initialized just above.
     let mut bad = unsafe { bad.assume_init() };
-    bad.struct_size -= 8;
-    expect_error(
-        "info struct_size",
-        mlart_model_info(m.ptr, &mut bad),
-        MLART_STATUS_INVALID_ARGUMENT,
-        &["struct_size"],
-    );
+    for size in [0u32, 4, 132, 140, 152] {
+        bad.struct_size = size;
+        expect_error(
+            &format!("info struct_size {size}"),
+            mlart_model_info(m.ptr, &mut bad),
+            MLART_STATUS_INVALID_ARGUMENT,
+            &[&format!("out->struct_size = {size}"), "136 or 144"],
+        );
+    }
     expect_error(
         "info NULL model",
         mlart_model_info(ptr::null(), &mut bad),

@@ -978,6 +978,9 @@ func TestModel(t *testing.T) {
 	if err := mb.Forward(pool, &mlart.ForwardArgs{Layer: 0, SeqIDs: []uint64{4}, NTokens: []int32{ntok}, X: x, Out: out4}); err != nil {
 		t.Fatalf("Forward (bf16 activations): %v", err)
 	}
+	if mi, err := mb.Info(); err != nil || mi.Activations != mlart.ActivationsBF16 || mi.ProjectionISA != info.ProjectionISA {
+		t.Fatalf("Info of the bf16-activation model: %+v, %v", mi, err)
+	}
 	if d := relL2(out4, toF64(out1)); !(d > 1e-5 && d < 1e-2) {
 		t.Fatalf("bf16 activations vs precise: rel-L2 %.3g, want in (1e-5, 1e-2)", d)
 	} else {

@@ -56,10 +56,14 @@ type ModelInfo struct {
 	VHeadDim      int
 	DQK           int // cache row width a pool needs: KvLoraRank + QKRopeHeadDim
 	RopeTheta     float64
-	YaRN          *YaRN   // nil without YaRN rope scaling
-	SoftmaxScale  float64 // the attention softmax scale used
-	WeightDType   DType   // projection weights in memory
-	BytesLoaded   uint64  // bytes of weights held in memory
+	YaRN          *YaRN       // nil without YaRN rope scaling
+	SoftmaxScale  float64     // the attention softmax scale used
+	WeightDType   DType       // projection weights in memory
+	BytesLoaded   uint64      // bytes of weights held in memory
+	Activations   Activations // how the projections take their activations
+	// ProjectionISA is the projections' vector code: the engine's CPU
+	// kernel variant capped by the CPU (scalar, avx2, avx512 or avx512bf16).
+	ProjectionISA CPUISA
 }
 
 // Model is a loaded model: the attention weights of a range of layers.
@@ -199,6 +203,8 @@ func (m *Model) Info() (ModelInfo, error) {
 		SoftmaxScale:  float64(p.softmax_scale),
 		WeightDType:   DType(p.weight_dtype),
 		BytesLoaded:   uint64(p.bytes_loaded),
+		Activations:   Activations(p.activations),
+		ProjectionISA: CPUISA(p.projection_isa),
 	}
 	if bool(p.yarn) {
 		info.YaRN = &YaRN{

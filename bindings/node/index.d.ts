@@ -246,6 +246,10 @@ export interface ModelInfo {
   softmaxScale: number;
   weightDtype: 'f32' | 'bf16' | 'f16' | 'fp8_e4m3' | string;
   bytesLoaded: number;
+  /** How the projections take their activations (the load option). */
+  activations: 'precise' | 'bf16' | string;
+  /** The projections' vector code: the engine's CPU kernel variant capped by the CPU. */
+  projectionIsa: 'scalar' | 'avx2' | 'avx512' | 'avx512bf16' | string;
 }
 
 export interface ForwardArgs {

@@ -78,6 +78,7 @@ const ACTIVATIONS_ALIASES = { precise: 0, bf16: 1 };
 const CPU_ISA_NAMES = { 0: 'scalar', 1: 'avx2', 2: 'avx512', 3: 'amx', 4: 'avx512bf16' };
 const DTYPE_NAMES = { 0: 'f32', 1: 'bf16', 2: 'f16', 3: 'fp8_e4m3' };
 const BACKEND_NAMES = { 0: 'auto', 1: 'cpu', 2: 'cuda' };
+const ACTIVATIONS_NAMES = { 0: 'precise', 1: 'bf16' };
 
 // ---------------------------------------------------------------------------
 // Types and structs, field by field as in mlart.h
@@ -192,6 +193,8 @@ const mlart_model_props = koffi.struct('mlart_model_props', {
   softmax_scale: 'double',
   weight_dtype: 'uint32_t',
   bytes_loaded: 'uint64_t',
+  activations: 'uint32_t',
+  projection_isa: 'uint32_t',
 });
 
 const mlart_forward_args = koffi.struct('mlart_forward_args', {
@@ -261,21 +264,21 @@ const C = {
   error_free: lib.func('void mlart_error_free(mlart_error *error)'),
   status_name: lib.func('const char *mlart_status_name(uint32_t status)'),
 
-  decode_args_init: lib.func('void mlart_decode_args_init(_Out_ mlart_decode_args *args)'),
+  decode_args_init: lib.func('void mlart_decode_args_init(void *args)'),
   decode_paged: lib.func(
     'mlart_error *mlart_decode_paged(mlart_engine *engine, const mlart_decode_args *args)'
   ),
 
-  device_props_init: lib.func('void mlart_device_props_init(_Out_ mlart_device_props *props)'),
+  device_props_init: lib.func('void mlart_device_props_init(void *props)'),
   device_count: lib.func('mlart_error *mlart_device_count(int32_t *out)'),
   device_info: lib.func(
     'mlart_error *mlart_device_info(int32_t device_index, _Inout_ mlart_device_props *out)'
   ),
 
   engine_options_init: lib.func(
-    'void mlart_engine_options_init(_Out_ mlart_engine_options *options)'
+    'void mlart_engine_options_init(void *options)'
   ),
-  engine_props_init: lib.func('void mlart_engine_props_init(_Out_ mlart_engine_props *props)'),
+  engine_props_init: lib.func('void mlart_engine_props_init(void *props)'),
   engine_create: lib.func(
     'mlart_error *mlart_engine_create(const mlart_engine_options *options, _Out_ mlart_engine **out)'
   ),
@@ -295,9 +298,9 @@ const C = {
     'mlart_error *mlart_kv_dequantize(uint32_t format, int32_t d_qk, int32_t block_size, int32_t n_tokens, const void *src, uint32_t dst_dtype, void *dst)'
   ),
 
-  model_options_init: lib.func('void mlart_model_options_init(_Out_ mlart_model_options *options)'),
-  model_props_init: lib.func('void mlart_model_props_init(_Out_ mlart_model_props *props)'),
-  forward_args_init: lib.func('void mlart_forward_args_init(_Out_ mlart_forward_args *args)'),
+  model_options_init: lib.func('void mlart_model_options_init(void *options)'),
+  model_props_init: lib.func('void mlart_model_props_init(void *props)'),
+  forward_args_init: lib.func('void mlart_forward_args_init(void *args)'),
   model_load: lib.func(
     'mlart_error *mlart_model_load(mlart_engine *engine, const char *path, const mlart_model_options *options, _Out_ mlart_model **out)'
   ),
@@ -310,11 +313,11 @@ const C = {
   ),
 
   kv_pool_options_init: lib.func(
-    'void mlart_kv_pool_options_init(_Out_ mlart_kv_pool_options *options)'
+    'void mlart_kv_pool_options_init(void *options)'
   ),
-  kv_pool_stats_init: lib.func('void mlart_kv_pool_stats_init(_Out_ mlart_kv_pool_stats *stats)'),
+  kv_pool_stats_init: lib.func('void mlart_kv_pool_stats_init(void *stats)'),
   kv_pool_decode_args_init: lib.func(
-    'void mlart_kv_pool_decode_args_init(_Out_ mlart_kv_pool_decode_args *args)'
+    'void mlart_kv_pool_decode_args_init(void *args)'
   ),
   kv_pool_create: lib.func(
     'mlart_error *mlart_kv_pool_create(mlart_engine *engine, const mlart_kv_pool_options *options, _Out_ mlart_kv_pool **out)'
@@ -350,15 +353,21 @@ if (libAbi !== ABI_VERSION) {
 }
 
 // Sanity: the JS struct layouts match what the library's *_init functions report.
+// The *_init functions write the library's whole struct: they get a buffer
+// with room for a larger (newer) one, so a layout mismatch is this error
+// rather than a write past koffi's copy of the struct.
+const INIT_ROOM = 4096;
+
 function initStruct(initFn, type, name) {
-  const s = {};
-  initFn(s);
-  if (s.struct_size !== koffi.sizeof(type)) {
+  const buf = Buffer.alloc(Math.max(koffi.sizeof(type), INIT_ROOM));
+  initFn(buf);
+  const size = buf.readUInt32LE(0);
+  if (size !== koffi.sizeof(type)) {
     throw new Error(
-      `mlart: ${name} is ${s.struct_size} bytes in ${LIBRARY_PATH} but ${koffi.sizeof(type)} in this binding`
+      `mlart: ${name} is ${size} bytes in ${LIBRARY_PATH} but ${koffi.sizeof(type)} in this binding`
     );
   }
-  return s;
+  return koffi.decode(buf, type);
 }
 
 // ---------------------------------------------------------------------------
@@ -1041,6 +1050,8 @@ class Model extends Handle {
       softmaxScale: p.softmax_scale,
       weightDtype: DTYPE_NAMES[p.weight_dtype] ?? String(p.weight_dtype),
       bytesLoaded: Number(p.bytes_loaded),
+      activations: ACTIVATIONS_NAMES[p.activations] ?? String(p.activations),
+      projectionIsa: CPU_ISA_NAMES[p.projection_isa] ?? String(p.projection_isa),
     };
   }
 

@@ -95,6 +95,20 @@ pub(crate) unsafe fn read_struct_versions<T: Copy>(
     }
 }
 
+/// Writes `value` into a caller's out-struct of `size` bytes (its
+/// `struct_size`, accepted by [`read_struct_versions`]): only that prefix,
+/// so a binary built against an older header gets its older layout.
+///
+/// # Safety
+/// `p` is non-NULL and points to `size` writable bytes; `size <=
+/// size_of::<T>()`.
+pub(crate) unsafe fn write_struct_prefix<T: Copy>(p: *mut T, value: &T, size: usize) {
+    let size = size.min(std::mem::size_of::<T>());
+    // SAFETY: caller contract; `value` is a T, so `size` bytes of it are
+    // readable, and it cannot overlap the caller's struct (a local copy).
+    unsafe { std::ptr::copy_nonoverlapping(value as *const T as *const u8, p as *mut u8, size) };
+}
+
 /// Checks that `p` is non-NULL and aligned for `T`.
 pub(crate) fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
     if p.is_null() {

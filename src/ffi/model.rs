@@ -7,10 +7,12 @@ use super::panic::{ffi_result, ffi_value};
 use super::pool::{mlart_kv_pool, pool_ref};
 use super::types::*;
 use super::{
-    check_disjoint, non_negative, read_struct, read_struct_versions, slice, slice_mut, Region,
+    check_disjoint, non_negative, read_struct, read_struct_versions, slice, slice_mut,
+    write_struct_prefix, Region,
 };
 use crate::error::{checked_size, Error, Result};
 use crate::format::{load_slice, store_slice, Dtype};
+use crate::model::level::Level;
 use crate::model::{Activations, LoadOptions, Model, WeightCompute};
 use std::ffi::{c_char, c_void, CStr};
 use std::path::Path;
@@ -104,7 +106,22 @@ pub struct mlart_model_props {
     pub weight_dtype: mlart_dtype,
     /// Bytes of weights held in memory.
     pub bytes_loaded: u64,
+    /// How the projections take their activations (`mlart_model_options`).
+    /// Since 0.2, as the next field.
+    pub activations: mlart_activations,
+    /// The vector code of the projections: the engine's CPU kernel variant
+    /// (MLART_CPU_ISA forces it) capped by the CPU — SCALAR (portable
+    /// code), AVX2, AVX512 or AVX512_BF16 (FP8 dot products and the prefill
+    /// GEMM on `vdpbf16ps`).
+    pub projection_isa: mlart_cpu_isa,
 }
+
+/// `sizeof(mlart_model_props)` in 0.1, before `activations` and
+/// `projection_isa` were appended: a caller built against that header
+/// gets only those bytes written.
+const MODEL_PROPS_SIZE_0_1: usize = std::mem::offset_of!(mlart_model_props, activations);
+// The 0.1 layout ended with the u64 bytes_loaded at offset 128.
+const _: () = assert!(MODEL_PROPS_SIZE_0_1 == 136);
 
 /// Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
 #[repr(C)]
@@ -304,12 +321,17 @@ pub extern "C" fn mlart_model_info(
     ffi_result("mlart_model_info", || {
         // SAFETY: model handle contract.
         let m = unsafe { model_ref(model) }?;
-        // SAFETY: a non-NULL out points to a caller struct.
+        let mut defaults = std::mem::MaybeUninit::<mlart_model_props>::uninit();
+        mlart_model_props_init(defaults.as_mut_ptr());
+        // SAFETY: a non-NULL out points to a caller struct of struct_size
+        // bytes; plain data; defaults initialized just above.
         let mut p = unsafe {
-            read_struct(
+            read_struct_versions(
                 out as *const mlart_model_props,
                 "out",
                 "mlart_model_props_init",
+                &[MODEL_PROPS_SIZE_0_1],
+                Some(defaults.assume_init()),
             )
         }?;
         let c = &m.config;
@@ -338,8 +360,19 @@ pub extern "C" fn mlart_model_info(
         p.softmax_scale = c.softmax_scale();
         p.weight_dtype = m.weight_dtype.raw();
         p.bytes_loaded = m.bytes_loaded as u64;
-        // SAFETY: out is non-NULL (read_struct checked) and writable.
-        unsafe { out.write_unaligned(p) };
+        p.activations = match m.activations {
+            Activations::Precise => MLART_ACTIVATIONS_PRECISE,
+            Activations::Bf16 => MLART_ACTIVATIONS_BF16,
+        };
+        p.projection_isa = match m.level {
+            Level::Portable => MLART_CPU_ISA_SCALAR,
+            Level::Avx2 => MLART_CPU_ISA_AVX2,
+            Level::Avx512 => MLART_CPU_ISA_AVX512,
+            Level::Avx512Bf16 => MLART_CPU_ISA_AVX512_BF16,
+        };
+        // SAFETY: out is non-NULL (checked by read_struct_versions) and has
+        // struct_size writable bytes, which p.struct_size holds.
+        unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
         Ok(())
     })
 }

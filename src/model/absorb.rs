@@ -121,6 +121,7 @@ impl Absorbed {
                     let (t0, rows) = (b * TOKEN_BLOCK, chunk.len() / (h * out_stride));
                     for head in first..first + count {
                         matmul_rows(
+                            self.kv_b.level(),
                             &x[(t0 * h + head) * x_stride..],
                             h * x_stride,
                             &w[(head - first) * k * n..][..k * n],

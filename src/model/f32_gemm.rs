@@ -5,6 +5,8 @@
 //! over k, so each row of W loaded from cache serves 8 rows of X (one
 //! `axpy` per row of W, as before, re-read W from L2 for every token).
 
+use super::level::Level;
+
 /// Rows of X (and Y) per register block.
 const TB: usize = 8;
 
@@ -15,6 +17,7 @@ const TB: usize = 8;
 /// When a slice is too short for the shape (a bug in the caller).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_rows(
+    lvl: Level,
     x: &[f32],
     xs: usize,
     w: &[f32],
@@ -30,12 +33,12 @@ pub fn matmul_rows(
     assert!(w.len() >= k * n && x.len() >= (rows - 1) * xs + k);
     assert!(y.len() >= (rows - 1) * ys + n && xs >= k && ys >= n);
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if lvl >= Level::Avx512 {
         let mut t = 0;
         while t < rows {
             let tb = TB.min(rows - t);
             let (xr, yr) = (&x[t * xs..], &mut y[t * ys..]);
-            // SAFETY: AVX-512F detected; the rows t..t + tb of x and y and
+            // SAFETY: the level is capped by the CPU (AVX-512F); the rows t..t + tb of x and y and
             // all of w lie inside the slices (asserted above).
             unsafe {
                 match tb {
@@ -137,8 +140,9 @@ mod tests {
     use crate::model::gen::uniform;
 
     /// Row counts around the block of 8, column counts around the two
-    /// vectors of 16 (masked tails), strides wider than the rows, against
-    /// f64 sums; bytes past each row of y stay untouched.
+    /// vectors of 16 (masked tails), strides wider than the rows, at every
+    /// level this CPU runs, against f64 sums; bytes past each row of y stay
+    /// untouched.
     #[test]
     fn matmul_rows_matches_f64() {
         for (rows, k, n) in [
@@ -150,30 +154,21 @@ mod tests {
             let (xs, ys) = (k + 3, n + 2);
             let x = uniform(rows * xs, 1);
             let w = uniform(k * n, 2);
-            let mut y = vec![f32::NAN; rows * ys];
-            matmul_rows(&x, xs, &w, k, n, &mut y, ys, rows);
-            for t in 0..rows {
-                for o in 0..n {
-                    let want: f64 = (0..k)
-                        .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
-                        .sum();
-                    let got = y[t * ys + o] as f64;
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
-                    );
-                }
-                assert!(y[t * ys + n].is_nan(), "wrote past row {t}");
-            }
-            let mut yp = vec![f32::NAN; rows * ys];
-            portable(&x, xs, &w, k, n, &mut yp, ys, rows);
-            for t in 0..rows {
-                for o in 0..n {
-                    let (a, b) = (y[t * ys + o], yp[t * ys + o]);
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                        "portable [{t}][{o}]"
-                    );
+            for lvl in Level::available() {
+                let mut y = vec![f32::NAN; rows * ys];
+                matmul_rows(lvl, &x, xs, &w, k, n, &mut y, ys, rows);
+                for t in 0..rows {
+                    for o in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
+                            .sum();
+                        let got = y[t * ys + o] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{lvl:?} rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
+                        );
+                    }
+                    assert!(y[t * ys + n].is_nan(), "{lvl:?} wrote past row {t}");
                 }
             }
         }

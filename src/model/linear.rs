@@ -3,6 +3,7 @@
 //! f32 activations; each weight row is converted once per call and used for
 //! every token.
 
+use super::level::Level;
 use super::scratch::Scratch;
 use super::weights::{StoredDtype, Tensor};
 use super::{fp8_bf16, gemm, vecops};
@@ -32,6 +33,8 @@ pub struct Linear {
     pub inp: usize,
     data: Data,
     activations: Activations,
+    /// The vector code its products run.
+    level: Level,
 }
 
 /// How a projection takes its f32 activations.
@@ -107,6 +110,7 @@ impl Linear {
             inp,
             data,
             activations: Activations::Precise,
+            level: Level::best(),
         };
         if let WeightCompute::Convert(dtype) = compute {
             lin = lin.converted(dtype);
@@ -142,6 +146,19 @@ impl Linear {
     /// How products take their activations.
     pub fn activations(&self) -> Activations {
         self.activations
+    }
+
+    /// Runs its products at `level` (at most [`Level::best`]).
+    pub fn with_level(self, level: Level) -> Self {
+        Linear {
+            level: level.min(Level::best()),
+            ..self
+        }
+    }
+
+    /// The vector code its products run.
+    pub fn level(&self) -> Level {
+        self.level
     }
 
     /// Bytes held in memory.
@@ -194,16 +211,26 @@ impl Linear {
                 for (c, chunk) in bytes.chunks(1024).enumerate() {
                     let m = chunk.len() / 4;
                     load_slice(Dtype::F32, chunk, &mut buf[..m]);
-                    acc += vecops::dot(&buf[..m], &x[c * 256..c * 256 + m]);
+                    acc += vecops::dot(self.level, &buf[..m], &x[c * 256..c * 256 + m]);
                 }
                 acc
             }
-            Data::Plain(Dtype::F16, b) => vecops::dot_f16(&b[o * n * 2..(o + 1) * n * 2], &x[..n]),
-            Data::Plain(_, b) => vecops::dot_bf16(&b[o * n * 2..(o + 1) * n * 2], &x[..n]),
+            Data::Plain(Dtype::F16, b) => {
+                vecops::dot_f16(self.level, &b[o * n * 2..(o + 1) * n * 2], &x[..n])
+            }
+            Data::Plain(_, b) => {
+                vecops::dot_bf16(self.level, &b[o * n * 2..(o + 1) * n * 2], &x[..n])
+            }
             Data::Fp8 { codes, scales } => {
                 let per_row = n.div_ceil(FP8_BLOCK);
                 let srow = &scales[(o / FP8_BLOCK) * per_row..][..per_row];
-                vecops::dot_fp8(&codes[o * n..(o + 1) * n], srow, FP8_BLOCK, &x[..n])
+                vecops::dot_fp8(
+                    self.level,
+                    &codes[o * n..(o + 1) * n],
+                    srow,
+                    FP8_BLOCK,
+                    &x[..n],
+                )
             }
         }
     }
@@ -212,7 +239,7 @@ impl Linear {
     /// `vdpbf16ps` path reads, when this weight is FP8 and the CPU has it.
     pub fn prepare(&self, x: &[f32]) -> Option<fp8_bf16::SplitX> {
         match self.data {
-            Data::Fp8 { .. } if fp8_bf16::available() => {
+            Data::Fp8 { .. } if self.level == Level::Avx512Bf16 => {
                 Some(fp8_bf16::SplitX::new(&x[..self.inp]))
             }
             _ => None,
@@ -226,16 +253,19 @@ impl Linear {
     pub fn dot4(&self, rows: [usize; 4], x: &[f32], split: Option<&fp8_bf16::SplitX>) -> [f32; 4] {
         let n = self.inp;
         match &self.data {
-            Data::Plain(Dtype::Bf16, b) => {
-                vecops::dot_bf16_x4(rows.map(|o| &b[o * n * 2..][..n * 2]), &x[..n], 8 * n)
-            }
+            Data::Plain(Dtype::Bf16, b) => vecops::dot_bf16_x4(
+                self.level,
+                rows.map(|o| &b[o * n * 2..][..n * 2]),
+                &x[..n],
+                8 * n,
+            ),
             Data::Fp8 { codes, scales } => {
                 let per_row = n.div_ceil(FP8_BLOCK);
                 let r = rows.map(|o| &codes[o * n..][..n]);
                 let sc = rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]);
                 match split {
                     Some(xs) => fp8_bf16::dot_fp8_x4(r, sc, FP8_BLOCK, xs, &x[..n], 4 * n),
-                    None => vecops::dot_fp8_x4(r, sc, FP8_BLOCK, &x[..n], 4 * n),
+                    None => vecops::dot_fp8_x4(self.level, r, sc, FP8_BLOCK, &x[..n], 4 * n),
                 }
             }
             _ => rows.map(|o| self.dot_row(o, x)),
@@ -248,6 +278,7 @@ impl Linear {
         let n = self.inp;
         match &self.data {
             Data::Plain(Dtype::Bf16, b) => vecops::axpy_bf16_x4(
+                self.level,
                 rows.map(|o| &b[o * n * 2..][..n * 2]),
                 a,
                 &mut y[..n],
@@ -256,6 +287,7 @@ impl Linear {
             Data::Fp8 { codes, scales } => {
                 let per_row = n.div_ceil(FP8_BLOCK);
                 vecops::axpy_fp8_x4(
+                    self.level,
                     rows.map(|o| &codes[o * n..][..n]),
                     rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]),
                     FP8_BLOCK,
@@ -276,7 +308,7 @@ impl Linear {
                             &b[(o * n + c * 256) * size..][..m * size],
                             &mut buf[..m],
                         );
-                        vecops::axpy(yc, ak, &buf[..m]);
+                        vecops::axpy(self.level, yc, ak, &buf[..m]);
                     }
                 }
             }
@@ -299,7 +331,7 @@ impl Linear {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
         let x = &x[..tokens * inp];
-        if tokens > 4 && gemm::available() {
+        if tokens > 4 && self.level == Level::Avx512Bf16 {
             let w = match &self.data {
                 Data::Plain(Dtype::Bf16, b) => Some(gemm::Weights::Bf16(b)),
                 Data::Fp8 { codes, scales } => Some(gemm::Weights::Fp8 { codes, scales }),
@@ -354,7 +386,7 @@ impl Linear {
                 for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
                     self.row(c * ROWS + r, &mut row);
                     for (t, yv) in yrow.iter_mut().enumerate() {
-                        *yv = vecops::dot(&row, &x[t * inp..(t + 1) * inp]);
+                        *yv = vecops::dot(self.level, &row, &x[t * inp..(t + 1) * inp]);
                     }
                 }
             });
@@ -462,7 +494,11 @@ mod tests {
     #[test]
     fn matmul_matches_rows_for_every_dtype_and_shape() {
         for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
-            for lin in every_dtype(out, inp, (out * inp) as u64) {
+            let linears = every_dtype(out, inp, (out * inp) as u64);
+            for lin in Level::available()
+                .into_iter()
+                .flat_map(|l| linears.iter().map(move |lin| lin.clone().with_level(l)))
+            {
                 for tokens in [1usize, 3, 4, 5, 17, 33, 40] {
                     let x = values(tokens * inp, tokens as u64);
                     let x_bf16 = rounded_to_bf16(&x);
@@ -486,7 +522,8 @@ mod tests {
                                 let got = y[t * out + o];
                                 assert!(
                                     close(got, want),
-                                    "{:?} {what} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
+                                    "{:?} {:?} {what} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
+                                    lin.level(),
                                     lin.dtype()
                                 );
                             }
@@ -502,12 +539,16 @@ mod tests {
     #[test]
     fn dot4_and_axpy4_match_rows() {
         let (out, inp) = (300usize, 700usize);
-        for lin in every_dtype(out, inp, 5) {
+        let linears = every_dtype(out, inp, 5);
+        for lin in Level::available()
+            .into_iter()
+            .flat_map(|l| linears.iter().map(move |lin| lin.clone().with_level(l)))
+        {
             let x = values(inp, 9);
             let split = lin.prepare(&x);
             assert_eq!(
                 split.is_some(),
-                lin.dtype() == Dtype::Fp8E4m3 && fp8_bf16::available()
+                lin.dtype() == Dtype::Fp8E4m3 && lin.level() == Level::Avx512Bf16
             );
             let mut row = vec![0f32; inp];
             for rows in [[0usize, 1, 2, 3], [299, 130, 7, 7], [128, 127, 256, 255]] {
@@ -523,7 +564,8 @@ mod tests {
                         let got = lin.dot4(rows, &x, s)[k];
                         assert!(
                             close(got, want),
-                            "{:?} dot4 {label} {rows:?}[{k}]: {got} vs {want}",
+                            "{:?} {:?} dot4 {label} {rows:?}[{k}]: {got} vs {want}",
+                            lin.level(),
                             lin.dtype()
                         );
                     }
@@ -534,7 +576,8 @@ mod tests {
                 for (c, (&got, &want)) in y.iter().zip(&want_y).enumerate() {
                     assert!(
                         close(got, want),
-                        "{:?} axpy4 {rows:?} [{c}]: {got} vs {want}",
+                        "{:?} {:?} axpy4 {rows:?} [{c}]: {got} vs {want}",
+                        lin.level(),
                         lin.dtype()
                     );
                 }

@@ -9,6 +9,7 @@ pub mod forward;
 pub mod fp8_bf16;
 pub mod gemm;
 pub mod gen;
+pub mod level;
 pub mod linear;
 pub mod rope;
 pub mod scratch;
@@ -90,6 +91,8 @@ pub struct Model {
     pub weight_dtype: crate::format::Dtype,
     /// How the projections take their activations.
     pub activations: Activations,
+    /// The vector code of the projections (from the engine's CPU kernel).
+    pub level: level::Level,
     /// Per-call temporaries, reused across forwards.
     pub(crate) scratch: scratch::Scratch,
 }
@@ -121,6 +124,7 @@ struct Loader<'c, 'p> {
     ckpt: &'c Checkpoint,
     compute: WeightCompute,
     activations: Activations,
+    level: level::Level,
     progress: Option<Progress<'p>>,
     done: usize,
     total: usize,
@@ -149,7 +153,9 @@ impl Loader<'_, '_> {
         } else {
             None
         };
-        let lin = Linear::new(w, scale, out, inp, self.compute)?.with_activations(self.activations);
+        let lin = Linear::new(w, scale, out, inp, self.compute)?
+            .with_activations(self.activations)
+            .with_level(self.level);
         self.bytes += lin.bytes();
         self.step(name)?;
         Ok(lin)
@@ -218,6 +224,7 @@ impl Model {
             ckpt: &ckpt,
             compute: opts.compute,
             activations: opts.activations,
+            level: level::Level::for_engine(engine.info()),
             progress: opts.progress,
             done: 0,
             total,
@@ -266,6 +273,7 @@ impl Model {
             config: c,
             first_layer: opts.first_layer,
             activations: opts.activations,
+            level: ld.level,
             scratch: scratch::Scratch::default(),
             layers,
             weight_dtype,

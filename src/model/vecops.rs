@@ -1,24 +1,35 @@
 //! Vector kernels for the projections: dot products of f32 activations with
 //! weight rows in their stored precision (f32, bf16, f16, FP8 e4m3 with a
-//! scale per 128 elements), converted in registers, plus `axpy`. AVX-512F
-//! (with F16C for f16/FP8) when the CPU has it, portable code otherwise.
+//! scale per 128 elements), converted in registers, plus `axpy`. Each takes
+//! the model's [`Level`]: AVX-512F or AVX2 (both with FMA and F16C for
+//! f16/FP8), or portable code.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
 
+use super::level::Level;
 use crate::format::fp8::E4M3_TABLE;
-use once_cell::sync::Lazy;
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-static AVX512: Lazy<bool> = Lazy::new(|| {
+/// The vector module a level runs, as a tag for the dispatch below.
+#[derive(Clone, Copy)]
+enum Simd {
     #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("f16c")
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    None,
+}
+
+/// `lvl` never exceeds what the CPU has ([`Level`] caps it), so the
+/// `unsafe` calls below hold their feature contract.
+fn simd(lvl: Level) -> Simd {
+    match lvl {
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 | Level::Avx512Bf16 => Simd::Avx512,
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => Simd::Avx2,
+        _ => Simd::None,
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-});
+}
 
 pub use crate::format::prefetch;
 
@@ -362,24 +373,335 @@ mod avx512 {
     }
 }
 
-/// `a · b` in f32.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::dot_f32(a, b) };
-    }
-    dot_portable(a, b)
-}
+/// The AVX2 + FMA + F16C versions of [`avx512`]: the same loops on 8 lanes,
+/// for CPUs without AVX-512 (Zen 2/3, most client Intel parts).
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::prefetch;
+    use crate::format::fp8::simd::e4m3_as_f16;
+    use std::arch::x86_64::*;
 
-/// bf16 row (little-endian bytes) times f32 `x`.
-pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::dot_bf16(row, x) };
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
-    portable::dot_bf16(row, x)
+
+    /// 8 bf16 values (16 bytes at `p`) as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 16` readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bf16x8(p: *const u8) -> __m256 {
+        // SAFETY: caller contract.
+        let w = unsafe { _mm_loadu_si128(p as *const __m128i) };
+        _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16))
+    }
+
+    /// 16 e4m3 codes at `p` as two f32 vectors, each value times 2^-8 (see
+    /// `e4m3_as_f16`).
+    ///
+    /// # Safety
+    /// `p .. p + 16` readable.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn fp8x16(p: *const u8) -> (__m256, __m256) {
+        // SAFETY: caller contract.
+        let h = e4m3_as_f16(unsafe { _mm_loadu_si128(p as *const __m128i) });
+        (
+            _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)),
+        )
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let full = n / 32 * 32;
+        let mut s = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < full {
+            for (k, acc) in s.iter_mut().enumerate() {
+                // SAFETY: i + 32 <= n for both slices.
+                unsafe {
+                    *acc = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(a.as_ptr().add(i + 8 * k)),
+                        _mm256_loadu_ps(b.as_ptr().add(i + 8 * k)),
+                        *acc,
+                    );
+                }
+            }
+            i += 32;
+        }
+        let mut t = hsum(_mm256_add_ps(
+            _mm256_add_ps(s[0], s[1]),
+            _mm256_add_ps(s[2], s[3]),
+        ));
+        for k in full..n {
+            t += a[k] * b[k];
+        }
+        t
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(row.len() / 2);
+        let full = n / 32 * 32;
+        let mut s = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < full {
+            for (k, acc) in s.iter_mut().enumerate() {
+                let e = i + 8 * k;
+                // SAFETY: elements e..e+8 exist in both (bytes 2e..2e+16 of row).
+                unsafe {
+                    let f = bf16x8(row.as_ptr().add(2 * e));
+                    *acc = _mm256_fmadd_ps(f, _mm256_loadu_ps(x.as_ptr().add(e)), *acc);
+                }
+            }
+            i += 32;
+        }
+        let t = hsum(_mm256_add_ps(
+            _mm256_add_ps(s[0], s[1]),
+            _mm256_add_ps(s[2], s[3]),
+        ));
+        t + super::portable::dot_bf16(&row[2 * full..2 * n], &x[full..n])
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
+        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len() / 2));
+        let full = n / 16 * 16;
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in x and in every row.
+            unsafe {
+                let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
+                let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
+                for (r, row) in rows.iter().enumerate() {
+                    if i % 32 == 0 {
+                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                    }
+                    let p = row.as_ptr().add(2 * i);
+                    acc[r][0] = _mm256_fmadd_ps(bf16x8(p), x0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(bf16x8(p.add(16)), x1, acc[r][1]);
+                }
+            }
+            i += 16;
+        }
+        let mut out = [0f32; 4];
+        for (r, o) in out.iter_mut().enumerate() {
+            *o = hsum(_mm256_add_ps(acc[r][0], acc[r][1]))
+                + super::portable::dot_bf16(&rows[r][2 * full..2 * n], &x[full..n]);
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_fp8_x4(
+        rows: [&[u8]; 4],
+        scales: [&[f32]; 4],
+        block: usize,
+        x: &[f32],
+        ahead: usize,
+    ) -> [f32; 4] {
+        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len()));
+        let mut total = [_mm256_setzero_ps(); 4];
+        let mut tail = [0f32; 4];
+        let k256 = _mm256_set1_ps(256.0);
+        let mut b0 = 0;
+        let mut bi = 0;
+        while b0 < n {
+            let b1 = (b0 + block).min(n);
+            let full = b0 + (b1 - b0) / 16 * 16;
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = b0;
+            while i < full {
+                // SAFETY: elements i..i+16 exist in x and in every row.
+                unsafe {
+                    let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
+                    let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
+                    for (r, row) in rows.iter().enumerate() {
+                        if (i - b0).is_multiple_of(64) {
+                            prefetch(row.as_ptr().wrapping_add(i + ahead));
+                        }
+                        let (f0, f1) = fp8x16(row.as_ptr().add(i));
+                        acc[r][0] = _mm256_fmadd_ps(f0, x0, acc[r][0]);
+                        acc[r][1] = _mm256_fmadd_ps(f1, x1, acc[r][1]);
+                    }
+                }
+                i += 16;
+            }
+            for r in 0..4 {
+                let s = _mm256_set1_ps(scales[r][bi]);
+                let sum = _mm256_add_ps(acc[r][0], acc[r][1]);
+                total[r] = _mm256_fmadd_ps(_mm256_mul_ps(sum, k256), s, total[r]);
+                let mut part = 0f32;
+                for k in full..b1 {
+                    part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
+                }
+                tail[r] += part * scales[r][bi];
+            }
+            b0 = b1;
+            bi += 1;
+        }
+        [0, 1, 2, 3].map(|r| hsum(total[r]) + tail[r])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+        let n = x.len().min(row.len() / 2);
+        let full = n / 16 * 16;
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in both.
+            unsafe {
+                let w0 = _mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i);
+                let w1 = _mm_loadu_si128(row.as_ptr().add(2 * i + 16) as *const __m128i);
+                s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(w0), _mm256_loadu_ps(x.as_ptr().add(i)), s0);
+                s1 = _mm256_fmadd_ps(
+                    _mm256_cvtph_ps(w1),
+                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
+                    s1,
+                );
+            }
+            i += 16;
+        }
+        hsum(_mm256_add_ps(s0, s1)) + super::portable::dot_f16(&row[2 * full..2 * n], &x[full..n])
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+        let n = x.len().min(codes.len());
+        let mut total = _mm256_setzero_ps();
+        let mut tail = 0f32;
+        let mut b0 = 0;
+        let mut bi = 0;
+        while b0 < n {
+            let b1 = (b0 + block).min(n);
+            let full = b0 + (b1 - b0) / 16 * 16;
+            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = b0;
+            while i < full {
+                // SAFETY: elements i..i+16 exist in both.
+                unsafe {
+                    let (f0, f1) = fp8x16(codes.as_ptr().add(i));
+                    s0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(x.as_ptr().add(i)), s0);
+                    s1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), s1);
+                }
+                i += 16;
+            }
+            let block_sum = _mm256_mul_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(256.0));
+            total = _mm256_fmadd_ps(block_sum, _mm256_set1_ps(scales[bi]), total);
+            let mut part = 0f32;
+            for k in full..b1 {
+                part += super::E4M3_TABLE[codes[k] as usize] * x[k];
+            }
+            tail += part * scales[bi];
+            b0 = b1;
+            bi += 1;
+        }
+        hsum(total) + tail
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
+        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
+        let full = n / 8 * 8;
+        let av = a.map(|v| _mm256_set1_ps(v));
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+8 exist in y and in every row.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                let mut acc = _mm256_loadu_ps(p);
+                for (r, row) in rows.iter().enumerate() {
+                    if i % 32 == 0 {
+                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                    }
+                    acc = _mm256_fmadd_ps(bf16x8(row.as_ptr().add(2 * i)), av[r], acc);
+                }
+                _mm256_storeu_ps(p, acc);
+            }
+            i += 8;
+        }
+        for (r, row) in rows.iter().enumerate() {
+            super::portable::axpy_bf16(&row[2 * full..2 * n], a[r], &mut y[full..n]);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn axpy_fp8_x4(
+        rows: [&[u8]; 4],
+        scales: [&[f32]; 4],
+        block: usize,
+        a: [f32; 4],
+        y: &mut [f32],
+        ahead: usize,
+    ) {
+        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
+        let mut b0 = 0;
+        let mut bi = 0;
+        while b0 < n {
+            let b1 = (b0 + block).min(n);
+            let full = b0 + (b1 - b0) / 16 * 16;
+            // The f32 reading of a code (through f16) is its value times 2^-8.
+            let coef: [f32; 4] = [0, 1, 2, 3].map(|r| a[r] * scales[r][bi]);
+            let cv = coef.map(|c| _mm256_mul_ps(_mm256_set1_ps(c), _mm256_set1_ps(256.0)));
+            let mut i = b0;
+            while i < full {
+                // SAFETY: elements i..i+16 exist in y and in every row.
+                unsafe {
+                    let p = y.as_mut_ptr().add(i);
+                    let (mut y0, mut y1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
+                    for (r, row) in rows.iter().enumerate() {
+                        if (i - b0).is_multiple_of(64) {
+                            prefetch(row.as_ptr().wrapping_add(i + ahead));
+                        }
+                        let (f0, f1) = fp8x16(row.as_ptr().add(i));
+                        y0 = _mm256_fmadd_ps(f0, cv[r], y0);
+                        y1 = _mm256_fmadd_ps(f1, cv[r], y1);
+                    }
+                    _mm256_storeu_ps(p, y0);
+                    _mm256_storeu_ps(p.add(8), y1);
+                }
+                i += 16;
+            }
+            for (r, row) in rows.iter().enumerate() {
+                for k in full..b1 {
+                    y[k] += coef[r] * super::E4M3_TABLE[row[k] as usize];
+                }
+            }
+            b0 = b1;
+            bi += 1;
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let full = n / 8 * 8;
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+8 exist in both.
+            unsafe {
+                let p = y.as_mut_ptr().add(i);
+                _mm256_storeu_ps(
+                    p,
+                    _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
+                );
+            }
+            i += 8;
+        }
+        for k in full..n {
+            y[k] += a * x[k];
+        }
+    }
 }
 
 /// The fallbacks, also the reference the vector versions are tested against.
@@ -426,70 +748,87 @@ mod portable {
     }
 }
 
+/// Dispatches to the vector module of `lvl` (same function names and
+/// arguments), or evaluates the portable fallback.
+macro_rules! dispatch {
+    ($lvl:expr, $f:ident($($arg:expr),*), $fallback:expr) => {
+        match simd($lvl) {
+            // SAFETY: the level is capped by the CPU's features (`simd`).
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => unsafe { avx512::$f($($arg),*) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => unsafe { avx2::$f($($arg),*) },
+            Simd::None => $fallback,
+        }
+    };
+}
+
+/// `a · b` in f32.
+pub fn dot(lvl: Level, a: &[f32], b: &[f32]) -> f32 {
+    dispatch!(lvl, dot_f32(a, b), dot_portable(a, b))
+}
+
+/// bf16 row (little-endian bytes) times f32 `x`.
+pub fn dot_bf16(lvl: Level, row: &[u8], x: &[f32]) -> f32 {
+    dispatch!(lvl, dot_bf16(row, x), portable::dot_bf16(row, x))
+}
+
 /// Four bf16 rows times the same `x`. `ahead` is how far past each row's
 /// current position to prefetch, in bytes; any value is safe.
-pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::dot_bf16_x4(rows, x, ahead) };
-    }
-    rows.map(|r| portable::dot_bf16(r, x))
+pub fn dot_bf16_x4(lvl: Level, rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
+    dispatch!(
+        lvl,
+        dot_bf16_x4(rows, x, ahead),
+        rows.map(|r| portable::dot_bf16(r, x))
+    )
 }
 
 /// Four E4M3 rows (scales per `block` elements) times the same `x`.
 /// `ahead` is the prefetch distance in bytes, as for [`dot_bf16_x4`].
 pub fn dot_fp8_x4(
+    lvl: Level,
     rows: [&[u8]; 4],
     scales: [&[f32]; 4],
     block: usize,
     x: &[f32],
     ahead: usize,
 ) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::dot_fp8_x4(rows, scales, block, x, ahead) };
-    }
-    [0, 1, 2, 3].map(|r| portable::dot_fp8(rows[r], scales[r], block, x))
+    dispatch!(
+        lvl,
+        dot_fp8_x4(rows, scales, block, x, ahead),
+        [0, 1, 2, 3].map(|r| portable::dot_fp8(rows[r], scales[r], block, x))
+    )
 }
 
 /// f16 row (little-endian bytes) times f32 `x`.
-pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::dot_f16(row, x) };
-    }
-    portable::dot_f16(row, x)
+pub fn dot_f16(lvl: Level, row: &[u8], x: &[f32]) -> f32 {
+    dispatch!(lvl, dot_f16(row, x), portable::dot_f16(row, x))
 }
 
 /// E4M3 row times f32 `x`, `scales[k]` applying to elements `[k*block, (k+1)*block)`.
-pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::dot_fp8(codes, scales, block, x) };
-    }
-    portable::dot_fp8(codes, scales, block, x)
+pub fn dot_fp8(lvl: Level, codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+    dispatch!(
+        lvl,
+        dot_fp8(codes, scales, block, x),
+        portable::dot_fp8(codes, scales, block, x)
+    )
 }
 
 /// `y += Σ a[k] · rows[k]` for four bf16 rows; `ahead` is the prefetch
 /// distance in bytes, as for [`dot_bf16_x4`].
-pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::axpy_bf16_x4(rows, a, y, ahead) };
-    }
-    for r in 0..4 {
-        portable::axpy_bf16(rows[r], a[r], y);
-    }
+pub fn axpy_bf16_x4(lvl: Level, rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
+    dispatch!(lvl, axpy_bf16_x4(rows, a, y, ahead), {
+        for r in 0..4 {
+            portable::axpy_bf16(rows[r], a[r], y);
+        }
+    })
 }
 
 /// `y += Σ a[k] · rows[k]` for four E4M3 rows (scales per `block`
 /// elements); `ahead` is the prefetch distance in bytes.
 pub fn axpy_fp8_x4(
+    lvl: Level,
     rows: [&[u8]; 4],
     scales: [&[f32]; 4],
     block: usize,
@@ -497,24 +836,16 @@ pub fn axpy_fp8_x4(
     y: &mut [f32],
     ahead: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F and F16C detected at run time.
-        return unsafe { avx512::axpy_fp8_x4(rows, scales, block, a, y, ahead) };
-    }
-    for r in 0..4 {
-        portable::axpy_fp8(rows[r], scales[r], block, a[r], y);
-    }
+    dispatch!(lvl, axpy_fp8_x4(rows, scales, block, a, y, ahead), {
+        for r in 0..4 {
+            portable::axpy_fp8(rows[r], scales[r], block, a[r], y);
+        }
+    })
 }
 
 /// `y += a * x`.
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if *AVX512 {
-        // SAFETY: AVX-512F detected at run time.
-        return unsafe { avx512::axpy(y, a, x) };
-    }
-    portable::axpy(y, a, x)
+pub fn axpy(lvl: Level, y: &mut [f32], a: f32, x: &[f32]) {
+    dispatch!(lvl, axpy(y, a, x), portable::axpy(y, a, x))
 }
 
 #[cfg(test)]
@@ -526,15 +857,20 @@ mod tests {
         (a - b).abs() <= 1e-4 * (1.0 + b.abs())
     }
 
-    /// Covers both the vector path this CPU selects (AVX-512 where present)
-    /// and the portable fallback, whatever the CPU.
+    /// Every level this CPU runs (portable, AVX2, AVX-512), each against
+    /// the plain sums and the portable forms.
     #[test]
     fn every_kind_matches_the_plain_sum() {
-        for n in [0usize, 1, 15, 16, 33, 100, 257, 576] {
+        let levels = Level::available();
+        println!("vecops levels: {levels:?}");
+        for (lvl, n) in levels
+            .into_iter()
+            .flat_map(|l| [0usize, 1, 7, 8, 15, 16, 33, 100, 257, 576].map(|n| (l, n)))
+        {
             let x: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0).collect();
             let w: Vec<f32> = (0..n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0).collect();
             let want: f32 = x.iter().zip(&w).map(|(a, b)| a * b).sum();
-            assert!(close(dot(&w, &x), want), "f32 n={n}");
+            assert!(close(dot(lvl, &w, &x), want), "{lvl:?} f32 n={n}");
             assert!(close(dot_portable(&w, &x), want), "portable f32 n={n}");
             let bf: Vec<u8> = w
                 .iter()
@@ -545,7 +881,7 @@ mod tests {
                 .zip(&w)
                 .map(|(a, b)| a * half::bf16::from_f32(*b).to_f32())
                 .sum();
-            assert!(close(dot_bf16(&bf, &x), wb), "bf16 n={n}");
+            assert!(close(dot_bf16(lvl, &bf, &x), wb), "{lvl:?} bf16 n={n}");
             assert!(
                 close(portable::dot_bf16(&bf, &x), wb),
                 "portable bf16 n={n}"
@@ -559,7 +895,7 @@ mod tests {
                 .zip(&w)
                 .map(|(a, b)| a * half::f16::from_f32(*b).to_f32())
                 .sum();
-            assert!(close(dot_f16(&h, &x), wh), "f16 n={n}");
+            assert!(close(dot_f16(lvl, &h, &x), wh), "{lvl:?} f16 n={n}");
             assert!(close(portable::dot_f16(&h, &x), wh), "portable f16 n={n}");
             // FP8 with a different power-of-two-ish scale per block of 64.
             let codes: Vec<u8> = w.iter().map(|&v| f32_to_e4m3(v * 37.0)).collect();
@@ -571,7 +907,10 @@ mod tests {
                 .enumerate()
                 .map(|(k, (a, &c))| a * E4M3_TABLE[c as usize] * scales[k / 64])
                 .sum();
-            assert!(close(dot_fp8(&codes, &scales, 64, &x), w8), "fp8 n={n}");
+            assert!(
+                close(dot_fp8(lvl, &codes, &scales, 64, &x), w8),
+                "{lvl:?} fp8 n={n}"
+            );
             assert!(
                 close(portable::dot_fp8(&codes, &scales, 64, &x), w8),
                 "portable fp8 n={n}"
@@ -586,13 +925,14 @@ mod tests {
                 v
             };
             let bf4: Vec<Vec<u8>> = (0..4).map(|r| rot(&bf, 2 * r)).collect();
-            let got = dot_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], &x, 4 * n);
+            let got = dot_bf16_x4(lvl, [&bf4[0], &bf4[1], &bf4[2], &bf4[3]], &x, 4 * n);
             for r in 0..4 {
                 let want = portable::dot_bf16(&bf4[r], &x);
-                assert!(close(got[r], want), "bf16 x4 n={n} row {r}");
+                assert!(close(got[r], want), "{lvl:?} bf16 x4 n={n} row {r}");
             }
             let c4: Vec<Vec<u8>> = (0..4).map(|r| rot(&codes, r)).collect();
             let got = dot_fp8_x4(
+                lvl,
                 [&c4[0], &c4[1], &c4[2], &c4[3]],
                 [&scales, &scales, &scales, &scales],
                 64,
@@ -601,27 +941,35 @@ mod tests {
             );
             for r in 0..4 {
                 let want = portable::dot_fp8(&c4[r], &scales, 64, &x);
-                assert!(close(got[r], want), "fp8 x4 n={n} row {r}");
+                assert!(close(got[r], want), "{lvl:?} fp8 x4 n={n} row {r}");
             }
             let a4 = [0.5f32, -1.25, 2.0, 0.0];
             let (mut y, mut yp) = (x.clone(), x.clone());
-            axpy_bf16_x4([&bf4[0], &bf4[1], &bf4[2], &bf4[3]], a4, &mut y, 8 * n);
+            axpy_bf16_x4(lvl, [&bf4[0], &bf4[1], &bf4[2], &bf4[3]], a4, &mut y, 8 * n);
             for r in 0..4 {
                 portable::axpy_bf16(&bf4[r], a4[r], &mut yp);
             }
             assert!(
                 y.iter().zip(&yp).all(|(a, b)| close(*a, *b)),
-                "bf16 axpy x4 n={n}"
+                "{lvl:?} bf16 axpy x4 n={n}"
             );
             let (mut y, mut yp) = (x.clone(), x.clone());
             let s4 = [&scales[..], &scales[..], &scales[..], &scales[..]];
-            axpy_fp8_x4([&c4[0], &c4[1], &c4[2], &c4[3]], s4, 64, a4, &mut y, 4 * n);
+            axpy_fp8_x4(
+                lvl,
+                [&c4[0], &c4[1], &c4[2], &c4[3]],
+                s4,
+                64,
+                a4,
+                &mut y,
+                4 * n,
+            );
             for r in 0..4 {
                 portable::axpy_fp8(&c4[r], &scales, 64, a4[r], &mut yp);
             }
             assert!(
                 y.iter().zip(&yp).all(|(a, b)| close(*a, *b)),
-                "fp8 axpy x4 n={n}"
+                "{lvl:?} fp8 axpy x4 n={n}"
             );
             // The portable forms against the plain sums.
             let mut yb = vec![0f32; n];
@@ -633,7 +981,7 @@ mod tests {
                 assert_eq!(y8[k], E4M3_TABLE[codes[k] as usize] * scales[k / 64]);
             }
             let (mut y, mut yp) = (w.clone(), w.clone());
-            axpy(&mut y, 0.5, &x);
+            axpy(lvl, &mut y, 0.5, &x);
             portable::axpy(&mut yp, 0.5, &x);
             for k in 0..n {
                 assert!(close(y[k], w[k] + 0.5 * x[k]) && close(yp[k], y[k]));

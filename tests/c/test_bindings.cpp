@@ -746,6 +746,10 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
     mlart::ModelOptions rounded;
     rounded.activations = mlart::Activations::Bf16;
     const mlart::Model model_bf16 = mlart::Model::load(engine, dir, rounded);
+    CHECK(model_bf16.info().activations == MLART_ACTIVATIONS_BF16 &&
+              p.activations == MLART_ACTIVATIONS_PRECISE &&
+              model_bf16.info().projection_isa == p.projection_isa,
+          "info: activations " << model_bf16.info().activations << " / " << p.activations);
     std::vector<float> out_bf16(n * hid, kNaN);
     pool.seq_create(13);
     model_bf16.forward(pool, 0, 13, n, x.data(), out_bf16.data());

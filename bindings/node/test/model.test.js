@@ -30,6 +30,8 @@ test('Model.load, info and forward on a pool', { skip }, () => {
   assert.equal(info.qkRopeHeadDim, 16);
   assert.equal(info.dQk, info.kvLoraRank + info.qkRopeHeadDim);
   assert.equal(typeof info.weightDtype, 'string');
+  assert.equal(info.activations, 'precise');
+  assert.ok(['scalar', 'avx2', 'avx512', 'avx512bf16'].includes(info.projectionIsa), info.projectionIsa);
   assert.ok(info.bytesLoaded > 0);
   assert.ok(info.softmaxScale > 0);
 
@@ -67,6 +69,7 @@ test('Model.load, info and forward on a pool', { skip }, () => {
     // Bf16 activations reach the library: close to the precise output, not equal.
     const rounded = mlart.Model.load(engine, MODEL_DIR, { activations: 'bf16' });
     try {
+      assert.equal(rounded.info().activations, 'bf16');
       pool.createSeq(4);
       const out4 = rounded.forward(pool, { layer: 0, seqIds: [4], nTokens: [3], x });
       let num = 0;

@@ -138,7 +138,7 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
     )?;
     eprintln!();
     println!(
-        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({}), {} activations",
+        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({}), {} activations, {} projections",
         model.layers.len(),
         o.model.display(),
         t0.elapsed().as_secs_f64(),
@@ -147,7 +147,8 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
         match model.activations {
             Activations::Precise => "precise",
             Activations::Bf16 => "bf16",
-        }
+        },
+        model.level.name()
     );
     Ok((engine, model))
 }
