@@ -130,6 +130,7 @@ impl Absorbed {
                             &mut chunk[head * out_stride..],
                             h * out_stride,
                             rows,
+                            false,
                         );
                     }
                 });

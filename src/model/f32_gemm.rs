@@ -1,17 +1,20 @@
-//! `Y = X · W` in f32 for rows of X and Y at any stride, with W row-major
-//! `[k][n]`: the per-head products of the absorbed projections in prefill
-//! (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose operands interleave the
-//! heads. The AVX-512 kernel keeps 8 rows x 32 columns of Y in registers
-//! over k, so each row of W loaded from cache serves 8 rows of X (one
-//! `axpy` per row of W, as before, re-read W from L2 for every token).
+//! `Y = X · W` (or `Y += X · W`) in f32 for rows of X and Y at any stride,
+//! with W row-major `[k][n]`: the per-head products of the absorbed
+//! projections in prefill (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose
+//! operands interleave the heads, and the projections of CPUs without the
+//! bf16 GEMM. The AVX-512 kernel keeps 8 rows x 32 columns of Y in
+//! registers over k, the AVX2 one 6 rows x 16 columns (its 16 registers),
+//! so each row of W loaded from cache serves several rows of X.
 
 use super::level::Level;
 
-/// Rows of X (and Y) per register block.
+/// Rows of X (and Y) per register block: AVX-512 (32 registers), AVX2 (16).
 const TB: usize = 8;
+const TB_AVX2: usize = 6;
 
-/// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows`, where row `t` of x
-/// starts at `x[t * xs]` (`k` values) and of y at `y[t * ys]`.
+/// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows` (with `accumulate`,
+/// `y[t][..n] +=`), where row `t` of x starts at `x[t * xs]` (`k` values)
+/// and of y at `y[t * ys]`.
 ///
 /// # Panics
 /// When a slice is too short for the shape (a bug in the caller).
@@ -26,6 +29,7 @@ pub fn matmul_rows(
     y: &mut [f32],
     ys: usize,
     rows: usize,
+    accumulate: bool,
 ) {
     if rows == 0 {
         return;
@@ -33,30 +37,87 @@ pub fn matmul_rows(
     assert!(w.len() >= k * n && x.len() >= (rows - 1) * xs + k);
     assert!(y.len() >= (rows - 1) * ys + n && xs >= k && ys >= n);
     #[cfg(target_arch = "x86_64")]
-    if lvl >= Level::Avx512 {
+    if lvl >= Level::Avx2 {
+        let tb_max = if lvl >= Level::Avx512 { TB } else { TB_AVX2 };
         let mut t = 0;
         while t < rows {
-            let tb = TB.min(rows - t);
+            let tb = tb_max.min(rows - t);
             let (xr, yr) = (&x[t * xs..], &mut y[t * ys..]);
-            // SAFETY: the level is capped by the CPU (AVX-512F); the rows t..t + tb of x and y and
-            // all of w lie inside the slices (asserted above).
+            // SAFETY: the level is capped by the CPU (AVX-512F, or AVX2 and
+            // FMA); the rows t..t + tb of x and y and all of w lie inside
+            // the slices (asserted above).
             unsafe {
-                match tb {
-                    8 => avx512::block::<8>(xr, xs, w, k, n, yr, ys),
-                    7 => avx512::block::<7>(xr, xs, w, k, n, yr, ys),
-                    6 => avx512::block::<6>(xr, xs, w, k, n, yr, ys),
-                    5 => avx512::block::<5>(xr, xs, w, k, n, yr, ys),
-                    4 => avx512::block::<4>(xr, xs, w, k, n, yr, ys),
-                    3 => avx512::block::<3>(xr, xs, w, k, n, yr, ys),
-                    2 => avx512::block::<2>(xr, xs, w, k, n, yr, ys),
-                    _ => avx512::block::<1>(xr, xs, w, k, n, yr, ys),
+                if lvl >= Level::Avx512 {
+                    avx512_rows(tb, accumulate, xr, xs, w, k, n, yr, ys);
+                } else {
+                    avx2_rows(tb, accumulate, xr, xs, w, k, n, yr, ys);
                 }
             }
             t += tb;
         }
         return;
     }
-    portable(x, xs, w, k, n, y, ys, rows);
+    portable(x, xs, w, k, n, y, ys, rows, accumulate);
+}
+
+/// Dispatches `tb <= TB` rows to the AVX-512 block of that many rows.
+///
+/// # Safety
+/// As [`avx512::block`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx512_rows(
+    tb: usize,
+    accumulate: bool,
+    x: &[f32],
+    xs: usize,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (tb, accumulate) {
+                // SAFETY: forwarded contract.
+                $(($r, false) => unsafe { avx512::block::<$r, false>(x, xs, w, k, n, y, ys) },
+                  ($r, true) => unsafe { avx512::block::<$r, true>(x, xs, w, k, n, y, ys) },)*
+                _ => unreachable!("block of {tb} rows"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6 7 8)
+}
+
+/// Dispatches `tb <= TB_AVX2` rows to the AVX2 block of that many rows.
+///
+/// # Safety
+/// As [`avx2::block`].
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn avx2_rows(
+    tb: usize,
+    accumulate: bool,
+    x: &[f32],
+    xs: usize,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    y: &mut [f32],
+    ys: usize,
+) {
+    macro_rules! rows {
+        ($($r:literal)*) => {
+            match (tb, accumulate) {
+                // SAFETY: forwarded contract.
+                $(($r, false) => unsafe { avx2::block::<$r, false>(x, xs, w, k, n, y, ys) },
+                  ($r, true) => unsafe { avx2::block::<$r, true>(x, xs, w, k, n, y, ys) },)*
+                _ => unreachable!("block of {tb} rows"),
+            }
+        };
+    }
+    rows!(1 2 3 4 5 6)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -69,10 +130,13 @@ fn portable(
     y: &mut [f32],
     ys: usize,
     rows: usize,
+    accumulate: bool,
 ) {
     for t in 0..rows {
         let yr = &mut y[t * ys..][..n];
-        yr.fill(0.0);
+        if !accumulate {
+            yr.fill(0.0);
+        }
         for (j, &a) in x[t * xs..][..k].iter().enumerate() {
             for (o, &b) in yr.iter_mut().zip(&w[j * n..][..n]) {
                 *o += a * b;
@@ -86,13 +150,14 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// `R` rows of Y, all `n` columns: 32 columns (two vectors) at a time
-    /// with `R x 2` accumulators, the last columns under a mask.
+    /// with `R x 2` accumulators (starting from Y with `ACC`), the last
+    /// columns under a mask.
     ///
     /// # Safety
     /// AVX-512F enabled; rows `0..R` of x (stride xs, k values) and y
     /// (stride ys, n values) and `w [k][n]` are inside the slices.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block<const R: usize>(
+    pub unsafe fn block<const R: usize, const ACC: bool>(
         x: &[f32],
         xs: usize,
         w: &[f32],
@@ -113,6 +178,15 @@ mod avx512 {
             // < n of rows inside the slices; x reads stay in row t's k values.
             unsafe {
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                if ACC {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let yr = y.as_ptr().add(t * ys + c);
+                        *a = [
+                            _mm512_maskz_loadu_ps(m0, yr),
+                            _mm512_maskz_loadu_ps(m1, yr.add(16)),
+                        ];
+                    }
+                }
                 for j in 0..k {
                     let wr = w.as_ptr().add(j * n + c);
                     let b0 = _mm512_maskz_loadu_ps(m0, wr);
@@ -130,6 +204,71 @@ mod avx512 {
                 }
             }
             c += 32;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `R` rows of Y, all `n` columns: 16 columns (two vectors) at a time
+    /// with `R x 2` accumulators (starting from Y with `ACC`); the last
+    /// columns, fewer than 16, one at a time.
+    ///
+    /// # Safety
+    /// AVX2 and FMA enabled; rows `0..R` of x (stride xs, k values) and y
+    /// (stride ys, n values) and `w [k][n]` are inside the slices.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn block<const R: usize, const ACC: bool>(
+        x: &[f32],
+        xs: usize,
+        w: &[f32],
+        k: usize,
+        n: usize,
+        y: &mut [f32],
+        ys: usize,
+    ) {
+        debug_assert!(x.len() >= (R - 1) * xs + k && y.len() >= (R - 1) * ys + n);
+        debug_assert!(w.len() >= k * n);
+        let full = n / 16 * 16;
+        let mut c = 0;
+        while c < full {
+            // SAFETY: columns c..c + 16 <= n of rows inside the slices; x
+            // reads stay in row t's k values.
+            unsafe {
+                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                if ACC {
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let yr = y.as_ptr().add(t * ys + c);
+                        *a = [_mm256_loadu_ps(yr), _mm256_loadu_ps(yr.add(8))];
+                    }
+                }
+                for j in 0..k {
+                    let wr = w.as_ptr().add(j * n + c);
+                    let (b0, b1) = (_mm256_loadu_ps(wr), _mm256_loadu_ps(wr.add(8)));
+                    for (t, a) in acc.iter_mut().enumerate() {
+                        let s = _mm256_set1_ps(*x.get_unchecked(t * xs + j));
+                        a[0] = _mm256_fmadd_ps(s, b0, a[0]);
+                        a[1] = _mm256_fmadd_ps(s, b1, a[1]);
+                    }
+                }
+                for (t, a) in acc.iter().enumerate() {
+                    let yr = y.as_mut_ptr().add(t * ys + c);
+                    _mm256_storeu_ps(yr, a[0]);
+                    _mm256_storeu_ps(yr.add(8), a[1]);
+                }
+            }
+            c += 16;
+        }
+        for t in 0..R {
+            for c in full..n {
+                let mut v = if ACC { y[t * ys + c] } else { 0.0 };
+                for j in 0..k {
+                    v += x[t * xs + j] * w[j * n + c];
+                }
+                y[t * ys + c] = v;
+            }
         }
     }
 }
@@ -154,21 +293,47 @@ mod tests {
             let (xs, ys) = (k + 3, n + 2);
             let x = uniform(rows * xs, 1);
             let w = uniform(k * n, 2);
-            for lvl in Level::available() {
-                let mut y = vec![f32::NAN; rows * ys];
-                matmul_rows(lvl, &x, xs, &w, k, n, &mut y, ys, rows);
+            let y0 = uniform(rows * ys, 3);
+            for (lvl, accumulate) in Level::available()
+                .into_iter()
+                .flat_map(|l| [(l, false), (l, true)])
+            {
+                // Accumulating starts from y0; else y starts as NaN and
+                // must be overwritten.
+                let mut y = if accumulate {
+                    y0.clone()
+                } else {
+                    vec![f32::NAN; rows * ys]
+                };
+                let tail = y[..]
+                    .iter()
+                    .skip(n)
+                    .step_by(ys)
+                    .copied()
+                    .collect::<Vec<_>>();
+                matmul_rows(lvl, &x, xs, &w, k, n, &mut y, ys, rows, accumulate);
                 for t in 0..rows {
                     for o in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
-                            .sum();
+                        let base = if accumulate {
+                            y0[t * ys + o] as f64
+                        } else {
+                            0.0
+                        };
+                        let want: f64 = base
+                            + (0..k)
+                                .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
+                                .sum::<f64>();
                         let got = y[t * ys + o] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{lvl:?} rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
+                            "{lvl:?} acc {accumulate} rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
                         );
                     }
-                    assert!(y[t * ys + n].is_nan(), "{lvl:?} wrote past row {t}");
+                    let past = y[t * ys + n];
+                    assert!(
+                        past.to_bits() == tail[t].to_bits(),
+                        "{lvl:?} acc {accumulate} wrote past row {t}"
+                    );
                 }
             }
         }

@@ -6,7 +6,7 @@
 use super::level::Level;
 use super::scratch::Scratch;
 use super::weights::{StoredDtype, Tensor};
-use super::{fp8_bf16, gemm, vecops};
+use super::{f32_gemm, fp8_bf16, gemm, vecops};
 use crate::error::{Error, Result, Status};
 use crate::format::fp8::E4M3_TABLE;
 use crate::format::{load_slice, store_slice, Dtype};
@@ -319,9 +319,9 @@ impl Linear {
     /// taken as [`Self::activations`] says. Few tokens (decode): a pure
     /// weight stream, rows converted in registers, four rows per pass over
     /// `x`. Many tokens (prefill): bf16 and FP8 weights go through the
-    /// register-tiled GEMM of [`gemm`] where the CPU has AVX512-BF16 and
-    /// VBMI; otherwise each row is converted once to f32 and dotted with
-    /// every token.
+    /// register-tiled GEMM of [`gemm`] at the bf16 level (AVX512-BF16 and
+    /// VBMI); otherwise rows are converted once to f32 and go through the
+    /// f32 GEMM ([`Self::matmul_f32_gemm`]).
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         self.matmul_with(x, tokens, y, &Scratch::default())
     }
@@ -355,38 +355,28 @@ impl Linear {
             }
             _ => x,
         };
+        if tokens > 4 {
+            return self.matmul_f32_gemm(x, tokens, y, scratch);
+        }
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
         let mut yt = scratch.overwritten::<f32>(out * tokens);
-        let split: Vec<Option<fp8_bf16::SplitX>> = if tokens <= 4 {
-            (0..tokens).map(|t| self.prepare(&x[t * inp..])).collect()
-        } else {
-            Vec::new()
-        };
+        let split: Vec<Option<fp8_bf16::SplitX>> =
+            (0..tokens).map(|t| self.prepare(&x[t * inp..])).collect();
         yt.par_chunks_mut(tokens * ROWS)
             .enumerate()
             .for_each(|(c, chunk)| {
                 let rows_here = chunk.len() / tokens;
-                if tokens <= 4 {
-                    // Four rows share each pass over x: o_proj's x is 64 KiB,
-                    // larger than L1.
-                    for r in (0..rows_here).step_by(4) {
-                        let group = 4.min(rows_here - r);
-                        let rows = [0, 1, 2, 3].map(|k| c * ROWS + r + k.min(group - 1));
-                        for t in 0..tokens {
-                            let v = self.dot4(rows, &x[t * inp..(t + 1) * inp], split[t].as_ref());
-                            for (k, &val) in v.iter().enumerate().take(group) {
-                                chunk[(r + k) * tokens + t] = val;
-                            }
+                // Four rows share each pass over x: o_proj's x is 64 KiB,
+                // larger than L1.
+                for r in (0..rows_here).step_by(4) {
+                    let group = 4.min(rows_here - r);
+                    let rows = [0, 1, 2, 3].map(|k| c * ROWS + r + k.min(group - 1));
+                    for t in 0..tokens {
+                        let v = self.dot4(rows, &x[t * inp..(t + 1) * inp], split[t].as_ref());
+                        for (k, &val) in v.iter().enumerate().take(group) {
+                            chunk[(r + k) * tokens + t] = val;
                         }
-                    }
-                    return;
-                }
-                let mut row = vec![0f32; inp];
-                for (r, yrow) in chunk.chunks_mut(tokens).enumerate() {
-                    self.row(c * ROWS + r, &mut row);
-                    for (t, yv) in yrow.iter_mut().enumerate() {
-                        *yv = vecops::dot(self.level, &row, &x[t * inp..(t + 1) * inp]);
                     }
                 }
             });
@@ -399,6 +389,61 @@ impl Linear {
 }
 
 pub use vecops::dot;
+
+impl Linear {
+    /// Many tokens without the bf16 GEMM: each task converts `NB` weight
+    /// rows to f32 once, then runs the register-blocked f32 GEMM over all
+    /// tokens in `KB`-column chunks (W transposed per chunk to `[KB][NB]`,
+    /// 64 KB, so it stays in cache while every token passes), accumulating
+    /// over the chunks. Before, each converted row was dotted with every
+    /// token's `x`, re-reading all of X from L3 for every row.
+    fn matmul_f32_gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], scratch: &Scratch) {
+        const NB: usize = 32;
+        const KB: usize = 512;
+        let (inp, out) = (self.inp, self.out);
+        let blocks = out.div_ceil(NB);
+        // yt [block][tokens][NB]: each task owns one block.
+        let mut yt = scratch.overwritten::<f32>(blocks * tokens * NB);
+        yt.par_chunks_mut(tokens * NB)
+            .enumerate()
+            .for_each(|(b, yb)| {
+                let (o0, nb) = (b * NB, NB.min(out - b * NB));
+                let mut rows = vec![0f32; nb * inp];
+                for (r, dst) in rows.chunks_exact_mut(inp).enumerate() {
+                    self.row(o0 + r, dst);
+                }
+                let mut wt = vec![0f32; KB * nb];
+                for k0 in (0..inp).step_by(KB) {
+                    let kb = KB.min(inp - k0);
+                    for (j, wj) in wt.chunks_exact_mut(nb).take(kb).enumerate() {
+                        for (r, w) in wj.iter_mut().enumerate() {
+                            *w = rows[r * inp + k0 + j];
+                        }
+                    }
+                    f32_gemm::matmul_rows(
+                        self.level,
+                        &x[k0..],
+                        inp,
+                        &wt[..kb * nb],
+                        kb,
+                        nb,
+                        yb,
+                        NB,
+                        tokens,
+                        k0 > 0,
+                    );
+                }
+            });
+        y[..tokens * out]
+            .par_chunks_mut(out)
+            .enumerate()
+            .for_each(|(t, yrow)| {
+                for (b, part) in yrow.chunks_mut(NB).enumerate() {
+                    part.copy_from_slice(&yt[(b * tokens + t) * NB..][..part.len()]);
+                }
+            });
+    }
+}
 
 /// In-place RMSNorm of each `dim`-row of `x`: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
@@ -493,7 +538,9 @@ mod tests {
     /// activations the wrong way fails.)
     #[test]
     fn matmul_matches_rows_for_every_dtype_and_shape() {
-        for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300)] {
+        // (40, 1100): two blocks of rows and three column chunks of the f32
+        // GEMM, the last ones partial.
+        for (out, inp) in [(7usize, 37usize), (18, 130), (33, 300), (40, 1100)] {
             let linears = every_dtype(out, inp, (out * inp) as u64);
             for lin in Level::available()
                 .into_iter()
