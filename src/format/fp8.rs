@@ -272,6 +272,30 @@ pub(crate) mod simd {
         }
     }
 
+    /// [`dequantize_tile`] on AVX2 + F16C (CPUs without AVX-512).
+    #[target_feature(enable = "avx2,f16c")]
+    pub fn dequantize_tile_avx2(src: &[u8], scale: f32, dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let full = n / 16 * 16;
+        // Two multiplies, as in the AVX-512 version.
+        let s = _mm256_set1_ps(scale);
+        let k = _mm256_set1_ps(256.0);
+        let mut i = 0;
+        while i < full {
+            // SAFETY: elements i..i+16 exist in both slices.
+            unsafe {
+                let h = e4m3_as_f16(_mm_loadu_si128(src.as_ptr().add(i) as *const __m128i));
+                let lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+                let hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+                let p = dst.as_mut_ptr().add(i);
+                _mm256_storeu_ps(p, _mm256_mul_ps(_mm256_mul_ps(lo, k), s));
+                _mm256_storeu_ps(p.add(8), _mm256_mul_ps(_mm256_mul_ps(hi, k), s));
+            }
+            i += 16;
+        }
+        super::dequantize_tile_portable(&src[full..n], scale, &mut dst[full..n]);
+    }
+
     #[target_feature(enable = "avx512f,f16c")]
     pub fn dequantize_tile(src: &[u8], scale: f32, dst: &mut [f32]) {
         let n = src.len().min(dst.len());
@@ -369,11 +393,24 @@ mod tests {
             let mut b = vec![0f32; codes.len()];
             dequantize_tile(&codes, scale, &mut a);
             dequantize_tile_portable(&codes, scale, &mut b);
-            for (k, (x, y)) in a.iter().zip(&b).enumerate() {
+            let mut c = b.clone();
+            #[cfg(target_arch = "x86_64")]
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+                c.fill(f32::NAN);
+                // SAFETY: the features were detected just above.
+                unsafe { simd::dequantize_tile_avx2(&codes, scale, &mut c) };
+            }
+            for (k, ((x, y), z)) in a.iter().zip(&b).zip(&c).enumerate() {
                 assert_eq!(
                     x.to_bits(),
                     y.to_bits(),
                     "code {:#04x} scale {scale}",
+                    codes[k]
+                );
+                assert_eq!(
+                    z.to_bits(),
+                    y.to_bits(),
+                    "avx2: code {:#04x} scale {scale}",
                     codes[k]
                 );
             }

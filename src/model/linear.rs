@@ -8,7 +8,7 @@ use super::scratch::Scratch;
 use super::weights::{StoredDtype, Tensor};
 use super::{f32_gemm, fp8_bf16, gemm, vecops};
 use crate::error::{Error, Result, Status};
-use crate::format::fp8::E4M3_TABLE;
+use crate::format::fp8;
 use crate::format::{load_slice, store_slice, Dtype};
 use rayon::prelude::*;
 
@@ -188,12 +188,18 @@ impl Linear {
             ),
             Data::Fp8 { codes, scales } => {
                 let srow = &scales[(o / FP8_BLOCK) * n.div_ceil(FP8_BLOCK)..];
-                for (k, (d, &c)) in dst[..n]
-                    .iter_mut()
-                    .zip(&codes[o * n..(o + 1) * n])
-                    .enumerate()
-                {
-                    *d = E4M3_TABLE[c as usize] * srow[k / FP8_BLOCK];
+                let blocks = codes[o * n..(o + 1) * n]
+                    .chunks(FP8_BLOCK)
+                    .zip(dst[..n].chunks_mut(FP8_BLOCK));
+                for ((src, d), &scale) in blocks.zip(srow) {
+                    // All are exact: the same values whichever runs.
+                    match self.level {
+                        Level::Avx512 | Level::Avx512Bf16 => fp8::dequantize_tile(src, scale, d),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the level is capped by the CPU: AVX2 and F16C.
+                        Level::Avx2 => unsafe { fp8::simd::dequantize_tile_avx2(src, scale, d) },
+                        _ => fp8::dequantize_tile_portable(src, scale, d),
+                    }
                 }
             }
         }
@@ -321,7 +327,7 @@ impl Linear {
     /// `x`. Many tokens (prefill): bf16 and FP8 weights go through the
     /// register-tiled GEMM of [`gemm`] at the bf16 level (AVX512-BF16 and
     /// VBMI); otherwise rows are converted once to f32 and go through the
-    /// f32 GEMM ([`Self::matmul_f32_gemm`]).
+    /// f32 GEMM of [`f32_gemm`].
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         self.matmul_with(x, tokens, y, &Scratch::default())
     }
