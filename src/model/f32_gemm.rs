@@ -60,6 +60,20 @@ pub fn matmul_rows(
     portable(x, xs, w, k, n, y, ys, rows, accumulate);
 }
 
+/// `module::block::<tb, accumulate>(args)`: the block of `tb` rows (one of
+/// the listed counts) of a vector module, with run-time `tb` and
+/// `accumulate` turned into the const parameters.
+#[cfg(target_arch = "x86_64")]
+macro_rules! block_of_rows {
+    ($module:ident, $tb:expr, $acc:expr, $args:tt, $($r:literal)*) => {
+        match ($tb, $acc) {
+            $(($r, false) => $module::block::<$r, false> $args,
+              ($r, true) => $module::block::<$r, true> $args,)*
+            (tb, _) => unreachable!("block of {tb} rows"),
+        }
+    };
+}
+
 /// Dispatches `tb <= TB` rows to the AVX-512 block of that many rows.
 ///
 /// # Safety
@@ -77,17 +91,8 @@ unsafe fn avx512_rows(
     y: &mut [f32],
     ys: usize,
 ) {
-    macro_rules! rows {
-        ($($r:literal)*) => {
-            match (tb, accumulate) {
-                // SAFETY: forwarded contract.
-                $(($r, false) => unsafe { avx512::block::<$r, false>(x, xs, w, k, n, y, ys) },
-                  ($r, true) => unsafe { avx512::block::<$r, true>(x, xs, w, k, n, y, ys) },)*
-                _ => unreachable!("block of {tb} rows"),
-            }
-        };
-    }
-    rows!(1 2 3 4 5 6 7 8)
+    // SAFETY: forwarded contract.
+    unsafe { block_of_rows!(avx512, tb, accumulate, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6 7 8) }
 }
 
 /// Dispatches `tb <= TB_AVX2` rows to the AVX2 block of that many rows.
@@ -107,17 +112,8 @@ unsafe fn avx2_rows(
     y: &mut [f32],
     ys: usize,
 ) {
-    macro_rules! rows {
-        ($($r:literal)*) => {
-            match (tb, accumulate) {
-                // SAFETY: forwarded contract.
-                $(($r, false) => unsafe { avx2::block::<$r, false>(x, xs, w, k, n, y, ys) },
-                  ($r, true) => unsafe { avx2::block::<$r, true>(x, xs, w, k, n, y, ys) },)*
-                _ => unreachable!("block of {tb} rows"),
-            }
-        };
-    }
-    rows!(1 2 3 4 5 6)
+    // SAFETY: forwarded contract.
+    unsafe { block_of_rows!(avx2, tb, accumulate, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6) }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,7 @@
 #include "mlart.h"
 
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 static int g_checks = 0;
@@ -25,6 +26,16 @@ static int g_failures = 0;
             fputc('\n', stderr);                                                     \
         }                                                                            \
     } while (0)
+
+/* malloc that never returns NULL (exits instead) and never asks for 0 bytes. */
+static inline void *xmalloc(size_t bytes) {
+    void *p = malloc(bytes == 0 ? 1 : bytes);
+    if (p == NULL) {
+        fprintf(stderr, "out of host memory (%zu bytes)\n", bytes);
+        exit(2);
+    }
+    return p;
+}
 
 /* Consumes `err`; a check that it is NULL (success). Returns 1 on success. */
 static inline int ok_(mlart_error *err, const char *call, const char *file, int line) {

@@ -48,15 +48,6 @@ static void fill_nan(float *p, size_t n) {
     }
 }
 
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes == 0 ? 1 : bytes);
-    if (p == NULL) {
-        fprintf(stderr, "out of host memory (%zu bytes)\n", bytes);
-        exit(2);
-    }
-    return p;
-}
-
 /*
  * Reference attention for one sequence, in double precision.
  * q [s_q, h_q, d_qk], keys [seqlen, d_qk] (V = first d_v of each row);

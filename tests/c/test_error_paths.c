@@ -43,15 +43,6 @@ enum { SENTINEL = 0xA5, N_BAD_SIZES = 5 };
 #define NOT_FOUND MLART_STATUS_NOT_FOUND
 #define EXHAUSTED MLART_STATUS_POOL_EXHAUSTED
 
-static void *xmalloc(size_t bytes) {
-    void *p = malloc(bytes == 0 ? 1 : bytes);
-    if (p == NULL) {
-        fprintf(stderr, "out of host memory (%zu bytes)\n", bytes);
-        exit(2);
-    }
-    return p;
-}
-
 /* A heap block of exactly `bytes`, every byte SENTINEL. */
 static void *sentinel_block(size_t bytes) { return memset(xmalloc(bytes), SENTINEL, bytes); }
 
