@@ -111,9 +111,11 @@ PY
             for dt in bf16 fp8; do
                 timeout 120 "$g/mlart" gen-model --preset v3 --layers 1 --dtype $dt "$ck/$dt" > /dev/null 2>&1
                 for amx in 0 1; do
-                    echo "== prefill 256 tokens, one V3 layer, $dt weights, MLART_AMX_GEMM=$amx"
-                    MLART_AMX_GEMM=$amx timeout 120 "$g/mlart" run --model "$ck/$dt" --prompt 256 --decode 8 2>&1 \
-                        | grep -E "prefill|decode:"
+                    for act in precise bf16; do
+                        echo "== prefill 256 tokens, one V3 layer, $dt weights, MLART_AMX_GEMM=$amx, --activations $act"
+                        MLART_AMX_GEMM=$amx timeout 120 "$g/mlart" run --model "$ck/$dt" --prompt 256 --decode 8 \
+                            --activations $act 2>&1 | grep -E "prefill|decode:"
+                    done
                 done
             done
             rm -rf "$ck"
