@@ -130,7 +130,6 @@ impl Absorbed {
                             &mut chunk[head * out_stride..],
                             h * out_stride,
                             rows,
-                            false,
                         );
                     }
                 });

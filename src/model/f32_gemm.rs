@@ -1,10 +1,9 @@
-//! `Y = X · W` (or `Y += X · W`) in f32 for rows of X and Y at any stride,
-//! with W row-major `[k][n]`: the per-head products of the absorbed
-//! projections in prefill (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose
-//! operands interleave the heads, and the projections of CPUs without the
-//! bf16 GEMM. The AVX-512 kernel keeps 8 rows x 32 columns of Y in
-//! registers over k, the AVX2 one 6 rows x 16 columns (its 16 registers),
-//! so each row of W loaded from cache serves several rows of X.
+//! `Y = X · W` in f32 for rows of X and Y at any stride, with W row-major
+//! `[k][n]`: the per-head products of the absorbed projections in prefill
+//! (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose operands interleave the
+//! heads. The AVX-512 kernel keeps 8 rows x 32 columns of Y in registers
+//! over k, the AVX2 one 6 rows x 16 columns (its 16 registers), so each
+//! row of W loaded from cache serves several rows of X.
 
 use super::level::Level;
 
@@ -12,9 +11,8 @@ use super::level::Level;
 const TB: usize = 8;
 const TB_AVX2: usize = 6;
 
-/// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows` (with `accumulate`,
-/// `y[t][..n] +=`), where row `t` of x starts at `x[t * xs]` (`k` values)
-/// and of y at `y[t * ys]`.
+/// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows`, where row `t` of x
+/// starts at `x[t * xs]` (`k` values) and of y at `y[t * ys]`.
 ///
 /// # Panics
 /// When a slice is too short for the shape (a bug in the caller).
@@ -29,7 +27,6 @@ pub fn matmul_rows(
     y: &mut [f32],
     ys: usize,
     rows: usize,
-    accumulate: bool,
 ) {
     if rows == 0 {
         return;
@@ -48,28 +45,26 @@ pub fn matmul_rows(
             // the slices (asserted above).
             unsafe {
                 if lvl >= Level::Avx512 {
-                    avx512_rows(tb, accumulate, xr, xs, w, k, n, yr, ys);
+                    avx512_rows(tb, xr, xs, w, k, n, yr, ys);
                 } else {
-                    avx2_rows(tb, accumulate, xr, xs, w, k, n, yr, ys);
+                    avx2_rows(tb, xr, xs, w, k, n, yr, ys);
                 }
             }
             t += tb;
         }
         return;
     }
-    portable(x, xs, w, k, n, y, ys, rows, accumulate);
+    portable(x, xs, w, k, n, y, ys, rows);
 }
 
-/// `module::block::<tb, accumulate>(args)`: the block of `tb` rows (one of
-/// the listed counts) of a vector module, with run-time `tb` and
-/// `accumulate` turned into the const parameters.
+/// `module::block::<tb>(args)`: the block of `tb` rows (one of the listed
+/// counts) of a vector module, the run-time `tb` turned into the const.
 #[cfg(target_arch = "x86_64")]
 macro_rules! block_of_rows {
-    ($module:ident, $tb:expr, $acc:expr, $args:tt, $($r:literal)*) => {
-        match ($tb, $acc) {
-            $(($r, false) => $module::block::<$r, false> $args,
-              ($r, true) => $module::block::<$r, true> $args,)*
-            (tb, _) => unreachable!("block of {tb} rows"),
+    ($module:ident, $tb:expr, $args:tt, $($r:literal)*) => {
+        match $tb {
+            $($r => $module::block::<$r> $args,)*
+            tb => unreachable!("block of {tb} rows"),
         }
     };
 }
@@ -82,7 +77,6 @@ macro_rules! block_of_rows {
 #[allow(clippy::too_many_arguments)]
 unsafe fn avx512_rows(
     tb: usize,
-    accumulate: bool,
     x: &[f32],
     xs: usize,
     w: &[f32],
@@ -92,7 +86,7 @@ unsafe fn avx512_rows(
     ys: usize,
 ) {
     // SAFETY: forwarded contract.
-    unsafe { block_of_rows!(avx512, tb, accumulate, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6 7 8) }
+    unsafe { block_of_rows!(avx512, tb, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6 7 8) }
 }
 
 /// Dispatches `tb <= TB_AVX2` rows to the AVX2 block of that many rows.
@@ -103,7 +97,6 @@ unsafe fn avx512_rows(
 #[allow(clippy::too_many_arguments)]
 unsafe fn avx2_rows(
     tb: usize,
-    accumulate: bool,
     x: &[f32],
     xs: usize,
     w: &[f32],
@@ -113,7 +106,7 @@ unsafe fn avx2_rows(
     ys: usize,
 ) {
     // SAFETY: forwarded contract.
-    unsafe { block_of_rows!(avx2, tb, accumulate, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6) }
+    unsafe { block_of_rows!(avx2, tb, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6) }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -126,13 +119,10 @@ fn portable(
     y: &mut [f32],
     ys: usize,
     rows: usize,
-    accumulate: bool,
 ) {
     for t in 0..rows {
         let yr = &mut y[t * ys..][..n];
-        if !accumulate {
-            yr.fill(0.0);
-        }
+        yr.fill(0.0);
         for (j, &a) in x[t * xs..][..k].iter().enumerate() {
             for (o, &b) in yr.iter_mut().zip(&w[j * n..][..n]) {
                 *o += a * b;
@@ -146,14 +136,13 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// `R` rows of Y, all `n` columns: 32 columns (two vectors) at a time
-    /// with `R x 2` accumulators (starting from Y with `ACC`), the last
-    /// columns under a mask.
+    /// with `R x 2` accumulators, the last columns under a mask.
     ///
     /// # Safety
     /// AVX-512F enabled; rows `0..R` of x (stride xs, k values) and y
     /// (stride ys, n values) and `w [k][n]` are inside the slices.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block<const R: usize, const ACC: bool>(
+    pub unsafe fn block<const R: usize>(
         x: &[f32],
         xs: usize,
         w: &[f32],
@@ -174,15 +163,6 @@ mod avx512 {
             // < n of rows inside the slices; x reads stay in row t's k values.
             unsafe {
                 let mut acc = [[_mm512_setzero_ps(); 2]; R];
-                if ACC {
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let yr = y.as_ptr().add(t * ys + c);
-                        *a = [
-                            _mm512_maskz_loadu_ps(m0, yr),
-                            _mm512_maskz_loadu_ps(m1, yr.add(16)),
-                        ];
-                    }
-                }
                 for j in 0..k {
                     let wr = w.as_ptr().add(j * n + c);
                     let b0 = _mm512_maskz_loadu_ps(m0, wr);
@@ -209,14 +189,14 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// `R` rows of Y, all `n` columns: 16 columns (two vectors) at a time
-    /// with `R x 2` accumulators (starting from Y with `ACC`); the last
-    /// columns, fewer than 16, one at a time.
+    /// with `R x 2` accumulators; the last columns, fewer than 16, one at a
+    /// time.
     ///
     /// # Safety
     /// AVX2 and FMA enabled; rows `0..R` of x (stride xs, k values) and y
     /// (stride ys, n values) and `w [k][n]` are inside the slices.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block<const R: usize, const ACC: bool>(
+    pub unsafe fn block<const R: usize>(
         x: &[f32],
         xs: usize,
         w: &[f32],
@@ -234,12 +214,6 @@ mod avx2 {
             // reads stay in row t's k values.
             unsafe {
                 let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                if ACC {
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let yr = y.as_ptr().add(t * ys + c);
-                        *a = [_mm256_loadu_ps(yr), _mm256_loadu_ps(yr.add(8))];
-                    }
-                }
                 for j in 0..k {
                     let wr = w.as_ptr().add(j * n + c);
                     let (b0, b1) = (_mm256_loadu_ps(wr), _mm256_loadu_ps(wr.add(8)));
@@ -259,7 +233,7 @@ mod avx2 {
         }
         for t in 0..R {
             for c in full..n {
-                let mut v = if ACC { y[t * ys + c] } else { 0.0 };
+                let mut v = 0.0;
                 for j in 0..k {
                     v += x[t * xs + j] * w[j * n + c];
                 }
@@ -289,47 +263,21 @@ mod tests {
             let (xs, ys) = (k + 3, n + 2);
             let x = uniform(rows * xs, 1);
             let w = uniform(k * n, 2);
-            let y0 = uniform(rows * ys, 3);
-            for (lvl, accumulate) in Level::available()
-                .into_iter()
-                .flat_map(|l| [(l, false), (l, true)])
-            {
-                // Accumulating starts from y0; else y starts as NaN and
-                // must be overwritten.
-                let mut y = if accumulate {
-                    y0.clone()
-                } else {
-                    vec![f32::NAN; rows * ys]
-                };
-                let tail = y[..]
-                    .iter()
-                    .skip(n)
-                    .step_by(ys)
-                    .copied()
-                    .collect::<Vec<_>>();
-                matmul_rows(lvl, &x, xs, &w, k, n, &mut y, ys, rows, accumulate);
+            for lvl in Level::available() {
+                let mut y = vec![f32::NAN; rows * ys];
+                matmul_rows(lvl, &x, xs, &w, k, n, &mut y, ys, rows);
                 for t in 0..rows {
                     for o in 0..n {
-                        let base = if accumulate {
-                            y0[t * ys + o] as f64
-                        } else {
-                            0.0
-                        };
-                        let want: f64 = base
-                            + (0..k)
-                                .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
-                                .sum::<f64>();
+                        let want: f64 = (0..k)
+                            .map(|j| x[t * xs + j] as f64 * w[j * n + o] as f64)
+                            .sum();
                         let got = y[t * ys + o] as f64;
                         assert!(
                             (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                            "{lvl:?} acc {accumulate} rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
+                            "{lvl:?} rows {rows} k {k} n {n}: y[{t}][{o}] = {got}, want {want}"
                         );
                     }
-                    let past = y[t * ys + n];
-                    assert!(
-                        past.to_bits() == tail[t].to_bits(),
-                        "{lvl:?} acc {accumulate} wrote past row {t}"
-                    );
+                    assert!(y[t * ys + n].is_nan(), "{lvl:?} wrote past row {t}");
                 }
             }
         }

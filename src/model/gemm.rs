@@ -262,7 +262,7 @@ pub fn matmul(
 
 /// `yt [out][t_pad]` → `y [T][out]`, 16 tokens at a time: each cache line
 /// of yt is read once, and the 16 output rows are written in runs.
-fn scatter(yt: &[f32], t_pad: usize, out: usize, tokens: usize, y: &mut [f32]) {
+pub(super) fn scatter(yt: &[f32], t_pad: usize, out: usize, tokens: usize, y: &mut [f32]) {
     y[..tokens * out]
         .par_chunks_mut(TOKENS * out)
         .enumerate()

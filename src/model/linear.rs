@@ -6,7 +6,7 @@
 use super::level::Level;
 use super::scratch::Scratch;
 use super::weights::{StoredDtype, Tensor};
-use super::{f32_gemm, fp8_bf16, gemm, vecops};
+use super::{f32_proj, fp8_bf16, gemm, vecops};
 use crate::error::{Error, Result, Status};
 use crate::format::fp8;
 use crate::format::{load_slice, store_slice, Dtype};
@@ -179,18 +179,25 @@ impl Linear {
 
     /// Row `o` of the weight as f32 (FP8 dequantized).
     pub fn row(&self, o: usize, dst: &mut [f32]) {
-        let n = self.inp;
+        self.row_range(o, 0, &mut dst[..self.inp]);
+    }
+
+    /// Columns `c0 .. c0 + dst.len()` of row `o` as f32 (FP8 dequantized);
+    /// `c0` must be a multiple of the FP8 block (128) for FP8 weights.
+    pub fn row_range(&self, o: usize, c0: usize, dst: &mut [f32]) {
+        let (n, len) = (self.inp, dst.len());
+        debug_assert!(c0 + len <= n);
         match &self.data {
-            Data::Plain(d, b) => load_slice(
-                *d,
-                &b[o * n * d.size()..(o + 1) * n * d.size()],
-                &mut dst[..n],
-            ),
+            Data::Plain(d, b) => {
+                let at = (o * n + c0) * d.size();
+                load_slice(*d, &b[at..at + len * d.size()], dst)
+            }
             Data::Fp8 { codes, scales } => {
-                let srow = &scales[(o / FP8_BLOCK) * n.div_ceil(FP8_BLOCK)..];
-                let blocks = codes[o * n..(o + 1) * n]
+                debug_assert!(c0.is_multiple_of(FP8_BLOCK));
+                let srow = &scales[(o / FP8_BLOCK) * n.div_ceil(FP8_BLOCK) + c0 / FP8_BLOCK..];
+                let blocks = codes[o * n + c0..o * n + c0 + len]
                     .chunks(FP8_BLOCK)
-                    .zip(dst[..n].chunks_mut(FP8_BLOCK));
+                    .zip(dst.chunks_mut(FP8_BLOCK));
                 for ((src, d), &scale) in blocks.zip(srow) {
                     // All are exact: the same values whichever runs.
                     match self.level {
@@ -326,8 +333,8 @@ impl Linear {
     /// weight stream, rows converted in registers, four rows per pass over
     /// `x`. Many tokens (prefill): bf16 and FP8 weights go through the
     /// register-tiled GEMM of [`gemm`] at the bf16 level (AVX512-BF16 and
-    /// VBMI); otherwise rows are converted once to f32 and go through the
-    /// f32 GEMM of [`f32_gemm`].
+    /// VBMI); otherwise rows are converted to f32 a chunk at a time and go
+    /// through the f32 GEMM of [`f32_proj`].
     pub fn matmul(&self, x: &[f32], tokens: usize, y: &mut [f32]) {
         self.matmul_with(x, tokens, y, &Scratch::default())
     }
@@ -362,7 +369,8 @@ impl Linear {
             _ => x,
         };
         if tokens > 4 {
-            return self.matmul_f32_gemm(x, tokens, y, scratch);
+            let row = |o: usize, c0: usize, dst: &mut [f32]| self.row_range(o, c0, dst);
+            return f32_proj::matmul(self.level, x, tokens, inp, out, row, y, scratch);
         }
         const ROWS: usize = 16;
         // yt [out, tokens], so each task owns whole weight rows.
@@ -395,61 +403,6 @@ impl Linear {
 }
 
 pub use vecops::dot;
-
-impl Linear {
-    /// Many tokens without the bf16 GEMM: each task converts `NB` weight
-    /// rows to f32 once, then runs the register-blocked f32 GEMM over all
-    /// tokens in `KB`-column chunks (W transposed per chunk to `[KB][NB]`,
-    /// 64 KB, so it stays in cache while every token passes), accumulating
-    /// over the chunks. Before, each converted row was dotted with every
-    /// token's `x`, re-reading all of X from L3 for every row.
-    fn matmul_f32_gemm(&self, x: &[f32], tokens: usize, y: &mut [f32], scratch: &Scratch) {
-        const NB: usize = 32;
-        const KB: usize = 512;
-        let (inp, out) = (self.inp, self.out);
-        let blocks = out.div_ceil(NB);
-        // yt [block][tokens][NB]: each task owns one block.
-        let mut yt = scratch.overwritten::<f32>(blocks * tokens * NB);
-        yt.par_chunks_mut(tokens * NB)
-            .enumerate()
-            .for_each(|(b, yb)| {
-                let (o0, nb) = (b * NB, NB.min(out - b * NB));
-                let mut rows = vec![0f32; nb * inp];
-                for (r, dst) in rows.chunks_exact_mut(inp).enumerate() {
-                    self.row(o0 + r, dst);
-                }
-                let mut wt = vec![0f32; KB * nb];
-                for k0 in (0..inp).step_by(KB) {
-                    let kb = KB.min(inp - k0);
-                    for (j, wj) in wt.chunks_exact_mut(nb).take(kb).enumerate() {
-                        for (r, w) in wj.iter_mut().enumerate() {
-                            *w = rows[r * inp + k0 + j];
-                        }
-                    }
-                    f32_gemm::matmul_rows(
-                        self.level,
-                        &x[k0..],
-                        inp,
-                        &wt[..kb * nb],
-                        kb,
-                        nb,
-                        yb,
-                        NB,
-                        tokens,
-                        k0 > 0,
-                    );
-                }
-            });
-        y[..tokens * out]
-            .par_chunks_mut(out)
-            .enumerate()
-            .for_each(|(t, yrow)| {
-                for (b, part) in yrow.chunks_mut(NB).enumerate() {
-                    part.copy_from_slice(&yt[(b * tokens + t) * NB..][..part.len()]);
-                }
-            });
-    }
-}
 
 /// In-place RMSNorm of each `dim`-row of `x`: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {

@@ -5,6 +5,7 @@
 pub mod absorb;
 pub mod config;
 pub mod f32_gemm;
+pub mod f32_proj;
 pub mod forward;
 pub mod fp8_bf16;
 pub mod gemm;
