@@ -84,6 +84,11 @@ typedef struct mlart_kv_pool mlart_kv_pool;
  * (its token positions) before appending. `mlart_model_free` must not race
  * with other calls on the model.
  * A model keeps its engine alive.
+ *
+ * Memory: besides its weights, a model keeps the temporaries of its
+ * forwards for reuse until it is freed, as much as its largest concurrent
+ * forwards used (for DeepSeek-V3, about 1.2 MB per token of a pass; a
+ * pass is at most 512 tokens of one sequence).
  */
 typedef struct mlart_model mlart_model;
 
