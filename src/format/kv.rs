@@ -136,11 +136,13 @@ impl KvLayout {
         cache.get(at..at + n * self.row_bytes)
     }
 
-    /// Starts fetching token `off` of block `block` into the cache: its row,
-    /// or for FP8_MODEL1 its data and its scales. Out-of-range tokens are
-    /// skipped (a prefetch never faults, but nothing is fetched for them).
+    /// Starts fetching tokens `off .. off + n` of block `block` into the
+    /// cache: their rows (consecutive, so each line is fetched once), or
+    /// for FP8_MODEL1 each token's data and scales. Tokens past the block
+    /// are skipped (a prefetch never faults, but nothing is fetched for
+    /// them).
     #[inline]
-    pub fn prefetch_token(&self, cache: &[u8], block: usize, off: usize) {
+    pub fn prefetch_tokens(&self, cache: &[u8], block: usize, off: usize, n: usize) {
         let fetch = |bytes: Option<&[u8]>| {
             if let Some(b) = bytes {
                 for line in b.chunks(64) {
@@ -151,15 +153,15 @@ impl KvLayout {
                 }
             }
         };
-        if off >= self.block_size {
-            return;
-        }
+        let n = n.min(self.block_size.saturating_sub(off));
         if self.format == KvFormat::Fp8Model1 {
-            let (d, s) = (self.data_at(block, off), self.model1_scales_at(block, off));
-            fetch(cache.get(d..d + M1_DATA));
-            fetch(cache.get(s..s + M1_SCALES));
-        } else {
-            fetch(self.rows_bytes(cache, block, off, 1));
+            for o in off..off + n {
+                let (d, s) = (self.data_at(block, o), self.model1_scales_at(block, o));
+                fetch(cache.get(d..d + M1_DATA));
+                fetch(cache.get(s..s + M1_SCALES));
+            }
+        } else if n > 0 {
+            fetch(self.rows_bytes(cache, block, off, n));
         }
     }
 

@@ -110,9 +110,23 @@ impl AttnTask<'_> {
     /// latency.
     #[inline]
     pub fn prefetch_keys(&self, range: std::ops::Range<usize>) {
-        for j in range.start..range.end.min(self.end) {
+        let end = range.end.min(self.end);
+        if let KeySource::Paged { kv, blocks } = self.source {
+            // Consecutive keys of one block are consecutive rows: one
+            // fetch per run of them.
+            let bs = kv.block_size();
+            let mut j = range.start;
+            while j < end {
+                let (block, off) = (blocks[j / bs] as usize, j % bs);
+                let n = (bs - off).min(end - j);
+                kv.layout.prefetch_tokens(kv.data, block, off, n);
+                j += n;
+            }
+            return;
+        }
+        for j in range.start..end {
             let (c, block, off) = self.locate(j);
-            c.layout.prefetch_token(c.data, block, off);
+            c.layout.prefetch_tokens(c.data, block, off, 1);
         }
     }
 
