@@ -11,6 +11,18 @@ use super::level::Level;
 const TB: usize = 8;
 const TB_AVX2: usize = 6;
 
+/// `module::block::<tb>(args)`: the block of `tb` rows (one of the listed
+/// counts) of a vector module, the run-time `tb` turned into the const.
+#[cfg(target_arch = "x86_64")]
+macro_rules! block_of_rows {
+    ($module:ident, $tb:expr, $args:tt, $($r:literal)*) => {
+        match $tb {
+            $($r => $module::block::<$r> $args,)*
+            tb => unreachable!("block of {tb} rows"),
+        }
+    };
+}
+
 /// `y[t][..n] = Σ_j x[t][j] · w[j][..n]` for `t < rows`, where row `t` of x
 /// starts at `x[t * xs]` (`k` values) and of y at `y[t * ys]`.
 ///
@@ -45,9 +57,9 @@ pub fn matmul_rows(
             // the slices (asserted above).
             unsafe {
                 if lvl >= Level::Avx512 {
-                    avx512_rows(tb, xr, xs, w, k, n, yr, ys);
+                    block_of_rows!(avx512, tb, (xr, xs, w, k, n, yr, ys), 1 2 3 4 5 6 7 8)
                 } else {
-                    avx2_rows(tb, xr, xs, w, k, n, yr, ys);
+                    block_of_rows!(avx2, tb, (xr, xs, w, k, n, yr, ys), 1 2 3 4 5 6)
                 }
             }
             t += tb;
@@ -55,58 +67,6 @@ pub fn matmul_rows(
         return;
     }
     portable(x, xs, w, k, n, y, ys, rows);
-}
-
-/// `module::block::<tb>(args)`: the block of `tb` rows (one of the listed
-/// counts) of a vector module, the run-time `tb` turned into the const.
-#[cfg(target_arch = "x86_64")]
-macro_rules! block_of_rows {
-    ($module:ident, $tb:expr, $args:tt, $($r:literal)*) => {
-        match $tb {
-            $($r => $module::block::<$r> $args,)*
-            tb => unreachable!("block of {tb} rows"),
-        }
-    };
-}
-
-/// Dispatches `tb <= TB` rows to the AVX-512 block of that many rows.
-///
-/// # Safety
-/// As [`avx512::block`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx512_rows(
-    tb: usize,
-    x: &[f32],
-    xs: usize,
-    w: &[f32],
-    k: usize,
-    n: usize,
-    y: &mut [f32],
-    ys: usize,
-) {
-    // SAFETY: forwarded contract.
-    unsafe { block_of_rows!(avx512, tb, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6 7 8) }
-}
-
-/// Dispatches `tb <= TB_AVX2` rows to the AVX2 block of that many rows.
-///
-/// # Safety
-/// As [`avx2::block`].
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn avx2_rows(
-    tb: usize,
-    x: &[f32],
-    xs: usize,
-    w: &[f32],
-    k: usize,
-    n: usize,
-    y: &mut [f32],
-    ys: usize,
-) {
-    // SAFETY: forwarded contract.
-    unsafe { block_of_rows!(avx2, tb, (x, xs, w, k, n, y, ys), 1 2 3 4 5 6) }
 }
 
 #[allow(clippy::too_many_arguments)]

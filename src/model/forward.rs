@@ -230,7 +230,7 @@ impl Model {
     /// each sequence in chunks of at most that many, one pass each. A pass
     /// appends its rows before it attends, so causal attention sees exactly
     /// the earlier tokens, as in one pass; the per-token buffers (about
-    /// 0.55 MB a token for V3) stay bounded whatever the prompt length. On
+    /// 1.1 MB a token for V3) stay bounded whatever the prompt length. On
     /// error every sequence is cut back to its length before the call.
     fn forward_in_passes(
         &self,

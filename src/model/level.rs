@@ -68,6 +68,7 @@ impl Level {
     }
 
     /// Every level this CPU runs, slowest first (for tests).
+    #[cfg(test)]
     pub fn available() -> Vec<Level> {
         [
             Level::Portable,

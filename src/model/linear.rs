@@ -402,8 +402,6 @@ impl Linear {
     }
 }
 
-pub use vecops::dot;
-
 /// In-place RMSNorm of each `dim`-row of `x`: `x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
     let dim = w.len();

@@ -1,6 +1,6 @@
 //! Large per-call buffers, kept by the model and reused across forwards.
 //!
-//! A 512-token V3 pass uses about 600 MB of temporaries (queries, latent
+//! A 512-token V3 pass uses about 560 MB of temporaries (queries, latent
 //! queries and outputs, the GEMMs' packed activations and accumulators).
 //! Allocated fresh, each is a new `mmap`: the kernel faults in and zeroes
 //! every page on first touch and shoots down TLBs when it is unmapped,
