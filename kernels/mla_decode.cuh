@@ -15,6 +15,12 @@
 //
 // A group with one item writes the output (sink applied) and lse; otherwise
 // the item writes its normalized partial output and lse for mla_combine.
+//
+// WG (Hopper, sm_90a; 64 rows, two warpgroups): the same block with both
+// GEMMs on wgmma, operands read from shared memory in place. Q, K and P
+// tiles are then kept as 8x8 core matrices (tile_at); warpgroup w computes
+// S for keys 16w..16w+15 of all 64 rows, and O for value columns
+// 256w..256w+255.
 #pragma once
 #include "mla_keys.cuh"
 #include "mla_math.cuh"
@@ -23,7 +29,8 @@
 #define MLA_ROWS 16      // rows of one row group (one m16 tile)
 #define MLA_TOKENS 32
 #define MLA_THREADS 128  // threads of an RG = 1 block; RG = 4 blocks have 256
-#define MLA_ERR_LAUNCH 8  // the block got less shared memory than it needs
+#define MLA_ERR_LAUNCH 8  // the block got less shared memory than it needs, or a
+                          // wgmma kernel ran on a GPU without wgmma
 
 namespace mla {
 
@@ -55,12 +62,14 @@ struct Raw {
 
 // Shared-memory layout; row strides padded by 8 elements (16 bytes) so the
 // fragment loads and ldmatrix hit 32 different banks.
-template <int DQK, int RG, int KV>
+// WG tiles are unpadded core matrices (wgmma reads them whole).
+template <int DQK, int RG, int KV, bool WG = false>
 struct Smem {
+    static_assert(!WG || RG == 4, "wgmma blocks have 64 rows");
     static constexpr int ROWS = MLA_ROWS * RG;
-    static constexpr int KSTRIDE = DQK + 8;               // elements
+    static constexpr int KSTRIDE = WG ? DQK : DQK + 8;    // elements
     static constexpr int SSTRIDE = MLA_TOKENS + 4;        // floats
-    static constexpr int PSTRIDE = MLA_TOKENS + 8;        // elements
+    static constexpr int PSTRIDE = WG ? MLA_TOKENS : MLA_TOKENS + 8;  // elements
     static constexpr int Q = 0;
     static constexpr int K = Q + ROWS * KSTRIDE * 2;
     static constexpr int RAW = K + Raw<KV>::K_BUFFERS * MLA_TOKENS * KSTRIDE * 2;
@@ -83,6 +92,23 @@ static_assert(Smem<576, 1, MLA_KV_FP8_V32>::BYTES == 81920, "update launch.rs: d
 static_assert(Smem<576, 4, MLA_KV_FP8_V32>::BYTES == 149504, "update launch.rs: decode_smem_bytes");
 static_assert(Smem<512, 1, MLA_KV_FP8_MODEL1>::BYTES == 73728, "update launch.rs: decode_smem_bytes");
 static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1>::BYTES == 135168, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_BF16, true>::BYTES == 162816, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_BF16, true>::BYTES == 146432, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_FP8_V32, true>::BYTES == 146944, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1, true>::BYTES == 132608, "update launch.rs: decode_smem_bytes");
+
+// Element offset of (row r, column k) in a tile whose rows are STRIDE
+// elements apart; for wgmma, in the canonical layout instead: 8x8 core
+// matrices of 64 contiguous elements, row block r / 8 holding STRIDE / 8 of
+// them in column order.
+template <bool WG, int STRIDE>
+__device__ __forceinline__ int tile_at(int r, int k) {
+    if constexpr (WG) {
+        return ((r >> 3) * (STRIDE >> 3) + (k >> 3)) * 64 + (r & 7) * 8 + (k & 7);
+    } else {
+        return r * STRIDE + k;
+    }
+}
 
 __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 #ifdef MLA_EMULATE
@@ -96,18 +122,21 @@ __device__ __forceinline__ uint32_t dyn_smem_bytes() {
 
 // Fills a K buffer with the keys whose row pointers are in `rows` (BF16/F16
 // by cp.async, F32 converted; FP8 goes through issue_raw/convert_raw).
-template <int KV, int DQK, typename Op, int THREADS>
+template <int KV, int DQK, typename Op, int THREADS, bool WG>
 __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* const* rows,
                                           const uint8_t* const* aux) {
     using T = typename Op::T;
-    constexpr int KS = DQK + 8;
+    constexpr int KS = WG ? DQK : DQK + 8;
     static_assert(!Raw<KV>::ON, "FP8 tiles are staged raw");
     const int tid = threadIdx.x;
     if constexpr (KV == MLA_KV_BF16 || KV == MLA_KV_F16) {
         constexpr int PER_ROW = DQK / 8;  // 16-byte pieces
         for (int c = tid; c < MLA_TOKENS * PER_ROW; c += THREADS) {
-            const int t = c / PER_ROW, part = c % PER_ROW;
-            T* dst = ks + t * KS + part * 8;
+            // WG: eight keys' same piece per 8 threads, so the block writes
+            // its core matrices in address order.
+            const int t = WG ? (c / (8 * PER_ROW)) * 8 + (c & 7) : c / PER_ROW;
+            const int part = WG ? (c >> 3) % PER_ROW : c % PER_ROW;
+            T* dst = ks + tile_at<WG, KS>(t, part * 8);
             if (rows[t]) {
                 cp_async_16(dst, rows[t] + part * 16);
             } else {
@@ -123,7 +152,7 @@ __device__ __forceinline__ void load_tile(typename Op::T* ks, const uint8_t* con
                 const float4 f = __ldg(reinterpret_cast<const float4*>(rows[t]) + part);
                 v = make_uint2(Op::pack(f.x, f.y), Op::pack(f.z, f.w));
             }
-            *reinterpret_cast<uint2*>(ks + t * KS + part * 4) = v;
+            *reinterpret_cast<uint2*>(ks + tile_at<WG, KS>(t, part * 4)) = v;
         }
     }
 }
@@ -148,11 +177,10 @@ __device__ __forceinline__ void issue_raw(uint8_t* raw, const uint8_t* const* ro
 }
 
 // Dequantizes a staged raw tile into bf16 key rows.
-template <int KV, int DQK, typename Op, int THREADS>
+template <int KV, int DQK, typename Op, int THREADS, bool WG>
 __device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* raw,
                                             const uint8_t* const* rows) {
-    using T = typename Op::T;
-    constexpr int KS = DQK + 8;
+    constexpr int KS = WG ? DQK : DQK + 8;
     constexpr bool V32 = KV == MLA_KV_FP8_V32;
     constexpr int NOPE = V32 ? 512 : 448;
     constexpr int TILE = V32 ? 128 : 64;
@@ -161,7 +189,6 @@ __device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* r
     constexpr int PIECES = NOPE / 16 + 8;
     for (int c = threadIdx.x; c < MLA_TOKENS * PIECES; c += THREADS) {
         const int t = c / PIECES, part = c % PIECES;
-        T* dst = ks + t * KS;
         const uint8_t* row = raw + t * Raw<KV>::ROW;
         const bool live = rows[t] != nullptr;
         if (part < NOPE / 16) {
@@ -183,22 +210,22 @@ __device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* r
                 lo = make_uint4(o[0], o[1], o[2], o[3]);
                 hi = make_uint4(o[4], o[5], o[6], o[7]);
             }
-            *reinterpret_cast<uint4*>(dst + part * 16) = lo;
-            *reinterpret_cast<uint4*>(dst + part * 16 + 8) = hi;
+            *reinterpret_cast<uint4*>(ks + tile_at<WG, KS>(t, part * 16)) = lo;
+            *reinterpret_cast<uint4*>(ks + tile_at<WG, KS>(t, part * 16 + 8)) = hi;
         } else {
             const int r = part - NOPE / 16;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (live) v = reinterpret_cast<const uint4*>(row + ROPE_AT)[r];
-            *reinterpret_cast<uint4*>(dst + NOPE + r * 8) = v;
+            *reinterpret_cast<uint4*>(ks + tile_at<WG, KS>(t, NOPE + r * 8)) = v;
         }
     }
 }
 
-template <int KV, int DQK, typename Op, int RG>
+template <int KV, int DQK, typename Op, int RG, bool WG>
 __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int row0,
                                             uint8_t* smem) {
     using T = typename Op::T;
-    using L = Smem<DQK, RG, KV>;
+    using L = Smem<DQK, RG, KV, WG>;
     using B = Shape<RG>;
     constexpr int ROWS = B::ROWS;
     constexpr int KS = L::KSTRIDE;
@@ -221,8 +248,10 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
 
     const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
     const int gq = lane / 4, q4 = lane % 4;  // mma fragment row group / quad
-    const int rg = warp / B::COL_GROUPS;     // this warp's 16-row group
-    const int cg = warp % B::COL_GROUPS;     // and column group
+    // This warp's 16-row group and column group (WG: warp w of warpgroup
+    // cg holds rows 16w..16w+15 of the warpgroup's accumulators).
+    const int rg = WG ? warp % 4 : warp / B::COL_GROUPS;
+    const int cg = WG ? warp / 4 : warp % B::COL_GROUPS;
 
     const int4 item = p.items[item_ix];
     const int g = item.x, kstart = item.y, kend = item.z, splits = item.w;
@@ -236,7 +265,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
         const int r = i / DQK, k = i % DQK;
         float v = 0.f;
         if (row0 + r < R) v = load_elem(p.q, p.q_dtype, (q_row0 + r) * DQK + k);
-        qs[r * KS + k] = Op::from_float(v);
+        qs[tile_at<WG, KS>(r, k)] = Op::from_float(v);
     }
     if (tid < ROWS) {
         const int r = row0 + tid;
@@ -282,7 +311,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
         if constexpr (Raw<KV>::ON) {
             issue_raw<KV, B::THREADS>(raw, tok_row, tok_aux);
         } else {
-            load_tile<KV, DQK, Op, B::THREADS>(kbuf, tok_row, tok_aux);
+            load_tile<KV, DQK, Op, B::THREADS, WG>(kbuf, tok_row, tok_aux);
         }
         cp_async_commit();
     }
@@ -295,7 +324,8 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
             // tile's copies into the freed raw buffer.
             cp_async_wait<0>();
             __syncthreads();
-            convert_raw<KV, DQK, Op, B::THREADS>(kbuf, raw, tok_row + buf * MLA_TOKENS);
+            convert_raw<KV, DQK, Op, B::THREADS, WG>(kbuf, raw, tok_row + buf * MLA_TOKENS);
+            if constexpr (WG) fence_async_smem();  // for wgmma's reads
             __syncthreads();
             if (t + 1 < tiles) {
                 locate_tile(tstart + MLA_TOKENS, buf ^ 1);
@@ -310,17 +340,41 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
             if (t + 1 < tiles) {
                 locate_tile(tstart + MLA_TOKENS, buf ^ 1);
                 __syncthreads();
-                load_tile<KV, DQK, Op, B::THREADS>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
+                load_tile<KV, DQK, Op, B::THREADS, WG>(kbuf + (buf ^ 1) * MLA_TOKENS * KS,
                                                    tok_row + (buf ^ 1) * MLA_TOKENS,
                                                    tok_aux + (buf ^ 1) * MLA_TOKENS);
             }
             cp_async_commit();   // (possibly empty) group of the next tile
             cp_async_wait<1>();  // this tile's group has landed
+            if constexpr (WG) fence_async_smem();  // for wgmma's reads
             __syncthreads();
         }
 
         // S = Q Kᵀ: this warp's S_TILES x 8 keys against its 16 rows.
-        {
+        if constexpr (WG) {
+            // Warpgroup cg: keys 16cg..16cg+15 of all 64 rows, 16 of d_qk per
+            // wgmma. Descriptors advance by k (16-byte units: k / 8 core
+            // matrices of 128 bytes); a row block of core matrices spans DQK / 8.
+            float s[8] = {};
+#ifdef MLA_HAS_WGMMA
+            constexpr uint32_t ROW_BLOCK = (DQK / 8) * 128;
+            const uint64_t da = wg_desc(qs, 128, ROW_BLOCK);
+            const uint64_t db = wg_desc(ks + cg * 2 * (DQK / 8) * 64, 128, ROW_BLOCK);
+            wg_fence();
+#pragma unroll 4
+            for (int k = 0; k < DQK; k += 16) wgmma_n16<Op::F16, false>(s, da + k, db + k);
+            wg_commit();
+            wg_wait_all();
+#endif
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                float* s0 = ss + (rg * 16 + gq) * L::SSTRIDE + cg * 16 + j * 8 + q4 * 2;
+                s0[0] = s[4 * j];
+                s0[1] = s[4 * j + 1];
+                s0[8 * L::SSTRIDE] = s[4 * j + 2];
+                s0[8 * L::SSTRIDE + 1] = s[4 * j + 3];
+            }
+        } else {
             const T* q0 = qs + (rg * 16 + gq) * KS + q4 * 2;
             const T* q8 = q0 + 8 * KS;
             // Each Q fragment feeds all of this warp's S tiles.
@@ -376,7 +430,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
             }
 #pragma unroll
             for (int i = 0; i < B::KPT / 2; i += 2)
-                *reinterpret_cast<uint2*>(ps + r * L::PSTRIDE + sub * B::KPT + 2 * i) =
+                *reinterpret_cast<uint2*>(ps + tile_at<WG, L::PSTRIDE>(r, sub * B::KPT + 2 * i)) =
                     make_uint2(pk[i], pk[i + 1]);
 #pragma unroll
             for (int off = 1; off < B::TPR; off <<= 1)
@@ -388,6 +442,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
                 row_scale[r] = corr;
             }
         }
+        if constexpr (WG) fence_async_smem();  // P, for wgmma's reads
         __syncthreads();
 
         // O = O * corr + P V over this warp's value columns of its rows.
@@ -400,6 +455,24 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
                 o[n][2] *= c8;
                 o[n][3] *= c8;
             }
+            if constexpr (WG) {
+#ifdef MLA_HAS_WGMMA
+                // O(64 x 256 of warpgroup cg) += P V: A = P (K-major, 4 core
+                // matrices per row block), B = V read N-major from the K tile
+                // (LBO: the next 8 keys, SBO: the next 8 value columns).
+                static_assert(B::NT == 32, "a warpgroup owns 256 value columns");
+                constexpr uint32_t ROW_BLOCK = (DQK / 8) * 128;
+                const uint64_t da = wg_desc(ps, 128, (MLA_TOKENS / 8) * 128);
+                const uint64_t db = wg_desc(ks + cg * 32 * 64, ROW_BLOCK, 128);
+                float(&acc)[128] = reinterpret_cast<float(&)[128]>(o);
+                wg_fence();
+#pragma unroll
+                for (int kk = 0; kk < MLA_TOKENS; kk += 16)
+                    wgmma_n256<Op::F16, true>(acc, da + kk, db + kk * (DQK / 8));
+                wg_commit();
+                wg_wait_all();
+#endif
+            } else {
 #pragma unroll
             for (int kk = 0; kk < MLA_TOKENS; kk += 16) {
                 const T* p0 = ps + (rg * 16 + gq) * L::PSTRIDE + kk + q4 * 2;
@@ -416,6 +489,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
                     Op::mma(o[n], a, b[0], b[1]);
                     Op::mma(o[n + 1], a, b[2], b[3]);
                 }
+            }
             }
         }
         __syncthreads();
@@ -465,14 +539,21 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
     }
 }
 
-template <int KV, int DQK, typename Op, int RG>
+template <int KV, int DQK, typename Op, int RG, bool WG = false>
 __device__ __forceinline__ void decode_block(const MlaParams& p) {
 #ifdef MLA_EMULATE
     uint8_t* smem = emu::dynamic_smem();
 #else
     extern __shared__ __align__(16) uint8_t smem[];
 #endif
-    if (dyn_smem_bytes() < (uint32_t)Smem<DQK, RG, KV>::BYTES) {
+#ifndef MLA_HAS_WGMMA
+    if constexpr (WG) {
+        // Built for a GPU without wgmma; the host launches these on sm_90 only.
+        if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
+        return;
+    }
+#endif
+    if (dyn_smem_bytes() < (uint32_t)Smem<DQK, RG, KV, WG>::BYTES) {
         if (threadIdx.x == 0) report(p, MLA_ERR_LAUNCH);
         return;
     }
@@ -483,13 +564,13 @@ __device__ __forceinline__ void decode_block(const MlaParams& p) {
         // memory-bound decode has no partly empty last wave.
         const int it_end = p.part_first[blockIdx.x + 1];
         for (int item_ix = p.part_first[blockIdx.x]; item_ix < it_end; ++item_ix) {
-            decode_item<KV, DQK, Op, RG>(p, item_ix, row0, smem);
+            decode_item<KV, DQK, Op, RG, false>(p, item_ix, row0, smem);
             __syncthreads();  // shared memory is reused by the next item
         }
     } else {
         // 64-row blocks run one item each: a loop around the body costs
         // registers these blocks do not have (they use ~240 of 255).
-        if ((int)blockIdx.x < *p.num_items) decode_item<KV, DQK, Op, RG>(p, blockIdx.x, row0, smem);
+        if ((int)blockIdx.x < *p.num_items) decode_item<KV, DQK, Op, RG, WG>(p, blockIdx.x, row0, smem);
     }
 }
 

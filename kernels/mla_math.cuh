@@ -67,6 +67,7 @@ __device__ __forceinline__ float ue8m0_to_float(uint32_t b) {
 // their 11-bit mantissa).
 struct OpBf16 {
     using T = __nv_bfloat16;
+    static constexpr bool F16 = false;
     static __device__ __forceinline__ T from_float(float x) { return __float2bfloat16_rn(x); }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -89,6 +90,7 @@ struct OpBf16 {
 
 struct OpF16 {
     using T = __half;
+    static constexpr bool F16 = true;
     static __device__ __forceinline__ T from_float(float x) { return __float2half_rn(x); }
     static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
         __half2 v = __floats2half2_rn(lo, hi);
@@ -148,5 +150,118 @@ __device__ __forceinline__ void cp_async_wait() {
 __device__ __forceinline__ uint32_t lds32(const void* p) {
     return *static_cast<const uint32_t*>(p);
 }
+
+// ---- Hopper warpgroup MMA (sm_90a) --------------------------------------
+// wgmma.mma_async: a warpgroup (4 warps, 128 threads) computes D(64 x N) +=
+// A(64 x 16) B(16 x N) with A and B read from shared memory through matrix
+// descriptors. mlart's operands use the no-swizzle canonical layout: 8x8
+// "core matrices" of 128 contiguous bytes (8 rows of 16 bytes). In a
+// descriptor, LBO is the byte distance between core matrices adjacent in K
+// and SBO between those adjacent in M or N (PTX ISA, "Matrix Descriptor";
+// CUTLASS's make_gmma_desc, INTERLEAVE layouts). B is K-major (each key's
+// 16 bytes run along K) unless TRANS_B, where they run along N.
+// The accumulator layout is mma.sync's C layout per 8 columns: thread
+// 32w + 4g + q holds D[16w + g (+8)][8j + 2q (+1)] in d[4j + ...].
+
+// A shared-memory address as the 32-bit offset the descriptors take.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+#ifdef MLA_EMULATE
+    return static_cast<uint32_t>(static_cast<const uint8_t*>(p) - emu::dynamic_smem());
+#else
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// A no-swizzle matrix descriptor: start, LBO and SBO in bytes (16-aligned).
+__device__ __forceinline__ uint64_t wg_desc(const void* start, uint32_t lbo, uint32_t sbo) {
+    return static_cast<uint64_t>((smem_u32(start) >> 4) & 0x3fffu) |
+           (static_cast<uint64_t>((lbo >> 4) & 0x3fffu) << 16) |
+           (static_cast<uint64_t>((sbo >> 4) & 0x3fffu) << 32);
+}
+
+#if defined(MLA_EMULATE)
+#define MLA_HAS_WGMMA 1
+__device__ __forceinline__ void wg_fence() {}
+__device__ __forceinline__ void wg_commit() {}
+__device__ __forceinline__ void wg_wait_all() { emu::wgmma_wait(); }
+__device__ __forceinline__ void fence_async_smem() {}
+template <bool F16, bool TRANS_B>
+__device__ __forceinline__ void wgmma_n16(float (&d)[8], uint64_t da, uint64_t db) {
+    emu::wgmma(d, 16, da, db, TRANS_B, F16);
+}
+template <bool F16, bool TRANS_B>
+__device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_t db) {
+    emu::wgmma(d, 256, da, db, TRANS_B, F16);
+}
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MLA_HAS_WGMMA 1
+// Orders this thread's register accesses before the warpgroup's next wgmma.
+__device__ __forceinline__ void wg_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wg_wait_all() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+// Makes this thread's ordinary shared-memory writes (stores, cp.async)
+// visible to the async proxy that wgmma reads through.
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+#define MLA_F8(d, i)                                                                    \
+    "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),         \
+        "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define MLA_WGMMA_N16(TYPE)                                                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " "        \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, %11;\n}\n"     \
+                 : MLA_F8(d, 0)                                                         \
+                 : "l"(da), "l"(db), "r"(1), "n"(TRANS_B ? 1 : 0))
+#define MLA_WGMMA_N256(TYPE)                                                            \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                         \
+                 "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "       \
+                 "{" \
+                 "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+                 "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+                 "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+                 "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+                 "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+                 "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+                 "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+                 "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127" "}, %128, %129, p, 1, 1, 0, %131;\n}\n" \
+                 : MLA_F8(d, 0), MLA_F8(d, 8), MLA_F8(d, 16), MLA_F8(d, 24),            \
+                   MLA_F8(d, 32), MLA_F8(d, 40), MLA_F8(d, 48), MLA_F8(d, 56),          \
+                   MLA_F8(d, 64), MLA_F8(d, 72), MLA_F8(d, 80), MLA_F8(d, 88),          \
+                   MLA_F8(d, 96), MLA_F8(d, 104), MLA_F8(d, 112), MLA_F8(d, 120)        \
+                 : "l"(da), "l"(db), "r"(1), "n"(TRANS_B ? 1 : 0))
+
+// D(64 x 16) += A B, scale-d fixed at 1 (callers zero D first).
+template <bool F16, bool TRANS_B>
+__device__ __forceinline__ void wgmma_n16(float (&d)[8], uint64_t da, uint64_t db) {
+    if constexpr (F16) {
+        MLA_WGMMA_N16("f16");
+    } else {
+        MLA_WGMMA_N16("bf16");
+    }
+}
+// D(64 x 256) += A B.
+template <bool F16, bool TRANS_B>
+__device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_t db) {
+    if constexpr (F16) {
+        MLA_WGMMA_N256("f16");
+    } else {
+        MLA_WGMMA_N256("bf16");
+    }
+}
+#undef MLA_WGMMA_N16
+#undef MLA_WGMMA_N256
+#undef MLA_F8
+#else
+// Architectures without wgmma: its kernels report MLA_ERR_LAUNCH instead.
+__device__ __forceinline__ void fence_async_smem() {}
+#endif
 
 }  // namespace mla

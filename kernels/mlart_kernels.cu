@@ -9,15 +9,18 @@
 // RG = 1: 16 query rows per block (4 warps); RG = 4: 64 rows (8 warps, one
 // block per SM; chosen when a group has >= 64 rows and the GPU allows 162 KiB
 // of shared memory per block).
-#define MLA_DECODE_ENTRY(NAME, KV, DQK, OP, RG)                                      \
+// _wg: the 64-row block with wgmma (sm_90a only; elsewhere it reports
+// MLA_ERR_LAUNCH and the host never picks it).
+#define MLA_DECODE_ENTRY(NAME, KV, DQK, OP, RG, WG)                                  \
     extern "C" __global__ void __launch_bounds__(mla::Shape<RG>::THREADS)            \
         NAME(const __grid_constant__ MlaParams p) {                                  \
-        mla::decode_block<KV, DQK, mla::OP, RG>(p);                                  \
+        mla::decode_block<KV, DQK, mla::OP, RG, WG>(p);                              \
     }
 
-#define MLA_DECODE_ENTRIES(NAME, KV, DQK, OP) \
-    MLA_DECODE_ENTRY(NAME, KV, DQK, OP, 1)    \
-    MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4)
+#define MLA_DECODE_ENTRIES(NAME, KV, DQK, OP)           \
+    MLA_DECODE_ENTRY(NAME, KV, DQK, OP, 1, false)       \
+    MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4, false) \
+    MLA_DECODE_ENTRY(NAME##_wg, KV, DQK, OP, 4, true)
 
 MLA_DECODE_ENTRIES(mla_decode_bf16_d576, MLA_KV_BF16, 576, OpBf16)
 MLA_DECODE_ENTRIES(mla_decode_bf16_d512, MLA_KV_BF16, 512, OpBf16)

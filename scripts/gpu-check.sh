@@ -6,8 +6,10 @@
 #                                target/gpu/ (carried by the device tool; < 64 MiB)
 #   scripts/gpu-check.sh run     (on the GPU machine, which has the driver and
 #                                python3 + torch but no Rust) runs the GPU test
-#                                suite, the unit tests that need a device, and
-#                                `mlart bench --cuda` against the copy bandwidth
+#                                suite (with the mma.sync kernels, then with the
+#                                Hopper wgmma ones: MLART_CUDA_WGMMA=1), the unit
+#                                tests that need a device, and
+#                                `mlart bench --cuda` (both kinds) against the copy bandwidth
 #                                and bf16 matmul rate torch measures in the same
 #                                run; then, on its Xeon host (AMX-BF16), the AMX
 #                                tiles against their software model, the CPU
@@ -60,6 +62,9 @@ run() {
         echo "== mlart info"; timeout 60 "$g/mlart" info 2>&1
         echo "== GPU test suite (CUDA vs CPU engine)"
         timeout 300 "$g/cuda_decode" 2>&1 | tail -40
+        # The Hopper wgmma kernels are opt-in until this run verifies them.
+        echo "== GPU test suite with the wgmma kernels (MLART_CUDA_WGMMA=1)"
+        MLART_CUDA_WGMMA=1 timeout 200 "$g/cuda_decode" 2>&1 | tail -40
         echo "== unit tests that touch the driver, the fatbin and the plan"
         timeout 60 "$g/unit" cuda 2>&1 | grep -E "^test |test result|panicked" | head -40
         echo "== C-ABI error tests with a device present"
@@ -87,6 +92,9 @@ PY
         mm=$(awk '/^matmul_tflops/ {print $2}' "$out/torch-ceilings.txt")
         echo "== mlart bench --cuda"
         timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
+        echo "== mlart bench --cuda, wgmma kernels (MLART_CUDA_WGMMA=1)"
+        MLART_CUDA_WGMMA=1 timeout 180 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} \
+            --json "$out/bench-cuda-wgmma.json" 2>&1
         echo "== host CPU: AMX tiles vs their software model, then the amx kernel vs the f64 reference"
         if grep -q amx_bf16 /proc/cpuinfo; then
             timeout 100 "$g/unit" amx --include-ignored 2>&1 | grep -E "^test |test result|panicked" | head -12

@@ -1131,8 +1131,42 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 
 type Test = (&'static str, fn() -> Outcome);
 
+/// The decode kernels in use follow `MLART_CUDA_WGMMA`: with it set to 1 on
+/// a compute capability 9.0 GPU the engine says its 64-row blocks run on
+/// wgmma, otherwise not (so a run of this suite with the variable set
+/// really tests the wgmma kernels, and one without tests mma.sync's).
+fn cuda_wgmma_as_requested() -> Outcome {
+    with_gpu(|g| {
+        let mut props = MaybeUninit::<mlart_engine_props>::uninit();
+        mlart_engine_props_init(props.as_mut_ptr());
+        // SAFETY: initialized by mlart_engine_props_init.
+        let mut props = unsafe { props.assume_init() };
+        assert!(take_error(mlart_engine_info(g.ptr, &mut props)).is_none());
+        // SAFETY: the engine wrote a NUL-terminated string into the array.
+        let reason = unsafe { std::ffi::CStr::from_ptr(props.reason.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let mut dev = MaybeUninit::<mlart_device_props>::uninit();
+        mlart_device_props_init(dev.as_mut_ptr());
+        // SAFETY: initialized by mlart_device_props_init.
+        let mut dev = unsafe { dev.assume_init() };
+        assert!(take_error(mlart_device_info(props.device_index, &mut dev)).is_none());
+        let hopper = (dev.compute_major, dev.compute_minor) == (9, 0);
+        let requested = std::env::var("MLART_CUDA_WGMMA").is_ok_and(|v| v.trim() == "1");
+        println!("    engine: {reason}");
+        assert_eq!(
+            reason.contains("wgmma: on"),
+            hopper && requested,
+            "sm_{}{}, MLART_CUDA_WGMMA requested: {requested}; engine: {reason}",
+            dev.compute_major,
+            dev.compute_minor
+        );
+    })
+}
+
 fn main() {
-    let tests: [Test; 8] = [
+    let tests: [Test; 9] = [
+        ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
         ("cuda_split_kv", cuda_split_kv),
         ("cuda_sparse_matrix", cuda_sparse_matrix),

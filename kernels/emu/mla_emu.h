@@ -101,11 +101,20 @@ namespace emu {
 
 enum Wait { RUN = 0, BLOCK = 1, WARP = 2, DONE = 3 };
 
+// A wgmma issued by a thread and not yet waited for.
+struct PendingMma {
+    float* d;
+    int n;
+    uint64_t da, db;
+    bool trans_b, f16;
+};
+
 struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     int tid = 0;
     Wait wait = RUN;
+    std::vector<PendingMma> pending;
 };
 
 struct WarpSlots {
@@ -139,6 +148,10 @@ inline void park(Wait w) {
 inline void entry() {
     State& s = st();
     s.body(s.arg);
+    if (!s.fibers[s.cur].pending.empty()) {
+        fprintf(stderr, "emu: thread %d ended with a wgmma it never waited for\n", s.fibers[s.cur].tid);
+        abort();
+    }
     s.fibers[s.cur].wait = DONE;
     swapcontext(&s.fibers[s.cur].ctx, &s.sched);
 }
@@ -152,6 +165,7 @@ inline void run_block(int threads) {
         Fiber& f = s.fibers[t];
         f.tid = t;
         f.wait = RUN;
+        f.pending.clear();
         f.stack.resize(64 * 1024);
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -324,6 +338,63 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
         r[i] = (uint32_t)r0[n] | ((uint32_t)r1[n] << 16);
     }
     __syncwarp();
+}
+
+// wgmma.mma_async.m64nNk16 with both operands in shared memory (no-swizzle
+// descriptors): D(64 x N) += A(64 x 16) B(16 x N). A is K-major; B is
+// K-major, or N-major when trans_b. Each thread updates the accumulators
+// it holds (mma.sync's C layout per 8 columns, warp w of its warpgroup
+// owning rows 16w..16w+15). The product is computed at wgmma.wait_group,
+// the latest moment the hardware may read the operands: a kernel that
+// writes them, or reads the accumulators, before waiting gets wrong results.
+inline void wgmma_run(const PendingMma& op) {
+    float* d = op.d;
+    const int n = op.n;
+    const uint64_t da = op.da, db = op.db;
+    const bool trans_b = op.trans_b, f16 = op.f16;
+    auto field = [](uint64_t desc, int shift) { return (uint32_t)((desc >> shift) & 0x3fff) << 4; };
+    if ((da >> 49) != 0 || (db >> 49) != 0) {
+        fprintf(stderr, "emu: wgmma descriptor with base offset or swizzle bits set\n");
+        abort();
+    }
+    const uint8_t* smem = dynamic_smem();
+    const uint32_t a0 = field(da, 0), a_lbo = field(da, 16), a_sbo = field(da, 32);
+    const uint32_t b0 = field(db, 0), b_lbo = field(db, 16), b_sbo = field(db, 32);
+    auto elem = [&](uint32_t at) {
+        if (at + 2 > 256 * 1024) {
+            fprintf(stderr, "emu: wgmma operand outside shared memory\n");
+            abort();
+        }
+        uint16_t v;
+        memcpy(&v, smem + at, 2);
+        return f16 ? __half2float({v}) : __bfloat162float({v});
+    };
+    auto A = [&](int m, int k) {
+        return elem(a0 + (m / 8) * a_sbo + (m % 8) * 16 + (k / 8) * a_lbo + (k % 8) * 2);
+    };
+    auto B = [&](int k, int j) {
+        return trans_b ? elem(b0 + (j / 8) * b_sbo + (j % 8) * 2 + (k / 8) * b_lbo + (k % 8) * 16)
+                       : elem(b0 + (j / 8) * b_sbo + (j % 8) * 16 + (k / 8) * b_lbo + (k % 8) * 2);
+    };
+    const int tid = st().fibers[st().cur].tid % 128, l = tid % 32, w = tid / 32;
+    for (int j = 0; j < n / 8; ++j)
+        for (int i = 0; i < 4; ++i) {
+            const int row = 16 * w + l / 4 + 8 * (i / 2), col = 8 * j + 2 * (l % 4) + (i % 2);
+            float acc = d[4 * j + i];
+            for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+            d[4 * j + i] = acc;
+        }
+}
+
+inline void wgmma(float* d, int n, uint64_t da, uint64_t db, bool trans_b, bool f16) {
+    st().fibers[st().cur].pending.push_back({d, n, da, db, trans_b, f16});
+}
+
+// wgmma.wait_group 0: completes this thread's outstanding products.
+inline void wgmma_wait() {
+    auto& pending = st().fibers[st().cur].pending;
+    for (const PendingMma& op : pending) wgmma_run(op);
+    pending.clear();
 }
 
 }  // namespace emu

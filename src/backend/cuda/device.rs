@@ -6,7 +6,7 @@
 use super::args::{DeviceDecode, KeysDev};
 use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
-use super::launch::{self, Geometry, DECODE_KERNELS};
+use super::launch::{self, Geometry, Variant, DECODE_KERNELS};
 use super::lowering::{self, as_bytes, base_params, bind_workspace, check_alignment, code, int};
 use super::params::{describe_error_flags, AppendParams, MlaParams};
 use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
@@ -38,12 +38,18 @@ pub(super) struct State {
 struct DecodeFn {
     format: KvFormat,
     d_qk: usize,
-    /// Query rows per block (16 or 64).
-    rows: usize,
+    variant: Variant,
     func: sys::CUfunction,
     smem: usize,
     /// Blocks of this kernel the whole GPU holds at once.
     resident: usize,
+}
+
+/// `MLART_CUDA_WGMMA=1` turns on the Hopper `wgmma` decode kernels. They
+/// pass the CPU emulation but have not run on a GPU yet, so they are opt-in
+/// until `scripts/gpu-check.sh` verifies them on an H100/H200.
+fn wgmma_requested() -> bool {
+    std::env::var("MLART_CUDA_WGMMA").is_ok_and(|v| v.trim() == "1")
 }
 
 pub struct CudaBackend {
@@ -155,20 +161,25 @@ impl CudaBackend {
         let plan = function(module, launch::PLAN_KERNEL)?;
         let combine = function(module, launch::COMBINE_KERNEL)?;
         let append = function(module, launch::APPEND_KERNEL)?;
+        let wgmma_runs = launch::runs_wgmma(props.major, props.minor);
+        let wgmma = wgmma_runs && wgmma_requested();
         let mut decoders = Vec::new();
         for (format, d_qk, base) in DECODE_KERNELS {
-            for rows in launch::BLOCK_ROWS {
-                let smem = launch::decode_smem_bytes(format, d_qk, rows);
+            for variant in launch::VARIANTS {
+                if variant == Variant::Wgmma64 && !wgmma {
+                    continue;
+                }
+                let smem = launch::decode_smem_bytes(format, d_qk, variant);
                 if smem > props.max_smem_per_block {
-                    if rows == 16 {
+                    if variant == Variant::Rows16 {
                         return Err(Error::unsupported(format!(
                             "{} allows {} bytes of shared memory per block; the decode kernels need {smem}",
                             props.name, props.max_smem_per_block
                         )));
                     }
-                    continue; // the 64-row variant is optional
+                    continue; // the 64-row variants are optional
                 }
-                let func = function(module, &launch::decode_kernel_name(base, rows))?;
+                let func = function(module, &launch::decode_kernel_name(base, variant))?;
                 // SAFETY: func is a kernel of the loaded module.
                 unsafe {
                     result::function::set_function_attribute(
@@ -182,7 +193,7 @@ impl CudaBackend {
                 let per_sm = unsafe {
                     result::occupancy::max_active_block_per_multiprocessor(
                         func,
-                        launch::decode_threads(rows) as i32,
+                        variant.threads() as i32,
                         smem,
                     )
                 }
@@ -190,7 +201,7 @@ impl CudaBackend {
                 decoders.push(DecodeFn {
                     format,
                     d_qk,
-                    rows,
+                    variant,
                     func,
                     smem,
                     resident: (per_sm.max(1) as usize) * props.sm_count as usize,
@@ -201,8 +212,15 @@ impl CudaBackend {
             .map_err(dev_err("cuStreamCreate"))?;
         let done = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(dev_err("cuEventCreate"))?;
+        let tensor_cores = if wgmma {
+            "; wgmma: on (MLART_CUDA_WGMMA=1)"
+        } else if wgmma_runs {
+            "; wgmma: off until verified (MLART_CUDA_WGMMA=1 opts in)"
+        } else {
+            ""
+        };
         let reason = format!(
-            "{why}CUDA device {} ({}, sm_{}{}, {} SMs), kernels: {image_name}",
+            "{why}CUDA device {} ({}, sm_{}{}, {} SMs), kernels: {image_name}{tensor_cores}",
             props.index, props.name, props.major, props.minor, props.sm_count
         );
         Ok(CudaBackend {
@@ -246,21 +264,22 @@ impl CudaBackend {
         } else {
             a.shape.s_q * a.shape.h_q
         };
-        let want = launch::block_rows(
+        let pick = |v: Variant| {
+            self.decoders
+                .iter()
+                .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk && k.variant == v)
+        };
+        let want = launch::choose_variant(
             rows_per_group,
             a.layout.format,
             a.shape.d_qk,
             self.props.max_smem_per_block,
+            pick(Variant::Wgmma64).is_some(),
         );
-        let pick = |rows: usize| {
-            self.decoders
-                .iter()
-                .find(|k| k.format == a.layout.format && k.d_qk == a.shape.d_qk && k.rows == rows)
-        };
         let f = pick(want)
-            .or_else(|| pick(16))
+            .or_else(|| pick(Variant::Rows16))
             .ok_or_else(|| Error::internal("no decode kernel loaded for this format and d_qk"))?;
-        let geo = Geometry::new(&a.shape, sparse, f.rows, f.resident)?;
+        let geo = Geometry::new(&a.shape, sparse, f.variant.rows(), f.resident)?;
         Ok((f, geo))
     }
 
@@ -709,7 +728,7 @@ impl CudaBackend {
             result::launch_kernel(
                 f.func,
                 geo.decode_grid(),
-                (launch::decode_threads(f.rows), 1, 1),
+                (f.variant.threads(), 1, 1),
                 f.smem as u32,
                 stream,
                 &mut args,

@@ -526,6 +526,23 @@ ptxas info    : Compile time = 1.2 ms
     }
 
     #[test]
+    fn every_decode_entry_is_built_for_every_target() {
+        use crate::backend::cuda::launch::{decode_kernel_name, DECODE_KERNELS, VARIANTS};
+        let Some(log) = ptxas_log() else {
+            return skip("every_decode_entry_is_built_for_every_target");
+        };
+        for (_, _, base) in DECODE_KERNELS {
+            for v in VARIANTS {
+                let name = decode_kernel_name(base, v);
+                for arch in ["sm_80", "sm_90a", "sm_100a"] {
+                    let want = format!("Compiling entry function '{name}' for '{arch}'");
+                    assert!(log.contains(&want), "ptxas log lacks `{want}`");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn kernels_present_when_required() {
         let required =
             std::env::var("MLART_REQUIRE_CUDA_KERNELS").is_ok_and(|v| !v.is_empty() && v != "0");

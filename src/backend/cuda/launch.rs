@@ -10,22 +10,60 @@ use crate::format::KvFormat;
 /// Value dimension every decode kernel is built for (DeepSeek MLA).
 pub const DV: usize = 512;
 /// Query rows of one row group (one m16 tensor-core tile). A decode block
-/// takes 1 row group (4 warps) or 4 (8 warps), see [`BLOCK_ROWS`].
+/// takes 1 row group (4 warps) or 4 (8 warps), see [`Variant`].
 pub const ROWS: usize = 16;
-/// Query rows per decode block of the two kernel variants.
-pub const BLOCK_ROWS: [usize; 2] = [16, 64];
 /// Keys per shared-memory tile.
 pub const TOKENS: usize = 32;
 /// Threads of a 16-row decode block (4 warps); 64-row blocks have 256.
 pub const DECODE_THREADS: u32 = 128;
 
-/// Threads of a decode block of `rows` query rows.
-pub const fn decode_threads(rows: usize) -> u32 {
-    if rows == 16 {
-        DECODE_THREADS
-    } else {
-        2 * DECODE_THREADS
+/// The decode kernel variants of each format and head dimension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Variant {
+    /// 16 query rows per block, 4 warps, `mma.sync`: every GPU.
+    Rows16,
+    /// 64 query rows, 8 warps, `mma.sync`: each K tile feeds 64 heads; needs
+    /// 162 KiB of shared memory (A100, H100/H200, B200).
+    Rows64,
+    /// 64 query rows on two warpgroups with Hopper's `wgmma` (entry points
+    /// `_wg`, SASS for sm_90a only, so compute capability 9.0 exactly).
+    Wgmma64,
+}
+
+/// Every variant, in the order the backend loads them.
+pub const VARIANTS: [Variant; 3] = [Variant::Rows16, Variant::Rows64, Variant::Wgmma64];
+
+impl Variant {
+    /// Query rows per block.
+    pub const fn rows(self) -> usize {
+        match self {
+            Variant::Rows16 => 16,
+            Variant::Rows64 | Variant::Wgmma64 => 64,
+        }
     }
+
+    /// Threads per block.
+    pub const fn threads(self) -> u32 {
+        match self {
+            Variant::Rows16 => DECODE_THREADS,
+            Variant::Rows64 | Variant::Wgmma64 => 2 * DECODE_THREADS,
+        }
+    }
+
+    /// What the entry point's name appends to its family's.
+    pub const fn suffix(self) -> &'static str {
+        match self {
+            Variant::Rows16 => "",
+            Variant::Rows64 => "_m64",
+            Variant::Wgmma64 => "_wg",
+        }
+    }
+}
+
+/// Whether a GPU of compute capability `major.minor` runs the `wgmma`
+/// kernels: their SASS is built for sm_90a, which only 9.0 loads.
+pub const fn runs_wgmma(major: u32, minor: u32) -> bool {
+    major == 9 && minor == 0
 }
 /// Threads of the one plan block.
 pub const PLAN_THREADS: u32 = 1024;
@@ -39,7 +77,7 @@ pub const APPEND_THREADS: u32 = 128;
 pub const COMBINE_KERNEL: &str = "mla_combine";
 
 /// Every decode entry point's family: cache format, d_qk, name in the
-/// fatbin of the 16-row variant (the 64-row one appends `_m64`).
+/// fatbin of the 16-row variant (the others append [`Variant::suffix`]).
 pub const DECODE_KERNELS: [(KvFormat, usize, &str); 8] = [
     (KvFormat::Bf16, 576, "mla_decode_bf16_d576"),
     (KvFormat::Bf16, 512, "mla_decode_bf16_d512"),
@@ -51,28 +89,31 @@ pub const DECODE_KERNELS: [(KvFormat, usize, &str); 8] = [
     (KvFormat::Fp8Model1, 512, "mla_decode_fp8model1_d512"),
 ];
 
-/// Name of a decode entry point with `rows` query rows per block.
-pub fn decode_kernel_name(base: &str, rows: usize) -> String {
-    if rows == 16 {
-        base.to_string()
-    } else {
-        format!("{base}_m{rows}")
-    }
+/// Name of a decode entry point of a variant.
+pub fn decode_kernel_name(base: &str, variant: Variant) -> String {
+    format!("{base}{}", variant.suffix())
 }
 
-/// The 64-row variant reads each K tile once for 64 rows instead of 16; it
+/// The 64-row variants read each K tile once for 64 rows instead of 16; one
 /// is used when a query group has that many rows (h_q x s_q dense, h_q
-/// sparse) and the GPU gives a block its shared memory.
-pub fn block_rows(
+/// sparse) and the GPU gives a block its shared memory: the `wgmma` one
+/// when `wgmma` (the GPU runs it and it is enabled), else `mma.sync`'s.
+pub fn choose_variant(
     rows_per_group: usize,
     format: KvFormat,
     d_qk: usize,
     max_smem_per_block: usize,
-) -> usize {
-    if rows_per_group >= 64 && decode_smem_bytes(format, d_qk, 64) <= max_smem_per_block {
-        64
+    wgmma: bool,
+) -> Variant {
+    let fits = |v| decode_smem_bytes(format, d_qk, v) <= max_smem_per_block;
+    if rows_per_group < 64 {
+        Variant::Rows16
+    } else if wgmma && fits(Variant::Wgmma64) {
+        Variant::Wgmma64
+    } else if fits(Variant::Rows64) {
+        Variant::Rows64
     } else {
-        16
+        Variant::Rows16
     }
 }
 
@@ -97,12 +138,20 @@ pub fn decode_kernel(shape: &DecodeShape, format: KvFormat) -> Result<&'static s
         })
 }
 
-/// Dynamic shared memory of a decode block of `rows` query rows; mirrors
-/// `Smem<DQK, RG, KV>` in kernels/mla_decode.cuh (both sides pin the
+/// Dynamic shared memory of a decode block of a variant; mirrors
+/// `Smem<DQK, RG, KV, WG>` in kernels/mla_decode.cuh (both sides pin the
 /// numbers). BF16/F16/F32 tiles are double-buffered; FP8 tiles have one
-/// bf16 buffer plus a buffer of raw rows copied ahead.
-pub const fn decode_smem_bytes(format: KvFormat, d_qk: usize, rows: usize) -> usize {
-    let ks = d_qk + 8;
+/// bf16 buffer plus a buffer of raw rows copied ahead. `mma.sync` tiles pad
+/// each row by 16 bytes against bank conflicts; `wgmma` tiles are unpadded
+/// core matrices.
+pub const fn decode_smem_bytes(format: KvFormat, d_qk: usize, variant: Variant) -> usize {
+    let rows = variant.rows();
+    let pad = if matches!(variant, Variant::Wgmma64) {
+        0
+    } else {
+        8
+    };
+    let ks = d_qk + pad;
     let (k_buffers, raw) = match format {
         KvFormat::Fp8V32 => (1, TOKENS * 656),
         KvFormat::Fp8Model1 => (1, TOKENS * 592),
@@ -111,7 +160,7 @@ pub const fn decode_smem_bytes(format: KvFormat, d_qk: usize, rows: usize) -> us
     let q = rows * ks * 2;
     let k = k_buffers * TOKENS * ks * 2 + raw;
     let s = rows * (TOKENS + 4) * 4;
-    let p = rows * (TOKENS + 8) * 2;
+    let p = rows * (TOKENS + pad) * 2;
     let tokens = 2 * 2 * TOKENS * 8;
     let row_state = 4 * rows * 4;
     q + k + s + p + tokens + row_state
@@ -313,10 +362,15 @@ mod tests {
             (KvFormat::Fp8V32, 576, "MLA_KV_FP8_V32"),
             (KvFormat::Fp8Model1, 512, "MLA_KV_FP8_MODEL1"),
         ] {
-            for (rows, rg) in [(16, 1), (64, 4)] {
+            for (v, params) in [
+                (Variant::Rows16, "1, "),
+                (Variant::Rows64, "4, "),
+                (Variant::Wgmma64, "4, "),
+            ] {
+                let wg = if v == Variant::Wgmma64 { ", true" } else { "" };
                 let want = format!(
-                    "Smem<{d}, {rg}, {name}>::BYTES == {}",
-                    decode_smem_bytes(format, d, rows)
+                    "Smem<{d}, {params}{name}{wg}>::BYTES == {}",
+                    decode_smem_bytes(format, d, v)
                 );
                 assert!(src.contains(&want), "kernels/mla_decode.cuh lacks `{want}`");
             }
@@ -328,14 +382,21 @@ mod tests {
             } else {
                 format
             };
-            assert_eq!(
-                decode_smem_bytes(format, d, 16),
-                decode_smem_bytes(like, d, 16)
-            );
+            for v in VARIANTS {
+                assert_eq!(
+                    decode_smem_bytes(format, d, v),
+                    decode_smem_bytes(like, d, v)
+                );
+            }
             // 16 rows fit the smallest opt-in limit of the targets
-            // (sm_86/89/120: 99 KiB); 64 rows fit A100's 163 KiB.
-            assert!(decode_smem_bytes(format, d, 16) <= 101376);
-            assert!(decode_smem_bytes(format, d, 64) <= 166912);
+            // (sm_86/89/120: 99 KiB); 64 rows fit A100's 163 KiB, and the
+            // wgmma blocks H100's 227 KiB with room to spare.
+            assert!(decode_smem_bytes(format, d, Variant::Rows16) <= 101376);
+            assert!(decode_smem_bytes(format, d, Variant::Rows64) <= 166912);
+            assert!(
+                decode_smem_bytes(format, d, Variant::Wgmma64)
+                    <= decode_smem_bytes(format, d, Variant::Rows64)
+            );
         }
         let defs = [
             ("MLA_ROWS", ROWS),
@@ -374,9 +435,16 @@ mod tests {
                 "{name}"
             );
         }
-        assert!(src.contains("MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4)"));
-        assert_eq!(decode_kernel_name("k", 64), "k_m64");
-        assert_eq!((decode_threads(16), decode_threads(64)), (128, 256));
+        assert!(src.contains("MLA_DECODE_ENTRY(NAME, KV, DQK, OP, 1, false)"));
+        assert!(src.contains("MLA_DECODE_ENTRY(NAME##_m64, KV, DQK, OP, 4, false)"));
+        assert!(src.contains("MLA_DECODE_ENTRY(NAME##_wg, KV, DQK, OP, 4, true)"));
+        let names: Vec<_> = VARIANTS
+            .iter()
+            .map(|&v| decode_kernel_name("k", v))
+            .collect();
+        assert_eq!(names, ["k", "k_m64", "k_wg"]);
+        let threads: Vec<_> = VARIANTS.iter().map(|v| v.threads()).collect();
+        assert_eq!(threads, [128, 256, 256]);
         assert!(include_str!("../../../kernels/mla_plan.cuh").contains(PLAN_KERNEL));
         assert!(include_str!("../../../kernels/mla_combine.cuh").contains(COMBINE_KERNEL));
     }
@@ -402,14 +470,26 @@ mod tests {
     }
 
     #[test]
-    fn block_rows_follow_heads_and_shared_memory() {
+    fn variants_follow_heads_shared_memory_and_wgmma() {
+        use Variant::*;
         let h100 = 232448;
         let bf16 = KvFormat::Bf16;
-        assert_eq!(block_rows(128, bf16, 576, h100), 64);
-        assert_eq!(block_rows(64, KvFormat::Fp8Model1, 512, h100), 64);
-        assert_eq!(block_rows(63, bf16, 576, h100), 16);
-        assert_eq!(block_rows(128, bf16, 576, 166912), 64); // A100
-        assert_eq!(block_rows(128, bf16, 576, 101376), 16); // sm_86/89/120
+        for wgmma in [false, true] {
+            let big = if wgmma { Wgmma64 } else { Rows64 };
+            assert_eq!(choose_variant(128, bf16, 576, h100, wgmma), big);
+            assert_eq!(
+                choose_variant(64, KvFormat::Fp8Model1, 512, h100, wgmma),
+                big
+            );
+            assert_eq!(choose_variant(63, bf16, 576, h100, wgmma), Rows16);
+            assert_eq!(choose_variant(128, bf16, 576, 101376, wgmma), Rows16); // sm_86/89/120
+        }
+        assert_eq!(choose_variant(128, bf16, 576, 166912, false), Rows64); // A100
+                                                                           // Only compute capability 9.0 runs the sm_90a wgmma SASS.
+        assert!(runs_wgmma(9, 0));
+        for (major, minor) in [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)] {
+            assert!(!runs_wgmma(major, minor), "{major}.{minor}");
+        }
     }
 
     #[test]
