@@ -19,8 +19,8 @@
 // WG (Hopper, sm_90a; 64 rows, two warpgroups): the same block with both
 // GEMMs on wgmma, operands read from shared memory in place. Q, K and P
 // tiles are then kept as 8x8 core matrices (tile_at); warpgroup w computes
-// S for keys 16w..16w+15 of all 64 rows, and O for value columns
-// 256w..256w+255.
+// S for all 32 keys over half of d_qk (the softmax adds the halves), and
+// O for value columns 256w..256w+255.
 #pragma once
 #include "mla_keys.cuh"
 #include "mla_math.cuh"
@@ -74,7 +74,8 @@ struct Smem {
     static constexpr int K = Q + ROWS * KSTRIDE * 2;
     static constexpr int RAW = K + Raw<KV>::K_BUFFERS * MLA_TOKENS * KSTRIDE * 2;
     static constexpr int S = RAW + Raw<KV>::BYTES;
-    static constexpr int P = S + ROWS * SSTRIDE * 4;
+    static constexpr int S_PLANES = WG ? 2 : 1;  // WG: one per half of d_qk
+    static constexpr int P = S + S_PLANES * ROWS * SSTRIDE * 4;
     static constexpr int TOK_ROW = P + ROWS * PSTRIDE * 2;  // [2][32] row pointers
     static constexpr int TOK_AUX = TOK_ROW + 2 * MLA_TOKENS * 8;  // [2][32] scale pointers
     static constexpr int ROW_M = TOK_AUX + 2 * MLA_TOKENS * 8;
@@ -92,10 +93,10 @@ static_assert(Smem<576, 1, MLA_KV_FP8_V32>::BYTES == 81920, "update launch.rs: d
 static_assert(Smem<576, 4, MLA_KV_FP8_V32>::BYTES == 149504, "update launch.rs: decode_smem_bytes");
 static_assert(Smem<512, 1, MLA_KV_FP8_MODEL1>::BYTES == 73728, "update launch.rs: decode_smem_bytes");
 static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1>::BYTES == 135168, "update launch.rs: decode_smem_bytes");
-static_assert(Smem<576, 4, MLA_KV_BF16, true>::BYTES == 162816, "update launch.rs: decode_smem_bytes");
-static_assert(Smem<512, 4, MLA_KV_BF16, true>::BYTES == 146432, "update launch.rs: decode_smem_bytes");
-static_assert(Smem<576, 4, MLA_KV_FP8_V32, true>::BYTES == 146944, "update launch.rs: decode_smem_bytes");
-static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1, true>::BYTES == 132608, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_BF16, true>::BYTES == 172032, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_BF16, true>::BYTES == 155648, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<576, 4, MLA_KV_FP8_V32, true>::BYTES == 156160, "update launch.rs: decode_smem_bytes");
+static_assert(Smem<512, 4, MLA_KV_FP8_MODEL1, true>::BYTES == 141824, "update launch.rs: decode_smem_bytes");
 
 // Element offset of (row r, column k) in a tile whose rows are STRIDE
 // elements apart; for wgmma, in the canonical layout instead: 8x8 core
@@ -352,23 +353,28 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
 
         // S = Q Kᵀ: this warp's S_TILES x 8 keys against its 16 rows.
         if constexpr (WG) {
-            // Warpgroup cg: keys 16cg..16cg+15 of all 64 rows, 16 of d_qk per
-            // wgmma. Descriptors advance by k (16-byte units: k / 8 core
-            // matrices of 128 bytes); a row block of core matrices spans DQK / 8.
-            float s[8] = {};
+            // Warpgroup cg: all 32 keys of the 64 rows over half of d_qk,
+            // into its own plane of S (the softmax adds the two). N = 32 per
+            // wgmma reads each Q slice for twice the keys that splitting the
+            // keys would, and shared-memory bandwidth bounds this GEMM.
+            // Descriptors advance by k (16-byte units: k / 8 core matrices
+            // of 128 bytes); a row block of core matrices spans DQK / 8.
+            float s[16] = {};
 #ifdef MLA_HAS_WGMMA
+            constexpr int HALF = DQK / 2;
             constexpr uint32_t ROW_BLOCK = (DQK / 8) * 128;
-            const uint64_t da = wg_desc(qs, 128, ROW_BLOCK);
-            const uint64_t db = wg_desc(ks + cg * 2 * (DQK / 8) * 64, 128, ROW_BLOCK);
+            const uint64_t da = wg_desc(qs, 128, ROW_BLOCK) + cg * HALF;
+            const uint64_t db = wg_desc(ks, 128, ROW_BLOCK) + cg * HALF;
             wg_fence();
-#pragma unroll 4
-            for (int k = 0; k < DQK; k += 16) wgmma_n16<Op::F16, false>(s, da + k, db + k);
+#pragma unroll 2
+            for (int k = 0; k < HALF; k += 16) wgmma_n32<Op::F16, false>(s, da + k, db + k);
             wg_commit();
             wg_wait_all();
 #endif
+            float* plane = ss + cg * ROWS * L::SSTRIDE;
 #pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                float* s0 = ss + (rg * 16 + gq) * L::SSTRIDE + cg * 16 + j * 8 + q4 * 2;
+            for (int j = 0; j < 4; ++j) {
+                float* s0 = plane + (rg * 16 + gq) * L::SSTRIDE + j * 8 + q4 * 2;
                 s0[0] = s[4 * j];
                 s0[1] = s[4 * j + 1];
                 s0[8 * L::SSTRIDE] = s[4 * j + 2];
@@ -412,7 +418,9 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
             for (int i = 0; i < B::KPT; ++i) {
                 const int j = sub * B::KPT + i;
                 const bool ok = tok_row[buf * MLA_TOKENS + j] != nullptr && tstart + j < limit;
-                sv[i] = ok ? ss[r * L::SSTRIDE + j] * p.scale_log2 : -INFINITY;
+                float sij = ss[r * L::SSTRIDE + j];
+                if constexpr (WG) sij += ss[(ROWS + r) * L::SSTRIDE + j];
+                sv[i] = ok ? sij * p.scale_log2 : -INFINITY;
                 mx = fmaxf(mx, sv[i]);
             }
 #pragma unroll

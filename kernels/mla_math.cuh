@@ -186,8 +186,8 @@ __device__ __forceinline__ void wg_commit() {}
 __device__ __forceinline__ void wg_wait_all() { emu::wgmma_wait(); }
 __device__ __forceinline__ void fence_async_smem() {}
 template <bool F16, bool TRANS_B>
-__device__ __forceinline__ void wgmma_n16(float (&d)[8], uint64_t da, uint64_t db) {
-    emu::wgmma(d, 16, da, db, TRANS_B, F16);
+__device__ __forceinline__ void wgmma_n32(float (&d)[16], uint64_t da, uint64_t db) {
+    emu::wgmma(d, 32, da, db, TRANS_B, F16);
 }
 template <bool F16, bool TRANS_B>
 __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_t db) {
@@ -214,11 +214,12 @@ __device__ __forceinline__ void fence_async_smem() {
 #define MLA_F8(d, i)                                                                    \
     "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]),         \
         "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
-#define MLA_WGMMA_N16(TYPE)                                                             \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"                          \
-                 "wgmma.mma_async.sync.aligned.m64n16k16.f32." TYPE "." TYPE " "        \
-                 "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, %11;\n}\n"     \
-                 : MLA_F8(d, 0)                                                         \
+#define MLA_WGMMA_N32(TYPE)                                                             \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"                          \
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." TYPE "." TYPE " "        \
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, " \
+                 "%16, %17, p, 1, 1, 0, %19;\n}\n"                                        \
+                 : MLA_F8(d, 0), MLA_F8(d, 8)                                           \
                  : "l"(da), "l"(db), "r"(1), "n"(TRANS_B ? 1 : 0))
 #define MLA_WGMMA_N256(TYPE)                                                            \
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                         \
@@ -238,13 +239,13 @@ __device__ __forceinline__ void fence_async_smem() {
                    MLA_F8(d, 96), MLA_F8(d, 104), MLA_F8(d, 112), MLA_F8(d, 120)        \
                  : "l"(da), "l"(db), "r"(1), "n"(TRANS_B ? 1 : 0))
 
-// D(64 x 16) += A B, scale-d fixed at 1 (callers zero D first).
+// D(64 x 32) += A B, scale-d fixed at 1 (callers zero D first).
 template <bool F16, bool TRANS_B>
-__device__ __forceinline__ void wgmma_n16(float (&d)[8], uint64_t da, uint64_t db) {
+__device__ __forceinline__ void wgmma_n32(float (&d)[16], uint64_t da, uint64_t db) {
     if constexpr (F16) {
-        MLA_WGMMA_N16("f16");
+        MLA_WGMMA_N32("f16");
     } else {
-        MLA_WGMMA_N16("bf16");
+        MLA_WGMMA_N32("bf16");
     }
 }
 // D(64 x 256) += A B.
@@ -256,7 +257,7 @@ __device__ __forceinline__ void wgmma_n256(float (&d)[128], uint64_t da, uint64_
         MLA_WGMMA_N256("bf16");
     }
 }
-#undef MLA_WGMMA_N16
+#undef MLA_WGMMA_N32
 #undef MLA_WGMMA_N256
 #undef MLA_F8
 #else

@@ -159,7 +159,13 @@ pub const fn decode_smem_bytes(format: KvFormat, d_qk: usize, variant: Variant) 
     };
     let q = rows * ks * 2;
     let k = k_buffers * TOKENS * ks * 2 + raw;
-    let s = rows * (TOKENS + 4) * 4;
+    // wgmma blocks keep two S planes, one per half of d_qk.
+    let s_planes = if matches!(variant, Variant::Wgmma64) {
+        2
+    } else {
+        1
+    };
+    let s = s_planes * rows * (TOKENS + 4) * 4;
     let p = rows * (TOKENS + pad) * 2;
     let tokens = 2 * 2 * TOKENS * 8;
     let row_state = 4 * rows * 4;
@@ -390,13 +396,10 @@ mod tests {
             }
             // 16 rows fit the smallest opt-in limit of the targets
             // (sm_86/89/120: 99 KiB); 64 rows fit A100's 163 KiB, and the
-            // wgmma blocks H100's 227 KiB with room to spare.
+            // wgmma blocks H100's 227 KiB.
             assert!(decode_smem_bytes(format, d, Variant::Rows16) <= 101376);
             assert!(decode_smem_bytes(format, d, Variant::Rows64) <= 166912);
-            assert!(
-                decode_smem_bytes(format, d, Variant::Wgmma64)
-                    <= decode_smem_bytes(format, d, Variant::Rows64)
-            );
+            assert!(decode_smem_bytes(format, d, Variant::Wgmma64) <= 232448);
         }
         let defs = [
             ("MLA_ROWS", ROWS),
