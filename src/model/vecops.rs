@@ -49,338 +49,451 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// The vector kernels, written once over a module's primitives: `V` (a
+/// vector of `LANES` f32), `zero`, `splat`, `loadu`, `storeu`, `fmadd`,
+/// `add`, `mul`, `hsum`, and the converting loads `bf16` (`LANES` values),
+/// `f16` (`LANES`) and `fp8_pair` (`2 * LANES` E4M3 codes as two vectors,
+/// each value times 2^-8: see `e4m3_as_f16`). `$f` is the target features of
+/// the f32/bf16 kernels, `$h` those of the f16/FP8 ones. Each unrolls to
+/// several independent sums (or rows) per step, enough loads in flight to
+/// stream weights at memory speed.
+#[cfg(target_arch = "x86_64")]
+macro_rules! vector_kernels {
+    ($f:literal, $h:literal) => {
+        #[target_feature(enable = $f)]
+        pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+            let n = a.len().min(b.len());
+            let full = n / (4 * LANES) * (4 * LANES);
+            let mut s = [zero(); 4];
+            let mut i = 0;
+            while i < full {
+                for (k, acc) in s.iter_mut().enumerate() {
+                    // SAFETY: i + 4 * LANES <= n for both slices.
+                    unsafe {
+                        let e = i + LANES * k;
+                        *acc = fmadd(loadu(a.as_ptr().add(e)), loadu(b.as_ptr().add(e)), *acc);
+                    }
+                }
+                i += 4 * LANES;
+            }
+            let mut t = hsum(add(add(s[0], s[1]), add(s[2], s[3])));
+            for k in full..n {
+                t += a[k] * b[k];
+            }
+            t
+        }
+
+        /// `row` holds `x.len()` little-endian bf16 values.
+        #[target_feature(enable = $f)]
+        pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
+            let n = x.len().min(row.len() / 2);
+            let full = n / (4 * LANES) * (4 * LANES);
+            let mut s = [zero(); 4];
+            let mut i = 0;
+            while i < full {
+                for (k, acc) in s.iter_mut().enumerate() {
+                    let e = i + LANES * k;
+                    // SAFETY: elements e..e+LANES exist in both (bytes 2e.. of row).
+                    unsafe {
+                        *acc = fmadd(
+                            bf16(row.as_ptr().add(2 * e)),
+                            loadu(x.as_ptr().add(e)),
+                            *acc,
+                        );
+                    }
+                }
+                i += 4 * LANES;
+            }
+            let t = hsum(add(add(s[0], s[1]), add(s[2], s[3])));
+            t + super::portable::dot_bf16(&row[2 * full..2 * n], &x[full..n])
+        }
+
+        /// Four bf16 rows times the same `x`: each `x` vector is loaded once
+        /// for four rows, which matters when `x` is larger than L1 (o_proj's
+        /// input is 64 KiB). Each row is prefetched a cache line per 32
+        /// elements, `ahead` bytes ahead.
+        #[target_feature(enable = $f)]
+        pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
+            let n = rows.iter().fold(x.len(), |m, r| m.min(r.len() / 2));
+            let full = n / (2 * LANES) * (2 * LANES);
+            let mut acc = [[zero(); 2]; 4];
+            let mut i = 0;
+            while i < full {
+                // SAFETY: elements i..i+2*LANES exist in x and in every row.
+                unsafe {
+                    let x0 = loadu(x.as_ptr().add(i));
+                    let x1 = loadu(x.as_ptr().add(i + LANES));
+                    for (r, row) in rows.iter().enumerate() {
+                        if i % 32 == 0 {
+                            prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                        }
+                        let p = row.as_ptr().add(2 * i);
+                        acc[r][0] = fmadd(bf16(p), x0, acc[r][0]);
+                        acc[r][1] = fmadd(bf16(p.add(2 * LANES)), x1, acc[r][1]);
+                    }
+                }
+                i += 2 * LANES;
+            }
+            let mut out = [0f32; 4];
+            for (r, o) in out.iter_mut().enumerate() {
+                *o = hsum(add(acc[r][0], acc[r][1]))
+                    + super::portable::dot_bf16(&rows[r][2 * full..2 * n], &x[full..n]);
+            }
+            out
+        }
+
+        /// Four E4M3 rows (each with its per-block scales) times the same `x`.
+        /// Per block: vector partial sums, folded into the total with the
+        /// block's scale (times 256 for the f16 reading) without a
+        /// horizontal reduction.
+        #[target_feature(enable = $h)]
+        pub fn dot_fp8_x4(
+            rows: [&[u8]; 4],
+            scales: [&[f32]; 4],
+            block: usize,
+            x: &[f32],
+            ahead: usize,
+        ) -> [f32; 4] {
+            let n = rows.iter().fold(x.len(), |m, r| m.min(r.len()));
+            let mut total = [zero(); 4];
+            let mut tail = [0f32; 4];
+            let k256 = splat(256.0);
+            let mut b0 = 0;
+            let mut bi = 0;
+            while b0 < n {
+                let b1 = (b0 + block).min(n);
+                let full = b0 + (b1 - b0) / (2 * LANES) * (2 * LANES);
+                let mut acc = [[zero(); 2]; 4];
+                let mut i = b0;
+                while i < full {
+                    // SAFETY: elements i..i+2*LANES exist in x and in every row.
+                    unsafe {
+                        let x0 = loadu(x.as_ptr().add(i));
+                        let x1 = loadu(x.as_ptr().add(i + LANES));
+                        for (r, row) in rows.iter().enumerate() {
+                            if (i - b0).is_multiple_of(64) {
+                                prefetch(row.as_ptr().wrapping_add(i + ahead));
+                            }
+                            let (f0, f1) = fp8_pair(row.as_ptr().add(i));
+                            acc[r][0] = fmadd(f0, x0, acc[r][0]);
+                            acc[r][1] = fmadd(f1, x1, acc[r][1]);
+                        }
+                    }
+                    i += 2 * LANES;
+                }
+                for r in 0..4 {
+                    let sum = add(acc[r][0], acc[r][1]);
+                    total[r] = fmadd(mul(sum, k256), splat(scales[r][bi]), total[r]);
+                    let mut part = 0f32;
+                    for k in full..b1 {
+                        part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
+                    }
+                    tail[r] += part * scales[r][bi];
+                }
+                b0 = b1;
+                bi += 1;
+            }
+            [0, 1, 2, 3].map(|r| hsum(total[r]) + tail[r])
+        }
+
+        /// `row` holds `x.len()` little-endian f16 values.
+        #[target_feature(enable = $h)]
+        pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
+            let n = x.len().min(row.len() / 2);
+            let full = n / (2 * LANES) * (2 * LANES);
+            let (mut s0, mut s1) = (zero(), zero());
+            let mut i = 0;
+            while i < full {
+                // SAFETY: elements i..i+2*LANES exist in both.
+                unsafe {
+                    let p = row.as_ptr().add(2 * i);
+                    s0 = fmadd(f16(p), loadu(x.as_ptr().add(i)), s0);
+                    s1 = fmadd(f16(p.add(2 * LANES)), loadu(x.as_ptr().add(i + LANES)), s1);
+                }
+                i += 2 * LANES;
+            }
+            hsum(add(s0, s1)) + super::portable::dot_f16(&row[2 * full..2 * n], &x[full..n])
+        }
+
+        /// E4M3 codes times `x`, one scale per `block` codes (folded per
+        /// block as in `dot_fp8_x4`); two sums keep two loads in flight.
+        #[target_feature(enable = $h)]
+        pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
+            let n = x.len().min(codes.len());
+            let mut total = zero();
+            let mut tail = 0f32;
+            let mut b0 = 0;
+            let mut bi = 0;
+            while b0 < n {
+                let b1 = (b0 + block).min(n);
+                let full = b0 + (b1 - b0) / (2 * LANES) * (2 * LANES);
+                let (mut s0, mut s1) = (zero(), zero());
+                let mut i = b0;
+                while i < full {
+                    // SAFETY: elements i..i+2*LANES exist in both.
+                    unsafe {
+                        let (f0, f1) = fp8_pair(codes.as_ptr().add(i));
+                        s0 = fmadd(f0, loadu(x.as_ptr().add(i)), s0);
+                        s1 = fmadd(f1, loadu(x.as_ptr().add(i + LANES)), s1);
+                    }
+                    i += 2 * LANES;
+                }
+                let block_sum = mul(add(s0, s1), splat(256.0));
+                total = fmadd(block_sum, splat(scales[bi]), total);
+                let mut part = 0f32;
+                for k in full..b1 {
+                    part += super::E4M3_TABLE[codes[k] as usize] * x[k];
+                }
+                tail += part * scales[bi];
+                b0 = b1;
+                bi += 1;
+            }
+            hsum(total) + tail
+        }
+
+        /// `y += Σ a[k] · rows[k]` for four bf16 rows: `y` is loaded and
+        /// stored once per four rows.
+        #[target_feature(enable = $f)]
+        pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
+            let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
+            let full = n / LANES * LANES;
+            let av = a.map(|v| splat(v));
+            let mut i = 0;
+            while i < full {
+                // SAFETY: elements i..i+LANES exist in y and in every row.
+                unsafe {
+                    let p = y.as_mut_ptr().add(i);
+                    let mut acc = loadu(p);
+                    for (r, row) in rows.iter().enumerate() {
+                        if i % 32 == 0 {
+                            prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                        }
+                        acc = fmadd(bf16(row.as_ptr().add(2 * i)), av[r], acc);
+                    }
+                    storeu(p, acc);
+                }
+                i += LANES;
+            }
+            for (r, row) in rows.iter().enumerate() {
+                super::portable::axpy_bf16(&row[2 * full..2 * n], a[r], &mut y[full..n]);
+            }
+        }
+
+        /// `y += Σ a[k] · rows[k]` for four E4M3 rows with per-`block` scales.
+        #[target_feature(enable = $h)]
+        pub fn axpy_fp8_x4(
+            rows: [&[u8]; 4],
+            scales: [&[f32]; 4],
+            block: usize,
+            a: [f32; 4],
+            y: &mut [f32],
+            ahead: usize,
+        ) {
+            let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
+            let mut b0 = 0;
+            let mut bi = 0;
+            while b0 < n {
+                let b1 = (b0 + block).min(n);
+                let full = b0 + (b1 - b0) / (2 * LANES) * (2 * LANES);
+                // The f16 reading of a code is its value times 2^-8.
+                let coef: [f32; 4] = [0, 1, 2, 3].map(|r| a[r] * scales[r][bi]);
+                let cv = coef.map(|c| mul(splat(c), splat(256.0)));
+                let mut i = b0;
+                while i < full {
+                    // SAFETY: elements i..i+2*LANES exist in y and in every row.
+                    unsafe {
+                        let p = y.as_mut_ptr().add(i);
+                        let (mut y0, mut y1) = (loadu(p), loadu(p.add(LANES)));
+                        for (r, row) in rows.iter().enumerate() {
+                            if (i - b0).is_multiple_of(64) {
+                                prefetch(row.as_ptr().wrapping_add(i + ahead));
+                            }
+                            let (f0, f1) = fp8_pair(row.as_ptr().add(i));
+                            y0 = fmadd(f0, cv[r], y0);
+                            y1 = fmadd(f1, cv[r], y1);
+                        }
+                        storeu(p, y0);
+                        storeu(p.add(LANES), y1);
+                    }
+                    i += 2 * LANES;
+                }
+                for (r, row) in rows.iter().enumerate() {
+                    for k in full..b1 {
+                        y[k] += coef[r] * super::E4M3_TABLE[row[k] as usize];
+                    }
+                }
+                b0 = b1;
+                bi += 1;
+            }
+        }
+
+        /// `y += a * x`.
+        #[target_feature(enable = $f)]
+        pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+            let n = y.len().min(x.len());
+            let full = n / LANES * LANES;
+            let av = splat(a);
+            let mut i = 0;
+            while i < full {
+                // SAFETY: elements i..i+LANES exist in both.
+                unsafe {
+                    let p = y.as_mut_ptr().add(i);
+                    storeu(p, fmadd(av, loadu(x.as_ptr().add(i)), loadu(p)));
+                }
+                i += LANES;
+            }
+            for k in full..n {
+                y[k] += a * x[k];
+            }
+        }
+    };
+}
+
+/// AVX-512F (with F16C for f16/FP8): 16 lanes.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::prefetch;
     use crate::format::fp8::simd::e4m3_as_f16;
     use std::arch::x86_64::*;
 
-    #[target_feature(enable = "avx512f")]
-    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let full = n / 32 * 32;
-        let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 32 <= n for both slices.
-            unsafe {
-                s0 = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i)),
-                    _mm512_loadu_ps(b.as_ptr().add(i)),
-                    s0,
-                );
-                s1 = _mm512_fmadd_ps(
-                    _mm512_loadu_ps(a.as_ptr().add(i + 16)),
-                    _mm512_loadu_ps(b.as_ptr().add(i + 16)),
-                    s1,
-                );
-            }
-            i += 32;
-        }
-        let mut s = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-        for k in full..n {
-            s += a[k] * b[k];
-        }
-        s
-    }
+    const LANES: usize = 16;
 
-    /// `row` holds `x.len()` little-endian bf16 values. Four independent
-    /// sums over 64 elements per step keep enough loads in flight to
-    /// stream the weights at memory speed.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len().min(row.len() / 2);
-        let full = n / 64 * 64;
-        let mut s = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i < full {
-            for (k, acc) in s.iter_mut().enumerate() {
-                let e = i + 16 * k;
-                // SAFETY: elements e..e+16 exist in both (bytes 2e..2e+32 of row).
-                unsafe {
-                    let w = _mm256_loadu_si256(row.as_ptr().add(2 * e) as *const __m256i);
-                    let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
-                    *acc = _mm512_fmadd_ps(f, _mm512_loadu_ps(x.as_ptr().add(e)), *acc);
-                }
-            }
-            i += 64;
-        }
-        let mut t = _mm512_reduce_add_ps(_mm512_add_ps(
-            _mm512_add_ps(s[0], s[1]),
-            _mm512_add_ps(s[2], s[3]),
-        ));
-        for k in full..n {
-            t += f32::from_bits((u16::from_le_bytes([row[2 * k], row[2 * k + 1]]) as u32) << 16)
-                * x[k];
-        }
-        t
+    fn zero() -> __m512 {
+        _mm512_setzero_ps()
     }
-
-    /// Four bf16 rows times the same `x`: each `x` vector is loaded once
-    /// for four rows, which matters when `x` is larger than L1 (o_proj's
-    /// input is 64 KiB).
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
-        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len() / 2));
-        let full = n / 32 * 32;
-        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+32 exist in x and in every row.
-            unsafe {
-                let x0 = _mm512_loadu_ps(x.as_ptr().add(i));
-                let x1 = _mm512_loadu_ps(x.as_ptr().add(i + 16));
-                for (r, row) in rows.iter().enumerate() {
-                    prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
-                    let w0 = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
-                    let w1 = _mm256_loadu_si256(row.as_ptr().add(2 * i + 32) as *const __m256i);
-                    let f0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w0), 16));
-                    let f1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w1), 16));
-                    acc[r][0] = _mm512_fmadd_ps(f0, x0, acc[r][0]);
-                    acc[r][1] = _mm512_fmadd_ps(f1, x1, acc[r][1]);
-                }
-            }
-            i += 32;
-        }
-        let mut out = [0f32; 4];
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]))
-                + super::portable::dot_bf16(&rows[r][2 * full..2 * n], &x[full..n]);
-        }
-        out
+    fn splat(v: f32) -> __m512 {
+        _mm512_set1_ps(v)
     }
-
-    /// Four E4M3 rows (each with its per-block scales) times the same `x`.
+    /// # Safety
+    /// `p .. p + 16` readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn loadu(p: *const f32) -> __m512 {
+        // SAFETY: caller contract.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+    /// # Safety
+    /// `p .. p + 16` writable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn storeu(p: *mut f32, v: __m512) {
+        // SAFETY: caller contract.
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fmadd(a: __m512, b: __m512, c: __m512) -> __m512 {
+        _mm512_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn add(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn mul(a: __m512, b: __m512) -> __m512 {
+        _mm512_mul_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn hsum(v: __m512) -> f32 {
+        _mm512_reduce_add_ps(v)
+    }
+    /// 16 bf16 values (32 bytes at `p`) as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 32` readable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn bf16(p: *const u8) -> __m512 {
+        // SAFETY: caller contract.
+        let w = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16))
+    }
+    /// 16 f16 values (32 bytes at `p`) as f32.
+    ///
+    /// # Safety
+    /// `p .. p + 32` readable.
+    #[inline]
     #[target_feature(enable = "avx512f,f16c")]
-    pub fn dot_fp8_x4(
-        rows: [&[u8]; 4],
-        scales: [&[f32]; 4],
-        block: usize,
-        x: &[f32],
-        ahead: usize,
-    ) -> [f32; 4] {
-        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len()));
-        let mut total = [_mm512_setzero_ps(); 4];
-        let mut tail = [0f32; 4];
-        let k256 = _mm512_set1_ps(256.0);
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 16 * 16;
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+16 exist in x and in every row.
-                unsafe {
-                    let xv = _mm512_loadu_ps(x.as_ptr().add(i));
-                    for (r, row) in rows.iter().enumerate() {
-                        if (i - b0).is_multiple_of(64) {
-                            prefetch(row.as_ptr().wrapping_add(i + ahead));
-                        }
-                        let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                        acc[r] = _mm512_fmadd_ps(_mm512_cvtph_ps(h), xv, acc[r]);
-                    }
-                }
-                i += 16;
-            }
-            for r in 0..4 {
-                let s = _mm512_set1_ps(scales[r][bi]);
-                total[r] = _mm512_fmadd_ps(_mm512_mul_ps(acc[r], k256), s, total[r]);
-                let mut part = 0f32;
-                for k in full..b1 {
-                    part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
-                }
-                tail[r] += part * scales[r][bi];
-            }
-            b0 = b1;
-            bi += 1;
-        }
-        let mut out = [0f32; 4];
-        for r in 0..4 {
-            out[r] = _mm512_reduce_add_ps(total[r]) + tail[r];
-        }
-        out
+    unsafe fn f16(p: *const u8) -> __m512 {
+        // SAFETY: caller contract.
+        _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(p as *const __m256i) })
     }
-
-    /// `row` holds `x.len()` little-endian f16 values.
+    /// 32 E4M3 codes at `p` as two vectors, each value times 2^-8.
+    ///
+    /// # Safety
+    /// `p .. p + 32` readable.
+    #[inline]
     #[target_feature(enable = "avx512f,f16c")]
-    pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len().min(row.len() / 2);
-        let full = n / 16 * 16;
-        let mut s0 = _mm512_setzero_ps();
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+16 exist in both.
-            unsafe {
-                let w = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
-                s0 = _mm512_fmadd_ps(_mm512_cvtph_ps(w), _mm512_loadu_ps(x.as_ptr().add(i)), s0);
-            }
-            i += 16;
-        }
-        let mut s = _mm512_reduce_add_ps(s0);
-        for k in full..n {
-            s += half::f16::from_bits(u16::from_le_bytes([row[2 * k], row[2 * k + 1]])).to_f32()
-                * x[k];
-        }
-        s
+    unsafe fn fp8_pair(p: *const u8) -> (__m512, __m512) {
+        // SAFETY: caller contract.
+        let c = unsafe { _mm256_loadu_si256(p as *const __m256i) };
+        (
+            _mm512_cvtph_ps(e4m3_as_f16(_mm256_castsi256_si128(c))),
+            _mm512_cvtph_ps(e4m3_as_f16(_mm256_extracti128_si256(c, 1))),
+        )
     }
 
-    /// E4M3 codes times `x`, one scale per `block` codes. An e4m3 code
-    /// shifted into an f16 (sign to bit 15, the rest to bits 7..14) reads
-    /// as the same number times 2^-8 (exponent bias 15 vs 7), subnormals
-    /// included, so the conversion is a shift, `vcvtph2ps` and a x256.
-    #[target_feature(enable = "avx512f,f16c")]
-    pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
-        let n = x.len().min(codes.len());
-        // Per block: a vector partial sum, folded into the total with the
-        // block's scale (times 256 for the f16 reading) without a
-        // horizontal reduction; two blocks' loads in flight via two sums.
-        let mut total = _mm512_setzero_ps();
-        let mut tail = 0f32;
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 32 * 32;
-            let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+32 exist in both.
-                unsafe {
-                    let c = _mm256_loadu_si256(codes.as_ptr().add(i) as *const __m256i);
-                    for (h, acc) in [&mut s0, &mut s1].into_iter().enumerate() {
-                        let f = _mm512_cvtph_ps(e4m3_as_f16(if h == 0 {
-                            _mm256_castsi256_si128(c)
-                        } else {
-                            _mm256_extracti128_si256(c, 1)
-                        }));
-                        *acc =
-                            _mm512_fmadd_ps(f, _mm512_loadu_ps(x.as_ptr().add(i + 16 * h)), *acc);
-                    }
-                }
-                i += 32;
-            }
-            let block_sum = _mm512_mul_ps(_mm512_add_ps(s0, s1), _mm512_set1_ps(256.0));
-            total = _mm512_fmadd_ps(block_sum, _mm512_set1_ps(scales[bi]), total);
-            let mut part = 0f32;
-            for k in full..b1 {
-                part += super::E4M3_TABLE[codes[k] as usize] * x[k];
-            }
-            tail += part * scales[bi];
-            b0 = b1;
-            bi += 1;
-        }
-        _mm512_reduce_add_ps(total) + tail
-    }
-
-    /// `y += Σ a[k] · rows[k]` for four bf16 rows: `y` is loaded and
-    /// stored once per four rows.
-    #[target_feature(enable = "avx512f")]
-    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
-        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
-        let full = n / 16 * 16;
-        let av = a.map(|v| _mm512_set1_ps(v));
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+16 exist in y and in every row.
-            unsafe {
-                let p = y.as_mut_ptr().add(i);
-                let mut acc = _mm512_loadu_ps(p);
-                for (r, row) in rows.iter().enumerate() {
-                    if i % 32 == 0 {
-                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
-                    }
-                    let w = _mm256_loadu_si256(row.as_ptr().add(2 * i) as *const __m256i);
-                    let f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
-                    acc = _mm512_fmadd_ps(f, av[r], acc);
-                }
-                _mm512_storeu_ps(p, acc);
-            }
-            i += 16;
-        }
-        for (r, row) in rows.iter().enumerate() {
-            super::portable::axpy_bf16(&row[2 * full..2 * n], a[r], &mut y[full..n]);
-        }
-    }
-
-    /// `y += Σ a[k] · rows[k]` for four E4M3 rows with per-`block` scales.
-    #[target_feature(enable = "avx512f,f16c")]
-    pub fn axpy_fp8_x4(
-        rows: [&[u8]; 4],
-        scales: [&[f32]; 4],
-        block: usize,
-        a: [f32; 4],
-        y: &mut [f32],
-        ahead: usize,
-    ) {
-        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 16 * 16;
-            // The f16 reading of a code is its value times 2^-8.
-            let coef: [f32; 4] = [0, 1, 2, 3].map(|r| a[r] * scales[r][bi]);
-            let cv = coef.map(|c| _mm512_mul_ps(_mm512_set1_ps(c), _mm512_set1_ps(256.0)));
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+16 exist in y and in every row.
-                unsafe {
-                    let p = y.as_mut_ptr().add(i);
-                    let mut acc = _mm512_loadu_ps(p);
-                    for (r, row) in rows.iter().enumerate() {
-                        if (i - b0).is_multiple_of(64) {
-                            prefetch(row.as_ptr().wrapping_add(i + ahead));
-                        }
-                        let h = e4m3_as_f16(_mm_loadu_si128(row.as_ptr().add(i) as *const __m128i));
-                        acc = _mm512_fmadd_ps(_mm512_cvtph_ps(h), cv[r], acc);
-                    }
-                    _mm512_storeu_ps(p, acc);
-                }
-                i += 16;
-            }
-            for (r, row) in rows.iter().enumerate() {
-                for k in full..b1 {
-                    y[k] += coef[r] * super::E4M3_TABLE[row[k] as usize];
-                }
-            }
-            b0 = b1;
-            bi += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let full = n / 16 * 16;
-        let av = _mm512_set1_ps(a);
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+16 exist in both.
-            unsafe {
-                let p = y.as_mut_ptr().add(i);
-                _mm512_storeu_ps(
-                    p,
-                    _mm512_fmadd_ps(av, _mm512_loadu_ps(x.as_ptr().add(i)), _mm512_loadu_ps(p)),
-                );
-            }
-            i += 16;
-        }
-        for k in full..n {
-            y[k] += a * x[k];
-        }
-    }
+    vector_kernels!("avx512f", "avx512f,f16c");
 }
 
-/// The AVX2 + FMA + F16C versions of [`avx512`]: the same loops on 8 lanes,
-/// for CPUs without AVX-512 (Zen 2/3, most client Intel parts).
+/// AVX2 + FMA (with F16C for f16/FP8): 8 lanes, for CPUs without AVX-512
+/// (Zen 2/3, most client Intel parts).
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::prefetch;
     use crate::format::fp8::simd::e4m3_as_f16;
     use std::arch::x86_64::*;
 
+    const LANES: usize = 8;
+
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn zero() -> __m256 {
+        _mm256_setzero_ps()
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn splat(v: f32) -> __m256 {
+        _mm256_set1_ps(v)
+    }
+    /// # Safety
+    /// `p .. p + 8` readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn loadu(p: *const f32) -> __m256 {
+        // SAFETY: caller contract.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+    /// # Safety
+    /// `p .. p + 8` writable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn storeu(p: *mut f32, v: __m256) {
+        // SAFETY: caller contract.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn fmadd(a: __m256, b: __m256, c: __m256) -> __m256 {
+        _mm256_fmadd_ps(a, b, c)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn add(a: __m256, b: __m256) -> __m256 {
+        _mm256_add_ps(a, b)
+    }
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mul(a: __m256, b: __m256) -> __m256 {
+        _mm256_mul_ps(a, b)
+    }
     #[inline]
     #[target_feature(enable = "avx2")]
     fn hsum(v: __m256) -> f32 {
@@ -388,27 +501,34 @@ mod avx2 {
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
-
     /// 8 bf16 values (16 bytes at `p`) as f32.
     ///
     /// # Safety
     /// `p .. p + 16` readable.
     #[inline]
     #[target_feature(enable = "avx2")]
-    unsafe fn bf16x8(p: *const u8) -> __m256 {
+    unsafe fn bf16(p: *const u8) -> __m256 {
         // SAFETY: caller contract.
         let w = unsafe { _mm_loadu_si128(p as *const __m128i) };
         _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(w), 16))
     }
-
-    /// 16 e4m3 codes at `p` as two f32 vectors, each value times 2^-8 (see
-    /// `e4m3_as_f16`).
+    /// 8 f16 values (16 bytes at `p`) as f32.
     ///
     /// # Safety
     /// `p .. p + 16` readable.
     #[inline]
     #[target_feature(enable = "avx2,f16c")]
-    unsafe fn fp8x16(p: *const u8) -> (__m256, __m256) {
+    unsafe fn f16(p: *const u8) -> __m256 {
+        // SAFETY: caller contract.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(p as *const __m128i) })
+    }
+    /// 16 E4M3 codes at `p` as two vectors, each value times 2^-8.
+    ///
+    /// # Safety
+    /// `p .. p + 16` readable.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn fp8_pair(p: *const u8) -> (__m256, __m256) {
         // SAFETY: caller contract.
         let h = e4m3_as_f16(unsafe { _mm_loadu_si128(p as *const __m128i) });
         (
@@ -417,291 +537,7 @@ mod avx2 {
         )
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-        let n = a.len().min(b.len());
-        let full = n / 32 * 32;
-        let mut s = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < full {
-            for (k, acc) in s.iter_mut().enumerate() {
-                // SAFETY: i + 32 <= n for both slices.
-                unsafe {
-                    *acc = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(a.as_ptr().add(i + 8 * k)),
-                        _mm256_loadu_ps(b.as_ptr().add(i + 8 * k)),
-                        *acc,
-                    );
-                }
-            }
-            i += 32;
-        }
-        let mut t = hsum(_mm256_add_ps(
-            _mm256_add_ps(s[0], s[1]),
-            _mm256_add_ps(s[2], s[3]),
-        ));
-        for k in full..n {
-            t += a[k] * b[k];
-        }
-        t
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_bf16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len().min(row.len() / 2);
-        let full = n / 32 * 32;
-        let mut s = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < full {
-            for (k, acc) in s.iter_mut().enumerate() {
-                let e = i + 8 * k;
-                // SAFETY: elements e..e+8 exist in both (bytes 2e..2e+16 of row).
-                unsafe {
-                    let f = bf16x8(row.as_ptr().add(2 * e));
-                    *acc = _mm256_fmadd_ps(f, _mm256_loadu_ps(x.as_ptr().add(e)), *acc);
-                }
-            }
-            i += 32;
-        }
-        let t = hsum(_mm256_add_ps(
-            _mm256_add_ps(s[0], s[1]),
-            _mm256_add_ps(s[2], s[3]),
-        ));
-        t + super::portable::dot_bf16(&row[2 * full..2 * n], &x[full..n])
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn dot_bf16_x4(rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f32; 4] {
-        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len() / 2));
-        let full = n / 16 * 16;
-        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+16 exist in x and in every row.
-            unsafe {
-                let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
-                let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
-                for (r, row) in rows.iter().enumerate() {
-                    if i % 32 == 0 {
-                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
-                    }
-                    let p = row.as_ptr().add(2 * i);
-                    acc[r][0] = _mm256_fmadd_ps(bf16x8(p), x0, acc[r][0]);
-                    acc[r][1] = _mm256_fmadd_ps(bf16x8(p.add(16)), x1, acc[r][1]);
-                }
-            }
-            i += 16;
-        }
-        let mut out = [0f32; 4];
-        for (r, o) in out.iter_mut().enumerate() {
-            *o = hsum(_mm256_add_ps(acc[r][0], acc[r][1]))
-                + super::portable::dot_bf16(&rows[r][2 * full..2 * n], &x[full..n]);
-        }
-        out
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_fp8_x4(
-        rows: [&[u8]; 4],
-        scales: [&[f32]; 4],
-        block: usize,
-        x: &[f32],
-        ahead: usize,
-    ) -> [f32; 4] {
-        let n = rows.iter().fold(x.len(), |m, r| m.min(r.len()));
-        let mut total = [_mm256_setzero_ps(); 4];
-        let mut tail = [0f32; 4];
-        let k256 = _mm256_set1_ps(256.0);
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 16 * 16;
-            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+16 exist in x and in every row.
-                unsafe {
-                    let x0 = _mm256_loadu_ps(x.as_ptr().add(i));
-                    let x1 = _mm256_loadu_ps(x.as_ptr().add(i + 8));
-                    for (r, row) in rows.iter().enumerate() {
-                        if (i - b0).is_multiple_of(64) {
-                            prefetch(row.as_ptr().wrapping_add(i + ahead));
-                        }
-                        let (f0, f1) = fp8x16(row.as_ptr().add(i));
-                        acc[r][0] = _mm256_fmadd_ps(f0, x0, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(f1, x1, acc[r][1]);
-                    }
-                }
-                i += 16;
-            }
-            for r in 0..4 {
-                let s = _mm256_set1_ps(scales[r][bi]);
-                let sum = _mm256_add_ps(acc[r][0], acc[r][1]);
-                total[r] = _mm256_fmadd_ps(_mm256_mul_ps(sum, k256), s, total[r]);
-                let mut part = 0f32;
-                for k in full..b1 {
-                    part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
-                }
-                tail[r] += part * scales[r][bi];
-            }
-            b0 = b1;
-            bi += 1;
-        }
-        [0, 1, 2, 3].map(|r| hsum(total[r]) + tail[r])
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
-        let n = x.len().min(row.len() / 2);
-        let full = n / 16 * 16;
-        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+16 exist in both.
-            unsafe {
-                let w0 = _mm_loadu_si128(row.as_ptr().add(2 * i) as *const __m128i);
-                let w1 = _mm_loadu_si128(row.as_ptr().add(2 * i + 16) as *const __m128i);
-                s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(w0), _mm256_loadu_ps(x.as_ptr().add(i)), s0);
-                s1 = _mm256_fmadd_ps(
-                    _mm256_cvtph_ps(w1),
-                    _mm256_loadu_ps(x.as_ptr().add(i + 8)),
-                    s1,
-                );
-            }
-            i += 16;
-        }
-        hsum(_mm256_add_ps(s0, s1)) + super::portable::dot_f16(&row[2 * full..2 * n], &x[full..n])
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn dot_fp8(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
-        let n = x.len().min(codes.len());
-        let mut total = _mm256_setzero_ps();
-        let mut tail = 0f32;
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 16 * 16;
-            let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+16 exist in both.
-                unsafe {
-                    let (f0, f1) = fp8x16(codes.as_ptr().add(i));
-                    s0 = _mm256_fmadd_ps(f0, _mm256_loadu_ps(x.as_ptr().add(i)), s0);
-                    s1 = _mm256_fmadd_ps(f1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), s1);
-                }
-                i += 16;
-            }
-            let block_sum = _mm256_mul_ps(_mm256_add_ps(s0, s1), _mm256_set1_ps(256.0));
-            total = _mm256_fmadd_ps(block_sum, _mm256_set1_ps(scales[bi]), total);
-            let mut part = 0f32;
-            for k in full..b1 {
-                part += super::E4M3_TABLE[codes[k] as usize] * x[k];
-            }
-            tail += part * scales[bi];
-            b0 = b1;
-            bi += 1;
-        }
-        hsum(total) + tail
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn axpy_bf16_x4(rows: [&[u8]; 4], a: [f32; 4], y: &mut [f32], ahead: usize) {
-        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len() / 2));
-        let full = n / 8 * 8;
-        let av = a.map(|v| _mm256_set1_ps(v));
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+8 exist in y and in every row.
-            unsafe {
-                let p = y.as_mut_ptr().add(i);
-                let mut acc = _mm256_loadu_ps(p);
-                for (r, row) in rows.iter().enumerate() {
-                    if i % 32 == 0 {
-                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
-                    }
-                    acc = _mm256_fmadd_ps(bf16x8(row.as_ptr().add(2 * i)), av[r], acc);
-                }
-                _mm256_storeu_ps(p, acc);
-            }
-            i += 8;
-        }
-        for (r, row) in rows.iter().enumerate() {
-            super::portable::axpy_bf16(&row[2 * full..2 * n], a[r], &mut y[full..n]);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub fn axpy_fp8_x4(
-        rows: [&[u8]; 4],
-        scales: [&[f32]; 4],
-        block: usize,
-        a: [f32; 4],
-        y: &mut [f32],
-        ahead: usize,
-    ) {
-        let n = rows.iter().fold(y.len(), |m, r| m.min(r.len()));
-        let mut b0 = 0;
-        let mut bi = 0;
-        while b0 < n {
-            let b1 = (b0 + block).min(n);
-            let full = b0 + (b1 - b0) / 16 * 16;
-            // The f32 reading of a code (through f16) is its value times 2^-8.
-            let coef: [f32; 4] = [0, 1, 2, 3].map(|r| a[r] * scales[r][bi]);
-            let cv = coef.map(|c| _mm256_mul_ps(_mm256_set1_ps(c), _mm256_set1_ps(256.0)));
-            let mut i = b0;
-            while i < full {
-                // SAFETY: elements i..i+16 exist in y and in every row.
-                unsafe {
-                    let p = y.as_mut_ptr().add(i);
-                    let (mut y0, mut y1) = (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)));
-                    for (r, row) in rows.iter().enumerate() {
-                        if (i - b0).is_multiple_of(64) {
-                            prefetch(row.as_ptr().wrapping_add(i + ahead));
-                        }
-                        let (f0, f1) = fp8x16(row.as_ptr().add(i));
-                        y0 = _mm256_fmadd_ps(f0, cv[r], y0);
-                        y1 = _mm256_fmadd_ps(f1, cv[r], y1);
-                    }
-                    _mm256_storeu_ps(p, y0);
-                    _mm256_storeu_ps(p.add(8), y1);
-                }
-                i += 16;
-            }
-            for (r, row) in rows.iter().enumerate() {
-                for k in full..b1 {
-                    y[k] += coef[r] * super::E4M3_TABLE[row[k] as usize];
-                }
-            }
-            b0 = b1;
-            bi += 1;
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        let n = y.len().min(x.len());
-        let full = n / 8 * 8;
-        let av = _mm256_set1_ps(a);
-        let mut i = 0;
-        while i < full {
-            // SAFETY: elements i..i+8 exist in both.
-            unsafe {
-                let p = y.as_mut_ptr().add(i);
-                _mm256_storeu_ps(
-                    p,
-                    _mm256_fmadd_ps(av, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p)),
-                );
-            }
-            i += 8;
-        }
-        for k in full..n {
-            y[k] += a * x[k];
-        }
-    }
+    vector_kernels!("avx2,fma", "avx2,fma,f16c");
 }
 
 /// The fallbacks, also the reference the vector versions are tested against.
