@@ -5,6 +5,7 @@
 #include "mla_decode.cuh"
 #include "mla_append.cuh"
 #include "mla_plan.cuh"
+#include "mla_probe.cuh"
 
 // RG = 1: 16 query rows per block (4 warps); RG = 4: 64 rows (8 warps, one
 // block per SM; chosen when a group has >= 64 rows and the GPU allows 162 KiB
@@ -30,3 +31,10 @@ MLA_DECODE_ENTRIES(mla_decode_f32_d576, MLA_KV_F32, 576, OpBf16)
 MLA_DECODE_ENTRIES(mla_decode_f32_d512, MLA_KV_F32, 512, OpBf16)
 MLA_DECODE_ENTRIES(mla_decode_fp8v32_d576, MLA_KV_FP8_V32, 576, OpBf16)
 MLA_DECODE_ENTRIES(mla_decode_fp8model1_d512, MLA_KV_FP8_MODEL1, 512, OpBf16)
+
+// The wgmma layout probe (mla_probe.cuh). Without wgmma it writes zeros;
+// the host only launches it on compute capability 9.0.
+extern "C" __global__ void __launch_bounds__(MLA_PROBE_THREADS)
+    mla_wgmma_probe(const __grid_constant__ MlaProbeParams p) {
+    mla::wgmma_probe(p);
+}

@@ -1167,8 +1167,65 @@ fn cuda_wgmma_as_requested() -> Outcome {
     })
 }
 
+/// The `_wg` kernels' two wgmma GEMMs alone (`CudaBackend::wgmma_probe`)
+/// against host products, exactly (small integers): checks the layout
+/// assumptions the kernels and the emulator share (descriptor LBO/SBO
+/// roles, the transpose bit, the accumulator layout) on the hardware, on
+/// any compute capability 9.0 GPU whether or not MLART_CUDA_WGMMA is set.
+/// A failure prints which outputs differ, to tell a wrong layout from a
+/// wrong advance.
+fn cuda_wgmma_probe() -> Outcome {
+    let (gpu, _) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
+    };
+    let Some(cuda) = gpu.backend().cuda() else {
+        return Outcome::Skipped("not a CUDA engine".into());
+    };
+    let props = cuda.props();
+    if (props.major, props.minor) != (9, 0) {
+        return Outcome::Skipped(format!(
+            "the wgmma probe needs compute capability 9.0, not {}.{}",
+            props.major, props.minor
+        ));
+    }
+    let mut rng = SmallRng::seed_from_u64(case_seed(90, 0));
+    let mut mat = |n: usize| -> (Vec<u16>, Vec<f64>) {
+        let v: Vec<f64> = (0..n).map(|_| rng.random_range(-4i32..=4) as f64).collect();
+        (v.iter().map(|&x| bf16_bits(x as f32)).collect(), v)
+    };
+    let (q, qf) = mat(64 * 64);
+    let (k, kf) = mat(32 * 256);
+    let (p, pf) = mat(64 * 32);
+    let (s, o) = cuda.wgmma_probe(&q, &k, &p).expect("wgmma probe");
+    let mut bad = Vec::new();
+    for r in 0..64 {
+        for j in 0..32 {
+            let want: f64 = (0..64).map(|d| qf[r * 64 + d] * kf[j * 256 + d]).sum();
+            if s[r * 32 + j] as f64 != want {
+                bad.push(format!("S[{r}][{j}] = {} want {want}", s[r * 32 + j]));
+            }
+        }
+        for c in 0..256 {
+            let want: f64 = (0..32).map(|t| pf[r * 32 + t] * kf[t * 256 + c]).sum();
+            if o[r * 256 + c] as f64 != want {
+                bad.push(format!("O[{r}][{c}] = {} want {want}", o[r * 256 + c]));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "{} of {} wgmma probe outputs differ; first: {:?}",
+        bad.len(),
+        64 * 32 + 64 * 256,
+        &bad[..bad.len().min(12)]
+    );
+    Outcome::Ran
+}
+
 fn main() {
-    let tests: [Test; 9] = [
+    let tests: [Test; 10] = [
+        ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
         ("cuda_split_kv", cuda_split_kv),

@@ -57,6 +57,7 @@ fn cuda_kernels_match_the_reference_under_emulation() {
         "bad block id",
         " m64 wg",
         "sparse f3 h128 sink m64 wg",
+        "ok   wgmma probe",
     ] {
         assert!(stdout.contains(needle), "no {needle:?} case ran:\n{stdout}");
     }

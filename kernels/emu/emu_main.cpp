@@ -555,6 +555,40 @@ std::vector<int> lengths(int batch, int max, int bs) {
     return v;
 }
 
+// ---- the wgmma probe against host products ----
+// Small integers in bf16, so every product and sum is exact in f32.
+bool run_probe() {
+    std::vector<uint16_t> q(64 * 64), k(32 * 256), p(64 * 32);
+    std::vector<float> qf(q.size()), kf(k.size()), pf(p.size());
+    auto fill = [](std::vector<uint16_t>& v, std::vector<float>& f) {
+        for (size_t i = 0; i < v.size(); ++i) {
+            f[i] = (float)irange(-4, 4);
+            v[i] = __float2bfloat16_rn(f[i]).bits;
+        }
+    };
+    fill(q, qf);
+    fill(k, kf);
+    fill(p, pf);
+    std::vector<float> s(64 * 32, NAN), o(64 * 256, NAN);
+    MlaProbeParams a{q.data(), k.data(), p.data(), s.data(), o.data()};
+    emu::launch(mla_wgmma_probe, {1, 1, 1}, {MLA_PROBE_THREADS, 1, 1}, MLA_PROBE_SMEM, a);
+    int bad = 0;
+    for (int r = 0; r < 64; ++r) {
+        for (int j = 0; j < 32; ++j) {
+            float want = 0;
+            for (int d = 0; d < 64; ++d) want += qf[r * 64 + d] * kf[j * 256 + d];
+            bad += s[r * 32 + j] != want;
+        }
+        for (int c = 0; c < 256; ++c) {
+            float want = 0;
+            for (int t = 0; t < 32; ++t) want += pf[r * 32 + t] * kf[t * 256 + c];
+            bad += o[r * 256 + c] != want;
+        }
+    }
+    if (bad) printf("  wgmma probe: %d of %d outputs differ from the host products\n", bad, 64 * 288);
+    return bad == 0;
+}
+
 }  // namespace
 
 int main() {
@@ -677,6 +711,9 @@ int main() {
             failed += !ok;
             ++appends;
         }
-    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends, failed);
+    const bool probe = run_probe();
+    printf("%s wgmma probe (S and O of the _wg kernels' GEMMs, exact)\n", probe ? "ok  " : "FAIL");
+    failed += !probe;
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + 1, failed);
     return failed ? 1 : 0;
 }

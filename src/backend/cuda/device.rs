@@ -634,6 +634,80 @@ impl CudaBackend {
         run
     }
 
+    /// Runs `mla_wgmma_probe` (kernels/mla_probe.cuh): the two wgmma GEMMs
+    /// of the `_wg` decode kernels alone, on `q [64][64]`, `k [32][256]` and
+    /// `p [64][32]` (bf16 bits, row-major). Returns `s = q · k[:, 0:64]ᵀ`
+    /// `[64][32]` and `o = p · k` `[64][256]`, so a test can check the
+    /// kernels' wgmma layout assumptions apart from the decode logic.
+    /// UNSUPPORTED unless the GPU runs wgmma (compute capability 9.0).
+    pub fn wgmma_probe(&self, q: &[u16], k: &[u16], p: &[u16]) -> Result<(Vec<f32>, Vec<f32>)> {
+        if !launch::runs_wgmma(self.props.major, self.props.minor) {
+            return Err(Error::unsupported(format!(
+                "the wgmma probe needs compute capability 9.0; {} is {}.{}",
+                self.props.name, self.props.major, self.props.minor
+            )));
+        }
+        for (name, got, want) in [
+            ("q", q.len(), 64 * 64),
+            ("k", k.len(), 32 * 256),
+            ("p", p.len(), 64 * 32),
+        ] {
+            if got != want {
+                return Err(Error::invalid(format!(
+                    "{name} has {got} elements, not {want}"
+                )));
+            }
+        }
+        let func = function(self.module, launch::WGMMA_PROBE_KERNEL)?;
+        let (s_len, o_len) = (64 * 32, 64 * 256);
+        let sizes = [2 * q.len(), 2 * k.len(), 2 * p.len(), 4 * s_len, 4 * o_len];
+        let mut bufs: Vec<u64> = Vec::with_capacity(sizes.len());
+        let run = (|| -> Result<(Vec<f32>, Vec<f32>)> {
+            for bytes in sizes {
+                bufs.push(self.mem_alloc(bytes)?);
+            }
+            for (i, host) in [q, k, p].into_iter().enumerate() {
+                self.mem_copy(bufs[i], host.as_ptr() as u64, sizes[i])?;
+            }
+            #[repr(C)]
+            struct ProbeParams {
+                q: u64,
+                k: u64,
+                p: u64,
+                s: u64,
+                o: u64,
+            }
+            let params = ProbeParams {
+                q: bufs[0],
+                k: bufs[1],
+                p: bufs[2],
+                s: bufs[3],
+                o: bufs[4],
+            };
+            let smem = (q.len() + k.len() + p.len()) * 2;
+            let stream = self.state.lock().stream;
+            let mut args = [&params as *const ProbeParams as *mut c_void];
+            // SAFETY: the function is the probe of our module; its one
+            // argument matches MlaProbeParams; the buffers hold the sizes
+            // the kernel reads and writes; the stream is synchronized before
+            // `params` goes out of scope.
+            unsafe {
+                result::launch_kernel(func, (1, 1, 1), (128, 1, 1), smem as u32, stream, &mut args)
+                    .map_err(dev_err("launch mla_wgmma_probe"))?;
+                result::stream::synchronize(stream).map_err(dev_err("mla_wgmma_probe"))?;
+            }
+            let mut s = vec![0f32; s_len];
+            let mut o = vec![0f32; o_len];
+            self.mem_copy(s.as_mut_ptr() as u64, bufs[3], sizes[3])?;
+            self.mem_copy(o.as_mut_ptr() as u64, bufs[4], sizes[4])?;
+            Ok((s, o))
+        })();
+        for b in bufs {
+            let _ = self.mem_free(b);
+        }
+        run
+    }
+
     /// Runs only the plan kernel for `a` and returns what it wrote and the
     /// geometry it was built for (tests compare it with `launch::host_plan`).
     pub fn device_plan(&self, a: &DeviceDecode) -> Result<(launch::DevicePlan, Geometry)> {

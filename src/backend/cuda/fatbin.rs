@@ -527,17 +527,20 @@ ptxas info    : Compile time = 1.2 ms
 
     #[test]
     fn every_decode_entry_is_built_for_every_target() {
-        use crate::backend::cuda::launch::{decode_kernel_name, DECODE_KERNELS, VARIANTS};
+        use crate::backend::cuda::launch::{
+            decode_kernel_name, DECODE_KERNELS, VARIANTS, WGMMA_PROBE_KERNEL,
+        };
         let Some(log) = ptxas_log() else {
             return skip("every_decode_entry_is_built_for_every_target");
         };
+        let mut names = vec![WGMMA_PROBE_KERNEL.to_string()];
         for (_, _, base) in DECODE_KERNELS {
-            for v in VARIANTS {
-                let name = decode_kernel_name(base, v);
-                for arch in ["sm_80", "sm_90a", "sm_100a"] {
-                    let want = format!("Compiling entry function '{name}' for '{arch}'");
-                    assert!(log.contains(&want), "ptxas log lacks `{want}`");
-                }
+            names.extend(VARIANTS.iter().map(|&v| decode_kernel_name(base, v)));
+        }
+        for name in names {
+            for arch in ["sm_80", "sm_90a", "sm_100a"] {
+                let want = format!("Compiling entry function '{name}' for '{arch}'");
+                assert!(log.contains(&want), "ptxas log lacks `{want}`");
             }
         }
     }

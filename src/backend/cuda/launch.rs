@@ -75,6 +75,8 @@ pub const APPEND_KERNEL: &str = "mla_append";
 /// Threads of an append block (one block per row).
 pub const APPEND_THREADS: u32 = 128;
 pub const COMBINE_KERNEL: &str = "mla_combine";
+/// The wgmma layout probe (kernels/mla_probe.cuh), for the GPU tests.
+pub const WGMMA_PROBE_KERNEL: &str = "mla_wgmma_probe";
 
 /// Every decode entry point's family: cache format, d_qk, name in the
 /// fatbin of the 16-row variant (the others append [`Variant::suffix`]).
@@ -450,6 +452,9 @@ mod tests {
         assert_eq!(threads, [128, 256, 256]);
         assert!(include_str!("../../../kernels/mla_plan.cuh").contains(PLAN_KERNEL));
         assert!(include_str!("../../../kernels/mla_combine.cuh").contains(COMBINE_KERNEL));
+        assert!(src.contains(&format!(
+            "{WGMMA_PROBE_KERNEL}(const __grid_constant__ MlaProbeParams p)"
+        )));
     }
 
     #[test]
