@@ -60,9 +60,10 @@ run() {
         echo "== date"; date -u
         echo "== gpu"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1
         echo "== mlart info"; timeout 60 "$g/mlart" info 2>&1
-        echo "== GPU test suite (CUDA vs CPU engine)"
-        timeout 300 "$g/cuda_decode" 2>&1 | tail -40
-        # The Hopper wgmma kernels are opt-in until this run verifies them.
+        echo "== GPU test suite (CUDA vs CPU engine), mma.sync kernels (MLART_CUDA_WGMMA=0)"
+        MLART_CUDA_WGMMA=0 timeout 300 "$g/cuda_decode" 2>&1 | tail -40
+        # Both kinds of 64-row kernel, whichever is the build's default
+        # (WGMMA_BY_DEFAULT; off until this run verifies wgmma).
         echo "== GPU test suite with the wgmma kernels (MLART_CUDA_WGMMA=1)"
         MLART_CUDA_WGMMA=1 timeout 200 "$g/cuda_decode" 2>&1 | tail -40
         echo "== unit tests that touch the driver, the fatbin and the plan"
@@ -90,8 +91,8 @@ t = timed(lambda: x @ y)
 print(f"matmul_tflops {2 * m ** 3 / t / 1e12:.0f}")
 PY
         mm=$(awk '/^matmul_tflops/ {print $2}' "$out/torch-ceilings.txt")
-        echo "== mlart bench --cuda"
-        timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
+        echo "== mlart bench --cuda, mma.sync kernels (MLART_CUDA_WGMMA=0)"
+        MLART_CUDA_WGMMA=0 timeout 240 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} --json "$out/bench-cuda.json" 2>&1
         echo "== mlart bench --cuda, wgmma kernels (MLART_CUDA_WGMMA=1)"
         MLART_CUDA_WGMMA=1 timeout 180 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} \
             --json "$out/bench-cuda-wgmma.json" 2>&1

@@ -1134,10 +1134,11 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 
 type Test = (&'static str, fn() -> Outcome);
 
-/// The decode kernels in use follow `MLART_CUDA_WGMMA`: with it set to 1 on
-/// a compute capability 9.0 GPU the engine says its 64-row blocks run on
-/// wgmma, otherwise not (so a run of this suite with the variable set
-/// really tests the wgmma kernels, and one without tests mma.sync's).
+/// The decode kernels in use follow `MLART_CUDA_WGMMA` (1 or 0; unset: the
+/// build's default): on a compute capability 9.0 GPU with wgmma on, the
+/// engine says its 64-row blocks run on wgmma, otherwise not. So a run of
+/// this suite with `MLART_CUDA_WGMMA=1` really tests the wgmma kernels, and
+/// one with `=0` tests mma.sync's.
 fn cuda_wgmma_as_requested() -> Outcome {
     with_gpu(|g| {
         let mut props = MaybeUninit::<mlart_engine_props>::uninit();
@@ -1155,7 +1156,11 @@ fn cuda_wgmma_as_requested() -> Outcome {
         let mut dev = unsafe { dev.assume_init() };
         assert!(take_error(mlart_device_info(props.device_index, &mut dev)).is_none());
         let hopper = (dev.compute_major, dev.compute_minor) == (9, 0);
-        let requested = std::env::var("MLART_CUDA_WGMMA").is_ok_and(|v| v.trim() == "1");
+        let requested = match std::env::var("MLART_CUDA_WGMMA").as_deref().map(str::trim) {
+            Ok("1") => true,
+            Ok("0") => false,
+            _ => mlart::backend::cuda::WGMMA_BY_DEFAULT,
+        };
         println!("    engine: {reason}");
         assert_eq!(
             reason.contains("wgmma: on"),

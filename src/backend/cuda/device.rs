@@ -45,11 +45,19 @@ struct DecodeFn {
     resident: usize,
 }
 
-/// `MLART_CUDA_WGMMA=1` turns on the Hopper `wgmma` decode kernels. They
-/// pass the CPU emulation but have not run on a GPU yet, so they are opt-in
-/// until `scripts/gpu-check.sh` verifies them on an H100/H200.
+/// Whether compute capability 9.0 GPUs run the Hopper `wgmma` decode
+/// kernels by default. They pass the CPU emulation but have not run on a
+/// GPU yet, so they are opt-in until `scripts/gpu-check.sh` verifies them
+/// on an H100/H200 (then this becomes `true`).
+pub const WGMMA_BY_DEFAULT: bool = false;
+
+/// `MLART_CUDA_WGMMA=1` or `=0` overrides [`WGMMA_BY_DEFAULT`].
 fn wgmma_requested() -> bool {
-    std::env::var("MLART_CUDA_WGMMA").is_ok_and(|v| v.trim() == "1")
+    match std::env::var("MLART_CUDA_WGMMA").as_deref().map(str::trim) {
+        Ok("1") => true,
+        Ok("0") => false,
+        _ => WGMMA_BY_DEFAULT,
+    }
 }
 
 pub struct CudaBackend {
@@ -212,12 +220,11 @@ impl CudaBackend {
             .map_err(dev_err("cuStreamCreate"))?;
         let done = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map_err(dev_err("cuEventCreate"))?;
-        let tensor_cores = if wgmma {
-            "; wgmma: on (MLART_CUDA_WGMMA=1)"
-        } else if wgmma_runs {
-            "; wgmma: off until verified (MLART_CUDA_WGMMA=1 opts in)"
-        } else {
-            ""
+        let tensor_cores = match (wgmma_runs, wgmma, WGMMA_BY_DEFAULT) {
+            (false, _, _) => "",
+            (true, true, _) => "; wgmma: on",
+            (true, false, true) => "; wgmma: off (MLART_CUDA_WGMMA=0)",
+            (true, false, false) => "; wgmma: off until verified (MLART_CUDA_WGMMA=1 opts in)",
         };
         let reason = format!(
             "{why}CUDA device {} ({}, sm_{}{}, {} SMs), kernels: {image_name}{tensor_cores}",

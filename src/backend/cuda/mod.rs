@@ -16,5 +16,5 @@ pub mod lowering;
 pub mod params;
 pub mod staging;
 
-pub use device::CudaBackend;
+pub use device::{CudaBackend, WGMMA_BY_DEFAULT};
 pub use driver::{device_count, device_props, DeviceProps};
