@@ -114,11 +114,13 @@ struct OpF16 {
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
     emu::ldmatrix_x4_trans(r, row);
 }
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src) { memcpy(dst, src, 16); }
-__device__ __forceinline__ void cp_async_8(void* dst, const void* src) { memcpy(dst, src, 8); }
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) { emu::cp_async(dst, src, 16); }
+__device__ __forceinline__ void cp_async_8(void* dst, const void* src) { emu::cp_async(dst, src, 8); }
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+    emu::cp_async_wait(N);
+}
 #else
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));

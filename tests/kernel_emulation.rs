@@ -38,12 +38,23 @@ fn cuda_kernels_match_the_reference_under_emulation() {
         "building the kernel emulator failed:\n{}",
         String::from_utf8_lossy(&build.stderr)
     );
-    let run = Command::new(&exe).output().expect("running the emulator");
+    // Threads of a block run first to last between barriers, then last to
+    // first: a missing barrier shows in one order or the other.
+    for order in ["forward", "reverse"] {
+        let run = Command::new(&exe)
+            .env("MLA_EMU_ORDER", order)
+            .output()
+            .expect("running the emulator");
+        check_run(order, &run);
+    }
+}
+
+fn check_run(order: &str, run: &std::process::Output) {
     let stdout = String::from_utf8_lossy(&run.stdout);
-    println!("{stdout}");
+    println!("== thread order: {order}\n{stdout}");
     assert!(
         run.status.success(),
-        "emulated kernels disagree with the reference:\n{stdout}\n{}",
+        "emulated kernels ({order} thread order) disagree with the reference:\n{stdout}\n{}",
         String::from_utf8_lossy(&run.stderr)
     );
     assert!(stdout.contains(" 0 failed"), "{stdout}");

@@ -6,8 +6,13 @@
 // parks a fiber until every live thread of the block arrives; warp
 // collectives (shuffles, mma.sync, ldmatrix) exchange through per-warp slots
 // between warp barriers, and compute exactly the fragment layouts the PTX ISA
-// documents for mma.m16n8k16 and ldmatrix .trans. cp.async copies at once.
-// Blocks run one after another, so `static` stands in for __shared__.
+// documents for mma.m16n8k16 and ldmatrix .trans (and wgmma, below).
+// Asynchronous work completes as late as the hardware may complete it:
+// cp.async copies land at the cp.async.wait_group that covers them, wgmma
+// products at wgmma.wait_group, so reading either early gives stale data.
+// Threads run in order between barriers, or last to first with
+// MLA_EMU_ORDER=reverse, so a missing barrier shows in one order or the
+// other. Blocks run one after another, so `static` stands in for __shared__.
 //
 // This checks indexing, masking, the schedule, softmax, the combine and the
 // FP8 decoding: everything but the hardware itself and the assumption, shared
@@ -109,12 +114,21 @@ struct PendingMma {
     bool trans_b, f16;
 };
 
+// A cp.async copy not yet waited for, in commit group `group`.
+struct PendingCopy {
+    void* dst;
+    const void* src;
+    int bytes, group;
+};
+
 struct Fiber {
     ucontext_t ctx;
     std::vector<char> stack;
     int tid = 0;
     Wait wait = RUN;
     std::vector<PendingMma> pending;
+    std::vector<PendingCopy> copies;
+    int committed = 0;  // cp.async groups committed so far
 };
 
 struct WarpSlots {
@@ -166,6 +180,8 @@ inline void run_block(int threads) {
         f.tid = t;
         f.wait = RUN;
         f.pending.clear();
+        f.copies.clear();
+        f.committed = 0;
         f.stack.resize(64 * 1024);
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack.data();
@@ -173,9 +189,16 @@ inline void run_block(int threads) {
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, entry, 0);
     }
+    // MLA_EMU_ORDER=reverse runs the threads of each barrier interval last
+    // to first: a missing barrier then shows with the other threads first.
+    static const bool reverse = [] {
+        const char* o = getenv("MLA_EMU_ORDER");
+        return o && strcmp(o, "reverse") == 0;
+    }();
     for (;;) {
         bool ran = false;
-        for (int t = 0; t < threads; ++t) {
+        for (int i = 0; i < threads; ++i) {
+            const int t = reverse ? threads - 1 - i : i;
             if (s.fibers[t].wait != RUN) continue;
             s.cur = t;
             swapcontext(&s.sched, &s.fibers[t].ctx);
@@ -211,6 +234,28 @@ inline void run_block(int threads) {
             abort();
         }
     }
+}
+
+// cp.async: the copy is recorded and lands at the cp.async.wait_group that
+// completes its group, the latest moment the hardware may deliver it, so a
+// kernel that reads a tile before waiting for it reads stale bytes.
+inline void cp_async(void* dst, const void* src, int bytes) {
+    Fiber& f = st().fibers[st().cur];
+    f.copies.push_back({dst, src, bytes, f.committed});
+}
+inline void cp_async_commit() { ++st().fibers[st().cur].committed; }
+// cp.async.wait_group n: all but the n most recent committed groups land.
+inline void cp_async_wait(int n) {
+    Fiber& f = st().fibers[st().cur];
+    std::vector<PendingCopy> keep;
+    for (const PendingCopy& c : f.copies) {
+        if (c.group < f.committed - n) {
+            memcpy(c.dst, c.src, c.bytes);
+        } else {
+            keep.push_back(c);
+        }
+    }
+    f.copies.swap(keep);
 }
 
 // Launches `kernel(arg)` over `grid` x `block` with `smem` dynamic bytes.
