@@ -236,6 +236,13 @@ inline void run_block(int threads) {
     }
 }
 
+// The dynamic shared memory of the running block (filled with 0xff before
+// each block: on the hardware it starts as garbage).
+inline uint8_t* dynamic_smem() {
+    alignas(16) static uint8_t buf[256 * 1024];
+    return buf;
+}
+
 // cp.async: the copy is recorded and lands at the cp.async.wait_group that
 // completes its group, the latest moment the hardware may deliver it, so a
 // kernel that reads a tile before waiting for it reads stale bytes.
@@ -273,16 +280,13 @@ void launch(void (*kernel)(P), dim3 grid, dim3 block, uint32_t smem, P arg) {
         for (unsigned x = 0; x < grid.x; ++x) {
             s.block_idx.x = x;
             s.block_idx.y = y;
+            // Fresh shared memory is garbage: 0xff bytes read as NaN in
+            // every float type, so reading what no thread wrote shows.
+            memset(dynamic_smem(), 0xff, smem);
             run_block((int)block.x);
         }
 }
 
-// The dynamic shared memory of the running block (uninitialized between
-// blocks, like the hardware's).
-inline uint8_t* dynamic_smem() {
-    alignas(16) static uint8_t buf[256 * 1024];
-    return buf;
-}
 
 inline dim3 thread_idx() {
     dim3 d;
