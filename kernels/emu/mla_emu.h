@@ -127,6 +127,7 @@ struct Fiber {
     int tid = 0;
     Wait wait = RUN;
     std::vector<PendingMma> pending;
+    int wgmmas = 0;  // wgmma.mma_async issued (a warpgroup's must agree)
     std::vector<PendingCopy> copies;
     int committed = 0;  // cp.async groups committed so far
 };
@@ -180,6 +181,7 @@ inline void run_block(int threads) {
         f.tid = t;
         f.wait = RUN;
         f.pending.clear();
+        f.wgmmas = 0;
         f.copies.clear();
         f.committed = 0;
         f.stack.resize(64 * 1024);
@@ -223,7 +225,17 @@ inline void run_block(int threads) {
             if (f.wait != DONE) ++live;
             if (f.wait == BLOCK) ++at_block;
         }
-        if (live == 0) return;
+        if (live == 0) {
+            // wgmma is .sync.aligned: every thread of a warpgroup issues the
+            // same ones.
+            for (int t = 0; t < threads; ++t)
+                if (s.fibers[t].wgmmas != s.fibers[t - t % 128].wgmmas) {
+                    fprintf(stderr, "emu: thread %d issued %d wgmma, thread %d of its warpgroup %d\n", t,
+                            s.fibers[t].wgmmas, t - t % 128, s.fibers[t - t % 128].wgmmas);
+                    abort();
+                }
+            return;
+        }
         if (at_block == live) {
             for (auto& f : s.fibers) f.wait = RUN;
             released = true;
@@ -436,7 +448,9 @@ inline void wgmma_run(const PendingMma& op) {
 }
 
 inline void wgmma(float* d, int n, uint64_t da, uint64_t db, bool trans_b, bool f16) {
-    st().fibers[st().cur].pending.push_back({d, n, da, db, trans_b, f16});
+    Fiber& f = st().fibers[st().cur];
+    f.pending.push_back({d, n, da, db, trans_b, f16});
+    ++f.wgmmas;
 }
 
 // wgmma.wait_group 0: completes this thread's outstanding products.
