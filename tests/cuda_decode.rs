@@ -1162,6 +1162,10 @@ fn cuda_wgmma_as_requested() -> Outcome {
             _ => mlart::backend::cuda::WGMMA_BY_DEFAULT,
         };
         println!("    engine: {reason}");
+        if let Ok((gpu, _)) = rust_engines() {
+            let uses = gpu.backend().cuda().is_some_and(|c| c.uses_wgmma());
+            assert_eq!(uses, hopper && requested, "CudaBackend::uses_wgmma");
+        }
         assert_eq!(
             reason.contains("wgmma: on"),
             hopper && requested,

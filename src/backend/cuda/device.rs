@@ -262,6 +262,12 @@ impl CudaBackend {
         &self.props
     }
 
+    /// Whether 64-row decode blocks run the `wgmma` kernels (compute
+    /// capability 9.0 with them enabled, see [`WGMMA_BY_DEFAULT`]).
+    pub fn uses_wgmma(&self) -> bool {
+        self.decoders.iter().any(|d| d.variant == Variant::Wgmma64)
+    }
+
     /// The decode kernel and launch geometry for a call.
     fn select(&self, a: &DeviceDecode) -> Result<(&DecodeFn, Geometry)> {
         launch::decode_kernel(&a.shape, a.layout.format)?;

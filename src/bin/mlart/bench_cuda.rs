@@ -287,10 +287,11 @@ pub fn run(o: &Options) -> Result<()> {
     }
     if let Some(path) = &o.json {
         let text = format!(
-            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}]}}\n",
+            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"wgmma\":{},\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}]}}\n",
             p.name,
             p.major,
             p.minor,
+            cuda.uses_wgmma(),
             copy * 1e-9,
             o.matmul_tflops.map_or("null".to_string(), |t| format!("{t:.1}")),
             json.join(",")
