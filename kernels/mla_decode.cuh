@@ -189,7 +189,10 @@ __device__ __forceinline__ void convert_raw(typename Op::T* ks, const uint8_t* r
     constexpr int SCALES_AT = V32 ? 512 : 576;
     constexpr int PIECES = NOPE / 16 + 8;
     for (int c = threadIdx.x; c < MLA_TOKENS * PIECES; c += THREADS) {
-        const int t = c / PIECES, part = c % PIECES;
+        // WG: consecutive threads take consecutive keys, so each 8 of them
+        // store one core matrix's 128 contiguous bytes (no bank conflicts).
+        const int t = WG ? c % MLA_TOKENS : c / PIECES;
+        const int part = WG ? c / MLA_TOKENS : c % PIECES;
         const uint8_t* row = raw + t * Raw<KV>::ROW;
         const bool live = rows[t] != nullptr;
         if (part < NOPE / 16) {
