@@ -552,11 +552,7 @@ __device__ __forceinline__ void decode_item(const MlaParams& p, int item_ix, int
 
 template <int KV, int DQK, typename Op, int RG, bool WG = false>
 __device__ __forceinline__ void decode_block(const MlaParams& p) {
-#ifdef MLA_EMULATE
-    uint8_t* smem = emu::dynamic_smem();
-#else
-    extern __shared__ __align__(16) uint8_t smem[];
-#endif
+    MLA_DYNAMIC_SMEM(smem);
 #ifndef MLA_HAS_WGMMA
     if constexpr (WG) {
         // Built for a GPU without wgmma; the host launches these on sm_90 only.

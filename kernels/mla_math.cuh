@@ -12,6 +12,14 @@
 
 #include "mla_params.cuh"
 
+// Declares `name`, the block's dynamic shared memory (the emulator's
+// buffer under emulation).
+#ifdef MLA_EMULATE
+#define MLA_DYNAMIC_SMEM(name) uint8_t* name = emu::dynamic_smem()
+#else
+#define MLA_DYNAMIC_SMEM(name) extern __shared__ __align__(16) uint8_t name[]
+#endif
+
 namespace mla {
 
 // Loads element i of a tensor of run-time type `dt` as float.

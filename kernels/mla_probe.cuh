@@ -28,11 +28,7 @@ struct MlaProbeParams {
 namespace mla {
 
 __device__ __forceinline__ void wgmma_probe(const MlaProbeParams& a) {
-#ifdef MLA_EMULATE
-    uint8_t* smem = emu::dynamic_smem();
-#else
-    extern __shared__ __align__(16) uint8_t smem[];
-#endif
+    MLA_DYNAMIC_SMEM(smem);
     using T = uint16_t;
     T* qs = reinterpret_cast<T*>(smem);
     T* ks = qs + 64 * 64;

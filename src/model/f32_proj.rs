@@ -130,74 +130,88 @@ fn tile(lvl: Level, x: &[f32], w: &[f32], kb: usize, acc: &mut [f32], t_pad: usi
     }
 }
 
+/// One register tile, `ROWS` weight rows × two vectors of tokens, over a
+/// module's intrinsics: `$zero`, `$load`, `$store`, `$splat`, `$fma`, `$add`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_kernel {
+    ($feat:literal, $rows:literal, $lanes:literal,
+     $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident, $add:ident) => {
+        /// `ROWS` rows × `2 * LANES` tokens (two vectors).
+        ///
+        /// # Safety
+        /// The target features enabled; sizes as [`super::tile`] asserts for
+        /// `(2 * LANES, ROWS)`.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn tile(
+            x: &[f32],
+            w: &[f32],
+            kb: usize,
+            acc: &mut [f32],
+            t_pad: usize,
+            t0: usize,
+        ) {
+            const TOK: usize = 2 * $lanes;
+            let mut s = [[$zero(); 2]; $rows];
+            for k in 0..kb {
+                // SAFETY (caller): x holds kb columns of TOK, w ROWS rows of KB.
+                unsafe {
+                    let x0 = $load(x.as_ptr().add(k * TOK));
+                    let x1 = $load(x.as_ptr().add(k * TOK + $lanes));
+                    for (r, sr) in s.iter_mut().enumerate() {
+                        let b = $splat(*w.get_unchecked(r * KB + k));
+                        sr[0] = $fma(b, x0, sr[0]);
+                        sr[1] = $fma(b, x1, sr[1]);
+                    }
+                }
+            }
+            for (r, sr) in s.iter().enumerate() {
+                // SAFETY (caller): row r of acc has t0 + TOK <= t_pad values.
+                unsafe {
+                    let p = acc.as_mut_ptr().add(r * t_pad + t0);
+                    $store(p, $add($load(p), sr[0]));
+                    $store(p.add($lanes), $add($load(p.add($lanes)), sr[1]));
+                }
+            }
+        }
+    };
+}
+
+/// 12 rows × 32 tokens: 24 accumulators.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::KB;
     use std::arch::x86_64::*;
 
-    /// 12 rows × 32 tokens (two vectors): 24 accumulators.
-    ///
-    /// # Safety
-    /// AVX-512F enabled; sizes as [`super::tile`] asserts for (32, 12).
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn tile(x: &[f32], w: &[f32], kb: usize, acc: &mut [f32], t_pad: usize, t0: usize) {
-        let mut s = [[_mm512_setzero_ps(); 2]; 12];
-        for k in 0..kb {
-            // SAFETY (caller): x holds kb columns of 32, w 12 rows of KB.
-            unsafe {
-                let x0 = _mm512_loadu_ps(x.as_ptr().add(k * 32));
-                let x1 = _mm512_loadu_ps(x.as_ptr().add(k * 32 + 16));
-                for (r, sr) in s.iter_mut().enumerate() {
-                    let b = _mm512_set1_ps(*w.get_unchecked(r * KB + k));
-                    sr[0] = _mm512_fmadd_ps(b, x0, sr[0]);
-                    sr[1] = _mm512_fmadd_ps(b, x1, sr[1]);
-                }
-            }
-        }
-        for (r, sr) in s.iter().enumerate() {
-            // SAFETY (caller): row r of acc has t0 + 32 <= t_pad values.
-            unsafe {
-                let p = acc.as_mut_ptr().add(r * t_pad + t0);
-                _mm512_storeu_ps(p, _mm512_add_ps(_mm512_loadu_ps(p), sr[0]));
-                _mm512_storeu_ps(p.add(16), _mm512_add_ps(_mm512_loadu_ps(p.add(16)), sr[1]));
-            }
-        }
-    }
+    tile_kernel!(
+        "avx512f",
+        12,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps
+    );
 }
 
+/// 6 rows × 16 tokens: 12 of the 16 registers.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::KB;
     use std::arch::x86_64::*;
 
-    /// 6 rows × 16 tokens (two vectors): 12 of the 16 registers.
-    ///
-    /// # Safety
-    /// AVX2 and FMA enabled; sizes as [`super::tile`] asserts for (16, 6).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile(x: &[f32], w: &[f32], kb: usize, acc: &mut [f32], t_pad: usize, t0: usize) {
-        let mut s = [[_mm256_setzero_ps(); 2]; 6];
-        for k in 0..kb {
-            // SAFETY (caller): x holds kb columns of 16, w 6 rows of KB.
-            unsafe {
-                let x0 = _mm256_loadu_ps(x.as_ptr().add(k * 16));
-                let x1 = _mm256_loadu_ps(x.as_ptr().add(k * 16 + 8));
-                for (r, sr) in s.iter_mut().enumerate() {
-                    let b = _mm256_set1_ps(*w.get_unchecked(r * KB + k));
-                    sr[0] = _mm256_fmadd_ps(b, x0, sr[0]);
-                    sr[1] = _mm256_fmadd_ps(b, x1, sr[1]);
-                }
-            }
-        }
-        for (r, sr) in s.iter().enumerate() {
-            // SAFETY (caller): row r of acc has t0 + 16 <= t_pad values.
-            unsafe {
-                let p = acc.as_mut_ptr().add(r * t_pad + t0);
-                _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), sr[0]));
-                _mm256_storeu_ps(p.add(8), _mm256_add_ps(_mm256_loadu_ps(p.add(8)), sr[1]));
-            }
-        }
-    }
+    tile_kernel!(
+        "avx2,fma",
+        6,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps
+    );
 }
 
 #[cfg(test)]
