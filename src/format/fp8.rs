@@ -377,11 +377,11 @@ mod tests {
         // 440 is halfway between 416 and 448: even mantissa wins (448 = 0x7e, m=6).
         assert_eq!(f32_to_e4m3(432.0), 0x7e);
         // Subnormals: step 2^-9; half of the smallest rounds to zero (even).
-        assert_eq!(f32_to_e4m3(2f32.powi(-10)), 0x00);
-        assert_eq!(f32_to_e4m3(3.0 * 2f32.powi(-10)), 0x02);
+        assert_eq!(f32_to_e4m3(pow2(-10)), 0x00);
+        assert_eq!(f32_to_e4m3(3.0 * pow2(-10)), 0x02);
         assert_eq!(f32_to_e4m3(-0.0), 0x80);
         // 15.5/8 * 2^-6 rounds up across the binade edge to 2^-5.
-        assert_eq!(f32_to_e4m3(2f32.powi(-6) * 1.97), 0x10);
+        assert_eq!(f32_to_e4m3(pow2(-6) * 1.97), 0x10);
     }
 
     #[test]
