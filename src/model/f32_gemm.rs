@@ -3,7 +3,8 @@
 //! (`q_nope · W_UK[h]`, `lat · W_UV[h]ᵀ`), whose operands interleave the
 //! heads. The AVX-512 kernel keeps 8 rows x 32 columns of Y in registers
 //! over k, the AVX2 one 6 rows x 16 columns (its 16 registers), so each
-//! row of W loaded from cache serves several rows of X.
+//! row of W loaded from cache serves several rows of X. Both are one macro
+//! body (`row_block!`) over their ISA's intrinsics.
 
 use super::level::Level;
 
@@ -91,116 +92,148 @@ fn portable(
     }
 }
 
+/// One register block over a module's intrinsics: `R` rows of Y, all `n`
+/// columns, two vectors (`2 * $lanes` columns) at a time with `R x 2`
+/// accumulators; the last columns (fewer than `2 * $lanes`) under masks
+/// through the module's `load_n` / `store_n`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_block {
+    ($feat:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        /// # Safety
+        /// The target features enabled; rows `0..R` of x (stride xs, k
+        /// values) and y (stride ys, n values) and `w [k][n]` are inside
+        /// the slices.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn block<const R: usize>(
+            x: &[f32],
+            xs: usize,
+            w: &[f32],
+            k: usize,
+            n: usize,
+            y: &mut [f32],
+            ys: usize,
+        ) {
+            debug_assert!(x.len() >= (R - 1) * xs + k && y.len() >= (R - 1) * ys + n);
+            debug_assert!(w.len() >= k * n);
+            const W: usize = 2 * $lanes;
+            let mut c = 0;
+            while c < n {
+                let full = n - c >= W;
+                let (w0, w1) = (
+                    (n - c).min($lanes),
+                    (n - c).saturating_sub($lanes).min($lanes),
+                );
+                // SAFETY: loads and stores touch columns c..c + w0 + w1 <= n
+                // of rows inside the slices (masked past n); x reads stay
+                // in row t's k values.
+                unsafe {
+                    let mut acc = [[$zero(); 2]; R];
+                    for j in 0..k {
+                        let wr = w.as_ptr().add(j * n + c);
+                        let (b0, b1) = if full {
+                            ($load(wr), $load(wr.add($lanes)))
+                        } else {
+                            (load_n(wr, w0), load_n(wr.add($lanes), w1))
+                        };
+                        for (t, a) in acc.iter_mut().enumerate() {
+                            let s = $splat(*x.get_unchecked(t * xs + j));
+                            a[0] = $fma(s, b0, a[0]);
+                            a[1] = $fma(s, b1, a[1]);
+                        }
+                    }
+                    for (t, a) in acc.iter().enumerate() {
+                        let yr = y.as_mut_ptr().add(t * ys + c);
+                        if full {
+                            $store(yr, a[0]);
+                            $store(yr.add($lanes), a[1]);
+                        } else {
+                            store_n(yr, a[0], w0);
+                            store_n(yr.add($lanes), a[1], w1);
+                        }
+                    }
+                }
+                c += W;
+            }
+        }
+    };
+}
+
+/// 8 rows x 32 columns: 16 accumulators; tails under `__mmask16`.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    /// `R` rows of Y, all `n` columns: 32 columns (two vectors) at a time
-    /// with `R x 2` accumulators, the last columns under a mask.
-    ///
     /// # Safety
-    /// AVX-512F enabled; rows `0..R` of x (stride xs, k values) and y
-    /// (stride ys, n values) and `w [k][n]` are inside the slices.
+    /// AVX-512F enabled; `p..p + n` (n <= 16) readable.
+    #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn block<const R: usize>(
-        x: &[f32],
-        xs: usize,
-        w: &[f32],
-        k: usize,
-        n: usize,
-        y: &mut [f32],
-        ys: usize,
-    ) {
-        debug_assert!(x.len() >= (R - 1) * xs + k && y.len() >= (R - 1) * ys + n);
-        debug_assert!(w.len() >= k * n);
-        let mut c = 0;
-        while c < n {
-            let w0 = (n - c).min(16);
-            let w1 = (n - c).saturating_sub(16).min(16);
-            let (m0, m1): (__mmask16, __mmask16) =
-                (((1u32 << w0) - 1) as u16, ((1u32 << w1) - 1) as u16);
-            // SAFETY: masked loads and stores touch columns c..c + w0 + w1
-            // < n of rows inside the slices; x reads stay in row t's k values.
-            unsafe {
-                let mut acc = [[_mm512_setzero_ps(); 2]; R];
-                for j in 0..k {
-                    let wr = w.as_ptr().add(j * n + c);
-                    let b0 = _mm512_maskz_loadu_ps(m0, wr);
-                    let b1 = _mm512_maskz_loadu_ps(m1, wr.add(16));
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let s = _mm512_set1_ps(*x.get_unchecked(t * xs + j));
-                        a[0] = _mm512_fmadd_ps(s, b0, a[0]);
-                        a[1] = _mm512_fmadd_ps(s, b1, a[1]);
-                    }
-                }
-                for (t, a) in acc.iter().enumerate() {
-                    let yr = y.as_mut_ptr().add(t * ys + c);
-                    _mm512_mask_storeu_ps(yr, m0, a[0]);
-                    _mm512_mask_storeu_ps(yr.add(16), m1, a[1]);
-                }
-            }
-            c += 32;
-        }
+    unsafe fn load_n(p: *const f32, n: usize) -> __m512 {
+        // SAFETY: caller contract; masked-off lanes are not read.
+        unsafe { _mm512_maskz_loadu_ps(((1u32 << n) - 1) as __mmask16, p) }
     }
+
+    /// # Safety
+    /// AVX-512F enabled; `p..p + n` (n <= 16) writable.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_n(p: *mut f32, v: __m512, n: usize) {
+        // SAFETY: caller contract; masked-off lanes are not written.
+        unsafe { _mm512_mask_storeu_ps(p, ((1u32 << n) - 1) as __mmask16, v) }
+    }
+
+    row_block!(
+        "avx512f",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_set1_ps,
+        _mm512_fmadd_ps
+    );
 }
 
+/// 6 rows x 16 columns: 12 accumulators; tails under `vmaskmovps` masks.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    /// `R` rows of Y, all `n` columns: 16 columns (two vectors) at a time
-    /// with `R x 2` accumulators; the last columns, fewer than 16, one at a
-    /// time.
-    ///
-    /// # Safety
-    /// AVX2 and FMA enabled; rows `0..R` of x (stride xs, k values) and y
-    /// (stride ys, n values) and `w [k][n]` are inside the slices.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn block<const R: usize>(
-        x: &[f32],
-        xs: usize,
-        w: &[f32],
-        k: usize,
-        n: usize,
-        y: &mut [f32],
-        ys: usize,
-    ) {
-        debug_assert!(x.len() >= (R - 1) * xs + k && y.len() >= (R - 1) * ys + n);
-        debug_assert!(w.len() >= k * n);
-        let full = n / 16 * 16;
-        let mut c = 0;
-        while c < full {
-            // SAFETY: columns c..c + 16 <= n of rows inside the slices; x
-            // reads stay in row t's k values.
-            unsafe {
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
-                for j in 0..k {
-                    let wr = w.as_ptr().add(j * n + c);
-                    let (b0, b1) = (_mm256_loadu_ps(wr), _mm256_loadu_ps(wr.add(8)));
-                    for (t, a) in acc.iter_mut().enumerate() {
-                        let s = _mm256_set1_ps(*x.get_unchecked(t * xs + j));
-                        a[0] = _mm256_fmadd_ps(s, b0, a[0]);
-                        a[1] = _mm256_fmadd_ps(s, b1, a[1]);
-                    }
-                }
-                for (t, a) in acc.iter().enumerate() {
-                    let yr = y.as_mut_ptr().add(t * ys + c);
-                    _mm256_storeu_ps(yr, a[0]);
-                    _mm256_storeu_ps(yr.add(8), a[1]);
-                }
-            }
-            c += 16;
-        }
-        for t in 0..R {
-            for c in full..n {
-                let mut v = 0.0;
-                for j in 0..k {
-                    v += x[t * xs + j] * w[j * n + c];
-                }
-                y[t * ys + c] = v;
-            }
-        }
+    /// Lanes `0..n` set (n <= 8).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mask(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
     }
+
+    /// # Safety
+    /// AVX2 enabled; `p..p + n` (n <= 8) readable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_n(p: *const f32, n: usize) -> __m256 {
+        // SAFETY: caller contract; masked-off lanes are not read.
+        unsafe { _mm256_maskload_ps(p, mask(n)) }
+    }
+
+    /// # Safety
+    /// AVX2 enabled; `p..p + n` (n <= 8) writable.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn store_n(p: *mut f32, v: __m256, n: usize) {
+        // SAFETY: caller contract; masked-off lanes are not written.
+        unsafe { _mm256_maskstore_ps(p, mask(n), v) }
+    }
+
+    row_block!(
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_set1_ps,
+        _mm256_fmadd_ps
+    );
 }
 
 #[cfg(test)]
@@ -217,6 +250,8 @@ mod tests {
         for (rows, k, n) in [
             (17usize, 128usize, 512usize),
             (3, 5, 7),
+            (5, 9, 52),
+            (7, 3, 28),
             (8, 40, 33),
             (1, 1, 16),
         ] {
