@@ -141,10 +141,13 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&
 /// As [`slice`], and the memory must be writable and not aliased by any
 /// other argument (checked with [`check_disjoint`]).
 pub(crate) unsafe fn slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut [T]> {
-    // SAFETY: forwarded contract.
-    let s = unsafe { slice(p as *const T, n, name) }?;
-    // SAFETY: same region; exclusivity is the caller contract plus check_disjoint.
-    Ok(unsafe { std::slice::from_raw_parts_mut(s.as_ptr() as *mut T, s.len()) })
+    check_ptr(p as *const T, name)?;
+    checked_size(name, &[n, std::mem::size_of::<T>()])?;
+    // SAFETY: non-NULL, aligned, size fits isize; validity and exclusivity
+    // are the caller contract plus check_disjoint. Built from `p` itself:
+    // a `&mut` derived from a shared slice of the same memory would be
+    // undefined behaviour on its first write (Miri found that here).
+    Ok(unsafe { std::slice::from_raw_parts_mut(p, n) })
 }
 
 /// A named byte range, for overlap checks between outputs and inputs.

@@ -80,7 +80,9 @@ pub struct CpuFeatures {
 
 impl CpuFeatures {
     pub fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
+        // Miri (which checks the C ABI's unsafe code) cannot run CPUID; it
+        // gets the scalar kernel.
+        #[cfg(all(target_arch = "x86_64", not(miri)))]
         {
             // AMX is reported by CPUID leaf 7 (EDX bit 22 AMX-BF16, bit 24
             // AMX-TILE); using it also needs the OS permission requested by
@@ -108,7 +110,7 @@ impl CpuFeatures {
                 },
             }
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        #[cfg(any(not(target_arch = "x86_64"), miri))]
         {
             CpuFeatures::default()
         }

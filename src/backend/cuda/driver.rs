@@ -44,6 +44,10 @@ pub(crate) fn dev_err(what: &str) -> impl FnOnce(result::DriverError) -> Error +
 }
 
 fn probe_library() -> Result<()> {
+    // Miri (which checks the C ABI's unsafe code) cannot call dlopen.
+    if cfg!(miri) {
+        return Err(Error::unsupported("no NVIDIA driver under Miri"));
+    }
     let mut tried = Vec::new();
     for name in ["libcuda.so.1", "libcuda.so"] {
         let c = CString::new(name).map_err(|_| Error::internal("library name"))?;
