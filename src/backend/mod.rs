@@ -87,16 +87,6 @@ pub trait Backend: Send + Sync {
     }
 }
 
-/// Allocates a zeroed host vector, reporting failure instead of aborting.
-pub(crate) fn try_zeroed<T: Clone + Default>(what: &str, n: usize) -> Result<Vec<T>> {
-    let mut v = Vec::new();
-    v.try_reserve_exact(n).map_err(|_| {
-        crate::error::Error::out_of_memory(what, n.saturating_mul(std::mem::size_of::<T>()))
-    })?;
-    v.resize(n, T::default());
-    Ok(v)
-}
-
 /// Grows `v` to at least `n` elements, reporting failure instead of aborting.
 pub(crate) fn try_grow<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
     if v.len() < n {
@@ -109,9 +99,37 @@ pub(crate) fn try_grow<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize)
 }
 
 impl Buffer {
+    /// A zeroed host buffer; large ones are backed by transparent huge
+    /// pages where the OS offers them.
     pub(crate) fn host_zeroed(what: &str, bytes: usize) -> Result<Self> {
-        Ok(Buffer {
-            host: try_zeroed(what, bytes)?,
-        })
+        let mut host = Vec::new();
+        host.try_reserve_exact(bytes)
+            .map_err(|_| crate::error::Error::out_of_memory(what, bytes))?;
+        advise_huge_pages(host.as_mut_ptr(), bytes);
+        host.resize(bytes, 0);
+        Ok(Buffer { host })
     }
+}
+
+/// Asks Linux to back the whole 2 MiB pages inside `[p, p + bytes)` with
+/// transparent huge pages (where THP is in `madvise` mode, as on many
+/// distributions, it is otherwise off). A pool's blocks are read in
+/// scattered order, so with 4 KiB pages each block costs TLB misses; in
+/// `mlart bench` a huge-page cache made h_q = 16 decode 5-7% faster.
+/// Call before the memory is first touched. A hint: failures are ignored.
+pub fn advise_huge_pages(p: *mut u8, bytes: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (p as usize).next_multiple_of(HUGE);
+        let end = (p as usize).saturating_add(bytes) / HUGE * HUGE;
+        if end >= start + HUGE {
+            // SAFETY: the range lies inside an allocation this process owns
+            // (page aligned); MADV_HUGEPAGE changes only how the kernel
+            // backs it, never its contents or validity.
+            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (p, bytes);
 }

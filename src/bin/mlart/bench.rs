@@ -36,6 +36,9 @@ pub struct Options {
     pub seconds: Option<f64>,
     /// Also time the scalar reference kernel on every point.
     pub scalar: bool,
+    /// Back the caches with transparent huge pages (`--huge-pages`), as a
+    /// caller of `mlart_decode_paged` can; pools do it themselves.
+    pub huge_pages: bool,
 }
 
 const D_QK: usize = 576;
@@ -181,11 +184,16 @@ struct KvData {
     bytes: Vec<u8>,
 }
 
-fn build_kv(pt: &Point) -> Result<KvData> {
+fn build_kv(pt: &Point, huge_pages: bool) -> Result<KvData> {
     let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
     let num_blocks = blocks_per_seq * pt.batch;
     let layout = KvLayout::new(pt.format, D_QK, BLOCK, "kv_format")?;
-    let mut bytes = vec![0u8; layout.cache_bytes(num_blocks)?];
+    let len = layout.cache_bytes(num_blocks)?;
+    let mut bytes = Vec::with_capacity(len);
+    if huge_pages {
+        mlart::backend::advise_huge_pages(bytes.as_mut_ptr(), len);
+    }
+    bytes.resize(len, 0u8);
     let mut rng = Rng(7);
     let mut row = vec![0f32; D_QK];
     for t in 0..num_blocks * BLOCK {
@@ -434,8 +442,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let before = ceilings::measure(threads);
     print_ceilings("before", &before);
     println!(
-        "{} points ({mode}), budget {budget} s per point and kernel, median of {MIN_REPS}..{MAX_REPS} runs after a warm-up",
-        points.len()
+        "{} points ({mode}), budget {budget} s per point and kernel, median of {MIN_REPS}..{MAX_REPS} runs after a warm-up{}",
+        points.len(),
+        if opts.huge_pages { "; caches on transparent huge pages" } else { "" }
     );
 
     let mut results = Vec::new();
@@ -444,7 +453,7 @@ pub fn run(opts: &Options) -> Result<()> {
     for (i, pt) in points.into_iter().enumerate() {
         if kv.as_ref().map(|k| k.key) != Some((pt.format, pt.seqlen, pt.batch)) {
             drop(kv.take()); // free the previous cache first
-            kv = Some(build_kv(&pt)?);
+            kv = Some(build_kv(&pt, opts.huge_pages)?);
         }
         let data = kv.as_ref().expect("built above");
         let (flops, bytes, secs) = run_point(&engines, pt, data, budget)?;
@@ -581,6 +590,7 @@ pub fn run(opts: &Options) -> Result<()> {
             after: &after,
             used: &used,
             scalar_isa: scalar.as_ref().map(|s| s.info().cpu_isa.name()),
+            huge_pages: opts.huge_pages,
             results: &results,
         });
         std::fs::write(path, json)
@@ -599,6 +609,7 @@ struct JsonRun<'a> {
     after: &'a Ceilings,
     used: &'a Ceilings,
     scalar_isa: Option<&'static str>,
+    huge_pages: bool,
     results: &'a [Measured],
 }
 
@@ -645,7 +656,7 @@ fn to_json(r: &JsonRun) -> String {
         })
         .collect();
     format!(
-        "{{\n  \"version\": \"{}\",\n  \"date\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"reference_isa\": {},\n  \"threads\": {},\n  \"mode\": \"{}\",\n  \"seconds_per_point\": {},\n  \
+        "{{\n  \"version\": \"{}\",\n  \"date\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"reference_isa\": {},\n  \"threads\": {},\n  \"huge_pages\": {},\n  \"mode\": \"{}\",\n  \"seconds_per_point\": {},\n  \
          \"ceilings\": {{\n    \"rule\": \"used = max of before and after\",\n    \"before\": {},\n    \"after\": {},\n    \"used\": {},\n    \
          \"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"compute_gflops\": {:.3}, \"compute_name\": \"{}\", \"read_gbytes_per_s\": {:.3}, \"balance_flop_per_byte\": {:.3}\n  }},\n  \"points\": [\n{}\n  ]\n}}\n",
         env!("CARGO_PKG_VERSION"),
@@ -655,6 +666,7 @@ fn to_json(r: &JsonRun) -> String {
         r.info.cpu_isa.name(),
         r.scalar_isa.map_or("null".to_string(), |s| format!("\"{s}\"")),
         r.info.threads,
+        r.huge_pages,
         r.mode,
         r.budget,
         ceil(r.before),

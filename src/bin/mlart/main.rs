@@ -25,6 +25,7 @@ commands:
                           e.g. 128:1:4096:1:bf16:dense,128:2:16384:8:fp8_v32:2048
       --seconds S         time budget per point and kernel, median of >= 3 runs (default 1.0; 0.3 with --grid)
       --no-scalar         skip the scalar reference kernel (otherwise timed on every point: x scalar column)
+      --huge-pages        back the bench's caches with transparent huge pages (Linux madvise), as pools are
       --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
   bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048
       --device I          CUDA device (default 0)
@@ -108,6 +109,7 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
         json: None,
         seconds: None,
         scalar: true,
+        huge_pages: false,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -134,6 +136,7 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
             "--grid" => o.grid = true,
             "--points" => o.points = Some(bench::parse_points(&value("--points")?)?),
             "--no-scalar" => o.scalar = false,
+            "--huge-pages" => o.huge_pages = true,
             other => return Err(format!("unknown bench option {other}")),
         }
     }
