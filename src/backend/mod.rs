@@ -115,7 +115,7 @@ impl Buffer {
 /// transparent huge pages (where THP is in `madvise` mode, as on many
 /// distributions, it is otherwise off). A pool's blocks are read in
 /// scattered order, so with 4 KiB pages each block costs TLB misses; in
-/// `mlart bench` a huge-page cache made h_q = 16 decode 5-7% faster.
+/// `mlart bench --huge-pages` (one thread) decode ran 8-16% faster.
 /// Call before the memory is first touched. A hint: failures are ignored.
 pub fn advise_huge_pages(p: *mut u8, bytes: usize) {
     #[cfg(target_os = "linux")]
