@@ -15,22 +15,11 @@ use libfuzzer_sys::fuzz_target;
 use mlart::format::{Dtype, KvFormat};
 use mlart::kv::{KvPool, PoolOptions};
 use mlart::model::{Activations, LoadOptions, Model, WeightCompute};
-use mlart::{BackendRequest, Engine, EngineOptions};
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::OnceLock;
 
-fn engine() -> Arc<Engine> {
-    static E: OnceLock<Arc<Engine>> = OnceLock::new();
-    E.get_or_init(|| {
-        let opts = EngineOptions {
-            backend: BackendRequest::Cpu,
-            num_threads: 1,
-            ..Default::default()
-        };
-        Arc::new(Engine::new(&opts).expect("a CPU engine"))
-    })
-    .clone()
-}
+mod common;
+use common::cpu_engine as engine;
 
 /// One directory per process, rewritten for each input (in memory where
 /// the system has /dev/shm).

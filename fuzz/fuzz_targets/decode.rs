@@ -19,6 +19,9 @@ use mlart::format::{KvFormat, KvLayout};
 use std::ffi::CStr;
 use std::sync::OnceLock;
 
+mod common;
+use common::Rng;
+
 #[derive(Arbitrary, Debug)]
 struct Sparse {
     topk: u8,
@@ -94,20 +97,6 @@ fn engines() -> &'static Engines {
             .filter_map(|&v| create(v, 2).map(|e| (v, e)))
             .collect(),
     })
-}
-
-/// A small deterministic generator for cache rows and queries.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        // Sum of uniforms: roughly normal, in (-2, 2).
-        let u = |x: u64| (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
-        (u(self.0) + u(self.0 << 12) + u(self.0 << 24) + u(self.0.rotate_left(31))) * 1.0
-    }
 }
 
 fn fit(v: &[i32], n: usize, fill: i32) -> Vec<i32> {

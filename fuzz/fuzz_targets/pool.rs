@@ -14,10 +14,12 @@ use libfuzzer_sys::fuzz_target;
 use mlart::decode::desc::{DecodeOutput, DecodeShape};
 use mlart::format::{Dtype, KvFormat, KvLayout};
 use mlart::kv::{KvPool, PoolOptions, PoolSparse};
-use mlart::{BackendRequest, Engine, EngineOptions, Status};
+use mlart::Status;
 use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock};
+
+mod common;
+use common::{cpu_engine as engine, Rng};
 
 #[derive(Arbitrary, Debug)]
 enum Op {
@@ -46,30 +48,6 @@ struct Input {
     blocks: u8,
     seed: u64,
     ops: Vec<Op>,
-}
-
-fn engine() -> Arc<Engine> {
-    static E: OnceLock<Arc<Engine>> = OnceLock::new();
-    E.get_or_init(|| {
-        let o = EngineOptions {
-            backend: BackendRequest::Cpu,
-            num_threads: 2,
-            ..Default::default()
-        };
-        Arc::new(Engine::new(&o).expect("a CPU engine"))
-    })
-    .clone()
-}
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
-    }
 }
 
 /// Rows of one sequence per layer, as stored (quantized and read back).
