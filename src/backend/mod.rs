@@ -99,37 +99,41 @@ pub(crate) fn try_grow<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize)
 }
 
 impl Buffer {
-    /// A zeroed host buffer; large ones are backed by transparent huge
-    /// pages where the OS offers them.
+    /// A zeroed host buffer, on transparent huge pages where it is large
+    /// enough and the OS offers them.
     pub(crate) fn host_zeroed(what: &str, bytes: usize) -> Result<Self> {
-        let mut host = Vec::new();
-        host.try_reserve_exact(bytes)
-            .map_err(|_| crate::error::Error::out_of_memory(what, bytes))?;
-        advise_huge_pages(host.as_mut_ptr(), bytes);
-        host.resize(bytes, 0);
-        Ok(Buffer { host })
+        Ok(Buffer {
+            host: zeroed_bytes(what, bytes, true)?,
+        })
     }
 }
 
-/// Asks Linux to back the whole 2 MiB pages inside `[p, p + bytes)` with
-/// transparent huge pages (where THP is in `madvise` mode, as on many
-/// distributions, it is otherwise off). A pool's blocks are read in
-/// scattered order, so with 4 KiB pages each block costs TLB misses; in
-/// `mlart bench --huge-pages` (one thread) decode ran 8-16% faster.
-/// Call before the memory is first touched. A hint: failures are ignored.
-pub fn advise_huge_pages(p: *mut u8, bytes: usize) {
+/// `bytes` zeroed bytes, reporting failure instead of aborting. With
+/// `huge_pages`, Linux is asked (before the memory is first touched) to
+/// back the whole 2 MiB pages inside it with transparent huge pages; where
+/// THP is in `madvise` mode, as on many distributions, it is otherwise off.
+/// A KV cache's blocks are read in scattered order, so on 4 KiB pages each
+/// block costs TLB misses: in `mlart bench --huge-pages` (one thread)
+/// decode ran 8-16% faster. The advice is a hint; its failure is ignored.
+pub fn zeroed_bytes(what: &str, bytes: usize, huge_pages: bool) -> Result<Vec<u8>> {
+    let mut v: Vec<u8> = Vec::new();
+    v.try_reserve_exact(bytes)
+        .map_err(|_| crate::error::Error::out_of_memory(what, bytes))?;
     #[cfg(target_os = "linux")]
-    {
+    if huge_pages {
         const HUGE: usize = 2 << 20;
-        let start = (p as usize).next_multiple_of(HUGE);
-        let end = (p as usize).saturating_add(bytes) / HUGE * HUGE;
+        let p = v.as_mut_ptr() as usize;
+        let start = p.next_multiple_of(HUGE);
+        let end = p.saturating_add(bytes) / HUGE * HUGE;
         if end >= start + HUGE {
-            // SAFETY: the range lies inside an allocation this process owns
-            // (page aligned); MADV_HUGEPAGE changes only how the kernel
-            // backs it, never its contents or validity.
+            // SAFETY: the range lies inside v's own (unused) allocation;
+            // MADV_HUGEPAGE changes only how the kernel backs it, never its
+            // contents or validity.
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
         }
     }
     #[cfg(not(target_os = "linux"))]
-    let _ = (p, bytes);
+    let _ = huge_pages;
+    v.resize(bytes, 0);
+    Ok(v)
 }

@@ -129,10 +129,16 @@ pub(crate) fn check_ptr<T>(p: *const T, name: &str) -> Result<()> {
 /// A non-NULL `p` must point to `n` readable elements that stay valid and
 /// unmodified for `'a` (the caller contract of every export).
 pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&'a [T]> {
-    check_ptr(p, name)?;
-    checked_size(name, &[n, std::mem::size_of::<T>()])?;
+    check_slice(p, n, name)?;
     // SAFETY: non-NULL, aligned, size fits isize; validity is the caller contract.
     Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// What [`slice`] and [`slice_mut`] check: NULL, alignment, size.
+fn check_slice<T>(p: *const T, n: usize, name: &str) -> Result<()> {
+    check_ptr(p, name)?;
+    checked_size(name, &[n, std::mem::size_of::<T>()])?;
+    Ok(())
 }
 
 /// Mutable twin of [`slice`].
@@ -141,8 +147,7 @@ pub(crate) unsafe fn slice<'a, T>(p: *const T, n: usize, name: &str) -> Result<&
 /// As [`slice`], and the memory must be writable and not aliased by any
 /// other argument (checked with [`check_disjoint`]).
 pub(crate) unsafe fn slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result<&'a mut [T]> {
-    check_ptr(p as *const T, name)?;
-    checked_size(name, &[n, std::mem::size_of::<T>()])?;
+    check_slice(p as *const T, n, name)?;
     // SAFETY: non-NULL, aligned, size fits isize; validity and exclusivity
     // are the caller contract plus check_disjoint. Built from `p` itself:
     // a `&mut` derived from a shared slice of the same memory would be

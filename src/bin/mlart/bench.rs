@@ -188,12 +188,8 @@ fn build_kv(pt: &Point, huge_pages: bool) -> Result<KvData> {
     let blocks_per_seq = pt.seqlen.div_ceil(BLOCK);
     let num_blocks = blocks_per_seq * pt.batch;
     let layout = KvLayout::new(pt.format, D_QK, BLOCK, "kv_format")?;
-    let len = layout.cache_bytes(num_blocks)?;
-    let mut bytes = Vec::with_capacity(len);
-    if huge_pages {
-        mlart::backend::advise_huge_pages(bytes.as_mut_ptr(), len);
-    }
-    bytes.resize(len, 0u8);
+    let mut bytes =
+        mlart::backend::zeroed_bytes("kv cache", layout.cache_bytes(num_blocks)?, huge_pages)?;
     let mut rng = Rng(7);
     let mut row = vec![0f32; D_QK];
     for t in 0..num_blocks * BLOCK {
