@@ -148,6 +148,16 @@ impl AttnTask<'_> {
         bytemuck::try_cast_slice(rows).ok()
     }
 
+    /// Key `j` as stored bf16 pairs, read in place, when its cache is BF16
+    /// and the row is 4-byte aligned: a sparse key or a tile that crosses
+    /// blocks then needs no copy either.
+    #[inline]
+    pub fn bf16_row(&self, j: usize) -> Option<&[u32]> {
+        let (c, block, off) = self.locate(j);
+        let row = c.layout.bf16_rows(c.data, block, off, 1)?;
+        bytemuck::try_cast_slice(row).ok()
+    }
+
     /// Whether every key source's rows can be read as bf16 pairs directly:
     /// BF16 caches, and FP8_V32 ones on CPUs with the byte-table lookups.
     pub fn keys_as_pairs(&self) -> bool {

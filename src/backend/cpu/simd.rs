@@ -257,7 +257,7 @@ mod bf16 {
     use super::{K_TILE, R};
     use std::arch::x86_64::*;
 
-    /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · k2[j][i]` for `NJ` keys from `j0`
+    /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · keys[j][i]` for `NJ` keys from `j0`
     /// and `RV` row vectors from `rb`.
     ///
     /// # Safety
@@ -269,14 +269,19 @@ mod bf16 {
         qt2: &[u32],
         rp: usize,
         rb: usize,
-        k2: &[u32],
+        keys: &[&[u32]],
         d2: usize,
         j0: usize,
         scale: f32,
         st: &mut [f32],
     ) {
-        debug_assert!(rb + RV * 16 <= rp && qt2.len() >= d2 * rp && k2.len() >= (j0 + NJ) * d2);
+        debug_assert!(rb + RV * 16 <= rp && qt2.len() >= d2 * rp && keys.len() >= j0 + NJ);
+        debug_assert!(keys[j0..j0 + NJ].iter().all(|k| k.len() >= d2));
         debug_assert!(st.len() >= (j0 + NJ) * rp);
+        let mut kr = [keys[j0]; NJ];
+        for (jj, k) in kr.iter_mut().enumerate().skip(1) {
+            *k = keys[j0 + jj];
+        }
         let mut acc = [[_mm512_setzero_ps(); 4]; NJ];
         for i in 0..d2 {
             let mut qv = [_mm512_setzero_si512(); 4];
@@ -288,7 +293,7 @@ mod bf16 {
             }
             for jj in 0..NJ {
                 // SAFETY: in bounds by the assertions above.
-                let kb = _mm512_set1_epi32(unsafe { *k2.get_unchecked((j0 + jj) * d2 + i) } as i32);
+                let kb = _mm512_set1_epi32(unsafe { *kr[jj].get_unchecked(i) } as i32);
                 for v in 0..RV {
                     // SAFETY: bit casts between same-size vector types.
                     let (q, k): (__m512bh, __m512bh) = unsafe {
@@ -342,22 +347,22 @@ mod bf16 {
         }
     }
 
-    /// [`v_pairs`] from the keys as stored bf16 pairs (`k2 [n][d2]`, what a
-    /// BF16 cache holds): no f32 copy of the tile is needed.
+    /// [`v_pairs`] from the keys as stored bf16 pairs (`keys[j]`, `d2`
+    /// pairs each, what a BF16 cache holds): no f32 copy of the tile is
+    /// needed.
     ///
     /// # Safety
-    /// AVX-512F enabled; `k2` holds `n * d2`, `vp` holds `n.div_ceil(2) * dv`,
-    /// `dv <= 2 * d2`.
+    /// AVX-512F enabled; `keys` holds `n` rows of at least `dv / 2` pairs,
+    /// `vp` holds `n.div_ceil(2) * dv`.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn v_pairs_raw(k2: &[u32], d2: usize, n: usize, dv: usize, vp: &mut [u32]) {
-        debug_assert!(vp.len() >= n.div_ceil(2) * dv && k2.len() >= n * d2 && dv <= 2 * d2);
-        let w: &[u16] = bytemuck::cast_slice(&k2[..n * d2]);
-        let d = 2 * d2;
+    pub unsafe fn v_pairs_raw(keys: &[&[u32]], n: usize, dv: usize, vp: &mut [u32]) {
+        debug_assert!(vp.len() >= n.div_ceil(2) * dv && keys.len() >= n);
+        let row = |j: usize| -> &[u16] { &bytemuck::cast_slice(keys[j])[..dv] };
         let full = dv / 16 * 16;
         for jp in 0..n.div_ceil(2) {
-            let lo = &w[2 * jp * d..][..dv];
-            let hi = (2 * jp + 1 < n).then(|| &w[(2 * jp + 1) * d..][..dv]);
+            let lo = row(2 * jp);
+            let hi = (2 * jp + 1 < n).then(|| row(2 * jp + 1));
             let out = &mut vp[jp * dv..][..dv];
             let mut c = 0;
             while c < full {
@@ -498,15 +503,16 @@ mod bf16 {
     /// before the first row block of keys `j0..j0 + R` (to prefetch).
     ///
     /// # Safety
-    /// AVX-512F and AVX512-BF16 enabled; `qt2` holds `d2 * rp`, `k2` holds
-    /// `n * d2`, `st` holds `K_TILE * rp`, `rp` a multiple of 16, `n <= K_TILE`.
+    /// AVX-512F and AVX512-BF16 enabled; `qt2` holds `d2 * rp`, `keys` holds
+    /// `n` rows of at least `d2` pairs, `st` holds `K_TILE * rp`, `rp` a
+    /// multiple of 16, `n <= K_TILE`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn scores_tile(
         qt2: &[u32],
         rp: usize,
-        k2: &[u32],
+        keys: &[&[u32]],
         d2: usize,
         n: usize,
         scale: f32,
@@ -517,12 +523,12 @@ mod bf16 {
         macro_rules! keys {
             ($rv:literal, $nj:expr, $rb:expr, $j0:expr) => {
                 match $nj {
-                    1 => block::<1, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
-                    2 => block::<2, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
-                    3 => block::<3, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
-                    4 => block::<4, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
-                    5 => block::<5, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
-                    _ => block::<R, $rv>(qt2, rp, $rb, k2, d2, $j0, scale, st),
+                    1 => block::<1, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    2 => block::<2, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    3 => block::<3, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    4 => block::<4, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    5 => block::<5, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    _ => block::<R, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
                 }
             };
         }
@@ -919,6 +925,48 @@ unsafe fn softmax_tile<V: Vector>(
     }
 }
 
+/// Points `keys[..n]` at the bf16-pair rows (`d_qk / 2` each) of keys
+/// `t0..t0 + n`: in place where a BF16 cache stores them (a tile inside
+/// one block, or row by row), otherwise converted into `k2`: straight
+/// from the cache with `direct` where the format allows, else packed from
+/// the f32 `k_tile` (which the caller already gathered without `direct`).
+fn tile_key_rows<'k>(
+    task: &'k AttnTask<'_>,
+    t0: usize,
+    n: usize,
+    direct: bool,
+    k_tile: &mut [f32],
+    k2: &'k mut [u32],
+    keys: &mut [&'k [u32]; K_TILE],
+) {
+    let (d, d2) = (task.d_qk, task.d_qk / 2);
+    if let Some(tile) = direct.then(|| task.bf16_tile(t0, n)).flatten() {
+        for (key, row) in keys.iter_mut().zip(tile.chunks_exact(d2)) {
+            *key = row;
+        }
+        return;
+    }
+    let rows = keys.iter_mut().zip(k2.chunks_exact_mut(d2)).take(n);
+    for (j, (key, kr)) in rows.enumerate() {
+        if direct {
+            if let Some(row) = task.bf16_row(t0 + j) {
+                *key = row;
+                continue;
+            }
+            if task.gather_pairs(t0 + j, kr) {
+                *key = kr;
+                continue;
+            }
+            task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
+        }
+        let kf = &k_tile[j * d..(j + 1) * d];
+        for (x, f) in kr.iter_mut().zip(kf.chunks_exact(2)) {
+            *x = (f[0].to_bits() >> 16) | (f[1].to_bits() & 0xffff_0000);
+        }
+        *key = kr;
+    }
+}
+
 /// The kernel body for one vector type.
 ///
 /// # Safety
@@ -981,11 +1029,6 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     let mut t0 = task.start;
     while t0 < task.end {
         let n = K_TILE.min(task.end - t0);
-        let in_place = if direct_pairs {
-            task.bf16_tile(t0, n)
-        } else {
-            None
-        };
         // The next tile's keys, fetched into the cache while this tile
         // computes, a block of R keys at a time: read from the cache (in
         // place, or converted row by row) they otherwise arrive at memory
@@ -996,39 +1039,20 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
             }
         }
+        // The tile's keys as rows of bf16 pairs (exact: the values are
+        // bf16). Rows a BF16 cache holds are read in place, so their misses
+        // overlap the dot products instead of stalling a copy (sparse keys
+        // and tiles across blocks too); others are converted.
+        let mut keys: [&[u32]; K_TILE] = [&[]; K_TILE];
         if use_bf16 {
-            // Keys as bf16 pairs [64][d/2] (exact: the values are bf16).
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
-            // A tile of one block is read in place: its misses then overlap
-            // the dot products instead of stalling a copy.
-            let k2: &[u32] = match in_place {
-                Some(tile) => tile,
-                None => {
-                    for j in 0..n {
-                        let kr = &mut k2[j * d2..(j + 1) * d2];
-                        if direct_pairs && task.gather_pairs(t0 + j, kr) {
-                            continue;
-                        }
-                        if direct_pairs {
-                            task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
-                        }
-                        for (i, x) in kr.iter_mut().enumerate() {
-                            let (a, b) = (
-                                k_tile[j * d + 2 * i].to_bits(),
-                                k_tile[j * d + 2 * i + 1].to_bits(),
-                            );
-                            *x = (a >> 16) | (b & 0xffff_0000);
-                        }
-                    }
-                    k2
-                }
-            };
-            // SAFETY: BF16 is only true in the avx512bf16 entry point; k2
+            tile_key_rows(task, t0, n, direct_pairs, k_tile, k2, &mut keys);
+            // SAFETY: BF16 is only true in the avx512bf16 entry point; keys
             // holds n rows of d2 pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                bf16::scores_tile(qt2, rp, k2, d2, n, task.scale, st, fetch)
+                bf16::scores_tile(qt2, rp, &keys, d2, n, task.scale, st, fetch)
             };
         } else {
             // S for the whole tile: blocks of R keys x BLOCK row vectors.
@@ -1059,8 +1083,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
             // SAFETY: p_bf16 implies the avx512bf16 entry point; sizes as required.
             unsafe {
                 if direct_pairs {
-                    let k2 = in_place.unwrap_or(&scratch.pairs[d2 * rp..]);
-                    bf16::v_pairs_raw(k2, d2, n, dv, vp);
+                    bf16::v_pairs_raw(&keys, n, dv, vp);
                 } else {
                     bf16::v_pairs(k_tile, d, n, dv, vp);
                 }
@@ -1366,6 +1389,7 @@ mod tests {
                 .map(|w| f32::from_bits((*w as u32) << 16))
                 .collect();
             let k2: Vec<u32> = bytemuck::cast_slice(&words).to_vec();
+            let keys: Vec<&[u32]> = k2.chunks_exact(d / 2).collect();
             let (mut a, mut b) = (
                 vec![7u32; n.div_ceil(2) * dv],
                 vec![9u32; n.div_ceil(2) * dv],
@@ -1373,7 +1397,7 @@ mod tests {
             // SAFETY: avx512f detected; sizes as required.
             unsafe {
                 bf16::v_pairs(&k_tile, d, n, dv, &mut a);
-                bf16::v_pairs_raw(&k2, d / 2, n, dv, &mut b);
+                bf16::v_pairs_raw(&keys, n, dv, &mut b);
             }
             assert_eq!(a, b, "n {n} d {d} dv {dv}");
         }
