@@ -186,23 +186,25 @@ pub(crate) static SIMD_BF16: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy
         && std::is_x86_feature_detected!("avx512vbmi")
 });
 
-/// `codes` (a multiple of 64) as bf16 words in order, each value times
-/// `2^k`, into `out` (`codes.len() / 2` pairs: word `2i` low, `2i + 1`
-/// high). Exact while every nonzero result is a normal bf16, which the
-/// caller guarantees (`-117 <= k <= 119`). False, nothing written, when
-/// the CPU lacks the instructions.
-pub fn e4m3_to_bf16_pairs(codes: &[u8], k: i32, out: &mut [u32]) -> bool {
+/// `codes` as bf16 words in order, into `out` (`codes.len() / 2` pairs:
+/// word `2i` low, `2i + 1` high). The codes are `ks.len()` segments of
+/// `seg` codes (a multiple of 64); segment `t`'s values are multiplied by
+/// `2^ks[t]` (a power-of-two tile scale). Exact while every nonzero result
+/// is a normal bf16, which the caller guarantees (`-117 <= k <= 119`).
+/// False, nothing written, when the CPU lacks the instructions.
+pub fn e4m3_to_bf16_pairs(codes: &[u8], seg: usize, ks: &[i32], out: &mut [u32]) -> bool {
     #[cfg(target_arch = "x86_64")]
     if *SIMD_BF16
-        && codes.len().is_multiple_of(64)
+        && seg.is_multiple_of(64)
+        && codes.len() == seg * ks.len()
         && out.len() * 2 >= codes.len()
-        && (-117..=119).contains(&k)
+        && ks.iter().all(|k| (-117..=119).contains(k))
     {
         // SAFETY: features detected; sizes checked.
-        unsafe { simd::e4m3_to_bf16_pairs(codes, k, out) };
+        unsafe { simd::e4m3_to_bf16_pairs(codes, seg, ks, out) };
         return true;
     }
-    let _ = (codes, k, out);
+    let _ = (codes, seg, ks, out);
     false
 }
 
@@ -234,10 +236,10 @@ pub(crate) mod simd {
     /// See [`super::e4m3_to_bf16_pairs`].
     ///
     /// # Safety
-    /// AVX-512F/BW/VBMI present; `codes.len() % 64 == 0`, `out` holds
-    /// `codes.len() / 2`.
+    /// AVX-512F/BW/VBMI present; `seg % 64 == 0`, `codes.len() == seg *
+    /// ks.len()`, `out` holds `codes.len() / 2`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    pub unsafe fn e4m3_to_bf16_pairs(codes: &[u8], k: i32, out: &mut [u32]) {
+    pub unsafe fn e4m3_to_bf16_pairs(codes: &[u8], seg: usize, ks: &[i32], out: &mut [u32]) {
         let (thi, tlo) = &*super::BF16_BYTES;
         // SAFETY: tables of 128 bytes read as two 64-byte halves; codes
         // and out sized by the caller.
@@ -249,13 +251,14 @@ pub(crate) mod simd {
                 _mm512_loadu_si512(tlo.as_ptr().add(64) as *const _),
             ];
             let sign = _mm512_set1_epi8(0x80u8 as i8);
-            let bias = _mm512_set1_epi16((k << 7) as i16);
             let mag = _mm512_set1_epi16(0x7fff);
             // unpacklo/hi interleave within 128-bit lanes; these put the
             // qword halves back in code order.
             let first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
             let second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
-            for (c, o) in codes.chunks_exact(64).zip(out.chunks_exact_mut(32)) {
+            let chunks = codes.chunks_exact(64).zip(out.chunks_exact_mut(32));
+            for (i, (c, o)) in chunks.enumerate() {
+                let bias = _mm512_set1_epi16((ks[i * 64 / seg] << 7) as i16);
                 let v = _mm512_loadu_si512(c.as_ptr() as *const _);
                 let hi = _mm512_permutex2var_epi8(t[0], v, t[1]);
                 let lo = _mm512_permutex2var_epi8(t[2], v, t[3]);
@@ -335,13 +338,24 @@ mod tests {
             .collect();
         let mut codes = codes;
         codes.resize(256, 0x38);
-        for k in [0, -20, 7, 119, -117] {
+        // One scale for all, then one per 64- or 128-code segment.
+        let cases: [(usize, &[i32]); 7] = [
+            (256, &[0]),
+            (256, &[-20]),
+            (256, &[7]),
+            (256, &[119]),
+            (256, &[-117]),
+            (128, &[3, -9]),
+            (64, &[119, -117, 0, 5]),
+        ];
+        for (seg, ks) in cases {
             let mut out = vec![0u32; 128];
-            if !e4m3_to_bf16_pairs(&codes, k, &mut out) {
+            if !e4m3_to_bf16_pairs(&codes, seg, ks, &mut out) {
                 eprintln!("SKIPPED e4m3_to_bf16_pairs: CPU lacks avx512vbmi");
                 return;
             }
             for (i, &c) in codes.iter().enumerate() {
+                let k = ks[i / seg];
                 let w = (out[i / 2] >> (16 * (i % 2))) as u16;
                 let got = half::bf16::from_bits(w).to_f64();
                 let want = E4M3_TABLE[c as usize] as f64 * 2f64.powi(k);

@@ -181,7 +181,8 @@ impl KvLayout {
             }
             KvFormat::Fp8V32 if out.len() * 2 == 576 => {
                 let row = &cache[at..at + V32_ROW];
-                for t in 0..V32_TILES {
+                let mut ks = [0i32; V32_TILES];
+                for (t, k) in ks.iter_mut().enumerate() {
                     let s = &row[V32_NOPE + 4 * t..V32_NOPE + 4 * t + 4];
                     let bits = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
                     // A positive normal power of two: 2^(exponent - 127).
@@ -189,13 +190,12 @@ impl KvLayout {
                     if bits & 0x807f_ffff != 0 || e == 0 || e == 255 {
                         return false;
                     }
-                    let (codes, pairs) = (
-                        &row[t * V32_TILE..][..V32_TILE],
-                        &mut out[t * V32_TILE / 2..][..V32_TILE / 2],
-                    );
-                    if !super::fp8::e4m3_to_bf16_pairs(codes, e - 127, pairs) {
-                        return false;
-                    }
+                    *k = e - 127;
+                }
+                // All four tiles in one call: the lookup tables load once.
+                let (codes, pairs) = (&row[..V32_NOPE], &mut out[..V32_NOPE / 2]);
+                if !super::fp8::e4m3_to_bf16_pairs(codes, V32_TILE, &ks, pairs) {
+                    return false;
                 }
                 let rope = &row[V32_NOPE + 4 * V32_TILES..];
                 bytemuck::cast_slice_mut::<u32, u8>(&mut out[V32_NOPE / 2..]).copy_from_slice(rope);
