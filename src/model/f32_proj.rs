@@ -25,6 +25,11 @@ const KB: usize = 256;
 /// Weight rows per task: a multiple of every tile's row count.
 const GROUP: usize = 48;
 
+/// Tokens per block at `lvl`; fewer tokens are padded to a whole block.
+pub fn block_tokens(lvl: Level) -> usize {
+    shape(lvl).0
+}
+
 /// Tokens per block and weight rows per tile at `lvl`.
 fn shape(lvl: Level) -> (usize, usize) {
     if lvl >= Level::Avx512 {

@@ -40,6 +40,15 @@ const TOKENS: usize = 16;
 const COLS: usize = FP8_BLOCK;
 const PAIRS: usize = COLS / 2;
 
+/// Tokens per tile with activations `a`: 16 split into `hi + lo`, or 32
+/// rounded to bf16. Fewer tokens are padded to a whole tile.
+pub fn block_tokens(a: Activations) -> usize {
+    match a {
+        Activations::Bf16 => 2 * TOKENS,
+        Activations::Precise => TOKENS,
+    }
+}
+
 /// Whether this CPU runs the GEMM (AVX512-BF16 and VBMI, as the FP8 dot).
 pub fn available() -> bool {
     fp8_bf16::available()
@@ -54,6 +63,30 @@ pub enum Weights<'a> {
 }
 
 impl Weights<'_> {
+    /// Starts fetching rows `o0..o0 + rows` (clipped to `out`), columns of
+    /// block `cb`, into the cache: with few tokens a block's products take
+    /// about as long as its weights take to arrive, so the next block is
+    /// fetched while this one computes.
+    fn prefetch(&self, o0: usize, rows: usize, out: usize, inp: usize, cb: usize) {
+        let c0 = cb * COLS;
+        if c0 >= inp {
+            return;
+        }
+        let cols = COLS.min(inp - c0);
+        let (data, width) = match *self {
+            Weights::Bf16(b) => (b, 2),
+            Weights::Fp8 { codes, .. } => (codes, 1),
+        };
+        for o in o0..(o0 + rows).min(out) {
+            let at = (o * inp + c0) * width;
+            if let Some(row) = data.get(at..at + cols * width) {
+                for line in row.chunks(64) {
+                    crate::format::prefetch(line.as_ptr());
+                }
+            }
+        }
+    }
+
     /// Column pair `q` of a 64-column chunk: the two columns it holds.
     fn pair_columns(&self, q: usize) -> (usize, usize) {
         match self {
@@ -88,6 +121,14 @@ impl Weights<'_> {
             match *self {
                 Weights::Bf16(b) => {
                     let row = &b[(o * inp + c0) * 2..][..cols * 2];
+                    if cols == COLS {
+                        // Two consecutive little-endian bf16 are one pair.
+                        for (d, p) in dst.iter_mut().zip(row.chunks_exact(4)) {
+                            *d = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
+                        }
+                        s[r] = 1.0;
+                        continue;
+                    }
                     for (q, d) in dst.iter_mut().enumerate() {
                         let at = |c: usize| {
                             if c < cols {
@@ -232,6 +273,7 @@ pub fn matmul(
             let mut wb = [0u32; TILES * ROWS * PAIRS];
             let mut s = [0f32; TILES * ROWS];
             for cb in 0..blocks {
+                w.prefetch(g * task_rows, task_rows, out, inp, cb + 1);
                 for (k, (wk, sk)) in wb
                     .chunks_exact_mut(ROWS * PAIRS)
                     .zip(s.chunks_exact_mut(ROWS))
