@@ -49,19 +49,20 @@ pub enum Activations {
     Bf16,
 }
 
-/// Whether every value is a bf16 value (low 16 bits zero), so that
-/// rounding to bf16 changes nothing.
 /// Whether `tokens` fill more than half of a GEMM's token block. With
 /// fewer, the padded products cost more than streaming each group of four
-/// weight rows once for every token. Measured per V3 layer (FP8 weights,
-/// decode steps, ms): a 16-token AVX2 f32 block at 16 tokens 63 against 115
-/// streamed, at 8 tokens 58 against 61; a 32-token AVX-512 f32 block at 16
-/// tokens 106 against 82; a 16-token bf16 tile at 8 tokens 52 against 47
-/// (57 against 46 for bf16 weights), at 16 tokens 59 against 74.
+/// weight rows once for every token. Measured per V3 layer (decode steps,
+/// ms, GEMM against streamed; FP8 weights unless noted): a 16-token AVX2
+/// f32 block at 16 tokens 63 against 115, at 8 tokens 58 against 61; a
+/// 32-token AVX-512 f32 block at 16 tokens 106 against 82 (bf16 weights);
+/// a 16-token bf16 tile at 8 tokens 52 against 47 (57 against 46 for bf16
+/// weights), at 16 tokens 59 against 74.
 fn fills(tokens: usize, block: usize) -> bool {
     2 * tokens > block
 }
 
+/// Whether every value is a bf16 value (low 16 bits zero), so that
+/// rounding to bf16 changes nothing.
 fn all_bf16(x: &[f32]) -> bool {
     x.iter().all(|v| v.to_bits() & 0xffff == 0)
 }
