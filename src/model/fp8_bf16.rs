@@ -152,6 +152,75 @@ pub fn dot_fp8_x4(
     [0, 1, 2, 3].map(|r| portable(&rows[r][..n], scales[r], block, &x[..n]))
 }
 
+/// Tokens per [`dot_fp8_x4_tokens`] call.
+pub const DOT_TOKENS: usize = 4;
+
+/// [`dot_fp8_x4`] for up to [`DOT_TOKENS`] tokens at once (`xs[t]` is
+/// token `t`'s `x`, prepared as `splits[t]`): each 64-code chunk of the four
+/// rows is converted once for all of them, where a call per token converts
+/// it again for every token. Row `r` of token `t` is `[t][r]`; entries past
+/// `xs.len()` are zero.
+///
+/// # Panics
+/// When `xs` and `splits` differ in length or hold more than
+/// [`DOT_TOKENS`] (a bug in the caller); never on caller data.
+pub fn dot_fp8_x4_tokens(
+    rows: [&[u8]; 4],
+    scales: [&[f32]; 4],
+    block: usize,
+    splits: &[&SplitX],
+    xs: &[&[f32]],
+    ahead: usize,
+) -> [[f32; 4]; DOT_TOKENS] {
+    assert!(xs.len() == splits.len() && xs.len() <= DOT_TOKENS);
+    let mut out = [[0f32; 4]; DOT_TOKENS];
+    let n = xs
+        .iter()
+        .fold(usize::MAX, |m, x| m.min(x.len()))
+        .min(rows.iter().map(|r| r.len()).min().unwrap_or(0));
+    #[cfg(target_arch = "x86_64")]
+    if available()
+        && block.is_multiple_of(CHUNK)
+        && splits
+            .iter()
+            .all(|s| s.words.len() >= n / CHUNK * 2 * CHUNK)
+    {
+        let lo = splits.iter().any(|s| s.has_lo);
+        macro_rules! run {
+            ($t:literal) => {{
+                let w: [&[u16]; $t] = std::array::from_fn(|t| &splits[t].words[..]);
+                let x: [&[f32]; $t] = std::array::from_fn(|t| xs[t]);
+                // SAFETY: the features were detected at run time; every
+                // `w[t]` covers each full chunk of the first `n` elements.
+                let r = unsafe {
+                    if lo {
+                        avx512_tokens::dot_fp8_x4_tokens::<true, $t>(
+                            rows, scales, block, w, x, n, ahead,
+                        )
+                    } else {
+                        avx512_tokens::dot_fp8_x4_tokens::<false, $t>(
+                            rows, scales, block, w, x, n, ahead,
+                        )
+                    }
+                };
+                out[..$t].copy_from_slice(&r);
+            }};
+        }
+        match xs.len() {
+            0 => {}
+            1 => run!(1),
+            2 => run!(2),
+            3 => run!(3),
+            _ => run!(4),
+        }
+        return out;
+    }
+    for (o, (s, x)) in out.iter_mut().zip(splits.iter().zip(xs)) {
+        *o = dot_fp8_x4(rows, scales, block, s, x, ahead);
+    }
+    out
+}
+
 /// The plain sum, for the tail and for CPUs without the features.
 fn portable(codes: &[u8], scales: &[f32], block: usize, x: &[f32]) -> f32 {
     codes
@@ -172,7 +241,7 @@ mod avx512 {
     /// 64 codes → two vectors of 32 bf16 (unpacklo and unpackhi order).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     #[inline]
-    fn widen(codes: __m512i, t: &[__m512i; 4], sign: __m512i) -> (__m512bh, __m512bh) {
+    pub(super) fn widen(codes: __m512i, t: &[__m512i; 4], sign: __m512i) -> (__m512bh, __m512bh) {
         // vpermi2b reads bits 0..6 of each index: the magnitude.
         let hi = _mm512_permutex2var_epi8(t[0], codes, t[1]);
         let lo = _mm512_permutex2var_epi8(t[2], codes, t[3]);
@@ -191,7 +260,7 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f")]
     #[inline]
-    fn tables() -> [__m512i; 4] {
+    pub(super) fn tables() -> [__m512i; 4] {
         let (thi, tlo) = &*TABLES;
         // SAFETY: each table is 128 bytes, read as two 64-byte halves.
         unsafe {
@@ -328,6 +397,104 @@ mod avx512 {
             bi += 1;
         }
         [0, 1, 2, 3].map(|r| _mm512_reduce_add_ps(total[r]) + tail[r])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512_tokens {
+    use super::CHUNK;
+    use crate::format::fp8::E4M3_TABLE;
+    use crate::model::vecops::prefetch;
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_fp8_x4_tokens`] for `T` tokens: per 64-code chunk the
+    /// four rows are widened to bf16 once, then each token's products are
+    /// scaled into its sums (per chunk: a scale block is whole chunks).
+    ///
+    /// # Safety
+    /// AVX-512F/BW/VBMI/BF16 present; every row holds `n` codes, every
+    /// `x[t]` `n` values, every `xs[t]` the split words of each full chunk
+    /// below `n`; `block % CHUNK == 0`; `scales[r]` covers `n.div_ceil(block)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn dot_fp8_x4_tokens<const LO: bool, const T: usize>(
+        rows: [&[u8]; 4],
+        scales: [&[f32]; 4],
+        block: usize,
+        xs: [&[u16]; T],
+        x: [&[f32]; T],
+        n: usize,
+        ahead: usize,
+    ) -> [[f32; 4]; T] {
+        let t = super::avx512::tables();
+        let sign = _mm512_set1_epi8(0x80u8 as i8);
+        let mut total = [[_mm512_setzero_ps(); 4]; T];
+        let full = n / CHUNK * CHUNK;
+        let mut i = 0;
+        while i < full {
+            let mut wide = [(_mm512_setzero_ps(), _mm512_setzero_ps()); 4];
+            let mut s = [_mm512_setzero_ps(); 4];
+            for (r, row) in rows.iter().enumerate() {
+                prefetch(row.as_ptr().wrapping_add(i + ahead));
+                // SAFETY: codes i..i + 64 exist (i + 64 <= full <= n).
+                let codes = unsafe { _mm512_loadu_si512(row.as_ptr().add(i) as *const _) };
+                let (a, b) = super::avx512::widen(codes, &t, sign);
+                // SAFETY: same size; any bits are a valid vector.
+                wide[r] = unsafe {
+                    (
+                        std::mem::transmute::<__m512bh, __m512>(a),
+                        std::mem::transmute::<__m512bh, __m512>(b),
+                    )
+                };
+                // SAFETY (caller): the scale of the block holding code i.
+                s[r] = _mm512_set1_ps(unsafe { *scales[r].get_unchecked(i / block) });
+            }
+            for tok in 0..T {
+                // SAFETY (caller): chunk i / CHUNK is full and below n, so
+                // its 128 split words exist in xs[tok].
+                let xv: [__m512bh; 4] = unsafe {
+                    let w = xs[tok].as_ptr().add(i / CHUNK * 2 * CHUNK);
+                    [0, 32, 64, 96].map(|o| {
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
+                            w.add(o) as *const _
+                        ))
+                    })
+                };
+                for r in 0..4 {
+                    // SAFETY: same size; any bits are a valid vector.
+                    let (a, b) = unsafe {
+                        (
+                            std::mem::transmute::<__m512, __m512bh>(wide[r].0),
+                            std::mem::transmute::<__m512, __m512bh>(wide[r].1),
+                        )
+                    };
+                    let mut acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), a, xv[0]);
+                    acc = _mm512_dpbf16_ps(acc, b, xv[2]);
+                    if LO {
+                        acc = _mm512_dpbf16_ps(acc, a, xv[1]);
+                        acc = _mm512_dpbf16_ps(acc, b, xv[3]);
+                    }
+                    total[tok][r] = _mm512_fmadd_ps(acc, s[r], total[tok][r]);
+                }
+            }
+            i += CHUNK;
+        }
+        let mut out = [[0f32; 4]; T];
+        for (tok, o) in out.iter_mut().enumerate() {
+            for (r, v) in o.iter_mut().enumerate() {
+                let tail: f32 = (full..n)
+                    // SAFETY (caller): codes and x below n exist; the
+                    // scale of code k's block exists.
+                    .map(|k| unsafe {
+                        E4M3_TABLE[*rows[r].get_unchecked(k) as usize]
+                            * *x[tok].get_unchecked(k)
+                            * *scales[r].get_unchecked(k / block)
+                    })
+                    .sum();
+                *v = _mm512_reduce_add_ps(total[tok][r]) + tail;
+            }
+        }
+        out
     }
 }
 

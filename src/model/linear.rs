@@ -297,6 +297,46 @@ impl Linear {
         }
     }
 
+    /// [`Self::dot4`] for the tokens `xs` (at most
+    /// [`fp8_bf16::DOT_TOKENS`]), `splits[t]` being `self.prepare(xs[t])`:
+    /// with two or more, FP8 rows are converted once for all the tokens.
+    /// `[t][k]` is row `rows[k]` times token `t`.
+    pub fn dot4_tokens(
+        &self,
+        rows: [usize; 4],
+        xs: &[&[f32]],
+        splits: &[Option<&fp8_bf16::SplitX>],
+    ) -> [[f32; 4]; fp8_bf16::DOT_TOKENS] {
+        let n = self.inp;
+        let m = xs.len().min(splits.len());
+        // One token keeps the single-token dot, whose eight sums per row
+        // group hide the product latency (the batch-1 weight stream).
+        if let (Data::Fp8 { codes, scales }, Some(&Some(first)), true) =
+            (&self.data, splits.first(), m > 1)
+        {
+            let mut sp = [first; fp8_bf16::DOT_TOKENS];
+            let mut xn: [&[f32]; fp8_bf16::DOT_TOKENS] = [&[]; fp8_bf16::DOT_TOKENS];
+            let all = sp
+                .iter_mut()
+                .zip(splits)
+                .all(|(d, s)| s.map(|s| *d = s).is_some());
+            if all && m <= fp8_bf16::DOT_TOKENS {
+                for (d, x) in xn.iter_mut().zip(xs) {
+                    *d = &x[..n];
+                }
+                let per_row = n.div_ceil(FP8_BLOCK);
+                let r = rows.map(|o| &codes[o * n..][..n]);
+                let sc = rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]);
+                return fp8_bf16::dot_fp8_x4_tokens(r, sc, FP8_BLOCK, &sp[..m], &xn[..m], 4 * n);
+            }
+        }
+        let mut out = [[0f32; 4]; fp8_bf16::DOT_TOKENS];
+        for (o, (x, s)) in out.iter_mut().zip(xs.iter().zip(splits)) {
+            *o = self.dot4(rows, x, *s);
+        }
+        out
+    }
+
     /// `y += Σ a[k] · row(rows[k])`, converted in registers (repeat an index
     /// with a zero coefficient to use fewer than four rows).
     pub fn axpy4(&self, rows: [usize; 4], a: [f32; 4], y: &mut [f32]) {
@@ -398,10 +438,21 @@ impl Linear {
                 for r in (0..rows_here).step_by(4) {
                     let group = 4.min(rows_here - r);
                     let rows = [0, 1, 2, 3].map(|k| c * ROWS + r + k.min(group - 1));
-                    for t in 0..tokens {
-                        let v = self.dot4(rows, &x[t * inp..(t + 1) * inp], split[t].as_ref());
-                        for (k, &val) in v.iter().enumerate().take(group) {
-                            chunk[(r + k) * tokens + t] = val;
+                    // A few tokens at a time share each conversion of the rows.
+                    for t0 in (0..tokens).step_by(fp8_bf16::DOT_TOKENS) {
+                        let t1 = tokens.min(t0 + fp8_bf16::DOT_TOKENS);
+                        let mut xs: [&[f32]; fp8_bf16::DOT_TOKENS] = [&[]; fp8_bf16::DOT_TOKENS];
+                        let mut splits = [None; fp8_bf16::DOT_TOKENS];
+                        for (t, (xd, sd)) in (t0..t1).zip(xs.iter_mut().zip(&mut splits)) {
+                            *xd = &x[t * inp..(t + 1) * inp];
+                            *sd = split[t].as_ref();
+                        }
+                        let m = t1 - t0;
+                        let v = self.dot4_tokens(rows, &xs[..m], &splits[..m]);
+                        for (t, vt) in (t0..t1).zip(&v) {
+                            for (k, &val) in vt.iter().enumerate().take(group) {
+                                chunk[(r + k) * tokens + t] = val;
+                            }
                         }
                     }
                 }
@@ -552,6 +603,53 @@ mod tests {
 
     /// `dot4` (with and without the FP8 bf16 split) and `axpy4` on rows in
     /// any order, repeated rows included, against `row()` in f64.
+    #[test]
+    fn dot4_tokens_matches_rows() {
+        // 700 columns: five full FP8 blocks, a partial one and a tail chunk.
+        let (out, inp) = (300usize, 700usize);
+        let linears = every_dtype(out, inp, 6);
+        for lin in Level::available()
+            .into_iter()
+            .flat_map(|l| linears.iter().map(move |lin| lin.clone().with_level(l)))
+        {
+            // Token 2 is bf16 values (no `lo` half), the others are not.
+            let xs: Vec<Vec<f32>> = (0..fp8_bf16::DOT_TOKENS)
+                .map(|t| {
+                    let x = values(inp, 20 + t as u64);
+                    if t == 2 {
+                        rounded_to_bf16(&x)
+                    } else {
+                        x
+                    }
+                })
+                .collect();
+            let splits: Vec<_> = xs.iter().map(|x| lin.prepare(x)).collect();
+            let mut row = vec![0f32; inp];
+            for rows in [[0usize, 1, 2, 3], [299, 130, 7, 7]] {
+                for m in 1..=fp8_bf16::DOT_TOKENS {
+                    let x: Vec<&[f32]> = xs[..m].iter().map(|x| &x[..]).collect();
+                    let s: Vec<_> = splits[..m].iter().map(Option::as_ref).collect();
+                    let got = lin.dot4_tokens(rows, &x, &s);
+                    for (t, x) in x.iter().enumerate() {
+                        for (k, &o) in rows.iter().enumerate() {
+                            lin.row(o, &mut row);
+                            let want: f64 =
+                                row.iter().zip(*x).map(|(a, b)| *a as f64 * *b as f64).sum();
+                            assert!(
+                                close(got[t][k], want),
+                                "{:?} {:?} {m} tokens [{t}][{k}]: {} vs {want}",
+                                lin.level(),
+                                lin.dtype(),
+                                got[t][k]
+                            );
+                        }
+                    }
+                    assert!(got[m..].iter().all(|v| *v == [0.0; 4]), "past the tokens");
+                }
+            }
+        }
+    }
+
     #[test]
     fn dot4_and_axpy4_match_rows() {
         let (out, inp) = (300usize, 700usize);
