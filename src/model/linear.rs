@@ -299,7 +299,8 @@ impl Linear {
 
     /// [`Self::dot4`] for the tokens `xs` (at most
     /// [`fp8_bf16::DOT_TOKENS`]), `splits[t]` being `self.prepare(xs[t])`:
-    /// with two or more, FP8 rows are converted once for all the tokens.
+    /// with two or more, FP8 and bf16 rows are converted once for several
+    /// tokens.
     /// `[t][k]` is row `rows[k]` times token `t`.
     pub fn dot4_tokens(
         &self,
@@ -331,6 +332,15 @@ impl Linear {
             }
         }
         let mut out = [[0f32; 4]; fp8_bf16::DOT_TOKENS];
+        if let (Data::Plain(Dtype::Bf16, b), true) = (&self.data, m > 1) {
+            let mut xn: [&[f32]; fp8_bf16::DOT_TOKENS] = [&[]; fp8_bf16::DOT_TOKENS];
+            for (d, x) in xn.iter_mut().zip(xs) {
+                *d = &x[..n];
+            }
+            let r = rows.map(|o| &b[o * n * 2..][..n * 2]);
+            vecops::dot_bf16_x4_tokens(self.level, r, &xn[..m], 8 * n, &mut out[..m]);
+            return out;
+        }
         for (o, (x, s)) in out.iter_mut().zip(xs.iter().zip(splits)) {
             *o = self.dot4(rows, x, *s);
         }

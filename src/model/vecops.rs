@@ -142,6 +142,48 @@ macro_rules! vector_kernels {
             out
         }
 
+        /// [`dot_bf16_x4`] for `T` tokens: each vector of the four rows is
+        /// converted once and multiplied into every token's sum (one sum
+        /// per row and token: `4 T` independent chains).
+        #[target_feature(enable = $f)]
+        pub fn dot_bf16_x4_tokens<const T: usize>(
+            rows: [&[u8]; 4],
+            xs: [&[f32]; T],
+            ahead: usize,
+        ) -> [[f32; 4]; T] {
+            let n = xs.iter().fold(usize::MAX, |m, x| m.min(x.len()));
+            let n = rows.iter().fold(n, |m, r| m.min(r.len() / 2));
+            let full = n / LANES * LANES;
+            let mut acc = [[zero(); 4]; T];
+            let mut i = 0;
+            while i < full {
+                let mut w = [zero(); 4];
+                for (r, row) in rows.iter().enumerate() {
+                    if i % 32 == 0 {
+                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                    }
+                    // SAFETY: elements i..i+LANES exist in every row.
+                    w[r] = unsafe { bf16(row.as_ptr().add(2 * i)) };
+                }
+                for (a, x) in acc.iter_mut().zip(&xs) {
+                    // SAFETY: elements i..i+LANES exist in every x.
+                    let xv = unsafe { loadu(x.as_ptr().add(i)) };
+                    for (s, &wr) in a.iter_mut().zip(&w) {
+                        *s = fmadd(wr, xv, *s);
+                    }
+                }
+                i += LANES;
+            }
+            let mut out = [[0f32; 4]; T];
+            for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
+                for (r, (v, s)) in o.iter_mut().zip(a).enumerate() {
+                    *v = hsum(*s)
+                        + super::portable::dot_bf16(&rows[r][2 * full..2 * n], &x[full..n]);
+                }
+            }
+            out
+        }
+
         /// Four E4M3 rows (each with its per-block scales) times the same `x`.
         /// Per block: vector partial sums, folded into the total with the
         /// block's scale (times 256 for the f16 reading) without a
@@ -618,6 +660,50 @@ pub fn dot_bf16_x4(lvl: Level, rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f3
         dot_bf16_x4(rows, x, ahead),
         rows.map(|r| portable::dot_bf16(r, x))
     )
+}
+
+/// Four bf16 rows times each of the tokens `xs`, into `out[t][k]` (row `k`
+/// times token `t`; `out` holds `xs.len()`), converting each row vector
+/// once for several tokens: four at a time with AVX-512's 32 registers,
+/// two with AVX2's 16. `ahead` as for [`dot_bf16_x4`].
+pub fn dot_bf16_x4_tokens(
+    lvl: Level,
+    rows: [&[u8]; 4],
+    xs: &[&[f32]],
+    ahead: usize,
+    out: &mut [[f32; 4]],
+) {
+    let per = match simd(lvl) {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => 4,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => 2,
+        Simd::None => 1,
+    };
+    for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
+        macro_rules! run {
+            ($m:ident, $t:literal) => {{
+                let x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
+                // SAFETY: the level is capped by the CPU's features (`simd`).
+                o.copy_from_slice(&unsafe { $m::dot_bf16_x4_tokens::<$t>(rows, x, ahead) });
+            }};
+        }
+        match (simd(lvl), group.len()) {
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 2) => run!(avx512, 2),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 3) => run!(avx512, 3),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 4) => run!(avx512, 4),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, 2) => run!(avx2, 2),
+            _ => {
+                for (v, x) in o.iter_mut().zip(group) {
+                    *v = dot_bf16_x4(lvl, rows, x, ahead);
+                }
+            }
+        }
+    }
 }
 
 /// Four E4M3 rows (scales per `block` elements) times the same `x`.
