@@ -611,8 +611,8 @@ mod tests {
         }
     }
 
-    /// `dot4` (with and without the FP8 bf16 split) and `axpy4` on rows in
-    /// any order, repeated rows included, against `row()` in f64.
+    /// `dot4_tokens` for one to four tokens (the multi-token FP8 and bf16
+    /// dots, and the single-token one), against `row()` in f64.
     #[test]
     fn dot4_tokens_matches_rows() {
         // 700 columns: five full FP8 blocks, a partial one and a tail chunk.
@@ -660,6 +660,8 @@ mod tests {
         }
     }
 
+    /// `dot4` (with and without the FP8 bf16 split) and `axpy4` on rows in
+    /// any order, repeated rows included, against `row()` in f64.
     #[test]
     fn dot4_and_axpy4_match_rows() {
         let (out, inp) = (300usize, 700usize);
