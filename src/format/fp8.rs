@@ -407,6 +407,7 @@ mod tests {
             let mut b = vec![0f32; codes.len()];
             dequantize_tile(&codes, scale, &mut a);
             dequantize_tile_portable(&codes, scale, &mut b);
+            #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
             let mut c = b.clone();
             #[cfg(target_arch = "x86_64")]
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {

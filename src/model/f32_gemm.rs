@@ -9,7 +9,9 @@
 use super::level::Level;
 
 /// Rows of X (and Y) per register block: AVX-512 (32 registers), AVX2 (16).
+#[cfg(target_arch = "x86_64")]
 const TB: usize = 8;
+#[cfg(target_arch = "x86_64")]
 const TB_AVX2: usize = 6;
 
 /// `module::block::<tb>(args)`: the block of `tb` rows (one of the listed
@@ -46,6 +48,8 @@ pub fn matmul_rows(
     }
     assert!(w.len() >= k * n && x.len() >= (rows - 1) * xs + k);
     assert!(y.len() >= (rows - 1) * ys + n && xs >= k && ys >= n);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = lvl;
     #[cfg(target_arch = "x86_64")]
     if lvl >= Level::Avx2 {
         let tb_max = if lvl >= Level::Avx512 { TB } else { TB_AVX2 };

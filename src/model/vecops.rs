@@ -681,6 +681,7 @@ pub fn dot_bf16_x4_tokens(
         Simd::None => 1,
     };
     for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
+        #[cfg(target_arch = "x86_64")]
         macro_rules! run {
             ($m:ident, $t:literal) => {{
                 let x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
