@@ -180,7 +180,9 @@ pub fn dot_fp8_x4_tokens(
         .min(rows.iter().map(|r| r.len()).min().unwrap_or(0));
     #[cfg(target_arch = "x86_64")]
     if available()
+        && block > 0
         && block.is_multiple_of(CHUNK)
+        && scales.iter().all(|s| s.len() >= n.div_ceil(block))
         && splits
             .iter()
             .all(|s| s.words.len() >= n / CHUNK * 2 * CHUNK)
@@ -190,8 +192,9 @@ pub fn dot_fp8_x4_tokens(
             ($t:literal) => {{
                 let w: [&[u16]; $t] = std::array::from_fn(|t| &splits[t].words[..]);
                 let x: [&[f32]; $t] = std::array::from_fn(|t| xs[t]);
-                // SAFETY: the features were detected at run time; every
-                // `w[t]` covers each full chunk of the first `n` elements.
+                // SAFETY: the features were detected at run time; rows and
+                // xs hold n values (n is their minimum), every `w[t]` covers
+                // each full chunk below n, every row's scales each block.
                 let r = unsafe {
                     if lo {
                         avx512_tokens::dot_fp8_x4_tokens::<true, $t>(
