@@ -145,12 +145,7 @@ impl KvLayout {
     pub fn prefetch_tokens(&self, cache: &[u8], block: usize, off: usize, n: usize) {
         let fetch = |bytes: Option<&[u8]>| {
             if let Some(b) = bytes {
-                for line in b.chunks(64) {
-                    super::prefetch(line.as_ptr());
-                }
-                if let Some(last) = b.last() {
-                    super::prefetch(last);
-                }
+                super::prefetch_bytes(b);
             }
         };
         let n = n.min(self.block_size.saturating_sub(off));

@@ -32,6 +32,18 @@ pub fn prefetch(p: *const u8) {
     let _ = p;
 }
 
+/// [`prefetch`] of every cache line `bytes` touches (its last byte too:
+/// an unaligned run ends in a line its 64-byte steps can miss).
+#[inline]
+pub fn prefetch_bytes(bytes: &[u8]) {
+    for line in bytes.chunks(64) {
+        prefetch(line.as_ptr());
+    }
+    if let Some(last) = bytes.last() {
+        prefetch(last);
+    }
+}
+
 /// Element type of a dense tensor (queries, outputs, appended rows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Dtype {

@@ -80,9 +80,7 @@ impl Weights<'_> {
         for o in o0..(o0 + rows).min(out) {
             let at = (o * inp + c0) * width;
             if let Some(row) = data.get(at..at + cols * width) {
-                for line in row.chunks(64) {
-                    crate::format::prefetch(line.as_ptr());
-                }
+                crate::format::prefetch_bytes(row);
             }
         }
     }
@@ -120,24 +118,17 @@ impl Weights<'_> {
             }
             match *self {
                 Weights::Bf16(b) => {
+                    // Two consecutive little-endian bf16 are one pair; an odd
+                    // last column pairs with zero, and pairs past it are zero.
                     let row = &b[(o * inp + c0) * 2..][..cols * 2];
-                    if cols == COLS {
-                        // Two consecutive little-endian bf16 are one pair.
-                        for (d, p) in dst.iter_mut().zip(row.chunks_exact(4)) {
-                            *d = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
-                        }
-                        s[r] = 1.0;
-                        continue;
+                    let pairs = row.chunks_exact(4);
+                    let (full, odd) = (pairs.len(), pairs.remainder());
+                    for (d, p) in dst.iter_mut().zip(pairs) {
+                        *d = u32::from_le_bytes([p[0], p[1], p[2], p[3]]);
                     }
-                    for (q, d) in dst.iter_mut().enumerate() {
-                        let at = |c: usize| {
-                            if c < cols {
-                                u16::from_le_bytes([row[2 * c], row[2 * c + 1]]) as u32
-                            } else {
-                                0
-                            }
-                        };
-                        *d = at(2 * q) | at(2 * q + 1) << 16;
+                    dst[full..].fill(0);
+                    if let [lo, hi] = *odd {
+                        dst[full] = u16::from_le_bytes([lo, hi]) as u32;
                     }
                     s[r] = 1.0;
                 }

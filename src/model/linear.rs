@@ -61,6 +61,25 @@ fn fills(tokens: usize, block: usize) -> bool {
     2 * tokens > block
 }
 
+/// Rows `rows` of bf16 weights with `n` columns, as bytes.
+fn bf16_rows(b: &[u8], n: usize, rows: [usize; 4]) -> [&[u8]; 4] {
+    rows.map(|o| &b[o * n * 2..][..n * 2])
+}
+
+/// Rows `rows` of FP8 weights with `n` columns, and each row's block scales.
+fn fp8_rows<'w>(
+    codes: &'w [u8],
+    scales: &'w [f32],
+    n: usize,
+    rows: [usize; 4],
+) -> ([&'w [u8]; 4], [&'w [f32]; 4]) {
+    let per_row = n.div_ceil(FP8_BLOCK);
+    (
+        rows.map(|o| &codes[o * n..][..n]),
+        rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]),
+    )
+}
+
 /// Whether every value is a bf16 value (low 16 bits zero), so that
 /// rounding to bf16 changes nothing.
 fn all_bf16(x: &[f32]) -> bool {
@@ -278,16 +297,11 @@ impl Linear {
     pub fn dot4(&self, rows: [usize; 4], x: &[f32], split: Option<&fp8_bf16::SplitX>) -> [f32; 4] {
         let n = self.inp;
         match &self.data {
-            Data::Plain(Dtype::Bf16, b) => vecops::dot_bf16_x4(
-                self.level,
-                rows.map(|o| &b[o * n * 2..][..n * 2]),
-                &x[..n],
-                8 * n,
-            ),
+            Data::Plain(Dtype::Bf16, b) => {
+                vecops::dot_bf16_x4(self.level, bf16_rows(b, n, rows), &x[..n], 8 * n)
+            }
             Data::Fp8 { codes, scales } => {
-                let per_row = n.div_ceil(FP8_BLOCK);
-                let r = rows.map(|o| &codes[o * n..][..n]);
-                let sc = rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]);
+                let (r, sc) = fp8_rows(codes, scales, n, rows);
                 match split {
                     Some(xs) => fp8_bf16::dot_fp8_x4(r, sc, FP8_BLOCK, xs, &x[..n], 4 * n),
                     None => vecops::dot_fp8_x4(self.level, r, sc, FP8_BLOCK, &x[..n], 4 * n),
@@ -300,46 +314,46 @@ impl Linear {
     /// [`Self::dot4`] for the tokens `xs` (at most
     /// [`fp8_bf16::DOT_TOKENS`]), `splits[t]` being `self.prepare(xs[t])`:
     /// with two or more, FP8 and bf16 rows are converted once for several
-    /// tokens.
-    /// `[t][k]` is row `rows[k]` times token `t`.
+    /// tokens. `[t][k]` is row `rows[k]` times token `t`.
+    ///
+    /// # Panics
+    /// When `xs` and `splits` differ in length or hold more than
+    /// [`fp8_bf16::DOT_TOKENS`] (a bug in the caller).
     pub fn dot4_tokens(
         &self,
         rows: [usize; 4],
         xs: &[&[f32]],
         splits: &[Option<&fp8_bf16::SplitX>],
     ) -> [[f32; 4]; fp8_bf16::DOT_TOKENS] {
-        let n = self.inp;
-        let m = xs.len().min(splits.len());
+        let (n, m) = (self.inp, xs.len());
+        assert!(splits.len() == m && m <= fp8_bf16::DOT_TOKENS);
+        let mut out = [[0f32; 4]; fp8_bf16::DOT_TOKENS];
         // One token keeps the single-token dot, whose eight sums per row
         // group hide the product latency (the batch-1 weight stream).
-        if let (Data::Fp8 { codes, scales }, Some(&Some(first)), true) =
-            (&self.data, splits.first(), m > 1)
-        {
-            let mut sp = [first; fp8_bf16::DOT_TOKENS];
-            let mut xn: [&[f32]; fp8_bf16::DOT_TOKENS] = [&[]; fp8_bf16::DOT_TOKENS];
-            let all = sp
-                .iter_mut()
-                .zip(splits)
-                .all(|(d, s)| s.map(|s| *d = s).is_some());
-            if all && m <= fp8_bf16::DOT_TOKENS {
-                for (d, x) in xn.iter_mut().zip(xs) {
-                    *d = &x[..n];
+        if m > 1 {
+            match &self.data {
+                Data::Fp8 { codes, scales } => {
+                    // Every token split (the bf16 level), as `&SplitX`.
+                    let all: Option<[&fp8_bf16::SplitX; fp8_bf16::DOT_TOKENS]> = (|| {
+                        let mut sp = [splits[0]?; fp8_bf16::DOT_TOKENS];
+                        for (d, s) in sp.iter_mut().zip(splits) {
+                            *d = (*s)?;
+                        }
+                        Some(sp)
+                    })(
+                    );
+                    if let Some(sp) = all {
+                        let (r, sc) = fp8_rows(codes, scales, n, rows);
+                        return fp8_bf16::dot_fp8_x4_tokens(r, sc, FP8_BLOCK, &sp[..m], xs, 4 * n);
+                    }
                 }
-                let per_row = n.div_ceil(FP8_BLOCK);
-                let r = rows.map(|o| &codes[o * n..][..n]);
-                let sc = rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]);
-                return fp8_bf16::dot_fp8_x4_tokens(r, sc, FP8_BLOCK, &sp[..m], &xn[..m], 4 * n);
+                Data::Plain(Dtype::Bf16, b) => {
+                    let r = bf16_rows(b, n, rows);
+                    vecops::dot_bf16_x4_tokens(self.level, r, xs, 8 * n, &mut out[..m]);
+                    return out;
+                }
+                _ => {}
             }
-        }
-        let mut out = [[0f32; 4]; fp8_bf16::DOT_TOKENS];
-        if let (Data::Plain(Dtype::Bf16, b), true) = (&self.data, m > 1) {
-            let mut xn: [&[f32]; fp8_bf16::DOT_TOKENS] = [&[]; fp8_bf16::DOT_TOKENS];
-            for (d, x) in xn.iter_mut().zip(xs) {
-                *d = &x[..n];
-            }
-            let r = rows.map(|o| &b[o * n * 2..][..n * 2]);
-            vecops::dot_bf16_x4_tokens(self.level, r, &xn[..m], 8 * n, &mut out[..m]);
-            return out;
         }
         for (o, (x, s)) in out.iter_mut().zip(xs.iter().zip(splits)) {
             *o = self.dot4(rows, x, *s);
@@ -352,24 +366,12 @@ impl Linear {
     pub fn axpy4(&self, rows: [usize; 4], a: [f32; 4], y: &mut [f32]) {
         let n = self.inp;
         match &self.data {
-            Data::Plain(Dtype::Bf16, b) => vecops::axpy_bf16_x4(
-                self.level,
-                rows.map(|o| &b[o * n * 2..][..n * 2]),
-                a,
-                &mut y[..n],
-                8 * n,
-            ),
+            Data::Plain(Dtype::Bf16, b) => {
+                vecops::axpy_bf16_x4(self.level, bf16_rows(b, n, rows), a, &mut y[..n], 8 * n)
+            }
             Data::Fp8 { codes, scales } => {
-                let per_row = n.div_ceil(FP8_BLOCK);
-                vecops::axpy_fp8_x4(
-                    self.level,
-                    rows.map(|o| &codes[o * n..][..n]),
-                    rows.map(|o| &scales[(o / FP8_BLOCK) * per_row..][..per_row]),
-                    FP8_BLOCK,
-                    a,
-                    &mut y[..n],
-                    4 * n,
-                )
+                let (r, sc) = fp8_rows(codes, scales, n, rows);
+                vecops::axpy_fp8_x4(self.level, r, sc, FP8_BLOCK, a, &mut y[..n], 4 * n)
             }
             Data::Plain(d, b) => {
                 // f32 and f16 rows: convert 256 elements at a time on the stack.
@@ -413,9 +415,14 @@ impl Linear {
                 _ => None,
             };
             // Activations that are bf16 values (bf16 hidden states) lose
-            // nothing in the faster bf16 tile.
+            // nothing in the faster bf16 tile, when enough tokens fill it
+            // (checked first: the scan reads every activation).
             let a = match self.activations {
-                Activations::Precise if tokens > 4 && all_bf16(x) => Activations::Bf16,
+                Activations::Precise
+                    if fills(tokens, gemm::block_tokens(Activations::Bf16)) && all_bf16(x) =>
+                {
+                    Activations::Bf16
+                }
                 a => a,
             };
             if let Some(w) = w.filter(|_| fills(tokens, gemm::block_tokens(a))) {
