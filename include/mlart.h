@@ -31,7 +31,7 @@
 /**
  * Library version, minor part.
  */
-#define MLART_VERSION_MINOR 2
+#define MLART_VERSION_MINOR 3
 
 /**
  * Library version, patch part.
@@ -310,6 +310,13 @@ typedef struct mlart_device_props {
 typedef uint32_t mlart_backend;
 
 /**
+ * Whether a CPU engine pins its worker threads to CPUs
+ * (`MLART_CPU_AFFINITY=auto|none|pin` overrides). `mlart_engine_info`'s
+ * reason says what was done.
+ */
+typedef uint32_t mlart_thread_affinity;
+
+/**
  * Options for `mlart_engine_create`. Fill with `mlart_engine_options_init`.
  */
 typedef struct mlart_engine_options {
@@ -329,6 +336,12 @@ typedef struct mlart_engine_options {
    * CPU worker threads; 0 (default) = one per available core.
    */
   int32_t num_threads;
+  /**
+   * Whether CPU worker threads are pinned; default MLART_AFFINITY_AUTO.
+   * Since 0.3: a struct_size of 16 (the earlier layout, which ends
+   * before this field) is still accepted, and the field is then AUTO.
+   */
+  mlart_thread_affinity thread_affinity;
 } mlart_engine_options;
 
 /**
@@ -373,6 +386,13 @@ typedef struct mlart_engine_props {
    * Why this backend and kernel variant were chosen.
    */
   char reason[256];
+  /**
+   * CPU engines: where the worker threads run, e.g. "pinned to CPUs
+   * 0,1 (auto: ...)" or "not pinned (...)"; empty for GPU engines.
+   * Since 0.3: a struct_size of 532 (the earlier layout, which ends
+   * before this field) is still accepted and only that prefix written.
+   */
+  char thread_placement[128];
 } mlart_engine_props;
 
 /**
@@ -842,6 +862,27 @@ typedef struct mlart_kv_pool_decode_args {
  * NOT_FOUND for a missing index) naming the cause.
  */
 #define MLART_BACKEND_CUDA 2
+
+/**
+ * Pin thread i to the i-th CPU of the process's affinity mask when the
+ * pool has exactly one thread per CPU of that mask (the default thread
+ * count); otherwise leave the threads to the OS. On a 2-vCPU VM, unpinned
+ * idle workers were often scheduled onto one CPU, and a sub-millisecond
+ * decode ran at half speed in about half the runs.
+ */
+#define MLART_AFFINITY_AUTO 0
+
+/**
+ * Never pin (for hosts that place threads themselves or share the CPUs
+ * with other busy work).
+ */
+#define MLART_AFFINITY_NONE 1
+
+/**
+ * Always pin, round robin over the CPUs of the process's mask. Linux
+ * only; elsewhere the threads stay unpinned and the reason says so.
+ */
+#define MLART_AFFINITY_PIN 2
 
 /**
  * Portable reference kernel.

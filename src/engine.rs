@@ -1,7 +1,7 @@
 //! An engine owns one backend (with its threads and workspace) and runs
 //! decode on it. It is shared (`Arc`) by the handles that use it.
 
-use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::{Affinity, CpuBackend};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendInfo};
 use crate::decode::desc::DecodeOutput;
@@ -36,6 +36,8 @@ pub struct EngineOptions {
     pub device_index: usize,
     /// CPU worker threads; 0 = one per core.
     pub num_threads: usize,
+    /// Whether to pin the CPU worker threads.
+    pub affinity: Affinity,
 }
 
 impl Default for EngineOptions {
@@ -44,6 +46,7 @@ impl Default for EngineOptions {
             backend: BackendRequest::Auto,
             device_index: 0,
             num_threads: 0,
+            affinity: Affinity::Auto,
         }
     }
 }
@@ -65,7 +68,8 @@ pub struct Engine {
 
 impl Engine {
     /// Creates an engine. With `BackendRequest::Auto`, `MLART_BACKEND=cpu|cuda`
-    /// forces the backend; `MLART_CPU_ISA` forces the CPU kernel variant.
+    /// forces the backend; `MLART_CPU_ISA` forces the CPU kernel variant and
+    /// `MLART_CPU_AFFINITY=auto|none|pin` the threads' placement.
     pub fn new(opts: &EngineOptions) -> Result<Self> {
         let mut request = opts.backend;
         let mut prefix = String::new();
@@ -115,7 +119,11 @@ impl Engine {
                     )));
                 }
                 let isa = env_var("MLART_CPU_ISA");
-                let cpu = CpuBackend::new(opts.num_threads, isa.as_deref(), &prefix)?;
+                let affinity = match env_var("MLART_CPU_AFFINITY") {
+                    Some(v) => Affinity::from_env(&v)?,
+                    None => opts.affinity,
+                };
+                let cpu = CpuBackend::new(opts.num_threads, affinity, isa.as_deref(), &prefix)?;
                 Ok(Engine {
                     backend: Box::new(cpu),
                 })

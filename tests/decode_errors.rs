@@ -1205,7 +1205,9 @@ fn engine_create_errors() {
         &["out is NULL"],
     );
     let want = size_of::<mlart_engine_options>() as u32;
-    for bad in [0, 4, want - 4, want + 4, u32::MAX] {
+    // 16 is the layout before `thread_affinity` (accepted; see
+    // `engine_thread_affinity`), so sizes around it and the current one.
+    for bad in [0, 4, 12, 15, 17, want - 1, want + 4, u32::MAX] {
         let mut o = options();
         o.struct_size = bad;
         create_error(
@@ -1246,6 +1248,16 @@ fn engine_create_errors() {
             Some(&o),
             inv,
             &[&format!("options->num_threads = {n}")],
+        );
+    }
+    for a in [3, 7, u32::MAX] {
+        let mut o = options();
+        o.thread_affinity = a;
+        create_error(
+            &format!("thread_affinity {a}"),
+            Some(&o),
+            inv,
+            &[&format!("options->thread_affinity = {a}"), "AUTO=0"],
         );
     }
     for d in [-1, i32::MIN] {
@@ -1294,6 +1306,14 @@ fn engine_create_environment_errors() {
             Some(&o),
             inv,
             &["MLART_CPU_ISA = \"sse9\""],
+        );
+    });
+    with_env(&[("MLART_CPU_AFFINITY", "everywhere")], || {
+        create_error(
+            "MLART_CPU_AFFINITY=everywhere",
+            None,
+            inv,
+            &["MLART_CPU_AFFINITY = \"everywhere\"", "auto, none, pin"],
         );
     });
     with_env(&[("MLART_BACKEND", "tpu")], || {
@@ -1426,9 +1446,91 @@ fn error_object_conventions() {
     let o = options();
     assert_eq!(o.struct_size as usize, size_of::<mlart_engine_options>());
     assert_eq!(
-        (o.backend, o.device_index, o.num_threads),
-        (MLART_BACKEND_AUTO, 0, 0)
+        (o.backend, o.device_index, o.num_threads, o.thread_affinity),
+        (MLART_BACKEND_AUTO, 0, 0, MLART_AFFINITY_AUTO)
     );
+}
+
+/// The engine's placement of its CPU threads for each `thread_affinity`,
+/// as `mlart_engine_info` reports it; and callers built against the 0.2
+/// header (16-byte options, 532-byte props) still work.
+#[test]
+fn engine_thread_affinity() {
+    let _env = env_read();
+    let placement = |o: Option<&mlart_engine_options>, props_size: Option<u32>| {
+        let mut e = sentinel_engine();
+        let p = o.map_or(std::ptr::null(), |o| o as *const _);
+        assert!(take_error(mlart_engine_create(p, &mut e)).is_none());
+        let mut p = MaybeUninit::<mlart_engine_props>::uninit();
+        // SAFETY: every byte pattern is a valid mlart_engine_props.
+        let mut p = unsafe {
+            p.as_mut_ptr().write_bytes(0xab, 1);
+            p.assume_init()
+        };
+        p.struct_size = props_size.unwrap_or(size_of::<mlart_engine_props>() as u32);
+        let r = take_error(mlart_engine_info(e, &mut p));
+        mlart_engine_free(e);
+        assert!(r.is_none(), "{r:?}");
+        p
+    };
+    let text = |p: &mlart_engine_props| {
+        // SAFETY: NUL-terminated by mlart_engine_info.
+        unsafe { CStr::from_ptr(p.thread_placement.as_ptr()) }
+            .to_string_lossy()
+            .into_owned()
+    };
+    // Miri cannot ask the OS: mlart then reports no CPU affinity.
+    let linux = cfg!(all(target_os = "linux", not(miri)));
+    for (a, threads, want) in [
+        (MLART_AFFINITY_NONE, 2, "not pinned (affinity NONE)"),
+        (MLART_AFFINITY_PIN, 1, "pinned to CPUs "),
+        (MLART_AFFINITY_PIN, 3, "pinned to CPUs "),
+        (MLART_AFFINITY_AUTO, 0, "(auto: "),
+    ] {
+        let mut o = options();
+        o.backend = MLART_BACKEND_CPU;
+        o.num_threads = threads;
+        o.thread_affinity = a;
+        let t = text(&placement(Some(&o), None));
+        if linux || a == MLART_AFFINITY_NONE {
+            assert!(t.contains(want), "affinity {a}, {threads} threads: {t}");
+        } else {
+            assert!(t.contains("no CPU affinity"), "{t}");
+        }
+        if linux && a == MLART_AFFINITY_PIN {
+            let cpus = t.split(' ').nth(3).unwrap_or_default();
+            assert_eq!(cpus.split(',').count(), threads as usize, "{t}");
+        }
+    }
+    // The 0.2 options layout ends before thread_affinity: AUTO is used and
+    // the bytes after it are never read (the caller's struct has none; a
+    // poisoned value there would be an invalid affinity).
+    #[repr(C)]
+    struct OldOptions {
+        o: [u32; 4],
+        poison: u32,
+    }
+    let old = OldOptions {
+        o: [16, MLART_BACKEND_CPU, 0, 0],
+        poison: 0xdead,
+    };
+    let mut e = sentinel_engine();
+    let r = take_error(mlart_engine_create(
+        &old as *const OldOptions as *const mlart_engine_options,
+        &mut e,
+    ));
+    assert!(r.is_none(), "{r:?}");
+    mlart_engine_free(e);
+    // The 0.2 props layout: only its 532 bytes are written.
+    let p = placement(None, Some(532));
+    assert_eq!(p.struct_size, 532);
+    assert!(
+        p.thread_placement.iter().all(|&c| c as u8 == 0xab),
+        "written past 532 bytes"
+    );
+    assert!(p.reason[0] != 0xabu8 as std::ffi::c_char);
+    let p = placement(None, None);
+    assert!(!text(&p).is_empty());
 }
 
 /// `mlart_device_count/info` and the engine memory helpers on a CPU engine.

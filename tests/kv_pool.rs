@@ -218,6 +218,7 @@ fn engine_options() -> mlart_engine_options {
         backend: 0,
         device_index: 0,
         num_threads: 0,
+        thread_affinity: 0,
     };
     mlart_engine_options_init(&mut o);
     o.backend = MLART_BACKEND_CPU;

@@ -85,6 +85,12 @@ enum class Backend : std::uint32_t {
     Cuda = MLART_BACKEND_CUDA,
 };
 
+enum class ThreadAffinity : std::uint32_t {
+    Auto = MLART_AFFINITY_AUTO,
+    None = MLART_AFFINITY_NONE,
+    Pin = MLART_AFFINITY_PIN,
+};
+
 enum class Activations : std::uint32_t {
     Precise = MLART_ACTIVATIONS_PRECISE,
     Bf16 = MLART_ACTIVATIONS_BF16,
@@ -330,6 +336,7 @@ struct EngineOptions {
     Backend backend = Backend::Auto;
     int device_index = 0;  // GPU ordinal; 0 for the CPU
     int num_threads = 0;   // CPU workers; 0 = one per core
+    ThreadAffinity thread_affinity = ThreadAffinity::Auto;
 };
 
 struct EngineInfo {
@@ -340,6 +347,7 @@ struct EngineInfo {
     std::string device_name;
     std::string cpu_features;  // space separated
     std::string reason;        // why this backend and kernel variant
+    std::string thread_placement;  // CPU: "pinned to CPUs ..." or "not pinned (...)"
 };
 
 // Owns an mlart_engine. Pools and models made from it keep it alive, so it
@@ -361,6 +369,7 @@ public:
         o.backend = static_cast<mlart_backend>(options.backend);
         o.device_index = options.device_index;
         o.num_threads = options.num_threads;
+        o.thread_affinity = static_cast<mlart_thread_affinity>(options.thread_affinity);
         return create(o);
     }
 
@@ -380,6 +389,7 @@ public:
         i.device_name = detail::from_field(p.device_name);
         i.cpu_features = detail::from_field(p.cpu_features);
         i.reason = detail::from_field(p.reason);
+        i.thread_placement = detail::from_field(p.thread_placement);
         return i;
     }
 

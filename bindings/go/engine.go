@@ -11,11 +11,12 @@ import (
 )
 
 // EngineOptions configures NewEngine. The zero value is the library's
-// default: BackendAuto, device 0, one worker thread per core.
+// default: BackendAuto, device 0, one worker thread per core, AffinityAuto.
 type EngineOptions struct {
-	Backend     Backend
-	DeviceIndex int // GPU ordinal (0 for the CPU backend)
-	NumThreads  int // CPU worker threads; 0 = one per available core
+	Backend        Backend
+	DeviceIndex    int            // GPU ordinal (0 for the CPU backend)
+	NumThreads     int            // CPU worker threads; 0 = one per available core
+	ThreadAffinity ThreadAffinity // whether CPU worker threads are pinned
 }
 
 // Engine is a compute engine: one backend, its workspace and its memory.
@@ -35,6 +36,7 @@ func NewEngine(opts EngineOptions) (*Engine, error) {
 	var o C.mlart_engine_options
 	C.mlart_engine_options_init(&o)
 	o.backend = C.mlart_backend(opts.Backend)
+	o.thread_affinity = C.mlart_thread_affinity(opts.ThreadAffinity)
 	var err error
 	if o.device_index, err = toI32("EngineOptions.DeviceIndex", opts.DeviceIndex); err != nil {
 		return nil, err
@@ -89,6 +91,8 @@ type EngineInfo struct {
 	DeviceName  string  // CPU model or GPU name
 	CPUFeatures string  // space separated
 	Reason      string  // why this backend and kernel variant were chosen
+	// CPU engines: "pinned to CPUs 0,1 (...)" or "not pinned (...)".
+	ThreadPlacement string
 }
 
 // Info describes what the engine runs on.
@@ -111,5 +115,7 @@ func (e *Engine) Info() (EngineInfo, error) {
 		DeviceName:  C.GoString(&p.device_name[0]),
 		CPUFeatures: C.GoString(&p.cpu_features[0]),
 		Reason:      C.GoString(&p.reason[0]),
+
+		ThreadPlacement: C.GoString(&p.thread_placement[0]),
 	}, nil
 }

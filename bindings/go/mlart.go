@@ -208,6 +208,31 @@ func (b Backend) String() string {
 	return fmt.Sprintf("Backend(%d)", uint32(b))
 }
 
+// ThreadAffinity says whether a CPU engine pins its worker threads
+// (MLART_AFFINITY_*). Its zero value is AffinityAuto: pinned when the pool
+// has one thread per CPU the process may use. EngineInfo.ThreadPlacement
+// tells what was done.
+type ThreadAffinity uint32
+
+// Thread affinities.
+const (
+	AffinityAuto ThreadAffinity = C.MLART_AFFINITY_AUTO
+	AffinityNone ThreadAffinity = C.MLART_AFFINITY_NONE
+	AffinityPin  ThreadAffinity = C.MLART_AFFINITY_PIN
+)
+
+func (a ThreadAffinity) String() string {
+	switch a {
+	case AffinityAuto:
+		return "auto"
+	case AffinityNone:
+		return "none"
+	case AffinityPin:
+		return "pin"
+	}
+	return fmt.Sprintf("ThreadAffinity(%d)", uint32(a))
+}
+
 // CPUISA is a CPU kernel variant (MLART_CPU_ISA_*).
 type CPUISA uint32
 

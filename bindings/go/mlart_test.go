@@ -399,7 +399,33 @@ func TestEngineInfo(t *testing.T) {
 	if info.NumThreads != 2 {
 		t.Errorf("NumThreads = %d, want 2", info.NumThreads)
 	}
+	if info.ThreadPlacement == "" {
+		t.Error("ThreadPlacement is empty")
+	}
 	t.Logf("engine: %+v", info)
+}
+
+func TestEngineThreadAffinity(t *testing.T) {
+	e, err := mlart.NewEngine(mlart.EngineOptions{Backend: mlart.BackendCPU, NumThreads: 2, ThreadAffinity: mlart.AffinityNone})
+	if err != nil {
+		t.Fatalf("NewEngine: %v", err)
+	}
+	defer e.Close()
+	info, err := e.Info()
+	if err != nil {
+		t.Fatalf("Info: %v", err)
+	}
+	if want := "not pinned (affinity NONE)"; info.ThreadPlacement != want {
+		t.Errorf("ThreadPlacement = %q, want %q", info.ThreadPlacement, want)
+	}
+	_, err = mlart.NewEngine(mlart.EngineOptions{ThreadAffinity: 9})
+	var me *mlart.Error
+	if !errors.As(err, &me) || me.Status != mlart.StatusInvalidArgument || !strings.Contains(me.Message, "thread_affinity = 9") {
+		t.Errorf("ThreadAffinity 9: err = %v, want INVALID_ARGUMENT naming thread_affinity = 9", err)
+	}
+	if got := mlart.AffinityPin.String(); got != "pin" {
+		t.Errorf("AffinityPin.String() = %q", got)
+	}
 }
 
 func TestDecodePaged(t *testing.T) {

@@ -64,6 +64,11 @@ export interface EngineOptions {
   threads?: number;
   /** GPU ordinal (CUDA backend). */
   deviceIndex?: number;
+  /**
+   * Whether CPU worker threads are pinned: 'auto' (default; pinned when
+   * the pool has one thread per CPU the process may use), 'none', 'pin'.
+   */
+  threadAffinity?: 'auto' | 'none' | 'pin' | number;
 }
 
 export interface EngineInfo {
@@ -74,6 +79,8 @@ export interface EngineInfo {
   deviceName: string;
   cpuFeatures: string;
   reason: string;
+  /** CPU engines: "pinned to CPUs 0,1 (...)" or "not pinned (...)". */
+  threadPlacement: string;
 }
 
 /** Arguments of Engine.decodePaged (mlart_decode_args, host memory). */

@@ -74,6 +74,7 @@ const CpuIsa = Object.freeze({ SCALAR: 0, AVX2: 1, AVX512: 2, AMX: 3, AVX512_BF1
 const DTYPE_ALIASES = { f32: 0, float32: 0, bf16: 1, bfloat16: 1, f16: 2, float16: 2, fp8_e4m3: 3 };
 const KV_FORMAT_ALIASES = { bf16: 0, f16: 1, f32: 2, fp8_v32: 3, fp8_model1: 4 };
 const BACKEND_ALIASES = { auto: 0, cpu: 1, cuda: 2 };
+const AFFINITY_ALIASES = { auto: 0, none: 1, pin: 2 };
 const ACTIVATIONS_ALIASES = { precise: 0, bf16: 1 };
 const CPU_ISA_NAMES = { 0: 'scalar', 1: 'avx2', 2: 'avx512', 3: 'amx', 4: 'avx512bf16' };
 const DTYPE_NAMES = { 0: 'f32', 1: 'bf16', 2: 'f16', 3: 'fp8_e4m3' };
@@ -141,6 +142,7 @@ const mlart_engine_options = koffi.struct('mlart_engine_options', {
   backend: 'uint32_t',
   device_index: 'int32_t',
   num_threads: 'int32_t',
+  thread_affinity: 'uint32_t',
 });
 
 const mlart_engine_props = koffi.struct('mlart_engine_props', {
@@ -152,6 +154,7 @@ const mlart_engine_props = koffi.struct('mlart_engine_props', {
   device_name: koffi.array('char', 128),
   cpu_features: koffi.array('char', 128),
   reason: koffi.array('char', 256),
+  thread_placement: koffi.array('char', 128),
 });
 
 const mlart_progress_fn = koffi.proto(
@@ -661,7 +664,7 @@ class Handle {
 
 class Engine extends Handle {
   /**
-   * @param {{backend?: 'auto'|'cpu'|'cuda'|number, threads?: number, deviceIndex?: number}} [options]
+   * @param {{backend?: 'auto'|'cpu'|'cuda'|number, threads?: number, deviceIndex?: number, threadAffinity?: 'auto'|'none'|'pin'|number}} [options]
    */
   constructor(options) {
     const o = optionsObject(options, 'options');
@@ -669,6 +672,7 @@ class Engine extends Handle {
     opts.backend = enumValue(o.backend, 'backend', BACKEND_ALIASES, opts.backend);
     opts.num_threads = int32(o.threads, 'threads', opts.num_threads);
     opts.device_index = int32(o.deviceIndex, 'deviceIndex', opts.device_index);
+    opts.thread_affinity = enumValue(o.threadAffinity, 'threadAffinity', AFFINITY_ALIASES, opts.thread_affinity);
     const out = [null];
     check(C.engine_create(opts, out), 'mlart_engine_create');
     super('Engine', out[0], C.engine_free);
@@ -690,6 +694,7 @@ class Engine extends Handle {
       deviceName: p.device_name,
       cpuFeatures: p.cpu_features,
       reason: p.reason,
+      threadPlacement: p.thread_placement,
     };
   }
 

@@ -38,6 +38,9 @@ pub struct BackendInfo {
     pub device_index: usize,
     /// Worker threads (CPU) or 0.
     pub threads: usize,
+    /// Where the worker threads run: pinned to which CPUs, or why not
+    /// (CPU); empty for GPU backends.
+    pub thread_placement: String,
     /// CPU features detected at run time, space separated.
     pub cpu_features: String,
     /// Why this backend and variant were chosen.

@@ -3,9 +3,11 @@
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::types::{
-    mlart_backend, mlart_cpu_isa, MLART_BACKEND_AUTO, MLART_BACKEND_CPU, MLART_BACKEND_CUDA,
+    mlart_backend, mlart_cpu_isa, mlart_thread_affinity, MLART_AFFINITY_AUTO, MLART_BACKEND_AUTO,
+    MLART_BACKEND_CPU, MLART_BACKEND_CUDA,
 };
-use super::{read_struct, write_c_str};
+use super::{read_struct_versions, write_c_str, write_struct_prefix};
+use crate::backend::cpu::Affinity;
 use crate::backend::BackendKind;
 use crate::engine::{BackendRequest, Engine, EngineOptions};
 use crate::error::{Error, Result};
@@ -35,7 +37,17 @@ pub struct mlart_engine_options {
     pub device_index: i32,
     /// CPU worker threads; 0 (default) = one per available core.
     pub num_threads: i32,
+    /// Whether CPU worker threads are pinned; default MLART_AFFINITY_AUTO.
+    /// Since 0.3: a struct_size of 16 (the earlier layout, which ends
+    /// before this field) is still accepted, and the field is then AUTO.
+    pub thread_affinity: mlart_thread_affinity,
 }
+
+/// `sizeof(mlart_engine_options)` before `thread_affinity` was appended.
+const ENGINE_OPTIONS_SIZE_BEFORE_AFFINITY: usize =
+    std::mem::offset_of!(mlart_engine_options, thread_affinity);
+// That first layout was four 32-bit fields: 16 bytes.
+const _: () = assert!(ENGINE_OPTIONS_SIZE_BEFORE_AFFINITY == 16);
 
 /// What an engine runs on. Fill `struct_size` with `mlart_engine_props_init`
 /// before passing it to `mlart_engine_info`.
@@ -58,7 +70,17 @@ pub struct mlart_engine_props {
     pub cpu_features: [c_char; 128],
     /// Why this backend and kernel variant were chosen.
     pub reason: [c_char; 256],
+    /// CPU engines: where the worker threads run, e.g. "pinned to CPUs
+    /// 0,1 (auto: ...)" or "not pinned (...)"; empty for GPU engines.
+    /// Since 0.3: a struct_size of 532 (the earlier layout, which ends
+    /// before this field) is still accepted and only that prefix written.
+    pub thread_placement: [c_char; 128],
 }
+
+/// `sizeof(mlart_engine_props)` before `thread_placement` was appended.
+const ENGINE_PROPS_SIZE_BEFORE_PLACEMENT: usize =
+    std::mem::offset_of!(mlart_engine_props, thread_placement);
+const _: () = assert!(ENGINE_PROPS_SIZE_BEFORE_PLACEMENT == 532);
 
 /// Fills `options` with the defaults. NULL is ignored.
 #[no_mangle]
@@ -71,6 +93,7 @@ pub extern "C" fn mlart_engine_options_init(options: *mut mlart_engine_options) 
                 backend: MLART_BACKEND_AUTO,
                 device_index: 0,
                 num_threads: 0,
+                thread_affinity: MLART_AFFINITY_AUTO,
             };
         }
     })
@@ -91,6 +114,7 @@ pub extern "C" fn mlart_engine_props_init(props: *mut mlart_engine_props) {
                 device_name: [0; 128],
                 cpu_features: [0; 128],
                 reason: [0; 256],
+                thread_placement: [0; 128],
             };
         }
     })
@@ -114,6 +138,7 @@ fn engine_options(o: &mlart_engine_options) -> Result<EngineOptions> {
         backend,
         device_index: o.device_index as usize,
         num_threads: o.num_threads as usize,
+        affinity: Affinity::from_raw("options->thread_affinity", o.thread_affinity)?,
     })
 }
 
@@ -131,8 +156,19 @@ pub extern "C" fn mlart_engine_create(
         let opts = if options.is_null() {
             EngineOptions::default()
         } else {
-            // SAFETY: non-NULL options point to a caller struct.
-            let o = unsafe { read_struct(options, "options", "mlart_engine_options_init") }?;
+            let mut defaults = std::mem::MaybeUninit::<mlart_engine_options>::uninit();
+            mlart_engine_options_init(defaults.as_mut_ptr());
+            // SAFETY: non-NULL options point to a caller struct of
+            // struct_size bytes; plain data; defaults initialized just above.
+            let o = unsafe {
+                read_struct_versions(
+                    options,
+                    "options",
+                    "mlart_engine_options_init",
+                    &[ENGINE_OPTIONS_SIZE_BEFORE_AFFINITY],
+                    Some(defaults.assume_init()),
+                )
+            }?;
             engine_options(&o)?
         };
         let engine = Engine::new(&opts)?;
@@ -175,12 +211,17 @@ pub extern "C" fn mlart_engine_info(
     ffi_result("mlart_engine_info", || {
         // SAFETY: engine handle contract.
         let e = unsafe { engine_ref(engine) }?;
-        // SAFETY: a non-NULL out points to a caller struct.
+        let mut defaults = std::mem::MaybeUninit::<mlart_engine_props>::uninit();
+        mlart_engine_props_init(defaults.as_mut_ptr());
+        // SAFETY: a non-NULL out points to a caller struct of struct_size
+        // bytes; plain data; defaults initialized just above.
         let mut p = unsafe {
-            read_struct(
+            read_struct_versions(
                 out as *const mlart_engine_props,
                 "out",
                 "mlart_engine_props_init",
+                &[ENGINE_PROPS_SIZE_BEFORE_PLACEMENT],
+                Some(defaults.assume_init()),
             )
         }?;
         let info = e.inner.info();
@@ -194,8 +235,10 @@ pub extern "C" fn mlart_engine_info(
         write_c_str(&mut p.device_name, &info.device_name);
         write_c_str(&mut p.cpu_features, &info.cpu_features);
         write_c_str(&mut p.reason, &info.reason);
-        // SAFETY: out is non-NULL (read_struct checked) and writable.
-        unsafe { out.write_unaligned(p) };
+        write_c_str(&mut p.thread_placement, &info.thread_placement);
+        // SAFETY: out is non-NULL (checked by read_struct_versions) and has
+        // struct_size writable bytes, which p.struct_size holds.
+        unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
         Ok(())
     })
 }

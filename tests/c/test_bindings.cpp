@@ -266,6 +266,13 @@ mlart::Engine test_engine() {
     CHECK(info.num_threads == 3, info.num_threads);
     CHECK(!info.reason.empty(), "empty reason");
     CHECK(!info.device_name.empty(), "empty device name");
+    CHECK(!info.thread_placement.empty(), "empty thread placement");
+    {
+        mlart::EngineOptions none = eo;
+        none.thread_affinity = mlart::ThreadAffinity::None;
+        const std::string placed = mlart::Engine::create(none).info().thread_placement;
+        CHECK(placed == "not pinned (affinity NONE)", placed);
+    }
     std::cout << "engine: isa " << static_cast<unsigned>(info.cpu_isa) << ", device \""
               << info.device_name << "\", features \"" << info.cpu_features << "\"\n"
               << "engine: reason \"" << info.reason << "\"\n";

@@ -62,7 +62,7 @@ static char g_tag;
 /* The i-th bad struct_size for a struct of `size` bytes. */
 static uint32_t bad_size(size_t size, int i) {
     const uint32_t s = (uint32_t)size;
-    const uint32_t v[N_BAD_SIZES] = {0, 4, s - 4, s + 8, UINT32_MAX};
+    const uint32_t v[N_BAD_SIZES] = {0, 4, s - 1, s + 8, UINT32_MAX}; /* s - 4 may be an older layout */
     return v[i];
 }
 

@@ -22,9 +22,22 @@ test('CPU engine info', () => {
     assert.equal(typeof info.reason, 'string');
     assert.ok(info.reason.length > 0, 'reason is empty');
     assert.ok(!info.reason.includes('\0'));
+    assert.equal(typeof info.threadPlacement, 'string');
+    assert.ok(info.threadPlacement.length > 0, 'threadPlacement is empty');
   } finally {
     engine.close();
   }
+});
+
+test('thread affinity option', () => {
+  const engine = new mlart.Engine({ backend: 'cpu', threads: 2, threadAffinity: 'none' });
+  try {
+    assert.equal(engine.info().threadPlacement, 'not pinned (affinity NONE)');
+  } finally {
+    engine.close();
+  }
+  assert.throws(() => new mlart.Engine({ threadAffinity: 'everywhere' }), (e) => e instanceof RangeError && /threadAffinity/.test(e.message));
+  assert.throws(() => new mlart.Engine({ threadAffinity: 7 }), /thread_affinity = 7/);
 });
 
 test('constructor and default options', () => {

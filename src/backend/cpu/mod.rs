@@ -1,12 +1,14 @@
 //! The CPU backend: a persistent thread pool, a reusable workspace and the
 //! split-KV driver around an ISA-specific [`kernel::AttentionKernel`].
 
+pub mod affinity;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod amx;
 pub mod isa;
 pub mod kernel;
 mod simd;
 
+pub use affinity::Affinity;
 pub use isa::{CpuFeatures, CpuIsa};
 
 use super::{try_grow, Backend, BackendInfo, BackendKind, Buffer};
@@ -81,8 +83,14 @@ pub struct CpuBackend {
 
 impl CpuBackend {
     /// `threads == 0` means one per available core. `forced_isa` is the
-    /// `MLART_CPU_ISA` value, if set.
-    pub fn new(threads: usize, forced_isa: Option<&str>, reason_prefix: &str) -> Result<Self> {
+    /// `MLART_CPU_ISA` value, if set; `affinity` says whether to pin the
+    /// threads (see [`affinity`]).
+    pub fn new(
+        threads: usize,
+        affinity: Affinity,
+        forced_isa: Option<&str>,
+        reason_prefix: &str,
+    ) -> Result<Self> {
         let features = CpuFeatures::detect();
         let emulate_amx = std::env::var("MLART_AMX_EMULATE").is_ok_and(|v| v == "1");
         let choice = isa::choose(&features, BUILT_KERNELS, forced_isa, emulate_amx)?;
@@ -101,6 +109,7 @@ impl CpuBackend {
             .map_err(|e| {
                 Error::internal(format!("could not start {threads} worker threads: {e}"))
             })?;
+        let placed = place_threads(&pool, affinity, threads);
         Ok(CpuBackend {
             info: BackendInfo {
                 kind: BackendKind::Cpu,
@@ -109,6 +118,7 @@ impl CpuBackend {
                 device_index: 0,
                 threads,
                 cpu_features: features.describe(),
+                thread_placement: placed,
                 reason: format!("{reason_prefix}cpu kernel {}: {why}", isa.name()),
             },
             pool,
@@ -362,6 +372,29 @@ impl Backend for CpuBackend {
     }
 }
 
+/// Pins the pool's threads as [`affinity::place`] decides; says what was
+/// done. If any thread cannot be pinned, all are left unpinned.
+fn place_threads(pool: &rayon::ThreadPool, request: Affinity, threads: usize) -> String {
+    let mask = affinity::process_mask();
+    let plan = affinity::place(request, threads, mask.as_deref());
+    let Some(cpus) = &plan.cpus else {
+        return plan.why;
+    };
+    let results = pool.broadcast(|ctx| affinity::set_thread_cpus(&cpus[ctx.index()..][..1]));
+    match results.iter().position(|r| r.is_err()) {
+        None => plan.why,
+        Some(i) => {
+            let all = mask.unwrap_or_default();
+            pool.broadcast(|_| affinity::set_thread_cpus(&all).ok());
+            format!(
+                "not pinned (pinning thread {i} to CPU {} failed: {})",
+                cpus[i],
+                results[i].as_ref().err().map_or("", |e| e.as_str())
+            )
+        }
+    }
+}
+
 /// The CPU's marketing name, from /proc/cpuinfo where available.
 fn cpu_model_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
@@ -373,4 +406,39 @@ fn cpu_model_name() -> String {
                 .map(|n| n.trim().to_string())
         })
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each worker's own affinity mask, read on that worker.
+    fn worker_masks(b: &CpuBackend) -> Vec<Option<Vec<usize>>> {
+        b.pool.broadcast(|_| affinity::process_mask())
+    }
+
+    #[cfg(all(target_os = "linux", not(miri)))]
+    #[test]
+    fn workers_run_where_the_placement_says() {
+        let mask = affinity::process_mask().expect("Linux reports the mask");
+        let pinned = CpuBackend::new(3, Affinity::Pin, Some("scalar"), "").unwrap();
+        let mut got: Vec<usize> = worker_masks(&pinned)
+            .into_iter()
+            .map(|m| match m.as_deref() {
+                Some([cpu]) => *cpu,
+                other => panic!("a pinned worker has mask {other:?}"),
+            })
+            .collect();
+        got.sort_unstable();
+        let mut want: Vec<usize> = (0..3).map(|i| mask[i % mask.len()]).collect();
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert!(pinned.info.thread_placement.starts_with("pinned to CPUs"));
+
+        let free = CpuBackend::new(2, Affinity::None, Some("scalar"), "").unwrap();
+        assert!(worker_masks(&free)
+            .iter()
+            .all(|m| m.as_ref() == Some(&mask)));
+        assert_eq!(free.info.thread_placement, "not pinned (affinity NONE)");
+    }
 }

@@ -237,6 +237,7 @@ impl CudaBackend {
                 cpu_isa: CpuIsa::Scalar,
                 device_index: props.index,
                 threads: 0,
+                thread_placement: String::new(),
                 cpu_features: String::new(),
                 reason,
             },

@@ -222,7 +222,7 @@ pub fn run(o: &Options) -> Result<()> {
     let engine = Engine::new(&EngineOptions {
         backend: BackendRequest::Cuda,
         device_index: o.device,
-        num_threads: 0,
+        ..EngineOptions::default()
     })?;
     let cuda = engine
         .backend()

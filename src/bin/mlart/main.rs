@@ -68,7 +68,7 @@ fn info() -> mlart::Result<()> {
     println!("backend: {}", i.kind.name());
     println!("device: {}", i.device_name);
     println!("cpu kernel: {}", i.cpu_isa.name());
-    println!("threads: {}", i.threads);
+    println!("threads: {} {}", i.threads, i.thread_placement);
     println!("why: {}", i.reason);
     match mlart::backend::cuda::device_count() {
         Ok(n) => {
