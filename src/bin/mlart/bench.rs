@@ -208,7 +208,10 @@ struct Measured {
     point: Point,
     flops: f64,
     bytes: f64,
+    /// Median seconds per call of the kernel under test.
     seconds: f64,
+    /// Its 10th and 90th percentiles: how much this VM's runs spread.
+    p10_p90: (f64, f64),
     scalar_seconds: Option<f64>,
 }
 
@@ -229,6 +232,11 @@ impl Measured {
     fn speedup(&self) -> Option<f64> {
         self.scalar_seconds.map(|s| s / self.seconds)
     }
+    /// p90 over p10 of the call times, minus one: 0.05 = the slowest tenth
+    /// of the calls took 5% longer than the fastest tenth.
+    fn spread(&self) -> f64 {
+        self.p10_p90.1 / self.p10_p90.0 - 1.0
+    }
     /// The ceiling that binds this point, and the fraction of it reached.
     fn bound(&self, ceil: &Ceilings) -> (&'static str, f64) {
         if ceil.compute_flops > 0.0 && self.intensity() > ceil.compute_flops / ceil.read_bw {
@@ -242,20 +250,33 @@ impl Measured {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median, 10th and 90th percentile of `v` (not empty).
+fn quantiles(mut v: Vec<f64>) -> Timing {
     v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+    let at = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+    Timing {
+        median: v[v.len() / 2],
+        p10: at(0.1),
+        p90: at(0.9),
+    }
+}
+
+/// Seconds per call of one engine at one point.
+struct Timing {
+    median: f64,
+    p10: f64,
+    p90: f64,
 }
 
 /// Times `pt` on every engine (the kernel under test first), interleaving
 /// the engines' runs so that both see the same machine noise. Returns the
-/// median seconds per engine.
+/// FLOPs, the bytes and each engine's call times.
 fn run_point(
     engines: &[&Engine],
     pt: Point,
     kv: &KvData,
     budget: f64,
-) -> Result<(f64, f64, Vec<f64>)> {
+) -> Result<(f64, f64, Vec<Timing>)> {
     let shape = DecodeShape::new(
         pt.batch as i32,
         pt.s_q as i32,
@@ -324,7 +345,7 @@ fn run_point(
     Ok((
         d.flops(),
         d.kv_bytes(),
-        times.into_iter().map(median).collect(),
+        times.into_iter().map(quantiles).collect(),
     ))
 }
 
@@ -394,10 +415,11 @@ pub fn run(opts: &Options) -> Result<()> {
     let threads = info.threads;
     let date = utc_now();
     println!(
-        "mlart {} bench — {} ({} threads), {date} UTC",
+        "mlart {} bench — {} ({} threads, {}), {date} UTC",
         env!("CARGO_PKG_VERSION"),
         info.device_name,
-        threads
+        threads,
+        info.thread_placement
     );
     println!(
         "backend {} kernel {}: {}",
@@ -457,8 +479,9 @@ pub fn run(opts: &Options) -> Result<()> {
             point: pt,
             flops,
             bytes,
-            seconds: secs[0],
-            scalar_seconds: secs.get(1).copied(),
+            seconds: secs[0].median,
+            p10_p90: (secs[0].p10, secs[0].p90),
+            scalar_seconds: secs.get(1).map(|t| t.median),
         };
         eprintln!(
             "[{:>3}/{n}] b {} N {} h_q {} s_q {} {} {}: {:.3} ms, {:.1} GFLOP/s{}",
@@ -524,7 +547,7 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let with_scalar = scalar.is_some();
     print!(
-        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7}",
+        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7} {:>7}",
         "batch",
         "seqlen",
         "h_q",
@@ -536,7 +559,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "GB/s",
         "FLOP/B",
         "bound",
-        "% ceil"
+        "% ceil",
+        "spread"
     );
     if with_scalar {
         print!(" {:>10} {:>8}", "scalar ms", "x scalar");
@@ -546,7 +570,7 @@ pub fn run(opts: &Options) -> Result<()> {
         let pt = &m.point;
         let (bound, fraction) = m.bound(&used);
         print!(
-            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}%",
+            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}% {:>6.1}%",
             pt.batch,
             pt.seqlen,
             pt.h_q,
@@ -558,7 +582,8 @@ pub fn run(opts: &Options) -> Result<()> {
             m.gbytes(),
             m.intensity(),
             bound,
-            fraction * 100.0
+            fraction * 100.0,
+            m.spread() * 100.0
         );
         if let (Some(s), Some(x)) = (m.scalar_seconds, m.speedup()) {
             print!(" {:>10.3} {:>7.2}x", s * 1e3, x);
@@ -629,7 +654,7 @@ fn to_json(r: &JsonRun) -> String {
             let (bound, fraction) = m.bound(r.used);
             format!(
                 "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \
-                 \"flops\": {:.6e}, \"bytes\": {:.6e}, \"seconds\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"intensity\": {:.3}, \
+                 \"flops\": {:.6e}, \"bytes\": {:.6e}, \"seconds\": {:.6e}, \"seconds_p10\": {:.6e}, \"seconds_p90\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"intensity\": {:.3}, \
                  \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}}}",
                 m.point.batch,
                 m.point.seqlen,
@@ -640,6 +665,8 @@ fn to_json(r: &JsonRun) -> String {
                 m.flops,
                 m.bytes,
                 m.seconds,
+                m.p10_p90.0,
+                m.p10_p90.1,
                 m.gflops(),
                 m.gbytes(),
                 m.intensity(),
@@ -652,7 +679,7 @@ fn to_json(r: &JsonRun) -> String {
         })
         .collect();
     format!(
-        "{{\n  \"version\": \"{}\",\n  \"date\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"reference_isa\": {},\n  \"threads\": {},\n  \"huge_pages\": {},\n  \"mode\": \"{}\",\n  \"seconds_per_point\": {},\n  \
+        "{{\n  \"version\": \"{}\",\n  \"date\": \"{}\",\n  \"device\": \"{}\",\n  \"backend\": \"{}\",\n  \"cpu_isa\": \"{}\",\n  \"reference_isa\": {},\n  \"threads\": {},\n  \"thread_placement\": \"{}\",\n  \"huge_pages\": {},\n  \"mode\": \"{}\",\n  \"seconds_per_point\": {},\n  \
          \"ceilings\": {{\n    \"rule\": \"used = max of before and after\",\n    \"before\": {},\n    \"after\": {},\n    \"used\": {},\n    \
          \"fma_gflops\": {:.3}, \"fma_isa\": \"{}\", \"compute_gflops\": {:.3}, \"compute_name\": \"{}\", \"read_gbytes_per_s\": {:.3}, \"balance_flop_per_byte\": {:.3}\n  }},\n  \"points\": [\n{}\n  ]\n}}\n",
         env!("CARGO_PKG_VERSION"),
@@ -662,6 +689,7 @@ fn to_json(r: &JsonRun) -> String {
         r.info.cpu_isa.name(),
         r.scalar_isa.map_or("null".to_string(), |s| format!("\"{s}\"")),
         r.info.threads,
+        esc(&r.info.thread_placement),
         r.huge_pages,
         r.mode,
         r.budget,
