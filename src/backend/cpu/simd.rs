@@ -1073,6 +1073,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 &mut []
             };
             let pair_v = |j: std::ops::Range<usize>| {
+                #[cfg(target_arch = "x86_64")]
                 if direct_pairs {
                     // SAFETY: as below; keys holds n rows of d2 >= dv / 2
                     // pairs and vp np * dv.
