@@ -66,32 +66,31 @@ pub struct Placement {
 /// on (`mask`, ascending; `None` where the OS cannot tell or pin).
 pub fn place(request: Affinity, threads: usize, mask: Option<&[usize]>) -> Placement {
     let unpinned = |why: String| Placement { cpus: None, why };
-    if request == Affinity::None {
-        return unpinned("not pinned (affinity NONE)".into());
-    }
-    let Some(mask) = mask.filter(|m| !m.is_empty()) else {
-        return unpinned("not pinned (this OS gives no CPU affinity)".into());
+    let mask = match (request, mask.filter(|m| !m.is_empty())) {
+        (Affinity::None, _) => return unpinned("not pinned (affinity NONE)".into()),
+        (_, None) => return unpinned("not pinned (this OS gives no CPU affinity)".into()),
+        (_, Some(mask)) => mask,
     };
-    match request {
-        Affinity::None => unpinned("not pinned (affinity NONE)".into()),
-        Affinity::Auto if threads != mask.len() => unpinned(format!(
-            "not pinned (auto: {threads} threads for the {} CPUs this process may use; \
-             pinning pays when the pool has one thread per CPU)",
-            mask.len()
-        )),
-        Affinity::Auto if threads < 2 => unpinned("not pinned (auto: one thread)".into()),
-        Affinity::Auto | Affinity::Pin => {
-            let cpus: Vec<usize> = (0..threads).map(|i| mask[i % mask.len()]).collect();
-            let how = if request == Affinity::Auto {
-                "auto: one thread per CPU of the process's mask"
-            } else {
-                "affinity PIN"
-            };
-            Placement {
-                why: format!("pinned to CPUs {} ({how})", list(&cpus)),
-                cpus: Some(cpus),
-            }
+    if request == Affinity::Auto {
+        if threads != mask.len() {
+            return unpinned(format!(
+                "not pinned (auto: {threads} threads for the {} CPUs this process may use; \
+                 pinning pays when the pool has one thread per CPU)",
+                mask.len()
+            ));
         }
+        if threads < 2 {
+            return unpinned("not pinned (auto: one thread)".into());
+        }
+    }
+    let cpus: Vec<usize> = (0..threads).map(|i| mask[i % mask.len()]).collect();
+    let how = match request {
+        Affinity::Auto => "auto: one thread per CPU of the process's mask",
+        _ => "affinity PIN",
+    };
+    Placement {
+        why: format!("pinned to CPUs {} ({how})", list(&cpus)),
+        cpus: Some(cpus),
     }
 }
 
