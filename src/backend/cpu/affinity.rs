@@ -4,8 +4,9 @@
 //! Why pin: between calls the pool's idle threads spin with
 //! `sched_yield`. Measured on a 2-vCPU VM, the scheduler then often woke
 //! both workers on one CPU while the other sat idle, so a call split in
-//! two halves ran them one after the other: a 0.43 ms decode took 0.88 ms
-//! in about half the runs. Pinned, every run took 0.43–0.58 ms.
+//! two halves ran them one after the other (75 of 100 traced calls): a
+//! 0.45 ms decode took 0.9–1.06 ms. Pinned, no traced call ran its halves
+//! one after the other (BENCHMARKS.md, "Ninth session").
 //!
 //! Pinning also has a cost: a pinned thread cannot move away from a CPU
 //! that something else keeps busy. So `Auto` pins only when the pool has
