@@ -435,49 +435,33 @@ mod avx512_tokens {
         let full = n / CHUNK * CHUNK;
         let mut i = 0;
         while i < full {
-            let mut wide = [(_mm512_setzero_ps(), _mm512_setzero_ps()); 4];
-            let mut s = [_mm512_setzero_ps(); 4];
+            // Row by row: each row's products follow its widening, rather
+            // than all four rows being widened first. Measured 7.5% faster
+            // (a 2048 x 7168 weight times four tokens with low halves, one
+            // thread: 3.35 -> 3.10 ms). Both orders keep some values on
+            // the stack: 16 sums, the row vectors, the words, the scales
+            // and the 4 tables exceed the 32 registers.
             for (r, row) in rows.iter().enumerate() {
                 prefetch(row.as_ptr().wrapping_add(i + ahead));
                 // SAFETY: codes i..i + 64 exist (i + 64 <= full <= n).
                 let codes = unsafe { _mm512_loadu_si512(row.as_ptr().add(i) as *const _) };
                 let (a, b) = super::avx512::widen(codes, &t, sign);
-                // SAFETY: same size; any bits are a valid vector.
-                wide[r] = unsafe {
-                    (
-                        std::mem::transmute::<__m512bh, __m512>(a),
-                        std::mem::transmute::<__m512bh, __m512>(b),
-                    )
-                };
                 // SAFETY (caller): the scale of the block holding code i.
-                s[r] = _mm512_set1_ps(unsafe { *scales[r].get_unchecked(i / block) });
-            }
-            for tok in 0..T {
-                // SAFETY (caller): chunk i / CHUNK is full and below n, so
-                // its 128 split words exist in xs[tok].
-                let xv: [__m512bh; 4] = unsafe {
-                    let w = xs[tok].as_ptr().add(i / CHUNK * 2 * CHUNK);
-                    [0, 32, 64, 96].map(|o| {
-                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                            w.add(o) as *const _
-                        ))
-                    })
-                };
-                for r in 0..4 {
-                    // SAFETY: same size; any bits are a valid vector.
-                    let (a, b) = unsafe {
-                        (
-                            std::mem::transmute::<__m512, __m512bh>(wide[r].0),
-                            std::mem::transmute::<__m512, __m512bh>(wide[r].1),
-                        )
+                let s = _mm512_set1_ps(unsafe { *scales[r].get_unchecked(i / block) });
+                for tok in 0..T {
+                    // SAFETY (caller): chunk i / CHUNK is full and below n,
+                    // so its 128 split words exist in xs[tok].
+                    let xv = |o: usize| unsafe {
+                        let w = xs[tok].as_ptr().add(i / CHUNK * 2 * CHUNK + o);
+                        std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(w as *const _))
                     };
-                    let mut acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), a, xv[0]);
-                    acc = _mm512_dpbf16_ps(acc, b, xv[2]);
+                    let mut acc = _mm512_dpbf16_ps(_mm512_setzero_ps(), a, xv(0));
+                    acc = _mm512_dpbf16_ps(acc, b, xv(64));
                     if LO {
-                        acc = _mm512_dpbf16_ps(acc, a, xv[1]);
-                        acc = _mm512_dpbf16_ps(acc, b, xv[3]);
+                        acc = _mm512_dpbf16_ps(acc, a, xv(32));
+                        acc = _mm512_dpbf16_ps(acc, b, xv(96));
                     }
-                    total[tok][r] = _mm512_fmadd_ps(acc, s[r], total[tok][r]);
+                    total[tok][r] = _mm512_fmadd_ps(acc, s, total[tok][r]);
                 }
             }
             i += CHUNK;
