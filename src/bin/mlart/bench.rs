@@ -208,19 +208,18 @@ struct Measured {
     point: Point,
     flops: f64,
     bytes: f64,
-    /// Median seconds per call of the kernel under test.
-    seconds: f64,
-    /// Its 10th and 90th percentiles: how much this VM's runs spread.
-    p10_p90: (f64, f64),
+    /// Seconds per call of the kernel under test.
+    time: Timing,
+    /// Median seconds per call of the scalar reference, if timed.
     scalar_seconds: Option<f64>,
 }
 
 impl Measured {
     fn gflops(&self) -> f64 {
-        self.flops / self.seconds / 1e9
+        self.flops / self.time.median / 1e9
     }
     fn gbytes(&self) -> f64 {
-        self.bytes / self.seconds / 1e9
+        self.bytes / self.time.median / 1e9
     }
     /// Arithmetic intensity, FLOP per cache byte.
     fn intensity(&self) -> f64 {
@@ -230,22 +229,22 @@ impl Measured {
         self.scalar_seconds.map(|s| self.flops / s / 1e9)
     }
     fn speedup(&self) -> Option<f64> {
-        self.scalar_seconds.map(|s| s / self.seconds)
+        self.scalar_seconds.map(|s| s / self.time.median)
     }
     /// p90 over p10 of the call times, minus one: 0.05 = the slowest tenth
     /// of the calls took 5% longer than the fastest tenth.
     fn spread(&self) -> f64 {
-        self.p10_p90.1 / self.p10_p90.0 - 1.0
+        self.time.p90 / self.time.p10 - 1.0
     }
     /// The ceiling that binds this point, and the fraction of it reached.
     fn bound(&self, ceil: &Ceilings) -> (&'static str, f64) {
         if ceil.compute_flops > 0.0 && self.intensity() > ceil.compute_flops / ceil.read_bw {
             (
                 ceil.compute_name,
-                self.flops / self.seconds / ceil.compute_flops,
+                self.flops / self.time.median / ceil.compute_flops,
             )
         } else {
-            ("dram read", self.bytes / self.seconds / ceil.read_bw)
+            ("dram read", self.bytes / self.time.median / ceil.read_bw)
         }
     }
 }
@@ -261,7 +260,8 @@ fn quantiles(mut v: Vec<f64>) -> Timing {
     }
 }
 
-/// Seconds per call of one engine at one point.
+/// Seconds per call of one engine at one point: the median, and the 10th
+/// and 90th percentiles (how much this VM's runs spread).
 struct Timing {
     median: f64,
     p10: f64,
@@ -474,14 +474,13 @@ pub fn run(opts: &Options) -> Result<()> {
             kv = Some(build_kv(&pt, opts.huge_pages)?);
         }
         let data = kv.as_ref().expect("built above");
-        let (flops, bytes, secs) = run_point(&engines, pt, data, budget)?;
+        let (flops, bytes, mut secs) = run_point(&engines, pt, data, budget)?;
         let m = Measured {
             point: pt,
             flops,
             bytes,
-            seconds: secs[0].median,
-            p10_p90: (secs[0].p10, secs[0].p90),
             scalar_seconds: secs.get(1).map(|t| t.median),
+            time: secs.swap_remove(0),
         };
         eprintln!(
             "[{:>3}/{n}] b {} N {} h_q {} s_q {} {} {}: {:.3} ms, {:.1} GFLOP/s{}",
@@ -492,12 +491,12 @@ pub fn run(opts: &Options) -> Result<()> {
             pt.s_q,
             pt.format.name(),
             topk_name(pt.topk),
-            m.seconds * 1e3,
+            m.time.median * 1e3,
             m.gflops(),
             m.scalar_seconds.map_or(String::new(), |s| format!(
                 "; scalar {:.3} ms, {:.2}x",
                 s * 1e3,
-                s / m.seconds
+                s / m.time.median
             ))
         );
         results.push(m);
@@ -577,7 +576,7 @@ pub fn run(opts: &Options) -> Result<()> {
             pt.s_q,
             pt.format.name(),
             topk_name(pt.topk),
-            m.seconds * 1e3,
+            m.time.median * 1e3,
             m.gflops(),
             m.gbytes(),
             m.intensity(),
@@ -664,9 +663,9 @@ fn to_json(r: &JsonRun) -> String {
                 m.point.topk.map_or("null".to_string(), |k| k.to_string()),
                 m.flops,
                 m.bytes,
-                m.seconds,
-                m.p10_p90.0,
-                m.p10_p90.1,
+                m.time.median,
+                m.time.p10,
+                m.time.p90,
                 m.gflops(),
                 m.gbytes(),
                 m.intensity(),
