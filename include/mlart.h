@@ -525,6 +525,15 @@ typedef struct mlart_model_props {
    * GEMM on `vdpbf16ps`).
    */
   mlart_cpu_isa projection_isa;
+  /**
+   * DeepSeek-V3.2's sparse-attention indexer (`index_n_heads`,
+   * `index_head_dim`, `index_topk`); all 0 for models without one. A
+   * pool for this model needs `index_head_dim` in its options. Since
+   * 0.4; a struct_size of 0.1 or 0.2/0.3 gets only its prefix written.
+   */
+  int32_t index_n_heads;
+  int32_t index_head_dim;
+  int32_t index_topk;
 } mlart_model_props;
 
 /**
@@ -569,6 +578,15 @@ typedef struct mlart_forward_args {
    * Attention block output [sum(n_tokens), hidden_size].
    */
   void *out;
+  /**
+   * Optional, DeepSeek-V3.2 models only: receives the positions each new
+   * token attended to, as the indexer chose them, [sum(n_tokens),
+   * index_topk] int32, ascending, -1 after the last (a token at position
+   * p < index_topk attends to all of 0..p). Since 0.4: a struct_size of
+   * 64 (the earlier layout, which ends before this field) is still
+   * accepted, and the field is then NULL.
+   */
+  int32_t *index_out;
 } mlart_forward_args;
 
 /**
@@ -600,6 +618,16 @@ typedef struct mlart_kv_pool_options {
    * `block_size` tokens in every layer). Required: default 0 is rejected.
    */
   int32_t num_blocks;
+  /**
+   * Elements of a DeepSeek-V3.2 indexer key per token and layer
+   * (`mlart_model_props.index_head_dim`, 128), or 0 (default) for none.
+   * A V3.2 model's forward needs a pool with its value: the pool then
+   * keeps each token's indexer key beside its cache row (index_head_dim
+   * + 4 bytes, host memory) and accepts rows only from that forward.
+   * Since 0.4: a struct_size of 24 (the earlier layout, which ends
+   * before this field) is still accepted, and the field is then 0.
+   */
+  int32_t index_head_dim;
 } mlart_kv_pool_options;
 
 /**

@@ -891,6 +891,7 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
             num_layers: 2,
             block_size: bs,
             num_blocks: 64,
+            index_dim: 0,
         };
         let pools = [
             KvPool::new(cpu.clone(), opts).unwrap(),
@@ -1100,6 +1101,7 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
             num_layers: 1,
             block_size: 16,
             num_blocks: 16,
+            index_dim: 0,
         };
         let pools = [
             KvPool::new(cpu.clone(), popts).unwrap(),

@@ -262,6 +262,7 @@ impl Geo {
             num_layers: 0,
             block_size: 0,
             num_blocks: 0,
+            index_head_dim: 0,
         };
         mlart_kv_pool_options_init(&mut o);
         o.kv_format = self.fmt;

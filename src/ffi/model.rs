@@ -7,8 +7,8 @@ use super::panic::{ffi_result, ffi_value};
 use super::pool::{mlart_kv_pool, pool_ref};
 use super::types::*;
 use super::{
-    check_disjoint, non_negative, read_struct, read_struct_versions, slice, slice_mut,
-    write_struct_prefix, Region,
+    check_disjoint, non_negative, read_struct_versions, slice, slice_mut, write_struct_prefix,
+    Region,
 };
 use crate::error::{checked_size, Error, Result};
 use crate::format::{load_slice, store_slice, Dtype};
@@ -120,6 +120,13 @@ pub struct mlart_model_props {
     /// code), AVX2, AVX512 or AVX512_BF16 (FP8 dot products and the prefill
     /// GEMM on `vdpbf16ps`).
     pub projection_isa: mlart_cpu_isa,
+    /// DeepSeek-V3.2's sparse-attention indexer (`index_n_heads`,
+    /// `index_head_dim`, `index_topk`); all 0 for models without one. A
+    /// pool for this model needs `index_head_dim` in its options. Since
+    /// 0.4; a struct_size of 0.1 or 0.2/0.3 gets only its prefix written.
+    pub index_n_heads: i32,
+    pub index_head_dim: i32,
+    pub index_topk: i32,
 }
 
 /// `sizeof(mlart_model_props)` in 0.1, before `activations` and
@@ -128,6 +135,9 @@ pub struct mlart_model_props {
 const MODEL_PROPS_SIZE_0_1: usize = std::mem::offset_of!(mlart_model_props, activations);
 // The 0.1 layout ended with the u64 bytes_loaded at offset 128.
 const _: () = assert!(MODEL_PROPS_SIZE_0_1 == 136);
+/// `sizeof(mlart_model_props)` in 0.2 and 0.3, before the indexer fields.
+const MODEL_PROPS_SIZE_0_3: usize = std::mem::offset_of!(mlart_model_props, index_n_heads);
+const _: () = assert!(MODEL_PROPS_SIZE_0_3 == 144);
 
 /// Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
 #[repr(C)]
@@ -153,7 +163,18 @@ pub struct mlart_forward_args {
     pub out_dtype: mlart_dtype,
     /// Attention block output [sum(n_tokens), hidden_size].
     pub out: *mut c_void,
+    /// Optional, DeepSeek-V3.2 models only: receives the positions each new
+    /// token attended to, as the indexer chose them, [sum(n_tokens),
+    /// index_topk] int32, ascending, -1 after the last (a token at position
+    /// p < index_topk attends to all of 0..p). Since 0.4: a struct_size of
+    /// 64 (the earlier layout, which ends before this field) is still
+    /// accepted, and the field is then NULL.
+    pub index_out: *mut i32,
 }
+
+/// `sizeof(mlart_forward_args)` before `index_out` was appended.
+const FORWARD_ARGS_SIZE_BEFORE_INDEX: usize = std::mem::offset_of!(mlart_forward_args, index_out);
+const _: () = assert!(FORWARD_ARGS_SIZE_BEFORE_INDEX == 64);
 
 /// Fills `options` with the defaults. NULL is ignored.
 #[no_mangle]
@@ -204,6 +225,7 @@ pub extern "C" fn mlart_forward_args_init(args: *mut mlart_forward_args) {
                 x: std::ptr::null(),
                 out_dtype: MLART_DTYPE_F32,
                 out: std::ptr::null_mut(),
+                index_out: std::ptr::null_mut(),
             };
         }
     })
@@ -336,7 +358,7 @@ pub extern "C" fn mlart_model_info(
                 out as *const mlart_model_props,
                 "out",
                 "mlart_model_props_init",
-                &[MODEL_PROPS_SIZE_0_1],
+                &[MODEL_PROPS_SIZE_0_1, MODEL_PROPS_SIZE_0_3],
                 Some(defaults.assume_init()),
             )
         }?;
@@ -376,6 +398,11 @@ pub extern "C" fn mlart_model_info(
             Level::Avx512 => MLART_CPU_ISA_AVX512,
             Level::Avx512Bf16 => MLART_CPU_ISA_AVX512_BF16,
         };
+        if let Some(ix) = &c.indexer {
+            p.index_n_heads = i(ix.heads);
+            p.index_head_dim = i(ix.head_dim);
+            p.index_topk = i(ix.topk);
+        }
         // SAFETY: out is non-NULL (checked by read_struct_versions) and has
         // struct_size writable bytes, which p.struct_size holds.
         unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
@@ -392,8 +419,19 @@ fn forward(
     let m = unsafe { model_ref(model) }?;
     // SAFETY: handle contracts.
     let p = unsafe { pool_ref(pool) }?;
-    // SAFETY: a non-NULL args points to a caller struct.
-    let a = unsafe { read_struct(args, "args", "mlart_forward_args_init") }?;
+    let mut defaults = std::mem::MaybeUninit::<mlart_forward_args>::uninit();
+    mlart_forward_args_init(defaults.as_mut_ptr());
+    // SAFETY: a non-NULL args points to a caller struct of struct_size
+    // bytes; plain data; defaults initialized just above.
+    let a = unsafe {
+        read_struct_versions(
+            args,
+            "args",
+            "mlart_forward_args_init",
+            &[FORWARD_ARGS_SIZE_BEFORE_INDEX],
+            Some(defaults.assume_init()),
+        )
+    }?;
     if a.batch < 1 {
         return Err(Error::invalid(format!("batch = {} must be >= 1", a.batch)));
     }
@@ -430,12 +468,50 @@ fn forward(
             Region::of("n_tokens", counts),
         ],
     )?;
+    let index_len = match (&m.config.indexer, a.index_out.is_null()) {
+        (_, true) => 0,
+        (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
+        (None, false) => {
+            return Err(Error::invalid(format!(
+                "index_out is set but this model ({}) has no sparse-attention indexer",
+                m.config.model_type
+            )))
+        }
+    };
+    let index_region = Region {
+        name: "index_out",
+        start: a.index_out as usize,
+        len: index_len,
+    };
+    check_disjoint(
+        &index_region,
+        &[
+            Region::of("x", x),
+            Region::of("seq_ids", ids),
+            Region::of("n_tokens", counts),
+            out_region,
+        ],
+    )?;
     // SAFETY: out holds sum(n_tokens) * hidden elements, disjoint from the inputs.
     let out = unsafe { slice_mut(a.out as *mut u8, out_len, "out") }?;
     let mut xf = vec![0f32; total * hid];
     load_slice(x_dtype, x, &mut xf);
-    let y = m.forward(p, a.layer as i64, ids, &n, &xf)?;
+    let mut index = vec![0i32; index_len / 4];
+    let y = m.forward_with(
+        p,
+        a.layer as i64,
+        ids,
+        &n,
+        &xf,
+        (index_len > 0).then_some(&mut index[..]),
+    )?;
     store_slice(out_dtype, &y, out);
+    if index_len > 0 {
+        // SAFETY: index_out holds sum(n_tokens) * index_topk int32 (caller
+        // contract), disjoint from the other arguments (checked above).
+        let dst = unsafe { slice_mut(a.index_out, index.len(), "index_out") }?;
+        dst.copy_from_slice(&index);
+    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use super::engine::{engine_ref, mlart_engine};
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::types::*;
-use super::{non_negative, read_struct, slice, Region};
+use super::{non_negative, read_struct, read_struct_versions, slice, Region};
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
@@ -42,7 +42,20 @@ pub struct mlart_kv_pool_options {
     /// Blocks in the pool (shared by all sequences; one block covers
     /// `block_size` tokens in every layer). Required: default 0 is rejected.
     pub num_blocks: i32,
+    /// Elements of a DeepSeek-V3.2 indexer key per token and layer
+    /// (`mlart_model_props.index_head_dim`, 128), or 0 (default) for none.
+    /// A V3.2 model's forward needs a pool with its value: the pool then
+    /// keeps each token's indexer key beside its cache row (index_head_dim
+    /// + 4 bytes, host memory) and accepts rows only from that forward.
+    /// Since 0.4: a struct_size of 24 (the earlier layout, which ends
+    /// before this field) is still accepted, and the field is then 0.
+    pub index_head_dim: i32,
 }
+
+/// `sizeof(mlart_kv_pool_options)` before `index_head_dim` was appended.
+const POOL_OPTIONS_SIZE_BEFORE_INDEX: usize =
+    std::mem::offset_of!(mlart_kv_pool_options, index_head_dim);
+const _: () = assert!(POOL_OPTIONS_SIZE_BEFORE_INDEX == 24);
 
 /// Occupancy of a pool. Set `struct_size` with `mlart_kv_pool_stats_init`.
 #[repr(C)]
@@ -127,6 +140,7 @@ pub extern "C" fn mlart_kv_pool_options_init(options: *mut mlart_kv_pool_options
                 num_layers: 1,
                 block_size: 64,
                 num_blocks: 0,
+                index_head_dim: 0,
             };
         }
     })
@@ -210,6 +224,7 @@ fn pool_options(o: &mlart_kv_pool_options) -> Result<PoolOptions> {
         num_layers: pos("num_layers", o.num_layers)?,
         block_size: pos("block_size", o.block_size)?,
         num_blocks: pos("num_blocks", o.num_blocks)?,
+        index_dim: non_negative("options->index_head_dim", o.index_head_dim as i64)?,
     })
 }
 
@@ -226,8 +241,19 @@ pub extern "C" fn mlart_kv_pool_create(
     ffi_result("mlart_kv_pool_create", || {
         // SAFETY: engine handle contract.
         let engine = unsafe { engine_ref(engine) }?;
-        // SAFETY: a non-NULL options points to a caller struct.
-        let o = unsafe { read_struct(options, "options", "mlart_kv_pool_options_init") }?;
+        let mut defaults = std::mem::MaybeUninit::<mlart_kv_pool_options>::uninit();
+        mlart_kv_pool_options_init(defaults.as_mut_ptr());
+        // SAFETY: a non-NULL options points to a caller struct of
+        // struct_size bytes; plain data; defaults initialized just above.
+        let o = unsafe {
+            read_struct_versions(
+                options,
+                "options",
+                "mlart_kv_pool_options_init",
+                &[POOL_OPTIONS_SIZE_BEFORE_INDEX],
+                Some(defaults.assume_init()),
+            )
+        }?;
         if out.is_null() {
             return Err(Error::null("out"));
         }

@@ -35,6 +35,21 @@ pub struct PoolOptions {
     pub num_layers: usize,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Elements of an indexer key per token (DeepSeek-V3.2's
+    /// `index_head_dim`), 0 for none. A pool with indexer keys keeps, per
+    /// layer and token, the key as E4M3 codes and its f32 scale
+    /// ([`index_row_bytes`]) beside the cache row, in host memory; rows
+    /// reach it only through a model forward, which writes both.
+    pub index_dim: usize,
+}
+
+/// Bytes of one token's indexer key: `dim` E4M3 codes, then its f32 scale.
+pub fn index_row_bytes(dim: usize) -> usize {
+    if dim == 0 {
+        0
+    } else {
+        dim + 4
+    }
 }
 
 /// Sparse attention over a pool: per query token, logical positions.
@@ -83,6 +98,9 @@ enum LayerMem {
 struct State {
     /// Per layer: `[num_blocks, block_size, row]`.
     layers: Vec<LayerMem>,
+    /// Per layer: `[num_blocks, block_size, index_row_bytes]`, host memory
+    /// (the indexer runs on the CPU); empty without indexer keys.
+    index: Vec<Buffer>,
     refcount: Vec<u32>,
     free: Vec<i32>,
     seqs: HashMap<u64, Sequence>,
@@ -120,9 +138,33 @@ impl KvPool {
         check_range("num_layers", opts.num_layers as i64, 1, 1 << 16)?;
         check_range("block_size", opts.block_size as i64, 1, 1 << 20)?;
         check_range("num_blocks", opts.num_blocks as i64, 1, i32::MAX as i64)?;
+        check_range(
+            "index_head_dim",
+            opts.index_dim as i64,
+            0,
+            crate::model::config::MAX_INDEX_HEAD_DIM as i64 + 1,
+        )?;
         let layout = KvLayout::new(opts.format, opts.d_qk, opts.block_size, "kv_format")?;
         let layer_bytes = layout.cache_bytes(opts.num_blocks)?;
         checked_size("kv pool", &[layer_bytes, opts.num_layers])?;
+        let index_bytes = checked_size(
+            "kv pool indexer keys",
+            &[
+                index_row_bytes(opts.index_dim),
+                opts.block_size,
+                opts.num_blocks,
+                opts.num_layers,
+            ],
+        )? / opts.num_layers;
+        let index = if opts.index_dim == 0 {
+            Vec::new()
+        } else {
+            (0..opts.num_layers)
+                .map(|l| {
+                    Buffer::host_zeroed(&format!("kv pool layer {l} indexer keys"), index_bytes)
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
         let layers = match engine.backend().cuda() {
             None => (0..opts.num_layers)
                 .map(|l| {
@@ -159,6 +201,7 @@ impl KvPool {
             layout,
             state: RwLock::new(State {
                 layers,
+                index,
                 refcount: vec![0; opts.num_blocks],
                 // Pop from the end: hand out low block ids first.
                 free: (0..opts.num_blocks as i32).rev().collect(),
@@ -186,7 +229,9 @@ impl KvPool {
 
     pub fn stats(&self) -> PoolStats {
         let st = self.state.read();
-        let bytes_per_block = self.layout.block_bytes * self.opts.num_layers;
+        let bytes_per_block = (self.layout.block_bytes
+            + index_row_bytes(self.opts.index_dim) * self.opts.block_size)
+            * self.opts.num_layers;
         PoolStats {
             blocks_total: self.opts.num_blocks,
             blocks_used: self.opts.num_blocks - st.free.len(),
@@ -287,6 +332,18 @@ impl KvPool {
         self.append_batch(layer, &[(seq, n, src)], dtype)
     }
 
+    /// Rejects a plain append to a pool with indexer keys: its tokens would
+    /// have no key for the indexer to score.
+    fn check_no_index(&self) -> Result<()> {
+        if self.opts.index_dim != 0 {
+            return Err(Error::invalid(format!(
+                "this pool keeps indexer keys (index_head_dim = {}): its rows are appended by a DeepSeek-V3.2 model's forward, which computes them, not by a plain append",
+                self.opts.index_dim
+            )));
+        }
+        Ok(())
+    }
+
     /// Appends rows to several sequences of one layer, all or nothing:
     /// the blocks every sequence needs (new ones and copy-on-write copies)
     /// are counted under one lock before anything changes.
@@ -296,7 +353,41 @@ impl KvPool {
         items: &[(u64, usize, &[u8])],
         dtype: Dtype,
     ) -> Result<()> {
+        self.check_no_index()?;
+        self.append_batch_indexed(layer, items, dtype, None)
+    }
+
+    /// [`Self::append_batch`] that also writes each item's indexer keys:
+    /// `index[i]` holds `n` rows of [`index_row_bytes`] for item `i`.
+    /// Required (and only allowed) when the pool keeps indexer keys.
+    pub fn append_batch_indexed(
+        &self,
+        layer: i64,
+        items: &[(u64, usize, &[u8])],
+        dtype: Dtype,
+        index: Option<&[&[u8]]>,
+    ) -> Result<()> {
         let layer = self.layer_index(layer)?;
+        let irow = index_row_bytes(self.opts.index_dim);
+        match index {
+            None if irow != 0 => {
+                return Err(Error::internal("indexer keys missing for an indexed pool"))
+            }
+            Some(_) if irow == 0 => {
+                return Err(Error::internal("indexer keys for a pool without them"))
+            }
+            Some(ix) => {
+                if ix.len() != items.len()
+                    || ix
+                        .iter()
+                        .zip(items)
+                        .any(|(r, &(_, n, _))| r.len() < n * irow)
+                {
+                    return Err(Error::internal("indexer key rows do not match the items"));
+                }
+            }
+            None => {}
+        }
         dtype.check_activation("dtype")?;
         let src_row = self.opts.d_qk * dtype.size();
         let bs = self.opts.block_size;
@@ -389,6 +480,9 @@ impl KvPool {
         }
         // Data: copy-on-write copies (every layer), then the rows.
         self.write_data(st, layer, items, &applies, dtype)?;
+        if let Some(ix) = index {
+            self.write_index(st, layer, items, &applies, ix);
+        }
         // Commit; nothing can fail from here on.
         st.free.truncate(st.free.len() - needed);
         for (&(seq, _, _), a) in items.iter().zip(applies) {
@@ -496,6 +590,62 @@ impl KvPool {
                 cuda.sync()
             }
         }
+    }
+
+    /// Writes an append's indexer keys (host memory): the copy-on-write
+    /// copies of every layer's keys, then the new rows. Cannot fail.
+    fn write_index(
+        &self,
+        st: &mut State,
+        layer: usize,
+        items: &[(u64, usize, &[u8])],
+        applies: &[PlannedAppend],
+        index: &[&[u8]],
+    ) {
+        let bs = self.opts.block_size;
+        let irow = index_row_bytes(self.opts.index_dim);
+        let block_bytes = irow * bs;
+        for a in applies {
+            for &(old, new) in &a.copies {
+                for buf in st.index.iter_mut() {
+                    buf.as_mut_slice().copy_within(
+                        old as usize * block_bytes..(old as usize + 1) * block_bytes,
+                        new as usize * block_bytes,
+                    );
+                }
+            }
+        }
+        let data = st.index[layer].as_mut_slice();
+        for ((&(_, n, _), a), rows) in items.iter().zip(applies).zip(index) {
+            for k in 0..n {
+                let t = a.start + k;
+                let at = (a.blocks[t / bs] as usize * bs + t % bs) * irow;
+                data[at..at + irow].copy_from_slice(&rows[k * irow..(k + 1) * irow]);
+            }
+        }
+    }
+
+    /// Calls `f` with a reader of the indexer keys of `seq` in `layer`
+    /// (positions `0..len`), under the pool's read lock.
+    pub fn with_index_keys<R>(
+        &self,
+        seq: u64,
+        layer: i64,
+        f: impl FnOnce(IndexKeys<'_>) -> R,
+    ) -> Result<R> {
+        let layer = self.layer_index(layer)?;
+        if self.opts.index_dim == 0 {
+            return Err(Error::internal("the pool keeps no indexer keys"));
+        }
+        let st = self.state.read();
+        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+        Ok(f(IndexKeys {
+            data: st.index[layer].as_slice(),
+            blocks: &s.blocks,
+            len: s.lens[layer],
+            block_size: self.opts.block_size,
+            dim: self.opts.index_dim,
+        }))
     }
 
     /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the
@@ -680,6 +830,34 @@ impl KvPool {
             None => d,
         };
         self.engine.decode(&d, out)
+    }
+}
+
+/// The indexer keys of one sequence in one layer (see
+/// [`KvPool::with_index_keys`]).
+pub struct IndexKeys<'a> {
+    data: &'a [u8],
+    blocks: &'a [i32],
+    /// Tokens stored.
+    pub len: usize,
+    block_size: usize,
+    /// Elements per key.
+    pub dim: usize,
+}
+
+impl IndexKeys<'_> {
+    /// Token `t`'s key: its E4M3 codes and its scale.
+    pub fn key(&self, t: usize) -> (&[u8], f32) {
+        let irow = index_row_bytes(self.dim);
+        let at = (self.blocks[t / self.block_size] as usize * self.block_size
+            + t % self.block_size)
+            * irow;
+        let row = &self.data[at..at + irow];
+        let (codes, scale) = row.split_at(self.dim);
+        (
+            codes,
+            f32::from_le_bytes([scale[0], scale[1], scale[2], scale[3]]),
+        )
     }
 }
 

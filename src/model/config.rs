@@ -59,6 +59,27 @@ struct RawConfig {
     rope_theta: f64,
     rope_scaling: Option<RawRopeScaling>,
     max_position_embeddings: Option<usize>,
+    index_n_heads: Option<usize>,
+    index_head_dim: Option<usize>,
+    index_topk: Option<usize>,
+    quantization_config: Option<serde_json::Value>,
+}
+
+/// DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): per query
+/// token it scores every earlier token and the attention keeps the `topk`
+/// best (`inference/model.py`, class `Indexer`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexerConfig {
+    /// `index_n_heads` (64 in V3.2).
+    pub heads: usize,
+    /// `index_head_dim` (128): a power of two, at least `qk_rope_head_dim`.
+    pub head_dim: usize,
+    /// `index_topk` (2048): tokens each query attends to.
+    pub topk: usize,
+    /// The FP8 scales of the indexer's queries and keys are rounded up to a
+    /// power of two (`quantization_config.scale_fmt = "ue8m0"`), as
+    /// DeepSeek's reference does with that setting.
+    pub pow2_scales: bool,
 }
 
 /// The attention-relevant part of a DeepSeek config.
@@ -78,10 +99,16 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     pub yarn: Option<Yarn>,
     pub max_position_embeddings: usize,
+    /// The sparse-attention indexer of `deepseek_v32`; `None` otherwise.
+    pub indexer: Option<IndexerConfig>,
 }
 
 /// Model types this loader understands.
 pub const MODEL_TYPES: [&str; 3] = ["deepseek_v2", "deepseek_v3", "deepseek_v32"];
+
+/// Largest `index_head_dim`: DeepSeek quantizes the indexer's queries and
+/// keys with one FP8 scale per 128 values, so up to 128 one scale covers a key.
+pub const MAX_INDEX_HEAD_DIM: usize = 128;
 
 /// Largest dimension, and largest projection row count, of a config: the C
 /// API reports them as `int32_t`.
@@ -115,7 +142,32 @@ impl ModelConfig {
                 }
             },
         };
+        let indexer = if model_type == "deepseek_v32" {
+            let need = |name: &str, v: Option<usize>| {
+                v.ok_or_else(|| {
+                    Error::new(
+                        Status::Format,
+                        format!("{path}: model_type \"deepseek_v32\" needs {name} (its sparse-attention indexer)"),
+                    )
+                })
+            };
+            let pow2_scales = raw
+                .quantization_config
+                .as_ref()
+                .and_then(|q| q.get("scale_fmt"))
+                .and_then(|f| f.as_str())
+                == Some("ue8m0");
+            Some(IndexerConfig {
+                heads: need("index_n_heads", raw.index_n_heads)?,
+                head_dim: need("index_head_dim", raw.index_head_dim)?,
+                topk: need("index_topk", raw.index_topk)?,
+                pow2_scales,
+            })
+        } else {
+            None
+        };
         let c = ModelConfig {
+            indexer,
             model_type,
             hidden_size: raw.hidden_size,
             num_heads: raw.num_attention_heads,
@@ -190,6 +242,32 @@ impl ModelConfig {
                 "kv_lora_rank + qk_rope_head_dim = {} exceeds the supported 1024",
                 self.d_qk()
             ));
+        }
+        if let Some(ix) = &self.indexer {
+            if self.q_lora_rank.is_none() {
+                return bad(
+                    "deepseek_v32 needs q_lora_rank: its indexer reads the q_a_layernorm output"
+                        .into(),
+                );
+            }
+            if ix.heads == 0 || ix.heads > 1024 {
+                return bad(format!("index_n_heads = {} must be in [1, 1024]", ix.heads));
+            }
+            if !ix.head_dim.is_power_of_two()
+                || ix.head_dim < self.qk_rope_head_dim
+                || ix.head_dim > MAX_INDEX_HEAD_DIM
+            {
+                return bad(format!(
+                    "index_head_dim = {} must be a power of two in [qk_rope_head_dim = {}, {MAX_INDEX_HEAD_DIM}] (the Hadamard rotation)",
+                    ix.head_dim, self.qk_rope_head_dim
+                ));
+            }
+            if ix.topk == 0 || ix.topk > DIM_LIMIT {
+                return bad(format!(
+                    "index_topk = {} must be in [1, {DIM_LIMIT}]",
+                    ix.topk
+                ));
+            }
         }
         if self.rms_norm_eps.is_nan()
             || self.rms_norm_eps < 0.0

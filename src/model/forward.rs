@@ -34,10 +34,38 @@ impl Model {
         n_tokens: &[usize],
         x: &[f32],
     ) -> Result<Vec<f32>> {
+        self.forward_with(pool, layer, seqs, n_tokens, x, None)
+    }
+
+    /// [`Self::forward`]; for a DeepSeek-V3.2 model `index_out`, if given,
+    /// receives per new token the positions it attended to
+    /// `[total, index_topk]` (ascending, -1 after the last).
+    pub fn forward_with(
+        &self,
+        pool: &KvPool,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        x: &[f32],
+        mut index_out: Option<&mut [i32]>,
+    ) -> Result<Vec<f32>> {
         let lw = self.layer(layer)?;
         let c = &self.config;
         let pl = layer - self.first_layer as i64;
         let po = pool.options();
+        let want_dim = c.indexer.map_or(0, |ix| ix.head_dim);
+        if po.index_dim != want_dim {
+            return Err(Error::invalid(match c.indexer {
+                Some(_) => format!(
+                    "pool index_head_dim = {} but this DeepSeek-V3.2 model's indexer keys have index_head_dim = {want_dim}: create the pool with that index_head_dim",
+                    po.index_dim
+                ),
+                None => format!(
+                    "pool index_head_dim = {} but this model ({}) has no sparse-attention indexer: create the pool with index_head_dim = 0",
+                    po.index_dim, c.model_type
+                ),
+            }));
+        }
         if po.d_qk != c.d_qk() {
             return Err(Error::invalid(format!(
                 "pool d_qk = {} but this model's cache rows are kv_lora_rank + qk_rope_head_dim = {}",
@@ -66,12 +94,20 @@ impl Model {
         if x.len() < total * hid {
             return Err(Error::internal("x is smaller than [total_tokens, hidden]"));
         }
+        let topk = c.indexer.map_or(0, |ix| ix.topk);
+        if let Some(io) = &index_out {
+            if c.indexer.is_none() || io.len() < total * topk {
+                return Err(Error::internal(
+                    "index_out is not [total_tokens, index_topk]",
+                ));
+            }
+        }
         let start: Vec<usize> = seqs
             .iter()
             .map(|&s| pool.len(s, pl))
             .collect::<Result<_>>()?;
         if total > PASS_TOKENS {
-            return self.forward_in_passes(pool, layer, seqs, n_tokens, x, &start);
+            return self.forward_in_passes(pool, layer, seqs, n_tokens, x, &start, index_out);
         }
         let mut first_tok = Vec::with_capacity(seqs.len());
         let mut acc = 0;
@@ -92,14 +128,19 @@ impl Model {
         // Every buffer below is written in full before it is read.
         let sc = &self.scratch;
         self.engine.install(|| -> Result<Vec<f32>> {
-            // Queries.
+            // Queries, and the indexer's (V3.2), which start from the
+            // same normed q_a output.
             let mut q = sc.overwritten::<f32>(total * h * qk);
+            let mut ix = None;
             match &lw.q {
                 QProj::Lora { a, norm, b } => {
                     let mut qa = sc.overwritten::<f32>(total * a.out);
                     a.matmul_with(x, total, &mut qa, sc);
                     rms_norm(&mut qa, norm, eps);
                     b.matmul_with(&qa, total, &mut q, sc);
+                    if let Some(idx) = &lw.indexer {
+                        ix = Some(idx.prepare(&x[..total * hid], &qa, &pos, &self.rope, sc));
+                    }
                 }
                 QProj::Direct(w) => w.matmul_with(x, total, &mut q, sc),
             }
@@ -135,7 +176,16 @@ impl Model {
                     )
                 })
                 .collect();
-            pool.append_batch(pl, &items, Dtype::F32)?;
+            match &ix {
+                None => pool.append_batch(pl, &items, Dtype::F32)?,
+                Some(t) => {
+                    let irow = crate::kv::index_row_bytes(want_dim);
+                    let rows: Vec<&[u8]> = (0..seqs.len())
+                        .map(|b| &t.keys[first_tok[b] * irow..(first_tok[b] + n_tokens[b]) * irow])
+                        .collect();
+                    pool.append_batch_indexed(pl, &items, Dtype::F32, Some(&rows))?;
+                }
+            }
             let mut result = (|| -> Result<Vec<f32>> {
                 // Attention in the cache's precision: over a cache whose
                 // values are bf16 (BF16, FP8 with power-of-two scales) the
@@ -169,8 +219,32 @@ impl Model {
                 for (b, &n) in n_tokens.iter().enumerate() {
                     groups.entry(n).or_default().push(b);
                 }
+                // V3.2: the positions each token attends to, where the
+                // indexer narrows them or the caller asked for them.
+                let mut selected: Vec<i32> = Vec::new();
+                if let Some(t) = &ix {
+                    let wanted = index_out.is_some();
+                    let narrowed = |b: usize| start[b] + n_tokens[b] > topk;
+                    if wanted || (0..seqs.len()).any(narrowed) {
+                        selected = vec![-1; total * topk];
+                        self.select(
+                            pool,
+                            pl,
+                            seqs,
+                            n_tokens,
+                            &first_tok,
+                            &pos,
+                            t,
+                            topk,
+                            &mut selected,
+                        )?;
+                    }
+                }
                 for (&n, members) in &groups {
                     let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
+                    // Sparse when the indexer keeps fewer than all earlier
+                    // tokens for any query of the group; else plain causal.
+                    let sparse = ix.is_some() && members.iter().any(|&b| start[b] + n > topk);
                     let shape = DecodeShape::new(
                         ids.len() as i32,
                         n as i32,
@@ -178,8 +252,22 @@ impl Model {
                         d_qk as i32,
                         lora as i32,
                         c.softmax_scale() as f32,
-                        true,
+                        !sparse,
                     )?;
+                    let mut group_idx = Vec::new();
+                    if sparse {
+                        group_idx.reserve(members.len() * n * topk);
+                        for &b in members {
+                            group_idx.extend_from_slice(
+                                &selected[first_tok[b] * topk..(first_tok[b] + n) * topk],
+                            );
+                        }
+                    }
+                    let sp = sparse.then_some(crate::kv::PoolSparse {
+                        indices: &group_idx,
+                        topk,
+                        topk_length: None,
+                    });
                     // Bytes of one sequence's queries and outputs.
                     let (qe, oe) = (n * h * d_qk * es, n * h * lora * es);
                     let tok = |b: usize| first_tok[b] * h;
@@ -191,7 +279,7 @@ impl Model {
                         let qb = &q_att[t0 * d_qk * es..][..members.len() * qe];
                         let ob = &mut o_att[t0 * lora * es..][..members.len() * oe];
                         let mut out = DecodeOutput::new(&shape, adt, ob, None)?;
-                        pool.decode(pl, &ids, shape, adt, qb, None, None, &mut out)?;
+                        pool.decode(pl, &ids, shape, adt, qb, sp, None, &mut out)?;
                         continue;
                     }
                     let mut qg = Vec::with_capacity(members.len() * qe);
@@ -200,7 +288,7 @@ impl Model {
                     }
                     let mut og = vec![0u8; members.len() * oe];
                     let mut out = DecodeOutput::new(&shape, adt, &mut og, None)?;
-                    pool.decode(pl, &ids, shape, adt, &qg, None, None, &mut out)?;
+                    pool.decode(pl, &ids, shape, adt, &qg, sp, None, &mut out)?;
                     for (g, &b) in members.iter().enumerate() {
                         o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                     }
@@ -213,6 +301,9 @@ impl Model {
                 lw.absorbed.values(&o_lat, total, &mut o);
                 let mut y = vec![0f32; total * hid];
                 lw.o_proj.matmul_with(&o, total, &mut y, sc);
+                if let Some(io) = index_out.as_deref_mut() {
+                    io[..selected.len()].copy_from_slice(&selected);
+                }
                 Ok(y)
             })();
             if result.is_err() {
@@ -240,8 +331,10 @@ impl Model {
         n_tokens: &[usize],
         x: &[f32],
         start: &[usize],
+        mut index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let hid = self.config.hidden_size;
+        let topk = self.config.indexer.map_or(0, |ix| ix.topk);
         let pl = layer - self.first_layer as i64;
         let total: usize = n_tokens.iter().sum();
         let mut y = vec![0f32; total * hid];
@@ -251,7 +344,10 @@ impl Model {
             for c0 in (0..n).step_by(PASS_TOKENS) {
                 let m = PASS_TOKENS.min(n - c0);
                 let rows = (row + c0) * hid..(row + c0 + m) * hid;
-                match self.forward(pool, layer, &[id], &[m], &x[rows.clone()]) {
+                let io = index_out
+                    .as_deref_mut()
+                    .map(|io| &mut io[(row + c0) * topk..(row + c0 + m) * topk]);
+                match self.forward_with(pool, layer, &[id], &[m], &x[rows.clone()], io) {
                     Ok(yc) => y[rows].copy_from_slice(&yc),
                     Err(e) => {
                         result = Err(e);
@@ -270,5 +366,45 @@ impl Model {
             return Err(e);
         }
         Ok(y)
+    }
+
+    /// The indexer's choice for every new token (see
+    /// [`super::indexer::select`]) into `out [total, topk]`.
+    #[allow(clippy::too_many_arguments)]
+    fn select(
+        &self,
+        pool: &KvPool,
+        pl: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        first_tok: &[usize],
+        pos: &[usize],
+        t: &super::indexer::IndexerTokens,
+        topk: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let ic = self
+            .config
+            .indexer
+            .ok_or_else(|| Error::internal("no indexer"))?;
+        let (ih, id) = (ic.heads, ic.head_dim);
+        for (b, &id_) in seqs.iter().enumerate() {
+            let toks = first_tok[b]..first_tok[b] + n_tokens[b];
+            pool.with_index_keys(id_, pl, |keys| {
+                out[toks.start * topk..toks.end * topk]
+                    .par_chunks_mut(topk)
+                    .zip(toks.clone().into_par_iter())
+                    .for_each(|(row, tok)| {
+                        super::indexer::select(
+                            &keys,
+                            &t.q[tok * ih * id..(tok + 1) * ih * id],
+                            &t.w[tok * ih..(tok + 1) * ih],
+                            pos[tok],
+                            row,
+                        )
+                    })
+            })?;
+        }
+        Ok(())
     }
 }

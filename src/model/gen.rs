@@ -38,15 +38,24 @@ pub enum Preset {
     V2Lite,
     /// DeepSeek-V3 / R1 attention (128 heads).
     V3,
+    /// [`Preset::Tiny`] with DeepSeek-V3.2's sparse-attention indexer
+    /// (4 indexer heads of 32, top-8), so tests reach the sparse path.
+    TinyV32,
+    /// DeepSeek-V3.2 attention: V3's, plus the indexer (64 heads of 128,
+    /// top-2048).
+    V32,
 }
 
 impl Preset {
-    /// `"tiny"`, `"v2-lite"` (also `v2lite`, `v2_lite`) or `"v3"`, any case.
+    /// `"tiny"`, `"v2-lite"` (also `v2lite`, `v2_lite`), `"v3"`,
+    /// `"tiny-v3.2"` (also `tiny-v32`) or `"v3.2"` (also `v32`), any case.
     pub fn parse(s: &str) -> Option<Preset> {
         match s.to_ascii_lowercase().as_str() {
             "tiny" => Some(Preset::Tiny),
             "v2-lite" | "v2lite" | "v2_lite" => Some(Preset::V2Lite),
             "v3" => Some(Preset::V3),
+            "tiny-v3.2" | "tiny-v32" | "tiny_v32" => Some(Preset::TinyV32),
+            "v3.2" | "v32" => Some(Preset::V32),
             _ => None,
         }
     }
@@ -56,14 +65,35 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::V2Lite => "v2-lite",
             Preset::V3 => "v3",
+            Preset::TinyV32 => "tiny-v3.2",
+            Preset::V32 => "v3.2",
         }
     }
 
     /// The attention dimensions of this preset.
     pub fn dims(self) -> PresetDims {
         match self {
+            Preset::TinyV32 => PresetDims {
+                model_type: "deepseek_v32",
+                indexer: Some(IndexerDims {
+                    heads: 4,
+                    head_dim: 32,
+                    topk: 8,
+                }),
+                ..Preset::Tiny.dims()
+            },
+            Preset::V32 => PresetDims {
+                model_type: "deepseek_v32",
+                indexer: Some(IndexerDims {
+                    heads: 64,
+                    head_dim: 128,
+                    topk: 2048,
+                }),
+                ..Preset::V3.dims()
+            },
             Preset::Tiny => PresetDims {
                 model_type: "deepseek_v3",
+                indexer: None,
                 hidden: 256,
                 heads: 4,
                 q_lora_rank: Some(96),
@@ -79,6 +109,7 @@ impl Preset {
             },
             Preset::V2Lite => PresetDims {
                 model_type: "deepseek_v2",
+                indexer: None,
                 hidden: 2048,
                 heads: 16,
                 q_lora_rank: None,
@@ -94,6 +125,7 @@ impl Preset {
             },
             Preset::V3 => PresetDims {
                 model_type: "deepseek_v3",
+                indexer: None,
                 hidden: 7168,
                 heads: 128,
                 q_lora_rank: Some(1536),
@@ -115,6 +147,8 @@ impl Preset {
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PresetDims {
     pub model_type: &'static str,
+    /// DeepSeek-V3.2's indexer; `None` for V2/V3.
+    pub indexer: Option<IndexerDims>,
     pub hidden: usize,
     pub heads: usize,
     pub q_lora_rank: Option<usize>,
@@ -127,6 +161,14 @@ pub struct PresetDims {
     pub yarn_original_max_position_embeddings: usize,
     pub yarn_mscale: f64,
     pub yarn_mscale_all_dim: f64,
+}
+
+/// `index_n_heads`, `index_head_dim`, `index_topk` of a V3.2 preset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexerDims {
+    pub heads: usize,
+    pub head_dim: usize,
+    pub topk: usize,
 }
 
 /// Rows of the (skipped) embedding table.
@@ -331,6 +373,11 @@ enum Kind {
     Norm,
     /// Embedding table: N(0, 1) / sqrt(hidden).
     Embed,
+    /// A projection kept in the plain dtype even in an FP8 checkpoint
+    /// (V3.2's `indexer.weights_proj`): N(0, 1) / sqrt(in).
+    PlainProj,
+    /// 1-D bias: 0.1 N(0, 1).
+    Bias,
     /// FP8 block scales of the preceding projection.
     ScaleInv,
 }
@@ -496,6 +543,39 @@ fn tensor_specs(opts: &GenOptions) -> Vec<Spec> {
             Kind::Proj,
             true,
         );
+        if let (Some(ix), Some(r)) = (d.indexer, d.q_lora_rank) {
+            let x = format!("{a}indexer.");
+            push(
+                format!("{x}wq_b.weight"),
+                vec![ix.heads * ix.head_dim, r],
+                Kind::Proj,
+                true,
+            );
+            push(
+                format!("{x}wk.weight"),
+                vec![ix.head_dim, d.hidden],
+                Kind::Proj,
+                true,
+            );
+            push(
+                format!("{x}k_norm.weight"),
+                vec![ix.head_dim],
+                Kind::Norm,
+                true,
+            );
+            push(
+                format!("{x}k_norm.bias"),
+                vec![ix.head_dim],
+                Kind::Bias,
+                true,
+            );
+            push(
+                format!("{x}weights_proj.weight"),
+                vec![ix.heads, d.hidden],
+                Kind::PlainProj,
+                true,
+            );
+        }
         push(
             format!("{l}mlp.gate_proj.weight"),
             vec![GEN_INTERMEDIATE, d.hidden],
@@ -551,20 +631,20 @@ fn assign_shards(units: &[Vec<usize>], specs: &[Spec], shards: usize) -> Vec<usi
 
 fn config_json(opts: &GenOptions) -> Value {
     let d = opts.preset.dims();
-    let v3 = d.model_type == "deepseek_v3";
+    let v3 = d.model_type != "deepseek_v2";
     let (experts, per_tok, moe_inter, groups, topk_groups) = match opts.preset {
-        Preset::Tiny => (8, 2, 16, 1, 1),
+        Preset::Tiny | Preset::TinyV32 => (8, 2, 16, 1, 1),
         Preset::V2Lite => (64, 6, 1408, 1, 1),
-        Preset::V3 => (256, 8, 2048, 8, 4),
+        Preset::V3 | Preset::V32 => (256, 8, 2048, 8, 4),
     };
     let mut c = serde_json::Map::new();
     let mut set = |k: &str, v: Value| {
         c.insert(k.to_string(), v);
     };
-    let arch = if v3 {
-        "DeepseekV3ForCausalLM"
-    } else {
-        "DeepseekV2ForCausalLM"
+    let arch = match d.model_type {
+        "deepseek_v32" => "DeepseekV32ForCausalLM",
+        "deepseek_v3" => "DeepseekV3ForCausalLM",
+        _ => "DeepseekV2ForCausalLM",
     };
     set("architectures", json!([arch]));
     set("model_type", json!(d.model_type));
@@ -575,6 +655,11 @@ fn config_json(opts: &GenOptions) -> Value {
     set("first_k_dense_replace", json!(1));
     set("hidden_act", json!("silu"));
     set("hidden_size", json!(d.hidden));
+    if let Some(ix) = d.indexer {
+        set("index_head_dim", json!(ix.head_dim));
+        set("index_n_heads", json!(ix.heads));
+        set("index_topk", json!(ix.topk));
+    }
     set("initializer_range", json!(0.02));
     set("intermediate_size", json!(GEN_INTERMEDIATE));
     set("kv_lora_rank", json!(d.kv_lora_rank));
@@ -602,6 +687,7 @@ fn config_json(opts: &GenOptions) -> Value {
                 "activation_scheme": "dynamic",
                 "fmt": "e4m3",
                 "quant_method": "fp8",
+                "scale_fmt": "ue8m0",
                 "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
             }),
         );
@@ -698,6 +784,8 @@ fn fill_rows(spec: &Spec, seed: u64, first_row: usize, out: &mut [f32]) {
         Kind::Proj => (1.0 / (cols as f32).sqrt(), 0.0),
         Kind::Embed => (1.0 / (cols as f32).sqrt(), 0.0),
         Kind::Norm => (0.1, 1.0),
+        Kind::PlainProj => (1.0 / (cols as f32).sqrt(), 0.0),
+        Kind::Bias => (0.1, 0.0),
         Kind::ScaleInv => unreachable!("scales are derived, not drawn"),
     };
     out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| {

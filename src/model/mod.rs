@@ -10,6 +10,7 @@ pub mod forward;
 pub mod fp8_bf16;
 pub mod gemm;
 pub mod gen;
+pub mod indexer;
 pub mod level;
 pub mod linear;
 pub mod rope;
@@ -78,6 +79,8 @@ pub struct LayerWeights {
     pub absorbed: absorb::Absorbed,
     /// `[hidden, H * v]`.
     pub o_proj: Linear,
+    /// DeepSeek-V3.2's sparse-attention indexer; `None` for V2/V3.
+    pub indexer: Option<indexer::Indexer>,
 }
 
 /// A loaded model: configuration and a contiguous range of layers.
@@ -118,6 +121,18 @@ fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
         ]
         .map(|s| format!("{p}{s}")),
     );
+    if c.indexer.is_some() {
+        v.extend(
+            [
+                "indexer.wq_b.weight",
+                "indexer.wk.weight",
+                "indexer.k_norm.weight",
+                "indexer.k_norm.bias",
+                "indexer.weights_proj.weight",
+            ]
+            .map(|s| format!("{p}{s}")),
+        );
+    }
     v
 }
 
@@ -259,12 +274,28 @@ impl Model {
                 .with_activations(Activations::Precise);
             let absorbed = absorb::Absorbed::new(kv_b, h, nope, v);
             let o_proj = ld.linear(&format!("{p}o_proj.weight"), hid, h * v)?;
+            let indexer = match (&c.indexer, c.q_lora_rank) {
+                (Some(ic), Some(r)) => {
+                    let x = format!("{p}indexer.");
+                    let (ih, id) = (ic.heads, ic.head_dim);
+                    Some(indexer::Indexer {
+                        cfg: *ic,
+                        wq_b: ld.linear(&format!("{x}wq_b.weight"), ih * id, r)?,
+                        wk: ld.linear(&format!("{x}wk.weight"), id, hid)?,
+                        k_norm_weight: ld.vector(&format!("{x}k_norm.weight"), id)?,
+                        k_norm_bias: ld.vector(&format!("{x}k_norm.bias"), id)?,
+                        weights_proj: ld.linear(&format!("{x}weights_proj.weight"), ih, hid)?,
+                    })
+                }
+                _ => None,
+            };
             layers.push(LayerWeights {
                 q,
                 kv_a,
                 kv_norm,
                 absorbed,
                 o_proj,
+                indexer,
             });
         }
         Ok(Model {

@@ -65,4 +65,20 @@ impl Rope {
             pair[1] = (a * s + b * c) as f32;
         }
     }
+
+    /// Rotates the first `qk_rope_head_dim` elements of `x` at `pos` in the
+    /// half-split (NeoX) pairing `(x[k], x[k + rope/2])`, as DeepSeek-V3.2's
+    /// indexer does; same frequencies and scale as [`Self::apply`].
+    pub fn apply_half_split(&self, x: &mut [f32], pos: usize) {
+        let half = self.freqs.len();
+        let (lo, hi) = x[..2 * half].split_at_mut(half);
+        for (k, (a, b)) in lo.iter_mut().zip(hi.iter_mut()).enumerate() {
+            let angle = pos as f64 * self.freqs[k];
+            let (s, c) = angle.sin_cos();
+            let (s, c) = (s * self.scale, c * self.scale);
+            let (x0, x1) = (*a as f64, *b as f64);
+            *a = (x0 * c - x1 * s) as f32;
+            *b = (x0 * s + x1 * c) as f32;
+        }
+    }
 }

@@ -26,10 +26,9 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
         match a.as_str() {
             "--preset" => {
                 let v = value("--preset")?;
-                preset = Some(
-                    Preset::parse(&v)
-                        .ok_or(format!("--preset {v}: expected tiny, v2-lite or v3"))?,
-                );
+                preset = Some(Preset::parse(&v).ok_or(format!(
+                    "--preset {v}: expected tiny, v2-lite, v3, tiny-v3.2 or v3.2"
+                ))?);
             }
             "--dtype" => {
                 let v = value("--dtype")?;
@@ -67,7 +66,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             }
         }
     }
-    gen.preset = preset.ok_or("gen-model needs --preset tiny|v2-lite|v3")?;
+    gen.preset = preset.ok_or("gen-model needs --preset tiny|v2-lite|v3|tiny-v3.2|v3.2")?;
     let dir = dir.ok_or("gen-model needs an output directory")?;
     Ok(Options { gen, dir })
 }

@@ -170,6 +170,7 @@ fn pool_for(
             num_layers: model.layers.len(),
             block_size: block,
             num_blocks: seqs * tokens.div_ceil(block).max(1) + seqs,
+            index_dim: model.config.indexer.map_or(0, |ix| ix.head_dim),
         },
     )
 }

@@ -1,0 +1,287 @@
+//! DeepSeek-V3.2's lightning indexer (DeepSeek Sparse Attention): for each
+//! new token it scores every token of the sequence so far, and the
+//! attention then runs over the `index_topk` best only
+//! (`inference/model.py`, class `Indexer`, of DeepSeek-V3.2-Exp):
+//!
+//! - `q = wq_b(qr)` per indexer head (`qr`: the normed `q_a` output the
+//!   attention's queries start from), `k = LayerNorm(wk(x))`, one key per
+//!   token shared by all heads;
+//! - RoPE on the first `qk_rope_head_dim` elements of both, in the
+//!   *half-split* (NeoX) pairing `(i, i + rope/2)`: DeepSeek's later fix
+//!   to its reference, which vLLM, SGLang and Transformers follow; the
+//!   attention itself keeps the interleaved pairs;
+//! - a Hadamard rotation (`H / sqrt(dim)`), then E4M3 codes with one f32
+//!   scale per query head and per key (amax / 448, rounded up to a power
+//!   of two with `scale_fmt = "ue8m0"`); the keys are kept in the pool;
+//! - `score[s] = k_scale[s] · Σ_h w[h] · relu(q_h · k_s)` with
+//!   `w[h] = weights_proj(x)[h] · heads^-0.5 · q_scale[h] · dim^-0.5`;
+//! - the `topk` highest scores among positions `0..=p` (ties: the earlier
+//!   position); a token with at most `topk` positions keeps them all, which
+//!   is plain causal attention.
+//!
+//! DeepSeek's reference rounds the intermediate vectors to bf16 between
+//! these steps; here they stay f32 until the E4M3 codes. Products of two
+//! E4M3 codes are exact in f32, so only the order of the sums differs from
+//! the reference kernel; a score does not depend on the batch or the chunk
+//! its token came in, so decoding token by token selects exactly what one
+//! prefill selects.
+
+use super::config::IndexerConfig;
+use super::linear::Linear;
+use super::rope::Rope;
+use super::scratch::Scratch;
+use crate::format::fp8::{e4m3_to_f32, f32_to_e4m3};
+use crate::kv::{index_row_bytes, IndexKeys};
+use rayon::prelude::*;
+
+/// Largest E4M3 magnitude.
+const E4M3_MAX: f32 = 448.0;
+/// Floor of a vector's amax before its scale is taken (as DeepSeek's
+/// `act_quant`), so an all-zero vector gets a finite scale.
+const AMAX_FLOOR: f32 = 1e-4;
+/// Keys scored per task when one token's candidates are split across
+/// threads.
+const KEYS_PER_TASK: usize = 1024;
+
+/// One layer's indexer weights.
+pub struct Indexer {
+    pub cfg: IndexerConfig,
+    /// `[heads * head_dim, q_lora_rank]`.
+    pub wq_b: Linear,
+    /// `[head_dim, hidden]`.
+    pub wk: Linear,
+    /// LayerNorm of the key: weight and bias `[head_dim]`.
+    pub k_norm_weight: Vec<f32>,
+    pub k_norm_bias: Vec<f32>,
+    /// `[heads, hidden]`.
+    pub weights_proj: Linear,
+}
+
+/// The indexer's part of a batch of new tokens.
+pub struct IndexerTokens {
+    /// Per token and head, the query's E4M3 codes as values `[T, heads, dim]`.
+    pub q: Vec<f32>,
+    /// Per token and head, the weight of that head's score `[T, heads]`
+    /// (`w[h]` above, the query's scale folded in).
+    pub w: Vec<f32>,
+    /// Per token, the key row the pool keeps `[T, index_row_bytes]`.
+    pub keys: Vec<u8>,
+}
+
+/// DeepSeek's LayerNorm (eps 1e-6, weight and bias), in place.
+fn layer_norm(x: &mut [f32], w: &[f32], b: &[f32]) {
+    let n = x.len() as f64;
+    let mean = x.iter().map(|&v| v as f64).sum::<f64>() / n;
+    let var = x.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+    let inv = 1.0 / (var + 1e-6).sqrt();
+    for ((v, &g), &bb) in x.iter_mut().zip(w).zip(b) {
+        *v = ((*v as f64 - mean) * inv) as f32 * g + bb;
+    }
+}
+
+/// The Walsh-Hadamard transform of `x` (a power-of-two length), scaled by
+/// `len^-0.5` so that it is orthonormal.
+pub fn hadamard(x: &mut [f32]) {
+    let n = x.len();
+    debug_assert!(n.is_power_of_two());
+    let mut h = 1;
+    while h < n {
+        for i in (0..n).step_by(2 * h) {
+            for j in i..i + h {
+                let (a, b) = (x[j], x[j + h]);
+                x[j] = a + b;
+                x[j + h] = a - b;
+            }
+        }
+        h *= 2;
+    }
+    let s = (n as f32).powf(-0.5);
+    x.iter_mut().for_each(|v| *v *= s);
+}
+
+/// E4M3 codes of `x` with one scale (see the module comment); returns it.
+pub fn quantize(x: &[f32], codes: &mut [u8], pow2_scales: bool) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(AMAX_FLOOR);
+    let ratio = amax * (1.0 / E4M3_MAX);
+    let scale = if pow2_scales {
+        // 2^ceil(log2(ratio)), from the bits.
+        let bits = ratio.to_bits();
+        let e = (bits >> 23) as i32 - 127 + i32::from(bits & 0x007f_ffff != 0);
+        crate::format::fp8::pow2(e)
+    } else {
+        ratio
+    };
+    for (c, &v) in codes.iter_mut().zip(x) {
+        *c = f32_to_e4m3((v / scale).clamp(-E4M3_MAX, E4M3_MAX));
+    }
+    scale
+}
+
+impl Indexer {
+    /// Queries, head weights and keys of `total` new tokens: `x [T, hidden]`
+    /// their hidden states, `qr [T, q_lora_rank]` the normed `q_a` outputs,
+    /// `pos[t]` their positions.
+    pub fn prepare(
+        &self,
+        x: &[f32],
+        qr: &[f32],
+        pos: &[usize],
+        rope: &Rope,
+        scratch: &Scratch,
+    ) -> IndexerTokens {
+        let total = pos.len();
+        let (heads, dim) = (self.cfg.heads, self.cfg.head_dim);
+        let pow2 = self.cfg.pow2_scales;
+        let mut q = vec![0f32; total * heads * dim];
+        self.wq_b.matmul_with(qr, total, &mut q, scratch);
+        let mut k = vec![0f32; total * dim];
+        self.wk.matmul_with(x, total, &mut k, scratch);
+        let mut w = vec![0f32; total * heads];
+        self.weights_proj.matmul_with(x, total, &mut w, scratch);
+        let irow = index_row_bytes(dim);
+        let mut keys = vec![0u8; total * irow];
+        let head_scale = (heads as f32).powf(-0.5) * (dim as f32).powf(-0.5);
+        let mut codes = vec![0u8; total * heads * dim];
+        q.par_chunks_mut(heads * dim)
+            .zip(w.par_chunks_mut(heads))
+            .zip(codes.par_chunks_mut(heads * dim))
+            .zip(pos.par_iter())
+            .for_each(|(((qt, wt), ct), &p)| {
+                for ((qh, wh), ch) in qt
+                    .chunks_exact_mut(dim)
+                    .zip(wt.iter_mut())
+                    .zip(ct.chunks_exact_mut(dim))
+                {
+                    rope.apply_half_split(qh, p);
+                    hadamard(qh);
+                    let s = quantize(qh, ch, pow2);
+                    for (v, &c) in qh.iter_mut().zip(ch.iter()) {
+                        *v = e4m3_to_f32(c);
+                    }
+                    *wh *= head_scale * s;
+                }
+            });
+        k.par_chunks_mut(dim)
+            .zip(keys.par_chunks_mut(irow))
+            .zip(pos.par_iter())
+            .for_each(|((kt, row), &p)| {
+                layer_norm(kt, &self.k_norm_weight, &self.k_norm_bias);
+                rope.apply_half_split(kt, p);
+                hadamard(kt);
+                let (codes, scale) = row.split_at_mut(dim);
+                let s = quantize(kt, codes, pow2);
+                scale.copy_from_slice(&s.to_le_bytes());
+            });
+        IndexerTokens { q, w, keys }
+    }
+}
+
+/// The score of every key `0..keys.len` for one query (`q [heads, dim]`
+/// code values, `w [heads]`), into `out`.
+fn score_range(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], first: usize, out: &mut [f32]) {
+    let dim = keys.dim;
+    let mut k = vec![0f32; dim];
+    for (i, o) in out.iter_mut().enumerate() {
+        let (codes, scale) = keys.key(first + i);
+        for (v, &c) in k.iter_mut().zip(codes) {
+            *v = e4m3_to_f32(c);
+        }
+        let mut sum = 0f32;
+        for (qh, &wh) in q.chunks_exact(dim).zip(w) {
+            let dot: f32 = qh.iter().zip(&k).map(|(a, b)| a * b).sum();
+            sum += wh * dot.max(0.0);
+        }
+        *o = scale * sum;
+    }
+}
+
+/// Fills `out` (`topk` entries) with the positions a query at position `p`
+/// attends to, ascending, `-1` past the last: all of `0..=p` when that is
+/// at most `topk`, else the `topk` best scores (`q`, `w` as in
+/// [`IndexerTokens`]). The keys `0..=p` must be in `keys`.
+pub fn select(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], p: usize, out: &mut [i32]) {
+    let topk = out.len();
+    let n = p + 1;
+    debug_assert!(n <= keys.len);
+    if n <= topk {
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = if i < n { i as i32 } else { -1 };
+        }
+        return;
+    }
+    let mut scores = vec![0f32; n];
+    if n > KEYS_PER_TASK {
+        scores
+            .par_chunks_mut(KEYS_PER_TASK)
+            .enumerate()
+            .for_each(|(c, s)| score_range(keys, q, w, c * KEYS_PER_TASK, s));
+    } else {
+        score_range(keys, q, w, 0, &mut scores);
+    }
+    let mut order: Vec<u32> = (0..n as u32).collect();
+    // Higher score first; equal scores: the earlier position.
+    order.select_nth_unstable_by(topk - 1, |&a, &b| {
+        scores[b as usize]
+            .total_cmp(&scores[a as usize])
+            .then(a.cmp(&b))
+    });
+    let mut best = order[..topk].to_vec();
+    best.sort_unstable();
+    for (o, &b) in out.iter_mut().zip(&best) {
+        *o = b as i32;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hadamard_matches_the_matrix_and_is_orthonormal() {
+        for n in [1usize, 2, 8, 64, 128] {
+            let x: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 - 6.0).collect();
+            let mut y = x.clone();
+            hadamard(&mut y);
+            for (r, &got) in y.iter().enumerate() {
+                // H[r][c] = (-1)^popcount(r & c) / sqrt(n).
+                let want: f64 = x
+                    .iter()
+                    .enumerate()
+                    .map(|(c, &v)| {
+                        let sign = if (r & c).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
+                        sign * v as f64
+                    })
+                    .sum::<f64>()
+                    / (n as f64).sqrt();
+                assert!(
+                    (got as f64 - want).abs() < 1e-4,
+                    "n {n} row {r}: {got} vs {want}"
+                );
+            }
+            let norm = |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
+            assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x).max(1.0));
+        }
+    }
+
+    #[test]
+    fn quantize_scales_and_rounds() {
+        let x = [3.0f32, -1.5, 0.25, 0.0];
+        let mut c = [0u8; 4];
+        // Plain: amax / 448, so the largest value lands on 448.
+        let s = quantize(&x, &mut c, false);
+        assert_eq!(s, 3.0 * (1.0 / 448.0));
+        assert_eq!(e4m3_to_f32(c[0]), 448.0);
+        // ue8m0: the next power of two up: 3/448 -> 2^-7.
+        let s = quantize(&x, &mut c, true);
+        assert_eq!(s, 2f32.powi(-7));
+        assert_eq!(e4m3_to_f32(c[0]), 384.0);
+        assert_eq!(e4m3_to_f32(c[1]), -192.0);
+        // All zero: the amax floor gives a finite scale and zero codes.
+        let s = quantize(&[0.0; 4], &mut c, false);
+        assert!(s > 0.0 && c.iter().all(|&b| e4m3_to_f32(b) == 0.0));
+    }
+}
