@@ -21,8 +21,8 @@
 mod common;
 
 use common::{
-    case_seed, e4m3_value, expect_error, expect_ok, normal, quantize_tile, rel_l2, take_error,
-    Engine,
+    case_seed, e4m3_encode, e4m3_value, expect_error, expect_ok, normal, quantize_tile, rel_l2,
+    take_error, Engine,
 };
 use half::{bf16, f16};
 use mlart::ffi::model::*;
@@ -284,6 +284,8 @@ struct RefConfig {
     eps: f64,
     theta: f64,
     yarn: Option<RefYarn>,
+    /// DeepSeek-V3.2's indexer: heads, head_dim, topk, power-of-two scales.
+    indexer: Option<(usize, usize, usize, bool)>,
 }
 
 impl RefConfig {
@@ -315,6 +317,14 @@ impl RefConfig {
             eps: f(&c, "rms_norm_eps", 1e-6),
             theta: f(&c, "rope_theta", 10000.0),
             yarn,
+            indexer: (c["model_type"] == "deepseek_v32").then(|| {
+                (
+                    u("index_n_heads"),
+                    u("index_head_dim"),
+                    u("index_topk"),
+                    c["quantization_config"]["scale_fmt"] == "ue8m0",
+                )
+            }),
         }
     }
 
@@ -374,12 +384,25 @@ struct RefLayer {
     kv_norm: Vec<f64>,
     kv_b: Mat,
     o: Mat,
+    ix: Option<RefIndexer>,
 }
 
-/// One cached token: full keys `[H, nope + rope]` and values `[H, v]`.
+/// DeepSeek-V3.2's indexer weights.
+struct RefIndexer {
+    wq_b: Mat,
+    wk: Mat,
+    k_norm_w: Vec<f64>,
+    k_norm_b: Vec<f64>,
+    weights_proj: Mat,
+}
+
+/// One cached token: full keys `[H, nope + rope]` and values `[H, v]`,
+/// and (V3.2) its indexer key as E4M3 code values and their scale.
 struct CachedToken {
     k: Vec<f64>,
     v: Vec<f64>,
+    ik: Vec<f64>,
+    ik_scale: f64,
 }
 
 /// The weights and tables of a reference model (shared by its caches).
@@ -445,6 +468,13 @@ struct Reference {
     bf16_activations: bool,
     /// (absolute layer, sequence) -> cached tokens, position = index.
     cache: HashMap<(usize, u64), Vec<CachedToken>>,
+    /// V3.2: the engine's choice for the tokens of the next `forward`
+    /// (`[total, topk]`), which the reference checks and attends over.
+    selection: Vec<i32>,
+    /// V3.2: the largest amount by which an unselected key's reference
+    /// score exceeded a selected one's, relative to that query's score
+    /// range (0 when the choice is exactly the reference's top-k).
+    worst_choice: f64,
 }
 
 fn rms_norm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
@@ -482,6 +512,16 @@ impl Reference {
                     kv_norm: ck.vector(&format!("{p}kv_a_layernorm.weight"), c.lora),
                     kv_b: ck.mat(&format!("{p}kv_b_proj.weight"), h * (c.nope + c.v), c.lora),
                     o: ck.mat(&format!("{p}o_proj.weight"), hid, h * c.v),
+                    ix: c.indexer.map(|(ih, id, _, _)| {
+                        let x = format!("{p}indexer.");
+                        RefIndexer {
+                            wq_b: ck.mat(&format!("{x}wq_b.weight"), ih * id, c.q_lora.unwrap()),
+                            wk: ck.mat(&format!("{x}wk.weight"), id, hid),
+                            k_norm_w: ck.vector(&format!("{x}k_norm.weight"), id),
+                            k_norm_b: ck.vector(&format!("{x}k_norm.bias"), id),
+                            weights_proj: ck.mat(&format!("{x}weights_proj.weight"), ih, hid),
+                        }
+                    }),
                 },
             );
         }
@@ -498,6 +538,8 @@ impl Reference {
             rounding: CacheRounding::Exact,
             bf16_activations: false,
             cache: HashMap::new(),
+            selection: Vec::new(),
+            worst_choice: 0.0,
         }
     }
 
@@ -508,6 +550,8 @@ impl Reference {
             rounding,
             bf16_activations: self.bf16_activations,
             cache: HashMap::new(),
+            selection: Vec::new(),
+            worst_choice: 0.0,
         }
     }
 
@@ -538,18 +582,112 @@ impl Reference {
         self.cache.get(&(layer, seq)).map_or(0, |v| v.len())
     }
 
+    /// DeepSeek's half-split (NeoX) rotation of the first `rope` elements
+    /// of `x` at `pos`: pairs `(x[k], x[k + rope/2])` (V3.2's indexer).
+    fn rope_half(&self, x: &mut [f64], pos: usize) {
+        let half = self.m.c.rope / 2;
+        for k in 0..half {
+            let angle = pos as f64 * self.m.freq[k];
+            let (s, c) = (
+                angle.sin() * self.m.rope_mult,
+                angle.cos() * self.m.rope_mult,
+            );
+            let (a, b) = (x[k], x[k + half]);
+            x[k] = a * c - b * s;
+            x[k + half] = a * s + b * c;
+        }
+    }
+
+    /// V3.2's indexer for one token: its query code values per head
+    /// `[ih, id]`, head weights `[ih]` (scales folded in), and its key's
+    /// code values and scale.
+    fn indexer_token(
+        &self,
+        ix: &RefIndexer,
+        x: &[f64],
+        qr: &[f64],
+        pos: usize,
+    ) -> (Vec<f64>, Vec<f64>, Vec<f64>, f64) {
+        let (ih, id, _, pow2) = self.m.c.indexer.unwrap();
+        // The Hadamard matrix H[r][c] = (-1)^popcount(r & c) / sqrt(id).
+        let hadamard = |v: &[f64]| -> Vec<f64> {
+            (0..id)
+                .map(|r| {
+                    (0..id)
+                        .map(|c| {
+                            if (r & c).count_ones() % 2 == 0 {
+                                v[c]
+                            } else {
+                                -v[c]
+                            }
+                        })
+                        .sum::<f64>()
+                        / (id as f64).sqrt()
+                })
+                .collect()
+        };
+        let quantize = |v: &[f64]| -> (Vec<f64>, f64) {
+            let amax = v.iter().fold(0f64, |m, a| m.max(a.abs())).max(1e-4);
+            let s = if pow2 {
+                2f64.powf((amax / 448.0).log2().ceil())
+            } else {
+                amax / 448.0
+            };
+            let codes = v
+                .iter()
+                .map(|&a| e4m3_value(e4m3_encode((a / s).clamp(-448.0, 448.0))))
+                .collect();
+            (codes, s)
+        };
+        let q = ix.wq_b.mv(&self.act(qr));
+        let w = ix.weights_proj.mv(x);
+        let mut qc = Vec::with_capacity(ih * id);
+        let mut wt = Vec::with_capacity(ih);
+        for h in 0..ih {
+            let mut qh = q[h * id..(h + 1) * id].to_vec();
+            self.rope_half(&mut qh, pos);
+            let (codes, s) = quantize(&hadamard(&qh));
+            qc.extend(codes);
+            wt.push(w[h] / (ih as f64).sqrt() * s / (id as f64).sqrt());
+        }
+        let k = ix.wk.mv(x);
+        let mean = k.iter().sum::<f64>() / id as f64;
+        let var = k.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / id as f64;
+        let mut k: Vec<f64> = k
+            .iter()
+            .zip(&ix.k_norm_w)
+            .zip(&ix.k_norm_b)
+            .map(|((v, g), b)| (v - mean) / (var + 1e-6).sqrt() * g + b)
+            .collect();
+        self.rope_half(&mut k, pos);
+        let (kc, ks) = quantize(&hadamard(&k));
+        (qc, wt, kc, ks)
+    }
+
     /// One token of `seq` through `layer`: appends its keys/values, then
     /// attends causally over the sequence's cache; returns `[hidden]`.
-    fn token(&mut self, layer: usize, seq: u64, x: &[f64]) -> Vec<f64> {
+    /// For a V3.2 model `sel` is the engine's choice of positions for this
+    /// token (`[topk]`): it must be every position when there are at most
+    /// topk, else a top-k of the reference's scores (its worst deviation is
+    /// recorded); the attention then runs over it.
+    fn token(&mut self, layer: usize, seq: u64, x: &[f64], sel: Option<&[i32]>) -> Vec<f64> {
         let m = self.m.clone();
         let c = &m.c;
         let (h, nope, v, qk) = (c.heads, c.nope, c.v, c.qk());
         let pos = self.len(layer, seq);
         let lw = &m.layers[&layer];
         let x = &self.act(x);
+        let mut qr = Vec::new();
         let mut q = match &lw.q {
-            RefQ::Lora { a, norm, b } => b.mv(&self.act(&rms_norm(&a.mv(x), norm, c.eps))),
+            RefQ::Lora { a, norm, b } => {
+                qr = rms_norm(&a.mv(x), norm, c.eps);
+                b.mv(&self.act(&qr))
+            }
             RefQ::Direct(w) => w.mv(x),
+        };
+        let (iq, iw, ik, ik_scale) = match &lw.ix {
+            Some(ix) => self.indexer_token(ix, x, &qr, pos),
+            None => (Vec::new(), Vec::new(), Vec::new(), 0.0),
         };
         let kv = lw.kv_a.mv(x);
         let mut latent = rms_norm(&kv[..c.lora], &lw.kv_norm, c.eps);
@@ -572,13 +710,79 @@ impl Reference {
             q[head * qk + nope..(head + 1) * qk].copy_from_slice(&pe);
         }
         let cache = self.cache.entry((layer, seq)).or_default();
-        cache.push(CachedToken { k, v: vals });
+        cache.push(CachedToken {
+            k,
+            v: vals,
+            ik,
+            ik_scale,
+        });
+        // The positions attended to: all, or (V3.2) the engine's choice,
+        // checked against the reference's indexer scores.
+        let mut keep = vec![true; cache.len()];
+        if let Some((_, id, topk, _)) = c.indexer {
+            let sel = sel.expect("a V3.2 reference token needs the engine's selection");
+            assert_eq!(sel.len(), topk);
+            let n = pos + 1;
+            if n <= topk {
+                let want: Vec<i32> = (0..topk as i32)
+                    .map(|i| if i < n as i32 { i } else { -1 })
+                    .collect();
+                assert_eq!(
+                    sel,
+                    &want[..],
+                    "seq {seq} position {pos}: every earlier position"
+                );
+            } else {
+                assert!(
+                    sel.windows(2).all(|w| w[0] < w[1]) && sel[0] >= 0 && sel[topk - 1] < n as i32,
+                    "seq {seq} position {pos}: selection {sel:?} is not {topk} ascending positions in [0, {n})"
+                );
+                let scores: Vec<f64> = cache
+                    .iter()
+                    .map(|t| {
+                        t.ik_scale
+                            * iq.chunks_exact(id)
+                                .zip(&iw)
+                                .map(|(qh, w)| {
+                                    w * qh
+                                        .iter()
+                                        .zip(&t.ik)
+                                        .map(|(a, b)| a * b)
+                                        .sum::<f64>()
+                                        .max(0.0)
+                                })
+                                .sum::<f64>()
+                    })
+                    .collect();
+                keep = vec![false; n];
+                for &p in sel {
+                    keep[p as usize] = true;
+                }
+                let lo = (0..n)
+                    .filter(|&i| keep[i])
+                    .map(|i| scores[i])
+                    .fold(f64::INFINITY, f64::min);
+                let hi = (0..n)
+                    .filter(|&i| !keep[i])
+                    .map(|i| scores[i])
+                    .fold(f64::NEG_INFINITY, f64::max);
+                let range = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+                    - scores.iter().cloned().fold(f64::INFINITY, f64::min);
+                let dev = ((hi - lo) / range.max(1e-300)).max(0.0);
+                self.worst_choice = self.worst_choice.max(dev);
+            }
+        }
+        let cache = &self.cache[&(layer, seq)];
         let mut attn = vec![0f64; h * v];
         for head in 0..h {
             let qh = &q[head * qk..(head + 1) * qk];
             let scores: Vec<f64> = cache
                 .iter()
-                .map(|t| {
+                .zip(&keep)
+                .map(|(t, &kept)| {
+                    if !kept {
+                        return f64::NEG_INFINITY;
+                    }
                     let kh = &t.k[head * qk..(head + 1) * qk];
                     qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() * m.scale
                 })
@@ -607,7 +811,12 @@ impl Reference {
                     .iter()
                     .map(|&v| v as f64)
                     .collect();
-                out.extend(self.token(layer, s, &xt));
+                let sel = self
+                    .m
+                    .c
+                    .indexer
+                    .map(|(_, _, topk, _)| self.selection[t * topk..(t + 1) * topk].to_vec());
+                out.extend(self.token(layer, s, &xt, sel.as_deref()));
                 t += 1;
             }
         }
@@ -2514,4 +2723,149 @@ fn pool_exhausted_after_copy_on_write_rolls_back() {
         &["seq_id 3"],
     );
     assert_eq!(snapshot(&pool), before, "pool changed by a failed forward");
+}
+
+// ---------------------------------------------------------------------------
+// DeepSeek-V3.2: the sparse-attention indexer.
+// ---------------------------------------------------------------------------
+
+/// A pool with indexer keys of `index_head_dim` elements.
+fn indexed_pool(
+    engine: &Engine,
+    format: mlart_kv_format,
+    layers: i32,
+    block_size: i32,
+    index_head_dim: i32,
+) -> Result<Pool, Failure> {
+    let mut o = MaybeUninit::<mlart_kv_pool_options>::uninit();
+    mlart_kv_pool_options_init(o.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut o = unsafe { o.assume_init() };
+    o.kv_format = format;
+    o.d_qk = 80;
+    o.num_layers = layers;
+    o.block_size = block_size;
+    o.num_blocks = 256;
+    o.index_head_dim = index_head_dim;
+    let mut p = ptr::null_mut();
+    match take_error(mlart_kv_pool_create(engine.ptr, &o, &mut p)) {
+        None => Ok(Pool { ptr: p }),
+        Some(f) => Err(f),
+    }
+}
+
+/// `mlart_model_forward` of a V3.2 model with `index_out`: the output and
+/// the positions each token attended to `[total, topk]`.
+fn forward_indexed(
+    m: &Model,
+    pool: &Pool,
+    layer: i32,
+    seqs: &[u64],
+    n_tokens: &[i32],
+    x: &[f32],
+) -> (Vec<f32>, Vec<i32>) {
+    let topk = info(m).index_topk as usize;
+    let total: i32 = n_tokens.iter().sum();
+    let hid = x.len() / total as usize;
+    let mut out = vec![f32::NAN; total as usize * hid];
+    let mut sel = vec![i32::MIN; total as usize * topk];
+    let mut a = forward_args();
+    a.layer = layer;
+    a.batch = seqs.len() as i32;
+    a.seq_ids = seqs.as_ptr();
+    a.n_tokens = n_tokens.as_ptr();
+    a.x = x.as_ptr() as *const c_void;
+    a.out = out.as_mut_ptr() as *mut c_void;
+    a.index_out = sel.as_mut_ptr();
+    expect_ok(
+        "mlart_model_forward",
+        mlart_model_forward(m.ptr, pool.ptr, &a),
+    );
+    assert!(!sel.contains(&i32::MIN), "index_out not written in full");
+    (out, sel)
+}
+
+/// How far the engine's top-k may stray from the reference's scores,
+/// relative to a query's score range: only E4M3 codes that land on a
+/// neighbour (the engine rounds f32 values, the reference f64 ones) move a
+/// score, by about a thousandth of the range (measured: see the test
+/// output); a wrong rotation, pairing or scale would move it by far more.
+const CHOICE_TOL: f64 = 1e-2;
+
+/// The tiny V3.2 model (top-8 indexer) against the float64 reference: a
+/// prefill chunk that crosses top-k inside itself (13 tokens), a shorter
+/// one (5) in the same forward, a two-token chunk, then decode steps that
+/// take the second sequence past top-k; bf16 and FP8 weights (ue8m0 scales
+/// for the indexer's codes); F32 and BF16 pools; both layers.
+#[test]
+fn v32_sparse_attention_matches_reference() {
+    for dtype in [WeightDtype::Bf16, WeightDtype::Fp8] {
+        let dir = TempDir::new("v32");
+        make_checkpoint(dir.path(), &gen_opts(Preset::TinyV32, dtype, 2, true));
+        let engine = Engine::new(2);
+        let model = load(&engine, dir.path());
+        let p = info(&model);
+        assert_eq!(
+            (p.index_n_heads, p.index_head_dim, p.index_topk),
+            (4, 32, 8)
+        );
+        let topk = 8;
+        let hid = p.hidden_size as usize;
+        let exact = Reference::load(dir.path(), &[0, 1]);
+        for &(fmt, tol, tol_rounded) in &[F32_POOL, BF16_POOL] {
+            let mut r_exact = exact.fresh(CacheRounding::Exact);
+            let mut r_rounded = exact.fresh(CacheRounding::of(fmt));
+            let pool = indexed_pool(&engine, fmt, 2, 4, 32)
+                .unwrap()
+                .with_seqs(&[10, 11]);
+            let plan: [(Vec<u64>, Vec<i32>); 6] = [
+                (vec![10, 11], vec![13, 5]),
+                (vec![11, 10], vec![2, 1]),
+                (vec![10, 11], vec![1, 1]),
+                (vec![10, 11], vec![1, 1]),
+                (vec![11], vec![3]),
+                (vec![10, 11], vec![1, 1]),
+            ];
+            let mut sparse_rows = 0;
+            for (k, (seqs, n)) in plan.iter().enumerate() {
+                for layer in [0usize, 1] {
+                    let total: i32 = n.iter().sum();
+                    let x = random_x(900 + k as u64 * 7 + layer as u64, total as usize, hid);
+                    let (got, sel) = forward_indexed(&model, &pool, layer as i32, seqs, n, &x);
+                    sparse_rows += sel
+                        .chunks(topk)
+                        .filter(|r| !r.contains(&-1) && r[topk - 1] >= topk as i32)
+                        .count();
+                    let nu: Vec<usize> = n.iter().map(|&v| v as usize).collect();
+                    let case = format!(
+                        "v3.2 {} pool {} step {k} layer {layer} seqs {seqs:?} n {n:?}",
+                        dtype.name(),
+                        kv_format_name(fmt)
+                    );
+                    for r in [&mut r_exact, &mut r_rounded] {
+                        r.selection = sel.clone();
+                    }
+                    let want = r_exact.forward(layer, seqs, &nu, &x);
+                    compare(&case, &got, &want, tol);
+                    let want = r_rounded.forward(layer, seqs, &nu, &x);
+                    compare(&format!("{case} (rounded rows)"), &got, &want, tol_rounded);
+                    for &s in seqs {
+                        assert_eq!(pool.len(s, layer as i32) as usize, r_exact.len(layer, s));
+                    }
+                }
+            }
+            println!(
+                "v3.2 {} {}: {sparse_rows} tokens chose among more than top-k; worst choice {:.2e} of a score range",
+                dtype.name(),
+                kv_format_name(fmt),
+                r_exact.worst_choice
+            );
+            assert!(sparse_rows >= 20, "only {sparse_rows} sparse choices");
+            assert!(
+                r_exact.worst_choice <= CHOICE_TOL,
+                "the engine's top-k strays {:.3e} of a score range from the reference's",
+                r_exact.worst_choice
+            );
+        }
+    }
 }
