@@ -622,8 +622,9 @@ typedef struct mlart_kv_pool_options {
    * Elements of a DeepSeek-V3.2 indexer key per token and layer
    * (`mlart_model_props.index_head_dim`, 128), or 0 (default) for none.
    * A V3.2 model's forward needs a pool with its value: the pool then
-   * keeps each token's indexer key beside its cache row (index_head_dim
-   * + 4 bytes, host memory) and accepts rows only from that forward.
+   * keeps each token's indexer key beside its cache row (4 bytes more
+   * than index_head_dim, in host memory) and accepts rows only from that
+   * forward.
    * Since 0.4: a struct_size of 24 (the earlier layout, which ends
    * before this field) is still accepted, and the field is then 0.
    */

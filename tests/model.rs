@@ -2869,3 +2869,336 @@ fn v32_sparse_attention_matches_reference() {
         }
     }
 }
+
+/// V3.2: a 600-token prefill (two passes of at most 512) selects and
+/// computes what token-by-token decoding does, and what chunks of 7 do.
+/// The choice depends only on the token and the keys before it, so the
+/// selections must be identical; the outputs agree to f32 rounding.
+#[test]
+fn v32_decode_token_by_token_equals_prefill() {
+    let dir = TempDir::new("v32-prefill");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::TinyV32, WeightDtype::F32, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let (hid, topk, n) = (256, 8, 600);
+    let x = random_x(4242, n, hid);
+    let pools: Vec<Pool> = (0..3)
+        .map(|_| {
+            indexed_pool(&engine, MLART_KV_FORMAT_F32, 1, 16, 32)
+                .unwrap()
+                .with_seqs(&[5])
+        })
+        .collect();
+    let (all, all_sel) = forward_indexed(&model, &pools[0], 0, &[5], &[n as i32], &x);
+    let mut steps = Vec::new();
+    let mut step_sel = Vec::new();
+    for t in 0..n {
+        let (y, s) = forward_indexed(&model, &pools[1], 0, &[5], &[1], &x[t * hid..(t + 1) * hid]);
+        steps.extend(y);
+        step_sel.extend(s);
+    }
+    let mut chunks = Vec::new();
+    let mut chunk_sel = Vec::new();
+    for c0 in (0..n).step_by(7) {
+        let c = 7.min(n - c0);
+        let (y, s) = forward_indexed(
+            &model,
+            &pools[2],
+            0,
+            &[5],
+            &[c as i32],
+            &x[c0 * hid..(c0 + c) * hid],
+        );
+        chunks.extend(y);
+        chunk_sel.extend(s);
+    }
+    assert_eq!(
+        all_sel, step_sel,
+        "prefill and token-by-token choices differ"
+    );
+    assert_eq!(all_sel, chunk_sel, "prefill and chunked choices differ");
+    // Late tokens choose among hundreds of keys, and not just the latest.
+    let last = &all_sel[(n - 1) * topk..];
+    assert!(last[0] < 500, "token {} chose {last:?}", n - 1);
+    for t in 0..n {
+        for (what, other) in [("decode", &steps), ("chunks", &chunks)] {
+            let e = row_rel(&all, other, hid, t, t);
+            assert!(e <= 1e-4, "token {t}: {what} vs prefill {e:.3e}");
+        }
+    }
+}
+
+/// V3.2 pools: forking shares the indexer keys (copy-on-write copies them
+/// with the block), so a forked sequence continues exactly as the original
+/// would; the pool reports the keys' bytes.
+#[test]
+fn v32_fork_copies_indexer_keys() {
+    let dir = TempDir::new("v32-fork");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::TinyV32, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    let pool = indexed_pool(&engine, MLART_KV_FORMAT_BF16, 1, 4, 32)
+        .unwrap()
+        .with_seqs(&[1]);
+    let plain = Pool::new(&engine, MLART_KV_FORMAT_BF16, 80, 1, 4, 256);
+    // Per block: 4 rows of 80 bf16 plus 4 indexer keys of 32 codes + scale.
+    assert_eq!(pool.stats()[4], plain.stats()[4] + 4 * 36);
+    let prompt = random_x(1, 14, hid);
+    forward_indexed(&model, &pool, 0, &[1], &[14], &prompt);
+    expect_ok("fork", mlart_kv_seq_fork(pool.ptr, 1, 2));
+    // The original goes on with other tokens (its partly filled last block
+    // is copied on write), then the fork continues with the same tokens a
+    // fresh copy of the prompt does.
+    forward_indexed(&model, &pool, 0, &[1], &[3], &random_x(2, 3, hid));
+    let fresh = indexed_pool(&engine, MLART_KV_FORMAT_BF16, 1, 4, 32)
+        .unwrap()
+        .with_seqs(&[9]);
+    forward_indexed(&model, &fresh, 0, &[9], &[14], &prompt);
+    for k in 0..3u64 {
+        let x = random_x(10 + k, 2, hid);
+        let (a, sa) = forward_indexed(&model, &pool, 0, &[2], &[2], &x);
+        let (b, sb) = forward_indexed(&model, &fresh, 0, &[9], &[2], &x);
+        assert_eq!(sa, sb, "step {k}: the fork chose other positions");
+        assert_eq!(a, b, "step {k}: the fork's output differs");
+    }
+}
+
+/// V3.2 errors name the argument: a pool without (or with the wrong)
+/// indexer keys, indexer keys for a V3 model, `index_out` for a V3 model, a
+/// plain append to an indexed pool, a bad `index_head_dim`; a failed
+/// forward leaves the pool unchanged. Older struct layouts still work.
+#[test]
+fn v32_errors_and_struct_versions() {
+    let dir = TempDir::new("v32-errors");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::TinyV32, WeightDtype::Bf16, 1, true),
+    );
+    let v3dir = TempDir::new("v32-errors-v3");
+    make_checkpoint(
+        v3dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let v3 = load(&engine, v3dir.path());
+    let x = random_x(3, 2, 256);
+
+    let plain = Pool::new(&engine, MLART_KV_FORMAT_BF16, 80, 1, 4, 64).with_seqs(&[1]);
+    forward_err(
+        "V3.2 model, pool without indexer keys",
+        forward(&model, &plain, 0, &[1], &[2], &x),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["index_head_dim = 0", "index_head_dim = 32"],
+    );
+    let wrong = indexed_pool(&engine, MLART_KV_FORMAT_BF16, 1, 4, 64)
+        .unwrap()
+        .with_seqs(&[1]);
+    forward_err(
+        "V3.2 model, pool with 64-element keys",
+        forward(&model, &wrong, 0, &[1], &[2], &x),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["index_head_dim = 64", "index_head_dim = 32"],
+    );
+    let indexed = indexed_pool(&engine, MLART_KV_FORMAT_BF16, 1, 4, 32)
+        .unwrap()
+        .with_seqs(&[1]);
+    forward_err(
+        "V3 model, pool with indexer keys",
+        forward(&v3, &indexed, 0, &[1], &[2], &x),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &[
+            "index_head_dim = 32",
+            "deepseek_v3",
+            "no sparse-attention indexer",
+        ],
+    );
+    assert_eq!(
+        (plain.len(1, 0), wrong.len(1, 0), indexed.len(1, 0)),
+        (0, 0, 0)
+    );
+
+    // index_out on a model without an indexer.
+    let mut sel = vec![0i32; 64];
+    let mut out = vec![f32::NAN; 2 * 256];
+    let mut a = forward_args();
+    a.batch = 1;
+    let (ids, n) = ([1u64], [2i32]);
+    a.seq_ids = ids.as_ptr();
+    a.n_tokens = n.as_ptr();
+    a.x = x.as_ptr() as *const c_void;
+    a.out = out.as_mut_ptr() as *mut c_void;
+    a.index_out = sel.as_mut_ptr();
+    expect_error(
+        "index_out on V3",
+        mlart_model_forward(v3.ptr, plain.ptr, &a),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["index_out", "no sparse-attention indexer"],
+    );
+    // index_out aliasing out.
+    a.index_out = out.as_mut_ptr() as *mut i32;
+    expect_error(
+        "index_out overlapping out",
+        mlart_model_forward(model.ptr, indexed.ptr, &a),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["index_out overlaps out"],
+    );
+    assert_eq!(indexed.len(1, 0), 0);
+    // The 0.3 layout of mlart_forward_args (64 bytes, no index_out) works.
+    a.index_out = sel.as_mut_ptr();
+    sel.fill(7);
+    a.struct_size = 64;
+    expect_ok(
+        "0.3 forward args",
+        mlart_model_forward(model.ptr, indexed.ptr, &a),
+    );
+    assert!(
+        sel.iter().all(|&v| v == 7),
+        "index_out written for a 0.3 caller"
+    );
+    assert_eq!(indexed.len(1, 0), 2);
+
+    // A plain append to an indexed pool.
+    let rows = [0u16; 80];
+    expect_error(
+        "append to an indexed pool",
+        mlart_kv_append(
+            indexed.ptr,
+            1,
+            0,
+            1,
+            MLART_DTYPE_BF16,
+            rows.as_ptr() as *const c_void,
+        ),
+        MLART_STATUS_INVALID_ARGUMENT,
+        &["index_head_dim = 32", "forward"],
+    );
+    assert_eq!(indexed.len(1, 0), 2);
+
+    // Bad index_head_dim values.
+    for bad in [-1, 129] {
+        let e = indexed_pool(&engine, MLART_KV_FORMAT_BF16, 1, 4, bad)
+            .err()
+            .expect("accepted");
+        assert_eq!(e.0, MLART_STATUS_INVALID_ARGUMENT);
+        assert!(e.1.contains(&format!("index_head_dim = {bad}")), "{}", e.1);
+    }
+    // The 0.3 layout of mlart_kv_pool_options (24 bytes) makes a pool
+    // without indexer keys; its bytes past 24 are not read.
+    #[repr(C)]
+    struct Padded {
+        o: mlart_kv_pool_options,
+        poison: [u8; 16],
+    }
+    let mut po = MaybeUninit::<mlart_kv_pool_options>::uninit();
+    mlart_kv_pool_options_init(po.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut po = Padded {
+        o: unsafe { po.assume_init() },
+        poison: [0xff; 16],
+    };
+    po.o.struct_size = 24;
+    po.o.d_qk = 80;
+    po.o.num_blocks = 8;
+    po.o.index_head_dim = 77;
+    let mut p = ptr::null_mut();
+    expect_ok(
+        "0.3 pool options",
+        mlart_kv_pool_create(engine.ptr, &po.o, &mut p),
+    );
+    let old = Pool { ptr: p }.with_seqs(&[1]);
+    expect_ok(
+        "append to a 0.3 pool",
+        mlart_kv_append(
+            old.ptr,
+            1,
+            0,
+            1,
+            MLART_DTYPE_BF16,
+            rows.as_ptr() as *const c_void,
+        ),
+    );
+    assert_eq!(po.poison, [0xff; 16]);
+
+    // Model props: a 0.3 caller (144 bytes) gets nothing past them.
+    #[repr(C)]
+    struct PaddedProps {
+        p: mlart_model_props,
+    }
+    let mut pp = MaybeUninit::<mlart_model_props>::uninit();
+    mlart_model_props_init(pp.as_mut_ptr());
+    // SAFETY: initialized just above.
+    let mut pp = PaddedProps {
+        p: unsafe { pp.assume_init() },
+    };
+    pp.p.struct_size = 144;
+    pp.p.index_topk = -5;
+    expect_ok("0.3 props", mlart_model_info(model.ptr, &mut pp.p));
+    assert_eq!(pp.p.index_topk, -5, "written past a 0.3 struct");
+    assert_eq!(pp.p.d_qk, 80);
+    let v3p = info(&v3);
+    assert_eq!(
+        (v3p.index_n_heads, v3p.index_head_dim, v3p.index_topk),
+        (0, 0, 0)
+    );
+}
+
+/// config.json and tensor errors of a V3.2 checkpoint name what is wrong.
+#[test]
+fn v32_malformed_checkpoints_give_named_errors() {
+    let tmp = TempDir::new("v32-malformed");
+    let src = tmp.path().join("src");
+    make_checkpoint(&src, &gen_opts(Preset::TinyV32, WeightDtype::Bf16, 1, true));
+    let engine = Engine::new(1);
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    let with_cfg = |name: &str, edit: &dyn Fn(&mut Value)| -> PathBuf {
+        let dir = tmp.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+        let mut c = cfg.clone();
+        edit(&mut c);
+        std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+        dir
+    };
+    let d = with_cfg("no-topk", &|c| {
+        c.as_object_mut().unwrap().remove("index_topk");
+    });
+    load_err(
+        &engine,
+        &d,
+        MLART_STATUS_FORMAT,
+        &["index_topk", "deepseek_v32"],
+    );
+    let d = with_cfg("odd-dim", &|c| c["index_head_dim"] = json!(48));
+    load_err(
+        &engine,
+        &d,
+        MLART_STATUS_FORMAT,
+        &["index_head_dim = 48", "power of two"],
+    );
+    let d = with_cfg("no-lora", &|c| c["q_lora_rank"] = Value::Null);
+    load_err(&engine, &d, MLART_STATUS_FORMAT, &["q_lora_rank"]);
+    // A missing indexer tensor is named.
+    let dir = tmp.path().join("no-wk");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let kept: Vec<RawTensor> = read_safetensors(&src.join("model.safetensors"))
+        .into_iter()
+        .filter(|t| !t.name.ends_with("indexer.wk.weight"))
+        .collect();
+    write_safetensors(&dir.join("model.safetensors"), &kept);
+    load_err(
+        &engine,
+        &dir,
+        MLART_STATUS_NOT_FOUND,
+        &["model.layers.0.self_attn.indexer.wk.weight"],
+    );
+}

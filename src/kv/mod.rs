@@ -376,17 +376,16 @@ impl KvPool {
             Some(_) if irow == 0 => {
                 return Err(Error::internal("indexer keys for a pool without them"))
             }
-            Some(ix) => {
+            Some(ix)
                 if ix.len() != items.len()
                     || ix
                         .iter()
                         .zip(items)
-                        .any(|(r, &(_, n, _))| r.len() < n * irow)
-                {
-                    return Err(Error::internal("indexer key rows do not match the items"));
-                }
+                        .any(|(r, &(_, n, _))| r.len() < n * irow) =>
+            {
+                return Err(Error::internal("indexer key rows do not match the items"));
             }
-            None => {}
+            _ => {}
         }
         dtype.check_activation("dtype")?;
         let src_row = self.opts.d_qk * dtype.size();

@@ -323,6 +323,7 @@ impl Model {
     /// the earlier tokens, as in one pass; the per-token buffers (about
     /// 1.1 MB a token for V3) stay bounded whatever the prompt length. On
     /// error every sequence is cut back to its length before the call.
+    #[allow(clippy::too_many_arguments)]
     fn forward_in_passes(
         &self,
         pool: &KvPool,
