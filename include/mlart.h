@@ -31,7 +31,7 @@
 /**
  * Library version, minor part.
  */
-#define MLART_VERSION_MINOR 3
+#define MLART_VERSION_MINOR 4
 
 /**
  * Library version, patch part.
