@@ -1,8 +1,9 @@
 //! Builds and runs the C / C++ test suite in `tests/c` (the C++ binding's
 //! test, `test_bindings.cpp`, included) against the
 //! `libmlart.so` and `libmlart.a` cargo built for this test run, with a tiny
-//! random-weight checkpoint (for `test_model.c`) generated into the build
-//! directory first.
+//! random-weight checkpoint (for `test_model.c`) and a tiny DeepSeek-V3.2 one
+//! (for the C++ binding's indexer part) generated into the build directory
+//! first.
 //!
 //! Needs CMake (>= 3.16, `cmake` and `ctest` on PATH, or the `CMAKE` and
 //! `CTEST` environment variables) and a C11 / C++17 compiler. Without them
@@ -17,7 +18,7 @@
 
 mod host;
 
-use host::{expect_success, library_dir, run, tiny_checkpoint, tool};
+use host::{expect_success, library_dir, run, tiny_checkpoint, tiny_v32_checkpoint, tool};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -64,6 +65,9 @@ fn c_and_cpp_programs_pass() {
     // A tiny random-weight checkpoint for tests/c/test_model.c.
     let model_dir = build.join("model-tiny");
     tiny_checkpoint(&model_dir);
+    // And a tiny V3.2 one for test_bindings.cpp's indexer part.
+    let model_v32_dir = build.join("model-tiny-v32");
+    tiny_v32_checkpoint(&model_v32_dir);
     let cmake = tool("CMAKE", "cmake");
     let ctest = tool("CTEST", "ctest");
     let valgrind = valgrind();
@@ -81,6 +85,10 @@ fn c_and_cpp_programs_pass() {
         ))
         .arg(format!("-DMLART_LIB_DIR={}", lib_dir.display()))
         .arg(format!("-DMLART_TEST_MODEL_DIR={}", model_dir.display()))
+        .arg(format!(
+            "-DMLART_TEST_MODEL_V32_DIR={}",
+            model_v32_dir.display()
+        ))
         .arg(format!(
             "-DMLART_VALGRIND={}",
             valgrind

@@ -2792,82 +2792,119 @@ fn forward_indexed(
 /// output); a wrong rotation, pairing or scale would move it by far more.
 const CHOICE_TOL: f64 = 1e-2;
 
-/// The tiny V3.2 model (top-8 indexer) against the float64 reference: a
-/// prefill chunk that crosses top-k inside itself (13 tokens), a shorter
-/// one (5) in the same forward, a two-token chunk, then decode steps that
-/// take the second sequence past top-k; bf16 and FP8 weights (ue8m0 scales
-/// for the indexer's codes); F32 and BF16 pools; both layers.
-#[test]
-fn v32_sparse_attention_matches_reference() {
-    for dtype in [WeightDtype::Bf16, WeightDtype::Fp8] {
-        let dir = TempDir::new("v32");
-        make_checkpoint(dir.path(), &gen_opts(Preset::TinyV32, dtype, 2, true));
-        let engine = Engine::new(2);
-        let model = load(&engine, dir.path());
-        let p = info(&model);
-        assert_eq!(
-            (p.index_n_heads, p.index_head_dim, p.index_topk),
-            (4, 32, 8)
-        );
-        let topk = 8;
-        let hid = p.hidden_size as usize;
-        let exact = Reference::load(dir.path(), &[0, 1]);
-        for &(fmt, tol, tol_rounded) in &[F32_POOL, BF16_POOL] {
-            let mut r_exact = exact.fresh(CacheRounding::Exact);
-            let mut r_rounded = exact.fresh(CacheRounding::of(fmt));
-            let pool = indexed_pool(&engine, fmt, 2, 4, 32)
-                .unwrap()
-                .with_seqs(&[10, 11]);
-            let plan: [(Vec<u64>, Vec<i32>); 6] = [
-                (vec![10, 11], vec![13, 5]),
-                (vec![11, 10], vec![2, 1]),
-                (vec![10, 11], vec![1, 1]),
-                (vec![10, 11], vec![1, 1]),
-                (vec![11], vec![3]),
-                (vec![10, 11], vec![1, 1]),
-            ];
-            let mut sparse_rows = 0;
-            for (k, (seqs, n)) in plan.iter().enumerate() {
-                for layer in [0usize, 1] {
-                    let total: i32 = n.iter().sum();
-                    let x = random_x(900 + k as u64 * 7 + layer as u64, total as usize, hid);
-                    let (got, sel) = forward_indexed(&model, &pool, layer as i32, seqs, n, &x);
-                    sparse_rows += sel
-                        .chunks(topk)
-                        .filter(|r| !r.contains(&-1) && r[topk - 1] >= topk as i32)
-                        .count();
-                    let nu: Vec<usize> = n.iter().map(|&v| v as usize).collect();
-                    let case = format!(
-                        "v3.2 {} pool {} step {k} layer {layer} seqs {seqs:?} n {n:?}",
-                        dtype.name(),
-                        kv_format_name(fmt)
-                    );
-                    for r in [&mut r_exact, &mut r_rounded] {
-                        r.selection = sel.clone();
-                    }
-                    let want = r_exact.forward(layer, seqs, &nu, &x);
-                    compare(&case, &got, &want, tol);
-                    let want = r_rounded.forward(layer, seqs, &nu, &x);
-                    compare(&format!("{case} (rounded rows)"), &got, &want, tol_rounded);
-                    for &s in seqs {
-                        assert_eq!(pool.len(s, layer as i32) as usize, r_exact.len(layer, s));
-                    }
+/// The tiny V3.2 model (top-8 indexer) in `dir` on `engine` against the
+/// float64 reference: a prefill chunk that crosses top-k inside itself (13
+/// tokens), a shorter one (5) in the same forward, a two-token chunk, then
+/// decode steps that take the second sequence past top-k; F32 and BF16
+/// pools; both layers.
+fn v32_against_reference(what: &str, engine: &Engine, dir: &Path, bf16_activations: bool) {
+    let model = load_with(engine, dir, |o| {
+        if bf16_activations {
+            o.activations = MLART_ACTIVATIONS_BF16;
+        }
+    })
+    .unwrap_or_else(|(s, m)| panic!("{what}: load: {s}: {m}"));
+    let p = info(&model);
+    assert_eq!(
+        (p.index_n_heads, p.index_head_dim, p.index_topk),
+        (4, 32, 8)
+    );
+    let topk = 8;
+    let hid = p.hidden_size as usize;
+    let mut exact = Reference::load(dir, &[0, 1]);
+    exact.bf16_activations = bf16_activations;
+    let f32_tol = if bf16_activations {
+        BF16_ACT_F32
+    } else {
+        EXACT
+    };
+    for &(fmt, tol, tol_rounded) in &[(MLART_KV_FORMAT_F32, f32_tol, f32_tol), BF16_POOL] {
+        let mut r_exact = exact.fresh(CacheRounding::Exact);
+        let mut r_rounded = exact.fresh(CacheRounding::of(fmt));
+        let pool = indexed_pool(engine, fmt, 2, 4, 32)
+            .unwrap()
+            .with_seqs(&[10, 11]);
+        let plan: [(Vec<u64>, Vec<i32>); 6] = [
+            (vec![10, 11], vec![13, 5]),
+            (vec![11, 10], vec![2, 1]),
+            (vec![10, 11], vec![1, 1]),
+            (vec![10, 11], vec![1, 1]),
+            (vec![11], vec![3]),
+            (vec![10, 11], vec![1, 1]),
+        ];
+        let mut sparse_rows = 0;
+        for (k, (seqs, n)) in plan.iter().enumerate() {
+            for layer in [0usize, 1] {
+                let total: i32 = n.iter().sum();
+                let x = random_x(900 + k as u64 * 7 + layer as u64, total as usize, hid);
+                let (got, sel) = forward_indexed(&model, &pool, layer as i32, seqs, n, &x);
+                sparse_rows += sel
+                    .chunks(topk)
+                    .filter(|r| !r.contains(&-1) && r[topk - 1] >= topk as i32)
+                    .count();
+                let nu: Vec<usize> = n.iter().map(|&v| v as usize).collect();
+                let case = format!(
+                    "{what} pool {} step {k} layer {layer} seqs {seqs:?} n {n:?}",
+                    kv_format_name(fmt)
+                );
+                for r in [&mut r_exact, &mut r_rounded] {
+                    r.selection = sel.clone();
+                }
+                let want = r_exact.forward(layer, seqs, &nu, &x);
+                compare(&case, &got, &want, tol);
+                let want = r_rounded.forward(layer, seqs, &nu, &x);
+                compare(&format!("{case} (rounded rows)"), &got, &want, tol_rounded);
+                for &s in seqs {
+                    assert_eq!(pool.len(s, layer as i32) as usize, r_exact.len(layer, s));
                 }
             }
-            println!(
-                "v3.2 {} {}: {sparse_rows} tokens chose among more than top-k; worst choice {:.2e} of a score range",
-                dtype.name(),
-                kv_format_name(fmt),
-                r_exact.worst_choice
-            );
-            assert!(sparse_rows >= 20, "only {sparse_rows} sparse choices");
-            assert!(
-                r_exact.worst_choice <= CHOICE_TOL,
-                "the engine's top-k strays {:.3e} of a score range from the reference's",
-                r_exact.worst_choice
-            );
         }
+        println!(
+            "{what} {}: {sparse_rows} tokens chose among more than top-k; worst choice {:.2e} of a score range",
+            kv_format_name(fmt),
+            r_exact.worst_choice
+        );
+        assert!(
+            sparse_rows >= 20,
+            "{what}: only {sparse_rows} sparse choices"
+        );
+        assert!(
+            r_exact.worst_choice <= CHOICE_TOL,
+            "{what}: the engine's top-k strays {:.3e} of a score range from the reference's",
+            r_exact.worst_choice
+        );
     }
+}
+
+/// V3.2 against the reference with bf16 and FP8 weights (ue8m0 scales for
+/// the indexer's codes), precise and bf16 activations, on every CPU kernel
+/// variant this machine runs (the indexer's scores follow the model's
+/// vector code); variants it lacks are reported as skipped.
+#[test]
+fn v32_sparse_attention_matches_reference() {
+    let dirs: Vec<(TempDir, WeightDtype)> = [WeightDtype::Bf16, WeightDtype::Fp8]
+        .into_iter()
+        .map(|dtype| {
+            let dir = TempDir::new("v32");
+            make_checkpoint(dir.path(), &gen_opts(Preset::TinyV32, dtype, 2, true));
+            (dir, dtype)
+        })
+        .collect();
+    let mut ran = 0;
+    for isa in ["scalar", "avx2", "avx512", "avx512bf16"] {
+        let Some(engine) = Engine::with_isa(isa, 2) else {
+            println!("SKIPPED V3.2 on {isa}: this CPU or build lacks it");
+            continue;
+        };
+        for (dir, dtype) in &dirs {
+            for bf16_act in [false, true] {
+                let what = format!("v3.2 {isa} {} bf16-activations {bf16_act}", dtype.name());
+                v32_against_reference(&what, &engine, dir.path(), bf16_act);
+            }
+        }
+        ran += 1;
+    }
+    assert!(ran >= 1, "no CPU kernel variant ran");
 }
 
 /// V3.2: a 600-token prefill (two passes of at most 512) selects and

@@ -98,6 +98,7 @@ fuzz_target!(|data: &[u8]| {
             num_layers: 1,
             block_size: 2,
             num_blocks: 4,
+            index_dim: c.indexer.map_or(0, |ix| ix.head_dim),
         },
     )
     .expect("a pool that matches the model");

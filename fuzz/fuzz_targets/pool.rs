@@ -129,6 +129,7 @@ fuzz_target!(|inp: Input| {
         num_layers: 1 + inp.layers as usize % 3,
         block_size: 1 + inp.block_size as usize % 5,
         num_blocks: 1 + inp.blocks as usize % 12,
+        index_dim: 0,
     };
     let bs = opts.block_size;
     let layout = KvLayout::new(format, d_qk, bs, "format").expect("a layout");

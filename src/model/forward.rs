@@ -402,6 +402,7 @@ impl Model {
                             &t.w[tok * ih..(tok + 1) * ih],
                             pos[tok],
                             row,
+                            self.level,
                         )
                     })
             })?;

@@ -27,6 +27,7 @@
 //! prefill selects.
 
 use super::config::IndexerConfig;
+use super::level::Level;
 use super::linear::Linear;
 use super::rope::Rope;
 use super::scratch::Scratch;
@@ -176,30 +177,108 @@ impl Indexer {
     }
 }
 
-/// The score of every key `0..keys.len` for one query (`q [heads, dim]`
-/// code values, `w [heads]`), into `out`.
-fn score_range(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], first: usize, out: &mut [f32]) {
+/// Keys scored together: their codes are transposed to `[dim][KEYS]` so
+/// that each query element multiplies all of them in one vector.
+const KEYS: usize = 16;
+/// Query heads per pass over a key block: independent sums, enough to
+/// keep the FMA units busy.
+const HEADS: usize = 8;
+
+/// Scores of up to `KEYS` keys from their transposed code values `kt
+/// [dim][KEYS]` (lanes past the last key hold zeros) for one query (`q
+/// [heads, dim]` code values, `w [heads]`), before the keys' scales.
+#[inline(always)]
+fn block_scores(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
+    let heads = w.len();
+    let mut total = [0f32; KEYS];
+    let mut h0 = 0;
+    while h0 < heads {
+        let g = HEADS.min(heads - h0);
+        let mut acc = [[0f32; KEYS]; HEADS];
+        for d in 0..dim {
+            let kv: &[f32; KEYS] = kt[d * KEYS..][..KEYS].try_into().expect("KEYS lanes");
+            for (j, a) in acc.iter_mut().enumerate().take(g) {
+                let qv = q[(h0 + j) * dim + d];
+                for l in 0..KEYS {
+                    a[l] += qv * kv[l];
+                }
+            }
+        }
+        for (j, a) in acc.iter().enumerate().take(g) {
+            let wh = w[h0 + j];
+            for l in 0..KEYS {
+                total[l] += wh * a[l].max(0.0);
+            }
+        }
+        h0 += g;
+    }
+    total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{block_scores, KEYS};
+
+    /// [`block_scores`] compiled for AVX-512F: a key block is one vector.
+    #[target_feature(enable = "avx512f")]
+    pub fn block_scores_avx512(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
+        block_scores(kt, q, w, dim)
+    }
+
+    /// [`block_scores`] compiled for AVX2 + FMA: a key block is two vectors.
+    #[target_feature(enable = "avx2,fma")]
+    pub fn block_scores_avx2(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
+        block_scores(kt, q, w, dim)
+    }
+}
+
+/// The scores of keys `first..first + out.len()` for one query (`q
+/// [heads, dim]` code values, `w [heads]`), into `out`, with the vector
+/// code of `lvl`.
+fn score_range(
+    keys: &IndexKeys<'_>,
+    q: &[f32],
+    w: &[f32],
+    first: usize,
+    out: &mut [f32],
+    lvl: Level,
+) {
     let dim = keys.dim;
-    let mut k = vec![0f32; dim];
-    for (i, o) in out.iter_mut().enumerate() {
-        let (codes, scale) = keys.key(first + i);
-        for (v, &c) in k.iter_mut().zip(codes) {
-            *v = e4m3_to_f32(c);
+    let mut kt = vec![0f32; dim * KEYS];
+    for (b, ob) in out.chunks_mut(KEYS).enumerate() {
+        let k0 = first + b * KEYS;
+        let mut scales = [0f32; KEYS];
+        kt.fill(0.0);
+        for (l, sc) in scales.iter_mut().enumerate().take(ob.len()) {
+            let (codes, scale) = keys.key(k0 + l);
+            *sc = scale;
+            for (d, &c) in codes.iter().enumerate() {
+                kt[d * KEYS + l] = e4m3_to_f32(c);
+            }
         }
-        let mut sum = 0f32;
-        for (qh, &wh) in q.chunks_exact(dim).zip(w) {
-            let dot: f32 = qh.iter().zip(&k).map(|(a, b)| a * b).sum();
-            sum += wh * dot.max(0.0);
+        let s = match lvl {
+            // SAFETY: the level never exceeds the CPU's features.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 | Level::Avx512Bf16 => unsafe {
+                simd::block_scores_avx512(&kt, q, w, dim)
+            },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { simd::block_scores_avx2(&kt, q, w, dim) },
+            _ => block_scores(&kt, q, w, dim),
+        };
+        for ((o, v), sc) in ob.iter_mut().zip(s).zip(scales) {
+            *o = sc * v;
         }
-        *o = scale * sum;
     }
 }
 
 /// Fills `out` (`topk` entries) with the positions a query at position `p`
 /// attends to, ascending, `-1` past the last: all of `0..=p` when that is
 /// at most `topk`, else the `topk` best scores (`q`, `w` as in
-/// [`IndexerTokens`]). The keys `0..=p` must be in `keys`.
-pub fn select(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], p: usize, out: &mut [i32]) {
+/// [`IndexerTokens`]), scored with the vector code of `lvl`. The keys
+/// `0..=p` must be in `keys`.
+pub fn select(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], p: usize, out: &mut [i32], lvl: Level) {
     let topk = out.len();
     let n = p + 1;
     debug_assert!(n <= keys.len);
@@ -214,9 +293,9 @@ pub fn select(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], p: usize, out: &mut [i
         scores
             .par_chunks_mut(KEYS_PER_TASK)
             .enumerate()
-            .for_each(|(c, s)| score_range(keys, q, w, c * KEYS_PER_TASK, s));
+            .for_each(|(c, s)| score_range(keys, q, w, c * KEYS_PER_TASK, s, lvl));
     } else {
-        score_range(keys, q, w, 0, &mut scores);
+        score_range(keys, q, w, 0, &mut scores, lvl);
     }
     let mut order: Vec<u32> = (0..n as u32).collect();
     // Higher score first; equal scores: the earlier position.

@@ -1,13 +1,16 @@
-# Runs PROGRAM (with the optional argument ARG) and passes only if it exits
+# Runs PROGRAM (with the optional arguments ARG and ARG2) and passes only if it exits
 # with 0 AND its output matches the regular expression EXPECT. CTest's
 # PASS_REGULAR_EXPRESSION alone would ignore the exit code, so a program
 # that crashed after printing its summary line would pass.
 #
-#   cmake -DPROGRAM=<exe> [-DARG=<arg>] -DEXPECT=<regex> -P expect.cmake
+#   cmake -DPROGRAM=<exe> [-DARG=<arg> [-DARG2=<arg>]] -DEXPECT=<regex> -P expect.cmake
 if(DEFINED ARG)
   set(args "${ARG}")
 else()
   set(args "")
+endif()
+if(DEFINED ARG2)
+  list(APPEND args "${ARG2}")
 endif()
 execute_process(COMMAND "${PROGRAM}" ${args}
   RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)

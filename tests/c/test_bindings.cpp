@@ -3,9 +3,11 @@
 // double-precision reference computed here, sequence bookkeeping, the model
 // API with a std::function progress callback, and moved-from objects.
 //
-// argv[1]: a tiny DeepSeek-V3-style checkpoint directory. Linked twice by
-// CMakeLists.txt (libmlart.so and libmlart.a). Exits non-zero if any check
-// fails, after printing every failed check.
+// argv[1]: a tiny DeepSeek-V3-style checkpoint directory; argv[2], optional:
+// a tiny DeepSeek-V3.2 one (gen-model --preset tiny-v3.2), for the indexer's
+// pool option and forward selections. Linked twice by CMakeLists.txt
+// (libmlart.so and libmlart.a). Exits non-zero if any check fails, after
+// printing every failed check.
 #include "mlart.hpp"
 
 #include <algorithm>
@@ -658,7 +660,8 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
     CHECK(p.num_layers == 2 && p.loaded_layers == 2 && p.first_layer == 0 &&
               p.hidden_size == 256 && p.num_heads == 4 && p.kv_lora_rank == 64 &&
               p.qk_rope_head_dim == 16 && p.q_lora_rank == 96 && p.d_qk == 80 && p.yarn &&
-              p.softmax_scale > 0.0 && p.bytes_loaded > 0,
+              p.softmax_scale > 0.0 && p.bytes_loaded > 0 && p.index_n_heads == 0 &&
+              p.index_head_dim == 0 && p.index_topk == 0,
           "props: layers " << p.num_layers << "/" << p.loaded_layers << " hidden "
                            << p.hidden_size << " heads " << p.num_heads << " d_qk " << p.d_qk);
 
@@ -779,15 +782,100 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
                  mlart::Status::InvalidArgument, "n_tokens");
     EXPECT_ERROR(model.forward(pool, 0, 10, 0, x.data(), step.data()),
                  mlart::Status::InvalidArgument, "n_tokens");
-    CHECK(pool.seq_length(10, 0) == n + 1, "failed forwards changed the pool");
+    // No indexer: index_out and a pool with indexer keys are the library's
+    // errors.
+    std::vector<std::int32_t> sel(8, 0);
+    EXPECT_ERROR(model.forward(pool, 0, 10, 1, x.data(), step.data(), sel.data()),
+                 mlart::Status::InvalidArgument, "index_out");
+    EXPECT_ERROR(model.forward(pool, 0, 10, 1, x.data(), step.data(), sel),
+                 mlart::Status::InvalidArgument, "index_out");
+    CHECK(mlart::KvPoolOptions{}.index_head_dim == 0, mlart::KvPoolOptions{}.index_head_dim);
+    po.index_head_dim = 32;
+    mlart::KvPool keyed = mlart::KvPool::create(engine, po);
+    keyed.seq_create(10);
+    EXPECT_ERROR(model.forward(keyed, 0, 10, 1, x.data(), step.data()),
+                 mlart::Status::InvalidArgument, "index_head_dim");
+    CHECK(pool.seq_length(10, 0) == n + 1 && keyed.seq_length(10, 0) == 0,
+          "failed forwards changed the pool");
+}
+
+// Rows of index_out for tokens at positions first..: a token at p < topk
+// attends to 0..p then -1; a later one to topk ascending positions in [0, p].
+bool selection_ok(const std::vector<std::int32_t> &sel, int first, int topk) {
+    for (std::size_t r = 0; r < sel.size() / static_cast<std::size_t>(topk); ++r) {
+        const int p = first + static_cast<int>(r);
+        const std::int32_t *row = &sel[r * static_cast<std::size_t>(topk)];
+        for (int j = 0; j < topk; ++j) {
+            const bool ok = p < topk ? row[j] == (j <= p ? j : -1)
+                                     : row[j] >= 0 && row[j] <= p && (j == 0 || row[j] > row[j - 1]);
+            if (!ok) {
+                std::cerr << "position " << p << " attended to";
+                for (int k = 0; k < topk; ++k) std::cerr << ' ' << row[k];
+                std::cerr << '\n';
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+// DeepSeek-V3.2: the indexer's props, the pool option, and index_out over a
+// 13-token prefill (past top-8: the last 5 tokens attend sparsely) and a
+// decode step.
+void test_model_v32(const mlart::Engine &engine, const std::string &dir) {
+    const mlart::Model model = mlart::Model::load(engine, dir);
+    const mlart::ModelInfo p = model.info();
+    CHECK(p.index_n_heads == 4 && p.index_head_dim == 32 && p.index_topk == 8 && p.d_qk == 80,
+          "props: index " << p.index_n_heads << " heads of " << p.index_head_dim << ", top-"
+                          << p.index_topk << ", d_qk " << p.d_qk);
+    const int topk = p.index_topk, n = 13;
+    const std::size_t hid = static_cast<std::size_t>(p.hidden_size);
+    mlart::KvPoolOptions po;
+    po.d_qk = p.d_qk;
+    po.num_layers = p.loaded_layers;
+    po.block_size = 4;
+    po.num_blocks = 16;
+    mlart::KvPool plain = mlart::KvPool::create(engine, po);
+    po.index_head_dim = p.index_head_dim;
+    mlart::KvPool pool = mlart::KvPool::create(engine, po);
+    const std::vector<float> x = random_floats((n + 1) * hid, false);
+    std::vector<float> out(n * hid, kNaN), out2(n * hid, kNaN), step(hid, kNaN);
+    plain.seq_create(1);
+    pool.seq_create(1);
+    pool.seq_create(2);
+
+    EXPECT_ERROR(model.forward(plain, 0, 1, n, x.data(), out.data()),
+                 mlart::Status::InvalidArgument, "index_head_dim");
+    std::vector<std::int32_t> short_sel(static_cast<std::size_t>(n * topk - 1));
+    EXPECT_ERROR(model.forward(pool, 0, 1, n, x.data(), out.data(), short_sel),
+                 mlart::Status::InvalidArgument,
+                 "index_out.size() = 103 is less than sum(n_tokens) * index_topk = 13 * 8 = 104");
+    CHECK(pool.seq_length(1, 0) == 0 && plain.seq_length(1, 0) == 0,
+          "failed forwards changed the pool");
+
+    std::vector<std::int32_t> sel(static_cast<std::size_t>(n * topk), 12345);
+    model.forward(pool, 0, 1, n, x.data(), out.data(), sel);
+    CHECK(all_finite(out), "prefill output not finite");
+    CHECK(selection_ok(sel, 0, topk), "prefill selections");
+    // index_out only reports: the same tokens without it give the same output.
+    model.forward(pool, 0, 2, n, x.data(), out2.data());
+    CHECK(out2 == out, "index_out changed the output");
+
+    std::vector<std::int32_t> step_sel(static_cast<std::size_t>(topk), 12345);
+    model.forward(pool, 0, 1, 1, x.data() + n * hid, step.data(), step_sel.data());
+    CHECK(all_finite(step) && pool.seq_length(1, 0) == n + 1, pool.seq_length(1, 0));
+    CHECK(selection_ok(step_sel, n, topk), "decode selection");
+    std::cout << "model v3.2: decode step at position " << n << " attended to";
+    for (std::int32_t v : step_sel) std::cout << ' ' << v;
+    std::cout << '\n';
 }
 
 }  // namespace
 
 int main(int argc, char **argv) {
     std::cout.setf(std::ios::unitbuf);
-    if (argc != 2) {
-        std::cerr << "usage: " << argv[0] << " <checkpoint dir>\n";
+    if (argc != 2 && argc != 3) {
+        std::cerr << "usage: " << argv[0] << " <checkpoint dir> [<tiny-v3.2 checkpoint dir>]\n";
         return 2;
     }
     section("basics", test_basics);
@@ -797,6 +885,7 @@ int main(int argc, char **argv) {
         section("paged", [&] { test_paged(engine); });
         section("pool", [&] { test_pool(engine); });
         section("model", [&] { test_model(engine, argv[1]); });
+        if (argc == 3) section("model v3.2", [&] { test_model_v32(engine, argv[2]); });
     }
     section("moves", test_moves);
     if (g_failures != 0 || g_checks == 0) {

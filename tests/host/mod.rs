@@ -115,3 +115,23 @@ pub fn tiny_checkpoint(dir: &Path) {
         panic!("generate the test checkpoint in {}: {e:?}", dir.display());
     }
 }
+
+/// Writes a tiny random-weight DeepSeek-V3.2 checkpoint (`tiny-v3.2`: the
+/// tiny shape plus a sparse-attention indexer of 4 heads of 32, top-8;
+/// 1 layer, bf16) into `dir`, for the bindings' indexer tests.
+pub fn tiny_v32_checkpoint(dir: &Path) {
+    let gen = GenOptions {
+        preset: Preset::TinyV32,
+        dtype: WeightDtype::Bf16,
+        layers: 1,
+        seed: 1,
+        shards: 1,
+        yarn: true,
+    };
+    if let Err(e) = generate(dir, &gen) {
+        panic!(
+            "generate the tiny-v3.2 test checkpoint in {}: {e:?}",
+            dir.display()
+        );
+    }
+}
