@@ -3239,3 +3239,37 @@ fn v32_malformed_checkpoints_give_named_errors() {
         &["model.layers.0.self_attn.indexer.wk.weight"],
     );
 }
+
+/// V3.2 speculative-decode rollback: tokens truncated away leave no trace
+/// in the indexer's keys; what follows matches a pool that never had them.
+#[test]
+fn v32_truncate_then_continue_matches_fresh() {
+    let dir = TempDir::new("v32-truncate");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::TinyV32, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let model = load(&engine, dir.path());
+    let hid = 256;
+    let prompt = random_x(21, 12, hid);
+    let a = indexed_pool(&engine, MLART_KV_FORMAT_F32, 1, 4, 32)
+        .unwrap()
+        .with_seqs(&[1]);
+    let b = indexed_pool(&engine, MLART_KV_FORMAT_F32, 1, 4, 32)
+        .unwrap()
+        .with_seqs(&[1]);
+    forward_indexed(&model, &a, 0, &[1], &[12], &prompt);
+    forward_indexed(&model, &b, 0, &[1], &[12], &prompt);
+    // Three draft tokens on `a`, rejected.
+    forward_indexed(&model, &a, 0, &[1], &[3], &random_x(22, 3, hid));
+    expect_ok("truncate", mlart_kv_seq_truncate(a.ptr, 1, 12));
+    assert_eq!(a.len(1, 0), 12);
+    for k in 0..4u64 {
+        let x = random_x(30 + k, 1, hid);
+        let (ya, sa) = forward_indexed(&model, &a, 0, &[1], &[1], &x);
+        let (yb, sb) = forward_indexed(&model, &b, 0, &[1], &[1], &x);
+        assert_eq!(sa, sb, "step {k}: choices differ after the rollback");
+        assert_eq!(ya, yb, "step {k}: outputs differ after the rollback");
+    }
+}

@@ -430,6 +430,10 @@ struct KvPoolOptions {
     int num_layers = 1;
     int block_size = 64;
     int num_blocks = 0;  // required
+    // DeepSeek-V3.2: the model's index_head_dim (Model::info()), whose
+    // forward needs a pool keeping its indexer keys (such a pool takes rows
+    // only from that forward, not from append); 0 = none.
+    int index_head_dim = 0;
 };
 
 using KvPoolStats = mlart_kv_pool_stats;
@@ -456,6 +460,7 @@ public:
         o.num_layers = options.num_layers;
         o.block_size = options.block_size;
         o.num_blocks = options.num_blocks;
+        o.index_head_dim = options.index_head_dim;
         return create(engine, o);
     }
 
@@ -613,9 +618,13 @@ public:
     }
 
     // Attention block of `layer` for several sequences: x and out hold
-    // [sum(n_tokens), hidden_size], sequence by sequence.
+    // [sum(n_tokens), hidden_size], sequence by sequence. DeepSeek-V3.2
+    // models only: `index_out`, if not null, receives [sum(n_tokens),
+    // index_topk] positions each new token attended to (ascending, -1 after
+    // the last); the library rejects it for a model without an indexer.
     void forward(KvPool &pool, int layer, const std::vector<std::uint64_t> &seq_ids,
-                 const std::vector<std::int32_t> &n_tokens, ConstData x, MutData out) const {
+                 const std::vector<std::int32_t> &n_tokens, ConstData x, MutData out,
+                 std::int32_t *index_out = nullptr) const {
         // The C call reads `batch` entries of both; a shorter one would be
         // read past its end, so the mismatch is caught here.
         if (n_tokens.size() != seq_ids.size()) {
@@ -632,14 +641,43 @@ public:
         a.x = x.ptr;
         a.out_dtype = static_cast<mlart_dtype>(out.dtype);
         a.out = out.ptr;
+        a.index_out = index_out;
         forward(pool, a);
     }
 
     // One sequence.
     void forward(KvPool &pool, int layer, std::uint64_t seq_id, int n_tokens, ConstData x,
-                 MutData out) const {
+                 MutData out, std::int32_t *index_out = nullptr) const {
         forward(pool, layer, std::vector<std::uint64_t>{seq_id},
-                std::vector<std::int32_t>{n_tokens}, x, out);
+                std::vector<std::int32_t>{n_tokens}, x, out, index_out);
+    }
+
+    // With the selections in a vector of at least sum(n_tokens) *
+    // index_topk entries. The C call cannot see its size, so a shorter one
+    // is rejected here, before it.
+    void forward(KvPool &pool, int layer, const std::vector<std::uint64_t> &seq_ids,
+                 const std::vector<std::int32_t> &n_tokens, ConstData x, MutData out,
+                 std::vector<std::int32_t> &index_out) const {
+        std::int64_t total = 0;
+        for (std::size_t i = 0; i < std::min(n_tokens.size(), seq_ids.size()); ++i)
+            total += std::max<std::int32_t>(n_tokens[i], 0);
+        const std::int64_t topk = info().index_topk;
+        if (static_cast<std::int64_t>(index_out.size()) < total * topk) {
+            throw Error(Status::InvalidArgument,
+                        "index_out.size() = " + std::to_string(index_out.size()) +
+                            " is less than sum(n_tokens) * index_topk = " +
+                            std::to_string(total) + " * " + std::to_string(topk) + " = " +
+                            std::to_string(total * topk));
+        }
+        forward(pool, layer, seq_ids, n_tokens, x, out,
+                index_out.empty() ? nullptr : index_out.data());
+    }
+
+    // One sequence, with the selections in a vector (checked as above).
+    void forward(KvPool &pool, int layer, std::uint64_t seq_id, int n_tokens, ConstData x,
+                 MutData out, std::vector<std::int32_t> &index_out) const {
+        forward(pool, layer, std::vector<std::uint64_t>{seq_id},
+                std::vector<std::int32_t>{n_tokens}, x, out, index_out);
     }
 
 private:

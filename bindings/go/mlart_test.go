@@ -512,7 +512,7 @@ func TestKvPool(t *testing.T) {
 		t.Fatalf("NewKvPool: %v", err)
 	}
 	defer pool.Close()
-	if o := pool.Options(); o.DQK != dqk || o.NumLayers != 2 || o.BlockSize != bs || o.NumBlocks != 16 {
+	if o := pool.Options(); o.DQK != dqk || o.NumLayers != 2 || o.BlockSize != bs || o.NumBlocks != 16 || o.IndexHeadDim != 0 {
 		t.Fatalf("Options() = %+v", o)
 	}
 
@@ -673,7 +673,7 @@ func TestKvPoolBF16(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer pool.Close()
-	if o := pool.Options(); o.KvFormat != mlart.KvFormatBF16 || o.DQK != 576 || o.NumLayers != 1 {
+	if o := pool.Options(); o.KvFormat != mlart.KvFormatBF16 || o.DQK != 576 || o.NumLayers != 1 || o.IndexHeadDim != 0 {
 		t.Fatalf("defaults: %+v", o)
 	}
 	rows := randF32(r, 11*dqk, 1)
@@ -710,6 +710,52 @@ func TestKvPoolBF16(t *testing.T) {
 		t.Fatalf("bf16 pool decode rel-L2 = %.3g", d)
 	} else {
 		t.Logf("bf16 pool decode rel-L2 = %.3g", d)
+	}
+}
+
+// A pool with indexer keys (DeepSeek-V3.2): the option round-trips, the
+// keys take room in every block, and a plain Append is refused.
+func TestKvPoolIndexHeadDim(t *testing.T) {
+	e := newEngine(t)
+	opts := mlart.KvPoolOptions{KvFormat: mlart.KvFormatF32, DQK: 80, NumLayers: 1, BlockSize: 4, NumBlocks: 8}
+	plain, err := mlart.NewKvPool(e, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	opts.IndexHeadDim = 32
+	pool, err := mlart.NewKvPool(e, opts)
+	if err != nil {
+		t.Fatalf("NewKvPool(IndexHeadDim 32): %v", err)
+	}
+	defer pool.Close()
+	if o := pool.Options(); o != opts {
+		t.Fatalf("Options() = %+v, want %+v", o, opts)
+	}
+	ps, err := plain.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	is, err := pool.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if is.BytesPerBlock <= ps.BytesPerBlock {
+		t.Fatalf("indexer keys take no room: %d bytes per block, %d without", is.BytesPerBlock, ps.BytesPerBlock)
+	}
+	if err := pool.CreateSeq(1); err != nil {
+		t.Fatal(err)
+	}
+	err = pool.Append(1, 0, make([]float32, 80))
+	if !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "index_head_dim") {
+		t.Fatalf("Append to a pool with indexer keys: %v", err)
+	}
+	if n, _ := pool.SeqLength(1, 0); n != 0 {
+		t.Fatalf("refused Append changed the length to %d", n)
+	}
+	opts.IndexHeadDim = -1
+	if _, err := mlart.NewKvPool(e, opts); !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "index_head_dim") {
+		t.Fatalf("IndexHeadDim -1: %v", err)
 	}
 }
 
@@ -941,7 +987,8 @@ func TestModel(t *testing.T) {
 	}
 	t.Logf("model: %+v yarn %+v", info, info.YaRN)
 	if info.NumLayers != 2 || info.LoadedLayers != 2 || info.HiddenSize != 256 || info.NumHeads != 4 ||
-		info.KvLoraRank != 64 || info.QKRopeHeadDim != 16 || info.DQK != 80 {
+		info.KvLoraRank != 64 || info.QKRopeHeadDim != 16 || info.DQK != 80 ||
+		info.IndexNHeads != 0 || info.IndexHeadDim != 0 || info.IndexTopK != 0 {
 		t.Fatalf("Info = %+v", info)
 	}
 
@@ -1034,12 +1081,168 @@ func TestModel(t *testing.T) {
 		t.Fatal("layer 5 accepted")
 	}
 	t.Logf("layer 5: %v", err)
+	// No indexer: IndexOut and a pool with indexer keys are the library's errors.
+	err = m.Forward(pool, &mlart.ForwardArgs{Layer: 0, SeqIDs: []uint64{1}, NTokens: []int32{1}, X: x[:256], Out: make([]float32, 256),
+		IndexOut: make([]int32, 8)})
+	if !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "index_out") {
+		t.Fatalf("IndexOut without an indexer: %v", err)
+	}
+	ipool, err := mlart.NewKvPool(e, mlart.KvPoolOptions{DQK: info.DQK, NumLayers: info.LoadedLayers, BlockSize: 4, NumBlocks: 4, IndexHeadDim: 32})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ipool.Close()
+	if err := ipool.CreateSeq(1); err != nil {
+		t.Fatal(err)
+	}
+	err = m.Forward(ipool, &mlart.ForwardArgs{Layer: 0, SeqIDs: []uint64{1}, NTokens: []int32{1}, X: x[:256], Out: make([]float32, 256)})
+	if !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "index_head_dim") {
+		t.Fatalf("pool with indexer keys, model without an indexer: %v", err)
+	}
+	if n, _ := pool.SeqLength(1, 0); n != ntok {
+		t.Fatalf("failed forwards changed the pool: length %d, want %d", n, ntok)
+	}
 
 	m.Close()
 	m.Close()
 	if _, err := m.Info(); !errors.Is(err, mlart.ErrClosed) {
 		t.Fatalf("closed model: %v", err)
 	}
+}
+
+func modelV32Dir(t *testing.T) string {
+	dir := os.Getenv("MLART_TEST_MODEL_V32_DIR")
+	if dir == "" {
+		dir = "/tmp/tiny-v32-model"
+	}
+	if _, err := os.Stat(dir + "/config.json"); err != nil {
+		t.Skipf("no tiny-v3.2 test checkpoint at %s (set MLART_TEST_MODEL_V32_DIR; mlart gen-model --preset tiny-v3.2): %v", dir, err)
+	}
+	return dir
+}
+
+// checkSelection checks IndexOut rows of tokens at positions first..: a
+// token at p < topk attends to 0..p then -1; later ones to topk ascending
+// positions in [0, p].
+func checkSelection(t *testing.T, sel []int32, first, topk int) {
+	t.Helper()
+	for r := 0; r < len(sel)/topk; r++ {
+		p, row := first+r, sel[r*topk:(r+1)*topk]
+		for j, v := range row {
+			var ok bool
+			switch {
+			case p < topk && j <= p:
+				ok = int(v) == j
+			case p < topk:
+				ok = v == -1
+			default:
+				ok = v >= 0 && int(v) <= p && (j == 0 || v > row[j-1])
+			}
+			if !ok {
+				t.Fatalf("position %d attended to %v (top-%d)", p, row, topk)
+			}
+		}
+	}
+}
+
+// DeepSeek-V3.2 (tiny-v3.2 checkpoint): the indexer fields, the pool's
+// IndexHeadDim, and IndexOut over a 13-token prefill (past top-8, so the
+// last 5 tokens attend sparsely) and a decode step.
+func TestModelV32(t *testing.T) {
+	dir := modelV32Dir(t)
+	e := newEngine(t)
+	m, err := mlart.LoadModel(e, dir, mlart.ModelOptions{})
+	if err != nil {
+		t.Fatalf("LoadModel: %v", err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.IndexNHeads != 4 || info.IndexHeadDim != 32 || info.IndexTopK != 8 || info.DQK != 80 || info.HiddenSize != 256 {
+		t.Fatalf("Info = %+v", info)
+	}
+	topk, hid := info.IndexTopK, info.HiddenSize
+	opts := mlart.KvPoolOptions{DQK: info.DQK, NumLayers: info.LoadedLayers, BlockSize: 4, NumBlocks: 16}
+	plain, err := mlart.NewKvPool(e, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer plain.Close()
+	opts.IndexHeadDim = info.IndexHeadDim
+	pool, err := mlart.NewKvPool(e, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	if o := pool.Options(); o.IndexHeadDim != 32 {
+		t.Fatalf("Options() = %+v", o)
+	}
+
+	r := rand.New(rand.NewSource(32))
+	const n = 13
+	x := randF32(r, (n+1)*hid, 1)
+	for _, p := range []*mlart.KvPool{plain, pool} {
+		if err := p.CreateSeq(1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A pool without indexer keys is the library's error, naming the option.
+	err = m.Forward(plain, &mlart.ForwardArgs{SeqIDs: []uint64{1}, NTokens: []int32{n}, X: x[:n*hid], Out: make([]float32, n*hid)})
+	if !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "index_head_dim") {
+		t.Fatalf("pool without IndexHeadDim: %v", err)
+	}
+	// A short IndexOut is caught in Go, before the library.
+	err = m.Forward(pool, &mlart.ForwardArgs{SeqIDs: []uint64{1}, NTokens: []int32{n}, X: x[:n*hid], Out: make([]float32, n*hid),
+		IndexOut: make([]int32, n*topk-1)})
+	if !errors.Is(err, mlart.ErrInvalidArgument) || !strings.Contains(err.Error(), "ForwardArgs.IndexOut has 103 elements, need 104") {
+		t.Fatalf("short IndexOut: %v", err)
+	}
+	if l, _ := pool.SeqLength(1, 0); l != 0 {
+		t.Fatalf("failed forwards changed the pool: length %d", l)
+	}
+
+	// Prefill: 13 tokens.
+	sel := make([]int32, n*topk)
+	for i := range sel {
+		sel[i] = 12345
+	}
+	out := nanF32s(n * hid)
+	if err := m.Forward(pool, &mlart.ForwardArgs{SeqIDs: []uint64{1}, NTokens: []int32{n}, X: x[:n*hid], Out: out, IndexOut: sel}); err != nil {
+		t.Fatalf("Forward (prefill): %v", err)
+	}
+	for i, v := range out {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+			t.Fatalf("out[%d] = %v", i, v)
+		}
+	}
+	checkSelection(t, sel, 0, topk)
+	t.Logf("prefill selections of positions 8..12: %v", sel[8*topk:])
+
+	// IndexOut only reports: the same tokens on a fresh sequence without it
+	// give the same output.
+	if err := pool.CreateSeq(2); err != nil {
+		t.Fatal(err)
+	}
+	out2 := nanF32s(n * hid)
+	if err := m.Forward(pool, &mlart.ForwardArgs{SeqIDs: []uint64{2}, NTokens: []int32{n}, X: x[:n*hid], Out: out2}); err != nil {
+		t.Fatalf("Forward (no IndexOut): %v", err)
+	}
+	if d := relL2(out2, toF64(out)); !(d == 0) {
+		t.Fatalf("IndexOut changed the output: rel-L2 %.3g", d)
+	}
+
+	// Decode step at position 13.
+	step := make([]int32, topk)
+	if err := m.Forward(pool, &mlart.ForwardArgs{SeqIDs: []uint64{1}, NTokens: []int32{1}, X: x[n*hid:], Out: nanF32s(hid), IndexOut: step}); err != nil {
+		t.Fatalf("Forward (decode): %v", err)
+	}
+	checkSelection(t, step, n, topk)
+	if l, _ := pool.SeqLength(1, 0); l != n+1 {
+		t.Fatalf("length after decode = %d, want %d", l, n+1)
+	}
+	t.Logf("decode selection of position 13: %v", step)
 }
 
 func toF64(s []float32) []float64 {

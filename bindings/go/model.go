@@ -64,6 +64,12 @@ type ModelInfo struct {
 	// ProjectionISA is the projections' vector code: the engine's CPU
 	// kernel variant capped by the CPU (scalar, avx2, avx512 or avx512bf16).
 	ProjectionISA CPUISA
+	// DeepSeek-V3.2's sparse-attention indexer: its heads, its key width
+	// and the tokens each query attends to; all 0 for models without one.
+	// A pool for this model needs KvPoolOptions.IndexHeadDim = IndexHeadDim.
+	IndexNHeads  int
+	IndexHeadDim int
+	IndexTopK    int
 }
 
 // Model is a loaded model: the attention weights of a range of layers.
@@ -72,9 +78,10 @@ type ModelInfo struct {
 // not overlap). Close waits for calls in flight. A model keeps its engine
 // alive.
 type Model struct {
-	mu     sync.RWMutex
-	ptr    *C.mlart_model
-	hidden int
+	mu        sync.RWMutex
+	ptr       *C.mlart_model
+	hidden    int
+	indexTopK int
 }
 
 // progressState is what the C progress callback reaches through a handle.
@@ -144,6 +151,7 @@ func LoadModel(engine *Engine, dir string, opts ModelOptions) (*Model, error) {
 		return nil, err
 	}
 	m.hidden = info.HiddenSize
+	m.indexTopK = info.IndexTopK
 	return m, nil
 }
 
@@ -205,6 +213,9 @@ func (m *Model) Info() (ModelInfo, error) {
 		BytesLoaded:   uint64(p.bytes_loaded),
 		Activations:   Activations(p.activations),
 		ProjectionISA: CPUISA(p.projection_isa),
+		IndexNHeads:   int(p.index_n_heads),
+		IndexHeadDim:  int(p.index_head_dim),
+		IndexTopK:     int(p.index_topk),
 	}
 	if bool(p.yarn) {
 		info.YaRN = &YaRN{
@@ -233,12 +244,23 @@ type ForwardArgs struct {
 	OutDType DType     // DTypeF32 writes Out; DTypeBF16/DTypeF16 write Out16
 	Out      []float32 // attention block output [sum(NTokens), hidden]
 	Out16    []uint16
+
+	// IndexOut, optional and for DeepSeek-V3.2 models only (IndexTopK > 0
+	// in ModelInfo), receives the positions each new token attended to, as
+	// the indexer chose them: [sum(NTokens), IndexTopK], ascending, -1
+	// after the last (a token at position p < IndexTopK attends to all of
+	// 0..p). Empty: not requested. Set for a model without an indexer, it
+	// is the library's StatusInvalidArgument naming index_out.
+	IndexOut []int32
 }
 
 // Forward runs the MLA attention block of one layer for a batch of
 // sequences: projections, norms, RoPE, appending the new cache rows to
-// pool, causal attention, and the output projection. On error the pool is
-// unchanged and Out is not written.
+// pool, causal attention, and the output projection. A DeepSeek-V3.2 model
+// (ModelInfo.IndexTopK > 0) needs a pool created with its IndexHeadDim; its
+// tokens past the first IndexTopK positions attend to the IndexTopK the
+// indexer selects (ForwardArgs.IndexOut reports them). On error the pool is
+// unchanged and Out and IndexOut are not written.
 func (m *Model) Forward(pool *KvPool, args *ForwardArgs) error {
 	if args == nil {
 		return argError("Forward: args is nil")
@@ -285,6 +307,12 @@ func (m *Model) Forward(pool *KvPool, args *ForwardArgs) error {
 				"sum(n_tokens)*hidden", total, m.hidden); err != nil {
 				return err
 			}
+			if len(args.IndexOut) > 0 && m.indexTopK > 0 {
+				if err := checkLen("ForwardArgs.IndexOut", len(args.IndexOut), "elements",
+					"sum(n_tokens)*index_topk", total, m.indexTopK); err != nil {
+					return err
+				}
+			}
 		}
 	}
 
@@ -296,6 +324,7 @@ func (m *Model) Forward(pool *KvPool, args *ForwardArgs) error {
 	ca.x = qPointer(&pn, args.XDType, args.X, args.X16)
 	ca.out_dtype = C.mlart_dtype(args.OutDType)
 	ca.out = qPointer(&pn, args.OutDType, args.Out, args.Out16)
+	ca.index_out = (*C.int32_t)(pin(&pn, args.IndexOut))
 
 	err = takeError(C.mlart_model_forward(mptr, pptr, &ca))
 	runtime.KeepAlive(m)

@@ -12,14 +12,20 @@ import (
 )
 
 // KvPoolOptions configures NewKvPool. Zero fields take the library's
-// defaults (KvFormatBF16, DQK 576, 1 layer, 64 tokens per block) except
-// NumBlocks, which is required.
+// defaults (KvFormatBF16, DQK 576, 1 layer, 64 tokens per block, no indexer
+// keys) except NumBlocks, which is required.
 type KvPoolOptions struct {
 	KvFormat  KvFormat
 	DQK       int // elements per row; 0 = 576 (DeepSeek V2/V3: 512 latent + 64 rope)
 	NumLayers int // layers, each with its own cache; 0 = 1
 	BlockSize int // tokens per block; 0 = 64
 	NumBlocks int // blocks shared by all sequences and layers (required)
+	// IndexHeadDim is the width of a DeepSeek-V3.2 indexer key per token and
+	// layer (ModelInfo.IndexHeadDim), or 0 (none). A V3.2 model's Forward
+	// needs a pool with its value; such a pool keeps each token's indexer
+	// key beside its cache row and takes rows only from that Forward (Append
+	// is rejected).
+	IndexHeadDim int
 }
 
 // KvPool is a pool of KV-cache blocks for several layers, holding sequences
@@ -50,6 +56,7 @@ func NewKvPool(engine *Engine, opts KvPoolOptions) (*KvPool, error) {
 		{"KvPoolOptions.NumLayers", opts.NumLayers, &o.num_layers},
 		{"KvPoolOptions.BlockSize", opts.BlockSize, &o.block_size},
 		{"KvPoolOptions.NumBlocks", opts.NumBlocks, &o.num_blocks},
+		{"KvPoolOptions.IndexHeadDim", opts.IndexHeadDim, &o.index_head_dim},
 	} {
 		if f.v == 0 && f.name != "KvPoolOptions.NumBlocks" {
 			continue // keep the library default
@@ -71,11 +78,12 @@ func NewKvPool(engine *Engine, opts KvPoolOptions) (*KvPool, error) {
 	}
 	runtime.KeepAlive(engine)
 	p := &KvPool{ptr: ptr, opts: KvPoolOptions{
-		KvFormat:  KvFormat(o.kv_format),
-		DQK:       int(o.d_qk),
-		NumLayers: int(o.num_layers),
-		BlockSize: int(o.block_size),
-		NumBlocks: int(o.num_blocks),
+		KvFormat:     KvFormat(o.kv_format),
+		DQK:          int(o.d_qk),
+		NumLayers:    int(o.num_layers),
+		BlockSize:    int(o.block_size),
+		NumBlocks:    int(o.num_blocks),
+		IndexHeadDim: int(o.index_head_dim),
 	}}
 	runtime.SetFinalizer(p, (*KvPool).Close)
 	return p, nil
@@ -206,7 +214,9 @@ func (p *KvPool) SeqLength(id uint64, layer int) (int, error) {
 
 // Append appends float32 rows [n, DQK] (n = len(rows)/DQK) to layer of
 // sequence id, converting them to the pool's format. A full pool gives
-// StatusPoolExhausted; on any error nothing changes.
+// StatusPoolExhausted; on any error nothing changes. A pool with
+// IndexHeadDim takes rows only from a V3.2 model's Forward: Append is
+// StatusInvalidArgument there.
 func (p *KvPool) Append(id uint64, layer int, rows []float32) error {
 	return p.append(id, layer, DTypeF32, len(rows), ptrOf(rows))
 }

@@ -153,6 +153,12 @@ export interface KvPoolOptions {
   blockSize?: number;
   /** Required. */
   numBlocks: number;
+  /**
+   * Elements of a DeepSeek-V3.2 indexer key per token and layer: a V3.2
+   * model's forward needs its `info().indexHeadDim` here (such a pool takes
+   * rows only from that forward, not from append). Default 0: none.
+   */
+  indexHeadDim?: number;
 }
 
 export interface KvPoolStats {
@@ -202,6 +208,8 @@ export declare class KvPool extends Handle {
   readonly numLayers: number;
   readonly blockSize: number;
   readonly numBlocks: number;
+  /** 0 when the pool keeps no DeepSeek-V3.2 indexer keys. */
+  readonly indexHeadDim: number;
   stats(): KvPoolStats;
   createSeq(id: SeqId): void;
   freeSeq(id: SeqId): void;
@@ -257,6 +265,12 @@ export interface ModelInfo {
   activations: 'precise' | 'bf16' | string;
   /** The projections' vector code: the engine's CPU kernel variant capped by the CPU. */
   projectionIsa: 'scalar' | 'avx2' | 'avx512' | 'avx512bf16' | string;
+  /** DeepSeek-V3.2's sparse-attention indexer: heads; 0 without one. */
+  indexNHeads: number;
+  /** Indexer key width; a pool for this model needs it as `indexHeadDim`. */
+  indexHeadDim: number;
+  /** Positions each token attends to once past them; 0 without an indexer. */
+  indexTopk: number;
 }
 
 export interface ForwardArgs {
@@ -271,6 +285,12 @@ export interface ForwardArgs {
   /** [sum(nTokens), hiddenSize]; allocated when absent. */
   out?: Activations;
   outDtype?: DTypeName;
+  /**
+   * DeepSeek-V3.2 models only: receives [sum(nTokens), indexTopk] positions
+   * each new token attended to, ascending, -1 after the last (a token at
+   * position p < indexTopk attends to all of 0..p).
+   */
+  indexOut?: Int32Array;
 }
 
 export declare class Model extends Handle {

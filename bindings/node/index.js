@@ -198,6 +198,9 @@ const mlart_model_props = koffi.struct('mlart_model_props', {
   bytes_loaded: 'uint64_t',
   activations: 'uint32_t',
   projection_isa: 'uint32_t',
+  index_n_heads: 'int32_t',
+  index_head_dim: 'int32_t',
+  index_topk: 'int32_t',
 });
 
 const mlart_forward_args = koffi.struct('mlart_forward_args', {
@@ -210,6 +213,7 @@ const mlart_forward_args = koffi.struct('mlart_forward_args', {
   x: 'const void *',
   out_dtype: 'uint32_t',
   out: 'void *',
+  index_out: 'int32_t *',
 });
 
 const mlart_kv_pool_options = koffi.struct('mlart_kv_pool_options', {
@@ -219,6 +223,7 @@ const mlart_kv_pool_options = koffi.struct('mlart_kv_pool_options', {
   num_layers: 'int32_t',
   block_size: 'int32_t',
   num_blocks: 'int32_t',
+  index_head_dim: 'int32_t',
 });
 
 const mlart_kv_pool_stats = koffi.struct('mlart_kv_pool_stats', {
@@ -829,7 +834,9 @@ function lseArray(value, n) {
 class KvPool extends Handle {
   /**
    * @param {Engine} engine
-   * @param {{kvFormat?: string|number, dQk?: number, numLayers?: number, blockSize?: number, numBlocks: number}} options
+   * @param {{kvFormat?: string|number, dQk?: number, numLayers?: number, blockSize?: number, numBlocks: number,
+   *          indexHeadDim?: number}} options  indexHeadDim: a DeepSeek-V3.2 model's
+   *   (model.info().indexHeadDim), or 0 (default) for none
    */
   constructor(engine, options) {
     if (!(engine instanceof Engine)) throw new TypeError(`engine must be an Engine, got ${describe(engine)}`);
@@ -840,6 +847,7 @@ class KvPool extends Handle {
     opts.num_layers = int32(o.numLayers, 'numLayers', opts.num_layers);
     opts.block_size = int32(o.blockSize, 'blockSize', opts.block_size);
     opts.num_blocks = int32(o.numBlocks, 'numBlocks', opts.num_blocks);
+    opts.index_head_dim = int32(o.indexHeadDim, 'indexHeadDim', opts.index_head_dim);
     const out = [null];
     check(C.kv_pool_create(engine._ptr, opts, out), 'mlart_kv_pool_create');
     super('KvPool', out[0], C.kv_pool_free);
@@ -850,6 +858,8 @@ class KvPool extends Handle {
     this.numLayers = opts.num_layers;
     this.blockSize = opts.block_size;
     this.numBlocks = opts.num_blocks;
+    /** Elements of a DeepSeek-V3.2 indexer key per token and layer; 0 for none. */
+    this.indexHeadDim = opts.index_head_dim;
     Object.freeze(this);
   }
 
@@ -1057,12 +1067,17 @@ class Model extends Handle {
       bytesLoaded: Number(p.bytes_loaded),
       activations: ACTIVATIONS_NAMES[p.activations] ?? String(p.activations),
       projectionIsa: CPU_ISA_NAMES[p.projection_isa] ?? String(p.projection_isa),
+      indexNHeads: p.index_n_heads,
+      indexHeadDim: p.index_head_dim,
+      indexTopk: p.index_topk,
     };
   }
 
   /**
    * Runs one layer's MLA attention block, appending to `pool`.
-   * x, out: [sum(nTokens), hiddenSize]. Returns out.
+   * x, out: [sum(nTokens), hiddenSize]. Returns out. DeepSeek-V3.2 models
+   * only: an `indexOut` Int32Array [sum(nTokens), indexTopk] receives the
+   * positions each new token attended to (ascending, -1 after the last).
    */
   forward(pool, args) {
     const model = this._ptr;
@@ -1090,6 +1105,16 @@ class Model extends Handle {
     needElements(out, prod(total, hidden), 'out', `out ${shape}`);
     f.out_dtype = outDtype;
     f.out = out;
+    if (a.indexOut !== undefined && a.indexOut !== null) {
+      if (!(a.indexOut instanceof Int32Array)) {
+        throw new TypeError(`indexOut must be an Int32Array, got ${describe(a.indexOut)}`);
+      }
+      // Without an indexer the library rejects indexOut, naming it.
+      const topk = this.#info.indexTopk;
+      needElements(a.indexOut, prod(total, topk), 'indexOut',
+        `indexOut [sum(nTokens)=${total}, indexTopk=${topk}]`);
+      f.index_out = a.indexOut;
+    }
     check(C.model_forward(model, poolPtr, f), 'mlart_model_forward');
     return out;
   }

@@ -34,6 +34,7 @@ test('Model.load, info and forward on a pool', { skip }, () => {
   assert.ok(['scalar', 'avx2', 'avx512', 'avx512bf16'].includes(info.projectionIsa), info.projectionIsa);
   assert.ok(info.bytesLoaded > 0);
   assert.ok(info.softmaxScale > 0);
+  assert.deepEqual([info.indexNHeads, info.indexHeadDim, info.indexTopk], [0, 0, 0]);
 
   const hidden = info.hiddenSize;
   const pool = new mlart.KvPool(engine, { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 16, numBlocks: 8 });
@@ -106,6 +107,21 @@ test('Model.load, info and forward on a pool', { skip }, () => {
       () => model.forward(pool, { layer: 5, seqIds: [1], nTokens: [1], x: new Float32Array(hidden) }),
       (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /layer/.test(e.message)
     );
+    // No indexer: indexOut, and a pool with indexer keys, are the library's errors.
+    assert.throws(
+      () => model.forward(pool, { layer: 0, seqIds: [1], nTokens: [1], x: new Float32Array(hidden), indexOut: new Int32Array(8) }),
+      (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /index_out/.test(e.message)
+    );
+    const keyed = new mlart.KvPool(engine, { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 16, numBlocks: 2, indexHeadDim: 32 });
+    try {
+      keyed.createSeq(1);
+      assert.throws(
+        () => model.forward(keyed, { layer: 0, seqIds: [1], nTokens: [1], x: new Float32Array(hidden) }),
+        (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /index_head_dim/.test(e.message)
+      );
+    } finally {
+      keyed.close();
+    }
     assert.equal(pool.seqLength(1, 0), 4, 'a failed forward changed the pool');
   } finally {
     pool.close();
@@ -113,6 +129,78 @@ test('Model.load, info and forward on a pool', { skip }, () => {
     model.close();
   }
   assert.throws(() => model.info(), /closed/);
+});
+
+const V32_DIR = process.env.MLART_TEST_MODEL_V32_DIR || '/tmp/tiny-v32-model';
+const skipV32 = fs.existsSync(path.join(V32_DIR, 'config.json'))
+  ? false
+  : `no tiny-v3.2 checkpoint at ${V32_DIR} (set MLART_TEST_MODEL_V32_DIR; mlart gen-model --preset tiny-v3.2)`;
+
+// Rows of indexOut for tokens at positions first..: a token at p < topk
+// attends to 0..p then -1; a later one to topk ascending positions in [0, p].
+function checkSelection(sel, first, topk) {
+  for (let r = 0; r < sel.length / topk; r++) {
+    const p = first + r;
+    const row = Array.from(sel.subarray(r * topk, (r + 1) * topk));
+    if (p < topk) {
+      assert.deepEqual(row, Array.from({ length: topk }, (_, j) => (j <= p ? j : -1)), `position ${p}`);
+    } else {
+      assert.ok(row.every((v, j) => v >= 0 && v <= p && (j === 0 || v > row[j - 1])), `position ${p}: ${row}`);
+    }
+  }
+}
+
+test('DeepSeek-V3.2: indexer info, pool indexHeadDim, indexOut over a sparse prefill and a decode step', { skip: skipV32 }, () => {
+  const model = mlart.Model.load(engine, V32_DIR);
+  try {
+    const info = model.info();
+    assert.deepEqual([info.indexNHeads, info.indexHeadDim, info.indexTopk, info.dQk], [4, 32, 8, 80]);
+    const hidden = info.hiddenSize;
+    const topk = info.indexTopk;
+    const opts = { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 4, numBlocks: 16 };
+    const plain = new mlart.KvPool(engine, opts);
+    const pool = new mlart.KvPool(engine, { ...opts, indexHeadDim: info.indexHeadDim });
+    try {
+      const n = 13; // past top-8: the last 5 tokens attend sparsely
+      const rand = rng(32);
+      const x = randomF32((n + 1) * hidden, rand);
+      const prefill = x.subarray(0, n * hidden);
+      plain.createSeq(1);
+      pool.createSeq(1);
+      assert.throws(
+        () => model.forward(plain, { layer: 0, seqIds: [1], nTokens: [n], x: prefill }),
+        (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /index_head_dim/.test(e.message)
+      );
+      assert.throws(
+        () => model.forward(pool, { layer: 0, seqIds: [1], nTokens: [n], x: prefill, indexOut: new Int32Array(n * topk - 1) }),
+        (e) => e instanceof RangeError && e.message === `indexOut has ${n * topk - 1} elements but indexOut [sum(nTokens)=${n}, indexTopk=${topk}] needs ${n * topk}`
+      );
+      assert.throws(
+        () => model.forward(pool, { layer: 0, seqIds: [1], nTokens: [n], x: prefill, indexOut: new Array(n * topk).fill(0) }),
+        (e) => e instanceof TypeError && /indexOut must be an Int32Array/.test(e.message)
+      );
+      assert.equal(pool.seqLength(1), 0, 'a failed forward changed the pool');
+
+      const sel = new Int32Array(n * topk).fill(12345);
+      const out = model.forward(pool, { layer: 0, seqIds: [1], nTokens: [n], x: prefill, indexOut: sel });
+      assert.ok(out.every(Number.isFinite), 'non-finite output');
+      checkSelection(sel, 0, topk);
+
+      // indexOut only reports: the same tokens without it give the same output.
+      pool.createSeq(2);
+      assert.deepEqual(model.forward(pool, { layer: 0, seqIds: [2], nTokens: [n], x: prefill }), out);
+
+      const step = new Int32Array(topk);
+      model.forward(pool, { layer: 0, seqIds: [1], nTokens: 1, x: x.subarray(n * hidden), indexOut: step });
+      checkSelection(step, n, topk);
+      assert.equal(pool.seqLength(1), n + 1);
+    } finally {
+      pool.close();
+      plain.close();
+    }
+  } finally {
+    model.close();
+  }
 });
 
 test('a missing directory is an MlartError with the library\'s status', () => {

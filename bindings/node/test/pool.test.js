@@ -22,6 +22,7 @@ test('KvPool lifecycle, fork, truncate, stats and decode against the reference',
   const rand = rng(11);
   try {
     assert.equal(pool.dQk, dQk);
+    assert.equal(pool.indexHeadDim, 0, 'indexHeadDim defaults to 0');
     let s = pool.stats();
     assert.deepEqual(s, {
       blocksTotal: numBlocks, blocksUsed: 0, blocksFree: numBlocks, sequences: 0,
@@ -152,6 +153,34 @@ test('seq ids: full uint64 range as BigInt; negative and fractional ids are reje
     assert.throws(() => pool.createSeq('3'), TypeError);
   } finally {
     pool.close();
+    engine.close();
+  }
+});
+
+test('indexHeadDim (DeepSeek-V3.2 indexer keys): round trip, room per block, append refused', () => {
+  const engine = new mlart.Engine({ backend: 'cpu' });
+  const opts = { kvFormat: 'f32', dQk: 80, blockSize: 4, numBlocks: 8 };
+  const plain = new mlart.KvPool(engine, opts);
+  const pool = new mlart.KvPool(engine, { ...opts, indexHeadDim: 32 });
+  try {
+    assert.equal(plain.indexHeadDim, 0);
+    assert.equal(pool.indexHeadDim, 32);
+    assert.equal(pool.dQk, 80);
+    assert.ok(pool.stats().bytesPerBlock > plain.stats().bytesPerBlock, 'indexer keys take no room');
+    pool.createSeq(1);
+    assert.throws(
+      () => pool.append(1, 0, new Float32Array(80)),
+      (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /index_head_dim/.test(e.message)
+    );
+    assert.equal(pool.seqLength(1), 0);
+    assert.throws(
+      () => new mlart.KvPool(engine, { ...opts, indexHeadDim: -1 }),
+      (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /index_head_dim/.test(e.message)
+    );
+    assert.throws(() => new mlart.KvPool(engine, { ...opts, indexHeadDim: 1.5 }), (e) => e instanceof TypeError && /indexHeadDim/.test(e.message));
+  } finally {
+    pool.close();
+    plain.close();
     engine.close();
   }
 });
