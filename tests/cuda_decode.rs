@@ -1062,7 +1062,8 @@ fn cuda_graph_capture() -> Outcome {
 
 /// A model layer end to end on a GPU engine (pool in GPU memory, GPU
 /// attention) against the same checkpoint on a CPU engine: prefill then a
-/// decode step, bf16 and FP8 pools.
+/// decode step, bf16 and FP8 pools; DeepSeek-V3 and V3.2 (the same indexer
+/// choices, then sparse attention on the GPU).
 fn cuda_model_forward_matches_cpu() -> Outcome {
     use mlart::kv::{KvPool, PoolOptions};
     use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
@@ -1071,64 +1072,82 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
         Ok(pair) => pair,
         Err(why) => return Outcome::Skipped(why),
     };
-    let dir = std::env::temp_dir().join(format!("mlart-cuda-model-{}", std::process::id()));
-    let opts = GenOptions {
-        preset: Preset::Tiny,
-        dtype: WeightDtype::Bf16,
-        layers: 1,
-        seed: 3,
-        shards: 1,
-        yarn: true,
-    };
-    generate(&dir, &opts).unwrap();
-    let models = [
-        Model::load(cpu.clone(), &dir, LoadOptions::default()).unwrap(),
-        Model::load(gpu.clone(), &dir, LoadOptions::default()).unwrap(),
-    ];
-    let _ = std::fs::remove_dir_all(&dir);
-    let c = &models[0].config;
-    let hid = c.hidden_size;
-    for format in [
-        mlart::format::KvFormat::Bf16,
-        mlart::format::KvFormat::Fp8V32,
-    ] {
-        if format == mlart::format::KvFormat::Fp8V32 && c.d_qk() != 576 {
-            continue;
-        }
-        let popts = PoolOptions {
-            format,
-            d_qk: c.d_qk(),
-            num_layers: 1,
-            block_size: 16,
-            num_blocks: 16,
-            index_dim: 0,
+    // V3 and V3.2 (whose indexer picks top-8 on the CPU for both engines,
+    // then the GPU attends sparsely past 8 tokens).
+    for preset in [Preset::Tiny, Preset::TinyV32] {
+        let dir = std::env::temp_dir().join(format!(
+            "mlart-cuda-model-{}-{}",
+            preset.name(),
+            std::process::id()
+        ));
+        let opts = GenOptions {
+            preset,
+            dtype: WeightDtype::Bf16,
+            layers: 1,
+            seed: 3,
+            shards: 1,
+            yarn: true,
         };
-        let pools = [
-            KvPool::new(cpu.clone(), popts).unwrap(),
-            KvPool::new(gpu.clone(), popts).unwrap(),
+        generate(&dir, &opts).unwrap();
+        let models = [
+            Model::load(cpu.clone(), &dir, LoadOptions::default()).unwrap(),
+            Model::load(gpu.clone(), &dir, LoadOptions::default()).unwrap(),
         ];
-        let mut rng = SmallRng::seed_from_u64(case_seed(66, 0));
-        for p in &pools {
-            p.create_seq(1).unwrap();
-            p.create_seq(2).unwrap();
-        }
-        let steps: [(&[usize], usize); 2] = [(&[20, 7], 27), (&[1, 1], 2)];
-        for (n_tokens, total) in steps {
-            let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
-            let outs: Vec<Vec<f32>> = models
-                .iter()
-                .zip(&pools)
-                .map(|(m, p)| m.forward(p, 0, &[1, 2], n_tokens, &x).unwrap())
-                .collect();
-            let (a, b): (Vec<f64>, Vec<f64>) = (
-                outs[1].iter().map(|&v| v as f64).collect(),
-                outs[0].iter().map(|&v| v as f64).collect(),
-            );
-            let e = rel_l2(&a, &b);
-            assert!(
-                e <= 2e-2,
-                "{format:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
-            );
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = &models[0].config;
+        let hid = c.hidden_size;
+        for format in [
+            mlart::format::KvFormat::Bf16,
+            mlart::format::KvFormat::Fp8V32,
+        ] {
+            if format == mlart::format::KvFormat::Fp8V32 && c.d_qk() != 576 {
+                continue;
+            }
+            let popts = PoolOptions {
+                format,
+                d_qk: c.d_qk(),
+                num_layers: 1,
+                block_size: 16,
+                num_blocks: 16,
+                index_dim: c.indexer.map_or(0, |ix| ix.head_dim),
+            };
+            let pools = [
+                KvPool::new(cpu.clone(), popts).unwrap(),
+                KvPool::new(gpu.clone(), popts).unwrap(),
+            ];
+            let mut rng = SmallRng::seed_from_u64(case_seed(66, 0));
+            for p in &pools {
+                p.create_seq(1).unwrap();
+                p.create_seq(2).unwrap();
+            }
+            let steps: [(&[usize], usize); 2] = [(&[20, 7], 27), (&[1, 1], 2)];
+            for (n_tokens, total) in steps {
+                let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
+                let topk = c.indexer.map_or(0, |ix| ix.topk);
+                let mut sels = vec![vec![0i32; total * topk]; 2];
+                let outs: Vec<Vec<f32>> = models
+                    .iter()
+                    .zip(&pools)
+                    .zip(sels.iter_mut())
+                    .map(|((m, p), sel)| {
+                        let io = (topk > 0).then_some(&mut sel[..]);
+                        m.forward_with(p, 0, &[1, 2], n_tokens, &x, io).unwrap()
+                    })
+                    .collect();
+                assert_eq!(
+                    sels[0], sels[1],
+                    "{preset:?}: the engines' indexer choices differ"
+                );
+                let (a, b): (Vec<f64>, Vec<f64>) = (
+                    outs[1].iter().map(|&v| v as f64).collect(),
+                    outs[0].iter().map(|&v| v as f64).collect(),
+                );
+                let e = rel_l2(&a, &b);
+                assert!(
+                    e <= 2e-2,
+                    "{preset:?} {format:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
+                );
+            }
         }
     }
     Outcome::Ran
