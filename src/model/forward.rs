@@ -3,7 +3,10 @@
 //! `q = q_b(RMSNorm(q_a(x)))` (or `q_proj(x)`), `kv = kv_a(x)`,
 //! `c = RMSNorm(kv[:lora])`, `k_pe = RoPE(kv[lora:])`, append `[c | k_pe]`,
 //! `q_lat = q_nope · W_UK`, attention over the cache (causal inside the
-//! chunk), `o = W_UV · o_lat`, `o_proj`.
+//! chunk), `o = W_UV · o_lat`, `o_proj`. A DeepSeek-V3.2 layer also runs
+//! its indexer (`super::indexer`): the new tokens' indexer keys go into the
+//! pool with their rows, and a token with more than `index_topk` earlier
+//! positions attends (sparse) to the ones the indexer picks.
 
 use super::linear::rms_norm;
 use super::{Model, QProj};
@@ -388,17 +391,17 @@ impl Model {
             .config
             .indexer
             .ok_or_else(|| Error::internal("no indexer"))?;
-        let (ih, id) = (ic.heads, ic.head_dim);
-        for (b, &id_) in seqs.iter().enumerate() {
+        let (ih, idim) = (ic.heads, ic.head_dim);
+        for (b, &seq) in seqs.iter().enumerate() {
             let toks = first_tok[b]..first_tok[b] + n_tokens[b];
-            pool.with_index_keys(id_, pl, |keys| {
+            pool.with_index_keys(seq, pl, |keys| {
                 out[toks.start * topk..toks.end * topk]
                     .par_chunks_mut(topk)
                     .zip(toks.clone().into_par_iter())
                     .for_each(|(row, tok)| {
                         super::indexer::select(
                             &keys,
-                            &t.q[tok * ih * id..(tok + 1) * ih * id],
+                            &t.q[tok * ih * idim..(tok + 1) * ih * idim],
                             &t.w[tok * ih..(tok + 1) * ih],
                             pos[tok],
                             row,
