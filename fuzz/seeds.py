@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Writes seed inputs for the `checkpoint` fuzz target: small but complete
-checkpoints (bf16 and FP8 with block scales, with and without q_lora) in
+checkpoints (bf16 and FP8 with block scales, with and without q_lora, and
+DeepSeek-V3.2 ones with an indexer that keeps one token, so a forward of
+two tokens runs the sparse path) in
 the target's input format `[flags u8][config length u16 LE][config][safetensors]`.
 
 Usage: python3 fuzz/seeds.py fuzz/corpus/checkpoint
@@ -12,11 +14,13 @@ import sys
 from pathlib import Path
 
 H, HEADS, QL, KVL, NOPE, ROPE, V = 16, 2, 8, 8, 4, 4, 4
+# The V3.2 indexer: heads, head_dim (a power of two >= ROPE), top-k.
+IH, ID, ITOPK = 2, 4, 1
 
 
-def config(q_lora, yarn):
+def config(q_lora, yarn, v32=False):
     c = {
-        "model_type": "deepseek_v3",
+        "model_type": "deepseek_v32" if v32 else "deepseek_v3",
         "hidden_size": H,
         "num_attention_heads": HEADS,
         "num_hidden_layers": 1,
@@ -29,6 +33,8 @@ def config(q_lora, yarn):
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
     }
+    if v32:
+        c.update({"index_n_heads": IH, "index_head_dim": ID, "index_topk": ITOPK})
     if yarn:
         c["rope_scaling"] = {
             "type": "yarn", "factor": 4, "original_max_position_embeddings": 256,
@@ -41,9 +47,12 @@ def bf16(x):
     return struct.pack("<I", struct.unpack("<I", struct.pack("<f", x))[0])[2:]
 
 
-def tensors(q_lora, fp8, rng):
+def tensors(q_lora, fp8, rng, v32=False):
     p = "model.layers.0.self_attn."
     shapes = {}
+    if v32:
+        shapes["indexer.wq_b.weight"] = [IH * ID, QL]
+        shapes["indexer.wk.weight"] = [ID, H]
     if q_lora:
         shapes["q_a_proj.weight"] = [QL, H]
         shapes["q_b_proj.weight"] = [HEADS * (NOPE + ROPE), QL]
@@ -67,6 +76,13 @@ def tensors(q_lora, fp8, rng):
     for name in norms:
         n = QL if name.startswith("q_a") else KVL
         out.append((p + name, "BF16", [n], b"".join(bf16(1.0) for _ in range(n))))
+    if v32:
+        # weights_proj stays bf16 in FP8 checkpoints; k_norm has a bias.
+        n = IH * H
+        out.append((p + "indexer.weights_proj.weight", "BF16", [IH, H],
+                    b"".join(bf16(rng.uniform(-0.3, 0.3)) for _ in range(n))))
+        out.append((p + "indexer.k_norm.weight", "BF16", [ID], b"".join(bf16(1.0) for _ in range(ID))))
+        out.append((p + "indexer.k_norm.bias", "BF16", [ID], b"".join(bf16(0.1) for _ in range(ID))))
     return out
 
 
@@ -99,6 +115,13 @@ def main():
                 (dst / (name + "-sharded")).write_bytes(
                     bytes([flags | 16]) + struct.pack("<H", len(cfg)) + cfg
                     + struct.pack("<H", len(ix)) + ix + st)
+    # DeepSeek-V3.2 (q_lora only): the indexer's tensors too.
+    for fp8 in (False, True):
+        cfg = config(True, True, v32=True)
+        st = safetensors(tensors(True, fp8, rng, v32=True))
+        flags = 0x08 if fp8 else 0x02
+        (dst / f"v32-{'fp8' if fp8 else 'bf16'}").write_bytes(
+            bytes([flags]) + struct.pack("<H", len(cfg)) + cfg + st)
 
 
 if __name__ == "__main__":
