@@ -217,58 +217,56 @@ fn block_scores(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{block_scores, HEADS, KEYS};
+    use super::{block_scores, KEYS, KEYS_BF16};
     use std::arch::x86_64::*;
 
-    /// [`block_scores`] on `vdpbf16ps`: `kp [dim/2][KEYS]` holds the keys'
-    /// code values as bf16 pairs (dims 2i, 2i+1 of key l at `kp[i][l]`),
-    /// `qp [heads][dim/2]` the query's. E4M3 values are bf16 values and
-    /// their products are exact, so only the order of the f32 sums differs
-    /// from the FMA version; half the instructions.
+    /// Scores of [`KEYS_BF16`] keys on `vdpbf16ps`, before their scales:
+    /// lanes are 16 query heads, and each key's bf16 pairs are broadcast,
+    /// so keys are used as stored (no transposition). `kp [KEYS_BF16][pairs]`
+    /// holds the keys' code values as bf16 pairs (dims 2i, 2i+1 in pair i),
+    /// `qt [pairs][hp]` the query's per head (`hp` heads, a multiple of 16,
+    /// zero past the real ones), `wp [hp]` the head weights (zero past
+    /// them). E4M3 values are bf16 values and their products exact, so only
+    /// the order of the f32 sums differs from the FMA version.
     ///
     /// # Safety
-    /// AVX-512F and AVX512-BF16 are present; `kp` has `pairs * KEYS` and
-    /// `qp` `w.len() * pairs` entries.
+    /// AVX-512F and AVX512-BF16 are present; the slices have those sizes.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn block_scores_bf16(
+    pub unsafe fn keys_scores_bf16(
         kp: &[u32],
-        qp: &[u32],
-        w: &[f32],
+        qt: &[u32],
+        wp: &[f32],
         pairs: usize,
-    ) -> [f32; KEYS] {
-        debug_assert!(kp.len() >= pairs * KEYS && qp.len() >= w.len() * pairs);
-        let heads = w.len();
-        let mut total = _mm512_setzero_ps();
-        let mut h0 = 0;
-        while h0 < heads {
-            let g = HEADS.min(heads - h0);
-            let mut acc = [_mm512_setzero_ps(); HEADS];
+        hp: usize,
+    ) -> [f32; KEYS_BF16] {
+        debug_assert!(kp.len() >= KEYS_BF16 * pairs && qt.len() >= pairs * hp && wp.len() >= hp);
+        let mut out = [0f32; KEYS_BF16];
+        for g in (0..hp).step_by(16) {
+            let mut acc = [_mm512_setzero_ps(); KEYS_BF16];
             for i in 0..pairs {
-                // SAFETY (caller): row i of kp has KEYS pairs.
-                let kv = unsafe {
+                // SAFETY (caller): qt row i has hp >= g + 16 entries.
+                let qv = unsafe {
                     std::mem::transmute::<__m512i, __m512bh>(_mm512_loadu_si512(
-                        kp.as_ptr().add(i * KEYS) as *const _,
+                        qt.as_ptr().add(i * hp + g) as *const _,
                     ))
                 };
-                for (j, a) in acc.iter_mut().enumerate().take(g) {
+                for (k, a) in acc.iter_mut().enumerate() {
                     // SAFETY: any bits are a valid bf16 pair vector.
-                    let qv = unsafe {
+                    let kv = unsafe {
                         std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                            qp[(h0 + j) * pairs + i] as i32,
+                            kp[k * pairs + i] as i32,
                         ))
                     };
                     *a = _mm512_dpbf16_ps(*a, qv, kv);
                 }
             }
-            for (j, a) in acc.iter().enumerate().take(g) {
-                let relu = _mm512_max_ps(*a, _mm512_setzero_ps());
-                total = _mm512_fmadd_ps(relu, _mm512_set1_ps(w[h0 + j]), total);
+            // SAFETY (caller): wp has hp >= g + 16 entries.
+            let wv = unsafe { _mm512_loadu_ps(wp.as_ptr().add(g)) };
+            for (o, a) in out.iter_mut().zip(acc) {
+                let relu = _mm512_max_ps(a, _mm512_setzero_ps());
+                *o += _mm512_reduce_add_ps(_mm512_mul_ps(relu, wv));
             }
-            h0 += g;
         }
-        let mut out = [0f32; KEYS];
-        // SAFETY: out has KEYS = 16 f32.
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), total) };
         out
     }
 
@@ -330,31 +328,47 @@ fn score_range(
     }
 }
 
+/// Keys per call of the `vdpbf16ps` kernel: independent sums.
+#[cfg(target_arch = "x86_64")]
+const KEYS_BF16: usize = 12;
+
 /// [`score_range`] on `vdpbf16ps` (the [`Level::Avx512Bf16`] CPUs).
 #[cfg(target_arch = "x86_64")]
 fn score_range_bf16(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], first: usize, out: &mut [f32]) {
-    let pairs = keys.dim / 2;
-    // The query's code values are bf16 values: their top 16 bits.
+    let dim = keys.dim;
+    let pairs = dim / 2;
+    let heads = w.len();
+    let hp = heads.next_multiple_of(16);
+    // Code values are bf16 values: their top 16 bits.
     let bits = |v: f32| v.to_bits() >> 16;
-    let qp: Vec<u32> = q
-        .chunks_exact(2)
-        .map(|p| bits(p[0]) | (bits(p[1]) << 16))
-        .collect();
-    let mut kp = vec![0u32; pairs * KEYS];
-    for (b, ob) in out.chunks_mut(KEYS).enumerate() {
-        let k0 = first + b * KEYS;
-        let mut scales = [0f32; KEYS];
-        kp.fill(0);
+    let mut qt = vec![0u32; pairs * hp];
+    for (h, qh) in q.chunks_exact(dim).enumerate() {
+        for (i, p) in qh.chunks_exact(2).enumerate() {
+            qt[i * hp + h] = bits(p[0]) | (bits(p[1]) << 16);
+        }
+    }
+    let mut wp = vec![0f32; hp];
+    wp[..heads].copy_from_slice(w);
+    let mut kp = vec![0u32; KEYS_BF16 * pairs];
+    for (b, ob) in out.chunks_mut(KEYS_BF16).enumerate() {
+        let k0 = first + b * KEYS_BF16;
+        let mut scales = [0f32; KEYS_BF16];
+        if ob.len() < KEYS_BF16 {
+            kp.fill(0);
+        }
         for (l, sc) in scales.iter_mut().enumerate().take(ob.len()) {
             let (codes, scale) = keys.key(k0 + l);
             *sc = scale;
-            for (i, c) in codes.chunks_exact(2).enumerate() {
-                kp[i * KEYS + l] = bits(e4m3_to_f32(c[0])) | (bits(e4m3_to_f32(c[1])) << 16);
+            let dst = &mut kp[l * pairs..(l + 1) * pairs];
+            if !crate::format::fp8::e4m3_to_bf16_pairs(codes, dim, &[0], dst) {
+                for (d, c) in dst.iter_mut().zip(codes.chunks_exact(2)) {
+                    *d = bits(e4m3_to_f32(c[0])) | (bits(e4m3_to_f32(c[1])) << 16);
+                }
             }
         }
         // SAFETY: the bf16 level implies AVX-512F and AVX512-BF16 (Level
-        // caps it by the CPU); kp and qp have the sizes the kernel reads.
-        let s = unsafe { simd::block_scores_bf16(&kp, &qp, w, pairs) };
+        // caps it by the CPU); kp, qt and wp have the sizes the kernel reads.
+        let s = unsafe { simd::keys_scores_bf16(&kp, &qt, &wp, pairs, hp) };
         for ((o, v), sc) in ob.iter_mut().zip(s).zip(scales) {
             *o = sc * v;
         }
@@ -432,6 +446,94 @@ mod tests {
             let norm = |v: &[f32]| v.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
             assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x).max(1.0));
         }
+    }
+
+    /// At V3.2's width (64 heads of 128: the vector E4M3 → bf16 conversion
+    /// and full 16-head groups) every level's scores of 45 keys (blocks of
+    /// 16 and 12 with tails) agree with a float64 sum of the same codes.
+    #[test]
+    fn scores_agree_on_every_level() {
+        use crate::engine::{Engine, EngineOptions};
+        use crate::format::KvFormat;
+        use crate::kv::{KvPool, PoolOptions};
+        let (heads, dim, n) = (64usize, 128usize, 45usize);
+        let engine = std::sync::Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let pool = KvPool::new(
+            engine,
+            PoolOptions {
+                format: KvFormat::F32,
+                d_qk: 8,
+                num_layers: 1,
+                block_size: 4,
+                num_blocks: 16,
+                index_dim: dim,
+            },
+        )
+        .unwrap();
+        pool.create_seq(1).unwrap();
+        let vals = crate::model::gen::uniform(n * dim + heads * dim + heads, 5);
+        let mut rows = vec![0u8; n * index_row_bytes(dim)];
+        for (t, row) in rows.chunks_exact_mut(index_row_bytes(dim)).enumerate() {
+            let (codes, scale) = row.split_at_mut(dim);
+            let s = quantize(&vals[t * dim..(t + 1) * dim], codes, t % 2 == 0);
+            scale.copy_from_slice(&s.to_le_bytes());
+        }
+        let kv = vec![0f32; n * 8];
+        pool.append_batch_indexed(
+            0,
+            &[(1, n, bytemuck::cast_slice(&kv))],
+            crate::format::Dtype::F32,
+            Some(&[&rows]),
+        )
+        .unwrap();
+        let mut q = vec![0f32; heads * dim];
+        let mut codes = vec![0u8; dim];
+        for (h, qh) in q.chunks_exact_mut(dim).enumerate() {
+            let src = &vals[n * dim + h * dim..][..dim];
+            quantize(src, &mut codes, false);
+            for (v, &c) in qh.iter_mut().zip(&codes) {
+                *v = e4m3_to_f32(c);
+            }
+        }
+        let w = &vals[n * dim + heads * dim..];
+        pool.with_index_keys(1, 0, |keys| {
+            let want: Vec<f64> = (0..n)
+                .map(|t| {
+                    let (c, s) = keys.key(t);
+                    let dots = q.chunks_exact(dim).map(|qh| {
+                        qh.iter()
+                            .zip(c)
+                            .map(|(&a, &b)| a as f64 * e4m3_to_f32(b) as f64)
+                            .sum::<f64>()
+                    });
+                    s as f64
+                        * dots
+                            .zip(w)
+                            .map(|(d, &wh)| wh as f64 * d.max(0.0))
+                            .sum::<f64>()
+                })
+                .collect();
+            let top = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            for lvl in [
+                Level::Portable,
+                Level::Avx2,
+                Level::Avx512,
+                Level::Avx512Bf16,
+            ] {
+                if lvl > Level::best() {
+                    continue;
+                }
+                let mut got = vec![0f32; n];
+                score_range(&keys, &q, w, 0, &mut got, lvl);
+                for (t, (&g, &e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g as f64 - e).abs() <= 1e-5 * top,
+                        "{lvl:?} key {t}: {g} vs {e}"
+                    );
+                }
+            }
+        })
+        .unwrap();
     }
 
     #[test]
