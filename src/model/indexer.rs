@@ -177,47 +177,58 @@ impl Indexer {
     }
 }
 
-/// Keys scored together: their codes are transposed to `[dim][KEYS]` so
-/// that each query element multiplies all of them in one vector.
-const KEYS: usize = 16;
-/// Query heads per pass over a key block: independent sums, enough to
-/// keep the FMA units busy.
-const HEADS: usize = 8;
+/// Keys per call of the f32 kernel (independent sums): 8 with AVX-512's 32
+/// registers; 4 with AVX2's 16, where 8 keys of two vectors each left no
+/// register for the query (measured: the kernel's share of a V3.2 decode
+/// step at context 4096 fell from 5.7% to 2.9% with 4).
+const KEYS_F32: usize = 8;
+#[cfg(target_arch = "x86_64")]
+const KEYS_AVX2: usize = 4;
+/// Heads per vector group of the f32 kernel (the query is padded to a
+/// multiple): two AVX2 vectors or one AVX-512 vector.
+const LANES: usize = 16;
 
-/// Scores of up to `KEYS` keys from their transposed code values `kt
-/// [dim][KEYS]` (lanes past the last key hold zeros) for one query (`q
-/// [heads, dim]` code values, `w [heads]`), before the keys' scales.
+/// Scores of `K` keys, before their scales: lanes are query heads
+/// and each key's values are broadcast, so keys are used as stored. `kf
+/// [K][dim]` holds the keys' code values, `qt [dim][hp]` the query's
+/// per head (`hp` a multiple of [`LANES`], zero past the real heads), `wp
+/// [hp]` the head weights (zero past them). Plain loops, vectorized by the
+/// compiler in the builds of `simd` below.
 #[inline(always)]
-fn block_scores(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
-    let heads = w.len();
-    let mut total = [0f32; KEYS];
-    let mut h0 = 0;
-    while h0 < heads {
-        let g = HEADS.min(heads - h0);
-        let mut acc = [[0f32; KEYS]; HEADS];
+fn keys_scores_f32<const K: usize>(
+    kf: &[f32],
+    qt: &[f32],
+    wp: &[f32],
+    dim: usize,
+    hp: usize,
+) -> [f32; K] {
+    let mut out = [0f32; K];
+    for g in (0..hp).step_by(LANES) {
+        let mut acc = [[0f32; LANES]; K];
         for d in 0..dim {
-            let kv: &[f32; KEYS] = kt[d * KEYS..][..KEYS].try_into().expect("KEYS lanes");
-            for (j, a) in acc.iter_mut().enumerate().take(g) {
-                let qv = q[(h0 + j) * dim + d];
-                for l in 0..KEYS {
-                    a[l] += qv * kv[l];
+            let qv: &[f32; LANES] = qt[d * hp + g..][..LANES].try_into().expect("LANES heads");
+            for (k, a) in acc.iter_mut().enumerate() {
+                let kv = kf[k * dim + d];
+                for l in 0..LANES {
+                    a[l] += qv[l] * kv;
                 }
             }
         }
-        for (j, a) in acc.iter().enumerate().take(g) {
-            let wh = w[h0 + j];
-            for l in 0..KEYS {
-                total[l] += wh * a[l].max(0.0);
+        let wv = &wp[g..g + LANES];
+        for (o, a) in out.iter_mut().zip(&acc) {
+            let mut sum = 0f32;
+            for l in 0..LANES {
+                sum += a[l].max(0.0) * wv[l];
             }
+            *o += sum;
         }
-        h0 += g;
     }
-    total
+    out
 }
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{block_scores, KEYS, KEYS_BF16};
+    use super::{keys_scores_f32, KEYS_AVX2, KEYS_BF16, KEYS_F32};
     use std::arch::x86_64::*;
 
     /// Scores of [`KEYS_BF16`] keys on `vdpbf16ps`, before their scales:
@@ -270,16 +281,28 @@ mod simd {
         out
     }
 
-    /// [`block_scores`] compiled for AVX-512F: a key block is one vector.
+    /// [`keys_scores_f32`] compiled for AVX-512F: 16 heads per vector.
     #[target_feature(enable = "avx512f")]
-    pub fn block_scores_avx512(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
-        block_scores(kt, q, w, dim)
+    pub fn keys_scores_avx512(
+        kf: &[f32],
+        qt: &[f32],
+        wp: &[f32],
+        dim: usize,
+        hp: usize,
+    ) -> [f32; KEYS_F32] {
+        keys_scores_f32::<KEYS_F32>(kf, qt, wp, dim, hp)
     }
 
-    /// [`block_scores`] compiled for AVX2 + FMA: a key block is two vectors.
+    /// [`keys_scores_f32`] compiled for AVX2 + FMA: 8 heads per vector.
     #[target_feature(enable = "avx2,fma")]
-    pub fn block_scores_avx2(kt: &[f32], q: &[f32], w: &[f32], dim: usize) -> [f32; KEYS] {
-        block_scores(kt, q, w, dim)
+    pub fn keys_scores_avx2(
+        kf: &[f32],
+        qt: &[f32],
+        wp: &[f32],
+        dim: usize,
+        hp: usize,
+    ) -> [f32; KEYS_AVX2] {
+        keys_scores_f32::<KEYS_AVX2>(kf, qt, wp, dim, hp)
     }
 }
 
@@ -299,30 +322,57 @@ fn score_range(
     if lvl == Level::Avx512Bf16 && dim.is_multiple_of(2) {
         return score_range_bf16(keys, q, w, first, out);
     }
-    let mut kt = vec![0f32; dim * KEYS];
-    for (b, ob) in out.chunks_mut(KEYS).enumerate() {
-        let k0 = first + b * KEYS;
-        let mut scales = [0f32; KEYS];
-        kt.fill(0.0);
+    let heads = w.len();
+    let hp = heads.next_multiple_of(LANES);
+    let mut qt = vec![0f32; dim * hp];
+    for (h, qh) in q.chunks_exact(dim).enumerate() {
+        for (d, &v) in qh.iter().enumerate() {
+            qt[d * hp + h] = v;
+        }
+    }
+    let mut wp = vec![0f32; hp];
+    wp[..heads].copy_from_slice(w);
+    match lvl {
+        // SAFETY: the level never exceeds the CPU's features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx512 | Level::Avx512Bf16 => {
+            f32_blocks::<KEYS_F32>(keys, first, out, |kf| unsafe {
+                simd::keys_scores_avx512(kf, &qt, &wp, dim, hp)
+            })
+        }
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2 => f32_blocks::<KEYS_AVX2>(keys, first, out, |kf| unsafe {
+            simd::keys_scores_avx2(kf, &qt, &wp, dim, hp)
+        }),
+        _ => f32_blocks::<KEYS_F32>(keys, first, out, |kf| {
+            keys_scores_f32::<KEYS_F32>(kf, &qt, &wp, dim, hp)
+        }),
+    }
+}
+
+/// Runs `kernel` over blocks of `K` keys from `first` (their code values
+/// `[K][dim]`, zero past the last key) and scales its scores into `out`.
+fn f32_blocks<const K: usize>(
+    keys: &IndexKeys<'_>,
+    first: usize,
+    out: &mut [f32],
+    kernel: impl Fn(&[f32]) -> [f32; K],
+) {
+    let dim = keys.dim;
+    let mut kf = vec![0f32; K * dim];
+    for (b, ob) in out.chunks_mut(K).enumerate() {
+        let k0 = first + b * K;
+        let mut scales = [0f32; K];
+        if ob.len() < K {
+            kf.fill(0.0);
+        }
         for (l, sc) in scales.iter_mut().enumerate().take(ob.len()) {
             let (codes, scale) = keys.key(k0 + l);
             *sc = scale;
-            for (d, &c) in codes.iter().enumerate() {
-                kt[d * KEYS + l] = e4m3_to_f32(c);
-            }
+            crate::format::fp8::dequantize_tile(codes, 1.0, &mut kf[l * dim..(l + 1) * dim]);
         }
-        let s = match lvl {
-            // SAFETY: the level never exceeds the CPU's features.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 | Level::Avx512Bf16 => unsafe {
-                simd::block_scores_avx512(&kt, q, w, dim)
-            },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { simd::block_scores_avx2(&kt, q, w, dim) },
-            _ => block_scores(&kt, q, w, dim),
-        };
-        for ((o, v), sc) in ob.iter_mut().zip(s).zip(scales) {
+        for ((o, v), sc) in ob.iter_mut().zip(kernel(&kf)).zip(scales) {
             *o = sc * v;
         }
     }
