@@ -333,49 +333,57 @@ fn score_range(
     let mut wp = vec![0f32; hp];
     wp[..heads].copy_from_slice(w);
     match lvl {
-        // SAFETY: the level never exceeds the CPU's features.
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 | Level::Avx512Bf16 => {
-            f32_blocks::<KEYS_F32>(keys, first, out, |kf| unsafe {
-                simd::keys_scores_avx512(kf, &qt, &wp, dim, hp)
+            key_blocks::<f32, KEYS_F32>(keys, first, out, dim, codes_f32, |kf| {
+                // SAFETY: the level never exceeds the CPU's features.
+                unsafe { simd::keys_scores_avx512(kf, &qt, &wp, dim, hp) }
             })
         }
-        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Level::Avx2 => f32_blocks::<KEYS_AVX2>(keys, first, out, |kf| unsafe {
-            simd::keys_scores_avx2(kf, &qt, &wp, dim, hp)
+        Level::Avx2 => key_blocks::<f32, KEYS_AVX2>(keys, first, out, dim, codes_f32, |kf| {
+            // SAFETY: as above.
+            unsafe { simd::keys_scores_avx2(kf, &qt, &wp, dim, hp) }
         }),
-        _ => f32_blocks::<KEYS_F32>(keys, first, out, |kf| {
+        _ => key_blocks::<f32, KEYS_F32>(keys, first, out, dim, codes_f32, |kf| {
             keys_scores_f32::<KEYS_F32>(kf, &qt, &wp, dim, hp)
         }),
     }
 }
 
-/// Runs `kernel` over blocks of `K` keys from `first` (their code values
-/// `[K][dim]`, zero past the last key) and scales its scores into `out`.
-fn f32_blocks<const K: usize>(
+/// Runs `kernel` over blocks of `K` keys from `first`: each key's codes
+/// are converted by `convert` into its `width` elements of the block `[K]
+/// [width]` (zero past the last key), and the kernel's scores are scaled
+/// into `out`.
+fn key_blocks<T: Copy + Default, const K: usize>(
     keys: &IndexKeys<'_>,
     first: usize,
     out: &mut [f32],
-    kernel: impl Fn(&[f32]) -> [f32; K],
+    width: usize,
+    convert: impl Fn(&[u8], &mut [T]),
+    kernel: impl Fn(&[T]) -> [f32; K],
 ) {
-    let dim = keys.dim;
-    let mut kf = vec![0f32; K * dim];
+    let mut block = vec![T::default(); K * width];
     for (b, ob) in out.chunks_mut(K).enumerate() {
         let k0 = first + b * K;
         let mut scales = [0f32; K];
         if ob.len() < K {
-            kf.fill(0.0);
+            block.fill(T::default());
         }
         for (l, sc) in scales.iter_mut().enumerate().take(ob.len()) {
             let (codes, scale) = keys.key(k0 + l);
             *sc = scale;
-            crate::format::fp8::dequantize_tile(codes, 1.0, &mut kf[l * dim..(l + 1) * dim]);
+            convert(codes, &mut block[l * width..(l + 1) * width]);
         }
-        for ((o, v), sc) in ob.iter_mut().zip(kernel(&kf)).zip(scales) {
+        for ((o, v), sc) in ob.iter_mut().zip(kernel(&block)).zip(scales) {
             *o = sc * v;
         }
     }
+}
+
+/// E4M3 codes as f32 values (vectorized where the CPU allows).
+fn codes_f32(codes: &[u8], dst: &mut [f32]) {
+    crate::format::fp8::dequantize_tile(codes, 1.0, dst);
 }
 
 /// Keys per call of the `vdpbf16ps` kernel: independent sums.
@@ -399,30 +407,18 @@ fn score_range_bf16(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], first: usize, ou
     }
     let mut wp = vec![0f32; hp];
     wp[..heads].copy_from_slice(w);
-    let mut kp = vec![0u32; KEYS_BF16 * pairs];
-    for (b, ob) in out.chunks_mut(KEYS_BF16).enumerate() {
-        let k0 = first + b * KEYS_BF16;
-        let mut scales = [0f32; KEYS_BF16];
-        if ob.len() < KEYS_BF16 {
-            kp.fill(0);
-        }
-        for (l, sc) in scales.iter_mut().enumerate().take(ob.len()) {
-            let (codes, scale) = keys.key(k0 + l);
-            *sc = scale;
-            let dst = &mut kp[l * pairs..(l + 1) * pairs];
-            if !crate::format::fp8::e4m3_to_bf16_pairs(codes, dim, &[0], dst) {
-                for (d, c) in dst.iter_mut().zip(codes.chunks_exact(2)) {
-                    *d = bits(e4m3_to_f32(c[0])) | (bits(e4m3_to_f32(c[1])) << 16);
-                }
+    let convert = |codes: &[u8], dst: &mut [u32]| {
+        if !crate::format::fp8::e4m3_to_bf16_pairs(codes, dim, &[0], dst) {
+            for (d, c) in dst.iter_mut().zip(codes.chunks_exact(2)) {
+                *d = bits(e4m3_to_f32(c[0])) | (bits(e4m3_to_f32(c[1])) << 16);
             }
         }
+    };
+    key_blocks::<u32, KEYS_BF16>(keys, first, out, pairs, convert, |kp| {
         // SAFETY: the bf16 level implies AVX-512F and AVX512-BF16 (Level
         // caps it by the CPU); kp, qt and wp have the sizes the kernel reads.
-        let s = unsafe { simd::keys_scores_bf16(&kp, &qt, &wp, pairs, hp) };
-        for ((o, v), sc) in ob.iter_mut().zip(s).zip(scales) {
-            *o = sc * v;
-        }
-    }
+        unsafe { simd::keys_scores_bf16(kp, &qt, &wp, pairs, hp) }
+    });
 }
 
 /// Fills `out` (`topk` entries) with the positions a query at position `p`
