@@ -156,6 +156,7 @@ pub(crate) unsafe fn slice_mut<'a, T>(p: *mut T, n: usize, name: &str) -> Result
 }
 
 /// A named byte range, for overlap checks between outputs and inputs.
+#[derive(Clone, Copy)]
 pub(crate) struct Region<'a> {
     pub name: &'a str,
     pub start: usize,

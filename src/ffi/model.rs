@@ -460,14 +460,12 @@ fn forward(
         start: a.out as usize,
         len: out_len,
     };
-    check_disjoint(
-        &out_region,
-        &[
-            Region::of("x", x),
-            Region::of("seq_ids", ids),
-            Region::of("n_tokens", counts),
-        ],
-    )?;
+    let inputs = [
+        Region::of("x", x),
+        Region::of("seq_ids", ids),
+        Region::of("n_tokens", counts),
+    ];
+    check_disjoint(&out_region, &inputs)?;
     let index_len = match (&m.config.indexer, a.index_out.is_null()) {
         (_, true) => 0,
         (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
@@ -485,12 +483,7 @@ fn forward(
     };
     check_disjoint(
         &index_region,
-        &[
-            Region::of("x", x),
-            Region::of("seq_ids", ids),
-            Region::of("n_tokens", counts),
-            out_region,
-        ],
+        &[inputs[0], inputs[1], inputs[2], out_region],
     )?;
     // SAFETY: out holds sum(n_tokens) * hidden elements, disjoint from the inputs.
     let out = unsafe { slice_mut(a.out as *mut u8, out_len, "out") }?;
