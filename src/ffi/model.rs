@@ -489,7 +489,8 @@ fn forward(
     let out = unsafe { slice_mut(a.out as *mut u8, out_len, "out") }?;
     let mut xf = vec![0f32; total * hid];
     load_slice(x_dtype, x, &mut xf);
-    let mut index = vec![0i32; index_len / 4];
+    let mut index: Vec<i32> = Vec::new();
+    crate::backend::try_grow(&mut index, "index_out staging", index_len / 4)?;
     let y = m.forward_with(
         p,
         a.layer as i64,

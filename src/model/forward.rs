@@ -224,12 +224,14 @@ impl Model {
                 }
                 // V3.2: the positions each token attends to, where the
                 // indexer narrows them or the caller asked for them.
+                // Filled in full by `select` (every row is written).
                 let mut selected: Vec<i32> = Vec::new();
                 if let Some(t) = &ix {
                     let wanted = index_out.is_some();
                     let narrowed = |b: usize| start[b] + n_tokens[b] > topk;
                     if wanted || (0..seqs.len()).any(narrowed) {
-                        selected = vec![-1; total * topk];
+                        let n = crate::error::checked_size("indexer choices", &[total, topk])?;
+                        crate::backend::try_grow(&mut selected, "indexer choices", n)?;
                         self.select(
                             pool,
                             pl,
