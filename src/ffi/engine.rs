@@ -6,7 +6,7 @@ use super::types::{
     mlart_backend, mlart_cpu_isa, mlart_thread_affinity, MLART_AFFINITY_AUTO, MLART_BACKEND_AUTO,
     MLART_BACKEND_CPU, MLART_BACKEND_CUDA,
 };
-use super::{read_struct_versions, write_c_str, write_struct_prefix};
+use super::{read_versioned, write_c_str, write_struct_prefix};
 use crate::backend::cpu::Affinity;
 use crate::backend::BackendKind;
 use crate::engine::{BackendRequest, Engine, EngineOptions};
@@ -156,17 +156,15 @@ pub extern "C" fn mlart_engine_create(
         let opts = if options.is_null() {
             EngineOptions::default()
         } else {
-            let mut defaults = std::mem::MaybeUninit::<mlart_engine_options>::uninit();
-            mlart_engine_options_init(defaults.as_mut_ptr());
-            // SAFETY: non-NULL options point to a caller struct of
-            // struct_size bytes; plain data; defaults initialized just above.
+            // SAFETY: a non-NULL options points to a caller struct of struct_size
+            // bytes of plain data.
             let o = unsafe {
-                read_struct_versions(
+                read_versioned(
                     options,
                     "options",
                     "mlart_engine_options_init",
+                    mlart_engine_options_init,
                     &[ENGINE_OPTIONS_SIZE_BEFORE_AFFINITY],
-                    Some(defaults.assume_init()),
                 )
             }?;
             engine_options(&o)?
@@ -211,17 +209,15 @@ pub extern "C" fn mlart_engine_info(
     ffi_result("mlart_engine_info", || {
         // SAFETY: engine handle contract.
         let e = unsafe { engine_ref(engine) }?;
-        let mut defaults = std::mem::MaybeUninit::<mlart_engine_props>::uninit();
-        mlart_engine_props_init(defaults.as_mut_ptr());
         // SAFETY: a non-NULL out points to a caller struct of struct_size
-        // bytes; plain data; defaults initialized just above.
+        // bytes of plain data.
         let mut p = unsafe {
-            read_struct_versions(
+            read_versioned(
                 out as *const mlart_engine_props,
                 "out",
                 "mlart_engine_props_init",
+                mlart_engine_props_init,
                 &[ENGINE_PROPS_SIZE_BEFORE_PLACEMENT],
-                Some(defaults.assume_init()),
             )
         }?;
         let info = e.inner.info();
@@ -236,7 +232,7 @@ pub extern "C" fn mlart_engine_info(
         write_c_str(&mut p.cpu_features, &info.cpu_features);
         write_c_str(&mut p.reason, &info.reason);
         write_c_str(&mut p.thread_placement, &info.thread_placement);
-        // SAFETY: out is non-NULL (checked by read_struct_versions) and has
+        // SAFETY: out is non-NULL (checked by read_versioned) and has
         // struct_size writable bytes, which p.struct_size holds.
         unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
         Ok(())

@@ -38,6 +38,27 @@ pub(crate) unsafe fn read_struct<T: Copy>(p: *const T, name: &str, init: &str) -
     unsafe { read_struct_versions(p, name, init, &[], None) }
 }
 
+/// [`read_struct_versions`] whose defaults are what the struct's `_init`
+/// function (`init`, named `init_name` in errors) writes: the fields an
+/// older layout lacks keep them.
+///
+/// # Safety
+/// As [`read_struct_versions`]; `init` writes every field of a `T` (each
+/// `mlart_*_init` does).
+pub(crate) unsafe fn read_versioned<T: Copy>(
+    p: *const T,
+    name: &str,
+    init_name: &str,
+    init: extern "C" fn(*mut T),
+    older: &[usize],
+) -> Result<T> {
+    let mut defaults = std::mem::MaybeUninit::<T>::uninit();
+    init(defaults.as_mut_ptr());
+    // SAFETY: `init` initialized every field (caller contract); the rest
+    // is forwarded.
+    unsafe { read_struct_versions(p, name, init_name, older, Some(defaults.assume_init())) }
+}
+
 /// Reads an argument struct that has grown since it was first published.
 ///
 /// Fields are only ever appended, so a binary built against an older

@@ -7,8 +7,7 @@ use super::panic::{ffi_result, ffi_value};
 use super::pool::{mlart_kv_pool, pool_ref};
 use super::types::*;
 use super::{
-    check_disjoint, non_negative, read_struct_versions, slice, slice_mut, write_struct_prefix,
-    Region,
+    check_disjoint, non_negative, read_versioned, slice, slice_mut, write_struct_prefix, Region,
 };
 use crate::error::{checked_size, Error, Result};
 use crate::format::{load_slice, store_slice, Dtype};
@@ -261,18 +260,15 @@ pub extern "C" fn mlart_model_load(
             // SAFETY: initialized by mlart_model_options_init just above.
             unsafe { o.assume_init() }
         } else {
-            let mut defaults = std::mem::MaybeUninit::<mlart_model_options>::uninit();
-            mlart_model_options_init(defaults.as_mut_ptr());
             // SAFETY: a non-NULL options points to a caller struct of
-            // struct_size bytes; the struct is plain data; defaults was
-            // initialized just above.
+            // struct_size bytes of plain data.
             unsafe {
-                read_struct_versions(
+                read_versioned(
                     options,
                     "options",
                     "mlart_model_options_init",
+                    mlart_model_options_init,
                     &[MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS],
-                    Some(defaults.assume_init()),
                 )
             }?
         };
@@ -349,17 +345,15 @@ pub extern "C" fn mlart_model_info(
     ffi_result("mlart_model_info", || {
         // SAFETY: model handle contract.
         let m = unsafe { model_ref(model) }?;
-        let mut defaults = std::mem::MaybeUninit::<mlart_model_props>::uninit();
-        mlart_model_props_init(defaults.as_mut_ptr());
         // SAFETY: a non-NULL out points to a caller struct of struct_size
-        // bytes; plain data; defaults initialized just above.
+        // bytes of plain data.
         let mut p = unsafe {
-            read_struct_versions(
+            read_versioned(
                 out as *const mlart_model_props,
                 "out",
                 "mlart_model_props_init",
+                mlart_model_props_init,
                 &[MODEL_PROPS_SIZE_0_1, MODEL_PROPS_SIZE_0_3],
-                Some(defaults.assume_init()),
             )
         }?;
         let c = &m.config;
@@ -403,7 +397,7 @@ pub extern "C" fn mlart_model_info(
             p.index_head_dim = i(ix.head_dim);
             p.index_topk = i(ix.topk);
         }
-        // SAFETY: out is non-NULL (checked by read_struct_versions) and has
+        // SAFETY: out is non-NULL (checked by read_versioned) and has
         // struct_size writable bytes, which p.struct_size holds.
         unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
         Ok(())
@@ -419,17 +413,15 @@ fn forward(
     let m = unsafe { model_ref(model) }?;
     // SAFETY: handle contracts.
     let p = unsafe { pool_ref(pool) }?;
-    let mut defaults = std::mem::MaybeUninit::<mlart_forward_args>::uninit();
-    mlart_forward_args_init(defaults.as_mut_ptr());
     // SAFETY: a non-NULL args points to a caller struct of struct_size
-    // bytes; plain data; defaults initialized just above.
+    // bytes of plain data.
     let a = unsafe {
-        read_struct_versions(
+        read_versioned(
             args,
             "args",
             "mlart_forward_args_init",
+            mlart_forward_args_init,
             &[FORWARD_ARGS_SIZE_BEFORE_INDEX],
-            Some(defaults.assume_init()),
         )
     }?;
     if a.batch < 1 {

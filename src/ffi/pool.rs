@@ -5,7 +5,7 @@ use super::engine::{engine_ref, mlart_engine};
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
 use super::types::*;
-use super::{non_negative, read_struct, read_struct_versions, slice, Region};
+use super::{non_negative, read_struct, read_versioned, slice, Region};
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
@@ -242,17 +242,15 @@ pub extern "C" fn mlart_kv_pool_create(
     ffi_result("mlart_kv_pool_create", || {
         // SAFETY: engine handle contract.
         let engine = unsafe { engine_ref(engine) }?;
-        let mut defaults = std::mem::MaybeUninit::<mlart_kv_pool_options>::uninit();
-        mlart_kv_pool_options_init(defaults.as_mut_ptr());
-        // SAFETY: a non-NULL options points to a caller struct of
-        // struct_size bytes; plain data; defaults initialized just above.
+        // SAFETY: a non-NULL options points to a caller struct of struct_size
+        // bytes of plain data.
         let o = unsafe {
-            read_struct_versions(
+            read_versioned(
                 options,
                 "options",
                 "mlart_kv_pool_options_init",
+                mlart_kv_pool_options_init,
                 &[POOL_OPTIONS_SIZE_BEFORE_INDEX],
-                Some(defaults.assume_init()),
             )
         }?;
         if out.is_null() {
