@@ -100,15 +100,15 @@ pub fn tile_scale(amax: f32) -> f32 {
     if v.is_nan() {
         return 1.0;
     }
-    // Smallest power of two >= v, from the bits (exact, unlike log2).
+    pow2_ceil(v)
+}
+
+/// The smallest power of two >= `v` (a positive normal f32), from the
+/// bits: exact, unlike `log2`.
+pub fn pow2_ceil(v: f32) -> f32 {
     let bits = v.to_bits();
     let exp = (bits >> 23) as i32 - 127;
-    let exp = if bits & 0x007f_ffff == 0 {
-        exp
-    } else {
-        exp + 1
-    };
-    pow2(exp)
+    pow2(exp + i32::from(bits & 0x007f_ffff != 0))
 }
 
 /// `2^e` for the exponents a tile scale can have.

@@ -27,16 +27,15 @@
 //! prefill selects.
 
 use super::config::IndexerConfig;
+use super::config::MAX_INDEX_HEAD_DIM;
 use super::level::Level;
 use super::linear::Linear;
 use super::rope::Rope;
 use super::scratch::Scratch;
-use crate::format::fp8::{e4m3_to_f32, f32_to_e4m3};
+use crate::format::fp8::{e4m3_to_f32, f32_to_e4m3, pow2_ceil, E4M3_MAX};
 use crate::kv::{index_row_bytes, IndexKeys};
 use rayon::prelude::*;
 
-/// Largest E4M3 magnitude.
-const E4M3_MAX: f32 = 448.0;
 /// Floor of a vector's amax before its scale is taken (as DeepSeek's
 /// `act_quant`), so an all-zero vector gets a finite scale.
 const AMAX_FLOOR: f32 = 1e-4;
@@ -104,14 +103,7 @@ pub fn hadamard(x: &mut [f32]) {
 pub fn quantize(x: &[f32], codes: &mut [u8], pow2_scales: bool) -> f32 {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs())).max(AMAX_FLOOR);
     let ratio = amax * (1.0 / E4M3_MAX);
-    let scale = if pow2_scales {
-        // 2^ceil(log2(ratio)), from the bits.
-        let bits = ratio.to_bits();
-        let e = (bits >> 23) as i32 - 127 + i32::from(bits & 0x007f_ffff != 0);
-        crate::format::fp8::pow2(e)
-    } else {
-        ratio
-    };
+    let scale = if pow2_scales { pow2_ceil(ratio) } else { ratio };
     for (c, &v) in codes.iter_mut().zip(x) {
         *c = f32_to_e4m3((v / scale).clamp(-E4M3_MAX, E4M3_MAX));
     }
@@ -142,17 +134,13 @@ impl Indexer {
         let irow = index_row_bytes(dim);
         let mut keys = vec![0u8; total * irow];
         let head_scale = (heads as f32).powf(-0.5) * (dim as f32).powf(-0.5);
-        let mut codes = vec![0u8; total * heads * dim];
         q.par_chunks_mut(heads * dim)
             .zip(w.par_chunks_mut(heads))
-            .zip(codes.par_chunks_mut(heads * dim))
             .zip(pos.par_iter())
-            .for_each(|(((qt, wt), ct), &p)| {
-                for ((qh, wh), ch) in qt
-                    .chunks_exact_mut(dim)
-                    .zip(wt.iter_mut())
-                    .zip(ct.chunks_exact_mut(dim))
-                {
+            .for_each(|((qt, wt), &p)| {
+                let mut codes = [0u8; MAX_INDEX_HEAD_DIM];
+                let ch = &mut codes[..dim];
+                for (qh, wh) in qt.chunks_exact_mut(dim).zip(wt.iter_mut()) {
                     rope.apply_half_split(qh, p);
                     hadamard(qh);
                     let s = quantize(qh, ch, pow2);
@@ -306,47 +294,93 @@ mod simd {
     }
 }
 
-/// The scores of keys `first..first + out.len()` for one query (`q
-/// [heads, dim]` code values, `w [heads]`), into `out`, with the vector
-/// code of `lvl`.
-fn score_range(
-    keys: &IndexKeys<'_>,
-    q: &[f32],
-    w: &[f32],
-    first: usize,
-    out: &mut [f32],
-    lvl: Level,
-) {
-    let dim = keys.dim;
+/// One query laid out for the score kernels, built once per token: heads
+/// padded to `hp` (a multiple of 16, zero query and weight past the real
+/// ones) in the lanes.
+struct QueryLanes {
+    /// `[dim][hp]` code values (f32 kernels), or `[dim/2][hp]` bf16 pairs
+    /// (the `vdpbf16ps` kernel).
+    q: Lanes,
+    /// Head weights `[hp]`.
+    w: Vec<f32>,
+    hp: usize,
+    dim: usize,
+}
+
+enum Lanes {
+    F32(Vec<f32>),
     #[cfg(target_arch = "x86_64")]
-    if lvl == Level::Avx512Bf16 && dim.is_multiple_of(2) {
-        return score_range_bf16(keys, q, w, first, out);
-    }
-    let heads = w.len();
-    let hp = heads.next_multiple_of(LANES);
-    let mut qt = vec![0f32; dim * hp];
-    for (h, qh) in q.chunks_exact(dim).enumerate() {
-        for (d, &v) in qh.iter().enumerate() {
-            qt[d * hp + h] = v;
+    Bf16(Vec<u32>),
+}
+
+/// Code values are bf16 values: their top 16 bits.
+#[cfg(target_arch = "x86_64")]
+fn bf16_bits(v: f32) -> u32 {
+    v.to_bits() >> 16
+}
+
+impl QueryLanes {
+    /// `q [heads, dim]` code values and `w [heads]`, for the kernels of `lvl`.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
+    fn new(q: &[f32], w: &[f32], dim: usize, lvl: Level) -> Self {
+        let heads = w.len();
+        let hp = heads.next_multiple_of(LANES);
+        let mut wp = vec![0f32; hp];
+        wp[..heads].copy_from_slice(w);
+        #[cfg(target_arch = "x86_64")]
+        if lvl == Level::Avx512Bf16 && dim.is_multiple_of(2) {
+            let mut qt = vec![0u32; dim / 2 * hp];
+            for (h, qh) in q.chunks_exact(dim).enumerate() {
+                for (i, p) in qh.chunks_exact(2).enumerate() {
+                    qt[i * hp + h] = bf16_bits(p[0]) | (bf16_bits(p[1]) << 16);
+                }
+            }
+            return QueryLanes {
+                q: Lanes::Bf16(qt),
+                w: wp,
+                hp,
+                dim,
+            };
+        }
+        let mut qt = vec![0f32; dim * hp];
+        for (h, qh) in q.chunks_exact(dim).enumerate() {
+            for (d, &v) in qh.iter().enumerate() {
+                qt[d * hp + h] = v;
+            }
+        }
+        QueryLanes {
+            q: Lanes::F32(qt),
+            w: wp,
+            hp,
+            dim,
         }
     }
-    let mut wp = vec![0f32; hp];
-    wp[..heads].copy_from_slice(w);
+}
+
+/// The scores of keys `first..first + out.len()` for one query, into
+/// `out`, with the vector code of `lvl` (the level `ql` was built for).
+fn score_range(keys: &IndexKeys<'_>, ql: &QueryLanes, first: usize, out: &mut [f32], lvl: Level) {
+    let (dim, hp, wp) = (ql.dim, ql.hp, &ql.w[..]);
+    let qt = match &ql.q {
+        Lanes::F32(qt) => qt,
+        #[cfg(target_arch = "x86_64")]
+        Lanes::Bf16(qt) => return score_range_bf16(keys, qt, ql, first, out),
+    };
     match lvl {
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 | Level::Avx512Bf16 => {
             key_blocks::<f32, KEYS_F32>(keys, first, out, dim, codes_f32, |kf| {
                 // SAFETY: the level never exceeds the CPU's features.
-                unsafe { simd::keys_scores_avx512(kf, &qt, &wp, dim, hp) }
+                unsafe { simd::keys_scores_avx512(kf, qt, wp, dim, hp) }
             })
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => key_blocks::<f32, KEYS_AVX2>(keys, first, out, dim, codes_f32, |kf| {
             // SAFETY: as above.
-            unsafe { simd::keys_scores_avx2(kf, &qt, &wp, dim, hp) }
+            unsafe { simd::keys_scores_avx2(kf, qt, wp, dim, hp) }
         }),
         _ => key_blocks::<f32, KEYS_F32>(keys, first, out, dim, codes_f32, |kf| {
-            keys_scores_f32::<KEYS_F32>(kf, &qt, &wp, dim, hp)
+            keys_scores_f32::<KEYS_F32>(kf, qt, wp, dim, hp)
         }),
     }
 }
@@ -390,34 +424,29 @@ fn codes_f32(codes: &[u8], dst: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 const KEYS_BF16: usize = 12;
 
-/// [`score_range`] on `vdpbf16ps` (the [`Level::Avx512Bf16`] CPUs).
+/// [`score_range`] on `vdpbf16ps` (the [`Level::Avx512Bf16`] CPUs): `qt`
+/// is `ql`'s bf16 pairs.
 #[cfg(target_arch = "x86_64")]
-fn score_range_bf16(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], first: usize, out: &mut [f32]) {
-    let dim = keys.dim;
+fn score_range_bf16(
+    keys: &IndexKeys<'_>,
+    qt: &[u32],
+    ql: &QueryLanes,
+    first: usize,
+    out: &mut [f32],
+) {
+    let (dim, hp) = (ql.dim, ql.hp);
     let pairs = dim / 2;
-    let heads = w.len();
-    let hp = heads.next_multiple_of(16);
-    // Code values are bf16 values: their top 16 bits.
-    let bits = |v: f32| v.to_bits() >> 16;
-    let mut qt = vec![0u32; pairs * hp];
-    for (h, qh) in q.chunks_exact(dim).enumerate() {
-        for (i, p) in qh.chunks_exact(2).enumerate() {
-            qt[i * hp + h] = bits(p[0]) | (bits(p[1]) << 16);
-        }
-    }
-    let mut wp = vec![0f32; hp];
-    wp[..heads].copy_from_slice(w);
     let convert = |codes: &[u8], dst: &mut [u32]| {
         if !crate::format::fp8::e4m3_to_bf16_pairs(codes, dim, &[0], dst) {
             for (d, c) in dst.iter_mut().zip(codes.chunks_exact(2)) {
-                *d = bits(e4m3_to_f32(c[0])) | (bits(e4m3_to_f32(c[1])) << 16);
+                *d = bf16_bits(e4m3_to_f32(c[0])) | (bf16_bits(e4m3_to_f32(c[1])) << 16);
             }
         }
     };
     key_blocks::<u32, KEYS_BF16>(keys, first, out, pairs, convert, |kp| {
         // SAFETY: the bf16 level implies AVX-512F and AVX512-BF16 (Level
         // caps it by the CPU); kp, qt and wp have the sizes the kernel reads.
-        unsafe { simd::keys_scores_bf16(kp, &qt, &wp, pairs, hp) }
+        unsafe { simd::keys_scores_bf16(kp, qt, &ql.w, pairs, hp) }
     });
 }
 
@@ -436,14 +465,15 @@ pub fn select(keys: &IndexKeys<'_>, q: &[f32], w: &[f32], p: usize, out: &mut [i
         }
         return;
     }
+    let ql = QueryLanes::new(q, w, keys.dim, lvl);
     let mut scores = vec![0f32; n];
     if n > KEYS_PER_TASK {
         scores
             .par_chunks_mut(KEYS_PER_TASK)
             .enumerate()
-            .for_each(|(c, s)| score_range(keys, q, w, c * KEYS_PER_TASK, s, lvl));
+            .for_each(|(c, s)| score_range(keys, &ql, c * KEYS_PER_TASK, s, lvl));
     } else {
-        score_range(keys, q, w, 0, &mut scores, lvl);
+        score_range(keys, &ql, 0, &mut scores, lvl);
     }
     let mut order: Vec<u32> = (0..n as u32).collect();
     // Higher score first; equal scores: the earlier position.
@@ -570,7 +600,7 @@ mod tests {
                     continue;
                 }
                 let mut got = vec![0f32; n];
-                score_range(&keys, &q, w, 0, &mut got, lvl);
+                score_range(&keys, &QueryLanes::new(&q, w, dim, lvl), 0, &mut got, lvl);
                 for (t, (&g, &e)) in got.iter().zip(&want).enumerate() {
                     assert!(
                         (g as f64 - e).abs() <= 1e-5 * top,
