@@ -3,6 +3,7 @@
 // (src/backend/cuda/launch.rs lists them).
 #include "mla_combine.cuh"
 #include "mla_decode.cuh"
+#include "mla_linear.cuh"
 #include "mla_append.cuh"
 #include "mla_plan.cuh"
 #include "mla_probe.cuh"
@@ -38,3 +39,15 @@ extern "C" __global__ void __launch_bounds__(MLA_PROBE_THREADS)
     mla_wgmma_probe(const __grid_constant__ MlaProbeParams p) {
     mla::wgmma_probe(p);
 }
+
+// The model's projections (mla_linear.cuh): bf16 or FP8 weights, 16 (m1) or
+// 64 (m4) tokens per pass over the weights.
+#define MLA_LINEAR_ENTRY(NAME, MF, FP8)                                          \
+    extern "C" __global__ void __launch_bounds__(MLA_LINEAR_THREADS)             \
+        NAME(const __grid_constant__ MlaLinearParams p) {                        \
+        mla::linear_block<MF, FP8>(p);                                           \
+    }
+MLA_LINEAR_ENTRY(mla_linear_bf16_m1, 1, false)
+MLA_LINEAR_ENTRY(mla_linear_bf16_m4, 4, false)
+MLA_LINEAR_ENTRY(mla_linear_fp8_m1, 1, true)
+MLA_LINEAR_ENTRY(mla_linear_fp8_m4, 4, true)

@@ -1153,6 +1153,97 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
     Outcome::Ran
 }
 
+/// The projections on the GPU (`gpu_projections`, `mlart_linear` kernels):
+/// layers with low-rank and direct queries (V3-like and V2-Lite), bf16 and
+/// FP8 weights, both activation modes, over prefill chunks of 16+ tokens
+/// (64-token passes), mixed lengths and decode steps, against the same
+/// layer with its projections on a CPU engine.
+fn cuda_model_projections_on_gpu() -> Outcome {
+    use mlart::kv::{KvPool, PoolOptions};
+    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::linear::Activations;
+    use mlart::model::{LoadOptions, Model};
+    let (gpu, cpu) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
+    };
+    let shapes = [
+        (Preset::Tiny, WeightDtype::Bf16),
+        (Preset::Tiny, WeightDtype::Fp8),
+        (Preset::V2Lite, WeightDtype::Bf16),
+    ];
+    for (preset, dtype) in shapes {
+        let dir = std::env::temp_dir().join(format!(
+            "mlart-cuda-proj-{}-{dtype:?}-{}",
+            preset.name(),
+            std::process::id()
+        ));
+        let opts = GenOptions {
+            preset,
+            dtype,
+            layers: 1,
+            seed: 11,
+            shards: 1,
+            yarn: true,
+        };
+        generate(&dir, &opts).unwrap();
+        for activations in [Activations::Precise, Activations::Bf16] {
+            let load = |engine: &std::sync::Arc<mlart::Engine>, on_gpu| {
+                let o = LoadOptions {
+                    activations,
+                    gpu_projections: Some(on_gpu),
+                    ..LoadOptions::default()
+                };
+                Model::load(engine.clone(), &dir, o).unwrap()
+            };
+            let models = [load(&cpu, false), load(&gpu, true)];
+            assert!(
+                models[1].projections.starts_with("GPU"),
+                "{preset:?} {dtype:?}: {}",
+                models[1].projections
+            );
+            let c = &models[0].config;
+            let hid = c.hidden_size;
+            let popts = PoolOptions {
+                format: mlart::format::KvFormat::Bf16,
+                d_qk: c.d_qk(),
+                num_layers: 1,
+                block_size: 16,
+                num_blocks: 32,
+                index_dim: 0,
+            };
+            let pools = [
+                KvPool::new(cpu.clone(), popts).unwrap(),
+                KvPool::new(gpu.clone(), popts).unwrap(),
+            ];
+            for p in &pools {
+                p.create_seq(1).unwrap();
+                p.create_seq(2).unwrap();
+            }
+            let mut rng = SmallRng::seed_from_u64(case_seed(67, 0));
+            let steps: [(&[usize], usize); 3] = [(&[70, 9], 79), (&[1, 1], 2), (&[3, 1], 4)];
+            for (n_tokens, total) in steps {
+                let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
+                let outs: Vec<Vec<f64>> = models
+                    .iter()
+                    .zip(&pools)
+                    .map(|(m, p)| {
+                        let y = m.forward(p, 0, &[1, 2], n_tokens, &x).unwrap();
+                        y.iter().map(|&v| v as f64).collect()
+                    })
+                    .collect();
+                let e = rel_l2(&outs[1], &outs[0]);
+                assert!(
+                    e <= 2e-2,
+                    "{preset:?} {dtype:?} {activations:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
+                );
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Outcome::Ran
+}
+
 type Test = (&'static str, fn() -> Outcome);
 
 /// The decode kernels in use follow `MLART_CUDA_WGMMA` (1 or 0; unset: the
@@ -1262,7 +1353,7 @@ fn cuda_wgmma_probe() -> Outcome {
 }
 
 fn main() {
-    let tests: [Test; 10] = [
+    let tests: [Test; 11] = [
         ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
@@ -1275,6 +1366,10 @@ fn main() {
         (
             "cuda_model_forward_matches_cpu",
             cuda_model_forward_matches_cpu,
+        ),
+        (
+            "cuda_model_projections_on_gpu",
+            cuda_model_projections_on_gpu,
         ),
     ];
     // `cargo test -- NAME` filters like the standard harness does.

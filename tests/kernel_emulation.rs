@@ -2,8 +2,9 @@
 //! (the kernel sources compiled by the host C++ compiler against the warp
 //! emulator in `kernels/emu/mla_emu.h`) and runs it. It launches plan ->
 //! decode -> combine exactly as the CUDA backend does, on random paged
-//! caches of every format, dense and sparse, and checks each output against
-//! a float64 reference. A GPU is not needed; what this cannot check (the
+//! caches of every format, dense and sparse, and the model's projection
+//! kernels (bf16 and FP8 weights, grouped, split over K), and checks each
+//! output against a float64 reference. A GPU is not needed; what this cannot check (the
 //! hardware, and the PTX fragment layouts the emulator and the kernels both
 //! assume) is left to the GPU suite, `tests/cuda_decode.rs`.
 
@@ -69,6 +70,9 @@ fn check_run(order: &str, run: &std::process::Output) {
         " m64 wg",
         "sparse f3 h128 sink m64 wg",
         "ok   wgmma probe",
+        "ok   linear bf16 hi decode",
+        "ok   linear fp8 hi+lo groups W_UK-like",
+        "ok   linear fp8 hi T70 N64 K256 m4 split2",
     ] {
         assert!(stdout.contains(needle), "no {needle:?} case ran:\n{stdout}");
     }

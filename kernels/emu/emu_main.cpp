@@ -7,7 +7,10 @@
 // MTP, sparse indices with -1 entries and topk_length, an extra cache, the
 // attention sink, head counts that are not multiples of 16, block sizes
 // 1/16/64/100, sequences split across items (combine), and a bad block id
-// (masked and reported). Exit status 0 when all pass.
+// (masked and reported). The projection kernels (mla_linear) run bf16 and
+// FP8 weights with and without the activations' low part, token tails,
+// key tails, K split across blocks, and grouped (per-head) products with the
+// layouts MLA's absorbed steps use. Exit status 0 when all pass.
 //
 //   c++ -std=c++17 -O1 -I kernels kernels/emu/emu_main.cpp -o emu && ./emu
 #define MLA_EMULATE 1
@@ -589,6 +592,123 @@ bool run_probe() {
     return bad == 0;
 }
 
+// ---- the projections (mla_linear) against a float64 product ----
+struct LinearCase {
+    std::string name;
+    int T, N, K, G = 1;
+    bool fp8 = false, lo = true;
+    int mf = 1, k_split = 1;
+    int64_t w_row0 = 0, w_group_rows = 0;  // 0: N (groups back to back)
+    int rdiv = 128, kdiv = 128;
+};
+
+bool run_linear(const LinearCase& c) {
+    const int64_t grows = c.w_group_rows ? c.w_group_rows : c.N;
+    const int64_t rows = c.w_row0 + (c.G - 1) * grows + c.N + 3;  // a few rows no group reads
+    const int es = c.fp8 ? 1 : 2;
+    std::vector<uint8_t> w((size_t)rows * c.K * es);
+    std::vector<double> wv((size_t)rows * c.K);
+    for (size_t i = 0; i < wv.size(); ++i) {
+        if (c.fp8) {
+            uint8_t code;
+            do code = (uint8_t)irange(0, 255);
+            while ((code & 0x7f) == 0x7f);  // no NaN codes
+            w[i] = code;
+            wv[i] = e4m3_val(code);
+        } else {
+            wv[i] = put(&w[2 * i], MLA_DT_BF16, sample());
+        }
+    }
+    const int scols = (c.K + c.kdiv - 1) / c.kdiv;
+    const int64_t srows = (rows + c.rdiv - 1) / c.rdiv;
+    std::vector<float> scales((size_t)(srows * scols));
+    for (auto& s : scales) s = (float)(std::ldexp(0.5 + uniform(), irange(-10, 2)));
+    std::vector<uint16_t> hi((size_t)c.T * c.G * c.K), lo(hi.size());
+    std::vector<double> xv(hi.size());
+    for (size_t i = 0; i < hi.size(); ++i) {
+        float x = sample() * (i % 7 == 0 ? 300.f : 1.f);
+        hi[i] = __float2bfloat16_rn(x).bits;
+        lo[i] = __float2bfloat16_rn(x - (float)bf16_val(hi[i])).bits;
+        xv[i] = bf16_val(hi[i]) + (c.lo ? bf16_val(lo[i]) : 0.0);
+    }
+    const int64_t TGN = (int64_t)c.T * c.G * c.N;
+    std::vector<float> y((size_t)TGN, NAN), partial((size_t)(TGN * c.k_split), NAN);
+    MlaLinearParams p{};
+    p.tokens = c.T;
+    p.n_out = c.N;
+    p.k_in = c.K;
+    p.groups = c.G;
+    p.k_split = c.k_split;
+    p.k_chunk = ((c.K + c.k_split - 1) / c.k_split + 63) / 64 * 64;
+    p.m_tiles = (c.T + 16 * c.mf - 1) / (16 * c.mf);
+    p.scale_rdiv = c.rdiv;
+    p.scale_kdiv = c.kdiv;
+    p.scale_cols = scols;
+    p.w_group_rows = grows;
+    p.w_row0 = c.w_row0;
+    p.x_hi = hi.data();
+    p.x_lo = c.lo ? lo.data() : nullptr;
+    p.w = w.data();
+    p.scales = scales.data();
+    p.y = y.data();
+    p.partial = partial.data();
+    void (*k)(MlaLinearParams) = c.fp8 ? (c.mf == 1 ? mla_linear_fp8_m1 : mla_linear_fp8_m4)
+                                       : (c.mf == 1 ? mla_linear_bf16_m1 : mla_linear_bf16_m4);
+    emu::launch(k, {(unsigned)((c.N + MLA_LINEAR_COLS - 1) / MLA_LINEAR_COLS), (unsigned)(p.m_tiles * c.k_split),
+                    (unsigned)c.G},
+                {MLA_LINEAR_THREADS, 1, 1}, 0, p);
+    if (c.k_split > 1)
+        emu::launch(mla_linear_reduce, {(unsigned)((TGN + MLA_REDUCE_THREADS - 1) / MLA_REDUCE_THREADS), 1, 1},
+                    {MLA_REDUCE_THREADS, 1, 1}, 0, p);
+    double worst = 0;
+    for (int t = 0; t < c.T; ++t)
+        for (int g = 0; g < c.G; ++g)
+            for (int n = 0; n < c.N; ++n) {
+                const int64_t row = c.w_row0 + g * grows + n;
+                double want = 0, mag = 0;
+                for (int k = 0; k < c.K; ++k) {
+                    double s = c.fp8 ? scales[(size_t)((row / c.rdiv) * scols + k / c.kdiv)] : 1.0;
+                    double term = xv[((size_t)t * c.G + g) * c.K + k] * wv[(size_t)row * c.K + k] * s;
+                    want += term;
+                    mag += std::fabs(term);
+                }
+                const double got = y[((size_t)t * c.G + g) * c.N + n];
+                const double err = std::fabs(got - want) / (mag + 1e-30);
+                if (!(err <= 1e-5)) {
+                    printf("  %s: y[t %d, g %d, n %d] = %.9g, want %.9g\n", c.name.c_str(), t, g, n, got, want);
+                    return false;
+                }
+                worst = std::max(worst, err);
+            }
+    printf("ok   linear %s (max error %.1e of the terms' magnitude)\n", c.name.c_str(), worst);
+    return true;
+}
+
+std::vector<LinearCase> linear_cases() {
+    std::vector<LinearCase> v;
+    for (int fp8 = 0; fp8 < 2; ++fp8)
+        for (int lo = 0; lo < 2; ++lo) {
+            const int k16 = fp8 ? 16 : 8;  // the K granularity each weight type needs
+            auto add = [&](LinearCase c) {
+                c.fp8 = fp8;
+                c.lo = lo;
+                c.name = std::string(fp8 ? "fp8" : "bf16") + (lo ? " hi+lo " : " hi ") + c.name;
+                v.push_back(c);
+            };
+            add({"decode T1 N72 K320 split3", 1, 72, 320, 1, false, true, 1, 3});
+            add({"T5 N40 K96 (key tail)", 5, 40, 96});
+            add({"T37 N33 m4", 37, 33, 208 - 8 * (k16 == 8)});
+            add({"T70 N64 K256 m4 split2", 70, 64, 256, 1, false, true, 4, 2});
+            add({"T17 N31 K128 m1", 17, 31, 128});
+            // W_UV: three heads' rows inside kv_b (nope 16, v 32), scales by absolute row.
+            add({"groups W_UV-like G3 T3", 3, 32, 128, 3, false, true, 1, 1, 16, 48});
+            // W_UK: a transposed copy, scales per row and 64 keys.
+            add({"groups W_UK-like G4 T20 m4", 20, 64, 48, 4, false, true, 4, 1, 0, 64, 1, 64});
+            add({"groups G2 T2 split2", 2, 24, 192, 2, false, true, 1, 2, 5, 30, 128, 64});
+        }
+    return v;
+}
+
 }  // namespace
 
 int main() {
@@ -711,9 +831,17 @@ int main() {
             failed += !ok;
             ++appends;
         }
+    int linears = 0;
+    for (const auto& c : linear_cases()) {
+        if (only && c.name.find(only) == std::string::npos) continue;
+        const bool ok = run_linear(c);
+        if (!ok) printf("FAIL linear %s\n", c.name.c_str());
+        failed += !ok;
+        ++linears;
+    }
     const bool probe = run_probe();
     printf("%s wgmma probe (S and O of the _wg kernels' GEMMs, exact)\n", probe ? "ok  " : "FAIL");
     failed += !probe;
-    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + 1, failed);
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + linears + 1, failed);
     return failed ? 1 : 0;
 }

@@ -288,15 +288,15 @@ void launch(void (*kernel)(P), dim3 grid, dim3 block, uint32_t smem, P arg) {
     s.grid_dim = grid;
     s.block_dim = block;
     s.dyn_smem = smem;
-    for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-            s.block_idx.x = x;
-            s.block_idx.y = y;
-            // Fresh shared memory is garbage: 0xff bytes read as NaN in
-            // every float type, so reading what no thread wrote shows.
-            memset(dynamic_smem(), 0xff, smem);
-            run_block((int)block.x);
-        }
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                s.block_idx = {x, y, z};
+                // Fresh shared memory is garbage: 0xff bytes read as NaN in
+                // every float type, so reading what no thread wrote shows.
+                memset(dynamic_smem(), 0xff, smem);
+                run_block((int)block.x);
+            }
 }
 
 

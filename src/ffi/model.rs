@@ -306,6 +306,7 @@ pub extern "C" fn mlart_model_load(
                 }
             },
             progress: Some(&mut report),
+            gpu_projections: None,
         };
         let model = Model::load(engine.inner.clone(), Path::new(path), opts)?;
         // SAFETY: out is non-NULL and writable (caller contract).

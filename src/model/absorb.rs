@@ -46,6 +46,11 @@ impl Absorbed {
         self.kv_b.bytes()
     }
 
+    /// `kv_b_proj` as loaded.
+    pub fn kv_b(&self) -> &Linear {
+        &self.kv_b
+    }
+
     fn lora(&self) -> usize {
         self.kv_b.inp
     }

@@ -8,8 +8,11 @@
 //! pool with their rows, and a token with more than `index_topk` earlier
 //! positions attends (sparse) to the ones the indexer picks.
 
-use super::linear::rms_norm;
+use super::device::{self, DeviceQ};
+use super::linear::{rms_norm, Activations, Linear};
 use super::{Model, QProj};
+use crate::backend::cuda::linear::LinearCall;
+use crate::backend::cuda::projection::DeviceWeight;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
@@ -53,6 +56,8 @@ impl Model {
         mut index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let lw = self.layer(layer)?;
+        // The layer's projection weights on the GPU, if they are there.
+        let dl = self.device.get((layer - self.first_layer as i64) as usize);
         let c = &self.config;
         let pl = layer - self.first_layer as i64;
         let po = pool.options();
@@ -135,21 +140,31 @@ impl Model {
             // same normed q_a output.
             let mut q = sc.overwritten::<f32>(total * h * qk);
             let mut ix = None;
-            match &lw.q {
-                QProj::Lora { a, norm, b } => {
+            match (&lw.q, dl.map(|d| &d.q)) {
+                (QProj::Lora { a, norm, b }, dq) => {
+                    let (da, db) = match dq {
+                        Some(DeviceQ::Lora { a, b }) => (Some(a), Some(b)),
+                        _ => (None, None),
+                    };
                     let mut qa = sc.overwritten::<f32>(total * a.out);
-                    a.matmul_with(x, total, &mut qa, sc);
+                    self.project(a, da, x, total, &mut qa)?;
                     rms_norm(&mut qa, norm, eps);
-                    b.matmul_with(&qa, total, &mut q, sc);
+                    self.project(b, db, &qa, total, &mut q)?;
                     if let Some(idx) = &lw.indexer {
                         ix = Some(idx.prepare(&x[..total * hid], &qa, &pos, &self.rope, sc));
                     }
                 }
-                QProj::Direct(w) => w.matmul_with(x, total, &mut q, sc),
+                (QProj::Direct(w), dq) => {
+                    let dw = match dq {
+                        Some(DeviceQ::Direct(w)) => Some(w),
+                        _ => None,
+                    };
+                    self.project(w, dw, x, total, &mut q)?;
+                }
             }
             // Latent KV and its rope part.
             let mut kv = sc.overwritten::<f32>(total * d_qk);
-            lw.kv_a.matmul_with(x, total, &mut kv, sc);
+            self.project(&lw.kv_a, dl.map(|d| &d.kv_a), x, total, &mut kv)?;
             kv.par_chunks_mut(d_qk)
                 .zip(pos.par_iter())
                 .for_each(|(row, &p)| {
@@ -158,7 +173,27 @@ impl Model {
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
             let mut qf = sc.overwritten::<f32>(total * h * d_qk);
-            lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk);
+            match (dl, self.engine.backend().cuda()) {
+                (Some(d), Some(cuda)) => {
+                    let mut qn = sc.overwritten::<f32>(total * h * nope);
+                    for (dst, src) in qn.chunks_mut(nope).zip(q.chunks(qk)) {
+                        dst.copy_from_slice(&src[..nope]);
+                    }
+                    let mut lat = sc.overwritten::<f32>(total * h * lora);
+                    let call = LinearCall {
+                        tokens: total,
+                        n_out: lora,
+                        groups: h,
+                        w_row0: 0,
+                        w_group_rows: lora,
+                    };
+                    device::project(cuda, &d.uk, &call, &qn, Activations::Precise, &mut lat)?;
+                    for (dst, src) in qf.chunks_mut(d_qk).zip(lat.chunks(lora)) {
+                        dst[..lora].copy_from_slice(src);
+                    }
+                }
+                _ => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk),
+            }
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
                 let t = th / h;
                 dst[lora..].copy_from_slice(&q[th * qk + nope..][..qk - nope]);
@@ -303,9 +338,28 @@ impl Model {
                 }
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = sc.overwritten::<f32>(total * h * v);
-                lw.absorbed.values(&o_lat, total, &mut o);
+                match (dl, self.engine.backend().cuda()) {
+                    (Some(d), Some(cuda)) => {
+                        let call = LinearCall {
+                            tokens: total,
+                            n_out: v,
+                            groups: h,
+                            w_row0: nope,
+                            w_group_rows: nope + v,
+                        };
+                        device::project(
+                            cuda,
+                            &d.kv_b,
+                            &call,
+                            &o_lat,
+                            Activations::Precise,
+                            &mut o,
+                        )?;
+                    }
+                    _ => lw.absorbed.values(&o_lat, total, &mut o),
+                }
                 let mut y = vec![0f32; total * hid];
-                lw.o_proj.matmul_with(&o, total, &mut y, sc);
+                self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;
                 if let Some(io) = index_out.as_deref_mut() {
                     io[..selected.len()].copy_from_slice(&selected);
                 }
@@ -320,6 +374,32 @@ impl Model {
             }
             result
         })
+    }
+
+    /// `y [tokens, w.out] = x · Wᵀ`: on the GPU when the layer's weights
+    /// are there (`dev`), else on the CPU.
+    fn project(
+        &self,
+        w: &Linear,
+        dev: Option<&DeviceWeight>,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        match (dev, self.engine.backend().cuda()) {
+            (Some(d), Some(cuda)) => device::project(
+                cuda,
+                d,
+                &LinearCall::plain(tokens, w.out),
+                &x[..tokens * w.inp],
+                w.activations(),
+                &mut y[..tokens * w.out],
+            ),
+            _ => {
+                w.matmul_with(x, tokens, y, &self.scratch);
+                Ok(())
+            }
+        }
     }
 
     /// [`Self::forward`] for a call of more than [`PASS_TOKENS`] tokens:

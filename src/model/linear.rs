@@ -26,6 +26,18 @@ enum Data {
     },
 }
 
+/// A weight's memory as [`Linear::stored`] shows it.
+pub enum Stored<'a> {
+    /// `[out, in]` bf16, little-endian.
+    Bf16(&'a [u8]),
+    /// `[out, in]` e4m3 codes and `[ceil(out/128), ceil(in/128)]` scales.
+    Fp8 {
+        codes: &'a [u8],
+        scales: &'a [f32],
+    },
+    Other(Dtype),
+}
+
 /// A linear layer's weight.
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -197,6 +209,16 @@ impl Linear {
         match &self.data {
             Data::Plain(_, b) => b.len(),
             Data::Fp8 { codes, scales } => codes.len() + 4 * scales.len(),
+        }
+    }
+
+    /// The weight as held: bf16 bytes, FP8 codes with their scales, or
+    /// neither (f32, f16).
+    pub fn stored(&self) -> Stored<'_> {
+        match &self.data {
+            Data::Plain(Dtype::Bf16, b) => Stored::Bf16(b),
+            Data::Fp8 { codes, scales } => Stored::Fp8 { codes, scales },
+            Data::Plain(d, _) => Stored::Other(*d),
         }
     }
 

@@ -4,6 +4,7 @@
 
 pub mod absorb;
 pub mod config;
+pub mod device;
 pub mod f32_gemm;
 pub mod f32_proj;
 pub mod forward;
@@ -42,6 +43,9 @@ pub struct LoadOptions<'a> {
     pub activations: Activations,
     /// Called with (fraction done, stage); returning false cancels the load.
     pub progress: Option<Progress<'a>>,
+    /// On a CUDA engine, whether the projections run on the GPU; `None`:
+    /// `MLART_CUDA_PROJECTIONS` or the default (see [`device`]).
+    pub gpu_projections: Option<bool>,
 }
 
 impl Default for LoadOptions<'_> {
@@ -52,6 +56,7 @@ impl Default for LoadOptions<'_> {
             compute: WeightCompute::AsStored,
             activations: Activations::Precise,
             progress: None,
+            gpu_projections: None,
         }
     }
 }
@@ -99,6 +104,21 @@ pub struct Model {
     pub level: level::Level,
     /// Per-call temporaries, reused across forwards.
     pub(crate) scratch: scratch::Scratch,
+    /// Each layer's projection weights on the GPU (CUDA engines that run
+    /// the projections there), else empty.
+    pub(crate) device: Vec<device::DeviceLayer>,
+    /// Where the projections run, and why.
+    pub projections: String,
+}
+
+impl Drop for Model {
+    fn drop(&mut self) {
+        if let Some(cuda) = self.engine.backend().cuda() {
+            for l in &self.device {
+                l.free(cuda);
+            }
+        }
+    }
 }
 
 fn tensor_names(c: &ModelConfig, i: usize) -> Vec<String> {
@@ -298,8 +318,37 @@ impl Model {
                 indexer,
             });
         }
+        let (device, projections) = match engine.backend().cuda() {
+            None => (Vec::new(), format!("CPU ({:?})", ld.level)),
+            Some(_)
+                if !opts
+                    .gpu_projections
+                    .unwrap_or_else(device::gpu_projections_requested) =>
+            {
+                (
+                    Vec::new(),
+                    "CPU (GPU projections are opt-in until verified: MLART_CUDA_PROJECTIONS=1)"
+                        .to_string(),
+                )
+            }
+            Some(cuda) => match device::upload(cuda, &layers, h, nope, v) {
+                Ok(d) => {
+                    let bytes: usize = d.iter().map(|l| l.bytes()).sum();
+                    (
+                        d,
+                        format!("GPU ({bytes} bytes of weights in device memory)"),
+                    )
+                }
+                Err(e) if device::is_unsupported(&e) => {
+                    (Vec::new(), format!("CPU (not on the GPU: {})", e.message))
+                }
+                Err(e) => return Err(e.with_context("uploading the projections to the GPU")),
+            },
+        };
         Ok(Model {
             engine,
+            device,
+            projections,
             rope: rope::Rope::new(&c),
             bytes_loaded: ld.bytes,
             config: c,

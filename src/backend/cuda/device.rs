@@ -7,6 +7,7 @@ use super::args::{DeviceDecode, KeysDev};
 use super::driver::{self, dev_err, guarded, DeviceProps};
 use super::fatbin;
 use super::launch::{self, Geometry, Variant, DECODE_KERNELS};
+use super::linear;
 use super::lowering::{self, as_bytes, base_params, bind_workspace, check_alignment, code, int};
 use super::params::{describe_error_flags, AppendParams, MlaParams};
 use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
@@ -70,6 +71,9 @@ pub struct CudaBackend {
     combine: sys::CUfunction,
     append: sys::CUfunction,
     decoders: Vec<DecodeFn>,
+    /// The projection kernels, by name (`linear::LINEAR_KERNELS`).
+    linear: Vec<(&'static str, sys::CUfunction)>,
+    pub(super) linear_reduce: sys::CUfunction,
     pub(super) state: Mutex<State>,
     /// One host-memory call at a time owns the staging area.
     pub(super) host_calls: Mutex<()>,
@@ -169,6 +173,11 @@ impl CudaBackend {
         let plan = function(module, launch::PLAN_KERNEL)?;
         let combine = function(module, launch::COMBINE_KERNEL)?;
         let append = function(module, launch::APPEND_KERNEL)?;
+        let mut linear = Vec::new();
+        for name in linear::LINEAR_KERNELS.iter().flatten() {
+            linear.push((*name, function(module, name)?));
+        }
+        let linear_reduce = function(module, linear::REDUCE_KERNEL)?;
         let wgmma_runs = launch::runs_wgmma(props.major, props.minor);
         let wgmma = wgmma_runs && wgmma_requested();
         let mut decoders = Vec::new();
@@ -249,6 +258,8 @@ impl CudaBackend {
             combine,
             append,
             decoders,
+            linear,
+            linear_reduce,
             state: Mutex::new(State {
                 stream,
                 done,
@@ -295,6 +306,15 @@ impl CudaBackend {
             .ok_or_else(|| Error::internal("no decode kernel loaded for this format and d_qk"))?;
         let geo = Geometry::new(&a.shape, sparse, f.variant.rows(), f.resident)?;
         Ok((f, geo))
+    }
+
+    /// A projection kernel by name.
+    pub(super) fn linear_function(&self, name: &str) -> Result<sys::CUfunction> {
+        self.linear
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|&(_, f)| f)
+            .ok_or_else(|| Error::internal(format!("kernel {name} not loaded")))
     }
 
     pub(super) fn make_current(&self) -> Result<()> {

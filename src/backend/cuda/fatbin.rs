@@ -517,11 +517,13 @@ ptxas info    : Compile time = 1.2 ms
         }
         let spilling: Vec<_> = all
             .iter()
-            .filter(|(f, _, st, ld)| f.contains("decode") && (*st > 0 || *ld > 0))
+            .filter(|(f, _, st, ld)| {
+                (f.contains("decode") || f.contains("linear")) && (*st > 0 || *ld > 0)
+            })
             .collect();
         assert!(
             spilling.is_empty(),
-            "decode kernels spill (function, arch, store bytes, load bytes): {spilling:?}"
+            "decode or projection kernels spill (function, arch, store bytes, load bytes): {spilling:?}"
         );
     }
 
@@ -533,7 +535,9 @@ ptxas info    : Compile time = 1.2 ms
         let Some(log) = ptxas_log() else {
             return skip("every_decode_entry_is_built_for_every_target");
         };
-        let mut names = vec![WGMMA_PROBE_KERNEL.to_string()];
+        use crate::backend::cuda::linear::{LINEAR_KERNELS, REDUCE_KERNEL};
+        let mut names = vec![WGMMA_PROBE_KERNEL.to_string(), REDUCE_KERNEL.to_string()];
+        names.extend(LINEAR_KERNELS.iter().flatten().map(|n| n.to_string()));
         for (_, _, base) in DECODE_KERNELS {
             names.extend(VARIANTS.iter().map(|&v| decode_kernel_name(base, v)));
         }

@@ -2,18 +2,21 @@
 //! the driver loaded at run time, running the kernels of `kernels/` from one
 //! fatbin embedded at build time.
 //!
-//! Everything but `device` and `staging` (which need a GPU to do anything)
-//! is pure and tested on every machine: the launch geometry, the parameter
-//! block the kernels read and its lowering, the fatbin's contents and the
-//! host twin of the device plan.
+//! Everything but `device`, `staging` and `projection` (which need a GPU to
+//! do anything) is pure and tested on every machine: the launch geometry,
+//! the parameter blocks the kernels read and their lowering, the fatbin's
+//! contents, the host twin of the device plan, and the projections'
+//! weight layouts and plan.
 
 pub mod args;
 pub mod device;
 pub mod driver;
 pub mod fatbin;
 pub mod launch;
+pub mod linear;
 pub mod lowering;
 pub mod params;
+pub mod projection;
 pub mod staging;
 
 pub use device::{CudaBackend, WGMMA_BY_DEFAULT};

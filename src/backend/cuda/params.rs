@@ -80,6 +80,37 @@ pub struct AppendParams {
 pub const APPEND_PARAMS_SIZE: usize = 56;
 const _: () = assert!(std::mem::size_of::<AppendParams>() == APPEND_PARAMS_SIZE);
 
+/// The argument of `mla_linear_*` and `mla_linear_reduce`, field for field
+/// `MlaLinearParams` in `kernels/mla_linear.cuh`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LinearParams {
+    pub tokens: i32,
+    pub n_out: i32,
+    pub k_in: i32,
+    pub groups: i32,
+    pub k_split: i32,
+    pub k_chunk: i32,
+    pub m_tiles: i32,
+    pub scale_rdiv: i32,
+    pub scale_kdiv: i32,
+    pub scale_cols: i32,
+    pub w_group_rows: i64,
+    pub w_row0: i64,
+    pub x_hi: u64,
+    pub x_lo: u64,
+    pub w: u64,
+    pub scales: u64,
+    pub y: u64,
+    pub partial: u64,
+}
+
+/// `MLA_LINEAR_PARAMS_SIZE` in the header.
+pub const LINEAR_PARAMS_SIZE: usize = 104;
+const _: () = assert!(std::mem::size_of::<LinearParams>() == LINEAR_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(LinearParams, w_group_rows) == 40);
+const _: () = assert!(std::mem::offset_of!(LinearParams, partial) == 96);
+
 /// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
 pub const ERR_SEQLEN: u32 = 1;
 pub const ERR_BLOCK_ID: u32 = 2;
@@ -224,6 +255,35 @@ mod tests {
         assert_eq!(header_fields(APPEND, "MlaAppendParams"), rust);
         assert!(APPEND.contains(&format!(
             "#define MLA_APPEND_PARAMS_SIZE {APPEND_PARAMS_SIZE}"
+        )));
+    }
+
+    #[test]
+    fn linear_struct_matches_the_cuda_header() {
+        const LINEAR: &str = include_str!("../../../kernels/mla_linear.cuh");
+        let rust = [
+            "tokens",
+            "n_out",
+            "k_in",
+            "groups",
+            "k_split",
+            "k_chunk",
+            "m_tiles",
+            "scale_rdiv",
+            "scale_kdiv",
+            "scale_cols",
+            "w_group_rows",
+            "w_row0",
+            "x_hi",
+            "x_lo",
+            "w",
+            "scales",
+            "y",
+            "partial",
+        ];
+        assert_eq!(header_fields(LINEAR, "MlaLinearParams"), rust);
+        assert!(LINEAR.contains(&format!(
+            "#define MLA_LINEAR_PARAMS_SIZE {LINEAR_PARAMS_SIZE}"
         )));
     }
 

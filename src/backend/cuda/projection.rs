@@ -1,0 +1,166 @@
+//! The model's projections on the device: weights uploaded once, products
+//! launched with host activations staged in and results copied back (see
+//! `linear` for the kernels' layout and the plan).
+
+use super::device::{CudaBackend, Which};
+use super::driver::{dev_err, guarded};
+use super::linear::{self, LinearCall, WeightImage, WeightShape, LINEAR_THREADS, REDUCE_THREADS};
+use super::lowering::as_bytes;
+use crate::error::{Error, Result};
+use cudarc::driver::result;
+use std::ffi::c_void;
+
+/// A weight in device memory; give it back with [`CudaBackend::free_weight`].
+#[derive(Debug)]
+pub struct DeviceWeight {
+    pub shape: WeightShape,
+    ptr: u64,
+    /// FP8 scales, else 0.
+    scales: u64,
+    bytes: usize,
+}
+
+impl DeviceWeight {
+    /// Bytes of device memory it holds.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Offsets of the staged buffers: 256-byte aligned, one after another.
+fn layout(sizes: &[usize]) -> (Vec<usize>, usize) {
+    let mut at = Vec::with_capacity(sizes.len());
+    let mut end = 0;
+    for &s in sizes {
+        at.push(end);
+        end += s.div_ceil(256) * 256;
+    }
+    (at, end)
+}
+
+impl CudaBackend {
+    /// Copies a weight into device memory.
+    pub fn upload_weight(&self, img: &WeightImage) -> Result<DeviceWeight> {
+        let ptr = self.mem_alloc(img.bytes.len())?;
+        let mut w = DeviceWeight {
+            shape: img.shape,
+            ptr,
+            scales: 0,
+            bytes: img.device_bytes(),
+        };
+        let r = (|| {
+            self.mem_copy(ptr, img.bytes.as_ptr() as u64, img.bytes.len())?;
+            if !img.scales.is_empty() {
+                let sb = as_bytes(&img.scales);
+                w.scales = self.mem_alloc(sb.len())?;
+                self.mem_copy(w.scales, sb.as_ptr() as u64, sb.len())?;
+            }
+            Ok(())
+        })();
+        match r {
+            Ok(()) => Ok(w),
+            Err(e) => {
+                self.free_weight(&w);
+                Err(e)
+            }
+        }
+    }
+
+    /// Frees a weight from [`Self::upload_weight`] (errors cannot be acted on).
+    pub fn free_weight(&self, w: &DeviceWeight) {
+        for p in [w.ptr, w.scales] {
+            if p != 0 {
+                let _ = self.mem_free(p);
+            }
+        }
+    }
+
+    /// `y [tokens, groups, n_out] = x · Wᵀ` per group (see [`LinearCall`]),
+    /// `x` given as its bf16 parts `[tokens, groups, k]` (`x_lo` empty when
+    /// the activations are rounded to bf16). Waits for the result.
+    pub fn linear(
+        &self,
+        w: &DeviceWeight,
+        call: &LinearCall,
+        x_hi: &[u16],
+        x_lo: &[u16],
+        y: &mut [f32],
+    ) -> Result<()> {
+        let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
+        let n_x = call.tokens * call.groups * w.shape.k;
+        let n_y = call.tokens * call.groups * call.n_out;
+        if x_hi.len() != n_x || !(x_lo.is_empty() || x_lo.len() == n_x) || y.len() != n_y {
+            return Err(Error::internal(
+                "GPU projection buffers are not [tokens, groups, k|n]",
+            ));
+        }
+        let (at, bytes) = layout(&[2 * n_x, 2 * x_lo.len(), 4 * n_y, 4 * plan.partial_len]);
+        let kernel = self.linear_function(plan.kernel)?;
+        let _host_call = self.host_calls.lock();
+        self.make_current()?;
+        let mut st = self.state.lock();
+        let base = self.ensure(&mut st, Which::Staging, bytes)?;
+        let mut p = plan.params;
+        p.x_hi = base + at[0] as u64;
+        p.x_lo = if x_lo.is_empty() {
+            0
+        } else {
+            base + at[1] as u64
+        };
+        p.y = base + at[2] as u64;
+        p.partial = base + at[3] as u64;
+        p.w = w.ptr;
+        p.scales = w.scales;
+        let stream = st.stream;
+        guarded("GPU projection", || {
+            // SAFETY: the staging area holds `bytes` laid out as above; the
+            // weight is ours and the plan reads only its rows (checked by
+            // `plan`); copies and kernels are ordered on our stream and
+            // `p` is copied at launch; the stream is synchronized before
+            // `y` is used.
+            unsafe {
+                result::memcpy_htod_async(p.x_hi, x_hi, stream)
+                    .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+                if !x_lo.is_empty() {
+                    result::memcpy_htod_async(p.x_lo, x_lo, stream)
+                        .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+                }
+                let mut args = [&p as *const _ as *mut c_void];
+                result::launch_kernel(
+                    kernel,
+                    plan.grid,
+                    (LINEAR_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+                .map_err(dev_err("launch mla_linear"))?;
+                if plan.reduce_blocks > 0 {
+                    result::launch_kernel(
+                        self.linear_reduce,
+                        (plan.reduce_blocks, 1, 1),
+                        (REDUCE_THREADS, 1, 1),
+                        0,
+                        stream,
+                        &mut args,
+                    )
+                    .map_err(dev_err("launch mla_linear_reduce"))?;
+                }
+                result::memcpy_dtoh_async(y, p.y, stream).map_err(dev_err("cuMemcpyDtoHAsync"))?;
+                result::stream::synchronize(stream).map_err(dev_err("GPU projection"))
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::layout;
+
+    #[test]
+    fn staged_buffers_are_aligned_and_apart() {
+        let (at, end) = layout(&[6, 0, 300, 4]);
+        assert_eq!(at, [0, 256, 256, 768]);
+        assert_eq!(end, 1024);
+    }
+}
