@@ -17,8 +17,8 @@
 // 8 elements at k0 + 8q feed two mmas (elements 4j..4j+3 as mma j's k pairs
 // (2q, 2q+1) and (2q+8, 2q+9)); for FP8 the 16 codes at k0 + 16q feed four.
 // The activations are read the same way (16 bytes at the same k), through
-// L1, shared by the block's warps. FP8 products of one 64-key slice are
-// summed before their block scale multiplies them, so codes convert to bf16
+// L1, shared by the block's warps. FP8 products of each 64 keys are summed
+// before their block scale multiplies them, so codes convert to bf16
 // exactly (every e4m3 value is a bf16 value).
 //
 // Long K on few columns (decode) is split across grid.y into k_split
@@ -35,7 +35,7 @@ struct MlaLinearParams {
     int32_t k_in;        // K, a multiple of 8 (of 16 for FP8)
     int32_t groups;      // G, grid.z
     int32_t k_split;     // K ranges; > 1 writes partials
-    int32_t k_chunk;     // keys per range, a multiple of 64
+    int32_t k_chunk;     // keys per range, a multiple of MLA_LINEAR_STEP
     int32_t m_tiles;     // token tiles of 16 * MF; grid.y = m_tiles * k_split
     int32_t scale_rdiv;  // FP8: weight rows per scale row (128, or 1)
     int32_t scale_kdiv;  // FP8: keys per scale column (128 or 64)
@@ -58,7 +58,7 @@ static_assert(offsetof(MlaLinearParams, partial) == 96, "update params.rs");
 #define MLA_LINEAR_WARPS 4
 #define MLA_LINEAR_THREADS (32 * MLA_LINEAR_WARPS)
 #define MLA_LINEAR_COLS (8 * MLA_LINEAR_WARPS)  // output columns per block
-#define MLA_LINEAR_SLICE 64                     // keys per step
+#define MLA_LINEAR_STEP 128                     // K ranges are multiples of it
 #define MLA_REDUCE_THREADS 256
 
 namespace mla {
@@ -76,6 +76,14 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 __device__ __forceinline__ uint32_t e4m3_pair(const uint4& v, int i) {
     const uint32_t w = word(v, i / 2) >> (16 * (i % 2));
     return OpBf16::pack(e4m3_to_float(w & 0xffu), e4m3_to_float((w >> 8) & 0xffu));
+}
+
+// `a` if B else `b`, chosen at compile time (a run-time choice between two
+// register arrays would put both in local memory).
+template <bool B>
+__device__ __forceinline__ float (&pick(float (&a)[4], float (&b)[4]))[4] {
+    if constexpr (B) return a;
+    else return b;
 }
 
 // The activations of token rows r and r + 8 of fragment f for 8 (bf16
@@ -140,31 +148,29 @@ __device__ __forceinline__ void linear_block(const MlaLinearParams& p) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[f][i] = 0.f;
 
-    // This thread's 16-byte weight loads per 64-key slice.
-    constexpr int LOADS = FP8 ? 1 : 2;
-    constexpr int STEP = FP8 ? 16 : 8;  // keys per load
-    auto load_w = [&](uint4 (&wv)[LOADS], int k0) {
-#pragma unroll
-        for (int l = 0; l < LOADS; ++l) {
-            const int k = k0 + 32 * l + STEP * q;
-            wv[l] = load16(wrow + (int64_t)k * (FP8 ? 1 : 2), row_ok && k < ke);
+    // Per step, two 16-byte weight loads per lane, each spanning SPAN keys
+    // of the warp's rows; the next step's loads are issued before this
+    // step's mmas.
+    constexpr int LOADS = 2;
+    constexpr int LANE_K = FP8 ? 16 : 8;  // keys per lane per load
+    constexpr int SPAN = 4 * LANE_K;      // keys per load
+    static_assert(MLA_LINEAR_STEP % (LOADS * SPAN) == 0, "K ranges hold whole steps");
+    // This lane's bytes of the step at k0 (zero past the keys or rows).
+    const uint8_t* wlane = wrow + (int64_t)(kb + LANE_K * q) * (FP8 ? 1 : 2);
+    const int kq = LANE_K * q;
+    uint4 wn0 = load16(wlane, row_ok && kb + kq < ke);
+    uint4 wn1 = load16(wlane + SPAN * (FP8 ? 1 : 2), row_ok && kb + SPAN + kq < ke);
+    for (int k0 = kb; k0 < ke; k0 += LOADS * SPAN) {
+        const uint4 wv[LOADS] = {wn0, wn1};
+        const int kn = k0 + LOADS * SPAN;  // the next step, in flight during this one's mmas
+        if (kn < ke) {
+            const uint8_t* at = wlane + (int64_t)(kn - kb) * (FP8 ? 1 : 2);
+            wn0 = load16(at, row_ok && kn + kq < ke);
+            wn1 = load16(at + SPAN * (FP8 ? 1 : 2), row_ok && kn + SPAN + kq < ke);
         }
-    };
-    uint4 wn[LOADS];
-    load_w(wn, kb);
-    for (int k0 = kb; k0 < ke; k0 += MLA_LINEAR_SLICE) {
-        uint4 wv[LOADS];
-#pragma unroll
-        for (int l = 0; l < LOADS; ++l) wv[l] = wn[l];
-        if (k0 + MLA_LINEAR_SLICE < ke) load_w(wn, k0 + MLA_LINEAR_SLICE);  // the next slice in flight
-        float part[MF][4];
-#pragma unroll
-        for (int f = 0; f < MF; ++f)
-#pragma unroll
-            for (int i = 0; i < 4; ++i) part[f][i] = 0.f;
 #pragma unroll
         for (int l = 0; l < LOADS; ++l) {
-            const int k = k0 + 32 * l + STEP * q;
+            const int k = k0 + SPAN * l + LANE_K * q;
             const bool k_ok = k < ke;
             constexpr int MMAS = FP8 ? 4 : 2;
             uint32_t b[MMAS][2];
@@ -178,9 +184,17 @@ __device__ __forceinline__ void linear_block(const MlaLinearParams& p) {
                     b[j][1] = word(wv[l], 2 * j + 1);
                 }
             }
+            // bf16 products go straight into the accumulators; FP8 ones
+            // first sum over their 64 keys, then take the block scale.
+            float part[MF][4];
+#pragma unroll
+            for (int f = 0; f < MF; ++f)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) part[f][i] = 0.f;
 #pragma unroll
             for (int f = 0; f < MF; ++f) {
                 const int t = t0 + 16 * f + r;
+                float(&d)[4] = pick<FP8>(part[f], acc[f]);
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const uint16_t* x = half ? p.x_lo : p.x_hi;
@@ -190,21 +204,20 @@ __device__ __forceinline__ void linear_block(const MlaLinearParams& p) {
                     for (int j = 0; j < MMAS; ++j) {
                         uint32_t a[4];
                         a_frag<FP8>(a, xr, j);
-                        OpBf16::mma(part[f], a, b[j][0], b[j][1]);
+                        OpBf16::mma(d, a, b[j][0], b[j][1]);
                     }
                 }
             }
-        }
-        float s[2] = {1.f, 1.f};
-        if constexpr (FP8) {
-            const int col = k0 / p.scale_kdiv;
-            s[0] = srow0 >= 0 ? __ldg(p.scales + srow0 + col) : 0.f;
-            s[1] = srow1 >= 0 ? __ldg(p.scales + srow1 + col) : 0.f;
-        }
+            if constexpr (FP8) {
+                const int col = (k0 + SPAN * l) / p.scale_kdiv;
+                const float s0 = srow0 >= 0 ? __ldg(p.scales + srow0 + col) : 0.f;
+                const float s1 = srow1 >= 0 ? __ldg(p.scales + srow1 + col) : 0.f;
 #pragma unroll
-        for (int f = 0; f < MF; ++f)
+                for (int f = 0; f < MF; ++f)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[f][i] += part[f][i] * s[i % 2];
+                    for (int i = 0; i < 4; ++i) acc[f][i] += part[f][i] * (i % 2 ? s1 : s0);
+            }
+        }
     }
 
     const int64_t TGN = (int64_t)p.tokens * p.groups * p.n_out;

@@ -41,9 +41,11 @@ extern "C" __global__ void __launch_bounds__(MLA_PROBE_THREADS)
 }
 
 // The model's projections (mla_linear.cuh): bf16 or FP8 weights, 16 (m1) or
-// 64 (m4) tokens per pass over the weights.
+// 64 (m4) tokens per pass over the weights. The occupancy hints keep decode
+// blocks at <= 64 registers (8 blocks per SM, as the host plans) and are
+// what keeps ptxas from spilling a few bytes on some targets.
 #define MLA_LINEAR_ENTRY(NAME, MF, FP8)                                          \
-    extern "C" __global__ void __launch_bounds__(MLA_LINEAR_THREADS)             \
+    extern "C" __global__ void __launch_bounds__(MLA_LINEAR_THREADS, MF == 1 ? 8 : 4) \
         NAME(const __grid_constant__ MlaLinearParams p) {                        \
         mla::linear_block<MF, FP8>(p);                                           \
     }

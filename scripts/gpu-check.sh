@@ -7,11 +7,14 @@
 #   scripts/gpu-check.sh run     (on the GPU machine, which has the driver and
 #                                python3 + torch but no Rust) runs the GPU test
 #                                suite (with the mma.sync kernels, then with the
-#                                Hopper wgmma ones: MLART_CUDA_WGMMA=1), the unit
-#                                tests that need a device, and
-#                                `mlart bench --cuda` (both kinds) against the copy bandwidth
+#                                Hopper wgmma ones: MLART_CUDA_WGMMA=1; it also
+#                                runs the model's projections on the GPU), the
+#                                unit tests that need a device,
+#                                `mlart bench --cuda` (both kinds; decode and
+#                                projection kernels) against the copy bandwidth
 #                                and bf16 matmul rate torch measures in the same
-#                                run; then, on its Xeon host (AMX-BF16), the AMX
+#                                run, and a V3 layer with its projections on the
+#                                CPU and on the GPU; then, on its Xeon host (AMX-BF16), the AMX
 #                                tiles against their software model, the CPU
 #                                reference suites forced to the amx kernel, an
 #                                amx vs avx512 bench,
@@ -96,6 +99,19 @@ PY
     echo "== mlart bench --cuda, wgmma kernels (MLART_CUDA_WGMMA=1)"
     MLART_CUDA_WGMMA=1 timeout 180 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} \
         --json "$out/bench-cuda-wgmma.json" 2>&1
+    # One V3 layer (FP8 weights) on a GPU engine, its projections on the CPU
+    # (the default until verified) and on the GPU (MLART_CUDA_PROJECTIONS=1):
+    # batch-1 decode's weight stream against the ruler of each.
+    ck=$(mktemp -d)
+    timeout 120 "$g/mlart" gen-model --preset v3 --layers 1 --dtype fp8 "$ck/v3" > /dev/null 2>&1
+    for proj in 0 1; do
+        echo "== one V3 layer on the GPU engine, MLART_CUDA_PROJECTIONS=$proj: bench --model, then run"
+        MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=$proj timeout 120 "$g/mlart" bench --model "$ck/v3" \
+            --prompt 256 2>&1 | grep -vE "^loading|^\s*$"
+        MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=$proj timeout 120 "$g/mlart" run --model "$ck/v3" \
+            --prompt 512 --decode 16 2>&1 | grep -E "loaded|prefill|decode:"
+    done
+    rm -rf "$ck"
 }
 
 # The host-CPU half: AMX tiles and kernels (skipped without AMX-BF16).

@@ -639,7 +639,7 @@ bool run_linear(const LinearCase& c) {
     p.k_in = c.K;
     p.groups = c.G;
     p.k_split = c.k_split;
-    p.k_chunk = ((c.K + c.k_split - 1) / c.k_split + 63) / 64 * 64;
+    p.k_chunk = ((c.K + c.k_split - 1) / c.k_split + MLA_LINEAR_STEP - 1) / MLA_LINEAR_STEP * MLA_LINEAR_STEP;
     p.m_tiles = (c.T + 16 * c.mf - 1) / (16 * c.mf);
     p.scale_rdiv = c.rdiv;
     p.scale_kdiv = c.kdiv;

@@ -319,7 +319,7 @@ impl Model {
             });
         }
         let (device, projections) = match engine.backend().cuda() {
-            None => (Vec::new(), format!("CPU ({:?})", ld.level)),
+            None => (Vec::new(), format!("CPU ({})", ld.level.name())),
             Some(_)
                 if !opts
                     .gpu_projections
@@ -359,6 +359,11 @@ impl Model {
             layers,
             weight_dtype,
         })
+    }
+
+    /// Whether the projections run on the GPU (see [`device`]).
+    pub fn projections_on_gpu(&self) -> bool {
+        !self.device.is_empty()
     }
 
     /// The loaded layer `layer` (absolute index), or a named error.

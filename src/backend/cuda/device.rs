@@ -626,7 +626,7 @@ impl CudaBackend {
 
     /// Median seconds of `op` enqueued on the engine's stream, each timed
     /// between two events.
-    fn time_on_stream(
+    pub(super) fn time_on_stream(
         &self,
         reps: usize,
         mut op: impl FnMut(sys::CUstream) -> Result<()>,

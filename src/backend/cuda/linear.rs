@@ -10,8 +10,11 @@ use crate::error::{Error, Result};
 pub const LINEAR_COLS: usize = 32;
 /// Threads per block (`MLA_LINEAR_THREADS`).
 pub const LINEAR_THREADS: u32 = 128;
-/// Keys per step; split ranges are multiples of it (`MLA_LINEAR_SLICE`).
-pub const LINEAR_SLICE: usize = 64;
+/// K ranges are multiples of it (`MLA_LINEAR_STEP`).
+pub const LINEAR_STEP: usize = 128;
+/// Keys whose FP8 products share one scale multiply in the kernels: a
+/// weight's scale must not change inside such a run.
+pub const SCALE_KEYS: usize = 64;
 /// Threads per block of `mla_linear_reduce` (`MLA_REDUCE_THREADS`).
 pub const REDUCE_THREADS: u32 = 256;
 pub const REDUCE_KERNEL: &str = "mla_linear_reduce";
@@ -22,9 +25,11 @@ pub const LINEAR_KERNELS: [[&str; 2]; 2] = [
 ];
 /// DeepSeek-V3's FP8 weight-scale block side.
 const FP8_BLOCK: usize = 128;
-/// Blocks per SM a product aims for (4 warps each): enough weight loads in
-/// flight to stream at memory speed.
-const BLOCKS_PER_SM: usize = 4;
+/// Blocks per SM a product aims for (4 warps each; the decode kernels are
+/// built for 8 per SM, at most 64 registers a thread): with up to four
+/// 16-byte weight loads per lane in flight that is 64 KiB per SM, above
+/// the ~36 KiB an H200's bandwidth-latency product asks.
+const BLOCKS_PER_SM: usize = 8;
 /// At most this many K ranges (bounds the partials' memory).
 const MAX_SPLIT: usize = 32;
 
@@ -159,24 +164,24 @@ impl WeightImage {
         };
         let mut scales = Vec::new();
         if sh.fp8 {
-            if !group_rows.is_multiple_of(LINEAR_SLICE) {
+            if !group_rows.is_multiple_of(SCALE_KEYS) {
                 return Err(Error::unsupported(format!(
                     "FP8 kv_b_proj with qk_nope_head_dim + v_head_dim = {group_rows} (not a multiple of 64) cannot be transposed for the GPU"
                 )));
             }
-            let cols = take.div_ceil(LINEAR_SLICE);
+            let cols = take.div_ceil(SCALE_KEYS);
             scales = vec![0f32; groups * k * cols];
             for g in 0..groups {
                 for j in 0..k {
                     for c in 0..cols {
-                        let row = g * group_rows + c * LINEAR_SLICE;
+                        let row = g * group_rows + c * SCALE_KEYS;
                         scales[(g * k + j) * cols + c] =
                             self.scales[(row / sh.scale_rdiv) * sh.scale_cols + j / sh.scale_kdiv];
                     }
                 }
             }
             shape.scale_rdiv = 1;
-            shape.scale_kdiv = LINEAR_SLICE;
+            shape.scale_kdiv = SCALE_KEYS;
             shape.scale_cols = cols;
         }
         let img = WeightImage {
@@ -227,7 +232,7 @@ pub struct LinearPlan {
 
 /// The launch of `call` on `w` for a GPU of `sm_count` SMs: 16 tokens per
 /// pass over the weights for decode (at most 16), else 64; K split into
-/// ranges when the columns alone give fewer than four blocks per SM.
+/// ranges when the columns alone give fewer than eight blocks per SM.
 pub fn plan(w: &WeightShape, call: &LinearCall, sm_count: usize) -> Result<LinearPlan> {
     let LinearCall {
         tokens,
@@ -251,13 +256,13 @@ pub fn plan(w: &WeightShape, call: &LinearCall, sm_count: usize) -> Result<Linea
     let m_tiles = tokens.div_ceil(16 * mf);
     let blocks = n_out.div_ceil(LINEAR_COLS) * m_tiles * groups;
     let target = BLOCKS_PER_SM * sm_count.max(1);
-    let most = w.k.div_ceil(2 * LINEAR_SLICE).clamp(1, MAX_SPLIT);
+    let most = w.k.div_ceil(LINEAR_STEP).clamp(1, MAX_SPLIT);
     let want = if blocks >= target {
         1
     } else {
         target.div_ceil(blocks).min(most)
     };
-    let k_chunk = w.k.div_ceil(want).div_ceil(LINEAR_SLICE) * LINEAR_SLICE;
+    let k_chunk = w.k.div_ceil(want).div_ceil(LINEAR_STEP) * LINEAR_STEP;
     let k_split = w.k.div_ceil(k_chunk); // no empty range
     let tgn = tokens * groups * n_out;
     let params = LinearParams {
@@ -384,7 +389,7 @@ mod tests {
             let lp = &p.params;
             let ks = lp.k_split as usize;
             let chunk = lp.k_chunk as usize;
-            assert!(chunk.is_multiple_of(LINEAR_SLICE));
+            assert!(chunk.is_multiple_of(LINEAR_STEP));
             assert!(ks * chunk >= 7168 && (ks - 1) * chunk < 7168, "{lp:?}");
             let mf = if tokens <= 16 { 1 } else { 4 };
             assert_eq!(lp.m_tiles as usize, tokens.div_ceil(16 * mf));
@@ -393,8 +398,12 @@ mod tests {
             let blocks = 48 * lp.m_tiles as usize * ks;
             if ks > 1 {
                 // Split only as far as the GPU needs, never beyond it.
-                assert!(48 * (lp.m_tiles as usize) < 4 * sms);
-                assert!(blocks >= 4 * sms || ks == MAX_SPLIT);
+                assert!(48 * (lp.m_tiles as usize) < BLOCKS_PER_SM * sms);
+                // ... and near it (ranges are whole 128-key steps).
+                assert!(
+                    2 * blocks >= BLOCKS_PER_SM * sms || ks == MAX_SPLIT || chunk == LINEAR_STEP,
+                    "{blocks} blocks for {sms} SMs"
+                );
                 assert_eq!(p.partial_len, ks * tokens * 1536);
                 assert_eq!(p.reduce_blocks as usize, (tokens * 1536).div_ceil(256));
             } else {
@@ -404,7 +413,7 @@ mod tests {
         // Decode at batch 1 on an H200 (132 SMs) splits o_proj's 16384 keys.
         let o = random_fp8(7168, 16384, &mut seed);
         let p = plan(&o.shape, &LinearCall::plain(1, 7168), 132).unwrap();
-        assert_eq!(p.params.k_split, 3);
+        assert_eq!(p.params.k_split, 5);
     }
 
     #[test]
@@ -430,7 +439,7 @@ mod tests {
         assert!(src.contains("#define MLA_LINEAR_COLS (8 * MLA_LINEAR_WARPS)"));
         assert!(src.contains("#define MLA_LINEAR_WARPS 4"));
         assert_eq!((LINEAR_COLS, LINEAR_THREADS), (8 * 4, 32 * 4));
-        assert!(src.contains(&format!("#define MLA_LINEAR_SLICE {LINEAR_SLICE}")));
+        assert!(src.contains(&format!("#define MLA_LINEAR_STEP {LINEAR_STEP}")));
         assert!(src.contains(&format!("#define MLA_REDUCE_THREADS {REDUCE_THREADS}")));
         assert!(src.contains(&format!(
             "{REDUCE_KERNEL}(const __grid_constant__ MlaLinearParams p)"

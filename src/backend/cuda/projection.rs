@@ -153,6 +153,67 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Median seconds of one product on zeroed device-resident activations
+    /// (no host copies), timed with events over `reps` launches: the
+    /// kernels' own speed, for `mlart bench --cuda`.
+    pub fn time_linear(
+        &self,
+        w: &DeviceWeight,
+        call: &LinearCall,
+        with_lo: bool,
+        reps: usize,
+    ) -> Result<f64> {
+        let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
+        let n_x = call.tokens * call.groups * w.shape.k;
+        let n_y = call.tokens * call.groups * call.n_out;
+        let (at, bytes) = layout(&[2 * n_x, 2 * n_x, 4 * n_y, 4 * plan.partial_len]);
+        let kernel = self.linear_function(plan.kernel)?;
+        let base = self.mem_alloc(bytes)?;
+        let r = (|| {
+            self.zero_async(base, bytes)?;
+            self.sync()?;
+            let mut p = plan.params;
+            p.x_hi = base + at[0] as u64;
+            p.x_lo = if with_lo { base + at[1] as u64 } else { 0 };
+            p.y = base + at[2] as u64;
+            p.partial = base + at[3] as u64;
+            p.w = w.ptr;
+            p.scales = w.scales;
+            self.time_on_stream(reps, |stream| {
+                // SAFETY: every buffer is ours and as large as the plan
+                // reads (above); `p` is copied at launch.
+                unsafe {
+                    let mut args = [&p as *const _ as *mut c_void];
+                    result::launch_kernel(
+                        kernel,
+                        plan.grid,
+                        (LINEAR_THREADS, 1, 1),
+                        0,
+                        stream,
+                        &mut args,
+                    )
+                    .map_err(dev_err("launch mla_linear"))?;
+                    if plan.reduce_blocks > 0 {
+                        result::launch_kernel(
+                            self.linear_reduce,
+                            (plan.reduce_blocks, 1, 1),
+                            (REDUCE_THREADS, 1, 1),
+                            0,
+                            stream,
+                            &mut args,
+                        )
+                        .map_err(dev_err("launch mla_linear_reduce"))?;
+                    }
+                }
+                Ok(())
+            })
+        })();
+        self.mem_free(base)?;
+        r
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::layout;

@@ -285,19 +285,72 @@ pub fn run(o: &Options) -> Result<()> {
             pct_mm.map_or(String::new(), |x| format!(",\"pct_matmul\":{x:.2}"))
         ));
     }
+    let projections = projection_points(cuda, copy, o.reps)?;
     if let Some(path) = &o.json {
         let text = format!(
-            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"wgmma\":{},\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}]}}\n",
+            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"wgmma\":{},\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}],\"projections\":[{}]}}\n",
             p.name,
             p.major,
             p.minor,
             cuda.uses_wgmma(),
             copy * 1e-9,
             o.matmul_tflops.map_or("null".to_string(), |t| format!("{t:.1}")),
-            json.join(",")
+            json.join(","),
+            projections.join(",")
         );
         std::fs::write(path, text)
             .map_err(|e| Error::new(mlart::Status::Io, format!("--json {path}: {e}")))?;
     }
     Ok(())
+}
+
+/// The model's projection kernels alone (`mla_linear`, device-resident
+/// activations) on DeepSeek-V3's two largest weights, bf16 and FP8, for a
+/// decode step (1 token) and a 64-token pass: the weight stream against the
+/// copy bandwidth. Returns the JSON objects.
+fn projection_points(cuda: &CudaBackend, copy: f64, reps: usize) -> Result<Vec<String>> {
+    use mlart::backend::cuda::linear::{LinearCall, WeightImage};
+    println!(
+        "\nprojections (weights streamed once per call; activations split hi+lo):\n{:>8} {:>6} {:>6} {:>5} {:>7} {:>10} {:>9} {:>7} {:>9}",
+        "weight", "out", "in", "dtype", "tokens", "time us", "GB/s", "% copy", "TFLOP/s"
+    );
+    let mut rng = Rng(0x70726f6a);
+    let mut json = Vec::new();
+    for (name, out, inp) in [("q_a", 1536usize, 7168usize), ("o_proj", 7168, 16384)] {
+        for fp8 in [false, true] {
+            let img = if fp8 {
+                let codes: Vec<u8> = (0..out * inp).map(|_| (rng.next() as u8) & 0x7e).collect();
+                let scales = vec![1.0f32; out.div_ceil(128) * inp.div_ceil(128)];
+                WeightImage::fp8(&codes, &scales, out, inp)?
+            } else {
+                WeightImage::bf16(&bf16_bytes(&mut rng, out * inp), out, inp)?
+            };
+            let w = cuda.upload_weight(&img)?;
+            let timed = [1usize, 64]
+                .iter()
+                .map(|&t| {
+                    Ok((
+                        t,
+                        cuda.time_linear(&w, &LinearCall::plain(t, out), true, reps)?,
+                    ))
+                })
+                .collect::<Result<Vec<_>>>();
+            cuda.free_weight(&w);
+            for (tokens, secs) in timed? {
+                let gbs = img.device_bytes() as f64 / secs * 1e-9;
+                let tf = 2.0 * 2.0 * (tokens * out * inp) as f64 / secs * 1e-12;
+                let dtype = if fp8 { "fp8" } else { "bf16" };
+                println!(
+                    "{name:>8} {out:>6} {inp:>6} {dtype:>5} {tokens:>7} {:>10.1} {gbs:>9.0} {:>6.1}% {tf:>9.1}",
+                    secs * 1e6,
+                    100.0 * gbs * 1e9 / copy
+                );
+                json.push(format!(
+                    "{{\"weight\":\"{name}\",\"out\":{out},\"in\":{inp},\"dtype\":\"{dtype}\",\"tokens\":{tokens},\"seconds\":{secs:e},\"gbytes_per_s\":{gbs:.3},\"pct_copy\":{:.2},\"tflops\":{tf:.3}}}",
+                    100.0 * gbs * 1e9 / copy
+                ));
+            }
+        }
+    }
+    Ok(json)
 }

@@ -138,7 +138,7 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
     )?;
     eprintln!();
     println!(
-        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({}), {} activations, {} projections",
+        "loaded {} layer(s) from {} in {:.2} s: {:.1} MB of weights ({}), {} activations, projections on {}",
         model.layers.len(),
         o.model.display(),
         t0.elapsed().as_secs_f64(),
@@ -148,7 +148,7 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
             Activations::Precise => "precise",
             Activations::Bf16 => "bf16",
         },
-        model.level.name()
+        model.projections
     );
     Ok((engine, model))
 }
@@ -277,11 +277,25 @@ pub fn run(o: &RunOptions) -> Result<()> {
 }
 
 /// Batch-1 decode streams all attention weights of a layer once per token.
+/// With the projections on a GPU (`MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=1`)
+/// the ruler is the GPU's device-to-device copy bandwidth instead.
 pub fn bench(o: &RunOptions) -> Result<()> {
     let (engine, model) = load(o)?;
     let threads = engine.info().threads;
-    println!("measuring DRAM read bandwidth with {threads} threads ...");
-    let before = ceilings::read_bandwidth(threads, 7);
+    let gpu = engine
+        .backend()
+        .cuda()
+        .filter(|_| model.projections_on_gpu());
+    let ruler = |label: &str| -> Result<f64> {
+        match gpu {
+            Some(cuda) => cuda.copy_bandwidth(256 << 20, 9),
+            None => {
+                println!("measuring DRAM read bandwidth with {threads} threads {label}...");
+                Ok(ceilings::read_bandwidth(threads, 7))
+            }
+        }
+    };
+    let before = ruler("")?;
     let hid = model.config.hidden_size;
     let context = o.prompt.max(1);
     let pool = pool_for(&engine, &model, o.kv, context + 64, 1)?;
@@ -309,16 +323,21 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     let gbs = model.bytes_loaded as f64 / t / 1e9;
     // Measured before and after; the larger reading is the ceiling, so a
     // slow moment of this shared machine cannot inflate the percentage.
-    let after = ceilings::read_bandwidth(threads, 7);
+    let after = ruler("again ")?;
     let read_bw = before.max(after);
+    let ruler_name = if gpu.is_some() {
+        "GPU copy bandwidth"
+    } else {
+        "DRAM read"
+    };
     println!(
-        "DRAM read bandwidth {:.1} GB/s (before {:.1}, after {:.1})",
+        "{ruler_name} {:.1} GB/s (before {:.1}, after {:.1})",
         read_bw / 1e9,
         before / 1e9,
         after / 1e9
     );
     println!(
-        "batch-1 decode, context {context}: {:.3} ms per token over {} layer(s); weights {:.1} MB ({}) streamed at {:.1} GB/s = {:.1}% of DRAM read",
+        "batch-1 decode, context {context}: {:.3} ms per token over {} layer(s); weights {:.1} MB ({}) streamed at {:.1} GB/s = {:.1}% of {ruler_name}",
         t * 1e3,
         model.layers.len(),
         model.bytes_loaded as f64 / 1e6,
