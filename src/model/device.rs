@@ -31,25 +31,55 @@ pub fn gpu_projections_requested() -> bool {
     }
 }
 
+/// A projection weight where the kernels read it.
+pub enum ProjWeight {
+    /// In GPU memory.
+    Gpu(DeviceWeight),
+    /// On the host, multiplied with the kernels' arithmetic: lets the unit
+    /// tests run everything around the kernels (layouts, groups, packing)
+    /// without a GPU.
+    #[cfg(test)]
+    Host(WeightImage),
+}
+
+impl ProjWeight {
+    /// Gives GPU memory back.
+    fn free(&self, cuda: &CudaBackend) {
+        match self {
+            ProjWeight::Gpu(d) => cuda.free_weight(d),
+            #[cfg(test)]
+            ProjWeight::Host(_) => {}
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            ProjWeight::Gpu(w) => w.bytes(),
+            #[cfg(test)]
+            ProjWeight::Host(img) => img.device_bytes(),
+        }
+    }
+}
+
 /// The query projection's device weights.
 pub enum DeviceQ {
-    Lora { a: DeviceWeight, b: DeviceWeight },
-    Direct(DeviceWeight),
+    Lora { a: ProjWeight, b: ProjWeight },
+    Direct(ProjWeight),
 }
 
 /// One layer's projection weights in device memory.
 pub struct DeviceLayer {
     pub q: DeviceQ,
-    pub kv_a: DeviceWeight,
+    pub kv_a: ProjWeight,
     /// W_UK transposed: `[H * kv_lora, nope]`.
-    pub uk: DeviceWeight,
+    pub uk: ProjWeight,
     /// `kv_b_proj` as stored; W_UV is read in place.
-    pub kv_b: DeviceWeight,
-    pub o_proj: DeviceWeight,
+    pub kv_b: ProjWeight,
+    pub o_proj: ProjWeight,
 }
 
 impl DeviceLayer {
-    fn weights(&self) -> Vec<&DeviceWeight> {
+    fn weights(&self) -> Vec<&ProjWeight> {
         let mut v = match &self.q {
             DeviceQ::Lora { a, b } => vec![a, b],
             DeviceQ::Direct(w) => vec![w],
@@ -66,7 +96,7 @@ impl DeviceLayer {
     /// Gives the device memory back.
     pub fn free(&self, cuda: &CudaBackend) {
         for w in self.weights() {
-            cuda.free_weight(w);
+            w.free(cuda);
         }
     }
 }
@@ -82,6 +112,49 @@ fn image(l: &Linear) -> Result<WeightImage> {
     }
 }
 
+/// One layer's weights as the kernels read them, in [`DeviceLayer`] order:
+/// q (one or two), kv_a, W_UK transposed, kv_b, o_proj.
+fn layer_images(
+    lw: &LayerWeights,
+    heads: usize,
+    nope: usize,
+    v: usize,
+) -> Result<Vec<WeightImage>> {
+    let mut imgs = match &lw.q {
+        QProj::Lora { a, b, .. } => vec![image(a)?, image(b)?],
+        QProj::Direct(w) => vec![image(w)?],
+    };
+    let kv_b = image(lw.absorbed.kv_b())?;
+    let uk = kv_b.transposed_groups(heads, nope + v, nope)?;
+    imgs.extend([image(&lw.kv_a)?, uk, kv_b, image(&lw.o_proj)?]);
+    Ok(imgs)
+}
+
+/// A [`DeviceLayer`] from its weights in [`layer_images`] order.
+fn assemble(ws: Vec<ProjWeight>) -> Result<DeviceLayer> {
+    let lora = ws.len() == 6;
+    let mut it = ws.into_iter();
+    let mut next = || {
+        it.next()
+            .ok_or_else(|| Error::internal("device layer weights"))
+    };
+    let q = if lora {
+        DeviceQ::Lora {
+            a: next()?,
+            b: next()?,
+        }
+    } else {
+        DeviceQ::Direct(next()?)
+    };
+    Ok(DeviceLayer {
+        q,
+        kv_a: next()?,
+        uk: next()?,
+        kv_b: next()?,
+        o_proj: next()?,
+    })
+}
+
 /// Builds every layer's device weights: all of them, or an `Unsupported`
 /// error saying why not (the caller then keeps the projections on the CPU),
 /// or another error (device memory) after freeing what was uploaded.
@@ -93,52 +166,61 @@ pub fn upload(
     v: usize,
 ) -> Result<Vec<DeviceLayer>> {
     // Every image first: an unsupported shape is found before any upload.
-    let mut images = Vec::with_capacity(layers.len());
-    for lw in layers {
-        let q = match &lw.q {
-            QProj::Lora { a, b, .. } => vec![image(a)?, image(b)?],
-            QProj::Direct(w) => vec![image(w)?],
-        };
-        let kv_b = image(lw.absorbed.kv_b())?;
-        let uk = kv_b.transposed_groups(heads, nope + v, nope)?;
-        images.push((q, image(&lw.kv_a)?, uk, kv_b, image(&lw.o_proj)?));
-    }
+    let images = layers
+        .iter()
+        .map(|lw| layer_images(lw, heads, nope, v))
+        .collect::<Result<Vec<_>>>()?;
     let mut out: Vec<DeviceLayer> = Vec::with_capacity(layers.len());
-    let mut held: Vec<DeviceWeight> = Vec::new();
-    let r = (|| -> Result<()> {
-        for (q, kv_a, uk, kv_b, o) in &images {
-            for img in q.iter().chain([kv_a, uk, kv_b, o]) {
-                held.push(cuda.upload_weight(img)?);
+    for imgs in &images {
+        let mut held = Vec::with_capacity(imgs.len());
+        let mut failed = None;
+        for img in imgs {
+            match cuda.upload_weight(img) {
+                Ok(w) => held.push(ProjWeight::Gpu(w)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
             }
-            let mut it = held.drain(..);
-            let mut next = || it.next().ok_or_else(|| Error::internal("device weights"));
-            let dq = match q.len() {
-                2 => DeviceQ::Lora {
-                    a: next()?,
-                    b: next()?,
-                },
-                _ => DeviceQ::Direct(next()?),
-            };
-            out.push(DeviceLayer {
-                q: dq,
-                kv_a: next()?,
-                uk: next()?,
-                kv_b: next()?,
-                o_proj: next()?,
-            });
         }
-        Ok(())
-    })();
-    if let Err(e) = r {
-        for w in &held {
-            cuda.free_weight(w);
+        let r = match failed {
+            None => assemble(held),
+            Some(e) => {
+                for w in &held {
+                    w.free(cuda);
+                }
+                Err(e)
+            }
+        };
+        match r {
+            Ok(l) => out.push(l),
+            Err(e) => {
+                for l in &out {
+                    l.free(cuda);
+                }
+                return Err(e);
+            }
         }
-        for l in &out {
-            l.free(cuda);
-        }
-        return Err(e);
     }
     Ok(out)
+}
+
+/// Every layer's weights kept on the host with the kernels' arithmetic
+/// (see [`ProjWeight::Host`]).
+#[cfg(test)]
+pub fn host_layers(
+    layers: &[LayerWeights],
+    heads: usize,
+    nope: usize,
+    v: usize,
+) -> Result<Vec<DeviceLayer>> {
+    layers
+        .iter()
+        .map(|lw| {
+            let imgs = layer_images(lw, heads, nope, v)?;
+            assemble(imgs.into_iter().map(ProjWeight::Host).collect())
+        })
+        .collect()
 }
 
 /// Whether an upload error means "keep the projections on the CPU".
@@ -146,11 +228,12 @@ pub fn is_unsupported(e: &Error) -> bool {
     e.status == Status::Unsupported
 }
 
-/// `y [tokens, groups, n_out] = x · Wᵀ` on the GPU, `x [tokens, groups, k]`
-/// taken as `activations` says (split into bf16 `hi + lo`, or rounded).
+/// `y [tokens, groups, n_out] = x · Wᵀ` where `w` is (see [`LinearCall`]),
+/// `x [tokens, groups, k]` taken as `activations` says (split into bf16
+/// `hi + lo`, or rounded).
 pub fn project(
-    cuda: &CudaBackend,
-    w: &DeviceWeight,
+    cuda: Option<&CudaBackend>,
+    w: &ProjWeight,
     call: &LinearCall,
     x: &[f32],
     activations: Activations,
@@ -163,7 +246,16 @@ pub fn project(
     if lo.iter().all(|&b| b & 0x7fff == 0) {
         lo.clear();
     }
-    cuda.linear(w, call, &hi, &lo, y)
+    match w {
+        ProjWeight::Gpu(d) => cuda
+            .ok_or_else(|| Error::internal("GPU weights on an engine without a GPU"))?
+            .linear(d, call, &hi, &lo, y),
+        #[cfg(test)]
+        ProjWeight::Host(img) => {
+            crate::backend::cuda::linear::host_linear(img, call, &hi, &lo, y);
+            Ok(())
+        }
+    }
 }
 
 #[cfg(test)]
@@ -206,5 +298,101 @@ mod tests {
             }
         }
         assert_eq!(kinds, [Dtype::Bf16, Dtype::Fp8E4m3]);
+    }
+
+    /// Everything the GPU path does around the kernels (weight images, the
+    /// W_UK transposition, each call's groups and rows, packing q_nope and
+    /// unpacking the latents) with the kernels' arithmetic on the host
+    /// (`ProjWeight::Host`): a layer's forward must match the CPU path's.
+    /// Low-rank and direct queries, bf16 and FP8 weights, both activation
+    /// modes, prefill chunks and decode steps, an F32 pool (so attention
+    /// adds no bf16 rounding of its own). A wrong row offset, group stride or
+    /// packing gives errors of order 1.
+    #[test]
+    fn the_gpu_path_around_the_kernels_matches_the_cpu() {
+        use crate::engine::{Engine, EngineOptions};
+        use crate::format::KvFormat;
+        use crate::kv::{KvPool, PoolOptions};
+        use crate::model::gen::{generate, GenOptions, Preset, WeightDtype};
+        use crate::model::{LoadOptions, Model};
+        use std::sync::Arc;
+        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let shapes = [
+            (Preset::Tiny, WeightDtype::Bf16),
+            (Preset::Tiny, WeightDtype::Fp8),
+            (Preset::V2Lite, WeightDtype::Fp8),
+        ];
+        for (preset, dtype) in shapes {
+            let dir = std::env::temp_dir().join(format!(
+                "mlart-device-glue-{}-{dtype:?}-{}",
+                preset.name(),
+                std::process::id()
+            ));
+            let gen = GenOptions {
+                preset,
+                dtype,
+                layers: 1,
+                seed: 21,
+                shards: 1,
+                yarn: true,
+            };
+            generate(&dir, &gen).unwrap();
+            for activations in [Activations::Precise, Activations::Bf16] {
+                let load = || {
+                    let o = LoadOptions {
+                        activations,
+                        ..LoadOptions::default()
+                    };
+                    Model::load(engine.clone(), &dir, o).unwrap()
+                };
+                let cpu = load();
+                let mut gpu = load();
+                let c = &gpu.config;
+                let (h, nope, v) = (c.num_heads, c.qk_nope_head_dim, c.v_head_dim);
+                gpu.device = host_layers(&gpu.layers, h, nope, v).unwrap();
+                assert!(gpu.projections_on_gpu());
+                let hid = c.hidden_size;
+                let popts = PoolOptions {
+                    format: KvFormat::F32,
+                    d_qk: c.d_qk(),
+                    num_layers: 1,
+                    block_size: 16,
+                    num_blocks: 16,
+                    index_dim: 0,
+                };
+                let pools = [
+                    KvPool::new(engine.clone(), popts).unwrap(),
+                    KvPool::new(engine.clone(), popts).unwrap(),
+                ];
+                for p in &pools {
+                    p.create_seq(1).unwrap();
+                    p.create_seq(2).unwrap();
+                }
+                let steps: [&[usize]; 3] = [&[21, 6], &[1, 1], &[2, 1]];
+                for (s, n_tokens) in steps.iter().enumerate() {
+                    let total: usize = n_tokens.iter().sum();
+                    let x = crate::model::gen::uniform(total * hid, 100 + s as u64);
+                    let want = cpu.forward(&pools[0], 0, &[1, 2], n_tokens, &x).unwrap();
+                    let got = gpu.forward(&pools[1], 0, &[1, 2], n_tokens, &x).unwrap();
+                    let (mut d, mut n) = (0f64, 0f64);
+                    for (a, b) in got.iter().zip(&want) {
+                        d += ((a - b) as f64).powi(2);
+                        n += (*b as f64).powi(2);
+                    }
+                    let e = (d / n).sqrt();
+                    // Rounding activations to bf16 turns the paths' last-bit
+                    // differences into occasional one-ulp (2^-9) flips.
+                    let tol = match activations {
+                        Activations::Precise => 1e-4,
+                        Activations::Bf16 => 2e-3,
+                    };
+                    assert!(
+                        e <= tol,
+                        "{preset:?} {dtype:?} {activations:?} step {s}: rel L2 {e:.2e}"
+                    );
+                }
+            }
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }

@@ -8,11 +8,10 @@
 //! pool with their rows, and a token with more than `index_topk` earlier
 //! positions attends (sparse) to the ones the indexer picks.
 
-use super::device::{self, DeviceQ};
+use super::device::{self, DeviceQ, ProjWeight};
 use super::linear::{rms_norm, Activations, Linear};
 use super::{Model, QProj};
 use crate::backend::cuda::linear::LinearCall;
-use crate::backend::cuda::projection::DeviceWeight;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
@@ -173,8 +172,8 @@ impl Model {
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
             let mut qf = sc.overwritten::<f32>(total * h * d_qk);
-            match (dl, self.engine.backend().cuda()) {
-                (Some(d), Some(cuda)) => {
+            match dl {
+                Some(d) => {
                     let mut qn = sc.overwritten::<f32>(total * h * nope);
                     for (dst, src) in qn.chunks_mut(nope).zip(q.chunks(qk)) {
                         dst.copy_from_slice(&src[..nope]);
@@ -187,12 +186,13 @@ impl Model {
                         w_row0: 0,
                         w_group_rows: lora,
                     };
+                    let cuda = self.engine.backend().cuda();
                     device::project(cuda, &d.uk, &call, &qn, Activations::Precise, &mut lat)?;
                     for (dst, src) in qf.chunks_mut(d_qk).zip(lat.chunks(lora)) {
                         dst[..lora].copy_from_slice(src);
                     }
                 }
-                _ => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk),
+                None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk),
             }
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
                 let t = th / h;
@@ -338,8 +338,8 @@ impl Model {
                 }
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = sc.overwritten::<f32>(total * h * v);
-                match (dl, self.engine.backend().cuda()) {
-                    (Some(d), Some(cuda)) => {
+                match dl {
+                    Some(d) => {
                         let call = LinearCall {
                             tokens: total,
                             n_out: v,
@@ -348,7 +348,7 @@ impl Model {
                             w_group_rows: nope + v,
                         };
                         device::project(
-                            cuda,
+                            self.engine.backend().cuda(),
                             &d.kv_b,
                             &call,
                             &o_lat,
@@ -356,7 +356,7 @@ impl Model {
                             &mut o,
                         )?;
                     }
-                    _ => lw.absorbed.values(&o_lat, total, &mut o),
+                    None => lw.absorbed.values(&o_lat, total, &mut o),
                 }
                 let mut y = vec![0f32; total * hid];
                 self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;
@@ -381,21 +381,21 @@ impl Model {
     fn project(
         &self,
         w: &Linear,
-        dev: Option<&DeviceWeight>,
+        dev: Option<&ProjWeight>,
         x: &[f32],
         tokens: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        match (dev, self.engine.backend().cuda()) {
-            (Some(d), Some(cuda)) => device::project(
-                cuda,
+        match dev {
+            Some(d) => device::project(
+                self.engine.backend().cuda(),
                 d,
                 &LinearCall::plain(tokens, w.out),
                 &x[..tokens * w.inp],
                 w.activations(),
                 &mut y[..tokens * w.out],
             ),
-            _ => {
+            None => {
                 w.matmul_with(x, tokens, y, &self.scratch);
                 Ok(())
             }

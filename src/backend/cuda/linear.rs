@@ -319,6 +319,28 @@ pub fn split_bf16(x: &[f32], with_lo: bool, hi: &mut Vec<u16>, lo: &mut Vec<u16>
     }
 }
 
+/// What the kernels compute, on the host in f64 (then f32): for the unit
+/// tests of the code around them.
+#[cfg(test)]
+pub fn host_linear(w: &WeightImage, call: &LinearCall, x_hi: &[u16], x_lo: &[u16], y: &mut [f32]) {
+    let (k, g_n) = (w.shape.k, call.groups);
+    let bf = |b: u16| half::bf16::from_bits(b).to_f64();
+    for t in 0..call.tokens {
+        for g in 0..g_n {
+            let xi = (t * g_n + g) * k;
+            for n in 0..call.n_out {
+                let row = call.w_row0 + g * call.w_group_rows + n;
+                let mut acc = 0f64;
+                for c in 0..k {
+                    let x = bf(x_hi[xi + c]) + x_lo.get(xi + c).map_or(0.0, |&b| bf(b));
+                    acc += x * w.value(row, c);
+                }
+                y[(t * g_n + g) * call.n_out + n] = acc as f32;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
