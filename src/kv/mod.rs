@@ -332,18 +332,6 @@ impl KvPool {
         self.append_batch(layer, &[(seq, n, src)], dtype)
     }
 
-    /// Rejects a plain append to a pool with indexer keys: its tokens would
-    /// have no key for the indexer to score.
-    fn check_no_index(&self) -> Result<()> {
-        if self.opts.index_dim != 0 {
-            return Err(Error::invalid(format!(
-                "this pool keeps indexer keys (index_head_dim = {}): its rows are appended by a DeepSeek-V3.2 model's forward, which computes them, not by a plain append",
-                self.opts.index_dim
-            )));
-        }
-        Ok(())
-    }
-
     /// Appends rows to several sequences of one layer, all or nothing:
     /// the blocks every sequence needs (new ones and copy-on-write copies)
     /// are counted under one lock before anything changes.
@@ -353,7 +341,6 @@ impl KvPool {
         items: &[(u64, usize, &[u8])],
         dtype: Dtype,
     ) -> Result<()> {
-        self.check_no_index()?;
         self.append_batch_indexed(layer, items, dtype, None)
     }
 
@@ -370,8 +357,13 @@ impl KvPool {
         let layer = self.layer_index(layer)?;
         let irow = index_row_bytes(self.opts.index_dim);
         match index {
+            // A plain append to a pool with indexer keys: its tokens would
+            // have no key for the indexer to score.
             None if irow != 0 => {
-                return Err(Error::internal("indexer keys missing for an indexed pool"))
+                return Err(Error::invalid(format!(
+                    "this pool keeps indexer keys (index_head_dim = {}): its rows are appended by a DeepSeek-V3.2 model's forward, which computes them, not by a plain append",
+                    self.opts.index_dim
+                )))
             }
             Some(_) if irow == 0 => {
                 return Err(Error::internal("indexer keys for a pool without them"))
