@@ -44,11 +44,18 @@ pub enum Preset {
     /// DeepSeek-V3.2 attention: V3's, plus the indexer (64 heads of 128,
     /// top-2048).
     V32,
+    /// [`Preset::Tiny`]'s projections with DeepSeek's cache rows (kv_lora
+    /// 512, rope 64: d_qk 576, d_v 512), the shape the GPU kernels take:
+    /// the smallest model a CUDA engine runs.
+    Small,
+    /// [`Preset::Small`] with the V3.2 indexer (4 heads of 64, top-8).
+    SmallV32,
 }
 
 impl Preset {
     /// `"tiny"`, `"v2-lite"` (also `v2lite`, `v2_lite`), `"v3"`,
-    /// `"tiny-v3.2"` (also `tiny-v32`) or `"v3.2"` (also `v32`), any case.
+    /// `"tiny-v3.2"` (also `tiny-v32`), `"v3.2"` (also `v32`), `"small"` or
+    /// `"small-v3.2"` (also `small-v32`), any case.
     pub fn parse(s: &str) -> Option<Preset> {
         match s.to_ascii_lowercase().as_str() {
             "tiny" => Some(Preset::Tiny),
@@ -56,6 +63,8 @@ impl Preset {
             "v3" => Some(Preset::V3),
             "tiny-v3.2" | "tiny-v32" | "tiny_v32" => Some(Preset::TinyV32),
             "v3.2" | "v32" => Some(Preset::V32),
+            "small" => Some(Preset::Small),
+            "small-v3.2" | "small-v32" | "small_v32" => Some(Preset::SmallV32),
             _ => None,
         }
     }
@@ -67,12 +76,28 @@ impl Preset {
             Preset::V3 => "v3",
             Preset::TinyV32 => "tiny-v3.2",
             Preset::V32 => "v3.2",
+            Preset::Small => "small",
+            Preset::SmallV32 => "small-v3.2",
         }
     }
 
     /// The attention dimensions of this preset.
     pub fn dims(self) -> PresetDims {
         match self {
+            Preset::Small => PresetDims {
+                kv_lora_rank: 512,
+                qk_rope_head_dim: 64,
+                ..Preset::Tiny.dims()
+            },
+            Preset::SmallV32 => PresetDims {
+                model_type: "deepseek_v32",
+                indexer: Some(IndexerDims {
+                    heads: 4,
+                    head_dim: 64,
+                    topk: 8,
+                }),
+                ..Preset::Small.dims()
+            },
             Preset::TinyV32 => PresetDims {
                 model_type: "deepseek_v32",
                 indexer: Some(IndexerDims {
@@ -633,7 +658,7 @@ fn config_json(opts: &GenOptions) -> Value {
     let d = opts.preset.dims();
     let v3 = d.model_type != "deepseek_v2";
     let (experts, per_tok, moe_inter, groups, topk_groups) = match opts.preset {
-        Preset::Tiny | Preset::TinyV32 => (8, 2, 16, 1, 1),
+        Preset::Tiny | Preset::TinyV32 | Preset::Small | Preset::SmallV32 => (8, 2, 16, 1, 1),
         Preset::V2Lite => (64, 6, 1408, 1, 1),
         Preset::V3 | Preset::V32 => (256, 8, 2048, 8, 4),
     };
@@ -1045,6 +1070,8 @@ mod tests {
         assert_eq!(Preset::parse("tiny"), Some(Preset::Tiny));
         assert_eq!(Preset::parse("v2-lite"), Some(Preset::V2Lite));
         assert_eq!(Preset::parse("V3"), Some(Preset::V3));
+        assert_eq!(Preset::parse("small"), Some(Preset::Small));
+        assert_eq!(Preset::parse("Small-V3.2"), Some(Preset::SmallV32));
         assert_eq!(Preset::parse("v4"), None);
         assert_eq!(WeightDtype::parse("bf16"), Some(WeightDtype::Bf16));
         assert_eq!(WeightDtype::parse("f16"), Some(WeightDtype::F16));

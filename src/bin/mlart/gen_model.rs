@@ -27,7 +27,7 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             "--preset" => {
                 let v = value("--preset")?;
                 preset = Some(Preset::parse(&v).ok_or(format!(
-                    "--preset {v}: expected tiny, v2-lite, v3, tiny-v3.2 or v3.2"
+                    "--preset {v}: expected tiny, v2-lite, v3, tiny-v3.2, v3.2, small or small-v3.2"
                 ))?);
             }
             "--dtype" => {
@@ -66,7 +66,8 @@ pub fn parse(args: &[String]) -> Result<Options, String> {
             }
         }
     }
-    gen.preset = preset.ok_or("gen-model needs --preset tiny|v2-lite|v3|tiny-v3.2|v3.2")?;
+    gen.preset =
+        preset.ok_or("gen-model needs --preset tiny|v2-lite|v3|tiny-v3.2|v3.2|small|small-v3.2")?;
     let dir = dir.ok_or("gen-model needs an output directory")?;
     Ok(Options { gen, dir })
 }

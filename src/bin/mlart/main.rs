@@ -47,7 +47,9 @@ commands:
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
   gen-model --preset P [options] DIR
                           write a random-weight DeepSeek checkpoint (config.json, safetensors) to DIR
-      --preset P          tiny | v2-lite | v3 | tiny-v3.2 | v3.2 (V3.2: with the sparse-attention indexer)
+      --preset P          tiny | v2-lite | v3 | tiny-v3.2 | v3.2 | small | small-v3.2
+                          (V3.2: with the sparse-attention indexer; small: tiny
+                          projections with DeepSeek's 576-wide cache rows, for GPUs)
       --dtype D           bf16 | f16 | f32 | fp8 (e4m3, 128x128 block scales) (default bf16)
       --layers N          num_hidden_layers (default 2)
       --seed S            random seed (default 0)
