@@ -15,6 +15,15 @@
 //! (`harness = false`) whose summary line reads
 //! `test result: ok. P passed; F failed; S skipped`. These tests are the GPU
 //! half of the suite; `scripts/gpu-check.sh` runs them on a GPU machine.
+//!
+//! Without a GPU the binary then runs the same suite again on the emulated
+//! driver (`kernels/emu/fake_cuda.cpp`: device memory in host memory, the
+//! kernels on the CPU warp emulator), as sm_80 and (the tests whose kernels
+//! differ) as sm_90 with the wgmma kernels, reported as
+//! `test NAME [emulated sm_XX]`. That runs all of the
+//! backend's host code with the kernels, but it is not a GPU: the hardware
+//! itself stays unverified until a GPU run. Emulated kernels are slow, so
+//! those runs shorten the sequences ([`len`]).
 
 mod common;
 
@@ -42,6 +51,22 @@ struct Gpu {
 impl Drop for Gpu {
     fn drop(&mut self) {
         mlart_engine_free(self.ptr);
+    }
+}
+
+/// Whether this process runs on the emulated driver (set for the child
+/// runs `main` starts).
+fn emulated() -> bool {
+    std::env::var_os("MLART_FAKE_CUDA").is_some()
+}
+
+/// A sequence length for a case: as given on a GPU, an eighth of it on the
+/// emulated driver (whose kernels run ~10^5 times slower).
+fn len(n: usize) -> usize {
+    if emulated() {
+        n.div_ceil(8)
+    } else {
+        n
     }
 }
 
@@ -594,7 +619,7 @@ fn cuda_dense_matrix() -> Outcome {
                     let mut rng = SmallRng::seed_from_u64(seed);
                     let batch = 1 + (n as usize * 3) % 6;
                     let s_q = [1, 2, 3][(fi + bi + hi) % 3];
-                    let max = if h_q >= 64 { 700 } else { 2500 };
+                    let max = len(if h_q >= 64 { 700 } else { 2500 });
                     let c = Case {
                         batch,
                         s_q,
@@ -640,7 +665,7 @@ fn cuda_split_kv() -> Outcome {
                 q: Dt::Bf16,
                 out: Dt::Bf16,
                 causal: false,
-                seqlens: (0..batch).map(|b| len - b * 1000).collect(),
+                seqlens: (0..batch).map(|b| self::len(len - b * 1000)).collect(),
                 sparse: None,
                 sink: n == 1,
                 // 4.0: score logits of spread ~1, so a wrong score shows in
@@ -674,7 +699,7 @@ fn cuda_sparse_matrix() -> Outcome {
                         q: DTS[n as usize % 3],
                         out: DTS[(n as usize + 1) % 3],
                         causal: false,
-                        seqlens: lengths(&mut rng, batch, 3000, 64),
+                        seqlens: lengths(&mut rng, batch, len(3000), 64),
                         sparse: Some(Sparse {
                             topk,
                             with_length: !n.is_multiple_of(3),
@@ -1405,6 +1430,14 @@ fn main() {
             }
         }
     }
+    // No GPU here: the same suite on the emulated driver.
+    if !emulated() && passed + failed == 0 && skipped > 0 {
+        for (p, f, s) in run_emulated(&filters) {
+            passed += p;
+            failed += f;
+            skipped += s;
+        }
+    }
     println!(
         "\ntest result: {}. {passed} passed; {failed} failed; {skipped} skipped\n",
         if failed == 0 { "ok" } else { "FAILED" }
@@ -1412,4 +1445,106 @@ fn main() {
     if failed > 0 {
         std::process::exit(101);
     }
+}
+
+/// Builds the emulated driver and runs this binary on it as sm_80 and as
+/// sm_90 (wgmma kernels on), relaying each child's test lines tagged
+/// `[emulated sm_XX]`. Returns each run's (passed, failed, skipped).
+fn run_emulated(filters: &[String]) -> Vec<(usize, usize, usize)> {
+    use std::path::PathBuf;
+    use std::process::Command;
+    if mlart::backend::cuda::fatbin::fatbin().is_none() {
+        println!("emulated GPU suite not run: this build has no CUDA kernels");
+        return Vec::new();
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("fake-cuda");
+    let lib = dir.join("libcuda.so.1");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let built = std::fs::create_dir_all(&dir).is_ok()
+        && Command::new(&cxx)
+            .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-I"])
+            .arg(root.join("kernels"))
+            .arg(root.join("kernels/emu/fake_cuda.cpp"))
+            .arg("-o")
+            .arg(&lib)
+            .status()
+            .is_ok_and(|s| s.success());
+    if !built {
+        println!("test emulated GPU driver (kernels/emu/fake_cuda.cpp) ... FAILED: {cxx} could not build it");
+        return vec![(0, 1, 0)];
+    }
+    let _ = std::fs::remove_file(dir.join("libcuda.so"));
+    let _ = std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so"));
+    let path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let exe = std::env::current_exe().expect("this test binary's path");
+    let mut runs = Vec::new();
+    // As sm_90 only the tests whose kernels differ there (64-row blocks on
+    // wgmma, and the probe) run again.
+    let wgmma_tests: Vec<String> = [
+        "cuda_wgmma_probe",
+        "cuda_wgmma_as_requested",
+        "cuda_dense_matrix",
+        "cuda_split_kv",
+        "cuda_sparse_matrix",
+    ]
+    .map(String::from)
+    .into();
+    for cc in ["80", "90"] {
+        let which = if cc == "90" && filters.is_empty() {
+            &wgmma_tests[..]
+        } else {
+            filters
+        };
+        println!("\n== the GPU suite on the emulated driver as sm_{cc} (CPU warp emulator: not a GPU verification)");
+        let out = Command::new(&exe)
+            .args(which)
+            .env("LD_LIBRARY_PATH", &path)
+            .env("MLART_FAKE_CUDA", "1")
+            .env("MLART_FAKE_CUDA_CC", cc)
+            .env("MLART_CUDA_WGMMA", if cc == "90" { "1" } else { "0" })
+            .env_remove("MLART_BACKEND")
+            .output()
+            .expect("running this test binary on the emulated driver");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (mut p, mut f, mut s) = (0, 0, 0);
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("test ") {
+                if line.starts_with("test result:") {
+                    continue;
+                }
+                let tagged = rest.replacen(" ... ", &format!(" [emulated sm_{cc}] ... "), 1);
+                println!("test {tagged}");
+                if rest.contains(" ... ok") {
+                    p += 1;
+                } else if rest.contains(" ... skipped") {
+                    s += 1;
+                } else {
+                    f += 1;
+                }
+            } else if !line.trim().is_empty() && !line.starts_with("running ") {
+                println!("    {line}");
+            }
+        }
+        if f > 0 || !out.status.success() {
+            if f == 0 {
+                println!(
+                    "test emulated GPU suite [emulated sm_{cc}] ... FAILED: exit {:?}",
+                    out.status.code()
+                );
+                f += 1;
+            }
+            // The panics' messages (the last part of the child's stderr).
+            let err = String::from_utf8_lossy(&out.stderr);
+            let lines: Vec<&str> = err.lines().collect();
+            for line in &lines[lines.len().saturating_sub(60)..] {
+                println!("    {line}");
+            }
+        }
+        runs.push((p, f, s));
+    }
+    runs
 }

@@ -18,7 +18,13 @@
 // FP8 decoding: everything but the hardware itself and the assumption, shared
 // with the kernels, of what those fragment layouts are.
 #pragma once
+// Fibers switch with _setjmp/_longjmp between stacks, which glibc's
+// fortified longjmp would refuse.
+#ifdef _FORTIFY_SOURCE
+#undef _FORTIFY_SOURCE
+#endif
 #include <math.h>
+#include <setjmp.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -122,7 +128,9 @@ struct PendingCopy {
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    ucontext_t ctx;  // only to enter the fiber the first time
+    jmp_buf jb;      // where it parked
+    bool alive = false;
     std::vector<char> stack;
     int tid = 0;
     Wait wait = RUN;
@@ -140,6 +148,7 @@ struct WarpSlots {
 
 struct State {
     ucontext_t sched;
+    jmp_buf sched_jb;
     std::vector<Fiber> fibers;
     std::vector<WarpSlots> warps;
     int cur = 0;
@@ -154,27 +163,53 @@ inline State& st() {
     return s;
 }
 
+// Fibers switch without system calls: swapcontext (which saves the signal
+// mask, a syscall each time) only enters a fiber the first time; after that
+// the fiber and the scheduler _setjmp where they stop and _longjmp to the
+// other. A fiber lives across blocks: when its thread ends it parks DONE
+// and, sent off again, runs the next block's body.
 inline void park(Wait w) {
     State& s = st();
-    s.fibers[s.cur].wait = w;
-    swapcontext(&s.fibers[s.cur].ctx, &s.sched);
+    Fiber& f = s.fibers[s.cur];
+    f.wait = w;
+    if (!_setjmp(f.jb)) _longjmp(s.sched_jb, 1);
 }
 
 inline void entry() {
-    State& s = st();
-    s.body(s.arg);
-    if (!s.fibers[s.cur].pending.empty()) {
-        fprintf(stderr, "emu: thread %d ended with a wgmma it never waited for\n", s.fibers[s.cur].tid);
-        abort();
+    for (;;) {
+        State& s = st();
+        s.body(s.arg);
+        if (!s.fibers[s.cur].pending.empty()) {
+            fprintf(stderr, "emu: thread %d ended with a wgmma it never waited for\n", s.fibers[s.cur].tid);
+            abort();
+        }
+        park(DONE);
     }
-    s.fibers[s.cur].wait = DONE;
-    swapcontext(&s.fibers[s.cur].ctx, &s.sched);
+}
+
+// Runs fiber t until it parks.
+inline void resume(int t) {
+    State& s = st();
+    Fiber& f = s.fibers[t];
+    s.cur = t;
+    if (_setjmp(s.sched_jb)) return;
+    if (f.alive) _longjmp(f.jb, 1);
+    f.alive = true;
+    f.stack.resize(64 * 1024);
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = f.stack.data();
+    f.ctx.uc_stack.ss_size = f.stack.size();
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, entry, 0);
+    swapcontext(&s.sched, &f.ctx);
 }
 
 // Runs one block of `threads` fibers to completion.
 inline void run_block(int threads) {
     State& s = st();
-    s.fibers.resize(threads);
+    // Fibers are kept (parked DONE) for later blocks; a deque-free vector is
+    // fine: a Fiber's stack lives on the heap, so moving it keeps the stack.
+    if ((int)s.fibers.size() < threads) s.fibers.resize(threads);
     s.warps.resize((threads + 31) / 32);
     for (int t = 0; t < threads; ++t) {
         Fiber& f = s.fibers[t];
@@ -184,12 +219,6 @@ inline void run_block(int threads) {
         f.wgmmas = 0;
         f.copies.clear();
         f.committed = 0;
-        f.stack.resize(64 * 1024);
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.data();
-        f.ctx.uc_stack.ss_size = f.stack.size();
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, entry, 0);
     }
     // MLA_EMU_ORDER=reverse runs the threads of each barrier interval last
     // to first: a missing barrier then shows with the other threads first.
@@ -202,8 +231,7 @@ inline void run_block(int threads) {
         for (int i = 0; i < threads; ++i) {
             const int t = reverse ? threads - 1 - i : i;
             if (s.fibers[t].wait != RUN) continue;
-            s.cur = t;
-            swapcontext(&s.sched, &s.fibers[t].ctx);
+            resume(t);
             ran = true;
         }
         // Release warps whose live lanes all wait at a warp barrier.
@@ -221,9 +249,9 @@ inline void run_block(int threads) {
             }
         }
         int live = 0, at_block = 0;
-        for (auto& f : s.fibers) {
-            if (f.wait != DONE) ++live;
-            if (f.wait == BLOCK) ++at_block;
+        for (int t = 0; t < threads; ++t) {
+            if (s.fibers[t].wait != DONE) ++live;
+            if (s.fibers[t].wait == BLOCK) ++at_block;
         }
         if (live == 0) {
             // wgmma is .sync.aligned: every thread of a warpgroup issues the
@@ -237,7 +265,7 @@ inline void run_block(int threads) {
             return;
         }
         if (at_block == live) {
-            for (auto& f : s.fibers) f.wait = RUN;
+            for (int t = 0; t < threads; ++t) s.fibers[t].wait = RUN;
             released = true;
         }
         if (!ran && !released) {
