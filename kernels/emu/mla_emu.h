@@ -2,7 +2,8 @@
 // machines without a GPU (tests/kernel_emulation.rs builds and runs
 // kernels/emu/emu_main.cpp with the host C++ compiler).
 //
-// Each block runs as 32 * warps cooperative fibers (ucontext). __syncthreads
+// Each block runs as 32 * warps cooperative fibers (entered once with
+// ucontext, then switched with _setjmp/_longjmp). __syncthreads
 // parks a fiber until every live thread of the block arrives; warp
 // collectives (shuffles, mma.sync, ldmatrix) exchange through per-warp slots
 // between warp barriers, and compute exactly the fragment layouts the PTX ISA
