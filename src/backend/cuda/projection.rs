@@ -6,8 +6,9 @@ use super::device::{CudaBackend, Which};
 use super::driver::{dev_err, guarded};
 use super::linear::{self, LinearCall, WeightImage, WeightShape, LINEAR_THREADS, REDUCE_THREADS};
 use super::lowering::as_bytes;
+use super::params::LinearParams;
 use crate::error::{Error, Result};
-use cudarc::driver::result;
+use cudarc::driver::{result, sys};
 use std::ffi::c_void;
 
 /// A weight in device memory; give it back with [`CudaBackend::free_weight`].
@@ -38,7 +39,81 @@ fn layout(sizes: &[usize]) -> (Vec<usize>, usize) {
     (at, end)
 }
 
+/// One product's launch and its buffers: x_hi, x_lo, y and the partial
+/// sums, one after another from a base address.
+struct Launch {
+    plan: linear::LinearPlan,
+    kernel: sys::CUfunction,
+    at: Vec<usize>,
+    bytes: usize,
+}
+
 impl CudaBackend {
+    fn prepare(&self, w: &DeviceWeight, call: &LinearCall, lo_len: usize) -> Result<Launch> {
+        let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
+        let n_x = call.tokens * call.groups * w.shape.k;
+        let n_y = call.tokens * call.groups * call.n_out;
+        let (at, bytes) = layout(&[2 * n_x, 2 * lo_len, 4 * n_y, 4 * plan.partial_len]);
+        let kernel = self.linear_function(plan.kernel)?;
+        Ok(Launch {
+            plan,
+            kernel,
+            at,
+            bytes,
+        })
+    }
+
+    /// The kernels' parameters with the buffers at `base`.
+    fn bind(l: &Launch, w: &DeviceWeight, base: u64, with_lo: bool) -> LinearParams {
+        LinearParams {
+            x_hi: base + l.at[0] as u64,
+            x_lo: if with_lo { base + l.at[1] as u64 } else { 0 },
+            y: base + l.at[2] as u64,
+            partial: base + l.at[3] as u64,
+            w: w.ptr,
+            scales: w.scales,
+            ..l.plan.params
+        }
+    }
+
+    /// Enqueues the product (and the sum of its partials).
+    ///
+    /// # Safety
+    /// `stream` is live and `p`'s buffers are device memory as large as
+    /// `l`'s plan reads and writes.
+    unsafe fn enqueue_linear(
+        &self,
+        l: &Launch,
+        p: &LinearParams,
+        stream: sys::CUstream,
+    ) -> Result<()> {
+        let mut args = [p as *const LinearParams as *mut c_void];
+        // SAFETY: forwarded contract; `p` is copied at launch.
+        unsafe {
+            result::launch_kernel(
+                l.kernel,
+                l.plan.grid,
+                (LINEAR_THREADS, 1, 1),
+                0,
+                stream,
+                &mut args,
+            )
+            .map_err(dev_err("launch mla_linear"))?;
+            if l.plan.reduce_blocks > 0 {
+                result::launch_kernel(
+                    self.linear_reduce,
+                    (l.plan.reduce_blocks, 1, 1),
+                    (REDUCE_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+                .map_err(dev_err("launch mla_linear_reduce"))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Copies a weight into device memory.
     pub fn upload_weight(&self, img: &WeightImage) -> Result<DeviceWeight> {
         let ptr = self.mem_alloc(img.bytes.len())?;
@@ -86,7 +161,6 @@ impl CudaBackend {
         x_lo: &[u16],
         y: &mut [f32],
     ) -> Result<()> {
-        let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
         let n_x = call.tokens * call.groups * w.shape.k;
         let n_y = call.tokens * call.groups * call.n_out;
         if x_hi.len() != n_x || !(x_lo.is_empty() || x_lo.len() == n_x) || y.len() != n_y {
@@ -94,30 +168,18 @@ impl CudaBackend {
                 "GPU projection buffers are not [tokens, groups, k|n]",
             ));
         }
-        let (at, bytes) = layout(&[2 * n_x, 2 * x_lo.len(), 4 * n_y, 4 * plan.partial_len]);
-        let kernel = self.linear_function(plan.kernel)?;
+        let l = self.prepare(w, call, x_lo.len())?;
         let _host_call = self.host_calls.lock();
         self.make_current()?;
         let mut st = self.state.lock();
-        let base = self.ensure(&mut st, Which::Staging, bytes)?;
-        let mut p = plan.params;
-        p.x_hi = base + at[0] as u64;
-        p.x_lo = if x_lo.is_empty() {
-            0
-        } else {
-            base + at[1] as u64
-        };
-        p.y = base + at[2] as u64;
-        p.partial = base + at[3] as u64;
-        p.w = w.ptr;
-        p.scales = w.scales;
+        let base = self.ensure(&mut st, Which::Staging, l.bytes)?;
+        let p = Self::bind(&l, w, base, !x_lo.is_empty());
         let stream = st.stream;
         guarded("GPU projection", || {
-            // SAFETY: the staging area holds `bytes` laid out as above; the
-            // weight is ours and the plan reads only its rows (checked by
-            // `plan`); copies and kernels are ordered on our stream and
-            // `p` is copied at launch; the stream is synchronized before
-            // `y` is used.
+            // SAFETY: the staging area holds `l.bytes` laid out as `l.at`;
+            // the weight is ours and the plan reads only its rows (checked
+            // by `plan`); copies and kernels are ordered on our stream; the
+            // stream is synchronized before `y` is used.
             unsafe {
                 result::memcpy_htod_async(p.x_hi, x_hi, stream)
                     .map_err(dev_err("cuMemcpyHtoDAsync"))?;
@@ -125,35 +187,13 @@ impl CudaBackend {
                     result::memcpy_htod_async(p.x_lo, x_lo, stream)
                         .map_err(dev_err("cuMemcpyHtoDAsync"))?;
                 }
-                let mut args = [&p as *const _ as *mut c_void];
-                result::launch_kernel(
-                    kernel,
-                    plan.grid,
-                    (LINEAR_THREADS, 1, 1),
-                    0,
-                    stream,
-                    &mut args,
-                )
-                .map_err(dev_err("launch mla_linear"))?;
-                if plan.reduce_blocks > 0 {
-                    result::launch_kernel(
-                        self.linear_reduce,
-                        (plan.reduce_blocks, 1, 1),
-                        (REDUCE_THREADS, 1, 1),
-                        0,
-                        stream,
-                        &mut args,
-                    )
-                    .map_err(dev_err("launch mla_linear_reduce"))?;
-                }
+                self.enqueue_linear(&l, &p, stream)?;
                 result::memcpy_dtoh_async(y, p.y, stream).map_err(dev_err("cuMemcpyDtoHAsync"))?;
                 result::stream::synchronize(stream).map_err(dev_err("GPU projection"))
             }
         })
     }
-}
 
-impl CudaBackend {
     /// Median seconds of one product on zeroed device-resident activations
     /// (no host copies), timed with events over `reps` launches: the
     /// kernels' own speed, for `mlart bench --cuda`.
@@ -164,49 +204,16 @@ impl CudaBackend {
         with_lo: bool,
         reps: usize,
     ) -> Result<f64> {
-        let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
         let n_x = call.tokens * call.groups * w.shape.k;
-        let n_y = call.tokens * call.groups * call.n_out;
-        let (at, bytes) = layout(&[2 * n_x, 2 * n_x, 4 * n_y, 4 * plan.partial_len]);
-        let kernel = self.linear_function(plan.kernel)?;
-        let base = self.mem_alloc(bytes)?;
+        let l = self.prepare(w, call, n_x)?;
+        let base = self.mem_alloc(l.bytes)?;
         let r = (|| {
-            self.zero_async(base, bytes)?;
+            self.zero_async(base, l.bytes)?;
             self.sync()?;
-            let mut p = plan.params;
-            p.x_hi = base + at[0] as u64;
-            p.x_lo = if with_lo { base + at[1] as u64 } else { 0 };
-            p.y = base + at[2] as u64;
-            p.partial = base + at[3] as u64;
-            p.w = w.ptr;
-            p.scales = w.scales;
+            let p = Self::bind(&l, w, base, with_lo);
             self.time_on_stream(reps, |stream| {
-                // SAFETY: every buffer is ours and as large as the plan
-                // reads (above); `p` is copied at launch.
-                unsafe {
-                    let mut args = [&p as *const _ as *mut c_void];
-                    result::launch_kernel(
-                        kernel,
-                        plan.grid,
-                        (LINEAR_THREADS, 1, 1),
-                        0,
-                        stream,
-                        &mut args,
-                    )
-                    .map_err(dev_err("launch mla_linear"))?;
-                    if plan.reduce_blocks > 0 {
-                        result::launch_kernel(
-                            self.linear_reduce,
-                            (plan.reduce_blocks, 1, 1),
-                            (REDUCE_THREADS, 1, 1),
-                            0,
-                            stream,
-                            &mut args,
-                        )
-                        .map_err(dev_err("launch mla_linear_reduce"))?;
-                    }
-                }
-                Ok(())
+                // SAFETY: every buffer is ours, allocated for this plan above.
+                unsafe { self.enqueue_linear(&l, &p, stream) }
             })
         })();
         self.mem_free(base)?;
