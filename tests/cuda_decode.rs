@@ -1276,6 +1276,91 @@ fn cuda_model_projections_on_gpu() -> Outcome {
     Outcome::Ran
 }
 
+/// The projection kernels through the backend's own calls
+/// (`upload_weight`, `linear`, `time_linear`): an FP8 weight with
+/// 128x128 block scales and a bf16 one, a decode call (K split over
+/// blocks), a 40-token call (64-token passes) and a grouped call reading
+/// rows at an offset, each against a float64 product of the same bytes.
+fn cuda_linear_matches_float64() -> Outcome {
+    use mlart::backend::cuda::linear::{split_bf16, LinearCall, WeightImage};
+    use mlart::format::fp8::e4m3_to_f32;
+    let (gpu, _) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
+    };
+    let cuda = gpu.backend().cuda().expect("a CUDA engine");
+    let mut rng = SmallRng::seed_from_u64(case_seed(68, 0));
+    let (rows, k) = (300usize, 512usize);
+    let codes: Vec<u8> = (0..rows * k)
+        .map(|_| rng.random_range(0..=0x7eu8) | (rng.random::<u8>() & 0x80))
+        .collect();
+    let scales: Vec<f32> = (0..rows.div_ceil(128) * k.div_ceil(128))
+        .map(|_| rng.random_range(0.001f32..0.01))
+        .collect();
+    let bf16: Vec<u8> = (0..rows * k)
+        .flat_map(|_| bf16_bits(sample(&mut rng)).to_le_bytes())
+        .collect();
+    let weights = [
+        (WeightImage::fp8(&codes, &scales, rows, k).unwrap(), true),
+        (WeightImage::bf16(&bf16, rows, k).unwrap(), false),
+    ];
+    let value = |fp8: bool, r: usize, c: usize| -> f64 {
+        if fp8 {
+            e4m3_to_f32(codes[r * k + c]) as f64
+                * scales[(r / 128) * k.div_ceil(128) + c / 128] as f64
+        } else {
+            half::bf16::from_le_bytes([bf16[2 * (r * k + c)], bf16[2 * (r * k + c) + 1]]).to_f64()
+        }
+    };
+    let calls = [
+        LinearCall::plain(1, rows),
+        LinearCall::plain(40, 200),
+        LinearCall {
+            tokens: 3,
+            n_out: 64,
+            groups: 3,
+            w_row0: 20,
+            w_group_rows: 90,
+        },
+    ];
+    for (img, fp8) in &weights {
+        let w = cuda.upload_weight(img).unwrap();
+        for call in &calls {
+            let x: Vec<f32> = (0..call.tokens * call.groups * k)
+                .map(|_| sample(&mut rng))
+                .collect();
+            let (mut hi, mut lo) = (Vec::new(), Vec::new());
+            split_bf16(&x, true, &mut hi, &mut lo);
+            let mut y = vec![f32::NAN; call.tokens * call.groups * call.n_out];
+            cuda.linear(&w, call, &hi, &lo, &mut y).unwrap();
+            for t in 0..call.tokens {
+                for g in 0..call.groups {
+                    for n in 0..call.n_out {
+                        let row = call.w_row0 + g * call.w_group_rows + n;
+                        let xs = &x[(t * call.groups + g) * k..][..k];
+                        let (mut want, mut mag) = (0f64, 0f64);
+                        for (c, &xv) in xs.iter().enumerate() {
+                            // The kernels see x as hi + lo: 16 of its bits.
+                            let term = xv as f64 * value(*fp8, row, c);
+                            want += term;
+                            mag += term.abs();
+                        }
+                        let got = y[(t * call.groups + g) * call.n_out + n] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-4 * mag,
+                            "fp8 {fp8} {call:?}: y[{t}, {g}, {n}] = {got}, want {want}"
+                        );
+                    }
+                }
+            }
+            let secs = cuda.time_linear(&w, call, true, 3).unwrap();
+            assert!(secs.is_finite() && secs >= 0.0, "{secs}");
+        }
+        cuda.free_weight(&w);
+    }
+    Outcome::Ran
+}
+
 type Test = (&'static str, fn() -> Outcome);
 
 /// The decode kernels in use follow `MLART_CUDA_WGMMA` (1 or 0; unset: the
@@ -1385,7 +1470,7 @@ fn cuda_wgmma_probe() -> Outcome {
 }
 
 fn main() {
-    let tests: [Test; 11] = [
+    let tests: [Test; 12] = [
         ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
@@ -1403,6 +1488,7 @@ fn main() {
             "cuda_model_projections_on_gpu",
             cuda_model_projections_on_gpu,
         ),
+        ("cuda_linear_matches_float64", cuda_linear_matches_float64),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()
