@@ -1186,8 +1186,8 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 }
 
 /// The projections on the GPU (`gpu_projections`, `mlart_linear` kernels):
-/// layers with low-rank and direct queries (V3-like and V2-Lite), bf16 and
-/// FP8 weights, both activation modes, over prefill chunks of 16+ tokens
+/// layers with low-rank and direct queries (V3-like and V2-Lite) and a V3.2
+/// layer, bf16 and FP8 weights, both activation modes, over prefill chunks of 16+ tokens
 /// (64-token passes), mixed lengths and decode steps, against the same
 /// layer with its projections on a CPU engine.
 fn cuda_model_projections_on_gpu() -> Outcome {
@@ -1203,6 +1203,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
         (Preset::Small, WeightDtype::Bf16),
         (Preset::Small, WeightDtype::Fp8),
         (Preset::V2Lite, WeightDtype::Bf16),
+        (Preset::SmallV32, WeightDtype::Fp8),
     ];
     for (preset, dtype) in shapes {
         let dir = std::env::temp_dir().join(format!(
@@ -1242,7 +1243,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
                 num_layers: 1,
                 block_size: 16,
                 num_blocks: 32,
-                index_dim: 0,
+                index_dim: c.indexer.map_or(0, |ix| ix.head_dim),
             };
             let pools = [
                 KvPool::new(cpu.clone(), popts).unwrap(),
@@ -1256,14 +1257,26 @@ fn cuda_model_projections_on_gpu() -> Outcome {
             let steps: [(&[usize], usize); 3] = [(&[70, 9], 79), (&[1, 1], 2), (&[3, 1], 4)];
             for (n_tokens, total) in steps {
                 let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
+                // V3.2: the indexer runs on the CPU from the projections'
+                // output; GPU rounding may flip a near-tie, not more.
+                let topk = c.indexer.map_or(0, |ix| ix.topk);
+                let mut sels = vec![vec![0i32; total * topk]; 2];
                 let outs: Vec<Vec<f64>> = models
                     .iter()
                     .zip(&pools)
-                    .map(|(m, p)| {
-                        let y = m.forward(p, 0, &[1, 2], n_tokens, &x).unwrap();
+                    .zip(sels.iter_mut())
+                    .map(|((m, p), sel)| {
+                        let io = (topk > 0).then_some(&mut sel[..]);
+                        let y = m.forward_with(p, 0, &[1, 2], n_tokens, &x, io).unwrap();
                         y.iter().map(|&v| v as f64).collect()
                     })
                     .collect();
+                let same = sels[0].iter().zip(&sels[1]).filter(|(a, b)| a == b).count();
+                assert!(
+                    10 * same >= 9 * sels[0].len(),
+                    "{preset:?}: the indexer chose {same} of {} positions alike",
+                    sels[0].len()
+                );
                 let e = rel_l2(&outs[1], &outs[0]);
                 assert!(
                     e <= 2e-2,

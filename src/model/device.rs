@@ -321,6 +321,7 @@ mod tests {
             (Preset::Tiny, WeightDtype::Bf16),
             (Preset::Tiny, WeightDtype::Fp8),
             (Preset::V2Lite, WeightDtype::Fp8),
+            (Preset::TinyV32, WeightDtype::Fp8),
         ];
         for (preset, dtype) in shapes {
             let dir = std::env::temp_dir().join(format!(
@@ -358,7 +359,7 @@ mod tests {
                     num_layers: 1,
                     block_size: 16,
                     num_blocks: 16,
-                    index_dim: 0,
+                    index_dim: c.indexer.map_or(0, |ix| ix.head_dim),
                 };
                 let pools = [
                     KvPool::new(engine.clone(), popts).unwrap(),
@@ -372,8 +373,35 @@ mod tests {
                 for (s, n_tokens) in steps.iter().enumerate() {
                     let total: usize = n_tokens.iter().sum();
                     let x = crate::model::gen::uniform(total * hid, 100 + s as u64);
-                    let want = cpu.forward(&pools[0], 0, &[1, 2], n_tokens, &x).unwrap();
-                    let got = gpu.forward(&pools[1], 0, &[1, 2], n_tokens, &x).unwrap();
+                    // V3.2: the indexer (on the CPU in both) must choose the
+                    // same positions from the GPU path's q_a output.
+                    let topk = c.indexer.map_or(0, |ix| ix.topk);
+                    let mut sel = [vec![0i32; total * topk], vec![0i32; total * topk]];
+                    let [sel_cpu, sel_gpu] = &mut sel;
+                    let want = cpu
+                        .forward_with(
+                            &pools[0],
+                            0,
+                            &[1, 2],
+                            n_tokens,
+                            &x,
+                            (topk > 0).then_some(&mut sel_cpu[..]),
+                        )
+                        .unwrap();
+                    let got = gpu
+                        .forward_with(
+                            &pools[1],
+                            0,
+                            &[1, 2],
+                            n_tokens,
+                            &x,
+                            (topk > 0).then_some(&mut sel_gpu[..]),
+                        )
+                        .unwrap();
+                    assert_eq!(
+                        sel[0], sel[1],
+                        "{preset:?} step {s}: the indexer's choices differ"
+                    );
                     let (mut d, mut n) = (0f64, 0f64);
                     for (a, b) in got.iter().zip(&want) {
                         d += ((a - b) as f64).powi(2);
