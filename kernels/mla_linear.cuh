@@ -208,7 +208,8 @@ __device__ __forceinline__ void linear_block(const MlaLinearParams& p) {
                     }
                 }
             }
-            if constexpr (FP8) {
+            // (A load wholly past the keys has no scale column to read.)
+            if constexpr (FP8) if (k0 + SPAN * l < ke) {
                 const int col = (k0 + SPAN * l) / p.scale_kdiv;
                 const float s0 = srow0 >= 0 ? __ldg(p.scales + srow0 + col) : 0.f;
                 const float s1 = srow1 >= 0 ? __ldg(p.scales + srow1 + col) : 0.f;

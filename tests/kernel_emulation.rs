@@ -4,46 +4,80 @@
 //! decode -> combine exactly as the CUDA backend does, on random paged
 //! caches of every format, dense and sparse, and the model's projection
 //! kernels (bf16 and FP8 weights, grouped, split over K), and checks each
-//! output against a float64 reference. A GPU is not needed; what this cannot check (the
+//! output against a float64 reference. One of the two runs is built with
+//! AddressSanitizer, so a kernel that reads or writes past a buffer fails. A GPU is not needed; what this cannot check (the
 //! hardware, and the PTX fragment layouts the emulator and the kernels both
 //! assume) is left to the GPU suite, `tests/cuda_decode.rs`.
 
 #![cfg(target_os = "linux")]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-#[test]
-fn cuda_kernels_match_the_reference_under_emulation() {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let kernels = root.join("kernels");
-    let exe = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mlart_kernel_emu");
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
-    let build = Command::new(&cxx)
+/// Builds the emulator driver with the host C++ compiler, plus `extra`
+/// flags; None when the compiler refuses those flags (no AddressSanitizer).
+fn build(cxx: &str, kernels: &Path, exe: &Path, extra: &[&str]) -> Option<()> {
+    let out = Command::new(cxx)
         .args([
             "-std=c++17",
             "-O1",
             "-Wall",
             "-Wno-unused-function",
             "-Wno-unknown-pragmas",
-            "-I",
         ])
-        .arg(&kernels)
+        .args(extra)
+        .arg("-I")
+        .arg(kernels)
         .arg(kernels.join("emu/emu_main.cpp"))
         .arg("-o")
-        .arg(&exe)
+        .arg(exe)
         .output()
         .unwrap_or_else(|e| panic!("running the C++ compiler {cxx:?}: {e}"));
-    assert!(
-        build.status.success(),
-        "building the kernel emulator failed:\n{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    if !out.status.success() {
+        assert!(
+            !extra.is_empty(),
+            "building the kernel emulator failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    Some(())
+}
+
+#[test]
+fn cuda_kernels_match_the_reference_under_emulation() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let kernels = root.join("kernels");
+    let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let plain = tmp.join("mlart_kernel_emu");
+    build(&cxx, &kernels, &plain, &[]).expect("the plain build");
+    // Under AddressSanitizer every kernel load and store outside the
+    // buffers a case allocated fails the run (found an FP8 scale read past
+    // the weight's scales).
+    let asan = tmp.join("mlart_kernel_emu_asan");
+    let asan = build(
+        &cxx,
+        &kernels,
+        &asan,
+        &["-fsanitize=address", "-fno-omit-frame-pointer"],
+    )
+    .map(|()| asan);
+    if asan.is_none() {
+        println!(
+            "note: {cxx} cannot build with -fsanitize=address; out-of-bounds accesses go unchecked"
+        );
+    }
     // Threads of a block run first to last between barriers, then last to
     // first: a missing barrier shows in one order or the other.
     for order in ["forward", "reverse"] {
-        let run = Command::new(&exe)
+        let exe = match (&asan, order) {
+            (Some(a), "forward") => a,
+            _ => &plain,
+        };
+        let run = Command::new(exe)
             .env("MLA_EMU_ORDER", order)
+            .env("ASAN_OPTIONS", "detect_leaks=0")
             .output()
             .expect("running the emulator");
         check_run(order, &run);
