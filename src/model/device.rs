@@ -8,6 +8,7 @@
 //! (or [`LoadOptions::gpu_projections`](super::LoadOptions)).
 
 use super::linear::{Activations, Linear, Stored};
+use super::scratch::Scratch;
 use super::{LayerWeights, QProj};
 use crate::backend::cuda::linear::{split_bf16, LinearCall, WeightImage};
 use crate::backend::cuda::projection::DeviceWeight;
@@ -67,6 +68,26 @@ pub enum DeviceQ {
     Direct(ProjWeight),
 }
 
+/// The absorbed steps' per-head shape.
+#[derive(Clone, Copy, Debug)]
+pub struct HeadDims {
+    pub heads: usize,
+    pub nope: usize,
+    pub v: usize,
+    pub lora: usize,
+}
+
+impl HeadDims {
+    pub fn of(c: &super::ModelConfig) -> Self {
+        HeadDims {
+            heads: c.num_heads,
+            nope: c.qk_nope_head_dim,
+            v: c.v_head_dim,
+            lora: c.kv_lora_rank,
+        }
+    }
+}
+
 /// One layer's projection weights in device memory.
 pub struct DeviceLayer {
     pub q: DeviceQ,
@@ -76,9 +97,104 @@ pub struct DeviceLayer {
     /// `kv_b_proj` as stored; W_UV is read in place.
     pub kv_b: ProjWeight,
     pub o_proj: ProjWeight,
+    pub dims: HeadDims,
 }
 
 impl DeviceLayer {
+    /// q_a of a low-rank query projection.
+    pub fn q_a(&self) -> Option<&ProjWeight> {
+        match &self.q {
+            DeviceQ::Lora { a, .. } => Some(a),
+            DeviceQ::Direct(_) => None,
+        }
+    }
+
+    /// q_b of a low-rank query projection.
+    pub fn q_b(&self) -> Option<&ProjWeight> {
+        match &self.q {
+            DeviceQ::Lora { b, .. } => Some(b),
+            DeviceQ::Direct(_) => None,
+        }
+    }
+
+    /// q_proj of a direct query projection.
+    pub fn q_direct(&self) -> Option<&ProjWeight> {
+        match &self.q {
+            DeviceQ::Direct(w) => Some(w),
+            DeviceQ::Lora { .. } => None,
+        }
+    }
+
+    /// [`Absorbed::latent_queries`](super::absorb::Absorbed::latent_queries)
+    /// on the GPU: `lat[t, h] = q_nope[t, h] · W_UK[h]`, `q` `[tokens, H,
+    /// q_stride]` with q_nope first in each head's row, written into the
+    /// first `kv_lora` values of each `out_stride` row of `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn latent_queries(
+        &self,
+        cuda: Option<&CudaBackend>,
+        q: &[f32],
+        q_stride: usize,
+        tokens: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        sc: &Scratch,
+    ) -> Result<()> {
+        let HeadDims {
+            heads, nope, lora, ..
+        } = self.dims;
+        let mut qn = sc.overwritten::<f32>(tokens * heads * nope);
+        for (dst, src) in qn.chunks_mut(nope).zip(q.chunks(q_stride)) {
+            dst.copy_from_slice(&src[..nope]);
+        }
+        let mut lat = sc.overwritten::<f32>(tokens * heads * lora);
+        let call = LinearCall {
+            tokens,
+            n_out: lora,
+            groups: heads,
+            w_row0: 0,
+            w_group_rows: lora,
+        };
+        project(cuda, &self.uk, &call, &qn, Activations::Precise, &mut lat)?;
+        for (dst, src) in out.chunks_mut(out_stride).zip(lat.chunks(lora)) {
+            dst[..lora].copy_from_slice(src);
+        }
+        Ok(())
+    }
+
+    /// [`Absorbed::values`](super::absorb::Absorbed::values) on the GPU:
+    /// `o[t, h] = W_UV[h] · lat[t, h]`, read in place from kv_b_proj's rows.
+    pub fn values(
+        &self,
+        cuda: Option<&CudaBackend>,
+        lat: &[f32],
+        tokens: usize,
+        o: &mut [f32],
+    ) -> Result<()> {
+        let HeadDims {
+            heads,
+            nope,
+            v,
+            lora,
+        } = self.dims;
+        let call = LinearCall {
+            tokens,
+            n_out: v,
+            groups: heads,
+            w_row0: nope,
+            w_group_rows: nope + v,
+        };
+        let n = tokens * heads;
+        project(
+            cuda,
+            &self.kv_b,
+            &call,
+            &lat[..n * lora],
+            Activations::Precise,
+            &mut o[..n * v],
+        )
+    }
+
     fn weights(&self) -> Vec<&ProjWeight> {
         let mut v = match &self.q {
             DeviceQ::Lora { a, b } => vec![a, b],
@@ -114,12 +230,8 @@ fn image(l: &Linear) -> Result<WeightImage> {
 
 /// One layer's weights as the kernels read them, in [`DeviceLayer`] order:
 /// q (one or two), kv_a, W_UK transposed, kv_b, o_proj.
-fn layer_images(
-    lw: &LayerWeights,
-    heads: usize,
-    nope: usize,
-    v: usize,
-) -> Result<Vec<WeightImage>> {
+fn layer_images(lw: &LayerWeights, d: HeadDims) -> Result<Vec<WeightImage>> {
+    let HeadDims { heads, nope, v, .. } = d;
     let mut imgs = match &lw.q {
         QProj::Lora { a, b, .. } => vec![image(a)?, image(b)?],
         QProj::Direct(w) => vec![image(w)?],
@@ -131,7 +243,7 @@ fn layer_images(
 }
 
 /// A [`DeviceLayer`] from its weights in [`layer_images`] order.
-fn assemble(ws: Vec<ProjWeight>) -> Result<DeviceLayer> {
+fn assemble(ws: Vec<ProjWeight>, dims: HeadDims) -> Result<DeviceLayer> {
     let lora = ws.len() == 6;
     let mut it = ws.into_iter();
     let mut next = || {
@@ -152,6 +264,7 @@ fn assemble(ws: Vec<ProjWeight>) -> Result<DeviceLayer> {
         uk: next()?,
         kv_b: next()?,
         o_proj: next()?,
+        dims,
     })
 }
 
@@ -161,14 +274,12 @@ fn assemble(ws: Vec<ProjWeight>) -> Result<DeviceLayer> {
 pub fn upload(
     cuda: &CudaBackend,
     layers: &[LayerWeights],
-    heads: usize,
-    nope: usize,
-    v: usize,
+    dims: HeadDims,
 ) -> Result<Vec<DeviceLayer>> {
     // Every image first: an unsupported shape is found before any upload.
     let images = layers
         .iter()
-        .map(|lw| layer_images(lw, heads, nope, v))
+        .map(|lw| layer_images(lw, dims))
         .collect::<Result<Vec<_>>>()?;
     let mut out: Vec<DeviceLayer> = Vec::with_capacity(layers.len());
     for imgs in &images {
@@ -184,7 +295,7 @@ pub fn upload(
             }
         }
         let r = match failed {
-            None => assemble(held),
+            None => assemble(held, dims),
             Some(e) => {
                 for w in &held {
                     w.free(cuda);
@@ -208,17 +319,12 @@ pub fn upload(
 /// Every layer's weights kept on the host with the kernels' arithmetic
 /// (see [`ProjWeight::Host`]).
 #[cfg(test)]
-pub fn host_layers(
-    layers: &[LayerWeights],
-    heads: usize,
-    nope: usize,
-    v: usize,
-) -> Result<Vec<DeviceLayer>> {
+pub fn host_layers(layers: &[LayerWeights], dims: HeadDims) -> Result<Vec<DeviceLayer>> {
     layers
         .iter()
         .map(|lw| {
-            let imgs = layer_images(lw, heads, nope, v)?;
-            assemble(imgs.into_iter().map(ProjWeight::Host).collect())
+            let imgs = layer_images(lw, dims)?;
+            assemble(imgs.into_iter().map(ProjWeight::Host).collect(), dims)
         })
         .collect()
 }
@@ -349,8 +455,7 @@ mod tests {
                 let cpu = load();
                 let mut gpu = load();
                 let c = &gpu.config;
-                let (h, nope, v) = (c.num_heads, c.qk_nope_head_dim, c.v_head_dim);
-                gpu.device = host_layers(&gpu.layers, h, nope, v).unwrap();
+                gpu.device = host_layers(&gpu.layers, HeadDims::of(c)).unwrap();
                 assert!(gpu.projections_on_gpu());
                 let hid = c.hidden_size;
                 let popts = PoolOptions {

@@ -8,8 +8,8 @@
 //! pool with their rows, and a token with more than `index_topk` earlier
 //! positions attends (sparse) to the ones the indexer picks.
 
-use super::device::{self, DeviceQ, ProjWeight};
-use super::linear::{rms_norm, Activations, Linear};
+use super::device::{self, DeviceLayer, ProjWeight};
+use super::linear::{rms_norm, Linear};
 use super::{Model, QProj};
 use crate::backend::cuda::linear::LinearCall;
 use crate::decode::desc::DecodeOutput;
@@ -57,6 +57,7 @@ impl Model {
         let lw = self.layer(layer)?;
         // The layer's projection weights on the GPU, if they are there.
         let dl = self.device.get((layer - self.first_layer as i64) as usize);
+        let cuda = self.engine.backend().cuda();
         let c = &self.config;
         let pl = layer - self.first_layer as i64;
         let po = pool.options();
@@ -139,26 +140,18 @@ impl Model {
             // same normed q_a output.
             let mut q = sc.overwritten::<f32>(total * h * qk);
             let mut ix = None;
-            match (&lw.q, dl.map(|d| &d.q)) {
-                (QProj::Lora { a, norm, b }, dq) => {
-                    let (da, db) = match dq {
-                        Some(DeviceQ::Lora { a, b }) => (Some(a), Some(b)),
-                        _ => (None, None),
-                    };
+            match &lw.q {
+                QProj::Lora { a, norm, b } => {
                     let mut qa = sc.overwritten::<f32>(total * a.out);
-                    self.project(a, da, x, total, &mut qa)?;
+                    self.project(a, dl.and_then(DeviceLayer::q_a), x, total, &mut qa)?;
                     rms_norm(&mut qa, norm, eps);
-                    self.project(b, db, &qa, total, &mut q)?;
+                    self.project(b, dl.and_then(DeviceLayer::q_b), &qa, total, &mut q)?;
                     if let Some(idx) = &lw.indexer {
                         ix = Some(idx.prepare(&x[..total * hid], &qa, &pos, &self.rope, sc));
                     }
                 }
-                (QProj::Direct(w), dq) => {
-                    let dw = match dq {
-                        Some(DeviceQ::Direct(w)) => Some(w),
-                        _ => None,
-                    };
-                    self.project(w, dw, x, total, &mut q)?;
+                QProj::Direct(w) => {
+                    self.project(w, dl.and_then(DeviceLayer::q_direct), x, total, &mut q)?
                 }
             }
             // Latent KV and its rope part.
@@ -173,25 +166,7 @@ impl Model {
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
             let mut qf = sc.overwritten::<f32>(total * h * d_qk);
             match dl {
-                Some(d) => {
-                    let mut qn = sc.overwritten::<f32>(total * h * nope);
-                    for (dst, src) in qn.chunks_mut(nope).zip(q.chunks(qk)) {
-                        dst.copy_from_slice(&src[..nope]);
-                    }
-                    let mut lat = sc.overwritten::<f32>(total * h * lora);
-                    let call = LinearCall {
-                        tokens: total,
-                        n_out: lora,
-                        groups: h,
-                        w_row0: 0,
-                        w_group_rows: lora,
-                    };
-                    let cuda = self.engine.backend().cuda();
-                    device::project(cuda, &d.uk, &call, &qn, Activations::Precise, &mut lat)?;
-                    for (dst, src) in qf.chunks_mut(d_qk).zip(lat.chunks(lora)) {
-                        dst[..lora].copy_from_slice(src);
-                    }
-                }
+                Some(d) => d.latent_queries(cuda, &q, qk, total, &mut qf, d_qk, sc)?,
                 None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk),
             }
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
@@ -339,23 +314,7 @@ impl Model {
                 // o = W_UV · o_lat per head, then o_proj.
                 let mut o = sc.overwritten::<f32>(total * h * v);
                 match dl {
-                    Some(d) => {
-                        let call = LinearCall {
-                            tokens: total,
-                            n_out: v,
-                            groups: h,
-                            w_row0: nope,
-                            w_group_rows: nope + v,
-                        };
-                        device::project(
-                            self.engine.backend().cuda(),
-                            &d.kv_b,
-                            &call,
-                            &o_lat,
-                            Activations::Precise,
-                            &mut o,
-                        )?;
-                    }
+                    Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
                     None => lw.absorbed.values(&o_lat, total, &mut o),
                 }
                 let mut y = vec![0f32; total * hid];

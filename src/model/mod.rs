@@ -331,7 +331,7 @@ impl Model {
                         .to_string(),
                 )
             }
-            Some(cuda) => match device::upload(cuda, &layers, h, nope, v) {
+            Some(cuda) => match device::upload(cuda, &layers, device::HeadDims::of(&c)) {
                 Ok(d) => {
                     let bytes: usize = d.iter().map(|l| l.bytes()).sum();
                     (
