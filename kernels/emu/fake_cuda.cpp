@@ -421,28 +421,32 @@ Res cuGraphExecDestroy(void* g) {
 }
 
 // ---- errors ----
+struct ErrorText {
+    Res code;
+    const char *name, *text;
+};
+const ErrorText* error_text(Res r) {
+    static const ErrorText table[] = {
+        {OK, "CUDA_SUCCESS", "no error"},
+        {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE", "invalid argument (emulated driver)"},
+        {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory (emulated driver)"},
+        {NOT_FOUND, "CUDA_ERROR_NOT_FOUND", "named symbol not found (emulated driver)"},
+        {CAPTURE_UNSUPPORTED, "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+         "operation not permitted when stream is capturing (emulated driver)"},
+        {CAPTURE_ISOLATION, "CUDA_ERROR_STREAM_CAPTURE_ISOLATION",
+         "dependency created on uncaptured work in another stream (emulated driver)"},
+    };
+    static const ErrorText unknown = {-1, "CUDA_ERROR_UNKNOWN", "unknown error (emulated driver)"};
+    for (const auto& e : table)
+        if (e.code == r) return &e;
+    return &unknown;
+}
 Res cuGetErrorString(Res r, const char** s) {
-    switch (r) {
-        case OK: *s = "no error"; break;
-        case INVALID_VALUE: *s = "invalid argument (emulated driver)"; break;
-        case OUT_OF_MEMORY: *s = "out of memory (emulated driver)"; break;
-        case NOT_FOUND: *s = "named symbol not found (emulated driver)"; break;
-        case CAPTURE_UNSUPPORTED: *s = "operation not permitted when stream is capturing (emulated driver)"; break;
-        case CAPTURE_ISOLATION: *s = "dependency created on uncaptured work in another stream (emulated driver)"; break;
-        default: *s = "unknown error (emulated driver)"; break;
-    }
+    *s = error_text(r)->text;
     return OK;
 }
 Res cuGetErrorName(Res r, const char** s) {
-    switch (r) {
-        case OK: *s = "CUDA_SUCCESS"; break;
-        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
-        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
-        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
-        case CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
-        case CAPTURE_ISOLATION: *s = "CUDA_ERROR_STREAM_CAPTURE_ISOLATION"; break;
-        default: *s = "CUDA_ERROR_UNKNOWN"; break;
-    }
+    *s = error_text(r)->name;
     return OK;
 }
 
