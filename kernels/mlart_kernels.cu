@@ -5,6 +5,7 @@
 #include "mla_decode.cuh"
 #include "mla_linear.cuh"
 #include "mla_append.cuh"
+#include "mla_rows.cuh"
 #include "mla_plan.cuh"
 #include "mla_probe.cuh"
 

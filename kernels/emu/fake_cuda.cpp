@@ -88,7 +88,7 @@ std::vector<Kernel>& kernels() {
         K3(mla_decode_fp8v32_d576), K3(mla_decode_fp8model1_d512),
         K(mla_plan), K(mla_combine), K(mla_append), K(mla_wgmma_probe),
         K(mla_linear_bf16_m1), K(mla_linear_bf16_m4), K(mla_linear_fp8_m1), K(mla_linear_fp8_m4),
-        K(mla_linear_reduce),
+        K(mla_linear_reduce), K(mla_rows),
     };
     return v;
 }

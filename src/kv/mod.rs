@@ -17,6 +17,7 @@
 //! (create, free, fork, truncate, append) are serialized; decodes and
 //! queries share the lock and run concurrently with each other.
 
+use crate::backend::cuda::staging::{DataRef, OutRef};
 use crate::backend::Buffer;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
@@ -86,6 +87,13 @@ impl Sequence {
     fn max_len(&self) -> usize {
         self.lens.iter().copied().max().unwrap_or(0)
     }
+}
+
+/// The rows of an append: per item in host memory, or all items' rows one
+/// after another in the engine's GPU memory.
+enum RowData<'a> {
+    Host(Vec<&'a [u8]>),
+    Device(u64),
 }
 
 /// One layer's `[num_blocks, block]` cache.
@@ -354,6 +362,34 @@ impl KvPool {
         dtype: Dtype,
         index: Option<&[&[u8]]>,
     ) -> Result<()> {
+        let counts: Vec<(u64, usize)> = items.iter().map(|&(s, n, _)| (s, n)).collect();
+        let rows = RowData::Host(items.iter().map(|&(_, _, r)| r).collect());
+        self.append_rows(layer, &counts, rows, dtype, index)
+    }
+
+    /// [`Self::append_batch`] from rows in the engine's GPU memory: `rows`
+    /// holds `[sum of n, d_qk]` of `dtype`, the items' rows one after
+    /// another. The rows are converted on the engine's stream and not
+    /// waited for: later work there sees them. A device pool without
+    /// indexer keys only.
+    pub fn append_batch_device(
+        &self,
+        layer: i64,
+        items: &[(u64, usize)],
+        rows: u64,
+        dtype: Dtype,
+    ) -> Result<()> {
+        self.append_rows(layer, items, RowData::Device(rows), dtype, None)
+    }
+
+    fn append_rows(
+        &self,
+        layer: i64,
+        items: &[(u64, usize)],
+        rows: RowData<'_>,
+        dtype: Dtype,
+        index: Option<&[&[u8]]>,
+    ) -> Result<()> {
         let layer = self.layer_index(layer)?;
         let irow = index_row_bytes(self.opts.index_dim);
         match index {
@@ -373,7 +409,7 @@ impl KvPool {
                     || ix
                         .iter()
                         .zip(items)
-                        .any(|(r, &(_, n, _))| r.len() < n * irow) =>
+                        .any(|(r, &(_, n))| r.len() < n * irow) =>
             {
                 return Err(Error::internal("indexer key rows do not match the items"));
             }
@@ -389,11 +425,12 @@ impl KvPool {
         let mut released: HashMap<i32, u32> = HashMap::new();
         let mut plans = Vec::with_capacity(items.len());
         let mut needed = 0;
-        for (i, &(seq, n, src)) in items.iter().enumerate() {
-            if src.len() < checked_size("rows", &[n, src_row])? {
+        for (i, &(seq, n)) in items.iter().enumerate() {
+            let need_bytes = checked_size("rows", &[n, src_row])?;
+            if matches!(&rows, RowData::Host(r) if r.get(i).is_none_or(|r| r.len() < need_bytes)) {
                 return Err(Error::internal("rows buffer is smaller than [n, d_qk]"));
             }
-            if items[..i].iter().any(|&(other, _, _)| other == seq) {
+            if items[..i].iter().any(|&(other, _)| other == seq) {
                 return Err(Error::invalid(format!(
                     "seq_id = {seq} appears twice in one append"
                 )));
@@ -426,7 +463,7 @@ impl KvPool {
         if needed > st.free.len() {
             let what: Vec<String> = items
                 .iter()
-                .map(|&(seq, n, _)| format!("{n} tokens to seq_id {seq}"))
+                .map(|&(seq, n)| format!("{n} tokens to seq_id {seq}"))
                 .collect();
             return Err(Error::new(
                 Status::PoolExhausted,
@@ -442,7 +479,7 @@ impl KvPool {
         // so the data can be written before any state changes.
         let mut take = st.free.iter().rev().copied();
         let mut applies = Vec::with_capacity(items.len());
-        for (&(seq, _, _), (start, end, fresh, shared)) in items.iter().zip(plans) {
+        for (&(seq, _), (start, end, fresh, shared)) in items.iter().zip(plans) {
             let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
             let mut blocks = s.blocks.clone();
             let mut copies = Vec::with_capacity(shared.len());
@@ -470,13 +507,13 @@ impl KvPool {
             });
         }
         // Data: copy-on-write copies (every layer), then the rows.
-        self.write_data(st, layer, items, &applies, dtype)?;
+        self.write_data(st, layer, items, &rows, &applies, dtype)?;
         if let Some(ix) = index {
             self.write_index(st, layer, items, &applies, ix);
         }
         // Commit; nothing can fail from here on.
         st.free.truncate(st.free.len() - needed);
-        for (&(seq, _, _), a) in items.iter().zip(applies) {
+        for (&(seq, _), a) in items.iter().zip(applies) {
             for &(old, new) in &a.copies {
                 st.refcount[old as usize] -= 1;
                 st.refcount[new as usize] = 1;
@@ -492,13 +529,14 @@ impl KvPool {
     }
 
     /// Writes an append's data (see `append_batch`): on the host in place,
-    /// on a GPU through the engine's stream, waiting for it at the end so a
-    /// failure is seen before the append commits.
+    /// on a GPU through the engine's stream, waiting for it at the end (host
+    /// rows) so a failure is seen before the append commits.
     fn write_data(
         &self,
         st: &mut State,
         layer: usize,
-        items: &[(u64, usize, &[u8])],
+        items: &[(u64, usize)],
+        rows: &RowData<'_>,
         applies: &[PlannedAppend],
         dtype: Dtype,
     ) -> Result<()> {
@@ -535,8 +573,11 @@ impl KvPool {
                 let LayerMem::Host(buf) = &mut st.layers[layer] else {
                     return Err(Error::internal("host pool with a device layer"));
                 };
+                let RowData::Host(srcs) = rows else {
+                    return Err(Error::internal("device rows for a host pool"));
+                };
                 let data = buf.as_mut_slice();
-                for (&(_, n, src), a) in items.iter().zip(applies) {
+                for ((&(_, n), src), a) in items.iter().zip(srcs).zip(applies) {
                     for k in 0..n {
                         let t = a.start + k;
                         let block = a.blocks[t / bs] as usize;
@@ -565,20 +606,33 @@ impl KvPool {
                         }
                     }
                 }
-                // Rows: one staged copy and the append kernel, which
-                // converts/quantizes exactly as the host does.
-                let mut rows = Vec::new();
+                // Rows: one staged copy (unless they are on the device) and
+                // the append kernel, which converts/quantizes exactly as the
+                // host does.
                 let mut slots = Vec::new();
-                for (&(_, n, src), a) in items.iter().zip(applies) {
-                    rows.extend_from_slice(&src[..n * src_row]);
+                for (&(_, n), a) in items.iter().zip(applies) {
                     for k in 0..n {
                         let t = a.start + k;
                         slots.push((a.blocks[t / bs] as usize * bs + t % bs) as i32);
                     }
                 }
-                cuda.append_rows(ptrs[layer], &self.layout, dtype, &rows, &slots)?;
-                // The copy-on-write copies too, before the append commits.
-                cuda.sync()
+                let kv = ptrs[layer];
+                match rows {
+                    RowData::Host(srcs) => {
+                        let mut host = Vec::new();
+                        for (&(_, n), src) in items.iter().zip(srcs) {
+                            host.extend_from_slice(&src[..n * src_row]);
+                        }
+                        let data = DataRef::Host(&host);
+                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, true)?;
+                        // The copy-on-write copies too, before the append commits.
+                        cuda.sync()
+                    }
+                    RowData::Device(p) => {
+                        let data = DataRef::Device(*p);
+                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, false)
+                    }
+                }
             }
         }
     }
@@ -589,7 +643,7 @@ impl KvPool {
         &self,
         st: &mut State,
         layer: usize,
-        items: &[(u64, usize, &[u8])],
+        items: &[(u64, usize)],
         applies: &[PlannedAppend],
         index: &[&[u8]],
     ) {
@@ -607,7 +661,7 @@ impl KvPool {
             }
         }
         let data = st.index[layer].as_mut_slice();
-        for ((&(_, n, _), a), rows) in items.iter().zip(applies).zip(index) {
+        for ((&(_, n), a), rows) in items.iter().zip(applies).zip(index) {
             for k in 0..n {
                 let t = a.start + k;
                 let at = (a.blocks[t / bs] as usize * bs + t % bs) * irow;
@@ -655,6 +709,62 @@ impl KvPool {
         sparse: Option<PoolSparse<'_>>,
         attn_sink: Option<&[f32]>,
         out: &mut DecodeOutput<'_>,
+    ) -> Result<()> {
+        let q = DataRef::Host(q);
+        self.decode_with(
+            layer,
+            seqs,
+            shape,
+            q_dtype,
+            q,
+            sparse,
+            attn_sink,
+            OutRef::Host(out),
+        )
+    }
+
+    /// [`Self::decode`] of a device pool with the queries `[batch, s_q,
+    /// h_q, d_qk]` and the output `[batch, s_q, h_q, d_v]` in the engine's
+    /// GPU memory: enqueued on the engine's stream, not waited for.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_on_device(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: u64,
+        sparse: Option<PoolSparse<'_>>,
+        out: u64,
+        out_dtype: Dtype,
+    ) -> Result<()> {
+        let out = OutRef::Device {
+            ptr: out,
+            dtype: out_dtype,
+        };
+        self.decode_with(
+            layer,
+            seqs,
+            shape,
+            q_dtype,
+            DataRef::Device(q),
+            sparse,
+            None,
+            out,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_with(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: DataRef<'_>,
+        sparse: Option<PoolSparse<'_>>,
+        attn_sink: Option<&[f32]>,
+        out: OutRef<'_, '_>,
     ) -> Result<()> {
         let layer = self.layer_index(layer)?;
         if shape.d_qk != self.opts.d_qk {
@@ -742,6 +852,9 @@ impl KvPool {
         let topk = sparse.as_ref().map_or(0, |sp| sp.topk);
         match &st.layers[layer] {
             LayerMem::Host(buf) => {
+                let (DataRef::Host(q), OutRef::Host(out)) = (q, out) else {
+                    return Err(Error::internal("device queries for a host pool"));
+                };
                 let kv = KvCache::new(self.layout, buf.as_slice(), self.opts.num_blocks)?;
                 let d = match &keys {
                     Keys::Dense(table, stride, lens) => {
@@ -760,13 +873,13 @@ impl KvPool {
                 self.finish(d, attn_sink, out)
             }
             LayerMem::Device(ptr) => {
-                use crate::backend::cuda::staging::{CacheRef, HostDecode, HostIndexed, HostKeys};
+                use crate::backend::cuda::staging::{HostDecode, HostIndexed, HostKeys};
                 let cuda = self
                     .engine
                     .backend()
                     .cuda()
                     .ok_or_else(|| Error::internal("device pool on a CPU engine"))?;
-                let kv = CacheRef::Device(*ptr);
+                let kv = DataRef::Device(*ptr);
                 let keys = match &keys {
                     Keys::Dense(table, stride, lens) => HostKeys::Dense {
                         layout: self.layout,
@@ -796,7 +909,7 @@ impl KvPool {
                         return Err(Error::invalid(format!("attn_sink[{h}] = NaN")));
                     }
                 }
-                cuda.decode_host(
+                cuda.decode_staged(
                     &HostDecode {
                         shape,
                         q_dtype,

@@ -128,6 +128,11 @@ impl Model {
             .map(|(b, k)| start[b] + k)
             .collect();
 
+        if let Some((cuda, d)) = self.resident_on(dl, pool) {
+            return self.forward_resident(
+                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x,
+            );
+        }
         let (h, lora) = (c.num_heads, c.kv_lora_rank);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
         let d_qk = c.d_qk();

@@ -14,6 +14,7 @@ pub mod gen;
 pub mod indexer;
 pub mod level;
 pub mod linear;
+pub mod resident;
 pub mod rope;
 pub mod scratch;
 pub mod vecops;
@@ -109,6 +110,8 @@ pub struct Model {
     pub(crate) device: Vec<device::DeviceLayer>,
     /// Where the projections run, and why.
     pub projections: String,
+    /// Device memory of the layer forwards kept on the GPU (`resident`).
+    pub(crate) arena: parking_lot::Mutex<crate::backend::cuda::resident::Arena>,
 }
 
 impl Drop for Model {
@@ -117,6 +120,7 @@ impl Drop for Model {
             for l in &self.device {
                 l.free(cuda);
             }
+            cuda.free_arena(self.arena.get_mut());
         }
     }
 }
@@ -356,6 +360,7 @@ impl Model {
             activations: opts.activations,
             level: ld.level,
             scratch: scratch::Scratch::default(),
+            arena: Default::default(),
             layers,
             weight_dtype,
         })

@@ -66,6 +66,17 @@ impl Rope {
         }
     }
 
+    /// The (cos, sin) pairs [`Self::apply`] rotates by at `pos`, scaled,
+    /// as f32 into `out` (`qk_rope_head_dim` values): the table the GPU's
+    /// RoPE (`kernels/mla_rows.cuh`) reads.
+    pub fn cos_sin(&self, pos: usize, out: &mut [f32]) {
+        for (k, pair) in out.chunks_exact_mut(2).enumerate() {
+            let (s, c) = (pos as f64 * self.freqs[k]).sin_cos();
+            pair[0] = (c * self.scale) as f32;
+            pair[1] = (s * self.scale) as f32;
+        }
+    }
+
     /// Rotates the first `qk_rope_head_dim` elements of `x` at `pos` in the
     /// half-split (NeoX) pairing `(x[k], x[k + rope/2])`, as DeepSeek-V3.2's
     /// indexer does; same frequencies and scale as [`Self::apply`].

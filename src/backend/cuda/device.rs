@@ -10,7 +10,7 @@ use super::launch::{self, Geometry, Variant, DECODE_KERNELS};
 use super::linear;
 use super::lowering::{self, as_bytes, base_params, bind_workspace, check_alignment, code, int};
 use super::params::{describe_error_flags, AppendParams, MlaParams};
-use super::staging::{host_indexed, CacheRef, HostDecode, HostKeys};
+use super::staging::{host_indexed, DataRef, HostDecode, HostKeys};
 use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, Keys};
@@ -74,6 +74,8 @@ pub struct CudaBackend {
     /// The projection kernels, by name (`linear::LINEAR_KERNELS`).
     linear: Vec<(&'static str, sys::CUfunction)>,
     pub(super) linear_reduce: sys::CUfunction,
+    /// `mla_rows`: the elementwise steps of a device-resident layer.
+    pub(super) rows: sys::CUfunction,
     pub(super) state: Mutex<State>,
     /// One host-memory call at a time owns the staging area.
     pub(super) host_calls: Mutex<()>,
@@ -178,6 +180,7 @@ impl CudaBackend {
             linear.push((*name, function(module, name)?));
         }
         let linear_reduce = function(module, linear::REDUCE_KERNEL)?;
+        let rows = function(module, launch::ROWS_KERNEL)?;
         let wgmma_runs = launch::runs_wgmma(props.major, props.minor);
         let wgmma = wgmma_runs && wgmma_requested();
         let mut decoders = Vec::new();
@@ -260,6 +263,7 @@ impl CudaBackend {
             decoders,
             linear,
             linear_reduce,
+            rows,
             state: Mutex::new(State {
                 stream,
                 done,
@@ -444,6 +448,12 @@ impl CudaBackend {
     /// Enqueues one decode over device memory; waits and checks the error
     /// word when `a.stream` is 0.
     pub fn decode_device(&self, a: &DeviceDecode) -> Result<()> {
+        self.decode_on(a, a.stream == 0)
+    }
+
+    /// [`Self::decode_device`] on the engine's stream (`a.stream` 0) or
+    /// the caller's; `wait`: synchronize and check the error word.
+    pub(super) fn decode_on(&self, a: &DeviceDecode, wait: bool) -> Result<()> {
         check_alignment(a)?;
         let (f, geo) = self.select(a)?;
         let ws = geo.workspace();
@@ -473,7 +483,7 @@ impl CudaBackend {
         let base = self.ensure(&mut st, Which::Workspace, ws.bytes)?;
         bind_workspace(&mut p, base, &ws);
         self.enqueue(&st, stream, &p, &geo, f, !capturing)?;
-        if a.stream == 0 {
+        if wait {
             // SAFETY: our stream.
             unsafe { result::stream::synchronize(stream) }
                 .map_err(dev_err("decode (cuStreamSynchronize)"))?;
@@ -491,31 +501,41 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Writes host `rows` (`[slots.len(), layout.d_qk]` of `src_dtype`) into
-    /// the cache at `kv` (device memory, `layout`), row i at flat position
-    /// `slots[i]` (negative: skipped), converting or quantizing on the GPU
-    /// exactly as the host would; waits for it.
+    /// Writes `rows` (`[slots.len(), layout.d_qk]` of `src_dtype`, host or
+    /// engine device memory) into the cache at `kv` (device memory,
+    /// `layout`), row i at flat position `slots[i]` (negative: skipped),
+    /// converting or quantizing on the GPU exactly as the host would. Waits
+    /// for it with `wait`; else later work on the engine's stream follows it.
     pub fn append_rows(
         &self,
         kv: u64,
         layout: &crate::format::KvLayout,
         src_dtype: Dtype,
-        rows: &[u8],
+        rows: DataRef<'_>,
         slots: &[i32],
+        wait: bool,
     ) -> Result<()> {
         if slots.is_empty() {
             return Ok(());
         }
         let n = slots.len();
-        if rows.len() < n * layout.d_qk * src_dtype.size() {
+        let row_bytes = n * layout.d_qk * src_dtype.size();
+        if matches!(rows, DataRef::Host(r) if r.len() < row_bytes) {
             return Err(Error::internal("append rows smaller than [n, d_qk]"));
         }
         let _host_call = self.host_calls.lock();
         self.make_current()?;
         let mut st = self.state.lock();
-        let slots_at = rows.len().div_ceil(256) * 256;
+        let slots_at = match rows {
+            DataRef::Host(r) => r.len().div_ceil(256) * 256,
+            DataRef::Device(_) => 0,
+        };
         let bytes = slots_at + 4 * n;
         let base = self.ensure(&mut st, Which::Staging, bytes)?;
+        let src = match rows {
+            DataRef::Host(_) => base,
+            DataRef::Device(p) => p,
+        };
         let p = AppendParams {
             n_rows: int("rows", n)?,
             d_qk: int("d_qk", layout.d_qk)?,
@@ -524,16 +544,19 @@ impl CudaBackend {
             block_size: int("block_size", layout.block_size)?,
             pad0: 0,
             block_bytes: layout.block_bytes as i64,
-            src: base,
+            src,
             slots: base + slots_at as u64,
             kv,
         };
         // SAFETY: the staging area holds `bytes`; copies and the kernel are
         // ordered on our stream; `p` is copied at launch; the cache layout
-        // is the caller's (a pool's own layer).
+        // is the caller's (a pool's own layer), device rows the caller's
+        // engine memory of `row_bytes`.
         unsafe {
-            result::memcpy_htod_async(base, rows, st.stream)
-                .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+            if let DataRef::Host(r) = rows {
+                result::memcpy_htod_async(base, r, st.stream)
+                    .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+            }
             result::memcpy_htod_async(p.slots, as_bytes(slots), st.stream)
                 .map_err(dev_err("cuMemcpyHtoDAsync"))?;
             let mut args = [&p as *const AppendParams as *mut c_void];
@@ -546,7 +569,9 @@ impl CudaBackend {
                 &mut args,
             )
             .map_err(dev_err("launch mla_append"))?;
-            result::stream::synchronize(st.stream).map_err(dev_err("mla_append"))?;
+            if wait {
+                result::stream::synchronize(st.stream).map_err(dev_err("mla_append"))?;
+            }
         }
         drop(st);
         Ok(())
@@ -876,7 +901,7 @@ impl Backend for CudaBackend {
         let keys = match &d.keys {
             Keys::Dense(k) => HostKeys::Dense {
                 layout: k.kv.layout,
-                kv: CacheRef::Host(k.kv.data),
+                kv: DataRef::Host(k.kv.data),
                 num_blocks: k.kv.num_blocks,
                 table: k.block_table,
                 stride: k.block_table_stride,
@@ -891,7 +916,7 @@ impl Backend for CudaBackend {
             &HostDecode {
                 shape: d.shape,
                 q_dtype: d.q_dtype,
-                q: d.q,
+                q: DataRef::Host(d.q),
                 keys,
                 sink: d.attn_sink,
             },

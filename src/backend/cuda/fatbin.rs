@@ -536,7 +536,11 @@ ptxas info    : Compile time = 1.2 ms
             return skip("every_decode_entry_is_built_for_every_target");
         };
         use crate::backend::cuda::linear::{LINEAR_KERNELS, REDUCE_KERNEL};
-        let mut names = vec![WGMMA_PROBE_KERNEL.to_string(), REDUCE_KERNEL.to_string()];
+        let mut names = vec![
+            WGMMA_PROBE_KERNEL.to_string(),
+            REDUCE_KERNEL.to_string(),
+            crate::backend::cuda::launch::ROWS_KERNEL.to_string(),
+        ];
         names.extend(LINEAR_KERNELS.iter().flatten().map(|n| n.to_string()));
         for (_, _, base) in DECODE_KERNELS {
             names.extend(VARIANTS.iter().map(|&v| decode_kernel_name(base, v)));

@@ -72,6 +72,10 @@ pub const COMBINE_ROWS: usize = 4;
 
 pub const PLAN_KERNEL: &str = "mla_plan";
 pub const APPEND_KERNEL: &str = "mla_append";
+/// The elementwise row steps of a device-resident layer (`mla_rows.cuh`).
+pub const ROWS_KERNEL: &str = "mla_rows";
+/// Threads of a `mla_rows` block (one block per row).
+pub const ROWS_THREADS: u32 = 256;
 /// Threads of an append block (one block per row).
 pub const APPEND_THREADS: u32 = 128;
 pub const COMBINE_KERNEL: &str = "mla_combine";
@@ -417,6 +421,9 @@ mod tests {
         let append = include_str!("../../../kernels/mla_append.cuh");
         assert!(append.contains(&format!("#define MLA_APPEND_THREADS {APPEND_THREADS}")));
         assert!(append.contains(APPEND_KERNEL));
+        let rows = include_str!("../../../kernels/mla_rows.cuh");
+        assert!(rows.contains(&format!("#define MLA_ROWS_THREADS {ROWS_THREADS}")));
+        assert!(rows.contains(&format!("{ROWS_KERNEL}(")));
         let combine = include_str!("../../../kernels/mla_combine.cuh");
         assert!(combine.contains(&format!("#define MLA_COMBINE_ROWS {COMBINE_ROWS}")));
         let params = include_str!("../../../kernels/mla_params.cuh");

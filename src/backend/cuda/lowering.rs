@@ -9,11 +9,11 @@ use crate::error::{Error, Result};
 
 /// The kernels number dtypes and cache formats like the C ABI (`MLA_DT_*`,
 /// `MLA_KV_*`; checked by `codes_match_the_kernel_headers`).
-pub(super) fn code(raw: u32) -> i32 {
+pub(crate) fn code(raw: u32) -> i32 {
     raw as i32
 }
 
-pub(super) fn int(name: &str, v: usize) -> Result<i32> {
+pub(crate) fn int(name: &str, v: usize) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(format!("{name} = {v} does not fit in int32")))
 }
 

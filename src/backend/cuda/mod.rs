@@ -2,7 +2,7 @@
 //! the driver loaded at run time, running the kernels of `kernels/` from one
 //! fatbin embedded at build time.
 //!
-//! Everything but `device`, `staging` and `projection` (which need a GPU to
+//! Everything but `device`, `staging`, `projection` and `resident` (which need a GPU to
 //! do anything) is pure and tested on every machine: the launch geometry,
 //! the parameter blocks the kernels read and their lowering, the fatbin's
 //! contents, the host twin of the device plan, and the projections'
@@ -17,6 +17,7 @@ pub mod linear;
 pub mod lowering;
 pub mod params;
 pub mod projection;
+pub mod resident;
 pub mod staging;
 
 pub use device::{CudaBackend, WGMMA_BY_DEFAULT};

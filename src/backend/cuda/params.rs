@@ -111,6 +111,34 @@ const _: () = assert!(std::mem::size_of::<LinearParams>() == LINEAR_PARAMS_SIZE)
 const _: () = assert!(std::mem::offset_of!(LinearParams, w_group_rows) == 40);
 const _: () = assert!(std::mem::offset_of!(LinearParams, partial) == 96);
 
+/// The argument of `mla_rows`, field for field `MlaRowsParams` in
+/// `kernels/mla_rows.cuh`: one elementwise step of a device-resident layer
+/// (RMSNorm, RoPE, conversion, the bf16 split) over rows of f32.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowsParams {
+    pub rows: i32,
+    pub cols: i32,
+    pub src_stride: i32,
+    pub dst_stride: i32,
+    pub dst_dtype: i32,
+    pub rows_per_token: i32,
+    pub rope: i32,
+    pub eps: f32,
+    pub src: u64,
+    pub norm: u64,
+    pub cos_sin: u64,
+    pub dst: u64,
+    pub hi: u64,
+    pub lo: u64,
+}
+
+/// `MLA_ROWS_PARAMS_SIZE` in the header.
+pub const ROWS_PARAMS_SIZE: usize = 80;
+const _: () = assert!(std::mem::size_of::<RowsParams>() == ROWS_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(RowsParams, src) == 32);
+const _: () = assert!(std::mem::offset_of!(RowsParams, lo) == 72);
+
 /// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
 pub const ERR_SEQLEN: u32 = 1;
 pub const ERR_BLOCK_ID: u32 = 2;
@@ -285,6 +313,29 @@ mod tests {
         assert!(LINEAR.contains(&format!(
             "#define MLA_LINEAR_PARAMS_SIZE {LINEAR_PARAMS_SIZE}"
         )));
+    }
+
+    #[test]
+    fn rows_struct_matches_the_cuda_header() {
+        const ROWS: &str = include_str!("../../../kernels/mla_rows.cuh");
+        let rust = [
+            "rows",
+            "cols",
+            "src_stride",
+            "dst_stride",
+            "dst_dtype",
+            "rows_per_token",
+            "rope",
+            "eps",
+            "src",
+            "norm",
+            "cos_sin",
+            "dst",
+            "hi",
+            "lo",
+        ];
+        assert_eq!(header_fields(ROWS, "MlaRowsParams"), rust);
+        assert!(ROWS.contains(&format!("#define MLA_ROWS_PARAMS_SIZE {ROWS_PARAMS_SIZE}")));
     }
 
     #[test]

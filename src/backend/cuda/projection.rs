@@ -41,7 +41,7 @@ fn layout(sizes: &[usize]) -> (Vec<usize>, usize) {
 
 /// One product's launch and its buffers: x_hi, x_lo, y and the partial
 /// sums, one after another from a base address.
-struct Launch {
+pub(super) struct Launch {
     plan: linear::LinearPlan,
     kernel: sys::CUfunction,
     at: Vec<usize>,
@@ -76,12 +76,35 @@ impl CudaBackend {
         }
     }
 
+    /// The launch of a product over device buffers the caller laid out.
+    pub(super) fn bound_linear(
+        &self,
+        w: &DeviceWeight,
+        call: &LinearCall,
+        x_hi: u64,
+        x_lo: u64,
+        y: u64,
+        partial: u64,
+    ) -> Result<(Launch, LinearParams)> {
+        let l = self.prepare(w, call, 0)?;
+        let p = LinearParams {
+            x_hi,
+            x_lo,
+            y,
+            partial,
+            w: w.ptr,
+            scales: w.scales,
+            ..l.plan.params
+        };
+        Ok((l, p))
+    }
+
     /// Enqueues the product (and the sum of its partials).
     ///
     /// # Safety
     /// `stream` is live and `p`'s buffers are device memory as large as
     /// `l`'s plan reads and writes.
-    unsafe fn enqueue_linear(
+    pub(super) unsafe fn enqueue_linear(
         &self,
         l: &Launch,
         p: &LinearParams,

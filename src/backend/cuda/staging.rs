@@ -12,10 +12,10 @@ use crate::error::Result;
 use crate::format::Dtype;
 use cudarc::driver::result;
 
-/// A cache a host-memory call reads: caller bytes (staged per call) or
-/// engine device memory (a device-resident pool layer).
+/// Data a call reads: host bytes (staged per call) or engine device memory
+/// (a device-resident pool layer; a device-resident layer's activations).
 #[derive(Clone, Copy, Debug)]
-pub enum CacheRef<'a> {
+pub enum DataRef<'a> {
     Host(&'a [u8]),
     Device(u64),
 }
@@ -24,7 +24,7 @@ pub enum CacheRef<'a> {
 #[derive(Clone, Copy, Debug)]
 pub struct HostIndexed<'a> {
     pub layout: crate::format::KvLayout,
-    pub kv: CacheRef<'a>,
+    pub kv: DataRef<'a>,
     pub num_blocks: usize,
     pub indices: &'a [i32],
     pub topk: usize,
@@ -36,7 +36,7 @@ pub struct HostIndexed<'a> {
 pub enum HostKeys<'a> {
     Dense {
         layout: crate::format::KvLayout,
-        kv: CacheRef<'a>,
+        kv: DataRef<'a>,
         num_blocks: usize,
         table: &'a [i32],
         stride: usize,
@@ -53,9 +53,18 @@ pub enum HostKeys<'a> {
 pub struct HostDecode<'a> {
     pub shape: crate::decode::DecodeShape,
     pub q_dtype: Dtype,
-    pub q: &'a [u8],
+    pub q: DataRef<'a>,
     pub keys: HostKeys<'a>,
     pub sink: Option<&'a [f32]>,
+}
+
+/// Where a staged decode's output goes.
+pub enum OutRef<'a, 'b> {
+    /// Copied back into host memory; the call waits.
+    Host(&'a mut DecodeOutput<'b>),
+    /// Written at a device address (`[batch, s_q, h_q, d_v]` of `dtype`)
+    /// on the engine's stream; the call only enqueues.
+    Device { ptr: u64, dtype: Dtype },
 }
 
 /// Host slices packed into one staging area, each piece 256-byte aligned.
@@ -98,10 +107,10 @@ impl At {
     }
 }
 
-fn stage_cache<'a>(sg: &mut Staging<'a>, c: CacheRef<'a>) -> At {
+fn stage_cache<'a>(sg: &mut Staging<'a>, c: DataRef<'a>) -> At {
     match c {
-        CacheRef::Host(d) => At::Staged(sg.put(d)),
-        CacheRef::Device(p) => At::Device(p),
+        DataRef::Host(d) => At::Staged(sg.put(d)),
+        DataRef::Device(p) => At::Device(p),
     }
 }
 
@@ -130,6 +139,13 @@ impl CudaBackend {
     /// caches are in host memory: stages them into engine memory, decodes,
     /// copies the results back.
     pub fn decode_host(&self, d: &HostDecode<'_>, out: &mut DecodeOutput<'_>) -> Result<()> {
+        self.decode_staged(d, OutRef::Host(out))
+    }
+
+    /// A decode whose small inputs (tables, indices, sink) are host memory
+    /// and whose queries, caches and output may be either: stages what is
+    /// on the host, then decodes. Waits unless the output is device memory.
+    pub fn decode_staged(&self, d: &HostDecode<'_>, mut out: OutRef<'_, '_>) -> Result<()> {
         // One host-memory call at a time owns the staging area, from the
         // copies in to the copies back.
         let _host_call = self.host_calls.lock();
@@ -137,7 +153,7 @@ impl CudaBackend {
             pieces: Vec::new(),
             bytes: 0,
         };
-        let q = sg.put(d.q);
+        let q = stage_cache(&mut sg, d.q);
         let sink = d.sink.map(|s| sg.put(as_bytes(s)));
         enum Staged {
             Dense(At, usize, usize, usize),
@@ -163,11 +179,16 @@ impl CudaBackend {
                 (main.layout, main.num_blocks, Staged::Sparse(m, x))
             }
         };
-        let out_off = sg.reserve(out.out.len());
-        let lse_off = out
-            .lse
-            .as_ref()
-            .map(|l| sg.reserve(std::mem::size_of_val(&**l)));
+        let (out_at, out_dtype, lse_off) = match &out {
+            OutRef::Host(o) => (
+                At::Staged(sg.reserve(o.out.len())),
+                o.dtype,
+                o.lse
+                    .as_ref()
+                    .map(|l| sg.reserve(std::mem::size_of_val(&**l))),
+            ),
+            OutRef::Device { ptr, dtype } => (At::Device(*ptr), *dtype, None),
+        };
 
         self.make_current()?;
         let base = {
@@ -215,20 +236,25 @@ impl CudaBackend {
         let args = DeviceDecode {
             shape: d.shape,
             q_dtype: d.q_dtype,
-            out_dtype: out.dtype,
+            out_dtype,
             layout,
-            q: at(q),
+            q: q.addr(base),
             kv,
             num_blocks,
             keys: keys_dev,
             sink: sink.map_or(0, at),
-            out: at(out_off),
+            out: out_at.addr(base),
             lse: lse_off.map_or(0, at),
             stream: 0,
         };
+        let OutRef::Host(out) = &mut out else {
+            // Device output: enqueued; the caller's later work on the
+            // engine's stream is ordered after it.
+            return self.decode_on(&args, false);
+        };
         self.decode_device(&args)?;
         // SAFETY: the decode finished (stream 0 waits); sizes match the reservations.
-        unsafe { result::memcpy_dtoh_sync(&mut *out.out, at(out_off)) }
+        unsafe { result::memcpy_dtoh_sync(&mut *out.out, out_at.addr(base)) }
             .map_err(dev_err("cuMemcpyDtoH"))?;
         if let (Some(l), Some(off)) = (out.lse.as_deref_mut(), lse_off) {
             // SAFETY: as above.
@@ -241,7 +267,7 @@ impl CudaBackend {
 pub(super) fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexed<'a> {
     HostIndexed {
         layout: k.kv.layout,
-        kv: CacheRef::Host(k.kv.data),
+        kv: DataRef::Host(k.kv.data),
         num_blocks: k.kv.num_blocks,
         indices: k.indices,
         topk: k.topk,

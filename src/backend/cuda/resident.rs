@@ -1,0 +1,156 @@
+//! Building blocks of a layer forward that stays on the GPU
+//! (`model::resident`): products and elementwise row steps
+//! (`kernels/mla_rows.cuh`) over device memory, enqueued on the engine's
+//! stream in order, and a grow-only device arena for the activations. Only
+//! [`CudaBackend::download`] waits.
+
+use super::device::CudaBackend;
+use super::driver::{dev_err, guarded};
+use super::launch::ROWS_THREADS;
+use super::linear::LinearCall;
+use super::params::RowsParams;
+use super::projection::DeviceWeight;
+use crate::error::Result;
+use cudarc::driver::{result, sys};
+use std::ffi::c_void;
+
+/// Device memory that grows to the largest request and is reused; give it
+/// back with [`CudaBackend::free_arena`].
+#[derive(Debug, Default)]
+pub struct Arena {
+    ptr: u64,
+    bytes: usize,
+}
+
+/// Device buffers of one call, 256-byte aligned, one after another in an
+/// [`Arena`].
+#[derive(Debug, Default)]
+pub struct Carve {
+    bytes: usize,
+}
+
+impl Carve {
+    /// Reserves `bytes` and returns their offset.
+    pub fn take(&mut self, bytes: usize) -> usize {
+        let at = self.bytes;
+        self.bytes += bytes.div_ceil(256) * 256;
+        at
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl CudaBackend {
+    /// The arena's base address, grown to `bytes` first if needed (after
+    /// the engine's stream is done with the old memory).
+    pub fn arena(&self, a: &mut Arena, bytes: usize) -> Result<u64> {
+        if a.ptr != 0 && a.bytes >= bytes {
+            return Ok(a.ptr);
+        }
+        self.sync()?;
+        self.free_arena(a);
+        let want = bytes.max(1 << 20).next_power_of_two();
+        a.ptr = self.mem_alloc(want)?;
+        a.bytes = want;
+        Ok(a.ptr)
+    }
+
+    /// Frees an arena's memory once the engine's stream is done with it.
+    pub fn free_arena(&self, a: &mut Arena) {
+        if a.ptr != 0 {
+            let _ = self.sync();
+            let _ = self.mem_free(a.ptr);
+        }
+        *a = Arena::default();
+    }
+
+    fn stream(&self) -> Result<sys::CUstream> {
+        self.make_current()?;
+        Ok(self.state.lock().stream)
+    }
+
+    /// Enqueues a host-to-device copy on the engine's stream.
+    pub fn upload_async(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        guarded("cuMemcpyHtoDAsync", || {
+            // SAFETY: `dst` is engine memory of at least `src.len()` bytes
+            // (the caller's arena layout); a copy from pageable memory is
+            // staged before the call returns.
+            unsafe { result::memcpy_htod_async(dst, src, stream) }
+                .map_err(dev_err("cuMemcpyHtoDAsync"))
+        })
+    }
+
+    /// Waits for the engine's stream, then copies `dst.len()` bytes from
+    /// device memory at `src`.
+    pub fn download(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        let stream = self.stream()?;
+        guarded("cuMemcpyDtoH", || {
+            // SAFETY: our stream; `src` is engine memory of `dst.len()` bytes.
+            unsafe {
+                result::stream::synchronize(stream).map_err(dev_err("cuStreamSynchronize"))?;
+                result::memcpy_dtoh_sync(dst, src).map_err(dev_err("cuMemcpyDtoH"))
+            }
+        })
+    }
+
+    /// Enqueues `mla_rows` over `p.rows` rows.
+    ///
+    /// # Safety
+    /// Every address in `p` is engine memory as large as `p` says.
+    pub unsafe fn enqueue_rows(&self, p: &RowsParams) -> Result<()> {
+        if p.rows <= 0 {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        let grid = (p.rows as u32).min(65535);
+        let mut args = [p as *const RowsParams as *mut c_void];
+        guarded("mla_rows", || {
+            // SAFETY: forwarded contract; `p` is copied at launch.
+            unsafe {
+                result::launch_kernel(
+                    self.rows,
+                    (grid, 1, 1),
+                    (ROWS_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(dev_err("launch mla_rows"))
+        })
+    }
+
+    /// f32 elements of the partial sums a product needs.
+    pub fn linear_partial_len(&self, w: &DeviceWeight, call: &LinearCall) -> Result<usize> {
+        Ok(super::linear::plan(&w.shape, call, self.props().sm_count as usize)?.partial_len)
+    }
+
+    /// Enqueues `y [tokens, groups, n_out] = x · Wᵀ` on device buffers:
+    /// `x_hi` (and `x_lo`, 0 for none) `[tokens, groups, k]` bf16, and
+    /// `partial` of [`Self::linear_partial_len`] f32.
+    ///
+    /// # Safety
+    /// The buffers are engine memory of those sizes.
+    pub unsafe fn enqueue_linear_device(
+        &self,
+        w: &DeviceWeight,
+        call: &LinearCall,
+        x_hi: u64,
+        x_lo: u64,
+        y: u64,
+        partial: u64,
+    ) -> Result<()> {
+        let (l, p) = self.bound_linear(w, call, x_hi, x_lo, y, partial)?;
+        let stream = self.stream()?;
+        guarded("GPU projection", || {
+            // SAFETY: forwarded contract; the plan reads only the weight's rows.
+            unsafe { self.enqueue_linear(&l, &p, stream) }
+        })
+    }
+}

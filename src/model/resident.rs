@@ -1,0 +1,376 @@
+//! A layer forward kept on the GPU: when a CUDA engine holds the layer's
+//! projection weights (`device`) and the pool, every step between the
+//! hidden states going in and the output coming back runs on the engine's
+//! stream, in device memory, with no host round trip: the projections
+//! (`mla_linear`), RMSNorm, RoPE, the bf16 splits and the queries' assembly
+//! (`mla_rows`), the cache append (`mla_append`) and the attention. The
+//! host uploads the hidden states (split into bf16 parts) and a cos/sin
+//! table, and waits once, for the output.
+//!
+//! The steps and their precision are those of the CPU path in `forward`
+//! (same split, same norms, same bf16 queries for bf16-valued caches), so
+//! the two agree to rounding. A DeepSeek-V3.2 layer takes the staged path
+//! in `forward`, because its indexer runs on the CPU.
+
+use super::device::{DeviceLayer, DeviceQ, ProjWeight};
+use super::linear::{Activations, Linear};
+use super::{LayerWeights, Model, QProj};
+use crate::backend::cuda::linear::{split_bf16, LinearCall};
+use crate::backend::cuda::lowering::{code, int};
+use crate::backend::cuda::params::RowsParams;
+use crate::backend::cuda::projection::DeviceWeight;
+use crate::backend::cuda::resident::Carve;
+use crate::backend::cuda::CudaBackend;
+use crate::decode::DecodeShape;
+use crate::error::{Error, Result};
+use crate::format::{Dtype, KvFormat};
+use crate::kv::KvPool;
+use std::collections::BTreeMap;
+
+/// The device weight of a projection, when it is in GPU memory.
+fn gpu(w: &ProjWeight) -> Option<&DeviceWeight> {
+    match w {
+        ProjWeight::Gpu(d) => Some(d),
+        #[cfg(test)]
+        ProjWeight::Host(_) => None,
+    }
+}
+
+/// A layer's weights, all in GPU memory.
+struct Weights<'a> {
+    q: QWeights<'a>,
+    kv_a: &'a DeviceWeight,
+    uk: &'a DeviceWeight,
+    kv_b: &'a DeviceWeight,
+    o_proj: &'a DeviceWeight,
+}
+
+enum QWeights<'a> {
+    Lora {
+        a: &'a DeviceWeight,
+        b: &'a DeviceWeight,
+    },
+    Direct(&'a DeviceWeight),
+}
+
+impl<'a> Weights<'a> {
+    fn of(dl: &'a DeviceLayer) -> Option<Self> {
+        Some(Weights {
+            q: match &dl.q {
+                DeviceQ::Lora { a, b } => QWeights::Lora {
+                    a: gpu(a)?,
+                    b: gpu(b)?,
+                },
+                DeviceQ::Direct(w) => QWeights::Direct(gpu(w)?),
+            },
+            kv_a: gpu(&dl.kv_a)?,
+            uk: gpu(&dl.uk)?,
+            kv_b: gpu(&dl.kv_b)?,
+            o_proj: gpu(&dl.o_proj)?,
+        })
+    }
+}
+
+/// A row step reading `rows x cols` f32 at `src` (row stride `src_stride`).
+fn row_step(src: u64, rows: usize, cols: usize, src_stride: usize) -> Result<RowsParams> {
+    Ok(RowsParams {
+        rows: int("rows", rows)?,
+        cols: int("cols", cols)?,
+        src_stride: int("src_stride", src_stride)?,
+        dst_dtype: code(Dtype::F32.raw()),
+        rows_per_token: 1,
+        src,
+        ..RowsParams::default()
+    })
+}
+
+impl Model {
+    /// Whether layer `dl`'s forward over `pool` can stay on the GPU.
+    pub(super) fn resident_on<'a>(
+        &self,
+        dl: Option<&'a DeviceLayer>,
+        pool: &KvPool,
+    ) -> Option<(&CudaBackend, &'a DeviceLayer)> {
+        let cuda = self.engine.backend().cuda()?;
+        let dl = dl?;
+        let same_gpu = pool
+            .engine()
+            .backend()
+            .cuda()
+            .is_some_and(|c| std::ptr::eq(c, cuda));
+        (self.config.indexer.is_none() && same_gpu && Weights::of(dl).is_some())
+            .then_some((cuda, dl))
+    }
+
+    /// The layer forward on the GPU (see the module docs): the arguments of
+    /// `forward_with`, validated there. On error the pool is left as it was.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_resident(
+        &self,
+        cuda: &CudaBackend,
+        dl: &DeviceLayer,
+        lw: &LayerWeights,
+        pool: &KvPool,
+        pl: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        first_tok: &[usize],
+        start: &[usize],
+        pos: &[usize],
+        x: &[f32],
+    ) -> Result<Vec<f32>> {
+        let w = Weights::of(dl).ok_or_else(|| Error::internal("layer weights not on the GPU"))?;
+        let c = &self.config;
+        let t = first_tok
+            .last()
+            .map_or(0, |f| f + n_tokens[n_tokens.len() - 1]);
+        let (hid, h, lora) = (c.hidden_size, c.num_heads, c.kv_lora_rank);
+        let (nope, rope, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
+        let (qk, d_qk) = (c.qk_head_dim(), c.d_qk());
+        let eps = c.rms_norm_eps as f32;
+        // The attention's queries and outputs: bf16 over a bf16-valued
+        // cache, else f32 (as in `forward`).
+        let adt = match pool.options().format {
+            KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
+            _ => Dtype::F32,
+        };
+        let es = adt.size();
+        let precise = |l: &Linear| l.activations() == Activations::Precise;
+
+        // Host inputs: x as bf16 parts (no low part when x is bf16-valued,
+        // as `device::project` does), the norms' weights, RoPE's cos/sin.
+        let x = &x[..t * hid];
+        let (q_in, q_norm) = match &lw.q {
+            QProj::Lora { a, norm, .. } => (a, Some(norm)),
+            QProj::Direct(wq) => (wq, None),
+        };
+        let (mut x_hi, mut x_lo) = (Vec::new(), Vec::new());
+        split_bf16(x, precise(q_in) || precise(&lw.kv_a), &mut x_hi, &mut x_lo);
+        if x_lo.iter().all(|&b| b & 0x7fff == 0) {
+            x_lo.clear();
+        }
+        let half = rope / 2;
+        let mut cs = vec![0f32; t * 2 * half];
+        for (row, &p) in cs.chunks_mut(2 * half).zip(pos) {
+            self.rope.cos_sin(p, row);
+        }
+
+        // Device buffers, one after another in the model's arena.
+        let mut cv = Carve::default();
+        let b_x_hi = cv.take(2 * x_hi.len());
+        let b_x_lo = cv.take(2 * x_lo.len());
+        let b_cs = cv.take(4 * cs.len());
+        let b_kv_norm = cv.take(4 * lora);
+        let q_lora = q_norm.map_or(0, |n| n.len());
+        let b_q_norm = cv.take(4 * q_lora);
+        let b_qa = cv.take(4 * t * q_lora);
+        let b_qa_hi = cv.take(2 * t * q_lora);
+        let b_qa_lo = cv.take(2 * t * q_lora);
+        let b_q = cv.take(4 * t * h * qk);
+        let b_kv = cv.take(4 * t * d_qk);
+        let b_qn_hi = cv.take(2 * t * h * nope);
+        let b_qn_lo = cv.take(2 * t * h * nope);
+        let b_lat = cv.take(4 * t * h * lora);
+        let b_qf = cv.take(es * t * h * d_qk);
+        let b_ol = cv.take(es * t * h * lora);
+        let split_ol = adt == Dtype::F32;
+        let ol_parts = if split_ol { 2 * t * h * lora } else { 0 };
+        let b_ol_hi = cv.take(ol_parts);
+        let b_ol_lo = cv.take(ol_parts);
+        let b_o = cv.take(4 * t * h * v);
+        let b_o_hi = cv.take(2 * t * h * v);
+        let b_o_lo = cv.take(2 * t * h * v);
+        let b_y = cv.take(4 * t * hid);
+        // The products, in order, with the partial sums they need.
+        let heads = |n_out, w_row0, w_group_rows| LinearCall {
+            tokens: t,
+            n_out,
+            groups: h,
+            w_row0,
+            w_group_rows,
+        };
+        let call_uk = heads(lora, 0, lora);
+        let call_uv = heads(v, nope, nope + v);
+        let mut calls = vec![
+            (w.kv_a, LinearCall::plain(t, d_qk)),
+            (w.uk, call_uk),
+            (w.kv_b, call_uv),
+            (w.o_proj, LinearCall::plain(t, hid)),
+        ];
+        match w.q {
+            QWeights::Lora { a, b } => {
+                calls.push((a, LinearCall::plain(t, q_lora)));
+                calls.push((b, LinearCall::plain(t, h * qk)));
+            }
+            QWeights::Direct(wq) => calls.push((wq, LinearCall::plain(t, h * qk))),
+        }
+        let mut partial = 0;
+        for (wt, call) in &calls {
+            partial = partial.max(cuda.linear_partial_len(wt, call)?);
+        }
+        let b_partial = cv.take(4 * partial);
+        // Groups of sequences with equal chunk lengths; members that are
+        // not consecutive are gathered into these.
+        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (b, &n) in n_tokens.iter().enumerate() {
+            groups.entry(n).or_default().push(b);
+        }
+        let gathered = |m: &Vec<usize>| !m.windows(2).all(|p| p[1] == p[0] + 1);
+        let gather = groups.values().any(gathered);
+        let b_qg = cv.take(if gather { es * t * h * d_qk } else { 0 });
+        let b_og = cv.take(if gather { es * t * h * lora } else { 0 });
+
+        let mut arena = self.arena.lock();
+        let base = cuda.arena(&mut arena, cv.bytes())?;
+        let at = |off: usize| base + off as u64;
+        let opt = |on: bool, off: usize| if on { at(off) } else { 0 };
+        cuda.upload_async(at(b_x_hi), bytemuck::cast_slice(&x_hi))?;
+        cuda.upload_async(at(b_x_lo), bytemuck::cast_slice(&x_lo))?;
+        cuda.upload_async(at(b_cs), bytemuck::cast_slice(&cs))?;
+        cuda.upload_async(at(b_kv_norm), bytemuck::cast_slice(&lw.kv_norm))?;
+        if let Some(n) = q_norm {
+            cuda.upload_async(at(b_q_norm), bytemuck::cast_slice(n))?;
+        }
+        let x_lo_for = |l: &Linear| opt(precise(l) && !x_lo.is_empty(), b_x_lo);
+        let p_at = at(b_partial);
+
+        // SAFETY (every enqueue below): each buffer is a piece of the arena
+        // carved above for exactly the rows and columns the step reads or
+        // writes; the steps are ordered on the engine's stream, and the
+        // arena stays locked until the output has been copied back.
+        unsafe {
+            // Queries: q_b(RMSNorm(q_a(x))) or q_proj(x), [t, H, qk].
+            match (&w.q, &lw.q) {
+                (QWeights::Lora { a, b }, QProj::Lora { a: la, b: lb, .. }) => {
+                    let call = LinearCall::plain(t, q_lora);
+                    cuda.enqueue_linear_device(a, &call, at(b_x_hi), x_lo_for(la), at(b_qa), p_at)?;
+                    let mut s = row_step(at(b_qa), t, q_lora, q_lora)?;
+                    s.norm = at(b_q_norm);
+                    s.eps = eps;
+                    s.hi = at(b_qa_hi);
+                    s.lo = opt(precise(lb), b_qa_lo);
+                    cuda.enqueue_rows(&s)?;
+                    let call = LinearCall::plain(t, h * qk);
+                    cuda.enqueue_linear_device(b, &call, at(b_qa_hi), s.lo, at(b_q), p_at)?;
+                }
+                (QWeights::Direct(wq), QProj::Direct(lq)) => {
+                    let call = LinearCall::plain(t, h * qk);
+                    cuda.enqueue_linear_device(wq, &call, at(b_x_hi), x_lo_for(lq), at(b_q), p_at)?;
+                }
+                _ => return Err(Error::internal("device and host query weights disagree")),
+            }
+            // Latent KV [t, lora + rope]: RMSNorm(c), RoPE(k_pe), in place.
+            let call = LinearCall::plain(t, d_qk);
+            let kv_lo = x_lo_for(&lw.kv_a);
+            cuda.enqueue_linear_device(w.kv_a, &call, at(b_x_hi), kv_lo, at(b_kv), p_at)?;
+            let mut s = row_step(at(b_kv), t, lora, d_qk)?;
+            s.norm = at(b_kv_norm);
+            s.eps = eps;
+            s.dst = at(b_kv);
+            s.dst_stride = int("d_qk", d_qk)?;
+            cuda.enqueue_rows(&s)?;
+            let mut s = row_step(at(b_kv) + 4 * lora as u64, t, rope, d_qk)?;
+            s.rope = 1;
+            s.cos_sin = at(b_cs);
+            s.dst = s.src;
+            s.dst_stride = int("d_qk", d_qk)?;
+            cuda.enqueue_rows(&s)?;
+            // Absorbed queries [t, H, lora + rope] in the attention's dtype:
+            // q_nope · W_UK, then RoPE(q_pe).
+            let mut s = row_step(at(b_q), t * h, nope, qk)?;
+            s.hi = at(b_qn_hi);
+            s.lo = at(b_qn_lo);
+            cuda.enqueue_rows(&s)?;
+            cuda.enqueue_linear_device(w.uk, &call_uk, s.hi, s.lo, at(b_lat), p_at)?;
+            let mut s = row_step(at(b_lat), t * h, lora, lora)?;
+            s.dst = at(b_qf);
+            s.dst_stride = int("d_qk", d_qk)?;
+            s.dst_dtype = code(adt.raw());
+            cuda.enqueue_rows(&s)?;
+            let mut s = row_step(at(b_q) + 4 * nope as u64, t * h, rope, qk)?;
+            s.rope = 1;
+            s.rows_per_token = int("heads", h)?;
+            s.cos_sin = at(b_cs);
+            s.dst = at(b_qf) + (lora * es) as u64;
+            s.dst_stride = int("d_qk", d_qk)?;
+            s.dst_dtype = code(adt.raw());
+            cuda.enqueue_rows(&s)?;
+        }
+
+        // Append [c | k_pe] (all or nothing), then attend; undo the appends
+        // if anything later fails.
+        let items: Vec<(u64, usize)> = seqs.iter().copied().zip(n_tokens.iter().copied()).collect();
+        pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32)?;
+        let result = (|| -> Result<Vec<f32>> {
+            for (&n, members) in &groups {
+                let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
+                let shape = DecodeShape::new(
+                    ids.len() as i32,
+                    n as i32,
+                    h as i32,
+                    d_qk as i32,
+                    lora as i32,
+                    c.softmax_scale() as f32,
+                    true,
+                )?;
+                // Bytes of one token's queries and outputs.
+                let (qe, oe) = ((h * d_qk * es) as u64, (h * lora * es) as u64);
+                let tok = |b: usize| first_tok[b] as u64;
+                if !gathered(members) {
+                    let t0 = tok(members[0]);
+                    let (q, o) = (at(b_qf) + t0 * qe, at(b_ol) + t0 * oe);
+                    pool.decode_on_device(pl, &ids, shape, adt, q, None, o, adt)?;
+                    continue;
+                }
+                let mut row = 0;
+                for &b in members {
+                    let len = n as u64;
+                    let src = at(b_qf) + tok(b) * qe;
+                    cuda.copy_async(at(b_qg) + row * qe, src, (len * qe) as usize)?;
+                    row += len;
+                }
+                pool.decode_on_device(pl, &ids, shape, adt, at(b_qg), None, at(b_og), adt)?;
+                let mut row = 0;
+                for &b in members {
+                    let len = n as u64;
+                    let dst = at(b_ol) + tok(b) * oe;
+                    cuda.copy_async(dst, at(b_og) + row * oe, (len * oe) as usize)?;
+                    row += len;
+                }
+            }
+            // SAFETY: as above.
+            unsafe {
+                // o = W_UV · o_lat per head (exact bf16 o_lat needs no low
+                // part), then o_proj.
+                let (ol_hi, ol_lo) = if split_ol {
+                    let mut s = row_step(at(b_ol), t * h, lora, lora)?;
+                    s.hi = at(b_ol_hi);
+                    s.lo = at(b_ol_lo);
+                    cuda.enqueue_rows(&s)?;
+                    (s.hi, s.lo)
+                } else {
+                    (at(b_ol), 0)
+                };
+                cuda.enqueue_linear_device(w.kv_b, &call_uv, ol_hi, ol_lo, at(b_o), p_at)?;
+                let mut s = row_step(at(b_o), t, h * v, h * v)?;
+                s.hi = at(b_o_hi);
+                s.lo = opt(precise(&lw.o_proj), b_o_lo);
+                cuda.enqueue_rows(&s)?;
+                let call = LinearCall::plain(t, hid);
+                cuda.enqueue_linear_device(w.o_proj, &call, s.hi, s.lo, at(b_y), p_at)?;
+            }
+            let mut y = vec![0f32; t * hid];
+            cuda.download(bytemuck::cast_slice_mut(&mut y), at(b_y))?;
+            Ok(y)
+        })();
+        drop(arena);
+        if result.is_err() {
+            for (&id, &len) in seqs.iter().zip(start) {
+                if let Err(e) = pool.truncate_layer(id, pl, len) {
+                    return Err(Error::internal(format!("rollback failed: {}", e.message)));
+                }
+            }
+        }
+        result
+    }
+}
