@@ -1186,11 +1186,15 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 }
 
 /// The projections on the GPU (`gpu_projections`, `mlart_linear` kernels):
-/// layers with low-rank and direct queries (V3-like and V2-Lite) and a V3.2
-/// layer, bf16 and FP8 weights, both activation modes, over prefill chunks of 16+ tokens
-/// (64-token passes), mixed lengths and decode steps, against the same
-/// layer with its projections on a CPU engine.
+/// layers with low-rank and direct queries (V3-like and V2-Lite), whose
+/// whole forward stays on the GPU (`model::resident`: `mla_rows`, appends
+/// from device rows, decodes of device queries), and a V3.2 layer (staged:
+/// its indexer runs on the CPU); bf16 and FP8 weights, both activation
+/// modes, BF16, F32 and FP8_V32 caches, over prefill chunks of 16+ tokens
+/// (64-token passes), mixed lengths, equal lengths that are not neighbours
+/// and decode steps, against the same layer on a CPU engine.
 fn cuda_model_projections_on_gpu() -> Outcome {
+    use mlart::format::KvFormat;
     use mlart::kv::{KvPool, PoolOptions};
     use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
     use mlart::model::linear::Activations;
@@ -1220,7 +1224,17 @@ fn cuda_model_projections_on_gpu() -> Outcome {
             yarn: true,
         };
         generate(&dir, &opts).unwrap();
-        for activations in [Activations::Precise, Activations::Bf16] {
+        // The attention in f32 (F32 cache) and over FP8 rows quantized on
+        // the GPU, besides bf16, on one model.
+        let formats: &[KvFormat] = if (preset, dtype) == (Preset::Small, WeightDtype::Bf16) {
+            &[KvFormat::Bf16, KvFormat::F32, KvFormat::Fp8V32]
+        } else {
+            &[KvFormat::Bf16]
+        };
+        let runs = [Activations::Precise, Activations::Bf16]
+            .into_iter()
+            .flat_map(|a| formats.iter().map(move |&f| (a, f)));
+        for (activations, format) in runs {
             let load = |engine: &std::sync::Arc<mlart::Engine>, on_gpu| {
                 let o = LoadOptions {
                     activations,
@@ -1238,7 +1252,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
             let c = &models[0].config;
             let hid = c.hidden_size;
             let popts = PoolOptions {
-                format: mlart::format::KvFormat::Bf16,
+                format,
                 d_qk: c.d_qk(),
                 num_layers: 1,
                 block_size: 16,
@@ -1250,11 +1264,19 @@ fn cuda_model_projections_on_gpu() -> Outcome {
                 KvPool::new(gpu.clone(), popts).unwrap(),
             ];
             for p in &pools {
-                p.create_seq(1).unwrap();
-                p.create_seq(2).unwrap();
+                for id in 1..=3 {
+                    p.create_seq(id).unwrap();
+                }
             }
             let mut rng = SmallRng::seed_from_u64(case_seed(67, 0));
-            let steps: [(&[usize], usize); 3] = [(&[70, 9], 79), (&[1, 1], 2), (&[3, 1], 4)];
+            // Mixed chunk lengths; equal ones that are not neighbours
+            // ([3, 1, 3]: the first and last are gathered into one call).
+            let steps: [(&[usize], usize); 4] = [
+                (&[70, 9, 5], 84),
+                (&[1, 1, 1], 3),
+                (&[3, 1, 3], 7),
+                (&[1, 4, 1], 6),
+            ];
             for (n_tokens, total) in steps {
                 let x: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
                 // V3.2: the indexer runs on the CPU from the projections'
@@ -1267,7 +1289,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
                     .zip(sels.iter_mut())
                     .map(|((m, p), sel)| {
                         let io = (topk > 0).then_some(&mut sel[..]);
-                        let y = m.forward_with(p, 0, &[1, 2], n_tokens, &x, io).unwrap();
+                        let y = m.forward_with(p, 0, &[1, 2, 3], n_tokens, &x, io).unwrap();
                         y.iter().map(|&v| v as f64).collect()
                     })
                     .collect();
@@ -1280,7 +1302,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
                 let e = rel_l2(&outs[1], &outs[0]);
                 assert!(
                     e <= 2e-2,
-                    "{preset:?} {dtype:?} {activations:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
+                    "{preset:?} {dtype:?} {activations:?} {format:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
                 );
             }
         }

@@ -10,7 +10,9 @@
 // (masked and reported). The projection kernels (mla_linear) run bf16 and
 // FP8 weights with and without the activations' low part, token tails,
 // key tails, K split across blocks, and grouped (per-head) products with the
-// layouts MLA's absorbed steps use. Exit status 0 when all pass.
+// layouts MLA's absorbed steps use. The row steps of a device-resident layer
+// (mla_rows: RMSNorm, RoPE, conversions and bf16 splits, strided and in
+// place) run with buffers exactly their size. Exit status 0 when all pass.
 //
 //   c++ -std=c++17 -O1 -I kernels kernels/emu/emu_main.cpp -o emu && ./emu
 #define MLA_EMULATE 1
@@ -684,6 +686,170 @@ bool run_linear(const LinearCase& c) {
     return true;
 }
 
+// ---- the row steps (mla_rows) against a float64 reference ----
+struct RowsCase {
+    std::string name;
+    int rows, cols, src_stride, src_col0 = 0;
+    bool norm = false, rope = false;
+    int rows_per_token = 1;
+    int dst = 0;  // 0: none, 1: in place (f32, src's stride and columns), 2: separate
+    int dst_dtype = MLA_DT_F32, dst_stride = 0, dst_col0 = 0;
+    bool hi = false, lo = false;
+    unsigned grid = 0;  // 0: one block per row
+};
+
+bool run_rows(const RowsCase& c) {
+    const int tokens = (c.rows + c.rows_per_token - 1) / c.rows_per_token;
+    // Buffers exactly as large as the step may touch (AddressSanitizer
+    // catches a read or write past them).
+    const size_t src_len = (size_t)(c.rows - 1) * c.src_stride + c.src_col0 + c.cols;
+    std::vector<float> src(src_len), norm(c.cols), cs((size_t)tokens * c.cols);
+    for (auto& v : src) v = sample() * (uniform() < 0.1 ? 30.f : 1.f);
+    for (auto& v : norm) v = 0.5f + (float)uniform();
+    for (int t = 0; t < tokens; ++t)
+        for (int i = 0; i < c.cols / 2; ++i) {
+            const double a = uniform() * 6.28, sc = 0.9 + 0.2 * uniform();
+            cs[(size_t)t * c.cols + 2 * i] = (float)(std::cos(a) * sc);
+            cs[(size_t)t * c.cols + 2 * i + 1] = (float)(std::sin(a) * sc);
+        }
+    const float eps = 1e-6f;
+    // The reference, from the inputs as they are before the step.
+    std::vector<double> want((size_t)c.rows * c.cols);
+    std::vector<double> scale(c.rows);
+    for (int r = 0; r < c.rows; ++r) {
+        const float* x = &src[(size_t)r * c.src_stride + c.src_col0];
+        double inv = 1.0, mag = 0;
+        if (c.norm) {
+            double ss = 0;
+            for (int k = 0; k < c.cols; ++k) ss += (double)x[k] * x[k];
+            inv = 1.0 / std::sqrt(ss / c.cols + eps);
+        }
+        for (int i = 0; i < c.cols / 2; ++i) {
+            double a = x[2 * i], b = x[2 * i + 1];
+            if (c.norm) {
+                a *= inv * norm[2 * i];
+                b *= inv * norm[2 * i + 1];
+            }
+            if (c.rope) {
+                const float* t = &cs[(size_t)(r / c.rows_per_token) * c.cols + 2 * i];
+                const double ra = a * t[0] - b * t[1], rb = a * t[1] + b * t[0];
+                a = ra;
+                b = rb;
+            }
+            want[(size_t)r * c.cols + 2 * i] = a;
+            want[(size_t)r * c.cols + 2 * i + 1] = b;
+            mag = std::max(mag, std::max(std::fabs(a), std::fabs(b)));
+        }
+        scale[r] = mag;
+    }
+    const int es = dt_size(c.dst_dtype);
+    std::vector<uint8_t> dst;
+    if (c.dst == 2) dst.assign(((size_t)(c.rows - 1) * c.dst_stride + c.dst_col0 + c.cols) * es, 0xff);
+    std::vector<uint16_t> hi(c.hi ? (size_t)c.rows * c.cols : 0, 0xffff), lo(c.lo ? hi.size() : 0, 0xffff);
+    MlaRowsParams p{};
+    p.rows = c.rows;
+    p.cols = c.cols;
+    p.src_stride = c.src_stride;
+    p.dst_stride = c.dst == 1 ? c.src_stride : c.dst_stride;
+    p.dst_dtype = c.dst == 1 ? MLA_DT_F32 : c.dst_dtype;
+    p.rows_per_token = c.rows_per_token;
+    p.rope = c.rope;
+    p.eps = eps;
+    p.src = src.data() + c.src_col0;
+    p.norm = c.norm ? norm.data() : nullptr;
+    p.cos_sin = c.rope ? cs.data() : nullptr;
+    p.dst = c.dst == 1 ? (void*)(src.data() + c.src_col0)
+          : c.dst == 2 ? (void*)(dst.data() + (size_t)c.dst_col0 * es)
+                       : nullptr;
+    p.hi = c.hi ? hi.data() : nullptr;
+    p.lo = c.lo ? lo.data() : nullptr;
+    emu::launch(mla_rows, {c.grid ? c.grid : (unsigned)c.rows, 1, 1}, {MLA_ROWS_THREADS, 1, 1}, 0, p);
+    double worst = 0;
+    for (int r = 0; r < c.rows; ++r)
+        for (int k = 0; k < c.cols; ++k) {
+            const double w = want[(size_t)r * c.cols + k], tiny = 1e-30 + scale[r];
+            auto check = [&](const char* what, double got, double rel) {
+                const double err = std::fabs(got - w) / (std::fabs(w) + 1e-3 * tiny);
+                if (!(err <= rel)) {
+                    printf("  rows %s: %s[%d][%d] = %.9g, want %.9g\n", c.name.c_str(), what, r, k, got, w);
+                    return false;
+                }
+                worst = std::max(worst, err);
+                return true;
+            };
+            if (c.dst == 1 && !check("dst", src[(size_t)r * c.src_stride + c.src_col0 + k], 2e-6)) return false;
+            if (c.dst == 2) {
+                const uint8_t* e = &dst[((size_t)r * c.dst_stride + c.dst_col0 + k) * es];
+                double got;
+                if (es == 4) {
+                    float f;
+                    memcpy(&f, e, 4);
+                    got = f;
+                } else {
+                    got = bf16_val((uint16_t)(e[0] | e[1] << 8));
+                }
+                if (!check("dst", got, es == 4 ? 2e-6 : 1.0 / 256)) return false;
+            }
+            const size_t i = (size_t)r * c.cols + k;
+            if (c.hi && !check("hi", bf16_val(hi[i]), 1.0 / 256)) return false;
+            // hi + lo holds 16 significant bits: within 2^-16 of the value.
+            if (c.lo && !check("hi+lo", bf16_val(hi[i]) + bf16_val(lo[i]), 1.0 / 65536 + 2e-6)) return false;
+        }
+    // Only the addressed columns of a strided dst are written.
+    if (c.dst == 2)
+        for (int r = 0; r + 1 < c.rows; ++r)
+            for (int k = c.cols; k < c.dst_stride; ++k) {
+                const uint8_t* e = &dst[((size_t)r * c.dst_stride + c.dst_col0 + k) * es];
+                if (e[0] != 0xff || e[1] != 0xff) {
+                    printf("  rows %s: wrote dst[%d][%d], outside the step's columns\n", c.name.c_str(), r, k);
+                    return false;
+                }
+            }
+    printf("ok   rows %s (max error %.1e)\n", c.name.c_str(), worst);
+    return true;
+}
+
+std::vector<RowsCase> rows_cases() {
+    std::vector<RowsCase> v;
+    RowsCase c;
+    // q_a's output: RMSNorm, then the bf16 parts for q_b.
+    c = {"norm -> hi+lo", 5, 1536, 1536};
+    c.norm = c.hi = c.lo = true;
+    v.push_back(c);
+    // The latent KV: RMSNorm of c in place, then RoPE of k_pe in place.
+    c = {"norm in place (strided, 2 blocks for 5 rows)", 5, 512, 576};
+    c.norm = true;
+    c.dst = 1;
+    c.grid = 2;
+    v.push_back(c);
+    c = {"rope in place (columns 512..575)", 4, 64, 576, 512};
+    c.rope = true;
+    c.dst = 1;
+    v.push_back(c);
+    // The queries' rope part into the bf16 queries, 3 heads a token.
+    c = {"rope -> bf16 columns 96.. of 160, 3 rows a token", 9, 64, 100, 36};
+    c.rope = true;
+    c.rows_per_token = 3;
+    c.dst = 2;
+    c.dst_dtype = MLA_DT_BF16;
+    c.dst_stride = 160;
+    c.dst_col0 = 96;
+    v.push_back(c);
+    // The latent queries into the f32 queries' first columns.
+    c = {"convert -> f32 columns 0..95 of 160", 6, 96, 96};
+    c.dst = 2;
+    c.dst_stride = 160;
+    v.push_back(c);
+    // q_nope's parts (a column range), o's parts (a row wider than a block's pairs).
+    c = {"split columns 0..39 of 64", 7, 40, 64};
+    c.hi = c.lo = true;
+    v.push_back(c);
+    c = {"split hi only, 1100 columns", 3, 1100, 1100};
+    c.hi = true;
+    v.push_back(c);
+    return v;
+}
+
 std::vector<LinearCase> linear_cases() {
     std::vector<LinearCase> v;
     for (int fp8 = 0; fp8 < 2; ++fp8)
@@ -839,9 +1005,17 @@ int main() {
         failed += !ok;
         ++linears;
     }
+    int rows = 0;
+    for (const auto& c : rows_cases()) {
+        if (only && c.name.find(only) == std::string::npos) continue;
+        const bool ok = run_rows(c);
+        if (!ok) printf("FAIL rows %s\n", c.name.c_str());
+        failed += !ok;
+        ++rows;
+    }
     const bool probe = run_probe();
     printf("%s wgmma probe (S and O of the _wg kernels' GEMMs, exact)\n", probe ? "ok  " : "FAIL");
     failed += !probe;
-    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + linears + 1, failed);
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + linears + rows + 1, failed);
     return failed ? 1 : 0;
 }
