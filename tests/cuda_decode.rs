@@ -1192,7 +1192,8 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 /// its indexer runs on the CPU); bf16 and FP8 weights, both activation
 /// modes, BF16, F32 and FP8_V32 caches, over prefill chunks of 16+ tokens
 /// (64-token passes), mixed lengths, equal lengths that are not neighbours
-/// and decode steps, against the same layer on a CPU engine.
+/// and decode steps, against the same layer on a CPU engine. FP8 models
+/// also run over a CPU engine's pool, where each projection is staged.
 fn cuda_model_projections_on_gpu() -> Outcome {
     use mlart::format::KvFormat;
     use mlart::kv::{KvPool, PoolOptions};
@@ -1231,10 +1232,18 @@ fn cuda_model_projections_on_gpu() -> Outcome {
         } else {
             &[KvFormat::Bf16]
         };
+        // A pool on the CPU engine: the GPU model's projections stage their
+        // activations (`model::device::project`) instead of staying resident.
+        let pool_engines: &[bool] = if dtype == WeightDtype::Fp8 {
+            &[true, false]
+        } else {
+            &[true]
+        };
         let runs = [Activations::Precise, Activations::Bf16]
             .into_iter()
-            .flat_map(|a| formats.iter().map(move |&f| (a, f)));
-        for (activations, format) in runs {
+            .flat_map(|a| formats.iter().map(move |&f| (a, f)))
+            .flat_map(|(a, f)| pool_engines.iter().map(move |&g| (a, f, g)));
+        for (activations, format, gpu_pool) in runs {
             let load = |engine: &std::sync::Arc<mlart::Engine>, on_gpu| {
                 let o = LoadOptions {
                     activations,
@@ -1261,7 +1270,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
             };
             let pools = [
                 KvPool::new(cpu.clone(), popts).unwrap(),
-                KvPool::new(gpu.clone(), popts).unwrap(),
+                KvPool::new(if gpu_pool { &gpu } else { &cpu }.clone(), popts).unwrap(),
             ];
             for p in &pools {
                 for id in 1..=3 {
@@ -1302,7 +1311,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
                 let e = rel_l2(&outs[1], &outs[0]);
                 assert!(
                     e <= 2e-2,
-                    "{preset:?} {dtype:?} {activations:?} {format:?} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
+                    "{preset:?} {dtype:?} {activations:?} {format:?} GPU pool {gpu_pool} n_tokens {n_tokens:?}: rel L2 {e:.3e}"
                 );
             }
         }

@@ -367,19 +367,20 @@ impl KvPool {
         self.append_rows(layer, &counts, rows, dtype, index)
     }
 
-    /// [`Self::append_batch`] from rows in the engine's GPU memory: `rows`
-    /// holds `[sum of n, d_qk]` of `dtype`, the items' rows one after
-    /// another. The rows are converted on the engine's stream and not
-    /// waited for: later work there sees them. A device pool without
-    /// indexer keys only.
+    /// [`Self::append_batch_indexed`] from rows in the engine's GPU memory:
+    /// `rows` holds `[sum of n, d_qk]` of `dtype`, the items' rows one
+    /// after another (the indexer keys, if any, are host memory). The rows
+    /// are converted on the engine's stream and not waited for: later work
+    /// there sees them. A device pool only.
     pub fn append_batch_device(
         &self,
         layer: i64,
         items: &[(u64, usize)],
         rows: u64,
         dtype: Dtype,
+        index: Option<&[&[u8]]>,
     ) -> Result<()> {
-        self.append_rows(layer, items, RowData::Device(rows), dtype, None)
+        self.append_rows(layer, items, RowData::Device(rows), dtype, index)
     }
 
     fn append_rows(

@@ -1,8 +1,10 @@
 //! A layer's projections on a CUDA engine's GPU: q_a and q_b (or q_proj),
 //! kv_a, the absorbed W_UK and W_UV, and o_proj, with their weights held in
 //! device memory in their stored precision (bf16, or FP8 with its block
-//! scales; `backend::cuda::linear`). The norms, RoPE and the V3.2 indexer
-//! stay on the CPU, and the attention runs on the GPU pool as before.
+//! scales; `backend::cuda::linear`). A layer over a pool of the same GPU
+//! runs on the device (`super::resident`; a V3.2 layer's indexer on the
+//! CPU); otherwise each projection here stages its activations in and its
+//! output out, and the norms and RoPE stay on the CPU.
 //!
 //! Opt-in until a GPU has verified the kernels: `MLART_CUDA_PROJECTIONS=1`
 //! (or [`LoadOptions::gpu_projections`](super::LoadOptions)).

@@ -130,7 +130,7 @@ impl Model {
 
         if let Some((cuda, d)) = self.resident_on(dl, pool) {
             return self.forward_resident(
-                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x,
+                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
             );
         }
         let (h, lora) = (c.num_heads, c.kv_lora_rank);
@@ -421,7 +421,7 @@ impl Model {
     /// The indexer's choice for every new token (see
     /// [`super::indexer::select`]) into `out [total, topk]`.
     #[allow(clippy::too_many_arguments)]
-    fn select(
+    pub(super) fn select(
         &self,
         pool: &KvPool,
         pl: i64,

@@ -338,9 +338,14 @@ impl Model {
             Some(cuda) => match device::upload(cuda, &layers, device::HeadDims::of(&c)) {
                 Ok(d) => {
                     let bytes: usize = d.iter().map(|l| l.bytes()).sum();
+                    let steps = if c.indexer.is_none() {
+                        "the whole layer stays on the GPU over a GPU pool"
+                    } else {
+                        "the layer stays on the GPU over a GPU pool, but for the V3.2 indexer, on the CPU"
+                    };
                     (
                         d,
-                        format!("GPU ({bytes} bytes of weights in device memory)"),
+                        format!("GPU ({bytes} bytes of weights in device memory; {steps})"),
                     )
                 }
                 Err(e) if device::is_unsupported(&e) => {

@@ -9,8 +9,9 @@
 //!
 //! The steps and their precision are those of the CPU path in `forward`
 //! (same split, same norms, same bf16 queries for bf16-valued caches), so
-//! the two agree to rounding. A DeepSeek-V3.2 layer takes the staged path
-//! in `forward`, because its indexer runs on the CPU.
+//! the two agree to rounding. A DeepSeek-V3.2 layer's indexer runs on the
+//! CPU: it waits once more, for the normed q_a output, then appends the
+//! indexer keys beside the device rows and hands the attention its choice.
 
 use super::device::{DeviceLayer, DeviceQ, ProjWeight};
 use super::linear::{Activations, Linear};
@@ -98,8 +99,7 @@ impl Model {
             .backend()
             .cuda()
             .is_some_and(|c| std::ptr::eq(c, cuda));
-        (self.config.indexer.is_none() && same_gpu && Weights::of(dl).is_some())
-            .then_some((cuda, dl))
+        (same_gpu && Weights::of(dl).is_some()).then_some((cuda, dl))
     }
 
     /// The layer forward on the GPU (see the module docs): the arguments of
@@ -118,6 +118,7 @@ impl Model {
         start: &[usize],
         pos: &[usize],
         x: &[f32],
+        index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let w = Weights::of(dl).ok_or_else(|| Error::internal("layer weights not on the GPU"))?;
         let c = &self.config;
@@ -247,6 +248,11 @@ impl Model {
                     let mut s = row_step(at(b_qa), t, q_lora, q_lora)?;
                     s.norm = at(b_q_norm);
                     s.eps = eps;
+                    if lw.indexer.is_some() {
+                        // The indexer (CPU) reads the normed rows.
+                        s.dst = s.src;
+                        s.dst_stride = s.src_stride;
+                    }
                     s.hi = at(b_qa_hi);
                     s.lo = opt(precise(lb), b_qa_lo);
                     cuda.enqueue_rows(&s)?;
@@ -297,13 +303,55 @@ impl Model {
             cuda.enqueue_rows(&s)?;
         }
 
-        // Append [c | k_pe] (all or nothing), then attend; undo the appends
-        // if anything later fails.
+        // V3.2: the indexer's queries, weights and keys, on the CPU from the
+        // normed q_a rows.
+        let ix = match &lw.indexer {
+            Some(idx) => {
+                let mut qa = vec![0f32; t * q_lora];
+                cuda.download(bytemuck::cast_slice_mut(&mut qa), at(b_qa))?;
+                Some(idx.prepare(x, &qa, pos, &self.rope, &self.scratch))
+            }
+            None => None,
+        };
+        let topk = c.indexer.map_or(0, |i| i.topk);
+
+        // Append [c | k_pe] (and the indexer keys) all or nothing, then
+        // attend; undo the appends if anything later fails.
         let items: Vec<(u64, usize)> = seqs.iter().copied().zip(n_tokens.iter().copied()).collect();
-        pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32)?;
+        let index_rows: Option<Vec<&[u8]>> = ix.as_ref().map(|it| {
+            let irow = crate::kv::index_row_bytes(pool.options().index_dim);
+            (0..seqs.len())
+                .map(|b| &it.keys[first_tok[b] * irow..(first_tok[b] + n_tokens[b]) * irow])
+                .collect()
+        });
+        pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32, index_rows.as_deref())?;
         let result = (|| -> Result<Vec<f32>> {
+            // V3.2: the positions each token attends to, where the indexer
+            // narrows them or the caller asked for them.
+            let mut selected: Vec<i32> = Vec::new();
+            if let Some(it) = &ix {
+                let narrowed = |b: usize| start[b] + n_tokens[b] > topk;
+                if index_out.is_some() || (0..seqs.len()).any(narrowed) {
+                    let n = crate::error::checked_size("indexer choices", &[t, topk])?;
+                    crate::backend::try_grow(&mut selected, "indexer choices", n)?;
+                    self.select(
+                        pool,
+                        pl,
+                        seqs,
+                        n_tokens,
+                        first_tok,
+                        pos,
+                        it,
+                        topk,
+                        &mut selected,
+                    )?;
+                }
+            }
             for (&n, members) in &groups {
                 let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
+                // Sparse when the indexer keeps fewer than all earlier
+                // tokens for any query of the group; else plain causal.
+                let sparse = ix.is_some() && members.iter().any(|&b| start[b] + n > topk);
                 let shape = DecodeShape::new(
                     ids.len() as i32,
                     n as i32,
@@ -311,15 +359,31 @@ impl Model {
                     d_qk as i32,
                     lora as i32,
                     c.softmax_scale() as f32,
-                    true,
+                    !sparse,
                 )?;
+                let mut group_idx = Vec::new();
+                if sparse {
+                    group_idx.reserve(members.len() * n * topk);
+                    for &b in members {
+                        group_idx.extend_from_slice(
+                            &selected[first_tok[b] * topk..(first_tok[b] + n) * topk],
+                        );
+                    }
+                }
+                let sp = || {
+                    sparse.then_some(crate::kv::PoolSparse {
+                        indices: &group_idx,
+                        topk,
+                        topk_length: None,
+                    })
+                };
                 // Bytes of one token's queries and outputs.
                 let (qe, oe) = ((h * d_qk * es) as u64, (h * lora * es) as u64);
                 let tok = |b: usize| first_tok[b] as u64;
                 if !gathered(members) {
                     let t0 = tok(members[0]);
                     let (q, o) = (at(b_qf) + t0 * qe, at(b_ol) + t0 * oe);
-                    pool.decode_on_device(pl, &ids, shape, adt, q, None, o, adt)?;
+                    pool.decode_on_device(pl, &ids, shape, adt, q, sp(), o, adt)?;
                     continue;
                 }
                 let mut row = 0;
@@ -329,7 +393,7 @@ impl Model {
                     cuda.copy_async(at(b_qg) + row * qe, src, (len * qe) as usize)?;
                     row += len;
                 }
-                pool.decode_on_device(pl, &ids, shape, adt, at(b_qg), None, at(b_og), adt)?;
+                pool.decode_on_device(pl, &ids, shape, adt, at(b_qg), sp(), at(b_og), adt)?;
                 let mut row = 0;
                 for &b in members {
                     let len = n as u64;
@@ -361,6 +425,9 @@ impl Model {
             }
             let mut y = vec![0f32; t * hid];
             cuda.download(bytemuck::cast_slice_mut(&mut y), at(b_y))?;
+            if let Some(io) = index_out {
+                io[..selected.len()].copy_from_slice(&selected);
+            }
             Ok(y)
         })();
         drop(arena);
