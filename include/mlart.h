@@ -587,6 +587,25 @@ typedef struct mlart_forward_args {
    * accepted, and the field is then NULL.
    */
   int32_t *index_out;
+  /**
+   * Where `x` and `out` live; default `MLART_MEMORY_HOST`. With
+   * `MLART_MEMORY_DEVICE` (a CUDA engine whose model runs its
+   * projections on the GPU, over a pool of the same engine) they are
+   * device memory of that GPU, and the whole layer runs there with no
+   * host round trip of the hidden states; the other pointers
+   * (`seq_ids`, `n_tokens`, `index_out`) stay host memory. Since 0.5: a
+   * struct_size of 72 (the 0.4 layout, which ends before this field) or
+   * 64 is still accepted, and the field is then HOST.
+   */
+  mlart_memory memory;
+  /**
+   * CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
+   * work starts after what is enqueued there and the stream continues
+   * after it; the call returns without waiting. It may not be capturing
+   * a CUDA graph (the call copies host data). NULL: the call returns
+   * when `out` is written. Ignored for host memory.
+   */
+  void *stream;
 } mlart_forward_args;
 
 /**
@@ -1158,6 +1177,10 @@ struct mlart_error *mlart_model_info(const struct mlart_model *model, struct mla
  * takes bf16 queries and gives a bf16 latent output (P in bf16), as
  * DeepSeek's reference does; over an F32 or F16 pool it stays in f32.
  * On error the pool is unchanged and `out` is not written.
+ *
+ * On a CUDA engine whose model runs its projections on the GPU, over a
+ * pool of the same engine, the whole layer runs on the GPU; `x` and `out`
+ * may then be device memory (`args.memory`, `args.stream`).
  */
 struct mlart_error *mlart_model_forward(struct mlart_model *model, struct mlart_kv_pool *pool, const struct mlart_forward_args *args);
 

@@ -1,6 +1,6 @@
 // The elementwise steps of a layer forward kept on the GPU, one row per
-// block: read `cols` f32 values of a row (with a stride, so a column range of
-// a wider row), optionally RMS-normalize them (DeepSeek's RMSNorm: x / sqrt(
+// block: read `cols` values of a row (f32, or the caller's bf16/f16 hidden
+// states; with a stride, so a column range of a wider row), optionally RMS-normalize them (DeepSeek's RMSNorm: x / sqrt(
 // mean(x^2) + eps) * w), optionally rotate interleaved pairs (x[2k], x[2k+1])
 // by the row's token's (cos, sin) (DeepSeek's RoPE; the host computes the
 // table, with YaRN's scale folded in, exactly as it does for itself), then
@@ -9,8 +9,8 @@
 // src/model/linear.rs (rms_norm), src/model/rope.rs and
 // src/backend/cuda/linear.rs (split_bf16).
 //
-// `dst` may be `src` (f32, same stride): each thread writes only the pairs it
-// read, after the row's sum of squares is complete.
+// `dst` may be `src` (same dtype and stride): each thread writes only the
+// pairs it read, after the row's sum of squares is complete.
 #pragma once
 #include "mla_math.cuh"
 
@@ -27,18 +27,20 @@ struct MlaRowsParams {
     int32_t rows_per_token;  // RoPE: row r belongs to token r / rows_per_token
     int32_t rope;            // 1: rotate pairs by cos_sin[token]
     float eps;               // RMSNorm epsilon (with `norm`)
+    int32_t src_dtype;       // MLA_DT_*
+    int32_t pad0;
     // ---- 8-byte fields
-    const float* src;      // row r at src + r * src_stride
+    const void* src;       // row r at src + r * src_stride (src_dtype)
     const float* norm;     // [cols] RMSNorm weight, or null
     const float* cos_sin;  // RoPE: [tokens, cols / 2] (cos, sin) pairs, f32
     void* dst;             // row r at dst + r * dst_stride (dst_dtype), or null
     uint16_t* hi;          // [rows, cols] bf16 nearest even, or null
     uint16_t* lo;          // [rows, cols] bf16(x - hi), or null
 };
-#define MLA_ROWS_PARAMS_SIZE 80
+#define MLA_ROWS_PARAMS_SIZE 88
 static_assert(sizeof(MlaRowsParams) == MLA_ROWS_PARAMS_SIZE, "update params.rs");
-static_assert(offsetof(MlaRowsParams, src) == 32, "update params.rs");
-static_assert(offsetof(MlaRowsParams, lo) == 72, "update params.rs");
+static_assert(offsetof(MlaRowsParams, src) == 40, "update params.rs");
+static_assert(offsetof(MlaRowsParams, lo) == 80, "update params.rs");
 
 namespace mla {
 
@@ -59,11 +61,14 @@ extern "C" __global__ void __launch_bounds__(MLA_ROWS_THREADS)
     const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
     const int pairs = p.cols / 2;
     for (int r = blockIdx.x; r < p.rows; r += gridDim.x) {
-        const float* src = p.src + (int64_t)r * p.src_stride;
+        const int64_t src0 = (int64_t)r * p.src_stride;
         float inv = 1.f;
         if (p.norm) {
             float ss = 0.f;
-            for (int k = tid; k < p.cols; k += MLA_ROWS_THREADS) ss += src[k] * src[k];
+            for (int k = tid; k < p.cols; k += MLA_ROWS_THREADS) {
+                const float x = mla::load_elem(p.src, p.src_dtype, src0 + k);
+                ss += x * x;
+            }
             for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
             if (lane == 0) partial[warp] = ss;
             __syncthreads();
@@ -73,7 +78,8 @@ extern "C" __global__ void __launch_bounds__(MLA_ROWS_THREADS)
         }
         const float* cs = p.rope ? p.cos_sin + (int64_t)(r / p.rows_per_token) * p.cols : nullptr;
         for (int i = tid; i < pairs; i += MLA_ROWS_THREADS) {
-            float a = src[2 * i], b = src[2 * i + 1];
+            float a = mla::load_elem(p.src, p.src_dtype, src0 + 2 * i);
+            float b = mla::load_elem(p.src, p.src_dtype, src0 + 2 * i + 1);
             if (p.norm) {
                 a = a * inv * p.norm[2 * i];
                 b = b * inv * p.norm[2 * i + 1];

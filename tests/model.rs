@@ -2355,7 +2355,7 @@ fn malformed_checkpoints_give_named_errors() {
         &["num_layers"],
     );
     let size = std::mem::size_of::<mlart_model_options>() as u32;
-    for bad in [0, 4, 36, 44, size - 4, size + 8, u32::MAX] {
+    for bad in [0, 4, 36, 44, 52, size + 8, u32::MAX] {
         load_err_with(
             &engine,
             &good,
@@ -2363,7 +2363,7 @@ fn malformed_checkpoints_give_named_errors() {
             MLART_STATUS_INVALID_ARGUMENT,
             &[
                 &format!("options->struct_size = {bad}"),
-                &format!("expects 40 or {size}"),
+                &format!("expects 40 or 48 or {size}"),
                 "mlart_model_options_init",
             ],
         );
@@ -2371,12 +2371,32 @@ fn malformed_checkpoints_give_named_errors() {
     // A binary built before `activations` was appended passes the 40-byte
     // layout: the library must not read past it (here the bytes after it
     // hold a value that would be rejected) and uses the default.
-    assert_eq!(size, 48);
+    assert_eq!(size, 56);
     let old = load_with(&engine, &good, |o| {
         o.struct_size = 40;
         o.activations = 0xdead;
     });
     assert!(old.is_ok(), "40-byte options: {:?}", old.err());
+    // The 0.4 layout (48 bytes, before `gpu_projections`) likewise.
+    let old = load_with(&engine, &good, |o| {
+        o.struct_size = 48;
+        o.reserved0 = 0xdead;
+        o.gpu_projections = 0xdead;
+    });
+    assert!(old.is_ok(), "48-byte options: {:?}", old.err());
+    load_err_with(
+        &engine,
+        &good,
+        |o| o.gpu_projections = 2,
+        MLART_STATUS_INVALID_ARGUMENT,
+        &[
+            "options->gpu_projections = 2",
+            "-1 (default), 0 (CPU) or 1 (GPU)",
+        ],
+    );
+    // A CPU engine ignores it; the projections stay on the CPU.
+    let cpu = load_with(&engine, &good, |o| o.gpu_projections = 1).expect("gpu_projections = 1");
+    assert_eq!(info(&cpu).projections_on_gpu, 0);
     load_err_with(
         &engine,
         &good,
@@ -2594,6 +2614,26 @@ fn forward_errors_leave_the_pool_unchanged() {
             MLART_STATUS_INVALID_ARGUMENT,
             "out",
         ),
+        (
+            "memory 7",
+            mlart_forward_args {
+                memory: 7,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_INVALID_ARGUMENT,
+            "memory = 7",
+        ),
+        (
+            "device memory on a CPU engine",
+            mlart_forward_args {
+                memory: MLART_MEMORY_DEVICE,
+                out: out.as_mut_ptr() as *mut c_void,
+                ..base()
+            },
+            MLART_STATUS_UNSUPPORTED,
+            "memory = MLART_MEMORY_DEVICE but this engine runs on the CPU",
+        ),
     ];
     for (what, a, status, needle) in cases {
         expect_error(
@@ -2630,6 +2670,27 @@ fn forward_errors_leave_the_pool_unchanged() {
         &["pool"],
     );
     assert_eq!(pool.stats(), before);
+    assert_eq!(lens(&pool), lens_before);
+
+    // The 0.4 layout (72 bytes, before `memory`): bytes past it, here an
+    // invalid memory kind, are not read, so x and out are host memory.
+    let mut y04 = vec![f32::NAN; 2 * hid];
+    let old = mlart_forward_args {
+        struct_size: 72,
+        memory: 0xdead,
+        stream: 1usize as *mut c_void,
+        out: y04.as_mut_ptr() as *mut c_void,
+        ..base()
+    };
+    expect_ok(
+        "0.4 forward args",
+        mlart_model_forward(model.ptr, pool.ptr, &old),
+    );
+    assert!(y04.iter().all(|v| v.is_finite()));
+    // Undo it: every layer back to its length before.
+    for (s, len) in [(1, lens_before[0]), (2, lens_before[2])] {
+        expect_ok("truncate", mlart_kv_seq_truncate(pool.ptr, s, len));
+    }
     assert_eq!(lens(&pool), lens_before);
 
     // The pool still works, and continues where it was.

@@ -690,6 +690,7 @@ bool run_linear(const LinearCase& c) {
 struct RowsCase {
     std::string name;
     int rows, cols, src_stride, src_col0 = 0;
+    int src_dtype = MLA_DT_F32;
     bool norm = false, rope = false;
     int rows_per_token = 1;
     int dst = 0;  // 0: none, 1: in place (f32, src's stride and columns), 2: separate
@@ -705,6 +706,11 @@ bool run_rows(const RowsCase& c) {
     const size_t src_len = (size_t)(c.rows - 1) * c.src_stride + c.src_col0 + c.cols;
     std::vector<float> src(src_len), norm(c.cols), cs((size_t)tokens * c.cols);
     for (auto& v : src) v = sample() * (uniform() < 0.1 ? 30.f : 1.f);
+    // A bf16/f16 source (the caller's hidden states): its values as stored.
+    const int ses = dt_size(c.src_dtype);
+    std::vector<uint8_t> src_bytes(c.src_dtype == MLA_DT_F32 ? 0 : src_len * ses);
+    if (!src_bytes.empty())
+        for (size_t i = 0; i < src_len; ++i) src[i] = (float)put(&src_bytes[i * ses], c.src_dtype, src[i]);
     for (auto& v : norm) v = 0.5f + (float)uniform();
     for (int t = 0; t < tokens; ++t)
         for (int i = 0; i < c.cols / 2; ++i) {
@@ -755,7 +761,9 @@ bool run_rows(const RowsCase& c) {
     p.rows_per_token = c.rows_per_token;
     p.rope = c.rope;
     p.eps = eps;
-    p.src = src.data() + c.src_col0;
+    p.src_dtype = c.src_dtype;
+    p.src = src_bytes.empty() ? (const void*)(src.data() + c.src_col0)
+                              : (const void*)(src_bytes.data() + (size_t)c.src_col0 * ses);
     p.norm = c.norm ? norm.data() : nullptr;
     p.cos_sin = c.rope ? cs.data() : nullptr;
     p.dst = c.dst == 1 ? (void*)(src.data() + c.src_col0)
@@ -785,10 +793,13 @@ bool run_rows(const RowsCase& c) {
                     float f;
                     memcpy(&f, e, 4);
                     got = f;
+                } else if (c.dst_dtype == MLA_DT_F16) {
+                    got = f16_val((uint16_t)(e[0] | e[1] << 8));
                 } else {
                     got = bf16_val((uint16_t)(e[0] | e[1] << 8));
                 }
-                if (!check("dst", got, es == 4 ? 2e-6 : 1.0 / 256)) return false;
+                const double rel = es == 4 ? 2e-6 : c.dst_dtype == MLA_DT_F16 ? 1.0 / 2048 : 1.0 / 256;
+                if (!check("dst", got, rel)) return false;
             }
             const size_t i = (size_t)r * c.cols + k;
             if (c.hi && !check("hi", bf16_val(hi[i]), 1.0 / 256)) return false;
@@ -846,6 +857,21 @@ std::vector<RowsCase> rows_cases() {
     v.push_back(c);
     c = {"split hi only, 1100 columns", 3, 1100, 1100};
     c.hi = true;
+    v.push_back(c);
+    // The caller's bf16 and f16 hidden states into the bf16 parts.
+    c = {"split from bf16", 4, 300, 300};
+    c.src_dtype = MLA_DT_BF16;
+    c.hi = c.lo = true;
+    v.push_back(c);
+    c = {"split from f16", 4, 300, 300};
+    c.src_dtype = MLA_DT_F16;
+    c.hi = c.lo = true;
+    v.push_back(c);
+    // The output rows into the caller's f16 out.
+    c = {"convert -> f16", 3, 200, 200};
+    c.dst = 2;
+    c.dst_dtype = MLA_DT_F16;
+    c.dst_stride = 200;
     v.push_back(c);
     return v;
 }

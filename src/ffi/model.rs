@@ -66,6 +66,18 @@ pub struct mlart_model_options {
     /// layout, which ends before this field) is still accepted, and the
     /// field is then not read.
     pub activations: mlart_activations,
+    /// Ignored: the 0.4 layout's tail padding, which a caller built
+    /// against that header may leave uninitialized.
+    pub reserved0: u32,
+    /// Where a CUDA engine's model runs its projections: -1 (default) as
+    /// `MLART_CUDA_PROJECTIONS` says, else mlart's default (the CPU until
+    /// the GPU kernels are verified on hardware); 0: the CPU; 1: the GPU
+    /// (bf16 and FP8 weights; f32/f16 ones stay on the CPU, which
+    /// `mlart_model_props.projections_on_gpu` shows). Ignored by CPU
+    /// engines.
+    /// Since 0.5: a struct_size of 48 (the 0.4 layout, which ends before
+    /// this field) or 40 is still accepted, and the field is then -1.
+    pub gpu_projections: i32,
 }
 
 /// `sizeof(mlart_model_options)` before `activations` was appended.
@@ -73,6 +85,9 @@ const MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS: usize =
     std::mem::offset_of!(mlart_model_options, activations);
 // That first layout ended with a pointer at offset 32: 40 bytes.
 const _: () = assert!(MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS == 40);
+/// `sizeof(mlart_model_options)` of 0.4 (0.2, 0.3), before `gpu_projections`.
+const MODEL_OPTIONS_SIZE_0_4: usize = std::mem::offset_of!(mlart_model_options, gpu_projections);
+const _: () = assert!(MODEL_OPTIONS_SIZE_0_4 == 48);
 
 /// What a model is. Set `struct_size` with `mlart_model_props_init`.
 #[repr(C)]
@@ -126,6 +141,13 @@ pub struct mlart_model_props {
     pub index_n_heads: i32,
     pub index_head_dim: i32,
     pub index_topk: i32,
+    /// 1 when the projections run on the GPU (a CUDA engine, asked for by
+    /// `mlart_model_options.gpu_projections` or `MLART_CUDA_PROJECTIONS`,
+    /// bf16 or FP8 weights); then the whole layer runs there over a pool of
+    /// the same engine, and `mlart_model_forward` takes device memory. 0
+    /// otherwise. Since 0.5, in what was the 0.4 layout's tail padding (so
+    /// both have one size); a 0.1–0.3 struct_size gets only its prefix.
+    pub projections_on_gpu: i32,
 }
 
 /// `sizeof(mlart_model_props)` in 0.1, before `activations` and
@@ -137,6 +159,9 @@ const _: () = assert!(MODEL_PROPS_SIZE_0_1 == 136);
 /// `sizeof(mlart_model_props)` in 0.2 and 0.3, before the indexer fields.
 const MODEL_PROPS_SIZE_0_3: usize = std::mem::offset_of!(mlart_model_props, index_n_heads);
 const _: () = assert!(MODEL_PROPS_SIZE_0_3 == 144);
+// 0.4 ended with index_topk at 152, padded to 160; the 0.5 field fits there.
+const _: () = assert!(std::mem::offset_of!(mlart_model_props, projections_on_gpu) == 156);
+const _: () = assert!(std::mem::size_of::<mlart_model_props>() == 160);
 
 /// Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
 #[repr(C)]
@@ -169,11 +194,29 @@ pub struct mlart_forward_args {
     /// 64 (the earlier layout, which ends before this field) is still
     /// accepted, and the field is then NULL.
     pub index_out: *mut i32,
+    /// Where `x` and `out` live; default `MLART_MEMORY_HOST`. With
+    /// `MLART_MEMORY_DEVICE` (a CUDA engine whose model runs its
+    /// projections on the GPU, over a pool of the same engine) they are
+    /// device memory of that GPU, and the whole layer runs there with no
+    /// host round trip of the hidden states; the other pointers
+    /// (`seq_ids`, `n_tokens`, `index_out`) stay host memory. Since 0.5: a
+    /// struct_size of 72 (the 0.4 layout, which ends before this field) or
+    /// 64 is still accepted, and the field is then HOST.
+    pub memory: mlart_memory,
+    /// CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
+    /// work starts after what is enqueued there and the stream continues
+    /// after it; the call returns without waiting. It may not be capturing
+    /// a CUDA graph (the call copies host data). NULL: the call returns
+    /// when `out` is written. Ignored for host memory.
+    pub stream: *mut c_void,
 }
 
 /// `sizeof(mlart_forward_args)` before `index_out` was appended.
 const FORWARD_ARGS_SIZE_BEFORE_INDEX: usize = std::mem::offset_of!(mlart_forward_args, index_out);
 const _: () = assert!(FORWARD_ARGS_SIZE_BEFORE_INDEX == 64);
+/// `sizeof(mlart_forward_args)` of 0.4, before `memory` was appended.
+const FORWARD_ARGS_SIZE_0_4: usize = std::mem::offset_of!(mlart_forward_args, memory);
+const _: () = assert!(FORWARD_ARGS_SIZE_0_4 == 72);
 
 /// Fills `options` with the defaults. NULL is ignored.
 #[no_mangle]
@@ -190,6 +233,8 @@ pub extern "C" fn mlart_model_options_init(options: *mut mlart_model_options) {
                 progress: None,
                 progress_user_data: std::ptr::null_mut(),
                 activations: MLART_ACTIVATIONS_PRECISE,
+                reserved0: 0,
+                gpu_projections: -1,
             };
         }
     })
@@ -225,6 +270,8 @@ pub extern "C" fn mlart_forward_args_init(args: *mut mlart_forward_args) {
                 out_dtype: MLART_DTYPE_F32,
                 out: std::ptr::null_mut(),
                 index_out: std::ptr::null_mut(),
+                memory: MLART_MEMORY_HOST,
+                stream: std::ptr::null_mut(),
             };
         }
     })
@@ -268,7 +315,10 @@ pub extern "C" fn mlart_model_load(
                     "options",
                     "mlart_model_options_init",
                     mlart_model_options_init,
-                    &[MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS],
+                    &[
+                        MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS,
+                        MODEL_OPTIONS_SIZE_0_4,
+                    ],
                 )
             }?
         };
@@ -306,7 +356,16 @@ pub extern "C" fn mlart_model_load(
                 }
             },
             progress: Some(&mut report),
-            gpu_projections: None,
+            gpu_projections: match o.gpu_projections {
+                -1 => None,
+                0 => Some(false),
+                1 => Some(true),
+                v => {
+                    return Err(Error::invalid(format!(
+                        "options->gpu_projections = {v} must be -1 (default), 0 (CPU) or 1 (GPU)"
+                    )))
+                }
+            },
         };
         let model = Model::load(engine.inner.clone(), Path::new(path), opts)?;
         // SAFETY: out is non-NULL and writable (caller contract).
@@ -398,6 +457,7 @@ pub extern "C" fn mlart_model_info(
             p.index_head_dim = i(ix.head_dim);
             p.index_topk = i(ix.topk);
         }
+        p.projections_on_gpu = m.projections_on_gpu() as i32;
         // SAFETY: out is non-NULL (checked by read_versioned) and has
         // struct_size writable bytes, which p.struct_size holds.
         unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
@@ -422,9 +482,10 @@ fn forward(
             "args",
             "mlart_forward_args_init",
             mlart_forward_args_init,
-            &[FORWARD_ARGS_SIZE_BEFORE_INDEX],
+            &[FORWARD_ARGS_SIZE_BEFORE_INDEX, FORWARD_ARGS_SIZE_0_4],
         )
     }?;
+    let memory = crate::format::Memory::from_raw("memory", a.memory)?;
     if a.batch < 1 {
         return Err(Error::invalid(format!("batch = {} must be >= 1", a.batch)));
     }
@@ -445,9 +506,14 @@ fn forward(
     let x_dtype = Dtype::from_raw("x_dtype", a.x_dtype)?.check_activation("x_dtype")?;
     let out_dtype = Dtype::from_raw("out_dtype", a.out_dtype)?.check_activation("out_dtype")?;
     let x_len = checked_size("x", &[total, hid, x_dtype.size()])?;
+    let out_len = checked_size("out", &[total, hid, out_dtype.size()])?;
+    if memory == crate::format::Memory::Device {
+        return forward_device(
+            m, p, &a, ids, counts, &n, x_dtype, x_len, out_dtype, out_len,
+        );
+    }
     // SAFETY: x holds sum(n_tokens) * hidden elements (caller contract).
     let x = unsafe { slice(a.x as *const u8, x_len, "x") }?;
-    let out_len = checked_size("out", &[total, hid, out_dtype.size()])?;
     let out_region = Region {
         name: "out",
         start: a.out as usize,
@@ -502,6 +568,83 @@ fn forward(
     Ok(())
 }
 
+/// [`forward`] with `x` and `out` in the engine's GPU memory.
+#[allow(clippy::too_many_arguments)]
+fn forward_device(
+    m: &Model,
+    p: &crate::kv::KvPool,
+    a: &mlart_forward_args,
+    ids: &[u64],
+    counts: &[i32],
+    n: &[usize],
+    x_dtype: Dtype,
+    x_len: usize,
+    out_dtype: Dtype,
+    out_len: usize,
+) -> Result<()> {
+    let Some(cuda) = m.engine.backend().cuda() else {
+        return super::decode::check_memory(a.memory);
+    };
+    for (name, ptr, len) in [("x", a.x as u64, x_len), ("out", a.out as u64, out_len)] {
+        if ptr == 0 {
+            return Err(Error::invalid(format!("{name} is NULL")));
+        }
+        cuda.check_range(name, ptr, len)?;
+    }
+    let x_region = Region {
+        name: "x",
+        start: a.x as usize,
+        len: x_len,
+    };
+    let out_region = Region {
+        name: "out",
+        start: a.out as usize,
+        len: out_len,
+    };
+    check_disjoint(&out_region, &[x_region])?;
+    let total: usize = n.iter().sum();
+    let index_len = match (&m.config.indexer, a.index_out.is_null()) {
+        (_, true) => 0,
+        (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
+        (None, false) => {
+            return Err(Error::invalid(format!(
+                "index_out is set but this model ({}) has no sparse-attention indexer",
+                m.config.model_type
+            )))
+        }
+    };
+    let index_region = Region {
+        name: "index_out",
+        start: a.index_out as usize,
+        len: index_len,
+    };
+    check_disjoint(
+        &index_region,
+        &[Region::of("seq_ids", ids), Region::of("n_tokens", counts)],
+    )?;
+    let mut index: Vec<i32> = Vec::new();
+    crate::backend::try_grow(&mut index, "index_out staging", index_len / 4)?;
+    m.forward_device(
+        p,
+        a.layer as i64,
+        ids,
+        n,
+        a.x as u64,
+        x_dtype,
+        a.out as u64,
+        out_dtype,
+        a.stream as u64,
+        (index_len > 0).then_some(&mut index[..]),
+    )?;
+    if index_len > 0 {
+        // SAFETY: index_out holds sum(n_tokens) * index_topk int32 (caller
+        // contract), disjoint from the other host arguments (checked above).
+        let dst = unsafe { slice_mut(a.index_out, index.len(), "index_out") }?;
+        dst.copy_from_slice(&index);
+    }
+    Ok(())
+}
+
 /// Runs the MLA attention block of one layer for a batch of sequences:
 /// projections, norms, RoPE (YaRN), appending the new `[c | k_pe]` rows to
 /// the pool (quantized per its format), causal attention over each
@@ -510,6 +653,10 @@ fn forward(
 /// takes bf16 queries and gives a bf16 latent output (P in bf16), as
 /// DeepSeek's reference does; over an F32 or F16 pool it stays in f32.
 /// On error the pool is unchanged and `out` is not written.
+///
+/// On a CUDA engine whose model runs its projections on the GPU, over a
+/// pool of the same engine, the whole layer runs on the GPU; `x` and `out`
+/// may then be device memory (`args.memory`, `args.stream`).
 #[no_mangle]
 pub extern "C" fn mlart_model_forward(
     model: *mut mlart_model,

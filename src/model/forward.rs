@@ -52,12 +52,56 @@ impl Model {
         seqs: &[u64],
         n_tokens: &[usize],
         x: &[f32],
-        mut index_out: Option<&mut [i32]>,
+        index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let lw = self.layer(layer)?;
+        let Plan {
+            pl,
+            start,
+            first_tok,
+            pos,
+            total,
+        } = self.plan(pool, layer, seqs, n_tokens)?;
         // The layer's projection weights on the GPU, if they are there.
-        let dl = self.device.get((layer - self.first_layer as i64) as usize);
+        let dl = self.device.get(pl as usize);
         let cuda = self.engine.backend().cuda();
+        let c = &self.config;
+        let hid = c.hidden_size;
+        if x.len() < total * hid {
+            return Err(Error::internal("x is smaller than [total_tokens, hidden]"));
+        }
+        let topk = c.indexer.map_or(0, |ix| ix.topk);
+        if let Some(io) = &index_out {
+            if c.indexer.is_none() || io.len() < total * topk {
+                return Err(Error::internal(
+                    "index_out is not [total_tokens, index_topk]",
+                ));
+            }
+        }
+        if total > PASS_TOKENS {
+            return self.forward_in_passes(pool, layer, seqs, n_tokens, x, &start, index_out);
+        }
+        if let Some((cuda, d)) = self.resident_on(dl, pool) {
+            let x = super::resident::Hidden::Host(x);
+            return self.forward_resident(
+                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
+            );
+        }
+        self.forward_staged(
+            lw, dl, cuda, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
+        )
+    }
+
+    /// Checks a forward's pool, layer and sequences against the model, and
+    /// lays out its tokens.
+    pub(super) fn plan(
+        &self,
+        pool: &KvPool,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+    ) -> Result<Plan> {
+        self.layer(layer)?;
         let c = &self.config;
         let pl = layer - self.first_layer as i64;
         let po = pool.options();
@@ -98,25 +142,10 @@ impl Model {
             }
         }
         let total: usize = n_tokens.iter().sum();
-        let hid = c.hidden_size;
-        if x.len() < total * hid {
-            return Err(Error::internal("x is smaller than [total_tokens, hidden]"));
-        }
-        let topk = c.indexer.map_or(0, |ix| ix.topk);
-        if let Some(io) = &index_out {
-            if c.indexer.is_none() || io.len() < total * topk {
-                return Err(Error::internal(
-                    "index_out is not [total_tokens, index_topk]",
-                ));
-            }
-        }
         let start: Vec<usize> = seqs
             .iter()
             .map(|&s| pool.len(s, pl))
             .collect::<Result<_>>()?;
-        if total > PASS_TOKENS {
-            return self.forward_in_passes(pool, layer, seqs, n_tokens, x, &start, index_out);
-        }
         let mut first_tok = Vec::with_capacity(seqs.len());
         let mut acc = 0;
         for &n in n_tokens {
@@ -127,12 +156,38 @@ impl Model {
             .flat_map(|b| (0..n_tokens[b]).map(move |k| (b, k)))
             .map(|(b, k)| start[b] + k)
             .collect();
+        Ok(Plan {
+            pl,
+            start,
+            first_tok,
+            pos,
+            total,
+        })
+    }
 
-        if let Some((cuda, d)) = self.resident_on(dl, pool) {
-            return self.forward_resident(
-                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
-            );
-        }
+    /// The forward on the CPU, or with each GPU projection staged.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_staged(
+        &self,
+        lw: &super::LayerWeights,
+        dl: Option<&DeviceLayer>,
+        cuda: Option<&crate::backend::cuda::CudaBackend>,
+        pool: &KvPool,
+        pl: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        first_tok: &[usize],
+        start: &[usize],
+        pos: &[usize],
+        x: &[f32],
+        mut index_out: Option<&mut [i32]>,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let po = pool.options();
+        let want_dim = c.indexer.map_or(0, |ix| ix.head_dim);
+        let hid = c.hidden_size;
+        let topk = c.indexer.map_or(0, |ix| ix.topk);
+        let total = pos.len();
         let (h, lora) = (c.num_heads, c.kv_lora_rank);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
         let d_qk = c.d_qk();
@@ -388,21 +443,38 @@ impl Model {
         let pl = layer - self.first_layer as i64;
         let total: usize = n_tokens.iter().sum();
         let mut y = vec![0f32; total * hid];
+        self.in_passes(pool, pl, seqs, n_tokens, start, |id, row, m| {
+            let rows = row * hid..(row + m) * hid;
+            let io = index_out
+                .as_deref_mut()
+                .map(|io| &mut io[row * topk..(row + m) * topk]);
+            let yc = self.forward_with(pool, layer, &[id], &[m], &x[rows.clone()], io)?;
+            y[rows].copy_from_slice(&yc);
+            Ok(())
+        })?;
+        Ok(y)
+    }
+
+    /// Runs `pass(seq, first_row, tokens)` for each sequence's tokens in
+    /// chunks of at most [`PASS_TOKENS`], in order; on an error, cuts every
+    /// sequence back to its length before the call (`start`).
+    pub(super) fn in_passes(
+        &self,
+        pool: &KvPool,
+        pl: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        start: &[usize],
+        mut pass: impl FnMut(u64, usize, usize) -> Result<()>,
+    ) -> Result<()> {
         let mut row = 0;
         let mut result = Ok(());
         'seqs: for (&id, &n) in seqs.iter().zip(n_tokens) {
             for c0 in (0..n).step_by(PASS_TOKENS) {
                 let m = PASS_TOKENS.min(n - c0);
-                let rows = (row + c0) * hid..(row + c0 + m) * hid;
-                let io = index_out
-                    .as_deref_mut()
-                    .map(|io| &mut io[(row + c0) * topk..(row + c0 + m) * topk]);
-                match self.forward_with(pool, layer, &[id], &[m], &x[rows.clone()], io) {
-                    Ok(yc) => y[rows].copy_from_slice(&yc),
-                    Err(e) => {
-                        result = Err(e);
-                        break 'seqs;
-                    }
+                if let Err(e) = pass(id, row + c0, m) {
+                    result = Err(e);
+                    break 'seqs;
                 }
             }
             row += n;
@@ -415,7 +487,7 @@ impl Model {
             }
             return Err(e);
         }
-        Ok(y)
+        Ok(())
     }
 
     /// The indexer's choice for every new token (see
@@ -458,4 +530,17 @@ impl Model {
         }
         Ok(())
     }
+}
+
+/// A forward's tokens, laid out (see [`Model::plan`]).
+pub(super) struct Plan {
+    /// The pool layer.
+    pub pl: i64,
+    /// Each sequence's length before the call.
+    pub start: Vec<usize>,
+    /// Each sequence's first row of the call's tokens.
+    pub first_tok: Vec<usize>,
+    /// Each token's position.
+    pub pos: Vec<usize>,
+    pub total: usize,
 }

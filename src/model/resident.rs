@@ -14,6 +14,7 @@
 //! indexer keys beside the device rows and hands the attention its choice.
 
 use super::device::{DeviceLayer, DeviceQ, ProjWeight};
+use super::forward::{Plan, PASS_TOKENS};
 use super::linear::{Activations, Linear};
 use super::{LayerWeights, Model, QProj};
 use crate::backend::cuda::linear::{split_bf16, LinearCall};
@@ -27,6 +28,24 @@ use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
 use crate::kv::KvPool;
 use std::collections::BTreeMap;
+
+/// A resident forward's hidden states and output.
+#[derive(Clone, Copy, Debug)]
+pub enum Hidden<'a> {
+    /// f32 rows in host memory; the output comes back as f32 rows.
+    Host(&'a [f32]),
+    /// `x` and `out` `[tokens, hidden]` in the engine's GPU memory, of
+    /// their dtypes (F32, BF16 or F16). The forward is enqueued on the
+    /// engine's stream and joined to the CUstream `stream` both ways
+    /// (`stream` 0: the call waits for it).
+    Device {
+        x: u64,
+        x_dtype: Dtype,
+        out: u64,
+        out_dtype: Dtype,
+        stream: u64,
+    },
+}
 
 /// The device weight of a projection, when it is in GPU memory.
 fn gpu(w: &ProjWeight) -> Option<&DeviceWeight> {
@@ -79,6 +98,7 @@ fn row_step(src: u64, rows: usize, cols: usize, src_stride: usize) -> Result<Row
         cols: int("cols", cols)?,
         src_stride: int("src_stride", src_stride)?,
         dst_dtype: code(Dtype::F32.raw()),
+        src_dtype: code(Dtype::F32.raw()),
         rows_per_token: 1,
         src,
         ..RowsParams::default()
@@ -102,6 +122,95 @@ impl Model {
         (same_gpu && Weights::of(dl).is_some()).then_some((cuda, dl))
     }
 
+    /// [`Self::forward_with`] with the hidden states `x` and the output
+    /// `out` (`[total_tokens, hidden]` of their dtypes: F32, BF16 or F16)
+    /// in the engine's GPU memory, for a model whose projections are on
+    /// the GPU over a pool of the same engine. Enqueued on the engine's
+    /// stream and joined to the CUstream `stream` both ways (0: returns
+    /// when the output is written). `index_out` is host memory. On error
+    /// the pool is left as it was.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_device(
+        &self,
+        pool: &KvPool,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        x: u64,
+        x_dtype: Dtype,
+        out: u64,
+        out_dtype: Dtype,
+        stream: u64,
+        mut index_out: Option<&mut [i32]>,
+    ) -> Result<()> {
+        let lw = self.layer(layer)?;
+        let plan = self.plan(pool, layer, seqs, n_tokens)?;
+        let dl = self.device.get(plan.pl as usize);
+        let Some((cuda, dl)) = self.resident_on(dl, pool) else {
+            let why = match self.engine.backend().cuda() {
+                None => "the model's engine is a CPU engine".to_string(),
+                Some(_) if !self.projections_on_gpu() => {
+                    format!("this model's projections run on the {}", self.projections)
+                }
+                Some(_) => "the pool belongs to another engine than the model".to_string(),
+            };
+            return Err(Error::invalid(format!(
+                "memory = MLART_MEMORY_DEVICE needs the whole layer on one GPU, but {why}"
+            )));
+        };
+        let topk = self.config.indexer.map_or(0, |ix| ix.topk);
+        if let Some(io) = &index_out {
+            if self.config.indexer.is_none() || io.len() < plan.total * topk {
+                return Err(Error::internal(
+                    "index_out is not [total_tokens, index_topk]",
+                ));
+            }
+        }
+        if plan.total <= PASS_TOKENS {
+            let h = Hidden::Device {
+                x,
+                x_dtype,
+                out,
+                out_dtype,
+                stream,
+            };
+            let Plan {
+                pl,
+                start,
+                first_tok,
+                pos,
+                ..
+            } = plan;
+            self.forward_resident(
+                cuda, dl, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, h, index_out,
+            )?;
+            return Ok(());
+        }
+        // Longer calls in passes, as `forward_in_passes` does.
+        let hid = self.config.hidden_size;
+        self.in_passes(pool, plan.pl, seqs, n_tokens, &plan.start, |id, row, m| {
+            let io = index_out
+                .as_deref_mut()
+                .map(|io| &mut io[row * topk..(row + m) * topk]);
+            let (xo, oo) = (
+                (row * hid * x_dtype.size()) as u64,
+                (row * hid * out_dtype.size()) as u64,
+            );
+            self.forward_device(
+                pool,
+                layer,
+                &[id],
+                &[m],
+                x + xo,
+                x_dtype,
+                out + oo,
+                out_dtype,
+                stream,
+                io,
+            )
+        })
+    }
+
     /// The layer forward on the GPU (see the module docs): the arguments of
     /// `forward_with`, validated there. On error the pool is left as it was.
     #[allow(clippy::too_many_arguments)]
@@ -117,7 +226,7 @@ impl Model {
         first_tok: &[usize],
         start: &[usize],
         pos: &[usize],
-        x: &[f32],
+        x: Hidden<'_>,
         index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let w = Weights::of(dl).ok_or_else(|| Error::internal("layer weights not on the GPU"))?;
@@ -140,16 +249,25 @@ impl Model {
 
         // Host inputs: x as bf16 parts (no low part when x is bf16-valued,
         // as `device::project` does), the norms' weights, RoPE's cos/sin.
-        let x = &x[..t * hid];
         let (q_in, q_norm) = match &lw.q {
             QProj::Lora { a, norm, .. } => (a, Some(norm)),
             QProj::Direct(wq) => (wq, None),
         };
+        let x_precise = precise(q_in) || precise(&lw.kv_a);
         let (mut x_hi, mut x_lo) = (Vec::new(), Vec::new());
-        split_bf16(x, precise(q_in) || precise(&lw.kv_a), &mut x_hi, &mut x_lo);
-        if x_lo.iter().all(|&b| b & 0x7fff == 0) {
-            x_lo.clear();
+        if let Hidden::Host(x) = x {
+            split_bf16(&x[..t * hid], x_precise, &mut x_hi, &mut x_lo);
+            if x_lo.iter().all(|&b| b & 0x7fff == 0) {
+                x_lo.clear();
+            }
         }
+        // Device x: split on the device, unless it is bf16 already (then it
+        // is its own high part and has no low part).
+        let split_x = match x {
+            Hidden::Device { x_dtype, .. } => x_dtype != Dtype::Bf16,
+            Hidden::Host(_) => false,
+        };
+        let x_parts = if split_x { 2 * t * hid } else { 0 };
         let half = rope / 2;
         let mut cs = vec![0f32; t * 2 * half];
         for (row, &p) in cs.chunks_mut(2 * half).zip(pos) {
@@ -158,8 +276,8 @@ impl Model {
 
         // Device buffers, one after another in the model's arena.
         let mut cv = Carve::default();
-        let b_x_hi = cv.take(2 * x_hi.len());
-        let b_x_lo = cv.take(2 * x_lo.len());
+        let b_x_hi = cv.take(2 * x_hi.len() + x_parts);
+        let b_x_lo = cv.take(2 * x_lo.len() + if x_precise { x_parts } else { 0 });
         let b_cs = cv.take(4 * cs.len());
         let b_kv_norm = cv.take(4 * lora);
         let q_lora = q_norm.map_or(0, |n| n.len());
@@ -225,6 +343,10 @@ impl Model {
         let base = cuda.arena(&mut arena, cv.bytes())?;
         let at = |off: usize| base + off as u64;
         let opt = |on: bool, off: usize| if on { at(off) } else { 0 };
+        // A caller's stream: the engine's stream starts after its work.
+        if let Hidden::Device { stream, .. } = x {
+            cuda.join_from(stream)?;
+        }
         cuda.upload_async(at(b_x_hi), bytemuck::cast_slice(&x_hi))?;
         cuda.upload_async(at(b_x_lo), bytemuck::cast_slice(&x_lo))?;
         cuda.upload_async(at(b_cs), bytemuck::cast_slice(&cs))?;
@@ -232,7 +354,22 @@ impl Model {
         if let Some(n) = q_norm {
             cuda.upload_async(at(b_q_norm), bytemuck::cast_slice(n))?;
         }
-        let x_lo_for = |l: &Linear| opt(precise(l) && !x_lo.is_empty(), b_x_lo);
+        // x's bf16 parts (a device pointer; 0 for no low part).
+        let (x_hi_at, x_lo_at) = match x {
+            Hidden::Host(_) => (at(b_x_hi), opt(!x_lo.is_empty(), b_x_lo)),
+            Hidden::Device { x, .. } if !split_x => (x, 0),
+            Hidden::Device { x, x_dtype, .. } => {
+                let mut s = row_step(x, t, hid, hid)?;
+                s.src_dtype = code(x_dtype.raw());
+                s.hi = at(b_x_hi);
+                s.lo = opt(x_precise, b_x_lo);
+                // SAFETY: `x` is the caller's `[t, hidden]` (checked by the
+                // FFI); the parts are carved above for exactly that.
+                unsafe { cuda.enqueue_rows(&s) }?;
+                (s.hi, s.lo)
+            }
+        };
+        let x_lo_for = |l: &Linear| if precise(l) { x_lo_at } else { 0 };
         let p_at = at(b_partial);
 
         // SAFETY (every enqueue below): each buffer is a piece of the arena
@@ -244,7 +381,7 @@ impl Model {
             match (&w.q, &lw.q) {
                 (QWeights::Lora { a, b }, QProj::Lora { a: la, b: lb, .. }) => {
                     let call = LinearCall::plain(t, q_lora);
-                    cuda.enqueue_linear_device(a, &call, at(b_x_hi), x_lo_for(la), at(b_qa), p_at)?;
+                    cuda.enqueue_linear_device(a, &call, x_hi_at, x_lo_for(la), at(b_qa), p_at)?;
                     let mut s = row_step(at(b_qa), t, q_lora, q_lora)?;
                     s.norm = at(b_q_norm);
                     s.eps = eps;
@@ -261,14 +398,14 @@ impl Model {
                 }
                 (QWeights::Direct(wq), QProj::Direct(lq)) => {
                     let call = LinearCall::plain(t, h * qk);
-                    cuda.enqueue_linear_device(wq, &call, at(b_x_hi), x_lo_for(lq), at(b_q), p_at)?;
+                    cuda.enqueue_linear_device(wq, &call, x_hi_at, x_lo_for(lq), at(b_q), p_at)?;
                 }
                 _ => return Err(Error::internal("device and host query weights disagree")),
             }
             // Latent KV [t, lora + rope]: RMSNorm(c), RoPE(k_pe), in place.
             let call = LinearCall::plain(t, d_qk);
             let kv_lo = x_lo_for(&lw.kv_a);
-            cuda.enqueue_linear_device(w.kv_a, &call, at(b_x_hi), kv_lo, at(b_kv), p_at)?;
+            cuda.enqueue_linear_device(w.kv_a, &call, x_hi_at, kv_lo, at(b_kv), p_at)?;
             let mut s = row_step(at(b_kv), t, lora, d_qk)?;
             s.norm = at(b_kv_norm);
             s.eps = eps;
@@ -309,7 +446,18 @@ impl Model {
             Some(idx) => {
                 let mut qa = vec![0f32; t * q_lora];
                 cuda.download(bytemuck::cast_slice_mut(&mut qa), at(b_qa))?;
-                Some(idx.prepare(x, &qa, pos, &self.rope, &self.scratch))
+                let mut x_dev = Vec::new();
+                let xf: &[f32] = match x {
+                    Hidden::Host(x) => &x[..t * hid],
+                    Hidden::Device { x, x_dtype, .. } => {
+                        let mut raw = vec![0u8; t * hid * x_dtype.size()];
+                        cuda.download(&mut raw, x)?;
+                        x_dev.resize(t * hid, 0f32);
+                        crate::format::load_slice(x_dtype, &raw, &mut x_dev);
+                        &x_dev
+                    }
+                };
+                Some(idx.prepare(xf, &qa, pos, &self.rope, &self.scratch))
             }
             None => None,
         };
@@ -423,8 +571,30 @@ impl Model {
                 let call = LinearCall::plain(t, hid);
                 cuda.enqueue_linear_device(w.o_proj, &call, s.hi, s.lo, at(b_y), p_at)?;
             }
-            let mut y = vec![0f32; t * hid];
-            cuda.download(bytemuck::cast_slice_mut(&mut y), at(b_y))?;
+            let y = match x {
+                Hidden::Host(_) => {
+                    let mut y = vec![0f32; t * hid];
+                    cuda.download(bytemuck::cast_slice_mut(&mut y), at(b_y))?;
+                    y
+                }
+                Hidden::Device {
+                    out,
+                    out_dtype,
+                    stream,
+                    ..
+                } => {
+                    let mut s = row_step(at(b_y), t, hid, hid)?;
+                    s.dst = out;
+                    s.dst_stride = int("hidden", hid)?;
+                    s.dst_dtype = code(out_dtype.raw());
+                    // SAFETY: `out` is the caller's `[t, hidden]` (checked
+                    // by the FFI), `y` carved above.
+                    unsafe { cuda.enqueue_rows(&s) }?;
+                    // The caller's stream continues after it, or the call waits.
+                    cuda.join_to(stream)?;
+                    Vec::new()
+                }
+            };
             if let Some(io) = index_out {
                 io[..selected.len()].copy_from_slice(&selected);
             }

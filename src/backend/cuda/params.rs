@@ -125,6 +125,8 @@ pub struct RowsParams {
     pub rows_per_token: i32,
     pub rope: i32,
     pub eps: f32,
+    pub src_dtype: i32,
+    pub pad0: i32,
     pub src: u64,
     pub norm: u64,
     pub cos_sin: u64,
@@ -134,10 +136,10 @@ pub struct RowsParams {
 }
 
 /// `MLA_ROWS_PARAMS_SIZE` in the header.
-pub const ROWS_PARAMS_SIZE: usize = 80;
+pub const ROWS_PARAMS_SIZE: usize = 88;
 const _: () = assert!(std::mem::size_of::<RowsParams>() == ROWS_PARAMS_SIZE);
-const _: () = assert!(std::mem::offset_of!(RowsParams, src) == 32);
-const _: () = assert!(std::mem::offset_of!(RowsParams, lo) == 72);
+const _: () = assert!(std::mem::offset_of!(RowsParams, src) == 40);
+const _: () = assert!(std::mem::offset_of!(RowsParams, lo) == 80);
 
 /// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
 pub const ERR_SEQLEN: u32 = 1;
@@ -327,6 +329,8 @@ mod tests {
             "rows_per_token",
             "rope",
             "eps",
+            "src_dtype",
+            "pad0",
             "src",
             "norm",
             "cos_sin",

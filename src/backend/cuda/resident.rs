@@ -99,6 +99,61 @@ impl CudaBackend {
         })
     }
 
+    /// Makes the engine's stream wait for the work enqueued so far on the
+    /// caller's CUstream `caller` (0: none). A stream being captured into
+    /// a CUDA graph is refused: a layer forward stages host data.
+    pub fn join_from(&self, caller: u64) -> Result<()> {
+        if caller == 0 {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        let caller = caller as sys::CUstream;
+        // SAFETY: a caller stream is a live CUstream (C contract).
+        let capturing = guarded("cuStreamIsCapturing", || {
+            unsafe { result::stream::is_capturing(caller) }.map_err(dev_err("cuStreamIsCapturing"))
+        })? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        if capturing {
+            return Err(crate::error::Error::invalid(
+                "stream is being captured into a CUDA graph: a model forward copies host data (block tables, RoPE tables) and cannot be captured",
+            ));
+        }
+        Self::wait_between(caller, stream)
+    }
+
+    /// Makes the caller's CUstream `caller` wait for the work enqueued so
+    /// far on the engine's stream; `caller` 0: waits for it here.
+    pub fn join_to(&self, caller: u64) -> Result<()> {
+        if caller == 0 {
+            return self.sync();
+        }
+        let stream = self.stream()?;
+        Self::wait_between(stream, caller as sys::CUstream)
+    }
+
+    /// `to` waits (on the device) for the work enqueued so far on `from`.
+    fn wait_between(from: sys::CUstream, to: sys::CUstream) -> Result<()> {
+        guarded("cuStreamWaitEvent", || {
+            let ev = result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
+                .map_err(dev_err("cuEventCreate"))?;
+            // SAFETY: our new event; both streams are live (ours, or the
+            // caller's by the C contract). Destroying an event that a wait
+            // is enqueued on is allowed: the driver releases it afterwards.
+            let r = unsafe {
+                result::event::record(ev, from).and_then(|_| {
+                    result::stream::wait_event(
+                        to,
+                        ev,
+                        sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+                    )
+                })
+            }
+            .map_err(dev_err("cuStreamWaitEvent"));
+            // SAFETY: as above.
+            let _ = unsafe { result::event::destroy(ev) };
+            r
+        })
+    }
+
     /// Enqueues `mla_rows` over `p.rows` rows.
     ///
     /// # Safety
