@@ -1320,6 +1320,244 @@ fn cuda_model_projections_on_gpu() -> Outcome {
     Outcome::Ran
 }
 
+/// `mlart_model_forward` with device memory (`args.memory`, `args.stream`)
+/// writes the bytes the host-memory call gives on the same GPU engine (both
+/// run the layer resident, with the same bf16 split of x made on the host
+/// or on the device): F32, BF16 and F16 hidden states and outputs, a
+/// prefill chunk and decode steps, with and without a caller stream, V3 and
+/// V3.2 (with index_out). Then the named errors, which leave the pool as
+/// it was: a pointer past its allocation, host memory, a model whose
+/// projections are on the CPU, a capturing stream.
+fn cuda_model_forward_device_memory() -> Outcome {
+    use cudarc::driver::{result, sys};
+    use mlart::ffi::model::*;
+    use mlart::ffi::pool::*;
+    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    with_gpu(|g| {
+        for preset in [Preset::Small, Preset::SmallV32] {
+            let dir = std::env::temp_dir().join(format!(
+                "mlart-cuda-devmem-{}-{}",
+                preset.name(),
+                std::process::id()
+            ));
+            let gen = GenOptions {
+                preset,
+                dtype: WeightDtype::Fp8,
+                layers: 1,
+                seed: 5,
+                shards: 1,
+                yarn: true,
+            };
+            generate(&dir, &gen).unwrap();
+            let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
+            let load = |on_gpu: i32| {
+                let mut o = MaybeUninit::<mlart_model_options>::uninit();
+                mlart_model_options_init(o.as_mut_ptr());
+                // SAFETY: initialized just above.
+                let mut o = unsafe { o.assume_init() };
+                o.gpu_projections = on_gpu;
+                let mut m = std::ptr::null_mut();
+                assert!(take_error(mlart_model_load(g.ptr, path.as_ptr(), &o, &mut m)).is_none());
+                m
+            };
+            let (model, cpu_proj) = (load(1), load(0));
+            let _ = std::fs::remove_dir_all(&dir);
+            let props = |m: *mut mlart_model| {
+                let mut p = MaybeUninit::<mlart_model_props>::uninit();
+                mlart_model_props_init(p.as_mut_ptr());
+                // SAFETY: initialized just above.
+                let mut p = unsafe { p.assume_init() };
+                assert!(take_error(mlart_model_info(m, &mut p)).is_none());
+                p
+            };
+            let mp = props(model);
+            assert_eq!(mp.projections_on_gpu, 1);
+            assert_eq!(props(cpu_proj).projections_on_gpu, 0);
+            let (hid, topk) = (mp.hidden_size as usize, mp.index_topk as usize);
+            let pool = || {
+                let mut o = MaybeUninit::<mlart_kv_pool_options>::uninit();
+                mlart_kv_pool_options_init(o.as_mut_ptr());
+                // SAFETY: initialized just above.
+                let mut o = unsafe { o.assume_init() };
+                o.d_qk = mp.d_qk;
+                o.block_size = 16;
+                o.num_blocks = 16;
+                o.index_head_dim = mp.index_head_dim;
+                let mut p = std::ptr::null_mut();
+                assert!(take_error(mlart_kv_pool_create(g.ptr, &o, &mut p)).is_none());
+                for id in [1, 2] {
+                    assert!(take_error(mlart_kv_seq_create(p, id)).is_none());
+                }
+                p
+            };
+            // [host-memory calls, device-memory calls]
+            let pools = [pool(), pool()];
+            let len = |p: *mut mlart_kv_pool, id: u64| {
+                let mut n = -1;
+                assert!(take_error(mlart_kv_seq_length(p, id, 0, &mut n)).is_none());
+                n
+            };
+            let mut pl = Placed {
+                ptrs: Vec::new(),
+                engine: g.ptr,
+            };
+            let stream = result::stream::create(result::stream::StreamKind::NonBlocking).unwrap();
+            let seqs = [1u64, 2];
+            let steps: [(&[i32], u32, u32, bool); 4] = [
+                (&[12, 3], MLART_DTYPE_F32, MLART_DTYPE_F32, false),
+                (&[1, 1], MLART_DTYPE_BF16, MLART_DTYPE_BF16, true),
+                (&[2, 1], MLART_DTYPE_F16, MLART_DTYPE_F32, false),
+                (&[1, 1], MLART_DTYPE_F32, MLART_DTYPE_F16, true),
+            ];
+            let mut rng = SmallRng::seed_from_u64(case_seed(69, 0));
+            let to_bytes = |dt: u32, v: &[f32]| -> Vec<u8> {
+                match dt {
+                    MLART_DTYPE_F32 => bytes_of(v).to_vec(),
+                    MLART_DTYPE_BF16 => v
+                        .iter()
+                        .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                        .collect(),
+                    _ => v
+                        .iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                }
+            };
+            let esize = |dt: u32| if dt == MLART_DTYPE_F32 { 4 } else { 2 };
+            let args = |n: &[i32], x_dtype, out_dtype| {
+                let mut a = MaybeUninit::<mlart_forward_args>::uninit();
+                mlart_forward_args_init(a.as_mut_ptr());
+                // SAFETY: initialized just above.
+                let mut a = unsafe { a.assume_init() };
+                a.batch = 2;
+                a.seq_ids = seqs.as_ptr();
+                a.n_tokens = n.as_ptr();
+                a.x_dtype = x_dtype;
+                a.out_dtype = out_dtype;
+                a
+            };
+            for (n, x_dtype, out_dtype, on_stream) in steps {
+                let total: usize = n.iter().map(|&v| v as usize).sum();
+                let xf: Vec<f32> = (0..total * hid).map(|_| sample(&mut rng)).collect();
+                let x = to_bytes(x_dtype, &xf);
+                let out_len = total * hid * esize(out_dtype);
+                let mut want = vec![0u8; out_len];
+                let mut sel = [vec![-7i32; total * topk], vec![-7i32; total * topk]];
+                let mut a = args(n, x_dtype, out_dtype);
+                a.x = x.as_ptr() as *const c_void;
+                a.out = want.as_mut_ptr() as *mut c_void;
+                if topk > 0 {
+                    a.index_out = sel[0].as_mut_ptr();
+                }
+                assert!(take_error(mlart_model_forward(model, pools[0], &a)).is_none());
+                let mut d = args(n, x_dtype, out_dtype);
+                d.memory = MLART_MEMORY_DEVICE;
+                d.x = pl.put(&x);
+                d.out = pl.put(&vec![0xffu8; out_len]);
+                if topk > 0 {
+                    d.index_out = sel[1].as_mut_ptr();
+                }
+                if on_stream {
+                    d.stream = stream as *mut c_void;
+                }
+                assert!(take_error(mlart_model_forward(model, pools[1], &d)).is_none());
+                if on_stream {
+                    // SAFETY: our stream.
+                    unsafe { result::stream::synchronize(stream) }.unwrap();
+                }
+                let mut got = vec![0u8; out_len];
+                pl.get(&mut got, d.out);
+                assert!(
+                    got == want,
+                    "{preset:?} n {n:?} x {x_dtype} out {out_dtype} stream {on_stream}: device-memory output differs from the host-memory call's"
+                );
+                assert_eq!(sel[0], sel[1], "{preset:?}: index_out differs");
+            }
+            // Errors name the argument and leave both pools as they were.
+            let lens = [len(pools[1], 1), len(pools[1], 2)];
+            let n = [1, 1];
+            let xf: Vec<f32> = (0..2 * hid).map(|_| sample(&mut rng)).collect();
+            let x_host = bytes_of(&xf).to_vec();
+            let base = || {
+                let mut d = args(&n, MLART_DTYPE_F32, MLART_DTYPE_F32);
+                d.memory = MLART_MEMORY_DEVICE;
+                d
+            };
+            let x_dev = pl.put(&x_host);
+            let out_dev = pl.put(&x_host);
+            let short = pl.put(&x_host[..hid * 4]);
+            let mut host_out = vec![0u8; 2 * hid * 4];
+            let expect =
+                |what: &str, m: *mut mlart_model, a: &mlart_forward_args, needles: &[&str]| {
+                    match take_error(mlart_model_forward(m, pools[1], a)) {
+                        None => panic!("{what}: succeeded"),
+                        Some((code, msg)) => {
+                            assert_eq!(code, MLART_STATUS_INVALID_ARGUMENT, "{what}: {msg}");
+                            for s in needles {
+                                assert!(msg.contains(s), "{what}: {msg:?} lacks {s:?}");
+                            }
+                        }
+                    }
+                };
+            let mut a = base();
+            a.x = x_dev;
+            a.out = short;
+            expect(
+                "short out",
+                model,
+                &a,
+                &["out = ", "past the end of its allocation"],
+            );
+            a.out = host_out.as_mut_ptr() as *mut c_void;
+            expect(
+                "host out",
+                model,
+                &a,
+                &["out = ", "not memory of a CUDA device"],
+            );
+            a.out = x_dev;
+            expect("out is x", model, &a, &["overlaps"]);
+            a.out = out_dev;
+            expect(
+                "CPU projections",
+                cpu_proj,
+                &a,
+                &["MLART_MEMORY_DEVICE", "projections run on the CPU"],
+            );
+            // SAFETY: our stream; the capture is ended below.
+            unsafe {
+                result::stream::begin_capture(
+                    stream,
+                    sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+                )
+            }
+            .unwrap();
+            a.stream = stream as *mut c_void;
+            expect(
+                "capturing stream",
+                model,
+                &a,
+                &["captured into a CUDA graph"],
+            );
+            // SAFETY: as above.
+            let graph = unsafe { result::stream::end_capture(stream) }.unwrap();
+            if !graph.is_null() {
+                // SAFETY: the graph just captured (empty).
+                unsafe { result::graph::destroy(graph) }.unwrap();
+            }
+            assert_eq!([len(pools[1], 1), len(pools[1], 2)], lens);
+            // SAFETY: our stream, idle.
+            unsafe { result::stream::destroy(stream) }.unwrap();
+            drop(pl);
+            for p in pools {
+                mlart_kv_pool_free(p);
+            }
+            mlart_model_free(model);
+            mlart_model_free(cpu_proj);
+        }
+    })
+}
+
 /// The projection kernels through the backend's own calls
 /// (`upload_weight`, `linear`, `time_linear`): an FP8 weight with
 /// 128x128 block scales and a bf16 one, a decode call (K split over
@@ -1514,7 +1752,7 @@ fn cuda_wgmma_probe() -> Outcome {
 }
 
 fn main() {
-    let tests: [Test; 12] = [
+    let tests: [Test; 13] = [
         ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
@@ -1533,6 +1771,10 @@ fn main() {
             cuda_model_projections_on_gpu,
         ),
         ("cuda_linear_matches_float64", cuda_linear_matches_float64),
+        (
+            "cuda_model_forward_device_memory",
+            cuda_model_forward_device_memory,
+        ),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()
