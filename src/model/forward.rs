@@ -207,7 +207,7 @@ impl Model {
                     rms_norm(&mut qa, norm, eps);
                     self.project(b, dl.and_then(DeviceLayer::q_b), &qa, total, &mut q)?;
                     if let Some(idx) = &lw.indexer {
-                        ix = Some(idx.prepare(&x[..total * hid], &qa, &pos, &self.rope, sc));
+                        ix = Some(idx.prepare(&x[..total * hid], &qa, pos, &self.rope, sc));
                     }
                 }
                 QProj::Direct(w) => {
@@ -307,8 +307,8 @@ impl Model {
                             pl,
                             seqs,
                             n_tokens,
-                            &first_tok,
-                            &pos,
+                            first_tok,
+                            pos,
                             t,
                             topk,
                             &mut selected,
