@@ -2678,7 +2678,7 @@ fn forward_errors_leave_the_pool_unchanged() {
     let old = mlart_forward_args {
         struct_size: 72,
         memory: 0xdead,
-        stream: 1usize as *mut c_void,
+        stream: std::ptr::dangling_mut::<c_void>(),
         out: y04.as_mut_ptr() as *mut c_void,
         ..base()
     };
