@@ -100,7 +100,8 @@ PY
     MLART_CUDA_WGMMA=1 timeout 180 "$g/mlart" bench --cuda ${mm:+--matmul-tflops $mm} \
         --json "$out/bench-cuda-wgmma.json" 2>&1
     # One V3 layer (FP8 weights) on a GPU engine, its projections on the CPU
-    # (the default until verified) and on the GPU (MLART_CUDA_PROJECTIONS=1):
+    # (the default until verified) and on the GPU (MLART_CUDA_PROJECTIONS=1,
+    # where the whole layer then stays on the device: model::resident):
     # batch-1 decode's weight stream against the ruler of each.
     ck=$(mktemp -d)
     timeout 120 "$g/mlart" gen-model --preset v3 --layers 1 --dtype fp8 "$ck/v3" > /dev/null 2>&1
