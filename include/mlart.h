@@ -454,6 +454,22 @@ typedef struct mlart_model_options {
    * field is then not read.
    */
   mlart_activations activations;
+  /**
+   * Ignored: the 0.4 layout's tail padding, which a caller built
+   * against that header may leave uninitialized.
+   */
+  uint32_t reserved0;
+  /**
+   * Where a CUDA engine's model runs its projections: -1 (default) as
+   * `MLART_CUDA_PROJECTIONS` says, else mlart's default (the CPU until
+   * the GPU kernels are verified on hardware); 0: the CPU; 1: the GPU
+   * (bf16 and FP8 weights; f32/f16 ones stay on the CPU, which
+   * `mlart_model_props.projections_on_gpu` shows). Ignored by CPU
+   * engines.
+   * Since 0.5: a struct_size of 48 (the 0.4 layout, which ends before
+   * this field) or 40 is still accepted, and the field is then -1.
+   */
+  int32_t gpu_projections;
 } mlart_model_options;
 
 /**
@@ -534,6 +550,15 @@ typedef struct mlart_model_props {
   int32_t index_n_heads;
   int32_t index_head_dim;
   int32_t index_topk;
+  /**
+   * 1 when the projections run on the GPU (a CUDA engine, asked for by
+   * `mlart_model_options.gpu_projections` or `MLART_CUDA_PROJECTIONS`,
+   * bf16 or FP8 weights); then the whole layer runs there over a pool of
+   * the same engine, and `mlart_model_forward` takes device memory. 0
+   * otherwise. Since 0.5, in what was the 0.4 layout's tail padding (so
+   * both have one size); a 0.1–0.3 struct_size gets only its prefix.
+   */
+  int32_t projections_on_gpu;
 } mlart_model_props;
 
 /**
@@ -602,8 +627,10 @@ typedef struct mlart_forward_args {
    * CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
    * work starts after what is enqueued there and the stream continues
    * after it; the call returns without waiting. It may not be capturing
-   * a CUDA graph (the call copies host data). NULL: the call returns
-   * when `out` is written. Ignored for host memory.
+   * a CUDA graph (the call copies host data). NULL: `x` must be ready
+   * when the call is made (work that writes it on other streams
+   * finished), and the call returns when `out` is written. Ignored for
+   * host memory.
    */
   void *stream;
 } mlart_forward_args;

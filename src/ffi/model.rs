@@ -206,8 +206,10 @@ pub struct mlart_forward_args {
     /// CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
     /// work starts after what is enqueued there and the stream continues
     /// after it; the call returns without waiting. It may not be capturing
-    /// a CUDA graph (the call copies host data). NULL: the call returns
-    /// when `out` is written. Ignored for host memory.
+    /// a CUDA graph (the call copies host data). NULL: `x` must be ready
+    /// when the call is made (work that writes it on other streams
+    /// finished), and the call returns when `out` is written. Ignored for
+    /// host memory.
     pub stream: *mut c_void,
 }
 
