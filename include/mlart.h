@@ -31,7 +31,7 @@
 /**
  * Library version, minor part.
  */
-#define MLART_VERSION_MINOR 4
+#define MLART_VERSION_MINOR 5
 
 /**
  * Library version, patch part.

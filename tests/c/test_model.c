@@ -194,6 +194,28 @@ int main(int argc, char **argv) {
     EXPECT_ERROR(forward(model, pool, layer, 7, 1, x, out), MLART_STATUS_NOT_FOUND, "7");
     EXPECT_ERROR(forward(model, pool, p.num_layers, seq, 1, x, out),
                  MLART_STATUS_INVALID_ARGUMENT, "layer");
+    /* Device memory needs a CUDA engine (and the model's projections on its
+     * GPU); this one is a CPU engine. */
+    {
+        int32_t one = 1;
+        mlart_forward_args a;
+        mlart_forward_args_init(&a);
+        CHECK(a.memory == MLART_MEMORY_HOST && a.stream == NULL, "forward args defaults");
+        a.layer = layer;
+        a.batch = 1;
+        a.seq_ids = &seq;
+        a.n_tokens = &one;
+        a.x = x;
+        a.out = out;
+        a.memory = MLART_MEMORY_DEVICE;
+        EXPECT_ERROR(mlart_model_forward(model, pool, &a), MLART_STATUS_UNSUPPORTED,
+                     "MLART_MEMORY_DEVICE");
+        mlart_model_props q;
+        mlart_model_props_init(&q);
+        OK(mlart_model_info(model, &q));
+        CHECK(q.projections_on_gpu == 0, "projections_on_gpu = %d on a CPU engine",
+              (int)q.projections_on_gpu);
+    }
     CHECK(seq_length(pool, seq, 0) == 4, "length after failed forwards");
     mlart_model *none = NULL;
     EXPECT_ERROR(mlart_model_load(engine, "/nonexistent/mlart-model", NULL, &none),
