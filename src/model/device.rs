@@ -100,6 +100,10 @@ pub struct DeviceLayer {
     pub kv_b: ProjWeight,
     pub o_proj: ProjWeight,
     pub dims: HeadDims,
+    /// The RMSNorm weights in device memory, f32: kv_norm `[kv_lora]`,
+    /// then q_a's norm `[q_lora]` (low-rank queries); 0 when the weights
+    /// are not on a GPU.
+    pub norms: u64,
 }
 
 impl DeviceLayer {
@@ -216,6 +220,9 @@ impl DeviceLayer {
         for w in self.weights() {
             w.free(cuda);
         }
+        if self.norms != 0 {
+            let _ = cuda.mem_free(self.norms);
+        }
     }
 }
 
@@ -267,6 +274,7 @@ fn assemble(ws: Vec<ProjWeight>, dims: HeadDims) -> Result<DeviceLayer> {
         kv_b: next()?,
         o_proj: next()?,
         dims,
+        norms: 0,
     })
 }
 
@@ -284,7 +292,7 @@ pub fn upload(
         .map(|lw| layer_images(lw, dims))
         .collect::<Result<Vec<_>>>()?;
     let mut out: Vec<DeviceLayer> = Vec::with_capacity(layers.len());
-    for imgs in &images {
+    for (lw, imgs) in layers.iter().zip(&images) {
         let mut held = Vec::with_capacity(imgs.len());
         let mut failed = None;
         for img in imgs {
@@ -297,7 +305,16 @@ pub fn upload(
             }
         }
         let r = match failed {
-            None => assemble(held, dims),
+            None => assemble(held, dims).and_then(|mut l| {
+                match upload_norms(cuda, lw) {
+                    Ok(p) => l.norms = p,
+                    Err(e) => {
+                        l.free(cuda);
+                        return Err(e);
+                    }
+                }
+                Ok(l)
+            }),
             Some(e) => {
                 for w in &held {
                     w.free(cuda);
@@ -316,6 +333,21 @@ pub fn upload(
         }
     }
     Ok(out)
+}
+
+/// A layer's RMSNorm weights in device memory (see [`DeviceLayer::norms`]).
+fn upload_norms(cuda: &CudaBackend, lw: &LayerWeights) -> Result<u64> {
+    let mut v = lw.kv_norm.clone();
+    if let QProj::Lora { norm, .. } = &lw.q {
+        v.extend_from_slice(norm);
+    }
+    let bytes: &[u8] = bytemuck::cast_slice(&v);
+    let p = cuda.mem_alloc(bytes.len())?;
+    if let Err(e) = cuda.mem_copy(p, bytes.as_ptr() as u64, bytes.len()) {
+        let _ = cuda.mem_free(p);
+        return Err(e);
+    }
+    Ok(p)
 }
 
 /// Every layer's weights kept on the host with the kernels' arithmetic

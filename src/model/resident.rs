@@ -119,7 +119,7 @@ impl Model {
             .backend()
             .cuda()
             .is_some_and(|c| std::ptr::eq(c, cuda));
-        (same_gpu && Weights::of(dl).is_some()).then_some((cuda, dl))
+        (same_gpu && dl.norms != 0 && Weights::of(dl).is_some()).then_some((cuda, dl))
     }
 
     /// [`Self::forward_with`] with the hidden states `x` and the output
@@ -276,12 +276,12 @@ impl Model {
 
         // Device buffers, one after another in the model's arena.
         let mut cv = Carve::default();
+        // First the host's inputs, in one upload: RoPE's table, then x's
+        // parts (made here from host x, on the device from device x).
+        let b_cs = cv.take(4 * cs.len());
         let b_x_hi = cv.take(2 * x_hi.len() + x_parts);
         let b_x_lo = cv.take(2 * x_lo.len() + if x_precise { x_parts } else { 0 });
-        let b_cs = cv.take(4 * cs.len());
-        let b_kv_norm = cv.take(4 * lora);
         let q_lora = q_norm.map_or(0, |n| n.len());
-        let b_q_norm = cv.take(4 * q_lora);
         let b_qa = cv.take(4 * t * q_lora);
         let b_qa_hi = cv.take(2 * t * q_lora);
         let b_qa_lo = cv.take(2 * t * q_lora);
@@ -347,13 +347,19 @@ impl Model {
         if let Hidden::Device { stream, .. } = x {
             cuda.join_from(stream)?;
         }
-        cuda.upload_async(at(b_x_hi), bytemuck::cast_slice(&x_hi))?;
-        cuda.upload_async(at(b_x_lo), bytemuck::cast_slice(&x_lo))?;
-        cuda.upload_async(at(b_cs), bytemuck::cast_slice(&cs))?;
-        cuda.upload_async(at(b_kv_norm), bytemuck::cast_slice(&lw.kv_norm))?;
-        if let Some(n) = q_norm {
-            cuda.upload_async(at(b_q_norm), bytemuck::cast_slice(n))?;
+        // One copy: each costs the driver microseconds, about what a
+        // decode step's small kernels take.
+        let mut inputs = vec![0u8; b_x_hi + 2 * x_hi.len()];
+        inputs[b_cs..b_cs + 4 * cs.len()].copy_from_slice(bytemuck::cast_slice(&cs));
+        if !x_hi.is_empty() {
+            inputs.resize(b_x_lo + 2 * x_lo.len(), 0);
+            inputs[b_x_hi..b_x_hi + 2 * x_hi.len()].copy_from_slice(bytemuck::cast_slice(&x_hi));
+            inputs[b_x_lo..].copy_from_slice(bytemuck::cast_slice(&x_lo));
         }
+        cuda.upload_async(base, &inputs)?;
+        // The norms' weights, uploaded at load.
+        let kv_norm_at = dl.norms;
+        let q_norm_at = dl.norms + 4 * lora as u64;
         // x's bf16 parts (a device pointer; 0 for no low part).
         let (x_hi_at, x_lo_at) = match x {
             Hidden::Host(_) => (at(b_x_hi), opt(!x_lo.is_empty(), b_x_lo)),
@@ -383,7 +389,7 @@ impl Model {
                     let call = LinearCall::plain(t, q_lora);
                     cuda.enqueue_linear_device(a, &call, x_hi_at, x_lo_for(la), at(b_qa), p_at)?;
                     let mut s = row_step(at(b_qa), t, q_lora, q_lora)?;
-                    s.norm = at(b_q_norm);
+                    s.norm = q_norm_at;
                     s.eps = eps;
                     if lw.indexer.is_some() {
                         // The indexer (CPU) reads the normed rows.
@@ -407,7 +413,7 @@ impl Model {
             let kv_lo = x_lo_for(&lw.kv_a);
             cuda.enqueue_linear_device(w.kv_a, &call, x_hi_at, kv_lo, at(b_kv), p_at)?;
             let mut s = row_step(at(b_kv), t, lora, d_qk)?;
-            s.norm = at(b_kv_norm);
+            s.norm = kv_norm_at;
             s.eps = eps;
             s.dst = at(b_kv);
             s.dst_stride = int("d_qk", d_qk)?;

@@ -90,6 +90,48 @@ impl<'a> Staging<'a> {
     }
 }
 
+/// Pieces up to this size that lie next to each other in the staging area
+/// go in one copy: each copy costs the driver microseconds, about what a
+/// small decode's kernels take.
+const COALESCE_BYTES: usize = 64 << 10;
+
+/// The copies that put `pieces` (offset, bytes; in offset order) in place:
+/// runs of small neighbouring pieces joined into one buffer (with the
+/// alignment gaps zeroed), large ones as they are; empty ones skipped.
+fn coalesce<'a>(pieces: &[(usize, &'a [u8])]) -> Vec<(usize, std::borrow::Cow<'a, [u8]>)> {
+    use std::borrow::Cow;
+    let mut out: Vec<(usize, Cow<'a, [u8]>)> = Vec::new();
+    // The run being joined: its start and its bytes so far.
+    let mut run: Option<(usize, Vec<u8>)> = None;
+    for &(off, data) in pieces {
+        if data.is_empty() {
+            continue;
+        }
+        let small = data.len() <= COALESCE_BYTES;
+        // Joins the run when it directly follows it (only alignment between).
+        if let Some((start, buf)) = run.as_mut() {
+            let end = *start + buf.len().div_ceil(256) * 256;
+            if small && off == end {
+                buf.resize(off - *start, 0);
+                buf.extend_from_slice(data);
+                continue;
+            }
+        }
+        if let Some((start, buf)) = run.take() {
+            out.push((start, Cow::Owned(buf)));
+        }
+        if small {
+            run = Some((off, data.to_vec()));
+        } else {
+            out.push((off, Cow::Borrowed(data)));
+        }
+    }
+    if let Some((start, buf)) = run {
+        out.push((start, Cow::Owned(buf)));
+    }
+    out
+}
+
 /// Where a staged piece will be: an offset in the staging area, or a
 /// device address already.
 #[derive(Clone, Copy)]
@@ -194,14 +236,12 @@ impl CudaBackend {
         let base = {
             let mut st = self.state.lock();
             let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
-            for (off, data) in &sg.pieces {
-                if !data.is_empty() {
-                    // SAFETY: the staging area holds `sg.bytes`. On our stream, so
-                    // the kernels (same stream) see the data; a copy from
-                    // pageable memory is staged before the call returns.
-                    unsafe { result::memcpy_htod_async(base + *off as u64, data, st.stream) }
-                        .map_err(dev_err("cuMemcpyHtoDAsync"))?;
-                }
+            for (off, data) in coalesce(&sg.pieces) {
+                // SAFETY: the staging area holds `sg.bytes`. On our stream, so
+                // the kernels (same stream) see the data; a copy from
+                // pageable memory is staged before the call returns.
+                unsafe { result::memcpy_htod_async(base + off as u64, &data[..], st.stream) }
+                    .map_err(dev_err("cuMemcpyHtoDAsync"))?;
             }
             base
         };
@@ -272,5 +312,42 @@ pub(super) fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexe
         indices: k.indices,
         topk: k.topk,
         topk_length: k.topk_length,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{coalesce, COALESCE_BYTES};
+
+    /// The joined copies write every piece's bytes at its offset and
+    /// nothing outside the pieces and the gaps between joined ones.
+    #[test]
+    fn small_neighbouring_pieces_share_one_copy() {
+        let (a, b, c) = (vec![1u8; 10], vec![2u8; 300], vec![3u8; 4]);
+        let big = vec![4u8; COALESCE_BYTES + 1];
+        // a, b and c are neighbours (256-byte aligned); a reservation of
+        // 512 bytes lies between c and d; big stands alone; e follows it.
+        let pieces: Vec<(usize, &[u8])> = vec![
+            (0, &a),
+            (256, &b),
+            (768, &[]),
+            (768, &c),
+            (1536, &c),
+            (2048, &big),
+            (2048 + (COALESCE_BYTES + 1).div_ceil(256) * 256, &a),
+        ];
+        let copies = coalesce(&pieces);
+        let offs: Vec<usize> = copies.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offs, [0, 1536, 2048, pieces[6].0]);
+        assert_eq!(copies[0].1.len(), 768 + 4);
+        let mut mem = vec![0xeeu8; pieces[6].0 + 10];
+        for (off, d) in &copies {
+            mem[*off..*off + d.len()].copy_from_slice(d);
+        }
+        for &(off, d) in &pieces {
+            assert_eq!(&mem[off..off + d.len()], d, "piece at {off}");
+        }
+        // The reservation between c and the next piece is not written.
+        assert!(mem[772..1536].iter().all(|&v| v == 0xee));
     }
 }
