@@ -552,12 +552,18 @@ struct ModelOptions {
     // How the projections take their activations: Precise (about 16 bits
     // kept), or Bf16 (rounded, as DeepSeek's reference; faster prefill).
     Activations activations = Activations::Precise;
+    // Where a CUDA engine runs the projections: empty (default: as
+    // MLART_CUDA_PROJECTIONS says, else the CPU), false (the CPU) or true
+    // (the GPU; bf16 and FP8 weights). CPU engines ignore it; the
+    // outcome is info().projections_on_gpu.
+    std::optional<bool> gpu_projections;
     // Called as tensors load with a fraction in [0, 1] and the tensor's name
     // (valid during the call); return false to cancel (Status::Cancelled).
     // An exception it throws cancels the load and is rethrown by load().
     std::function<bool(float fraction, const char *stage)> progress;
 };
 
+// The C struct; projections_on_gpu is 1 when the projections run on the GPU.
 using ModelInfo = mlart_model_props;
 
 // Owns an mlart_model: the attention weights of a range of layers.
@@ -585,6 +591,7 @@ public:
             o.weight_dtype = static_cast<mlart_dtype>(*options.convert_weights);
         }
         o.activations = static_cast<mlart_activations>(options.activations);
+        if (options.gpu_projections) o.gpu_projections = *options.gpu_projections ? 1 : 0;
         Progress bridge{&options.progress, nullptr};
         if (options.progress) {
             o.progress = &Progress::call;
@@ -612,7 +619,9 @@ public:
         return p;
     }
 
-    // Every field of the C struct; start from mlart::forward_args().
+    // Every field of the C struct (memory and stream included: device
+    // memory on a CUDA engine whose projections run on the GPU); start from
+    // mlart::forward_args().
     void forward(KvPool &pool, const mlart_forward_args &args) const {
         detail::check(mlart_model_forward(get(), pool.get(), &args));
     }

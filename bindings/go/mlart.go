@@ -185,6 +185,52 @@ func (a Activations) String() string {
 	return fmt.Sprintf("Activations(%d)", uint32(a))
 }
 
+// GPUProjections says where a CUDA engine's model runs its projections
+// (q_a, q_b or q_proj, kv_a, o_proj): mlart_model_options.gpu_projections.
+// Its zero value is GPUProjectionsDefault. CPU engines ignore it; on a CUDA
+// engine, ModelInfo.ProjectionsOnGPU tells what the model does.
+type GPUProjections int32
+
+// Projection placements. The Go values are not the C ones: the zero value
+// is the library's default, which C spells -1.
+const (
+	// GPUProjectionsDefault (C: -1) follows the MLART_CUDA_PROJECTIONS
+	// environment variable, else the library's default (the CPU).
+	GPUProjectionsDefault GPUProjections = iota
+	// GPUProjectionsOff (C: 0) runs the projections on the CPU.
+	GPUProjectionsOff
+	// GPUProjectionsOn (C: 1) runs them on the GPU (bf16 and FP8 weights;
+	// f32/f16 ones stay on the CPU). Over a pool of the same engine the
+	// whole layer then runs there.
+	GPUProjectionsOn
+)
+
+func (g GPUProjections) String() string {
+	switch g {
+	case GPUProjectionsDefault:
+		return "default"
+	case GPUProjectionsOff:
+		return "off"
+	case GPUProjectionsOn:
+		return "on"
+	}
+	return fmt.Sprintf("GPUProjections(%d)", int32(g))
+}
+
+// c is the mlart_model_options.gpu_projections value; false for a value
+// that is none of the constants.
+func (g GPUProjections) c() (C.int32_t, bool) {
+	switch g {
+	case GPUProjectionsDefault:
+		return -1, true
+	case GPUProjectionsOff:
+		return 0, true
+	case GPUProjectionsOn:
+		return 1, true
+	}
+	return 0, false
+}
+
 // Backend is a compute backend (MLART_BACKEND_*). Its zero value is
 // BackendAuto.
 type Backend uint32

@@ -1110,6 +1110,84 @@ func TestModel(t *testing.T) {
 	}
 }
 
+// GPUProjections reaches the library: a CPU engine accepts every placement,
+// ignores it (the projections stay on the CPU: ProjectionsOnGPU false, the
+// default model's output) and a value outside the constants is rejected.
+func TestModelGPUProjections(t *testing.T) {
+	dir := modelDir(t)
+	e := newEngine(t)
+	m, err := mlart.LoadModel(e, dir, mlart.ModelOptions{})
+	if err != nil {
+		t.Fatalf("LoadModel: %v", err)
+	}
+	defer m.Close()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info.ProjectionsOnGPU {
+		t.Fatalf("default model on a CPU engine: ProjectionsOnGPU = true")
+	}
+	pool, err := mlart.NewKvPool(e, mlart.KvPoolOptions{DQK: info.DQK, NumLayers: info.LoadedLayers, BlockSize: 4, NumBlocks: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	r := rand.New(rand.NewSource(11))
+	const ntok = 2
+	x := randF32(r, ntok*info.HiddenSize, 1)
+	id := uint64(0)
+	forward := func(m *mlart.Model) []float32 {
+		t.Helper()
+		id++
+		if err := pool.CreateSeq(id); err != nil {
+			t.Fatal(err)
+		}
+		out := nanF32s(len(x))
+		if err := m.Forward(pool, &mlart.ForwardArgs{Layer: 1, SeqIDs: []uint64{id}, NTokens: []int32{ntok}, X: x, Out: out}); err != nil {
+			t.Fatalf("Forward: %v", err)
+		}
+		return out
+	}
+	want := toF64(forward(m))
+
+	for _, g := range []mlart.GPUProjections{mlart.GPUProjectionsOn, mlart.GPUProjectionsOff, mlart.GPUProjectionsDefault} {
+		mg, err := mlart.LoadModel(e, dir, mlart.ModelOptions{GPUProjections: g})
+		if err != nil {
+			t.Fatalf("LoadModel(GPUProjections %v) on a CPU engine: %v", g, err)
+		}
+		gi, err := mg.Info()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if gi.ProjectionsOnGPU {
+			t.Fatalf("GPUProjections %v on a CPU engine: ProjectionsOnGPU = true", g)
+		}
+		if d := relL2(forward(mg), want); !(d <= 1e-6) {
+			t.Fatalf("GPUProjections %v on a CPU engine changed the output: rel-L2 %.3g", g, d)
+		}
+		mg.Close()
+	}
+
+	// -1 is C's default, not a Go constant: rejected like any other.
+	for _, g := range []mlart.GPUProjections{3, -1} {
+		_, err = mlart.LoadModel(e, dir, mlart.ModelOptions{GPUProjections: g})
+		me := errStatus(t, err)
+		if me.Status != mlart.StatusInvalidArgument || !strings.Contains(me.Message, "gpu_projections") ||
+			!strings.Contains(me.Message, fmt.Sprintf("GPUProjections = %d ", int32(g))) {
+			t.Fatalf("GPUProjections %d: %v", int32(g), err)
+		}
+		t.Logf("GPUProjections %d: %v", int32(g), err)
+	}
+	for g, want := range map[mlart.GPUProjections]string{
+		mlart.GPUProjectionsDefault: "default", mlart.GPUProjectionsOff: "off", mlart.GPUProjectionsOn: "on", 5: "GPUProjections(5)",
+	} {
+		if got := g.String(); got != want {
+			t.Errorf("GPUProjections(%d).String() = %q, want %q", int32(g), got, want)
+		}
+	}
+}
+
 func modelV32Dir(t *testing.T) string {
 	dir := os.Getenv("MLART_TEST_MODEL_V32_DIR")
 	if dir == "" {

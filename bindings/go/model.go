@@ -27,6 +27,11 @@ type ModelOptions struct {
 	// Activations is how the projections take their activations:
 	// ActivationsPrecise (the zero value) or ActivationsBF16.
 	Activations Activations
+	// GPUProjections is where a CUDA engine runs the projections:
+	// GPUProjectionsDefault (the zero value: MLART_CUDA_PROJECTIONS, else
+	// the CPU), GPUProjectionsOff (the CPU) or GPUProjectionsOn (the GPU).
+	// CPU engines ignore it. ModelInfo.ProjectionsOnGPU tells the outcome.
+	GPUProjections GPUProjections
 	// Progress, when set, is called during the load with fraction in
 	// [0, 1] and the name of the tensor just loaded; returning false
 	// cancels the load (StatusCancelled). A panic in Progress cancels the
@@ -70,6 +75,12 @@ type ModelInfo struct {
 	IndexNHeads  int
 	IndexHeadDim int
 	IndexTopK    int
+	// ProjectionsOnGPU is true when the projections run on the GPU (a CUDA
+	// engine, asked for by ModelOptions.GPUProjections or
+	// MLART_CUDA_PROJECTIONS, bf16 or FP8 weights); then the whole layer
+	// runs there over a pool of the same engine. Always false on a CPU
+	// engine.
+	ProjectionsOnGPU bool
 }
 
 // Model is a loaded model: the attention weights of a range of layers.
@@ -109,6 +120,12 @@ func LoadModel(engine *Engine, dir string, opts ModelOptions) (*Model, error) {
 	o.convert_weights = C.bool(opts.ConvertWeights)
 	o.weight_dtype = C.mlart_dtype(opts.WeightDType)
 	o.activations = C.mlart_activations(opts.Activations)
+	gp, ok := opts.GPUProjections.c()
+	if !ok {
+		return nil, argError("ModelOptions.GPUProjections = %d is not GPUProjectionsDefault, GPUProjectionsOff or GPUProjectionsOn (mlart_model_options.gpu_projections)",
+			int32(opts.GPUProjections))
+	}
+	o.gpu_projections = gp
 
 	var state *progressState
 	if opts.Progress != nil {
@@ -216,6 +233,8 @@ func (m *Model) Info() (ModelInfo, error) {
 		IndexNHeads:   int(p.index_n_heads),
 		IndexHeadDim:  int(p.index_head_dim),
 		IndexTopK:     int(p.index_topk),
+
+		ProjectionsOnGPU: p.projections_on_gpu != 0,
 	}
 	if bool(p.yarn) {
 		info.YaRN = &YaRN{
@@ -325,6 +344,7 @@ func (m *Model) Forward(pool *KvPool, args *ForwardArgs) error {
 	ca.out_dtype = C.mlart_dtype(args.OutDType)
 	ca.out = qPointer(&pn, args.OutDType, args.Out, args.Out16)
 	ca.index_out = (*C.int32_t)(pin(&pn, args.IndexOut))
+	ca.memory = C.MLART_MEMORY_HOST // Go slices; stream stays NULL
 
 	err = takeError(C.mlart_model_forward(mptr, pptr, &ca))
 	runtime.KeepAlive(m)

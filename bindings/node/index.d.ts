@@ -233,6 +233,15 @@ export interface ModelLoadOptions {
    * 16 bits kept) or 'bf16' (rounded, as DeepSeek's reference; faster prefill).
    */
   activations?: 'precise' | 'bf16';
+  /**
+   * Where a CUDA engine runs the projections (mlart_model_options.gpu_projections):
+   * true: the GPU (bf16 and FP8 weights; f32/f16 ones stay on the CPU);
+   * false: the CPU; absent (default): as MLART_CUDA_PROJECTIONS says, else the
+   * CPU. A number is passed as the C value (-1, 0 or 1; others are the
+   * library's INVALID_ARGUMENT). CPU engines ignore it; `info().projectionsOnGpu`
+   * tells the outcome.
+   */
+  gpuProjections?: boolean | number;
   /** Called during the load; return false to cancel (MlartError 'CANCELLED'). */
   progress?: (fraction: number, stage: string) => boolean | void;
 }
@@ -271,6 +280,12 @@ export interface ModelInfo {
   indexHeadDim: number;
   /** Positions each token attends to once past them; 0 without an indexer. */
   indexTopk: number;
+  /**
+   * True when the projections run on the GPU (a CUDA engine asked for it with
+   * `gpuProjections` or MLART_CUDA_PROJECTIONS; bf16 or FP8 weights); always
+   * false on a CPU engine.
+   */
+  projectionsOnGpu: boolean;
 }
 
 export interface ForwardArgs {

@@ -170,6 +170,8 @@ const mlart_model_options = koffi.struct('mlart_model_options', {
   progress: koffi.pointer(mlart_progress_fn),
   progress_user_data: 'void *',
   activations: 'uint32_t',
+  reserved0: 'uint32_t',
+  gpu_projections: 'int32_t',
 });
 
 const mlart_model_props = koffi.struct('mlart_model_props', {
@@ -201,6 +203,7 @@ const mlart_model_props = koffi.struct('mlart_model_props', {
   index_n_heads: 'int32_t',
   index_head_dim: 'int32_t',
   index_topk: 'int32_t',
+  projections_on_gpu: 'int32_t',
 });
 
 const mlart_forward_args = koffi.struct('mlart_forward_args', {
@@ -214,6 +217,8 @@ const mlart_forward_args = koffi.struct('mlart_forward_args', {
   out_dtype: 'uint32_t',
   out: 'void *',
   index_out: 'int32_t *',
+  memory: 'uint32_t',
+  stream: 'void *',
 });
 
 const mlart_kv_pool_options = koffi.struct('mlart_kv_pool_options', {
@@ -593,6 +598,18 @@ function prod(...xs) {
   let p = 1;
   for (const x of xs) p *= Math.max(0, x);
   return p;
+}
+
+/**
+ * mlart_model_options.gpu_projections: true (1, the GPU), false (0, the
+ * CPU), undefined or null (the default, -1: MLART_CUDA_PROJECTIONS, else the
+ * CPU), or the C value as a number (others are the library's to reject).
+ */
+function gpuProjections(value, dflt) {
+  if (value === undefined || value === null) return dflt;
+  if (typeof value === 'boolean') return value ? 1 : 0;
+  if (typeof value === 'number') return int32(value, 'gpuProjections');
+  throw new TypeError(`gpuProjections must be a boolean (or the C value -1, 0 or 1), got ${describe(value)}`);
 }
 
 function describe(v) {
@@ -991,6 +1008,7 @@ class Model extends Handle {
    * @param {string} dir
    * @param {{firstLayer?: number, numLayers?: number, convertWeights?: boolean,
    *          weightDtype?: string|number, activations?: 'precise'|'bf16'|number,
+   *          gpuProjections?: boolean|number,
    *          progress?: (fraction: number, stage: string) => boolean|void}} [options]
    */
   static load(engine, dir, options) {
@@ -1003,6 +1021,7 @@ class Model extends Handle {
     if (o.convertWeights !== undefined) opts.convert_weights = Boolean(o.convertWeights);
     opts.weight_dtype = enumValue(o.weightDtype, 'weightDtype', DTYPE_ALIASES, opts.weight_dtype);
     opts.activations = enumValue(o.activations, 'activations', ACTIVATIONS_ALIASES, opts.activations);
+    opts.gpu_projections = gpuProjections(o.gpuProjections, opts.gpu_projections);
 
     let cb = null;
     let thrown;
@@ -1070,6 +1089,7 @@ class Model extends Handle {
       indexNHeads: p.index_n_heads,
       indexHeadDim: p.index_head_dim,
       indexTopk: p.index_topk,
+      projectionsOnGpu: p.projections_on_gpu !== 0,
     };
   }
 
@@ -1115,6 +1135,7 @@ class Model extends Handle {
         `indexOut [sum(nTokens)=${total}, indexTopk=${topk}]`);
       f.index_out = a.indexOut;
     }
+    f.memory = Memory.HOST; // TypedArrays; stream stays NULL
     check(C.model_forward(model, poolPtr, f), 'mlart_model_forward');
     return out;
   }

@@ -768,6 +768,43 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
     CHECK(all_finite(out_bf16) && bf16_diff > 1e-5 && bf16_diff < 1e-2,
           "bf16 activations vs precise, rel-L2 " << bf16_diff);
 
+    // GPU projections: a CPU engine accepts the request and ignores it (the
+    // projections stay on the CPU, with the same output); a raw value other
+    // than -1, 0 or 1 is the library's error naming the field.
+    CHECK(p.projections_on_gpu == 0 && !mlart::ModelOptions{}.gpu_projections,
+          "projections_on_gpu " << p.projections_on_gpu);
+    for (const bool on : {true, false}) {
+        mlart::ModelOptions placed;
+        placed.gpu_projections = on;
+        const mlart::Model model_placed = mlart::Model::load(engine, dir, placed);
+        const mlart::ModelInfo pi = model_placed.info();
+        CHECK(pi.projections_on_gpu == 0,
+              "gpu_projections " << on << ": projections_on_gpu " << pi.projections_on_gpu);
+        const std::uint64_t id = on ? 14 : 15;
+        std::vector<float> out_placed(n * hid, kNaN);
+        pool.seq_create(id);
+        model_placed.forward(pool, 0, id, n, x.data(), out_placed.data());
+        const double d = rel_l2(out_placed, out_d);
+        CHECK(d < 1e-6, "gpu_projections " << on << " on a CPU engine, rel-L2 " << d);
+    }
+    mlart_model_options raw;
+    mlart_model_options_init(&raw);
+    CHECK(raw.gpu_projections == -1 && raw.struct_size == sizeof raw,
+          "gpu_projections " << raw.gpu_projections << ", struct_size " << raw.struct_size);
+    raw.gpu_projections = 7;
+    EXPECT_ERROR(static_cast<void>(mlart::Model::load(engine, dir, raw)),
+                 mlart::Status::InvalidArgument, "gpu_projections = 7");
+
+    // Device memory (args.memory) needs a CUDA engine; the pool is unchanged.
+    CHECK(a.memory == MLART_MEMORY_HOST && a.stream == nullptr &&
+              a.struct_size == sizeof(mlart_forward_args),
+          "forward_args(): memory " << a.memory << ", struct_size " << a.struct_size);
+    mlart_forward_args on_device = a;
+    on_device.memory = MLART_MEMORY_DEVICE;
+    EXPECT_ERROR(model.forward(pool, on_device), mlart::Status::Unsupported,
+                 "memory = MLART_MEMORY_DEVICE but this engine runs on the CPU");
+    CHECK(pool.seq_length(11, 0) == n, pool.seq_length(11, 0));
+
     // A decode step continues the sequence.
     std::vector<float> step(hid, kNaN);
     model.forward(pool, 0, 10, 1, x.data(), step.data());

@@ -35,6 +35,7 @@ test('Model.load, info and forward on a pool', { skip }, () => {
   assert.ok(info.bytesLoaded > 0);
   assert.ok(info.softmaxScale > 0);
   assert.deepEqual([info.indexNHeads, info.indexHeadDim, info.indexTopk], [0, 0, 0]);
+  assert.equal(info.projectionsOnGpu, false);
 
   const hidden = info.hiddenSize;
   const pool = new mlart.KvPool(engine, { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 16, numBlocks: 8 });
@@ -129,6 +130,46 @@ test('Model.load, info and forward on a pool', { skip }, () => {
     model.close();
   }
   assert.throws(() => model.info(), /closed/);
+});
+
+test('Model.load gpuProjections: a CPU engine accepts and ignores it; bad values are rejected', { skip }, () => {
+  const base = mlart.Model.load(engine, MODEL_DIR);
+  const pool = new mlart.KvPool(engine, { dQk: base.info().dQk, numLayers: 2, blockSize: 16, numBlocks: 8 });
+  try {
+    const hidden = base.info().hiddenSize;
+    const x = randomF32(2 * hidden, rng(41));
+    let id = 0;
+    const forward = (model) => {
+      pool.createSeq(++id);
+      return model.forward(pool, { layer: 1, seqIds: [id], nTokens: [2], x });
+    };
+    const want = forward(base);
+    for (const gpuProjections of [true, false, undefined, null, -1, 0, 1]) {
+      const model = mlart.Model.load(engine, MODEL_DIR, { gpuProjections });
+      try {
+        assert.equal(model.info().projectionsOnGpu, false, `gpuProjections ${gpuProjections}`);
+        assert.deepEqual(forward(model), want, `gpuProjections ${gpuProjections} changed the output`);
+      } finally {
+        model.close();
+      }
+    }
+  } finally {
+    pool.close();
+    base.close();
+  }
+  // Numbers are the C value: the library rejects what is not -1, 0 or 1.
+  assert.throws(
+    () => mlart.Model.load(engine, MODEL_DIR, { gpuProjections: 2 }),
+    (e) => e instanceof mlart.MlartError && e.code === 'INVALID_ARGUMENT' && /gpu_projections = 2/.test(e.message)
+  );
+  assert.throws(
+    () => mlart.Model.load(engine, MODEL_DIR, { gpuProjections: 'gpu' }),
+    (e) => e instanceof TypeError && /gpuProjections must be a boolean/.test(e.message)
+  );
+  assert.throws(
+    () => mlart.Model.load(engine, MODEL_DIR, { gpuProjections: 0.5 }),
+    (e) => e instanceof TypeError && /gpuProjections must be an integer/.test(e.message)
+  );
 });
 
 const V32_DIR = process.env.MLART_TEST_MODEL_V32_DIR || '/tmp/tiny-v32-model';
