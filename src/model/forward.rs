@@ -186,7 +186,6 @@ impl Model {
         let po = pool.options();
         let want_dim = c.indexer.map_or(0, |ix| ix.head_dim);
         let hid = c.hidden_size;
-        let topk = c.indexer.map_or(0, |ix| ix.topk);
         let total = pos.len();
         let (h, lora) = (c.num_heads, c.kv_lora_rank);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
@@ -288,73 +287,39 @@ impl Model {
                     _ => &mut o_conv,
                 };
                 // One batched call per distinct chunk length.
-                let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-                for (b, &n) in n_tokens.iter().enumerate() {
-                    groups.entry(n).or_default().push(b);
-                }
-                // V3.2: the positions each token attends to, where the
-                // indexer narrows them or the caller asked for them.
-                // Filled in full by `select` (every row is written).
-                let mut selected: Vec<i32> = Vec::new();
-                if let Some(t) = &ix {
-                    let wanted = index_out.is_some();
-                    let narrowed = |b: usize| start[b] + n_tokens[b] > topk;
-                    if wanted || (0..seqs.len()).any(narrowed) {
-                        let n = crate::error::checked_size("indexer choices", &[total, topk])?;
-                        crate::backend::try_grow(&mut selected, "indexer choices", n)?;
-                        self.select(
-                            pool,
-                            pl,
-                            seqs,
-                            n_tokens,
-                            first_tok,
-                            pos,
-                            t,
-                            topk,
-                            &mut selected,
-                        )?;
-                    }
-                }
-                for (&n, members) in &groups {
-                    let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
-                    // Sparse when the indexer keeps fewer than all earlier
-                    // tokens for any query of the group; else plain causal.
-                    let sparse = ix.is_some() && members.iter().any(|&b| start[b] + n > topk);
-                    let shape = DecodeShape::new(
-                        ids.len() as i32,
-                        n as i32,
-                        h as i32,
-                        d_qk as i32,
-                        lora as i32,
-                        c.softmax_scale() as f32,
-                        !sparse,
-                    )?;
-                    let mut group_idx = Vec::new();
-                    if sparse {
-                        group_idx.reserve(members.len() * n * topk);
-                        for &b in members {
-                            group_idx.extend_from_slice(
-                                &selected[first_tok[b] * topk..(first_tok[b] + n) * topk],
-                            );
-                        }
-                    }
-                    let sp = sparse.then_some(crate::kv::PoolSparse {
-                        indices: &group_idx,
-                        topk,
-                        topk_length: None,
-                    });
+                let selected = self.choices(
+                    pool,
+                    pl,
+                    seqs,
+                    n_tokens,
+                    first_tok,
+                    start,
+                    pos,
+                    ix.as_ref(),
+                    index_out.is_some(),
+                )?;
+                for g in self.attention_calls(seqs, n_tokens, first_tok, start, &selected)? {
+                    let AttnCall {
+                        n,
+                        members,
+                        ids,
+                        shape,
+                        ..
+                    } = &g;
+                    let (n, shape) = (*n, *shape);
+                    let sp = g.sparse();
                     // Bytes of one sequence's queries and outputs.
                     let (qe, oe) = (n * h * d_qk * es, n * h * lora * es);
                     let tok = |b: usize| first_tok[b] * h;
                     // Members with consecutive indices have consecutive
                     // tokens: decode straight from q_att into o_att.
                     // Otherwise gather them.
-                    if members.windows(2).all(|w| w[1] == w[0] + 1) {
+                    if g.consecutive() {
                         let t0 = tok(members[0]);
                         let qb = &q_att[t0 * d_qk * es..][..members.len() * qe];
                         let ob = &mut o_att[t0 * lora * es..][..members.len() * oe];
                         let mut out = DecodeOutput::new(&shape, adt, ob, None)?;
-                        pool.decode(pl, &ids, shape, adt, qb, sp, None, &mut out)?;
+                        pool.decode(pl, ids, shape, adt, qb, sp, None, &mut out)?;
                         continue;
                     }
                     let mut qg = Vec::with_capacity(members.len() * qe);
@@ -363,7 +328,7 @@ impl Model {
                     }
                     let mut og = vec![0u8; members.len() * oe];
                     let mut out = DecodeOutput::new(&shape, adt, &mut og, None)?;
-                    pool.decode(pl, &ids, shape, adt, &qg, sp, None, &mut out)?;
+                    pool.decode(pl, ids, shape, adt, &qg, sp, None, &mut out)?;
                     for (g, &b) in members.iter().enumerate() {
                         o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                     }
@@ -490,6 +455,91 @@ impl Model {
         Ok(())
     }
 
+    /// V3.2: the positions each new token attends to `[total, topk]`,
+    /// where the indexer narrows them (a sequence past `topk` tokens) or
+    /// the caller asked for them (`wanted`); else empty.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn choices(
+        &self,
+        pool: &KvPool,
+        pl: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        first_tok: &[usize],
+        start: &[usize],
+        pos: &[usize],
+        ix: Option<&super::indexer::IndexerTokens>,
+        wanted: bool,
+    ) -> Result<Vec<i32>> {
+        let mut selected: Vec<i32> = Vec::new();
+        let (Some(t), Some(ic)) = (ix, self.config.indexer) else {
+            return Ok(selected);
+        };
+        let narrowed = |b: usize| start[b] + n_tokens[b] > ic.topk;
+        if wanted || (0..seqs.len()).any(narrowed) {
+            let n = crate::error::checked_size("indexer choices", &[pos.len(), ic.topk])?;
+            crate::backend::try_grow(&mut selected, "indexer choices", n)?;
+            // Filled in full (every row is written).
+            self.select(
+                pool,
+                pl,
+                seqs,
+                n_tokens,
+                first_tok,
+                pos,
+                t,
+                ic.topk,
+                &mut selected,
+            )?;
+        }
+        Ok(selected)
+    }
+
+    /// The attention calls of a forward: one per distinct chunk length, in
+    /// order of length, sparse (over `selected`'s positions) when the
+    /// indexer keeps fewer than all earlier tokens for any of its queries.
+    pub(super) fn attention_calls(
+        &self,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        first_tok: &[usize],
+        start: &[usize],
+        selected: &[i32],
+    ) -> Result<Vec<AttnCall>> {
+        let c = &self.config;
+        let topk = c.indexer.map_or(0, |ix| ix.topk);
+        let mut calls = Vec::new();
+        for (n, members) in chunk_groups(n_tokens) {
+            let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
+            let sparse = c.indexer.is_some() && members.iter().any(|&b| start[b] + n > topk);
+            let shape = DecodeShape::new(
+                ids.len() as i32,
+                n as i32,
+                c.num_heads as i32,
+                c.d_qk() as i32,
+                c.kv_lora_rank as i32,
+                c.softmax_scale() as f32,
+                !sparse,
+            )?;
+            let indices = sparse.then(|| {
+                let mut v = Vec::with_capacity(members.len() * n * topk);
+                for &b in &members {
+                    v.extend_from_slice(&selected[first_tok[b] * topk..(first_tok[b] + n) * topk]);
+                }
+                v
+            });
+            calls.push(AttnCall {
+                n,
+                members,
+                ids,
+                shape,
+                indices,
+                topk,
+            });
+        }
+        Ok(calls)
+    }
+
     /// The indexer's choice for every new token (see
     /// [`super::indexer::select`]) into `out [total, topk]`.
     #[allow(clippy::too_many_arguments)]
@@ -543,4 +593,44 @@ pub(super) struct Plan {
     /// Each token's position.
     pub pos: Vec<usize>,
     pub total: usize,
+}
+
+/// The sequences of a forward grouped by chunk length (ascending), each
+/// group in batch order.
+pub(super) fn chunk_groups(n_tokens: &[usize]) -> BTreeMap<usize, Vec<usize>> {
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (b, &n) in n_tokens.iter().enumerate() {
+        groups.entry(n).or_default().push(b);
+    }
+    groups
+}
+
+/// One batched attention call of a forward (see [`Model::attention_calls`]).
+pub(super) struct AttnCall {
+    /// Tokens of each member's chunk.
+    pub n: usize,
+    /// The members' indices in the batch, ascending.
+    pub members: Vec<usize>,
+    pub ids: Vec<u64>,
+    pub shape: DecodeShape,
+    /// Sparse: each member token's positions `[members, n, topk]`.
+    pub indices: Option<Vec<i32>>,
+    pub topk: usize,
+}
+
+impl AttnCall {
+    /// The pool's sparse argument, when sparse.
+    pub fn sparse(&self) -> Option<crate::kv::PoolSparse<'_>> {
+        self.indices.as_ref().map(|v| crate::kv::PoolSparse {
+            indices: v,
+            topk: self.topk,
+            topk_length: None,
+        })
+    }
+
+    /// Whether the members are neighbours in the batch, so their tokens
+    /// are consecutive rows and need no gathering.
+    pub fn consecutive(&self) -> bool {
+        self.members.windows(2).all(|w| w[1] == w[0] + 1)
+    }
 }

@@ -14,7 +14,7 @@
 //! indexer keys beside the device rows and hands the attention its choice.
 
 use super::device::{DeviceLayer, DeviceQ, ProjWeight};
-use super::forward::{Plan, PASS_TOKENS};
+use super::forward::{chunk_groups, Plan, PASS_TOKENS};
 use super::linear::{Activations, Linear};
 use super::{LayerWeights, Model, QProj};
 use crate::backend::cuda::linear::{split_bf16, LinearCall};
@@ -23,11 +23,9 @@ use crate::backend::cuda::params::RowsParams;
 use crate::backend::cuda::projection::DeviceWeight;
 use crate::backend::cuda::resident::Carve;
 use crate::backend::cuda::CudaBackend;
-use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
 use crate::kv::KvPool;
-use std::collections::BTreeMap;
 
 /// A resident forward's hidden states and output.
 #[derive(Clone, Copy, Debug)]
@@ -328,14 +326,11 @@ impl Model {
             partial = partial.max(cuda.linear_partial_len(wt, call)?);
         }
         let b_partial = cv.take(4 * partial);
-        // Groups of sequences with equal chunk lengths; members that are
-        // not consecutive are gathered into these.
-        let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
-        for (b, &n) in n_tokens.iter().enumerate() {
-            groups.entry(n).or_default().push(b);
-        }
-        let gathered = |m: &Vec<usize>| !m.windows(2).all(|p| p[1] == p[0] + 1);
-        let gather = groups.values().any(gathered);
+        // Attention calls whose members are not neighbours in the batch
+        // gather their queries and outputs into these.
+        let gather = chunk_groups(n_tokens)
+            .values()
+            .any(|m| !m.windows(2).all(|p| p[1] == p[0] + 1));
         let b_qg = cv.take(if gather { es * t * h * d_qk } else { 0 });
         let b_og = cv.take(if gather { es * t * h * lora } else { 0 });
 
@@ -467,7 +462,6 @@ impl Model {
             }
             None => None,
         };
-        let topk = c.indexer.map_or(0, |i| i.topk);
 
         // Append [c | k_pe] (and the indexer keys) all or nothing, then
         // attend; undo the appends if anything later fails.
@@ -480,64 +474,27 @@ impl Model {
         });
         pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32, index_rows.as_deref())?;
         let result = (|| -> Result<Vec<f32>> {
-            // V3.2: the positions each token attends to, where the indexer
-            // narrows them or the caller asked for them.
-            let mut selected: Vec<i32> = Vec::new();
-            if let Some(it) = &ix {
-                let narrowed = |b: usize| start[b] + n_tokens[b] > topk;
-                if index_out.is_some() || (0..seqs.len()).any(narrowed) {
-                    let n = crate::error::checked_size("indexer choices", &[t, topk])?;
-                    crate::backend::try_grow(&mut selected, "indexer choices", n)?;
-                    self.select(
-                        pool,
-                        pl,
-                        seqs,
-                        n_tokens,
-                        first_tok,
-                        pos,
-                        it,
-                        topk,
-                        &mut selected,
-                    )?;
-                }
-            }
-            for (&n, members) in &groups {
-                let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
-                // Sparse when the indexer keeps fewer than all earlier
-                // tokens for any query of the group; else plain causal.
-                let sparse = ix.is_some() && members.iter().any(|&b| start[b] + n > topk);
-                let shape = DecodeShape::new(
-                    ids.len() as i32,
-                    n as i32,
-                    h as i32,
-                    d_qk as i32,
-                    lora as i32,
-                    c.softmax_scale() as f32,
-                    !sparse,
-                )?;
-                let mut group_idx = Vec::new();
-                if sparse {
-                    group_idx.reserve(members.len() * n * topk);
-                    for &b in members {
-                        group_idx.extend_from_slice(
-                            &selected[first_tok[b] * topk..(first_tok[b] + n) * topk],
-                        );
-                    }
-                }
-                let sp = || {
-                    sparse.then_some(crate::kv::PoolSparse {
-                        indices: &group_idx,
-                        topk,
-                        topk_length: None,
-                    })
-                };
+            let wanted = index_out.is_some();
+            let selected = self.choices(
+                pool,
+                pl,
+                seqs,
+                n_tokens,
+                first_tok,
+                start,
+                pos,
+                ix.as_ref(),
+                wanted,
+            )?;
+            for g in self.attention_calls(seqs, n_tokens, first_tok, start, &selected)? {
+                let (n, members, ids, shape, sp) = (g.n, &g.members, &g.ids, g.shape, g.sparse());
                 // Bytes of one token's queries and outputs.
                 let (qe, oe) = ((h * d_qk * es) as u64, (h * lora * es) as u64);
                 let tok = |b: usize| first_tok[b] as u64;
-                if !gathered(members) {
+                if g.consecutive() {
                     let t0 = tok(members[0]);
                     let (q, o) = (at(b_qf) + t0 * qe, at(b_ol) + t0 * oe);
-                    pool.decode_on_device(pl, &ids, shape, adt, q, sp(), o, adt)?;
+                    pool.decode_on_device(pl, ids, shape, adt, q, sp, o, adt)?;
                     continue;
                 }
                 let mut row = 0;
@@ -547,7 +504,7 @@ impl Model {
                     cuda.copy_async(at(b_qg) + row * qe, src, (len * qe) as usize)?;
                     row += len;
                 }
-                pool.decode_on_device(pl, &ids, shape, adt, at(b_qg), sp(), at(b_og), adt)?;
+                pool.decode_on_device(pl, ids, shape, adt, at(b_qg), sp, at(b_og), adt)?;
                 let mut row = 0;
                 for &b in members {
                     let len = n as u64;
