@@ -527,21 +527,8 @@ fn forward(
         Region::of("n_tokens", counts),
     ];
     check_disjoint(&out_region, &inputs)?;
-    let index_len = match (&m.config.indexer, a.index_out.is_null()) {
-        (_, true) => 0,
-        (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
-        (None, false) => {
-            return Err(Error::invalid(format!(
-                "index_out is set but this model ({}) has no sparse-attention indexer",
-                m.config.model_type
-            )))
-        }
-    };
-    let index_region = Region {
-        name: "index_out",
-        start: a.index_out as usize,
-        len: index_len,
-    };
+    let index_region = index_out_region(m, &a, total)?;
+    let index_len = index_region.len;
     check_disjoint(
         &index_region,
         &[inputs[0], inputs[1], inputs[2], out_region],
@@ -568,6 +555,26 @@ fn forward(
         dst.copy_from_slice(&index);
     }
     Ok(())
+}
+
+/// `args.index_out` as a region: `[total, index_topk]` int32 for a V3.2
+/// model, empty when NULL; an error when set for a model without indexer.
+fn index_out_region(m: &Model, a: &mlart_forward_args, total: usize) -> Result<Region<'static>> {
+    let len = match (&m.config.indexer, a.index_out.is_null()) {
+        (_, true) => 0,
+        (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
+        (None, false) => {
+            return Err(Error::invalid(format!(
+                "index_out is set but this model ({}) has no sparse-attention indexer",
+                m.config.model_type
+            )))
+        }
+    };
+    Ok(Region {
+        name: "index_out",
+        start: a.index_out as usize,
+        len,
+    })
 }
 
 /// [`forward`] with `x` and `out` in the engine's GPU memory.
@@ -605,21 +612,8 @@ fn forward_device(
     };
     check_disjoint(&out_region, &[x_region])?;
     let total: usize = n.iter().sum();
-    let index_len = match (&m.config.indexer, a.index_out.is_null()) {
-        (_, true) => 0,
-        (Some(ix), false) => checked_size("index_out", &[total, ix.topk, 4])?,
-        (None, false) => {
-            return Err(Error::invalid(format!(
-                "index_out is set but this model ({}) has no sparse-attention indexer",
-                m.config.model_type
-            )))
-        }
-    };
-    let index_region = Region {
-        name: "index_out",
-        start: a.index_out as usize,
-        len: index_len,
-    };
+    let index_region = index_out_region(m, a, total)?;
+    let index_len = index_region.len;
     check_disjoint(
         &index_region,
         &[Region::of("seq_ids", ids), Region::of("n_tokens", counts)],
