@@ -11,7 +11,10 @@
 // more dynamic shared memory than their attribute allows, a capturing
 // stream may not be synchronized nor wait on an event recorded outside the
 // capture, and work enqueued while capturing only runs when its graph is
-// launched. Streams run their work at once, in order.
+// launched. Streams run their work at once, in order. Each allocation ends
+// (rounded up to 256 bytes) where an inaccessible page begins, so a kernel
+// or copy that reads or writes past it faults at once; the fault is
+// reported with the kernel and the allocation, and the process exits.
 //
 //   c++ -std=c++17 -O1 -shared -fPIC -I kernels kernels/emu/fake_cuda.cpp -o libcuda.so.1
 //
@@ -19,6 +22,10 @@
 // MLART_FAKE_CUDA_SMS (SM count, default 4).
 #define MLA_EMULATE 1
 #include "../mlart_kernels.cu"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <map>
@@ -51,6 +58,81 @@ std::recursive_mutex mu;
 
 // ---- memory ----
 std::map<uint64_t, size_t> allocs;  // start -> bytes
+
+// Each allocation's mapping: a guard page, its pages, a guard page.
+struct Mapping {
+    uint8_t* base;
+    size_t len;
+};
+std::map<uint64_t, Mapping> mappings;  // allocation start -> its mapping
+const char* running_kernel = nullptr;  // for the fault report
+
+size_t page() {
+    static const size_t p = (size_t)sysconf(_SC_PAGESIZE);
+    return p;
+}
+
+// Maps `n` bytes that end (rounded up to 256) at an inaccessible page.
+uint8_t* guarded_alloc(size_t n) {
+    const size_t used = (n + 255) / 256 * 256, pg = page();
+    const size_t body = (used + pg - 1) / pg * pg, len = body + 2 * pg;
+    void* m = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) return nullptr;
+    uint8_t* base = static_cast<uint8_t*>(m);
+    mprotect(base, pg, PROT_NONE);
+    mprotect(base + pg + body, pg, PROT_NONE);
+    uint8_t* start = base + pg + body - used;
+    mappings[(uint64_t)start] = {base, len};
+    return start;
+}
+
+struct sigaction previous_segv;
+
+// A fault in a guard page: says which kernel touched which allocation's
+// neighbourhood, then exits (the emulated GPU has no way to go on).
+void on_segv(int sig, siginfo_t* info, void* ctx) {
+    const uint64_t a = (uint64_t)info->si_addr;
+    for (const auto& [start, m] : mappings) {
+        const uint64_t lo = (uint64_t)m.base, hi = lo + m.len;
+        if (a < lo || a >= hi) continue;
+        char msg[256];
+        const size_t bytes = allocs.count(start) ? allocs[start] : 0;
+        const int len = snprintf(msg, sizeof msg,
+                                 "fake_cuda: %s touched %#llx, %lld bytes from the start of the %zu-byte "
+                                 "allocation at %#llx (outside it)\n",
+                                 running_kernel ? running_kernel : "a copy", (unsigned long long)a,
+                                 (long long)(a - start), bytes, (unsigned long long)start);
+        if (write(2, msg, (size_t)len) < 0) {
+        }
+        _exit(86);
+    }
+    // Not ours (a Rust stack guard, a real bug elsewhere): the previous
+    // handler takes the re-raised fault.
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    (void)sig;
+    (void)ctx;
+}
+
+void install_fault_report() {
+    struct sigaction sa {};
+    sa.sa_sigaction = on_segv;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, &previous_segv);
+}
+
+// The report runs on its own stack: a fault may happen on an emulated
+// thread's small fiber stack.
+void ensure_signal_stack() {
+    thread_local bool done = false;
+    if (done) return;
+    done = true;
+    static thread_local std::vector<uint8_t> stack(1 << 16);
+    stack_t ss{};
+    ss.ss_sp = stack.data();
+    ss.ss_size = stack.size();
+    sigaltstack(&ss, nullptr);
+}
 
 // The allocation holding [p, p + n), if any.
 bool inside(uint64_t p, size_t n) {
@@ -126,7 +208,10 @@ void run(const Op& op) {
     switch (op.kind) {
         case Op::LAUNCH: {
             void* params[1] = {const_cast<uint8_t*>(op.param.data())};
+            ensure_signal_stack();
+            running_kernel = op.k->name;
             op.k->run(params, op.grid, op.block, op.smem);
+            running_kernel = nullptr;
             break;
         }
         case Op::COPY: memmove((void*)op.dst, (const void*)op.src, op.n); break;
@@ -160,7 +245,11 @@ typedef uint64_t CUdeviceptr;
 
 extern "C" {
 
-Res cuInit(unsigned) { return OK; }
+Res cuInit(unsigned) {
+    static std::once_flag once;
+    std::call_once(once, install_fault_report);
+    return OK;
+}
 Res cuDriverGetVersion(int* v) {
     *v = 13000;
     return OK;
@@ -243,7 +332,7 @@ Res cuOccupancyMaxActiveBlocksPerMultiprocessor(int* n, void*, int block, size_t
 Res cuMemAlloc_v2(CUdeviceptr* p, size_t n) {
     std::lock_guard<std::recursive_mutex> g(mu);
     if (n == 0) return INVALID_VALUE;
-    void* m = aligned_alloc(256, (n + 255) / 256 * 256);
+    void* m = guarded_alloc(n);
     if (!m) return OUT_OF_MEMORY;
     memset(m, 0xa5, n);  // fresh device memory is not zero
     *p = (uint64_t)m;
@@ -255,7 +344,9 @@ Res cuMemFree_v2(CUdeviceptr p) {
     auto it = allocs.find(p);
     if (it == allocs.end()) return INVALID_VALUE;
     allocs.erase(it);
-    free((void*)p);
+    auto mp = mappings.find(p);
+    munmap(mp->second.base, mp->second.len);
+    mappings.erase(mp);
     return OK;
 }
 Res cuMemGetInfo_v2(size_t* free_b, size_t* total) {
