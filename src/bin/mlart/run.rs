@@ -321,6 +321,12 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     times.sort_by(|a, b| a.total_cmp(b));
     let t = times[times.len() / 2];
     let gbs = model.bytes_loaded as f64 / t / 1e9;
+    // A layer kept on the GPU, its hidden states in device memory too
+    // (`mlart_forward_args.memory = MLART_MEMORY_DEVICE`): no host copies.
+    let on_device = match gpu {
+        Some(cuda) => device_step_seconds(cuda, &model, &pool)?,
+        None => None,
+    };
     // Measured before and after; the larger reading is the ceiling, so a
     // slow moment of this shared machine cannot inflate the percentage.
     let after = ruler("again ")?;
@@ -345,5 +351,52 @@ pub fn bench(o: &RunOptions) -> Result<()> {
         gbs,
         gbs * 1e9 / read_bw * 100.0
     );
+    if let Some(td) = on_device {
+        let gbs = model.bytes_loaded as f64 / td / 1e9;
+        println!(
+            "  with the hidden states in device memory: {:.3} ms per token, {:.1} GB/s = {:.1}% of {ruler_name}",
+            td * 1e3,
+            gbs,
+            gbs * 1e9 / read_bw * 100.0
+        );
+    }
     Ok(())
+}
+
+/// Median seconds of a batch-1 decode step over every loaded layer with
+/// the hidden states and output in device memory, or None when the layers
+/// do not run whole on the GPU.
+fn device_step_seconds(
+    cuda: &mlart::backend::cuda::CudaBackend,
+    model: &Model,
+    pool: &KvPool,
+) -> Result<Option<f64>> {
+    let hid = model.config.hidden_size;
+    let x = mlart::model::gen::uniform(hid, 99);
+    let bytes = 4 * hid;
+    let (xd, yd) = (cuda.mem_alloc(bytes)?, cuda.mem_alloc(bytes)?);
+    let r = (|| {
+        cuda.mem_copy(xd, x.as_ptr() as u64, bytes)?;
+        let mut times = Vec::new();
+        for _ in 0..32 {
+            let t0 = Instant::now();
+            for l in 0..model.layers.len() {
+                let layer = (model.first_layer + l) as i64;
+                let f32 = mlart::format::Dtype::F32;
+                let r = model.forward_device(pool, layer, &[0], &[1], xd, f32, yd, f32, 0, None);
+                match r {
+                    Ok(()) => {}
+                    Err(e) if e.status == mlart::Status::InvalidArgument => return Ok(None),
+                    Err(e) => return Err(e),
+                }
+            }
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.total_cmp(b));
+        Ok(Some(times[times.len() / 2]))
+    })();
+    for p in [xd, yd] {
+        cuda.mem_free(p)?;
+    }
+    r
 }
