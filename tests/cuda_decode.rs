@@ -1500,6 +1500,11 @@ fn cuda_model_forward_device_memory() -> Outcome {
                     }
                 };
             let mut a = base();
+            a.out = out_dev;
+            match take_error(mlart_model_forward(model, pools[1], &a)) {
+                Some((MLART_STATUS_NULL_POINTER, msg)) => assert!(msg.contains('x'), "{msg}"),
+                other => panic!("NULL x: {other:?}"),
+            }
             a.x = x_dev;
             a.out = short;
             expect(

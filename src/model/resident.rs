@@ -125,8 +125,9 @@ impl Model {
     /// in the engine's GPU memory, for a model whose projections are on
     /// the GPU over a pool of the same engine. Enqueued on the engine's
     /// stream and joined to the CUstream `stream` both ways (0: returns
-    /// when the output is written). `index_out` is host memory. On error
-    /// the pool is left as it was.
+    /// when the output is written). `index_out` is host memory. `x` and
+    /// `out` must lie inside allocations of that GPU (checked). On error the
+    /// pool is left as it was.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_device(
         &self,
@@ -156,6 +157,18 @@ impl Model {
                 "memory = MLART_MEMORY_DEVICE needs the whole layer on one GPU, but {why}"
             )));
         };
+        x_dtype.check_activation("x_dtype")?;
+        out_dtype.check_activation("out_dtype")?;
+        let hid = self.config.hidden_size;
+        let x_len = crate::error::checked_size("x", &[plan.total, hid, x_dtype.size()])?;
+        let out_len = crate::error::checked_size("out", &[plan.total, hid, out_dtype.size()])?;
+        cuda.check_range("x", x, x_len)?;
+        cuda.check_range("out", out, out_len)?;
+        if x < out + out_len as u64 && out < x + x_len as u64 {
+            return Err(Error::invalid(format!(
+                "out = {out:#x} ({out_len} bytes) overlaps x = {x:#x} ({x_len} bytes)"
+            )));
+        }
         let topk = self.config.indexer.map_or(0, |ix| ix.topk);
         if let Some(io) = &index_out {
             if self.config.indexer.is_none() || io.len() < plan.total * topk {
@@ -185,7 +198,6 @@ impl Model {
             return Ok(());
         }
         // Longer calls in passes, as `forward_in_passes` does.
-        let hid = self.config.hidden_size;
         self.in_passes(pool, plan.pl, seqs, n_tokens, &plan.start, |id, row, m| {
             let io = index_out
                 .as_deref_mut()
