@@ -1563,6 +1563,144 @@ fn cuda_model_forward_device_memory() -> Outcome {
     })
 }
 
+/// The driver work of one decode step of a layer kept on the GPU, counted
+/// by the emulated driver (`fake_cuda_counts`; a real driver has no such
+/// counters, so on a GPU this is skipped): with host memory, one upload of
+/// the inputs, one of the append's slots, one of the attention's tables,
+/// one download and one wait (two of each for V3.2, whose indexer reads
+/// the normed q_a rows); with device memory on a caller stream, no download
+/// and no wait. A staged path would show six waits.
+fn cuda_model_step_driver_work() -> Outcome {
+    use mlart::kv::{KvPool, PoolOptions};
+    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::{LoadOptions, Model};
+    if !emulated() {
+        return Outcome::Skipped(
+            "driver calls are counted by the emulated driver only".to_string(),
+        );
+    }
+    let (gpu, _) = match rust_engines() {
+        Ok(pair) => pair,
+        Err(why) => return Outcome::Skipped(why),
+    };
+    let cuda = gpu.backend().cuda().expect("a CUDA engine");
+    // SAFETY: finds the driver mlart already loaded (RTLD_NOLOAD loads
+    // nothing) and looks the symbol up in it; NULL if absent.
+    let sym = unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        assert!(!lib.is_null(), "the driver is loaded");
+        libc::dlsym(lib, c"fake_cuda_counts".as_ptr())
+    };
+    assert!(
+        !sym.is_null(),
+        "the emulated driver exports fake_cuda_counts"
+    );
+    // SAFETY: the emulated driver's `void fake_cuda_counts(uint64_t[4])`.
+    let counts_fn: extern "C" fn(*mut u64) = unsafe { std::mem::transmute(sym) };
+    let counts = || {
+        let mut c = [0u64; 4];
+        counts_fn(c.as_mut_ptr());
+        c
+    };
+    let delta = |a: [u64; 4], b: [u64; 4]| [b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]];
+    for preset in [Preset::Small, Preset::SmallV32] {
+        let dir = std::env::temp_dir().join(format!(
+            "mlart-cuda-count-{}-{}",
+            preset.name(),
+            std::process::id()
+        ));
+        let gen = GenOptions {
+            preset,
+            dtype: WeightDtype::Fp8,
+            layers: 1,
+            seed: 8,
+            shards: 1,
+            yarn: true,
+        };
+        generate(&dir, &gen).unwrap();
+        let o = LoadOptions {
+            gpu_projections: Some(true),
+            ..LoadOptions::default()
+        };
+        let model = Model::load(gpu.clone(), &dir, o).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = &model.config;
+        let hid = c.hidden_size;
+        let pool = KvPool::new(
+            gpu.clone(),
+            PoolOptions {
+                format: mlart::format::KvFormat::Bf16,
+                d_qk: c.d_qk(),
+                num_layers: 1,
+                block_size: 16,
+                num_blocks: 16,
+                index_dim: c.indexer.map_or(0, |ix| ix.head_dim),
+            },
+        )
+        .unwrap();
+        pool.create_seq(1).unwrap();
+        pool.create_seq(2).unwrap();
+        let mut rng = SmallRng::seed_from_u64(case_seed(70, 0));
+        let mut x = |n: usize| -> Vec<f32> { (0..n * hid).map(|_| sample(&mut rng)).collect() };
+        // A prefill and a first step grow every buffer; the second step is counted.
+        model.forward(&pool, 0, &[1, 2], &[6, 2], &x(8)).unwrap();
+        model.forward(&pool, 0, &[1, 2], &[1, 1], &x(2)).unwrap();
+        let v32 = c.indexer.is_some();
+        let before = counts();
+        model.forward(&pool, 0, &[1, 2], &[1, 1], &x(2)).unwrap();
+        let [up, down, launches, waits] = delta(before, counts());
+        println!("{preset:?} host memory: {up} uploads, {down} downloads, {launches} launches, {waits} waits");
+        let extra = v32 as u64;
+        assert_eq!(
+            (up, down, waits),
+            (3, 1 + extra, 1 + extra),
+            "{preset:?} host memory"
+        );
+        assert!(launches <= 32, "{preset:?}: {launches} launches");
+        // Device memory on a caller stream: no download, no wait (but for
+        // V3.2's indexer, which reads x and the normed q_a rows).
+        let xs = x(2);
+        let bytes = 4 * xs.len();
+        let (xd, yd) = (
+            cuda.mem_alloc(bytes).unwrap(),
+            cuda.mem_alloc(bytes).unwrap(),
+        );
+        cuda.mem_copy(xd, xs.as_ptr() as u64, bytes).unwrap();
+        let stream = cudarc::driver::result::stream::create(
+            cudarc::driver::result::stream::StreamKind::NonBlocking,
+        )
+        .unwrap();
+        let f32 = mlart::format::Dtype::F32;
+        let before = counts();
+        model
+            .forward_device(
+                &pool,
+                0,
+                &[1, 2],
+                &[1, 1],
+                xd,
+                f32,
+                yd,
+                f32,
+                stream as u64,
+                None,
+            )
+            .unwrap();
+        let [up, down, launches, waits] = delta(before, counts());
+        println!("{preset:?} device memory: {up} uploads, {down} downloads, {launches} launches, {waits} waits");
+        assert_eq!(
+            (up, down, waits),
+            (3, 2 * extra, 2 * extra),
+            "{preset:?} device memory on a caller stream"
+        );
+        // SAFETY: our stream, idle (the emulated driver runs work at once).
+        unsafe { cudarc::driver::result::stream::destroy(stream) }.unwrap();
+        cuda.mem_free(xd).unwrap();
+        cuda.mem_free(yd).unwrap();
+    }
+    Outcome::Ran
+}
+
 /// The projection kernels through the backend's own calls
 /// (`upload_weight`, `linear`, `time_linear`): an FP8 weight with
 /// 128x128 block scales and a bf16 one, a decode call (K split over
@@ -1757,7 +1895,7 @@ fn cuda_wgmma_probe() -> Outcome {
 }
 
 fn main() {
-    let tests: [Test; 13] = [
+    let tests: [Test; 14] = [
         ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
@@ -1780,6 +1918,7 @@ fn main() {
             "cuda_model_forward_device_memory",
             cuda_model_forward_device_memory,
         ),
+        ("cuda_model_step_driver_work", cuda_model_step_driver_work),
     ];
     // `cargo test -- NAME` filters like the standard harness does.
     let filters: Vec<String> = std::env::args()

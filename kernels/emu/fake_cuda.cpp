@@ -56,6 +56,12 @@ size_t smem_optin() { return cc() >= 90 ? 232448 : 166912; }  // H100 / A100
 
 std::recursive_mutex mu;
 
+// What the host asked of the driver, for tests that bound a call's cost in
+// driver work (fake_cuda_counts).
+struct Counts {
+    uint64_t launches, uploads, downloads, waits;
+} counts{};
+
 // ---- memory ----
 std::map<uint64_t, size_t> allocs;  // start -> bytes
 
@@ -292,7 +298,10 @@ Res cuCtxGetCurrent(void** c) {
     *c = &the_context;
     return OK;
 }
-Res cuCtxSynchronize() { return OK; }
+Res cuCtxSynchronize() {
+    ++counts.waits;
+    return OK;
+}
 
 Res cuModuleLoadData(void** m, const void* image) {
     static int the_module;
@@ -376,12 +385,17 @@ Res cuPointerGetAttributes(unsigned n, int* attrs, void** data, CUdeviceptr p) {
 // Unified addressing: either side may be host or device memory.
 Res cuMemcpy(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     std::lock_guard<std::recursive_mutex> g(mu);
+    counts.uploads += inside(dst, n) && !inside(src, n);
+    counts.downloads += inside(src, n) && !inside(dst, n);
+    ++counts.waits;  // it returns when done
     memmove((void*)dst, (const void*)src, n);
     return OK;
 }
 Res copy(void* s, uint64_t dst, uint64_t src, size_t n, bool dst_dev, bool src_dev) {
     std::lock_guard<std::recursive_mutex> g(mu);
     if ((dst_dev && check_dev(dst, n)) || (src_dev && check_dev(src, n))) return INVALID_VALUE;
+    counts.uploads += dst_dev && !src_dev;
+    counts.downloads += src_dev && !dst_dev;
     Op op{Op::COPY};
     op.dst = dst;
     op.src = src;
@@ -389,7 +403,10 @@ Res copy(void* s, uint64_t dst, uint64_t src, size_t n, bool dst_dev, bool src_d
     return enqueue(s, op);
 }
 Res cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return copy(nullptr, d, (uint64_t)h, n, true, false); }
-Res cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { return copy(nullptr, (uint64_t)h, d, n, false, true); }
+Res cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) {
+    ++counts.waits;  // it returns when done
+    return copy(nullptr, (uint64_t)h, d, n, false, true);
+}
 Res cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(nullptr, d, s, n, true, true); }
 Res cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void* s) {
     return copy(s, d, (uint64_t)h, n, true, false);
@@ -418,6 +435,7 @@ Res cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, 
     Kernel* k = static_cast<Kernel*>(f);
     if (!k || extra || !params || by != 1 || bz != 1 || bx == 0 || bx > 1024) return INVALID_VALUE;
     if ((int)smem > k->max_dyn_smem) return INVALID_VALUE;  // as the hardware refuses
+    ++counts.launches;
     Op op{Op::LAUNCH};
     op.k = k;
     op.grid = {gx, gy, gz};
@@ -439,7 +457,11 @@ Res cuStreamDestroy_v2(void* s) {
     delete static_cast<Stream*>(s);
     return OK;
 }
-Res cuStreamSynchronize(void* s) { return stream_of(s)->capture ? CAPTURE_UNSUPPORTED : OK; }
+Res cuStreamSynchronize(void* s) {
+    if (stream_of(s)->capture) return CAPTURE_UNSUPPORTED;
+    ++counts.waits;
+    return OK;
+}
 Res cuStreamIsCapturing(void* s, int* status) {
     *status = stream_of(s)->capture ? 1 : 0;
     return OK;
@@ -482,7 +504,10 @@ Res cuEventRecord(void* e, void* s) {
     op.ev = static_cast<Event*>(e);
     return enqueue(s, op);
 }
-Res cuEventSynchronize(void*) { return OK; }
+Res cuEventSynchronize(void*) {
+    ++counts.waits;
+    return OK;
+}
 Res cuEventQuery(void*) { return OK; }
 Res cuEventElapsedTime(float* ms, void* a, void* b) {
     *ms = std::chrono::duration<float, std::milli>(static_cast<Event*>(b)->at - static_cast<Event*>(a)->at).count();
@@ -539,6 +564,17 @@ Res cuGetErrorString(Res r, const char** s) {
 Res cuGetErrorName(Res r, const char** s) {
     *s = error_text(r)->name;
     return OK;
+}
+
+// Not a driver call: the counts of host-to-device copies, device-to-host
+// copies, kernel launches and host waits (stream, context and event
+// synchronizations, synchronous copies) since the driver was loaded.
+void fake_cuda_counts(uint64_t out[4]) {
+    std::lock_guard<std::recursive_mutex> g(mu);
+    out[0] = counts.uploads;
+    out[1] = counts.downloads;
+    out[2] = counts.launches;
+    out[3] = counts.waits;
 }
 
 }  // extern "C"

@@ -86,15 +86,17 @@ impl CudaBackend {
         })
     }
 
-    /// Waits for the engine's stream, then copies `dst.len()` bytes from
-    /// device memory at `src`.
+    /// Copies `dst.len()` bytes from device memory at `src` after the work
+    /// enqueued on the engine's stream, and waits for it (one wait).
     pub fn download(&self, dst: &mut [u8], src: u64) -> Result<()> {
         let stream = self.stream()?;
-        guarded("cuMemcpyDtoH", || {
-            // SAFETY: our stream; `src` is engine memory of `dst.len()` bytes.
+        guarded("cuMemcpyDtoHAsync", || {
+            // SAFETY: our stream; `src` is engine memory of `dst.len()` bytes;
+            // `dst` is written when the stream has been synchronized.
             unsafe {
-                result::stream::synchronize(stream).map_err(dev_err("cuStreamSynchronize"))?;
-                result::memcpy_dtoh_sync(dst, src).map_err(dev_err("cuMemcpyDtoH"))
+                result::memcpy_dtoh_async(dst, src, stream)
+                    .map_err(dev_err("cuMemcpyDtoHAsync"))?;
+                result::stream::synchronize(stream).map_err(dev_err("cuStreamSynchronize"))
             }
         })
     }
