@@ -616,9 +616,13 @@ typedef struct mlart_forward_args {
    * Where `x` and `out` live; default `MLART_MEMORY_HOST`. With
    * `MLART_MEMORY_DEVICE` (a CUDA engine whose model runs its
    * projections on the GPU, over a pool of the same engine) they are
-   * device memory of that GPU, and the whole layer runs there with no
-   * host round trip of the hidden states; the other pointers
-   * (`seq_ids`, `n_tokens`, `index_out`) stay host memory. Since 0.5: a
+   * device memory of that GPU, 16-byte aligned, and the whole layer runs
+   * there with no host round trip of the hidden states; the other
+   * pointers (`seq_ids`, `n_tokens`, `index_out`) stay host memory. A
+   * call of more than 512 tokens of one sequence runs in passes; if one
+   * fails, `out` holds the rows of the passes before it (the pool is
+   * still unchanged). Bad block ids in a pool are impossible here, so
+   * the attention's device-side error word is not read back. Since 0.5: a
    * struct_size of 72 (the 0.4 layout, which ends before this field) or
    * 64 is still accepted, and the field is then HOST.
    */

@@ -21,7 +21,7 @@ struct MlaRowsParams {
     // ---- 4-byte fields
     int32_t rows;            // rows to process
     int32_t cols;            // values per row, even
-    int32_t src_stride;      // f32 elements from one source row to the next
+    int32_t src_stride;      // src_dtype elements from one source row to the next
     int32_t dst_stride;      // elements from one dst row to the next
     int32_t dst_dtype;       // MLA_DT_*
     int32_t rows_per_token;  // RoPE: row r belongs to token r / rows_per_token

@@ -1520,6 +1520,14 @@ fn cuda_model_forward_device_memory() -> Outcome {
                 &a,
                 &["out = ", "not memory of a CUDA device"],
             );
+            let mut wide = x_host.clone();
+            wide.extend_from_slice(&[0u8; 64]);
+            let wide = pl.put(&wide);
+            a.out = out_dev;
+            // SAFETY: 8 bytes into an allocation 64 bytes longer than x.
+            a.x = unsafe { (wide as *const u8).add(8) } as *const c_void;
+            expect("misaligned x", model, &a, &["x = ", "16-byte aligned"]);
+            a.x = x_dev;
             a.out = x_dev;
             expect("out is x", model, &a, &["overlaps"]);
             a.out = out_dev;

@@ -197,9 +197,13 @@ pub struct mlart_forward_args {
     /// Where `x` and `out` live; default `MLART_MEMORY_HOST`. With
     /// `MLART_MEMORY_DEVICE` (a CUDA engine whose model runs its
     /// projections on the GPU, over a pool of the same engine) they are
-    /// device memory of that GPU, and the whole layer runs there with no
-    /// host round trip of the hidden states; the other pointers
-    /// (`seq_ids`, `n_tokens`, `index_out`) stay host memory. Since 0.5: a
+    /// device memory of that GPU, 16-byte aligned, and the whole layer runs
+    /// there with no host round trip of the hidden states; the other
+    /// pointers (`seq_ids`, `n_tokens`, `index_out`) stay host memory. A
+    /// call of more than 512 tokens of one sequence runs in passes; if one
+    /// fails, `out` holds the rows of the passes before it (the pool is
+    /// still unchanged). Bad block ids in a pool are impossible here, so
+    /// the attention's device-side error word is not read back. Since 0.5: a
     /// struct_size of 72 (the 0.4 layout, which ends before this field) or
     /// 64 is still accepted, and the field is then HOST.
     pub memory: mlart_memory,
@@ -510,9 +514,7 @@ fn forward(
     let x_len = checked_size("x", &[total, hid, x_dtype.size()])?;
     let out_len = checked_size("out", &[total, hid, out_dtype.size()])?;
     if memory == crate::format::Memory::Device {
-        return forward_device(
-            m, p, &a, ids, counts, &n, x_dtype, x_len, out_dtype, out_len,
-        );
+        return forward_device(m, p, &a, ids, counts, &n, x_dtype, out_dtype);
     }
     // SAFETY: x holds sum(n_tokens) * hidden elements (caller contract).
     let x = unsafe { slice(a.x as *const u8, x_len, "x") }?;
@@ -587,9 +589,7 @@ fn forward_device(
     counts: &[i32],
     n: &[usize],
     x_dtype: Dtype,
-    x_len: usize,
     out_dtype: Dtype,
-    out_len: usize,
 ) -> Result<()> {
     if m.engine.backend().cuda().is_none() {
         return super::decode::check_memory(a.memory);
@@ -601,17 +601,8 @@ fn forward_device(
             return Err(Error::null(name));
         }
     }
-    let x_region = Region {
-        name: "x",
-        start: a.x as usize,
-        len: x_len,
-    };
-    let out_region = Region {
-        name: "out",
-        start: a.out as usize,
-        len: out_len,
-    };
-    check_disjoint(&out_region, &[x_region])?;
+    // The model checks that x and out are memory of its GPU, aligned and
+    // apart (after their ranges are known to be real).
     let total: usize = n.iter().sum();
     let index_region = index_out_region(m, a, total)?;
     let index_len = index_region.len;

@@ -124,6 +124,9 @@ pub struct KvPool {
 impl Drop for KvPool {
     fn drop(&mut self) {
         if let Some(cuda) = self.engine.backend().cuda() {
+            // Work enqueued without a wait (a device-row append, a decode of
+            // a layer kept on the GPU) may still use the blocks.
+            let _ = cuda.sync();
             for m in &self.state.get_mut().layers {
                 if let LayerMem::Device(p) = m {
                     // Nothing to report to from a drop; the driver frees
@@ -372,7 +375,7 @@ impl KvPool {
     /// after another (the indexer keys, if any, are host memory). The rows
     /// are converted on the engine's stream and not waited for: later work
     /// there sees them. A device pool only.
-    pub fn append_batch_device(
+    pub(crate) fn append_batch_device(
         &self,
         layer: i64,
         items: &[(u64, usize)],
@@ -728,7 +731,7 @@ impl KvPool {
     /// h_q, d_qk]` and the output `[batch, s_q, h_q, d_v]` in the engine's
     /// GPU memory: enqueued on the engine's stream, not waited for.
     #[allow(clippy::too_many_arguments)]
-    pub fn decode_on_device(
+    pub(crate) fn decode_on_device(
         &self,
         layer: i64,
         seqs: &[u64],

@@ -117,6 +117,9 @@ pub struct Model {
 impl Drop for Model {
     fn drop(&mut self) {
         if let Some(cuda) = self.engine.backend().cuda() {
+            // A device-memory forward on a caller stream may still be
+            // reading the weights.
+            let _ = cuda.sync();
             for l in &self.device {
                 l.free(cuda);
             }

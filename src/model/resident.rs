@@ -126,8 +126,10 @@ impl Model {
     /// the GPU over a pool of the same engine. Enqueued on the engine's
     /// stream and joined to the CUstream `stream` both ways (0: returns
     /// when the output is written). `index_out` is host memory. `x` and
-    /// `out` must lie inside allocations of that GPU (checked). On error the
-    /// pool is left as it was.
+    /// `out` must lie inside allocations of that GPU and be 16-byte aligned
+    /// (checked). On error the pool is left as it was; a call of more than
+    /// [`PASS_TOKENS`] tokens of a sequence runs in passes, and `out` then
+    /// holds the rows of the passes before the failing one.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_device(
         &self,
@@ -164,6 +166,15 @@ impl Model {
         let out_len = crate::error::checked_size("out", &[plan.total, hid, out_dtype.size()])?;
         cuda.check_range("x", x, x_len)?;
         cuda.check_range("out", out, out_len)?;
+        // The projections read x (bf16 x as it is) 16 bytes at a time; a
+        // misaligned access would end the GPU context for everyone.
+        for (name, p) in [("x", x), ("out", out)] {
+            if !p.is_multiple_of(16) {
+                return Err(Error::invalid(format!(
+                    "{name} = {p:#x} must be 16-byte aligned (memory = MLART_MEMORY_DEVICE)"
+                )));
+            }
+        }
         if x < out + out_len as u64 && out < x + x_len as u64 {
             return Err(Error::invalid(format!(
                 "out = {out:#x} ({out_len} bytes) overlaps x = {x:#x} ({x_len} bytes)"
@@ -192,10 +203,15 @@ impl Model {
                 pos,
                 ..
             } = plan;
-            self.forward_resident(
+            let r = self.forward_resident(
                 cuda, dl, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, h, index_out,
-            )?;
-            return Ok(());
+            );
+            if r.is_err() {
+                // Work that reads x may be enqueued: the caller's stream
+                // (or the caller, with none) must still wait for it.
+                let _ = cuda.join_to(stream);
+            }
+            return r.map(|_| ());
         }
         // Longer calls in passes, as `forward_in_passes` does.
         self.in_passes(pool, plan.pl, seqs, n_tokens, &plan.start, |id, row, m| {
@@ -376,8 +392,9 @@ impl Model {
                 s.src_dtype = code(x_dtype.raw());
                 s.hi = at(b_x_hi);
                 s.lo = opt(x_precise, b_x_lo);
-                // SAFETY: `x` is the caller's `[t, hidden]` (checked by the
-                // FFI); the parts are carved above for exactly that.
+                // SAFETY: `x` is `[t, hidden]` of one allocation of this GPU
+                // (`forward_device` checked it); the parts are carved above
+                // for exactly that.
                 unsafe { cuda.enqueue_rows(&s) }?;
                 (s.hi, s.lo)
             }
@@ -387,8 +404,10 @@ impl Model {
 
         // SAFETY (every enqueue below): each buffer is a piece of the arena
         // carved above for exactly the rows and columns the step reads or
-        // writes; the steps are ordered on the engine's stream, and the
-        // arena stays locked until the output has been copied back.
+        // writes, or the caller's x and out (checked by `forward_device`).
+        // Every user of the arena enqueues on the engine's one stream, so
+        // steps of this call and of later calls run in order, and the
+        // arena is only freed or grown after that stream is synchronized.
         unsafe {
             // Queries: q_b(RMSNorm(q_a(x))) or q_proj(x), [t, H, qk].
             match (&w.q, &lw.q) {
@@ -562,8 +581,8 @@ impl Model {
                     s.dst = out;
                     s.dst_stride = int("hidden", hid)?;
                     s.dst_dtype = code(out_dtype.raw());
-                    // SAFETY: `out` is the caller's `[t, hidden]` (checked
-                    // by the FFI), `y` carved above.
+                    // SAFETY: `out` is `[t, hidden]` of one allocation of
+                    // this GPU (checked by `forward_device`); `y` carved above.
                     unsafe { cuda.enqueue_rows(&s) }?;
                     // The caller's stream continues after it, or the call waits.
                     cuda.join_to(stream)?;

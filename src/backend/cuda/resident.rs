@@ -72,7 +72,7 @@ impl CudaBackend {
     }
 
     /// Enqueues a host-to-device copy on the engine's stream.
-    pub fn upload_async(&self, dst: u64, src: &[u8]) -> Result<()> {
+    pub(crate) fn upload_async(&self, dst: u64, src: &[u8]) -> Result<()> {
         if src.is_empty() {
             return Ok(());
         }
@@ -88,7 +88,7 @@ impl CudaBackend {
 
     /// Copies `dst.len()` bytes from device memory at `src` after the work
     /// enqueued on the engine's stream, and waits for it (one wait).
-    pub fn download(&self, dst: &mut [u8], src: u64) -> Result<()> {
+    pub(crate) fn download(&self, dst: &mut [u8], src: u64) -> Result<()> {
         let stream = self.stream()?;
         guarded("cuMemcpyDtoHAsync", || {
             // SAFETY: our stream; `src` is engine memory of `dst.len()` bytes;
@@ -165,6 +165,7 @@ impl CudaBackend {
             return Ok(());
         }
         let stream = self.stream()?;
+        // Blocks loop over rows past the grid; 64K blocks fill any GPU.
         let grid = (p.rows as u32).min(65535);
         let mut args = [p as *const RowsParams as *mut c_void];
         guarded("mla_rows", || {

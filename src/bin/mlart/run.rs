@@ -386,7 +386,10 @@ fn device_step_seconds(
                 let r = model.forward_device(pool, layer, &[0], &[1], xd, f32, yd, f32, 0, None);
                 match r {
                     Ok(()) => {}
-                    Err(e) if e.status == mlart::Status::InvalidArgument => return Ok(None),
+                    // Not resident: nothing ran, nothing to time.
+                    Err(e) if e.message.contains("needs the whole layer on one GPU") => {
+                        return Ok(None)
+                    }
                     Err(e) => return Err(e),
                 }
             }
