@@ -128,7 +128,7 @@ impl Model {
     /// when the output is written). `index_out` is host memory. `x` and
     /// `out` must lie inside allocations of that GPU and be 16-byte aligned
     /// (checked). On error the pool is left as it was; a call of more than
-    /// [`PASS_TOKENS`] tokens of a sequence runs in passes, and `out` then
+    /// 512 (`PASS_TOKENS`) tokens of a sequence runs in passes, and `out` then
     /// holds the rows of the passes before the failing one.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_device(

@@ -2,7 +2,7 @@
 //! (`model::resident`): products and elementwise row steps
 //! (`kernels/mla_rows.cuh`) over device memory, enqueued on the engine's
 //! stream in order, and a grow-only device arena for the activations. Only
-//! [`CudaBackend::download`] waits.
+//! `CudaBackend::download` waits.
 
 use super::device::CudaBackend;
 use super::driver::{dev_err, guarded};
