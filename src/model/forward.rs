@@ -54,53 +54,39 @@ impl Model {
         x: &[f32],
         index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
-        let lw = self.layer(layer)?;
-        let Plan {
-            pl,
-            start,
-            first_tok,
-            pos,
-            total,
-        } = self.plan(pool, layer, seqs, n_tokens)?;
-        // The layer's projection weights on the GPU, if they are there.
-        let dl = self.device.get(pl as usize);
-        let cuda = self.engine.backend().cuda();
-        let c = &self.config;
-        let hid = c.hidden_size;
-        if x.len() < total * hid {
+        let plan = self.plan(pool, layer, seqs, n_tokens, index_out.as_deref())?;
+        if x.len() < plan.total * self.config.hidden_size {
             return Err(Error::internal("x is smaller than [total_tokens, hidden]"));
         }
-        let topk = c.indexer.map_or(0, |ix| ix.topk);
-        if let Some(io) = &index_out {
-            if c.indexer.is_none() || io.len() < total * topk {
-                return Err(Error::internal(
-                    "index_out is not [total_tokens, index_topk]",
-                ));
-            }
+        if plan.total > PASS_TOKENS {
+            return self.forward_in_passes(pool, layer, &plan, x, index_out);
         }
-        if total > PASS_TOKENS {
-            return self.forward_in_passes(pool, layer, seqs, n_tokens, x, &start, index_out);
-        }
+        // The layer's projection weights on the GPU, if they are there.
+        let dl = self.device.get(plan.pl as usize);
         if let Some((cuda, d)) = self.resident_on(dl, pool) {
             let x = super::resident::Hidden::Host(x);
-            return self.forward_resident(
-                cuda, d, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
-            );
+            return self.forward_resident(cuda, d, pool, &plan, x, index_out);
         }
         self.forward_staged(
-            lw, dl, cuda, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, x, index_out,
+            &self.layers[plan.pl as usize],
+            dl,
+            pool,
+            &plan,
+            x,
+            index_out,
         )
     }
 
-    /// Checks a forward's pool, layer and sequences against the model, and
-    /// lays out its tokens.
-    pub(super) fn plan(
+    /// Checks a forward's pool, layer, sequences and `index_out` against
+    /// the model, and lays out its tokens.
+    pub(super) fn plan<'a>(
         &self,
         pool: &KvPool,
         layer: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-    ) -> Result<Plan> {
+        seqs: &'a [u64],
+        n_tokens: &'a [usize],
+        index_out: Option<&[i32]>,
+    ) -> Result<Plan<'a>> {
         self.layer(layer)?;
         let c = &self.config;
         let pl = layer - self.first_layer as i64;
@@ -142,6 +128,14 @@ impl Model {
             }
         }
         let total: usize = n_tokens.iter().sum();
+        if let Some(io) = index_out {
+            let topk = c.indexer.map_or(0, |ix| ix.topk);
+            if c.indexer.is_none() || io.len() < total * topk {
+                return Err(Error::internal(
+                    "index_out is not [total_tokens, index_topk]",
+                ));
+            }
+        }
         let start: Vec<usize> = seqs
             .iter()
             .map(|&s| pool.len(s, pl))
@@ -158,6 +152,8 @@ impl Model {
             .collect();
         Ok(Plan {
             pl,
+            seqs,
+            n_tokens,
             start,
             first_tok,
             pos,
@@ -166,27 +162,22 @@ impl Model {
     }
 
     /// The forward on the CPU, or with each GPU projection staged.
-    #[allow(clippy::too_many_arguments)]
     fn forward_staged(
         &self,
         lw: &super::LayerWeights,
         dl: Option<&DeviceLayer>,
-        cuda: Option<&crate::backend::cuda::CudaBackend>,
         pool: &KvPool,
-        pl: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        first_tok: &[usize],
-        start: &[usize],
-        pos: &[usize],
+        plan: &Plan,
         x: &[f32],
         mut index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
+        let cuda = self.engine.backend().cuda();
+        let (pl, seqs, n_tokens, total) = (plan.pl, plan.seqs, plan.n_tokens, plan.total);
+        let (start, first_tok, pos) = (&plan.start[..], &plan.first_tok[..], &plan.pos[..]);
         let c = &self.config;
         let po = pool.options();
         let want_dim = c.indexer.map_or(0, |ix| ix.head_dim);
         let hid = c.hidden_size;
-        let total = pos.len();
         let (h, lora) = (c.num_heads, c.kv_lora_rank);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
         let d_qk = c.d_qk();
@@ -287,18 +278,8 @@ impl Model {
                     _ => &mut o_conv,
                 };
                 // One batched call per distinct chunk length.
-                let selected = self.choices(
-                    pool,
-                    pl,
-                    seqs,
-                    n_tokens,
-                    first_tok,
-                    start,
-                    pos,
-                    ix.as_ref(),
-                    index_out.is_some(),
-                )?;
-                for g in self.attention_calls(seqs, n_tokens, first_tok, start, &selected)? {
+                let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
+                for g in self.attention_calls(plan, &selected)? {
                     let AttnCall {
                         n,
                         members,
@@ -392,23 +373,18 @@ impl Model {
     /// the earlier tokens, as in one pass; the per-token buffers (about
     /// 1.1 MB a token for V3) stay bounded whatever the prompt length. On
     /// error every sequence is cut back to its length before the call.
-    #[allow(clippy::too_many_arguments)]
     fn forward_in_passes(
         &self,
         pool: &KvPool,
         layer: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
+        plan: &Plan,
         x: &[f32],
-        start: &[usize],
         mut index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
         let hid = self.config.hidden_size;
         let topk = self.config.indexer.map_or(0, |ix| ix.topk);
-        let pl = layer - self.first_layer as i64;
-        let total: usize = n_tokens.iter().sum();
-        let mut y = vec![0f32; total * hid];
-        self.in_passes(pool, pl, seqs, n_tokens, start, |id, row, m| {
+        let mut y = vec![0f32; plan.total * hid];
+        self.in_passes(pool, plan, |id, row, m| {
             let rows = row * hid..(row + m) * hid;
             let io = index_out
                 .as_deref_mut()
@@ -422,19 +398,16 @@ impl Model {
 
     /// Runs `pass(seq, first_row, tokens)` for each sequence's tokens in
     /// chunks of at most [`PASS_TOKENS`], in order; on an error, cuts every
-    /// sequence back to its length before the call (`start`).
+    /// sequence back to its length before the call.
     pub(super) fn in_passes(
         &self,
         pool: &KvPool,
-        pl: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        start: &[usize],
+        plan: &Plan,
         mut pass: impl FnMut(u64, usize, usize) -> Result<()>,
     ) -> Result<()> {
         let mut row = 0;
         let mut result = Ok(());
-        'seqs: for (&id, &n) in seqs.iter().zip(n_tokens) {
+        'seqs: for (&id, &n) in plan.seqs.iter().zip(plan.n_tokens) {
             for c0 in (0..n).step_by(PASS_TOKENS) {
                 let m = PASS_TOKENS.min(n - c0);
                 if let Err(e) = pass(id, row + c0, m) {
@@ -445,8 +418,8 @@ impl Model {
             row += n;
         }
         if let Err(e) = result {
-            for (&id, &len) in seqs.iter().zip(start) {
-                if let Err(r) = pool.truncate_layer(id, pl, len) {
+            for (&id, &len) in plan.seqs.iter().zip(&plan.start) {
+                if let Err(r) = pool.truncate_layer(id, plan.pl, len) {
                     return Err(Error::internal(format!("rollback failed: {}", r.message)));
                 }
             }
@@ -458,16 +431,10 @@ impl Model {
     /// V3.2: the positions each new token attends to `[total, topk]`,
     /// where the indexer narrows them (a sequence past `topk` tokens) or
     /// the caller asked for them (`wanted`); else empty.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn choices(
         &self,
         pool: &KvPool,
-        pl: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        first_tok: &[usize],
-        start: &[usize],
-        pos: &[usize],
+        plan: &Plan,
         ix: Option<&super::indexer::IndexerTokens>,
         wanted: bool,
     ) -> Result<Vec<i32>> {
@@ -475,22 +442,12 @@ impl Model {
         let (Some(t), Some(ic)) = (ix, self.config.indexer) else {
             return Ok(selected);
         };
-        let narrowed = |b: usize| start[b] + n_tokens[b] > ic.topk;
-        if wanted || (0..seqs.len()).any(narrowed) {
-            let n = crate::error::checked_size("indexer choices", &[pos.len(), ic.topk])?;
+        let narrowed = |b: usize| plan.start[b] + plan.n_tokens[b] > ic.topk;
+        if wanted || (0..plan.seqs.len()).any(narrowed) {
+            let n = crate::error::checked_size("indexer choices", &[plan.total, ic.topk])?;
             crate::backend::try_grow(&mut selected, "indexer choices", n)?;
             // Filled in full (every row is written).
-            self.select(
-                pool,
-                pl,
-                seqs,
-                n_tokens,
-                first_tok,
-                pos,
-                t,
-                ic.topk,
-                &mut selected,
-            )?;
+            self.select(pool, plan, t, ic.topk, &mut selected)?;
         }
         Ok(selected)
     }
@@ -498,18 +455,12 @@ impl Model {
     /// The attention calls of a forward: one per distinct chunk length, in
     /// order of length, sparse (over `selected`'s positions) when the
     /// indexer keeps fewer than all earlier tokens for any of its queries.
-    pub(super) fn attention_calls(
-        &self,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        first_tok: &[usize],
-        start: &[usize],
-        selected: &[i32],
-    ) -> Result<Vec<AttnCall>> {
+    pub(super) fn attention_calls(&self, plan: &Plan, selected: &[i32]) -> Result<Vec<AttnCall>> {
+        let (seqs, start, first_tok) = (plan.seqs, &plan.start, &plan.first_tok);
         let c = &self.config;
         let topk = c.indexer.map_or(0, |ix| ix.topk);
         let mut calls = Vec::new();
-        for (n, members) in chunk_groups(n_tokens) {
+        for (n, members) in chunk_groups(plan.n_tokens) {
             let ids: Vec<u64> = members.iter().map(|&b| seqs[b]).collect();
             let sparse = c.indexer.is_some() && members.iter().any(|&b| start[b] + n > topk);
             let shape = DecodeShape::new(
@@ -542,27 +493,23 @@ impl Model {
 
     /// The indexer's choice for every new token (see
     /// [`super::indexer::select`]) into `out [total, topk]`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn select(
+    fn select(
         &self,
         pool: &KvPool,
-        pl: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        first_tok: &[usize],
-        pos: &[usize],
+        plan: &Plan,
         t: &super::indexer::IndexerTokens,
         topk: usize,
         out: &mut [i32],
     ) -> Result<()> {
+        let (first_tok, pos) = (&plan.first_tok, &plan.pos);
         let ic = self
             .config
             .indexer
             .ok_or_else(|| Error::internal("no indexer"))?;
         let (ih, idim) = (ic.heads, ic.head_dim);
-        for (b, &seq) in seqs.iter().enumerate() {
-            let toks = first_tok[b]..first_tok[b] + n_tokens[b];
-            pool.with_index_keys(seq, pl, |keys| {
+        for (b, &seq) in plan.seqs.iter().enumerate() {
+            let toks = first_tok[b]..first_tok[b] + plan.n_tokens[b];
+            pool.with_index_keys(seq, plan.pl, |keys| {
                 out[toks.start * topk..toks.end * topk]
                     .par_chunks_mut(topk)
                     .zip(toks.clone().into_par_iter())
@@ -583,9 +530,12 @@ impl Model {
 }
 
 /// A forward's tokens, laid out (see [`Model::plan`]).
-pub(super) struct Plan {
+pub(super) struct Plan<'a> {
     /// The pool layer.
     pub pl: i64,
+    /// The sequences and their new tokens, as the caller gave them.
+    pub seqs: &'a [u64],
+    pub n_tokens: &'a [usize],
     /// Each sequence's length before the call.
     pub start: Vec<usize>,
     /// Each sequence's first row of the call's tokens.

@@ -16,7 +16,7 @@
 use super::device::{DeviceLayer, DeviceQ, ProjWeight};
 use super::forward::{chunk_groups, Plan, PASS_TOKENS};
 use super::linear::{Activations, Linear};
-use super::{LayerWeights, Model, QProj};
+use super::{Model, QProj};
 use crate::backend::cuda::linear::{split_bf16, LinearCall};
 use crate::backend::cuda::lowering::{code, int};
 use crate::backend::cuda::params::RowsParams;
@@ -144,8 +144,7 @@ impl Model {
         stream: u64,
         mut index_out: Option<&mut [i32]>,
     ) -> Result<()> {
-        let lw = self.layer(layer)?;
-        let plan = self.plan(pool, layer, seqs, n_tokens)?;
+        let plan = self.plan(pool, layer, seqs, n_tokens, index_out.as_deref())?;
         let dl = self.device.get(plan.pl as usize);
         let Some((cuda, dl)) = self.resident_on(dl, pool) else {
             let why = match self.engine.backend().cuda() {
@@ -180,14 +179,6 @@ impl Model {
                 "out = {out:#x} ({out_len} bytes) overlaps x = {x:#x} ({x_len} bytes)"
             )));
         }
-        let topk = self.config.indexer.map_or(0, |ix| ix.topk);
-        if let Some(io) = &index_out {
-            if self.config.indexer.is_none() || io.len() < plan.total * topk {
-                return Err(Error::internal(
-                    "index_out is not [total_tokens, index_topk]",
-                ));
-            }
-        }
         if plan.total <= PASS_TOKENS {
             let h = Hidden::Device {
                 x,
@@ -196,16 +187,7 @@ impl Model {
                 out_dtype,
                 stream,
             };
-            let Plan {
-                pl,
-                start,
-                first_tok,
-                pos,
-                ..
-            } = plan;
-            let r = self.forward_resident(
-                cuda, dl, lw, pool, pl, seqs, n_tokens, &first_tok, &start, &pos, h, index_out,
-            );
+            let r = self.forward_resident(cuda, dl, pool, &plan, h, index_out);
             if r.is_err() {
                 // Work that reads x may be enqueued: the caller's stream
                 // (or the caller, with none) must still wait for it.
@@ -214,7 +196,8 @@ impl Model {
             return r.map(|_| ());
         }
         // Longer calls in passes, as `forward_in_passes` does.
-        self.in_passes(pool, plan.pl, seqs, n_tokens, &plan.start, |id, row, m| {
+        let topk = self.config.indexer.map_or(0, |ix| ix.topk);
+        self.in_passes(pool, &plan, |id, row, m| {
             let io = index_out
                 .as_deref_mut()
                 .map(|io| &mut io[row * topk..(row + m) * topk]);
@@ -237,29 +220,23 @@ impl Model {
         })
     }
 
-    /// The layer forward on the GPU (see the module docs): the arguments of
-    /// `forward_with`, validated there. On error the pool is left as it was.
-    #[allow(clippy::too_many_arguments)]
+    /// The layer forward on the GPU (see the module docs), of a call
+    /// `plan` checked and laid out. On error the pool is left as it was.
     pub(super) fn forward_resident(
         &self,
         cuda: &CudaBackend,
         dl: &DeviceLayer,
-        lw: &LayerWeights,
         pool: &KvPool,
-        pl: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        first_tok: &[usize],
-        start: &[usize],
-        pos: &[usize],
+        plan: &Plan,
         x: Hidden<'_>,
         index_out: Option<&mut [i32]>,
     ) -> Result<Vec<f32>> {
+        // `plan.pl` indexes the loaded layers (it is layer - first_layer).
+        let lw = &self.layers[plan.pl as usize];
         let w = Weights::of(dl).ok_or_else(|| Error::internal("layer weights not on the GPU"))?;
+        let (pl, seqs, n_tokens, t) = (plan.pl, plan.seqs, plan.n_tokens, plan.total);
+        let (start, first_tok, pos) = (&plan.start[..], &plan.first_tok[..], &plan.pos[..]);
         let c = &self.config;
-        let t = first_tok
-            .last()
-            .map_or(0, |f| f + n_tokens[n_tokens.len() - 1]);
         let (hid, h, lora) = (c.hidden_size, c.num_heads, c.kv_lora_rank);
         let (nope, rope, v) = (c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim);
         let (qk, d_qk) = (c.qk_head_dim(), c.d_qk());
@@ -505,19 +482,8 @@ impl Model {
         });
         pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32, index_rows.as_deref())?;
         let result = (|| -> Result<Vec<f32>> {
-            let wanted = index_out.is_some();
-            let selected = self.choices(
-                pool,
-                pl,
-                seqs,
-                n_tokens,
-                first_tok,
-                start,
-                pos,
-                ix.as_ref(),
-                wanted,
-            )?;
-            for g in self.attention_calls(seqs, n_tokens, first_tok, start, &selected)? {
+            let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
+            for g in self.attention_calls(plan, &selected)? {
                 let (n, members, ids, shape, sp) = (g.n, &g.members, &g.ids, g.shape, g.sparse());
                 // Bytes of one token's queries and outputs.
                 let (qe, oe) = ((h * d_qk * es) as u64, (h * lora * es) as u64);
