@@ -1091,13 +1091,35 @@ fn cuda_graph_capture() -> Outcome {
     })
 }
 
+/// A one-layer random checkpoint of `preset` in a fresh temporary folder
+/// (named by `tag`, the preset and the process), with YaRN.
+fn checkpoint(
+    tag: &str,
+    preset: mlart::model::gen::Preset,
+    dtype: mlart::model::gen::WeightDtype,
+    seed: u64,
+) -> std::path::PathBuf {
+    use mlart::model::gen::{generate, GenOptions};
+    let dir = std::env::temp_dir().join(format!("{tag}-{}-{}", preset.name(), std::process::id()));
+    let opts = GenOptions {
+        preset,
+        dtype,
+        layers: 1,
+        seed,
+        shards: 1,
+        yarn: true,
+    };
+    generate(&dir, &opts).unwrap();
+    dir
+}
+
 /// A model layer end to end on a GPU engine (pool in GPU memory, GPU
 /// attention) against the same checkpoint on a CPU engine: prefill then a
 /// decode step, bf16 and FP8 pools; DeepSeek-V3 and V3.2 (the same indexer
 /// choices, then sparse attention on the GPU).
 fn cuda_model_forward_matches_cpu() -> Outcome {
     use mlart::kv::{KvPool, PoolOptions};
-    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::gen::{Preset, WeightDtype};
     use mlart::model::{LoadOptions, Model};
     let (gpu, cpu) = match rust_engines() {
         Ok(pair) => pair,
@@ -1107,20 +1129,7 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
     // then the GPU attends sparsely past 8 tokens), with DeepSeek's cache
     // rows (d_qk 576, d_v 512: the GPU kernels' shape).
     for preset in [Preset::Small, Preset::SmallV32] {
-        let dir = std::env::temp_dir().join(format!(
-            "mlart-cuda-model-{}-{}",
-            preset.name(),
-            std::process::id()
-        ));
-        let opts = GenOptions {
-            preset,
-            dtype: WeightDtype::Bf16,
-            layers: 1,
-            seed: 3,
-            shards: 1,
-            yarn: true,
-        };
-        generate(&dir, &opts).unwrap();
+        let dir = checkpoint("mlart-cuda-model", preset, WeightDtype::Bf16, 3);
         let models = [
             Model::load(cpu.clone(), &dir, LoadOptions::default()).unwrap(),
             Model::load(gpu.clone(), &dir, LoadOptions::default()).unwrap(),
@@ -1197,7 +1206,7 @@ fn cuda_model_forward_matches_cpu() -> Outcome {
 fn cuda_model_projections_on_gpu() -> Outcome {
     use mlart::format::KvFormat;
     use mlart::kv::{KvPool, PoolOptions};
-    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::gen::{Preset, WeightDtype};
     use mlart::model::linear::Activations;
     use mlart::model::{LoadOptions, Model};
     let (gpu, cpu) = match rust_engines() {
@@ -1211,20 +1220,7 @@ fn cuda_model_projections_on_gpu() -> Outcome {
         (Preset::SmallV32, WeightDtype::Fp8),
     ];
     for (preset, dtype) in shapes {
-        let dir = std::env::temp_dir().join(format!(
-            "mlart-cuda-proj-{}-{dtype:?}-{}",
-            preset.name(),
-            std::process::id()
-        ));
-        let opts = GenOptions {
-            preset,
-            dtype,
-            layers: 1,
-            seed: 11,
-            shards: 1,
-            yarn: true,
-        };
-        generate(&dir, &opts).unwrap();
+        let dir = checkpoint(&format!("mlart-cuda-proj-{dtype:?}"), preset, dtype, 11);
         // The attention in f32 (F32 cache) and over FP8 rows quantized on
         // the GPU, besides bf16, on one model.
         let formats: &[KvFormat] = if (preset, dtype) == (Preset::Small, WeightDtype::Bf16) {
@@ -1332,23 +1328,10 @@ fn cuda_model_forward_device_memory() -> Outcome {
     use cudarc::driver::{result, sys};
     use mlart::ffi::model::*;
     use mlart::ffi::pool::*;
-    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::gen::{Preset, WeightDtype};
     with_gpu(|g| {
         for preset in [Preset::Small, Preset::SmallV32] {
-            let dir = std::env::temp_dir().join(format!(
-                "mlart-cuda-devmem-{}-{}",
-                preset.name(),
-                std::process::id()
-            ));
-            let gen = GenOptions {
-                preset,
-                dtype: WeightDtype::Fp8,
-                layers: 1,
-                seed: 5,
-                shards: 1,
-                yarn: true,
-            };
-            generate(&dir, &gen).unwrap();
+            let dir = checkpoint("mlart-cuda-devmem", preset, WeightDtype::Fp8, 5);
             let path = std::ffi::CString::new(dir.to_str().unwrap()).unwrap();
             let load = |on_gpu: i32| {
                 let mut o = MaybeUninit::<mlart_model_options>::uninit();
@@ -1580,7 +1563,7 @@ fn cuda_model_forward_device_memory() -> Outcome {
 /// and no wait. A staged path would show six waits.
 fn cuda_model_step_driver_work() -> Outcome {
     use mlart::kv::{KvPool, PoolOptions};
-    use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+    use mlart::model::gen::{Preset, WeightDtype};
     use mlart::model::{LoadOptions, Model};
     if !emulated() {
         return Outcome::Skipped(
@@ -1612,20 +1595,7 @@ fn cuda_model_step_driver_work() -> Outcome {
     };
     let delta = |a: [u64; 4], b: [u64; 4]| [b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]];
     for preset in [Preset::Small, Preset::SmallV32] {
-        let dir = std::env::temp_dir().join(format!(
-            "mlart-cuda-count-{}-{}",
-            preset.name(),
-            std::process::id()
-        ));
-        let gen = GenOptions {
-            preset,
-            dtype: WeightDtype::Fp8,
-            layers: 1,
-            seed: 8,
-            shards: 1,
-            yarn: true,
-        };
-        generate(&dir, &gen).unwrap();
+        let dir = checkpoint("mlart-cuda-count", preset, WeightDtype::Fp8, 8);
         let o = LoadOptions {
             gpu_projections: Some(true),
             ..LoadOptions::default()
