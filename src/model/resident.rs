@@ -21,7 +21,7 @@ use crate::backend::cuda::linear::{split_bf16, LinearCall};
 use crate::backend::cuda::lowering::{code, int};
 use crate::backend::cuda::params::RowsParams;
 use crate::backend::cuda::projection::DeviceWeight;
-use crate::backend::cuda::resident::Carve;
+use crate::backend::cuda::staging::Carve;
 use crate::backend::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};

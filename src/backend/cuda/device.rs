@@ -526,14 +526,16 @@ impl CudaBackend {
         let _host_call = self.host_calls.lock();
         self.make_current()?;
         let mut st = self.state.lock();
-        let slots_at = match rows {
-            DataRef::Host(r) => r.len().div_ceil(256) * 256,
+        // Staged: the host rows (if any), then the slots.
+        let mut cv = super::staging::Carve::default();
+        let rows_at = match rows {
+            DataRef::Host(r) => cv.take(r.len()),
             DataRef::Device(_) => 0,
         };
-        let bytes = slots_at + 4 * n;
-        let base = self.ensure(&mut st, Which::Staging, bytes)?;
+        let slots_at = cv.take(4 * n);
+        let base = self.ensure(&mut st, Which::Staging, cv.bytes())?;
         let src = match rows {
-            DataRef::Host(_) => base,
+            DataRef::Host(_) => base + rows_at as u64,
             DataRef::Device(p) => p,
         };
         let p = AppendParams {
@@ -548,13 +550,13 @@ impl CudaBackend {
             slots: base + slots_at as u64,
             kv,
         };
-        // SAFETY: the staging area holds `bytes`; copies and the kernel are
+        // SAFETY: the staging area holds `cv.bytes()`; copies and the kernel are
         // ordered on our stream; `p` is copied at launch; the cache layout
         // is the caller's (a pool's own layer), device rows the caller's
         // engine memory of `row_bytes`.
         unsafe {
             if let DataRef::Host(r) = rows {
-                result::memcpy_htod_async(base, r, st.stream)
+                result::memcpy_htod_async(src, r, st.stream)
                     .map_err(dev_err("cuMemcpyHtoDAsync"))?;
             }
             result::memcpy_htod_async(p.slots, as_bytes(slots), st.stream)

@@ -7,6 +7,7 @@ use super::driver::{dev_err, guarded};
 use super::linear::{self, LinearCall, WeightImage, WeightShape, LINEAR_THREADS, REDUCE_THREADS};
 use super::lowering::as_bytes;
 use super::params::LinearParams;
+use super::staging::Carve;
 use crate::error::{Error, Result};
 use cudarc::driver::{result, sys};
 use std::ffi::c_void;
@@ -28,23 +29,12 @@ impl DeviceWeight {
     }
 }
 
-/// Offsets of the staged buffers: 256-byte aligned, one after another.
-fn layout(sizes: &[usize]) -> (Vec<usize>, usize) {
-    let mut at = Vec::with_capacity(sizes.len());
-    let mut end = 0;
-    for &s in sizes {
-        at.push(end);
-        end += s.div_ceil(256) * 256;
-    }
-    (at, end)
-}
-
 /// One product's launch and its buffers: x_hi, x_lo, y and the partial
 /// sums, one after another from a base address.
 pub(super) struct Launch {
     plan: linear::LinearPlan,
     kernel: sys::CUfunction,
-    at: Vec<usize>,
+    at: [usize; 4],
     bytes: usize,
 }
 
@@ -53,7 +43,9 @@ impl CudaBackend {
         let plan = linear::plan(&w.shape, call, self.props().sm_count as usize)?;
         let n_x = call.tokens * call.groups * w.shape.k;
         let n_y = call.tokens * call.groups * call.n_out;
-        let (at, bytes) = layout(&[2 * n_x, 2 * lo_len, 4 * n_y, 4 * plan.partial_len]);
+        let mut cv = Carve::default();
+        let at = [2 * n_x, 2 * lo_len, 4 * n_y, 4 * plan.partial_len].map(|n| cv.take(n));
+        let bytes = cv.bytes();
         let kernel = self.linear_function(plan.kernel)?;
         Ok(Launch {
             plan,
@@ -241,17 +233,5 @@ impl CudaBackend {
         })();
         self.mem_free(base)?;
         r
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::layout;
-
-    #[test]
-    fn staged_buffers_are_aligned_and_apart() {
-        let (at, end) = layout(&[6, 0, 300, 4]);
-        assert_eq!(at, [0, 256, 256, 768]);
-        assert_eq!(end, 1024);
     }
 }

@@ -22,26 +22,6 @@ pub struct Arena {
     bytes: usize,
 }
 
-/// Device buffers of one call, 256-byte aligned, one after another in an
-/// [`Arena`].
-#[derive(Debug, Default)]
-pub struct Carve {
-    bytes: usize,
-}
-
-impl Carve {
-    /// Reserves `bytes` and returns their offset.
-    pub fn take(&mut self, bytes: usize) -> usize {
-        let at = self.bytes;
-        self.bytes += bytes.div_ceil(256) * 256;
-        at
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-}
-
 impl CudaBackend {
     /// The arena's base address, grown to `bytes` first if needed (after
     /// the engine's stream is done with the old memory).

@@ -67,26 +67,44 @@ pub enum OutRef<'a, 'b> {
     Device { ptr: u64, dtype: Dtype },
 }
 
+/// Device buffers of one call, 256-byte aligned (the driver's alignment),
+/// one after another from a base address.
+#[derive(Debug, Default)]
+pub struct Carve {
+    bytes: usize,
+}
+
+impl Carve {
+    /// Reserves `bytes` and returns their offset.
+    pub fn take(&mut self, bytes: usize) -> usize {
+        let at = self.bytes;
+        self.bytes += bytes.div_ceil(256) * 256;
+        at
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// Host slices packed into one staging area, each piece 256-byte aligned.
+#[derive(Default)]
 struct Staging<'a> {
     pieces: Vec<(usize, &'a [u8])>,
-    bytes: usize,
+    carve: Carve,
 }
 
 impl<'a> Staging<'a> {
     /// Reserves room for `data` (copied in) and returns its offset.
     fn put(&mut self, data: &'a [u8]) -> usize {
-        let off = self.bytes;
-        self.bytes += data.len().div_ceil(256) * 256;
+        let off = self.carve.take(data.len());
         self.pieces.push((off, data));
         off
     }
 
     /// Reserves `len` bytes the device writes.
     fn reserve(&mut self, len: usize) -> usize {
-        let off = self.bytes;
-        self.bytes += len.div_ceil(256) * 256;
-        off
+        self.carve.take(len)
     }
 }
 
@@ -191,10 +209,7 @@ impl CudaBackend {
         // One host-memory call at a time owns the staging area, from the
         // copies in to the copies back.
         let _host_call = self.host_calls.lock();
-        let mut sg = Staging {
-            pieces: Vec::new(),
-            bytes: 0,
-        };
+        let mut sg = Staging::default();
         let q = stage_cache(&mut sg, d.q);
         let sink = d.sink.map(|s| sg.put(as_bytes(s)));
         enum Staged {
@@ -235,9 +250,9 @@ impl CudaBackend {
         self.make_current()?;
         let base = {
             let mut st = self.state.lock();
-            let base = self.ensure(&mut st, Which::Staging, sg.bytes)?;
+            let base = self.ensure(&mut st, Which::Staging, sg.carve.bytes())?;
             for (off, data) in coalesce(&sg.pieces) {
-                // SAFETY: the staging area holds `sg.bytes`. On our stream, so
+                // SAFETY: the staging area holds `sg.carve.bytes()`. On our stream, so
                 // the kernels (same stream) see the data; a copy from
                 // pageable memory is staged before the call returns.
                 unsafe { result::memcpy_htod_async(base + off as u64, &data[..], st.stream) }
@@ -349,5 +364,13 @@ mod tests {
         }
         // The reservation between c and the next piece is not written.
         assert!(mem[772..1536].iter().all(|&v| v == 0xee));
+    }
+
+    #[test]
+    fn carved_buffers_are_aligned_and_apart() {
+        let mut cv = super::Carve::default();
+        let at = [6, 0, 300, 4].map(|n| cv.take(n));
+        assert_eq!(at, [0, 256, 256, 768]);
+        assert_eq!(cv.bytes(), 1024);
     }
 }
