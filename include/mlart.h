@@ -673,8 +673,9 @@ typedef struct mlart_kv_pool_options {
    * (`mlart_model_props.index_head_dim`, 128), or 0 (default) for none.
    * A V3.2 model's forward needs a pool with its value: the pool then
    * keeps each token's indexer key beside its cache row (4 bytes more
-   * than index_head_dim, in host memory) and accepts rows only from that
-   * forward.
+   * than index_head_dim, in the cache's memory: a CUDA engine's pool
+   * keeps them on the GPU, which also scores them) and accepts rows only
+   * from that forward.
    * Since 0.4: a struct_size of 24 (the earlier layout, which ends
    * before this field) is still accepted, and the field is then 0.
    */

@@ -6,6 +6,8 @@
 #include "mla_linear.cuh"
 #include "mla_append.cuh"
 #include "mla_rows.cuh"
+#include "mla_index.cuh"
+#include "mla_index_rows.cuh"
 #include "mla_plan.cuh"
 #include "mla_probe.cuh"
 

@@ -12,7 +12,15 @@
 // key tails, K split across blocks, and grouped (per-head) products with the
 // layouts MLA's absorbed steps use. The row steps of a device-resident layer
 // (mla_rows: RMSNorm, RoPE, conversions and bf16 splits, strided and in
-// place) run with buffers exactly their size. Exit status 0 when all pass.
+// place) run with buffers exactly their size. The V3.2 indexer (mla_index):
+// the key scatter (distinct unsorted slots, untouched rows kept), the scores
+// against a float64 reference (sequences sharing one pool through block
+// tables, NaN/garbage in unused slots and blocks, block sizes 1/7/64, head
+// counts that are not multiples of 16, dims 4/64/128, lengths around 128,
+// padding between tokens kept), and the top-k against the host's choice,
+// exactly (random scores, ties, signed zeros, infinities and NaNs, at most /
+// exactly / one more than topk candidates and thousands, positions and
+// slots together and alone). Exit status 0 when all pass.
 //
 //   c++ -std=c++17 -O1 -I kernels kernels/emu/emu_main.cpp -o emu && ./emu
 #define MLA_EMULATE 1
@@ -901,7 +909,518 @@ std::vector<LinearCase> linear_cases() {
     return v;
 }
 
+// ---- the V3.2 indexer (mla_index): scatter, scores and top-k ----
+// Buffers are exactly the size the kernels may touch (AddressSanitizer
+// catches a read or write past them); what they must not write is poisoned.
+
+struct IndexScatterCase {
+    std::string name;
+    int rows, row_words, dst_rows;
+    unsigned grid = 0;  // 0: one thread per word (capped as the host caps it)
+};
+
+bool run_index_scatter(const IndexScatterCase& c) {
+    const uint32_t poison = 0xdeadbeefu;
+    std::vector<uint32_t> src((size_t)c.rows * c.row_words);
+    for (auto& v : src) {
+        v = (uint32_t)rng();
+        if (v == poison) v ^= 1;
+    }
+    // Distinct destination rows in no particular order.
+    std::vector<int32_t> perm(c.dst_rows);
+    for (int i = 0; i < c.dst_rows; ++i) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<int32_t> slots(perm.begin(), perm.begin() + c.rows);
+    std::vector<uint32_t> dst((size_t)c.dst_rows * c.row_words, poison);
+    MlaScatterParams p{};
+    p.rows = c.rows;
+    p.row_words = c.row_words;
+    p.src = src.data();
+    p.slots = slots.data();
+    p.dst = dst.data();
+    const int64_t words = (int64_t)c.rows * c.row_words;
+    const unsigned grid =
+        c.grid ? c.grid
+               : (unsigned)std::min<int64_t>((words + MLA_INDEX_SCATTER_THREADS - 1) / MLA_INDEX_SCATTER_THREADS, 65535);
+    emu::launch(mla_index_scatter, {grid, 1, 1}, {MLA_INDEX_SCATTER_THREADS, 1, 1}, 0, p);
+    std::vector<int> from(c.dst_rows, -1);
+    for (int r = 0; r < c.rows; ++r) from[slots[r]] = r;
+    for (int d = 0; d < c.dst_rows; ++d)
+        for (int k = 0; k < c.row_words; ++k) {
+            const uint32_t got = dst[(size_t)d * c.row_words + k];
+            const uint32_t want = from[d] < 0 ? poison : src[(size_t)from[d] * c.row_words + k];
+            if (got != want) {
+                printf("  index %s: dst row %d word %d = %08x, want %08x (%s)\n", c.name.c_str(), d, k, got, want,
+                       from[d] < 0 ? "untouched" : "scattered");
+                return false;
+            }
+        }
+    printf("ok   index %s (every destination word exact)\n", c.name.c_str());
+    return true;
+}
+
+std::vector<IndexScatterCase> index_scatter_cases() {
+    return {
+        {"scatter 1 row of 33 words", 1, 33, 5},
+        {"scatter 37 rows of 33 words into 100", 37, 33, 100},
+        {"scatter 500 rows of 17 words, 3 blocks (grid-stride)", 500, 17, 777, 3},
+        {"scatter 1000 rows of 2 words into 1000", 1000, 2, 1000},
+    };
+}
+
+// Random E4M3 code that is not NaN.
+uint8_t index_code() {
+    uint8_t c = (uint8_t)irange(0, 255);
+    return (c & 0x7f) == 0x7f ? (uint8_t)(c ^ 1) : c;
+}
+
+struct IndexScoreCase {
+    std::string name;
+    int bs, heads, dim;
+    std::vector<int> lens;  // per token
+    int seqs;               // tokens share sequences (token t: sequence t % seqs)
+};
+
+bool run_index_score(const IndexScoreCase& c) {
+    const int T = (int)c.lens.size(), dim = c.dim, H = c.heads;
+    const int row_bytes = dim + 4;
+    std::vector<int32_t> tok_seq(T), tok_len(c.lens.begin(), c.lens.end());
+    std::vector<int> seq_len(c.seqs, 0);
+    for (int t = 0; t < T; ++t) {
+        tok_seq[t] = t % c.seqs;
+        seq_len[tok_seq[t]] = std::max(seq_len[tok_seq[t]], tok_len[t]);
+    }
+    // Sequences hold a few keys past their tokens' candidates (never read).
+    for (auto& l : seq_len) l += irange(0, 9);
+    std::vector<int> nblocks(c.seqs);
+    int used = 0, table_stride = 0;
+    for (int q = 0; q < c.seqs; ++q) {
+        nblocks[q] = (seq_len[q] + c.bs - 1) / c.bs;
+        used += nblocks[q];
+        table_stride = std::max(table_stride, nblocks[q]);
+    }
+    table_stride += 2;
+    const int num_blocks = used + 4;  // some blocks no table names
+    std::vector<int32_t> ids(num_blocks);
+    for (int i = 0; i < num_blocks; ++i) ids[i] = i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    // Unused table entries point far outside the pool.
+    std::vector<int32_t> table((size_t)c.seqs * table_stride, 0x3fffffff);
+    for (int q = 0, k = 0; q < c.seqs; ++q)
+        for (int b = 0; b < nblocks[q]; ++b) table[(size_t)q * table_stride + b] = ids[k++];
+    // The pool: garbage or NaN (0xff codes and scales) everywhere, then the
+    // sequences' keys.
+    const size_t block_bytes = (size_t)c.bs * row_bytes;
+    std::vector<uint8_t> keys((size_t)num_blocks * block_bytes);
+    for (int b = 0; b < num_blocks; ++b) {
+        const bool nan = b % 2 == 0;
+        for (size_t i = 0; i < block_bytes; ++i) keys[b * block_bytes + i] = nan ? 0xff : (uint8_t)irange(0, 255);
+    }
+    auto slot_of = [&](int t, int s) {
+        return (int64_t)table[(size_t)tok_seq[t] * table_stride + s / c.bs] * c.bs + s % c.bs;
+    };
+    for (int q = 0; q < c.seqs; ++q)
+        for (int s = 0; s < seq_len[q]; ++s) {
+            const int64_t slot = (int64_t)table[(size_t)q * table_stride + s / c.bs] * c.bs + s % c.bs;
+            uint8_t* row = &keys[slot * row_bytes];
+            for (int d = 0; d < dim; ++d) row[d] = index_code();
+            const float scale = (float)std::ldexp(0.5 + uniform(), irange(-12, -2));
+            memcpy(row + dim, &scale, 4);
+        }
+    std::vector<float> q((size_t)T * H * dim), w((size_t)T * H);
+    for (auto& v : q) v = (float)e4m3_val(index_code());
+    for (auto& v : w) v = (float)(2 * uniform() - 1);
+    int maxlen = 0;
+    for (int l : tok_len) maxlen = std::max(maxlen, l);
+    const int score_stride = maxlen + 3;  // padding between tokens' rows
+    const uint32_t poison = 0x7fa5a5a5u;    // a NaN
+    std::vector<uint32_t> scores((size_t)T * score_stride, poison);
+    MlaIndexScoreParams p{};
+    p.tokens = T;
+    p.heads = H;
+    p.dim = dim;
+    p.block_size = c.bs;
+    p.table_stride = table_stride;
+    p.score_stride = score_stride;
+    p.row_bytes = row_bytes;
+    p.q = q.data();
+    p.w = w.data();
+    p.keys = keys.data();
+    p.table = table.data();
+    p.tok_seq = tok_seq.data();
+    p.tok_len = tok_len.data();
+    p.scores = reinterpret_cast<float*>(scores.data());
+    const unsigned gx = (unsigned)((maxlen + MLA_INDEX_SCORE_KEYS - 1) / MLA_INDEX_SCORE_KEYS);
+    emu::launch(mla_index_score, {gx, (unsigned)T, 1}, {MLA_INDEX_SCORE_KEYS, 1, 1}, 0, p);
+    double worst = 0;
+    for (int t = 0; t < T; ++t) {
+        std::vector<double> want(tok_len[t]);
+        double mag = 0;
+        for (int s = 0; s < tok_len[t]; ++s) {
+            const uint8_t* row = &keys[slot_of(t, s) * row_bytes];
+            float scale;
+            memcpy(&scale, row + dim, 4);
+            double total = 0;
+            for (int h = 0; h < H; ++h) {
+                const float* qh = &q[((size_t)t * H + h) * dim];
+                double dot = 0;
+                for (int d = 0; d < dim; ++d) dot += (double)qh[d] * e4m3_val(row[d]);
+                total += w[(size_t)t * H + h] * std::max(dot, 0.0);
+            }
+            want[s] = scale * total;
+            mag = std::max(mag, std::fabs(want[s]));
+        }
+        for (int s = 0; s < score_stride; ++s) {
+            const uint32_t bits = scores[(size_t)t * score_stride + s];
+            if (s >= tok_len[t]) {
+                if (bits != poison) {
+                    printf("  index %s: wrote score[%d][%d] past tok_len %d\n", c.name.c_str(), t, s, tok_len[t]);
+                    return false;
+                }
+                continue;
+            }
+            float got;
+            memcpy(&got, &bits, 4);
+            const double err = std::fabs(got - want[s]);
+            if (!(err <= 1e-5 * mag + 1e-30)) {
+                printf("  index %s: score[%d][%d] = %.9g, want %.9g (token's max %.3g)\n", c.name.c_str(), t, s, got,
+                       want[s], mag);
+                return false;
+            }
+            worst = std::max(worst, err / (mag + 1e-30));
+        }
+    }
+    printf("ok   index %s (max error %.1e of the token's largest score)\n", c.name.c_str(), worst);
+    return true;
+}
+
+std::vector<IndexScoreCase> index_score_cases() {
+    return {
+        {"score bs1 h1 d4", 1, 1, 4, {1, 127, 128, 129, 300}, 2},
+        {"score bs7 h5 d64", 7, 5, 64, {300, 129, 1, 128, 127}, 3},
+        {"score bs64 h16 d128", 64, 16, 128, {127, 300, 128, 129, 1}, 2},
+        {"score bs7 h64 d128", 7, 64, 128, {129, 300, 45}, 2},
+        {"score bs64 h20 d64", 64, 20, 64, {300, 1, 129, 127, 200}, 3},
+        {"score bs1 h37 d4 (a token without candidates)", 1, 37, 4, {256, 0, 5}, 1},
+    };
+}
+
+struct IndexTopkCase {
+    std::string name;
+    int topk;
+    int kind;     // scores: 0 random, 1 three values, 2 signed zeros/infinities/NaNs, 3 all equal
+    int bs;
+    int outputs;  // 1 positions, 2 slots, 3 both
+    std::vector<int> lens;
+    int seqs;
+};
+
+// Rust's f32::total_cmp, as Rust writes it: the bits as i32, the magnitude
+// bits flipped for negative values.
+int32_t total_order(float f) {
+    int32_t i;
+    memcpy(&i, &f, 4);
+    return i ^ (int32_t)((uint32_t)(i >> 31) >> 1);
+}
+
+float index_special() {
+    static const uint32_t nans[2] = {0x7fc00000u, 0xffc00000u};
+    switch (irange(0, 9)) {
+        case 0: return 0.0f;
+        case 1: return -0.0f;
+        case 2: return INFINITY;
+        case 3: return -INFINITY;
+        case 4: return -1.5f;
+        case 5: return 1.5f;
+        case 6: return -(float)uniform();
+        case 7: return __uint_as_float(nans[irange(0, 1)]);
+        case 8: return __uint_as_float((uint32_t)irange(1, 7) | (irange(0, 1) ? 0x80000000u : 0u));  // subnormal
+        default: return (float)uniform();
+    }
+}
+
+bool run_index_topk(const IndexTopkCase& c) {
+    const int T = (int)c.lens.size(), K = c.topk;
+    std::vector<int32_t> tok_seq(T), tok_len(c.lens.begin(), c.lens.end());
+    std::vector<int> seq_len(c.seqs, 0);
+    int maxlen = 0;
+    for (int t = 0; t < T; ++t) {
+        tok_seq[t] = t % c.seqs;
+        seq_len[tok_seq[t]] = std::max(seq_len[tok_seq[t]], tok_len[t]);
+        maxlen = std::max(maxlen, tok_len[t]);
+    }
+    int used = 0, table_stride = 0;
+    for (int l : seq_len) {
+        used += (l + c.bs - 1) / c.bs;
+        table_stride = std::max(table_stride, (l + c.bs - 1) / c.bs);
+    }
+    table_stride += 1;
+    std::vector<int32_t> ids(used + 3);
+    for (size_t i = 0; i < ids.size(); ++i) ids[i] = (int32_t)i;
+    std::shuffle(ids.begin(), ids.end(), rng);
+    std::vector<int32_t> table((size_t)c.seqs * table_stride, -7777777);
+    for (int q = 0, k = 0; q < c.seqs; ++q)
+        for (int b = 0; b < (seq_len[q] + c.bs - 1) / c.bs; ++b) table[(size_t)q * table_stride + b] = ids[k++];
+    // Scores: past each token's candidates a positive NaN, the largest
+    // value there is, so reading one shows.
+    const int score_stride = maxlen + 5;
+    std::vector<float> scores((size_t)T * score_stride, __uint_as_float(0x7fc00000u));
+    const float three[3] = {0.75f, -2.5f, 3.0f};
+    const float same = irange(0, 1) ? 1.0f : -0.0f;
+    for (int t = 0; t < T; ++t)
+        for (int s = 0; s < tok_len[t]; ++s) {
+            float v;
+            switch (c.kind) {
+                case 0: v = (float)std::normal_distribution<double>(0.0, 1.0)(rng); break;
+                case 1: v = three[irange(0, 2)]; break;
+                case 2: v = index_special(); break;
+                default: v = same;
+            }
+            scores[(size_t)t * score_stride + s] = v;
+        }
+    // The host's choice (model::indexer::select) and its slots.
+    std::vector<int32_t> want_pos((size_t)T * K, -1), want_slot((size_t)T * K, -1);
+    for (int t = 0; t < T; ++t) {
+        const int n = tok_len[t];
+        std::vector<int32_t> order(n);
+        for (int i = 0; i < n; ++i) order[i] = i;
+        if (n > K) {
+            const float* sc = &scores[(size_t)t * score_stride];
+            std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+                const int32_t ka = total_order(sc[a]), kb = total_order(sc[b]);
+                return ka != kb ? ka > kb : a < b;
+            });
+            order.resize(K);
+            std::sort(order.begin(), order.end());
+        }
+        for (size_t i = 0; i < order.size(); ++i) {
+            const int s = order[i];
+            want_pos[(size_t)t * K + i] = s;
+            want_slot[(size_t)t * K + i] = table[(size_t)tok_seq[t] * table_stride + s / c.bs] * c.bs + s % c.bs;
+        }
+    }
+    const int32_t poison = 0x5a5a5a5a;
+    std::vector<int32_t> pos(c.outputs & 1 ? (size_t)T * K : 0, poison), slots(c.outputs & 2 ? (size_t)T * K : 0, poison);
+    MlaIndexTopkParams p{};
+    p.tokens = T;
+    p.topk = K;
+    p.score_stride = score_stride;
+    p.block_size = c.bs;
+    p.table_stride = table_stride;
+    p.scores = scores.data();
+    p.table = table.data();
+    p.tok_seq = tok_seq.data();
+    p.tok_len = tok_len.data();
+    p.positions = pos.empty() ? nullptr : pos.data();
+    p.slots = slots.empty() ? nullptr : slots.data();
+    emu::launch(mla_index_topk, {(unsigned)T, 1, 1}, {MLA_INDEX_TOPK_THREADS, 1, 1}, 0, p);
+    for (int t = 0; t < T; ++t)
+        for (int i = 0; i < K; ++i) {
+            const size_t e = (size_t)t * K + i;
+            if (!pos.empty() && pos[e] != want_pos[e]) {
+                printf("  index %s: token %d (%d candidates) positions[%d] = %d, want %d\n", c.name.c_str(), t,
+                       tok_len[t], i, pos[e], want_pos[e]);
+                return false;
+            }
+            if (!slots.empty() && slots[e] != want_slot[e]) {
+                printf("  index %s: token %d (%d candidates) slots[%d] = %d, want %d\n", c.name.c_str(), t,
+                       tok_len[t], i, slots[e], want_slot[e]);
+                return false;
+            }
+        }
+    printf("ok   index %s (exact)\n", c.name.c_str());
+    return true;
+}
+
+std::vector<IndexTopkCase> index_topk_cases() {
+    std::vector<IndexTopkCase> v;
+    const char* kinds[4] = {"random", "3 values (ties)", "+-0/+-inf/NaN/subnormal", "all equal"};
+    const char* outs[4] = {"", "positions", "slots", "positions+slots"};
+    int n = 0;
+    for (int K : {1, 7, 512, 2048})
+        for (int kind = 0; kind < 4; ++kind, ++n) {
+            IndexTopkCase c;
+            c.topk = K;
+            c.kind = kind;
+            c.bs = n % 2 ? 64 : 1;
+            c.outputs = (int[]){3, 1, 2}[n % 3];
+            c.lens = {1, std::max(1, K - 1), K, K + 1, 5000, irange(K + 2, 6000), 0};
+            c.seqs = 1 + n % 3;
+            c.name = "topk " + std::to_string(K) + " " + kinds[kind] + " bs" + std::to_string(c.bs) + " " +
+                     outs[c.outputs];
+            v.push_back(c);
+        }
+    return v;
+}
+
 }  // namespace
+
+// ---- the indexer's row steps (mla_index_rows) against a float64 reference ----
+struct IndexRowsCase {
+    std::string name;
+    int rows, dim, rope;
+    int rows_per_token = 1;
+    bool layer_norm = false, pow2 = true, queries = true;
+    unsigned grid = 0;  // 0: one block per row
+};
+
+// The E4M3 code of x under round-to-nearest-even, from the value table.
+double e4m3_nearest(double x) {
+    double best = 0, err = 1e300;
+    for (int c = 0; c < 256; ++c) {
+        if ((c & 0x7f) == 0x7f) continue;
+        const double v = e4m3_val((uint8_t)c), e = std::fabs(v - x);
+        if (e < err) {
+            err = e;
+            best = v;
+        }
+    }
+    return best;
+}
+
+bool run_index_rows(const IndexRowsCase& c) {
+    const int dim = c.dim, tokens = (c.rows + c.rows_per_token - 1) / c.rows_per_token;
+    const int cs_stride = c.rope + 2;  // a table wider than the pairs used
+    std::vector<float> src((size_t)c.rows * dim), nw(dim), nb(dim), cs((size_t)tokens * cs_stride);
+    for (auto& v : src) v = sample() * (uniform() < 0.05 ? 40.f : 1.f);
+    // A row of zeros: the amax floor gives it a finite scale.
+    for (int k = 0; k < dim; ++k) src[k] = 0.f;
+    for (int k = 0; k < dim; ++k) {
+        nw[k] = 0.5f + (float)uniform();
+        nb[k] = 0.1f * sample();
+    }
+    for (int t = 0; t < tokens; ++t)
+        for (int i = 0; i < c.rope / 2; ++i) {
+            const double a = uniform() * 6.28, sc = 0.9 + 0.2 * uniform();
+            cs[(size_t)t * cs_stride + 2 * i] = (float)(std::cos(a) * sc);
+            cs[(size_t)t * cs_stride + 2 * i + 1] = (float)(std::sin(a) * sc);
+        }
+    std::vector<float> w(c.rows), w_in;
+    for (auto& v : w) v = (float)(2 * uniform() - 1);
+    w_in = w;
+    const float hs = (float)std::pow((double)dim, -0.5), w_scale = 0.125f * hs;
+    std::vector<float> values(c.queries ? (size_t)c.rows * dim : 0, -1234.f);
+    std::vector<uint8_t> keys(c.queries ? 0 : (size_t)c.rows * (dim + 4), 0xa5);
+    MlaIndexRowsParams p{};
+    p.rows = c.rows;
+    p.dim = dim;
+    p.src_stride = dim;
+    p.rows_per_token = c.rows_per_token;
+    p.rope = c.rope;
+    p.cs_stride = cs_stride;
+    p.pow2_scales = c.pow2;
+    p.eps = 1e-6f;
+    p.hadamard_scale = hs;
+    p.w_scale = w_scale;
+    p.src = src.data();
+    p.norm_w = c.layer_norm ? nw.data() : nullptr;
+    p.norm_b = c.layer_norm ? nb.data() : nullptr;
+    p.cos_sin = c.rope ? cs.data() : nullptr;
+    p.values = c.queries ? values.data() : nullptr;
+    p.w = c.queries ? w.data() : nullptr;
+    p.key_rows = c.queries ? nullptr : keys.data();
+    emu::launch(mla_index_rows, {c.grid ? c.grid : (unsigned)c.rows, 1, 1}, {MLA_INDEX_ROWS_THREADS, 1, 1}, 0, p);
+    double worst = 0;
+    for (int r = 0; r < c.rows; ++r) {
+        // The reference in float64: LayerNorm, half-split RoPE, the
+        // orthonormal Hadamard matrix, the scale.
+        std::vector<double> x(dim), y(dim);
+        for (int k = 0; k < dim; ++k) x[k] = src[(size_t)r * dim + k];
+        if (c.layer_norm) {
+            double mean = 0, var = 0;
+            for (double v : x) mean += v;
+            mean /= dim;
+            for (double v : x) var += (v - mean) * (v - mean);
+            var /= dim;
+            for (int k = 0; k < dim; ++k) x[k] = (x[k] - mean) / std::sqrt(var + 1e-6) * nw[k] + nb[k];
+        }
+        const float* t = &cs[(size_t)(r / c.rows_per_token) * cs_stride];
+        for (int i = 0; i < c.rope / 2; ++i) {
+            const double a = x[i], b = x[i + c.rope / 2];
+            x[i] = a * t[2 * i] - b * t[2 * i + 1];
+            x[i + c.rope / 2] = a * t[2 * i + 1] + b * t[2 * i];
+        }
+        double amax = 0;
+        for (int k = 0; k < dim; ++k) {
+            double s = 0;
+            for (int j = 0; j < dim; ++j) s += (__builtin_popcount(k & j) % 2 ? -x[j] : x[j]);
+            y[k] = s / std::sqrt((double)dim);
+            amax = std::max(amax, std::fabs(y[k]));
+        }
+        const double ratio = std::max(amax, 1e-4) / 448.0;
+        const double want_scale = c.pow2 ? std::ldexp(1.0, (int)std::ceil(std::log2(ratio))) : ratio;
+        // The kernel's scale and codes.
+        float scale;
+        std::vector<double> got(dim);
+        if (c.queries) {
+            // Its scale, from the head weight: w * (w_scale * scale) (a
+            // power of two exactly; a plain one to float rounding).
+            const double derived = (double)w[r] / w_in[r] / w_scale;
+            scale = c.pow2 ? (float)std::ldexp(1.0, (int)std::lround(std::log2(derived))) : (float)derived;
+            for (int k = 0; k < dim; ++k) got[k] = values[(size_t)r * dim + k];
+        } else {
+            const uint8_t* row = &keys[(size_t)r * (dim + 4)];
+            memcpy(&scale, row + dim, 4);
+            for (int k = 0; k < dim; ++k) got[k] = e4m3_val(row[k]);
+        }
+        // A power-of-two scale may round up one binade where the ratio
+        // sits on a boundary within float rounding; a plain one is the ratio.
+        const double srel = std::fabs(scale - want_scale) / want_scale;
+        const bool boundary = std::fabs(std::log2(ratio) - std::round(std::log2(ratio))) < 1e-5;
+        const bool scale_ok = c.pow2 ? (srel == 0 || (boundary && (srel == 0.5 || srel == 1))) : srel < 1e-5;
+        if (!scale_ok) {
+            printf("  index rows %s: row %d scale %.9g, want %.9g\n", c.name.c_str(), r, scale, want_scale);
+            return false;
+        }
+        const double w_want = c.pow2 ? (double)(w_in[r] * (w_scale * scale)) : (double)w_in[r] * w_scale * scale;
+        if (c.queries && std::fabs(w[r] - w_want) > (c.pow2 ? 0 : 1e-6 * std::fabs(w_want))) {
+            printf("  index rows %s: row %d head weight %.9g, want %.9g\n", c.name.c_str(), r, w[r], w_in[r] * (w_scale * scale));
+            return false;
+        }
+        for (int k = 0; k < dim; ++k) {
+            // Every output is a code value; it is the nearest code to the
+            // reference unless the reference sits within rounding of the
+            // midpoint between two codes.
+            const double q = y[k] / scale, near = e4m3_nearest(q);
+            // (Float rounding of the steps: about 1e-5 of the row's largest
+            // value, 448 in code units.)
+            const double err = std::fabs(got[k] - q), tie = std::fabs(std::fabs(near - q) - err);
+            if (!(got[k] == e4m3_nearest(got[k])) || (got[k] != near && tie > 5e-3 + 1e-5 * std::fabs(q))) {
+                printf("  index rows %s: row %d [%d] = %.9g, want the code %.9g of %.9g\n", c.name.c_str(), r, k, got[k], near,
+                       q);
+                return false;
+            }
+            worst = std::max(worst, std::fabs(got[k] - near));
+        }
+    }
+    printf("ok   index rows %s (largest code difference %.2g)\n", c.name.c_str(), worst);
+    return true;
+}
+
+std::vector<IndexRowsCase> index_rows_cases() {
+    std::vector<IndexRowsCase> v;
+    IndexRowsCase c;
+    // V3.2's queries: 128 values, rope 64, 4 heads a token.
+    c = {"queries dim128 rope64 4 heads/token", 12, 128, 64, 4};
+    v.push_back(c);
+    c = {"queries dim64 rope64, plain scales, 2 blocks for 7 rows", 7, 64, 64, 1};
+    c.pow2 = false;
+    c.grid = 2;
+    v.push_back(c);
+    // V3.2's keys: LayerNorm first, rows of codes and a scale.
+    c = {"keys dim128 rope64 layernorm", 5, 128, 64};
+    c.layer_norm = true;
+    c.queries = false;
+    v.push_back(c);
+    c = {"keys dim8 rope4 layernorm plain scales", 4, 8, 4};
+    c.layer_norm = true;
+    c.queries = false;
+    c.pow2 = false;
+    v.push_back(c);
+    c = {"queries dim16 no rope", 3, 16, 0};
+    v.push_back(c);
+    return v;
+}
 
 int main() {
     rng.seed(0x6d6c6172743a656dull);
@@ -1039,9 +1558,21 @@ int main() {
         failed += !ok;
         ++rows;
     }
+    int indexes = 0;
+    auto index_case = [&](const std::string& name, auto run_it) {
+        if (only && ("index " + name).find(only) == std::string::npos) return;
+        const bool ok = run_it();
+        if (!ok) printf("FAIL index %s\n", name.c_str());
+        failed += !ok;
+        ++indexes;
+    };
+    for (const auto& c : index_scatter_cases()) index_case(c.name, [&] { return run_index_scatter(c); });
+    for (const auto& c : index_score_cases()) index_case(c.name, [&] { return run_index_score(c); });
+    for (const auto& c : index_topk_cases()) index_case(c.name, [&] { return run_index_topk(c); });
+    for (const auto& c : index_rows_cases()) index_case("rows " + c.name, [&] { return run_index_rows(c); });
     const bool probe = run_probe();
     printf("%s wgmma probe (S and O of the _wg kernels' GEMMs, exact)\n", probe ? "ok  " : "FAIL");
     failed += !probe;
-    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + linears + rows + 1, failed);
+    printf("emulated kernels: %zu cases, %d failed\n", cases.size() + appends + linears + rows + indexes + 1, failed);
     return failed ? 1 : 0;
 }

@@ -145,6 +145,7 @@ struct WarpSlots {
     uint32_t a[32][4], b[32][2];
     float c[32][4], f[32];
     const void* addr[32];
+    int pred[32];
 };
 
 struct State {
@@ -357,8 +358,26 @@ inline float __shfl_xor_sync(unsigned, float v, int off) {
     return r;
 }
 
+// __ballot_sync: bit i set when lane i is named in `mask`, is a live
+// thread of the block and passed a nonzero `pred`.
+inline unsigned __ballot_sync(unsigned mask, int pred) {
+    emu::WarpSlots& w = emu::slots();
+    const int l = emu::lane();
+    w.pred[l] = pred != 0;
+    __syncwarp();
+    emu::State& s = emu::st();
+    const int base = s.fibers[s.cur].tid - l;
+    unsigned r = 0;
+    for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
+        if ((mask >> i & 1) && s.fibers[base + i].wait != emu::DONE && w.pred[i]) r |= 1u << i;
+    __syncwarp();
+    return r;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
 // Fibers never run concurrently: plain read-modify-write is atomic.
 inline int atomicOr(int* p, int v) { int o = *p; *p |= v; return o; }
+inline int atomicAdd(int* p, int v) { int o = *p; *p += v; return o; }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
     unsigned long long o = *p;
     *p += v;

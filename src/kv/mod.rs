@@ -17,6 +17,7 @@
 //! (create, free, fork, truncate, append) are serialized; decodes and
 //! queries share the lock and run concurrently with each other.
 
+use crate::backend::cuda::indexer::{KeyScatter, SelectOut};
 use crate::backend::cuda::staging::{DataRef, OutRef};
 use crate::backend::Buffer;
 use crate::decode::desc::DecodeOutput;
@@ -39,8 +40,9 @@ pub struct PoolOptions {
     /// Elements of an indexer key per token (DeepSeek-V3.2's
     /// `index_head_dim`), 0 for none. A pool with indexer keys keeps, per
     /// layer and token, the key as E4M3 codes and its f32 scale
-    /// ([`index_row_bytes`]) beside the cache row, in host memory; rows
-    /// reach it only through a model forward, which writes both.
+    /// ([`index_row_bytes`]) beside the cache row, in the same memory (a
+    /// GPU pool's keys stay on the GPU, which then scores them); rows reach
+    /// it only through a model forward, which writes both.
     pub index_dim: usize,
 }
 
@@ -96,6 +98,22 @@ enum RowData<'a> {
     Device(u64),
 }
 
+/// The indexer keys of an append: per item in host memory, or all items'
+/// rows one after another in the engine's GPU memory (a pool whose keys
+/// are there).
+#[derive(Clone, Copy)]
+pub(crate) enum KeyRows<'a> {
+    Host(&'a [&'a [u8]]),
+    Device(u64),
+}
+
+/// The keys of a sparse decode over a pool: logical positions (checked and
+/// translated), or pool slots a kernel wrote in engine memory.
+enum SparseIn<'a> {
+    Logical(PoolSparse<'a>),
+    Slots(u64, usize),
+}
+
 /// One layer's `[num_blocks, block]` cache.
 enum LayerMem {
     Host(Buffer),
@@ -106,9 +124,10 @@ enum LayerMem {
 struct State {
     /// Per layer: `[num_blocks, block_size, row]`.
     layers: Vec<LayerMem>,
-    /// Per layer: `[num_blocks, block_size, index_row_bytes]`, host memory
-    /// (the indexer runs on the CPU); empty without indexer keys.
-    index: Vec<Buffer>,
+    /// Per layer: `[num_blocks, block_size, index_row_bytes]`, beside the
+    /// cache (host memory, or GPU memory where the indexer then runs);
+    /// empty without indexer keys.
+    index: Vec<LayerMem>,
     refcount: Vec<u32>,
     free: Vec<i32>,
     seqs: HashMap<u64, Sequence>,
@@ -127,7 +146,8 @@ impl Drop for KvPool {
             // Work enqueued without a wait (a device-row append, a decode of
             // a layer kept on the GPU) may still use the blocks.
             let _ = cuda.sync();
-            for m in &self.state.get_mut().layers {
+            let st = self.state.get_mut();
+            for m in st.layers.iter().chain(&st.index) {
                 if let LayerMem::Device(p) = m {
                     // Nothing to report to from a drop; the driver frees
                     // the rest at exit.
@@ -167,16 +187,12 @@ impl KvPool {
                 opts.num_layers,
             ],
         )? / opts.num_layers;
-        let index = if opts.index_dim == 0 {
-            Vec::new()
+        let index_layers = if opts.index_dim == 0 {
+            0
         } else {
-            (0..opts.num_layers)
-                .map(|l| {
-                    Buffer::host_zeroed(&format!("kv pool layer {l} indexer keys"), index_bytes)
-                })
-                .collect::<Result<Vec<_>>>()?
+            opts.num_layers
         };
-        let layers = match engine.backend().cuda() {
+        let mut layers = match engine.backend().cuda() {
             None => (0..opts.num_layers)
                 .map(|l| {
                     engine
@@ -184,14 +200,24 @@ impl KvPool {
                         .alloc(&format!("kv pool layer {l}"), layer_bytes)
                         .map(LayerMem::Host)
                 })
+                .chain((0..index_layers).map(|l| {
+                    Buffer::host_zeroed(&format!("kv pool layer {l} indexer keys"), index_bytes)
+                        .map(LayerMem::Host)
+                }))
                 .collect::<Result<Vec<_>>>()?,
             Some(cuda) => {
-                let mut v = Vec::with_capacity(opts.num_layers);
+                // The cache layers, then the indexer keys' layers.
+                let mut v = Vec::with_capacity(opts.num_layers + index_layers);
                 let r = (|| {
-                    for _ in 0..opts.num_layers {
-                        let p = cuda.mem_alloc(layer_bytes)?;
+                    for l in 0..opts.num_layers + index_layers {
+                        let bytes = if l < opts.num_layers {
+                            layer_bytes
+                        } else {
+                            index_bytes
+                        };
+                        let p = cuda.mem_alloc(bytes)?;
                         v.push(LayerMem::Device(p));
-                        cuda.zero_async(p, layer_bytes)?;
+                        cuda.zero_async(p, bytes)?;
                     }
                     cuda.sync()
                 })();
@@ -206,6 +232,7 @@ impl KvPool {
                 v
             }
         };
+        let index = layers.split_off(opts.num_layers);
         Ok(KvPool {
             engine,
             opts,
@@ -367,21 +394,22 @@ impl KvPool {
     ) -> Result<()> {
         let counts: Vec<(u64, usize)> = items.iter().map(|&(s, n, _)| (s, n)).collect();
         let rows = RowData::Host(items.iter().map(|&(_, _, r)| r).collect());
-        self.append_rows(layer, &counts, rows, dtype, index)
+        self.append_rows(layer, &counts, rows, dtype, index.map(KeyRows::Host))
     }
 
     /// [`Self::append_batch_indexed`] from rows in the engine's GPU memory:
     /// `rows` holds `[sum of n, d_qk]` of `dtype`, the items' rows one
-    /// after another (the indexer keys, if any, are host memory). The rows
-    /// are converted on the engine's stream and not waited for: later work
-    /// there sees them. A device pool only.
+    /// after another (the indexer keys, if any, in host memory or, laid out
+    /// the same way, in GPU memory). The rows are converted on the engine's
+    /// stream and not waited for: later work there sees them. A device pool
+    /// only.
     pub(crate) fn append_batch_device(
         &self,
         layer: i64,
         items: &[(u64, usize)],
         rows: u64,
         dtype: Dtype,
-        index: Option<&[&[u8]]>,
+        index: Option<KeyRows<'_>>,
     ) -> Result<()> {
         self.append_rows(layer, items, RowData::Device(rows), dtype, index)
     }
@@ -392,7 +420,7 @@ impl KvPool {
         items: &[(u64, usize)],
         rows: RowData<'_>,
         dtype: Dtype,
-        index: Option<&[&[u8]]>,
+        index: Option<KeyRows<'_>>,
     ) -> Result<()> {
         let layer = self.layer_index(layer)?;
         let irow = index_row_bytes(self.opts.index_dim);
@@ -408,7 +436,7 @@ impl KvPool {
             Some(_) if irow == 0 => {
                 return Err(Error::internal("indexer keys for a pool without them"))
             }
-            Some(ix)
+            Some(KeyRows::Host(ix))
                 if ix.len() != items.len()
                     || ix
                         .iter()
@@ -510,11 +538,12 @@ impl KvPool {
                 fresh: fresh_ids,
             });
         }
-        // Data: copy-on-write copies (every layer), then the rows.
-        self.write_data(st, layer, items, &rows, &applies, dtype)?;
+        // Data: the indexer keys, then copy-on-write copies (every layer)
+        // and the rows (on a GPU, waited for there with host rows).
         if let Some(ix) = index {
-            self.write_index(st, layer, items, &applies, ix);
+            self.write_index(st, layer, items, &applies, ix)?;
         }
+        self.write_data(st, layer, items, &rows, &applies, dtype, index)?;
         // Commit; nothing can fail from here on.
         st.free.truncate(st.free.len() - needed);
         for (&(seq, _), a) in items.iter().zip(applies) {
@@ -535,6 +564,7 @@ impl KvPool {
     /// Writes an append's data (see `append_batch`): on the host in place,
     /// on a GPU through the engine's stream, waiting for it at the end (host
     /// rows) so a failure is seen before the append commits.
+    #[allow(clippy::too_many_arguments)]
     fn write_data(
         &self,
         st: &mut State,
@@ -543,6 +573,7 @@ impl KvPool {
         rows: &RowData<'_>,
         applies: &[PlannedAppend],
         dtype: Dtype,
+        index: Option<KeyRows<'_>>,
     ) -> Result<()> {
         let block_bytes = self.layout.block_bytes;
         let bs = self.opts.block_size;
@@ -621,6 +652,26 @@ impl KvPool {
                     }
                 }
                 let kv = ptrs[layer];
+                // The indexer keys go to the same slots.
+                let irow = index_row_bytes(self.opts.index_dim);
+                let mut host_keys = Vec::new();
+                let keys = match (index, st.index.get(layer)) {
+                    (None, _) => None,
+                    (Some(k), Some(&LayerMem::Device(dst))) => Some(KeyScatter {
+                        dst,
+                        row_bytes: irow,
+                        rows: match k {
+                            KeyRows::Host(rows) => {
+                                for (&(_, n), r) in items.iter().zip(rows) {
+                                    host_keys.extend_from_slice(&r[..n * irow]);
+                                }
+                                DataRef::Host(&host_keys)
+                            }
+                            KeyRows::Device(p) => DataRef::Device(p),
+                        },
+                    }),
+                    (Some(_), _) => return Err(Error::internal("indexer keys not on the GPU")),
+                };
                 match rows {
                     RowData::Host(srcs) => {
                         let mut host = Vec::new();
@@ -628,50 +679,181 @@ impl KvPool {
                             host.extend_from_slice(&src[..n * src_row]);
                         }
                         let data = DataRef::Host(&host);
-                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, true)?;
+                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, keys, true)?;
                         // The copy-on-write copies too, before the append commits.
                         cuda.sync()
                     }
                     RowData::Device(p) => {
                         let data = DataRef::Device(*p);
-                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, false)
+                        cuda.append_rows(kv, &self.layout, dtype, data, &slots, keys, false)
                     }
                 }
             }
         }
     }
 
-    /// Writes an append's indexer keys (host memory): the copy-on-write
-    /// copies of every layer's keys, then the new rows. Cannot fail.
+    /// Writes an append's indexer keys: the copy-on-write copies of every
+    /// layer's keys, then (host memory) the new rows; a GPU pool's new rows
+    /// go with the append's own (`write_data`). They only touch blocks the
+    /// append takes, so a later failure of the append leaves nothing
+    /// changed. On a GPU this is enqueued (`write_data` waits for it).
     fn write_index(
         &self,
         st: &mut State,
         layer: usize,
         items: &[(u64, usize)],
         applies: &[PlannedAppend],
-        index: &[&[u8]],
-    ) {
+        index: KeyRows<'_>,
+    ) -> Result<()> {
         let bs = self.opts.block_size;
         let irow = index_row_bytes(self.opts.index_dim);
         let block_bytes = irow * bs;
+        let cuda = self.engine.backend().cuda();
         for a in applies {
             for &(old, new) in &a.copies {
+                let (old, new) = (old as usize * block_bytes, new as usize * block_bytes);
                 for buf in st.index.iter_mut() {
-                    buf.as_mut_slice().copy_within(
-                        old as usize * block_bytes..(old as usize + 1) * block_bytes,
-                        new as usize * block_bytes,
-                    );
+                    match (buf, cuda) {
+                        (LayerMem::Host(b), _) => {
+                            b.as_mut_slice().copy_within(old..old + block_bytes, new)
+                        }
+                        (LayerMem::Device(p), Some(c)) => {
+                            c.copy_async(*p + new as u64, *p + old as u64, block_bytes)?
+                        }
+                        (LayerMem::Device(_), None) => {
+                            return Err(Error::internal("device indexer keys on a CPU engine"))
+                        }
+                    }
                 }
             }
         }
-        let data = st.index[layer].as_mut_slice();
-        for ((&(_, n), a), rows) in items.iter().zip(applies).zip(index) {
-            for k in 0..n {
-                let t = a.start + k;
-                let at = (a.blocks[t / bs] as usize * bs + t % bs) * irow;
-                data[at..at + irow].copy_from_slice(&rows[k * irow..(k + 1) * irow]);
+        let slot = |a: &PlannedAppend, t: usize| a.blocks[t / bs] as usize * bs + t % bs;
+        match (&mut st.index[layer], cuda, index) {
+            (LayerMem::Host(buf), _, KeyRows::Host(index)) => {
+                let data = buf.as_mut_slice();
+                for ((&(_, n), a), rows) in items.iter().zip(applies).zip(index) {
+                    for k in 0..n {
+                        let at = slot(a, a.start + k) * irow;
+                        data[at..at + irow].copy_from_slice(&rows[k * irow..(k + 1) * irow]);
+                    }
+                }
+                Ok(())
+            }
+            // A GPU pool's new keys go with the append's rows (`write_data`).
+            (LayerMem::Device(_), Some(_), _) => Ok(()),
+            (LayerMem::Host(_), _, KeyRows::Device(_)) => {
+                Err(Error::internal("device indexer keys for a host pool"))
+            }
+            (LayerMem::Device(_), None, _) => {
+                Err(Error::internal("device indexer keys on a CPU engine"))
             }
         }
+    }
+
+    /// Whether the pool's indexer keys live in GPU memory, where
+    /// [`Self::select_on_device`] scores them (not [`Self::with_index_keys`]).
+    pub fn index_on_device(&self) -> bool {
+        matches!(self.state.read().index.first(), Some(LayerMem::Device(_)))
+    }
+
+    /// The indexer's choice for new tokens whose keys are appended, on the
+    /// GPU that holds the pool's keys (see `model::indexer::select`): the
+    /// tokens are `n_tokens[b]` of each sequence `seqs[b]`, in batch order,
+    /// at positions `pos`; `q [tokens, heads, index_dim]` and `w [tokens,
+    /// heads]` as `IndexerTokens`; `out [tokens, topk]`. Waits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select_on_device(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        pos: &[usize],
+        q: &[f32],
+        w: &[f32],
+        heads: usize,
+        out: &mut [i32],
+    ) -> Result<()> {
+        let (q, w) = (bytemuck::cast_slice(q), bytemuck::cast_slice(w));
+        let (q, w) = (DataRef::Host(q), DataRef::Host(w));
+        let topk = out.len() / pos.len().max(1);
+        let out = SelectOut::Host(out);
+        self.select_with(layer, seqs, n_tokens, pos, q, w, heads, topk, out)
+    }
+
+    /// [`Self::select_on_device`] with `q` and `w` in host or engine
+    /// memory, its `topk` choices into host memory (waited for) or as
+    /// positions and/or pool slots into engine memory (enqueued).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn select_with(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        pos: &[usize],
+        q: DataRef<'_>,
+        w: DataRef<'_>,
+        heads: usize,
+        topk: usize,
+        out: SelectOut<'_>,
+    ) -> Result<()> {
+        let layer = self.layer_index(layer)?;
+        let cuda = self
+            .engine
+            .backend()
+            .cuda()
+            .ok_or_else(|| Error::internal("device indexer keys on a CPU engine"))?;
+        let st = self.state.read();
+        let Some(&LayerMem::Device(keys)) = st.index.get(layer) else {
+            return Err(Error::internal(
+                "the pool's indexer keys are not in GPU memory",
+            ));
+        };
+        let total: usize = n_tokens.iter().sum();
+        if seqs.len() != n_tokens.len() || pos.len() != total || total == 0 {
+            return Err(Error::internal("indexer selection tokens disagree"));
+        }
+        let mut found = Vec::with_capacity(seqs.len());
+        for &id in seqs {
+            found.push(st.seqs.get(&id).ok_or_else(|| Self::missing(id))?);
+        }
+        let stride = found
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut table = vec![-1i32; seqs.len() * stride];
+        let (mut tok_seq, mut tok_len) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        let mut toks = pos.iter();
+        for (b, (s, &n)) in found.iter().zip(n_tokens).enumerate() {
+            table[b * stride..b * stride + s.blocks.len()].copy_from_slice(&s.blocks);
+            for &p in toks.by_ref().take(n) {
+                // The kernel follows the block table for every candidate:
+                // each must be a stored token.
+                if p >= s.lens[layer] {
+                    return Err(Error::internal(format!(
+                        "indexer query at position {p} of a sequence of {} tokens",
+                        s.lens[layer]
+                    )));
+                }
+                tok_seq.push(b as i32);
+                tok_len.push(p as i32 + 1);
+            }
+        }
+        let query = crate::backend::cuda::indexer::IndexQuery {
+            keys,
+            block_size: self.opts.block_size,
+            dim: self.opts.index_dim,
+            heads,
+            table: &table,
+            stride,
+            tok_seq: &tok_seq,
+            tok_len: &tok_len,
+            q,
+            w,
+            topk,
+        };
+        cuda.index_select(&query, out)
     }
 
     /// Calls `f` with a reader of the indexer keys of `seq` in `layer`
@@ -688,8 +870,13 @@ impl KvPool {
         }
         let st = self.state.read();
         let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+        let LayerMem::Host(data) = &st.index[layer] else {
+            return Err(Error::internal(
+                "the pool's indexer keys are in GPU memory (select_on_device)",
+            ));
+        };
         Ok(f(IndexKeys {
-            data: st.index[layer].as_slice(),
+            data: data.as_slice(),
             blocks: &s.blocks,
             len: s.lens[layer],
             block_size: self.opts.block_size,
@@ -758,6 +945,32 @@ impl KvPool {
         )
     }
 
+    /// [`Self::decode_on_device`] of a sparse attention over the pool
+    /// slots `[batch, s_q, topk]` at `slots` in engine memory (-1: none),
+    /// which a kernel wrote from this pool's block tables
+    /// ([`Self::select_with`]): enqueued, nothing staged.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn decode_slots_on_device(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: u64,
+        slots: u64,
+        topk: usize,
+        out: u64,
+        out_dtype: Dtype,
+    ) -> Result<()> {
+        let out = OutRef::Device {
+            ptr: out,
+            dtype: out_dtype,
+        };
+        let sparse = SparseIn::Slots(slots, topk);
+        let q = DataRef::Device(q);
+        self.decode_in(layer, seqs, shape, q_dtype, q, Some(sparse), None, out)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn decode_with(
         &self,
@@ -767,6 +980,22 @@ impl KvPool {
         q_dtype: Dtype,
         q: DataRef<'_>,
         sparse: Option<PoolSparse<'_>>,
+        attn_sink: Option<&[f32]>,
+        out: OutRef<'_, '_>,
+    ) -> Result<()> {
+        let sparse = sparse.map(SparseIn::Logical);
+        self.decode_in(layer, seqs, shape, q_dtype, q, sparse, attn_sink, out)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn decode_in(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: DataRef<'_>,
+        sparse: Option<SparseIn<'_>>,
         attn_sink: Option<&[f32]>,
         out: OutRef<'_, '_>,
     ) -> Result<()> {
@@ -795,6 +1024,7 @@ impl KvPool {
         enum Keys {
             Dense(Vec<i32>, usize, Vec<i32>),
             Sparse(Vec<i32>),
+            Slots(u64),
         }
         let keys = match &sparse {
             None => {
@@ -811,7 +1041,8 @@ impl KvPool {
                 }
                 Keys::Dense(table, stride, lens)
             }
-            Some(sp) => {
+            Some(SparseIn::Slots(p, _)) => Keys::Slots(*p),
+            Some(SparseIn::Logical(sp)) => {
                 if sp.indices.len() < shape.batch * shape.s_q * sp.topk {
                     return Err(Error::internal("indices smaller than [batch, s_q, topk]"));
                 }
@@ -852,8 +1083,15 @@ impl KvPool {
                 Keys::Sparse(phys)
             }
         };
-        let topk_length = sparse.as_ref().and_then(|sp| sp.topk_length);
-        let topk = sparse.as_ref().map_or(0, |sp| sp.topk);
+        let topk_length = match &sparse {
+            Some(SparseIn::Logical(sp)) => sp.topk_length,
+            _ => None,
+        };
+        let topk = match &sparse {
+            Some(SparseIn::Logical(sp)) => sp.topk,
+            Some(SparseIn::Slots(_, topk)) => *topk,
+            None => 0,
+        };
         match &st.layers[layer] {
             LayerMem::Host(buf) => {
                 let (DataRef::Host(q), OutRef::Host(out)) = (q, out) else {
@@ -873,17 +1111,29 @@ impl KvPool {
                         };
                         Decode::sparse(shape, q_dtype, q, main, None)?
                     }
+                    Keys::Slots(_) => return Err(Error::internal("device slots for a host pool")),
                 };
                 self.finish(d, attn_sink, out)
             }
             LayerMem::Device(ptr) => {
-                use crate::backend::cuda::staging::{HostDecode, HostIndexed, HostKeys};
+                use crate::backend::cuda::staging::{HostDecode, HostIndexed, HostKeys, Indices};
                 let cuda = self
                     .engine
                     .backend()
                     .cuda()
                     .ok_or_else(|| Error::internal("device pool on a CPU engine"))?;
                 let kv = DataRef::Device(*ptr);
+                let sparse = |indices| HostKeys::Sparse {
+                    main: HostIndexed {
+                        layout: self.layout,
+                        kv,
+                        num_blocks: self.opts.num_blocks,
+                        indices,
+                        topk,
+                        topk_length,
+                    },
+                    extra: None,
+                };
                 let keys = match &keys {
                     Keys::Dense(table, stride, lens) => HostKeys::Dense {
                         layout: self.layout,
@@ -893,17 +1143,8 @@ impl KvPool {
                         stride: *stride,
                         seqlens: lens,
                     },
-                    Keys::Sparse(phys) => HostKeys::Sparse {
-                        main: HostIndexed {
-                            layout: self.layout,
-                            kv,
-                            num_blocks: self.opts.num_blocks,
-                            indices: phys,
-                            topk,
-                            topk_length,
-                        },
-                        extra: None,
-                    },
+                    Keys::Sparse(phys) => sparse(Indices::Host(phys)),
+                    Keys::Slots(p) => sparse(Indices::Device(*p)),
                 };
                 if let Some(s) = attn_sink {
                     if s.len() < shape.h_q {

@@ -2,9 +2,10 @@
 //! kv_a, the absorbed W_UK and W_UV, and o_proj, with their weights held in
 //! device memory in their stored precision (bf16, or FP8 with its block
 //! scales; `backend::cuda::linear`). A layer over a pool of the same GPU
-//! runs on the device (`super::resident`; a V3.2 layer's indexer on the
-//! CPU); otherwise each projection here stages its activations in and its
-//! output out, and the norms and RoPE stay on the CPU.
+//! runs on the device (`super::resident`, with a V3.2 layer's indexer:
+//! its projections here too); otherwise each projection here stages its
+//! activations in and its output out, and the norms and RoPE stay on the
+//! CPU.
 //!
 //! Opt-in until a GPU has verified the kernels: `MLART_CUDA_PROJECTIONS=1`
 //! (or [`LoadOptions::gpu_projections`](super::LoadOptions)).
@@ -90,6 +91,19 @@ impl HeadDims {
     }
 }
 
+/// A V3.2 layer's indexer weights in device memory.
+pub struct DeviceIndexer {
+    /// `[heads * dim, q_lora_rank]`.
+    pub wq_b: ProjWeight,
+    /// `[dim, hidden]`.
+    pub wk: ProjWeight,
+    /// `[heads, hidden]`.
+    pub weights_proj: ProjWeight,
+    /// The key's LayerNorm, f32: weight `[dim]`, then bias `[dim]`; 0 when
+    /// the weights are not on a GPU.
+    pub norm: u64,
+}
+
 /// One layer's projection weights in device memory.
 pub struct DeviceLayer {
     pub q: DeviceQ,
@@ -104,6 +118,9 @@ pub struct DeviceLayer {
     /// then q_a's norm `[q_lora]` (low-rank queries); 0 when the weights
     /// are not on a GPU.
     pub norms: u64,
+    /// A V3.2 layer's indexer, when its weights are ones the kernels take
+    /// (else it runs on the CPU).
+    pub indexer: Option<DeviceIndexer>,
 }
 
 impl DeviceLayer {
@@ -207,6 +224,9 @@ impl DeviceLayer {
             DeviceQ::Direct(w) => vec![w],
         };
         v.extend([&self.kv_a, &self.uk, &self.kv_b, &self.o_proj]);
+        if let Some(ix) = &self.indexer {
+            v.extend([&ix.wq_b, &ix.wk, &ix.weights_proj]);
+        }
         v
     }
 
@@ -223,6 +243,9 @@ impl DeviceLayer {
         if self.norms != 0 {
             let _ = cuda.mem_free(self.norms);
         }
+        if let Some(ix) = self.indexer.as_ref().filter(|ix| ix.norm != 0) {
+            let _ = cuda.mem_free(ix.norm);
+        }
     }
 }
 
@@ -238,22 +261,39 @@ fn image(l: &Linear) -> Result<WeightImage> {
 }
 
 /// One layer's weights as the kernels read them, in [`DeviceLayer`] order:
-/// q (one or two), kv_a, W_UK transposed, kv_b, o_proj.
-fn layer_images(lw: &LayerWeights, d: HeadDims) -> Result<Vec<WeightImage>> {
+/// q (one or two), kv_a, W_UK transposed, kv_b, o_proj, then a V3.2
+/// indexer's wq_b, wk and weights_proj (left out, so the indexer runs on
+/// the CPU, when one of them is a dtype the kernels do not take); and
+/// whether the query projection is low-rank.
+fn layer_images(lw: &LayerWeights, d: HeadDims) -> Result<(Vec<WeightImage>, bool)> {
     let HeadDims { heads, nope, v, .. } = d;
     let mut imgs = match &lw.q {
         QProj::Lora { a, b, .. } => vec![image(a)?, image(b)?],
         QProj::Direct(w) => vec![image(w)?],
     };
+    let lora = imgs.len() == 2;
     let kv_b = image(lw.absorbed.kv_b())?;
     let uk = kv_b.transposed_groups(heads, nope + v, nope)?;
     imgs.extend([image(&lw.kv_a)?, uk, kv_b, image(&lw.o_proj)?]);
-    Ok(imgs)
+    if let Some(ix) = &lw.indexer {
+        let three = [&ix.wq_b, &ix.wk, &ix.weights_proj].map(image);
+        if three.iter().all(|r| r.is_ok()) {
+            imgs.extend(three.into_iter().flatten());
+        } else if let Some(Err(e)) = three.into_iter().find(|r| !is_unsupported_result(r)) {
+            return Err(e);
+        }
+    }
+    Ok((imgs, lora))
+}
+
+/// Whether `r` is Ok or an `Unsupported` error.
+fn is_unsupported_result<T>(r: &Result<T>) -> bool {
+    r.as_ref().err().is_none_or(is_unsupported)
 }
 
 /// A [`DeviceLayer`] from its weights in [`layer_images`] order.
-fn assemble(ws: Vec<ProjWeight>, dims: HeadDims) -> Result<DeviceLayer> {
-    let lora = ws.len() == 6;
+fn assemble(ws: Vec<ProjWeight>, lora: bool, dims: HeadDims) -> Result<DeviceLayer> {
+    let indexer = ws.len() == if lora { 9 } else { 8 };
     let mut it = ws.into_iter();
     let mut next = || {
         it.next()
@@ -267,14 +307,26 @@ fn assemble(ws: Vec<ProjWeight>, dims: HeadDims) -> Result<DeviceLayer> {
     } else {
         DeviceQ::Direct(next()?)
     };
+    let (kv_a, uk, kv_b, o_proj) = (next()?, next()?, next()?, next()?);
+    let indexer = if indexer {
+        Some(DeviceIndexer {
+            wq_b: next()?,
+            wk: next()?,
+            weights_proj: next()?,
+            norm: 0,
+        })
+    } else {
+        None
+    };
     Ok(DeviceLayer {
         q,
-        kv_a: next()?,
-        uk: next()?,
-        kv_b: next()?,
-        o_proj: next()?,
+        kv_a,
+        uk,
+        kv_b,
+        o_proj,
         dims,
         norms: 0,
+        indexer,
     })
 }
 
@@ -292,7 +344,7 @@ pub fn upload(
         .map(|lw| layer_images(lw, dims))
         .collect::<Result<Vec<_>>>()?;
     let mut out: Vec<DeviceLayer> = Vec::with_capacity(layers.len());
-    for (lw, imgs) in layers.iter().zip(&images) {
+    for (lw, (imgs, lora)) in layers.iter().zip(&images) {
         let mut held = Vec::with_capacity(imgs.len());
         let mut failed = None;
         for img in imgs {
@@ -305,13 +357,21 @@ pub fn upload(
             }
         }
         let r = match failed {
-            None => assemble(held, dims).and_then(|mut l| {
-                match upload_norms(cuda, lw) {
-                    Ok(p) => l.norms = p,
-                    Err(e) => {
-                        l.free(cuda);
-                        return Err(e);
+            None => assemble(held, *lora, dims).and_then(|mut l| {
+                let norms = upload_norms(cuda, lw).and_then(|p| {
+                    l.norms = p;
+                    match (&mut l.indexer, &lw.indexer) {
+                        (Some(d), Some(ix)) => {
+                            let v = [&ix.k_norm_weight[..], &ix.k_norm_bias[..]].concat();
+                            d.norm = upload_f32(cuda, &v)?;
+                            Ok(())
+                        }
+                        _ => Ok(()),
                     }
+                });
+                if let Err(e) = norms {
+                    l.free(cuda);
+                    return Err(e);
                 }
                 Ok(l)
             }),
@@ -341,7 +401,12 @@ fn upload_norms(cuda: &CudaBackend, lw: &LayerWeights) -> Result<u64> {
     if let QProj::Lora { norm, .. } = &lw.q {
         v.extend_from_slice(norm);
     }
-    let bytes: &[u8] = bytemuck::cast_slice(&v);
+    upload_f32(cuda, &v)
+}
+
+/// `v` copied into new device memory.
+fn upload_f32(cuda: &CudaBackend, v: &[f32]) -> Result<u64> {
+    let bytes: &[u8] = bytemuck::cast_slice(v);
     let p = cuda.mem_alloc(bytes.len())?;
     if let Err(e) = cuda.mem_copy(p, bytes.as_ptr() as u64, bytes.len()) {
         let _ = cuda.mem_free(p);
@@ -357,8 +422,8 @@ pub fn host_layers(layers: &[LayerWeights], dims: HeadDims) -> Result<Vec<Device
     layers
         .iter()
         .map(|lw| {
-            let imgs = layer_images(lw, dims)?;
-            assemble(imgs.into_iter().map(ProjWeight::Host).collect(), dims)
+            let (imgs, lora) = layer_images(lw, dims)?;
+            assemble(imgs.into_iter().map(ProjWeight::Host).collect(), lora, dims)
         })
         .collect()
 }

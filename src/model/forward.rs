@@ -11,7 +11,9 @@
 use super::device::{self, DeviceLayer, ProjWeight};
 use super::linear::{rms_norm, Linear};
 use super::{Model, QProj};
+use crate::backend::cuda::indexer::SelectOut;
 use crate::backend::cuda::linear::LinearCall;
+use crate::backend::cuda::staging::DataRef;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
@@ -279,7 +281,7 @@ impl Model {
                 };
                 // One batched call per distinct chunk length.
                 let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
-                for g in self.attention_calls(plan, &selected)? {
+                for g in self.attention_calls(plan, Some(&selected))? {
                     let AttnCall {
                         n,
                         members,
@@ -442,8 +444,7 @@ impl Model {
         let (Some(t), Some(ic)) = (ix, self.config.indexer) else {
             return Ok(selected);
         };
-        let narrowed = |b: usize| plan.start[b] + plan.n_tokens[b] > ic.topk;
-        if wanted || (0..plan.seqs.len()).any(narrowed) {
+        if wanted || plan.narrowed(ic.topk) {
             let n = crate::error::checked_size("indexer choices", &[plan.total, ic.topk])?;
             crate::backend::try_grow(&mut selected, "indexer choices", n)?;
             // Filled in full (every row is written).
@@ -455,7 +456,12 @@ impl Model {
     /// The attention calls of a forward: one per distinct chunk length, in
     /// order of length, sparse (over `selected`'s positions) when the
     /// indexer keeps fewer than all earlier tokens for any of its queries.
-    pub(super) fn attention_calls(&self, plan: &Plan, selected: &[i32]) -> Result<Vec<AttnCall>> {
+    /// `selected` None: the choice is in GPU memory (no host indices).
+    pub(super) fn attention_calls(
+        &self,
+        plan: &Plan,
+        selected: Option<&[i32]>,
+    ) -> Result<Vec<AttnCall>> {
         let (seqs, start, first_tok) = (plan.seqs, &plan.start, &plan.first_tok);
         let c = &self.config;
         let topk = c.indexer.map_or(0, |ix| ix.topk);
@@ -472,7 +478,7 @@ impl Model {
                 c.softmax_scale() as f32,
                 !sparse,
             )?;
-            let indices = sparse.then(|| {
+            let indices = selected.filter(|_| sparse).map(|selected| {
                 let mut v = Vec::with_capacity(members.len() * n * topk);
                 for &b in &members {
                     v.extend_from_slice(&selected[first_tok[b] * topk..(first_tok[b] + n) * topk]);
@@ -484,6 +490,7 @@ impl Model {
                 members,
                 ids,
                 shape,
+                sparse,
                 indices,
                 topk,
             });
@@ -507,6 +514,24 @@ impl Model {
             .indexer
             .ok_or_else(|| Error::internal("no indexer"))?;
         let (ih, idim) = (ic.heads, ic.head_dim);
+        let mut device = |q, w| {
+            pool.select_with(
+                plan.pl,
+                plan.seqs,
+                plan.n_tokens,
+                pos,
+                q,
+                w,
+                ih,
+                topk,
+                SelectOut::Host(&mut out[..plan.total * topk]),
+            )
+        };
+        if pool.index_on_device() {
+            // The keys stay on the GPU; so does the scoring.
+            let (q, w) = (bytemuck::cast_slice(&t.q), bytemuck::cast_slice(&t.w));
+            return device(DataRef::Host(q), DataRef::Host(w));
+        }
         for (b, &seq) in plan.seqs.iter().enumerate() {
             let toks = first_tok[b]..first_tok[b] + plan.n_tokens[b];
             pool.with_index_keys(seq, plan.pl, |keys| {
@@ -545,6 +570,14 @@ pub(super) struct Plan<'a> {
     pub total: usize,
 }
 
+impl Plan<'_> {
+    /// Whether the indexer (keeping `topk`) narrows the attention of any
+    /// of the call's tokens.
+    pub fn narrowed(&self, topk: usize) -> bool {
+        (0..self.seqs.len()).any(|b| self.start[b] + self.n_tokens[b] > topk)
+    }
+}
+
 /// The sequences of a forward grouped by chunk length (ascending), each
 /// group in batch order.
 pub(super) fn chunk_groups(n_tokens: &[usize]) -> BTreeMap<usize, Vec<usize>> {
@@ -563,7 +596,10 @@ pub(super) struct AttnCall {
     pub members: Vec<usize>,
     pub ids: Vec<u64>,
     pub shape: DecodeShape,
-    /// Sparse: each member token's positions `[members, n, topk]`.
+    /// Whether the indexer narrows the attention.
+    pub sparse: bool,
+    /// Sparse, with the choice in host memory: each member token's
+    /// positions `[members, n, topk]`.
     pub indices: Option<Vec<i32>>,
     pub topk: usize,
 }

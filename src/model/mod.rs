@@ -341,10 +341,10 @@ impl Model {
             Some(cuda) => match device::upload(cuda, &layers, device::HeadDims::of(&c)) {
                 Ok(d) => {
                     let bytes: usize = d.iter().map(|l| l.bytes()).sum();
-                    let steps = if c.indexer.is_none() {
+                    let steps = if c.indexer.is_none() || d.iter().all(|l| l.indexer.is_some()) {
                         "the whole layer stays on the GPU over a GPU pool"
                     } else {
-                        "the layer stays on the GPU over a GPU pool, but for the V3.2 indexer, on the CPU"
+                        "the layer stays on the GPU over a GPU pool, but for the V3.2 indexer's projections, on the CPU (its weights are a dtype the kernels do not take)"
                     };
                     (
                         d,

@@ -9,23 +9,28 @@
 //!
 //! The steps and their precision are those of the CPU path in `forward`
 //! (same split, same norms, same bf16 queries for bf16-valued caches), so
-//! the two agree to rounding. A DeepSeek-V3.2 layer's indexer runs on the
-//! CPU: it waits once more, for the normed q_a output, then appends the
-//! indexer keys beside the device rows and hands the attention its choice.
+//! the two agree to rounding. A DeepSeek-V3.2 layer's indexer runs here
+//! too when its weights are on the GPU: its projections, then its per-row
+//! steps (`mla_index_rows`: LayerNorm, half-split RoPE, Hadamard, E4M3
+//! codes); its keys go into the pool from device memory, and the pool
+//! scores them there (`mla_index_score`, `mla_index_topk`), so the host
+//! only waits for the choice. Without them it runs on the CPU from the
+//! normed q_a rows (one more wait).
 
 use super::device::{DeviceLayer, DeviceQ, ProjWeight};
 use super::forward::{chunk_groups, Plan, PASS_TOKENS};
 use super::linear::{Activations, Linear};
 use super::{Model, QProj};
+use crate::backend::cuda::indexer::SelectOut;
 use crate::backend::cuda::linear::{split_bf16, LinearCall};
 use crate::backend::cuda::lowering::{code, int};
-use crate::backend::cuda::params::RowsParams;
+use crate::backend::cuda::params::{IndexRowsParams, RowsParams};
 use crate::backend::cuda::projection::DeviceWeight;
-use crate::backend::cuda::staging::Carve;
+use crate::backend::cuda::staging::{Carve, DataRef};
 use crate::backend::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
-use crate::kv::KvPool;
+use crate::kv::{KeyRows, KvPool};
 
 /// A resident forward's hidden states and output.
 #[derive(Clone, Copy, Debug)]
@@ -256,7 +261,11 @@ impl Model {
             QProj::Lora { a, norm, .. } => (a, Some(norm)),
             QProj::Direct(wq) => (wq, None),
         };
-        let x_precise = precise(q_in) || precise(&lw.kv_a);
+        // The indexer on the GPU: its weights and the CPU-side config.
+        let gpu_ix = dl.indexer.as_ref().zip(lw.indexer.as_ref());
+        let x_precise = precise(q_in)
+            || precise(&lw.kv_a)
+            || gpu_ix.is_some_and(|(_, ix)| precise(&ix.wk) || precise(&ix.weights_proj));
         let (mut x_hi, mut x_lo) = (Vec::new(), Vec::new());
         if let Hidden::Host(x) = x {
             split_bf16(&x[..t * hid], x_precise, &mut x_hi, &mut x_lo);
@@ -303,6 +312,27 @@ impl Model {
         let b_o_hi = cv.take(2 * t * h * v);
         let b_o_lo = cv.take(2 * t * h * v);
         let b_y = cv.take(4 * t * hid);
+        // The indexer's queries [t, heads, dim], head weights [t, heads]
+        // and key rows [t, dim + 4]; its key's projection [t, dim].
+        let (ih, idim) = gpu_ix.map_or((0, 0), |(_, ix)| (ix.cfg.heads, ix.cfg.head_dim));
+        let b_iq = cv.take(4 * t * ih * idim);
+        let b_iw = cv.take(4 * t * ih);
+        let b_ik = cv.take(4 * t * idim);
+        let b_keys = cv.take(t * crate::kv::index_row_bytes(idim));
+        // Its choice [t, topk] on the device: pool slots for the sparse
+        // attention (gathered for calls of non-neighbours), and positions
+        // when the caller asks for them.
+        let itopk = if gpu_ix.is_some() {
+            c.indexer.map_or(0, |ix| ix.topk)
+        } else {
+            0
+        };
+        let b_sel = cv.take(4 * t * itopk);
+        let b_pos = cv.take(if index_out.is_some() {
+            4 * t * itopk
+        } else {
+            0
+        });
         // The products, in order, with the partial sums they need.
         let heads = |n_out, w_row0, w_group_rows| LinearCall {
             tokens: t,
@@ -326,6 +356,20 @@ impl Model {
             }
             QWeights::Direct(wq) => calls.push((wq, LinearCall::plain(t, h * qk))),
         }
+        let ix_weights = match &dl.indexer {
+            Some(d) if gpu_ix.is_some() => Some((gpu(&d.wq_b), gpu(&d.wk), gpu(&d.weights_proj))),
+            _ => None,
+        };
+        let ix_weights = match ix_weights {
+            Some((Some(q), Some(k), Some(w))) => Some((q, k, w)),
+            Some(_) => return Err(Error::internal("indexer weights not on the GPU")),
+            None => None,
+        };
+        if let Some((wq_b, wk, wp)) = ix_weights {
+            calls.push((wq_b, LinearCall::plain(t, ih * idim)));
+            calls.push((wk, LinearCall::plain(t, idim)));
+            calls.push((wp, LinearCall::plain(t, ih)));
+        }
         let mut partial = 0;
         for (wt, call) in &calls {
             partial = partial.max(cuda.linear_partial_len(wt, call)?);
@@ -338,6 +382,7 @@ impl Model {
             .any(|m| !m.windows(2).all(|p| p[1] == p[0] + 1));
         let b_qg = cv.take(if gather { es * t * h * d_qk } else { 0 });
         let b_og = cv.take(if gather { es * t * h * lora } else { 0 });
+        let b_selg = cv.take(if gather { 4 * t * itopk } else { 0 });
 
         let mut arena = self.arena.lock();
         let base = cuda.arena(&mut arena, cv.bytes())?;
@@ -394,16 +439,19 @@ impl Model {
                     let mut s = row_step(at(b_qa), t, q_lora, q_lora)?;
                     s.norm = q_norm_at;
                     s.eps = eps;
-                    if lw.indexer.is_some() {
+                    if lw.indexer.is_some() && gpu_ix.is_none() {
                         // The indexer (CPU) reads the normed rows.
                         s.dst = s.src;
                         s.dst_stride = s.src_stride;
                     }
+                    // The indexer's wq_b reads them too (as bf16 parts).
+                    let ix_lo = gpu_ix.is_some_and(|(_, ix)| precise(&ix.wq_b));
                     s.hi = at(b_qa_hi);
-                    s.lo = opt(precise(lb), b_qa_lo);
+                    s.lo = opt(precise(lb) || ix_lo, b_qa_lo);
                     cuda.enqueue_rows(&s)?;
                     let call = LinearCall::plain(t, h * qk);
-                    cuda.enqueue_linear_device(b, &call, at(b_qa_hi), s.lo, at(b_q), p_at)?;
+                    let lo = opt(precise(lb), b_qa_lo);
+                    cuda.enqueue_linear_device(b, &call, at(b_qa_hi), lo, at(b_q), p_at)?;
                 }
                 (QWeights::Direct(wq), QProj::Direct(lq)) => {
                     let call = LinearCall::plain(t, h * qk);
@@ -449,9 +497,65 @@ impl Model {
             cuda.enqueue_rows(&s)?;
         }
 
-        // V3.2: the indexer's queries, weights and keys, on the CPU from the
-        // normed q_a rows.
+        // V3.2 on the GPU: the indexer's projections and per-row steps.
+        if let (Some((wq_b, wk, wp)), Some((di, idx))) = (ix_weights, gpu_ix) {
+            let ic = idx.cfg;
+            let lo = |l: &Linear| if precise(l) { opt(true, b_qa_lo) } else { 0 };
+            let (rope_dims, dim_f) = (c.qk_rope_head_dim, idim as f32);
+            // SAFETY: as above; the norm is `[2 * dim]` uploaded at load.
+            unsafe {
+                let call = LinearCall::plain(t, ih * idim);
+                cuda.enqueue_linear_device(
+                    wq_b,
+                    &call,
+                    at(b_qa_hi),
+                    lo(&idx.wq_b),
+                    at(b_iq),
+                    p_at,
+                )?;
+                let call = LinearCall::plain(t, idim);
+                cuda.enqueue_linear_device(wk, &call, x_hi_at, x_lo_for(&idx.wk), at(b_ik), p_at)?;
+                let call = LinearCall::plain(t, ih);
+                let wp_lo = x_lo_for(&idx.weights_proj);
+                cuda.enqueue_linear_device(wp, &call, x_hi_at, wp_lo, at(b_iw), p_at)?;
+                let rows = IndexRowsParams {
+                    rows: int("tokens * index_n_heads", t * ih)?,
+                    dim: int("index_head_dim", idim)?,
+                    src_stride: int("index_head_dim", idim)?,
+                    rows_per_token: int("index_n_heads", ih)?,
+                    rope: int("qk_rope_head_dim", rope_dims)?,
+                    cs_stride: int("qk_rope_head_dim", 2 * half)?,
+                    pow2_scales: ic.pow2_scales as i32,
+                    eps: 1e-6,
+                    // As `indexer::prepare` computes them.
+                    hadamard_scale: dim_f.powf(-0.5),
+                    w_scale: (ih as f32).powf(-0.5) * dim_f.powf(-0.5),
+                    src: at(b_iq),
+                    cos_sin: at(b_cs),
+                    values: at(b_iq),
+                    w: at(b_iw),
+                    ..IndexRowsParams::default()
+                };
+                cuda.enqueue_index_rows(&rows)?;
+                let keys = IndexRowsParams {
+                    rows: int("tokens", t)?,
+                    rows_per_token: 1,
+                    src: at(b_ik),
+                    norm_w: di.norm,
+                    norm_b: di.norm + 4 * idim as u64,
+                    values: 0,
+                    w: 0,
+                    key_rows: at(b_keys),
+                    ..rows
+                };
+                cuda.enqueue_index_rows(&keys)?;
+            }
+        }
+
+        // V3.2 otherwise: the indexer's queries, weights and keys, on the
+        // CPU from the normed q_a rows.
         let ix = match &lw.indexer {
+            Some(_) if gpu_ix.is_some() => None,
             Some(idx) => {
                 let mut qa = vec![0f32; t * q_lora];
                 cuda.download(bytemuck::cast_slice_mut(&mut qa), at(b_qa))?;
@@ -480,18 +584,48 @@ impl Model {
                 .map(|b| &it.keys[first_tok[b] * irow..(first_tok[b] + n_tokens[b]) * irow])
                 .collect()
         });
-        pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32, index_rows.as_deref())?;
+        let key_rows = match &index_rows {
+            Some(rows) => Some(KeyRows::Host(rows)),
+            None if gpu_ix.is_some() => Some(KeyRows::Device(at(b_keys))),
+            None => None,
+        };
+        pool.append_batch_device(pl, &items, at(b_kv), Dtype::F32, key_rows)?;
         let result = (|| -> Result<Vec<f32>> {
-            let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
-            for g in self.attention_calls(plan, &selected)? {
+            // The indexer's choice: on the GPU, as pool slots the sparse
+            // attention reads in place (and positions, if asked for);
+            // else in host memory.
+            let wanted = index_out.is_some();
+            let selected = if ix.is_none() && gpu_ix.is_some() {
+                if wanted || plan.narrowed(itopk) {
+                    let out = SelectOut::Device {
+                        positions: opt(wanted, b_pos),
+                        slots: at(b_sel),
+                    };
+                    let (q, w) = (DataRef::Device(at(b_iq)), DataRef::Device(at(b_iw)));
+                    pool.select_with(pl, seqs, n_tokens, pos, q, w, ih, itopk, out)?;
+                }
+                None
+            } else {
+                Some(self.choices(pool, plan, ix.as_ref(), wanted)?)
+            };
+            for g in self.attention_calls(plan, selected.as_deref())? {
                 let (n, members, ids, shape, sp) = (g.n, &g.members, &g.ids, g.shape, g.sparse());
-                // Bytes of one token's queries and outputs.
+                // Bytes of one token's queries, outputs and device choice.
                 let (qe, oe) = ((h * d_qk * es) as u64, (h * lora * es) as u64);
+                let se = (4 * itopk) as u64;
                 let tok = |b: usize| first_tok[b] as u64;
+                let slots = g.sparse && selected.is_none();
+                let decode = |q: u64, sl: u64, o: u64| {
+                    if slots {
+                        pool.decode_slots_on_device(pl, ids, shape, adt, q, sl, itopk, o, adt)
+                    } else {
+                        pool.decode_on_device(pl, ids, shape, adt, q, sp, o, adt)
+                    }
+                };
                 if g.consecutive() {
                     let t0 = tok(members[0]);
                     let (q, o) = (at(b_qf) + t0 * qe, at(b_ol) + t0 * oe);
-                    pool.decode_on_device(pl, ids, shape, adt, q, sp, o, adt)?;
+                    decode(q, at(b_sel) + t0 * se, o)?;
                     continue;
                 }
                 let mut row = 0;
@@ -499,9 +633,13 @@ impl Model {
                     let len = n as u64;
                     let src = at(b_qf) + tok(b) * qe;
                     cuda.copy_async(at(b_qg) + row * qe, src, (len * qe) as usize)?;
+                    if slots {
+                        let src = at(b_sel) + tok(b) * se;
+                        cuda.copy_async(at(b_selg) + row * se, src, (len * se) as usize)?;
+                    }
                     row += len;
                 }
-                pool.decode_on_device(pl, ids, shape, adt, at(b_qg), sp, at(b_og), adt)?;
+                decode(at(b_qg), at(b_selg), at(b_og))?;
                 let mut row = 0;
                 for &b in members {
                     let len = n as u64;
@@ -555,8 +693,13 @@ impl Model {
                     Vec::new()
                 }
             };
-            if let Some(io) = index_out {
-                io[..selected.len()].copy_from_slice(&selected);
+            match (index_out, &selected) {
+                (Some(io), Some(sel)) => io[..sel.len()].copy_from_slice(sel),
+                (Some(io), None) => {
+                    let io = &mut io[..t * itopk];
+                    cuda.download(bytemuck::cast_slice_mut(io), at(b_pos))?;
+                }
+                (None, _) => {}
             }
             Ok(y)
         })();

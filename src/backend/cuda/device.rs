@@ -9,7 +9,7 @@ use super::fatbin;
 use super::launch::{self, Geometry, Variant, DECODE_KERNELS};
 use super::linear;
 use super::lowering::{self, as_bytes, base_params, bind_workspace, check_alignment, code, int};
-use super::params::{describe_error_flags, AppendParams, MlaParams};
+use super::params::{describe_error_flags, AppendParams, MlaParams, ScatterParams};
 use super::staging::{host_indexed, DataRef, HostDecode, HostKeys};
 use crate::backend::{cpu::CpuIsa, Backend, BackendInfo, BackendKind, Buffer};
 use crate::decode::desc::DecodeOutput;
@@ -76,6 +76,11 @@ pub struct CudaBackend {
     pub(super) linear_reduce: sys::CUfunction,
     /// `mla_rows`: the elementwise steps of a device-resident layer.
     pub(super) rows: sys::CUfunction,
+    /// The V3.2 indexer (`mla_index.cuh`): scores, top-k and key scatter.
+    pub(super) index_score: sys::CUfunction,
+    pub(super) index_topk: sys::CUfunction,
+    pub(super) index_scatter: sys::CUfunction,
+    pub(super) index_rows: sys::CUfunction,
     pub(super) state: Mutex<State>,
     /// One host-memory call at a time owns the staging area.
     pub(super) host_calls: Mutex<()>,
@@ -181,6 +186,10 @@ impl CudaBackend {
         }
         let linear_reduce = function(module, linear::REDUCE_KERNEL)?;
         let rows = function(module, launch::ROWS_KERNEL)?;
+        let index_score = function(module, launch::INDEX_SCORE_KERNEL)?;
+        let index_topk = function(module, launch::INDEX_TOPK_KERNEL)?;
+        let index_scatter = function(module, launch::INDEX_SCATTER_KERNEL)?;
+        let index_rows = function(module, launch::INDEX_ROWS_KERNEL)?;
         let wgmma_runs = launch::runs_wgmma(props.major, props.minor);
         let wgmma = wgmma_runs && wgmma_requested();
         let mut decoders = Vec::new();
@@ -264,6 +273,10 @@ impl CudaBackend {
             linear,
             linear_reduce,
             rows,
+            index_score,
+            index_topk,
+            index_scatter,
+            index_rows,
             state: Mutex::new(State {
                 stream,
                 done,
@@ -504,8 +517,11 @@ impl CudaBackend {
     /// Writes `rows` (`[slots.len(), layout.d_qk]` of `src_dtype`, host or
     /// engine device memory) into the cache at `kv` (device memory,
     /// `layout`), row i at flat position `slots[i]` (negative: skipped),
-    /// converting or quantizing on the GPU exactly as the host would. Waits
-    /// for it with `wait`; else later work on the engine's stream follows it.
+    /// converting or quantizing on the GPU exactly as the host would, and
+    /// `keys` (a V3.2 pool's indexer keys, if any) into the same slots of
+    /// their own buffer. Waits for it with `wait`; else later work on the
+    /// engine's stream follows it.
+    #[allow(clippy::too_many_arguments)]
     pub fn append_rows(
         &self,
         kv: u64,
@@ -513,6 +529,7 @@ impl CudaBackend {
         src_dtype: Dtype,
         rows: DataRef<'_>,
         slots: &[i32],
+        keys: Option<super::indexer::KeyScatter<'_>>,
         wait: bool,
     ) -> Result<()> {
         if slots.is_empty() {
@@ -523,6 +540,18 @@ impl CudaBackend {
         if matches!(rows, DataRef::Host(r) if r.len() < row_bytes) {
             return Err(Error::internal("append rows smaller than [n, d_qk]"));
         }
+        let host_keys = match keys.map(|k| (k.rows, k.row_bytes)) {
+            Some((_, rb)) if rb == 0 || !rb.is_multiple_of(4) => {
+                return Err(Error::internal(
+                    "indexer key rows of a size the scatter cannot copy",
+                ))
+            }
+            Some((DataRef::Host(k), rb)) if k.len() < n * rb => {
+                return Err(Error::internal("indexer key rows smaller than [n, row]"))
+            }
+            Some((DataRef::Host(k), rb)) => &k[..n * rb],
+            _ => &[],
+        };
         let _host_call = self.host_calls.lock();
         self.make_current()?;
         let mut st = self.state.lock();
@@ -533,6 +562,7 @@ impl CudaBackend {
             DataRef::Device(_) => 0,
         };
         let slots_at = cv.take(4 * n);
+        let keys_at = cv.take(host_keys.len());
         let base = self.ensure(&mut st, Which::Staging, cv.bytes())?;
         let src = match rows {
             DataRef::Host(_) => base + rows_at as u64,
@@ -571,6 +601,28 @@ impl CudaBackend {
                 &mut args,
             )
             .map_err(dev_err("launch mla_append"))?;
+            if let Some(k) = keys {
+                let src = match k.rows {
+                    DataRef::Host(_) => {
+                        let at = base + keys_at as u64;
+                        result::memcpy_htod_async(at, host_keys, st.stream)
+                            .map_err(dev_err("cuMemcpyHtoDAsync"))?;
+                        at
+                    }
+                    DataRef::Device(p) => p,
+                };
+                let sp = ScatterParams {
+                    rows: p.n_rows,
+                    row_words: int("row_bytes / 4", k.row_bytes / 4)?,
+                    src,
+                    slots: p.slots,
+                    dst: k.dst,
+                };
+                // SAFETY: `src` holds the n rows (staged above, or the
+                // caller's engine memory); `dst` is the pool's key buffer,
+                // which has a row for every slot the append writes.
+                self.enqueue_scatter(&sp, st.stream)?;
+            }
             if wait {
                 result::stream::synchronize(st.stream).map_err(dev_err("mla_append"))?;
             }

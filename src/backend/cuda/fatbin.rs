@@ -540,6 +540,10 @@ ptxas info    : Compile time = 1.2 ms
             WGMMA_PROBE_KERNEL.to_string(),
             REDUCE_KERNEL.to_string(),
             crate::backend::cuda::launch::ROWS_KERNEL.to_string(),
+            crate::backend::cuda::launch::INDEX_SCORE_KERNEL.to_string(),
+            crate::backend::cuda::launch::INDEX_TOPK_KERNEL.to_string(),
+            crate::backend::cuda::launch::INDEX_SCATTER_KERNEL.to_string(),
+            crate::backend::cuda::launch::INDEX_ROWS_KERNEL.to_string(),
         ];
         names.extend(LINEAR_KERNELS.iter().flatten().map(|n| n.to_string()));
         for (_, _, base) in DECODE_KERNELS {

@@ -76,6 +76,22 @@ pub const APPEND_KERNEL: &str = "mla_append";
 pub const ROWS_KERNEL: &str = "mla_rows";
 /// Threads of a `mla_rows` block (one block per row).
 pub const ROWS_THREADS: u32 = 256;
+/// The V3.2 indexer on the GPU (`mla_index.cuh`): key scores, the top-k
+/// selection, and the scatter that writes key rows into the pool.
+pub const INDEX_SCORE_KERNEL: &str = "mla_index_score";
+pub const INDEX_TOPK_KERNEL: &str = "mla_index_topk";
+pub const INDEX_SCATTER_KERNEL: &str = "mla_index_scatter";
+pub const INDEX_ROWS_KERNEL: &str = "mla_index_rows";
+/// Threads of an index-rows block (one row per block, one value per thread).
+pub const INDEX_ROWS_THREADS: u32 = 128;
+/// Keys per score block (one thread each).
+pub const INDEX_SCORE_KEYS: u32 = 128;
+/// Threads of a top-k block (one block per token).
+pub const INDEX_TOPK_THREADS: u32 = 512;
+/// Threads of a scatter block.
+pub const INDEX_SCATTER_THREADS: u32 = 256;
+/// The longest indexer head the score kernel holds in registers.
+pub const INDEX_MAX_DIM: usize = 128;
 /// Threads of an append block (one block per row).
 pub const APPEND_THREADS: u32 = 128;
 pub const COMBINE_KERNEL: &str = "mla_combine";
@@ -421,6 +437,24 @@ mod tests {
         let append = include_str!("../../../kernels/mla_append.cuh");
         assert!(append.contains(&format!("#define MLA_APPEND_THREADS {APPEND_THREADS}")));
         assert!(append.contains(APPEND_KERNEL));
+        let index = include_str!("../../../kernels/mla_index.cuh");
+        for (name, v) in [
+            ("MLA_INDEX_SCORE_KEYS", INDEX_SCORE_KEYS as usize),
+            ("MLA_INDEX_TOPK_THREADS", INDEX_TOPK_THREADS as usize),
+            ("MLA_INDEX_SCATTER_THREADS", INDEX_SCATTER_THREADS as usize),
+            ("MLA_INDEX_MAX_DIM", INDEX_MAX_DIM),
+        ] {
+            assert!(index.contains(&format!("#define {name} {v}")), "{name}");
+        }
+        for k in [INDEX_SCORE_KERNEL, INDEX_TOPK_KERNEL, INDEX_SCATTER_KERNEL] {
+            assert!(index.contains(&format!("{k}(")), "{k}");
+        }
+        let index_rows = include_str!("../../../kernels/mla_index_rows.cuh");
+        assert!(index_rows.contains(&format!(
+            "#define MLA_INDEX_ROWS_THREADS {INDEX_ROWS_THREADS}"
+        )));
+        assert!(index_rows.contains(&format!("{INDEX_ROWS_KERNEL}(")));
+        assert!(INDEX_ROWS_THREADS as usize >= INDEX_MAX_DIM);
         let rows = include_str!("../../../kernels/mla_rows.cuh");
         assert!(rows.contains(&format!("#define MLA_ROWS_THREADS {ROWS_THREADS}")));
         assert!(rows.contains(&format!("{ROWS_KERNEL}(")));

@@ -2,7 +2,7 @@
 //! the driver loaded at run time, running the kernels of `kernels/` from one
 //! fatbin embedded at build time.
 //!
-//! Everything but `device`, `staging`, `projection` and `resident` (which need a GPU to
+//! Everything but `device`, `staging`, `projection`, `resident` and `indexer` (which need a GPU to
 //! do anything) is pure and tested on every machine: the launch geometry,
 //! the parameter blocks the kernels read and their lowering, the fatbin's
 //! contents, the host twin of the device plan, and the projections'
@@ -12,6 +12,7 @@ pub mod args;
 pub mod device;
 pub mod driver;
 pub mod fatbin;
+pub mod indexer;
 pub mod launch;
 pub mod linear;
 pub mod lowering;

@@ -141,6 +141,104 @@ const _: () = assert!(std::mem::size_of::<RowsParams>() == ROWS_PARAMS_SIZE);
 const _: () = assert!(std::mem::offset_of!(RowsParams, src) == 40);
 const _: () = assert!(std::mem::offset_of!(RowsParams, lo) == 80);
 
+/// The argument of `mla_index_score`, field for field `MlaIndexScoreParams`
+/// in `kernels/mla_index.cuh`: the V3.2 indexer's scores of new tokens
+/// against the keys a device pool keeps.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexScoreParams {
+    pub tokens: i32,
+    pub heads: i32,
+    pub dim: i32,
+    pub block_size: i32,
+    pub table_stride: i32,
+    pub score_stride: i32,
+    pub row_bytes: i32,
+    pub pad0: i32,
+    pub q: u64,
+    pub w: u64,
+    pub keys: u64,
+    pub table: u64,
+    pub tok_seq: u64,
+    pub tok_len: u64,
+    pub scores: u64,
+}
+
+/// `MLA_INDEX_SCORE_PARAMS_SIZE` in the header.
+pub const INDEX_SCORE_PARAMS_SIZE: usize = 88;
+const _: () = assert!(std::mem::size_of::<IndexScoreParams>() == INDEX_SCORE_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(IndexScoreParams, q) == 32);
+
+/// The argument of `mla_index_topk` (`MlaIndexTopkParams`): each token's
+/// best-scored positions, as positions and/or pool slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexTopkParams {
+    pub tokens: i32,
+    pub topk: i32,
+    pub score_stride: i32,
+    pub block_size: i32,
+    pub table_stride: i32,
+    pub pad0: i32,
+    pub scores: u64,
+    pub table: u64,
+    pub tok_seq: u64,
+    pub tok_len: u64,
+    pub positions: u64,
+    pub slots: u64,
+}
+
+/// `MLA_INDEX_TOPK_PARAMS_SIZE` in the header.
+pub const INDEX_TOPK_PARAMS_SIZE: usize = 72;
+const _: () = assert!(std::mem::size_of::<IndexTopkParams>() == INDEX_TOPK_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(IndexTopkParams, scores) == 24);
+
+/// The argument of `mla_index_scatter` (`MlaScatterParams`): rows of
+/// 32-bit words to pool slots.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ScatterParams {
+    pub rows: i32,
+    pub row_words: i32,
+    pub src: u64,
+    pub slots: u64,
+    pub dst: u64,
+}
+
+/// `MLA_SCATTER_PARAMS_SIZE` in the header.
+pub const SCATTER_PARAMS_SIZE: usize = 32;
+const _: () = assert!(std::mem::size_of::<ScatterParams>() == SCATTER_PARAMS_SIZE);
+
+/// The argument of `mla_index_rows` (`MlaIndexRowsParams` in
+/// `kernels/mla_index_rows.cuh`): the V3.2 indexer's per-row steps
+/// (LayerNorm, half-split RoPE, Hadamard, E4M3 codes) on the GPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct IndexRowsParams {
+    pub rows: i32,
+    pub dim: i32,
+    pub src_stride: i32,
+    pub rows_per_token: i32,
+    pub rope: i32,
+    pub cs_stride: i32,
+    pub pow2_scales: i32,
+    pub eps: f32,
+    pub hadamard_scale: f32,
+    pub w_scale: f32,
+    pub src: u64,
+    pub norm_w: u64,
+    pub norm_b: u64,
+    pub cos_sin: u64,
+    pub values: u64,
+    pub w: u64,
+    pub key_rows: u64,
+}
+
+/// `MLA_INDEX_ROWS_PARAMS_SIZE` in the header.
+pub const INDEX_ROWS_PARAMS_SIZE: usize = 96;
+const _: () = assert!(std::mem::size_of::<IndexRowsParams>() == INDEX_ROWS_PARAMS_SIZE);
+const _: () = assert!(std::mem::offset_of!(IndexRowsParams, src) == 40);
+
 /// Error bits the kernels set on bad device-resident input (`MLA_ERR_*`).
 pub const ERR_SEQLEN: u32 = 1;
 pub const ERR_BLOCK_ID: u32 = 2;
@@ -340,6 +438,81 @@ mod tests {
         ];
         assert_eq!(header_fields(ROWS, "MlaRowsParams"), rust);
         assert!(ROWS.contains(&format!("#define MLA_ROWS_PARAMS_SIZE {ROWS_PARAMS_SIZE}")));
+    }
+
+    #[test]
+    fn index_structs_match_the_cuda_header() {
+        const INDEX: &str = include_str!("../../../kernels/mla_index.cuh");
+        let score = [
+            "tokens",
+            "heads",
+            "dim",
+            "block_size",
+            "table_stride",
+            "score_stride",
+            "row_bytes",
+            "pad0",
+            "q",
+            "w",
+            "keys",
+            "table",
+            "tok_seq",
+            "tok_len",
+            "scores",
+        ];
+        assert_eq!(header_fields(INDEX, "MlaIndexScoreParams"), score);
+        let topk = [
+            "tokens",
+            "topk",
+            "score_stride",
+            "block_size",
+            "table_stride",
+            "pad0",
+            "scores",
+            "table",
+            "tok_seq",
+            "tok_len",
+            "positions",
+            "slots",
+        ];
+        assert_eq!(header_fields(INDEX, "MlaIndexTopkParams"), topk);
+        let scatter = ["rows", "row_words", "src", "slots", "dst"];
+        assert_eq!(header_fields(INDEX, "MlaScatterParams"), scatter);
+        for (name, size) in [
+            ("MLA_INDEX_SCORE_PARAMS_SIZE", INDEX_SCORE_PARAMS_SIZE),
+            ("MLA_INDEX_TOPK_PARAMS_SIZE", INDEX_TOPK_PARAMS_SIZE),
+            ("MLA_SCATTER_PARAMS_SIZE", SCATTER_PARAMS_SIZE),
+        ] {
+            assert!(INDEX.contains(&format!("#define {name} {size}")), "{name}");
+        }
+    }
+
+    #[test]
+    fn index_rows_struct_matches_the_cuda_header() {
+        const ROWS: &str = include_str!("../../../kernels/mla_index_rows.cuh");
+        let rust = [
+            "rows",
+            "dim",
+            "src_stride",
+            "rows_per_token",
+            "rope",
+            "cs_stride",
+            "pow2_scales",
+            "eps",
+            "hadamard_scale",
+            "w_scale",
+            "src",
+            "norm_w",
+            "norm_b",
+            "cos_sin",
+            "values",
+            "w",
+            "key_rows",
+        ];
+        assert_eq!(header_fields(ROWS, "MlaIndexRowsParams"), rust);
+        assert!(ROWS.contains(&format!(
+            "#define MLA_INDEX_ROWS_PARAMS_SIZE {INDEX_ROWS_PARAMS_SIZE}"
+        )));
     }
 
     #[test]

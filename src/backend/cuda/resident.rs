@@ -6,9 +6,9 @@
 
 use super::device::CudaBackend;
 use super::driver::{dev_err, guarded};
-use super::launch::ROWS_THREADS;
+use super::launch::{INDEX_ROWS_THREADS, ROWS_THREADS};
 use super::linear::LinearCall;
-use super::params::RowsParams;
+use super::params::{IndexRowsParams, RowsParams};
 use super::projection::DeviceWeight;
 use crate::error::Result;
 use cudarc::driver::{result, sys};
@@ -161,6 +161,33 @@ impl CudaBackend {
                 )
             }
             .map_err(dev_err("launch mla_rows"))
+        })
+    }
+
+    /// Enqueues `mla_index_rows` over `p.rows` rows (one block each).
+    ///
+    /// # Safety
+    /// Every address in `p` is engine memory as large as `p` says.
+    pub unsafe fn enqueue_index_rows(&self, p: &IndexRowsParams) -> Result<()> {
+        if p.rows <= 0 {
+            return Ok(());
+        }
+        let stream = self.stream()?;
+        let grid = (p.rows as u32).min(65535);
+        let mut args = [p as *const IndexRowsParams as *mut c_void];
+        guarded("mla_index_rows", || {
+            // SAFETY: forwarded contract; `p` is copied at launch.
+            unsafe {
+                result::launch_kernel(
+                    self.index_rows,
+                    (grid, 1, 1),
+                    (INDEX_ROWS_THREADS, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(dev_err("launch mla_index_rows"))
         })
     }
 

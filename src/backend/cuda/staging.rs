@@ -20,13 +20,22 @@ pub enum DataRef<'a> {
     Device(u64),
 }
 
+/// A sparse call's physical indices `[batch, s_q, topk]`: checked host
+/// memory, or engine memory a kernel wrote from the pool's own block
+/// tables (the V3.2 indexer's choice, `mla_index_topk`).
+#[derive(Clone, Copy, Debug)]
+pub enum Indices<'a> {
+    Host(&'a [i32]),
+    Device(u64),
+}
+
 /// One indexed cache of a host-memory sparse call.
 #[derive(Clone, Copy, Debug)]
 pub struct HostIndexed<'a> {
     pub layout: crate::format::KvLayout,
     pub kv: DataRef<'a>,
     pub num_blocks: usize,
-    pub indices: &'a [i32],
+    pub indices: Indices<'a>,
     pub topk: usize,
     pub topk_length: Option<&'a [i32]>,
 }
@@ -178,7 +187,7 @@ struct StagedIndexed {
     layout: crate::format::KvLayout,
     kv: At,
     num_blocks: usize,
-    indices: usize,
+    indices: At,
     topk: usize,
     topk_length: Option<usize>,
 }
@@ -188,7 +197,10 @@ fn stage_indexed<'a>(sg: &mut Staging<'a>, ik: &HostIndexed<'a>) -> StagedIndexe
         layout: ik.layout,
         kv: stage_cache(sg, ik.kv),
         num_blocks: ik.num_blocks,
-        indices: sg.put(as_bytes(ik.indices)),
+        indices: match ik.indices {
+            Indices::Host(i) => At::Staged(sg.put(as_bytes(i))),
+            Indices::Device(p) => At::Device(p),
+        },
         topk: ik.topk,
         topk_length: ik.topk_length.map(|l| sg.put(as_bytes(l))),
     }
@@ -275,7 +287,7 @@ impl CudaBackend {
                     layout: s.layout,
                     kv: s.kv.addr(base),
                     num_blocks: s.num_blocks,
-                    indices: at(s.indices),
+                    indices: s.indices.addr(base),
                     topk: s.topk,
                     topk_length: s.topk_length.map_or(0, at),
                 };
@@ -324,7 +336,7 @@ pub(super) fn host_indexed<'a>(k: &crate::decode::IndexedKeys<'a>) -> HostIndexe
         layout: k.kv.layout,
         kv: DataRef::Host(k.kv.data),
         num_blocks: k.kv.num_blocks,
-        indices: k.indices,
+        indices: Indices::Host(k.indices),
         topk: k.topk,
         topk_length: k.topk_length,
     }
