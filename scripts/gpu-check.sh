@@ -112,6 +112,13 @@ PY
         MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=$proj timeout 120 "$g/mlart" run --model "$ck/v3" \
             --prompt 512 --decode 16 2>&1 | grep -E "loaded|prefill|decode:"
     done
+    # One V3.2 layer with everything on the GPU: the indexer's projections,
+    # row steps, scores and top-k (kernels/mla_index*.cuh) at a context of
+    # 16384, where a decode step scores 16384 keys and attends to 2048.
+    timeout 120 "$g/mlart" gen-model --preset v3.2 --layers 1 --dtype fp8 "$ck/v32" > /dev/null 2>&1
+    echo "== one V3.2 layer on the GPU engine, MLART_CUDA_PROJECTIONS=1: bench --model at 16384"
+    MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=1 timeout 180 "$g/mlart" bench --model "$ck/v32" \
+        --prompt 16384 2>&1 | grep -vE "^loading|^\s*$"
     rm -rf "$ck"
 }
 
