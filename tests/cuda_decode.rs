@@ -1129,17 +1129,23 @@ fn cuda_indexer_matches_cpu() -> Outcome {
                     .unwrap();
                 tok += n;
             }
-            let mut got = vec![7i32; total * topk];
-            pools[1]
-                .select_on_device(layer, &seqs, &n_tokens, &pos, &q, &w, heads, &mut got)
-                .unwrap();
-            for t in 0..total {
-                assert_eq!(
-                    got[t * topk..(t + 1) * topk],
-                    want[t * topk..(t + 1) * topk],
-                    "dim {dim} layer {layer} token {t} (position {})",
-                    pos[t]
-                );
+            // In one pass, and in passes of one or two tokens (a token's
+            // scores take 1.5 KB: 332 keys, rows of 384).
+            for budget in [0, 1, 3100] {
+                let mut got = vec![7i32; total * topk];
+                pools[1]
+                    .select_on_device(
+                        layer, &seqs, &n_tokens, &pos, &q, &w, heads, &mut got, budget,
+                    )
+                    .unwrap();
+                for t in 0..total {
+                    assert_eq!(
+                        got[t * topk..(t + 1) * topk],
+                        want[t * topk..(t + 1) * topk],
+                        "dim {dim} layer {layer} budget {budget} token {t} (position {})",
+                        pos[t]
+                    );
+                }
             }
             // The short sequence keeps all of its positions.
             let t = total - 2;
@@ -1159,6 +1165,7 @@ fn cuda_indexer_matches_cpu() -> Outcome {
                 &w[..heads],
                 heads,
                 &mut out,
+                0,
             )
             .unwrap_err();
         assert!(e.message.contains("position 6"), "{}", e.message);

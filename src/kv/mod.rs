@@ -107,6 +107,15 @@ pub(crate) enum KeyRows<'a> {
     Device(u64),
 }
 
+/// A selection's shape and destination (see [`KvPool::select_with`]).
+struct Selection<'a> {
+    heads: usize,
+    topk: usize,
+    out: SelectOut<'a>,
+    /// Bytes of scores per GPU pass; 0: the default.
+    score_budget: usize,
+}
+
 /// The keys of a sparse decode over a pool: logical positions (checked and
 /// translated), or pool slots a kernel wrote in engine memory.
 enum SparseIn<'a> {
@@ -760,7 +769,9 @@ impl KvPool {
     /// GPU that holds the pool's keys (see `model::indexer::select`): the
     /// tokens are `n_tokens[b]` of each sequence `seqs[b]`, in batch order,
     /// at positions `pos`; `q [tokens, heads, index_dim]` and `w [tokens,
-    /// heads]` as `IndexerTokens`; `out [tokens, topk]`. Waits.
+    /// heads]` as `IndexerTokens`; `out [tokens, topk]`. The GPU holds at
+    /// most `score_budget` bytes of scores at a time (0: the default, 64
+    /// MiB), taking fewer tokens per pass. Waits.
     #[allow(clippy::too_many_arguments)]
     pub fn select_on_device(
         &self,
@@ -772,12 +783,19 @@ impl KvPool {
         w: &[f32],
         heads: usize,
         out: &mut [i32],
+        score_budget: usize,
     ) -> Result<()> {
         let (q, w) = (bytemuck::cast_slice(q), bytemuck::cast_slice(w));
         let (q, w) = (DataRef::Host(q), DataRef::Host(w));
         let topk = out.len() / pos.len().max(1);
         let out = SelectOut::Host(out);
-        self.select_with(layer, seqs, n_tokens, pos, q, w, heads, topk, out)
+        let sel = Selection {
+            heads,
+            topk,
+            out,
+            score_budget,
+        };
+        self.select_in(layer, seqs, n_tokens, pos, q, w, sel)
     }
 
     /// [`Self::select_on_device`] with `q` and `w` in host or engine
@@ -796,6 +814,32 @@ impl KvPool {
         topk: usize,
         out: SelectOut<'_>,
     ) -> Result<()> {
+        let sel = Selection {
+            heads,
+            topk,
+            out,
+            score_budget: 0,
+        };
+        self.select_in(layer, seqs, n_tokens, pos, q, w, sel)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn select_in(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        n_tokens: &[usize],
+        pos: &[usize],
+        q: DataRef<'_>,
+        w: DataRef<'_>,
+        sel: Selection<'_>,
+    ) -> Result<()> {
+        let Selection {
+            heads,
+            topk,
+            out,
+            score_budget,
+        } = sel;
         let layer = self.layer_index(layer)?;
         let cuda = self
             .engine
@@ -852,6 +896,11 @@ impl KvPool {
             q,
             w,
             topk,
+            score_budget: if score_budget == 0 {
+                crate::backend::cuda::indexer::SCORE_BUDGET
+            } else {
+                score_budget
+            },
         };
         cuda.index_select(&query, out)
     }

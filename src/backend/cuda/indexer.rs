@@ -15,9 +15,9 @@ use crate::error::{Error, Result};
 use cudarc::driver::result;
 use std::ffi::c_void;
 
-/// Bytes of scores one selection pass may hold: longer contexts or more
-/// tokens run in passes of fewer tokens.
-const SCORE_BUDGET: usize = 64 << 20;
+/// Bytes of scores one selection pass may hold by default: longer contexts
+/// or more tokens run in passes of fewer tokens.
+pub const SCORE_BUDGET: usize = 64 << 20;
 
 /// One selection over a device pool's indexer keys.
 #[derive(Clone, Copy, Debug)]
@@ -41,6 +41,8 @@ pub struct IndexQuery<'a> {
     pub q: DataRef<'a>,
     pub w: DataRef<'a>,
     pub topk: usize,
+    /// Bytes of scores one pass may hold (at least one token's row).
+    pub score_budget: usize,
 }
 
 /// Indexer keys an append writes to the same slots as its cache rows.
@@ -126,7 +128,7 @@ impl CudaBackend {
         // Scores in rows of a 256-byte multiple, as many tokens per pass as
         // the budget holds.
         let stride = max_len.max(1).next_multiple_of(64);
-        let per_pass = (SCORE_BUDGET / (4 * stride)).clamp(1, 65535);
+        let per_pass = (q.score_budget / (4 * stride)).clamp(1, 65535);
         let _host_call = self.host_calls.lock();
         self.make_current()?;
         for first in (0..t).step_by(per_pass) {
