@@ -5,7 +5,8 @@
 //
 // - mla_index_scatter: writes rows of 32-bit words to pool slots (the
 //   indexer keys of an append: `dim` E4M3 codes then the f32 scale).
-// - mla_index_score: score[t][s] = k_scale[s] * sum_h w[t][h] *
+// - mla_index_score (CUDA cores) and mla_index_score_mma (tensor cores,
+//   heads of a multiple of 16 values): score[t][s] = k_scale[s] * sum_h w[t][h] *
 //   relu(q[t][h] . k[s]) for positions s < tok_len[t], keys found through
 //   the token's sequence's block table. q holds E4M3 code values (exact in
 //   f32 and bf16), k the pool's codes; products are exact, only the order of
@@ -22,9 +23,11 @@
 #define MLA_INDEX_TOPK_THREADS 512
 #define MLA_INDEX_SCATTER_THREADS 256
 #define MLA_INDEX_MAX_DIM 128
+#define MLA_INDEX_MMA_KEYS 64     // keys per block of the tensor-core score kernel
 
 // Mirrored by `IndexScoreParams` in src/backend/cuda/params.rs.
-// Grid: (ceil(max tok_len / MLA_INDEX_SCORE_KEYS), tokens).
+// Grid: (ceil(max tok_len / MLA_INDEX_SCORE_KEYS), tokens); for
+// mla_index_score_mma (dim a multiple of 16): MLA_INDEX_MMA_KEYS per block.
 struct MlaIndexScoreParams {
     // ---- 4-byte fields
     int32_t tokens;        // query tokens
@@ -217,6 +220,103 @@ extern "C" __global__ void __launch_bounds__(MLA_INDEX_SCORE_KEYS, 4)
             if (h < nh) total += ws[h] * fmaxf(acc[h], 0.f);
     }
     if (valid) p.scores[(int64_t)t * p.score_stride + s] = k_scale * (256.f * total);
+}
+
+// mla_index_score on tensor cores, for heads of a multiple of 16 values
+// (V3.2's 128): MLA_INDEX_MMA_KEYS keys of one token per block, 4 warps. The
+// keys' codes and the query's E4M3 values are bf16 values exactly, so
+// `mma.sync` m16n8k16 bf16 multiplies them exactly and sums in f32 (only
+// the order of the sums differs from the CPU, as in the kernel above).
+// Per tile of 64 heads, warp w takes heads 16w..16w+15 against all the
+// block's keys: relu, the head weights, and the sum over its 16 heads (a
+// lane holds two heads of two keys of each 8-key column tile; shuffles add
+// the 8 lane groups); the warps' sums then meet in shared memory. Rows of
+// the shared tiles are padded by 8 bf16 so that the 32 lanes of a fragment
+// load hit 32 banks.
+extern "C" __global__ void __launch_bounds__(128)
+    mla_index_score_mma(const __grid_constant__ MlaIndexScoreParams p) {
+    constexpr int KEYS = MLA_INDEX_MMA_KEYS, HT = 64, LD = MLA_INDEX_MAX_DIM + 8;
+    constexpr int NT = KEYS / 8;  // 8-key column tiles
+    __align__(16) __shared__ uint16_t ks[KEYS][LD];
+    __align__(16) __shared__ uint16_t qs[HT][LD];
+    __shared__ float ws[HT], kscale[KEYS], partial[4][KEYS];
+    const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, g = lane / 4, q4 = lane % 4;
+    const int t = blockIdx.y, len = p.tok_len[t], s0 = blockIdx.x * KEYS, dim = p.dim;
+    if (s0 >= len) return;  // the whole block: a shorter token of the grid
+    // The keys as bf16 (zero past the token's candidates), two threads a key.
+    {
+        const int k = tid / 2, half = tid % 2, s = s0 + k;
+        const int per = dim / 2;  // codes per thread
+        uint16_t* dst = &ks[k][half * per];
+        float scale = 0.f;
+        if (s < len) {
+            const int32_t* row_of = p.table + (int64_t)p.tok_seq[t] * p.table_stride;
+            const uint8_t* row = p.keys + (int64_t)mla::index_slot(row_of, p.block_size, s) * p.row_bytes;
+            const uint32_t* rw = reinterpret_cast<const uint32_t*>(row + half * per);
+            for (int j = 0; j < per / 4; ++j) {
+                const uint32_t c = rw[j];
+                for (int b = 0; b < 4; ++b)
+                    dst[4 * j + b] = mla::bf16_bits(mla::e4m3_to_float((c >> (8 * b)) & 0xffu));
+            }
+            scale = *reinterpret_cast<const float*>(row + dim);
+        } else {
+            for (int j = 0; j < per; ++j) dst[j] = 0;
+        }
+        if (half == 0) kscale[k] = scale;
+    }
+    const float* qt = p.q + (int64_t)t * p.heads * dim;
+    const float* wt = p.w + (int64_t)t * p.heads;
+    // Per lane: the sums of its keys 8 * nt + 2 * q4 (+1) over the heads.
+    float tot[NT][2];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) tot[nt][0] = tot[nt][1] = 0.f;
+    for (int h0 = 0; h0 < p.heads; h0 += HT) {
+        const int nh = min(HT, p.heads - h0);
+        __syncthreads();  // the keys are in; the previous tile is read
+        for (int i = tid; i < HT * dim; i += 128) {
+            const int h = i / dim, d = i - h * dim;
+            qs[h][d] = h < nh ? mla::bf16_bits(qt[(int64_t)(h0 + h) * dim + d]) : (uint16_t)0;
+        }
+        if (tid < HT) ws[tid] = tid < nh ? wt[h0 + tid] : 0.f;
+        __syncthreads();
+        if (16 * warp >= nh) continue;  // this warp's heads are all padding
+        float acc[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.f;
+        const int r0 = 16 * warp + g;
+        for (int k0 = 0; k0 < dim; k0 += 16) {
+            uint32_t a[4];
+            a[0] = *reinterpret_cast<const uint32_t*>(&qs[r0][k0 + 2 * q4]);
+            a[1] = *reinterpret_cast<const uint32_t*>(&qs[r0 + 8][k0 + 2 * q4]);
+            a[2] = *reinterpret_cast<const uint32_t*>(&qs[r0][k0 + 2 * q4 + 8]);
+            a[3] = *reinterpret_cast<const uint32_t*>(&qs[r0 + 8][k0 + 2 * q4 + 8]);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(&ks[8 * nt + g][k0 + 2 * q4]);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(&ks[8 * nt + g][k0 + 2 * q4 + 8]);
+                mla::OpBf16::mma(acc[nt], a, b0, b1);
+            }
+        }
+        // Rows r0 and r0 + 8 (heads), columns 8 nt + 2 q4 (+1) (keys).
+        const float w0 = ws[r0], w1 = ws[r0 + 8];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+            for (int c = 0; c < 2; ++c)
+                tot[nt][c] += w0 * fmaxf(acc[nt][c], 0.f) + w1 * fmaxf(acc[nt][2 + c], 0.f);
+    }
+    // Sum over the 8 lane groups (heads), then over the warps.
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+        for (int c = 0; c < 2; ++c) {
+            float v = tot[nt][c];
+            for (int off = 4; off < 32; off <<= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+            if (g == 0) partial[warp][8 * nt + 2 * q4 + c] = v;
+        }
+    __syncthreads();
+    if (tid < KEYS && s0 + tid < len) {
+        const float sum = partial[0][tid] + partial[1][tid] + partial[2][tid] + partial[3][tid];
+        p.scores[(int64_t)t * p.score_stride + s0 + tid] = kscale[tid] * sum;
+    }
 }
 
 // One token per block. A token with more than `topk` candidates: a radix

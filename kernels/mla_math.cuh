@@ -65,6 +65,16 @@ __device__ __forceinline__ float e4m3_to_float(uint32_t b) {
     return __half2float(__ushort_as_half(static_cast<unsigned short>(h))) * 256.0f;
 }
 
+// A float rounded to bf16 (nearest even), as its bits; and back.
+__device__ __forceinline__ uint16_t bf16_bits(float x) {
+    const __nv_bfloat16 b = __float2bfloat16_rn(x);
+    return *reinterpret_cast<const uint16_t*>(&b);
+}
+
+__device__ __forceinline__ float bf16_value(uint16_t bits) {
+    return __uint_as_float((uint32_t)bits << 16);
+}
+
 // A ue8m0 scale byte: 2^(b - 127).
 __device__ __forceinline__ float ue8m0_to_float(uint32_t b) {
     if (b == 0xffu) return __uint_as_float(0x7fc00000u);

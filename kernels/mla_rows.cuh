@@ -42,19 +42,6 @@ static_assert(sizeof(MlaRowsParams) == MLA_ROWS_PARAMS_SIZE, "update params.rs")
 static_assert(offsetof(MlaRowsParams, src) == 40, "update params.rs");
 static_assert(offsetof(MlaRowsParams, lo) == 80, "update params.rs");
 
-namespace mla {
-
-__device__ __forceinline__ uint16_t bf16_bits(float x) {
-    const __nv_bfloat16 b = __float2bfloat16_rn(x);
-    return *reinterpret_cast<const uint16_t*>(&b);
-}
-
-__device__ __forceinline__ float bf16_value(uint16_t bits) {
-    return __uint_as_float((uint32_t)bits << 16);
-}
-
-}  // namespace mla
-
 extern "C" __global__ void __launch_bounds__(MLA_ROWS_THREADS)
     mla_rows(const __grid_constant__ MlaRowsParams p) {
     __shared__ float partial[MLA_ROWS_THREADS / 32];

@@ -109,6 +109,7 @@ fn check_run(order: &str, run: &std::process::Output) {
         "ok   linear fp8 hi T70 N64 K256 m4 split2",
         "ok   index scatter 500 rows of 17 words, 3 blocks",
         "ok   index score bs7 h64 d128",
+        "ok   index score bs16 h100 d128 mma",
         "ok   index topk 2048 3 values (ties)",
         "ok   index topk 7 +-0/+-inf/NaN/subnormal",
         "ok   index rows keys dim128 rope64 layernorm",

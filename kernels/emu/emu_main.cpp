@@ -981,7 +981,8 @@ struct IndexScoreCase {
     int seqs;               // tokens share sequences (token t: sequence t % seqs)
 };
 
-bool run_index_score(const IndexScoreCase& c) {
+// `mma`: the tensor-core kernel (heads of a multiple of 16 values).
+bool run_index_score(const IndexScoreCase& c, bool mma) {
     const int T = (int)c.lens.size(), dim = c.dim, H = c.heads;
     const int row_bytes = dim + 4;
     std::vector<int32_t> tok_seq(T), tok_len(c.lens.begin(), c.lens.end());
@@ -1050,8 +1051,13 @@ bool run_index_score(const IndexScoreCase& c) {
     p.tok_seq = tok_seq.data();
     p.tok_len = tok_len.data();
     p.scores = reinterpret_cast<float*>(scores.data());
-    const unsigned gx = (unsigned)((maxlen + MLA_INDEX_SCORE_KEYS - 1) / MLA_INDEX_SCORE_KEYS);
-    emu::launch(mla_index_score, {gx, (unsigned)T, 1}, {MLA_INDEX_SCORE_KEYS, 1, 1}, 0, p);
+    if (mma) {
+        const unsigned gx = (unsigned)((maxlen + MLA_INDEX_MMA_KEYS - 1) / MLA_INDEX_MMA_KEYS);
+        emu::launch(mla_index_score_mma, {gx, (unsigned)T, 1}, {128, 1, 1}, 0, p);
+    } else {
+        const unsigned gx = (unsigned)((maxlen + MLA_INDEX_SCORE_KEYS - 1) / MLA_INDEX_SCORE_KEYS);
+        emu::launch(mla_index_score, {gx, (unsigned)T, 1}, {MLA_INDEX_SCORE_KEYS, 1, 1}, 0, p);
+    }
     double worst = 0;
     for (int t = 0; t < T; ++t) {
         std::vector<double> want(tok_len[t]);
@@ -1090,7 +1096,8 @@ bool run_index_score(const IndexScoreCase& c) {
             worst = std::max(worst, err / (mag + 1e-30));
         }
     }
-    printf("ok   index %s (max error %.1e of the token's largest score)\n", c.name.c_str(), worst);
+    printf("ok   index %s%s (max error %.1e of the token's largest score)\n", c.name.c_str(), mma ? " mma" : "",
+           worst);
     return true;
 }
 
@@ -1098,6 +1105,8 @@ std::vector<IndexScoreCase> index_score_cases() {
     return {
         {"score bs1 h1 d4", 1, 1, 4, {1, 127, 128, 129, 300}, 2},
         {"score bs7 h5 d64", 7, 5, 64, {300, 129, 1, 128, 127}, 3},
+        // Two tiles of 64 heads for the tensor-core kernel, the second partial.
+        {"score bs16 h100 d128", 16, 100, 128, {64, 65, 1, 200}, 2},
         {"score bs64 h16 d128", 64, 16, 128, {127, 300, 128, 129, 1}, 2},
         {"score bs7 h64 d128", 7, 64, 128, {129, 300, 45}, 2},
         {"score bs64 h20 d64", 64, 20, 64, {300, 1, 129, 127, 200}, 3},
@@ -1567,7 +1576,10 @@ int main() {
         ++indexes;
     };
     for (const auto& c : index_scatter_cases()) index_case(c.name, [&] { return run_index_scatter(c); });
-    for (const auto& c : index_score_cases()) index_case(c.name, [&] { return run_index_score(c); });
+    for (const auto& c : index_score_cases()) {
+        index_case(c.name, [&] { return run_index_score(c, false); });
+        if (c.dim % 16 == 0) index_case(c.name + " mma", [&] { return run_index_score(c, true); });
+    }
     for (const auto& c : index_topk_cases()) index_case(c.name, [&] { return run_index_topk(c); });
     for (const auto& c : index_rows_cases()) index_case("rows " + c.name, [&] { return run_index_rows(c); });
     const bool probe = run_probe();

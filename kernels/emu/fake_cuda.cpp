@@ -177,7 +177,7 @@ std::vector<Kernel>& kernels() {
         K(mla_plan), K(mla_combine), K(mla_append), K(mla_wgmma_probe),
         K(mla_linear_bf16_m1), K(mla_linear_bf16_m4), K(mla_linear_fp8_m1), K(mla_linear_fp8_m4),
         K(mla_linear_reduce), K(mla_rows),
-        K(mla_index_scatter), K(mla_index_score), K(mla_index_topk), K(mla_index_rows),
+        K(mla_index_scatter), K(mla_index_score), K(mla_index_score_mma), K(mla_index_topk), K(mla_index_rows),
     };
     return v;
 }

@@ -78,6 +78,7 @@ pub struct CudaBackend {
     pub(super) rows: sys::CUfunction,
     /// The V3.2 indexer (`mla_index.cuh`): scores, top-k and key scatter.
     pub(super) index_score: sys::CUfunction,
+    pub(super) index_score_mma: sys::CUfunction,
     pub(super) index_topk: sys::CUfunction,
     pub(super) index_scatter: sys::CUfunction,
     pub(super) index_rows: sys::CUfunction,
@@ -187,6 +188,7 @@ impl CudaBackend {
         let linear_reduce = function(module, linear::REDUCE_KERNEL)?;
         let rows = function(module, launch::ROWS_KERNEL)?;
         let index_score = function(module, launch::INDEX_SCORE_KERNEL)?;
+        let index_score_mma = function(module, launch::INDEX_SCORE_MMA_KERNEL)?;
         let index_topk = function(module, launch::INDEX_TOPK_KERNEL)?;
         let index_scatter = function(module, launch::INDEX_SCATTER_KERNEL)?;
         let index_rows = function(module, launch::INDEX_ROWS_KERNEL)?;
@@ -274,6 +276,7 @@ impl CudaBackend {
             linear_reduce,
             rows,
             index_score,
+            index_score_mma,
             index_topk,
             index_scatter,
             index_rows,

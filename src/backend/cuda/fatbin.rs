@@ -518,12 +518,13 @@ ptxas info    : Compile time = 1.2 ms
         let spilling: Vec<_> = all
             .iter()
             .filter(|(f, _, st, ld)| {
-                (f.contains("decode") || f.contains("linear")) && (*st > 0 || *ld > 0)
+                let hot = ["decode", "linear", "index"].iter().any(|k| f.contains(k));
+                hot && (*st > 0 || *ld > 0)
             })
             .collect();
         assert!(
             spilling.is_empty(),
-            "decode or projection kernels spill (function, arch, store bytes, load bytes): {spilling:?}"
+            "decode, projection or indexer kernels spill (function, arch, store bytes, load bytes): {spilling:?}"
         );
     }
 
@@ -541,6 +542,7 @@ ptxas info    : Compile time = 1.2 ms
             REDUCE_KERNEL.to_string(),
             crate::backend::cuda::launch::ROWS_KERNEL.to_string(),
             crate::backend::cuda::launch::INDEX_SCORE_KERNEL.to_string(),
+            crate::backend::cuda::launch::INDEX_SCORE_MMA_KERNEL.to_string(),
             crate::backend::cuda::launch::INDEX_TOPK_KERNEL.to_string(),
             crate::backend::cuda::launch::INDEX_SCATTER_KERNEL.to_string(),
             crate::backend::cuda::launch::INDEX_ROWS_KERNEL.to_string(),

@@ -7,7 +7,9 @@
 
 use super::device::{CudaBackend, Which};
 use super::driver::{dev_err, guarded};
-use super::launch::{INDEX_MAX_DIM, INDEX_SCATTER_THREADS, INDEX_SCORE_KEYS, INDEX_TOPK_THREADS};
+use super::launch::{
+    INDEX_MAX_DIM, INDEX_MMA_KEYS, INDEX_SCATTER_THREADS, INDEX_SCORE_KEYS, INDEX_TOPK_THREADS,
+};
 use super::lowering::{as_bytes, int};
 use super::params::{IndexScoreParams, IndexTopkParams, ScatterParams};
 use super::staging::{Carve, DataRef};
@@ -204,7 +206,13 @@ impl CudaBackend {
                 slots,
                 ..tp
             };
-            let key_blocks = max_len.div_ceil(INDEX_SCORE_KEYS as usize).max(1);
+            // Tensor cores take heads of a multiple of 16 values (V3.2's 128).
+            let (score_fn, keys_per_block, score_threads) = if dim.is_multiple_of(16) {
+                (self.index_score_mma, INDEX_MMA_KEYS, 128)
+            } else {
+                (self.index_score, INDEX_SCORE_KEYS, INDEX_SCORE_KEYS)
+            };
+            let key_blocks = max_len.div_ceil(keys_per_block as usize).max(1);
             let key_blocks = u32::try_from(key_blocks)
                 .map_err(|_| Error::internal("indexer context too long for one grid"))?;
             let stream = st.stream;
@@ -225,9 +233,9 @@ impl CudaBackend {
                         .map_err(dev_err("cuMemcpyHtoDAsync"))?;
                     let mut args = [&sp as *const IndexScoreParams as *mut c_void];
                     result::launch_kernel(
-                        self.index_score,
+                        score_fn,
                         (key_blocks, n as u32, 1),
-                        (INDEX_SCORE_KEYS, 1, 1),
+                        (score_threads, 1, 1),
                         0,
                         stream,
                         &mut args,

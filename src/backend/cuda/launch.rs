@@ -79,6 +79,7 @@ pub const ROWS_THREADS: u32 = 256;
 /// The V3.2 indexer on the GPU (`mla_index.cuh`): key scores, the top-k
 /// selection, and the scatter that writes key rows into the pool.
 pub const INDEX_SCORE_KERNEL: &str = "mla_index_score";
+pub const INDEX_SCORE_MMA_KERNEL: &str = "mla_index_score_mma";
 pub const INDEX_TOPK_KERNEL: &str = "mla_index_topk";
 pub const INDEX_SCATTER_KERNEL: &str = "mla_index_scatter";
 pub const INDEX_ROWS_KERNEL: &str = "mla_index_rows";
@@ -86,6 +87,9 @@ pub const INDEX_ROWS_KERNEL: &str = "mla_index_rows";
 pub const INDEX_ROWS_THREADS: u32 = 128;
 /// Keys per score block (one thread each).
 pub const INDEX_SCORE_KEYS: u32 = 128;
+/// Keys per block of the tensor-core score kernel (4 warps), which takes
+/// heads of a multiple of 16 values.
+pub const INDEX_MMA_KEYS: u32 = 64;
 /// Threads of a top-k block (one block per token).
 pub const INDEX_TOPK_THREADS: u32 = 512;
 /// Threads of a scatter block.
@@ -443,10 +447,16 @@ mod tests {
             ("MLA_INDEX_TOPK_THREADS", INDEX_TOPK_THREADS as usize),
             ("MLA_INDEX_SCATTER_THREADS", INDEX_SCATTER_THREADS as usize),
             ("MLA_INDEX_MAX_DIM", INDEX_MAX_DIM),
+            ("MLA_INDEX_MMA_KEYS", INDEX_MMA_KEYS as usize),
         ] {
             assert!(index.contains(&format!("#define {name} {v}")), "{name}");
         }
-        for k in [INDEX_SCORE_KERNEL, INDEX_TOPK_KERNEL, INDEX_SCATTER_KERNEL] {
+        for k in [
+            INDEX_SCORE_KERNEL,
+            INDEX_SCORE_MMA_KERNEL,
+            INDEX_TOPK_KERNEL,
+            INDEX_SCATTER_KERNEL,
+        ] {
             assert!(index.contains(&format!("{k}(")), "{k}");
         }
         let index_rows = include_str!("../../../kernels/mla_index_rows.cuh");
