@@ -326,8 +326,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // ones); one ordered pass then writes every position with a key above T and
 // the first `need` equal to it, ranked by a block-wide prefix count (warp
 // ballots, then the warps' totals through shared memory). Nothing depends
-// on the order the threads run in.
-extern "C" __global__ void __launch_bounds__(MLA_INDEX_TOPK_THREADS)
+// on the order the threads run in. (The occupancy hint of one block lets
+// ptxas use the registers it needs: left alone it chose 32 for sm_80 and
+// spilled.)
+extern "C" __global__ void __launch_bounds__(MLA_INDEX_TOPK_THREADS, 1)
     mla_index_topk(const __grid_constant__ MlaIndexTopkParams p) {
     constexpr int THREADS = MLA_INDEX_TOPK_THREADS, WARPS = THREADS / 32;
     static_assert(THREADS >= 256 && THREADS % 32 == 0, "one histogram bin per thread");
@@ -360,9 +362,16 @@ extern "C" __global__ void __launch_bounds__(MLA_INDEX_TOPK_THREADS)
         const uint32_t high = pass == 0 ? 0u : 0xffffffffu << (shift + 8);
         if (tid < 256) hist[tid] = 0;
         __syncthreads();
-        for (int i = tid; i < n; i += THREADS) {
-            const uint32_t u = mla::index_order_key(sc[i]);
-            if (((u ^ prefix) & high) == 0) atomicAdd(&hist[(u >> shift) & 0xffu], 1);
+        // Scores of one magnitude share their top bits: the lanes of a warp
+        // with the same digit add once, through their leader (shared-memory
+        // atomics on one address serialize).
+        for (int c = 0; c < n; c += THREADS) {
+            const int i = c + tid;
+            const uint32_t u = i < n ? mla::index_order_key(sc[i]) : 0u;
+            const bool in = i < n && ((u ^ prefix) & high) == 0;
+            const uint32_t digit = in ? (u >> shift) & 0xffu : 256u;
+            const unsigned peers = __match_any_sync(0xffffffffu, digit);
+            if (in && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
         }
         __syncthreads();
         if (tid < 16) {

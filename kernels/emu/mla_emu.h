@@ -146,6 +146,7 @@ struct WarpSlots {
     float c[32][4], f[32];
     const void* addr[32];
     int pred[32];
+    unsigned val[32];
 };
 
 struct State {
@@ -374,6 +375,23 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     return r;
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
+
+// __match_any_sync: the lanes named in `mask` (live threads of the block)
+// whose `value` equals this lane's.
+inline unsigned __match_any_sync(unsigned mask, unsigned value) {
+    emu::WarpSlots& w = emu::slots();
+    const int l = emu::lane();
+    w.val[l] = value;
+    __syncwarp();
+    emu::State& s = emu::st();
+    const int base = s.fibers[s.cur].tid - l;
+    unsigned r = 0;
+    for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
+        if ((mask >> i & 1) && s.fibers[base + i].wait != emu::DONE && w.val[i] == value) r |= 1u << i;
+    __syncwarp();
+    return r;
+}
 
 // Fibers never run concurrently: plain read-modify-write is atomic.
 inline int atomicOr(int* p, int v) { int o = *p; *p |= v; return o; }
