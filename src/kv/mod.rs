@@ -108,19 +108,22 @@ pub(crate) enum KeyRows<'a> {
 }
 
 /// A selection's shape and destination (see [`KvPool::select_with`]).
-struct Selection<'a> {
-    heads: usize,
-    topk: usize,
-    out: SelectOut<'a>,
+pub(crate) struct Selection<'a> {
+    /// Indexer heads.
+    pub heads: usize,
+    pub topk: usize,
+    pub out: SelectOut<'a>,
     /// Bytes of scores per GPU pass; 0: the default.
-    score_budget: usize,
+    pub score_budget: usize,
 }
 
 /// The keys of a sparse decode over a pool: logical positions (checked and
-/// translated), or pool slots a kernel wrote in engine memory.
-enum SparseIn<'a> {
+/// translated), or pool slots `[batch, s_q, topk]` (-1: none) in engine
+/// memory, which a kernel wrote from this pool's block tables
+/// ([`KvPool::select_with`]).
+pub(crate) enum SparseIn<'a> {
     Logical(PoolSparse<'a>),
-    Slots(u64, usize),
+    Slots { ptr: u64, topk: usize },
 }
 
 /// One layer's `[num_blocks, block]` cache.
@@ -795,36 +798,14 @@ impl KvPool {
             out,
             score_budget,
         };
-        self.select_in(layer, seqs, n_tokens, pos, q, w, sel)
+        self.select_with(layer, seqs, n_tokens, pos, q, w, sel)
     }
 
     /// [`Self::select_on_device`] with `q` and `w` in host or engine
-    /// memory, its `topk` choices into host memory (waited for) or as
-    /// positions and/or pool slots into engine memory (enqueued).
+    /// memory, the choices into host memory (waited for) or as positions
+    /// and/or pool slots into engine memory (enqueued).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn select_with(
-        &self,
-        layer: i64,
-        seqs: &[u64],
-        n_tokens: &[usize],
-        pos: &[usize],
-        q: DataRef<'_>,
-        w: DataRef<'_>,
-        heads: usize,
-        topk: usize,
-        out: SelectOut<'_>,
-    ) -> Result<()> {
-        let sel = Selection {
-            heads,
-            topk,
-            out,
-            score_budget: 0,
-        };
-        self.select_in(layer, seqs, n_tokens, pos, q, w, sel)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn select_in(
         &self,
         layer: i64,
         seqs: &[u64],
@@ -860,17 +841,10 @@ impl KvPool {
         for &id in seqs {
             found.push(st.seqs.get(&id).ok_or_else(|| Self::missing(id))?);
         }
-        let stride = found
-            .iter()
-            .map(|s| s.blocks.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut table = vec![-1i32; seqs.len() * stride];
+        let (table, stride) = block_tables(&found);
         let (mut tok_seq, mut tok_len) = (Vec::with_capacity(total), Vec::with_capacity(total));
         let mut toks = pos.iter();
         for (b, (s, &n)) in found.iter().zip(n_tokens).enumerate() {
-            table[b * stride..b * stride + s.blocks.len()].copy_from_slice(&s.blocks);
             for &p in toks.by_ref().take(n) {
                 // The kernel follows the block table for every candidate:
                 // each must be a stored token.
@@ -957,7 +931,7 @@ impl KvPool {
             shape,
             q_dtype,
             q,
-            sparse,
+            sparse.map(SparseIn::Logical),
             attn_sink,
             OutRef::Host(out),
         )
@@ -965,7 +939,9 @@ impl KvPool {
 
     /// [`Self::decode`] of a device pool with the queries `[batch, s_q,
     /// h_q, d_qk]` and the output `[batch, s_q, h_q, d_v]` in the engine's
-    /// GPU memory: enqueued on the engine's stream, not waited for.
+    /// GPU memory: enqueued on the engine's stream, not waited for. A
+    /// sparse attention's keys may be pool slots in engine memory
+    /// ([`SparseIn::Slots`]), which nothing stages.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn decode_on_device(
         &self,
@@ -974,7 +950,7 @@ impl KvPool {
         shape: DecodeShape,
         q_dtype: Dtype,
         q: u64,
-        sparse: Option<PoolSparse<'_>>,
+        sparse: Option<SparseIn<'_>>,
         out: u64,
         out_dtype: Dtype,
     ) -> Result<()> {
@@ -994,50 +970,8 @@ impl KvPool {
         )
     }
 
-    /// [`Self::decode_on_device`] of a sparse attention over the pool
-    /// slots `[batch, s_q, topk]` at `slots` in engine memory (-1: none),
-    /// which a kernel wrote from this pool's block tables
-    /// ([`Self::select_with`]): enqueued, nothing staged.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn decode_slots_on_device(
-        &self,
-        layer: i64,
-        seqs: &[u64],
-        shape: DecodeShape,
-        q_dtype: Dtype,
-        q: u64,
-        slots: u64,
-        topk: usize,
-        out: u64,
-        out_dtype: Dtype,
-    ) -> Result<()> {
-        let out = OutRef::Device {
-            ptr: out,
-            dtype: out_dtype,
-        };
-        let sparse = SparseIn::Slots(slots, topk);
-        let q = DataRef::Device(q);
-        self.decode_in(layer, seqs, shape, q_dtype, q, Some(sparse), None, out)
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn decode_with(
-        &self,
-        layer: i64,
-        seqs: &[u64],
-        shape: DecodeShape,
-        q_dtype: Dtype,
-        q: DataRef<'_>,
-        sparse: Option<PoolSparse<'_>>,
-        attn_sink: Option<&[f32]>,
-        out: OutRef<'_, '_>,
-    ) -> Result<()> {
-        let sparse = sparse.map(SparseIn::Logical);
-        self.decode_in(layer, seqs, shape, q_dtype, q, sparse, attn_sink, out)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn decode_in(
         &self,
         layer: i64,
         seqs: &[u64],
@@ -1078,19 +1012,10 @@ impl KvPool {
         let keys = match &sparse {
             None => {
                 let lens: Vec<i32> = found.iter().map(|s| s.lens[layer] as i32).collect();
-                let stride = found
-                    .iter()
-                    .map(|s| s.blocks.len())
-                    .max()
-                    .unwrap_or(0)
-                    .max(1);
-                let mut table = vec![-1i32; seqs.len() * stride];
-                for (i, s) in found.iter().enumerate() {
-                    table[i * stride..i * stride + s.blocks.len()].copy_from_slice(&s.blocks);
-                }
+                let (table, stride) = block_tables(&found);
                 Keys::Dense(table, stride, lens)
             }
-            Some(SparseIn::Slots(p, _)) => Keys::Slots(*p),
+            Some(SparseIn::Slots { ptr, .. }) => Keys::Slots(*ptr),
             Some(SparseIn::Logical(sp)) => {
                 if sp.indices.len() < shape.batch * shape.s_q * sp.topk {
                     return Err(Error::internal("indices smaller than [batch, s_q, topk]"));
@@ -1138,7 +1063,7 @@ impl KvPool {
         };
         let topk = match &sparse {
             Some(SparseIn::Logical(sp)) => sp.topk,
-            Some(SparseIn::Slots(_, topk)) => *topk,
+            Some(SparseIn::Slots { topk, .. }) => *topk,
             None => 0,
         };
         match &st.layers[layer] {
@@ -1268,6 +1193,22 @@ struct PlannedAppend {
     /// Copy-on-write: (old, new) block ids.
     copies: Vec<(i32, i32)>,
     fresh: Vec<i32>,
+}
+
+/// The sequences' block tables `[sequences, stride]` (-1 past each one's
+/// blocks) and their stride (the most blocks, at least 1).
+fn block_tables(seqs: &[&Sequence]) -> (Vec<i32>, usize) {
+    let stride = seqs
+        .iter()
+        .map(|s| s.blocks.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    let mut table = vec![-1i32; seqs.len() * stride];
+    for (i, s) in seqs.iter().enumerate() {
+        table[i * stride..i * stride + s.blocks.len()].copy_from_slice(&s.blocks);
+    }
+    (table, stride)
 }
 
 fn release(st: &mut State, block: i32) {

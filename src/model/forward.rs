@@ -522,9 +522,12 @@ impl Model {
                 pos,
                 q,
                 w,
-                ih,
-                topk,
-                SelectOut::Host(&mut out[..plan.total * topk]),
+                crate::kv::Selection {
+                    heads: ih,
+                    topk,
+                    out: SelectOut::Host(&mut out[..plan.total * topk]),
+                    score_budget: 0,
+                },
             )
         };
         if pool.index_on_device() {

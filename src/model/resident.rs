@@ -30,7 +30,7 @@ use crate::backend::cuda::staging::{Carve, DataRef};
 use crate::backend::cuda::CudaBackend;
 use crate::error::{Error, Result};
 use crate::format::{Dtype, KvFormat};
-use crate::kv::{KeyRows, KvPool};
+use crate::kv::{KeyRows, KvPool, SparseIn};
 
 /// A resident forward's hidden states and output.
 #[derive(Clone, Copy, Debug)]
@@ -602,7 +602,13 @@ impl Model {
                         slots: at(b_sel),
                     };
                     let (q, w) = (DataRef::Device(at(b_iq)), DataRef::Device(at(b_iw)));
-                    pool.select_with(pl, seqs, n_tokens, pos, q, w, ih, itopk, out)?;
+                    let sel = crate::kv::Selection {
+                        heads: ih,
+                        topk: itopk,
+                        out,
+                        score_budget: 0,
+                    };
+                    pool.select_with(pl, seqs, n_tokens, pos, q, w, sel)?;
                 }
                 None
             } else {
@@ -616,11 +622,15 @@ impl Model {
                 let tok = |b: usize| first_tok[b] as u64;
                 let slots = g.sparse && selected.is_none();
                 let decode = |q: u64, sl: u64, o: u64| {
-                    if slots {
-                        pool.decode_slots_on_device(pl, ids, shape, adt, q, sl, itopk, o, adt)
+                    let sparse = if slots {
+                        Some(SparseIn::Slots {
+                            ptr: sl,
+                            topk: itopk,
+                        })
                     } else {
-                        pool.decode_on_device(pl, ids, shape, adt, q, sp, o, adt)
-                    }
+                        sp.map(SparseIn::Logical)
+                    };
+                    pool.decode_on_device(pl, ids, shape, adt, q, sparse, o, adt)
                 };
                 if g.consecutive() {
                     let t0 = tok(members[0]);
