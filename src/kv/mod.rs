@@ -773,7 +773,7 @@ impl KvPool {
     /// tokens are `n_tokens[b]` of each sequence `seqs[b]`, in batch order,
     /// at positions `pos`; `q [tokens, heads, index_dim]` and `w [tokens,
     /// heads]` as `IndexerTokens`; `out [tokens, topk]`. The GPU holds at
-    /// most `score_budget` bytes of scores at a time (0: the default, 64
+    /// most `score_budget` bytes of scores at a time (0: the default, 32
     /// MiB), taking fewer tokens per pass. Waits.
     #[allow(clippy::too_many_arguments)]
     pub fn select_on_device(

@@ -18,8 +18,10 @@ use cudarc::driver::result;
 use std::ffi::c_void;
 
 /// Bytes of scores one selection pass may hold by default: longer contexts
-/// or more tokens run in passes of fewer tokens.
-pub const SCORE_BUDGET: usize = 64 << 20;
+/// or more tokens run in passes of fewer tokens. The scores live in the
+/// engine's staging area, which grows to a power of two and stays: 32 MiB
+/// keeps it at 64 MiB (64 tokens a pass at a context of 128K).
+pub const SCORE_BUDGET: usize = 32 << 20;
 
 /// One selection over a device pool's indexer keys.
 #[derive(Clone, Copy, Debug)]
