@@ -82,7 +82,7 @@ struct MlaScatterParams {
     int32_t row_words;     // 32-bit words per row
     // ---- 8-byte fields
     const uint32_t* src;   // [rows, row_words]
-    const int32_t* slots;  // [rows] destination row of each source row
+    const int32_t* slots;  // [rows] destination row of each source row (negative: skipped)
     uint32_t* dst;         // row s at dst + s * row_words
 };
 #define MLA_SCATTER_PARAMS_SIZE 32
@@ -128,7 +128,8 @@ __device__ __forceinline__ int32_t index_slot(const int32_t* row, int block_size
 }  // namespace mla
 
 // Rows of 32-bit words to their slots: word i of the source goes to word
-// i % row_words of row slots[i / row_words].
+// i % row_words of row slots[i / row_words] (negative: skipped, as
+// mla_append skips it).
 extern "C" __global__ void __launch_bounds__(MLA_INDEX_SCATTER_THREADS)
     mla_index_scatter(const __grid_constant__ MlaScatterParams p) {
     const int64_t total = (int64_t)p.rows * p.row_words;
@@ -136,7 +137,8 @@ extern "C" __global__ void __launch_bounds__(MLA_INDEX_SCATTER_THREADS)
     for (int64_t i = (int64_t)blockIdx.x * MLA_INDEX_SCATTER_THREADS + threadIdx.x; i < total; i += step) {
         const int64_t r = i / p.row_words;
         const int64_t c = i - r * p.row_words;
-        p.dst[(int64_t)p.slots[r] * p.row_words + c] = p.src[i];
+        const int32_t slot = p.slots[r];
+        if (slot >= 0) p.dst[(int64_t)slot * p.row_words + c] = p.src[i];
     }
 }
 
