@@ -219,11 +219,11 @@ fn run_point(cuda: &CudaBackend, pt: &Point, reps: usize) -> Result<Figures> {
 }
 
 pub fn run(o: &Options) -> Result<()> {
-    let engine = Engine::new(&EngineOptions {
+    let engine = std::sync::Arc::new(Engine::new(&EngineOptions {
         backend: BackendRequest::Cuda,
         device_index: o.device,
         ..EngineOptions::default()
-    })?;
+    })?);
     let cuda = engine
         .backend()
         .cuda()
@@ -286,9 +286,10 @@ pub fn run(o: &Options) -> Result<()> {
         ));
     }
     let projections = projection_points(cuda, copy, o.reps)?;
+    let indexer = indexer_points(&engine, o.matmul_tflops, o.reps)?;
     if let Some(path) = &o.json {
         let text = format!(
-            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"wgmma\":{},\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}],\"projections\":[{}]}}\n",
+            "{{\"device\":\"{}\",\"sm\":\"{}{}\",\"wgmma\":{},\"copy_gbytes_per_s\":{:.1},\"matmul_tflops\":{},\"points\":[{}],\"projections\":[{}],\"indexer\":[{}]}}\n",
             p.name,
             p.major,
             p.minor,
@@ -296,7 +297,8 @@ pub fn run(o: &Options) -> Result<()> {
             copy * 1e-9,
             o.matmul_tflops.map_or("null".to_string(), |t| format!("{t:.1}")),
             json.join(","),
-            projections.join(",")
+            projections.join(","),
+            indexer.join(",")
         );
         std::fs::write(path, text)
             .map_err(|e| Error::new(mlart::Status::Io, format!("--json {path}: {e}")))?;
@@ -350,6 +352,89 @@ fn projection_points(cuda: &CudaBackend, copy: f64, reps: usize) -> Result<Vec<S
                     100.0 * gbs * 1e9 / copy
                 ));
             }
+        }
+    }
+    Ok(json)
+}
+
+/// DeepSeek-V3.2's indexer selection on the GPU (`KvPool::select_on_device`:
+/// staged queries, `mla_index_score_mma`, `mla_index_topk`, the positions
+/// downloaded) for one token of each of 1 or 64 sequences of N keys (forks
+/// of one sequence, sharing its blocks): 64 heads of 128, top 2048. The
+/// whole call is timed, host work included; its scores' rate is put against
+/// the bf16 matmul ceiling. Returns the JSON objects.
+fn indexer_points(
+    engine: &std::sync::Arc<Engine>,
+    matmul_tflops: Option<f64>,
+    reps: usize,
+) -> Result<Vec<String>> {
+    use mlart::kv::{index_row_bytes, KvPool, PoolOptions};
+    let (heads, dim, topk, bs) = (64usize, 128usize, 2048usize, 64usize);
+    println!(
+        "\nV3.2 indexer selection (64 heads x 128, top {topk}; whole call, host staging included):\n{:>8} {:>7} {:>10} {:>9} {:>9}",
+        "tokens", "N", "time us", "TFLOP/s", "% matmul"
+    );
+    let mut rng = Rng(0x696e6478);
+    let mut json = Vec::new();
+    for n in [16384usize, 131072] {
+        let pool = KvPool::new(
+            engine.clone(),
+            PoolOptions {
+                format: KvFormat::F32,
+                d_qk: 8,
+                num_layers: 1,
+                block_size: bs,
+                num_blocks: n.div_ceil(bs) + 1,
+                index_dim: dim,
+            },
+        )?;
+        pool.create_seq(0)?;
+        let irow = index_row_bytes(dim);
+        let mut keys = vec![0u8; n * irow];
+        for row in keys.chunks_exact_mut(irow) {
+            for c in &mut row[..dim] {
+                // Any E4M3 code but NaN (0x7f, 0xff).
+                *c = ((rng.next() as u8) % 0x7f) | ((rng.next() as u8) & 0x80);
+            }
+            let scale = 1.0f32 / (1 + rng.next() % 64) as f32;
+            row[dim..].copy_from_slice(&scale.to_le_bytes());
+        }
+        let cache = vec![0u8; n * 8 * 4];
+        pool.append_batch_indexed(0, &[(0, n, &cache[..])], Dtype::F32, Some(&[&keys[..]]))?;
+        for id in 1..64 {
+            pool.fork(0, id)?;
+        }
+        for tokens in [1usize, 64] {
+            let seqs: Vec<u64> = (0..tokens as u64).collect();
+            let q: Vec<f32> = (0..tokens * heads * dim)
+                .map(|_| mlart::format::fp8::e4m3_to_f32((rng.next() as u8) % 0x7f))
+                .collect();
+            let w: Vec<f32> = (0..tokens * heads)
+                .map(|_| (rng.next() % 7) as f32 - 3.0)
+                .collect();
+            let (n_tokens, pos) = (vec![1usize; tokens], vec![n - 1; tokens]);
+            let mut out = vec![0i32; tokens * topk];
+            let mut times = Vec::with_capacity(reps.max(3));
+            for _ in 0..reps.max(3) + 1 {
+                let t0 = std::time::Instant::now();
+                pool.select_on_device(0, &seqs, &n_tokens, &pos, &q, &w, heads, &mut out, 0)?;
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            // The first call grows the staging area.
+            times.remove(0);
+            times.sort_by(f64::total_cmp);
+            let secs = times[times.len() / 2];
+            let tf = 2.0 * (tokens * n * heads * dim) as f64 / secs * 1e-12;
+            let pct = matmul_tflops.map(|m| 100.0 * tf / m);
+            println!(
+                "{tokens:>8} {n:>7} {:>10.1} {tf:>9.1} {:>9}",
+                secs * 1e6,
+                pct.map_or("-".to_string(), |x| format!("{x:.1}%"))
+            );
+            json.push(format!(
+                "{{\"tokens\":{tokens},\"keys\":{n},\"heads\":{heads},\"dim\":{dim},\"topk\":{topk},\"seconds\":{secs:e},\"tflops\":{tf:.3}{}}}",
+                pct.map_or(String::new(), |x| format!(",\"pct_matmul\":{x:.2}"))
+            ));
         }
     }
     Ok(json)
