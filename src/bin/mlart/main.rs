@@ -27,7 +27,8 @@ commands:
       --no-scalar         skip the scalar reference kernel (otherwise timed on every point: x scalar column)
       --huge-pages        back the bench's caches with transparent huge pages (Linux madvise), as pools are
       --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
-  bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048
+  bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048;
+                          the model's projections; the V3.2 indexer's selection (1|64 tokens, 16384|131072 keys)
       --device I          CUDA device (default 0)
       --matmul-tflops T   the GPU's measured bf16 matmul rate, for the % matmul column
       --reps R            timed calls per point, median reported (default 20)
