@@ -15,7 +15,6 @@ use super::params::{IndexScoreParams, IndexTopkParams, ScatterParams};
 use super::staging::{Carve, DataRef};
 use crate::error::{Error, Result};
 use cudarc::driver::result;
-use std::ffi::c_void;
 
 /// Bytes of scores one selection pass may hold by default: longer contexts
 /// or more tokens run in passes of fewer tokens. The scores live in the
@@ -86,19 +85,9 @@ impl CudaBackend {
         let grid = words
             .div_ceil(INDEX_SCATTER_THREADS as usize)
             .clamp(1, 65535) as u32;
-        let mut args = [p as *const ScatterParams as *mut c_void];
-        // SAFETY: forwarded contract; `p` is copied at launch.
-        unsafe {
-            result::launch_kernel(
-                self.index_scatter,
-                (grid, 1, 1),
-                (INDEX_SCATTER_THREADS, 1, 1),
-                0,
-                stream,
-                &mut args,
-            )
-        }
-        .map_err(dev_err("launch mla_index_scatter"))
+        let (f, threads) = (self.index_scatter, INDEX_SCATTER_THREADS);
+        // SAFETY: forwarded contract; `mla_index_scatter` takes a ScatterParams.
+        unsafe { self.launch_one(f, "mla_index_scatter", (grid, 1), threads, p, stream) }
     }
 
     /// Each token's choice (`model::indexer::select`'s semantics) into
@@ -217,6 +206,7 @@ impl CudaBackend {
             let key_blocks = max_len.div_ceil(keys_per_block as usize).max(1);
             let key_blocks = u32::try_from(key_blocks)
                 .map_err(|_| Error::internal("indexer context too long for one grid"))?;
+            let grid = (key_blocks, n as u32);
             let stream = st.stream;
             let got = match &mut out {
                 SelectOut::Host(o) => Some(&mut o[first * topk..(first + n) * topk]),
@@ -233,26 +223,11 @@ impl CudaBackend {
                 unsafe {
                     result::memcpy_htod_async(base, &host, stream)
                         .map_err(dev_err("cuMemcpyHtoDAsync"))?;
-                    let mut args = [&sp as *const IndexScoreParams as *mut c_void];
-                    result::launch_kernel(
-                        score_fn,
-                        (key_blocks, n as u32, 1),
-                        (score_threads, 1, 1),
-                        0,
-                        stream,
-                        &mut args,
-                    )
-                    .map_err(dev_err("launch mla_index_score"))?;
-                    let mut args = [&tp as *const IndexTopkParams as *mut c_void];
-                    result::launch_kernel(
-                        self.index_topk,
-                        (n as u32, 1, 1),
-                        (INDEX_TOPK_THREADS, 1, 1),
-                        0,
-                        stream,
-                        &mut args,
-                    )
-                    .map_err(dev_err("launch mla_index_topk"))?;
+                    let name = "mla_index_score";
+                    self.launch_one(score_fn, name, grid, score_threads, &sp, stream)?;
+                    let threads = INDEX_TOPK_THREADS;
+                    let name = "mla_index_topk";
+                    self.launch_one(self.index_topk, name, (n as u32, 1), threads, &tp, stream)?;
                     if let Some(got) = got {
                         let bytes: &mut [u8] = bytemuck::cast_slice_mut(got);
                         result::memcpy_dtoh_async(bytes, tp.positions, stream)

@@ -136,6 +136,38 @@ impl CudaBackend {
         })
     }
 
+    /// Launches kernel `f` (named `name` in errors) on `stream` with its
+    /// one parameter block `p`, `threads` a block, `grid` blocks.
+    ///
+    /// # Safety
+    /// `f` takes a `P`; every address in `p` is engine memory as large as
+    /// the kernel reads or writes for `p`; `stream` is the engine's.
+    pub(super) unsafe fn launch_one<P>(
+        &self,
+        f: sys::CUfunction,
+        name: &str,
+        grid: (u32, u32),
+        threads: u32,
+        p: &P,
+        stream: sys::CUstream,
+    ) -> Result<()> {
+        let mut args = [p as *const P as *mut c_void];
+        guarded(name, || {
+            // SAFETY: forwarded contract; `p` is copied at launch.
+            unsafe {
+                result::launch_kernel(
+                    f,
+                    (grid.0, grid.1, 1),
+                    (threads, 1, 1),
+                    0,
+                    stream,
+                    &mut args,
+                )
+            }
+            .map_err(dev_err(&format!("launch {name}")))
+        })
+    }
+
     /// Enqueues `mla_rows` over `p.rows` rows.
     ///
     /// # Safety
@@ -147,21 +179,8 @@ impl CudaBackend {
         let stream = self.stream()?;
         // Blocks loop over rows past the grid; 64K blocks fill any GPU.
         let grid = (p.rows as u32).min(65535);
-        let mut args = [p as *const RowsParams as *mut c_void];
-        guarded("mla_rows", || {
-            // SAFETY: forwarded contract; `p` is copied at launch.
-            unsafe {
-                result::launch_kernel(
-                    self.rows,
-                    (grid, 1, 1),
-                    (ROWS_THREADS, 1, 1),
-                    0,
-                    stream,
-                    &mut args,
-                )
-            }
-            .map_err(dev_err("launch mla_rows"))
-        })
+        // SAFETY: forwarded contract; `mla_rows` takes a RowsParams.
+        unsafe { self.launch_one(self.rows, "mla_rows", (grid, 1), ROWS_THREADS, p, stream) }
     }
 
     /// Enqueues `mla_index_rows` over `p.rows` rows (one block each).
@@ -174,21 +193,9 @@ impl CudaBackend {
         }
         let stream = self.stream()?;
         let grid = (p.rows as u32).min(65535);
-        let mut args = [p as *const IndexRowsParams as *mut c_void];
-        guarded("mla_index_rows", || {
-            // SAFETY: forwarded contract; `p` is copied at launch.
-            unsafe {
-                result::launch_kernel(
-                    self.index_rows,
-                    (grid, 1, 1),
-                    (INDEX_ROWS_THREADS, 1, 1),
-                    0,
-                    stream,
-                    &mut args,
-                )
-            }
-            .map_err(dev_err("launch mla_index_rows"))
-        })
+        let (f, threads) = (self.index_rows, INDEX_ROWS_THREADS);
+        // SAFETY: forwarded contract; `mla_index_rows` takes an IndexRowsParams.
+        unsafe { self.launch_one(f, "mla_index_rows", (grid, 1), threads, p, stream) }
     }
 
     /// f32 elements of the partial sums a product needs.
