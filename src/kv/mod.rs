@@ -837,10 +837,7 @@ impl KvPool {
         if seqs.len() != n_tokens.len() || pos.len() != total || total == 0 {
             return Err(Error::internal("indexer selection tokens disagree"));
         }
-        let mut found = Vec::with_capacity(seqs.len());
-        for &id in seqs {
-            found.push(st.seqs.get(&id).ok_or_else(|| Self::missing(id))?);
-        }
+        let found = sequences(&st, seqs)?;
         let (table, stride) = block_tables(&found);
         let (mut tok_seq, mut tok_len) = (Vec::with_capacity(total), Vec::with_capacity(total));
         let mut toks = pos.iter();
@@ -993,14 +990,7 @@ impl KvPool {
             return Err(Error::internal("batch and seq_ids disagree"));
         }
         let st = self.state.read();
-        let mut found = Vec::with_capacity(seqs.len());
-        for (i, &id) in seqs.iter().enumerate() {
-            found.push(st.seqs.get(&id).ok_or_else(|| {
-                Error::not_found(format!(
-                    "seq_ids[{i}] = {id} is not a sequence of this pool"
-                ))
-            })?);
-        }
+        let found = sequences(&st, seqs)?;
         let bs = self.opts.block_size;
         // Dense: block table and lengths. Sparse: logical positions
         // translated to physical ones (entries past topk_length stay -1).
@@ -1193,6 +1183,20 @@ struct PlannedAppend {
     /// Copy-on-write: (old, new) block ids.
     copies: Vec<(i32, i32)>,
     fresh: Vec<i32>,
+}
+
+/// The sequences `seqs` (a call's `seq_ids`) of the pool's state.
+fn sequences<'s>(st: &'s State, seqs: &[u64]) -> Result<Vec<&'s Sequence>> {
+    seqs.iter()
+        .enumerate()
+        .map(|(i, id)| {
+            st.seqs.get(id).ok_or_else(|| {
+                Error::not_found(format!(
+                    "seq_ids[{i}] = {id} is not a sequence of this pool"
+                ))
+            })
+        })
+        .collect()
 }
 
 /// The sequences' block tables `[sequences, stride]` (-1 past each one's

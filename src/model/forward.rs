@@ -11,9 +11,7 @@
 use super::device::{self, DeviceLayer, ProjWeight};
 use super::linear::{rms_norm, Linear};
 use super::{Model, QProj};
-use crate::backend::cuda::indexer::SelectOut;
 use crate::backend::cuda::linear::LinearCall;
-use crate::backend::cuda::staging::DataRef;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
@@ -514,26 +512,11 @@ impl Model {
             .indexer
             .ok_or_else(|| Error::internal("no indexer"))?;
         let (ih, idim) = (ic.heads, ic.head_dim);
-        let mut device = |q, w| {
-            pool.select_with(
-                plan.pl,
-                plan.seqs,
-                plan.n_tokens,
-                pos,
-                q,
-                w,
-                crate::kv::Selection {
-                    heads: ih,
-                    topk,
-                    out: SelectOut::Host(&mut out[..plan.total * topk]),
-                    score_budget: 0,
-                },
-            )
-        };
         if pool.index_on_device() {
             // The keys stay on the GPU; so does the scoring.
-            let (q, w) = (bytemuck::cast_slice(&t.q), bytemuck::cast_slice(&t.w));
-            return device(DataRef::Host(q), DataRef::Host(w));
+            let out = &mut out[..plan.total * topk];
+            let (seqs, n_tokens) = (plan.seqs, plan.n_tokens);
+            return pool.select_on_device(plan.pl, seqs, n_tokens, pos, &t.q, &t.w, ih, out, 0);
         }
         for (b, &seq) in plan.seqs.iter().enumerate() {
             let toks = first_tok[b]..first_tok[b] + plan.n_tokens[b];

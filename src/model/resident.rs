@@ -66,6 +66,16 @@ struct Weights<'a> {
     uk: &'a DeviceWeight,
     kv_b: &'a DeviceWeight,
     o_proj: &'a DeviceWeight,
+    /// A V3.2 layer's indexer, when its weights are on the GPU too.
+    indexer: Option<IndexerWeights<'a>>,
+}
+
+struct IndexerWeights<'a> {
+    wq_b: &'a DeviceWeight,
+    wk: &'a DeviceWeight,
+    weights_proj: &'a DeviceWeight,
+    /// The key's LayerNorm weight, then bias (`DeviceIndexer::norm`).
+    norm: u64,
 }
 
 enum QWeights<'a> {
@@ -90,6 +100,15 @@ impl<'a> Weights<'a> {
             uk: gpu(&dl.uk)?,
             kv_b: gpu(&dl.kv_b)?,
             o_proj: gpu(&dl.o_proj)?,
+            indexer: match &dl.indexer {
+                Some(d) => Some(IndexerWeights {
+                    wq_b: gpu(&d.wq_b)?,
+                    wk: gpu(&d.wk)?,
+                    weights_proj: gpu(&d.weights_proj)?,
+                    norm: d.norm,
+                }),
+                None => None,
+            },
         })
     }
 }
@@ -262,7 +281,7 @@ impl Model {
             QProj::Direct(wq) => (wq, None),
         };
         // The indexer on the GPU: its weights and the CPU-side config.
-        let gpu_ix = dl.indexer.as_ref().zip(lw.indexer.as_ref());
+        let gpu_ix = w.indexer.as_ref().zip(lw.indexer.as_ref());
         let x_precise = precise(q_in)
             || precise(&lw.kv_a)
             || gpu_ix.is_some_and(|(_, ix)| precise(&ix.wk) || precise(&ix.weights_proj));
@@ -356,19 +375,10 @@ impl Model {
             }
             QWeights::Direct(wq) => calls.push((wq, LinearCall::plain(t, h * qk))),
         }
-        let ix_weights = match &dl.indexer {
-            Some(d) if gpu_ix.is_some() => Some((gpu(&d.wq_b), gpu(&d.wk), gpu(&d.weights_proj))),
-            _ => None,
-        };
-        let ix_weights = match ix_weights {
-            Some((Some(q), Some(k), Some(w))) => Some((q, k, w)),
-            Some(_) => return Err(Error::internal("indexer weights not on the GPU")),
-            None => None,
-        };
-        if let Some((wq_b, wk, wp)) = ix_weights {
-            calls.push((wq_b, LinearCall::plain(t, ih * idim)));
-            calls.push((wk, LinearCall::plain(t, idim)));
-            calls.push((wp, LinearCall::plain(t, ih)));
+        if let Some((iw, _)) = gpu_ix {
+            calls.push((iw.wq_b, LinearCall::plain(t, ih * idim)));
+            calls.push((iw.wk, LinearCall::plain(t, idim)));
+            calls.push((iw.weights_proj, LinearCall::plain(t, ih)));
         }
         let mut partial = 0;
         for (wt, call) in &calls {
@@ -498,26 +508,20 @@ impl Model {
         }
 
         // V3.2 on the GPU: the indexer's projections and per-row steps.
-        if let (Some((wq_b, wk, wp)), Some((di, idx))) = (ix_weights, gpu_ix) {
+        if let Some((iw, idx)) = gpu_ix {
             let ic = idx.cfg;
-            let lo = |l: &Linear| if precise(l) { opt(true, b_qa_lo) } else { 0 };
             let (rope_dims, dim_f) = (c.qk_rope_head_dim, idim as f32);
             // SAFETY: as above; the norm is `[2 * dim]` uploaded at load.
             unsafe {
                 let call = LinearCall::plain(t, ih * idim);
-                cuda.enqueue_linear_device(
-                    wq_b,
-                    &call,
-                    at(b_qa_hi),
-                    lo(&idx.wq_b),
-                    at(b_iq),
-                    p_at,
-                )?;
+                let qa_lo = opt(precise(&idx.wq_b), b_qa_lo);
+                cuda.enqueue_linear_device(iw.wq_b, &call, at(b_qa_hi), qa_lo, at(b_iq), p_at)?;
                 let call = LinearCall::plain(t, idim);
-                cuda.enqueue_linear_device(wk, &call, x_hi_at, x_lo_for(&idx.wk), at(b_ik), p_at)?;
+                let k_lo = x_lo_for(&idx.wk);
+                cuda.enqueue_linear_device(iw.wk, &call, x_hi_at, k_lo, at(b_ik), p_at)?;
                 let call = LinearCall::plain(t, ih);
                 let wp_lo = x_lo_for(&idx.weights_proj);
-                cuda.enqueue_linear_device(wp, &call, x_hi_at, wp_lo, at(b_iw), p_at)?;
+                cuda.enqueue_linear_device(iw.weights_proj, &call, x_hi_at, wp_lo, at(b_iw), p_at)?;
                 let rows = IndexRowsParams {
                     rows: int("tokens * index_n_heads", t * ih)?,
                     dim: int("index_head_dim", idim)?,
@@ -541,8 +545,8 @@ impl Model {
                     rows: int("tokens", t)?,
                     rows_per_token: 1,
                     src: at(b_ik),
-                    norm_w: di.norm,
-                    norm_b: di.norm + 4 * idim as u64,
+                    norm_w: iw.norm,
+                    norm_b: iw.norm + 4 * idim as u64,
                     values: 0,
                     w: 0,
                     key_rows: at(b_keys),
