@@ -5,7 +5,9 @@
 //! caches of every format, dense and sparse, and the model's projection
 //! kernels (bf16 and FP8 weights, grouped, split over K), and checks each
 //! output against a float64 reference. One of the two runs is built with
-//! AddressSanitizer, so a kernel that reads or writes past a buffer fails. A GPU is not needed; what this cannot check (the
+//! AddressSanitizer and UBSan's alignment check, so a kernel that reads or
+//! writes past a buffer, or through an address a GPU would fault on as
+//! misaligned, fails. A GPU is not needed; what this cannot check (the
 //! hardware, and the PTX fragment layouts the emulator and the kernels both
 //! assume) is left to the GPU suite, `tests/cuda_decode.rs`.
 
@@ -54,18 +56,24 @@ fn cuda_kernels_match_the_reference_under_emulation() {
     build(&cxx, &kernels, &plain, &[]).expect("the plain build");
     // Under AddressSanitizer every kernel load and store outside the
     // buffers a case allocated fails the run (found an FP8 scale read past
-    // the weight's scales).
+    // the weight's scales). UBSan's alignment check fails a vector load or
+    // store whose address a GPU would fault on (the emulator's uint4 and
+    // friends carry CUDA's alignment; cp.async and ldmatrix check theirs).
     let asan = tmp.join("mlart_kernel_emu_asan");
     let asan = build(
         &cxx,
         &kernels,
         &asan,
-        &["-fsanitize=address", "-fno-omit-frame-pointer"],
+        &[
+            "-fsanitize=address,alignment",
+            "-fno-sanitize-recover=alignment",
+            "-fno-omit-frame-pointer",
+        ],
     )
     .map(|()| asan);
     if asan.is_none() {
         println!(
-            "note: {cxx} cannot build with -fsanitize=address; out-of-bounds accesses go unchecked"
+            "note: {cxx} cannot build with -fsanitize=address,alignment; out-of-bounds and misaligned accesses go unchecked"
         );
     }
     // Threads of a block run first to last between barriers, then last to

@@ -43,11 +43,15 @@
 #define __shared__ static
 #define __align__(n) alignas(n)
 
-struct int2 { int x, y; };
-struct int4 { int x, y, z, w; };
-struct uint2 { unsigned x, y; };
-struct uint4 { unsigned x, y, z, w; };
-struct float4 { float x, y, z, w; };
+// CUDA's vector types with CUDA's alignment: a kernel that loads or stores
+// one through a pointer the hardware would fault on ("misaligned address")
+// fails the UBSan build (-fsanitize=alignment) here too.
+struct alignas(8) int2 { int x, y; };
+struct alignas(16) int4 { int x, y, z, w; };
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
 inline int2 make_int2(int x, int y) { return {x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
@@ -59,9 +63,9 @@ inline T __ldg(const T* p) { return *p; }
 
 // ---- bf16 / f16 ---------------------------------------------------------
 struct __nv_bfloat16 { uint16_t bits; };
-struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+struct alignas(4) __nv_bfloat162 { __nv_bfloat16 x, y; };
 struct __half { uint16_t bits; };
-struct __half2 { __half x, y; };
+struct alignas(4) __half2 { __half x, y; };
 
 inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 inline uint32_t emu_float_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
@@ -286,10 +290,22 @@ inline uint8_t* dynamic_smem() {
     return buf;
 }
 
+// What the hardware faults on: an address that is not a multiple of `align`.
+inline void check_aligned(const char* what, const void* p, int align) {
+    if ((uintptr_t)p % (uintptr_t)align != 0) {
+        fprintf(stderr, "emu: %s at %p, not %d-byte aligned (misaligned address on a GPU)\n", what, p,
+                align);
+        abort();
+    }
+}
+
 // cp.async: the copy is recorded and lands at the cp.async.wait_group that
 // completes its group, the latest moment the hardware may deliver it, so a
-// kernel that reads a tile before waiting for it reads stale bytes.
+// kernel that reads a tile before waiting for it reads stale bytes. Both
+// addresses must be aligned to the copy's size.
 inline void cp_async(void* dst, const void* src, int bytes) {
+    check_aligned("cp.async destination", dst, bytes);
+    check_aligned("cp.async source", src, bytes);
     Fiber& f = st().fibers[st().cur];
     f.copies.push_back({dst, src, bytes, f.committed});
 }
@@ -454,6 +470,7 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
 // matrix i; lane l gets, in register i, M_i[2(l%4)][l/4] (low half) and
 // M_i[2(l%4)+1][l/4] (high half).
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+    check_aligned("ldmatrix row", row, 16);
     WarpSlots& w = slots();
     int l = lane();
     w.addr[l] = row;
