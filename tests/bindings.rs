@@ -1,11 +1,12 @@
-//! The Go and Node bindings' own test suites (`bindings/go`, `bindings/node`),
-//! run against the `libmlart` this test run built, with a tiny checkpoint
-//! for their model tests and a tiny DeepSeek-V3.2 one for their indexer
-//! tests.
+//! The Go, Node and Python bindings' own test suites (`bindings/go`,
+//! `bindings/node`, `bindings/python`), run against the `libmlart` this test
+//! run built, with a tiny checkpoint for their model tests and a tiny
+//! DeepSeek-V3.2 one for their indexer tests.
 //!
-//! Needs Go (>= 1.22, with cgo and a C compiler) and Node (>= 20) with
-//! `npm ci` done in `bindings/node` (`.ci/run` does it). Without them the
-//! tests fail: they never pass without having run the suites.
+//! Needs Go (>= 1.22, with cgo and a C compiler), Node (>= 20) with
+//! `npm ci` done in `bindings/node` (`.ci/run` does it) and Python (>= 3.9,
+//! `python3` on PATH; standard library only). Without them the tests fail:
+//! they never pass without having run the suites.
 
 mod host;
 
@@ -128,5 +129,41 @@ fn node_binding_tests_pass() {
     assert!(
         text.contains("# fail 0") && !text.contains("# pass 0") && text.contains("# skipped 0"),
         "unexpected node --test summary:\n{text}"
+    );
+}
+
+/// `python3 -m unittest discover` in `bindings/python` (ctypes, standard
+/// library only): the whole suite must run, pass and skip nothing.
+#[test]
+fn python_binding_tests_pass() {
+    let pkg = root().join("bindings/python");
+    let lib = library_dir().join("libmlart.so");
+    let model = checkpoint("python-model-tiny", tiny_checkpoint);
+    let model_v32 = checkpoint("python-model-tiny-v32", tiny_v32_checkpoint);
+    let mut cmd = Command::new("python3");
+    cmd.current_dir(&pkg)
+        .args(["-m", "unittest", "discover", "-s", "tests", "-v"])
+        .env("MLART_LIBRARY", &lib)
+        .env("MLART_TEST_MODEL_DIR", &model)
+        .env("MLART_TEST_MODEL_V32_DIR", &model_v32)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("MLART_CPU_ISA")
+        .env_remove("MLART_BACKEND");
+    let needs = "The Python binding's tests need Python >= 3.9 (`python3` on PATH).";
+    let what = "python3 -m unittest discover -s tests -v";
+    let text = expect_success(what, &run(what, &mut cmd, needs));
+    let ran = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Ran ")?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        ran > 0 && text.lines().any(|l| l.trim() == "OK") && !text.contains("skipped"),
+        "unexpected unittest summary (ran {ran}):\n{text}"
     );
 }

@@ -1,6 +1,6 @@
 //! Helpers for the tests that drive host-language programs against the
 //! library this test run built (`ctest.rs`: C and C++ through CMake;
-//! `bindings.rs`: the Go and Node bindings): running tools, finding
+//! `bindings.rs`: the Go, Node and Python bindings): running tools, finding
 //! `libmlart.so` / `libmlart.a`, and a tiny checkpoint to load.
 
 #![allow(dead_code)]
