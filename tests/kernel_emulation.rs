@@ -7,7 +7,8 @@
 //! output against a float64 reference. One of the two runs is built with
 //! AddressSanitizer and UBSan's alignment check, so a kernel that reads or
 //! writes past a buffer, or through an address a GPU would fault on as
-//! misaligned, fails. A GPU is not needed; what this cannot check (the
+//! misaligned, fails; a third, under ThreadSanitizer, fails on a data race
+//! between the threads of a block (a missing barrier). A GPU is not needed; what this cannot check (the
 //! hardware, and the PTX fragment layouts the emulator and the kernels both
 //! assume) is left to the GPU suite, `tests/cuda_decode.rs`.
 
@@ -76,6 +77,23 @@ fn cuda_kernels_match_the_reference_under_emulation() {
             "note: {cxx} cannot build with -fsanitize=address,alignment; out-of-bounds and misaligned accesses go unchecked"
         );
     }
+    // Under ThreadSanitizer each GPU thread is a fiber whose only
+    // synchronization is the barriers, so any two accesses of one block's
+    // threads to the same memory, one a write, with no barrier between them
+    // fail the run, in whatever order the threads happened to run (a
+    // histogram cleared and counted into with no barrier between went
+    // unnoticed by both orders below; this run names the two lines). It runs
+    // beside the other two, writing to files.
+    let tsan = tmp.join("mlart_kernel_emu_tsan");
+    let tsan_run = build(&cxx, &kernels, &tsan, &["-fsanitize=thread", "-g"]).map(|()| {
+        let file = |name: &str| std::fs::File::create(tmp.join(name)).expect("a log file");
+        Command::new(&tsan)
+            .env("TSAN_OPTIONS", "halt_on_error=1")
+            .stdout(file("mlart_kernel_emu_tsan.out"))
+            .stderr(file("mlart_kernel_emu_tsan.err"))
+            .spawn()
+            .expect("running the ThreadSanitizer emulator")
+    });
     // Threads of a block run first to last between barriers, then last to
     // first: a missing barrier shows in one order or the other.
     for order in ["forward", "reverse"] {
@@ -89,6 +107,26 @@ fn cuda_kernels_match_the_reference_under_emulation() {
             .output()
             .expect("running the emulator");
         check_run(order, &run);
+    }
+    match tsan_run {
+        Some(mut child) => {
+            let status = child.wait().expect("waiting for the ThreadSanitizer run");
+            let read = |name: &str| std::fs::read(tmp.join(name)).expect("the run's log");
+            let run = std::process::Output {
+                status,
+                stdout: read("mlart_kernel_emu_tsan.out"),
+                stderr: read("mlart_kernel_emu_tsan.err"),
+            };
+            let stderr = String::from_utf8_lossy(&run.stderr);
+            assert!(
+                !stderr.contains("ThreadSanitizer"),
+                "a data race between the threads of a block (ThreadSanitizer):\n{stderr}"
+            );
+            check_run("any (ThreadSanitizer: races between a block's threads)", &run);
+        }
+        None => println!(
+            "note: {cxx} cannot build with -fsanitize=thread; races between a block's threads go unchecked"
+        ),
     }
 }
 

@@ -14,6 +14,11 @@
 // Threads run in order between barriers, or last to first with
 // MLA_EMU_ORDER=reverse, so a missing barrier shows in one order or the
 // other. Blocks run one after another, so `static` stands in for __shared__.
+// Built with -fsanitize=thread, every emulated thread is a ThreadSanitizer
+// fiber and __syncthreads / __syncwarp are its only synchronization, so
+// ThreadSanitizer reports any two accesses of a block's threads to the same
+// memory, one a write, with no barrier between them: a data race on the GPU
+// whatever order the threads run in.
 //
 // This checks indexing, masking, the schedule, softmax, the combine and the
 // FP8 decoding: everything but the hardware itself and the assumption, shared
@@ -33,6 +38,20 @@
 #include <ucontext.h>
 
 #include <vector>
+
+#if defined(__SANITIZE_THREAD__)
+#define MLA_EMU_TSAN 1
+extern "C" {
+void* __tsan_get_current_fiber(void);
+void* __tsan_create_fiber(unsigned flags);
+void __tsan_switch_to_fiber(void* fiber, unsigned flags);
+void __tsan_set_fiber_name(void* fiber, const char* name);
+void __tsan_acquire(void* addr);
+void __tsan_release(void* addr);
+void __tsan_ignore_thread_begin(void);
+void __tsan_ignore_thread_end(void);
+}
+#endif
 
 #define __global__
 #define __device__
@@ -133,7 +152,7 @@ struct PendingCopy {
 };
 
 struct Fiber {
-    ucontext_t ctx;  // only to enter the fiber the first time
+    ucontext_t ctx;  // to enter the fiber the first time (ThreadSanitizer: every time)
     jmp_buf jb;      // where it parked
     bool alive = false;
     std::vector<char> stack;
@@ -143,6 +162,10 @@ struct Fiber {
     int wgmmas = 0;  // wgmma.mma_async issued (a warpgroup's must agree)
     std::vector<PendingCopy> copies;
     int committed = 0;  // cp.async groups committed so far
+#ifdef MLA_EMU_TSAN
+    void* tsan = nullptr;             // its ThreadSanitizer fiber
+    unsigned block_syncs = 0, warp_syncs = 0;  // barriers passed in this block
+#endif
 };
 
 struct WarpSlots {
@@ -163,6 +186,14 @@ struct State {
     uint32_t dyn_smem = 0;
     void (*body)(const void*) = nullptr;
     const void* arg = nullptr;
+#ifdef MLA_EMU_TSAN
+    void* sched_tsan = nullptr;  // the scheduler's (the launching thread's) fiber
+    // Synchronization objects: barrier k of the block is block_bar[k % 2]
+    // (warp w's: warp_bar[w][k % 2]). Two alternate, so a thread that has
+    // passed barrier k and released at k + 1 adds nothing to what a thread
+    // still at k acquires. `done`: the block's threads have ended.
+    char block_bar[2], warp_bar[32][2], done;
+#endif
 };
 
 inline State& st() {
@@ -175,11 +206,36 @@ inline State& st() {
 // the fiber and the scheduler _setjmp where they stop and _longjmp to the
 // other. A fiber lives across blocks: when its thread ends it parks DONE
 // and, sent off again, runs the next block's body.
+//
+// Under ThreadSanitizer every switch is a swapcontext announced with
+// __tsan_switch_to_fiber. The scheduler hands over with synchronization (its
+// set-up happens before the thread runs), a thread hands back without (so
+// running threads one after another orders nothing); a thread releases the
+// barrier's object when it parks there and acquires it when let go.
 inline void park(Wait w) {
     State& s = st();
     Fiber& f = s.fibers[s.cur];
-    f.wait = w;
+    // Other lanes read it in warp collectives (wait_of) while this thread
+    // may already be parking at its next barrier: the emulator's own state,
+    // atomic so ThreadSanitizer does not take it for the kernel's.
+    __atomic_store_n(&f.wait, w, __ATOMIC_RELAXED);
+#ifdef MLA_EMU_TSAN
+    char* obj = w == BLOCK  ? &s.block_bar[f.block_syncs % 2]
+                : w == WARP ? &s.warp_bar[(f.tid / 32) % 32][f.warp_syncs % 2]
+                            : &s.done;
+    __tsan_release(obj);
+    __tsan_switch_to_fiber(s.sched_tsan, 1 /* __tsan_switch_to_fiber_no_sync */);
+    swapcontext(&f.ctx, &s.sched);
+    if (w == BLOCK) {
+        __tsan_acquire(obj);
+        ++f.block_syncs;
+    } else if (w == WARP) {
+        __tsan_acquire(obj);
+        ++f.warp_syncs;
+    }
+#else
     if (!_setjmp(f.jb)) _longjmp(s.sched_jb, 1);
+#endif
 }
 
 inline void entry() {
@@ -194,11 +250,33 @@ inline void entry() {
     }
 }
 
+// Whether fiber f's thread is parked, running or done, as another lane of
+// its warp sees it.
+inline Wait wait_of(const Fiber& f) { return __atomic_load_n(&f.wait, __ATOMIC_RELAXED); }
+
 // Runs fiber t until it parks.
 inline void resume(int t) {
     State& s = st();
     Fiber& f = s.fibers[t];
     s.cur = t;
+#ifdef MLA_EMU_TSAN
+    if (!f.alive) {
+        f.alive = true;
+        f.stack.resize(512 * 1024);  // instrumented frames are larger
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.data();
+        f.ctx.uc_stack.ss_size = f.stack.size();
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, entry, 0);
+        f.tsan = __tsan_create_fiber(0);
+        char name[32];
+        snprintf(name, sizeof name, "GPU thread %d", t);
+        __tsan_set_fiber_name(f.tsan, name);
+    }
+    if (!s.sched_tsan) s.sched_tsan = __tsan_get_current_fiber();
+    __tsan_switch_to_fiber(f.tsan, 0);
+    swapcontext(&s.sched, &f.ctx);
+#else
     if (_setjmp(s.sched_jb)) return;
     if (f.alive) _longjmp(f.jb, 1);
     f.alive = true;
@@ -209,13 +287,21 @@ inline void resume(int t) {
     f.ctx.uc_link = nullptr;
     makecontext(&f.ctx, entry, 0);
     swapcontext(&s.sched, &f.ctx);
+#endif
 }
 
 // Runs one block of `threads` fibers to completion.
 inline void run_block(int threads) {
     State& s = st();
-    // Fibers are kept (parked DONE) for later blocks; a deque-free vector is
-    // fine: a Fiber's stack lives on the heap, so moving it keeps the stack.
+    // Fibers are kept (parked DONE) for later blocks.
+    // Room for CUDA's largest block up front: a ucontext_t points into
+    // itself, so a fiber must never move (ThreadSanitizer builds switch
+    // through it every time).
+    if (threads > 1024) {
+        fprintf(stderr, "emu: %d threads in a block (CUDA allows 1024)\n", threads);
+        abort();
+    }
+    if (s.fibers.empty()) s.fibers.reserve(1024);
     if ((int)s.fibers.size() < threads) s.fibers.resize(threads);
     s.warps.resize((threads + 31) / 32);
     for (int t = 0; t < threads; ++t) {
@@ -226,6 +312,10 @@ inline void run_block(int threads) {
         f.wgmmas = 0;
         f.copies.clear();
         f.committed = 0;
+#ifdef MLA_EMU_TSAN
+        f.block_syncs = 0;
+        f.warp_syncs = 0;
+#endif
     }
     // MLA_EMU_ORDER=reverse runs the threads of each barrier interval last
     // to first: a missing barrier then shows with the other threads first.
@@ -261,6 +351,10 @@ inline void run_block(int threads) {
             if (s.fibers[t].wait == BLOCK) ++at_block;
         }
         if (live == 0) {
+#ifdef MLA_EMU_TSAN
+            // The block's end happens before what runs after it.
+            __tsan_acquire(&s.done);
+#endif
             // wgmma is .sync.aligned: every thread of a warpgroup issues the
             // same ones.
             for (int t = 0; t < threads; ++t)
@@ -327,6 +421,12 @@ inline void cp_async_wait(int n) {
 // Launches `kernel(arg)` over `grid` x `block` with `smem` dynamic bytes.
 template <typename P>
 void launch(void (*kernel)(P), dim3 grid, dim3 block, uint32_t smem, P arg) {
+#ifdef MLA_EMU_TSAN
+    // The scheduler's own reads and writes (thread states, the arguments,
+    // the garbage it fills shared memory with) are the emulator's, not the
+    // kernel's: ThreadSanitizer does not see them.
+    __tsan_ignore_thread_begin();
+#endif
     State& s = st();
     static P held;
     held = arg;
@@ -344,6 +444,9 @@ void launch(void (*kernel)(P), dim3 grid, dim3 block, uint32_t smem, P arg) {
                 memset(dynamic_smem(), 0xff, smem);
                 run_block((int)block.x);
             }
+#ifdef MLA_EMU_TSAN
+    __tsan_ignore_thread_end();
+#endif
 }
 
 
@@ -386,7 +489,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     const int base = s.fibers[s.cur].tid - l;
     unsigned r = 0;
     for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
-        if ((mask >> i & 1) && s.fibers[base + i].wait != emu::DONE && w.pred[i]) r |= 1u << i;
+        if ((mask >> i & 1) && emu::wait_of(s.fibers[base + i]) != emu::DONE && w.pred[i]) r |= 1u << i;
     __syncwarp();
     return r;
 }
@@ -404,18 +507,18 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
     const int base = s.fibers[s.cur].tid - l;
     unsigned r = 0;
     for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
-        if ((mask >> i & 1) && s.fibers[base + i].wait != emu::DONE && w.val[i] == value) r |= 1u << i;
+        if ((mask >> i & 1) && emu::wait_of(s.fibers[base + i]) != emu::DONE && w.val[i] == value)
+            r |= 1u << i;
     __syncwarp();
     return r;
 }
 
-// Fibers never run concurrently: plain read-modify-write is atomic.
-inline int atomicOr(int* p, int v) { int o = *p; *p |= v; return o; }
-inline int atomicAdd(int* p, int v) { int o = *p; *p += v; return o; }
+// Fibers never run concurrently, so these are atomic anyway; the builtins
+// tell ThreadSanitizer so (an atomic is no data race, and orders nothing).
+inline int atomicOr(int* p, int v) { return __atomic_fetch_or(p, v, __ATOMIC_RELAXED); }
+inline int atomicAdd(int* p, int v) { return __atomic_fetch_add(p, v, __ATOMIC_RELAXED); }
 inline unsigned long long atomicAdd(unsigned long long* p, unsigned long long v) {
-    unsigned long long o = *p;
-    *p += v;
-    return o;
+    return __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
 }
 
 namespace emu {
