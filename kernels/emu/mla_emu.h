@@ -174,6 +174,7 @@ struct WarpSlots {
     const void* addr[32];
     int pred[32];
     unsigned val[32];
+    const char* kind[32];  // the collective each lane is in (converged())
 };
 
 struct State {
@@ -458,6 +459,35 @@ inline dim3 thread_idx() {
 inline int lane() { return st().fibers[st().cur].tid % 32; }
 inline WarpSlots& slots() { return st().warps[st().fibers[st().cur].tid / 32]; }
 
+// A warp collective's rule on the hardware: every lane named in `mask` (a
+// .aligned instruction: all 32) must exist, must not have exited, and must
+// execute this same collective; else the result is undefined (or the warp
+// hangs). Each lane records its collective in `kind` before the warp
+// barrier that opens it; after it, each checks the lanes it names.
+inline constexpr char K_SHFL[] = "__shfl_xor_sync", K_BALLOT[] = "__ballot_sync",
+                      K_MATCH[] = "__match_any_sync", K_MMA[] = "mma.sync.aligned",
+                      K_LDMATRIX[] = "ldmatrix.sync.aligned";
+inline void converged(unsigned mask, const char* kind) {
+    WarpSlots& w = slots();
+    State& s = st();
+    const int l = lane(), base = s.fibers[s.cur].tid - l;
+    for (int i = 0; i < 32; ++i) {
+        if (!(mask >> i & 1)) continue;
+        const char* why = nullptr;
+        if (base + i >= (int)s.block_dim.x)
+            why = "does not exist (the block's size is not a multiple of 32)";
+        else if (wait_of(s.fibers[base + i]) == DONE)
+            why = "has exited";
+        else if (w.kind[i] != kind)
+            why = "is in another collective";
+        if (why) {
+            fprintf(stderr, "emu: %s in thread %d: lane %d of its warp, named in mask %#x, %s\n", kind,
+                    base + l, i, mask, why);
+            abort();
+        }
+    }
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx())
@@ -468,11 +498,17 @@ inline WarpSlots& slots() { return st().warps[st().fibers[st().cur].tid / 32]; }
 inline void __syncthreads() { emu::park(emu::BLOCK); }
 inline void __syncwarp() { emu::park(emu::WARP); }
 
-inline float __shfl_xor_sync(unsigned, float v, int off) {
+inline float __shfl_xor_sync(unsigned mask, float v, int off) {
     emu::WarpSlots& w = emu::slots();
     int l = emu::lane();
     w.f[l] = v;
+    w.kind[l] = emu::K_SHFL;
     __syncwarp();
+    emu::converged(mask, emu::K_SHFL);
+    if (!(mask >> (l ^ off) & 1)) {
+        fprintf(stderr, "emu: __shfl_xor_sync in lane %d reads lane %d, not in mask %#x\n", l, l ^ off, mask);
+        abort();
+    }
     float r = w.f[l ^ off];
     __syncwarp();
     return r;
@@ -484,7 +520,9 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     emu::WarpSlots& w = emu::slots();
     const int l = emu::lane();
     w.pred[l] = pred != 0;
+    w.kind[l] = emu::K_BALLOT;
     __syncwarp();
+    emu::converged(mask, emu::K_BALLOT);
     emu::State& s = emu::st();
     const int base = s.fibers[s.cur].tid - l;
     unsigned r = 0;
@@ -502,7 +540,9 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
     emu::WarpSlots& w = emu::slots();
     const int l = emu::lane();
     w.val[l] = value;
+    w.kind[l] = emu::K_MATCH;
     __syncwarp();
+    emu::converged(mask, emu::K_MATCH);
     emu::State& s = emu::st();
     const int base = s.fibers[s.cur].tid - l;
     unsigned r = 0;
@@ -540,7 +580,9 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1,
     w.b[l][0] = b0;
     w.b[l][1] = b1;
     for (int i = 0; i < 4; ++i) w.c[l][i] = d[i];
+    w.kind[l] = K_MMA;
     __syncwarp();
+    converged(0xffffffffu, K_MMA);
     float A[16][16], B[16][8];
     for (int t = 0; t < 32; ++t) {
         int g = t / 4, q = t % 4;
@@ -577,7 +619,9 @@ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
     WarpSlots& w = slots();
     int l = lane();
     w.addr[l] = row;
+    w.kind[l] = K_LDMATRIX;
     __syncwarp();
+    converged(0xffffffffu, K_LDMATRIX);
     for (int i = 0; i < 4; ++i) {
         int k = 2 * (l % 4), n = l / 4;
         const uint16_t* r0 = static_cast<const uint16_t*>(w.addr[8 * i + k]);
