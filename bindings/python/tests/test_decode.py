@@ -7,7 +7,7 @@ import math
 import struct
 import unittest
 
-import testlib  # noqa: F401  (this checkout's package first on sys.path)
+import testlib  # this checkout's package first on sys.path
 import mlart
 from testlib import reference as R
 from testlib.cache import build_cache
@@ -15,15 +15,7 @@ from testlib.cache import build_cache
 NAN = float("nan")
 
 
-class DecodeTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = mlart.Engine("cpu")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.engine.close()
-
+class DecodeTest(testlib.EngineTestCase):
     def run_case(self, seed, fmt, d_qk, d_v, h_q, block_size, lens, s_q=1, q_dtype="f32",
                  out_dtype="f32", causal=False, scale=1.0):
         """One dense decode; returns the rel-L2 errors of out and lse."""

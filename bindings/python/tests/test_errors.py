@@ -3,7 +3,7 @@
 import array
 import unittest
 
-import testlib  # noqa: F401
+import testlib
 import mlart
 from testlib import reference as R
 from testlib.cache import build_cache
@@ -18,15 +18,7 @@ def shorten(buf):
     return memoryview(buf)[:-1]
 
 
-class DecodeArgumentErrorsTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = mlart.Engine("cpu")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.engine.close()
-
+class DecodeArgumentErrorsTest(testlib.EngineTestCase):
     def dense_args(self, **overrides):
         rand = R.rng(21)
         lens = [3, 8]

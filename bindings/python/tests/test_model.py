@@ -25,15 +25,7 @@ def rel(a, b):
     return math.sqrt(num / den)
 
 
-class ModelTest(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = mlart.Engine("cpu")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.engine.close()
-
+class ModelTest(testlib.EngineTestCase):
     def test_load_info_and_forward_on_a_pool(self):
         model_dir = testlib.model_dir()
         model = mlart.Model.load(self.engine, model_dir, first_layer=0, num_layers=2)
@@ -318,15 +310,7 @@ def check_selection(test, sel, first, topk):
                             "position %d: %s" % (p, row))
 
 
-class ModelV32Test(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.engine = mlart.Engine("cpu")
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.engine.close()
-
+class ModelV32Test(testlib.EngineTestCase):
     def test_indexer_info_pool_index_head_dim_and_index_out(self):
         model = mlart.Model.load(self.engine, testlib.model_v32_dir())
         self.addCleanup(model.close)

@@ -7,6 +7,7 @@ and checks the environment the tests need.
 
 import os
 import sys
+import unittest
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 REPO_ROOT = os.path.dirname(os.path.dirname(PACKAGE_ROOT))
@@ -40,3 +41,18 @@ def model_dir():
 def model_v32_dir():
     """The tiny DeepSeek-V3.2 checkpoint (gen-model --preset tiny-v3.2 --layers 1)."""
     return checkpoint_dir("MLART_TEST_MODEL_V32_DIR", "tiny-v3.2", 1)
+
+
+class EngineTestCase(unittest.TestCase):
+    """Tests that share one CPU engine (``self.engine``), made for the class
+    and closed after it."""
+
+    @classmethod
+    def setUpClass(cls):
+        import mlart  # after sys.path has this checkout's package first
+
+        cls.engine = mlart.Engine("cpu")
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.engine.close()
