@@ -1804,6 +1804,46 @@ fn cuda_model_step_driver_work() -> Outcome {
         println!("{preset:?} host memory: {up} uploads, {down} downloads, {launches} launches, {waits} waits");
         assert_eq!((up, down, waits), (3, 1, 1), "{preset:?} host memory");
         assert!(launches <= 32, "{preset:?}: {launches} launches");
+        // The per-kernel profile (`mlart bench --model`'s breakdown) times
+        // every one of those launches, under its kernel's name.
+        cuda.profile_start().unwrap();
+        model.forward(&pool, 0, &[1, 2], &[1, 1], &x(2)).unwrap();
+        let times = cuda.profile_stop().unwrap();
+        let profiled: u64 = times.iter().map(|t| t.launches).sum();
+        println!("{preset:?} profile: {times:?}");
+        assert_eq!(profiled, launches, "{preset:?}: launches profiled");
+        for name in [
+            "mla_rows",
+            "mla_append",
+            "mla_plan",
+            "mla_decode",
+            "mla_combine",
+        ] {
+            assert!(
+                times.iter().any(|t| t.name == name),
+                "{preset:?}: no {name} in the profile"
+            );
+        }
+        assert!(times.iter().any(|t| t.name.starts_with("mla_linear")));
+        if c.indexer.is_some() {
+            for name in [
+                "mla_index_rows",
+                "mla_index_scatter",
+                "mla_index_score_mma",
+                "mla_index_topk",
+            ] {
+                assert!(
+                    times.iter().any(|t| t.name == name),
+                    "{preset:?}: no {name} in the profile"
+                );
+            }
+        }
+        assert!(times
+            .iter()
+            .all(|t| t.seconds.is_finite() && t.seconds >= 0.0));
+        // Closed: nothing is timed any more.
+        model.forward(&pool, 0, &[1, 2], &[1, 1], &x(2)).unwrap();
+        assert!(cuda.profile_stop().unwrap().is_empty());
         // Device memory on a caller stream: no download, no wait.
         let xs = x(2);
         let bytes = 4 * xs.len();

@@ -85,6 +85,8 @@ pub struct CudaBackend {
     pub(super) state: Mutex<State>,
     /// One host-memory call at a time owns the staging area.
     pub(super) host_calls: Mutex<()>,
+    /// Per-kernel timing while open (`profile_start` / `profile_stop`).
+    pub(super) profile: super::profile::Profile,
 }
 
 // SAFETY: driver handles (context, module, functions, stream, event) may be
@@ -287,6 +289,7 @@ impl CudaBackend {
                 staging: DeviceMem::default(),
             }),
             host_calls: Mutex::new(()),
+            profile: Default::default(),
         })
     }
 
@@ -595,15 +598,15 @@ impl CudaBackend {
             result::memcpy_htod_async(p.slots, as_bytes(slots), st.stream)
                 .map_err(dev_err("cuMemcpyHtoDAsync"))?;
             let mut args = [&p as *const AppendParams as *mut c_void];
-            result::launch_kernel(
+            self.launch(
+                "mla_append",
                 self.append,
                 (n as u32, 1, 1),
                 (launch::APPEND_THREADS, 1, 1),
                 0,
                 st.stream,
                 &mut args,
-            )
-            .map_err(dev_err("launch mla_append"))?;
+            )?;
             if let Some(k) = keys {
                 let src = match k.rows {
                     DataRef::Host(_) => {
@@ -808,8 +811,16 @@ impl CudaBackend {
             // the kernel reads and writes; the stream is synchronized before
             // `params` goes out of scope.
             unsafe {
-                result::launch_kernel(func, (1, 1, 1), (128, 1, 1), smem as u32, stream, &mut args)
-                    .map_err(dev_err("launch mla_wgmma_probe"))?;
+                let name = "mla_wgmma_probe";
+                self.launch(
+                    name,
+                    func,
+                    (1, 1, 1),
+                    (128, 1, 1),
+                    smem as u32,
+                    stream,
+                    &mut args,
+                )?;
                 result::stream::synchronize(stream).map_err(dev_err("mla_wgmma_probe"))?;
             }
             let mut s = vec![0f32; s_len];
@@ -877,7 +888,8 @@ impl CudaBackend {
             result::memset_d8_async(p.error_flags, 0, 4, stream)
                 .map_err(dev_err("cuMemsetD8Async"))?;
             let mut args = [p as *const MlaParams as *mut c_void];
-            result::launch_kernel(
+            self.launch(
+                "mla_plan",
                 self.plan,
                 (1, 1, 1),
                 (launch::PLAN_THREADS, 1, 1),
@@ -885,7 +897,6 @@ impl CudaBackend {
                 stream,
                 &mut args,
             )
-            .map_err(dev_err("launch mla_plan"))
         }
     }
 
@@ -915,24 +926,24 @@ impl CudaBackend {
             }
             self.enqueue_plan(stream, p)?;
             let mut args = [p as *const MlaParams as *mut c_void];
-            result::launch_kernel(
+            self.launch(
+                "mla_decode",
                 f.func,
                 geo.decode_grid(),
                 (f.variant.threads(), 1, 1),
                 f.smem as u32,
                 stream,
                 &mut args,
-            )
-            .map_err(dev_err("launch mla_decode"))?;
-            result::launch_kernel(
+            )?;
+            self.launch(
+                "mla_combine",
                 self.combine,
                 geo.combine_grid(),
                 (32 * launch::COMBINE_ROWS as u32, 1, 1),
                 0,
                 stream,
                 &mut args,
-            )
-            .map_err(dev_err("launch mla_combine"))?;
+            )?;
             if order {
                 result::event::record(st.done, stream).map_err(dev_err("cuEventRecord"))?;
             }

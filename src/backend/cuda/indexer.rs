@@ -198,10 +198,12 @@ impl CudaBackend {
                 ..tp
             };
             // Tensor cores take heads of a multiple of 16 values (V3.2's 128).
-            let (score_fn, keys_per_block, score_threads) = if dim.is_multiple_of(16) {
-                (self.index_score_mma, INDEX_MMA_KEYS, 128)
+            let (score_fn, score_name, keys_per_block, score_threads) = if dim.is_multiple_of(16) {
+                let name = "mla_index_score_mma";
+                (self.index_score_mma, name, INDEX_MMA_KEYS, 128)
             } else {
-                (self.index_score, INDEX_SCORE_KEYS, INDEX_SCORE_KEYS)
+                let name = "mla_index_score";
+                (self.index_score, name, INDEX_SCORE_KEYS, INDEX_SCORE_KEYS)
             };
             let key_blocks = max_len.div_ceil(keys_per_block as usize).max(1);
             let key_blocks = u32::try_from(key_blocks)
@@ -223,7 +225,7 @@ impl CudaBackend {
                 unsafe {
                     result::memcpy_htod_async(base, &host, stream)
                         .map_err(dev_err("cuMemcpyHtoDAsync"))?;
-                    let name = "mla_index_score";
+                    let name = score_name;
                     self.launch_one(score_fn, name, grid, score_threads, &sp, stream)?;
                     let threads = INDEX_TOPK_THREADS;
                     let name = "mla_index_topk";

@@ -105,25 +105,25 @@ impl CudaBackend {
         let mut args = [p as *const LinearParams as *mut c_void];
         // SAFETY: forwarded contract; `p` is copied at launch.
         unsafe {
-            result::launch_kernel(
+            self.launch(
+                l.plan.kernel,
                 l.kernel,
                 l.plan.grid,
                 (LINEAR_THREADS, 1, 1),
                 0,
                 stream,
                 &mut args,
-            )
-            .map_err(dev_err("launch mla_linear"))?;
+            )?;
             if l.plan.reduce_blocks > 0 {
-                result::launch_kernel(
+                self.launch(
+                    "mla_linear_reduce",
                     self.linear_reduce,
                     (l.plan.reduce_blocks, 1, 1),
                     (REDUCE_THREADS, 1, 1),
                     0,
                     stream,
                     &mut args,
-                )
-                .map_err(dev_err("launch mla_linear_reduce"))?;
+                )?;
             }
         }
         Ok(())

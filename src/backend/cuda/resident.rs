@@ -145,7 +145,7 @@ impl CudaBackend {
     pub(super) unsafe fn launch_one<P>(
         &self,
         f: sys::CUfunction,
-        name: &str,
+        name: &'static str,
         grid: (u32, u32),
         threads: u32,
         p: &P,
@@ -155,7 +155,8 @@ impl CudaBackend {
         guarded(name, || {
             // SAFETY: forwarded contract; `p` is copied at launch.
             unsafe {
-                result::launch_kernel(
+                self.launch(
+                    name,
                     f,
                     (grid.0, grid.1, 1),
                     (threads, 1, 1),
@@ -164,7 +165,6 @@ impl CudaBackend {
                     &mut args,
                 )
             }
-            .map_err(dev_err(&format!("launch {name}")))
         })
     }
 

@@ -3,7 +3,7 @@
 //! same run) and, when given, its measured bf16 matmul rate.
 
 use mlart::backend::cuda::args::{DenseDev, DeviceDecode, IndexedDev, KeysDev};
-use mlart::backend::cuda::CudaBackend;
+use mlart::backend::cuda::{CudaBackend, KernelTime};
 use mlart::decode::DecodeShape;
 use mlart::format::{Dtype, KvFormat, KvLayout};
 use mlart::{BackendRequest, Engine, EngineOptions, Error, Result};
@@ -137,6 +137,59 @@ struct Figures {
     seconds: f64,
     bytes: f64,
     flops: f64,
+    /// Per kernel (plan, decode, combine): GPU time of a few profiled calls.
+    kernels: Vec<KernelTime>,
+    calls: usize,
+}
+
+/// Runs `f`, which makes `calls` calls, with the backend's per-kernel
+/// profile open (events around every launch, so its own time is not a
+/// figure): what each kernel took.
+pub(crate) fn profiled(
+    cuda: &CudaBackend,
+    f: impl FnOnce() -> Result<()>,
+) -> Result<Vec<KernelTime>> {
+    cuda.profile_start()?;
+    let r = f();
+    let times = cuda.profile_stop();
+    r?;
+    times
+}
+
+/// "mla_plan 2.1 us, mla_decode 50.3 us (x2), ..." per call.
+pub(crate) fn kernel_summary(times: &[KernelTime], calls: usize) -> String {
+    let calls = calls.max(1);
+    times
+        .iter()
+        .map(|t| {
+            let per = t.launches as f64 / calls as f64;
+            let n = if per == 1.0 {
+                String::new()
+            } else {
+                format!(" (x{per:.3})").replace(".000", "")
+            };
+            format!("{} {:.1} us{n}", t.name, t.seconds / calls as f64 * 1e6)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The same as JSON: {"mla_plan": {"launches": .., "seconds": ..}, ...}
+/// per call.
+fn kernel_json(times: &[KernelTime], calls: usize) -> String {
+    let calls = calls.max(1) as f64;
+    let parts: Vec<String> = times
+        .iter()
+        .map(|t| {
+            format!(
+                "\"{}\":{{\"launches\":{},\"seconds\":{:e}}}",
+                t.name,
+                t.launches as f64 / calls,
+                t.seconds / calls
+            )
+        })
+        .collect();
+    format!("{{{}}}", parts.join(","))
 }
 
 fn run_point(cuda: &CudaBackend, pt: &Point, reps: usize) -> Result<Figures> {
@@ -210,11 +263,15 @@ fn run_point(cuda: &CudaBackend, pt: &Point, reps: usize) -> Result<Figures> {
         stream: 0,
     };
     let seconds = cuda.time_decode(&a, reps)?;
+    let calls = 5;
+    let kernels = profiled(cuda, || cuda.time_decode(&a, calls).map(|_| ()))?;
     let rows = (pt.batch * keys_per_seq) as f64;
     Ok(Figures {
         seconds,
         bytes: rows * layout.row_bytes as f64,
         flops: 2.0 * rows * pt.h_q as f64 * (576.0 + 512.0),
+        kernels,
+        calls,
     })
 }
 
@@ -271,8 +328,9 @@ pub fn run(o: &Options) -> Result<()> {
             tf,
             pct_mm.map_or("-".to_string(), |x| format!("{x:.1}%"))
         );
+        println!("      per call: {}", kernel_summary(&f.kernels, f.calls));
         json.push(format!(
-            "{{\"batch\":{},\"seqlen\":{},\"h_q\":{},\"format\":\"{}\",\"topk\":{},\"seconds\":{:e},\"gbytes_per_s\":{:.3},\"tflops\":{:.3},\"pct_copy\":{:.2}{}}}",
+            "{{\"batch\":{},\"seqlen\":{},\"h_q\":{},\"format\":\"{}\",\"topk\":{},\"seconds\":{:e},\"gbytes_per_s\":{:.3},\"tflops\":{:.3},\"pct_copy\":{:.2}{},\"kernels\":{}}}",
             pt.batch,
             pt.seqlen,
             pt.h_q,
@@ -282,7 +340,8 @@ pub fn run(o: &Options) -> Result<()> {
             gbs,
             tf,
             100.0 * gbs * 1e9 / copy,
-            pct_mm.map_or(String::new(), |x| format!(",\"pct_matmul\":{x:.2}"))
+            pct_mm.map_or(String::new(), |x| format!(",\"pct_matmul\":{x:.2}")),
+            kernel_json(&f.kernels, f.calls)
         ));
     }
     let projections = projection_points(cuda, copy, o.reps)?;

@@ -28,7 +28,8 @@ commands:
       --huge-pages        back the bench's caches with transparent huge pages (Linux madvise), as pools are
       --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
   bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048;
-                          the model's projections; the V3.2 indexer's selection (1|64 tokens, 16384|131072 keys)
+                          the model's projections; the V3.2 indexer's selection (1|64 tokens, 16384|131072 keys);
+                          each decode point's GPU time per kernel (plan, decode, combine)
       --device I          CUDA device (default 0)
       --matmul-tflops T   the GPU's measured bf16 matmul rate, for the % matmul column
       --reps R            timed calls per point, median reported (default 20)
@@ -46,6 +47,7 @@ commands:
                           (default f32)
   bench --model DIR [run options]
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
+                          (GPU projections: vs copy bandwidth, and the step's GPU time kernel by kernel)
   gen-model --preset P [options] DIR
                           write a random-weight DeepSeek checkpoint (config.json, safetensors) to DIR
       --preset P          tiny | v2-lite | v3 | tiny-v3.2 | v3.2 | small | small-v3.2

@@ -303,7 +303,9 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     let before = ruler("")?;
     let hid = model.config.hidden_size;
     let context = o.prompt.max(1);
-    let pool = pool_for(&engine, &model, o.kv, context + 64, 1)?;
+    // Room for the 32 timed steps, the 32 with device memory and the
+    // profiled ones.
+    let pool = pool_for(&engine, &model, o.kv, context + 96, 1)?;
     pool.create_seq(0)?;
     let mut ms = vec![0.0; model.layers.len()];
     let mut x = hidden(o, context * hid, 1);
@@ -330,7 +332,20 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     // layers run whole there; timed again with the hidden states in device
     // memory too (`mlart_forward_args.memory = MLART_MEMORY_DEVICE`).
     let on_device = match gpu {
-        Some(cuda) => Some(device_step_seconds(cuda, &model, &pool)?),
+        Some(cuda) => Some(device_step_seconds(cuda, &model, &pool, 32)?),
+        None => None,
+    };
+    // Where such a step's GPU time goes, kernel by kernel.
+    let profile = match gpu {
+        Some(cuda) => {
+            let steps = 8;
+            let mut wall = 0.0;
+            let times = super::bench_cuda::profiled(cuda, || {
+                wall = device_step_seconds(cuda, &model, &pool, steps)?;
+                Ok(())
+            })?;
+            Some((times, steps, wall))
+        }
         None => None,
     };
     // Measured before and after; the larger reading is the ceiling, so a
@@ -366,15 +381,50 @@ pub fn bench(o: &RunOptions) -> Result<()> {
             gbs * 1e9 / read_bw * 100.0
         );
     }
+    if let Some((times, steps, wall)) = profile {
+        print_step_profile(&times, steps, wall);
+    }
     Ok(())
 }
 
+/// The kernels of one device-memory decode step: launches, GPU time, share;
+/// then their sum against the step's wall time (the rest is launch gaps
+/// and host work).
+fn print_step_profile(times: &[mlart::backend::cuda::KernelTime], steps: usize, wall: f64) {
+    let total: f64 = times.iter().map(|t| t.seconds).sum::<f64>() / steps as f64;
+    println!(
+        "  kernels of such a step (median step {:.1} us with an event pair around every launch):",
+        wall * 1e6
+    );
+    println!(
+        "    {:<26} {:>9} {:>9} {:>6}",
+        "kernel", "launches", "us", "share"
+    );
+    for t in times {
+        let us = t.seconds / steps as f64 * 1e6;
+        println!(
+            "    {:<26} {:>9.2} {:>9.1} {:>5.1}%",
+            t.name,
+            t.launches as f64 / steps as f64,
+            us,
+            100.0 * us * 1e-6 / total.max(1e-12)
+        );
+    }
+    println!(
+        "    kernels' GPU time {:.1} us of the {:.1} us step: {:.0}% busy",
+        total * 1e6,
+        wall * 1e6,
+        100.0 * total / wall.max(1e-12)
+    );
+}
+
 /// Median seconds of a batch-1 decode step over every loaded layer with
-/// the hidden states and output in device memory.
+/// the hidden states and output in device memory, over `steps` steps.
 fn device_step_seconds(
     cuda: &mlart::backend::cuda::CudaBackend,
     model: &Model,
     pool: &KvPool,
+    steps: usize,
 ) -> Result<f64> {
     let hid = model.config.hidden_size;
     let x = mlart::model::gen::uniform(hid, 99);
@@ -383,7 +433,7 @@ fn device_step_seconds(
     let r = (|| {
         cuda.mem_copy(xd, x.as_ptr() as u64, bytes)?;
         let mut times = Vec::new();
-        for _ in 0..32 {
+        for _ in 0..steps {
             let t0 = Instant::now();
             for l in 0..model.layers.len() {
                 let layer = (model.first_layer + l) as i64;
