@@ -167,3 +167,96 @@ fn python_binding_tests_pass() {
         "unexpected unittest summary (ran {ran}):\n{text}"
     );
 }
+
+/// `python3 -m unittest discover -s tests_cuda` in `bindings/python`: the
+/// binding's CUDA device-memory suite (`__cuda_array_interface__` arrays,
+/// streams, `DeviceArray`) on the emulated driver (`kernels/emu/fake_cuda.cpp`,
+/// built here as `libcuda.so.1`) with a `small` checkpoint; it must run, pass
+/// and skip nothing. A build without the CUDA kernels reports it ignored (not
+/// passed), as `tests/cuda_decode.rs` leaves out its emulated run; CI builds
+/// them (`MLART_REQUIRE_CUDA_KERNELS`).
+#[test]
+#[cfg_attr(
+    not(mlart_cuda_kernels),
+    ignore = "this build has no CUDA kernels for the emulated driver to run"
+)]
+fn python_binding_cuda_tests_pass() {
+    assert!(
+        mlart::backend::cuda::fatbin::fatbin().is_some(),
+        "this build has no CUDA kernels: build with CUDA_HOME=$(scripts/cuda-toolchain.sh)"
+    );
+    // The emulated driver, as tests/cuda_decode.rs builds it (with UBSan's
+    // alignment check where the compiler has it).
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-fake-cuda");
+    std::fs::create_dir_all(&dir).expect("create the emulated driver's folder");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let build = |sanitize: &[&str]| {
+        let mut cmd = Command::new(&cxx);
+        cmd.args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w"])
+            .args(sanitize)
+            .arg("-I")
+            .arg(root().join("kernels"))
+            .arg(root().join("kernels/emu/fake_cuda.cpp"))
+            .arg("-o")
+            .arg(dir.join("libcuda.so.1"));
+        let needs = "The emulated CUDA driver needs a C++17 compiler (`c++` or $CXX).";
+        let out = run("build the emulated CUDA driver", &mut cmd, needs);
+        if !out.status.success() {
+            println!("{}", String::from_utf8_lossy(&out.stderr));
+        }
+        out.status.success()
+    };
+    assert!(
+        build(&["-fsanitize=alignment", "-fno-sanitize-recover=alignment"]) || build(&[]),
+        "{cxx} could not build kernels/emu/fake_cuda.cpp"
+    );
+    let _ = std::fs::remove_file(dir.join("libcuda.so"));
+    std::os::unix::fs::symlink("libcuda.so.1", dir.join("libcuda.so")).expect("link libcuda.so");
+    let ld_path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    // DeepSeek's cache rows (d_qk 576, d_v 512): the smallest model a CUDA
+    // engine runs (`mlart gen-model --preset small --layers 1 --seed 1`).
+    let model = checkpoint("python-model-small", |dir| {
+        use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
+        let gen = GenOptions {
+            preset: Preset::Small,
+            dtype: WeightDtype::Bf16,
+            layers: 1,
+            seed: 1,
+            shards: 1,
+            yarn: true,
+        };
+        if let Err(e) = generate(dir, &gen) {
+            panic!("generate the small checkpoint in {}: {e:?}", dir.display());
+        }
+    });
+    let mut cmd = Command::new("python3");
+    cmd.current_dir(root().join("bindings/python"))
+        .args(["-m", "unittest", "discover", "-s", "tests_cuda", "-v"])
+        .env("LD_LIBRARY_PATH", &ld_path)
+        .env("MLART_LIBRARY", library_dir().join("libmlart.so"))
+        .env("MLART_TEST_CUDA", "1")
+        .env("MLART_TEST_SMALL_MODEL_DIR", &model)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .env_remove("MLART_CPU_ISA")
+        .env_remove("MLART_BACKEND");
+    let needs = "The Python binding's tests need Python >= 3.9 (`python3` on PATH).";
+    let what = "python3 -m unittest discover -s tests_cuda -v";
+    let text = expect_success(what, &run(what, &mut cmd, needs));
+    let ran = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Ran ")?
+                .split(' ')
+                .next()?
+                .parse::<u32>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(
+        ran > 0 && text.lines().any(|l| l.trim() == "OK") && !text.contains("skipped"),
+        "unexpected unittest summary (ran {ran}):\n{text}"
+    );
+}

@@ -4,9 +4,11 @@ mlart runs DeepSeek-style Multi-head Latent Attention decode behind a
 stable C ABI. This package adds only what Python expects — handles as
 objects with ``close()`` and ``with``, errors as exceptions, any
 buffer-protocol object (``array.array``, ``bytearray``, ``memoryview``,
-numpy arrays) for tensors — and checks every buffer against the shape it
-will be read or written with before calling C, so the library never reads
-or writes past a Python buffer. Argument values (``h_q = 0``, a bad block
+numpy arrays) for tensors, or, on a CUDA engine, CUDA device arrays
+(``__cuda_array_interface__``: torch, CuPy, Numba, `DeviceArray`) — and
+checks every buffer against the shape it will be read or written with
+before calling C, so the library never reads or writes past a Python
+buffer. Argument values (``h_q = 0``, a bad block
 id, an unknown sequence) are validated by the library itself and reported
 as `MlartError`.
 
@@ -20,6 +22,7 @@ import collections
 import ctypes
 import dataclasses
 import enum
+import functools
 import os
 import threading
 import weakref
@@ -27,6 +30,7 @@ from typing import Any, Callable, Optional
 
 from . import _args as A
 from . import _ffi as C
+from ._args import CU_STREAM_LEGACY, CU_STREAM_PER_THREAD
 from ._ffi import ABI_VERSION, LIBRARY_PATH, LibraryError
 
 __all__ = [
@@ -34,10 +38,13 @@ __all__ = [
     "LIBRARY_PATH",
     "Activations",
     "Backend",
+    "CU_STREAM_LEGACY",
+    "CU_STREAM_PER_THREAD",
     "ClosedError",
     "CpuIsa",
     "DType",
     "DecodeResult",
+    "DeviceArray",
     "DeviceInfo",
     "Engine",
     "EngineInfo",
@@ -106,7 +113,9 @@ class KvFormat(enum.IntEnum):
 
 
 class Memory(enum.IntEnum):
-    """mlart_memory. The binding passes host memory only."""
+    """mlart_memory: where a call's tensors live. The binding sets it from
+    the arrays passed: DEVICE when they are CUDA device arrays
+    (``__cuda_array_interface__``), HOST for buffers."""
 
     HOST = 0
     DEVICE = 1
@@ -379,12 +388,14 @@ def _dtype_label(dt):
         return dt
 
 
-def _activation(value, dtype, name, dtype_name, keep, writable=False):
-    """(memoryview, address, mlart_dtype) of an activation buffer."""
+def _activation(value, dtype, name, dtype_name, keep, writable=False, device=False):
+    """(memoryview, address, mlart_dtype) of an activation buffer; with
+    `device`, of a device array too (typestr '<f4', '<f2', or '<u2' / '<i2'
+    / '<V2' for bf16 or f16 bits)."""
     what = "a float32, float16 or uint16 (bf16/f16 bits) buffer"
     if value is None:
         raise TypeError("%s is required (%s)" % (name, what))
-    mv = A.view(value, name, what)
+    mv = A.tensor(value, name, keep, what, device)
     fmt = A.native_format(mv.format)
     if mv.itemsize != {"f": 4, "e": 2, "H": 2}.get(fmt):
         raise TypeError("%s must be %s, got %s" % (name, what, A.describe(value)))
@@ -393,10 +404,21 @@ def _activation(value, dtype, name, dtype_name, keep, writable=False):
     return mv, A.address(mv, keep, name, writable=writable), dt
 
 
-def _output(out, dtype, n, name, dtype_name, shape, keep):
+def _no_device_allocation(name, keep):
+    raise TypeError(
+        "%s is required when the call's tensors are CUDA device memory (%s is): the "
+        "binding allocates host outputs only; pass a device array (a DeviceArray from "
+        "engine.device_array(...), or a torch/CuPy/Numba one)" % (name, keep.first[0])
+    )
+
+
+def _output(out, dtype, n, name, dtype_name, shape, keep, device=False):
     """(buffer, address, mlart_dtype) of an output of `n` elements: `out`
-    checked, or a new ``array.array`` ('f' for f32, 'H' for bf16/f16 bits)."""
+    checked, or a new ``array.array`` ('f' for f32, 'H' for bf16/f16 bits)
+    for a host call (TypeError for a device call)."""
     if out is None:
+        if keep.device:
+            _no_device_allocation(name, keep)
         dt = A.enum_value(dtype, dtype_name, DType, _DTYPE_ALIASES, int(DType.F32))
         if dt == DType.F32:
             out = array.array("f", bytes(4 * n))
@@ -404,18 +426,21 @@ def _output(out, dtype, n, name, dtype_name, shape, keep):
             out = array.array("H", bytes(2 * n))
         else:
             raise ValueError("%s must be 'f32', 'bf16' or 'f16', got %r" % (dtype_name, dtype))
-    mv, addr, dt = _activation(out, dtype, name, dtype_name, keep, writable=True)
+    mv, addr, dt = _activation(out, dtype, name, dtype_name, keep, writable=True, device=device)
     A.need_elements(mv, n, name, shape)
     return out, addr, dt
 
 
 def _lse(value, n, shape, keep):
-    """lse: a float32 buffer, True (allocate one), or None/False (none)."""
+    """lse: a float32 buffer (host or device), True (allocate one: host
+    calls only), or None/False (none)."""
     if value is True:
+        if keep.device:
+            _no_device_allocation("lse", keep)
         value = array.array("f", bytes(4 * n))
     elif value is False or value is None:
         return None, None
-    mv, addr = A.float32_array(value, "lse", keep, writable=True)
+    mv, addr = A.float32_array(value, "lse", keep, writable=True, device=True)
     A.need_elements(mv, n, "lse", shape)
     return value, addr
 
@@ -424,36 +449,41 @@ DecodeResult = collections.namedtuple("DecodeResult", ["out", "lse"])
 DecodeResult.__doc__ = """A decode's output buffer and its lse buffer (None when not requested)."""
 
 
-def _lower_indices(d, keep, indices, topk, topk_length, batch, s_q):
-    mv, addr = A.int32_array(indices, "indices", keep)
+def _lower_indices(d, keep, indices, topk, topk_length, batch, s_q, device=True):
+    mv, addr = A.int32_array(indices, "indices", keep, device=device)
     d.topk = A.int32(topk, "topk")
     A.need_elements(
         mv, A.prod(batch, s_q, d.topk), "indices",
         "indices [batch=%d, s_q=%d, topk=%d]" % (batch, s_q, d.topk),
     )
     d.indices = addr
-    tl, tl_addr = A.int32_array(topk_length, "topk_length", keep, optional=True)
+    tl, tl_addr = A.int32_array(topk_length, "topk_length", keep, optional=True, device=device)
     if tl is not None:
         A.need_elements(tl, A.prod(batch), "topk_length", "topk_length [batch=%d]" % batch)
     d.topk_length = tl_addr
 
 
-def _lower_outputs(d, keep, attn_sink, out, out_dtype, lse, batch, s_q, h_q, d_v):
-    sink, sink_addr = A.float32_array(attn_sink, "attn_sink", keep, optional=True)
+def _lower_outputs(d, keep, attn_sink, out, out_dtype, lse, batch, s_q, h_q, d_v, stream,
+                   sink_device=True):
+    """attn_sink, out and lse, then the call's memory and stream."""
+    sink, sink_addr = A.float32_array(
+        attn_sink, "attn_sink", keep, optional=True, device=sink_device
+    )
     if sink is not None:
         A.need_elements(sink, A.prod(h_q), "attn_sink", "attn_sink [h_q=%d]" % h_q)
     d.attn_sink = sink_addr
     n_out = A.prod(batch, s_q, h_q, d_v)
     out, out_addr, d.out_dtype = _output(
         out, out_dtype, n_out, "out", "out_dtype",
-        "out [batch=%d, s_q=%d, h_q=%d, d_v=%d]" % (batch, s_q, h_q, d_v), keep,
+        "out [batch=%d, s_q=%d, h_q=%d, d_v=%d]" % (batch, s_q, h_q, d_v), keep, device=True,
     )
     d.out = out_addr
     lse, lse_addr = _lse(
         lse, A.prod(batch, h_q, s_q), "lse [batch=%d, h_q=%d, s_q=%d]" % (batch, h_q, s_q), keep
     )
     d.lse = lse_addr
-    d.stream = None
+    d.memory = keep.memory
+    d.stream = A.call_stream(stream, keep)
     return DecodeResult(out, lse)
 
 
@@ -524,6 +554,70 @@ class Engine(_Handle):
             thread_placement=_str(p.thread_placement),
         )
 
+    def _backend(self):
+        b = getattr(self, "_backend_cache", None)
+        if b is None:
+            b = self._backend_cache = self.info().backend
+        return b
+
+    def device_array(self, shape, dtype="f32"):
+        """A new `DeviceArray` of `shape` (an int or a tuple of ints) and
+        `dtype` in this CUDA engine's device memory
+        (``mlart_engine_mem_alloc``; contents undefined).
+
+        `dtype`: 'f32' (the default), 'f16', 'bf16' (uint16 bits, typestr
+        '<u2'), 'int32', 'uint8', 'uint64', ..., a `DType` member, or a
+        little-endian typestr ('<f4', '<u2', '|u1', ...). A CPU engine
+        raises ValueError: its memory is host memory, so pass host buffers.
+        """
+        self._ensure_open()
+        typestr, itemsize = _device_typestr(dtype)
+        if isinstance(shape, (list, tuple)):
+            dims = tuple(A.int64(n, "shape[%d]" % i) for i, n in enumerate(shape))
+        else:
+            dims = (A.int64(shape, "shape"),)
+        for i, n in enumerate(dims):
+            if n < 0:
+                raise ValueError("shape[%d] = %d is negative" % (i, n))
+        if self._backend() != Backend.CUDA:
+            raise ValueError(
+                "device_array needs a CUDA engine: this engine runs on %s, whose memory is "
+                "host memory (pass host buffers to it)" % _enum_label(self._backend())
+            )
+        return DeviceArray(_CREATE, self, dims, typestr, itemsize)
+
+    def to_device(self, data, *, dtype=None, shape=None):
+        """A new `DeviceArray` holding a copy of the host buffer `data`:
+        its type from the buffer's format ('f' -> '<f4', 'e' -> '<f2', 'H'
+        -> '<u2' (bf16 bits), 'i' -> '<i4', 'B' -> '|u1', ...) unless
+        `dtype` says otherwise, its shape ``(elements,)`` unless `shape`
+        says otherwise (the byte counts must match)."""
+        self._ensure_open()
+        mv = A.view(data, "data", "a C-contiguous buffer")
+        with mv:
+            fmt, nbytes, itemsize = mv.format, mv.nbytes, mv.itemsize
+        if dtype is None:
+            typestr = _FORMAT_TYPESTRS.get((A.native_format(fmt), itemsize))
+            if typestr is None:
+                raise TypeError(
+                    "data has format %r, which has no device type: pass dtype=" % fmt
+                )
+            dtype = typestr
+        typestr, size = _device_typestr(dtype)
+        if shape is None:
+            if nbytes % size:
+                raise ValueError(
+                    "data has %d bytes, not a multiple of %d (dtype %r)" % (nbytes, size, typestr)
+                )
+            shape = (nbytes // size,)
+        arr = self.device_array(shape, typestr)
+        try:
+            arr.copy_from(data)
+        except BaseException:
+            arr.close()
+            raise
+        return arr
+
     def decode_paged(
         self, *, batch, h_q, d_qk, d_v, q, kv, num_blocks, block_size,
         s_q=1, softmax_scale=None, causal=None, q_dtype=None, kv_format=None,
@@ -531,9 +625,11 @@ class Engine(_Handle):
         indices=None, topk=None, topk_length=None,
         extra_kv=None, extra_num_blocks=None, extra_block_size=None,
         extra_indices=None, extra_topk=None, extra_topk_length=None,
-        attn_sink=None, out=None, out_dtype=None, lse=None,
+        attn_sink=None, out=None, out_dtype=None, lse=None, stream=None,
     ):
-        """mlart_decode_paged over host buffers the caller owns.
+        """mlart_decode_paged over buffers the caller owns: all host buffers,
+        or all CUDA device arrays (``__cuda_array_interface__``: a
+        `DeviceArray`, torch/CuPy/Numba arrays) on a CUDA engine.
 
         Shapes: ``q [batch, s_q, h_q, d_qk]``, ``kv``: ``num_blocks`` blocks
         of `kv_block_bytes` (kv_format, d_qk, block_size) bytes,
@@ -541,7 +637,11 @@ class Engine(_Handle):
         (dense), or ``indices [batch, s_q, topk]`` and ``topk_length
         [batch]`` (sparse), ``out [batch, s_q, h_q, d_v]``, ``lse [batch,
         h_q, s_q]`` (a float32 buffer, or True to allocate one). `out` is
-        allocated when omitted (f32 unless `out_dtype` says 'bf16'/'f16').
+        allocated when omitted (f32 unless `out_dtype` says 'bf16'/'f16');
+        a device call must pass `out` (and `lse`, if wanted).
+        `stream` (device calls): None, an int CUstream handle or a stream
+        object (see README: streams); None takes the stream the arrays'
+        interfaces name, else NULL (the call waits).
         Returns ``DecodeResult(out, lse)``.
         """
         self._ensure_open()
@@ -555,19 +655,18 @@ class Engine(_Handle):
             d.softmax_scale = A.number(softmax_scale, "softmax_scale", d.softmax_scale)
             if causal is not None:
                 d.causal = bool(causal)
-            d.memory = int(Memory.HOST)
             d.kv_format = A.enum_value(kv_format, "kv_format", KvFormat, _KV_FORMAT_ALIASES, d.kv_format)
             d.num_blocks = A.int32(num_blocks, "num_blocks")
             d.block_size = A.int32(block_size, "block_size")
             b, sq, hq, dqk, dv = d.batch, d.s_q, d.h_q, d.d_qk, d.d_v
 
-            q_mv, d.q, d.q_dtype = _activation(q, q_dtype, "q", "q_dtype", keep)
+            q_mv, d.q, d.q_dtype = _activation(q, q_dtype, "q", "q_dtype", keep, device=True)
             A.need_elements(
                 q_mv, A.prod(b, sq, hq, dqk), "q",
                 "q [batch=%d, s_q=%d, h_q=%d, d_qk=%d]" % (b, sq, hq, dqk),
             )
 
-            kv_mv, d.kv = A.byte_buffer(kv, "kv", keep)
+            kv_mv, d.kv = A.byte_buffer(kv, "kv", keep, device=True)
             block_bytes = kv_block_bytes(d.kv_format, dqk, d.block_size)
             A.need_bytes(
                 kv_mv, A.prod(d.num_blocks) * block_bytes, "kv",
@@ -575,8 +674,10 @@ class Engine(_Handle):
             )
 
             sparse = indices is not None
-            bt, bt_addr = A.int32_array(block_table, "block_table", keep, optional=sparse)
-            sl, sl_addr = A.int32_array(seqlens, "seqlens", keep, optional=sparse)
+            bt, bt_addr = A.int32_array(
+                block_table, "block_table", keep, optional=sparse, device=True
+            )
+            sl, sl_addr = A.int32_array(seqlens, "seqlens", keep, optional=sparse, device=True)
             if bt is not None:
                 d.block_table_stride = A.int32(block_table_stride, "block_table_stride")
                 A.need_elements(
@@ -598,7 +699,7 @@ class Engine(_Handle):
                 raise TypeError("topk_length is only meaningful with indices (sparse decode)")
 
             if extra_kv is not None:
-                ekv, d.extra_kv = A.byte_buffer(extra_kv, "extra_kv", keep)
+                ekv, d.extra_kv = A.byte_buffer(extra_kv, "extra_kv", keep, device=True)
                 d.extra_num_blocks = A.int32(extra_num_blocks, "extra_num_blocks")
                 d.extra_block_size = A.int32(extra_block_size, "extra_block_size")
                 eb = kv_block_bytes(d.kv_format, dqk, d.extra_block_size)
@@ -606,14 +707,16 @@ class Engine(_Handle):
                     ekv, A.prod(d.extra_num_blocks) * eb, "extra_kv",
                     "extra_kv [extra_num_blocks=%d] x %d-byte blocks" % (d.extra_num_blocks, eb),
                 )
-                ei, d.extra_indices = A.int32_array(extra_indices, "extra_indices", keep)
+                ei, d.extra_indices = A.int32_array(
+                    extra_indices, "extra_indices", keep, device=True
+                )
                 d.extra_topk = A.int32(extra_topk, "extra_topk")
                 A.need_elements(
                     ei, A.prod(b, sq, d.extra_topk), "extra_indices",
                     "extra_indices [batch=%d, s_q=%d, extra_topk=%d]" % (b, sq, d.extra_topk),
                 )
                 etl, d.extra_topk_length = A.int32_array(
-                    extra_topk_length, "extra_topk_length", keep, optional=True
+                    extra_topk_length, "extra_topk_length", keep, optional=True, device=True
                 )
                 if etl is not None:
                     A.need_elements(
@@ -622,7 +725,9 @@ class Engine(_Handle):
             elif extra_indices is not None or extra_topk_length is not None:
                 raise TypeError("extra_indices / extra_topk_length need extra_kv")
 
-            result = _lower_outputs(d, keep, attn_sink, out, out_dtype, lse, b, sq, hq, dv)
+            result = _lower_outputs(
+                d, keep, attn_sink, out, out_dtype, lse, b, sq, hq, dv, stream
+            )
             with _Using(self) as ptr:
                 _check(C.decode_paged(ptr, ctypes.byref(d)), "mlart_decode_paged")
             return result
@@ -793,17 +898,25 @@ class KvPool(_Handle):
     def decode(
         self, *, seq_ids, h_q, d_v, q, layer=0, s_q=1, softmax_scale=None, causal=None,
         q_dtype=None, indices=None, topk=None, topk_length=None, attn_sink=None,
-        out=None, out_dtype=None, lse=None,
+        out=None, out_dtype=None, lse=None, stream=None,
     ):
         """mlart_kv_pool_decode: decodes `layer` for the sequences
         `seq_ids` (repeats allowed). ``q [batch, s_q, h_q, d_qk]``,
         ``out [batch, s_q, h_q, d_v]``, ``lse [batch, h_q, s_q]`` (or True);
         sparse ``indices [batch, s_q, topk]`` are logical token positions.
-        Returns ``DecodeResult(out, lse)``."""
+        Returns ``DecodeResult(out, lse)``.
+
+        Device memory, as mlart.h words it: `q`, `out`, `lse` and `seq_ids`
+        (a uint64 device array, typestr '<u8') are then all device memory,
+        while `indices`, `topk_length` and `attn_sink` stay host memory;
+        `stream` as for `Engine.decode_paged`. (The library of this
+        version answers such a call with UNSUPPORTED.)"""
         self._ensure_open()
         with A.Keep() as keep:
             d = C.new_struct("mlart_kv_pool_decode_args")
-            n_ids, d.seq_ids = A.seq_id_array(seq_ids, "seq_ids", keep)
+            # q first: it decides the call's memory space (seq_ids follows it).
+            q_mv, d.q, d.q_dtype = _activation(q, q_dtype, "q", "q_dtype", keep, device=True)
+            n_ids, d.seq_ids = A.seq_id_array(seq_ids, "seq_ids", keep, device=True)
             d.layer = A.int32(layer, "layer", 0)
             d.batch = A.int32(n_ids, "len(seq_ids)")
             d.s_q = A.int32(s_q, "s_q", 1)
@@ -812,19 +925,18 @@ class KvPool(_Handle):
             d.softmax_scale = A.number(softmax_scale, "softmax_scale", d.softmax_scale)
             if causal is not None:
                 d.causal = bool(causal)
-            d.memory = int(Memory.HOST)
             b, sq, hq, dv, dqk = d.batch, d.s_q, d.h_q, d.d_v, self.d_qk
-
-            q_mv, d.q, d.q_dtype = _activation(q, q_dtype, "q", "q_dtype", keep)
             A.need_elements(
                 q_mv, A.prod(b, sq, hq, dqk), "q",
                 "q [batch=%d, s_q=%d, h_q=%d, d_qk=%d]" % (b, sq, hq, dqk),
             )
             if indices is not None:
-                _lower_indices(d, keep, indices, topk, topk_length, b, sq)
+                _lower_indices(d, keep, indices, topk, topk_length, b, sq, device=False)
             elif topk_length is not None:
                 raise TypeError("topk_length is only meaningful with indices (sparse decode)")
-            result = _lower_outputs(d, keep, attn_sink, out, out_dtype, lse, b, sq, hq, dv)
+            result = _lower_outputs(
+                d, keep, attn_sink, out, out_dtype, lse, b, sq, hq, dv, stream, sink_device=False
+            )
             with _Using(self) as ptr:
                 _check(C.kv_pool_decode(ptr, ctypes.byref(d)), "mlart_kv_pool_decode")
             return result
@@ -893,6 +1005,220 @@ def _gpu_projections(value, default):
 
 
 _CREATE = object()
+
+
+# ---------------------------------------------------------------------------
+# Device memory
+
+_DEVICE_DTYPES = {
+    "f32": "<f4", "float32": "<f4", "f16": "<f2", "float16": "<f2",
+    "bf16": "<u2", "bfloat16": "<u2", "uint16": "<u2", "int16": "<i2",
+    "i32": "<i4", "int32": "<i4", "u32": "<u4", "uint32": "<u4",
+    "u8": "|u1", "uint8": "|u1", "bytes": "|u1", "i8": "|i1", "int8": "|i1",
+    "u64": "<u8", "uint64": "<u8", "i64": "<i8", "int64": "<i8", "f64": "<f8", "float64": "<f8",
+}
+
+_FORMAT_TYPESTRS = {
+    ("f", 4): "<f4", ("e", 2): "<f2", ("d", 8): "<f8", ("H", 2): "<u2", ("h", 2): "<i2",
+    ("i", 4): "<i4", ("l", 4): "<i4", ("I", 4): "<u4", ("L", 4): "<u4",
+    ("B", 1): "|u1", ("b", 1): "|i1", ("c", 1): "|u1",
+    ("Q", 8): "<u8", ("L", 8): "<u8", ("q", 8): "<i8", ("l", 8): "<i8",
+}
+
+# A device array's typestr -> the array.array type code to_host() gives
+# (array has no f16 code: f16 comes back as its bits, 'H').
+_HOST_CODES = {
+    "<f4": "f", "<f8": "d", "<u2": "H", "<i2": "h", "<V2": "H", "<f2": "H", "<i4": "i",
+    "<u4": "I",
+    "|u1": "B", "|i1": "b", "<u8": "Q", "<i8": "q",
+}
+
+
+def _enum_label(v):
+    return v.name.lower() if isinstance(v, enum.Enum) else repr(v)
+
+
+def _device_typestr(dtype):
+    """(typestr, itemsize) of a DeviceArray dtype."""
+    if isinstance(dtype, DType):
+        if dtype == DType.FP8_E4M3:
+            raise ValueError("dtype fp8_e4m3 has no device array type: use 'uint8'")
+        return {DType.F32: ("<f4", 4), DType.BF16: ("<u2", 2), DType.F16: ("<f2", 2)}[dtype]
+    if isinstance(dtype, enum.Enum) or isinstance(dtype, bool):
+        raise TypeError("dtype must be a DType, a string or a typestr, got %s" % A.describe(dtype))
+    if not isinstance(dtype, str):
+        as_str = getattr(dtype, "str", None)  # a numpy dtype
+        if not isinstance(as_str, str):
+            raise TypeError(
+                "dtype must be a DType, a string or a typestr, got %s" % A.describe(dtype)
+            )
+        dtype = as_str
+    typestr = _DEVICE_DTYPES.get(dtype.lower())
+    if typestr is None:
+        t = dtype
+        if len(t) >= 3 and t[0] == "=" and A._LITTLE:
+            t = "<" + t[1:]
+        if len(t) >= 3 and t[0] in "<|" and t[2:].isdigit():
+            size = int(t[2:])
+            if (t[1], size) in A._TYPESTR_FORMATS and (t[0] == "<" or size == 1):
+                typestr = ("|" if size == 1 else "<") + t[1:]
+    if typestr is None:
+        raise ValueError(
+            "dtype = %r is not one of %s, nor a little-endian typestr such as '<f4'"
+            % (dtype, ", ".join(repr(k) for k in _DEVICE_DTYPES))
+        )
+    return typestr, int(typestr[2:])
+
+
+def _free_device(engine, eptr, ptr):
+    """Frees a DeviceArray's memory, then lets go of its engine."""
+    try:
+        err = C.engine_mem_free(eptr, ptr)
+    finally:
+        engine._release()
+    _check(err, "mlart_engine_mem_free")
+
+
+class DeviceArray(_Handle):
+    """Device memory of a CUDA engine (``mlart_engine_mem_alloc``), made by
+    `Engine.device_array` or `Engine.to_device`, exposed to every call that
+    takes device arrays (and to torch, CuPy, Numba) through
+    ``__cuda_array_interface__`` (version 3, C-contiguous, ``stream``
+    None: its data is ready for any stream after a copy).
+
+    ``close()`` (or a ``with`` block, or garbage collection) frees it; a
+    call in flight on it finishes first. It keeps its engine alive, as a
+    pool does: closing the Engine first is fine. Work enqueued on a stream
+    that uses it must be finished before it is freed.
+    """
+
+    _kind = "DeviceArray"
+    _mlart_device_array = True  # acquired for the duration of calls that take it
+
+    def __init__(self, _token, engine, shape, typestr, itemsize):
+        if _token is not _CREATE:
+            raise TypeError("use engine.device_array(shape, dtype) to make a DeviceArray")
+        nbytes = A.prod(*shape) * itemsize
+        eptr = engine._acquire()
+        try:
+            out = ctypes.c_void_p()
+            _check(
+                C.engine_mem_alloc(eptr, nbytes, ctypes.byref(out)), "mlart_engine_mem_alloc"
+            )
+        except BaseException:
+            engine._release()
+            raise
+        self._engine = engine
+        self._eptr = eptr
+        self._shape = tuple(shape)
+        self._typestr = typestr
+        self._itemsize = itemsize
+        self._nbytes = nbytes
+        self._init_handle(out.value, functools.partial(_free_device, engine, eptr))
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def typestr(self):
+        """The element type as ``__cuda_array_interface__`` spells it ('<f4', '<u2', ...)."""
+        return self._typestr
+
+    @property
+    def itemsize(self):
+        return self._itemsize
+
+    @property
+    def size(self):
+        """Elements."""
+        return A.prod(*self._shape)
+
+    @property
+    def nbytes(self):
+        return self._nbytes
+
+    @property
+    def engine(self):
+        """The Engine whose memory this is."""
+        return self._engine
+
+    @property
+    def address(self):
+        """The device address (an int)."""
+        self._ensure_open()
+        return self._ptr
+
+    @property
+    def __cuda_array_interface__(self):
+        if self._closed:
+            raise ClosedError("mlart: this DeviceArray is closed")
+        return {
+            "shape": self._shape,
+            "typestr": self._typestr,
+            "data": (self._ptr, False),
+            "strides": None,
+            "stream": None,
+            "version": 3,
+        }
+
+    def _copy(self, other, name, to_device):
+        """mlart_engine_mem_copy between this array and `other` (a host
+        buffer or a device array) of exactly its byte count."""
+        self._ensure_open()
+        with A.Keep() as keep:
+            dev = A.cuda_array(other, name, keep)
+            if dev is not None:
+                if not to_device and dev.readonly:
+                    raise TypeError("%s must be writable, got a read-only device array %s"
+                                    % (name, A.describe(other)))
+                n, addr, mem = dev.nbytes, dev.ptr, int(Memory.DEVICE)
+            else:
+                what = "a C-contiguous host buffer or a device array"
+                mv = keep.add(A.view(other, name, what))
+                n, mem = mv.nbytes, int(Memory.HOST)
+                addr = A.address(mv, keep, name, writable=not to_device)
+            if n != self._nbytes:
+                raise ValueError(
+                    "%s has %d bytes but the DeviceArray %r holds %d: copies are whole arrays"
+                    % (name, n, self, self._nbytes)
+                )
+            with _Using(self) as ptr:
+                if to_device:
+                    err = C.engine_mem_copy(self._eptr, ptr, int(Memory.DEVICE), addr, mem, n)
+                else:
+                    err = C.engine_mem_copy(self._eptr, addr, mem, ptr, int(Memory.DEVICE), n)
+                _check(err, "mlart_engine_mem_copy")
+
+    def copy_from(self, src):
+        """Copies `src` (a host buffer, or a device array) into this array;
+        its byte count must be this array's. Returns self."""
+        self._copy(src, "src", True)
+        return self
+
+    def copy_to(self, dst):
+        """Copies this array into `dst` (a writable host buffer, or a
+        device array) of the same byte count. Returns `dst`."""
+        self._copy(dst, "dst", False)
+        return dst
+
+    def to_host(self):
+        """A host copy: an ``array.array`` of the matching type code ('f'
+        for '<f4', 'H' for '<u2' (bf16 bits) and for '<f2' (f16 bits: pass
+        ``dtype='f16'`` where they go back in), 'i' for '<i4', 'B' for
+        '|u1', ...)."""
+        code = _HOST_CODES.get(self._typestr)
+        if code is not None:
+            out = array.array(code, bytes(self._nbytes))
+        else:
+            out = bytearray(self._nbytes)
+        return self.copy_to(out)
+
+    def __repr__(self):
+        return "<mlart.DeviceArray %s shape=%r typestr=%r>" % (
+            "closed" if self.closed else "open", getattr(self, "_shape", None),
+            getattr(self, "_typestr", None),
+        )
 
 
 class Model(_Handle):
@@ -1023,7 +1349,7 @@ class Model(_Handle):
         )
 
     def forward(self, pool, *, layer, seq_ids, n_tokens, x, x_dtype=None, out=None,
-                out_dtype=None, index_out=None):
+                out_dtype=None, index_out=None, stream=None):
         """Runs one layer's MLA attention block for a batch of sequences,
         appending their new cache rows to `pool`.
 
@@ -1033,6 +1359,12 @@ class Model(_Handle):
         only: a writable int32 `index_out` ``[sum(n_tokens), index_topk]``
         receives the positions each new token attended to (ascending, -1
         after the last). Returns `out`.
+
+        `x` and `out` may both be CUDA device arrays (a model whose
+        projections run on the GPU, ``info().projections_on_gpu``, over a
+        pool of the same engine; 16-byte aligned); `out` must then be given.
+        `seq_ids`, `n_tokens` and `index_out` stay host memory. `stream` as
+        for `Engine.decode_paged`.
         """
         if not isinstance(pool, KvPool):
             raise TypeError("pool must be a KvPool, got %s" % A.describe(pool))
@@ -1051,10 +1383,11 @@ class Model(_Handle):
                 total = sum(max(0, counts[i]) for i in range(n_ids))
             hidden = self._info.hidden_size
             shape = "[sum(n_tokens)=%d, hidden_size=%d]" % (total, hidden)
-            x_mv, f.x, f.x_dtype = _activation(x, x_dtype, "x", "x_dtype", keep)
+            x_mv, f.x, f.x_dtype = _activation(x, x_dtype, "x", "x_dtype", keep, device=True)
             A.need_elements(x_mv, A.prod(total, hidden), "x", "x " + shape)
             out, f.out, f.out_dtype = _output(
-                out, out_dtype, A.prod(total, hidden), "out", "out_dtype", "out " + shape, keep
+                out, out_dtype, A.prod(total, hidden), "out", "out_dtype", "out " + shape, keep,
+                device=True,
             )
             if index_out is not None:
                 # Without an indexer the library rejects index_out, naming it.
@@ -1064,7 +1397,8 @@ class Model(_Handle):
                     io, A.prod(total, topk), "index_out",
                     "index_out [sum(n_tokens)=%d, index_topk=%d]" % (total, topk),
                 )
-            f.memory = int(Memory.HOST)  # host buffers; stream stays NULL
+            f.memory = keep.memory
+            f.stream = A.call_stream(stream, keep)
             with _Using(self, pool) as (mptr, pptr):
                 _check(C.model_forward(mptr, pptr, ctypes.byref(f)), "mlart_model_forward")
             return out

@@ -304,6 +304,11 @@ engine_props_init = _fn("mlart_engine_props_init", None, _ptr)
 engine_create = _fn("mlart_engine_create", _err, P(EngineOptions), P(_ptr))
 engine_free = _fn("mlart_engine_free", None, _ptr)
 engine_info = _fn("mlart_engine_info", _err, _ptr, P(EngineProps))
+engine_mem_alloc = _fn("mlart_engine_mem_alloc", _err, _ptr, ctypes.c_size_t, P(_ptr))
+engine_mem_free = _fn("mlart_engine_mem_free", _err, _ptr, _ptr)
+engine_mem_copy = _fn(
+    "mlart_engine_mem_copy", _err, _ptr, _ptr, _u32, _ptr, _u32, ctypes.c_size_t
+)
 
 kv_row_bytes = _fn("mlart_kv_row_bytes", _err, _u32, _i32, P(ctypes.c_size_t))
 kv_block_bytes = _fn("mlart_kv_block_bytes", _err, _u32, _i32, _i32, P(ctypes.c_size_t))
