@@ -759,7 +759,11 @@ typedef struct mlart_kv_pool_decode_args {
    */
   bool causal;
   /**
-   * Where `seq_ids`, `q`, `out`, `lse` live; default `MLART_MEMORY_HOST`.
+   * Where `q`, `out` and `lse` live; default `MLART_MEMORY_HOST`.
+   * `MLART_MEMORY_DEVICE` (a CUDA engine's pool): memory of that engine's
+   * GPU, 16-byte aligned, and the call is ordered on `stream`. `seq_ids`,
+   * `indices`, `topk_length` and `attn_sink` are host memory either way
+   * (the pool translates the sequences and positions on the host).
    */
   mlart_memory memory;
   /**
@@ -801,7 +805,11 @@ typedef struct mlart_kv_pool_decode_args {
    */
   float *lse;
   /**
-   * CUDA stream (CUDA engines); ignored by CPU engines.
+   * CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
+   * work starts after what is enqueued there, and the stream continues
+   * after it (the call returns once it is enqueued; it stages the block
+   * tables, so a stream being captured into a CUDA graph is refused).
+   * NULL: the call waits for the result. Ignored for host memory.
    */
   void *stream;
 } mlart_kv_pool_decode_args;
@@ -1289,6 +1297,8 @@ struct mlart_error *mlart_kv_append(struct mlart_kv_pool *pool, uint64_t seq_id,
  * Decodes one layer for a list of sequences held by the pool; the same
  * semantics as `mlart_decode_paged`, with the block table and lengths
  * taken from the pool (each sequence's current length in that layer).
+ * On a CUDA engine the queries, output and lse may be device memory
+ * (`args.memory`, `args.stream`).
  */
 struct mlart_error *mlart_kv_pool_decode(struct mlart_kv_pool *pool, const struct mlart_kv_pool_decode_args *args);
 

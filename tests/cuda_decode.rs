@@ -1007,6 +1007,153 @@ fn cuda_pool_matches_cpu_pool() -> Outcome {
     Outcome::Ran
 }
 
+/// `mlart_kv_pool_decode` with the queries, output and lse in device memory
+/// (a CUDA engine's pool): byte for byte what the same pool gives for host
+/// memory, waited for (stream NULL) and on a caller's stream; dense causal
+/// with two query tokens, sparse with `topk_length` and a sink (those stay
+/// host memory). A CPU engine's pool refuses device memory by name, and a
+/// device call needs `q` and `out`.
+fn cuda_pool_decode_device_memory() -> Outcome {
+    use cudarc::driver::result;
+    use mlart::ffi::pool::*;
+    with_gpu(|g| {
+        let (d_qk, d_v, h_q, s_q, bs) = (576usize, 512usize, 16usize, 2usize, 16);
+        let new_pool = |engine: *mut mlart_engine| {
+            let mut o = MaybeUninit::<mlart_kv_pool_options>::uninit();
+            mlart_kv_pool_options_init(o.as_mut_ptr());
+            // SAFETY: initialized just above.
+            let mut o = unsafe { o.assume_init() };
+            o.kv_format = MLART_KV_FORMAT_BF16;
+            o.d_qk = d_qk as i32;
+            o.block_size = bs;
+            o.num_blocks = 16;
+            let mut p = std::ptr::null_mut();
+            assert!(take_error(mlart_kv_pool_create(engine, &o, &mut p)).is_none());
+            p
+        };
+        let pool = new_pool(g.ptr);
+        let mut rng = SmallRng::seed_from_u64(case_seed(71, 0));
+        let seqs = [5u64, 9];
+        for (&id, n) in seqs.iter().zip([37usize, 12]) {
+            assert!(take_error(mlart_kv_seq_create(pool, id)).is_none());
+            let rows: Vec<f32> = (0..n * d_qk).map(|_| sample(&mut rng)).collect();
+            let rows_ptr = rows.as_ptr() as *const c_void;
+            let e = mlart_kv_append(pool, id, 0, n as i32, MLART_DTYPE_F32, rows_ptr);
+            assert!(take_error(e).is_none());
+        }
+        let q: Vec<u8> = (0..seqs.len() * s_q * h_q * d_qk)
+            .flat_map(|_| bf16_bits(sample(&mut rng)).to_le_bytes())
+            .collect();
+        let topk = 8usize;
+        let indices: Vec<i32> = (0..seqs.len() * s_q * topk)
+            .map(|i| {
+                if i % 7 == 3 {
+                    -1
+                } else {
+                    rng.random_range(0..12)
+                }
+            })
+            .collect();
+        let topk_length = [8i32, 5];
+        let sink: Vec<f32> = (0..h_q).map(|_| sample(&mut rng)).collect();
+        let (out_bytes, lse_n) = (seqs.len() * s_q * h_q * d_v * 2, seqs.len() * h_q * s_q);
+        let args = |sparse: bool| {
+            let mut a = MaybeUninit::<mlart_kv_pool_decode_args>::uninit();
+            mlart_kv_pool_decode_args_init(a.as_mut_ptr());
+            // SAFETY: initialized just above.
+            let mut a = unsafe { a.assume_init() };
+            a.batch = seqs.len() as i32;
+            a.seq_ids = seqs.as_ptr();
+            a.s_q = s_q as i32;
+            a.h_q = h_q as i32;
+            a.d_v = d_v as i32;
+            a.causal = !sparse;
+            if sparse {
+                a.indices = indices.as_ptr();
+                a.topk = topk as i32;
+                a.topk_length = topk_length.as_ptr();
+                a.attn_sink = sink.as_ptr();
+            }
+            a
+        };
+        let mut pl = Placed {
+            ptrs: Vec::new(),
+            engine: g.ptr,
+        };
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking).unwrap();
+        for sparse in [false, true] {
+            let mut want = vec![0u8; out_bytes];
+            let mut want_lse = vec![0f32; lse_n];
+            let mut a = args(sparse);
+            a.q = q.as_ptr() as *const c_void;
+            a.out = want.as_mut_ptr() as *mut c_void;
+            a.lse = want_lse.as_mut_ptr();
+            assert!(take_error(mlart_kv_pool_decode(pool, &a)).is_none());
+            for on_stream in [false, true] {
+                let qd = pl.put(&q);
+                let od = pl.put(&vec![0xffu8; out_bytes]);
+                let ld = pl.put(&vec![0xffu8; 4 * lse_n]);
+                let mut a = args(sparse);
+                a.memory = MLART_MEMORY_DEVICE;
+                a.q = qd;
+                a.out = od;
+                a.lse = ld as *mut f32;
+                if on_stream {
+                    a.stream = stream as *mut c_void;
+                }
+                assert!(take_error(mlart_kv_pool_decode(pool, &a)).is_none());
+                if on_stream {
+                    // SAFETY: our stream.
+                    unsafe { result::stream::synchronize(stream) }.unwrap();
+                }
+                let mut got = vec![0u8; out_bytes];
+                let mut got_lse = vec![0u8; 4 * lse_n];
+                pl.get(&mut got, od);
+                pl.get(&mut got_lse, ld);
+                assert!(
+                    got == want,
+                    "sparse {sparse} stream {on_stream}: device-memory output differs"
+                );
+                assert!(
+                    got_lse == bytes_of(&want_lse),
+                    "sparse {sparse} stream {on_stream}: device-memory lse differs"
+                );
+            }
+        }
+        // A device call needs q and out.
+        let mut a = args(false);
+        a.memory = MLART_MEMORY_DEVICE;
+        a.out = pl.put(&vec![0u8; out_bytes]);
+        let (code, msg) = take_error(mlart_kv_pool_decode(pool, &a)).expect("q is NULL");
+        assert_eq!(code, MLART_STATUS_NULL_POINTER, "{msg}");
+        assert!(msg.contains("q"), "{msg}");
+        // SAFETY: our stream, idle.
+        unsafe { result::stream::destroy(stream) }.unwrap();
+        mlart_kv_pool_free(pool);
+        // A CPU engine's pool reads host memory only.
+        let mut o = MaybeUninit::<mlart_engine_options>::uninit();
+        mlart_engine_options_init(o.as_mut_ptr());
+        // SAFETY: initialized just above.
+        let mut o = unsafe { o.assume_init() };
+        o.backend = MLART_BACKEND_CPU;
+        let mut cpu = std::ptr::null_mut();
+        assert!(take_error(mlart_engine_create(&o, &mut cpu)).is_none());
+        let cpu_pool = new_pool(cpu);
+        assert!(take_error(mlart_kv_seq_create(cpu_pool, 5)).is_none());
+        assert!(take_error(mlart_kv_seq_create(cpu_pool, 9)).is_none());
+        let mut a = args(false);
+        a.memory = MLART_MEMORY_DEVICE;
+        a.q = q.as_ptr() as *const c_void;
+        let mut out = vec![0u8; out_bytes];
+        a.out = out.as_mut_ptr() as *mut c_void;
+        let (code, msg) = take_error(mlart_kv_pool_decode(cpu_pool, &a)).expect("refused");
+        assert_eq!(code, MLART_STATUS_UNSUPPORTED, "{msg}");
+        assert!(msg.contains("MLART_MEMORY_DEVICE"), "{msg}");
+        mlart_kv_pool_free(cpu_pool);
+        mlart_engine_free(cpu);
+    })
+}
+
 /// DeepSeek-V3.2's indexer over a device pool (keys kept and scored on the
 /// GPU: `mla_index_scatter`, `mla_index_score`, `mla_index_topk`) chooses
 /// exactly what the CPU's `indexer::select` chooses over a host pool given
@@ -2081,7 +2228,7 @@ fn cuda_wgmma_probe() -> Outcome {
 }
 
 fn main() {
-    let tests: [Test; 15] = [
+    let tests: [Test; 16] = [
         ("cuda_wgmma_probe", cuda_wgmma_probe),
         ("cuda_wgmma_as_requested", cuda_wgmma_as_requested),
         ("cuda_dense_matrix", cuda_dense_matrix),
@@ -2090,6 +2237,10 @@ fn main() {
         ("cuda_device_memory_errors", cuda_device_memory_errors),
         ("cuda_plan_matches_host_twin", cuda_plan_matches_host_twin),
         ("cuda_pool_matches_cpu_pool", cuda_pool_matches_cpu_pool),
+        (
+            "cuda_pool_decode_device_memory",
+            cuda_pool_decode_device_memory,
+        ),
         ("cuda_indexer_matches_cpu", cuda_indexer_matches_cpu),
         ("cuda_graph_capture", cuda_graph_capture),
         (

@@ -175,12 +175,12 @@ fn no_sparse_fields(a: &mlart_decode_args) -> Result<()> {
     Ok(())
 }
 
-fn dev(p: *const c_void) -> u64 {
+pub(crate) fn dev(p: *const c_void) -> u64 {
     p as usize as u64
 }
 
 /// `name` must be set: device pointers cannot be checked further here.
-fn required(p: *const c_void, name: &str) -> Result<u64> {
+pub(crate) fn required(p: *const c_void, name: &str) -> Result<u64> {
     if p.is_null() {
         return Err(Error::null(name));
     }

@@ -1,6 +1,6 @@
 //! `mlart_kv_pool`: the managed paged KV cache and its sequences.
 
-use super::decode::{activations, check_memory, optional, positive};
+use super::decode::{activations, optional, positive, required};
 use super::engine::{engine_ref, mlart_engine};
 use super::error::mlart_error;
 use super::panic::{ffi_result, ffi_value};
@@ -8,7 +8,7 @@ use super::types::*;
 use super::{non_negative, read_struct, read_versioned, slice, Region};
 use crate::decode::DecodeShape;
 use crate::error::{Error, Result};
-use crate::format::{Dtype, KvFormat};
+use crate::format::{Dtype, KvFormat, Memory};
 use crate::kv::{KvPool, PoolOptions, PoolSparse};
 use std::ffi::c_void;
 
@@ -103,7 +103,11 @@ pub struct mlart_kv_pool_decode_args {
     pub softmax_scale: f32,
     /// Bottom-right-aligned causal mask among the s_q query tokens.
     pub causal: bool,
-    /// Where `seq_ids`, `q`, `out`, `lse` live; default `MLART_MEMORY_HOST`.
+    /// Where `q`, `out` and `lse` live; default `MLART_MEMORY_HOST`.
+    /// `MLART_MEMORY_DEVICE` (a CUDA engine's pool): memory of that engine's
+    /// GPU, 16-byte aligned, and the call is ordered on `stream`. `seq_ids`,
+    /// `indices`, `topk_length` and `attn_sink` are host memory either way
+    /// (the pool translates the sequences and positions on the host).
     pub memory: mlart_memory,
     /// Element type of `q`; default `MLART_DTYPE_BF16`.
     pub q_dtype: mlart_dtype,
@@ -125,7 +129,11 @@ pub struct mlart_kv_pool_decode_args {
     pub out: *mut c_void,
     /// Optional lse [batch, h_q, s_q].
     pub lse: *mut f32,
-    /// CUDA stream (CUDA engines); ignored by CPU engines.
+    /// CUDA stream (`CUstream`) for `MLART_MEMORY_DEVICE`: the engine's
+    /// work starts after what is enqueued there, and the stream continues
+    /// after it (the call returns once it is enqueued; it stages the block
+    /// tables, so a stream being captured into a CUDA graph is refused).
+    /// NULL: the call waits for the result. Ignored for host memory.
     pub stream: *mut c_void,
 }
 
@@ -408,7 +416,7 @@ fn pool_decode(pool: *const mlart_kv_pool, args: *const mlart_kv_pool_decode_arg
     let p = unsafe { pool_ref(pool) }?;
     // SAFETY: a non-NULL args points to a caller struct.
     let a = unsafe { read_struct(args, "args", "mlart_kv_pool_decode_args_init") }?;
-    check_memory(a.memory)?;
+    let memory = Memory::from_raw("memory", a.memory)?;
     let d_qk = p.options().d_qk as i32;
     let shape = DecodeShape::new(
         a.batch,
@@ -447,6 +455,27 @@ fn pool_decode(pool: *const mlart_kv_pool, args: *const mlart_kv_pool_decode_arg
             topk_length,
         })
     };
+    if memory == Memory::Device {
+        // q, out and lse in the engine's GPU memory: their sizes and
+        // alignment are the CUDA backend's to check; the rest is host memory.
+        let q_dtype = Dtype::from_raw("q_dtype", a.q_dtype)?.check_activation("q_dtype")?;
+        let out_dtype = Dtype::from_raw("out_dtype", a.out_dtype)?.check_activation("out_dtype")?;
+        let q = required(a.q, "q")?;
+        let out = required(a.out as *const c_void, "out")?;
+        return p.decode_device_memory(
+            a.layer as i64,
+            ids,
+            shape,
+            q_dtype,
+            q,
+            sparse,
+            sink,
+            out,
+            out_dtype,
+            a.lse as u64,
+            a.stream as u64,
+        );
+    }
     // SAFETY: q/out/lse contract.
     let mut act =
         unsafe { activations(&shape, a.q_dtype, a.q, a.out_dtype, a.out, a.lse, &inputs) }?;
@@ -465,6 +494,8 @@ fn pool_decode(pool: *const mlart_kv_pool, args: *const mlart_kv_pool_decode_arg
 /// Decodes one layer for a list of sequences held by the pool; the same
 /// semantics as `mlart_decode_paged`, with the block table and lengths
 /// taken from the pool (each sequence's current length in that layer).
+/// On a CUDA engine the queries, output and lse may be device memory
+/// (`args.memory`, `args.stream`).
 #[no_mangle]
 pub extern "C" fn mlart_kv_pool_decode(
     pool: *mut mlart_kv_pool,

@@ -954,6 +954,7 @@ impl KvPool {
         let out = OutRef::Device {
             ptr: out,
             dtype: out_dtype,
+            lse: 0,
         };
         self.decode_with(
             layer,
@@ -965,6 +966,50 @@ impl KvPool {
             None,
             out,
         )
+    }
+
+    /// [`Self::decode`] of a CUDA engine's pool with the queries `[batch,
+    /// s_q, h_q, d_qk]`, the output `[batch, s_q, h_q, d_v]` and the lse
+    /// `[batch, h_q, s_q]` (unless 0) at device addresses of that engine;
+    /// `seqs`, `sparse` and `attn_sink` stay host memory. Ordered after the
+    /// work on the caller's CUstream `stream`, which continues after it; 0:
+    /// the call waits.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_device_memory(
+        &self,
+        layer: i64,
+        seqs: &[u64],
+        shape: DecodeShape,
+        q_dtype: Dtype,
+        q: u64,
+        sparse: Option<PoolSparse<'_>>,
+        attn_sink: Option<&[f32]>,
+        out: u64,
+        out_dtype: Dtype,
+        lse: u64,
+        stream: u64,
+    ) -> Result<()> {
+        let cuda = self.engine.backend().cuda().ok_or_else(|| {
+            Error::unsupported(
+                "memory = MLART_MEMORY_DEVICE but this pool's engine runs on the CPU and reads host memory only",
+            )
+        })?;
+        cuda.join_from(stream)?;
+        self.decode_with(
+            layer,
+            seqs,
+            shape,
+            q_dtype,
+            DataRef::Device(q),
+            sparse.map(SparseIn::Logical),
+            attn_sink,
+            OutRef::Device {
+                ptr: out,
+                dtype: out_dtype,
+                lse,
+            },
+        )?;
+        cuda.join_to(stream)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -906,17 +906,17 @@ class KvPool(_Handle):
         sparse ``indices [batch, s_q, topk]`` are logical token positions.
         Returns ``DecodeResult(out, lse)``.
 
-        Device memory, as mlart.h words it: `q`, `out`, `lse` and `seq_ids`
-        (a uint64 device array, typestr '<u8') are then all device memory,
-        while `indices`, `topk_length` and `attn_sink` stay host memory;
-        `stream` as for `Engine.decode_paged`. (The library of this
-        version answers such a call with UNSUPPORTED.)"""
+        Device memory (a CUDA engine's pool): `q`, `out` and `lse` may be
+        CUDA device arrays (all three, or none), while `seq_ids`, `indices`,
+        `topk_length` and `attn_sink` stay host memory (the pool translates
+        them on the host); `stream` as for `Engine.decode_paged`."""
         self._ensure_open()
         with A.Keep() as keep:
             d = C.new_struct("mlart_kv_pool_decode_args")
-            # q first: it decides the call's memory space (seq_ids follows it).
+            # q first: it decides the call's memory space (out and lse follow
+            # it; the ids are host memory either way).
             q_mv, d.q, d.q_dtype = _activation(q, q_dtype, "q", "q_dtype", keep, device=True)
-            n_ids, d.seq_ids = A.seq_id_array(seq_ids, "seq_ids", keep, device=True)
+            n_ids, d.seq_ids = A.seq_id_array(seq_ids, "seq_ids", keep)
             d.layer = A.int32(layer, "layer", 0)
             d.batch = A.int32(n_ids, "len(seq_ids)")
             d.s_q = A.int32(s_q, "s_q", 1)

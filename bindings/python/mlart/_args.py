@@ -393,6 +393,11 @@ def seq_id_array(value, name, keep, device=False):
             keep.add(dev)
             return elements(dev), address(dev, keep, name)
         keep.note_space(name, False, value)
+    elif hasattr(value, "__cuda_array_interface__"):
+        raise TypeError(
+            "%s must be host memory (a list of ids or an integer buffer), got a CUDA device array"
+            % name
+        )
     if isinstance(value, (list, tuple)):
         ids = array.array("Q", [seq_id(v, "%s[%d]" % (name, i)) for i, v in enumerate(value)])
     elif isinstance(value, int) and not isinstance(value, bool):

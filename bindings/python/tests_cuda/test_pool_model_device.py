@@ -1,7 +1,7 @@
 """KvPool and Model on a CUDA engine with device arrays: a model layer
 whose hidden states stay in device memory (Model.forward x/out), against
-the same layer over host buffers and on a CPU engine; and what the library
-of this version says to a pool decode over device memory."""
+the same layer over host buffers and on a CPU engine; and a pool decode
+with its queries and outputs in device memory."""
 
 import array
 
@@ -30,50 +30,55 @@ class PoolDeviceTest(cudalib.CudaTestCase):
         cudalib.check_out(self, g.out, list(c.out), g.lse, list(c.lse), 2, h_q * D_V, "pool")
 
     def test_device_memory_pool_decode(self):
-        # mlart.h: with MLART_MEMORY_DEVICE, seq_ids, q, out and lse are
-        # device memory (indices, topk_length and attn_sink are not among
-        # them). The library of this version answers UNSUPPORTED (on every
-        # engine): the binding passes the call on and raises its error.
-        h_q = 2
+        # q, out and lse in device memory; seq_ids, indices, topk_length and
+        # attn_sink in host memory. Byte for byte the same pool's
+        # host-memory result, dense (causal, two query tokens) and sparse.
+        h_q, s_q = 2, 2
+        rand = R.rng(42)
         with mlart.KvPool(self.gpu, d_qk=D_QK, num_blocks=4, block_size=16) as pool:
-            pool.create_seq(7)
-            pool.append(7, 0, R.random_f32(3 * D_QK, R.rng(42)))
-            ids = self.upload(array.array("Q", [7]))
-            q = self.upload(R.random_f32(h_q * D_QK, R.rng(43)))
-            out, lse = self.empty((h_q, D_V)), self.empty(h_q)
-            with cudalib.recording("kv_pool_decode") as seen:
-                with self.assertRaises(mlart.MlartError) as cm:
-                    pool.decode(seq_ids=ids, h_q=h_q, d_v=D_V, q=q, out=out, lse=lse)
-            self.assertEqual((cm.exception.code, cm.exception.function),
-                             ("UNSUPPORTED", "mlart_kv_pool_decode"))
-            self.assertIn("MLART_MEMORY_DEVICE", str(cm.exception))
-            d = seen[0]
-            self.assertEqual((d.memory, d.batch, d.seq_ids, d.q, d.out, d.lse),
-                             (mlart.Memory.DEVICE, 1, ids.address, q.address, out.address,
-                              lse.address))
+            for sid, n in ((7, 19), (8, 3)):
+                pool.create_seq(sid)
+                pool.append(sid, 0, R.random_f32(n * D_QK, rand))
+            q_host = R.random_f32(2 * s_q * h_q * D_QK, rand)
+            q = self.upload(q_host)
+            sparse = dict(indices=array.array("i", [0, 5, -1, 18, 2, 1, 0, -1,
+                                                   0, 2, 9, 9, 1, 0, -1, 7]), topk=4,
+                          topk_length=array.array("i", [4, 2]),
+                          attn_sink=array.array("f", [0.5, -1.0]))
+            for extra in ({"causal": True}, sparse):
+                want = pool.decode(seq_ids=[7, 8], h_q=h_q, d_v=D_V, s_q=s_q, q=q_host,
+                                   lse=True, **extra)
+                out, lse = self.empty((2, s_q, h_q, D_V)), self.empty((2, h_q, s_q))
+                with cudalib.recording("kv_pool_decode") as seen:
+                    got = pool.decode(seq_ids=[7, 8], h_q=h_q, d_v=D_V, s_q=s_q, q=q,
+                                      out=out, lse=lse, **extra)
+                self.assertIs(got.out, out)
+                d = seen[0]
+                self.assertEqual((d.memory, d.batch, d.q, d.out, d.lse),
+                                 (mlart.Memory.DEVICE, 2, q.address, out.address, lse.address))
+                self.assertEqual(list(out.to_host()), list(want.out), str(extra))
+                self.assertEqual(list(lse.to_host()), list(want.lse), str(extra))
             # The binding's own checks come first.
-            with self.assertRaisesRegex(TypeError, r"^seq_ids is host memory \(list\) but q is "
-                                                   r"CUDA device memory"):
-                pool.decode(seq_ids=[7], h_q=h_q, d_v=D_V, q=q, out=out)
-            with self.assertRaisesRegex(TypeError, r"^seq_ids must be a uint64 device array "
-                                                   r"\(typestr '<u8'\)"):
-                pool.decode(seq_ids=self.upload(array.array("i", [7])), h_q=h_q, d_v=D_V, q=q,
-                            out=out)
+            out = self.empty((s_q, h_q, D_V))
+            one_q = self.upload(R.random_f32(s_q * h_q * D_QK, rand))
+            with self.assertRaisesRegex(TypeError, r"^seq_ids must be host memory"):
+                pool.decode(seq_ids=self.upload(array.array("Q", [7])), h_q=h_q, d_v=D_V,
+                            s_q=s_q, q=one_q, out=out)
             with self.assertRaisesRegex(TypeError, r"^out is required when the call's tensors "
                                                    r"are CUDA device memory"):
-                pool.decode(seq_ids=ids, h_q=h_q, d_v=D_V, q=q)
+                pool.decode(seq_ids=[7], h_q=h_q, d_v=D_V, s_q=s_q, q=one_q)
             with self.assertRaisesRegex(TypeError, r"^indices must be an int32 buffer .* in "
                                                    r"host memory"):
-                pool.decode(seq_ids=ids, h_q=h_q, d_v=D_V, q=q, out=out, topk=1,
-                            indices=self.upload(array.array("i", [0])))
+                pool.decode(seq_ids=[7], h_q=h_q, d_v=D_V, s_q=s_q, q=one_q, out=out, topk=1,
+                            indices=self.upload(array.array("i", [0, 0])))
             with self.assertRaisesRegex(TypeError, r"^attn_sink must be a float32 buffer .* in "
                                                    r"host memory"):
-                pool.decode(seq_ids=ids, h_q=h_q, d_v=D_V, q=q, out=out,
+                pool.decode(seq_ids=[7], h_q=h_q, d_v=D_V, s_q=s_q, q=one_q, out=out,
                             attn_sink=self.upload(array.array("f", [0.0] * h_q)))
             with self.assertRaisesRegex(ValueError, r"^q has 575 elements"):
-                pool.decode(seq_ids=ids, h_q=1, d_v=D_V, q=cudalib.Foreign(q, shape=(575,)),
+                pool.decode(seq_ids=[7], h_q=1, d_v=D_V, q=cudalib.Foreign(q, shape=(575,)),
                             out=out)
-            self.assertEqual(pool.seq_length(7), 3)
+            self.assertEqual(pool.seq_length(7), 19)
 
 
 class ModelDeviceTest(cudalib.CudaTestCase):
@@ -154,7 +159,7 @@ class ModelDeviceTest(cudalib.CudaTestCase):
                                                r"memory"):
             self.model.forward(pool, x=x, out=out, layer=0, seq_ids=[1, 2],
                                n_tokens=self.upload(array.array("i", [1, 1])))
-        with self.assertRaisesRegex(TypeError, r"^seq_ids must be a list of ids"):
+        with self.assertRaisesRegex(TypeError, r"^seq_ids must be host memory"):
             self.model.forward(pool, x=x, out=out, layer=0, n_tokens=[1, 1],
                                seq_ids=self.upload(array.array("Q", [1, 2])))
         with self.assertRaisesRegex(ValueError, r"^x has 511 elements but x \[sum\(n_tokens\)=2, "

@@ -83,7 +83,8 @@ impl CudaBackend {
 
     /// Makes the engine's stream wait for the work enqueued so far on the
     /// caller's CUstream `caller` (0: none). A stream being captured into
-    /// a CUDA graph is refused: a layer forward stages host data.
+    /// a CUDA graph is refused: a layer forward or a pool decode stages host
+    /// data.
     pub fn join_from(&self, caller: u64) -> Result<()> {
         if caller == 0 {
             return Ok(());
@@ -96,7 +97,7 @@ impl CudaBackend {
         })? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
         if capturing {
             return Err(crate::error::Error::invalid(
-                "stream is being captured into a CUDA graph: a model forward copies host data (block tables, RoPE tables) and cannot be captured",
+                "stream is being captured into a CUDA graph: this call copies host data (block tables, indices, RoPE tables) and cannot be captured",
             ));
         }
         Self::wait_between(caller, stream)

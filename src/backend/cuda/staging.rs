@@ -71,9 +71,10 @@ pub struct HostDecode<'a> {
 pub enum OutRef<'a, 'b> {
     /// Copied back into host memory; the call waits.
     Host(&'a mut DecodeOutput<'b>),
-    /// Written at a device address (`[batch, s_q, h_q, d_v]` of `dtype`)
-    /// on the engine's stream; the call only enqueues.
-    Device { ptr: u64, dtype: Dtype },
+    /// Written at a device address (`[batch, s_q, h_q, d_v]` of `dtype`,
+    /// and the lse `[batch, h_q, s_q]` f32 at `lse` unless 0) on the
+    /// engine's stream; the call only enqueues.
+    Device { ptr: u64, dtype: Dtype, lse: u64 },
 }
 
 /// Device buffers of one call, 256-byte aligned (the driver's alignment),
@@ -248,15 +249,16 @@ impl CudaBackend {
                 (main.layout, main.num_blocks, Staged::Sparse(m, x))
             }
         };
-        let (out_at, out_dtype, lse_off) = match &out {
+        let (out_at, out_dtype, lse_off, lse_dev) = match &out {
             OutRef::Host(o) => (
                 At::Staged(sg.reserve(o.out.len())),
                 o.dtype,
                 o.lse
                     .as_ref()
                     .map(|l| sg.reserve(std::mem::size_of_val(&**l))),
+                0,
             ),
-            OutRef::Device { ptr, dtype } => (At::Device(*ptr), *dtype, None),
+            OutRef::Device { ptr, dtype, lse } => (At::Device(*ptr), *dtype, None, *lse),
         };
 
         self.make_current()?;
@@ -311,7 +313,7 @@ impl CudaBackend {
             keys: keys_dev,
             sink: sink.map_or(0, at),
             out: out_at.addr(base),
-            lse: lse_off.map_or(0, at),
+            lse: lse_off.map_or(lse_dev, at),
             stream: 0,
         };
         let OutRef::Host(out) = &mut out else {
