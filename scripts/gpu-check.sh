@@ -12,7 +12,8 @@
 #     1. GPU checks: the GPU test suite with the mma.sync kernels, then with
 #        the Hopper wgmma ones (MLART_CUDA_WGMMA=1; it also runs the model's
 #        projections and the V3.2 indexer on the GPU), the unit and C-ABI
-#        tests that need a device;
+#        tests that need a device, the Python binding's device arrays (its
+#        tests_cuda suite, and torch tensors: tests_cuda/torch_smoke.py);
 #     2. host-CPU checks (its Xeon has AMX-BF16): the AMX tiles against their
 #        software model, the reference suites forced to the amx kernel, the
 #        model's prefill GEMM on AMX (MLART_AMX_GEMM=1);
@@ -49,7 +50,7 @@ for line in sys.stdin:
         print(name, m["executable"])
 ' > target/gpu-tests.txt
     rm -rf "$g" && mkdir -p "$g"
-    cp target/release/mlart "$g/"
+    cp target/release/mlart target/release/libmlart.so "$g/"
     while read -r name exe; do
         case "$name" in
             unit|cuda_decode|decode_errors|cpu_isa|decode_reference|sparse_reference|model)
@@ -107,6 +108,18 @@ run_gpu_checks() {
     tmo 60 "$g/unit" cuda 2>&1 | grep -E "^test |test result|panicked" | head -40
     echo "== C-ABI error tests with a device present"
     tmo 60 "$g/decode_errors" 2>&1 | grep -E "test result|panicked|FAILED" | head -20
+    # The Python binding's device-array suite (written for the emulated
+    # driver) with the real one, then torch's own CUDA tensors through
+    # __cuda_array_interface__ on torch's stream.
+    echo "== Python binding: CUDA device arrays (tests_cuda), then torch tensors (torch_smoke.py)"
+    local ck lib="$PWD/$g/libmlart.so"
+    ck=$(mktemp -d)
+    tmo 60 "$g/mlart" gen-model --preset small --layers 1 "$ck/small" > /dev/null 2>&1
+    (cd bindings/python && MLART_LIBRARY="$lib" MLART_TEST_CUDA=1 MLART_TEST_SMALL_MODEL_DIR="$ck/small" \
+        PYTHONDONTWRITEBYTECODE=1 tmo 120 python3 -m unittest discover -s tests_cuda 2>&1 | tail -6)
+    (cd bindings/python && MLART_LIBRARY="$lib" PYTHONDONTWRITEBYTECODE=1 \
+        tmo 120 python3 tests_cuda/torch_smoke.py 2>&1 | tail -8)
+    rm -rf "$ck"
 }
 
 # The GPU half's figures: torch's ceilings, `mlart bench --cuda` (both kinds)
