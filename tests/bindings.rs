@@ -10,7 +10,10 @@
 
 mod host;
 
-use host::{expect_success, library_dir, run, tiny_checkpoint, tiny_v32_checkpoint};
+use host::{
+    expect_success, library_dir, run, small_checkpoint, tiny_checkpoint, tiny_v32_checkpoint,
+};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -136,22 +139,32 @@ fn node_binding_tests_pass() {
 /// library only): the whole suite must run, pass and skip nothing.
 #[test]
 fn python_binding_tests_pass() {
-    let pkg = root().join("bindings/python");
-    let lib = library_dir().join("libmlart.so");
     let model = checkpoint("python-model-tiny", tiny_checkpoint);
     let model_v32 = checkpoint("python-model-tiny-v32", tiny_v32_checkpoint);
+    python_unittest(
+        "tests",
+        &[
+            ("MLART_TEST_MODEL_DIR", model.as_ref()),
+            ("MLART_TEST_MODEL_V32_DIR", model_v32.as_ref()),
+        ],
+    );
+}
+
+/// `python3 -m unittest discover -s SUITE -v` in `bindings/python` against
+/// this build's library, with `env`: it must run tests, pass them all and
+/// skip none.
+fn python_unittest(suite: &str, env: &[(&str, &OsStr)]) {
     let mut cmd = Command::new("python3");
-    cmd.current_dir(&pkg)
-        .args(["-m", "unittest", "discover", "-s", "tests", "-v"])
-        .env("MLART_LIBRARY", &lib)
-        .env("MLART_TEST_MODEL_DIR", &model)
-        .env("MLART_TEST_MODEL_V32_DIR", &model_v32)
+    cmd.current_dir(root().join("bindings/python"))
+        .args(["-m", "unittest", "discover", "-s", suite, "-v"])
+        .env("MLART_LIBRARY", library_dir().join("libmlart.so"))
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env_remove("MLART_CPU_ISA")
-        .env_remove("MLART_BACKEND");
+        .env_remove("MLART_BACKEND")
+        .envs(env.iter().copied());
     let needs = "The Python binding's tests need Python >= 3.9 (`python3` on PATH).";
-    let what = "python3 -m unittest discover -s tests -v";
-    let text = expect_success(what, &run(what, &mut cmd, needs));
+    let what = format!("python3 -m unittest discover -s {suite} -v");
+    let text = expect_success(&what, &run(&what, &mut cmd, needs));
     let ran = text
         .lines()
         .find_map(|l| {
@@ -164,7 +177,7 @@ fn python_binding_tests_pass() {
         .unwrap_or(0);
     assert!(
         ran > 0 && text.lines().any(|l| l.trim() == "OK") && !text.contains("skipped"),
-        "unexpected unittest summary (ran {ran}):\n{text}"
+        "unexpected unittest summary of {suite} (ran {ran}):\n{text}"
     );
 }
 
@@ -216,47 +229,13 @@ fn python_binding_cuda_tests_pass() {
         Ok(p) if !p.is_empty() => format!("{}:{p}", dir.display()),
         _ => dir.display().to_string(),
     };
-    // DeepSeek's cache rows (d_qk 576, d_v 512): the smallest model a CUDA
-    // engine runs (`mlart gen-model --preset small --layers 1 --seed 1`).
-    let model = checkpoint("python-model-small", |dir| {
-        use mlart::model::gen::{generate, GenOptions, Preset, WeightDtype};
-        let gen = GenOptions {
-            preset: Preset::Small,
-            dtype: WeightDtype::Bf16,
-            layers: 1,
-            seed: 1,
-            shards: 1,
-            yarn: true,
-        };
-        if let Err(e) = generate(dir, &gen) {
-            panic!("generate the small checkpoint in {}: {e:?}", dir.display());
-        }
-    });
-    let mut cmd = Command::new("python3");
-    cmd.current_dir(root().join("bindings/python"))
-        .args(["-m", "unittest", "discover", "-s", "tests_cuda", "-v"])
-        .env("LD_LIBRARY_PATH", &ld_path)
-        .env("MLART_LIBRARY", library_dir().join("libmlart.so"))
-        .env("MLART_TEST_CUDA", "1")
-        .env("MLART_TEST_SMALL_MODEL_DIR", &model)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env_remove("MLART_CPU_ISA")
-        .env_remove("MLART_BACKEND");
-    let needs = "The Python binding's tests need Python >= 3.9 (`python3` on PATH).";
-    let what = "python3 -m unittest discover -s tests_cuda -v";
-    let text = expect_success(what, &run(what, &mut cmd, needs));
-    let ran = text
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Ran ")?
-                .split(' ')
-                .next()?
-                .parse::<u32>()
-                .ok()
-        })
-        .unwrap_or(0);
-    assert!(
-        ran > 0 && text.lines().any(|l| l.trim() == "OK") && !text.contains("skipped"),
-        "unexpected unittest summary (ran {ran}):\n{text}"
+    let model = checkpoint("python-model-small", small_checkpoint);
+    python_unittest(
+        "tests_cuda",
+        &[
+            ("LD_LIBRARY_PATH", ld_path.as_ref()),
+            ("MLART_TEST_CUDA", "1".as_ref()),
+            ("MLART_TEST_SMALL_MODEL_DIR", model.as_ref()),
+        ],
     );
 }

@@ -101,37 +101,39 @@ pub fn library_dir() -> PathBuf {
     built
 }
 
-/// Writes a tiny random-weight checkpoint (2 layers, bf16) into `dir`.
-pub fn tiny_checkpoint(dir: &Path) {
+/// Writes a random-weight checkpoint of `preset` (`layers` layers, bf16
+/// weights, seed 1) into `dir`.
+fn bf16_checkpoint(dir: &Path, preset: Preset, layers: usize) {
     let gen = GenOptions {
-        preset: Preset::Tiny,
+        preset,
         dtype: WeightDtype::Bf16,
-        layers: 2,
-        seed: 1,
-        shards: 1,
-        yarn: true,
-    };
-    if let Err(e) = generate(dir, &gen) {
-        panic!("generate the test checkpoint in {}: {e:?}", dir.display());
-    }
-}
-
-/// Writes a tiny random-weight DeepSeek-V3.2 checkpoint (`tiny-v3.2`: the
-/// tiny shape plus a sparse-attention indexer of 4 heads of 32, top-8;
-/// 1 layer, bf16) into `dir`, for the bindings' indexer tests.
-pub fn tiny_v32_checkpoint(dir: &Path) {
-    let gen = GenOptions {
-        preset: Preset::TinyV32,
-        dtype: WeightDtype::Bf16,
-        layers: 1,
+        layers,
         seed: 1,
         shards: 1,
         yarn: true,
     };
     if let Err(e) = generate(dir, &gen) {
         panic!(
-            "generate the tiny-v3.2 test checkpoint in {}: {e:?}",
+            "generate the {preset:?} test checkpoint in {}: {e:?}",
             dir.display()
         );
     }
+}
+
+/// Writes a tiny random-weight checkpoint (2 layers, bf16) into `dir`.
+pub fn tiny_checkpoint(dir: &Path) {
+    bf16_checkpoint(dir, Preset::Tiny, 2);
+}
+
+/// Writes a tiny random-weight DeepSeek-V3.2 checkpoint (`tiny-v3.2`: the
+/// tiny shape plus a sparse-attention indexer of 4 heads of 32, top-8;
+/// 1 layer, bf16) into `dir`, for the bindings' indexer tests.
+pub fn tiny_v32_checkpoint(dir: &Path) {
+    bf16_checkpoint(dir, Preset::TinyV32, 1);
+}
+
+/// Writes a `small` checkpoint (DeepSeek's cache rows, d_qk 576 and d_v
+/// 512: the smallest model a CUDA engine runs; 1 layer, bf16) into `dir`.
+pub fn small_checkpoint(dir: &Path) {
+    bf16_checkpoint(dir, Preset::Small, 1);
 }
