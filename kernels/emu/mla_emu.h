@@ -488,6 +488,18 @@ inline void converged(unsigned mask, const char* kind) {
     }
 }
 
+// The lanes of this thread's warp named in `mask` that are live threads of
+// the block and for which `keep(lane)` holds, as a bit set.
+template <typename F>
+inline unsigned live_lanes(unsigned mask, F keep) {
+    State& s = st();
+    const int base = s.fibers[s.cur].tid - lane();
+    unsigned r = 0;
+    for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
+        if ((mask >> i & 1) && wait_of(s.fibers[base + i]) != DONE && keep(i)) r |= 1u << i;
+    return r;
+}
+
 }  // namespace emu
 
 #define threadIdx (emu::thread_idx())
@@ -523,11 +535,7 @@ inline unsigned __ballot_sync(unsigned mask, int pred) {
     w.kind[l] = emu::K_BALLOT;
     __syncwarp();
     emu::converged(mask, emu::K_BALLOT);
-    emu::State& s = emu::st();
-    const int base = s.fibers[s.cur].tid - l;
-    unsigned r = 0;
-    for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
-        if ((mask >> i & 1) && emu::wait_of(s.fibers[base + i]) != emu::DONE && w.pred[i]) r |= 1u << i;
+    const unsigned r = emu::live_lanes(mask, [&](int i) { return w.pred[i] != 0; });
     __syncwarp();
     return r;
 }
@@ -543,12 +551,7 @@ inline unsigned __match_any_sync(unsigned mask, unsigned value) {
     w.kind[l] = emu::K_MATCH;
     __syncwarp();
     emu::converged(mask, emu::K_MATCH);
-    emu::State& s = emu::st();
-    const int base = s.fibers[s.cur].tid - l;
-    unsigned r = 0;
-    for (int i = 0; i < 32 && base + i < (int)s.block_dim.x; ++i)
-        if ((mask >> i & 1) && emu::wait_of(s.fibers[base + i]) != emu::DONE && w.val[i] == value)
-            r |= 1u << i;
+    const unsigned r = emu::live_lanes(mask, [&](int i) { return w.val[i] == value; });
     __syncwarp();
     return r;
 }

@@ -995,20 +995,14 @@ impl KvPool {
             )
         })?;
         cuda.join_from(stream)?;
-        self.decode_with(
-            layer,
-            seqs,
-            shape,
-            q_dtype,
-            DataRef::Device(q),
-            sparse.map(SparseIn::Logical),
-            attn_sink,
-            OutRef::Device {
-                ptr: out,
-                dtype: out_dtype,
-                lse,
-            },
-        )?;
+        let out = OutRef::Device {
+            ptr: out,
+            dtype: out_dtype,
+            lse,
+        };
+        let q = DataRef::Device(q);
+        let sparse = sparse.map(SparseIn::Logical);
+        self.decode_with(layer, seqs, shape, q_dtype, q, sparse, attn_sink, out)?;
         cuda.join_to(stream)
     }
 

@@ -162,11 +162,10 @@ pub(crate) fn kernel_summary(times: &[KernelTime], calls: usize) -> String {
     times
         .iter()
         .map(|t| {
-            let per = t.launches as f64 / calls as f64;
-            let n = if per == 1.0 {
-                String::new()
-            } else {
-                format!(" (x{per:.3})").replace(".000", "")
+            let n = match t.launches as usize {
+                n if n == calls => String::new(),
+                n if n % calls == 0 => format!(" (x{})", n / calls),
+                n => format!(" (x{:.2})", n as f64 / calls as f64),
             };
             format!("{} {:.1} us{n}", t.name, t.seconds / calls as f64 * 1e6)
         })
