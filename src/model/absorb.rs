@@ -11,7 +11,9 @@
 //! the conversion is paid once per call and each row of W serves 8 tokens.
 
 use super::f32_gemm::matmul_rows;
+use super::gemm;
 use super::linear::Linear;
+use super::scratch::{Buf, Scratch};
 use rayon::prelude::*;
 
 /// Tokens above which rows are converted once per call rather than per token.
@@ -19,7 +21,9 @@ const FEW_TOKENS: usize = 4;
 /// Heads converted to f32 at a time for many tokens (4 MB for V3's W_UK).
 const HEAD_GROUP: usize = 16;
 /// Tokens per parallel task for many tokens: each head's f32 rows (256 KB
-/// for V3) stay in L2 while they serve the task's tokens.
+/// for V3) stay in L2 while they serve the task's tokens. Fewer tokens
+/// than threads × this are split evenly instead (in multiples of 4), so a
+/// batched decode step of 16 tokens still runs on every thread.
 const TOKEN_BLOCK: usize = 64;
 
 pub struct Absorbed {
@@ -69,16 +73,18 @@ impl Absorbed {
     /// W_UK is `(0, nope)`, W_UV `(nope, v)`) of heads `first..first +
     /// count` as f32: `[heads, part rows, lora]`, or with `transposed`
     /// `[heads, lora, part rows]`.
-    fn heads_f32(
+    fn heads_f32<'s>(
         &self,
         first: usize,
         count: usize,
         part: (usize, usize),
         transposed: bool,
-    ) -> Vec<f32> {
+        sc: &'s Scratch,
+    ) -> Buf<'s, f32> {
         let ((offset, rows), lora) = (part, self.lora());
         let row_of = |head: usize, d: usize| head * (self.nope + self.v) + offset + d;
-        let mut w = vec![0f32; count * rows * lora];
+        // Every element is written below.
+        let mut w = sc.overwritten::<f32>(count * rows * lora);
         if !transposed {
             w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
                 self.kv_b.row(row_of(first + i / rows, i % rows), dst);
@@ -114,16 +120,22 @@ impl Absorbed {
         out: &mut [f32],
         out_stride: usize,
         tokens: usize,
+        sc: &Scratch,
     ) {
         let h = self.heads;
+        let block = TOKEN_BLOCK.min(
+            tokens
+                .div_ceil(rayon::current_num_threads())
+                .next_multiple_of(4),
+        );
         for first in (0..h).step_by(HEAD_GROUP) {
             let count = HEAD_GROUP.min(h - first);
-            let w = self.heads_f32(first, count, part, transposed);
+            let w = self.heads_f32(first, count, part, transposed, sc);
             out[..tokens * h * out_stride]
-                .par_chunks_mut(TOKEN_BLOCK * h * out_stride)
+                .par_chunks_mut(block * h * out_stride)
                 .enumerate()
                 .for_each(|(b, chunk)| {
-                    let (t0, rows) = (b * TOKEN_BLOCK, chunk.len() / (h * out_stride));
+                    let (t0, rows) = (b * block, chunk.len() / (h * out_stride));
                     for head in first..first + count {
                         matmul_rows(
                             self.kv_b.level(),
@@ -141,9 +153,48 @@ impl Absorbed {
         }
     }
 
+    /// [`Self::values`] for many tokens on the `vdpbf16ps` GEMM, each head's
+    /// W_UV rows read in their stored precision (`o[t, h] = lat[t, h] ·
+    /// W_UV[h]ᵀ` is the GEMM's `X · Wᵀ`). The f32 path instead converts and
+    /// transposes all of W_UV on every call, which costs as much as a
+    /// batched decode step's products. False (nothing written) where the
+    /// GEMM does not run these rows.
+    fn values_gemm(&self, lat: &[f32], tokens: usize, o: &mut [f32], sc: &Scratch) -> bool {
+        let (h, v, lora) = (self.heads, self.v, self.lora());
+        let rows = |head: usize| self.kv_b.gemm_rows(self.uv_row(head, 0), v);
+        if (0..h).any(|head| rows(head).is_none()) {
+            return false;
+        }
+        let a = self.kv_b.activations();
+        // [H, tokens, v], then into o [tokens, H, v].
+        let mut by_head = sc.overwritten::<f32>(h * tokens * v);
+        by_head
+            .par_chunks_mut(tokens * v)
+            .enumerate()
+            .for_each(|(head, y)| {
+                let mut x = sc.overwritten::<f32>(tokens * lora);
+                for (t, xt) in x.chunks_exact_mut(lora).enumerate() {
+                    xt.copy_from_slice(&lat[(t * h + head) * lora..][..lora]);
+                }
+                if let Some(w) = rows(head) {
+                    gemm::matmul(w, v, lora, &x, tokens, y, a, sc);
+                }
+            });
+        o[..tokens * h * v]
+            .par_chunks_mut(h * v)
+            .enumerate()
+            .for_each(|(t, ot)| {
+                for (head, dst) in ot.chunks_exact_mut(v).enumerate() {
+                    dst.copy_from_slice(&by_head[(head * tokens + t) * v..][..v]);
+                }
+            });
+        true
+    }
+
     /// `lat[t, h] = q_nope[t, h] · W_UK[h]`: `q` is `[tokens, H, q_stride]`
     /// with `q_nope` first in each head's row; writes the first `kv_lora`
     /// values of each `out_stride` row of `out [tokens, H, out_stride]`.
+    /// Many tokens take their temporaries from `sc`.
     pub fn latent_queries(
         &self,
         q: &[f32],
@@ -151,6 +202,7 @@ impl Absorbed {
         tokens: usize,
         out: &mut [f32],
         out_stride: usize,
+        sc: &Scratch,
     ) {
         let (h, nope, lora) = (self.heads, self.nope, self.lora());
         if tokens > FEW_TOKENS {
@@ -164,6 +216,7 @@ impl Absorbed {
                 out,
                 out_stride,
                 tokens,
+                sc,
             );
         }
         out[..tokens * h * out_stride]
@@ -183,11 +236,15 @@ impl Absorbed {
     }
 
     /// `o[t, h] = W_UV[h] · lat[t, h]`: `lat` is `[tokens, H, kv_lora]`,
-    /// `o` is `[tokens, H, v]`.
-    pub fn values(&self, lat: &[f32], tokens: usize, o: &mut [f32]) {
+    /// `o` is `[tokens, H, v]`. Many tokens take their temporaries from `sc`.
+    pub fn values(&self, lat: &[f32], tokens: usize, o: &mut [f32], sc: &Scratch) {
         let (h, v, lora) = (self.heads, self.v, self.lora());
+        if tokens > FEW_TOKENS && self.values_gemm(lat, tokens, o, sc) {
+            return;
+        }
         if tokens > FEW_TOKENS {
-            return self.heads_matmul((self.nope, v), true, (lora, v), lat, lora, o, v, tokens);
+            let shape = (lora, v);
+            return self.heads_matmul((self.nope, v), true, shape, lat, lora, o, v, tokens, sc);
         }
         o[..tokens * h * v]
             .par_chunks_mut(v)
@@ -210,6 +267,7 @@ impl Absorbed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::level::Level;
     use crate::model::linear::testing::{every_dtype, values};
 
     /// Both directions, for few tokens (stored rows) and many (heads
@@ -219,9 +277,24 @@ mod tests {
     /// `kv_b.row()`.
     #[test]
     fn latent_queries_and_values_match_f64() {
-        let (heads, nope, v, lora) = (20usize, 6usize, 5usize, 130usize);
-        for kv_b in every_dtype(heads * (nope + v), lora, 3) {
-            let name = format!("{:?}", kv_b.dtype());
+        // DeepSeek's head dims (128) put every head's W_UV rows on an FP8
+        // scale block, so FP8 too takes the GEMM for many tokens.
+        let shapes = [(20usize, 6usize, 5usize, 130usize), (3, 128, 128, 256)];
+        for ((heads, nope, v, lora), kv_b) in shapes.into_iter().flat_map(|(h, n, v, l)| {
+            let weights = every_dtype(h * (n + v), l, 3);
+            Level::available()
+                .into_iter()
+                .flat_map(move |lvl| weights.clone().into_iter().map(move |w| w.with_level(lvl)))
+                .map(move |w| ((h, n, v, l), w))
+        }) {
+            let name = format!("{:?} {:?} {heads}x{nope}+{v}", kv_b.dtype(), kv_b.level());
+            let gemm = gemm::available()
+                && kv_b.level() == Level::Avx512Bf16
+                && match kv_b.dtype() {
+                    crate::format::Dtype::Bf16 => true,
+                    crate::format::Dtype::Fp8E4m3 => nope % 128 == 0,
+                    _ => false,
+                };
             let rows: Vec<Vec<f32>> = (0..kv_b.out)
                 .map(|o| {
                     let mut r = vec![0f32; lora];
@@ -232,14 +305,19 @@ mod tests {
             let ab = Absorbed::new(kv_b, heads, nope, v);
             // 70 tokens: a full task of 64 and a partial one.
             for tokens in [1usize, 3, 7, 70] {
-                // q rows of 9 (nope 6 + 3 others), out rows of lora + 2.
+                // q rows of nope + 3, out rows of lora + 2.
                 let (qs, os) = (nope + 3, lora + 2);
                 let q = values(tokens * heads * qs, tokens as u64);
                 let mut out = vec![f32::NAN; tokens * heads * os];
-                ab.latent_queries(&q, qs, tokens, &mut out, os);
+                ab.latent_queries(&q, qs, tokens, &mut out, os, &Scratch::default());
                 let lat = values(tokens * heads * lora, 100 + tokens as u64);
                 let mut o = vec![f32::NAN; tokens * heads * v];
-                ab.values(&lat, tokens, &mut o);
+                ab.values(&lat, tokens, &mut o, &Scratch::default());
+                if tokens > FEW_TOKENS {
+                    let mut o2 = vec![f32::NAN; tokens * heads * v];
+                    let ran = ab.values_gemm(&lat, tokens, &mut o2, &Scratch::default());
+                    assert_eq!(ran, gemm, "{name}: W_UV on the GEMM");
+                }
                 for t in 0..tokens {
                     for h in 0..heads {
                         let th = t * heads + h;

@@ -217,7 +217,7 @@ impl Model {
             let mut qf = sc.overwritten::<f32>(total * h * d_qk);
             match dl {
                 Some(d) => d.latent_queries(cuda, &q, qk, total, &mut qf, d_qk, sc)?,
-                None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk),
+                None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk, sc),
             }
             qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
                 let t = th / h;
@@ -321,7 +321,7 @@ impl Model {
                 let mut o = sc.overwritten::<f32>(total * h * v);
                 match dl {
                     Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
-                    None => lw.absorbed.values(&o_lat, total, &mut o),
+                    None => lw.absorbed.values(&o_lat, total, &mut o, sc),
                 }
                 let mut y = vec![0f32; total * hid];
                 self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;

@@ -40,6 +40,47 @@ const TOKENS: usize = 16;
 const COLS: usize = FP8_BLOCK;
 const PAIRS: usize = COLS / 2;
 
+/// One tile's weights: `ROWS` rows of `PAIRS` bf16 pairs (little-endian
+/// bytes), row `r` starting at byte `r · stride`. Either a converted
+/// block (`stride` = one block row) or, for bf16 weights, the stored rows
+/// themselves, read in place.
+#[derive(Clone, Copy)]
+struct TileWeights<'a> {
+    bytes: &'a [u8],
+    stride: usize,
+}
+
+impl<'a> TileWeights<'a> {
+    /// Converted pairs `[ROWS][PAIRS]`.
+    fn converted(w: &'a [u32]) -> Self {
+        assert!(w.len() >= ROWS * PAIRS);
+        // SAFETY: u32 has no padding and any byte is a valid u8; the view
+        // covers exactly `w`'s memory and borrows it.
+        let bytes = unsafe { std::slice::from_raw_parts(w.as_ptr().cast::<u8>(), 4 * w.len()) };
+        TileWeights {
+            bytes,
+            stride: 4 * PAIRS,
+        }
+    }
+
+    /// Whether every pair of the tile is inside `bytes`.
+    fn complete(&self) -> bool {
+        self.bytes.len() >= (ROWS - 1) * self.stride + 4 * PAIRS
+    }
+
+    /// Pair `q` of row `r`, in native order: the converted pairs are
+    /// native u32 and the in-place path runs on little-endian CPUs only.
+    fn pair(&self, r: usize, q: usize) -> u32 {
+        let at = r * self.stride + 4 * q;
+        u32::from_ne_bytes([
+            self.bytes[at],
+            self.bytes[at + 1],
+            self.bytes[at + 2],
+            self.bytes[at + 3],
+        ])
+    }
+}
+
 /// Tokens per tile with activations `a`: 16 split into `hi + lo`, or 32
 /// rounded to bf16. Fewer tokens are padded to a whole tile.
 pub fn block_tokens(a: Activations) -> usize {
@@ -82,6 +123,27 @@ impl Weights<'_> {
             if let Some(row) = data.get(at..at + cols * width) {
                 crate::format::prefetch_bytes(row);
             }
+        }
+    }
+
+    /// Rows `o0..o0 + ROWS`, columns of block `cb`, read where they are
+    /// stored: bf16 weights whose rows and block are all there (no row past
+    /// `out`, no partial block) on a little-endian CPU. Copying them
+    /// instead costs a pass over every weight byte, which with few tokens
+    /// is a good part of the step.
+    fn in_place(&self, o0: usize, out: usize, inp: usize, cb: usize) -> Option<TileWeights<'_>> {
+        let c0 = cb * COLS;
+        match *self {
+            Weights::Bf16(b)
+                if cfg!(target_endian = "little") && o0 + ROWS <= out && c0 + COLS <= inp =>
+            {
+                let t = TileWeights {
+                    bytes: b.get((o0 * inp + c0) * 2..)?,
+                    stride: inp * 2,
+                };
+                t.complete().then_some(t)
+            }
+            _ => None,
         }
     }
 
@@ -182,35 +244,42 @@ impl<'s> PackedX<'s> {
         let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
         let mut data = scratch.zeroed::<u32>(blocks * token_blocks * XBLOCK);
+        // Columns of each pair, relative to the block's first column.
+        let cols: [(usize, usize); PAIRS] = std::array::from_fn(|p| {
+            let (a, b) = w.pair_columns(p % (CHUNK / 2));
+            let base = p / (CHUNK / 2) * CHUNK;
+            (base + a, base + b)
+        });
         data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
             let (cb, tb) = (i / token_blocks, i % token_blocks);
-            // Slot of token lane l, pair p, part (0 hi, 1 lo) in the run.
-            let at = |p: usize, l: usize, part: usize| {
-                if amx {
-                    (part * TOKENS + l) * PAIRS + p
+            let c0 = cb * COLS;
+            let n = COLS.min(inp - c0);
+            for j in 0..block_tokens.min(tokens - tb * block_tokens) {
+                let t = tb * block_tokens + j;
+                let row = &x[t * inp + c0..][..n];
+                let value = |c: usize| row.get(c).copied().unwrap_or(0.0);
+                // Slot of pair p for this token: hi (part 0) or lo (part
+                // 1); with bf16 activations tokens 16..32 take the lo slots.
+                let (l, part) = if split {
+                    (j, 0)
                 } else {
-                    p * 2 * TOKENS + part * TOKENS + l
-                }
-            };
-            for p in 0..PAIRS {
-                let (chunk, q) = (cb * COLS / CHUNK + p / (CHUNK / 2), p % (CHUNK / 2));
-                let (a, b) = w.pair_columns(q);
-                let cols = [chunk * CHUNK + a, chunk * CHUNK + b];
-                for j in 0..block_tokens.min(tokens - tb * block_tokens) {
-                    let t = tb * block_tokens + j;
-                    for (k, &c) in cols.iter().enumerate() {
-                        if c < inp {
-                            let v = x[t * inp + c];
-                            let vh = half::bf16::from_f32(v);
-                            if split {
-                                let vl = half::bf16::from_f32(v - vh.to_f32());
-                                xb[at(p, j, 0)] |= (vh.to_bits() as u32) << (16 * k);
-                                xb[at(p, j, 1)] |= (vl.to_bits() as u32) << (16 * k);
-                            } else {
-                                let (l, part) = (j % TOKENS, j / TOKENS);
-                                xb[at(p, l, part)] |= (vh.to_bits() as u32) << (16 * k);
-                            }
-                        }
+                    (j % TOKENS, j / TOKENS)
+                };
+                let at = |p: usize, part: usize| {
+                    if amx {
+                        (part * TOKENS + l) * PAIRS + p
+                    } else {
+                        p * 2 * TOKENS + part * TOKENS + l
+                    }
+                };
+                for (p, &(a, b)) in cols.iter().enumerate() {
+                    let (va, vb) = (value(a), value(b));
+                    let (ha, hb) = (bf16_bits(va), bf16_bits(vb));
+                    xb[at(p, part)] = ha | hb << 16;
+                    if split {
+                        let la = bf16_bits(va - f32::from_bits(ha << 16));
+                        let lb = bf16_bits(vb - f32::from_bits(hb << 16));
+                        xb[at(p, 1)] = la | lb << 16;
                     }
                 }
             }
@@ -225,6 +294,20 @@ impl<'s> PackedX<'s> {
     /// The run of column block `cb`, token block `tb`.
     fn block(&self, cb: usize, tb: usize) -> &[u32] {
         &self.data[(cb * self.token_blocks + tb) * XBLOCK..][..XBLOCK]
+    }
+}
+
+/// `v` rounded to bf16 (nearest even; NaN stays a quiet NaN), as its 16
+/// bits: `half::bf16::from_f32` without its branches, which on
+/// activations' random low bits mispredict about half the time.
+fn bf16_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+    let nan = (b & 0x7fff_ffff) > 0x7f80_0000;
+    if nan {
+        (b >> 16) | 0x40
+    } else {
+        rounded
     }
 }
 
@@ -265,19 +348,30 @@ pub fn matmul(
             let mut s = [0f32; TILES * ROWS];
             for cb in 0..blocks {
                 w.prefetch(g * task_rows, task_rows, out, inp, cb + 1);
-                for (k, (wk, sk)) in wb
+                // Each tile's rows in place where they can be, else converted.
+                let mut in_place: [Option<TileWeights>; TILES] = [None; TILES];
+                for (k, ((wk, sk), ip)) in wb
                     .chunks_exact_mut(ROWS * PAIRS)
                     .zip(s.chunks_exact_mut(ROWS))
+                    .zip(&mut in_place)
                     .enumerate()
                 {
-                    w.block(g * task_rows + k * ROWS, ROWS, out, inp, cb, wk, sk);
+                    let o0 = g * task_rows + k * ROWS;
+                    *ip = w.in_place(o0, out, inp, cb);
+                    match ip {
+                        Some(_) => sk.fill(1.0),
+                        None => w.block(o0, ROWS, out, inp, cb, wk, sk),
+                    }
                 }
                 for tb in 0..px.token_blocks {
                     let xb = px.block(cb, tb);
                     for k in 0..TILES {
                         if g * task_rows + k * ROWS < out {
+                            let wk = in_place[k].unwrap_or_else(|| {
+                                TileWeights::converted(&wb[k * ROWS * PAIRS..][..ROWS * PAIRS])
+                            });
                             tile(
-                                &wb[k * ROWS * PAIRS..][..ROWS * PAIRS],
+                                wk,
                                 &s[k * ROWS..][..ROWS],
                                 xb,
                                 &mut acc[k * ROWS * t_pad..][..ROWS * t_pad],
@@ -408,9 +502,17 @@ fn matmul_amx<T: amx::Tiles>(
 /// (scaled per row) into `acc [ROWS][t_pad]` from token `tb` on: 12 rows ×
 /// 16 tokens of split activations, or with `wide` 12 rows × 32 tokens of
 /// bf16 activations.
-fn tile(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usize, wide: bool) {
+fn tile(
+    w: TileWeights,
+    s: &[f32],
+    x: &[u32],
+    acc: &mut [f32],
+    t_pad: usize,
+    tb: usize,
+    wide: bool,
+) {
     let tokens = if wide { 2 * TOKENS } else { TOKENS };
-    assert!(w.len() >= ROWS * PAIRS && s.len() >= ROWS && x.len() >= XBLOCK);
+    assert!(w.complete() && s.len() >= ROWS && x.len() >= XBLOCK);
     assert!(tb + tokens <= t_pad && acc.len() >= (ROWS - 1) * t_pad + tb + tokens);
     #[cfg(target_arch = "x86_64")]
     if available() {
@@ -429,7 +531,7 @@ fn tile(w: &[u32], s: &[f32], x: &[u32], acc: &mut [f32], t_pad: usize, tb: usiz
 
 /// [`tile`] without SIMD: the fallback, and the vector tile's test oracle.
 fn tile_portable(
-    w: &[u32],
+    w: TileWeights,
     s: &[f32],
     x: &[u32],
     acc: &mut [f32],
@@ -443,7 +545,7 @@ fn tile_portable(
             for t in 0..TOKENS {
                 let mut sum = 0f32;
                 for q in 0..PAIRS {
-                    let wv = w[r * PAIRS + q];
+                    let wv = w.pair(r, q);
                     let (h, l) = (x[q * 2 * TOKENS + t], x[q * 2 * TOKENS + TOKENS + t]);
                     // Split: hi + lo of one token; wide: token t or t + 16.
                     let xv = match (wide, part) {
@@ -463,19 +565,19 @@ fn tile_portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{PAIRS, ROWS, TOKENS};
+    use super::{TileWeights, PAIRS, ROWS, TOKENS};
     use std::arch::x86_64::*;
 
     /// `WIDE`: the run's two halves are 16 tokens each (bf16
     /// activations), summed apart; otherwise `hi` and `lo` of the same 16.
     ///
     /// # Safety
-    /// `w` has `ROWS · PAIRS` pairs, `s` `ROWS` scales, `x` one
+    /// `w` is complete, `s` has `ROWS` scales, `x` one
     /// `XBLOCK` run, `acc` rows of `t_pad` with `tb + 16 <= t_pad`
     /// (`tb + 32` with `WIDE`).
     #[target_feature(enable = "avx512f,avx512bf16")]
     pub unsafe fn tile<const WIDE: bool>(
-        w: &[u32],
+        w: TileWeights,
         s: &[f32],
         x: &[u32],
         acc: &mut [f32],
@@ -496,10 +598,12 @@ mod avx512 {
                 )
             };
             for (r, (sr, sr2)) in sum.iter_mut().zip(sum2.iter_mut()).enumerate() {
-                // SAFETY: any bits are a valid bf16 pair vector.
+                // SAFETY (caller): w is complete, so pair q of row r is
+                // inside w.bytes; any bits are a valid bf16 pair vector.
                 let wv = unsafe {
+                    let p = w.bytes.as_ptr().add(r * w.stride + 4 * q);
                     std::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(
-                        w[r * PAIRS + q] as i32,
+                        p.cast::<i32>().read_unaligned(),
                     ))
                 };
                 *sr = _mm512_dpbf16_ps(*sr, wv, xh);
@@ -627,6 +731,19 @@ mod tests {
         }
     }
 
+    /// The branch-free rounding equals `half`'s on every high half with
+    /// low halves around each rounding boundary, and on NaN and infinity.
+    #[test]
+    fn bf16_bits_matches_half() {
+        for hi in 0..=u16::MAX as u32 {
+            for lo in [0u32, 1, 0x7fff, 0x8000, 0x8001, 0xc000, 0xffff, hi ^ 0x5a5a] {
+                let v = f32::from_bits(hi << 16 | lo);
+                let want = half::bf16::from_f32(v).to_bits() as u32;
+                assert_eq!(bf16_bits(v), want, "{:#010x}", v.to_bits());
+            }
+        }
+    }
+
     /// The vector tile equals the portable one (both sum the same bf16
     /// products in f32; the order differs, so up to rounding).
     #[test]
@@ -650,8 +767,9 @@ mod tests {
         let init = values(ROWS * t_pad, 4);
         for (tb, wide) in [(0, false), (16, false), (32, false), (0, true), (16, true)] {
             let (mut a, mut b) = (init.clone(), init.clone());
-            tile(&w, &s, &x, &mut a, t_pad, tb, wide);
-            tile_portable(&w, &s, &x, &mut b, t_pad, tb, wide);
+            let w = TileWeights::converted(&w);
+            tile(w, &s, &x, &mut a, t_pad, tb, wide);
+            tile_portable(w, &s, &x, &mut b, t_pad, tb, wide);
             for (k, (p, q)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (p - q).abs() <= 1e-4 * (1.0 + q.abs()),

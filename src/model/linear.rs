@@ -222,6 +222,28 @@ impl Linear {
         }
     }
 
+    /// Rows `first..first + count` as the operand of the `vdpbf16ps` GEMM
+    /// ([`gemm::matmul`]), when this weight runs there: the bf16 level, and
+    /// bf16 rows or FP8 rows that start on a scale block.
+    pub fn gemm_rows(&self, first: usize, count: usize) -> Option<gemm::Weights<'_>> {
+        let n = self.inp;
+        if self.level != Level::Avx512Bf16 || first + count > self.out {
+            return None;
+        }
+        match &self.data {
+            Data::Plain(Dtype::Bf16, b) => Some(gemm::Weights::Bf16(
+                &b[first * n * 2..(first + count) * n * 2],
+            )),
+            Data::Fp8 { codes, scales } if first.is_multiple_of(FP8_BLOCK) => {
+                Some(gemm::Weights::Fp8 {
+                    codes: &codes[first * n..(first + count) * n],
+                    scales: &scales[(first / FP8_BLOCK) * n.div_ceil(FP8_BLOCK)..],
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Dtype of the weight in memory (FP8 reported as such).
     pub fn dtype(&self) -> Dtype {
         match &self.data {
