@@ -197,14 +197,20 @@ impl Weights<'_> {
                 Weights::Fp8 { codes, scales } => {
                     let row = &codes[o * inp + c0..][..cols];
                     for (h, pairs) in dst.chunks_exact_mut(CHUNK / 2).enumerate() {
-                        // Zero codes past the row's end (a partial last block).
-                        let mut chunk = [0u8; CHUNK];
-                        let part = row.get(h * CHUNK..).unwrap_or(&[]);
-                        let n = part.len().min(CHUNK);
-                        chunk[..n].copy_from_slice(&part[..n]);
                         let pairs: &mut [u32; CHUNK / 2] =
                             pairs.try_into().expect("PAIRS is a multiple of CHUNK / 2");
-                        fp8_bf16::codes_to_bf16_pairs(&chunk, pairs);
+                        let part = row.get(h * CHUNK..).unwrap_or(&[]);
+                        match part.get(..CHUNK).and_then(|c| c.try_into().ok()) {
+                            // Whole chunks convert where they are.
+                            Some(whole) => fp8_bf16::codes_to_bf16_pairs(whole, pairs),
+                            None => {
+                                // Zero codes past the row's end (a partial
+                                // last block).
+                                let mut chunk = [0u8; CHUNK];
+                                chunk[..part.len()].copy_from_slice(part);
+                                fp8_bf16::codes_to_bf16_pairs(&chunk, pairs);
+                            }
+                        }
                     }
                     s[r] = scales[(o / FP8_BLOCK) * inp.div_ceil(FP8_BLOCK) + cb];
                 }
