@@ -48,6 +48,8 @@ commands:
   bench --model DIR [run options]
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
                           (GPU projections: vs copy bandwidth, and the step's GPU time kernel by kernel)
+      --batch LIST        batch sizes, e.g. 1,8,16,32 (default 1): each batch > 1 is a decode step
+                          rated against the roofline of the weight stream and the projections' peak
   gen-model --preset P [options] DIR
                           write a random-weight DeepSeek checkpoint (config.json, safetensors) to DIR
       --preset P          tiny | v2-lite | v3 | tiny-v3.2 | v3.2 | small | small-v3.2

@@ -2,6 +2,9 @@
 //! states, decode a few steps, and report per-layer and per-token times.
 //! `mlart bench --model`: decode at batch 1 streams every weight once per
 //! token; report that stream against the measured DRAM read bandwidth.
+//! `--batch 8,16,…` adds batched decode steps, rated against the roofline
+//! of the same run's ceilings: the weight stream at DRAM read bandwidth
+//! or the products at the projections' compute peak, whichever is slower.
 
 use super::ceilings;
 use mlart::format::{KvFormat, KvLayout};
@@ -18,6 +21,8 @@ pub struct RunOptions {
     /// Layers `[a, b)`; `None` = all.
     pub layers: Option<(usize, usize)>,
     pub batch: usize,
+    /// Every `--batch` value (a comma list; `run` takes one).
+    pub batches: Vec<usize>,
     pub prompt: usize,
     pub decode: usize,
     pub kv: KvFormat,
@@ -45,6 +50,7 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
         model: PathBuf::new(),
         layers: None,
         batch: 1,
+        batches: vec![1],
         prompt: 128,
         decode: 16,
         kv: KvFormat::Bf16,
@@ -62,7 +68,17 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
         match a.as_str() {
             "--model" => o.model = PathBuf::from(value("--model")?),
             "--layers" => o.layers = Some(parse_range(&value("--layers")?)?),
-            "--batch" => o.batch = number("--batch")?.max(1),
+            "--batch" => {
+                let v = value("--batch")?;
+                o.batches = v
+                    .split(',')
+                    .map(|b| match b.trim().parse::<usize>() {
+                        Ok(n) if n >= 1 => Ok(n),
+                        _ => Err(format!("--batch {v}: {b} is not a batch size (1 or more)")),
+                    })
+                    .collect::<std::result::Result<_, _>>()?;
+                o.batch = o.batches[0];
+            }
             "--prompt" => o.prompt = number("--prompt")?,
             "--decode" => o.decode = number("--decode")?,
             "--threads" => o.threads = number("--threads")?,
@@ -212,6 +228,12 @@ fn step(
 }
 
 pub fn run(o: &RunOptions) -> Result<()> {
+    if o.batches.len() > 1 {
+        return Err(Error::invalid(format!(
+            "--batch {:?}: run takes one batch size (a list is for bench --model)",
+            o.batches
+        )));
+    }
     let (engine, model) = load(o)?;
     let hid = model.config.hidden_size;
     let pool = pool_for(&engine, &model, o.kv, o.prompt + o.decode, o.batch)?;
@@ -300,54 +322,34 @@ pub fn bench(o: &RunOptions) -> Result<()> {
             }
         }
     };
-    let before = ruler("")?;
-    let hid = model.config.hidden_size;
+    let batched: Vec<usize> = o.batches.iter().copied().filter(|&b| b > 1).collect();
+    // The projections' compute peaks, for the batched points on the CPU.
+    let peaks = |label: &str| {
+        (gpu.is_none() && !batched.is_empty()).then(|| {
+            println!("measuring FMA and vdpbf16ps peaks with {threads} threads {label}...");
+            ceilings::projection_peaks(threads)
+        })
+    };
+    let (before, peaks_before) = (ruler("")?, peaks(""));
     let context = o.prompt.max(1);
-    // Room for the 32 timed steps, the 32 with device memory and the
-    // profiled ones.
-    let pool = pool_for(&engine, &model, o.kv, context + 96, 1)?;
-    pool.create_seq(0)?;
-    let mut ms = vec![0.0; model.layers.len()];
-    let mut x = hidden(o, context * hid, 1);
-    step(o, &model, &pool, &[0], &[context], &mut x, &mut ms)?;
-    let mut times = Vec::new();
-    for s in 0..32 {
-        let mut x = hidden(o, hid, 7 + s);
-        let t0 = Instant::now();
-        step(
+    let single = if o.batches.contains(&1) {
+        Some(single_step(
             o,
             &model,
-            &pool,
-            &[0],
-            &[1],
-            &mut x,
-            &mut vec![0.0; model.layers.len()],
-        )?;
-        times.push(t0.elapsed().as_secs_f64());
+            &pool_for(&engine, &model, o.kv, context + 96, 1)?,
+            gpu,
+        )?)
+    } else {
+        None
+    };
+    // Batched steps: every sequence holds a short context, so the time is
+    // the projections' (the attention over a long context is `mlart bench`'s).
+    let batch_context = context.min(32);
+    let mut steps = Vec::new();
+    for &b in &batched {
+        let pool = pool_for(&engine, &model, o.kv, batch_context + 16, b)?;
+        steps.push((b, batch_step(o, &model, &pool, b, batch_context)?));
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let t = times[times.len() / 2];
-    let gbs = model.bytes_loaded as f64 / t / 1e9;
-    // With the projections on the GPU and the pool on the same engine the
-    // layers run whole there; timed again with the hidden states in device
-    // memory too (`mlart_forward_args.memory = MLART_MEMORY_DEVICE`).
-    let on_device = match gpu {
-        Some(cuda) => Some(device_step_seconds(cuda, &model, &pool, 32)?),
-        None => None,
-    };
-    // Where such a step's GPU time goes, kernel by kernel.
-    let profile = match gpu {
-        Some(cuda) => {
-            let steps = 8;
-            let mut wall = 0.0;
-            let times = super::bench_cuda::profiled(cuda, || {
-                wall = device_step_seconds(cuda, &model, &pool, steps)?;
-                Ok(())
-            })?;
-            Some((times, steps, wall))
-        }
-        None => None,
-    };
     // Measured before and after; the larger reading is the ceiling, so a
     // slow moment of this shared machine cannot inflate the percentage.
     let after = ruler("again ")?;
@@ -363,28 +365,201 @@ pub fn bench(o: &RunOptions) -> Result<()> {
         before / 1e9,
         after / 1e9
     );
-    println!(
-        "batch-1 decode, context {context}: {:.3} ms per token over {} layer(s); weights {:.1} MB ({}) streamed at {:.1} GB/s = {:.1}% of {ruler_name}",
-        t * 1e3,
-        model.layers.len(),
-        model.bytes_loaded as f64 / 1e6,
-        model.weight_dtype.name(),
-        gbs,
-        gbs * 1e9 / read_bw * 100.0
-    );
-    if let Some(td) = on_device {
-        let gbs = model.bytes_loaded as f64 / td / 1e9;
+    if let Some((t, on_device, profile)) = single {
+        let gbs = model.bytes_loaded as f64 / t / 1e9;
         println!(
-            "  with the hidden states in device memory: {:.3} ms per token, {:.1} GB/s = {:.1}% of {ruler_name}",
-            td * 1e3,
+            "batch-1 decode, context {context}: {:.3} ms per token over {} layer(s); weights {:.1} MB ({}) streamed at {:.1} GB/s = {:.1}% of {ruler_name}",
+            t * 1e3,
+            model.layers.len(),
+            model.bytes_loaded as f64 / 1e6,
+            model.weight_dtype.name(),
             gbs,
             gbs * 1e9 / read_bw * 100.0
         );
+        if let Some(td) = on_device {
+            let gbs = model.bytes_loaded as f64 / td / 1e9;
+            println!(
+                "  with the hidden states in device memory: {:.3} ms per token, {:.1} GB/s = {:.1}% of {ruler_name}",
+                td * 1e3,
+                gbs,
+                gbs * 1e9 / read_bw * 100.0
+            );
+        }
+        if let Some((times, steps, wall)) = profile {
+            print_step_profile(&times, steps, wall);
+        }
     }
-    if let Some((times, steps, wall)) = profile {
-        print_step_profile(&times, steps, wall);
+    if steps.is_empty() {
+        return Ok(());
+    }
+    let compute = peaks_before
+        .zip(peaks("again "))
+        .map(|((f0, d0), (f1, d1))| {
+            let (fma, dp) = (f0.max(f1), d0.max(d1));
+            println!(
+                "FP32 FMA peak {:.1} GFLOP/s, vdpbf16ps peak {:.1} GFLOP/s",
+                fma / 1e9,
+                dp / 1e9
+            );
+            projection_ceiling(&model, fma, dp)
+        });
+    println!(
+        "batched decode, context {batch_context} per sequence, weights {:.1} MB ({}), {} activations:",
+        model.bytes_loaded as f64 / 1e6,
+        model.weight_dtype.name(),
+        match model.activations {
+            Activations::Precise => "precise",
+            Activations::Bf16 => "bf16",
+        },
+    );
+    for (b, t) in steps {
+        let flops = b as f64 * token_flops(&model, batch_context + 8);
+        let mem = model.bytes_loaded as f64 / read_bw;
+        let mut line = format!(
+            "  batch {b:>3}: {:8.2} ms per step, {:6.3} ms per token, {:7.1} GFLOP/s; weight stream {:5.1}% of {ruler_name}",
+            t * 1e3,
+            t * 1e3 / b as f64,
+            flops / t / 1e9,
+            mem / t * 100.0
+        );
+        if let Some((peak, name)) = compute {
+            let comp = flops / peak;
+            line += &format!(
+                ", products {:5.1}% of {name}; {:.0}% of the roofline ({}-bound)",
+                comp / t * 100.0,
+                mem.max(comp) / t * 100.0,
+                if comp > mem { "compute" } else { "memory" }
+            );
+        }
+        println!("{line}");
     }
     Ok(())
+}
+
+/// What one decode step of batch 1 measures: the median step, the step with
+/// the hidden states in device memory (GPU projections), and that step's
+/// kernels.
+type SingleStep = (
+    f64,
+    Option<f64>,
+    Option<(Vec<mlart::backend::cuda::KernelTime>, usize, f64)>,
+);
+
+/// Batch-1 decode steps after a `--prompt` prefill; on a GPU also with
+/// device memory and the per-kernel profile.
+fn single_step(
+    o: &RunOptions,
+    model: &Model,
+    pool: &KvPool,
+    gpu: Option<&mlart::backend::cuda::CudaBackend>,
+) -> Result<SingleStep> {
+    let hid = model.config.hidden_size;
+    let context = o.prompt.max(1);
+    pool.create_seq(0)?;
+    let mut ms = vec![0.0; model.layers.len()];
+    let mut x = hidden(o, context * hid, 1);
+    step(o, model, pool, &[0], &[context], &mut x, &mut ms)?;
+    let mut times = Vec::new();
+    for s in 0..32 {
+        let mut x = hidden(o, hid, 7 + s);
+        let t0 = Instant::now();
+        step(o, model, pool, &[0], &[1], &mut x, &mut ms)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let t = times[times.len() / 2];
+    // With the projections on the GPU and the pool on the same engine the
+    // layers run whole there; timed again with the hidden states in device
+    // memory too (`mlart_forward_args.memory = MLART_MEMORY_DEVICE`).
+    let on_device = match gpu {
+        Some(cuda) => Some(device_step_seconds(cuda, model, pool, 32)?),
+        None => None,
+    };
+    // Where such a step's GPU time goes, kernel by kernel.
+    let profile = match gpu {
+        Some(cuda) => {
+            let steps = 8;
+            let mut wall = 0.0;
+            let times = super::bench_cuda::profiled(cuda, || {
+                wall = device_step_seconds(cuda, model, pool, steps)?;
+                Ok(())
+            })?;
+            Some((times, steps, wall))
+        }
+        None => None,
+    };
+    Ok((t, on_device, profile))
+}
+
+/// Median seconds of a decode step of `b` sequences over every loaded
+/// layer, each sequence prefilled with `context` tokens first.
+fn batch_step(
+    o: &RunOptions,
+    model: &Model,
+    pool: &KvPool,
+    b: usize,
+    context: usize,
+) -> Result<f64> {
+    let hid = model.config.hidden_size;
+    let ids: Vec<u64> = (0..b as u64).collect();
+    for &id in &ids {
+        pool.create_seq(id)?;
+    }
+    let mut ms = vec![0.0; model.layers.len()];
+    let mut x = hidden(o, b * context * hid, 1);
+    step(o, model, pool, &ids, &vec![context; b], &mut x, &mut ms)?;
+    let ones = vec![1; b];
+    let mut times = Vec::new();
+    for s in 0..16 {
+        let mut x = hidden(o, b * hid, 7 + s);
+        let t0 = Instant::now();
+        step(o, model, pool, &ids, &ones, &mut x, &mut ms)?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// FLOPs of one token's pass through the loaded layers at `context` keys:
+/// every projection's products (the absorbed W_UK and W_UV are `kv_b_proj`'s
+/// rows), the attention's two GEMMs and V3.2's indexer scores.
+fn token_flops(model: &Model, context: usize) -> f64 {
+    let c = &model.config;
+    let macs = |w: &mlart::model::Linear| (w.out * w.inp) as f64;
+    let per_layer: f64 = model
+        .layers
+        .iter()
+        .map(|lw| {
+            let q = match &lw.q {
+                mlart::model::QProj::Lora { a, b, .. } => macs(a) + macs(b),
+                mlart::model::QProj::Direct(w) => macs(w),
+            };
+            let ix = lw.indexer.as_ref().map_or(0.0, |ix| {
+                macs(&ix.wq_b)
+                    + macs(&ix.wk)
+                    + macs(&ix.weights_proj)
+                    + (ix.cfg.heads * ix.cfg.head_dim * context) as f64
+            });
+            let keys = c.indexer.map_or(context, |ix| context.min(ix.topk));
+            let attention = (c.num_heads * keys * (c.d_qk() + c.kv_lora_rank)) as f64;
+            q + macs(&lw.kv_a) + macs(lw.absorbed.kv_b()) + macs(&lw.o_proj) + ix + attention
+        })
+        .sum();
+    2.0 * per_layer
+}
+
+/// The rate the projections' products can reach, and its name: with the
+/// vdpbf16ps GEMM, bf16 activations run at its peak and precise ones (each
+/// split into two bf16 products) at half of it; otherwise the FMA peak.
+fn projection_ceiling(model: &Model, fma: f64, dp: f64) -> (f64, &'static str) {
+    use mlart::model::level::Level;
+    match (model.level, model.activations) {
+        (Level::Avx512Bf16, Activations::Bf16) if dp > 0.0 => (dp, "vdpbf16ps peak"),
+        (Level::Avx512Bf16, Activations::Precise) if dp / 2.0 > fma => {
+            (dp / 2.0, "vdpbf16ps peak / 2 (split activations)")
+        }
+        _ => (fma, "FP32 FMA peak"),
+    }
 }
 
 /// The kernels of one device-memory decode step: launches, GPU time, share;

@@ -1,0 +1,155 @@
+//! The `mlart` command line: `gen-model`, `run` and `bench --model` on a
+//! generated tiny checkpoint (what the README's commands do), and its
+//! errors for bad options. What is asserted is the behaviour and the shape
+//! of the reports, never a speed.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn mlart(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mlart"))
+        .args(args)
+        .env_remove("MLART_BACKEND")
+        .output()
+        .expect("mlart runs")
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A one-layer tiny checkpoint in a fresh directory (removed on drop).
+struct Checkpoint(PathBuf);
+
+impl Checkpoint {
+    fn tiny(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("mlart-cli-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let out = mlart(&[
+            "gen-model",
+            "--preset",
+            "tiny",
+            "--layers",
+            "1",
+            dir.to_str().expect("utf-8 temp dir"),
+        ]);
+        assert!(out.status.success(), "gen-model: {:?}", text(&out));
+        Checkpoint(dir)
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().expect("utf-8 temp dir")
+    }
+}
+
+impl Drop for Checkpoint {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(Path::new(&self.0));
+    }
+}
+
+#[test]
+fn run_prefills_and_decodes_a_batch() {
+    let ck = Checkpoint::tiny("run");
+    let out = mlart(&[
+        "run",
+        "--model",
+        ck.path(),
+        "--batch",
+        "2",
+        "--prompt",
+        "3",
+        "--decode",
+        "2",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("prefill: 2 x 3 tokens"), "{stdout}");
+    assert!(stdout.contains("decode: 2 steps x batch 2"), "{stdout}");
+    assert!(
+        stdout.contains("cache: 5 tokens per sequence in every layer"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_names_a_bad_batch() {
+    let ck = Checkpoint::tiny("badbatch");
+    for (batch, says) in [
+        ("2,3", "run takes one batch size"),
+        ("0", "--batch 0: 0 is not a batch size"),
+        ("4,x", "--batch 4,x: x is not a batch size"),
+    ] {
+        let out = mlart(&["run", "--model", ck.path(), "--batch", batch]);
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "--batch {batch} was accepted");
+        assert!(stderr.contains(says), "--batch {batch}: {stdout}\n{stderr}");
+    }
+}
+
+/// Each batch of the list gets its line, rated against the ceilings the
+/// same run measured; batch 1 keeps its weight-stream line.
+#[test]
+fn bench_model_rates_each_batch_against_the_roofline() {
+    let ck = Checkpoint::tiny("bench");
+    let out = mlart(&[
+        "bench",
+        "--model",
+        ck.path(),
+        "--prompt",
+        "4",
+        "--batch",
+        "1,3,5",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("batch-1 decode, context 4:") && stdout.contains("% of DRAM read"),
+        "{stdout}"
+    );
+    for b in [3, 5] {
+        let line = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("batch {b:>3}:")))
+            .unwrap_or_else(|| panic!("no batch {b} line in\n{stdout}"));
+        for part in [
+            "ms per step",
+            "ms per token",
+            "GFLOP/s",
+            "weight stream",
+            "% of the roofline",
+        ] {
+            assert!(line.contains(part), "batch {b}: no {part:?} in {line}");
+        }
+        // ms per token is ms per step over the batch (both as printed).
+        let number_before = |unit: &str| -> f64 {
+            let head = &line[..line.find(unit).expect("unit")];
+            let word = head.split_whitespace().last().expect("a number");
+            word.trim_end_matches(',').parse().expect("a number")
+        };
+        let (step, token) = (number_before("ms per step"), number_before("ms per token"));
+        assert!(
+            (step / b as f64 - token).abs() <= 0.01 + 1e-3 * step,
+            "batch {b}: {step} ms per step, {token} per token"
+        );
+    }
+    // Batch 1 is not repeated as a batched point.
+    assert!(!stdout.contains("batch   1:"), "{stdout}");
+    // Without 1 in the list the batch-1 line is left out.
+    let out = mlart(&[
+        "bench",
+        "--model",
+        ck.path(),
+        "--prompt",
+        "4",
+        "--batch",
+        "2",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("batch-1 decode"), "{stdout}");
+    assert!(stdout.contains("batch   2:"), "{stdout}");
+}
