@@ -81,28 +81,32 @@ impl Absorbed {
         transposed: bool,
         sc: &'s Scratch,
     ) -> Buf<'s, f32> {
-        let ((offset, rows), lora) = (part, self.lora());
-        let row_of = |head: usize, d: usize| head * (self.nope + self.v) + offset + d;
         // Every element is written below.
-        let mut w = sc.overwritten::<f32>(count * rows * lora);
-        if !transposed {
-            w.par_chunks_mut(lora).enumerate().for_each(|(i, dst)| {
-                self.kv_b.row(row_of(first + i / rows, i % rows), dst);
-            });
-            return w;
-        }
-        w.par_chunks_mut(rows * lora)
+        let mut w = sc.overwritten::<f32>(count * part.1 * self.lora());
+        w.par_chunks_mut(part.1 * self.lora())
             .enumerate()
-            .for_each(|(i, dst)| {
-                let mut r = vec![0f32; lora];
-                for d in 0..rows {
-                    self.kv_b.row(row_of(first + i, d), &mut r);
-                    for (c, &v) in r.iter().enumerate() {
-                        dst[c * rows + d] = v;
-                    }
-                }
-            });
+            .for_each(|(i, dst)| self.head_f32(first + i, part, transposed, dst));
         w
+    }
+
+    /// One head's rows `part` as f32 into `dst`: `[part rows, lora]`, or
+    /// with `transposed` `[lora, part rows]`.
+    fn head_f32(&self, head: usize, part: (usize, usize), transposed: bool, dst: &mut [f32]) {
+        let ((offset, rows), lora) = (part, self.lora());
+        let row_of = |d: usize| head * (self.nope + self.v) + offset + d;
+        if !transposed {
+            for (d, r) in dst.chunks_exact_mut(lora).enumerate() {
+                self.kv_b.row(row_of(d), r);
+            }
+            return;
+        }
+        let mut r = vec![0f32; lora];
+        for d in 0..rows {
+            self.kv_b.row(row_of(d), &mut r);
+            for (c, &v) in r.iter().enumerate() {
+                dst[c * rows + d] = v;
+            }
+        }
     }
 
     /// Many tokens: `out[t, h][..n] = x[t, h][..k] · W[h]` for every token
@@ -123,6 +127,30 @@ impl Absorbed {
         sc: &Scratch,
     ) {
         let h = self.heads;
+        if tokens <= TOKEN_BLOCK {
+            // One block of tokens (a batched decode step): each task
+            // converts one head's rows, which stay in its L2, and runs
+            // every token through them; the outputs go into place after.
+            let mut by_head = sc.overwritten::<f32>(h * tokens * n);
+            by_head
+                .par_chunks_mut(tokens * n)
+                .enumerate()
+                .for_each(|(head, y)| {
+                    let mut w = sc.overwritten::<f32>(k * n);
+                    self.head_f32(head, part, transposed, &mut w);
+                    let xh = &x[head * x_stride..];
+                    matmul_rows(self.kv_b.level(), xh, h * x_stride, &w, k, n, y, n, tokens);
+                });
+            out[..tokens * h * out_stride]
+                .par_chunks_mut(h * out_stride)
+                .enumerate()
+                .for_each(|(t, ot)| {
+                    for (head, dst) in ot.chunks_exact_mut(out_stride).enumerate() {
+                        dst[..n].copy_from_slice(&by_head[(head * tokens + t) * n..][..n]);
+                    }
+                });
+            return;
+        }
         let block = TOKEN_BLOCK.min(
             tokens
                 .div_ceil(rayon::current_num_threads())

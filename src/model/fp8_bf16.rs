@@ -119,6 +119,37 @@ pub fn codes_to_bf16_pairs(codes: &[u8; CHUNK], out: &mut [u32; CHUNK / 2]) {
     }
 }
 
+/// [`codes_to_bf16_pairs`] for `rows` rows of `out.len() / rows` pairs
+/// each (a multiple of `CHUNK / 2`), row `r`'s codes starting at
+/// `codes[r * stride]`: one call per weight tile, so the lookup tables are
+/// loaded once for all its chunks.
+///
+/// # Panics
+/// If a row's codes run past `codes` (a bug in the caller).
+pub fn code_rows_to_bf16_pairs(codes: &[u8], stride: usize, rows: usize, out: &mut [u32]) {
+    let per_row = out.len() / rows.max(1);
+    assert!(per_row.is_multiple_of(CHUNK / 2) && rows * per_row == out.len());
+    if rows > 0 {
+        assert!(codes.len() >= (rows - 1) * stride + 2 * per_row);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the features were detected at run time; the sizes were
+        // checked above.
+        unsafe { avx512::widen_rows(codes, stride, rows, out) };
+        return;
+    }
+    for (r, o) in out.chunks_exact_mut(per_row).enumerate() {
+        for (k, pairs) in o.chunks_exact_mut(CHUNK / 2).enumerate() {
+            let chunk: &[u8; CHUNK] = codes[r * stride + k * CHUNK..][..CHUNK]
+                .try_into()
+                .expect("CHUNK codes");
+            let pairs: &mut [u32; CHUNK / 2] = pairs.try_into().expect("CHUNK / 2 pairs");
+            codes_to_bf16_pairs(chunk, pairs);
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 use crate::format::fp8::BF16_BYTES as TABLES;
 
@@ -286,6 +317,31 @@ mod avx512 {
             let p = out.as_mut_ptr() as *mut __m512i;
             _mm512_storeu_si512(p, std::mem::transmute::<__m512bh, __m512i>(a));
             _mm512_storeu_si512(p.add(1), std::mem::transmute::<__m512bh, __m512i>(b));
+        }
+    }
+
+    /// [`super::code_rows_to_bf16_pairs`].
+    ///
+    /// # Safety
+    /// The CPU has the features; `out` holds `rows` rows of a multiple of
+    /// `CHUNK / 2` pairs and `codes` every row's codes (`r * stride` on).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512bf16")]
+    pub unsafe fn widen_rows(codes: &[u8], stride: usize, rows: usize, out: &mut [u32]) {
+        let (t, sign) = (tables(), _mm512_set1_epi8(0x80u8 as i8));
+        let chunks = out.len() / rows / (CHUNK / 2);
+        for r in 0..rows {
+            for k in 0..chunks {
+                // SAFETY (caller): row r's chunk k lies inside codes and its
+                // 32 pairs inside out.
+                unsafe {
+                    let c =
+                        _mm512_loadu_si512(codes.as_ptr().add(r * stride + k * CHUNK) as *const _);
+                    let (a, b) = widen(c, &t, sign);
+                    let p = out.as_mut_ptr().add((r * chunks + k) * (CHUNK / 2)) as *mut __m512i;
+                    _mm512_storeu_si512(p, std::mem::transmute::<__m512bh, __m512i>(a));
+                    _mm512_storeu_si512(p.add(1), std::mem::transmute::<__m512bh, __m512i>(b));
+                }
+            }
         }
     }
 
@@ -609,6 +665,31 @@ mod tests {
     }
 
     /// The vector split equals the portable one on normal values.
+    /// Whole tiles convert row by row exactly as chunk by chunk: every
+    /// code, rows at a stride wider than a row, two chunks per row.
+    #[test]
+    fn code_rows_equal_chunks() {
+        let (rows, stride, per_row) = (5usize, 3 * CHUNK + 7, CHUNK);
+        let codes: Vec<u8> = (0..(rows - 1) * stride + 2 * per_row)
+            .map(|i| (i * 37 + 11) as u8)
+            .collect();
+        let mut got = vec![0u32; rows * per_row];
+        code_rows_to_bf16_pairs(&codes, stride, rows, &mut got);
+        for r in 0..rows {
+            for k in 0..2 {
+                let chunk: &[u8; CHUNK] =
+                    codes[r * stride + k * CHUNK..][..CHUNK].try_into().unwrap();
+                let mut want = [0u32; CHUNK / 2];
+                codes_to_bf16_pairs(chunk, &mut want);
+                assert_eq!(
+                    &got[r * per_row + k * CHUNK / 2..][..CHUNK / 2],
+                    &want[..],
+                    "row {r} chunk {k}"
+                );
+            }
+        }
+    }
+
     #[test]
     fn vector_split_equals_portable() {
         if !available() {

@@ -170,6 +170,17 @@ impl Weights<'_> {
     ) {
         let c0 = cb * COLS;
         let cols = COLS.min(inp - c0);
+        // FP8 tiles whose rows and block are all there convert in one call.
+        if let Weights::Fp8 { codes, scales } = *self {
+            let at = o0 * inp + c0;
+            if o0 + rows <= out && cols == COLS && codes.len() >= at + (rows - 1) * inp + COLS {
+                fp8_bf16::code_rows_to_bf16_pairs(&codes[at..], inp, rows, &mut w[..rows * PAIRS]);
+                for (r, sr) in s[..rows].iter_mut().enumerate() {
+                    *sr = scales[((o0 + r) / FP8_BLOCK) * inp.div_ceil(FP8_BLOCK) + cb];
+                }
+                return;
+            }
+        }
         for r in 0..rows {
             let dst = &mut w[r * PAIRS..][..PAIRS];
             let o = o0 + r;
