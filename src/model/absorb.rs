@@ -5,10 +5,15 @@
 //! instead of 67 MB of f32, and a batch-1 decode step streams it like the
 //! other projections.
 //!
-//! Few tokens (decode) convert the rows in registers for each token. Many
-//! tokens (prefill) convert a group of heads to f32 once and run each
-//! head as a register-blocked GEMM over the tokens ([`matmul_rows`]), so
-//! the conversion is paid once per call and each row of W serves 8 tokens.
+//! Few tokens (decode) convert the rows in registers for each token. More
+//! tokens (a batched decode step, prefill):
+//! - W_UV runs on the `vdpbf16ps` GEMM in its stored precision where the
+//!   CPU has it (`o = lat · W_UVᵀ` is the GEMM's `X · Wᵀ`);
+//! - otherwise, and always for W_UK (`lat = q_nope · W_UK`, a product the
+//!   GEMM does not take), heads are converted to f32 once per call and each
+//!   runs as a register-blocked GEMM over the tokens ([`matmul_rows`]), so
+//!   each row of W serves 8 tokens: per head in its task's L2 for one block
+//!   of tokens, in groups of heads for more.
 
 use super::f32_gemm::matmul_rows;
 use super::gemm;
@@ -21,9 +26,9 @@ const FEW_TOKENS: usize = 4;
 /// Heads converted to f32 at a time for many tokens (4 MB for V3's W_UK).
 const HEAD_GROUP: usize = 16;
 /// Tokens per parallel task for many tokens: each head's f32 rows (256 KB
-/// for V3) stay in L2 while they serve the task's tokens. Fewer tokens
-/// than threads × this are split evenly instead (in multiples of 4), so a
-/// batched decode step of 16 tokens still runs on every thread.
+/// for V3) stay in L2 while they serve the task's tokens. Up to this many
+/// tokens the tasks are heads instead; fewer than threads × this are split
+/// evenly (in multiples of 4), so every thread has work.
 const TOKEN_BLOCK: usize = 64;
 
 pub struct Absorbed {

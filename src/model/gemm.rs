@@ -12,8 +12,10 @@
 //! - with [`Activations::Bf16`] `X` is only rounded to bf16 and the `lo`
 //!   slots hold 16 more tokens, so a tile is 12 rows × 32 tokens and every
 //!   product is useful: half the instructions per token;
-//! - weights are converted 12 rows × 128 columns at a time (one FP8 scale
-//!   block: `vpermi2b` lookups, exact), and that block serves every token;
+//! - bf16 weight rows are read where they are stored (the pairs are
+//!   broadcast from the mapped rows); FP8 ones are converted 12 rows × 128
+//!   columns at a time (one scale block: `vpermi2b` lookups, exact), and
+//!   that block serves every token;
 //! - each 128-column block's sums are scaled per row (the FP8 block scale,
 //!   1 for bf16) into an f32 accumulator.
 //!
