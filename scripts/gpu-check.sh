@@ -157,10 +157,14 @@ PY
     # batch-1 decode's weight stream against the ruler of each.
     ck=$(mktemp -d)
     tmo 120 "$g/mlart" gen-model --preset v3 --layers 1 --dtype fp8 "$ck/v3" > /dev/null 2>&1
+    # Batched decode steps too: on the host's CPU threads (projections 0)
+    # and on the GPU (1), where a batch of 64 still streams each weight once.
     for proj in 0 1; do
-        echo "== one V3 layer on the GPU engine, MLART_CUDA_PROJECTIONS=$proj: bench --model, then run"
+        batches=1,16
+        [ $proj = 1 ] && batches=1,16,64
+        echo "== one V3 layer on the GPU engine, MLART_CUDA_PROJECTIONS=$proj: bench --model --batch $batches, then run"
         MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=$proj tmo 120 "$g/mlart" bench --model "$ck/v3" \
-            --prompt 256 2>&1 | grep -vE "^loading|^\s*$"
+            --prompt 256 --batch $batches 2>&1 | grep -vE "^loading|^\s*$"
         MLART_BACKEND=cuda MLART_CUDA_PROJECTIONS=$proj tmo 120 "$g/mlart" run --model "$ck/v3" \
             --prompt 512 --decode 16 2>&1 | grep -E "loaded|prefill|decode:"
     done
