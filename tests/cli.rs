@@ -43,6 +43,24 @@ impl Checkpoint {
     fn path(&self) -> &str {
         self.0.to_str().expect("utf-8 temp dir")
     }
+
+    /// `mlart bench --model` at context 4 with `--batch batches`: its
+    /// output, after asserting that it succeeded.
+    fn bench(&self, batches: &str) -> String {
+        let args = [
+            "bench",
+            "--model",
+            self.path(),
+            "--prompt",
+            "4",
+            "--batch",
+            batches,
+        ];
+        let out = mlart(&args);
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        stdout
+    }
 }
 
 impl Drop for Checkpoint {
@@ -95,17 +113,7 @@ fn run_names_a_bad_batch() {
 #[test]
 fn bench_model_rates_each_batch_against_the_roofline() {
     let ck = Checkpoint::tiny("bench");
-    let out = mlart(&[
-        "bench",
-        "--model",
-        ck.path(),
-        "--prompt",
-        "4",
-        "--batch",
-        "1,3,5",
-    ]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = ck.bench("1,3,5");
     assert!(
         stdout.contains("batch-1 decode, context 4:") && stdout.contains("% of DRAM read"),
         "{stdout}"
@@ -139,17 +147,7 @@ fn bench_model_rates_each_batch_against_the_roofline() {
     // Batch 1 is not repeated as a batched point.
     assert!(!stdout.contains("batch   1:"), "{stdout}");
     // Without 1 in the list the batch-1 line is left out.
-    let out = mlart(&[
-        "bench",
-        "--model",
-        ck.path(),
-        "--prompt",
-        "4",
-        "--batch",
-        "2",
-    ]);
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let stdout = ck.bench("2");
     assert!(!stdout.contains("batch-1 decode"), "{stdout}");
     assert!(stdout.contains("batch   2:"), "{stdout}");
 }

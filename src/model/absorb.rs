@@ -31,6 +31,31 @@ const HEAD_GROUP: usize = 16;
 /// evenly (in multiples of 4), so every thread has work.
 const TOKEN_BLOCK: usize = 64;
 
+/// Runs `head_out(head, y)` for every head in parallel, each writing its
+/// `y [tokens, n]`, then puts the results into the first `n` values of
+/// each row of `out [tokens, h, out_stride]`.
+fn per_head(
+    (h, tokens, n): (usize, usize, usize),
+    out: &mut [f32],
+    out_stride: usize,
+    sc: &Scratch,
+    head_out: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let mut by_head = sc.overwritten::<f32>(h * tokens * n);
+    by_head
+        .par_chunks_mut(tokens * n)
+        .enumerate()
+        .for_each(|(head, y)| head_out(head, y));
+    out[..tokens * h * out_stride]
+        .par_chunks_mut(h * out_stride)
+        .enumerate()
+        .for_each(|(t, ot)| {
+            for (head, dst) in ot.chunks_exact_mut(out_stride).enumerate() {
+                dst[..n].copy_from_slice(&by_head[(head * tokens + t) * n..][..n]);
+            }
+        });
+}
+
 pub struct Absorbed {
     kv_b: Linear,
     heads: usize,
@@ -136,25 +161,12 @@ impl Absorbed {
             // One block of tokens (a batched decode step): each task
             // converts one head's rows, which stay in its L2, and runs
             // every token through them; the outputs go into place after.
-            let mut by_head = sc.overwritten::<f32>(h * tokens * n);
-            by_head
-                .par_chunks_mut(tokens * n)
-                .enumerate()
-                .for_each(|(head, y)| {
-                    let mut w = sc.overwritten::<f32>(k * n);
-                    self.head_f32(head, part, transposed, &mut w);
-                    let xh = &x[head * x_stride..];
-                    matmul_rows(self.kv_b.level(), xh, h * x_stride, &w, k, n, y, n, tokens);
-                });
-            out[..tokens * h * out_stride]
-                .par_chunks_mut(h * out_stride)
-                .enumerate()
-                .for_each(|(t, ot)| {
-                    for (head, dst) in ot.chunks_exact_mut(out_stride).enumerate() {
-                        dst[..n].copy_from_slice(&by_head[(head * tokens + t) * n..][..n]);
-                    }
-                });
-            return;
+            return per_head((h, tokens, n), out, out_stride, sc, |head, y| {
+                let mut w = sc.overwritten::<f32>(k * n);
+                self.head_f32(head, part, transposed, &mut w);
+                let xh = &x[head * x_stride..];
+                matmul_rows(self.kv_b.level(), xh, h * x_stride, &w, k, n, y, n, tokens);
+            });
         }
         let block = TOKEN_BLOCK.min(
             tokens
@@ -199,28 +211,15 @@ impl Absorbed {
             return false;
         }
         let a = self.kv_b.activations();
-        // [H, tokens, v], then into o [tokens, H, v].
-        let mut by_head = sc.overwritten::<f32>(h * tokens * v);
-        by_head
-            .par_chunks_mut(tokens * v)
-            .enumerate()
-            .for_each(|(head, y)| {
-                let mut x = sc.overwritten::<f32>(tokens * lora);
-                for (t, xt) in x.chunks_exact_mut(lora).enumerate() {
-                    xt.copy_from_slice(&lat[(t * h + head) * lora..][..lora]);
-                }
-                if let Some(w) = rows(head) {
-                    gemm::matmul(w, v, lora, &x, tokens, y, a, sc);
-                }
-            });
-        o[..tokens * h * v]
-            .par_chunks_mut(h * v)
-            .enumerate()
-            .for_each(|(t, ot)| {
-                for (head, dst) in ot.chunks_exact_mut(v).enumerate() {
-                    dst.copy_from_slice(&by_head[(head * tokens + t) * v..][..v]);
-                }
-            });
+        per_head((h, tokens, v), o, v, sc, |head, y| {
+            let mut x = sc.overwritten::<f32>(tokens * lora);
+            for (t, xt) in x.chunks_exact_mut(lora).enumerate() {
+                xt.copy_from_slice(&lat[(t * h + head) * lora..][..lora]);
+            }
+            if let Some(w) = rows(head) {
+                gemm::matmul(w, v, lora, &x, tokens, y, a, sc);
+            }
+        });
         true
     }
 
