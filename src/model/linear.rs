@@ -263,6 +263,14 @@ impl Linear {
         let (n, len) = (self.inp, dst.len());
         debug_assert!(c0 + len <= n);
         match &self.data {
+            Data::Plain(Dtype::Bf16, b) => {
+                // Converted in vectors, the row's chunk after next
+                // prefetched: a batched step converts every weight once, 256
+                // columns of 48 rows at a time (f32_proj), and one chunk
+                // ahead measured too late.
+                let at = (o * n + c0) * 2;
+                vecops::widen_bf16(self.level, &b[at..at + len * 2], dst, 4 * len)
+            }
             Data::Plain(d, b) => {
                 let at = (o * n + c0) * d.size();
                 load_slice(*d, &b[at..at + len * d.size()], dst)

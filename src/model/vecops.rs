@@ -293,6 +293,27 @@ macro_rules! vector_kernels {
             hsum(total) + tail
         }
 
+        /// `dst[i] = row[i]` for a bf16 row, prefetching the row `ahead`
+        /// bytes ahead (where a caller converting chunk by chunk reads
+        /// next).
+        #[target_feature(enable = $f)]
+        pub fn widen_bf16(row: &[u8], dst: &mut [f32], ahead: usize) {
+            let n = dst.len().min(row.len() / 2);
+            let full = n / LANES * LANES;
+            let mut i = 0;
+            while i < full {
+                // SAFETY: elements i..i+LANES exist in dst and in row.
+                unsafe {
+                    if i % 32 == 0 {
+                        prefetch(row.as_ptr().wrapping_add(2 * i + ahead));
+                    }
+                    storeu(dst.as_mut_ptr().add(i), bf16(row.as_ptr().add(2 * i)));
+                }
+                i += LANES;
+            }
+            super::portable::widen_bf16(&row[2 * full..2 * n], &mut dst[full..n]);
+        }
+
         /// `y += Σ a[k] · rows[k]` for four bf16 rows: `y` is loaded and
         /// stored once per four rows.
         #[target_feature(enable = $f)]
@@ -593,6 +614,12 @@ mod portable {
             .sum()
     }
 
+    pub fn widen_bf16(row: &[u8], dst: &mut [f32]) {
+        for (d, b) in dst.iter_mut().zip(row.chunks_exact(2)) {
+            *d = f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16);
+        }
+    }
+
     pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
         x.iter()
             .zip(row.chunks_exact(2))
@@ -650,6 +677,17 @@ pub fn dot(lvl: Level, a: &[f32], b: &[f32]) -> f32 {
 /// bf16 row (little-endian bytes) times f32 `x`.
 pub fn dot_bf16(lvl: Level, row: &[u8], x: &[f32]) -> f32 {
     dispatch!(lvl, dot_bf16(row, x), portable::dot_bf16(row, x))
+}
+
+/// A bf16 row (little-endian bytes) as f32 into `dst` (`dst.len()`
+/// values), prefetching `ahead` bytes past each position; any `ahead` is
+/// safe.
+pub fn widen_bf16(lvl: Level, row: &[u8], dst: &mut [f32], ahead: usize) {
+    dispatch!(
+        lvl,
+        widen_bf16(row, dst, ahead),
+        portable::widen_bf16(row, dst)
+    )
 }
 
 /// Four bf16 rows times the same `x`. `ahead` is how far past each row's
@@ -805,6 +843,18 @@ mod tests {
                 .map(|(a, b)| a * half::bf16::from_f32(*b).to_f32())
                 .sum();
             assert!(close(dot_bf16(lvl, &bf, &x), wb), "{lvl:?} bf16 n={n}");
+            // Widened exactly, every value, nothing past dst.
+            let mut wide = vec![f32::NAN; n + 1];
+            widen_bf16(lvl, &bf, &mut wide[..n], 64);
+            for (i, (&g, v)) in wide.iter().zip(&w).enumerate() {
+                let want = half::bf16::from_f32(*v).to_f32();
+                assert_eq!(
+                    g.to_bits(),
+                    want.to_bits(),
+                    "{lvl:?} widen bf16 n={n} [{i}]"
+                );
+            }
+            assert!(wide[n].is_nan(), "{lvl:?} widen bf16 n={n} wrote past dst");
             assert!(
                 close(portable::dot_bf16(&bf, &x), wb),
                 "portable bf16 n={n}"
