@@ -206,19 +206,19 @@ impl Absorbed {
     /// GEMM does not run these rows.
     fn values_gemm(&self, lat: &[f32], tokens: usize, o: &mut [f32], sc: &Scratch) -> bool {
         let (h, v, lora) = (self.heads, self.v, self.lora());
-        let rows = |head: usize| self.kv_b.gemm_rows(self.uv_row(head, 0), v);
-        if (0..h).any(|head| rows(head).is_none()) {
+        let rows: Option<Vec<_>> = (0..h)
+            .map(|head| self.kv_b.gemm_rows(self.uv_row(head, 0), v))
+            .collect();
+        let Some(rows) = rows else {
             return false;
-        }
+        };
         let a = self.kv_b.activations();
         per_head((h, tokens, v), o, v, sc, |head, y| {
             let mut x = sc.overwritten::<f32>(tokens * lora);
             for (t, xt) in x.chunks_exact_mut(lora).enumerate() {
                 xt.copy_from_slice(&lat[(t * h + head) * lora..][..lora]);
             }
-            if let Some(w) = rows(head) {
-                gemm::matmul(w, v, lora, &x, tokens, y, a, sc);
-            }
+            gemm::matmul(rows[head], v, lora, &x, tokens, y, a, sc);
         });
         true
     }

@@ -172,13 +172,16 @@ impl Weights<'_> {
     ) {
         let c0 = cb * COLS;
         let cols = COLS.min(inp - c0);
+        // Row o's scale for this block (FP8).
+        let scale =
+            |scales: &[f32], o: usize| scales[(o / FP8_BLOCK) * inp.div_ceil(FP8_BLOCK) + cb];
         // FP8 tiles whose rows and block are all there convert in one call.
         if let Weights::Fp8 { codes, scales } = *self {
             let at = o0 * inp + c0;
             if o0 + rows <= out && cols == COLS && codes.len() >= at + (rows - 1) * inp + COLS {
                 fp8_bf16::code_rows_to_bf16_pairs(&codes[at..], inp, rows, &mut w[..rows * PAIRS]);
                 for (r, sr) in s[..rows].iter_mut().enumerate() {
-                    *sr = scales[((o0 + r) / FP8_BLOCK) * inp.div_ceil(FP8_BLOCK) + cb];
+                    *sr = scale(scales, o0 + r);
                 }
                 return;
             }
@@ -225,7 +228,7 @@ impl Weights<'_> {
                             }
                         }
                     }
-                    s[r] = scales[(o / FP8_BLOCK) * inp.div_ceil(FP8_BLOCK) + cb];
+                    s[r] = scale(scales, o);
                 }
             }
         }

@@ -470,12 +470,7 @@ impl Linear {
         let (inp, out) = (self.inp, self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
         let x = &x[..tokens * inp];
-        if self.level == Level::Avx512Bf16 {
-            let w = match &self.data {
-                Data::Plain(Dtype::Bf16, b) => Some(gemm::Weights::Bf16(b)),
-                Data::Fp8 { codes, scales } => Some(gemm::Weights::Fp8 { codes, scales }),
-                _ => None,
-            };
+        if let Some(w) = self.gemm_rows(0, out) {
             // Activations that are bf16 values (bf16 hidden states) lose
             // nothing in the faster bf16 tile, when enough tokens fill it
             // (checked first: the scan reads every activation).
@@ -487,7 +482,7 @@ impl Linear {
                 }
                 a => a,
             };
-            if let Some(w) = w.filter(|_| fills(tokens, gemm::block_tokens(a))) {
+            if fills(tokens, gemm::block_tokens(a)) {
                 return gemm::matmul(w, out, inp, x, tokens, y, a, scratch);
             }
         }
