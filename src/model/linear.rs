@@ -74,13 +74,15 @@ fn fills(tokens: usize, block: usize) -> bool {
 }
 
 /// [`fills`] for FP8 weights in the f32 GEMM ([`f32_proj`]): the streamed
-/// path converts each FP8 row once per four tokens, which costs more than
-/// bf16's widening, so the GEMM pays from 3/8 of a block. Measured per V3
-/// layer (decode steps, ms, GEMM against streamed): a 32-token AVX-512
-/// block at 16 tokens 78 against 94, at 12 tokens 76 against 72; a
-/// 16-token AVX2 block at 8 tokens 46 against 56, at 5 tokens 45 against 41.
+/// path converts each FP8 row to f32 once per group of tokens (four on
+/// AVX-512, two on AVX2), and the GEMM's conversion of whole chunks costs
+/// more than bf16's widening, so the GEMM pays only from 5/8 of a block.
+/// Measured per V3 layer (decode steps, ms, GEMM against streamed): a
+/// 32-token AVX-512 block at 16 tokens 76 against 65, at 20 tokens 82
+/// against 84, at 24 tokens 83 against 98; a 16-token AVX2 block at 8
+/// tokens 48 against 40, at 12 tokens 50 against 58.
 fn fp8_fills(tokens: usize, block: usize) -> bool {
-    8 * tokens > 3 * block
+    8 * tokens > 5 * block
 }
 
 /// Rows `rows` of bf16 weights with `n` columns, as bytes.
@@ -404,9 +406,25 @@ impl Linear {
                         Some(sp)
                     })(
                     );
+                    let (r, sc) = fp8_rows(codes, scales, n, rows);
                     if let Some(sp) = all {
-                        let (r, sc) = fp8_rows(codes, scales, n, rows);
                         return fp8_bf16::dot_fp8_x4_tokens(r, sc, FP8_BLOCK, &sp[..m], xs, 4 * n);
+                    }
+                    // The f32 levels (no split): converted to f32 once for
+                    // several tokens.
+                    if splits.iter().all(Option::is_none) {
+                        let xs: [&[f32]; fp8_bf16::DOT_TOKENS] =
+                            std::array::from_fn(|t| xs.get(t).map_or(&[][..], |x| &x[..n]));
+                        vecops::dot_fp8_x4_tokens(
+                            self.level,
+                            r,
+                            sc,
+                            FP8_BLOCK,
+                            &xs[..m],
+                            4 * n,
+                            &mut out[..m],
+                        );
+                        return out;
                     }
                 }
                 Data::Plain(Dtype::Bf16, b) => {

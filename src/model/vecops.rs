@@ -238,6 +238,75 @@ macro_rules! vector_kernels {
             [0, 1, 2, 3].map(|r| hsum(total[r]) + tail[r])
         }
 
+        /// [`dot_fp8_x4`] for `T` tokens: each code vector of the four rows
+        /// is converted once and multiplied into every token's sum, so a
+        /// decode step of a few sequences converts each weight once per `T`
+        /// tokens instead of once per token. One sum per row and token
+        /// (`4 T` chains), folded per block with its scale.
+        #[target_feature(enable = $h)]
+        pub fn dot_fp8_x4_tokens<const T: usize>(
+            rows: [&[u8]; 4],
+            scales: [&[f32]; 4],
+            block: usize,
+            xs: [&[f32]; T],
+            ahead: usize,
+        ) -> [[f32; 4]; T] {
+            let n = xs.iter().fold(usize::MAX, |m, x| m.min(x.len()));
+            let n = rows.iter().fold(n, |m, r| m.min(r.len()));
+            let mut total = [[zero(); 4]; T];
+            let mut tail = [[0f32; 4]; T];
+            let k256 = splat(256.0);
+            let mut b0 = 0;
+            let mut bi = 0;
+            while b0 < n {
+                let b1 = (b0 + block).min(n);
+                let full = b0 + (b1 - b0) / (2 * LANES) * (2 * LANES);
+                let mut acc = [[zero(); 4]; T];
+                let mut i = b0;
+                while i < full {
+                    let mut w = [(zero(), zero()); 4];
+                    for (r, row) in rows.iter().enumerate() {
+                        if (i - b0).is_multiple_of(64) {
+                            prefetch(row.as_ptr().wrapping_add(i + ahead));
+                        }
+                        // SAFETY: elements i..i+2*LANES exist in every row.
+                        w[r] = unsafe { fp8_pair(row.as_ptr().add(i)) };
+                    }
+                    for (a, x) in acc.iter_mut().zip(&xs) {
+                        // SAFETY: elements i..i+2*LANES exist in every x.
+                        let (x0, x1) =
+                            unsafe { (loadu(x.as_ptr().add(i)), loadu(x.as_ptr().add(i + LANES))) };
+                        for (s, &(w0, w1)) in a.iter_mut().zip(&w) {
+                            *s = fmadd(w1, x1, fmadd(w0, x0, *s));
+                        }
+                    }
+                    i += 2 * LANES;
+                }
+                for r in 0..4 {
+                    let sr = mul(k256, splat(scales[r][bi]));
+                    for ((tot, tl), (a, x)) in
+                        total.iter_mut().zip(&mut tail).zip(acc.iter().zip(&xs))
+                    {
+                        tot[r] = fmadd(a[r], sr, tot[r]);
+                        let mut part = 0f32;
+                        for k in full..b1 {
+                            part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
+                        }
+                        tl[r] += part * scales[r][bi];
+                    }
+                }
+                b0 = b1;
+                bi += 1;
+            }
+            let mut out = [[0f32; 4]; T];
+            for ((o, tot), tl) in out.iter_mut().zip(&total).zip(&tail) {
+                for r in 0..4 {
+                    o[r] = hsum(tot[r]) + tl[r];
+                }
+            }
+            out
+        }
+
         /// `row` holds `x.len()` little-endian f16 values.
         #[target_feature(enable = $h)]
         pub fn dot_f16(row: &[u8], x: &[f32]) -> f32 {
@@ -762,6 +831,55 @@ pub fn dot_fp8_x4(
     )
 }
 
+/// Four E4M3 rows times each of the tokens `xs`, into `out[t][k]` (row `k`
+/// times token `t`; `out` holds `xs.len()`), converting each code vector
+/// once for several tokens (as many as [`dot_bf16_x4_tokens`] takes).
+/// `scales`, `block` and `ahead` as for [`dot_fp8_x4`].
+pub fn dot_fp8_x4_tokens(
+    lvl: Level,
+    rows: [&[u8]; 4],
+    scales: [&[f32]; 4],
+    block: usize,
+    xs: &[&[f32]],
+    ahead: usize,
+    out: &mut [[f32; 4]],
+) {
+    let per = match simd(lvl) {
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => 4,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => 2,
+        Simd::None => 1,
+    };
+    for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
+        #[cfg(target_arch = "x86_64")]
+        macro_rules! run {
+            ($m:ident, $t:literal) => {{
+                let x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
+                // SAFETY: the level is capped by the CPU's features (`simd`).
+                o.copy_from_slice(&unsafe {
+                    $m::dot_fp8_x4_tokens::<$t>(rows, scales, block, x, ahead)
+                });
+            }};
+        }
+        match (simd(lvl), group.len()) {
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 2) => run!(avx512, 2),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 3) => run!(avx512, 3),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx512, 4) => run!(avx512, 4),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, 2) => run!(avx2, 2),
+            _ => {
+                for (v, x) in o.iter_mut().zip(group) {
+                    *v = dot_fp8_x4(lvl, rows, scales, block, x, ahead);
+                }
+            }
+        }
+    }
+}
+
 /// f16 row (little-endian bytes) times f32 `x`.
 pub fn dot_f16(lvl: Level, row: &[u8], x: &[f32]) -> f32 {
     dispatch!(lvl, dot_f16(row, x), portable::dot_f16(row, x))
@@ -897,6 +1015,14 @@ mod tests {
                 }
                 v
             };
+            let rot_f32 = |v: &[f32], r: usize| -> Vec<f32> {
+                let mut v = v.to_vec();
+                if !v.is_empty() {
+                    let k = r % v.len();
+                    v.rotate_left(k);
+                }
+                v
+            };
             let bf4: Vec<Vec<u8>> = (0..4).map(|r| rot(&bf, 2 * r)).collect();
             let got = dot_bf16_x4(lvl, [&bf4[0], &bf4[1], &bf4[2], &bf4[3]], &x, 4 * n);
             for r in 0..4 {
@@ -915,6 +1041,32 @@ mod tests {
             for r in 0..4 {
                 let want = portable::dot_fp8(&c4[r], &scales, 64, &x);
                 assert!(close(got[r], want), "{lvl:?} fp8 x4 n={n} row {r}");
+            }
+            // Several tokens at once (five: a full group and a remainder at
+            // every level), each against the single-token portable form.
+            let xt: Vec<Vec<f32>> = (0..5).map(|t| rot_f32(&x, 3 * t + 1)).collect();
+            let xr: Vec<&[f32]> = xt.iter().map(|v| &v[..]).collect();
+            for m in 1..=xr.len() {
+                let mut got = vec![[f32::NAN; 4]; m];
+                dot_fp8_x4_tokens(
+                    lvl,
+                    [&c4[0], &c4[1], &c4[2], &c4[3]],
+                    [&scales, &scales, &scales, &scales],
+                    64,
+                    &xr[..m],
+                    4 * n,
+                    &mut got,
+                );
+                for (t, g) in got.iter().enumerate() {
+                    for r in 0..4 {
+                        let want = portable::dot_fp8(&c4[r], &scales, 64, xr[t]);
+                        assert!(
+                            close(g[r], want),
+                            "{lvl:?} fp8 x4 {m} tokens n={n} [{t}][{r}]: {} vs {want}",
+                            g[r]
+                        );
+                    }
+                }
             }
             let a4 = [0.5f32, -1.25, 2.0, 0.0];
             let (mut y, mut yp) = (x.clone(), x.clone());
