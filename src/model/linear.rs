@@ -73,16 +73,22 @@ fn fills(tokens: usize, block: usize) -> bool {
     2 * tokens > block
 }
 
-/// [`fills`] for FP8 weights in the f32 GEMM ([`f32_proj`]): the streamed
-/// path converts each FP8 row to f32 once per group of tokens (four on
-/// AVX-512, two on AVX2), and the GEMM's conversion of whole chunks costs
-/// more than bf16's widening, so the GEMM pays only from 5/8 of a block.
-/// Measured per V3 layer (decode steps, ms, GEMM against streamed): a
-/// 32-token AVX-512 block at 16 tokens 76 against 65, at 20 tokens 82
-/// against 84, at 24 tokens 83 against 98; a 16-token AVX2 block at 8
-/// tokens 48 against 40, at 12 tokens 50 against 58.
-fn fp8_fills(tokens: usize, block: usize) -> bool {
-    8 * tokens > 5 * block
+/// [`fills`] for FP8 weights in the f32 GEMM ([`f32_proj`]) at `lvl`: the
+/// streamed path converts each FP8 vector once per four tokens, and the
+/// GEMM's conversion of whole chunks costs more than bf16's widening, so
+/// the GEMM pays only from 7/8 of AVX-512's 32-token block and 5/8 of
+/// AVX2's 16 (where the streamed path holds two rows at a time); portable
+/// code streams token by token, so it keeps 3/8. Measured
+/// per V3 layer (decode steps, ms, GEMM against streamed): AVX-512 at 24
+/// tokens 80–85 against 73–75, at 32 tokens 85 against 95–97; AVX2 at 8
+/// tokens 39–42 against 38–46, at 12 tokens 49 against 54–57.
+fn fp8_fills(lvl: Level, tokens: usize, block: usize) -> bool {
+    let eighths = match lvl {
+        Level::Portable => 3, // the streamed path goes token by token
+        Level::Avx2 => 5,
+        _ => 7,
+    };
+    8 * tokens > eighths * block
 }
 
 /// Rows `rows` of bf16 weights with `n` columns, as bytes.
@@ -514,7 +520,7 @@ impl Linear {
         };
         let block = f32_proj::block_tokens(self.level);
         let gemm = match self.data {
-            Data::Fp8 { .. } => fp8_fills(tokens, block),
+            Data::Fp8 { .. } => fp8_fills(self.level, tokens, block),
             Data::Plain(..) => fills(tokens, block),
         };
         if gemm {

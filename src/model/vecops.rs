@@ -239,10 +239,13 @@ macro_rules! vector_kernels {
         }
 
         /// [`dot_fp8_x4`] for `T` tokens: each code vector of the four rows
-        /// is converted once and multiplied into every token's sum, so a
-        /// decode step of a few sequences converts each weight once per `T`
-        /// tokens instead of once per token. One sum per row and token
-        /// (`4 T` chains), folded per block with its scale.
+        /// is converted once, scaled by its block's scale, and multiplied
+        /// into every token's sum, so a decode step of a few sequences
+        /// converts each weight once per `T` tokens instead of once per
+        /// token. The rows go [`FP8_ROWS`] at a time, one sum per row and
+        /// token for the whole row: scaling the weights, rather than
+        /// folding each block's sums, keeps the sums in registers. `block`
+        /// must be a multiple of `2 * LANES` (the dispatch checks).
         #[target_feature(enable = $h)]
         pub fn dot_fp8_x4_tokens<const T: usize>(
             rows: [&[u8]; 4],
@@ -251,57 +254,52 @@ macro_rules! vector_kernels {
             xs: [&[f32]; T],
             ahead: usize,
         ) -> [[f32; 4]; T] {
+            debug_assert!(block.is_multiple_of(2 * LANES));
             let n = xs.iter().fold(usize::MAX, |m, x| m.min(x.len()));
             let n = rows.iter().fold(n, |m, r| m.min(r.len()));
-            let mut total = [[zero(); 4]; T];
-            let mut tail = [[0f32; 4]; T];
-            let k256 = splat(256.0);
-            let mut b0 = 0;
-            let mut bi = 0;
-            while b0 < n {
-                let b1 = (b0 + block).min(n);
-                let full = b0 + (b1 - b0) / (2 * LANES) * (2 * LANES);
-                let mut acc = [[zero(); 4]; T];
-                let mut i = b0;
-                while i < full {
-                    let mut w = [(zero(), zero()); 4];
-                    for (r, row) in rows.iter().enumerate() {
-                        if (i - b0).is_multiple_of(64) {
-                            prefetch(row.as_ptr().wrapping_add(i + ahead));
-                        }
-                        // SAFETY: elements i..i+2*LANES exist in every row.
-                        w[r] = unsafe { fp8_pair(row.as_ptr().add(i)) };
-                    }
-                    for (a, x) in acc.iter_mut().zip(&xs) {
-                        // SAFETY: elements i..i+2*LANES exist in every x.
-                        let (x0, x1) =
-                            unsafe { (loadu(x.as_ptr().add(i)), loadu(x.as_ptr().add(i + LANES))) };
-                        for (s, &(w0, w1)) in a.iter_mut().zip(&w) {
-                            *s = fmadd(w1, x1, fmadd(w0, x0, *s));
-                        }
-                    }
-                    i += 2 * LANES;
-                }
-                for r in 0..4 {
-                    let sr = mul(k256, splat(scales[r][bi]));
-                    for ((tot, tl), (a, x)) in
-                        total.iter_mut().zip(&mut tail).zip(acc.iter().zip(&xs))
-                    {
-                        tot[r] = fmadd(a[r], sr, tot[r]);
-                        let mut part = 0f32;
-                        for k in full..b1 {
-                            part += super::E4M3_TABLE[rows[r][k] as usize] * x[k];
-                        }
-                        tl[r] += part * scales[r][bi];
-                    }
-                }
-                b0 = b1;
-                bi += 1;
-            }
+            let full = n / (2 * LANES) * (2 * LANES);
             let mut out = [[0f32; 4]; T];
-            for ((o, tot), tl) in out.iter_mut().zip(&total).zip(&tail) {
-                for r in 0..4 {
-                    o[r] = hsum(tot[r]) + tl[r];
+            for p in (0..4).step_by(FP8_ROWS) {
+                let mut acc = [[zero(); FP8_ROWS]; T];
+                let mut b0 = 0;
+                while b0 < full {
+                    let b1 = (b0 + block).min(full);
+                    // The f16 reading is the value times 2^-8.
+                    let sc: [_; FP8_ROWS] =
+                        std::array::from_fn(|k| splat(256.0 * scales[p + k][b0 / block]));
+                    let mut i = b0;
+                    while i < b1 {
+                        for (k, &s) in sc.iter().enumerate() {
+                            let row = rows[p + k];
+                            if (i - b0).is_multiple_of(64) {
+                                prefetch(row.as_ptr().wrapping_add(i + ahead));
+                            }
+                            // SAFETY: elements i..i+2*LANES exist in every row.
+                            let (w0, w1) = unsafe { fp8_pair(row.as_ptr().add(i)) };
+                            let (w0, w1) = (mul(w0, s), mul(w1, s));
+                            for (a, x) in acc.iter_mut().zip(&xs) {
+                                // SAFETY: elements i..i+2*LANES exist in every x.
+                                let (x0, x1) = unsafe {
+                                    (loadu(x.as_ptr().add(i)), loadu(x.as_ptr().add(i + LANES)))
+                                };
+                                a[k] = fmadd(w1, x1, fmadd(w0, x0, a[k]));
+                            }
+                        }
+                        i += 2 * LANES;
+                    }
+                    b0 = b1;
+                }
+                for ((o, a), x) in out.iter_mut().zip(&acc).zip(&xs) {
+                    for (k, &s) in a.iter().enumerate() {
+                        let r = p + k;
+                        let mut tail = 0f32;
+                        for c in full..n {
+                            tail += super::E4M3_TABLE[rows[r][c] as usize]
+                                * x[c]
+                                * scales[r][c / block];
+                        }
+                        o[r] = hsum(s) + tail;
+                    }
                 }
             }
             out
@@ -489,6 +487,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     const LANES: usize = 16;
+    /// FP8 rows per pass of `dot_fp8_x4_tokens`: 4 rows x 4 tokens of sums
+    /// fit AVX-512's 32 registers.
+    const FP8_ROWS: usize = 4;
 
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -584,6 +585,9 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     const LANES: usize = 8;
+    /// FP8 rows per pass of `dot_fp8_x4_tokens`: 2 rows x 4 tokens of sums
+    /// fit AVX2's 16 registers (4 rows spill them).
+    const FP8_ROWS: usize = 2;
 
     #[inline]
     #[target_feature(enable = "avx2")]
@@ -833,8 +837,10 @@ pub fn dot_fp8_x4(
 
 /// Four E4M3 rows times each of the tokens `xs`, into `out[t][k]` (row `k`
 /// times token `t`; `out` holds `xs.len()`), converting each code vector
-/// once for several tokens (as many as [`dot_bf16_x4_tokens`] takes).
-/// `scales`, `block` and `ahead` as for [`dot_fp8_x4`].
+/// once for up to four tokens: all four rows at once with AVX-512's 32
+/// registers, two at a time with AVX2's 16. A `block` that does not hold
+/// whole vector steps goes token by token. `scales`, `block` and `ahead`
+/// as for [`dot_fp8_x4`].
 pub fn dot_fp8_x4_tokens(
     lvl: Level,
     rows: [&[u8]; 4],
@@ -844,12 +850,13 @@ pub fn dot_fp8_x4_tokens(
     ahead: usize,
     out: &mut [[f32; 4]],
 ) {
+    // Blocks must hold whole steps of the vector loop (two vectors).
     let per = match simd(lvl) {
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => 4,
+        Simd::Avx512 if block.is_multiple_of(32) => 4,
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => 2,
-        Simd::None => 1,
+        Simd::Avx2 if block.is_multiple_of(16) => 4,
+        _ => 1,
     };
     for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
         #[cfg(target_arch = "x86_64")]
@@ -871,6 +878,10 @@ pub fn dot_fp8_x4_tokens(
             (Simd::Avx512, 4) => run!(avx512, 4),
             #[cfg(target_arch = "x86_64")]
             (Simd::Avx2, 2) => run!(avx2, 2),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, 3) => run!(avx2, 3),
+            #[cfg(target_arch = "x86_64")]
+            (Simd::Avx2, 4) => run!(avx2, 4),
             _ => {
                 for (v, x) in o.iter_mut().zip(group) {
                     *v = dot_fp8_x4(lvl, rows, scales, block, x, ahead);
@@ -1046,23 +1057,33 @@ mod tests {
             // every level), each against the single-token portable form.
             let xt: Vec<Vec<f32>> = (0..5).map(|t| rot_f32(&x, 3 * t + 1)).collect();
             let xr: Vec<&[f32]> = xt.iter().map(|v| &v[..]).collect();
-            for m in 1..=xr.len() {
+            // Blocks of 64 hold whole vector steps at every level, 48 only
+            // AVX2's, 40 none (those go token by token); every row has its
+            // own scales.
+            for (m, block) in (1..=xr.len()).flat_map(|m| [64, 48, 40].map(|b| (m, b))) {
+                let sc: Vec<Vec<f32>> = (0..4)
+                    .map(|r| {
+                        (0..n.div_ceil(block))
+                            .map(|k| 0.5 + (k + 3 * r) as f32 * 0.125)
+                            .collect()
+                    })
+                    .collect();
                 let mut got = vec![[f32::NAN; 4]; m];
                 dot_fp8_x4_tokens(
                     lvl,
                     [&c4[0], &c4[1], &c4[2], &c4[3]],
-                    [&scales, &scales, &scales, &scales],
-                    64,
+                    [&sc[0], &sc[1], &sc[2], &sc[3]],
+                    block,
                     &xr[..m],
                     4 * n,
                     &mut got,
                 );
                 for (t, g) in got.iter().enumerate() {
                     for r in 0..4 {
-                        let want = portable::dot_fp8(&c4[r], &scales, 64, xr[t]);
+                        let want = portable::dot_fp8(&c4[r], &sc[r], block, xr[t]);
                         assert!(
                             close(g[r], want),
-                            "{lvl:?} fp8 x4 {m} tokens n={n} [{t}][{r}]: {} vs {want}",
+                            "{lvl:?} fp8 x4 {m} tokens n={n} block {block} [{t}][{r}]: {} vs {want}",
                             g[r]
                         );
                     }
