@@ -26,6 +26,7 @@ use crate::engine::Engine;
 use crate::error::{check_range, checked_size, Error, Result, Status};
 use crate::format::{load_slice, Dtype, KvFormat, KvLayout};
 use parking_lot::RwLock;
+use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -902,6 +903,30 @@ impl KvPool {
             block_size: self.opts.block_size,
             dim: self.opts.index_dim,
         }))
+    }
+
+    /// Positions `0..len` of `seq` in `layer`, converted to f32 rows
+    /// `[len, d_qk]` at the front of `dst` (FP8 rows dequantized); returns
+    /// `len`. Host pools only.
+    pub(crate) fn read_rows(&self, seq: u64, layer: i64, dst: &mut [f32]) -> Result<usize> {
+        let layer = self.layer_index(layer)?;
+        let st = self.state.read();
+        let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
+        let LayerMem::Host(data) = &st.layers[layer] else {
+            return Err(Error::internal("read_rows of a pool in GPU memory"));
+        };
+        let (len, d, bs) = (s.lens[layer], self.layout.d_qk, self.opts.block_size);
+        if dst.len() < len * d {
+            return Err(Error::internal(
+                "read_rows: dst is smaller than [len, d_qk]",
+            ));
+        }
+        let kv = KvCache::new(self.layout, data.as_slice(), self.opts.num_blocks)?;
+        dst[..len * d]
+            .par_chunks_mut(d)
+            .enumerate()
+            .for_each(|(p, row)| kv.load(s.blocks[p / bs] as usize, p % bs, row));
+        Ok(len)
     }
 
     /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the

@@ -1,5 +1,7 @@
 //! The MLA layer forward in DeepSeek-V3's absorbed form
-//! (`inference/model.py`, class `MLA`, `attn_impl = "absorb"`):
+//! (`inference/model.py`, class `MLA`, `attn_impl = "absorb"`), except
+//! that prefill chunks on the CPU attend in the expanded form
+//! (`super::prefill`):
 //! `q = q_b(RMSNorm(q_a(x)))` (or `q_proj(x)`), `kv = kv_a(x)`,
 //! `c = RMSNorm(kv[:lora])`, `k_pe = RoPE(kv[lora:])`, append `[c | k_pe]`,
 //! `q_lat = q_nope · W_UK`, attention over the cache (causal inside the
@@ -182,6 +184,17 @@ impl Model {
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
         let d_qk = c.d_qk();
         let eps = c.rms_norm_eps as f32;
+        // Prefill chunks on the CPU attend in the expanded form
+        // (`super::prefill`) when every sequence's chunk is long or at
+        // least as long as its earlier context; decode steps and V3.2's
+        // sparse layers keep the absorbed one.
+        let expanded = dl.is_none()
+            && cuda.is_none()
+            && lw.indexer.is_none()
+            && n_tokens
+                .iter()
+                .zip(start)
+                .all(|(&n, &p)| n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n);
 
         // Every buffer below is written in full before it is read.
         let sc = &self.scratch;
@@ -213,17 +226,20 @@ impl Model {
                     rms_norm(&mut row[..lora], &lw.kv_norm, eps);
                     self.rope.apply(&mut row[lora..], p);
                 });
-            // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK, rope'd q_pe.
-            let mut qf = sc.overwritten::<f32>(total * h * d_qk);
-            match dl {
-                Some(d) => d.latent_queries(cuda, &q, qk, total, &mut qf, d_qk, sc)?,
-                None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk, sc),
+            // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK,
+            // rope'd q_pe. The expanded form takes `q` as it is.
+            let mut qf = sc.overwritten::<f32>(if expanded { 0 } else { total * h * d_qk });
+            if !expanded {
+                match dl {
+                    Some(d) => d.latent_queries(cuda, &q, qk, total, &mut qf, d_qk, sc)?,
+                    None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk, sc),
+                }
+                qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
+                    let t = th / h;
+                    dst[lora..].copy_from_slice(&q[th * qk + nope..][..qk - nope]);
+                    self.rope.apply(&mut dst[lora..], pos[t]);
+                });
             }
-            qf.par_chunks_mut(d_qk).enumerate().for_each(|(th, dst)| {
-                let t = th / h;
-                dst[lora..].copy_from_slice(&q[th * qk + nope..][..qk - nope]);
-                self.rope.apply(&mut dst[lora..], pos[t]);
-            });
 
             // Append [c | k_pe] for every sequence at once (all or nothing);
             // undo the appends if anything later fails.
@@ -259,6 +275,24 @@ impl Model {
                     KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
                     _ => Dtype::F32,
                 };
+                if expanded {
+                    let mut o = sc.overwritten::<f32>(total * h * v);
+                    for (b, &id) in seqs.iter().enumerate() {
+                        let (t0, n) = (first_tok[b], n_tokens[b]);
+                        self.expanded_attention(
+                            lw.absorbed.kv_b(),
+                            pool,
+                            pl,
+                            id,
+                            (&q[t0 * h * qk..][..n * h * qk], &pos[t0..t0 + n]),
+                            adt,
+                            &mut o[t0 * h * v..][..n * h * v],
+                        )?;
+                    }
+                    let mut y = vec![0f32; total * hid];
+                    self.project(&lw.o_proj, None, &o, total, &mut y)?;
+                    return Ok(y);
+                }
                 let es = adt.size();
                 // f32 attention reads qf and writes o_lat as they are.
                 let mut o_lat = sc.overwritten::<f32>(total * h * lora);

@@ -491,10 +491,25 @@ impl Linear {
 
     /// [`Self::matmul`] with its large temporaries from `scratch`.
     pub fn matmul_with(&self, x: &[f32], tokens: usize, y: &mut [f32], scratch: &Scratch) {
-        let (inp, out) = (self.inp, self.out);
+        self.matmul_rows_with(0, self.out, x, tokens, y, scratch)
+    }
+
+    /// [`Self::matmul_with`] for the weight rows `first..first + out`
+    /// alone: `y [tokens, out]`.
+    pub fn matmul_rows_with(
+        &self,
+        first: usize,
+        out: usize,
+        x: &[f32],
+        tokens: usize,
+        y: &mut [f32],
+        scratch: &Scratch,
+    ) {
+        let inp = self.inp;
+        debug_assert!(first + out <= self.out);
         debug_assert!(x.len() >= tokens * inp && y.len() >= tokens * out);
         let x = &x[..tokens * inp];
-        if let Some(w) = self.gemm_rows(0, out) {
+        if let Some(w) = self.gemm_rows(first, out) {
             // Activations that are bf16 values (bf16 hidden states) lose
             // nothing in the faster bf16 tile, when enough tokens fill it
             // (checked first: the scan reads every activation).
@@ -524,7 +539,7 @@ impl Linear {
             Data::Plain(..) => fills(tokens, block),
         };
         if gemm {
-            let row = |o: usize, c0: usize, dst: &mut [f32]| self.row_range(o, c0, dst);
+            let row = |o: usize, c0: usize, dst: &mut [f32]| self.row_range(first + o, c0, dst);
             return f32_proj::matmul(self.level, x, tokens, inp, out, row, y, scratch);
         }
         const ROWS: usize = 16;
@@ -540,7 +555,7 @@ impl Linear {
                 // larger than L1.
                 for r in (0..rows_here).step_by(4) {
                     let group = 4.min(rows_here - r);
-                    let rows = [0, 1, 2, 3].map(|k| c * ROWS + r + k.min(group - 1));
+                    let rows = [0, 1, 2, 3].map(|k| first + c * ROWS + r + k.min(group - 1));
                     // A few tokens at a time share each conversion of the rows.
                     for t0 in (0..tokens).step_by(fp8_bf16::DOT_TOKENS) {
                         let t1 = tokens.min(t0 + fp8_bf16::DOT_TOKENS);
@@ -693,6 +708,21 @@ mod tests {
                                 assert!(
                                     close(got, want),
                                     "{:?} {:?} {what} {out}x{inp} t{tokens} [{t},{o}]: {got} vs {want}",
+                                    lin.level(),
+                                    lin.dtype()
+                                );
+                            }
+                        }
+                        // A range of rows alone gives the same values.
+                        let (first, count) = (out / 3, out - out / 3 - 1);
+                        let mut yr = vec![f32::NAN; tokens * count];
+                        lin.matmul_rows_with(first, count, x, tokens, &mut yr, &Scratch::default());
+                        for t in 0..tokens {
+                            for o in 0..count {
+                                let (got, want) = (yr[t * count + o], y[t * out + first + o]);
+                                assert!(
+                                    close(got, want as f64),
+                                    "{:?} {:?} {what} rows {first}+{count} t{tokens} [{t},{o}]: {got} vs {want}",
                                     lin.level(),
                                     lin.dtype()
                                 );

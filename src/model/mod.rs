@@ -14,6 +14,7 @@ pub mod gen;
 pub mod indexer;
 pub mod level;
 pub mod linear;
+pub mod prefill;
 pub mod resident;
 pub mod rope;
 pub mod scratch;
