@@ -905,28 +905,40 @@ impl KvPool {
         }))
     }
 
-    /// Positions `0..len` of `seq` in `layer`, converted to f32 rows
-    /// `[len, d_qk]` at the front of `dst` (FP8 rows dequantized); returns
-    /// `len`. Host pools only.
-    pub(crate) fn read_rows(&self, seq: u64, layer: i64, dst: &mut [f32]) -> Result<usize> {
+    /// Positions `range` of `seq` in `layer` (within its length), converted
+    /// to f32 rows `[range.len(), d_qk]` at the front of `dst` (FP8 rows
+    /// dequantized). Host pools only.
+    pub(crate) fn read_rows(
+        &self,
+        seq: u64,
+        layer: i64,
+        range: std::ops::Range<usize>,
+        dst: &mut [f32],
+    ) -> Result<()> {
         let layer = self.layer_index(layer)?;
         let st = self.state.read();
         let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
         let LayerMem::Host(data) = &st.layers[layer] else {
             return Err(Error::internal("read_rows of a pool in GPU memory"));
         };
-        let (len, d, bs) = (s.lens[layer], self.layout.d_qk, self.opts.block_size);
-        if dst.len() < len * d {
+        let (d, bs) = (self.layout.d_qk, self.opts.block_size);
+        if range.start > range.end || range.end > s.lens[layer] {
+            return Err(Error::internal(format!(
+                "read_rows: positions {range:?} of a sequence of {} tokens",
+                s.lens[layer]
+            )));
+        }
+        if dst.len() < range.len() * d {
             return Err(Error::internal(
-                "read_rows: dst is smaller than [len, d_qk]",
+                "read_rows: dst is smaller than [positions, d_qk]",
             ));
         }
         let kv = KvCache::new(self.layout, data.as_slice(), self.opts.num_blocks)?;
-        dst[..len * d]
+        dst[..range.len() * d]
             .par_chunks_mut(d)
-            .enumerate()
-            .for_each(|(p, row)| kv.load(s.blocks[p / bs] as usize, p % bs, row));
-        Ok(len)
+            .zip(range)
+            .for_each(|(row, p)| kv.load(s.blocks[p / bs] as usize, p % bs, row));
+        Ok(())
     }
 
     /// Decodes `layer` for the sequences `seqs` (duplicates allowed); the

@@ -287,6 +287,7 @@ impl Model {
                             (&q[t0 * h * qk..][..n * h * qk], &pos[t0..t0 + n]),
                             adt,
                             &mut o[t0 * h * v..][..n * h * v],
+                            super::prefill::KEY_CHUNK,
                         )?;
                     }
                     let mut y = vec![0f32; total * hid];

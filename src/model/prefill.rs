@@ -20,7 +20,7 @@ use super::linear::Linear;
 use super::Model;
 use crate::decode::desc::DecodeOutput;
 use crate::decode::{Decode, DecodeShape, KvCache};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::{load_slice, store_slice, Dtype, KvFormat, KvLayout};
 use crate::kv::KvPool;
 use rayon::prelude::*;
@@ -35,8 +35,14 @@ use rayon::prelude::*;
 pub const EXPANDED_MIN_TOKENS: usize = 128;
 
 /// Heads per attention call: the temporary cache holds this many heads'
-/// rows (`ctx · (v + nope + rope)` values each).
+/// rows.
 const HEAD_GROUP: usize = 16;
+
+/// Cached positions up-projected at a time. The temporaries then stay
+/// bounded whatever the context (about 130 MB for V3: K_nope and V of 16
+/// heads in f32, their rows in bf16, the latent rows); longer contexts
+/// run in chunks of keys whose results merge by their log-sum-exp.
+pub const KEY_CHUNK: usize = 4096;
 
 /// Block size of the temporary cache.
 const BLOCK: usize = 64;
@@ -47,7 +53,8 @@ impl Model {
     /// in the expanded form. `q [n, H, qk]` holds each token's queries
     /// as projected (`q_pe` not yet rotated), `pos` their positions;
     /// `adt` is the attention's operand dtype (bf16 over a bf16-valued
-    /// cache, else f32), as in the absorbed form.
+    /// cache, else f32), as in the absorbed form. `key_chunk` cached
+    /// positions (at least `n`) are up-projected at a time.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expanded_attention(
         &self,
@@ -58,17 +65,66 @@ impl Model {
         (q, pos): (&[f32], &[usize]),
         adt: Dtype,
         o: &mut [f32],
+        key_chunk: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        let sc = &self.scratch;
+        let h = c.num_heads;
+        let n = pos.len();
+        let ctx = pool.len(seq, pl)?;
+        if n > key_chunk || n > ctx {
+            return Err(Error::internal(format!(
+                "expanded attention of {n} tokens over {ctx} positions in chunks of {key_chunk}"
+            )));
+        }
+        // Chunks of keys from the end: the last one holds every new
+        // position, so its causal mask is the kernel's (query i sees the
+        // chunk's keys up to its own position); earlier chunks lie before
+        // every new token and are seen whole.
+        let mut chunks = Vec::new();
+        let mut k1 = ctx;
+        while k1 > 0 {
+            let k0 = k1.saturating_sub(key_chunk);
+            chunks.push(k0..k1);
+            k1 = k0;
+        }
+        // One chunk writes `o` as it is; more merge into it, with each
+        // (token, head)'s log-sum-exp so far in `lse`.
+        let mut lse = sc.overwritten::<f32>(if chunks.len() > 1 { n * h } else { 0 });
+        for (ci, keys) in chunks.into_iter().enumerate() {
+            let merge = (!lse.is_empty()).then(|| (ci > 0, &mut lse[..]));
+            self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, merge)?;
+        }
+        Ok(())
+    }
+
+    /// One chunk of keys (positions `keys` of `ctx`) of
+    /// [`Self::expanded_attention`]. `merge`: None writes `o`; else
+    /// `(false, lse)` writes `o` and `lse [n, H]`, and `(true, lse)`
+    /// merges this chunk's results into them.
+    #[allow(clippy::too_many_arguments)]
+    fn expanded_chunk(
+        &self,
+        kv_b: &Linear,
+        pool: &KvPool,
+        pl: i64,
+        seq: u64,
+        keys: std::ops::Range<usize>,
+        ctx: usize,
+        (q, pos): (&[f32], &[usize]),
+        adt: Dtype,
+        o: &mut [f32],
+        mut merge: Option<(bool, &mut [f32])>,
     ) -> Result<()> {
         let c = &self.config;
         let sc = &self.scratch;
         let (h, lora, rope) = (c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
-        let (n, d_lat) = (pos.len(), c.d_qk());
-        let ctx = pool.len(seq, pl)?;
-        // Every cached row, then the latent parts packed for kv_b.
-        let mut lat = sc.overwritten::<f32>(ctx * d_lat);
-        pool.read_rows(seq, pl, &mut lat)?;
-        let mut cl = sc.overwritten::<f32>(ctx * lora);
+        let (n, d_lat, len) = (pos.len(), c.d_qk(), keys.len());
+        // The chunk's cached rows, then their latent parts packed for kv_b.
+        let mut lat = sc.overwritten::<f32>(len * d_lat);
+        pool.read_rows(seq, pl, keys.clone(), &mut lat)?;
+        let mut cl = sc.overwritten::<f32>(len * lora);
         cl.par_chunks_mut(lora)
             .zip(lat.par_chunks(d_lat))
             .for_each(|(dst, row)| dst.copy_from_slice(&row[..lora]));
@@ -80,15 +136,15 @@ impl Model {
             _ => KvFormat::F32,
         };
         let layout = KvLayout::new(format, d, BLOCK, "expanded prefill cache")?;
-        let nb = ctx.div_ceil(BLOCK);
+        let nb = len.div_ceil(BLOCK);
         let per_head = nope + v;
         for g0 in (0..h).step_by(HEAD_GROUP) {
             let gc = HEAD_GROUP.min(h - g0);
             // K_nope and V of these heads for every position.
-            let mut kvh = sc.overwritten::<f32>(ctx * gc * per_head);
-            kv_b.matmul_rows_with(g0 * per_head, gc * per_head, &cl, ctx, &mut kvh, sc);
+            let mut kvh = sc.overwritten::<f32>(len * gc * per_head);
+            kv_b.matmul_rows_with(g0 * per_head, gc * per_head, &cl, len, &mut kvh, sc);
             // Rows [V | K_nope | k_pe], head j's in blocks j·nb ..; slots
-            // past ctx in a head's last block are never read.
+            // past the chunk in a head's last block are never read.
             let mut cache = sc.overwritten::<u8>(gc * nb * BLOCK * d * es);
             cache
                 .par_chunks_mut(BLOCK * d * es)
@@ -98,7 +154,7 @@ impl Model {
                     let mut row = vec![0f32; d];
                     for (slot, dst) in blk.chunks_exact_mut(d * es).enumerate() {
                         let p = b * BLOCK + slot;
-                        if p >= ctx {
+                        if p >= len {
                             break;
                         }
                         let src = &kvh[(p * gc + j) * per_head..][..per_head];
@@ -119,7 +175,7 @@ impl Model {
                 store_slice(adt, &row, dst);
             });
             let table: Vec<i32> = (0..(gc * nb) as i32).collect();
-            let seqlens = vec![ctx as i32; gc];
+            let seqlens = vec![len as i32; gc];
             let shape = DecodeShape::new(
                 gc as i32,
                 n as i32,
@@ -127,24 +183,174 @@ impl Model {
                 d as i32,
                 v as i32,
                 c.softmax_scale() as f32,
-                true,
+                keys.end == ctx,
             )?;
             let kv = KvCache::new(layout, &cache, gc * nb)?;
             let dec = Decode::dense(shape, adt, &qb, kv, &table, nb, &seqlens)?;
             let mut ob = sc.overwritten::<u8>(gc * n * v * es);
-            let mut out = DecodeOutput::new(&shape, adt, &mut ob, None)?;
+            // [head, 1, token]: the chunk's log-sum-exp, when merging.
+            let mut lse_c = sc.overwritten::<f32>(if merge.is_some() { gc * n } else { 0 });
+            let mut out = DecodeOutput::new(
+                &shape,
+                adt,
+                &mut ob,
+                merge.is_some().then_some(&mut lse_c[..]),
+            )?;
             self.engine.decode(&dec, &mut out)?;
             // [head, token, v] into o [token, H, v].
-            o[..n * h * v]
-                .par_chunks_mut(h * v)
-                .enumerate()
-                .for_each(|(t, ot)| {
-                    for j in 0..gc {
-                        let src = &ob[(j * n + t) * v * es..][..v * es];
-                        load_slice(adt, src, &mut ot[(g0 + j) * v..][..v]);
-                    }
-                });
+            let lse_acc: Option<(bool, &mut [f32])> = merge.as_mut().map(|(m, l)| (*m, &mut **l));
+            match lse_acc {
+                None => o[..n * h * v]
+                    .par_chunks_mut(h * v)
+                    .enumerate()
+                    .for_each(|(t, ot)| {
+                        for j in 0..gc {
+                            let src = &ob[(j * n + t) * v * es..][..v * es];
+                            load_slice(adt, src, &mut ot[(g0 + j) * v..][..v]);
+                        }
+                    }),
+                Some((merging, lse_acc)) => o[..n * h * v]
+                    .par_chunks_mut(h * v)
+                    .zip(lse_acc.par_chunks_mut(h))
+                    .enumerate()
+                    .for_each(|(t, (ot, lt))| {
+                        let mut part = vec![0f32; v];
+                        for j in 0..gc {
+                            let src = &ob[(j * n + t) * v * es..][..v * es];
+                            let (dst, l_old) = (&mut ot[(g0 + j) * v..][..v], &mut lt[g0 + j]);
+                            let l_new = lse_c[j * n + t];
+                            if !merging {
+                                load_slice(adt, src, dst);
+                                *l_old = l_new;
+                                continue;
+                            }
+                            // A chunk whose keys this query does not see
+                            // has lse = +inf and adds nothing.
+                            if !l_new.is_finite() {
+                                continue;
+                            }
+                            load_slice(adt, src, &mut part);
+                            let l = if l_old.is_finite() {
+                                let m = l_old.max(l_new);
+                                m + ((*l_old - m).exp() + (l_new - m).exp()).ln()
+                            } else {
+                                l_new
+                            };
+                            let (a, b) = if l_old.is_finite() {
+                                ((*l_old - l).exp(), (l_new - l).exp())
+                            } else {
+                                (0.0, 1.0)
+                            };
+                            for (x, &y) in dst.iter_mut().zip(&part) {
+                                *x = a * *x + b * y;
+                            }
+                            *l_old = l;
+                        }
+                    }),
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::engine::{Engine, EngineOptions};
+    use crate::format::{Dtype, KvFormat};
+    use crate::kv::{KvPool, PoolOptions};
+    use crate::model::gen::{generate, uniform, GenOptions, Preset, WeightDtype};
+    use crate::model::{LoadOptions, Model};
+    use std::sync::Arc;
+
+    /// Keys in chunks (merged by log-sum-exp) give what one chunk gives:
+    /// chunk lengths that divide the context, that do not, and that equal
+    /// the new tokens; over F32 and BF16 pools.
+    #[test]
+    fn key_chunks_merge_to_one_pass() {
+        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let dir = std::env::temp_dir().join(format!("mlart-key-chunks-{}", std::process::id()));
+        let gen = GenOptions {
+            preset: Preset::Tiny,
+            dtype: WeightDtype::Bf16,
+            layers: 1,
+            seed: 5,
+            shards: 1,
+            yarn: true,
+        };
+        generate(&dir, &gen).unwrap();
+        let model = Model::load(engine.clone(), &dir, LoadOptions::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = &model.config;
+        let (h, qk, v) = (c.num_heads, c.qk_head_dim(), c.v_head_dim);
+        let (ctx, n) = (60usize, 20usize);
+        for (format, adt, tol) in [
+            (KvFormat::F32, Dtype::F32, 1e-5),
+            // Each chunk's output is rounded to bf16 before the merge.
+            (KvFormat::Bf16, Dtype::Bf16, 1e-2),
+        ] {
+            let pool = KvPool::new(
+                engine.clone(),
+                PoolOptions {
+                    format,
+                    d_qk: c.d_qk(),
+                    num_layers: 1,
+                    block_size: 16,
+                    num_blocks: 8,
+                    index_dim: 0,
+                },
+            )
+            .unwrap();
+            pool.create_seq(1).unwrap();
+            let x = uniform(ctx * c.hidden_size, 9);
+            model.forward(&pool, 0, &[1], &[ctx], &x).unwrap();
+            let q = uniform(n * h * qk, 10);
+            let pos: Vec<usize> = (ctx - n..ctx).collect();
+            let run = |key_chunk: usize| {
+                let mut o = vec![f32::NAN; n * h * v];
+                model
+                    .engine
+                    .install(|| {
+                        model.expanded_attention(
+                            model.layers[0].absorbed.kv_b(),
+                            &pool,
+                            0,
+                            1,
+                            (&q, &pos),
+                            adt,
+                            &mut o,
+                            key_chunk,
+                        )
+                    })
+                    .unwrap();
+                o
+            };
+            let whole = run(super::KEY_CHUNK);
+            assert!(whole.iter().all(|x| x.is_finite()));
+            for key_chunk in [20usize, 23, 59] {
+                let got = run(key_chunk);
+                let (mut d, mut m) = (0f64, 0f64);
+                for (a, b) in got.iter().zip(&whole) {
+                    d += ((a - b) as f64).powi(2);
+                    m += (*b as f64).powi(2);
+                }
+                let e = (d / m).sqrt();
+                assert!(e <= tol, "{format:?} chunks of {key_chunk}: rel L2 {e:.2e}");
+            }
+            // Fewer keys per chunk than new tokens is refused, not wrong.
+            let mut o = vec![0f32; n * h * v];
+            let r = model.engine.install(|| {
+                model.expanded_attention(
+                    model.layers[0].absorbed.kv_b(),
+                    &pool,
+                    0,
+                    1,
+                    (&q, &pos),
+                    adt,
+                    &mut o,
+                    n - 1,
+                )
+            });
+            assert!(r.is_err());
+        }
     }
 }
