@@ -188,13 +188,20 @@ impl Model {
         // (`super::prefill`) when every sequence's chunk is long or at
         // least as long as its earlier context; decode steps and V3.2's
         // sparse layers keep the absorbed one.
-        let expanded = dl.is_none()
-            && cuda.is_none()
-            && lw.indexer.is_none()
-            && n_tokens
-                .iter()
-                .zip(start)
-                .all(|(&n, &p)| n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n);
+        // Decided per sequence: a call that mixes prefill chunks and decode
+        // steps runs both forms.
+        let expanded: Vec<bool> = n_tokens
+            .iter()
+            .zip(start)
+            .map(|(&n, &p)| {
+                dl.is_none()
+                    && cuda.is_none()
+                    && lw.indexer.is_none()
+                    && (n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n)
+            })
+            .collect();
+        let all_expanded = expanded.iter().all(|&e| e);
+        let any_expanded = expanded.iter().any(|&e| e);
 
         // Every buffer below is written in full before it is read.
         let sc = &self.scratch;
@@ -228,8 +235,8 @@ impl Model {
                 });
             // Absorbed queries [total, H, lora + rope]: q_lat = q_nope · W_UK,
             // rope'd q_pe. The expanded form takes `q` as it is.
-            let mut qf = sc.overwritten::<f32>(if expanded { 0 } else { total * h * d_qk });
-            if !expanded {
+            let mut qf = sc.overwritten::<f32>(if all_expanded { 0 } else { total * h * d_qk });
+            if !all_expanded {
                 match dl {
                     Some(d) => d.latent_queries(cuda, &q, qk, total, &mut qf, d_qk, sc)?,
                     None => lw.absorbed.latent_queries(&q, qk, total, &mut qf, d_qk, sc),
@@ -275,9 +282,9 @@ impl Model {
                     KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
                     _ => Dtype::F32,
                 };
-                if expanded {
-                    let mut o = sc.overwritten::<f32>(total * h * v);
-                    for (b, &id) in seqs.iter().enumerate() {
+                // The expanded sequences' rows of `o [total, H, v]`.
+                let expanded_rows = |o: &mut [f32]| -> Result<()> {
+                    for (b, &id) in seqs.iter().enumerate().filter(|(b, _)| expanded[*b]) {
                         let (t0, n) = (first_tok[b], n_tokens[b]);
                         self.expanded_attention(
                             lw.absorbed.kv_b(),
@@ -290,6 +297,11 @@ impl Model {
                             super::prefill::KEY_CHUNK,
                         )?;
                     }
+                    Ok(())
+                };
+                if all_expanded {
+                    let mut o = sc.overwritten::<f32>(total * h * v);
+                    expanded_rows(&mut o)?;
                     let mut y = vec![0f32; total * hid];
                     self.project(&lw.o_proj, None, &o, total, &mut y)?;
                     return Ok(y);
@@ -314,7 +326,15 @@ impl Model {
                 };
                 // One batched call per distinct chunk length.
                 let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
-                for g in self.attention_calls(plan, Some(&selected))? {
+                for mut g in self.attention_calls(plan, Some(&selected))? {
+                    // Expanded sequences attend below, after W_UV (which
+                    // also runs over their rows' unused latent outputs).
+                    if any_expanded {
+                        g.retain(|b| !expanded[b]);
+                        if g.members.is_empty() {
+                            continue;
+                        }
+                    }
                     let AttnCall {
                         n,
                         members,
@@ -357,6 +377,9 @@ impl Model {
                 match dl {
                     Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
                     None => lw.absorbed.values(&o_lat, total, &mut o, sc),
+                }
+                if any_expanded {
+                    expanded_rows(&mut o)?;
                 }
                 let mut y = vec![0f32; total * hid];
                 self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;
@@ -633,6 +656,26 @@ impl AttnCall {
             topk: self.topk,
             topk_length: None,
         })
+    }
+
+    /// Keeps the members for which `keep(member)` holds (with their ids,
+    /// indices and the shape's batch).
+    pub fn retain(&mut self, keep: impl Fn(usize) -> bool) {
+        let per = self.n * self.topk;
+        let kept: Vec<usize> = (0..self.members.len())
+            .filter(|&i| keep(self.members[i]))
+            .collect();
+        if let Some(ind) = &self.indices {
+            self.indices = Some(
+                kept.iter()
+                    .flat_map(|&i| &ind[i * per..(i + 1) * per])
+                    .copied()
+                    .collect(),
+            );
+        }
+        self.ids = kept.iter().map(|&i| self.ids[i]).collect();
+        self.members = kept.iter().map(|&i| self.members[i]).collect();
+        self.shape.batch = self.members.len();
     }
 
     /// Whether the members are neighbours in the batch, so their tokens
