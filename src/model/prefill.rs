@@ -27,8 +27,8 @@ use rayon::prelude::*;
 
 /// New tokens of a sequence from which a forward takes the expanded form
 /// whatever the sequence's earlier context; a shorter chunk takes it when
-/// its context is no longer than the chunk. Every sequence of a call must
-/// qualify. Measured on one V3 layer (BENCHMARKS.md, "expanded prefill"):
+/// its context is no longer than the chunk (decided per sequence of a
+/// call). Measured on one V3 layer (BENCHMARKS.md, "expanded prefill"):
 /// after 2048 cached tokens, chunks of 32–128 tokens take the same time in
 /// both forms; from an empty cache the expanded form is faster at every
 /// length tried (8 to 2048 tokens).
