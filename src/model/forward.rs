@@ -197,6 +197,7 @@ impl Model {
                 dl.is_none()
                     && cuda.is_none()
                     && lw.indexer.is_none()
+                    && v + qk <= crate::decode::desc::MAX_HEAD_DIM
                     && (n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n)
             })
             .collect();
