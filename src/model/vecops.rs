@@ -773,6 +773,45 @@ pub fn dot_bf16_x4(lvl: Level, rows: [&[u8]; 4], x: &[f32], ahead: usize) -> [f3
     )
 }
 
+/// Runs `xs` in groups of `per` tokens through the vector module's
+/// `$kernel::<T>` (the group's tokens as `[&[f32]; T]` in `$x`), writing
+/// each group's `[[f32; 4]; T]` into `out`; a group of one (or any group
+/// on portable code) goes token by token through `$single`.
+macro_rules! token_groups {
+    ($lvl:expr, $per:expr, $xs:expr, $out:expr,
+     |$x:ident| $kernel:ident($($arg:expr),*), |$x1:ident| $single:expr) => {
+        for (group, o) in $xs.chunks($per).zip($out.chunks_mut($per)) {
+            #[cfg(target_arch = "x86_64")]
+            macro_rules! run {
+                ($m:ident, $t:literal) => {{
+                    let $x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
+                    // SAFETY: the level is capped by the CPU's features (`simd`).
+                    o.copy_from_slice(&unsafe { $m::$kernel::<$t>($($arg),*) });
+                }};
+            }
+            match (simd($lvl), group.len()) {
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx512, 2) => run!(avx512, 2),
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx512, 3) => run!(avx512, 3),
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx512, 4) => run!(avx512, 4),
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx2, 2) => run!(avx2, 2),
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx2, 3) => run!(avx2, 3),
+                #[cfg(target_arch = "x86_64")]
+                (Simd::Avx2, 4) => run!(avx2, 4),
+                _ => {
+                    for (v, $x1) in o.iter_mut().zip(group) {
+                        *v = $single;
+                    }
+                }
+            }
+        }
+    };
+}
+
 /// Four bf16 rows times each of the tokens `xs`, into `out[t][k]` (row `k`
 /// times token `t`; `out` holds `xs.len()`), converting each row vector
 /// once for several tokens: four at a time with AVX-512's 32 registers,
@@ -791,31 +830,14 @@ pub fn dot_bf16_x4_tokens(
         Simd::Avx2 => 2,
         Simd::None => 1,
     };
-    for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
-        #[cfg(target_arch = "x86_64")]
-        macro_rules! run {
-            ($m:ident, $t:literal) => {{
-                let x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
-                // SAFETY: the level is capped by the CPU's features (`simd`).
-                o.copy_from_slice(&unsafe { $m::dot_bf16_x4_tokens::<$t>(rows, x, ahead) });
-            }};
-        }
-        match (simd(lvl), group.len()) {
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 2) => run!(avx512, 2),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 3) => run!(avx512, 3),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 4) => run!(avx512, 4),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2, 2) => run!(avx2, 2),
-            _ => {
-                for (v, x) in o.iter_mut().zip(group) {
-                    *v = dot_bf16_x4(lvl, rows, x, ahead);
-                }
-            }
-        }
-    }
+    token_groups!(
+        lvl,
+        per,
+        xs,
+        out,
+        |x| dot_bf16_x4_tokens(rows, x, ahead),
+        |x| dot_bf16_x4(lvl, rows, x, ahead)
+    );
 }
 
 /// Four E4M3 rows (scales per `block` elements) times the same `x`.
@@ -858,37 +880,14 @@ pub fn dot_fp8_x4_tokens(
         Simd::Avx2 if block.is_multiple_of(16) => 4,
         _ => 1,
     };
-    for (group, o) in xs.chunks(per).zip(out.chunks_mut(per)) {
-        #[cfg(target_arch = "x86_64")]
-        macro_rules! run {
-            ($m:ident, $t:literal) => {{
-                let x: [&[f32]; $t] = std::array::from_fn(|t| group[t]);
-                // SAFETY: the level is capped by the CPU's features (`simd`).
-                o.copy_from_slice(&unsafe {
-                    $m::dot_fp8_x4_tokens::<$t>(rows, scales, block, x, ahead)
-                });
-            }};
-        }
-        match (simd(lvl), group.len()) {
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 2) => run!(avx512, 2),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 3) => run!(avx512, 3),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx512, 4) => run!(avx512, 4),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2, 2) => run!(avx2, 2),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2, 3) => run!(avx2, 3),
-            #[cfg(target_arch = "x86_64")]
-            (Simd::Avx2, 4) => run!(avx2, 4),
-            _ => {
-                for (v, x) in o.iter_mut().zip(group) {
-                    *v = dot_fp8_x4(lvl, rows, scales, block, x, ahead);
-                }
-            }
-        }
-    }
+    token_groups!(
+        lvl,
+        per,
+        xs,
+        out,
+        |x| dot_fp8_x4_tokens(rows, scales, block, x, ahead),
+        |x| dot_fp8_x4(lvl, rows, scales, block, x, ahead)
+    );
 }
 
 /// f16 row (little-endian bytes) times f32 `x`.
