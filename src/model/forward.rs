@@ -448,11 +448,12 @@ impl Model {
     }
 
     /// [`Self::forward`] for a call of more than [`PASS_TOKENS`] tokens:
-    /// each sequence in chunks of at most that many, one pass each. A pass
+    /// each sequence in chunks of [`pass_tokens`], one pass each. A pass
     /// appends its rows before it attends, so causal attention sees exactly
     /// the earlier tokens, as in one pass; the per-token buffers (about
-    /// 1.1 MB a token for V3) stay bounded whatever the prompt length. On
-    /// error every sequence is cut back to its length before the call.
+    /// 1.1 MB a token for V3 in the absorbed form, 200 KB in the expanded
+    /// one) stay bounded whatever the prompt length. On error every
+    /// sequence is cut back to its length before the call.
     fn forward_in_passes(
         &self,
         pool: &KvPool,
@@ -484,8 +485,8 @@ impl Model {
     }
 
     /// Runs `pass(seq, first_row, tokens)` for each sequence's tokens in
-    /// chunks of at most [`PASS_TOKENS`], in order; on an error, cuts every
-    /// sequence back to its length before the call.
+    /// chunks of [`pass_tokens`] (`grow` as there), in order; on an error,
+    /// cuts every sequence back to its length before the call.
     pub(super) fn in_passes(
         &self,
         pool: &KvPool,
