@@ -642,6 +642,12 @@ fn forward_device(
 /// DeepSeek's reference does; over an F32 or F16 pool it stays in f32.
 /// On error the pool is unchanged and `out` is not written.
 ///
+/// Decode steps attend in DeepSeek's absorbed form. On the CPU, a
+/// sequence's chunk of at least 128 tokens, or one at least as long as its
+/// earlier context, attends in the expanded form instead (each head's K
+/// and V up-projected from the cache; 2.4x fewer attention FLOPs for V3):
+/// the same attention up to rounding.
+///
 /// On a CUDA engine whose model runs its projections on the GPU, over a
 /// pool of the same engine, the whole layer runs on the GPU; `x` and `out`
 /// may then be device memory (`args.memory`, `args.stream`).
