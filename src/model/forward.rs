@@ -31,10 +31,10 @@ const MAX_PASS_TOKENS: usize = 2048;
 
 /// Tokens of a pass after `context` earlier ones. Passes in the expanded
 /// form (`grow`) up-project their whole context again, so after a long
-/// context they take half its length (up to [`MAX_PASS_TOKENS`], about
-/// 200 KB a token for V3). Measured on one V3 layer: an 8192-token prefill
-/// took 40–41.5 s in 512-token passes and 33.9 s in 2048-token ones, a
-/// 2048-token prefill 4.7 s in 512-token passes and 5.1 s in one.
+/// context they take half its length (up to [`MAX_PASS_TOKENS`]). Measured
+/// on one V3 layer: an 8192-token prefill took 40–41.5 s in 512-token
+/// passes and 33.9 s in 2048-token ones (peak RSS 1.19 against 1.61 GB),
+/// a 2048-token prefill 4.7 s in 512-token passes and 5.1 s in one.
 fn pass_tokens(context: usize, grow: bool) -> usize {
     if grow {
         (context / 2).clamp(PASS_TOKENS, MAX_PASS_TOKENS)
@@ -206,21 +206,13 @@ impl Model {
         let d_qk = c.d_qk();
         let eps = c.rms_norm_eps as f32;
         // Prefill chunks on the CPU attend in the expanded form
-        // (`super::prefill`) when every sequence's chunk is long or at
-        // least as long as its earlier context; decode steps and V3.2's
-        // sparse layers keep the absorbed one.
-        // Decided per sequence: a call that mixes prefill chunks and decode
-        // steps runs both forms.
+        // (`super::prefill`), decided per sequence: a call that mixes
+        // prefill chunks and decode steps runs both forms.
+        let can_expand = self.can_expand(pl as usize);
         let expanded: Vec<bool> = n_tokens
             .iter()
             .zip(start)
-            .map(|(&n, &p)| {
-                dl.is_none()
-                    && cuda.is_none()
-                    && lw.indexer.is_none()
-                    && v + qk <= crate::decode::desc::MAX_HEAD_DIM
-                    && (n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n)
-            })
+            .map(|(&n, &p)| can_expand && (n >= super::prefill::EXPANDED_MIN_TOKENS || p <= n))
             .collect();
         let all_expanded = expanded.iter().all(|&e| e);
         let any_expanded = expanded.iter().any(|&e| e);
@@ -451,8 +443,8 @@ impl Model {
     /// each sequence in chunks of [`pass_tokens`], one pass each. A pass
     /// appends its rows before it attends, so causal attention sees exactly
     /// the earlier tokens, as in one pass; the per-token buffers (about
-    /// 1.1 MB a token for V3 in the absorbed form, 200 KB in the expanded
-    /// one) stay bounded whatever the prompt length. On error every
+    /// 1.1 MB a token for V3 in the absorbed form) stay bounded whatever
+    /// the prompt length. On error every
     /// sequence is cut back to its length before the call.
     fn forward_in_passes(
         &self,
@@ -467,9 +459,7 @@ impl Model {
         let mut y = vec![0f32; plan.total * hid];
         // Passes that will attend in the expanded form may grow with their
         // context (`pass_tokens`).
-        let grow = self.device.get(plan.pl as usize).is_none()
-            && self.engine.backend().cuda().is_none()
-            && self.layers[plan.pl as usize].indexer.is_none();
+        let grow = self.can_expand(plan.pl as usize);
         self.in_passes(pool, plan, grow, |id, row, m| {
             let rows = row * hid..(row + m) * hid;
             let io = index_out

@@ -48,6 +48,17 @@ pub const KEY_CHUNK: usize = 4096;
 const BLOCK: usize = 64;
 
 impl Model {
+    /// Whether pool layer `pl` can attend in the expanded form: CPU
+    /// projections on a CPU engine, no V3.2 indexer, and rows
+    /// `[V | K_nope | k_pe]` within the kernel's head-dim limit.
+    pub(super) fn can_expand(&self, pl: usize) -> bool {
+        let c = &self.config;
+        self.device.get(pl).is_none()
+            && self.engine.backend().cuda().is_none()
+            && self.layers[pl].indexer.is_none()
+            && c.v_head_dim + c.qk_head_dim() <= crate::decode::desc::MAX_HEAD_DIM
+    }
+
     /// The attention output `o [n, H, v]` (f32) of sequence `seq`'s `n`
     /// newest tokens in pool layer `pl`, whose rows are already appended,
     /// in the expanded form. `q [n, H, qk]` holds each token's queries
@@ -90,18 +101,19 @@ impl Model {
         }
         // One chunk writes `o` as it is; more merge into it, with each
         // (token, head)'s log-sum-exp so far in `lse`.
+        // (+inf, FlashMLA's value for no key, until a chunk is merged.)
         let mut lse = sc.overwritten::<f32>(if chunks.len() > 1 { n * h } else { 0 });
-        for (ci, keys) in chunks.into_iter().enumerate() {
-            let merge = (!lse.is_empty()).then(|| (ci > 0, &mut lse[..]));
+        lse.fill(f32::INFINITY);
+        for keys in chunks {
+            let merge = (!lse.is_empty()).then_some(&mut lse[..]);
             self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, merge)?;
         }
         Ok(())
     }
 
     /// One chunk of keys (positions `keys` of `ctx`) of
-    /// [`Self::expanded_attention`]. `merge`: None writes `o`; else
-    /// `(false, lse)` writes `o` and `lse [n, H]`, and `(true, lse)`
-    /// merges this chunk's results into them.
+    /// [`Self::expanded_attention`]. `merge`: None writes `o`; else this
+    /// chunk's results merge into `o` and `lse [n, H]` ([`merge_by_lse`]).
     #[allow(clippy::too_many_arguments)]
     fn expanded_chunk(
         &self,
@@ -114,7 +126,7 @@ impl Model {
         (q, pos): (&[f32], &[usize]),
         adt: Dtype,
         o: &mut [f32],
-        mut merge: Option<(bool, &mut [f32])>,
+        mut merge: Option<&mut [f32]>,
     ) -> Result<()> {
         let c = &self.config;
         let sc = &self.scratch;
@@ -198,8 +210,7 @@ impl Model {
             )?;
             self.engine.decode(&dec, &mut out)?;
             // [head, token, v] into o [token, H, v].
-            let lse_acc: Option<(bool, &mut [f32])> = merge.as_mut().map(|(m, l)| (*m, &mut **l));
-            match lse_acc {
+            match merge.as_deref_mut() {
                 None => o[..n * h * v]
                     .par_chunks_mut(h * v)
                     .enumerate()
@@ -209,48 +220,44 @@ impl Model {
                             load_slice(adt, src, &mut ot[(g0 + j) * v..][..v]);
                         }
                     }),
-                Some((merging, lse_acc)) => o[..n * h * v]
+                Some(lse) => o[..n * h * v]
                     .par_chunks_mut(h * v)
-                    .zip(lse_acc.par_chunks_mut(h))
+                    .zip(lse.par_chunks_mut(h))
                     .enumerate()
                     .for_each(|(t, (ot, lt))| {
                         let mut part = vec![0f32; v];
                         for j in 0..gc {
-                            let src = &ob[(j * n + t) * v * es..][..v * es];
-                            let (dst, l_old) = (&mut ot[(g0 + j) * v..][..v], &mut lt[g0 + j]);
-                            let l_new = lse_c[j * n + t];
-                            if !merging {
-                                load_slice(adt, src, dst);
-                                *l_old = l_new;
-                                continue;
-                            }
-                            // A chunk whose keys this query does not see
-                            // has lse = +inf and adds nothing.
-                            if !l_new.is_finite() {
-                                continue;
-                            }
-                            load_slice(adt, src, &mut part);
-                            let l = if l_old.is_finite() {
-                                let m = l_old.max(l_new);
-                                m + ((*l_old - m).exp() + (l_new - m).exp()).ln()
-                            } else {
-                                l_new
-                            };
-                            let (a, b) = if l_old.is_finite() {
-                                ((*l_old - l).exp(), (l_new - l).exp())
-                            } else {
-                                (0.0, 1.0)
-                            };
-                            for (x, &y) in dst.iter_mut().zip(&part) {
-                                *x = a * *x + b * y;
-                            }
-                            *l_old = l;
+                            load_slice(adt, &ob[(j * n + t) * v * es..][..v * es], &mut part);
+                            let acc = &mut ot[(g0 + j) * v..][..v];
+                            merge_by_lse(acc, &mut lt[g0 + j], &part, lse_c[j * n + t]);
                         }
                     }),
             }
         }
         Ok(())
     }
+}
+
+/// Merges attention results over two disjoint sets of keys: `acc` with
+/// log-sum-exp `acc_lse` and `part` with `part_lse`, into `acc`/`acc_lse`.
+/// A side that saw no key has lse = +inf (FlashMLA's value) and adds
+/// nothing; `acc` is then not read.
+fn merge_by_lse(acc: &mut [f32], acc_lse: &mut f32, part: &[f32], part_lse: f32) {
+    if !part_lse.is_finite() {
+        return;
+    }
+    if !acc_lse.is_finite() {
+        acc.copy_from_slice(part);
+        *acc_lse = part_lse;
+        return;
+    }
+    let m = acc_lse.max(part_lse);
+    let (a, b) = ((*acc_lse - m).exp(), (part_lse - m).exp());
+    let total = a + b;
+    for (x, &y) in acc.iter_mut().zip(part) {
+        *x = (a * *x + b * y) / total;
+    }
+    *acc_lse = m + total.ln();
 }
 
 #[cfg(test)]
