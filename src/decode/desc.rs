@@ -249,6 +249,10 @@ pub struct Decode<'a> {
     pub keys: Keys<'a>,
     /// Optional `[h_q]`: output scaled by `1 / (1 + exp(sink[h] - lse))`.
     pub attn_sink: Option<&'a [f32]>,
+    /// Leading columns of every query row that are zero
+    /// ([`Decode::with_zero_query_prefix`]): a kernel may leave them out
+    /// of `Q·Kᵀ`. 0 for every call through the C API.
+    pub q_zero_prefix: usize,
 }
 
 fn check_q(shape: &DecodeShape, q_dtype: Dtype, q: &[u8], d_qk_cache: usize) -> Result<()> {
@@ -310,6 +314,7 @@ impl<'a> Decode<'a> {
                 seqlens,
             }),
             attn_sink: None,
+            q_zero_prefix: 0,
         })
     }
 
@@ -340,6 +345,7 @@ impl<'a> Decode<'a> {
             q,
             keys: Keys::Sparse(SparseKeys { main, extra }),
             attn_sink: None,
+            q_zero_prefix: 0,
         })
     }
 
@@ -353,6 +359,35 @@ impl<'a> Decode<'a> {
             return Err(Error::invalid(format!("attn_sink[{h}] = NaN")));
         }
         self.attn_sink = Some(sink);
+        Ok(self)
+    }
+
+    /// Declares the first `cols` columns of every query row zero, so a
+    /// kernel may skip them in `Q·Kᵀ` (the keys' values there only serve
+    /// as V: the expanded prefill's rows `[V | K_nope | k_pe]`). Checked:
+    /// `cols` must be even, at most `d_qk`, and every such query value
+    /// must be zero, else the call would be silently wrong.
+    pub fn with_zero_query_prefix(mut self, cols: usize) -> Result<Self> {
+        let d = self.shape.d_qk;
+        if cols > d || cols % 2 != 0 {
+            return Err(Error::internal(format!(
+                "zero query prefix of {cols} columns: must be even and at most d_qk = {d}"
+            )));
+        }
+        let es = self.q_dtype.size();
+        let rows = self.shape.q_elems() / d;
+        let mut vals = vec![0f32; cols];
+        let nonzero = (0..rows).find(|&r| {
+            let bytes = &self.q[r * d * es..][..cols * es];
+            crate::format::load_slice(self.q_dtype, bytes, &mut vals);
+            vals.iter().any(|&v| v != 0.0)
+        });
+        if let Some(r) = nonzero {
+            return Err(Error::internal(format!(
+                "query row {r} is not zero in its first {cols} columns"
+            )));
+        }
+        self.q_zero_prefix = cols;
         Ok(self)
     }
 

@@ -57,6 +57,9 @@ pub struct AttnTask<'a> {
     /// The output is bf16: a kernel may round P to bf16 for P·V (FlashMLA
     /// does), whose error then stays below the output's own rounding.
     pub p_bf16: bool,
+    /// Leading columns that are zero in every query row
+    /// (`Decode::q_zero_prefix`): a kernel may leave them out of `Q·Kᵀ`.
+    pub q_skip: usize,
 }
 
 impl AttnTask<'_> {

@@ -91,8 +91,20 @@ impl CpuBackend {
         forced_isa: Option<&str>,
         reason_prefix: &str,
     ) -> Result<Self> {
-        let features = CpuFeatures::detect();
         let emulate_amx = std::env::var("MLART_AMX_EMULATE").is_ok_and(|v| v == "1");
+        Self::with_isa(threads, affinity, forced_isa, emulate_amx, reason_prefix)
+    }
+
+    /// [`Self::new`] with `MLART_AMX_EMULATE` given: `emulate_amx` runs
+    /// AMX in software where the CPU lacks it.
+    fn with_isa(
+        threads: usize,
+        affinity: Affinity,
+        forced_isa: Option<&str>,
+        emulate_amx: bool,
+        reason_prefix: &str,
+    ) -> Result<Self> {
+        let features = CpuFeatures::detect();
         let choice = isa::choose(&features, BUILT_KERNELS, forced_isa, emulate_amx)?;
         let (isa, why) = (choice.isa, &choice.reason);
         let threads = if threads == 0 {
@@ -269,6 +281,7 @@ impl CpuBackend {
                                 .then(|| &d.q[qr.start * 2..qr.end * 2]),
                             scale: s.softmax_scale,
                             p_bf16: out.dtype == Dtype::Bf16,
+                            q_skip: d.q_zero_prefix,
                         };
                         SCRATCH.with(|cell| match cell.try_borrow_mut() {
                             Ok(mut scratch) => kernel.attend(&task, &mut scratch, o, l),
@@ -440,5 +453,98 @@ mod tests {
             .iter()
             .all(|m| m.as_ref() == Some(&mask)));
         assert_eq!(free.info.thread_placement, "not pinned (affinity NONE)");
+    }
+}
+
+#[cfg(test)]
+mod zero_query_prefix {
+    use super::*;
+    use crate::decode::{DecodeShape, KvCache};
+    use crate::format::{KvFormat, KvLayout};
+    use crate::model::gen::uniform;
+
+    /// A declared zero query prefix (the expanded prefill's queries
+    /// `[0 | q_nope | q_pe]`) is left out of `Q·Kᵀ` by every variant with
+    /// the full product's results, bit for bit: causal and varlen, a
+    /// prefix of whole AMX tile steps, BF16 and F32. The declaration is
+    /// checked, not trusted.
+    #[test]
+    fn a_zero_query_prefix_gives_the_full_products() {
+        let (batch, s_q, h_q, d_qk, d_v, bs) = (2usize, 5usize, 3usize, 96usize, 64usize, 16);
+        let (skip, per_seq) = (64usize, 5usize);
+        let seqlens = [70i32, 5];
+        let table: Vec<i32> = (0..(batch * per_seq) as i32).rev().collect();
+        let shape = DecodeShape::new(
+            batch as i32,
+            s_q as i32,
+            h_q as i32,
+            d_qk as i32,
+            d_v as i32,
+            0.125,
+            true,
+        )
+        .unwrap();
+        for isa in ["scalar", "avx2", "avx512", "avx512bf16", "amx"] {
+            let backend = match CpuBackend::with_isa(2, Affinity::None, Some(isa), true, "") {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("zero query prefix: {isa} skipped on this CPU: {e}");
+                    continue;
+                }
+            };
+            for (format, dt) in [(KvFormat::Bf16, Dtype::Bf16), (KvFormat::F32, Dtype::F32)] {
+                let layout = KvLayout::new(format, d_qk, bs, "cache").unwrap();
+                let blocks = batch * per_seq;
+                let mut cache = vec![0u8; layout.cache_bytes(blocks).unwrap()];
+                // Large values in the keys' prefix (V): any of them in a
+                // score would show.
+                let keys = uniform(blocks * bs * d_qk, 3);
+                for (r, row) in keys.chunks_exact(d_qk).enumerate() {
+                    let mut row = row.to_vec();
+                    row[..skip].iter_mut().for_each(|x| *x *= 50.0);
+                    layout.store_row(&mut cache, r / bs, r % bs, &row);
+                }
+                let kv = KvCache::new(layout, &cache, blocks).unwrap();
+                let mut qf = uniform(batch * s_q * h_q * d_qk, 4);
+                for row in qf.chunks_exact_mut(d_qk) {
+                    row[..skip].fill(0.0);
+                }
+                let mut q = vec![0u8; qf.len() * dt.size()];
+                store_slice(dt, &qf, &mut q);
+                let run = |prefix: usize| {
+                    let mut d =
+                        Decode::dense(shape, dt, &q, kv, &table, per_seq, &seqlens).unwrap();
+                    if prefix > 0 {
+                        d = d.with_zero_query_prefix(prefix).unwrap();
+                    }
+                    let mut o = vec![0u8; shape.out_elems() * dt.size()];
+                    let mut lse = vec![0f32; batch * h_q * s_q];
+                    let mut out = DecodeOutput::new(&shape, dt, &mut o, Some(&mut lse)).unwrap();
+                    backend.decode(&d, &mut out).unwrap();
+                    (o, lse)
+                };
+                let full = run(0);
+                let skipped = run(skip);
+                assert!(full.1.iter().all(|l| l.is_finite()));
+                assert_eq!(full.0, skipped.0, "{isa} {format:?}: outputs differ");
+                assert_eq!(full.1, skipped.1, "{isa} {format:?}: lse differs");
+            }
+        }
+
+        // The declaration is checked: a nonzero value, an odd or too long
+        // prefix are refused.
+        let layout = KvLayout::new(KvFormat::F32, d_qk, bs, "cache").unwrap();
+        let cache = vec![0u8; layout.cache_bytes(batch * per_seq).unwrap()];
+        let kv = KvCache::new(layout, &cache, batch * per_seq).unwrap();
+        let mut qf = vec![0f32; batch * s_q * h_q * d_qk];
+        qf[(2 * h_q + 1) * d_qk + skip - 1] = 1e-30;
+        let mut q = vec![0u8; qf.len() * 4];
+        store_slice(Dtype::F32, &qf, &mut q);
+        let d = Decode::dense(shape, Dtype::F32, &q, kv, &table, per_seq, &seqlens).unwrap();
+        let e = d.with_zero_query_prefix(skip).unwrap_err().to_string();
+        assert!(e.contains("query row 7"), "{e}");
+        assert!(d.with_zero_query_prefix(skip - 2).is_ok());
+        assert!(d.with_zero_query_prefix(3).is_err());
+        assert!(d.with_zero_query_prefix(d_qk + 2).is_err());
     }
 }

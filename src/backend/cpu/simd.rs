@@ -257,8 +257,9 @@ mod bf16 {
     use super::{K_TILE, R};
     use std::arch::x86_64::*;
 
-    /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · keys[j][i]` for `NJ` keys from `j0`
-    /// and `RV` row vectors from `rb`.
+    /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · keys[j][i]`, `i` from `i0`
+    /// (the pairs before it are zero in every query), for `NJ` keys from
+    /// `j0` and `RV` row vectors from `rb`.
     ///
     /// # Safety
     /// AVX-512F and AVX512-BF16 enabled; sizes as in `scores_tile`.
@@ -270,7 +271,7 @@ mod bf16 {
         rp: usize,
         rb: usize,
         keys: &[&[u32]],
-        d2: usize,
+        (i0, d2): (usize, usize),
         j0: usize,
         scale: f32,
         st: &mut [f32],
@@ -283,7 +284,7 @@ mod bf16 {
             *k = keys[j0 + jj];
         }
         let mut acc = [[_mm512_setzero_ps(); 4]; NJ];
-        for i in 0..d2 {
+        for i in i0..d2 {
             let mut qv = [_mm512_setzero_si512(); 4];
             for (v, x) in qv.iter_mut().enumerate().take(RV) {
                 // SAFETY: in bounds by the assertions above.
@@ -523,7 +524,7 @@ mod bf16 {
         qt2: &[u32],
         rp: usize,
         keys: &[&[u32]],
-        d2: usize,
+        (i0, d2): (usize, usize),
         n: usize,
         scale: f32,
         st: &mut [f32],
@@ -534,12 +535,12 @@ mod bf16 {
         macro_rules! keys {
             ($rv:literal, $nj:expr, $rb:expr, $j0:expr) => {
                 match $nj {
-                    1 => block::<1, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
-                    2 => block::<2, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
-                    3 => block::<3, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
-                    4 => block::<4, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
-                    5 => block::<5, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
-                    _ => block::<R, $rv>(qt2, rp, $rb, keys, d2, $j0, scale, st),
+                    1 => block::<1, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
+                    2 => block::<2, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
+                    3 => block::<3, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
+                    4 => block::<4, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
+                    5 => block::<5, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
+                    _ => block::<R, $rv>(qt2, rp, $rb, keys, (i0, d2), $j0, scale, st),
                 }
             };
         }
@@ -586,7 +587,8 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// Scores for `NJ` keys and `RV` vectors of query rows, with the queries
-/// transposed: `st[(j0+jj)*rp + rb + v*L] = Σ_k qt[k*rp + rb + v*L] * kr[(j0+jj)*d + k]`.
+/// transposed: `st[(j0+jj)*rp + rb + v*L] = Σ_k qt[k*rp + rb + v*L] * kr[(j0+jj)*d + k]`,
+/// `k` from `k0` (the columns before it are zero in every query).
 /// Rows sit in vector lanes and keys are broadcast, so K is used as
 /// gathered (row-major) and never transposed.
 ///
@@ -599,7 +601,7 @@ unsafe fn scores_t<V: Vector, const NJ: usize, const RV: usize>(
     rp: usize,
     rb: usize,
     kr: &[f32],
-    d: usize,
+    (k0, d): (usize, usize),
     j0: usize,
     st: &mut [f32],
 ) {
@@ -609,7 +611,7 @@ unsafe fn scores_t<V: Vector, const NJ: usize, const RV: usize>(
     // slices whose lengths are checked above.
     unsafe {
         let mut acc = [[V::splat(0.0); 4]; NJ];
-        for k in 0..d {
+        for k in k0..d {
             let qrow = qt.as_ptr().add(k * rp + rb);
             let mut qv = [V::splat(0.0); 4];
             for (v, x) in qv.iter_mut().enumerate().take(RV) {
@@ -643,7 +645,7 @@ unsafe fn scores_block<V: Vector>(
     rp: usize,
     rb: usize,
     kr: &[f32],
-    d: usize,
+    d: (usize, usize),
     j0: usize,
     st: &mut [f32],
 ) {
@@ -993,6 +995,9 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     lse: &mut [f32],
 ) {
     let (d, dv, h_q) = (task.d_qk, task.d_v, task.h_q);
+    // Leading query columns that are zero: left out of Q·Kᵀ (even, so the
+    // bf16 pairs start on a pair).
+    let skip = task.q_skip & !1;
     let rows = task.n_q * h_q;
     let lanes = V::LANES;
     // Query rows padded to whole vectors; padding rows are zero and ignored.
@@ -1084,7 +1089,17 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
             // holds n rows of d2 pairs.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                bf16::scores_tile(qt2, rp, &keys, d2, n, task.scale, st, fetch, pair_v)
+                bf16::scores_tile(
+                    qt2,
+                    rp,
+                    &keys,
+                    (skip / 2, d2),
+                    n,
+                    task.scale,
+                    st,
+                    fetch,
+                    pair_v,
+                )
             };
         } else {
             // S for the whole tile: blocks of R keys x BLOCK row vectors.
@@ -1098,7 +1113,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                         fetch(j0);
                     }
                     // SAFETY: ISA enabled (caller); sizes as required.
-                    unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, d, j0, st) };
+                    unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, (skip, d), j0, st) };
                     j0 += nj;
                 }
                 rb += rv * lanes;

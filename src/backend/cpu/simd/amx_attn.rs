@@ -60,6 +60,9 @@ pub unsafe fn attend<T: Tiles>(
     debug_assert!(applies(task));
     let (d, dv) = (task.d_qk, task.d_v);
     let d2 = d / 2;
+    // Whole A-tile steps (16 pairs) of leading query columns that are
+    // zero: left out of the scores (at least one step stays).
+    let k0 = (task.q_skip / 32).min((d2 / 16).saturating_sub(1));
     let rows = task.n_q * task.h_q;
     let rp = rows.div_ceil(16) * 16;
 
@@ -116,7 +119,7 @@ pub unsafe fn attend<T: Tiles>(
         let fetch = |s0: usize| task.prefetch_keys(t0 + n + s0 * SUB..t0 + n + (s0 + 2) * SUB);
         // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
-        unsafe { scores(tiles, sub, qb, rp, d2, st, fetch) };
+        unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, fetch) };
         // SAFETY: AVX-512F enabled; st holds n * rp, rp % 16 == 0.
         unsafe { scale(&mut st[..n * rp], task.scale) };
         // SAFETY: AVX-512F enabled; sizes as softmax_tile requires (acc
@@ -137,7 +140,8 @@ pub unsafe fn attend<T: Tiles>(
 }
 
 /// `st [16 s + j][r] = Σ_d sub[s][j][d] · Q[r][d]` for every key tile `s`
-/// and all `rp` rows, unscaled: 2 key tiles x 2 row blocks per [`mac_dyn`].
+/// and all `rp` rows, unscaled, `d` from step `k0` (16 pairs a step; the
+/// queries are zero before it): 2 key tiles x 2 row blocks per [`mac_dyn`].
 /// `fetch(s0)` runs before key tiles `s0` and `s0 + 1` (to prefetch).
 ///
 /// # Safety
@@ -149,33 +153,34 @@ unsafe fn scores<T: Tiles>(
     sub: &[&[u32]],
     qb: &[u32],
     rp: usize,
-    d2: usize,
+    (k0, d2): (usize, usize),
     st: &mut [f32],
     fetch: impl Fn(usize),
 ) {
     assert!(d2.is_multiple_of(16) && rp.is_multiple_of(16) && qb.len() >= d2 * rp);
+    assert!(k0 * 16 <= d2);
     assert!(st.len() >= sub.len() * SUB * rp && sub.iter().all(|s| s.len() >= SUB * d2));
     let stp = st.as_mut_ptr();
     let a = Tiled {
-        at: |s: usize| sub[s].as_ptr() as *const u8,
+        at: |s: usize| sub[s][k0 * 16..].as_ptr() as *const u8,
         stride: d2 * 4,
         step: 64,
     };
     let b = Tiled {
-        at: |r: usize| qb[r * 16..].as_ptr() as *const u8,
+        at: |r: usize| qb[k0 * 16 * rp + r * 16..].as_ptr() as *const u8,
         stride: rp * 4,
         step: 16 * rp * 4,
     };
     let c = |s: usize, r: usize| stp.wrapping_add(s * SUB * rp + r * 16) as *mut u8;
-    // SAFETY: A tile (s, k): rows of sub[s], bytes 64k..64k + 64 of each
-    // (k < d2 / 16); B tile (r, k): qb rows 16k..16k + 16, columns of
-    // block r; C tile (s, r): st rows of key tile s, columns of block r.
-    // All inside the asserted sizes.
+    // SAFETY: A tile (s, k): rows of sub[s], bytes 64(k0 + k)..+ 64 of
+    // each (k0 + k < d2 / 16); B tile (r, k): qb rows 16(k0 + k)..+ 16,
+    // columns of block r; C tile (s, r): st rows of key tile s, columns of
+    // block r. All inside the asserted sizes.
     unsafe {
         grid(
             t,
             (sub.len(), rp / 16),
-            d2 / 16,
+            d2 / 16 - k0,
             a,
             b,
             c,
