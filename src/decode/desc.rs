@@ -369,7 +369,7 @@ impl<'a> Decode<'a> {
     /// must be zero, else the call would be silently wrong.
     pub fn with_zero_query_prefix(mut self, cols: usize) -> Result<Self> {
         let d = self.shape.d_qk;
-        if cols > d || cols % 2 != 0 {
+        if cols > d || !cols.is_multiple_of(2) {
             return Err(Error::internal(format!(
                 "zero query prefix of {cols} columns: must be even and at most d_qk = {d}"
             )));

@@ -12,6 +12,7 @@
 
 use super::device::{self, DeviceLayer, ProjWeight};
 use super::linear::{rms_norm, Linear};
+use super::prefill::KeptKeys;
 use super::{Model, QProj};
 use crate::backend::cuda::linear::LinearCall;
 use crate::decode::desc::DecodeOutput;
@@ -28,6 +29,18 @@ pub(crate) const PASS_TOKENS: usize = 512;
 
 /// The most tokens of a pass that grows with its context.
 const MAX_PASS_TOKENS: usize = 2048;
+
+/// The operand dtype of the attention over a pool of `format`: over a
+/// cache whose values are bf16 (BF16, FP8 with power-of-two scales) the
+/// queries and outputs are bf16, as DeepSeek's reference and FlashMLA's
+/// kernels take them, so Q·Kᵀ and P·V run on the bf16 dot-product units;
+/// an F32/F16 cache keeps f32.
+fn attention_dtype(format: KvFormat) -> Dtype {
+    match format {
+        KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
+        _ => Dtype::F32,
+    }
+}
 
 /// Tokens of a pass after `context` earlier ones. Passes in the expanded
 /// form (`grow`) up-project their whole context again, so after a long
@@ -80,16 +93,18 @@ impl Model {
         if plan.total > PASS_TOKENS {
             return self.forward_in_passes(pool, layer, &plan, x, index_out);
         }
-        self.forward_pass(pool, &plan, x, index_out)
+        self.forward_pass(pool, &plan, x, index_out, None)
     }
 
-    /// One pass of a forward: all of `plan`'s tokens at once.
+    /// One pass of a forward: all of `plan`'s tokens at once. `kept`: the
+    /// up-projected keys of a sequence's earlier passes, if kept.
     fn forward_pass(
         &self,
         pool: &KvPool,
         plan: &Plan,
         x: &[f32],
         index_out: Option<&mut [i32]>,
+        kept: Option<&mut KeptKeys>,
     ) -> Result<Vec<f32>> {
         // The layer's projection weights on the GPU, if they are there.
         let dl = self.device.get(plan.pl as usize);
@@ -97,7 +112,8 @@ impl Model {
             let x = super::resident::Hidden::Host(x);
             return self.forward_resident(cuda, d, pool, plan, x, index_out);
         }
-        self.forward_staged(&self.layers[plan.pl as usize], dl, pool, plan, x, index_out)
+        let lw = &self.layers[plan.pl as usize];
+        self.forward_staged(lw, dl, pool, plan, x, index_out, kept)
     }
 
     /// Checks a forward's pool, layer, sequences and `index_out` against
@@ -185,6 +201,7 @@ impl Model {
     }
 
     /// The forward on the CPU, or with each GPU projection staged.
+    #[allow(clippy::too_many_arguments)]
     fn forward_staged(
         &self,
         lw: &super::LayerWeights,
@@ -193,6 +210,7 @@ impl Model {
         plan: &Plan,
         x: &[f32],
         mut index_out: Option<&mut [i32]>,
+        mut kept: Option<&mut KeptKeys>,
     ) -> Result<Vec<f32>> {
         let cuda = self.engine.backend().cuda();
         let (pl, seqs, n_tokens, total) = (plan.pl, plan.seqs, plan.n_tokens, plan.total);
@@ -287,17 +305,10 @@ impl Model {
                 }
             }
             let mut result = (|| -> Result<Vec<f32>> {
-                // Attention in the cache's precision: over a cache whose
-                // values are bf16 (BF16, FP8 with power-of-two scales) the
-                // queries and outputs are bf16, as DeepSeek's reference and
-                // FlashMLA's kernels take them, so Q·Kᵀ and P·V run on the
-                // bf16 dot-product units; an F32/F16 cache keeps f32.
-                let adt = match po.format {
-                    KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
-                    _ => Dtype::F32,
-                };
+                // Attention in the cache's precision.
+                let adt = attention_dtype(po.format);
                 // The expanded sequences' rows of `o [total, H, v]`.
-                let expanded_rows = |o: &mut [f32]| -> Result<()> {
+                let mut expanded_rows = |o: &mut [f32]| -> Result<()> {
                     for (b, &id) in seqs.iter().enumerate().filter(|(b, _)| expanded[*b]) {
                         let (t0, n) = (first_tok[b], n_tokens[b]);
                         self.expanded_attention(
@@ -309,6 +320,7 @@ impl Model {
                             adt,
                             &mut o[t0 * h * v..][..n * h * v],
                             super::prefill::KEY_CHUNK,
+                            kept.as_deref_mut(),
                         )?;
                     }
                     Ok(())
@@ -444,8 +456,11 @@ impl Model {
     /// appends its rows before it attends, so causal attention sees exactly
     /// the earlier tokens, as in one pass; the per-token buffers (about
     /// 1.1 MB a token for V3 in the absorbed form) stay bounded whatever
-    /// the prompt length. On error every
-    /// sequence is cut back to its length before the call.
+    /// the prompt length. A sequence's passes in the expanded form keep
+    /// its up-projected keys ([`KeptKeys`]) when its whole context fits
+    /// their budget; then each pass up-projects only its own positions and
+    /// passes keep [`PASS_TOKENS`]. On error every sequence is cut back to
+    /// its length before the call.
     fn forward_in_passes(
         &self,
         pool: &KvPool,
@@ -457,40 +472,54 @@ impl Model {
         let hid = self.config.hidden_size;
         let topk = self.config.indexer.map_or(0, |ix| ix.topk);
         let mut y = vec![0f32; plan.total * hid];
-        // Passes that will attend in the expanded form may grow with their
-        // context (`pass_tokens`).
-        let grow = self.can_expand(plan.pl as usize);
-        self.in_passes(pool, plan, grow, |id, row, m| {
+        let expand = self.can_expand(plan.pl as usize);
+        let adt = attention_dtype(pool.options().format);
+        let kept_for = |b: usize| {
+            let ctx = plan.start[b] + plan.n_tokens[b];
+            expand
+                .then(|| KeptKeys::for_context(&self.config, plan.seqs[b], ctx, adt))
+                .flatten()
+        };
+        // Passes in the expanded form that up-project their whole context
+        // again grow with it (`pass_tokens`).
+        let grow = |b: usize| expand && kept_for(b).is_none();
+        let mut kept: Option<KeptKeys> = None;
+        self.in_passes(pool, plan, &grow, |b, row, m| {
+            let id = plan.seqs[b];
+            if kept.as_ref().is_none_or(|k| k.seq() != id) {
+                kept = kept_for(b);
+            }
             let rows = row * hid..(row + m) * hid;
             let io = index_out
                 .as_deref_mut()
                 .map(|io| &mut io[row * topk..(row + m) * topk]);
             let (ids, ns) = ([id], [m]);
             let pass = self.plan(pool, layer, &ids, &ns, io.as_deref())?;
-            let yc = self.forward_pass(pool, &pass, &x[rows.clone()], io)?;
+            let yc = self.forward_pass(pool, &pass, &x[rows.clone()], io, kept.as_mut())?;
             y[rows].copy_from_slice(&yc);
             Ok(())
         })?;
         Ok(y)
     }
 
-    /// Runs `pass(seq, first_row, tokens)` for each sequence's tokens in
-    /// chunks of [`pass_tokens`] (`grow` as there), in order; on an error,
-    /// cuts every sequence back to its length before the call.
+    /// Runs `pass(b, first_row, tokens)` for each sequence `b`'s tokens in
+    /// chunks of [`pass_tokens`] (`grow(b)` as there), in order; on an
+    /// error, cuts every sequence back to its length before the call.
     pub(super) fn in_passes(
         &self,
         pool: &KvPool,
         plan: &Plan,
-        grow: bool,
-        mut pass: impl FnMut(u64, usize, usize) -> Result<()>,
+        grow: &dyn Fn(usize) -> bool,
+        mut pass: impl FnMut(usize, usize, usize) -> Result<()>,
     ) -> Result<()> {
         let mut row = 0;
         let mut result = Ok(());
-        'seqs: for ((&id, &n), &start) in plan.seqs.iter().zip(plan.n_tokens).zip(&plan.start) {
+        'seqs: for (b, (&n, &start)) in plan.n_tokens.iter().zip(&plan.start).enumerate() {
+            let grow = grow(b);
             let mut c0 = 0;
             while c0 < n {
                 let m = pass_tokens(start + c0, grow).min(n - c0);
-                if let Err(e) = pass(id, row + c0, m) {
+                if let Err(e) = pass(b, row + c0, m) {
                     result = Err(e);
                     break 'seqs;
                 }

@@ -16,6 +16,7 @@
 //! outputs' (`W_UV`) disappear, and the keys of a call's tokens see exactly
 //! the causal prefix they see in the absorbed form.
 
+use super::config::ModelConfig;
 use super::linear::Linear;
 use super::Model;
 use crate::decode::desc::DecodeOutput;
@@ -64,8 +65,11 @@ impl Model {
     /// in the expanded form. `q [n, H, qk]` holds each token's queries
     /// as projected (`q_pe` not yet rotated), `pos` their positions;
     /// `adt` is the attention's operand dtype (bf16 over a bf16-valued
-    /// cache, else f32), as in the absorbed form. `key_chunk` cached
-    /// positions (at least `n`) are up-projected at a time.
+    /// cache, else f32), as in the absorbed form. With `kept` (for this
+    /// sequence and `adt`, with room for the context) only the positions
+    /// it does not hold yet are up-projected, into it, and the keys attend
+    /// in one chunk; otherwise `key_chunk` cached positions (at least `n`)
+    /// are up-projected at a time into temporaries.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expanded_attention(
         &self,
@@ -77,12 +81,23 @@ impl Model {
         adt: Dtype,
         o: &mut [f32],
         key_chunk: usize,
+        kept: Option<&mut KeptKeys>,
     ) -> Result<()> {
         let c = &self.config;
         let sc = &self.scratch;
         let h = c.num_heads;
         let n = pos.len();
         let ctx = pool.len(seq, pl)?;
+        if let Some(k) = kept.filter(|k| k.seq == seq && k.adt == adt && ctx <= k.capacity) {
+            if n > ctx || k.len > ctx {
+                return Err(Error::internal(format!(
+                    "expanded attention of {n} tokens over {ctx} positions, {} kept",
+                    k.len
+                )));
+            }
+            let keys = KeyRows::Kept(k);
+            return self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, None);
+        }
         if n > key_chunk || n > ctx {
             return Err(Error::internal(format!(
                 "expanded attention of {n} tokens over {ctx} positions in chunks of {key_chunk}"
@@ -104,16 +119,17 @@ impl Model {
         // (+inf, FlashMLA's value for no key, until a chunk is merged.)
         let mut lse = sc.overwritten::<f32>(if chunks.len() > 1 { n * h } else { 0 });
         lse.fill(f32::INFINITY);
-        for keys in chunks {
+        for range in chunks {
             let merge = (!lse.is_empty()).then_some(&mut lse[..]);
+            let keys = KeyRows::Chunk(range);
             self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, merge)?;
         }
         Ok(())
     }
 
-    /// One chunk of keys (positions `keys` of `ctx`) of
-    /// [`Self::expanded_attention`]. `merge`: None writes `o`; else this
-    /// chunk's results merge into `o` and `lse [n, H]` ([`merge_by_lse`]).
+    /// One chunk of keys of [`Self::expanded_attention`] (of `ctx`
+    /// positions). `merge`: None writes `o`; else this chunk's results
+    /// merge into `o` and `lse [n, H]` ([`merge_by_lse`]).
     #[allow(clippy::too_many_arguments)]
     fn expanded_chunk(
         &self,
@@ -121,7 +137,7 @@ impl Model {
         pool: &KvPool,
         pl: i64,
         seq: u64,
-        keys: std::ops::Range<usize>,
+        mut keys: KeyRows<'_>,
         ctx: usize,
         (q, pos): (&[f32], &[usize]),
         adt: Dtype,
@@ -132,11 +148,17 @@ impl Model {
         let sc = &self.scratch;
         let (h, lora, rope) = (c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
-        let (n, d_lat, len) = (pos.len(), c.d_qk(), keys.len());
-        // The chunk's cached rows, then their latent parts packed for kv_b.
-        let mut lat = sc.overwritten::<f32>(len * d_lat);
-        pool.read_rows(seq, pl, keys.clone(), &mut lat)?;
-        let mut cl = sc.overwritten::<f32>(len * lora);
+        let d_lat = c.d_qk();
+        // The chunk's positions, and those whose rows are built here.
+        let (range, new) = match &keys {
+            KeyRows::Chunk(r) => (r.clone(), r.clone()),
+            KeyRows::Kept(k) => (0..ctx, k.len..ctx),
+        };
+        let (n, len, fresh) = (pos.len(), range.len(), new.len());
+        // The new positions' cached rows, then their latent parts for kv_b.
+        let mut lat = sc.overwritten::<f32>(fresh * d_lat);
+        pool.read_rows(seq, pl, new.clone(), &mut lat)?;
+        let mut cl = sc.overwritten::<f32>(fresh * lora);
         cl.par_chunks_mut(lora)
             .zip(lat.par_chunks(d_lat))
             .for_each(|(dst, row)| dst.copy_from_slice(&row[..lora]));
@@ -150,32 +172,50 @@ impl Model {
         let layout = KvLayout::new(format, d, BLOCK, "expanded prefill cache")?;
         let nb = len.div_ceil(BLOCK);
         let per_head = nope + v;
-        for g0 in (0..h).step_by(HEAD_GROUP) {
+        for (gi, g0) in (0..h).step_by(HEAD_GROUP).enumerate() {
             let gc = HEAD_GROUP.min(h - g0);
-            // K_nope and V of these heads for every position.
-            let mut kvh = sc.overwritten::<f32>(len * gc * per_head);
-            kv_b.matmul_rows_with(g0 * per_head, gc * per_head, &cl, len, &mut kvh, sc);
-            // Rows [V | K_nope | k_pe], head j's in blocks j·nb ..; slots
-            // past the chunk in a head's last block are never read.
-            let mut cache = sc.overwritten::<u8>(gc * nb * BLOCK * d * es);
-            cache
-                .par_chunks_mut(BLOCK * d * es)
-                .enumerate()
-                .for_each(|(jb, blk)| {
-                    let (j, b) = (jb / nb, jb % nb);
-                    let mut row = vec![0f32; d];
-                    for (slot, dst) in blk.chunks_exact_mut(d * es).enumerate() {
-                        let p = b * BLOCK + slot;
-                        if p >= len {
-                            break;
+            // One block of each of the group's heads per block row: the
+            // blocks of a growing context are appended.
+            let row_bytes = gc * BLOCK * d * es;
+            let mut temp;
+            let cache: &mut [u8] = match &mut keys {
+                KeyRows::Chunk(_) => {
+                    temp = sc.overwritten::<u8>(nb * row_bytes);
+                    &mut temp
+                }
+                KeyRows::Kept(k) => {
+                    let buf = &mut k.groups[gi];
+                    crate::backend::try_grow(buf, "kept prefill keys", nb * row_bytes)?;
+                    &mut buf[..nb * row_bytes]
+                }
+            };
+            if fresh > 0 {
+                // K_nope and V of these heads for every new position.
+                let mut kvh = sc.overwritten::<f32>(fresh * gc * per_head);
+                kv_b.matmul_rows_with(g0 * per_head, gc * per_head, &cl, fresh, &mut kvh, sc);
+                // Rows [V | K_nope | k_pe]; slots past the chunk in a
+                // head's last block are never read.
+                let b0 = (new.start - range.start) / BLOCK;
+                cache[b0 * row_bytes..]
+                    .par_chunks_mut(row_bytes)
+                    .enumerate()
+                    .for_each(|(bi, blocks)| {
+                        let first = range.start + (b0 + bi) * BLOCK;
+                        let slots = first.max(new.start)..(first + BLOCK).min(new.end);
+                        for (j, blk) in blocks.chunks_exact_mut(BLOCK * d * es).enumerate() {
+                            for p in slots.clone() {
+                                let dst = &mut blk[(p - first) * d * es..][..d * es];
+                                let f = p - new.start;
+                                let src = &kvh[(f * gc + j) * per_head..][..per_head];
+                                let (dv, rest) = dst.split_at_mut(v * es);
+                                let (dn, dr) = rest.split_at_mut(nope * es);
+                                store_slice(adt, &src[nope..], dv);
+                                store_slice(adt, &src[..nope], dn);
+                                store_slice(adt, &lat[f * d_lat + lora..][..rope], dr);
+                            }
                         }
-                        let src = &kvh[(p * gc + j) * per_head..][..per_head];
-                        row[..v].copy_from_slice(&src[nope..]);
-                        row[v..v + nope].copy_from_slice(&src[..nope]);
-                        row[v + nope..].copy_from_slice(&lat[p * d_lat + lora..][..rope]);
-                        store_slice(adt, &row, dst);
-                    }
-                });
+                    });
+            }
             // Queries [head, token, 1, d]: [0 | q_nope | RoPE(q_pe)].
             let mut qb = sc.overwritten::<u8>(gc * n * d * es);
             qb.par_chunks_mut(d * es).enumerate().for_each(|(jt, dst)| {
@@ -186,7 +226,10 @@ impl Model {
                 self.rope.apply(&mut row[v + nope..], pos[t]);
                 store_slice(adt, &row, dst);
             });
-            let table: Vec<i32> = (0..(gc * nb) as i32).collect();
+            // Head j's blocks: j, gc + j, 2 gc + j, ...
+            let table: Vec<i32> = (0..gc)
+                .flat_map(|j| (0..nb).map(move |b| (b * gc + j) as i32))
+                .collect();
             let seqlens = vec![len as i32; gc];
             let shape = DecodeShape::new(
                 gc as i32,
@@ -195,9 +238,9 @@ impl Model {
                 d as i32,
                 v as i32,
                 c.softmax_scale() as f32,
-                keys.end == ctx,
+                range.end == ctx,
             )?;
-            let kv = KvCache::new(layout, &cache, gc * nb)?;
+            let kv = KvCache::new(layout, cache, gc * nb)?;
             // The queries' V part is zero: the kernel leaves it out of Q·Kᵀ.
             let dec = Decode::dense(shape, adt, &qb, kv, &table, nb, &seqlens)?
                 .with_zero_query_prefix(v)?;
@@ -236,7 +279,81 @@ impl Model {
                     }),
             }
         }
+        if let KeyRows::Kept(k) = keys {
+            k.len = ctx;
+        }
         Ok(())
+    }
+}
+
+/// Where a chunk's key rows are built: temporaries for the positions of a
+/// chunk, or the rows a sequence keeps between passes.
+enum KeyRows<'k> {
+    Chunk(std::ops::Range<usize>),
+    Kept(&'k mut KeptKeys),
+}
+
+/// The most bytes of up-projected keys a forward keeps between its passes
+/// for one sequence (80 KB a position for V3 over a bf16-valued pool:
+/// 13,107 positions). A longer context up-projects its keys again in each
+/// pass, in chunks of [`KEY_CHUNK`].
+pub const KEPT_KEYS_BYTES: usize = 1 << 30;
+
+#[cfg(test)]
+thread_local! {
+    /// This thread's [`KEPT_KEYS_BYTES`] in tests: 0 takes the path of
+    /// contexts past the budget.
+    pub(crate) static KEPT_BUDGET: std::cell::Cell<usize> =
+        const { std::cell::Cell::new(KEPT_KEYS_BYTES) };
+}
+
+fn kept_keys_budget() -> usize {
+    #[cfg(test)]
+    return KEPT_BUDGET.with(|b| b.get());
+    #[cfg(not(test))]
+    KEPT_KEYS_BYTES
+}
+
+/// The up-projected key rows `[V | K_nope | k_pe]` of every head for the
+/// first `len` positions of one sequence, kept between the passes of one
+/// forward so each pass up-projects only its own new positions.
+pub(crate) struct KeptKeys {
+    seq: u64,
+    adt: Dtype,
+    /// Positions whose rows are built.
+    len: usize,
+    /// Positions it may hold.
+    capacity: usize,
+    /// Per group of [`HEAD_GROUP`] heads, blocks of [`BLOCK`] rows; it
+    /// grows with the context.
+    groups: Vec<Vec<u8>>,
+}
+
+impl KeptKeys {
+    /// The sequence whose keys these are.
+    pub(crate) fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Room for `capacity` positions of `seq`, attended with `adt`, if
+    /// their rows fit in [`KEPT_KEYS_BYTES`] (memory is taken as the
+    /// context grows).
+    pub(crate) fn for_context(
+        config: &ModelConfig,
+        seq: u64,
+        capacity: usize,
+        adt: Dtype,
+    ) -> Option<Self> {
+        let d = config.v_head_dim + config.qk_head_dim();
+        let per_position = config.num_heads * d * adt.size();
+        let bytes = capacity.div_ceil(BLOCK) * BLOCK * per_position;
+        (bytes <= kept_keys_budget()).then(|| KeptKeys {
+            seq,
+            adt,
+            len: 0,
+            capacity,
+            groups: vec![Vec::new(); config.num_heads.div_ceil(HEAD_GROUP)],
+        })
     }
 }
 
@@ -328,6 +445,7 @@ mod tests {
                             adt,
                             &mut o,
                             key_chunk,
+                            None,
                         )
                     })
                     .map(|()| o)
@@ -346,6 +464,77 @@ mod tests {
             }
             // Fewer keys per chunk than new tokens is refused, not wrong.
             assert!(run(n - 1).is_err());
+        }
+    }
+
+    /// A forward of several passes gives the same result whether each
+    /// pass up-projects only its own positions (keys kept) or its whole
+    /// context again in chunks, in passes that grow (budget 0): one
+    /// sequence after an earlier context and one from empty, F32 and BF16
+    /// pools. The kept path is checked against the float64 reference in
+    /// the model suite (`long_forward_runs_in_passes`).
+    #[test]
+    fn kept_keys_give_what_passes_without_them_give() {
+        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let dir = std::env::temp_dir().join(format!("mlart-kept-keys-{}", std::process::id()));
+        let gen = GenOptions {
+            preset: Preset::Tiny,
+            dtype: WeightDtype::Bf16,
+            layers: 1,
+            seed: 6,
+            shards: 1,
+            yarn: false,
+        };
+        generate(&dir, &gen).unwrap();
+        let model = Model::load(engine.clone(), &dir, LoadOptions::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let c = &model.config;
+        let hid = c.hidden_size;
+        let (early, n) = ([300usize, 0], [1500usize, 1100]);
+        // V3 keeps a context of 8192 positions, not one of 16384.
+        let v3 = super::ModelConfig {
+            num_heads: 128,
+            qk_nope_head_dim: 128,
+            qk_rope_head_dim: 64,
+            v_head_dim: 128,
+            ..c.clone()
+        };
+        assert!(super::KeptKeys::for_context(&v3, 1, 8192, Dtype::Bf16).is_some());
+        assert!(super::KeptKeys::for_context(&v3, 1, 16384, Dtype::Bf16).is_none());
+        for (format, tol) in [(KvFormat::F32, 1e-5), (KvFormat::Bf16, 2e-2)] {
+            let run = |budget: usize| {
+                let pool = KvPool::new(
+                    engine.clone(),
+                    PoolOptions {
+                        format,
+                        d_qk: c.d_qk(),
+                        num_layers: 1,
+                        block_size: 64,
+                        num_blocks: 64,
+                        index_dim: 0,
+                    },
+                )
+                .unwrap();
+                pool.create_seq(1).unwrap();
+                pool.create_seq(2).unwrap();
+                let x0 = uniform(early[0] * hid, 11);
+                model.forward(&pool, 0, &[1], &[early[0]], &x0).unwrap();
+                let x = uniform((n[0] + n[1]) * hid, 12);
+                super::KEPT_BUDGET.with(|b| b.set(budget));
+                let y = model.forward(&pool, 0, &[1, 2], &n, &x);
+                super::KEPT_BUDGET.with(|b| b.set(super::KEPT_KEYS_BYTES));
+                y.unwrap()
+            };
+            let kept = run(super::KEPT_KEYS_BYTES);
+            let again = run(0);
+            assert!(kept.iter().all(|x| x.is_finite()));
+            let (mut d, mut m) = (0f64, 0f64);
+            for (a, b) in kept.iter().zip(&again) {
+                d += ((a - b) as f64).powi(2);
+                m += (*b as f64).powi(2);
+            }
+            let e = (d / m).sqrt();
+            assert!(e <= tol, "{format:?}: kept against again, rel L2 {e:.2e}");
         }
     }
 }
