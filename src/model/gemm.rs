@@ -11,7 +11,8 @@
 //!   bf16 pair is broadcast and multiplied into 16 tokens' `hi` and `lo`;
 //! - with [`Activations::Bf16`] `X` is only rounded to bf16 and the `lo`
 //!   slots hold 16 more tokens, so a tile is 12 rows × 32 tokens and every
-//!   product is useful: half the instructions per token;
+//!   product is useful: half the instructions per token; with 16 tokens or
+//!   fewer the `lo` slots stay empty and their products are skipped;
 //! - bf16 weight rows are read where they are stored (the pairs are
 //!   broadcast from the mapped rows); FP8 ones are converted 12 rows × 128
 //!   columns at a time (one scale block: `vpermi2b` lookups, exact), and
@@ -83,13 +84,48 @@ impl<'a> TileWeights<'a> {
     }
 }
 
-/// Tokens per tile with activations `a`: 16 split into `hi + lo`, or 32
-/// rounded to bf16. Fewer tokens are padded to a whole tile.
-pub fn block_tokens(a: Activations) -> usize {
-    match a {
-        Activations::Bf16 => 2 * TOKENS,
-        Activations::Precise => TOKENS,
+/// How a tile takes its tokens' activations.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Pack {
+    /// 16 tokens, each split into `hi + lo` (precise activations).
+    Split,
+    /// 32 tokens rounded to bf16: the `lo` slots hold tokens 16..32.
+    Wide,
+    /// Up to 16 tokens rounded to bf16; the `lo` slots are empty and their
+    /// products skipped.
+    Narrow,
+}
+
+impl Pack {
+    fn of(a: Activations, tokens: usize) -> Self {
+        match a {
+            Activations::Precise => Pack::Split,
+            Activations::Bf16 if tokens <= TOKENS => Pack::Narrow,
+            Activations::Bf16 => Pack::Wide,
+        }
     }
+
+    fn tokens(self) -> usize {
+        match self {
+            Pack::Wide => 2 * TOKENS,
+            Pack::Split | Pack::Narrow => TOKENS,
+        }
+    }
+}
+
+/// Fewest tokens for which bf16 activations take the narrow tile rather
+/// than the weight stream of `Linear` (one V3 layer, bf16 weights, decode
+/// steps, ms, stream against narrow tile: 9 tokens 27 against 34, 12
+/// tokens 33–35 against 35–38, 16 tokens 43–49 against 37).
+const NARROW_MIN_TOKENS: usize = 13;
+
+/// Whether `tokens` tokens with activations `a` are better served by this
+/// GEMM than by the weight stream: more than half a tile, and for a
+/// narrow tile at least [`NARROW_MIN_TOKENS`].
+pub fn takes(a: Activations, tokens: usize) -> bool {
+    let pack = Pack::of(a, tokens);
+    super::linear::fills(tokens, pack.tokens())
+        && (pack != Pack::Narrow || tokens >= NARROW_MIN_TOKENS)
 }
 
 /// Whether this CPU runs the GEMM (AVX512-BF16 and VBMI, as the FP8 dot).
@@ -239,11 +275,12 @@ impl Weights<'_> {
 /// past `in` and past `T`: per (column block, 16-token block), `PAIRS`
 /// entries of 16 `hi` pairs then 16 `lo` pairs, so a tile reads one
 /// contiguous 8 KiB run. With bf16 activations a block has 32 tokens:
-/// the `lo` slots hold `hi` of tokens 16..32.
+/// the `lo` slots hold `hi` of tokens 16..32 ([`Pack::Wide`]), or stay
+/// zero ([`Pack::Narrow`]).
 struct PackedX<'s> {
     data: Buf<'s, u32>,
     token_blocks: usize,
-    /// Tokens per block: 16, or 32 with bf16 activations.
+    /// Tokens per block: 16, or 32 ([`Pack::Wide`]).
     block_tokens: usize,
 }
 
@@ -258,11 +295,11 @@ impl<'s> PackedX<'s> {
         x: &[f32],
         tokens: usize,
         inp: usize,
-        (amx, a): (bool, Activations),
+        (amx, pack): (bool, Pack),
         scratch: &'s Scratch,
     ) -> Self {
-        let split = a == Activations::Precise;
-        let block_tokens = if split { TOKENS } else { 2 * TOKENS };
+        let split = pack == Pack::Split;
+        let block_tokens = pack.tokens();
         let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
         let mut data = scratch.zeroed::<u32>(blocks * token_blocks * XBLOCK);
@@ -356,10 +393,10 @@ pub fn matmul(
             amx::Session::start()
         });
     }
-    let px = PackedX::new(&w, x, tokens, inp, (false, a), scratch);
+    let pack = Pack::of(a, tokens);
+    let px = PackedX::new(&w, x, tokens, inp, (false, pack), scratch);
     let blocks = inp.div_ceil(COLS);
     let t_pad = px.token_blocks * px.block_tokens;
-    let wide = a == Activations::Bf16;
     // Each task: TILES × ROWS output rows for every token, as [rows][t_pad].
     let task_rows = TILES * ROWS;
     let mut yt = scratch.zeroed::<f32>(out.div_ceil(task_rows) * task_rows * t_pad);
@@ -399,7 +436,7 @@ pub fn matmul(
                                 &mut acc[k * ROWS * t_pad..][..ROWS * t_pad],
                                 t_pad,
                                 tb * px.block_tokens,
-                                wide,
+                                pack,
                             );
                         }
                     }
@@ -457,9 +494,10 @@ fn matmul_amx<T: amx::Tiles>(
     scratch: &Scratch,
     tiles: impl Fn() -> T + Sync,
 ) {
-    let px = PackedX::new(&w, x, tokens, inp, (true, a), scratch);
+    let pack = Pack::of(a, tokens);
+    let px = PackedX::new(&w, x, tokens, inp, (true, pack), scratch);
     let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * px.block_tokens);
-    let wide = a == Activations::Bf16;
+    let wide = pack == Pack::Wide;
     let mut yt = scratch.zeroed::<f32>(out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad);
     yt.par_chunks_mut(AMX_ROWS * t_pad)
         .enumerate()
@@ -494,11 +532,16 @@ fn matmul_amx<T: amx::Tiles>(
                             let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
                             t.load::<4>(run(0) as *const u8, PAIRS * 4);
                             t.dp::<0, 4, 6>();
-                            t.load::<5>(run(1) as *const u8, PAIRS * 4);
-                            if wide {
-                                t.dp::<1, 5, 6>();
-                            } else {
-                                t.dp::<0, 5, 6>();
+                            match pack {
+                                Pack::Wide => {
+                                    t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                                    t.dp::<1, 5, 6>();
+                                }
+                                Pack::Split => {
+                                    t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                                    t.dp::<0, 5, 6>();
+                                }
+                                Pack::Narrow => {}
                             }
                         }
                         t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
@@ -522,8 +565,9 @@ fn matmul_amx<T: amx::Tiles>(
 
 /// One tile over one column block (`x`: one [`PackedX`] run), added
 /// (scaled per row) into `acc [ROWS][t_pad]` from token `tb` on: 12 rows ×
-/// 16 tokens of split activations, or with `wide` 12 rows × 32 tokens of
-/// bf16 activations.
+/// 16 tokens of split activations, 12 rows × 32 tokens of bf16 ones
+/// ([`Pack::Wide`]), or 12 rows × 16 tokens of bf16 ones ([`Pack::Narrow`],
+/// whose empty `lo` slots are not read).
 fn tile(
     w: TileWeights,
     s: &[f32],
@@ -531,24 +575,25 @@ fn tile(
     acc: &mut [f32],
     t_pad: usize,
     tb: usize,
-    wide: bool,
+    pack: Pack,
 ) {
-    let tokens = if wide { 2 * TOKENS } else { TOKENS };
+    let tokens = pack.tokens();
     assert!(w.complete() && s.len() >= ROWS && x.len() >= XBLOCK);
     assert!(tb + tokens <= t_pad && acc.len() >= (ROWS - 1) * t_pad + tb + tokens);
     #[cfg(target_arch = "x86_64")]
     if available() {
         // SAFETY: features detected at run time; sizes checked above.
         unsafe {
-            if wide {
-                avx512::tile::<true>(w, s, x, acc, t_pad, tb)
-            } else {
-                avx512::tile::<false>(w, s, x, acc, t_pad, tb)
+            match pack {
+                Pack::Split => avx512::tile::<false, true>(w, s, x, acc, t_pad, tb),
+                Pack::Wide => avx512::tile::<true, true>(w, s, x, acc, t_pad, tb),
+                Pack::Narrow => avx512::tile::<false, false>(w, s, x, acc, t_pad, tb),
             }
         };
         return;
     }
-    tile_portable(w, s, x, acc, t_pad, tb, wide)
+    // The empty `lo` slots of a narrow run add zero products.
+    tile_portable(w, s, x, acc, t_pad, tb, pack == Pack::Wide)
 }
 
 /// [`tile`] without SIMD: the fallback, and the vector tile's test oracle.
@@ -591,14 +636,15 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     /// `WIDE`: the run's two halves are 16 tokens each (bf16
-    /// activations), summed apart; otherwise `hi` and `lo` of the same 16.
+    /// activations), summed apart; otherwise `hi` and `lo` of the same 16,
+    /// or with `LO` false `hi` alone (the `lo` half is not read).
     ///
     /// # Safety
     /// `w` is complete, `s` has `ROWS` scales, `x` one
     /// `XBLOCK` run, `acc` rows of `t_pad` with `tb + 16 <= t_pad`
     /// (`tb + 32` with `WIDE`).
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub unsafe fn tile<const WIDE: bool>(
+    pub unsafe fn tile<const WIDE: bool, const LO: bool>(
         w: TileWeights,
         s: &[f32],
         x: &[u32],
@@ -631,7 +677,7 @@ mod avx512 {
                 *sr = _mm512_dpbf16_ps(*sr, wv, xh);
                 if WIDE {
                     *sr2 = _mm512_dpbf16_ps(*sr2, wv, xl);
-                } else {
+                } else if LO {
                     *sr = _mm512_dpbf16_ps(*sr, wv, xl);
                 }
             }
@@ -720,6 +766,8 @@ mod tests {
         use crate::backend::cpu::amx::Emu;
         let cases = [
             (20usize, 300usize, 5usize),
+            (24, 256, 9),
+            (33, 128, 16),
             (33, 128, 17),
             (16, 40, 33),
             (40, 200, 70),
@@ -787,24 +835,40 @@ mod tests {
         let x = bits(&values(XBLOCK * 2, 2));
         let s: Vec<f32> = (0..ROWS).map(|r| 0.5 + r as f32).collect();
         let init = values(ROWS * t_pad, 4);
-        for (tb, wide) in [(0, false), (16, false), (32, false), (0, true), (16, true)] {
+        // A narrow tile does not read the lo slots: the portable tile sees
+        // them zero.
+        let mut x_hi = x.clone();
+        for q in 0..PAIRS {
+            x_hi[q * 2 * TOKENS + TOKENS..][..TOKENS].fill(0);
+        }
+        let cases = [
+            (0, Pack::Split),
+            (16, Pack::Split),
+            (32, Pack::Split),
+            (0, Pack::Wide),
+            (16, Pack::Wide),
+            (0, Pack::Narrow),
+            (32, Pack::Narrow),
+        ];
+        for (tb, pack) in cases {
             let (mut a, mut b) = (init.clone(), init.clone());
             let w = TileWeights::converted(&w);
-            tile(w, &s, &x, &mut a, t_pad, tb, wide);
-            tile_portable(w, &s, &x, &mut b, t_pad, tb, wide);
+            tile(w, &s, &x, &mut a, t_pad, tb, pack);
+            let xp = if pack == Pack::Narrow { &x_hi } else { &x };
+            tile_portable(w, &s, xp, &mut b, t_pad, tb, pack == Pack::Wide);
             for (k, (p, q)) in a.iter().zip(&b).enumerate() {
                 assert!(
                     (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                    "tb {tb} wide {wide} [{k}]: {p} vs {q}"
+                    "tb {tb} {pack:?} [{k}]: {p} vs {q}"
                 );
             }
             // Exactly this token block changed.
-            let block = tb..tb + if wide { 2 * TOKENS } else { TOKENS };
+            let block = tb..tb + pack.tokens();
             for (k, (p, q)) in a.iter().zip(&init).enumerate() {
                 assert_eq!(
                     p == q,
                     !block.contains(&(k % t_pad)),
-                    "tb {tb} wide {wide} [{k}]"
+                    "tb {tb} {pack:?} [{k}]"
                 );
             }
         }

@@ -69,7 +69,7 @@ pub enum Activations {
 /// 32-token AVX-512 f32 block at 16 tokens 106 against 82 (bf16 weights);
 /// a 16-token bf16 tile at 8 tokens 52 against 47 (57 against 46 for bf16
 /// weights), at 16 tokens 59 against 74.
-fn fills(tokens: usize, block: usize) -> bool {
+pub(super) fn fills(tokens: usize, block: usize) -> bool {
     2 * tokens > block
 }
 
@@ -514,14 +514,12 @@ impl Linear {
             // nothing in the faster bf16 tile, when enough tokens fill it
             // (checked first: the scan reads every activation).
             let a = match self.activations {
-                Activations::Precise
-                    if fills(tokens, gemm::block_tokens(Activations::Bf16)) && all_bf16(x) =>
-                {
+                Activations::Precise if gemm::takes(Activations::Bf16, tokens) && all_bf16(x) => {
                     Activations::Bf16
                 }
                 a => a,
             };
-            if fills(tokens, gemm::block_tokens(a)) {
+            if gemm::takes(a, tokens) {
                 return gemm::matmul(w, out, inp, x, tokens, y, a, scratch);
             }
         }
@@ -684,7 +682,7 @@ mod tests {
                 .into_iter()
                 .flat_map(|l| linears.iter().map(move |lin| lin.clone().with_level(l)))
             {
-                for tokens in [1usize, 3, 4, 5, 12, 17, 33, 40] {
+                for tokens in [1usize, 3, 4, 5, 9, 12, 13, 16, 17, 33, 40] {
                     let x = values(tokens * inp, tokens as u64);
                     let x_bf16 = rounded_to_bf16(&x);
                     for (a, x, want_x, what) in [
