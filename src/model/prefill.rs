@@ -388,24 +388,60 @@ mod tests {
     use crate::model::{LoadOptions, Model};
     use std::sync::Arc;
 
+    /// A tiny one-layer bf16 model (`seed`, YaRN or not) on a default engine.
+    fn tiny_model(name: &str, seed: u64, yarn: bool) -> Model {
+        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let dir = std::env::temp_dir().join(format!("mlart-{name}-{}", std::process::id()));
+        let gen = GenOptions {
+            preset: Preset::Tiny,
+            dtype: WeightDtype::Bf16,
+            layers: 1,
+            seed,
+            shards: 1,
+            yarn,
+        };
+        generate(&dir, &gen).unwrap();
+        let model = Model::load(engine, &dir, LoadOptions::default()).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        model
+    }
+
+    /// A one-layer pool for `model` with sequences `seqs`.
+    fn pool_for(model: &Model, format: KvFormat, blocks: (usize, usize), seqs: &[u64]) -> KvPool {
+        let pool = KvPool::new(
+            model.engine.clone(),
+            PoolOptions {
+                format,
+                d_qk: model.config.d_qk(),
+                num_layers: 1,
+                block_size: blocks.0,
+                num_blocks: blocks.1,
+                index_dim: 0,
+            },
+        )
+        .unwrap();
+        for &s in seqs {
+            pool.create_seq(s).unwrap();
+        }
+        pool
+    }
+
+    /// `‖got − want‖ / ‖want‖`.
+    fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+        let (mut d, mut m) = (0f64, 0f64);
+        for (a, b) in got.iter().zip(want) {
+            d += ((a - b) as f64).powi(2);
+            m += (*b as f64).powi(2);
+        }
+        (d / m).sqrt()
+    }
+
     /// Keys in chunks (merged by log-sum-exp) give what one chunk gives:
     /// chunk lengths that divide the context, that do not, and that equal
     /// the new tokens; over F32 and BF16 pools.
     #[test]
     fn key_chunks_merge_to_one_pass() {
-        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
-        let dir = std::env::temp_dir().join(format!("mlart-key-chunks-{}", std::process::id()));
-        let gen = GenOptions {
-            preset: Preset::Tiny,
-            dtype: WeightDtype::Bf16,
-            layers: 1,
-            seed: 5,
-            shards: 1,
-            yarn: true,
-        };
-        generate(&dir, &gen).unwrap();
-        let model = Model::load(engine.clone(), &dir, LoadOptions::default()).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let model = tiny_model("key-chunks", 5, true);
         let c = &model.config;
         let (h, qk, v) = (c.num_heads, c.qk_head_dim(), c.v_head_dim);
         let (ctx, n) = (60usize, 20usize);
@@ -414,19 +450,7 @@ mod tests {
             // Each chunk's output is rounded to bf16 before the merge.
             (KvFormat::Bf16, Dtype::Bf16, 1e-2),
         ] {
-            let pool = KvPool::new(
-                engine.clone(),
-                PoolOptions {
-                    format,
-                    d_qk: c.d_qk(),
-                    num_layers: 1,
-                    block_size: 16,
-                    num_blocks: 8,
-                    index_dim: 0,
-                },
-            )
-            .unwrap();
-            pool.create_seq(1).unwrap();
+            let pool = pool_for(&model, format, (16, 8), &[1]);
             let x = uniform(ctx * c.hidden_size, 9);
             model.forward(&pool, 0, &[1], &[ctx], &x).unwrap();
             let q = uniform(n * h * qk, 10);
@@ -453,13 +477,7 @@ mod tests {
             let whole = run(super::KEY_CHUNK).unwrap();
             assert!(whole.iter().all(|x| x.is_finite()));
             for key_chunk in [20usize, 23, 59] {
-                let got = run(key_chunk).unwrap();
-                let (mut d, mut m) = (0f64, 0f64);
-                for (a, b) in got.iter().zip(&whole) {
-                    d += ((a - b) as f64).powi(2);
-                    m += (*b as f64).powi(2);
-                }
-                let e = (d / m).sqrt();
+                let e = rel_l2(&run(key_chunk).unwrap(), &whole);
                 assert!(e <= tol, "{format:?} chunks of {key_chunk}: rel L2 {e:.2e}");
             }
             // Fewer keys per chunk than new tokens is refused, not wrong.
@@ -475,19 +493,7 @@ mod tests {
     /// the model suite (`long_forward_runs_in_passes`).
     #[test]
     fn kept_keys_give_what_passes_without_them_give() {
-        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
-        let dir = std::env::temp_dir().join(format!("mlart-kept-keys-{}", std::process::id()));
-        let gen = GenOptions {
-            preset: Preset::Tiny,
-            dtype: WeightDtype::Bf16,
-            layers: 1,
-            seed: 6,
-            shards: 1,
-            yarn: false,
-        };
-        generate(&dir, &gen).unwrap();
-        let model = Model::load(engine.clone(), &dir, LoadOptions::default()).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
+        let model = tiny_model("kept-keys", 6, false);
         let c = &model.config;
         let hid = c.hidden_size;
         let (early, n) = ([300usize, 0], [1500usize, 1100]);
@@ -503,20 +509,7 @@ mod tests {
         assert!(super::KeptKeys::for_context(&v3, 1, 16384, Dtype::Bf16).is_none());
         for (format, tol) in [(KvFormat::F32, 1e-5), (KvFormat::Bf16, 2e-2)] {
             let run = |budget: usize| {
-                let pool = KvPool::new(
-                    engine.clone(),
-                    PoolOptions {
-                        format,
-                        d_qk: c.d_qk(),
-                        num_layers: 1,
-                        block_size: 64,
-                        num_blocks: 64,
-                        index_dim: 0,
-                    },
-                )
-                .unwrap();
-                pool.create_seq(1).unwrap();
-                pool.create_seq(2).unwrap();
+                let pool = pool_for(&model, format, (64, 64), &[1, 2]);
                 let x0 = uniform(early[0] * hid, 11);
                 model.forward(&pool, 0, &[1], &[early[0]], &x0).unwrap();
                 let x = uniform((n[0] + n[1]) * hid, 12);
@@ -528,12 +521,7 @@ mod tests {
             let kept = run(super::KEPT_KEYS_BYTES);
             let again = run(0);
             assert!(kept.iter().all(|x| x.is_finite()));
-            let (mut d, mut m) = (0f64, 0f64);
-            for (a, b) in kept.iter().zip(&again) {
-                d += ((a - b) as f64).powi(2);
-                m += (*b as f64).powi(2);
-            }
-            let e = (d / m).sqrt();
+            let e = rel_l2(&kept, &again);
             assert!(e <= tol, "{format:?}: kept against again, rel L2 {e:.2e}");
         }
     }
