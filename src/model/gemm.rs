@@ -121,7 +121,7 @@ const NARROW_MIN_TOKENS: usize = 13;
 
 /// Whether `tokens` tokens with activations `a` are better served by this
 /// GEMM than by the weight stream: more than half a tile, and for a
-/// narrow tile at least [`NARROW_MIN_TOKENS`].
+/// narrow tile at least `NARROW_MIN_TOKENS` (13).
 pub fn takes(a: Activations, tokens: usize) -> bool {
     let pack = Pack::of(a, tokens);
     super::linear::fills(tokens, pack.tokens())
