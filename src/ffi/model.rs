@@ -649,8 +649,9 @@ fn forward_device(
 /// the same attention up to rounding. A call of more than 512 tokens runs
 /// in passes of a sequence's tokens; in the expanded form it keeps the
 /// sequence's up-projected K and V between passes (80 KB a position for
-/// V3 over a BF16 or FP8 pool, 160 KB over F32 or F16) while they fit in
-/// 1 GiB, and past that up-projects them again in each pass.
+/// V3 over a BF16 or FP8 pool, 160 KB over F32 or F16), for as many of
+/// its first positions as fit in 1 GiB, and up-projects the others again
+/// in each pass.
 ///
 /// On a CUDA engine whose model runs its projections on the GPU, over a
 /// pool of the same engine, the whole layer runs on the GPU; `x` and `out`

@@ -38,7 +38,7 @@ const MAX_PASS_TOKENS: usize = 2048;
 /// queries and outputs are bf16, as DeepSeek's reference and FlashMLA's
 /// kernels take them, so Q·Kᵀ and P·V run on the bf16 dot-product units;
 /// an F32/F16 cache keeps f32.
-fn attention_dtype(format: KvFormat) -> Dtype {
+pub(super) fn attention_dtype(format: KvFormat) -> Dtype {
     match format {
         KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1 => Dtype::Bf16,
         _ => Dtype::F32,
@@ -46,18 +46,17 @@ fn attention_dtype(format: KvFormat) -> Dtype {
 }
 
 /// Tokens of a pass after `context` earlier ones. Passes in the expanded
-/// form that do not keep their keys (`grow`: a context past the kept
-/// keys' budget) up-project their whole context again, so after a long
-/// context they take half its length (up to [`MAX_PASS_TOKENS`]). Measured
-/// on one V3 layer, before keys were kept: an 8192-token prefill took
-/// 40–41.5 s in 512-token passes and 33.9 s in 2048-token ones (peak RSS
-/// 1.19 against 1.61 GB), a 2048-token prefill 4.7 s in 512-token passes
-/// and 5.1 s in one.
-fn pass_tokens(context: usize, grow: bool) -> usize {
-    if grow {
-        (context / 2).clamp(PASS_TOKENS, MAX_PASS_TOKENS)
-    } else {
-        PASS_TOKENS
+/// form whose context is past what their kept keys hold (`kept`: Some of
+/// the positions kept) up-project the rest of their context again, so
+/// they take half that rest (from [`PASS_TOKENS`] up to
+/// [`MAX_PASS_TOKENS`]). Measured on one V3 layer, before keys were kept:
+/// an 8192-token prefill took 40–41.5 s in 512-token passes and 33.9 s in
+/// 2048-token ones (peak RSS 1.19 against 1.61 GB), a 2048-token prefill
+/// 4.7 s in 512-token passes and 5.1 s in one.
+fn pass_tokens(context: usize, kept: Option<usize>) -> usize {
+    match kept {
+        Some(kept) => (context.saturating_sub(kept) / 2).clamp(PASS_TOKENS, MAX_PASS_TOKENS),
+        None => PASS_TOKENS,
     }
 }
 
@@ -462,10 +461,12 @@ impl Model {
     /// the earlier tokens, as in one pass; the per-token buffers (about
     /// 1.1 MB a token for V3 in the absorbed form) stay bounded whatever
     /// the prompt length. A sequence's passes in the expanded form keep
-    /// its up-projected keys ([`KeptKeys`]) when its whole context fits
-    /// their budget; then each pass up-projects only its own positions and
-    /// passes keep [`PASS_TOKENS`]. On error every sequence is cut back to
-    /// its length before the call.
+    /// its up-projected keys ([`KeptKeys`]), as many as their budget
+    /// allows: when that is its whole context, each pass up-projects only
+    /// its own positions and passes keep [`PASS_TOKENS`]; otherwise the
+    /// positions past the kept ones are up-projected in every pass, and
+    /// passes grow. On error every sequence is cut back to its length
+    /// before the call.
     fn forward_in_passes(
         &self,
         pool: &KvPool,
@@ -485,9 +486,13 @@ impl Model {
                 .then(|| KeptKeys::for_context(&self.config, plan.seqs[b], ctx, adt))
                 .flatten()
         };
-        // Passes in the expanded form that up-project their whole context
-        // again grow with it (`pass_tokens`).
-        let grow = |b: usize| expand && kept_for(b).is_none();
+        // Passes in the expanded form that up-project part of their
+        // context again grow with that part (`pass_tokens`).
+        let grow = |b: usize| match kept_for(b) {
+            _ if !expand => None,
+            Some(k) if k.holds_context() => None,
+            k => Some(k.map_or(0, |k| k.limit())),
+        };
         let mut kept: Option<KeptKeys> = None;
         self.in_passes(pool, plan, &grow, |b, row, m| {
             let id = plan.seqs[b];
@@ -508,22 +513,22 @@ impl Model {
     }
 
     /// Runs `pass(b, first_row, tokens)` for each sequence `b`'s tokens in
-    /// chunks of [`pass_tokens`] (`grow(b)` as there), in order; on an
+    /// chunks of [`pass_tokens`] (`grow(b)` its `kept`), in order; on an
     /// error, cuts every sequence back to its length before the call.
     pub(super) fn in_passes(
         &self,
         pool: &KvPool,
         plan: &Plan,
-        grow: &dyn Fn(usize) -> bool,
+        grow: &dyn Fn(usize) -> Option<usize>,
         mut pass: impl FnMut(usize, usize, usize) -> Result<()>,
     ) -> Result<()> {
         let mut row = 0;
         let mut result = Ok(());
         'seqs: for (b, (&n, &start)) in plan.n_tokens.iter().zip(&plan.start).enumerate() {
-            let grow = grow(b);
+            let kept = grow(b);
             let mut c0 = 0;
             while c0 < n {
-                let m = pass_tokens(start + c0, grow).min(n - c0);
+                let m = pass_tokens(start + c0, kept).min(n - c0);
                 if let Err(e) = pass(b, row + c0, m) {
                     result = Err(e);
                     break 'seqs;

@@ -66,10 +66,10 @@ impl Model {
     /// as projected (`q_pe` not yet rotated), `pos` their positions;
     /// `adt` is the attention's operand dtype (bf16 over a bf16-valued
     /// cache, else f32), as in the absorbed form. With `kept` (for this
-    /// sequence and `adt`, with room for the context) only the positions
-    /// it does not hold yet are up-projected, into it, and the keys attend
-    /// in one chunk; otherwise `key_chunk` cached positions (at least `n`)
-    /// are up-projected at a time into temporaries.
+    /// sequence and `adt`) the positions it may hold come from it, and
+    /// only those it does not hold yet are up-projected, into it; the
+    /// other positions are up-projected `key_chunk` (at least `n`) at a
+    /// time into temporaries, and the chunks merge by log-sum-exp.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn expanded_attention(
         &self,
@@ -88,40 +88,48 @@ impl Model {
         let h = c.num_heads;
         let n = pos.len();
         let ctx = pool.len(seq, pl)?;
-        if let Some(k) = kept.filter(|k| k.seq == seq && k.adt == adt && ctx <= k.capacity) {
-            if n > ctx || k.len > ctx {
-                return Err(Error::internal(format!(
-                    "expanded attention of {n} tokens over {ctx} positions, {} kept",
-                    k.len
-                )));
-            }
-            let keys = KeyRows::Kept(k);
-            return self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, None);
-        }
-        if n > key_chunk || n > ctx {
+        let kept = kept.filter(|k| k.seq == seq && k.adt == adt);
+        if n > ctx || kept.as_ref().is_some_and(|k| k.len > ctx) {
             return Err(Error::internal(format!(
-                "expanded attention of {n} tokens over {ctx} positions in chunks of {key_chunk}"
+                "expanded attention of {n} tokens over {ctx} positions"
             )));
         }
-        // Chunks of keys from the end: the last one holds every new
-        // position, so its causal mask is the kernel's (query i sees the
-        // chunk's keys up to its own position); earlier chunks lie before
-        // every new token and are seen whole.
-        let mut chunks = Vec::new();
+        // The kept rows: the whole context when they may hold it, else
+        // their first positions up to the first new token (seen whole).
+        let mut parts = Vec::new();
+        let mut first = 0;
+        if let Some(k) = kept {
+            first = if ctx <= k.limit {
+                ctx
+            } else {
+                k.limit.min(ctx - n)
+            };
+            if first > 0 {
+                parts.push(KeyRows::Kept(k, first));
+            }
+        }
+        if first < ctx && n > key_chunk {
+            return Err(Error::internal(format!(
+                "expanded attention of {n} tokens in chunks of {key_chunk} positions"
+            )));
+        }
+        // The other positions in chunks, ordered from the end: the last
+        // one holds every new position, so its causal mask is the
+        // kernel's (query i sees the chunk's keys up to its own position);
+        // earlier chunks lie before every new token and are seen whole.
         let mut k1 = ctx;
-        while k1 > 0 {
-            let k0 = k1.saturating_sub(key_chunk);
-            chunks.push(k0..k1);
+        while k1 > first {
+            let k0 = k1.saturating_sub(key_chunk).max(first);
+            parts.push(KeyRows::Chunk(k0..k1));
             k1 = k0;
         }
-        // One chunk writes `o` as it is; more merge into it, with each
+        // One part writes `o` as it is; more merge into it, with each
         // (token, head)'s log-sum-exp so far in `lse`.
-        // (+inf, FlashMLA's value for no key, until a chunk is merged.)
-        let mut lse = sc.overwritten::<f32>(if chunks.len() > 1 { n * h } else { 0 });
+        // (+inf, FlashMLA's value for no key, until a part is merged.)
+        let mut lse = sc.overwritten::<f32>(if parts.len() > 1 { n * h } else { 0 });
         lse.fill(f32::INFINITY);
-        for range in chunks {
+        for keys in parts {
             let merge = (!lse.is_empty()).then_some(&mut lse[..]);
-            let keys = KeyRows::Chunk(range);
             self.expanded_chunk(kv_b, pool, pl, seq, keys, ctx, (q, pos), adt, o, merge)?;
         }
         Ok(())
@@ -152,7 +160,7 @@ impl Model {
         // The chunk's positions, and those whose rows are built here.
         let (range, new) = match &keys {
             KeyRows::Chunk(r) => (r.clone(), r.clone()),
-            KeyRows::Kept(k) => (0..ctx, k.len..ctx),
+            KeyRows::Kept(k, end) => (0..*end, k.len.min(*end)..*end),
         };
         let (n, len, fresh) = (pos.len(), range.len(), new.len());
         // The new positions' cached rows, then their latent parts for kv_b.
@@ -183,7 +191,7 @@ impl Model {
                     temp = sc.overwritten::<u8>(nb * row_bytes);
                     &mut temp
                 }
-                KeyRows::Kept(k) => {
+                KeyRows::Kept(k, _) => {
                     let buf = &mut k.groups[gi];
                     crate::backend::try_grow(buf, "kept prefill keys", nb * row_bytes)?;
                     &mut buf[..nb * row_bytes]
@@ -279,24 +287,26 @@ impl Model {
                     }),
             }
         }
-        if let KeyRows::Kept(k) = keys {
-            k.len = ctx;
+        if let KeyRows::Kept(k, end) = keys {
+            k.len = k.len.max(end);
         }
         Ok(())
     }
 }
 
 /// Where a chunk's key rows are built: temporaries for the positions of a
-/// chunk, or the rows a sequence keeps between passes.
+/// chunk, or the rows a sequence keeps between passes (its positions
+/// before the given end).
 enum KeyRows<'k> {
     Chunk(std::ops::Range<usize>),
-    Kept(&'k mut KeptKeys),
+    Kept(&'k mut KeptKeys, usize),
 }
 
 /// The most bytes of up-projected keys a forward keeps between its passes
 /// for one sequence (80 KB a position for V3 over a bf16-valued pool:
-/// 13,107 positions). A longer context up-projects its keys again in each
-/// pass, in chunks of [`KEY_CHUNK`].
+/// 13,056 positions, in whole blocks). The positions of a longer context
+/// past those are up-projected again in each pass, in chunks of
+/// [`KEY_CHUNK`].
 pub const KEPT_KEYS_BYTES: usize = 1 << 30;
 
 #[cfg(test)]
@@ -316,14 +326,18 @@ fn kept_keys_budget() -> usize {
 
 /// The up-projected key rows `[V | K_nope | k_pe]` of every head for the
 /// first `len` positions of one sequence, kept between the passes of one
-/// forward so each pass up-projects only its own new positions.
+/// forward so each pass up-projects only its own new positions (those
+/// within `limit`).
 pub(crate) struct KeptKeys {
     seq: u64,
     adt: Dtype,
     /// Positions whose rows are built.
     len: usize,
-    /// Positions it may hold.
-    capacity: usize,
+    /// Positions it may hold: the call's whole context, or as many whole
+    /// blocks as [`KEPT_KEYS_BYTES`] allows.
+    limit: usize,
+    /// The call's whole context.
+    context: usize,
     /// Per group of [`HEAD_GROUP`] heads, blocks of [`BLOCK`] rows; it
     /// grows with the context.
     groups: Vec<Vec<u8>>,
@@ -335,25 +349,37 @@ impl KeptKeys {
         self.seq
     }
 
-    /// Room for `capacity` positions of `seq`, attended with `adt`, if
-    /// their rows fit in [`KEPT_KEYS_BYTES`] (memory is taken as the
-    /// context grows).
+    /// Room for the first positions of `seq`'s `context`, attended with
+    /// `adt`: all of them if their rows fit in [`KEPT_KEYS_BYTES`], else
+    /// as many whole blocks as fit; None if not one block does. (Memory is
+    /// taken as the context grows.)
     pub(crate) fn for_context(
         config: &ModelConfig,
         seq: u64,
-        capacity: usize,
+        context: usize,
         adt: Dtype,
     ) -> Option<Self> {
         let d = config.v_head_dim + config.qk_head_dim();
-        let per_position = config.num_heads * d * adt.size();
-        let bytes = capacity.div_ceil(BLOCK) * BLOCK * per_position;
-        (bytes <= kept_keys_budget()).then(|| KeptKeys {
+        let per_block = BLOCK * config.num_heads * d * adt.size();
+        let limit = context.min(kept_keys_budget() / per_block * BLOCK);
+        (limit > 0).then(|| KeptKeys {
             seq,
             adt,
             len: 0,
-            capacity,
+            limit,
+            context,
             groups: vec![Vec::new(); config.num_heads.div_ceil(HEAD_GROUP)],
         })
+    }
+
+    /// The positions it may hold (the first ones of the context).
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Whether it may hold the call's whole context.
+    pub(crate) fn holds_context(&self) -> bool {
+        self.limit >= self.context
     }
 }
 
@@ -486,10 +512,10 @@ mod tests {
     }
 
     /// A forward of several passes gives the same result whether each
-    /// pass up-projects only its own positions (keys kept) or its whole
-    /// context again in chunks, in passes that grow (budget 0): one
-    /// sequence after an earlier context and one from empty, F32 and BF16
-    /// pools. The kept path is checked against the float64 reference in
+    /// pass up-projects only its own positions (keys kept), the positions
+    /// past the first 640 (part kept) or its whole context (none kept),
+    /// in chunks, in passes that grow: one sequence after an earlier
+    /// context and one from empty, F32 and BF16 pools. The kept path is checked against the float64 reference in
     /// the model suite (`long_forward_runs_in_passes`).
     #[test]
     fn kept_keys_give_what_passes_without_them_give() {
@@ -505,8 +531,11 @@ mod tests {
             v_head_dim: 128,
             ..c.clone()
         };
-        assert!(super::KeptKeys::for_context(&v3, 1, 8192, Dtype::Bf16).is_some());
-        assert!(super::KeptKeys::for_context(&v3, 1, 16384, Dtype::Bf16).is_none());
+        let v3_kept = |ctx| super::KeptKeys::for_context(&v3, 1, ctx, Dtype::Bf16).unwrap();
+        assert!(v3_kept(8192).holds_context());
+        let part = v3_kept(16384);
+        assert!(!part.holds_context());
+        assert_eq!(part.limit, 13056);
         for (format, tol) in [(KvFormat::F32, 1e-5), (KvFormat::Bf16, 2e-2)] {
             let run = |budget: usize| {
                 let pool = pool_for(&model, format, (64, 64), &[1, 2]);
@@ -519,10 +548,17 @@ mod tests {
                 y.unwrap()
             };
             let kept = run(super::KEPT_KEYS_BYTES);
-            let again = run(0);
             assert!(kept.iter().all(|x| x.is_finite()));
-            let e = rel_l2(&kept, &again);
-            assert!(e <= tol, "{format:?}: kept against again, rel L2 {e:.2e}");
+            // 640 positions kept: both sequences keep part of theirs.
+            let adt = super::super::forward::attention_dtype(format);
+            let per_block = super::BLOCK * c.num_heads * (c.v_head_dim + c.qk_head_dim());
+            for (budget, what) in [(0, "none"), (10 * per_block * adt.size(), "640 positions")] {
+                let e = rel_l2(&run(budget), &kept);
+                assert!(
+                    e <= tol,
+                    "{format:?}: {what} kept against all, rel L2 {e:.2e}"
+                );
+            }
         }
     }
 }

@@ -221,7 +221,7 @@ impl Model {
         }
         // Longer calls in passes, as `forward_in_passes` does.
         let topk = self.config.indexer.map_or(0, |ix| ix.topk);
-        self.in_passes(pool, &plan, &|_| false, |b, row, m| {
+        self.in_passes(pool, &plan, &|_| None, |b, row, m| {
             let id = plan.seqs[b];
             let io = index_out
                 .as_deref_mut()
