@@ -12,9 +12,12 @@
 //! batch, with rows `[V | K_nope | k_pe]` in a temporary cache and queries
 //! `[0 | q_nope | q_pe]`, so `Q·Kᵀ` is `q_nope·K_nope + q_pe·k_pe`; the
 //! kernel is told the zero part is zero and leaves it out: 640 FLOPs per
-//! head, query and key for V3 instead of 2176, the queries' absorption (`W_UK`) and the
-//! outputs' (`W_UV`) disappear, and the keys of a call's tokens see exactly
-//! the causal prefix they see in the absorbed form.
+//! head, query and key for V3 instead of 2176. The queries' absorption
+//! (`W_UK`) and the outputs' (`W_UV`) disappear, and the keys of a call's
+//! tokens see exactly the causal prefix they see in the absorbed form.
+//!
+//! A forward of several passes keeps the rows it builds ([`KeptKeys`]),
+//! so later passes up-project only their own positions.
 
 use super::config::ModelConfig;
 use super::linear::Linear;
