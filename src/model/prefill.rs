@@ -16,7 +16,7 @@
 //! (`W_UK`) and the outputs' (`W_UV`) disappear, and the keys of a call's
 //! tokens see exactly the causal prefix they see in the absorbed form.
 //!
-//! A forward of several passes keeps the rows it builds ([`KeptKeys`]),
+//! A forward of several passes keeps the rows it builds (`KeptKeys`),
 //! so later passes up-project only their own positions.
 
 use super::config::ModelConfig;
