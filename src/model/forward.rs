@@ -12,7 +12,7 @@
 
 use super::device::{self, DeviceLayer, ProjWeight};
 use super::linear::{rms_norm, Linear};
-use super::prefill::KeptKeys;
+use super::prefill::{kept_positions, KeptKeys};
 use super::{Model, QProj};
 use crate::backend::cuda::linear::LinearCall;
 use crate::decode::desc::DecodeOutput;
@@ -480,24 +480,24 @@ impl Model {
         let mut y = vec![0f32; plan.total * hid];
         let expand = self.can_expand(plan.pl as usize);
         let adt = attention_dtype(pool.options().format);
-        let kept_for = |b: usize| {
-            let ctx = plan.start[b] + plan.n_tokens[b];
-            expand
-                .then(|| KeptKeys::for_context(&self.config, plan.seqs[b], ctx, adt))
-                .flatten()
+        // Sequence b's whole context, and how much of it keys are kept for.
+        let context = |b: usize| plan.start[b] + plan.n_tokens[b];
+        let limit = |b: usize| {
+            if expand {
+                kept_positions(&self.config, context(b), adt)
+            } else {
+                0
+            }
         };
         // Passes in the expanded form that up-project part of their
         // context again grow with that part (`pass_tokens`).
-        let grow = |b: usize| match kept_for(b) {
-            _ if !expand => None,
-            Some(k) if k.holds_context() => None,
-            k => Some(k.map_or(0, |k| k.limit())),
-        };
+        let grow = |b: usize| (expand && limit(b) < context(b)).then(|| limit(b));
         let mut kept: Option<KeptKeys> = None;
         self.in_passes(pool, plan, &grow, |b, row, m| {
             let id = plan.seqs[b];
             if kept.as_ref().is_none_or(|k| k.seq() != id) {
-                kept = kept_for(b);
+                let limit = limit(b);
+                kept = (limit > 0).then(|| KeptKeys::new(&self.config, id, limit, adt));
             }
             let rows = row * hid..(row + m) * hid;
             let io = index_out

@@ -532,16 +532,14 @@ fn matmul_amx<T: amx::Tiles>(
                             let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
                             t.load::<4>(run(0) as *const u8, PAIRS * 4);
                             t.dp::<0, 4, 6>();
-                            match pack {
-                                Pack::Wide => {
-                                    t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                            // A narrow run's lo half is empty.
+                            if pack != Pack::Narrow {
+                                t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                                if wide {
                                     t.dp::<1, 5, 6>();
-                                }
-                                Pack::Split => {
-                                    t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                                } else {
                                     t.dp::<0, 5, 6>();
                                 }
-                                Pack::Narrow => {}
                             }
                         }
                         t.store::<0>(c.as_mut_ptr() as *mut u8, 64);

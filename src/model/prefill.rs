@@ -336,11 +336,8 @@ pub(crate) struct KeptKeys {
     adt: Dtype,
     /// Positions whose rows are built.
     len: usize,
-    /// Positions it may hold: the call's whole context, or as many whole
-    /// blocks as [`KEPT_KEYS_BYTES`] allows.
+    /// Positions it may hold ([`kept_positions`]).
     limit: usize,
-    /// The call's whole context.
-    context: usize,
     /// Per group of [`HEAD_GROUP`] heads, blocks of [`BLOCK`] rows; it
     /// grows with the context.
     groups: Vec<Vec<u8>>,
@@ -352,38 +349,26 @@ impl KeptKeys {
         self.seq
     }
 
-    /// Room for the first positions of `seq`'s `context`, attended with
-    /// `adt`: all of them if their rows fit in [`KEPT_KEYS_BYTES`], else
-    /// as many whole blocks as fit; None if not one block does. (Memory is
-    /// taken as the context grows.)
-    pub(crate) fn for_context(
-        config: &ModelConfig,
-        seq: u64,
-        context: usize,
-        adt: Dtype,
-    ) -> Option<Self> {
-        let d = config.v_head_dim + config.qk_head_dim();
-        let per_block = BLOCK * config.num_heads * d * adt.size();
-        let limit = context.min(kept_keys_budget() / per_block * BLOCK);
-        (limit > 0).then(|| KeptKeys {
+    /// Room for the first `limit` positions of `seq` ([`kept_positions`]),
+    /// attended with `adt`. Memory is taken as the context grows.
+    pub(crate) fn new(config: &ModelConfig, seq: u64, limit: usize, adt: Dtype) -> Self {
+        KeptKeys {
             seq,
             adt,
             len: 0,
             limit,
-            context,
             groups: vec![Vec::new(); config.num_heads.div_ceil(HEAD_GROUP)],
-        })
+        }
     }
+}
 
-    /// The positions it may hold (the first ones of the context).
-    pub(crate) fn limit(&self) -> usize {
-        self.limit
-    }
-
-    /// Whether it may hold the call's whole context.
-    pub(crate) fn holds_context(&self) -> bool {
-        self.limit >= self.context
-    }
+/// How many of the first positions of a `context` attended with `adt`
+/// [`KeptKeys`] may hold: all of them if their rows fit in
+/// [`KEPT_KEYS_BYTES`], else as many whole blocks as fit.
+pub(crate) fn kept_positions(config: &ModelConfig, context: usize, adt: Dtype) -> usize {
+    let d = config.v_head_dim + config.qk_head_dim();
+    let per_block = BLOCK * config.num_heads * d * adt.size();
+    context.min(kept_keys_budget() / per_block * BLOCK)
 }
 
 /// Merges attention results over two disjoint sets of keys: `acc` with
@@ -534,11 +519,9 @@ mod tests {
             v_head_dim: 128,
             ..c.clone()
         };
-        let v3_kept = |ctx| super::KeptKeys::for_context(&v3, 1, ctx, Dtype::Bf16).unwrap();
-        assert!(v3_kept(8192).holds_context());
-        let part = v3_kept(16384);
-        assert!(!part.holds_context());
-        assert_eq!(part.limit, 13056);
+        let v3_kept = |ctx| super::kept_positions(&v3, ctx, Dtype::Bf16);
+        assert_eq!(v3_kept(8192), 8192);
+        assert_eq!(v3_kept(16384), 13056);
         for (format, tol) in [(KvFormat::F32, 1e-5), (KvFormat::Bf16, 2e-2)] {
             let run = |budget: usize| {
                 let pool = pool_for(&model, format, (64, 64), &[1, 2]);
