@@ -16,6 +16,7 @@
 //! the `[k][n]` kernel of [`super::f32_gemm`]: the transposition took a
 //! third as long as the products.
 
+use super::columns::OutputColumns;
 use super::level::Level;
 use super::scratch::Scratch;
 use rayon::prelude::*;
@@ -72,38 +73,38 @@ pub fn matmul(
                 }
             }
         });
-    let groups = out.div_ceil(GROUP);
-    // [group][GROUP rows][t_pad], accumulated over the chunks.
-    let mut yt = scratch.zeroed::<f32>(groups * GROUP * t_pad);
-    yt.par_chunks_mut(GROUP * t_pad)
-        .enumerate()
-        .for_each(|(g, acc)| {
-            let (o0, rows) = (g * GROUP, GROUP.min(out - g * GROUP));
-            // Rows past `rows` stay zero, so whole tiles can run.
-            let mut w = vec![0f32; GROUP * KB];
-            for k0 in (0..inp).step_by(KB) {
-                let kb = KB.min(inp - k0);
-                for r in 0..rows {
-                    row(o0 + r, k0, &mut w[r * KB..r * KB + kb]);
-                }
-                for b in 0..t_blocks {
-                    let xr = &px[(b * inp + k0) * tok..][..kb * tok];
-                    for r0 in (0..rows).step_by(r_tile) {
-                        tile(
-                            lvl,
-                            xr,
-                            &w[r0 * KB..],
-                            kb,
-                            &mut acc[r0 * t_pad..],
-                            t_pad,
-                            b * tok,
-                        );
-                    }
+    let y = OutputColumns::new(y, out, tokens);
+    (0..out.div_ceil(GROUP)).into_par_iter().for_each(|g| {
+        let (o0, rows) = (g * GROUP, GROUP.min(out - g * GROUP));
+        // This group's outputs for every token, [GROUP rows][t_pad],
+        // accumulated over the chunks.
+        let mut acc = scratch.overwritten::<f32>(GROUP * t_pad);
+        acc.fill(0.0);
+        // Rows past `rows` stay zero, so whole tiles can run.
+        let mut w = vec![0f32; GROUP * KB];
+        for k0 in (0..inp).step_by(KB) {
+            let kb = KB.min(inp - k0);
+            for r in 0..rows {
+                row(o0 + r, k0, &mut w[r * KB..r * KB + kb]);
+            }
+            for b in 0..t_blocks {
+                let xr = &px[(b * inp + k0) * tok..][..kb * tok];
+                for r0 in (0..rows).step_by(r_tile) {
+                    tile(
+                        lvl,
+                        xr,
+                        &w[r0 * KB..],
+                        kb,
+                        &mut acc[r0 * t_pad..],
+                        t_pad,
+                        b * tok,
+                    );
                 }
             }
-        });
-    // yt's rows are the output columns: [out][t_pad], as the bf16 GEMM's.
-    super::gemm::scatter(&yt, t_pad, out, tokens, y);
+        }
+        // SAFETY: group g alone has outputs o0..o0 + rows.
+        unsafe { y.put(o0, rows, &acc, t_pad) };
+    });
 }
 
 /// `acc[r][t0 + l] += Σ_k w[r][k] · x[k][l]` for the tile's rows `r` (row

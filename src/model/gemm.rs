@@ -27,6 +27,7 @@
 //! 16 rows per C tile); it is opt-in (`MLART_AMX_GEMM=1`) until it has run
 //! on one.
 
+use super::columns::OutputColumns;
 use super::fp8_bf16::{self, source_of, CHUNK};
 use super::linear::{Activations, FP8_BLOCK};
 use super::scratch::{Buf, Scratch};
@@ -222,6 +223,22 @@ impl Weights<'_> {
                 return;
             }
         }
+        // Whole bf16 blocks are their pairs' little-endian bytes: one copy.
+        if let Weights::Bf16(b) = *self {
+            let at = (o0 * inp + c0) * 2;
+            if cfg!(target_endian = "little")
+                && o0 + rows <= out
+                && cols == COLS
+                && b.len() >= at + ((rows - 1) * inp + COLS) * 2
+            {
+                for (r, dst) in w.chunks_exact_mut(PAIRS).take(rows).enumerate() {
+                    let src = &b[at + r * inp * 2..][..COLS * 2];
+                    bytemuck::cast_slice_mut::<u32, u8>(dst).copy_from_slice(src);
+                }
+                s[..rows].fill(1.0);
+                return;
+            }
+        }
         for r in 0..rows {
             let dst = &mut w[r * PAIRS..][..PAIRS];
             let o = o0 + r;
@@ -302,7 +319,8 @@ impl<'s> PackedX<'s> {
         let block_tokens = pack.tokens();
         let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
-        let mut data = scratch.zeroed::<u32>(blocks * token_blocks * XBLOCK);
+        // Zeroed run by run on the workers, not all at once on this thread.
+        let mut data = scratch.overwritten::<u32>(blocks * token_blocks * XBLOCK);
         // Columns of each pair, relative to the block's first column.
         let cols: [(usize, usize); PAIRS] = std::array::from_fn(|p| {
             let (a, b) = w.pair_columns(p % (CHUNK / 2));
@@ -310,6 +328,7 @@ impl<'s> PackedX<'s> {
             (base + a, base + b)
         });
         data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
+            xb.fill(0);
             let (cb, tb) = (i / token_blocks, i % token_blocks);
             let c0 = cb * COLS;
             let n = COLS.min(inp - c0);
@@ -373,6 +392,17 @@ fn bf16_bits(v: f32) -> u32 {
 /// Row tiles per task: the tiles share each `X` run while it is in L1.
 const TILES: usize = 4;
 
+/// Fewest token blocks for which a task copies its weight blocks rather
+/// than reading them where they are stored. In place, a task's 48 rows
+/// sit a row's width apart, which for V3's 7168- and 16384-wide inputs
+/// maps them onto a few cache sets: with many token blocks each block's
+/// rows are re-read from L2 or L3 per token block. A copy of 12 KiB per
+/// block then pays for itself; with few token blocks it does not. (One
+/// V3 layer's projections on 2 cores, GFLOP/s in place → copied: o_proj
+/// 128 tokens 331 → 373, 512 tokens 295 → 350; q_a 128 tokens 348 → 336,
+/// 512 tokens 305 → 309; 32 tokens every shape 5–15% slower copied.)
+const COPY_MIN_TOKEN_BLOCKS: usize = 8;
+
 /// `y [T, out] = x [T, inp] · Wᵀ`, `x` taken as `a` says, temporaries from
 /// `scratch`. Requires [`available`]; `w` holds `out` rows of `inp`.
 #[allow(clippy::too_many_arguments)]
@@ -397,69 +427,59 @@ pub fn matmul(
     let px = PackedX::new(&w, x, tokens, inp, (false, pack), scratch);
     let blocks = inp.div_ceil(COLS);
     let t_pad = px.token_blocks * px.block_tokens;
-    // Each task: TILES × ROWS output rows for every token, as [rows][t_pad].
+    // Many token blocks per weight block repay a copy of it (see COPY_MIN_TOKEN_BLOCKS).
+    let copy = px.token_blocks >= COPY_MIN_TOKEN_BLOCKS;
     let task_rows = TILES * ROWS;
-    let mut yt = scratch.zeroed::<f32>(out.div_ceil(task_rows) * task_rows * t_pad);
-    yt.par_chunks_mut(task_rows * t_pad)
-        .enumerate()
-        .for_each(|(g, acc)| {
-            let mut wb = [0u32; TILES * ROWS * PAIRS];
-            let mut s = [0f32; TILES * ROWS];
-            for cb in 0..blocks {
-                w.prefetch(g * task_rows, task_rows, out, inp, cb + 1);
-                // Each tile's rows in place where they can be, else converted.
-                let mut in_place: [Option<TileWeights>; TILES] = [None; TILES];
-                for (k, ((wk, sk), ip)) in wb
-                    .chunks_exact_mut(ROWS * PAIRS)
-                    .zip(s.chunks_exact_mut(ROWS))
-                    .zip(&mut in_place)
-                    .enumerate()
-                {
-                    let o0 = g * task_rows + k * ROWS;
-                    *ip = w.in_place(o0, out, inp, cb);
-                    match ip {
-                        Some(_) => sk.fill(1.0),
-                        None => w.block(o0, ROWS, out, inp, cb, wk, sk),
-                    }
-                }
-                for tb in 0..px.token_blocks {
-                    let xb = px.block(cb, tb);
-                    for k in 0..TILES {
-                        if g * task_rows + k * ROWS < out {
-                            let wk = in_place[k].unwrap_or_else(|| {
-                                TileWeights::converted(&wb[k * ROWS * PAIRS..][..ROWS * PAIRS])
-                            });
-                            tile(
-                                wk,
-                                &s[k * ROWS..][..ROWS],
-                                xb,
-                                &mut acc[k * ROWS * t_pad..][..ROWS * t_pad],
-                                t_pad,
-                                tb * px.block_tokens,
-                                pack,
-                            );
-                        }
-                    }
+    let y = OutputColumns::new(y, out, tokens);
+    (0..out.div_ceil(task_rows)).into_par_iter().for_each(|g| {
+        let (o0, rows) = (g * task_rows, task_rows.min(out - g * task_rows));
+        // This task's outputs for every token, [rows][t_pad].
+        let mut acc = scratch.overwritten::<f32>(task_rows * t_pad);
+        acc.fill(0.0);
+        let mut wb = [0u32; TILES * ROWS * PAIRS];
+        let mut s = [0f32; TILES * ROWS];
+        for cb in 0..blocks {
+            w.prefetch(o0, task_rows, out, inp, cb + 1);
+            // Each tile's rows in place where they can be, else copied or converted.
+            let mut in_place: [Option<TileWeights>; TILES] = [None; TILES];
+            for (k, ((wk, sk), ip)) in wb
+                .chunks_exact_mut(ROWS * PAIRS)
+                .zip(s.chunks_exact_mut(ROWS))
+                .zip(&mut in_place)
+                .enumerate()
+            {
+                let r0 = o0 + k * ROWS;
+                *ip = if copy {
+                    None
+                } else {
+                    w.in_place(r0, out, inp, cb)
+                };
+                match ip {
+                    Some(_) => sk.fill(1.0),
+                    None => w.block(r0, ROWS, out, inp, cb, wk, sk),
                 }
             }
-        });
-    scatter(&yt, t_pad, out, tokens, y);
-}
-
-/// `yt [out][t_pad]` → `y [T][out]`, 16 tokens at a time: each cache line
-/// of yt is read once, and the 16 output rows are written in runs.
-pub(super) fn scatter(yt: &[f32], t_pad: usize, out: usize, tokens: usize, y: &mut [f32]) {
-    y[..tokens * out]
-        .par_chunks_mut(TOKENS * out)
-        .enumerate()
-        .for_each(|(tb, ys)| {
-            let n = ys.len() / out;
-            for (o, col) in yt.chunks_exact(t_pad).take(out).enumerate() {
-                for (t, &v) in col[tb * TOKENS..][..n].iter().enumerate() {
-                    ys[t * out + o] = v;
+            for tb in 0..px.token_blocks {
+                let xb = px.block(cb, tb);
+                for k in 0..rows.div_ceil(ROWS) {
+                    let wk = in_place[k].unwrap_or_else(|| {
+                        TileWeights::converted(&wb[k * ROWS * PAIRS..][..ROWS * PAIRS])
+                    });
+                    tile(
+                        wk,
+                        &s[k * ROWS..][..ROWS],
+                        xb,
+                        &mut acc[k * ROWS * t_pad..][..ROWS * t_pad],
+                        t_pad,
+                        tb * px.block_tokens,
+                        pack,
+                    );
                 }
             }
-        });
+        }
+        // SAFETY: task g alone has outputs o0..o0 + rows.
+        unsafe { y.put(o0, rows, &acc, t_pad) };
+    });
 }
 
 /// AMX for the GEMM: opt-in (`MLART_AMX_GEMM=1`) until it has run on an
@@ -498,67 +518,70 @@ fn matmul_amx<T: amx::Tiles>(
     let px = PackedX::new(&w, x, tokens, inp, (true, pack), scratch);
     let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * px.block_tokens);
     let wide = pack == Pack::Wide;
-    let mut yt = scratch.zeroed::<f32>(out.div_ceil(AMX_ROWS) * AMX_ROWS * t_pad);
-    yt.par_chunks_mut(AMX_ROWS * t_pad)
-        .enumerate()
-        .for_each(|(g, acc)| {
-            // Configured for this task on this thread; released when dropped.
-            let mut t = tiles();
-            let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
-            let mut s = [0f32; AMX_ROWS];
-            // C of the first 16 tokens; c2 of the next 16 (bf16 activations).
-            let mut c = [0f32; TOKENS * AMX_ROWS];
-            let mut c2 = [0f32; TOKENS * AMX_ROWS];
-            for cb in 0..blocks {
-                w.block(g * AMX_ROWS, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
-                // B tile rows are column pairs, its columns weight rows.
-                for (r, row) in wb.chunks_exact(PAIRS).enumerate() {
-                    for (q, &v) in row.iter().enumerate() {
-                        wt[q * AMX_ROWS + r] = v;
-                    }
+    let y = OutputColumns::new(y, out, tokens);
+    (0..out.div_ceil(AMX_ROWS)).into_par_iter().for_each(|g| {
+        // This task's outputs for every token, [rows][t_pad].
+        let mut acc = scratch.overwritten::<f32>(AMX_ROWS * t_pad);
+        acc.fill(0.0);
+        // Configured for this task on this thread; released when dropped.
+        let mut t = tiles();
+        let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
+        let mut s = [0f32; AMX_ROWS];
+        // C of the first 16 tokens; c2 of the next 16 (bf16 activations).
+        let mut c = [0f32; TOKENS * AMX_ROWS];
+        let mut c2 = [0f32; TOKENS * AMX_ROWS];
+        for cb in 0..blocks {
+            w.block(g * AMX_ROWS, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
+            // B tile rows are column pairs, its columns weight rows.
+            for (r, row) in wb.chunks_exact(PAIRS).enumerate() {
+                for (q, &v) in row.iter().enumerate() {
+                    wt[q * AMX_ROWS + r] = v;
                 }
-                for tb in 0..px.token_blocks {
-                    let xb = px.block(cb, tb);
-                    c.fill(0.0);
-                    c2.fill(0.0);
-                    // SAFETY: the tiles are configured (tiles()); every
-                    // tile read covers 16 rows of 64 bytes inside c, c2,
-                    // wt (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
-                    unsafe {
-                        t.load::<0>(c.as_ptr() as *const u8, 64);
-                        t.load::<1>(c2.as_ptr() as *const u8, 64);
-                        for kc in (0..PAIRS).step_by(16) {
-                            t.load::<6>(wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
-                            let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
-                            t.load::<4>(run(0) as *const u8, PAIRS * 4);
-                            t.dp::<0, 4, 6>();
-                            // A narrow run's lo half is empty.
-                            if pack != Pack::Narrow {
-                                t.load::<5>(run(1) as *const u8, PAIRS * 4);
-                                if wide {
-                                    t.dp::<1, 5, 6>();
-                                } else {
-                                    t.dp::<0, 5, 6>();
-                                }
+            }
+            for tb in 0..px.token_blocks {
+                let xb = px.block(cb, tb);
+                c.fill(0.0);
+                c2.fill(0.0);
+                // SAFETY: the tiles are configured (tiles()); every
+                // tile read covers 16 rows of 64 bytes inside c, c2,
+                // wt (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
+                unsafe {
+                    t.load::<0>(c.as_ptr() as *const u8, 64);
+                    t.load::<1>(c2.as_ptr() as *const u8, 64);
+                    for kc in (0..PAIRS).step_by(16) {
+                        t.load::<6>(wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
+                        let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
+                        t.load::<4>(run(0) as *const u8, PAIRS * 4);
+                        t.dp::<0, 4, 6>();
+                        // A narrow run's lo half is empty.
+                        if pack != Pack::Narrow {
+                            t.load::<5>(run(1) as *const u8, PAIRS * 4);
+                            if wide {
+                                t.dp::<1, 5, 6>();
+                            } else {
+                                t.dp::<0, 5, 6>();
                             }
                         }
-                        t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
-                        t.store::<1>(c2.as_mut_ptr() as *mut u8, 64);
                     }
-                    let parts: &[&[f32]] = if wide { &[&c, &c2] } else { &[&c] };
-                    for (part, cp) in parts.iter().enumerate() {
-                        let t0 = tb * px.block_tokens + part * TOKENS;
-                        for (r, &sr) in s.iter().enumerate() {
-                            let dst = &mut acc[r * t_pad + t0..][..TOKENS];
-                            for (l, d) in dst.iter_mut().enumerate() {
-                                *d += sr * cp[l * AMX_ROWS + r];
-                            }
+                    t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
+                    t.store::<1>(c2.as_mut_ptr() as *mut u8, 64);
+                }
+                let parts: &[&[f32]] = if wide { &[&c, &c2] } else { &[&c] };
+                for (part, cp) in parts.iter().enumerate() {
+                    let t0 = tb * px.block_tokens + part * TOKENS;
+                    for (r, &sr) in s.iter().enumerate() {
+                        let dst = &mut acc[r * t_pad + t0..][..TOKENS];
+                        for (l, d) in dst.iter_mut().enumerate() {
+                            *d += sr * cp[l * AMX_ROWS + r];
                         }
                     }
                 }
             }
-        });
-    scatter(&yt, t_pad, out, tokens, y);
+        }
+        let (o0, rows) = (g * AMX_ROWS, AMX_ROWS.min(out - g * AMX_ROWS));
+        // SAFETY: task g alone has outputs o0..o0 + rows.
+        unsafe { y.put(o0, rows, &acc, t_pad) };
+    });
 }
 
 /// One tile over one column block (`x`: one [`PackedX`] run), added
@@ -769,7 +792,14 @@ mod tests {
             (33, 128, 17),
             (16, 40, 33),
             (40, 200, 70),
+            // At least COPY_MIN_TOKEN_BLOCKS token blocks: the dp GEMM copies
+            // its weight blocks (precise activations at 130 tokens, both at
+            // 260) rather than reading them in place.
+            (50, 300, 130),
+            (26, 256, 260),
         ];
+        assert!(130usize.div_ceil(TOKENS) >= COPY_MIN_TOKEN_BLOCKS);
+        assert!(260usize.div_ceil(2 * TOKENS) >= COPY_MIN_TOKEN_BLOCKS);
         for ((out, inp, tokens), a) in cases
             .into_iter()
             .flat_map(|c| [(c, Activations::Precise), (c, Activations::Bf16)])

@@ -3,6 +3,7 @@
 //! attention through the pool, output projection).
 
 pub mod absorb;
+mod columns;
 pub mod config;
 pub mod device;
 pub mod f32_gemm;
