@@ -31,7 +31,7 @@
 /**
  * Library version, minor part.
  */
-#define MLART_VERSION_MINOR 5
+#define MLART_VERSION_MINOR 6
 
 /**
  * Library version, patch part.
@@ -470,6 +470,27 @@ typedef struct mlart_model_options {
    * this field) or 40 is still accepted, and the field is then -1.
    */
   int32_t gpu_projections;
+  /**
+   * Ignored: the 0.5 layout's tail padding, which a caller built
+   * against that header may leave uninitialized.
+   */
+  uint32_t reserved1;
+  /**
+   * The most bytes of up-projected keys (K and V of every head) one
+   * `mlart_model_forward` call keeps between the passes of a long
+   * prompt (a sequence's new tokens past 512 run in passes; the
+   * sequences of a call are taken one at a time). 0 (default): 1 GiB,
+   * which holds 13,056 positions of DeepSeek-V3 over a BF16 or FP8
+   * pool (80 KB a position; twice that over F32/F16). A pass
+   * up-projects only its own positions while the whole context fits;
+   * past it, the positions beyond the kept ones are up-projected again
+   * in every pass, which costs time, not correctness. Less than one
+   * 64-position block's rows (5 MB for V3) keeps none; UINT64_MAX
+   * sets no limit. Only the CPU's prefill keeps keys.
+   * Since 0.6: a struct_size of 56 (the 0.5 layout, whose tail padding
+   * is `reserved1`), 48 or 40 is still accepted, and the field is then 0.
+   */
+  uint64_t kept_keys_bytes;
 } mlart_model_options;
 
 /**
@@ -559,6 +580,13 @@ typedef struct mlart_model_props {
    * both have one size); a 0.1–0.3 struct_size gets only its prefix.
    */
   int32_t projections_on_gpu;
+  /**
+   * The bytes of up-projected keys a forward keeps between the passes
+   * of a long prompt (`mlart_model_options.kept_keys_bytes`, with 0
+   * resolved to its default of 1 GiB). Since 0.6; a 0.4/0.5 struct_size
+   * (160) or an older one gets only its prefix written.
+   */
+  uint64_t kept_keys_bytes;
 } mlart_model_props;
 
 /**
@@ -1226,8 +1254,8 @@ struct mlart_error *mlart_model_info(const struct mlart_model *model, struct mla
  * in passes of a sequence's tokens; in the expanded form it keeps the
  * sequence's up-projected K and V between passes (80 KB a position for
  * V3 over a BF16 or FP8 pool, 160 KB over F32 or F16), for as many of
- * its first positions as fit in 1 GiB, and up-projects the others again
- * in each pass.
+ * its first positions as fit in `mlart_model_options.kept_keys_bytes`
+ * (1 GiB by default), and up-projects the others again in each pass.
  *
  * On a CUDA engine whose model runs its projections on the GPU, over a
  * pool of the same engine, the whole layer runs on the GPU; `x` and `out`

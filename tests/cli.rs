@@ -108,6 +108,38 @@ fn run_names_a_bad_batch() {
     }
 }
 
+/// `--kept-keys MB` reaches the model: a prompt in passes runs with none
+/// kept; a value that is not a number is named.
+#[test]
+fn run_takes_the_kept_keys_limit() {
+    let ck = Checkpoint::tiny("keptkeys");
+    let out = mlart(&[
+        "run",
+        "--model",
+        ck.path(),
+        "--prompt",
+        "600",
+        "--decode",
+        "1",
+        "--kept-keys",
+        "0",
+    ]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("prefill: 1 x 600 tokens"), "{stdout}");
+    assert!(
+        stdout.contains("keys kept between passes: none"),
+        "{stdout}"
+    );
+    let out = mlart(&["run", "--model", ck.path(), "--kept-keys", "lots"]);
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "--kept-keys lots was accepted");
+    assert!(
+        stderr.contains("--kept-keys lots: not a number"),
+        "{stdout}\n{stderr}"
+    );
+}
+
 /// Each batch of the list gets its line, rated against the ceilings the
 /// same run measured; batch 1 keeps its weight-stream line.
 #[test]

@@ -1566,6 +1566,66 @@ fn long_forward_runs_in_passes() {
     assert_eq!(pool.stats(), before);
 }
 
+/// `mlart_model_options.kept_keys_bytes` reaches the model (its props
+/// report it, 0 meaning the 1 GiB default) and long prompts stay right
+/// whatever it keeps: nothing (a budget below one block's rows), part of
+/// a context, or no limit.
+#[test]
+fn kept_keys_bytes_option() {
+    let dir = TempDir::new("tiny-kept-keys");
+    make_checkpoint(
+        dir.path(),
+        &gen_opts(Preset::Tiny, WeightDtype::Bf16, 1, true),
+    );
+    let engine = Engine::new(2);
+    let default = load(&engine, dir.path());
+    assert_eq!(info(&default).kept_keys_bytes, 1 << 30);
+    // Tiny: 4 heads of V, K_nope and k_pe (32 + 32 + 16) per position.
+    let block_rows = 64 * 4 * 80;
+    let steps: Vec<Step> = vec![
+        (0, vec![1, 2], vec![600, 530]),
+        (0, vec![2, 1], vec![1, 1]),
+        (0, vec![1], vec![1030]),
+    ];
+    let mut outputs = Vec::new();
+    for (bytes, what) in [
+        (1u64, "none kept"),
+        (10 * block_rows, "640 positions of f32 rows kept"),
+        (u64::MAX, "no limit"),
+    ] {
+        let model = load_with(&engine, dir.path(), |o| o.kept_keys_bytes = bytes)
+            .unwrap_or_else(|e| panic!("kept_keys_bytes = {bytes}: {e:?}"));
+        assert_eq!(info(&model).kept_keys_bytes, bytes, "{what}");
+        run_schedule(
+            &format!("kept keys: {what}"),
+            &engine,
+            &model,
+            dir.path(),
+            0,
+            1,
+            &[F32_POOL, BF16_POOL],
+            &steps,
+            64,
+        );
+        let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 64, 64).with_seqs(&[1]);
+        outputs.push(forward_ok(
+            &model,
+            &pool,
+            0,
+            &[1],
+            &[1500],
+            &random_x(9, 1500, 256),
+        ));
+    }
+    // The budget changes only how the work is cut (passes, chunks merged
+    // by lse). (That it is honoured is the unit test
+    // `kept_keys_give_what_passes_without_them_give`.)
+    for (o, what) in outputs[..2].iter().zip(["none kept", "640 positions"]) {
+        let e = rel_l2(&to_f64(o), &to_f64(&outputs[2]));
+        assert!(e <= 1e-5, "{what} against no limit: rel L2 {e:.2e}");
+    }
+}
+
 #[test]
 fn tiny_bf16_yarn_on_and_off_past_original_context() {
     let dir = TempDir::new("tiny-bf16-long");
@@ -1903,6 +1963,17 @@ fn model_info_fields() {
     assert_eq!(
         (old.hidden_size, old.bytes_loaded),
         (p.hidden_size, p.bytes_loaded)
+    );
+    // The 0.4/0.5 layout (160 bytes) likewise, before `kept_keys_bytes`.
+    old.struct_size = 160;
+    old.kept_keys_bytes = 0xdead;
+    expect_ok(
+        "mlart_model_info (0.5 layout)",
+        mlart_model_info(m.ptr, &mut old),
+    );
+    assert_eq!(
+        (old.projection_isa, old.kept_keys_bytes),
+        (p.projection_isa, 0xdead)
     );
     assert_eq!(
         (
@@ -2355,7 +2426,7 @@ fn malformed_checkpoints_give_named_errors() {
         &["num_layers"],
     );
     let size = std::mem::size_of::<mlart_model_options>() as u32;
-    for bad in [0, 4, 36, 44, 52, size + 8, u32::MAX] {
+    for bad in [0, 4, 36, 44, 52, 60, size + 8, u32::MAX] {
         load_err_with(
             &engine,
             &good,
@@ -2363,7 +2434,7 @@ fn malformed_checkpoints_give_named_errors() {
             MLART_STATUS_INVALID_ARGUMENT,
             &[
                 &format!("options->struct_size = {bad}"),
-                &format!("expects 40 or 48 or {size}"),
+                &format!("expects 40 or 48 or 56 or {size}"),
                 "mlart_model_options_init",
             ],
         );
@@ -2371,7 +2442,7 @@ fn malformed_checkpoints_give_named_errors() {
     // A binary built before `activations` was appended passes the 40-byte
     // layout: the library must not read past it (here the bytes after it
     // hold a value that would be rejected) and uses the default.
-    assert_eq!(size, 56);
+    assert_eq!(size, 64);
     let old = load_with(&engine, &good, |o| {
         o.struct_size = 40;
         o.activations = 0xdead;
@@ -2384,6 +2455,15 @@ fn malformed_checkpoints_give_named_errors() {
         o.gpu_projections = 0xdead;
     });
     assert!(old.is_ok(), "48-byte options: {:?}", old.err());
+    // The 0.5 layout (56 bytes, before `kept_keys_bytes`): the library
+    // keeps its default rather than the bytes past it.
+    let old = load_with(&engine, &good, |o| {
+        o.struct_size = 56;
+        o.reserved1 = 0xdead;
+        o.kept_keys_bytes = 7;
+    })
+    .expect("56-byte options");
+    assert_eq!(info(&old).kept_keys_bytes, 1 << 30);
     load_err_with(
         &engine,
         &good,

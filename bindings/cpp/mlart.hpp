@@ -557,13 +557,22 @@ struct ModelOptions {
     // (the GPU; bf16 and FP8 weights). CPU engines ignore it; the
     // outcome is info().projections_on_gpu.
     std::optional<bool> gpu_projections;
+    // The most bytes of up-projected keys (K and V of every head) one forward
+    // keeps between the passes of a long prompt (a sequence's new tokens past
+    // 512 run in passes); past it, the positions beyond the kept ones are
+    // up-projected again in every pass, which costs time, not correctness.
+    // 0: the default of 1 GiB; less than one 64-position block's rows keeps
+    // none; UINT64_MAX sets no limit. The value in effect is
+    // info().kept_keys_bytes.
+    std::uint64_t kept_keys_bytes = 0;
     // Called as tensors load with a fraction in [0, 1] and the tensor's name
     // (valid during the call); return false to cancel (Status::Cancelled).
     // An exception it throws cancels the load and is rethrown by load().
     std::function<bool(float fraction, const char *stage)> progress;
 };
 
-// The C struct; projections_on_gpu is 1 when the projections run on the GPU.
+// The C struct; projections_on_gpu is 1 when the projections run on the GPU,
+// kept_keys_bytes is the option in effect (0 resolved to 1 GiB).
 using ModelInfo = mlart_model_props;
 
 // Owns an mlart_model: the attention weights of a range of layers.
@@ -592,6 +601,7 @@ public:
         }
         o.activations = static_cast<mlart_activations>(options.activations);
         if (options.gpu_projections) o.gpu_projections = *options.gpu_projections ? 1 : 0;
+        o.kept_keys_bytes = options.kept_keys_bytes;
         Progress bridge{&options.progress, nullptr};
         if (options.progress) {
             o.progress = &Progress::call;

@@ -1188,6 +1188,70 @@ func TestModelGPUProjections(t *testing.T) {
 	}
 }
 
+// KeptKeysBytes reaches the library and comes back in ModelInfo (0 as the
+// default of 1 GiB, math.MaxUint64 as no limit); a long prompt keeping no
+// keys between its passes gives the default's output.
+func TestModelKeptKeysBytes(t *testing.T) {
+	dir := modelDir(t)
+	e := newEngine(t)
+	const gib = 1 << 30
+	for _, c := range []struct{ set, want uint64 }{
+		{0, gib}, {1, 1}, {5 << 20, 5 << 20}, {3 * gib, 3 * gib}, {math.MaxUint64, math.MaxUint64},
+	} {
+		m, err := mlart.LoadModel(e, dir, mlart.ModelOptions{KeptKeysBytes: c.set})
+		if err != nil {
+			t.Fatalf("LoadModel(KeptKeysBytes %d): %v", c.set, err)
+		}
+		info, err := m.Info()
+		m.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.KeptKeysBytes != c.want {
+			t.Errorf("KeptKeysBytes %d: Info().KeptKeysBytes = %d, want %d", c.set, info.KeptKeysBytes, c.want)
+		}
+	}
+
+	// Past 512 new tokens a forward runs in passes; keeping no keys between
+	// them up-projects the earlier positions again: the same attention.
+	base, err := mlart.LoadModel(e, dir, mlart.ModelOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer base.Close()
+	none, err := mlart.LoadModel(e, dir, mlart.ModelOptions{KeptKeysBytes: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer none.Close()
+	info, err := base.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool, err := mlart.NewKvPool(e, mlart.KvPoolOptions{DQK: info.DQK, NumLayers: info.LoadedLayers, BlockSize: 64, NumBlocks: 64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pool.Close()
+	const ntok = 600
+	x := randF32(rand.New(rand.NewSource(43)), ntok*info.HiddenSize, 1)
+	forward := func(m *mlart.Model, id uint64) []float32 {
+		t.Helper()
+		if err := pool.CreateSeq(id); err != nil {
+			t.Fatal(err)
+		}
+		out := nanF32s(len(x))
+		if err := m.Forward(pool, &mlart.ForwardArgs{Layer: 1, SeqIDs: []uint64{id}, NTokens: []int32{ntok}, X: x, Out: out}); err != nil {
+			t.Fatalf("Forward: %v", err)
+		}
+		return out
+	}
+	want := toF64(forward(base, 1))
+	if d := relL2(forward(none, 2), want); !(d <= 1e-6) {
+		t.Fatalf("KeptKeysBytes 1 changed a %d-token prompt: rel-L2 %.3g", ntok, d)
+	}
+}
+
 func modelV32Dir(t *testing.T) string {
 	dir := os.Getenv("MLART_TEST_MODEL_V32_DIR")
 	if dir == "" {

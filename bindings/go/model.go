@@ -32,6 +32,15 @@ type ModelOptions struct {
 	// the CPU), GPUProjectionsOff (the CPU) or GPUProjectionsOn (the GPU).
 	// CPU engines ignore it. ModelInfo.ProjectionsOnGPU tells the outcome.
 	GPUProjections GPUProjections
+	// KeptKeysBytes is the most bytes of up-projected keys (K and V of
+	// every head) one Forward keeps between the passes of a long prompt (a
+	// sequence's new tokens past 512 run in passes); past it, the positions
+	// beyond the kept ones are up-projected again in every pass, which
+	// costs time, not correctness. 0 (the zero value) means the default of
+	// 1 GiB; less than one 64-position block's rows keeps none;
+	// math.MaxUint64 sets no limit. Only the CPU's prefill keeps keys.
+	// ModelInfo.KeptKeysBytes tells the value in effect.
+	KeptKeysBytes uint64
 	// Progress, when set, is called during the load with fraction in
 	// [0, 1] and the name of the tensor just loaded; returning false
 	// cancels the load (StatusCancelled). A panic in Progress cancels the
@@ -81,6 +90,9 @@ type ModelInfo struct {
 	// runs there over a pool of the same engine. Always false on a CPU
 	// engine.
 	ProjectionsOnGPU bool
+	// KeptKeysBytes is ModelOptions.KeptKeysBytes in effect, 0 resolved
+	// to its default of 1 GiB (1073741824).
+	KeptKeysBytes uint64
 }
 
 // Model is a loaded model: the attention weights of a range of layers.
@@ -126,6 +138,7 @@ func LoadModel(engine *Engine, dir string, opts ModelOptions) (*Model, error) {
 			int32(opts.GPUProjections))
 	}
 	o.gpu_projections = gp
+	o.kept_keys_bytes = C.uint64_t(opts.KeptKeysBytes)
 
 	var state *progressState
 	if opts.Progress != nil {
@@ -235,6 +248,7 @@ func (m *Model) Info() (ModelInfo, error) {
 		IndexTopK:     int(p.index_topk),
 
 		ProjectionsOnGPU: p.projections_on_gpu != 0,
+		KeptKeysBytes:    uint64(p.kept_keys_bytes),
 	}
 	if bool(p.yarn) {
 		info.YaRN = &YaRN{

@@ -242,6 +242,17 @@ export interface ModelLoadOptions {
    * tells the outcome.
    */
   gpuProjections?: boolean | number;
+  /**
+   * The most bytes of up-projected keys (K and V of every head) one `forward`
+   * keeps between the passes of a long prompt (mlart_model_options.kept_keys_bytes;
+   * a sequence's new tokens past 512 run in passes). Past it, the positions
+   * beyond the kept ones are up-projected again in every pass: time, not
+   * correctness. 0 or absent (default): 1 GiB; less than one 64-position
+   * block's rows keeps none; 2n ** 64n - 1n: no limit. A non-negative integer
+   * (a safe-integer Number or a BigInt below 2 ** 64); only the CPU's prefill
+   * keeps keys. `info().keptKeysBytes` tells the value in effect.
+   */
+  keptKeysBytes?: number | bigint;
   /** Called during the load; return false to cancel (MlartError 'CANCELLED'). */
   progress?: (fraction: number, stage: string) => boolean | void;
 }
@@ -286,6 +297,12 @@ export interface ModelInfo {
    * false on a CPU engine.
    */
   projectionsOnGpu: boolean;
+  /**
+   * The `keptKeysBytes` in effect, 0 resolved to its default of 1 GiB
+   * (1073741824). A Number, like `bytesLoaded`: exact up to 2 ** 53 (no
+   * limit, 2n ** 64n - 1n, reads as 2 ** 64).
+   */
+  keptKeysBytes: number;
 }
 
 export interface ForwardArgs {

@@ -172,6 +172,8 @@ const mlart_model_options = koffi.struct('mlart_model_options', {
   activations: 'uint32_t',
   reserved0: 'uint32_t',
   gpu_projections: 'int32_t',
+  reserved1: 'uint32_t',
+  kept_keys_bytes: 'uint64_t',
 });
 
 const mlart_model_props = koffi.struct('mlart_model_props', {
@@ -204,6 +206,7 @@ const mlart_model_props = koffi.struct('mlart_model_props', {
   index_head_dim: 'int32_t',
   index_topk: 'int32_t',
   projections_on_gpu: 'int32_t',
+  kept_keys_bytes: 'uint64_t',
 });
 
 const mlart_forward_args = koffi.struct('mlart_forward_args', {
@@ -448,6 +451,29 @@ function int64(value, name) {
     throw new TypeError(`${name} must be a safe integer or a BigInt, got ${describe(value)}`);
   }
   return BigInt(value);
+}
+
+/**
+ * A uint64_t option: a non-negative safe-integer Number or a BigInt below
+ * 2**64; undefined or null gives `dflt`.
+ */
+function uint64(value, name, dflt) {
+  if (value === undefined || value === null) return dflt;
+  let v;
+  if (typeof value === 'bigint') {
+    v = value;
+  } else if (typeof value === 'number' && Number.isInteger(value)) {
+    if (!Number.isSafeInteger(value)) {
+      throw new RangeError(`${name} = ${value} is not a safe integer (pass a BigInt for values past 2**53)`);
+    }
+    v = BigInt(value);
+  } else {
+    throw new TypeError(`${name} must be a non-negative integer (a Number or a BigInt), got ${describe(value)}`);
+  }
+  if (v < 0n || v >= 1n << 64n) {
+    throw new RangeError(`${name} = ${v} is outside the uint64_t range`);
+  }
+  return v;
 }
 
 function seqId(value, name = 'seqId') {
@@ -1008,7 +1034,7 @@ class Model extends Handle {
    * @param {string} dir
    * @param {{firstLayer?: number, numLayers?: number, convertWeights?: boolean,
    *          weightDtype?: string|number, activations?: 'precise'|'bf16'|number,
-   *          gpuProjections?: boolean|number,
+   *          gpuProjections?: boolean|number, keptKeysBytes?: number|bigint,
    *          progress?: (fraction: number, stage: string) => boolean|void}} [options]
    */
   static load(engine, dir, options) {
@@ -1022,6 +1048,7 @@ class Model extends Handle {
     opts.weight_dtype = enumValue(o.weightDtype, 'weightDtype', DTYPE_ALIASES, opts.weight_dtype);
     opts.activations = enumValue(o.activations, 'activations', ACTIVATIONS_ALIASES, opts.activations);
     opts.gpu_projections = gpuProjections(o.gpuProjections, opts.gpu_projections);
+    opts.kept_keys_bytes = uint64(o.keptKeysBytes, 'keptKeysBytes', opts.kept_keys_bytes);
 
     let cb = null;
     let thrown;
@@ -1090,6 +1117,7 @@ class Model extends Handle {
       indexHeadDim: p.index_head_dim,
       indexTopk: p.index_topk,
       projectionsOnGpu: p.projections_on_gpu !== 0,
+      keptKeysBytes: Number(p.kept_keys_bytes),
     };
   }
 

@@ -78,6 +78,23 @@ pub struct mlart_model_options {
     /// Since 0.5: a struct_size of 48 (the 0.4 layout, which ends before
     /// this field) or 40 is still accepted, and the field is then -1.
     pub gpu_projections: i32,
+    /// Ignored: the 0.5 layout's tail padding, which a caller built
+    /// against that header may leave uninitialized.
+    pub reserved1: u32,
+    /// The most bytes of up-projected keys (K and V of every head) one
+    /// `mlart_model_forward` call keeps between the passes of a long
+    /// prompt (a sequence's new tokens past 512 run in passes; the
+    /// sequences of a call are taken one at a time). 0 (default): 1 GiB,
+    /// which holds 13,056 positions of DeepSeek-V3 over a BF16 or FP8
+    /// pool (80 KB a position; twice that over F32/F16). A pass
+    /// up-projects only its own positions while the whole context fits;
+    /// past it, the positions beyond the kept ones are up-projected again
+    /// in every pass, which costs time, not correctness. Less than one
+    /// 64-position block's rows (5 MB for V3) keeps none; UINT64_MAX
+    /// sets no limit. Only the CPU's prefill keeps keys.
+    /// Since 0.6: a struct_size of 56 (the 0.5 layout, whose tail padding
+    /// is `reserved1`), 48 or 40 is still accepted, and the field is then 0.
+    pub kept_keys_bytes: u64,
 }
 
 /// `sizeof(mlart_model_options)` before `activations` was appended.
@@ -88,6 +105,10 @@ const _: () = assert!(MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS == 40);
 /// `sizeof(mlart_model_options)` of 0.4 (0.2, 0.3), before `gpu_projections`.
 const MODEL_OPTIONS_SIZE_0_4: usize = std::mem::offset_of!(mlart_model_options, gpu_projections);
 const _: () = assert!(MODEL_OPTIONS_SIZE_0_4 == 48);
+/// `sizeof(mlart_model_options)` of 0.5, before `reserved1`: 52 bytes of
+/// fields padded to 56.
+const MODEL_OPTIONS_SIZE_0_5: usize = std::mem::offset_of!(mlart_model_options, kept_keys_bytes);
+const _: () = assert!(MODEL_OPTIONS_SIZE_0_5 == 56);
 
 /// What a model is. Set `struct_size` with `mlart_model_props_init`.
 #[repr(C)]
@@ -148,6 +169,11 @@ pub struct mlart_model_props {
     /// otherwise. Since 0.5, in what was the 0.4 layout's tail padding (so
     /// both have one size); a 0.1–0.3 struct_size gets only its prefix.
     pub projections_on_gpu: i32,
+    /// The bytes of up-projected keys a forward keeps between the passes
+    /// of a long prompt (`mlart_model_options.kept_keys_bytes`, with 0
+    /// resolved to its default of 1 GiB). Since 0.6; a 0.4/0.5 struct_size
+    /// (160) or an older one gets only its prefix written.
+    pub kept_keys_bytes: u64,
 }
 
 /// `sizeof(mlart_model_props)` in 0.1, before `activations` and
@@ -161,7 +187,10 @@ const MODEL_PROPS_SIZE_0_3: usize = std::mem::offset_of!(mlart_model_props, inde
 const _: () = assert!(MODEL_PROPS_SIZE_0_3 == 144);
 // 0.4 ended with index_topk at 152, padded to 160; the 0.5 field fits there.
 const _: () = assert!(std::mem::offset_of!(mlart_model_props, projections_on_gpu) == 156);
-const _: () = assert!(std::mem::size_of::<mlart_model_props>() == 160);
+/// `sizeof(mlart_model_props)` in 0.4 and 0.5, before `kept_keys_bytes`.
+const MODEL_PROPS_SIZE_0_5: usize = std::mem::offset_of!(mlart_model_props, kept_keys_bytes);
+const _: () = assert!(MODEL_PROPS_SIZE_0_5 == 160);
+const _: () = assert!(std::mem::size_of::<mlart_model_props>() == 168);
 
 /// Arguments of `mlart_model_forward`. Fill with `mlart_forward_args_init`.
 #[repr(C)]
@@ -241,6 +270,8 @@ pub extern "C" fn mlart_model_options_init(options: *mut mlart_model_options) {
                 activations: MLART_ACTIVATIONS_PRECISE,
                 reserved0: 0,
                 gpu_projections: -1,
+                reserved1: 0,
+                kept_keys_bytes: 0,
             };
         }
     })
@@ -324,6 +355,7 @@ pub extern "C" fn mlart_model_load(
                     &[
                         MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS,
                         MODEL_OPTIONS_SIZE_0_4,
+                        MODEL_OPTIONS_SIZE_0_5,
                     ],
                 )
             }?
@@ -372,6 +404,11 @@ pub extern "C" fn mlart_model_load(
                     )))
                 }
             },
+            kept_keys_bytes: match o.kept_keys_bytes {
+                0 => crate::model::prefill::KEPT_KEYS_BYTES,
+                // Beyond the address space: no limit.
+                v => usize::try_from(v).unwrap_or(usize::MAX),
+            },
         };
         let model = Model::load(engine.inner.clone(), Path::new(path), opts)?;
         // SAFETY: out is non-NULL and writable (caller contract).
@@ -419,7 +456,11 @@ pub extern "C" fn mlart_model_info(
                 "out",
                 "mlart_model_props_init",
                 mlart_model_props_init,
-                &[MODEL_PROPS_SIZE_0_1, MODEL_PROPS_SIZE_0_3],
+                &[
+                    MODEL_PROPS_SIZE_0_1,
+                    MODEL_PROPS_SIZE_0_3,
+                    MODEL_PROPS_SIZE_0_5,
+                ],
             )
         }?;
         let c = &m.config;
@@ -464,6 +505,7 @@ pub extern "C" fn mlart_model_info(
             p.index_topk = i(ix.topk);
         }
         p.projections_on_gpu = m.projections_on_gpu() as i32;
+        p.kept_keys_bytes = m.kept_keys_bytes as u64;
         // SAFETY: out is non-NULL (checked by read_versioned) and has
         // struct_size writable bytes, which p.struct_size holds.
         unsafe { write_struct_prefix(out, &p, p.struct_size as usize) };
@@ -650,8 +692,8 @@ fn forward_device(
 /// in passes of a sequence's tokens; in the expanded form it keeps the
 /// sequence's up-projected K and V between passes (80 KB a position for
 /// V3 over a BF16 or FP8 pool, 160 KB over F32 or F16), for as many of
-/// its first positions as fit in 1 GiB, and up-projects the others again
-/// in each pass.
+/// its first positions as fit in `mlart_model_options.kept_keys_bytes`
+/// (1 GiB by default), and up-projects the others again in each pass.
 ///
 /// On a CUDA engine whose model runs its projections on the GPU, over a
 /// pool of the same engine, the whole layer runs on the GPU; `x` and `out`

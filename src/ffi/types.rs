@@ -8,7 +8,7 @@
 /// Library version, major part. Checked against Cargo.toml by the tests.
 pub const MLART_VERSION_MAJOR: u32 = 0;
 /// Library version, minor part.
-pub const MLART_VERSION_MINOR: u32 = 5;
+pub const MLART_VERSION_MINOR: u32 = 6;
 /// Library version, patch part.
 pub const MLART_VERSION_PATCH: u32 = 0;
 /// ABI version: changes only on an incompatible change of this header; it is

@@ -26,7 +26,6 @@ use crate::engine::Engine;
 use crate::error::{check_range, checked_size, Error, Result, Status};
 use crate::format::{load_slice, Dtype, KvFormat, KvLayout};
 use parking_lot::RwLock;
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -934,10 +933,13 @@ impl KvPool {
             ));
         }
         let kv = KvCache::new(self.layout, data.as_slice(), self.opts.num_blocks)?;
-        dst[..range.len() * d]
-            .par_chunks_mut(d)
-            .zip(range)
-            .for_each(|(row, p)| kv.load(s.blocks[p / bs] as usize, p % bs, row));
+        // On the calling thread: no parallel work while the lock is held (a
+        // worker that picked up another call waiting for this lock would
+        // never finish its part). A pass's rows take well under a
+        // millisecond.
+        for (row, p) in dst[..range.len() * d].chunks_exact_mut(d).zip(range) {
+            kv.load(s.blocks[p / bs] as usize, p % bs, row);
+        }
         Ok(())
     }
 

@@ -241,7 +241,13 @@ impl Model {
 
         // Every buffer below is written in full before it is read.
         let sc = &self.scratch;
-        self.engine.install(|| -> Result<Vec<f32>> {
+        // The projections run on the engine's workers, and the pool calls
+        // (append, attention, the indexer's keys) on this thread: a worker
+        // must never wait for a pool lock. A pool call that holds its lock
+        // while the workers compute (a decode) would otherwise deadlock
+        // with a worker that, between two pieces of that computation,
+        // picked up another forward's append and waited for the lock.
+        let (q, ix, kv, qf) = self.engine.install(|| -> Result<_> {
             // Queries, and the indexer's (V3.2), which start from the
             // same normed q_a output.
             let mut q = sc.overwritten::<f32>(total * h * qk);
@@ -283,7 +289,9 @@ impl Model {
                     self.rope.apply(&mut dst[lora..], pos[t]);
                 });
             }
-
+            Ok((q, ix, kv, qf))
+        })?;
+        {
             // Append [c | k_pe] for every sequence at once (all or nothing);
             // undo the appends if anything later fails.
             let kv_bytes: &[u8] = bytemuck::cast_slice(&kv);
@@ -406,7 +414,9 @@ impl Model {
                 let mut o = sc.overwritten::<f32>(total * h * v);
                 match dl {
                     Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
-                    None => lw.absorbed.values(&o_lat, total, &mut o, sc),
+                    None => self
+                        .engine
+                        .install(|| lw.absorbed.values(&o_lat, total, &mut o, sc)),
                 }
                 if any_expanded {
                     expanded_rows(&mut o)?;
@@ -426,7 +436,7 @@ impl Model {
                 }
             }
             result
-        })
+        }
     }
 
     /// `y [tokens, w.out] = x · Wᵀ`: on the GPU when the layer's weights
@@ -449,7 +459,9 @@ impl Model {
                 &mut y[..tokens * w.out],
             ),
             None => {
-                w.matmul_with(x, tokens, y, &self.scratch);
+                // On the engine's workers (inline when already there).
+                self.engine
+                    .install(|| w.matmul_with(x, tokens, y, &self.scratch));
                 Ok(())
             }
         }
@@ -484,7 +496,7 @@ impl Model {
         let context = |b: usize| plan.start[b] + plan.n_tokens[b];
         let limit = |b: usize| {
             if expand {
-                kept_positions(&self.config, context(b), adt)
+                kept_positions(&self.config, context(b), adt, self.kept_keys_bytes)
             } else {
                 0
             }
@@ -640,20 +652,24 @@ impl Model {
         }
         for (b, &seq) in plan.seqs.iter().enumerate() {
             let toks = first_tok[b]..first_tok[b] + plan.n_tokens[b];
+            // The keys' lock is taken on this thread; the scoring runs on
+            // the workers (see forward_staged).
             pool.with_index_keys(seq, plan.pl, |keys| {
-                out[toks.start * topk..toks.end * topk]
-                    .par_chunks_mut(topk)
-                    .zip(toks.clone().into_par_iter())
-                    .for_each(|(row, tok)| {
-                        super::indexer::select(
-                            &keys,
-                            &t.q[tok * ih * idim..(tok + 1) * ih * idim],
-                            &t.w[tok * ih..(tok + 1) * ih],
-                            pos[tok],
-                            row,
-                            self.level,
-                        )
-                    })
+                self.engine.install(|| {
+                    out[toks.start * topk..toks.end * topk]
+                        .par_chunks_mut(topk)
+                        .zip(toks.clone().into_par_iter())
+                        .for_each(|(row, tok)| {
+                            super::indexer::select(
+                                &keys,
+                                &t.q[tok * ih * idim..(tok + 1) * ih * idim],
+                                &t.w[tok * ih..(tok + 1) * ih],
+                                pos[tok],
+                                row,
+                                self.level,
+                            )
+                        })
+                })
             })?;
         }
         Ok(())

@@ -49,6 +49,8 @@ pub struct LoadOptions<'a> {
     /// On a CUDA engine, whether the projections run on the GPU; `None`:
     /// `MLART_CUDA_PROJECTIONS` or the default (see [`device`]).
     pub gpu_projections: Option<bool>,
+    /// [`Model::kept_keys_bytes`].
+    pub kept_keys_bytes: usize,
 }
 
 impl Default for LoadOptions<'_> {
@@ -60,6 +62,7 @@ impl Default for LoadOptions<'_> {
             activations: Activations::Precise,
             progress: None,
             gpu_projections: None,
+            kept_keys_bytes: prefill::KEPT_KEYS_BYTES,
         }
     }
 }
@@ -105,6 +108,11 @@ pub struct Model {
     pub activations: Activations,
     /// The vector code of the projections (from the engine's CPU kernel).
     pub level: level::Level,
+    /// The most bytes of up-projected keys (K and V of every head) one
+    /// forward keeps between the passes of a long prompt, for the sequence
+    /// it is on ([`prefill::KEPT_KEYS_BYTES`] by default). Positions past
+    /// them are up-projected again in every pass; 0 keeps none.
+    pub kept_keys_bytes: usize,
     /// Per-call temporaries, reused across forwards.
     pub(crate) scratch: scratch::Scratch,
     /// Each layer's projection weights on the GPU (CUDA engines that run
@@ -114,6 +122,10 @@ pub struct Model {
     pub projections: String,
     /// Device memory of the layer forwards kept on the GPU (`resident`).
     pub(crate) arena: parking_lot::Mutex<crate::backend::cuda::resident::Arena>,
+    /// Positions the expanded prefill has up-projected (once for all
+    /// heads): the kept keys' test counts them.
+    #[cfg(test)]
+    pub(crate) up_projected: std::sync::atomic::AtomicUsize,
 }
 
 impl Drop for Model {
@@ -369,8 +381,11 @@ impl Model {
             first_layer: opts.first_layer,
             activations: opts.activations,
             level: ld.level,
+            kept_keys_bytes: opts.kept_keys_bytes,
             scratch: scratch::Scratch::default(),
             arena: Default::default(),
+            #[cfg(test)]
+            up_projected: Default::default(),
             layers,
             weight_dtype,
         })

@@ -148,27 +148,54 @@ impl Model {
         pool: &KvPool,
         pl: i64,
         seq: u64,
+        keys: KeyRows<'_>,
+        ctx: usize,
+        (q, pos): (&[f32], &[usize]),
+        adt: Dtype,
+        o: &mut [f32],
+        merge: Option<&mut [f32]>,
+    ) -> Result<()> {
+        // The chunk's positions, and those whose rows are built here.
+        let (range, new) = match &keys {
+            KeyRows::Chunk(r) => (r.clone(), r.clone()),
+            KeyRows::Kept(k, end) => (0..*end, k.len.min(*end)..*end),
+        };
+        // The new positions' cached rows, read under the pool's lock on
+        // this thread; the rest runs on the engine's workers, which must
+        // never wait for a pool lock (see forward_staged).
+        let mut lat = self
+            .scratch
+            .overwritten::<f32>(new.len() * self.config.d_qk());
+        pool.read_rows(seq, pl, new.clone(), &mut lat)?;
+        self.engine.install(|| {
+            let rows = (range, new);
+            self.expanded_rows_attend(kv_b, keys, rows, ctx, (q, pos), adt, o, merge, &lat)
+        })
+    }
+
+    /// [`Self::expanded_chunk`] once the new positions' cached rows `lat`
+    /// are read: builds the key rows of `range` (those of `new` here),
+    /// attends, and writes or merges `o`.
+    #[allow(clippy::too_many_arguments)]
+    fn expanded_rows_attend(
+        &self,
+        kv_b: &Linear,
         mut keys: KeyRows<'_>,
+        (range, new): (std::ops::Range<usize>, std::ops::Range<usize>),
         ctx: usize,
         (q, pos): (&[f32], &[usize]),
         adt: Dtype,
         o: &mut [f32],
         mut merge: Option<&mut [f32]>,
+        lat: &[f32],
     ) -> Result<()> {
         let c = &self.config;
         let sc = &self.scratch;
         let (h, lora, rope) = (c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim);
         let (nope, v, qk) = (c.qk_nope_head_dim, c.v_head_dim, c.qk_head_dim());
         let d_lat = c.d_qk();
-        // The chunk's positions, and those whose rows are built here.
-        let (range, new) = match &keys {
-            KeyRows::Chunk(r) => (r.clone(), r.clone()),
-            KeyRows::Kept(k, end) => (0..*end, k.len.min(*end)..*end),
-        };
         let (n, len, fresh) = (pos.len(), range.len(), new.len());
-        // The new positions' cached rows, then their latent parts for kv_b.
-        let mut lat = sc.overwritten::<f32>(fresh * d_lat);
-        pool.read_rows(seq, pl, new.clone(), &mut lat)?;
+        // The new positions' latent parts, for kv_b.
         let mut cl = sc.overwritten::<f32>(fresh * lora);
         cl.par_chunks_mut(lora)
             .zip(lat.par_chunks(d_lat))
@@ -200,6 +227,11 @@ impl Model {
                     &mut buf[..nb * row_bytes]
                 }
             };
+            #[cfg(test)]
+            if gi == 0 {
+                self.up_projected
+                    .fetch_add(fresh, std::sync::atomic::Ordering::Relaxed);
+            }
             if fresh > 0 {
                 // K_nope and V of these heads for every new position.
                 let mut kvh = sc.overwritten::<f32>(fresh * gc * per_head);
@@ -305,27 +337,12 @@ enum KeyRows<'k> {
     Kept(&'k mut KeptKeys, usize),
 }
 
-/// The most bytes of up-projected keys a forward keeps between its passes
-/// for one sequence (80 KB a position for V3 over a bf16-valued pool:
-/// 13,056 positions, in whole blocks). The positions of a longer context
-/// past those are up-projected again in each pass, in chunks of
-/// [`KEY_CHUNK`].
+/// The default of [`Model::kept_keys_bytes`](super::Model): the most
+/// bytes of up-projected keys a forward keeps between its passes (80 KB a
+/// position for V3 over a bf16-valued pool: 13,056 positions, in whole
+/// blocks). The positions of a longer context past those are up-projected
+/// again in each pass, in chunks of [`KEY_CHUNK`].
 pub const KEPT_KEYS_BYTES: usize = 1 << 30;
-
-#[cfg(test)]
-thread_local! {
-    /// This thread's [`KEPT_KEYS_BYTES`] in tests: 0 takes the path of
-    /// contexts past the budget.
-    pub(crate) static KEPT_BUDGET: std::cell::Cell<usize> =
-        const { std::cell::Cell::new(KEPT_KEYS_BYTES) };
-}
-
-fn kept_keys_budget() -> usize {
-    #[cfg(test)]
-    return KEPT_BUDGET.with(|b| b.get());
-    #[cfg(not(test))]
-    KEPT_KEYS_BYTES
-}
 
 /// The up-projected key rows `[V | K_nope | k_pe]` of every head for the
 /// first `len` positions of one sequence, kept between the passes of one
@@ -363,12 +380,17 @@ impl KeptKeys {
 }
 
 /// How many of the first positions of a `context` attended with `adt`
-/// [`KeptKeys`] may hold: all of them if their rows fit in
-/// [`KEPT_KEYS_BYTES`], else as many whole blocks as fit.
-pub(crate) fn kept_positions(config: &ModelConfig, context: usize, adt: Dtype) -> usize {
+/// [`KeptKeys`] may hold: all of them if their rows fit in `budget` bytes,
+/// else as many whole blocks as fit.
+pub(crate) fn kept_positions(
+    config: &ModelConfig,
+    context: usize,
+    adt: Dtype,
+    budget: usize,
+) -> usize {
     let d = config.v_head_dim + config.qk_head_dim();
     let per_block = BLOCK * config.num_heads * d * adt.size();
-    context.min(kept_keys_budget() / per_block * BLOCK)
+    context.min(budget / per_block * BLOCK)
 }
 
 /// Merges attention results over two disjoint sets of keys: `acc` with
@@ -472,20 +494,17 @@ mod tests {
             let run = |key_chunk: usize| {
                 let mut o = vec![f32::NAN; n * h * v];
                 model
-                    .engine
-                    .install(|| {
-                        model.expanded_attention(
-                            model.layers[0].absorbed.kv_b(),
-                            &pool,
-                            0,
-                            1,
-                            (&q, &pos),
-                            adt,
-                            &mut o,
-                            key_chunk,
-                            None,
-                        )
-                    })
+                    .expanded_attention(
+                        model.layers[0].absorbed.kv_b(),
+                        &pool,
+                        0,
+                        1,
+                        (&q, &pos),
+                        adt,
+                        &mut o,
+                        key_chunk,
+                        None,
+                    )
                     .map(|()| o)
             };
             let whole = run(super::KEY_CHUNK).unwrap();
@@ -507,8 +526,8 @@ mod tests {
     /// the model suite (`long_forward_runs_in_passes`).
     #[test]
     fn kept_keys_give_what_passes_without_them_give() {
-        let model = tiny_model("kept-keys", 6, false);
-        let c = &model.config;
+        let mut model = tiny_model("kept-keys", 6, false);
+        let c = model.config.clone();
         let hid = c.hidden_size;
         let (early, n) = ([300usize, 0], [1500usize, 1100]);
         // V3 keeps a context of 8192 positions, not one of 16384.
@@ -519,27 +538,43 @@ mod tests {
             v_head_dim: 128,
             ..c.clone()
         };
-        let v3_kept = |ctx| super::kept_positions(&v3, ctx, Dtype::Bf16);
+        let v3_kept = |ctx| super::kept_positions(&v3, ctx, Dtype::Bf16, super::KEPT_KEYS_BYTES);
         assert_eq!(v3_kept(8192), 8192);
         assert_eq!(v3_kept(16384), 13056);
         for (format, tol) in [(KvFormat::F32, 1e-5), (KvFormat::Bf16, 2e-2)] {
-            let run = |budget: usize| {
+            // The output, and the positions the second call up-projected.
+            let mut run = |budget: usize| {
+                model.kept_keys_bytes = budget;
                 let pool = pool_for(&model, format, (64, 64), &[1, 2]);
                 let x0 = uniform(early[0] * hid, 11);
                 model.forward(&pool, 0, &[1], &[early[0]], &x0).unwrap();
                 let x = uniform((n[0] + n[1]) * hid, 12);
-                super::KEPT_BUDGET.with(|b| b.set(budget));
-                let y = model.forward(&pool, 0, &[1, 2], &n, &x);
-                super::KEPT_BUDGET.with(|b| b.set(super::KEPT_KEYS_BYTES));
-                y.unwrap()
+                let count = || {
+                    model
+                        .up_projected
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                let before = count();
+                let y = model.forward(&pool, 0, &[1, 2], &n, &x).unwrap();
+                (y, count() - before)
             };
-            let kept = run(super::KEPT_KEYS_BYTES);
+            let (kept, once) = run(super::KEPT_KEYS_BYTES);
+            // Every position up-projected once at most: the 300 earlier
+            // ones in the first pass, each new one in its own (but those of
+            // sequence 2's last pass, 76 tokens, which attends in the
+            // absorbed form).
+            assert_eq!(once, early[0] + n[0] + n[1] - 76, "{format:?}: all kept");
             assert!(kept.iter().all(|x| x.is_finite()));
             // 640 positions kept: both sequences keep part of theirs.
             let adt = super::super::forward::attention_dtype(format);
             let per_block = super::BLOCK * c.num_heads * (c.v_head_dim + c.qk_head_dim());
             for (budget, what) in [(0, "none"), (10 * per_block * adt.size(), "640 positions")] {
-                let e = rel_l2(&run(budget), &kept);
+                let (y, count) = run(budget);
+                assert!(
+                    count > once,
+                    "{format:?}: {what} kept, yet {count} positions up-projected"
+                );
+                let e = rel_l2(&y, &kept);
                 assert!(
                     e <= tol,
                     "{format:?}: {what} kept against all, rel L2 {e:.2e}"

@@ -795,6 +795,24 @@ void test_model(const mlart::Engine &engine, const std::string &dir) {
     EXPECT_ERROR(static_cast<void>(mlart::Model::load(engine, dir, raw)),
                  mlart::Status::InvalidArgument, "gpu_projections = 7");
 
+    // Kept keys: 0 (the default) reads back as 1 GiB, a set value as itself
+    // (UINT64_MAX: no limit), through ModelOptions and the raw struct alike.
+    CHECK(raw.kept_keys_bytes == 0 && mlart::ModelOptions{}.kept_keys_bytes == 0 &&
+              p.kept_keys_bytes == std::uint64_t{1} << 30,
+          "kept_keys_bytes: raw " << raw.kept_keys_bytes << ", info " << p.kept_keys_bytes);
+    for (const std::uint64_t kept : {std::uint64_t{1}, std::uint64_t{5} << 20,
+                                     std::uint64_t{3} << 30, UINT64_MAX}) {
+        mlart::ModelOptions limited;
+        limited.kept_keys_bytes = kept;
+        const std::uint64_t got = mlart::Model::load(engine, dir, limited).info().kept_keys_bytes;
+        CHECK(got == kept, "kept_keys_bytes " << kept << ": info " << got);
+    }
+    mlart_model_options raw_kept;
+    mlart_model_options_init(&raw_kept);
+    raw_kept.kept_keys_bytes = 12345;
+    CHECK(mlart::Model::load(engine, dir, raw_kept).info().kept_keys_bytes == 12345,
+          "raw kept_keys_bytes 12345");
+
     // Device memory (args.memory) needs a CUDA engine; the pool is unchanged.
     CHECK(a.memory == MLART_MEMORY_HOST && a.stream == nullptr &&
               a.struct_size == sizeof(mlart_forward_args),

@@ -113,6 +113,9 @@ int main(int argc, char **argv) {
           p.loaded_layers, p.num_layers, p.first_layer);
     CHECK(p.softmax_scale > 0.0 && p.bytes_loaded > 0, "scale %g bytes %llu", p.softmax_scale,
           (unsigned long long)p.bytes_loaded);
+    /* options.kept_keys_bytes = 0 (from _init): the 1 GiB default. */
+    CHECK(mo.kept_keys_bytes == 0 && p.kept_keys_bytes == (uint64_t)1 << 30,
+          "kept_keys_bytes %llu", (unsigned long long)p.kept_keys_bytes);
 
     /* A pool sized from the model. */
     mlart_kv_pool_options po;
@@ -221,6 +224,21 @@ int main(int argc, char **argv) {
     EXPECT_ERROR(mlart_model_load(engine, "/nonexistent/mlart-model", NULL, &none),
                  MLART_STATUS_IO, "config.json");
     CHECK(none == NULL, "out untouched by a failed load");
+    /* A budget below one block's rows: the model keeps no keys, and says so. */
+    {
+        mlart_model_options ko;
+        mlart_model_options_init(&ko);
+        ko.kept_keys_bytes = 1;
+        mlart_model *kept = NULL;
+        if (OK(mlart_model_load(engine, dir, &ko, &kept))) {
+            mlart_model_props kp;
+            mlart_model_props_init(&kp);
+            OK(mlart_model_info(kept, &kp));
+            CHECK(kp.kept_keys_bytes == 1, "kept_keys_bytes %llu",
+                  (unsigned long long)kp.kept_keys_bytes);
+            mlart_model_free(kept);
+        }
+    }
 
     free(x);
     free(out);

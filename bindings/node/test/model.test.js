@@ -6,7 +6,7 @@ const fs = require('node:fs');
 const path = require('node:path');
 const os = require('node:os');
 const mlart = require('..');
-const { rng, randomF32 } = require('../testlib/reference');
+const { rng, randomF32, relL2 } = require('../testlib/reference');
 
 const MODEL_DIR = process.env.MLART_TEST_MODEL_DIR || '/tmp/tiny-model';
 const haveModel = fs.existsSync(path.join(MODEL_DIR, 'config.json'));
@@ -36,6 +36,7 @@ test('Model.load, info and forward on a pool', { skip }, () => {
   assert.ok(info.softmaxScale > 0);
   assert.deepEqual([info.indexNHeads, info.indexHeadDim, info.indexTopk], [0, 0, 0]);
   assert.equal(info.projectionsOnGpu, false);
+  assert.equal(info.keptKeysBytes, 1073741824, 'keptKeysBytes default: 1 GiB');
 
   const hidden = info.hiddenSize;
   const pool = new mlart.KvPool(engine, { dQk: info.dQk, numLayers: info.loadedLayers, blockSize: 16, numBlocks: 8 });
@@ -170,6 +171,63 @@ test('Model.load gpuProjections: a CPU engine accepts and ignores it; bad values
     () => mlart.Model.load(engine, MODEL_DIR, { gpuProjections: 0.5 }),
     (e) => e instanceof TypeError && /gpuProjections must be an integer/.test(e.message)
   );
+});
+
+test('Model.load keptKeysBytes: the value in effect is in info(); a long prompt keeping none matches; bad values are rejected', { skip }, () => {
+  const GiB = 1073741824;
+  const UINT64_MAX = (1n << 64n) - 1n;
+  for (const [keptKeysBytes, want] of [
+    [undefined, GiB],
+    [null, GiB],
+    [0, GiB],
+    [0n, GiB],
+    [1, 1],
+    [5 << 20, 5 << 20],
+    [3n * BigInt(GiB), 3 * GiB],
+    [Number.MAX_SAFE_INTEGER, Number.MAX_SAFE_INTEGER],
+    [UINT64_MAX, Number(UINT64_MAX)],
+  ]) {
+    const model = mlart.Model.load(engine, MODEL_DIR, { keptKeysBytes });
+    try {
+      assert.equal(model.info().keptKeysBytes, want, `keptKeysBytes ${keptKeysBytes}`);
+    } finally {
+      model.close();
+    }
+  }
+
+  // Past 512 new tokens a forward runs in passes; keeping no keys between
+  // them up-projects the earlier positions again: the same attention.
+  const base = mlart.Model.load(engine, MODEL_DIR);
+  const none = mlart.Model.load(engine, MODEL_DIR, { keptKeysBytes: 1 });
+  const ntok = 600;
+  const pool = new mlart.KvPool(engine, { dQk: base.info().dQk, numLayers: 2, blockSize: 64, numBlocks: 64 });
+  try {
+    const x = randomF32(ntok * base.info().hiddenSize, rng(43));
+    pool.createSeq(1);
+    const want = base.forward(pool, { layer: 1, seqIds: [1], nTokens: [ntok], x });
+    pool.createSeq(2);
+    const got = none.forward(pool, { layer: 1, seqIds: [2], nTokens: [ntok], x });
+    const d = relL2(got, want);
+    assert.ok(d < 1e-6, `keptKeysBytes 1 changed a ${ntok}-token prompt: rel-L2 ${d}`);
+  } finally {
+    pool.close();
+    none.close();
+    base.close();
+  }
+
+  const rejects = (keptKeysBytes, type, re) =>
+    assert.throws(
+      () => mlart.Model.load(engine, MODEL_DIR, { keptKeysBytes }),
+      (e) => e instanceof type && re.test(e.message),
+      `keptKeysBytes ${typeof keptKeysBytes} ${keptKeysBytes}`
+    );
+  rejects(-1, RangeError, /^keptKeysBytes = -1 is outside the uint64_t range$/);
+  rejects(-1n, RangeError, /^keptKeysBytes = -1 is outside the uint64_t range$/);
+  rejects(1n << 64n, RangeError, /^keptKeysBytes = 18446744073709551616 is outside the uint64_t range$/);
+  rejects(2 ** 60, RangeError, /^keptKeysBytes = \d+ is not a safe integer \(pass a BigInt/);
+  rejects(0.5, TypeError, /^keptKeysBytes must be a non-negative integer \(a Number or a BigInt\), got /);
+  rejects('1GiB', TypeError, /^keptKeysBytes must be a non-negative integer/);
+  rejects(true, TypeError, /^keptKeysBytes must be a non-negative integer/);
 });
 
 const V32_DIR = process.env.MLART_TEST_MODEL_V32_DIR || '/tmp/tiny-v32-model';

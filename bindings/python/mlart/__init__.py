@@ -978,6 +978,7 @@ class ModelInfo:
     index_head_dim: int
     index_topk: int
     projections_on_gpu: bool
+    kept_keys_bytes: int  # the load option in effect; 0 resolved to 1 GiB
 
 
 class _ProgressState:
@@ -1245,7 +1246,7 @@ class Model(_Handle):
     @classmethod
     def load(
         cls, engine, dir, *, first_layer=None, num_layers=None, convert_weights=None,
-        weight_dtype=None, activations=None, gpu_projections=None,
+        weight_dtype=None, activations=None, gpu_projections=None, kept_keys_bytes=None,
         progress: Optional[Callable[[float, str], Any]] = None,
     ):
         """Loads config.json and the attention tensors of a checkpoint
@@ -1256,6 +1257,15 @@ class Model(_Handle):
         exception it raises cancels the load and is re-raised here.
         `activations`: 'precise' (default) or 'bf16'; `gpu_projections`:
         True, False or None (the default; CPU engines ignore it).
+
+        `kept_keys_bytes`: the most bytes of up-projected keys (K and V of
+        every head) one `forward` keeps between the passes of a long prompt
+        (a sequence's new tokens past 512 run in passes); past it, the
+        positions beyond the kept ones are up-projected again in every pass,
+        which costs time, not correctness. None or 0: the default of 1 GiB;
+        less than one 64-position block's rows keeps none; ``2**64 - 1``
+        sets no limit. An int in [0, 2**64); ``info().kept_keys_bytes`` is
+        the value in effect.
         """
         if not isinstance(engine, Engine):
             raise TypeError("engine must be an Engine, got %s" % A.describe(engine))
@@ -1276,6 +1286,7 @@ class Model(_Handle):
             activations, "activations", Activations, _ACTIVATIONS_ALIASES, o.activations
         )
         o.gpu_projections = _gpu_projections(gpu_projections, o.gpu_projections)
+        o.kept_keys_bytes = A.uint64(kept_keys_bytes, "kept_keys_bytes", o.kept_keys_bytes)
 
         state = None
         callback = None
@@ -1346,6 +1357,7 @@ class Model(_Handle):
             index_head_dim=p.index_head_dim,
             index_topk=p.index_topk,
             projections_on_gpu=p.projections_on_gpu != 0,
+            kept_keys_bytes=p.kept_keys_bytes,
         )
 
     def forward(self, pool, *, layer, seq_ids, n_tokens, x, x_dtype=None, out=None,

@@ -154,6 +154,18 @@ def uint32(value, name):
     return v
 
 
+def uint64(value, name, default=_REQUIRED):
+    """A uint64_t; None gives `default` (required when not given)."""
+    if value is None:
+        if default is _REQUIRED:
+            raise TypeError("%s is required (a non-negative integer)" % name)
+        return default
+    v = _integer(value, name, "a non-negative integer")
+    if not 0 <= v < (1 << 64):
+        raise ValueError("%s = %d is outside the uint64_t range" % (name, v))
+    return v
+
+
 def seq_id(value, name="seq_id"):
     """A uint64_t sequence id."""
     v = _integer(value, name, "a non-negative integer")

@@ -166,6 +166,8 @@ class ModelOptions(ctypes.Structure):
         ("activations", _u32),
         ("reserved0", _u32),
         ("gpu_projections", _i32),
+        ("reserved1", _u32),
+        ("kept_keys_bytes", _u64),
     ]
 
 
@@ -200,6 +202,7 @@ class ModelProps(ctypes.Structure):
         ("index_head_dim", _i32),
         ("index_topk", _i32),
         ("projections_on_gpu", _i32),
+        ("kept_keys_bytes", _u64),
     ]
 
 

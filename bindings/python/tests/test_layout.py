@@ -102,7 +102,7 @@ class LayoutTest(unittest.TestCase):
         o = _ffi.new_struct("mlart_kv_pool_options")
         self.assertEqual((o.kv_format, o.d_qk, o.num_layers, o.block_size, o.num_blocks), (0, 576, 1, 64, 0))
         m = _ffi.new_struct("mlart_model_options")
-        self.assertEqual((m.gpu_projections, m.activations), (-1, 0))
+        self.assertEqual((m.gpu_projections, m.activations, m.kept_keys_bytes), (-1, 0, 0))
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class ModelTest(testlib.EngineTestCase):
         self.assertGreater(info.yarn_factor, 1)
         self.assertEqual((info.index_n_heads, info.index_head_dim, info.index_topk), (0, 0, 0))
         self.assertIs(info.projections_on_gpu, False)
+        self.assertEqual(info.kept_keys_bytes, 1073741824)  # the default: 1 GiB
 
         hidden = info.hidden_size
         pool = mlart.KvPool(self.engine, d_qk=info.d_qk, num_layers=info.loaded_layers, block_size=16, num_blocks=8)
@@ -196,6 +197,35 @@ class ModelTest(testlib.EngineTestCase):
             mlart.Model.load(self.engine, model_dir, gpu_projections="gpu")
         with self.assertRaisesRegex(TypeError, "^gpu_projections must be an integer"):
             mlart.Model.load(self.engine, model_dir, gpu_projections=0.5)
+
+    def test_kept_keys_bytes_is_in_info_and_keeps_the_output(self):
+        model_dir = testlib.model_dir()
+        gib = 1 << 30
+        for value, want in ((None, gib), (0, gib), (1, 1), (5 << 20, 5 << 20), (3 * gib, 3 * gib),
+                            ((1 << 64) - 1, (1 << 64) - 1)):
+            with mlart.Model.load(self.engine, model_dir, kept_keys_bytes=value) as model:
+                self.assertEqual(model.info().kept_keys_bytes, want, "kept_keys_bytes %r" % (value,))
+
+        # Past 512 new tokens a forward runs in passes; keeping no keys
+        # between them up-projects the earlier positions again: the same
+        # attention.
+        ntok = 600
+        with mlart.Model.load(self.engine, model_dir) as base, \
+                mlart.Model.load(self.engine, model_dir, kept_keys_bytes=1) as none, \
+                mlart.KvPool(self.engine, d_qk=base.info().d_qk, num_layers=2, block_size=64, num_blocks=64) as pool:
+            x = R.random_f32(ntok * base.info().hidden_size, R.rng(43))
+            pool.create_seq(1)
+            want = base.forward(pool, layer=1, seq_ids=[1], n_tokens=[ntok], x=x)
+            pool.create_seq(2)
+            got = none.forward(pool, layer=1, seq_ids=[2], n_tokens=[ntok], x=x)
+            self.assertLess(rel(got, want), 1e-6, "kept_keys_bytes=1 changed a %d-token prompt" % ntok)
+
+        for bad in (-1, 1 << 64):
+            with self.assertRaisesRegex(ValueError, "^kept_keys_bytes = %d is outside the uint64_t range$" % bad):
+                mlart.Model.load(self.engine, model_dir, kept_keys_bytes=bad)
+        for bad in (0.5, "1GiB", True):
+            with self.assertRaisesRegex(TypeError, "^kept_keys_bytes must be a non-negative integer, got "):
+                mlart.Model.load(self.engine, model_dir, kept_keys_bytes=bad)
 
     def test_convert_weights_and_layer_range(self):
         model_dir = testlib.model_dir()

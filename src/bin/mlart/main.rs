@@ -45,6 +45,7 @@ commands:
                           reference; faster prefill) (default precise)
       --hidden H          hidden states as f32 values or bf16 values, as a bf16 host passes them
                           (default f32)
+      --kept-keys MB      up-projected keys a long prompt's passes keep (default 1024; 0 keeps none)
   bench --model DIR [run options]
                           batch-1 decode through the model's layers: weight stream vs DRAM bandwidth
                           (GPU projections: vs copy bandwidth, and the step's GPU time kernel by kernel)

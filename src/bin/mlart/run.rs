@@ -31,6 +31,8 @@ pub struct RunOptions {
     /// Hidden states given as bf16 values (as a host with bf16 activations
     /// passes them) rather than arbitrary f32.
     pub hidden_bf16: bool,
+    /// `LoadOptions::kept_keys_bytes` (`--kept-keys MB`).
+    pub kept_keys_bytes: usize,
 }
 
 fn parse_range(s: &str) -> std::result::Result<(usize, usize), String> {
@@ -57,6 +59,7 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
         threads: 0,
         activations: Activations::Precise,
         hidden_bf16: false,
+        kept_keys_bytes: mlart::model::prefill::KEPT_KEYS_BYTES,
     };
     let mut it = args.iter();
     while let Some(a) = it.next() {
@@ -111,6 +114,11 @@ pub fn parse(args: &[String]) -> std::result::Result<RunOptions, String> {
                     other => return Err(format!("--hidden {other}: expected f32 or bf16")),
                 }
             }
+            "--kept-keys" => {
+                o.kept_keys_bytes = number("--kept-keys")?
+                    .checked_mul(1 << 20)
+                    .ok_or("--kept-keys: too many MB")?
+            }
             other => return Err(format!("unknown option {other}")),
         }
     }
@@ -149,6 +157,7 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
             num_layers: count,
             progress: Some(&mut bar),
             activations: o.activations,
+            kept_keys_bytes: o.kept_keys_bytes,
             ..LoadOptions::default()
         },
     )?;
@@ -165,6 +174,13 @@ fn load(o: &RunOptions) -> Result<(Arc<Engine>, Model)> {
             Activations::Bf16 => "bf16",
         },
         model.projections
+    );
+    println!(
+        "keys kept between passes: {}",
+        match model.kept_keys_bytes {
+            0 => "none".to_string(),
+            b => format!("up to {:.1} MB a sequence", b as f64 / 1e6),
+        }
     );
     Ok((engine, model))
 }
