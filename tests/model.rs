@@ -1518,6 +1518,28 @@ fn every_cpu_isa_matches_reference() {
 /// A forward of more than one pass (512 tokens) runs each sequence in
 /// passes, appending before attending: against the reference, with pool
 /// lengths checked and decode steps after it.
+/// Prefills in passes (600 + 530 tokens at once, decode steps, then 1030
+/// more after 601) through a one-layer model, against the float64
+/// reference over F32 and BF16 pools.
+fn run_passes(what: &str, engine: &Engine, model: &Model, dir: &Path) {
+    let steps: Vec<Step> = vec![
+        (0, vec![1, 2], vec![600, 530]),
+        (0, vec![2, 1], vec![1, 1]),
+        (0, vec![1], vec![1030]),
+    ];
+    run_schedule(
+        what,
+        engine,
+        model,
+        dir,
+        0,
+        1,
+        &[F32_POOL, BF16_POOL],
+        &steps,
+        64,
+    );
+}
+
 #[test]
 fn long_forward_runs_in_passes() {
     let dir = TempDir::new("tiny-passes");
@@ -1527,22 +1549,7 @@ fn long_forward_runs_in_passes() {
     );
     let engine = Engine::new(2);
     let model = load(&engine, dir.path());
-    let steps: Vec<Step> = vec![
-        (0, vec![1, 2], vec![600, 530]),
-        (0, vec![2, 1], vec![1, 1]),
-        (0, vec![1], vec![1030]),
-    ];
-    run_schedule(
-        "tiny passes",
-        &engine,
-        &model,
-        dir.path(),
-        0,
-        1,
-        &[F32_POOL, BF16_POOL],
-        &steps,
-        64,
-    );
+    run_passes("tiny passes", &engine, &model, dir.path());
     // A pass that cannot get its blocks: every sequence goes back to its
     // length before the call (earlier passes appended already).
     let pool = Pool::new(&engine, MLART_KV_FORMAT_BF16, 80, 1, 64, 16).with_seqs(&[1, 2]);
@@ -1582,11 +1589,6 @@ fn kept_keys_bytes_option() {
     assert_eq!(info(&default).kept_keys_bytes, 1 << 30);
     // Tiny: 4 heads of V, K_nope and k_pe (32 + 32 + 16) per position.
     let block_rows = 64 * 4 * 80;
-    let steps: Vec<Step> = vec![
-        (0, vec![1, 2], vec![600, 530]),
-        (0, vec![2, 1], vec![1, 1]),
-        (0, vec![1], vec![1030]),
-    ];
     let mut outputs = Vec::new();
     for (bytes, what) in [
         (1u64, "none kept"),
@@ -1596,17 +1598,7 @@ fn kept_keys_bytes_option() {
         let model = load_with(&engine, dir.path(), |o| o.kept_keys_bytes = bytes)
             .unwrap_or_else(|e| panic!("kept_keys_bytes = {bytes}: {e:?}"));
         assert_eq!(info(&model).kept_keys_bytes, bytes, "{what}");
-        run_schedule(
-            &format!("kept keys: {what}"),
-            &engine,
-            &model,
-            dir.path(),
-            0,
-            1,
-            &[F32_POOL, BF16_POOL],
-            &steps,
-            64,
-        );
+        run_passes(&format!("kept keys: {what}"), &engine, &model, dir.path());
         let pool = Pool::new(&engine, MLART_KV_FORMAT_F32, 80, 1, 64, 64).with_seqs(&[1]);
         outputs.push(forward_ok(
             &model,
