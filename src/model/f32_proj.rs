@@ -78,8 +78,7 @@ pub fn matmul(
         let (o0, rows) = (g * GROUP, GROUP.min(out - g * GROUP));
         // This group's outputs for every token, [GROUP rows][t_pad],
         // accumulated over the chunks.
-        let mut acc = scratch.overwritten::<f32>(GROUP * t_pad);
-        acc.fill(0.0);
+        let mut acc = scratch.zeroed::<f32>(GROUP * t_pad);
         // Rows past `rows` stay zero, so whole tiles can run.
         let mut w = vec![0f32; GROUP * KB];
         for k0 in (0..inp).step_by(KB) {

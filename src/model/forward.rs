@@ -291,152 +291,150 @@ impl Model {
             }
             Ok((q, ix, kv, qf))
         })?;
-        {
-            // Append [c | k_pe] for every sequence at once (all or nothing);
-            // undo the appends if anything later fails.
-            let kv_bytes: &[u8] = bytemuck::cast_slice(&kv);
-            let items: Vec<(u64, usize, &[u8])> = seqs
-                .iter()
-                .enumerate()
-                .map(|(b, &id)| {
-                    (
-                        id,
-                        n_tokens[b],
-                        &kv_bytes[first_tok[b] * d_qk * 4..(first_tok[b] + n_tokens[b]) * d_qk * 4],
-                    )
-                })
-                .collect();
-            match &ix {
-                None => pool.append_batch(pl, &items, Dtype::F32)?,
-                Some(t) => {
-                    let irow = crate::kv::index_row_bytes(want_dim);
-                    let rows: Vec<&[u8]> = (0..seqs.len())
-                        .map(|b| &t.keys[first_tok[b] * irow..(first_tok[b] + n_tokens[b]) * irow])
-                        .collect();
-                    pool.append_batch_indexed(pl, &items, Dtype::F32, Some(&rows))?;
-                }
+        // Append [c | k_pe] for every sequence at once (all or nothing);
+        // undo the appends if anything later fails.
+        let kv_bytes: &[u8] = bytemuck::cast_slice(&kv);
+        let items: Vec<(u64, usize, &[u8])> = seqs
+            .iter()
+            .enumerate()
+            .map(|(b, &id)| {
+                (
+                    id,
+                    n_tokens[b],
+                    &kv_bytes[first_tok[b] * d_qk * 4..(first_tok[b] + n_tokens[b]) * d_qk * 4],
+                )
+            })
+            .collect();
+        match &ix {
+            None => pool.append_batch(pl, &items, Dtype::F32)?,
+            Some(t) => {
+                let irow = crate::kv::index_row_bytes(want_dim);
+                let rows: Vec<&[u8]> = (0..seqs.len())
+                    .map(|b| &t.keys[first_tok[b] * irow..(first_tok[b] + n_tokens[b]) * irow])
+                    .collect();
+                pool.append_batch_indexed(pl, &items, Dtype::F32, Some(&rows))?;
             }
-            let mut result = (|| -> Result<Vec<f32>> {
-                // Attention in the cache's precision.
-                let adt = attention_dtype(po.format);
-                // The expanded sequences' rows of `o [total, H, v]`.
-                let mut expanded_rows = |o: &mut [f32]| -> Result<()> {
-                    for (b, &id) in seqs.iter().enumerate().filter(|(b, _)| expanded[*b]) {
-                        let (t0, n) = (first_tok[b], n_tokens[b]);
-                        self.expanded_attention(
-                            lw.absorbed.kv_b(),
-                            pool,
-                            pl,
-                            id,
-                            (&q[t0 * h * qk..][..n * h * qk], &pos[t0..t0 + n]),
-                            adt,
-                            &mut o[t0 * h * v..][..n * h * v],
-                            super::prefill::KEY_CHUNK,
-                            kept.as_deref_mut(),
-                        )?;
-                    }
-                    Ok(())
-                };
-                if all_expanded {
-                    let mut o = sc.overwritten::<f32>(total * h * v);
-                    expanded_rows(&mut o)?;
-                    let mut y = vec![0f32; total * hid];
-                    self.project(&lw.o_proj, None, &o, total, &mut y)?;
-                    return Ok(y);
+        }
+        let mut result = (|| -> Result<Vec<f32>> {
+            // Attention in the cache's precision.
+            let adt = attention_dtype(po.format);
+            // The expanded sequences' rows of `o [total, H, v]`.
+            let mut expanded_rows = |o: &mut [f32]| -> Result<()> {
+                for (b, &id) in seqs.iter().enumerate().filter(|(b, _)| expanded[*b]) {
+                    let (t0, n) = (first_tok[b], n_tokens[b]);
+                    self.expanded_attention(
+                        lw.absorbed.kv_b(),
+                        pool,
+                        pl,
+                        id,
+                        (&q[t0 * h * qk..][..n * h * qk], &pos[t0..t0 + n]),
+                        adt,
+                        &mut o[t0 * h * v..][..n * h * v],
+                        super::prefill::KEY_CHUNK,
+                        kept.as_deref_mut(),
+                    )?;
                 }
-                let es = adt.size();
-                // f32 attention reads qf and writes o_lat as they are.
-                let mut o_lat = sc.overwritten::<f32>(total * h * lora);
-                // bf16 copies of the queries and outputs; empty for f32.
-                let conv_len = |n: usize| if adt == Dtype::F32 { 0 } else { n * es };
-                let mut q_conv = sc.overwritten::<u8>(conv_len(qf.len()));
-                let mut o_conv = sc.overwritten::<u8>(conv_len(o_lat.len()));
-                let q_att: &[u8] = match adt {
-                    Dtype::F32 => bytemuck::cast_slice(&qf),
-                    _ => {
-                        store_slice(adt, &qf, &mut q_conv);
-                        &q_conv
-                    }
-                };
-                let o_att: &mut [u8] = match adt {
-                    Dtype::F32 => bytemuck::cast_slice_mut(&mut o_lat),
-                    _ => &mut o_conv,
-                };
-                // One batched call per distinct chunk length.
-                let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
-                for mut g in self.attention_calls(plan, Some(&selected))? {
-                    // Expanded sequences attend below, after W_UV (which
-                    // also runs over their rows' unused latent outputs).
-                    if any_expanded {
-                        g.retain(|b| !expanded[b]);
-                        if g.members.is_empty() {
-                            continue;
-                        }
-                    }
-                    let AttnCall {
-                        n,
-                        members,
-                        ids,
-                        shape,
-                        ..
-                    } = &g;
-                    let (n, shape) = (*n, *shape);
-                    let sp = g.sparse();
-                    // Bytes of one sequence's queries and outputs.
-                    let (qe, oe) = (n * h * d_qk * es, n * h * lora * es);
-                    let tok = |b: usize| first_tok[b] * h;
-                    // Members with consecutive indices have consecutive
-                    // tokens: decode straight from q_att into o_att.
-                    // Otherwise gather them.
-                    if g.consecutive() {
-                        let t0 = tok(members[0]);
-                        let qb = &q_att[t0 * d_qk * es..][..members.len() * qe];
-                        let ob = &mut o_att[t0 * lora * es..][..members.len() * oe];
-                        let mut out = DecodeOutput::new(&shape, adt, ob, None)?;
-                        pool.decode(pl, ids, shape, adt, qb, sp, None, &mut out)?;
+                Ok(())
+            };
+            if all_expanded {
+                let mut o = sc.overwritten::<f32>(total * h * v);
+                expanded_rows(&mut o)?;
+                let mut y = vec![0f32; total * hid];
+                self.project(&lw.o_proj, None, &o, total, &mut y)?;
+                return Ok(y);
+            }
+            let es = adt.size();
+            // f32 attention reads qf and writes o_lat as they are.
+            let mut o_lat = sc.overwritten::<f32>(total * h * lora);
+            // bf16 copies of the queries and outputs; empty for f32.
+            let conv_len = |n: usize| if adt == Dtype::F32 { 0 } else { n * es };
+            let mut q_conv = sc.overwritten::<u8>(conv_len(qf.len()));
+            let mut o_conv = sc.overwritten::<u8>(conv_len(o_lat.len()));
+            let q_att: &[u8] = match adt {
+                Dtype::F32 => bytemuck::cast_slice(&qf),
+                _ => {
+                    store_slice(adt, &qf, &mut q_conv);
+                    &q_conv
+                }
+            };
+            let o_att: &mut [u8] = match adt {
+                Dtype::F32 => bytemuck::cast_slice_mut(&mut o_lat),
+                _ => &mut o_conv,
+            };
+            // One batched call per distinct chunk length.
+            let selected = self.choices(pool, plan, ix.as_ref(), index_out.is_some())?;
+            for mut g in self.attention_calls(plan, Some(&selected))? {
+                // Expanded sequences attend below, after W_UV (which
+                // also runs over their rows' unused latent outputs).
+                if any_expanded {
+                    g.retain(|b| !expanded[b]);
+                    if g.members.is_empty() {
                         continue;
                     }
-                    let mut qg = Vec::with_capacity(members.len() * qe);
-                    for &b in members {
-                        qg.extend_from_slice(&q_att[tok(b) * d_qk * es..][..qe]);
-                    }
-                    let mut og = vec![0u8; members.len() * oe];
-                    let mut out = DecodeOutput::new(&shape, adt, &mut og, None)?;
-                    pool.decode(pl, ids, shape, adt, &qg, sp, None, &mut out)?;
-                    for (g, &b) in members.iter().enumerate() {
-                        o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
-                    }
                 }
-                if adt != Dtype::F32 {
-                    load_slice(adt, &o_conv, &mut o_lat);
+                let AttnCall {
+                    n,
+                    members,
+                    ids,
+                    shape,
+                    ..
+                } = &g;
+                let (n, shape) = (*n, *shape);
+                let sp = g.sparse();
+                // Bytes of one sequence's queries and outputs.
+                let (qe, oe) = (n * h * d_qk * es, n * h * lora * es);
+                let tok = |b: usize| first_tok[b] * h;
+                // Members with consecutive indices have consecutive
+                // tokens: decode straight from q_att into o_att.
+                // Otherwise gather them.
+                if g.consecutive() {
+                    let t0 = tok(members[0]);
+                    let qb = &q_att[t0 * d_qk * es..][..members.len() * qe];
+                    let ob = &mut o_att[t0 * lora * es..][..members.len() * oe];
+                    let mut out = DecodeOutput::new(&shape, adt, ob, None)?;
+                    pool.decode(pl, ids, shape, adt, qb, sp, None, &mut out)?;
+                    continue;
                 }
-                // o = W_UV · o_lat per head, then o_proj.
-                let mut o = sc.overwritten::<f32>(total * h * v);
-                match dl {
-                    Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
-                    None => self
-                        .engine
-                        .install(|| lw.absorbed.values(&o_lat, total, &mut o, sc)),
+                let mut qg = Vec::with_capacity(members.len() * qe);
+                for &b in members {
+                    qg.extend_from_slice(&q_att[tok(b) * d_qk * es..][..qe]);
                 }
-                if any_expanded {
-                    expanded_rows(&mut o)?;
-                }
-                let mut y = vec![0f32; total * hid];
-                self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;
-                if let Some(io) = index_out.as_deref_mut() {
-                    io[..selected.len()].copy_from_slice(&selected);
-                }
-                Ok(y)
-            })();
-            if result.is_err() {
-                for b in 0..seqs.len() {
-                    if let Err(e) = pool.truncate_layer(seqs[b], pl, start[b]) {
-                        result = Err(Error::internal(format!("rollback failed: {}", e.message)));
-                    }
+                let mut og = vec![0u8; members.len() * oe];
+                let mut out = DecodeOutput::new(&shape, adt, &mut og, None)?;
+                pool.decode(pl, ids, shape, adt, &qg, sp, None, &mut out)?;
+                for (g, &b) in members.iter().enumerate() {
+                    o_att[tok(b) * lora * es..][..oe].copy_from_slice(&og[g * oe..][..oe]);
                 }
             }
-            result
+            if adt != Dtype::F32 {
+                load_slice(adt, &o_conv, &mut o_lat);
+            }
+            // o = W_UV · o_lat per head, then o_proj.
+            let mut o = sc.overwritten::<f32>(total * h * v);
+            match dl {
+                Some(d) => d.values(cuda, &o_lat, total, &mut o)?,
+                None => self
+                    .engine
+                    .install(|| lw.absorbed.values(&o_lat, total, &mut o, sc)),
+            }
+            if any_expanded {
+                expanded_rows(&mut o)?;
+            }
+            let mut y = vec![0f32; total * hid];
+            self.project(&lw.o_proj, dl.map(|d| &d.o_proj), &o, total, &mut y)?;
+            if let Some(io) = index_out.as_deref_mut() {
+                io[..selected.len()].copy_from_slice(&selected);
+            }
+            Ok(y)
+        })();
+        if result.is_err() {
+            for b in 0..seqs.len() {
+                if let Err(e) = pool.truncate_layer(seqs[b], pl, start[b]) {
+                    result = Err(Error::internal(format!("rollback failed: {}", e.message)));
+                }
+            }
         }
+        result
     }
 
     /// `y [tokens, w.out] = x · Wᵀ`: on the GPU when the layer's weights

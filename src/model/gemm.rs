@@ -434,8 +434,7 @@ pub fn matmul(
     (0..out.div_ceil(task_rows)).into_par_iter().for_each(|g| {
         let (o0, rows) = (g * task_rows, task_rows.min(out - g * task_rows));
         // This task's outputs for every token, [rows][t_pad].
-        let mut acc = scratch.overwritten::<f32>(task_rows * t_pad);
-        acc.fill(0.0);
+        let mut acc = scratch.zeroed::<f32>(task_rows * t_pad);
         let mut wb = [0u32; TILES * ROWS * PAIRS];
         let mut s = [0f32; TILES * ROWS];
         for cb in 0..blocks {
@@ -521,8 +520,7 @@ fn matmul_amx<T: amx::Tiles>(
     let y = OutputColumns::new(y, out, tokens);
     (0..out.div_ceil(AMX_ROWS)).into_par_iter().for_each(|g| {
         // This task's outputs for every token, [rows][t_pad].
-        let mut acc = scratch.overwritten::<f32>(AMX_ROWS * t_pad);
-        acc.fill(0.0);
+        let mut acc = scratch.zeroed::<f32>(AMX_ROWS * t_pad);
         // Configured for this task on this thread; released when dropped.
         let mut t = tiles();
         let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
