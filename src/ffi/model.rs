@@ -105,8 +105,8 @@ const _: () = assert!(MODEL_OPTIONS_SIZE_BEFORE_ACTIVATIONS == 40);
 /// `sizeof(mlart_model_options)` of 0.4 (0.2, 0.3), before `gpu_projections`.
 const MODEL_OPTIONS_SIZE_0_4: usize = std::mem::offset_of!(mlart_model_options, gpu_projections);
 const _: () = assert!(MODEL_OPTIONS_SIZE_0_4 == 48);
-/// `sizeof(mlart_model_options)` of 0.5, before `reserved1`: 52 bytes of
-/// fields padded to 56.
+/// `sizeof(mlart_model_options)` of 0.5: 52 bytes of fields padded to 56
+/// (that padding is now `reserved1`), before `kept_keys_bytes`.
 const MODEL_OPTIONS_SIZE_0_5: usize = std::mem::offset_of!(mlart_model_options, kept_keys_bytes);
 const _: () = assert!(MODEL_OPTIONS_SIZE_0_5 == 56);
 
