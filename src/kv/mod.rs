@@ -25,9 +25,20 @@ use crate::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
 use crate::engine::Engine;
 use crate::error::{check_range, checked_size, Error, Result, Status};
 use crate::format::{load_slice, Dtype, KvFormat, KvLayout};
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::collections::HashMap;
 use std::sync::Arc;
+
+/// Refuses to go on on an engine worker thread; see [`KvPool::read`].
+fn off_engine_workers() -> Result<()> {
+    if crate::backend::cpu::on_engine_worker() {
+        return Err(Error::internal(
+            "the KV pool's lock was requested on an engine worker thread, \
+             which can deadlock concurrent calls (a bug in mlart)",
+        ));
+    }
+    Ok(())
+}
 
 /// Pool geometry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -277,7 +288,26 @@ impl KvPool {
         Error::not_found(format!("seq_id = {seq} is not a sequence of this pool"))
     }
 
+    /// The pool's lock, shared. Every lock is taken on the calling thread,
+    /// never on an engine worker: a worker that blocked here could be the
+    /// one a lock holder's parallel copy is waiting for, and concurrent
+    /// calls would deadlock. Doing so is a bug in mlart, so it is refused
+    /// with an error rather than risking the hang.
+    fn read(&self) -> Result<RwLockReadGuard<'_, State>> {
+        off_engine_workers()?;
+        Ok(self.state.read())
+    }
+
+    /// The pool's lock, exclusive; see [`Self::read`].
+    fn write(&self) -> Result<RwLockWriteGuard<'_, State>> {
+        off_engine_workers()?;
+        Ok(self.state.write())
+    }
+
+    /// Block counts. Infallible for the ABI's sake: it is only called on a
+    /// host's thread, which the debug assertion checks.
     pub fn stats(&self) -> PoolStats {
+        debug_assert!(!crate::backend::cpu::on_engine_worker());
         let st = self.state.read();
         let bytes_per_block = (self.layout.block_bytes
             + index_row_bytes(self.opts.index_dim) * self.opts.block_size)
@@ -294,7 +324,7 @@ impl KvPool {
 
     /// Creates an empty sequence.
     pub fn create_seq(&self, seq: u64) -> Result<()> {
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         if st.seqs.contains_key(&seq) {
             return Err(Error::invalid(format!("seq_id = {seq} already exists")));
         }
@@ -311,7 +341,7 @@ impl KvPool {
 
     /// Frees a sequence; blocks no other sequence shares return to the pool.
     pub fn free_seq(&self, seq: u64) -> Result<()> {
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         let s = st.seqs.remove(&seq).ok_or_else(|| Self::missing(seq))?;
         for &b in &s.blocks {
             release(&mut st, b);
@@ -321,7 +351,7 @@ impl KvPool {
 
     /// Makes `dst` a copy of `src` that shares its blocks (copy-on-write).
     pub fn fork(&self, src: u64, dst: u64) -> Result<()> {
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         if st.seqs.contains_key(&dst) {
             return Err(Error::invalid(format!("dst seq_id = {dst} already exists")));
         }
@@ -339,7 +369,7 @@ impl KvPool {
         if len < 0 {
             return Err(Error::invalid(format!("length = {len} must be >= 0")));
         }
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         let bs = self.opts.block_size;
         let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
         for l in s.lens.iter_mut() {
@@ -357,7 +387,7 @@ impl KvPool {
     /// blocks no layer needs any more are released.
     pub fn truncate_layer(&self, seq: u64, layer: i64, len: usize) -> Result<()> {
         let layer = self.layer_index(layer)?;
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         let bs = self.opts.block_size;
         let s = st.seqs.get_mut(&seq).ok_or_else(|| Self::missing(seq))?;
         s.lens[layer] = s.lens[layer].min(len);
@@ -372,7 +402,7 @@ impl KvPool {
     /// Tokens stored in `layer` of `seq`.
     pub fn len(&self, seq: u64, layer: i64) -> Result<usize> {
         let layer = self.layer_index(layer)?;
-        let st = self.state.read();
+        let st = self.read()?;
         Ok(st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?.lens[layer])
     }
 
@@ -462,7 +492,7 @@ impl KvPool {
         dtype.check_activation("dtype")?;
         let src_row = self.opts.d_qk * dtype.size();
         let bs = self.opts.block_size;
-        let mut st = self.state.write();
+        let mut st = self.write()?;
         let st = &mut *st;
         // Plan: per item its start, end and the block slots to copy; count
         // blocks, following the references each planned copy gives up.
@@ -765,7 +795,8 @@ impl KvPool {
     /// Whether the pool's indexer keys live in GPU memory, where
     /// [`Self::select_on_device`] scores them (not [`Self::with_index_keys`]).
     pub fn index_on_device(&self) -> bool {
-        matches!(self.state.read().index.first(), Some(LayerMem::Device(_)))
+        // As `new` places them: with the cache, on a CUDA engine's GPU.
+        self.opts.index_dim != 0 && self.engine.backend().cuda().is_some()
     }
 
     /// The indexer's choice for new tokens whose keys are appended, on the
@@ -827,7 +858,7 @@ impl KvPool {
             .backend()
             .cuda()
             .ok_or_else(|| Error::internal("device indexer keys on a CPU engine"))?;
-        let st = self.state.read();
+        let st = self.read()?;
         let Some(&LayerMem::Device(keys)) = st.index.get(layer) else {
             return Err(Error::internal(
                 "the pool's indexer keys are not in GPU memory",
@@ -888,7 +919,7 @@ impl KvPool {
         if self.opts.index_dim == 0 {
             return Err(Error::internal("the pool keeps no indexer keys"));
         }
-        let st = self.state.read();
+        let st = self.read()?;
         let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
         let LayerMem::Host(data) = &st.index[layer] else {
             return Err(Error::internal(
@@ -915,7 +946,7 @@ impl KvPool {
         dst: &mut [f32],
     ) -> Result<()> {
         let layer = self.layer_index(layer)?;
-        let st = self.state.read();
+        let st = self.read()?;
         let s = st.seqs.get(&seq).ok_or_else(|| Self::missing(seq))?;
         let LayerMem::Host(data) = &st.layers[layer] else {
             return Err(Error::internal("read_rows of a pool in GPU memory"));
@@ -1067,7 +1098,7 @@ impl KvPool {
         if shape.batch != seqs.len() {
             return Err(Error::internal("batch and seq_ids disagree"));
         }
-        let st = self.state.read();
+        let st = self.read()?;
         let found = sequences(&st, seqs)?;
         let bs = self.opts.block_size;
         // Dense: block table and lengths. Sparse: logical positions
@@ -1298,5 +1329,50 @@ fn release(st: &mut State, block: i32) {
     *rc -= 1;
     if *rc == 0 {
         st.free.push(block);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineOptions;
+    use crate::format::KvFormat;
+
+    /// The pool's lock is refused on an engine worker (where blocking can
+    /// deadlock concurrent calls) and taken on the caller's thread.
+    #[test]
+    fn the_lock_is_refused_on_engine_workers() {
+        let engine = Arc::new(Engine::new(&EngineOptions::default()).unwrap());
+        let pool = KvPool::new(
+            engine.clone(),
+            PoolOptions {
+                format: KvFormat::Bf16,
+                d_qk: 576,
+                num_layers: 1,
+                block_size: 64,
+                num_blocks: 4,
+                index_dim: 0,
+            },
+        )
+        .unwrap();
+        assert!(!crate::backend::cpu::on_engine_worker());
+        pool.create_seq(1).unwrap();
+
+        let on_worker = engine.install(|| {
+            (
+                crate::backend::cpu::on_engine_worker(),
+                pool.create_seq(2),
+                pool.len(1, 0),
+            )
+        });
+        assert!(on_worker.0, "install ran the closure off the workers");
+        for e in [on_worker.1.unwrap_err(), on_worker.2.unwrap_err()] {
+            assert_eq!(e.status, Status::Internal);
+            assert!(e.message.contains("engine worker thread"), "{}", e.message);
+        }
+        // Nothing changed, and the caller's thread still may.
+        assert_eq!(pool.stats().sequences, 1);
+        pool.create_seq(2).unwrap();
+        assert_eq!(pool.len(2, 0).unwrap(), 0);
     }
 }

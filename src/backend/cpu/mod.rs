@@ -20,13 +20,25 @@ use crate::format::{load_slice, store_slice, Dtype};
 use kernel::{AttentionKernel, AttnTask, KeySource, ScalarKernel, Scratch, EXTRA_KEY};
 use parking_lot::Mutex;
 use rayon::prelude::*;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 /// Query rows (tokens × heads) a kernel attends at once. A prefill chunk
 /// of 256 tokens × 128 heads packed whole is 75 MB of queries and 67 MB of
 /// accumulators, re-read for every 64-key tile; a run of 256 rows has
 /// about 0.6 MB of each, near the size of a core's L2.
 const ROWS_PER_RUN: usize = 256;
+
+thread_local! {
+    /// Set on the engines' worker threads by the pool's start handler.
+    static ON_ENGINE_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current thread is one of a CPU engine's worker threads.
+/// Such a thread must never block on a lock: the holder may be waiting for
+/// it to finish its share of a parallel loop (see `KvPool`'s locking).
+pub(crate) fn on_engine_worker() -> bool {
+    ON_ENGINE_WORKER.with(Cell::get)
+}
 
 /// Kernel variants compiled into this build.
 pub const BUILT_KERNELS: &[CpuIsa] = &[
@@ -117,6 +129,7 @@ impl CpuBackend {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("mlart-cpu-{i}"))
+            .start_handler(|_| ON_ENGINE_WORKER.with(|w| w.set(true)))
             .build()
             .map_err(|e| {
                 Error::internal(format!("could not start {threads} worker threads: {e}"))
