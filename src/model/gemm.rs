@@ -23,9 +23,8 @@
 //! FP8 codes convert in an interleaved column order; `X` is packed in the
 //! same order, which a dot product does not mind.
 //!
-//! On AMX CPUs the same product can run on tiles (`matmul_amx`: 16 tokens ×
-//! 16 rows per C tile); it is opt-in (`MLART_AMX_GEMM=1`) until it has run
-//! on one.
+//! On AMX CPUs the same product runs on tiles (`matmul_amx`), verified on
+//! an Intel Xeon; `MLART_AMX_GEMM=0` keeps it on `vdpbf16ps`.
 
 use super::columns::OutputColumns;
 use super::fp8_bf16::{self, source_of, CHUNK};
@@ -305,14 +304,12 @@ struct PackedX<'s> {
 const XBLOCK: usize = PAIRS * 2 * TOKENS;
 
 impl<'s> PackedX<'s> {
-    /// `amx`: each run is instead `[hi: 16 tokens][PAIRS]` then `[lo: 16
-    /// tokens][PAIRS]`, the A-tile layout.
     fn new(
         w: &Weights,
         x: &[f32],
         tokens: usize,
         inp: usize,
-        (amx, pack): (bool, Pack),
+        pack: Pack,
         scratch: &'s Scratch,
     ) -> Self {
         let split = pack == Pack::Split;
@@ -343,13 +340,7 @@ impl<'s> PackedX<'s> {
                 } else {
                     (j % TOKENS, j / TOKENS)
                 };
-                let at = |p: usize, part: usize| {
-                    if amx {
-                        (part * TOKENS + l) * PAIRS + p
-                    } else {
-                        p * 2 * TOKENS + part * TOKENS + l
-                    }
-                };
+                let at = |p: usize, part: usize| p * 2 * TOKENS + part * TOKENS + l;
                 for (p, &(a, b)) in cols.iter().enumerate() {
                     let (va, vb) = (value(a), value(b));
                     let (ha, hb) = (bf16_bits(va), bf16_bits(vb));
@@ -423,8 +414,23 @@ pub fn matmul(
             amx::Session::start()
         });
     }
+    matmul_dp(w, out, inp, x, tokens, y, a, scratch)
+}
+
+/// [`matmul`] on `vdpbf16ps` tiles.
+#[allow(clippy::too_many_arguments)]
+fn matmul_dp(
+    w: Weights,
+    out: usize,
+    inp: usize,
+    x: &[f32],
+    tokens: usize,
+    y: &mut [f32],
+    a: Activations,
+    scratch: &Scratch,
+) {
     let pack = Pack::of(a, tokens);
-    let px = PackedX::new(&w, x, tokens, inp, (false, pack), scratch);
+    let px = PackedX::new(&w, x, tokens, inp, pack, scratch);
     let blocks = inp.div_ceil(COLS);
     let t_pad = px.token_blocks * px.block_tokens;
     // Many token blocks per weight block repay a copy of it (see COPY_MIN_TOKEN_BLOCKS).
@@ -481,25 +487,36 @@ pub fn matmul(
     });
 }
 
-/// AMX for the GEMM: opt-in (`MLART_AMX_GEMM=1`) until it has run on an
-/// AMX CPU (the development machine has none; its logic is tested on the
-/// tile model). Needs AMX-BF16 and the OS's permission.
+/// AMX for the GEMM wherever the CPU has AMX-BF16 and the OS grants it
+/// (its logic is also tested on the tile model everywhere);
+/// `MLART_AMX_GEMM=0` turns it off.
 #[cfg(target_arch = "x86_64")]
 static AMX: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
-    std::env::var("MLART_AMX_GEMM").is_ok_and(|v| v == "1")
+    std::env::var("MLART_AMX_GEMM").map_or(true, |v| v != "0")
         && crate::backend::cpu::isa::CpuFeatures::detect().amx_bf16
         && crate::backend::cpu::isa::amx_permitted()
 });
 
-/// Rows of W per AMX tile (the tile's N).
+/// Weight rows per AMX task: two A tiles of 16 rows.
 #[cfg(target_arch = "x86_64")]
-const AMX_ROWS: usize = 16;
+const AMX_ROWS: usize = 32;
 
-/// [`matmul`] on AMX tiles: per task, 16 weight rows against every token.
-/// C (16 tokens × 16 rows) takes `X_hi·Wᵀ + X_lo·Wᵀ` over a 128-column
-/// block (8 `tdpbf16ps`), then is scaled per row into the accumulator.
-/// With bf16 activations the two halves of a run are 16 tokens each, into
-/// two C tiles. `tiles` gives each task its tiles, configured.
+/// [`matmul`] on AMX tiles, as `Yᵀ = W · Xᵀ`: per task 32 weight rows (two
+/// A tiles, `[16 rows][16 pairs]` of a converted block) against every
+/// token (B tiles straight from [`PackedX`]'s runs, whose `[pair][16
+/// tokens]` layout is AMX's pair-interleaved B), so each C tile is 16
+/// weight rows × 16 tokens, the layout of the task's accumulator. Per
+/// 128-column block and run of tokens, four C tiles (2 row tiles × 2
+/// columns of 16 tokens) take 2 A and 2 B loads per 4 `tdpbf16ps`:
+/// - bf16 weights (scale 1): C is loaded from the accumulator and stored
+///   back, no vector work at all;
+/// - FP8: C starts at zero and is added into the accumulator times each
+///   row's block scale (16 tokens per AVX-512 FMA).
+///
+/// A column of tokens sums the B tiles of its sources: the `hi` and `lo`
+/// parts of one block of 16 tokens (split activations), or one part (bf16
+/// activations: a wide run's two parts are two columns). `tiles` gives
+/// each task its tiles, configured.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
 fn matmul_amx<T: amx::Tiles>(
@@ -514,72 +531,145 @@ fn matmul_amx<T: amx::Tiles>(
     tiles: impl Fn() -> T + Sync,
 ) {
     let pack = Pack::of(a, tokens);
-    let px = PackedX::new(&w, x, tokens, inp, (true, pack), scratch);
+    let px = PackedX::new(&w, x, tokens, inp, pack, scratch);
     let (blocks, t_pad) = (inp.div_ceil(COLS), px.token_blocks * px.block_tokens);
-    let wide = pack == Pack::Wide;
+    // bf16 weights are unscaled: C accumulates in place.
+    let unscaled = matches!(w, Weights::Bf16(_));
+    // Columns of 16 tokens, each with its sources: (token block, first
+    // token, parts summed into it).
+    let mut columns: Vec<(usize, usize, &[usize])> = Vec::new();
+    for tb in 0..px.token_blocks {
+        let t0 = tb * px.block_tokens;
+        match pack {
+            Pack::Split => columns.push((tb, t0, &[0, 1])),
+            Pack::Wide => {
+                columns.push((tb, t0, &[0]));
+                columns.push((tb, t0 + TOKENS, &[1]));
+            }
+            Pack::Narrow => columns.push((tb, t0, &[0])),
+        }
+    }
     let y = OutputColumns::new(y, out, tokens);
     (0..out.div_ceil(AMX_ROWS)).into_par_iter().for_each(|g| {
+        let o0 = g * AMX_ROWS;
         // This task's outputs for every token, [rows][t_pad].
         let mut acc = scratch.zeroed::<f32>(AMX_ROWS * t_pad);
         // Configured for this task on this thread; released when dropped.
         let mut t = tiles();
-        let (mut wb, mut wt) = ([0u32; AMX_ROWS * PAIRS], [0u32; PAIRS * AMX_ROWS]);
+        let mut wb = [0u32; AMX_ROWS * PAIRS];
         let mut s = [0f32; AMX_ROWS];
-        // C of the first 16 tokens; c2 of the next 16 (bf16 activations).
-        let mut c = [0f32; TOKENS * AMX_ROWS];
-        let mut c2 = [0f32; TOKENS * AMX_ROWS];
+        // The FP8 path's C tiles: [row tile][column][16 rows][16 tokens].
+        let mut c = [0f32; 4 * 16 * TOKENS];
+        let stride = t_pad * 4;
         for cb in 0..blocks {
-            w.block(g * AMX_ROWS, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
-            // B tile rows are column pairs, its columns weight rows.
-            for (r, row) in wb.chunks_exact(PAIRS).enumerate() {
-                for (q, &v) in row.iter().enumerate() {
-                    wt[q * AMX_ROWS + r] = v;
-                }
-            }
-            for tb in 0..px.token_blocks {
-                let xb = px.block(cb, tb);
-                c.fill(0.0);
-                c2.fill(0.0);
-                // SAFETY: the tiles are configured (tiles()); every
-                // tile read covers 16 rows of 64 bytes inside c, c2,
-                // wt (PAIRS x 16 u32) or xb (2 x 16 x PAIRS u32).
+            w.block(o0, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
+            for pair in columns.chunks(2) {
+                let accp = acc.as_mut_ptr();
+                let acc_at = |rt: usize, j: usize| accp.wrapping_add(rt * 16 * t_pad + pair[j].1);
+                // SAFETY: the tiles are configured (tiles()). A tiles read
+                // 16 rows of 64 bytes of wb ([32][PAIRS] u32); B tiles 16
+                // pair rows of a run (stride 2 x 16 tokens) inside the
+                // XBLOCK run; C tiles 16 rows of 16 f32 of acc at a token
+                // column t0 + 16 <= t_pad (stride t_pad), or of c.
                 unsafe {
-                    t.load::<0>(c.as_ptr() as *const u8, 64);
-                    t.load::<1>(c2.as_ptr() as *const u8, 64);
-                    for kc in (0..PAIRS).step_by(16) {
-                        t.load::<6>(wt.as_ptr().add(kc * AMX_ROWS) as *const u8, 64);
-                        let run = |part: usize| xb.as_ptr().add(part * TOKENS * PAIRS + kc);
-                        t.load::<4>(run(0) as *const u8, PAIRS * 4);
-                        t.dp::<0, 4, 6>();
-                        // A narrow run's lo half is empty.
-                        if pack != Pack::Narrow {
-                            t.load::<5>(run(1) as *const u8, PAIRS * 4);
-                            if wide {
-                                t.dp::<1, 5, 6>();
+                    macro_rules! c_in {
+                        ($ct:literal, $rt:expr, $j:expr) => {
+                            if unscaled {
+                                t.load::<$ct>(acc_at($rt, $j) as *const u8, stride)
                             } else {
-                                t.dp::<0, 5, 6>();
+                                t.zero::<$ct>()
+                            }
+                        };
+                    }
+                    c_in!(0, 0, 0);
+                    c_in!(1, 1, 0);
+                    if pair.len() == 2 {
+                        c_in!(2, 0, 1);
+                        c_in!(3, 1, 1);
+                    }
+                    for kc in (0..PAIRS).step_by(16) {
+                        t.load::<4>(wb.as_ptr().add(kc) as *const u8, PAIRS * 4);
+                        t.load::<5>(wb.as_ptr().add(16 * PAIRS + kc) as *const u8, PAIRS * 4);
+                        for (j, &(tb, _, parts)) in pair.iter().enumerate() {
+                            let xb = px.block(cb, tb);
+                            for &part in parts {
+                                let b = xb.as_ptr().add(kc * 2 * TOKENS + part * TOKENS);
+                                t.load::<6>(b as *const u8, 2 * TOKENS * 4);
+                                if j == 0 {
+                                    t.dp::<0, 4, 6>();
+                                    t.dp::<1, 5, 6>();
+                                } else {
+                                    t.dp::<2, 4, 6>();
+                                    t.dp::<3, 5, 6>();
+                                }
                             }
                         }
                     }
-                    t.store::<0>(c.as_mut_ptr() as *mut u8, 64);
-                    t.store::<1>(c2.as_mut_ptr() as *mut u8, 64);
+                    if unscaled {
+                        t.store::<0>(acc_at(0, 0) as *mut u8, stride);
+                        t.store::<1>(acc_at(1, 0) as *mut u8, stride);
+                        if pair.len() == 2 {
+                            t.store::<2>(acc_at(0, 1) as *mut u8, stride);
+                            t.store::<3>(acc_at(1, 1) as *mut u8, stride);
+                        }
+                    } else {
+                        let cp = c.as_mut_ptr() as *mut u8;
+                        t.store::<0>(cp, 64);
+                        t.store::<1>(cp.add(1024), 64);
+                        if pair.len() == 2 {
+                            t.store::<2>(cp.add(2048), 64);
+                            t.store::<3>(cp.add(3072), 64);
+                        }
+                    }
                 }
-                let parts: &[&[f32]] = if wide { &[&c, &c2] } else { &[&c] };
-                for (part, cp) in parts.iter().enumerate() {
-                    let t0 = tb * px.block_tokens + part * TOKENS;
-                    for (r, &sr) in s.iter().enumerate() {
-                        let dst = &mut acc[r * t_pad + t0..][..TOKENS];
-                        for (l, d) in dst.iter_mut().enumerate() {
-                            *d += sr * cp[l * AMX_ROWS + r];
+                if !unscaled {
+                    for (j, &(_, t0, _)) in pair.iter().enumerate() {
+                        for rt in 0..2 {
+                            let ct = &c[(2 * j + rt) * 256..][..256];
+                            let rows = rt * 16..rt * 16 + 16;
+                            // SAFETY: AVX-512F (AMX CPUs and the tile
+                            // model's hosts have it); sizes as required.
+                            unsafe { scale_add(&mut acc, t_pad, t0, rows, &s, ct) };
                         }
                     }
                 }
             }
         }
-        let (o0, rows) = (g * AMX_ROWS, AMX_ROWS.min(out - g * AMX_ROWS));
+        let rows = AMX_ROWS.min(out - o0);
         // SAFETY: task g alone has outputs o0..o0 + rows.
         unsafe { y.put(o0, rows, &acc, t_pad) };
     });
+}
+
+/// `acc[r][t0..t0 + 16] += s[r] · c[r - rows.start][..]` for `r` in `rows`.
+///
+/// # Safety
+/// AVX-512F enabled; `acc` holds `rows.end` rows of `t_pad` with `t0 + 16
+/// <= t_pad`, `s` `rows.end`, `c` 16 x 16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scale_add(
+    acc: &mut [f32],
+    t_pad: usize,
+    t0: usize,
+    rows: std::ops::Range<usize>,
+    s: &[f32],
+    c: &[f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(t0 + 16 <= t_pad && acc.len() >= rows.end * t_pad);
+    assert!(s.len() >= rows.end && c.len() >= 16 * rows.len());
+    for (i, r) in rows.enumerate() {
+        // SAFETY: AVX-512F enabled (caller); 16 f32 inside acc and c (asserted).
+        unsafe {
+            let dst = acc.as_mut_ptr().add(r * t_pad + t0);
+            let v = _mm512_loadu_ps(c.as_ptr().add(i * 16));
+            _mm512_storeu_ps(
+                dst,
+                _mm512_fmadd_ps(_mm512_set1_ps(s[r]), v, _mm512_loadu_ps(dst)),
+            );
+        }
+    }
 }
 
 /// One tile over one column block (`x`: one [`PackedX`] run), added
@@ -774,8 +864,8 @@ mod tests {
         }
     }
 
-    /// The AMX GEMM on the tile model (the development machine has no AMX)
-    /// and the `vdpbf16ps` GEMM against float64: bf16 and FP8 weights,
+    /// The AMX GEMM on the tile model and on the CPU's tiles (where it has
+    /// them), and the `vdpbf16ps` GEMM, against float64: bf16 and FP8 weights,
     /// both activation precisions, partial row tiles, token blocks and
     /// column blocks. (The tolerance is far below bf16's rounding of X, so
     /// taking X the wrong way fails.)
@@ -796,6 +886,14 @@ mod tests {
             (50, 300, 130),
             (26, 256, 260),
         ];
+        let hardware = crate::backend::cpu::isa::CpuFeatures::detect().amx_bf16
+            && crate::backend::cpu::isa::amx_permitted();
+        if !hardware {
+            eprintln!("SKIPPED gemm on AMX hardware: this CPU has no AMX-BF16 (tile model only)");
+        }
+        if !available() {
+            eprintln!("SKIPPED gemm on vdpbf16ps: CPU lacks avx512bf16/avx512vbmi");
+        }
         assert!(130usize.div_ceil(TOKENS) >= COPY_MIN_TOKEN_BLOCKS);
         assert!(260usize.div_ceil(2 * TOKENS) >= COPY_MIN_TOKEN_BLOCKS);
         for ((out, inp, tokens), a) in cases
@@ -818,9 +916,20 @@ mod tests {
                 let scratch = Scratch::default();
                 matmul_amx(w, out, inp, &x, tokens, &mut y, a, &scratch, Emu::default);
                 assert_close(&y, want, &format!("amx {name} {a:?} {out}x{inp} t{tokens}"));
+                if hardware {
+                    let mut y = vec![f32::NAN; tokens * out];
+                    // SAFETY: AMX-BF16 present and permitted (checked above).
+                    let session = || unsafe { crate::backend::cpu::amx::Session::start() };
+                    matmul_amx(w, out, inp, &x, tokens, &mut y, a, &scratch, session);
+                    assert_close(
+                        &y,
+                        want,
+                        &format!("amx hw {name} {a:?} {out}x{inp} t{tokens}"),
+                    );
+                }
                 if available() {
                     let mut y = vec![f32::NAN; tokens * out];
-                    matmul(w, out, inp, &x, tokens, &mut y, a, &scratch);
+                    matmul_dp(w, out, inp, &x, tokens, &mut y, a, &scratch);
                     assert_close(&y, want, &format!("dp {name} {a:?} {out}x{inp} t{tokens}"));
                 }
             }

@@ -18,7 +18,7 @@ pub enum Level {
     /// AVX-512F + F16C, 16 lanes.
     Avx512,
     /// AVX-512 plus AVX512-BF16 and VBMI: FP8 dot products and the prefill
-    /// GEMM on `vdpbf16ps` (AMX for the GEMM with `MLART_AMX_GEMM=1`).
+    /// GEMM on `vdpbf16ps` (on AMX tiles where the CPU has them).
     Avx512Bf16,
 }
 
