@@ -497,6 +497,17 @@ static AMX: once_cell::sync::Lazy<bool> = once_cell::sync::Lazy::new(|| {
         && crate::backend::cpu::isa::amx_permitted()
 });
 
+/// Whether [`matmul`] runs on AMX tiles in this process (AMX-BF16
+/// present and granted, and not turned off by `MLART_AMX_GEMM=0`).
+pub fn on_amx() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        *AMX
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// Weight rows per AMX task: two A tiles of 16 rows.
 #[cfg(target_arch = "x86_64")]
 const AMX_ROWS: usize = 32;

@@ -340,7 +340,11 @@ impl Model {
             });
         }
         let (device, projections) = match engine.backend().cuda() {
-            None => (Vec::new(), format!("CPU ({})", ld.level.name())),
+            None => {
+                let amx = ld.level == level::Level::Avx512Bf16 && gemm::on_amx();
+                let tiles = if amx { ", GEMM on AMX tiles" } else { "" };
+                (Vec::new(), format!("CPU ({}{tiles})", ld.level.name()))
+            }
             Some(_)
                 if !opts
                     .gpu_projections

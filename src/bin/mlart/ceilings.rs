@@ -313,9 +313,14 @@ fn amx_peak(_threads: usize, _reps: usize) -> f64 {
 }
 
 /// The compute peaks a model's projections can run at: the FP32 FMA peak
-/// and (0 if absent) the `vdpbf16ps` peak, FLOP/s over `threads`.
-pub fn projection_peaks(threads: usize) -> (f64, f64) {
-    (fma_peak(threads, 5).0, bf16_peak(threads, 5))
+/// and (0 if absent) the `vdpbf16ps` and AMX `tdpbf16ps` peaks, FLOP/s
+/// over `threads`.
+pub fn projection_peaks(threads: usize) -> (f64, f64, f64) {
+    (
+        fma_peak(threads, 5).0,
+        bf16_peak(threads, 5),
+        amx_peak(threads, 5),
+    )
 }
 
 pub fn measure(threads: usize) -> Ceilings {

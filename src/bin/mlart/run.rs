@@ -342,7 +342,7 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     // The projections' compute peaks, for the batched points on the CPU.
     let peaks = |label: &str| {
         (gpu.is_none() && !batched.is_empty()).then(|| {
-            println!("measuring FMA and vdpbf16ps peaks with {threads} threads {label}...");
+            println!("measuring FMA, vdpbf16ps and AMX peaks with {threads} threads {label}...");
             ceilings::projection_peaks(threads)
         })
     };
@@ -410,14 +410,15 @@ pub fn bench(o: &RunOptions) -> Result<()> {
     }
     let compute = peaks_before
         .zip(peaks("again "))
-        .map(|((f0, d0), (f1, d1))| {
-            let (fma, dp) = (f0.max(f1), d0.max(d1));
+        .map(|((f0, d0, a0), (f1, d1, a1))| {
+            let (fma, dp, amx) = (f0.max(f1), d0.max(d1), a0.max(a1));
             println!(
-                "FP32 FMA peak {:.1} GFLOP/s, vdpbf16ps peak {:.1} GFLOP/s",
+                "FP32 FMA peak {:.1} GFLOP/s, vdpbf16ps peak {:.1} GFLOP/s, AMX tdpbf16ps peak {:.1} GFLOP/s",
                 fma / 1e9,
-                dp / 1e9
+                dp / 1e9,
+                amx / 1e9
             );
-            projection_ceiling(&model, fma, dp)
+            projection_ceiling(&model, fma, dp, amx)
         });
     println!(
         "batched decode, context {batch_context} per sequence, weights {:.1} MB ({}), {} activations:",
@@ -565,11 +566,15 @@ fn token_flops(model: &Model, context: usize) -> f64 {
 }
 
 /// The rate the projections' products can reach, and its name: with the
-/// vdpbf16ps GEMM, bf16 activations run at its peak and precise ones (each
-/// split into two bf16 products) at half of it; otherwise the FMA peak.
-fn projection_ceiling(model: &Model, fma: f64, dp: f64) -> (f64, &'static str) {
+/// bf16 GEMM on AMX tiles or `vdpbf16ps`, bf16 activations run at that
+/// peak and precise ones (each split into two bf16 products) at half of
+/// it; otherwise the FMA peak.
+fn projection_ceiling(model: &Model, fma: f64, dp: f64, amx: f64) -> (f64, &'static str) {
     use mlart::model::level::Level;
+    let tiles = model.level == Level::Avx512Bf16 && mlart::model::gemm::on_amx() && amx > 0.0;
     match (model.level, model.activations) {
+        (_, Activations::Bf16) if tiles => (amx, "AMX peak"),
+        (_, Activations::Precise) if tiles => (amx / 2.0, "AMX peak / 2 (split activations)"),
         (Level::Avx512Bf16, Activations::Bf16) if dp > 0.0 => (dp, "vdpbf16ps peak"),
         (Level::Avx512Bf16, Activations::Precise) if dp / 2.0 > fma => {
             (dp / 2.0, "vdpbf16ps peak / 2 (split activations)")
