@@ -16,7 +16,8 @@
 #        tests_cuda suite, and torch tensors: tests_cuda/torch_smoke.py);
 #     2. host-CPU checks (its Xeon has AMX-BF16): the AMX tiles against their
 #        software model, the reference suites forced to the amx kernel, the
-#        model's prefill GEMM on AMX (MLART_AMX_GEMM=1);
+#        model's GEMM on AMX (verified on a 2-core Xeon in the nineteenth
+#        session and on by default since; checked again on this host);
 #     3. GPU figures: torch's copy bandwidth and bf16 matmul rate, then
 #        `mlart bench --cuda` (both kinds; decode, projections, indexer)
 #        against them, and V3 / V3.2 layers on a GPU engine;
@@ -192,9 +193,9 @@ run_cpu_checks() {
         for t in decode_reference sparse_reference; do
             MLART_CPU_ISA=amx tmo 200 "$g/$t" 2>&1 | grep -E "test result|panicked|FAILED" | head -5
         done
-        # The projections use the bf16 GEMM (and so AMX with MLART_AMX_GEMM=1)
-        # only at the avx512bf16 level; AUTO picks avx512 on Intel, so the
-        # engines are forced to avx512bf16 (whose attention this host verified).
+        # The projections use the bf16 GEMM (on AMX, the default where
+        # present) at the avx512bf16 level, which AUTO's amx kernel and the
+        # forced avx512bf16 one both give.
         echo "== host CPU: the model's prefill GEMM on AMX (MLART_AMX_GEMM=1) vs the f64 references"
         MLART_AMX_GEMM=1 tmo 200 "$g/unit" model:: 2>&1 | grep -E "test result|panicked|FAILED" | head -5
         MLART_CPU_ISA=avx512bf16 MLART_AMX_GEMM=1 tmo 300 "$g/model" 2>&1 \
@@ -249,7 +250,7 @@ run() {
         echo "== date"; date -u
         # Checks before figures, the GPU before the host CPU: what decides the
         # build's defaults (engine::AUTO_USES_CUDA, WGMMA_BY_DEFAULT,
-        # GPU_PROJECTIONS_BY_DEFAULT, isa::AMX_VERIFIED) runs first, so a run
+        # GPU_PROJECTIONS_BY_DEFAULT) runs first, so a run
         # cut short by its deadline still answers it.
         phase_end=$(( deadline - total * 4 / 9 ))
         if [ "${1:-all}" != cpu ]; then run_gpu_checks; fi

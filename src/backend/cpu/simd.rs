@@ -1177,7 +1177,7 @@ pub struct Avx2Kernel;
 pub struct Avx512Bf16Kernel;
 /// Both GEMMs on AMX-BF16 tiles ([`amx_attn`]) where the task allows it
 /// (bf16 queries and output, a bf16-exact cache, d % 32 == 0,
-/// d_v % 16 == 0), otherwise as [`Avx512Bf16Kernel`]. `emulated` runs the
+/// d_v % 16 == 0), otherwise as [`Avx512Kernel`]. `emulated` runs the
 /// tiles in software (`MLART_AMX_EMULATE=1`: slow; tests the AMX code on
 /// CPUs without AMX).
 pub struct AmxKernel {
@@ -1194,8 +1194,10 @@ fn attend_amx(
     lse: &mut [f32],
 ) {
     if !amx_attn::applies(task) {
-        // SAFETY: AVX-512F and AVX512-BF16 are enabled here.
-        return unsafe { attend_with::<x86::V512, true>(task, scratch, o, lse) };
+        // The f32 kernel: on Intel CPUs (all AMX CPUs so far) `vdpbf16ps`
+        // runs at half the FMA rate (see `CpuIsa::rank`).
+        // SAFETY: AVX-512F is enabled here.
+        return unsafe { attend_with::<x86::V512, false>(task, scratch, o, lse) };
     }
     if emulated {
         // SAFETY: AVX-512F, BW and BF16 are enabled; the software tiles
