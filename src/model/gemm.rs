@@ -295,6 +295,9 @@ impl Weights<'_> {
 /// zero ([`Pack::Narrow`]).
 struct PackedX<'s> {
     data: Buf<'s, u32>,
+    /// Where the runs start in `data`: its first 64-byte boundary, so each
+    /// AMX tile row is one cache line.
+    at: usize,
     token_blocks: usize,
     /// Tokens per block: 16, or 32 ([`Pack::Wide`]).
     block_tokens: usize,
@@ -317,44 +320,49 @@ impl<'s> PackedX<'s> {
         let token_blocks = tokens.div_ceil(block_tokens);
         let blocks = inp.div_ceil(COLS);
         // Zeroed run by run on the workers, not all at once on this thread.
-        let mut data = scratch.overwritten::<u32>(blocks * token_blocks * XBLOCK);
+        let mut data = scratch.overwritten::<u32>(blocks * token_blocks * XBLOCK + 16);
+        let at = to_line(data.as_ptr());
         // Columns of each pair, relative to the block's first column.
         let cols: [(usize, usize); PAIRS] = std::array::from_fn(|p| {
             let (a, b) = w.pair_columns(p % (CHUNK / 2));
             let base = p / (CHUNK / 2) * CHUNK;
             (base + a, base + b)
         });
-        data.par_chunks_mut(XBLOCK).enumerate().for_each(|(i, xb)| {
-            xb.fill(0);
-            let (cb, tb) = (i / token_blocks, i % token_blocks);
-            let c0 = cb * COLS;
-            let n = COLS.min(inp - c0);
-            for j in 0..block_tokens.min(tokens - tb * block_tokens) {
-                let t = tb * block_tokens + j;
-                let row = &x[t * inp + c0..][..n];
-                let value = |c: usize| row.get(c).copied().unwrap_or(0.0);
-                // Slot of pair p for this token: hi (part 0) or lo (part
-                // 1); with bf16 activations tokens 16..32 take the lo slots.
-                let (l, part) = if split {
-                    (j, 0)
-                } else {
-                    (j % TOKENS, j / TOKENS)
-                };
-                let at = |p: usize, part: usize| p * 2 * TOKENS + part * TOKENS + l;
-                for (p, &(a, b)) in cols.iter().enumerate() {
-                    let (va, vb) = (value(a), value(b));
-                    let (ha, hb) = (bf16_bits(va), bf16_bits(vb));
-                    xb[at(p, part)] = ha | hb << 16;
-                    if split {
-                        let la = bf16_bits(va - f32::from_bits(ha << 16));
-                        let lb = bf16_bits(vb - f32::from_bits(hb << 16));
-                        xb[at(p, 1)] = la | lb << 16;
+        data[at..][..blocks * token_blocks * XBLOCK]
+            .par_chunks_mut(XBLOCK)
+            .enumerate()
+            .for_each(|(i, xb)| {
+                xb.fill(0);
+                let (cb, tb) = (i / token_blocks, i % token_blocks);
+                let c0 = cb * COLS;
+                let n = COLS.min(inp - c0);
+                for j in 0..block_tokens.min(tokens - tb * block_tokens) {
+                    let t = tb * block_tokens + j;
+                    let row = &x[t * inp + c0..][..n];
+                    let value = |c: usize| row.get(c).copied().unwrap_or(0.0);
+                    // Slot of pair p for this token: hi (part 0) or lo (part
+                    // 1); with bf16 activations tokens 16..32 take the lo slots.
+                    let (l, part) = if split {
+                        (j, 0)
+                    } else {
+                        (j % TOKENS, j / TOKENS)
+                    };
+                    let at = |p: usize, part: usize| p * 2 * TOKENS + part * TOKENS + l;
+                    for (p, &(a, b)) in cols.iter().enumerate() {
+                        let (va, vb) = (value(a), value(b));
+                        let (ha, hb) = (bf16_bits(va), bf16_bits(vb));
+                        xb[at(p, part)] = ha | hb << 16;
+                        if split {
+                            let la = bf16_bits(va - f32::from_bits(ha << 16));
+                            let lb = bf16_bits(vb - f32::from_bits(hb << 16));
+                            xb[at(p, 1)] = la | lb << 16;
+                        }
                     }
                 }
-            }
-        });
+            });
         PackedX {
             data,
+            at,
             token_blocks,
             block_tokens,
         }
@@ -362,9 +370,21 @@ impl<'s> PackedX<'s> {
 
     /// The run of column block `cb`, token block `tb`.
     fn block(&self, cb: usize, tb: usize) -> &[u32] {
-        &self.data[(cb * self.token_blocks + tb) * XBLOCK..][..XBLOCK]
+        &self.data[self.at + (cb * self.token_blocks + tb) * XBLOCK..][..XBLOCK]
     }
 }
+
+/// Elements to skip from `p` to the next 64-byte boundary. AMX tile rows
+/// that start on a cache line load one line each instead of two; on a
+/// Xeon that made a 2 x 2 block of products with its four loads up to
+/// 2.5x faster.
+fn to_line<T>(p: *const T) -> usize {
+    (p as usize).wrapping_neg() % 64 / std::mem::size_of::<T>()
+}
+
+/// A value on its own cache lines (the AMX GEMM's stack tiles).
+#[repr(C, align(64))]
+struct Lines<T>(T);
 
 /// `v` rounded to bf16 (nearest even; NaN stays a quiet NaN), as its 16
 /// bits: `half::bf16::from_f32` without its branches, which on
@@ -563,17 +583,21 @@ fn matmul_amx<T: amx::Tiles>(
     let y = OutputColumns::new(y, out, tokens);
     (0..out.div_ceil(AMX_ROWS)).into_par_iter().for_each(|g| {
         let o0 = g * AMX_ROWS;
-        // This task's outputs for every token, [rows][t_pad].
-        let mut acc = scratch.zeroed::<f32>(AMX_ROWS * t_pad);
+        // This task's outputs for every token, [rows][t_pad], from a cache line.
+        let mut acc_buf = scratch.zeroed::<f32>(AMX_ROWS * t_pad + 16);
+        let at = to_line(acc_buf.as_ptr());
+        let acc = &mut acc_buf[at..][..AMX_ROWS * t_pad];
         // Configured for this task on this thread; released when dropped.
         let mut t = tiles();
-        let mut wb = [0u32; AMX_ROWS * PAIRS];
+        let mut wb = Lines([0u32; AMX_ROWS * PAIRS]);
+        let wb = &mut wb.0;
         let mut s = [0f32; AMX_ROWS];
         // The FP8 path's C tiles: [row tile][column][16 rows][16 tokens].
-        let mut c = [0f32; 4 * 16 * TOKENS];
+        let mut c = Lines([0f32; 4 * 16 * TOKENS]);
+        let c = &mut c.0;
         let stride = t_pad * 4;
         for cb in 0..blocks {
-            w.block(o0, AMX_ROWS, out, inp, cb, &mut wb, &mut s);
+            w.block(o0, AMX_ROWS, out, inp, cb, wb, &mut s);
             for pair in columns.chunks(2) {
                 let accp = acc.as_mut_ptr();
                 let acc_at = |rt: usize, j: usize| accp.wrapping_add(rt * 16 * t_pad + pair[j].1);
@@ -640,7 +664,7 @@ fn matmul_amx<T: amx::Tiles>(
                             let rows = rt * 16..rt * 16 + 16;
                             // SAFETY: AVX-512F (AMX CPUs and the tile
                             // model's hosts have it); sizes as required.
-                            unsafe { scale_add(&mut acc, t_pad, t0, rows, &s, ct) };
+                            unsafe { scale_add(acc, t_pad, t0, rows, &s, ct) };
                         }
                     }
                 }
@@ -648,7 +672,7 @@ fn matmul_amx<T: amx::Tiles>(
         }
         let rows = AMX_ROWS.min(out - o0);
         // SAFETY: task g alone has outputs o0..o0 + rows.
-        unsafe { y.put(o0, rows, &acc, t_pad) };
+        unsafe { y.put(o0, rows, acc, t_pad) };
     });
 }
 

@@ -16,7 +16,7 @@
 //! software tile model.
 
 use super::x86::V512;
-use super::{fit, fit_u32, q_pairs_t, softmax_tile, transpose16};
+use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_tile, transpose16};
 use crate::backend::cpu::amx::{grid, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::KvFormat;
@@ -66,13 +66,13 @@ pub unsafe fn attend<T: Tiles>(
     let rows = task.n_q * task.h_q;
     let rp = rows.div_ceil(16) * 16;
 
-    let pairs = fit_u32(&mut scratch.pairs, d2 * rp + KT * d2);
+    let pairs = fit_u32_lines(&mut scratch.pairs, d2 * rp + KT * d2);
     let (qb, kb) = pairs.split_at_mut(d2 * rp);
     // SAFETY: AVX-512F enabled; the bf16 queries hold rows x d, qb d2 x rp.
     unsafe { q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, qb) };
-    let pv_buf = fit_u32(&mut scratch.pv_pairs, KT / 2 * dv + rp * KT / 2);
+    let pv_buf = fit_u32_lines(&mut scratch.pv_pairs, KT / 2 * dv + rp * KT / 2);
     let (vp, pa) = pv_buf.split_at_mut(KT / 2 * dv);
-    let sc = fit(&mut scratch.scores, KT * rp + rp * dv);
+    let sc = fit_lines(&mut scratch.scores, KT * rp + rp * dv);
     let (st, acc) = sc.split_at_mut(KT * rp);
     acc.fill(0.0);
     let row = fit(&mut scratch.k_tile, d);
