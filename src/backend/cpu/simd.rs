@@ -579,20 +579,12 @@ fn fit_u32(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
     &mut v[..n]
 }
 
-/// Elements to skip from `p` to the next 64-byte boundary. Tile rows that
-/// start on a cache line load from one line each instead of two: on a
-/// Xeon a 2 x 2 block of AMX products with its four loads ran at up to
-/// 2.5x the speed from aligned operands.
-fn to_line<T>(p: *const T) -> usize {
-    (p as usize).wrapping_neg() % 64 / std::mem::size_of::<T>()
-}
-
 /// [`fit_u32`] starting on a 64-byte boundary.
 fn fit_u32_lines(v: &mut Vec<u32>, n: usize) -> &mut [u32] {
     if v.len() < n + 16 {
         v.resize(n + 16, 0);
     }
-    let at = to_line(v.as_ptr());
+    let at = crate::backend::to_line(v.as_ptr());
     &mut v[at..at + n]
 }
 
@@ -601,7 +593,7 @@ fn fit_lines(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n + 16 {
         v.resize(n + 16, 0.0);
     }
-    let at = to_line(v.as_ptr());
+    let at = crate::backend::to_line(v.as_ptr());
     &mut v[at..at + n]
 }
 
