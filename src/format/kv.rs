@@ -136,6 +136,22 @@ impl KvLayout {
         cache.get(at..at + n * self.row_bytes)
     }
 
+    /// The stored bytes of token `off` of block `block`: its row, and for
+    /// FP8_MODEL1 its scales, which sit apart (`None` past the cache).
+    #[inline]
+    pub fn token_bytes<'c>(
+        &self,
+        cache: &'c [u8],
+        block: usize,
+        off: usize,
+    ) -> [Option<&'c [u8]>; 2] {
+        if self.format == KvFormat::Fp8Model1 {
+            let (d, s) = (self.data_at(block, off), self.model1_scales_at(block, off));
+            return [cache.get(d..d + M1_DATA), cache.get(s..s + M1_SCALES)];
+        }
+        [self.rows_bytes(cache, block, off, 1), None]
+    }
+
     /// Starts fetching tokens `off .. off + n` of block `block` into the
     /// cache: their rows (consecutive, so each line is fetched once), or
     /// for FP8_MODEL1 each token's data and scales. Tokens past the block

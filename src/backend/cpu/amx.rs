@@ -227,7 +227,8 @@ pub struct Acc {
 /// 2) over `chunks` K chunks of 32 bf16. C starts from memory (`load_c`)
 /// or zero and is stored back. C(i, j) lives in tmm(2i + j), A(i) in
 /// tmm(4 + i), B(j) in tmm(6 + j): a 2 x 2 block loads 4 tiles per 4
-/// `tdpbf16ps`.
+/// `tdpbf16ps`. `tick` runs once per K chunk, after its first product:
+/// a caller's small vector or prefetch work then overlaps the tiles.
 ///
 /// # Safety
 /// Tiles configured; every tile named by `a`, `b` (chunks `0..chunks`)
@@ -240,6 +241,7 @@ pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
     chunks: usize,
     c: Acc,
     load_c: bool,
+    tick: &mut impl FnMut(),
 ) {
     let cs = c.stride;
     // SAFETY: caller contract.
@@ -265,6 +267,7 @@ pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
             t.load::<4>(a.at(0, k), a.stride);
             t.load::<6>(b.at(0, k), b.stride);
             t.dp::<0, 4, 6>();
+            tick();
             if NN > 1 {
                 t.load::<7>(b.at(1, k), b.stride);
                 t.dp::<1, 4, 7>();
@@ -294,6 +297,7 @@ pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
 ///
 /// # Safety
 /// As [`mac`].
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub unsafe fn mac_dyn<T: Tiles>(
     t: &mut T,
@@ -303,14 +307,15 @@ pub unsafe fn mac_dyn<T: Tiles>(
     chunks: usize,
     c: Acc,
     load_c: bool,
+    tick: &mut impl FnMut(),
 ) {
     // SAFETY: forwarded contract.
     unsafe {
         match shape {
-            (1, 1) => mac::<T, 1, 1>(t, a, b, chunks, c, load_c),
-            (1, _) => mac::<T, 1, 2>(t, a, b, chunks, c, load_c),
-            (_, 1) => mac::<T, 2, 1>(t, a, b, chunks, c, load_c),
-            _ => mac::<T, 2, 2>(t, a, b, chunks, c, load_c),
+            (1, 1) => mac::<T, 1, 1>(t, a, b, chunks, c, load_c, tick),
+            (1, _) => mac::<T, 1, 2>(t, a, b, chunks, c, load_c, tick),
+            (_, 1) => mac::<T, 2, 1>(t, a, b, chunks, c, load_c, tick),
+            _ => mac::<T, 2, 2>(t, a, b, chunks, c, load_c, tick),
         }
     }
 }
@@ -325,7 +330,8 @@ pub struct Tiled<F> {
 
 /// `C(i, j) (+)= Σ_k A(i, k) · B(j, k)` for a grid of `m x n` C tiles (C
 /// tile `(i, j)` at `c(i, j)`, rows `c_stride` bytes apart), in 2 x 2
-/// blocks of [`mac`]; `before(i)` runs before each pair of A rows.
+/// blocks of [`mac`]; `before(i)` runs before each pair of A rows, `tick`
+/// once per K chunk of every block.
 ///
 /// # Safety
 /// As [`mac`], for every tile the grid names.
@@ -341,6 +347,7 @@ pub unsafe fn grid<T: Tiles>(
     c_stride: usize,
     load_c: bool,
     mut before: impl FnMut(usize),
+    mut tick: impl FnMut(),
 ) {
     for i in (0..m).step_by(2) {
         before(i);
@@ -362,7 +369,7 @@ pub unsafe fn grid<T: Tiles>(
                 stride: c_stride,
             };
             // SAFETY: caller contract.
-            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c) };
+            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c, &mut tick) };
         }
     }
 }
@@ -443,8 +450,11 @@ mod tests {
                 ],
                 stride: 40 * 4,
             };
+            let mut ticks = 0;
+            let mut tick = || ticks += 1;
             // SAFETY: every tile lies inside a, b or c (sizes above).
-            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c) };
+            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c, &mut tick) };
+            assert_eq!(ticks, chunks, "one tick per K chunk");
             let bv = |x: u16| f32::from_bits((x as u32) << 16) as f64;
             for m in 0..32 {
                 for n in 0..40 {

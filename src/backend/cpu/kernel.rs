@@ -133,6 +133,14 @@ impl AttnTask<'_> {
         }
     }
 
+    /// The cached bytes of key `j` (see `KvLayout::token_bytes`), for a
+    /// kernel that fetches them a few lines at a time.
+    #[inline]
+    pub fn key_bytes(&self, j: usize) -> [Option<&[u8]>; 2] {
+        let (c, block, off) = self.locate(j);
+        c.layout.token_bytes(c.data, block, off)
+    }
+
     /// Keys `j0..j0 + n` as stored bf16 pairs, read in place, when they are
     /// consecutive rows of one block of a BF16 cache (a paged tile that
     /// does not cross a block) and the rows are 4-byte aligned.

@@ -150,7 +150,7 @@ mod x86 {
     #[derive(Clone, Copy)]
     pub struct V256(__m256);
     #[derive(Clone, Copy)]
-    pub struct V512(__m512);
+    pub struct V512(pub __m512);
 
     impl Vector for V256 {
         const LANES: usize = 8;
@@ -866,26 +866,12 @@ unsafe fn q_pairs_t(qb: &[u8], rows: usize, d: usize, rp: usize, out: &mut [u32]
 #[target_feature(enable = "avx512f")]
 unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
     use std::arch::x86_64::*;
-    for b in [8usize, 4, 2, 1] {
-        let lo: [i32; 16] = std::array::from_fn(|l| {
-            if (l / b) % 2 == 0 {
-                l as i32
-            } else {
-                (16 + l - b) as i32
-            }
-        });
-        let hi: [i32; 16] = std::array::from_fn(|l| {
-            if (l / b) % 2 == 0 {
-                (l + b) as i32
-            } else {
-                (16 + l) as i32
-            }
-        });
-        // SAFETY: AVX-512F enabled (caller); the index arrays hold 16 i32.
+    for (stage, b) in [8usize, 4, 2, 1].into_iter().enumerate() {
+        // SAFETY: AVX-512F enabled (caller); the index tables hold 16 i32.
         unsafe {
             let (lo, hi) = (
-                _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
-                _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+                _mm512_loadu_si512(TRANSPOSE16[stage][0].as_ptr() as *const __m512i),
+                _mm512_loadu_si512(TRANSPOSE16[stage][1].as_ptr() as *const __m512i),
             );
             for i in (0..16).filter(|i| (i / b) % 2 == 0) {
                 let (x, y) = (r[i], r[i + b]);
@@ -894,6 +880,30 @@ unsafe fn transpose16(r: &mut [std::arch::x86_64::__m512i; 16]) {
             }
         }
     }
+}
+
+/// [`transpose16`]'s `vpermt2d` indices at widths 8, 4, 2, 1: (low, high)
+/// halves of each swap (lanes of the second operand count from 16), built
+/// at compile time so no call assembles them.
+#[cfg(target_arch = "x86_64")]
+const TRANSPOSE16: [[[i32; 16]; 2]; 4] = [
+    transpose16_index(8),
+    transpose16_index(4),
+    transpose16_index(2),
+    transpose16_index(1),
+];
+
+#[cfg(target_arch = "x86_64")]
+const fn transpose16_index(b: usize) -> [[i32; 16]; 2] {
+    let mut t = [[0i32; 16]; 2];
+    let mut l = 0;
+    while l < 16 {
+        let keep = (l / b).is_multiple_of(2);
+        t[0][l] = if keep { l } else { 16 + l - b } as i32;
+        t[1][l] = if keep { l + b } else { 16 + l } as i32;
+        l += 1;
+    }
+    t
 }
 
 /// Online softmax over a tile's scores `st [n][rp]` (keys `t0..t0 + n`),

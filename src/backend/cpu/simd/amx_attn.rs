@@ -6,20 +6,26 @@
 //!   packed once per call as the B operand (`[d/2][rows]` pairs), and the C
 //!   tiles land as `st [key][row]`, the layout of the vector softmax (rows
 //!   in lanes). Nothing is transposed per key tile.
-//! - online softmax in f32, shared with the AVX-512 kernels;
-//! - `O += P · V`: P rounded to bf16 (as FlashMLA does; only with a bf16
-//!   output) and transposed to row-major pairs (the A operand, a 16 x 16
-//!   transpose per block), V's rows interleaved in pairs (the B operand),
-//!   O accumulated in C tiles over the tile's keys.
+//! - online softmax in f32 (the scale applied on the way), and P rounded
+//!   to bf16 (as FlashMLA does; only with a bf16 output) straight into the
+//!   A operand of P·V: pairs along the keys, 16 x 16 transposed, one tile
+//!   after another (`pa`);
+//! - `O += P · V`: V's rows interleaved in pairs (the B operand), O
+//!   accumulated in C tiles over the tile's keys. P, V and O are kept tile
+//!   by tile (each tile's 16 rows in one KiB), so a tile load reads 16
+//!   consecutive lines and no two rows of an operand share an L1 set.
+//! - the next tile's keys are fetched a few lines per tile product
+//!   ([`Trickle`]): a burst of prefetches stalls the tiles behind it, a
+//!   trickle keeps the memory busy while they compute.
 //!
 //! Generic over [`Tiles`], so the tests run the whole kernel on the
 //! software tile model.
 
 use super::x86::V512;
-use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_tile, transpose16};
+use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, transpose16, Vector};
 use crate::backend::cpu::amx::{grid, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
-use crate::format::KvFormat;
+use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
 
 /// Keys per tile: 128 keys give P·V four K chunks per load and store of an
@@ -27,6 +33,8 @@ use std::arch::x86_64::*;
 pub const KT: usize = 128;
 /// Keys per A tile of `Sᵀ`.
 const SUB: usize = 16;
+/// u32 (or f32) in one tile: 16 rows of 64 bytes.
+const TILE: usize = 256;
 
 /// Whether the kernel computes `task` as exactly as the AVX512-BF16 one:
 /// bf16 queries, a cache whose values are bf16 (BF16, or FP8 with
@@ -114,35 +122,128 @@ pub unsafe fn attend<T: Tiles>(
             std::array::from_fn(|s| in_place[s].unwrap_or(&kb[s * SUB * d2..][..SUB * d2]));
         let sub = &sub[..nsub];
 
-        // The next tile's keys are fetched into the cache meanwhile (32
-        // per pair of A tiles), as in the AVX-512 kernels.
-        let fetch = |s0: usize| task.prefetch_keys(t0 + n + s0 * SUB..t0 + n + (s0 + 2) * SUB);
+        let np16 = n.div_ceil(2 * SUB) * SUB;
+        let (rb, cb) = (rp / 16, dv / 16);
+        let ticks = nsub.div_ceil(2) * rb.div_ceil(2) * (d2 / 16 - k0)
+            + rb.div_ceil(2) * cb.div_ceil(2) * (np16 / 16);
+        let mut fetch = Trickle::new(task, t0 + n..t0 + n + KT, ticks);
         // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
-        unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, fetch) };
-        // SAFETY: AVX-512F enabled; st holds n * rp, rp % 16 == 0.
-        unsafe { scale(&mut st[..n * rp], task.scale) };
-        // SAFETY: AVX-512F enabled; sizes as softmax_tile requires (acc
-        // holds rp >= rows rows of dv).
-        unsafe { softmax_tile::<V512>(task, st, rp, t0, n, rows, row_max, row_sum, acc, dv) };
-        let np16 = n.div_ceil(2 * SUB) * SUB;
-        // SAFETY: AVX-512F, BW and BF16 enabled; pa holds rp * np16 <= rp * KT/2,
-        // vp np16 * dv <= KT/2 * dv; st holds n * rp.
+        unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, || fetch.step()) };
+        // SAFETY: AVX-512F, BW and BF16 enabled; st holds n * rp, row_max
+        // and row_sum rows, acc rp x dv, pa rp * np16 <= rp * KT / 2.
         unsafe {
-            p_rows(st, rp, n, np16, pa);
+            softmax_p(
+                task, st, rp, t0, n, rows, row_max, row_sum, acc, dv, np16, pa,
+            )
+        };
+        // SAFETY: AVX-512F, BW and BF16 enabled; vp holds np16 * dv <=
+        // KT/2 * dv, pa rp * np16, acc rp * dv.
+        unsafe {
             v_pairs(sub, d2, n, np16, dv, vp);
-            pv(tiles, pa, rp, np16, vp, dv, acc);
+            pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
         }
+        fetch.rest();
         t0 += n;
     }
-    o[..rows * dv].copy_from_slice(&acc[..rows * dv]);
+    // O from tile order (16 x 16 blocks) back to rows.
+    let cb = dv / 16;
+    for (r, orow) in o[..rows * dv].chunks_exact_mut(dv).enumerate() {
+        for (c, out) in orow.chunks_exact_mut(16).enumerate() {
+            out.copy_from_slice(&acc[((r / 16) * cb + c) * TILE + (r % 16) * 16..][..16]);
+        }
+    }
     finalize(o, lse, row_max, row_sum, dv);
+}
+
+/// The cache lines of a range of keys, prefetched (into L2) a few per
+/// [`Trickle::step`]: spread evenly over the `ticks` steps a tile takes.
+struct Trickle<'t, 'a> {
+    task: &'t AttnTask<'a>,
+    /// The next key to open, and the end of the range.
+    next: usize,
+    end: usize,
+    /// The next part of the open key (MODEL1 keeps a key's scales apart).
+    part: usize,
+    /// The open part's lines: the next one's address, and its end.
+    line: usize,
+    stop: usize,
+    per_step: usize,
+}
+
+impl<'t, 'a> Trickle<'t, 'a> {
+    fn new(task: &'t AttnTask<'a>, keys: std::ops::Range<usize>, ticks: usize) -> Self {
+        let end = keys.end.min(task.end);
+        let per_key: usize = match keys.start < end {
+            true => task
+                .key_bytes(keys.start)
+                .iter()
+                .flatten()
+                .map(|b| b.len() / 64 + 2)
+                .sum(),
+            false => 0,
+        };
+        Trickle {
+            task,
+            next: keys.start,
+            end,
+            part: 0,
+            line: 0,
+            stop: 0,
+            per_step: (end.saturating_sub(keys.start) * per_key).div_ceil(ticks.max(1)),
+        }
+    }
+
+    #[inline(always)]
+    fn step(&mut self) {
+        self.fetch(self.per_step);
+    }
+
+    /// Whatever the steps left.
+    fn rest(&mut self) {
+        self.fetch(usize::MAX);
+    }
+
+    #[inline]
+    fn fetch(&mut self, mut lines: usize) {
+        while lines > 0 {
+            if self.line >= self.stop && !self.open() {
+                return;
+            }
+            prefetch(self.line as *const u8);
+            self.line += 64;
+            lines -= 1;
+        }
+    }
+
+    /// Opens the next part of the open key, or the next key; false when
+    /// none is left.
+    fn open(&mut self) -> bool {
+        loop {
+            if self.part == 0 {
+                if self.next >= self.end {
+                    return false;
+                }
+                self.next += 1;
+            }
+            let bytes = self.task.key_bytes(self.next - 1)[self.part];
+            self.part = (self.part + 1) % 2;
+            if let Some(b) = bytes.filter(|b| !b.is_empty()) {
+                // From the line holding the first byte to the last byte.
+                let at = b.as_ptr() as usize;
+                (self.line, self.stop) = (at & !63, at + b.len());
+                return true;
+            }
+        }
+    }
 }
 
 /// `st [16 s + j][r] = Σ_d sub[s][j][d] · Q[r][d]` for every key tile `s`
 /// and all `rp` rows, unscaled, `d` from step `k0` (16 pairs a step; the
-/// queries are zero before it): 2 key tiles x 2 row blocks per [`mac_dyn`].
-/// `fetch(s0)` runs before key tiles `s0` and `s0 + 1` (to prefetch).
+/// queries are zero before it): 2 key tiles x 2 row blocks per [`mac_dyn`],
+/// `tick` once per K chunk of each.
+///
+/// [`mac_dyn`]: crate::backend::cpu::amx::mac_dyn
 ///
 /// # Safety
 /// Tiles configured; every `sub[s]` holds 16 x `d2` u32 with `d2 % 16 ==
@@ -155,7 +256,7 @@ unsafe fn scores<T: Tiles>(
     rp: usize,
     (k0, d2): (usize, usize),
     st: &mut [f32],
-    fetch: impl Fn(usize),
+    tick: impl FnMut(),
 ) {
     assert!(d2.is_multiple_of(16) && rp.is_multiple_of(16) && qb.len() >= d2 * rp);
     assert!(k0 * 16 <= d2);
@@ -186,86 +287,232 @@ unsafe fn scores<T: Tiles>(
             c,
             rp * 4,
             false,
-            fetch,
+            |_| {},
+            tick,
         )
     };
 }
 
-/// `x *= s` (AMX sums unscaled products; the other kernels fold the scale
-/// into their last step too).
+/// The online softmax of one tile's scores `st [n][rp]` (unscaled; keys
+/// `t0..t0 + n`) and P as the A operand of P·V: `pa`, tile `(r, k)` (rows
+/// block r, pairs 16k..16k + 16) at `(r * np16 / 16 + k) * TILE`, row i
+/// of it holding the pairs (P[2jp][16r + i], P[2jp + 1][16r + i]) rounded
+/// to bf16 (nearest even), zero for keys past `n`. Running max and sum
+/// advance; O rows whose max moved are rescaled (`acc`, tile order).
+///
+/// A block of 16 rows that all see every key goes through in vectors
+/// (the scores read once for the max, once for P); a block at a causal
+/// edge, or past the last row, goes row by row through `st` and is then
+/// packed from it.
 ///
 /// # Safety
-/// AVX-512F enabled; `x.len() % 16 == 0`.
-#[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn scale(x: &mut [f32], s: f32) {
-    // SAFETY: AVX-512F enabled (caller); each chunk holds 16 values.
-    unsafe {
-        let sv = _mm512_set1_ps(s);
-        for c in x.chunks_exact_mut(16) {
-            _mm512_storeu_ps(
-                c.as_mut_ptr(),
-                _mm512_mul_ps(_mm512_loadu_ps(c.as_ptr()), sv),
-            );
-        }
-    }
-}
-
-/// P (`st [n][rp]`, f32) as the A operand of P·V: `pa [r][jp]` = the pair
-/// (P[2jp][r], P[2jp + 1][r]) rounded to bf16 (nearest even), zero for
-/// keys past `n` up to `np16` pairs.
-///
-/// # Safety
-/// AVX-512F, BW and BF16 enabled; `st` holds `n * rp`, `pa` `rp * np16`;
-/// `rp` and `np16` multiples of 16, `n <= 2 * np16`.
+/// AVX-512F, BW and BF16 enabled; `st` holds `n * rp`, `row_max` and
+/// `row_sum` `rows`, `acc` `rp * dv`, `pa` `rp * np16`; `rows <= rp`, `rp`,
+/// `np16` and `dv` multiples of 16, `1 <= n <= 2 * np16`.
+#[allow(clippy::too_many_arguments)]
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn p_rows(st: &[f32], rp: usize, n: usize, np16: usize, pa: &mut [u32]) {
-    assert!(st.len() >= n * rp && pa.len() >= rp * np16 && n <= 2 * np16);
-    assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16));
-    // Interleaves the two halves of a 32 x bf16 vector: lane r of the
-    // result holds (low half's r, high half's r).
-    let mix: [i16; 32] = std::array::from_fn(|i| (i / 2 + 16 * (i % 2)) as i16);
-    // SAFETY: AVX-512F, BW and BF16 enabled (caller); every load reads 16
-    // f32 of a key row < n inside st, every store writes 16 u32 of a row
-    // < rp inside pa (asserted above).
-    unsafe {
-        let mix = _mm512_loadu_si512(mix.as_ptr() as *const __m512i);
-        let key = |j: usize, rb: usize| {
-            if j < n {
-                _mm512_loadu_ps(st.as_ptr().add(j * rp + rb))
-            } else {
-                _mm512_setzero_ps()
+unsafe fn softmax_p(
+    task: &AttnTask<'_>,
+    st: &mut [f32],
+    rp: usize,
+    t0: usize,
+    n: usize,
+    rows: usize,
+    row_max: &mut [f32],
+    row_sum: &mut [f32],
+    acc: &mut [f32],
+    dv: usize,
+    np16: usize,
+    pa: &mut [u32],
+) {
+    assert!(st.len() >= n * rp && row_max.len() >= rows && row_sum.len() >= rows);
+    assert!(acc.len() >= rp * dv && pa.len() >= rp * np16 && rows <= rp);
+    assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
+    assert!(n >= 1 && n <= 2 * np16);
+    let (scale, h_q, cb) = (task.scale, task.h_q, dv / 16);
+    for r0 in (0..rp).step_by(16) {
+        let out = &mut pa[r0 * np16..][..16 * np16];
+        let o = &mut acc[r0 * dv..][..16 * dv];
+        let whole = r0 + 16 <= rows && (r0..r0 + 16).all(|r| task.visible(r / h_q) >= t0 + n);
+        if !whole {
+            for i in 0..16 {
+                let r = r0 + i;
+                if r >= rows {
+                    (0..n).for_each(|j| st[j * rp + r] = 0.0);
+                    continue;
+                }
+                let vis = task.visible(r / h_q).saturating_sub(t0).min(n);
+                let tile_max = (0..vis)
+                    .map(|j| st[j * rp + r] * scale)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = row_max[r].max(tile_max);
+                if new_max == f32::NEG_INFINITY {
+                    (0..n).for_each(|j| st[j * rp + r] = 0.0);
+                    continue;
+                }
+                let alpha = (row_max[r] - new_max).exp();
+                let mut sum = 0.0;
+                for j in 0..n {
+                    let x = &mut st[j * rp + r];
+                    let p = if j < vis {
+                        (*x * scale - new_max).exp()
+                    } else {
+                        0.0
+                    };
+                    *x = p;
+                    sum += p;
+                }
+                row_sum[r] = row_sum[r] * alpha + sum;
+                row_max[r] = new_max;
+                if alpha != 1.0 {
+                    for c in 0..cb {
+                        o[c * TILE + i * 16..][..16]
+                            .iter_mut()
+                            .for_each(|v| *v *= alpha);
+                    }
+                }
             }
-        };
-        for rb in (0..rp).step_by(16) {
-            for jc in (0..np16).step_by(16) {
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (x, vx) in v.iter_mut().enumerate() {
-                    let jp = jc + x;
-                    if 2 * jp < n {
-                        let pair = _mm512_cvtne2ps_pbh(key(2 * jp + 1, rb), key(2 * jp, rb));
-                        *vx = _mm512_permutexvar_epi16(
-                            mix,
-                            std::mem::transmute::<__m512bh, __m512i>(pair),
+            // SAFETY: rows r0..r0 + 16 of keys < n lie in st (asserted).
+            let p = |j: usize| unsafe { _mm512_loadu_ps(st.as_ptr().add(j * rp + r0)) };
+            // SAFETY: features enabled (caller); out holds 16 * np16.
+            unsafe { pack_p(n, np16, p, out) };
+            continue;
+        }
+        // SAFETY: AVX-512F enabled (caller); every load reads 16 f32 of
+        // key row j < n at columns r0..r0 + 16 <= rp (asserted above), and
+        // row_max, row_sum, o hold rows r0..r0 + 16 (whole: r0 + 16 <=
+        // rows).
+        unsafe {
+            let s = st.as_ptr().add(r0);
+            let sv = V512::splat(scale);
+            let x = |j: usize| V512::load(s.add(j * rp)).mul(sv);
+            // Four running maxima: the loads, not one max chain, set the pace.
+            let ninf = V512::splat(f32::NEG_INFINITY);
+            let (mut m0, mut m1, mut m2, mut m3) = (ninf, ninf, ninf, ninf);
+            let mut j = 0;
+            while j + 4 <= n {
+                m0 = m0.max(x(j));
+                m1 = m1.max(x(j + 1));
+                m2 = m2.max(x(j + 2));
+                m3 = m3.max(x(j + 3));
+                j += 4;
+            }
+            for j in j..n {
+                m0 = m0.max(x(j));
+            }
+            let tmax = m0.max(m1).max(m2.max(m3));
+            let m_old = V512::load(row_max.as_ptr().add(r0));
+            let m_new = m_old.max(tmax);
+            let alpha = m_old.sub(m_new).exp();
+            let mut sum = V512::splat(0.0);
+            let p = |j: usize| {
+                let p = x(j).sub(m_new).exp();
+                sum = sum.add(p);
+                p.0
+            };
+            pack_p(n, np16, p, out);
+            let rs = row_sum.as_mut_ptr().add(r0);
+            V512::load(rs).mul(alpha).add(sum).store(rs);
+            m_new.store(row_max.as_mut_ptr().add(r0));
+            let mut a = [0f32; 16];
+            alpha.store(a.as_mut_ptr());
+            if a.iter().any(|&al| al != 1.0) {
+                for tile in o.chunks_exact_mut(TILE) {
+                    for (line, &al) in tile.chunks_exact_mut(16).zip(&a) {
+                        let lp = line.as_mut_ptr();
+                        _mm512_storeu_ps(
+                            lp,
+                            _mm512_mul_ps(_mm512_loadu_ps(lp), _mm512_set1_ps(al)),
                         );
                     }
                 }
-                transpose16(&mut v);
-                for (r, vr) in v.iter().enumerate() {
-                    _mm512_storeu_si512(
-                        pa.as_mut_ptr().add((rb + r) * np16 + jc) as *mut __m512i,
-                        *vr,
-                    );
-                }
             }
         }
     }
 }
 
-/// V as the B operand of P·V: `vp [jp][c]` = (V[2jp][c], V[2jp + 1][c])
-/// for the first `dv` columns of the keys' bf16 rows (`sub[j / 16]` row
-/// `j % 16`), zero past `n` up to `np16` pairs.
+/// Interleaves the two halves of a 32 x bf16 vector: lane r of the result
+/// holds (low half's r, high half's r).
+const PAIR_HALVES: [i16; 32] = {
+    let mut t = [0i16; 32];
+    let mut i = 0;
+    while i < 32 {
+        t[i] = (i / 2 + 16 * (i % 2)) as i16;
+        i += 1;
+    }
+    t
+};
+
+/// One row block of P as `pa` tiles (see [`softmax_p`]): `p(j)` gives key
+/// j's 16 values (j < n, each asked once, in pairs), rounded to bf16 and
+/// paired along the keys, 16 pairs transposed into each tile.
+///
+/// # Safety
+/// AVX-512F, BW and BF16 enabled; `out` holds `16 * np16`, `n <= 2 *
+/// np16`, `np16 % 16 == 0`.
+#[inline(always)]
+unsafe fn pack_p(n: usize, np16: usize, mut p: impl FnMut(usize) -> __m512, out: &mut [u32]) {
+    assert!(out.len() >= 16 * np16 && n <= 2 * np16 && np16.is_multiple_of(16));
+    // SAFETY: AVX-512F, BW and BF16 enabled (caller); every store writes
+    // 16 u32 inside tile jc / 16 of out (asserted size).
+    unsafe {
+        let mix = _mm512_loadu_si512(PAIR_HALVES.as_ptr() as *const __m512i);
+        let pair = |lo: __m512, hi: __m512| {
+            let pair = _mm512_cvtne2ps_pbh(hi, lo);
+            _mm512_permutexvar_epi16(mix, std::mem::transmute::<__m512bh, __m512i>(pair))
+        };
+        for jc in (0..np16).step_by(16) {
+            let mut v = [_mm512_setzero_si512(); 16];
+            if 2 * (jc + 16) <= n {
+                for (x, vx) in v.iter_mut().enumerate() {
+                    let j = 2 * (jc + x);
+                    let lo = p(j);
+                    *vx = pair(lo, p(j + 1));
+                }
+            } else {
+                for (x, vx) in v.iter_mut().enumerate() {
+                    let j = 2 * (jc + x);
+                    if j < n {
+                        let lo = p(j);
+                        *vx = pair(
+                            lo,
+                            if j + 1 < n {
+                                p(j + 1)
+                            } else {
+                                _mm512_setzero_ps()
+                            },
+                        );
+                    }
+                }
+            }
+            transpose16(&mut v);
+            let tile = out.as_mut_ptr().add(jc * 16);
+            for (i, vi) in v.iter().enumerate() {
+                _mm512_storeu_si512(tile.add(i * 16) as *mut __m512i, *vi);
+            }
+        }
+    }
+}
+
+/// Pairs two rows of 32 bf16 (`vpermt2w`: the second row's lanes count
+/// from 32): columns 0..16 of both, then 16..32, each as (first, second).
+const ROWS_PAIRED: [[i16; 32]; 2] = {
+    let mut t = [[0i16; 32]; 2];
+    let mut i = 0;
+    while i < 32 {
+        t[0][i] = (i / 2 + 32 * (i % 2)) as i16;
+        t[1][i] = (16 + i / 2 + 32 * (i % 2)) as i16;
+        i += 1;
+    }
+    t
+};
+
+/// V as the B operand of P·V, tile by tile: `vp [c][jp][16]` (column block
+/// c, its 16 columns) = (V[2jp][16c + i], V[2jp + 1][16c + i]) for the first
+/// `dv` columns of the keys' bf16 rows (`sub[j / 16]` row `j % 16`), zero
+/// past `n` up to `np16` pairs. Tile `(c, k)` is then rows 16k..16k + 16
+/// of block c: one KiB.
 ///
 /// # Safety
 /// AVX-512F and BW enabled; each `sub[s]` holds 16 rows of `d2` u32,
@@ -277,38 +524,49 @@ unsafe fn v_pairs(sub: &[&[u32]], d2: usize, n: usize, np16: usize, dv: usize, v
     assert!(n <= SUB * sub.len() && dv.is_multiple_of(16) && dv <= 2 * d2);
     assert!(vp.len() >= np16 * dv && n <= 2 * np16 && sub.iter().all(|s| s.len() >= SUB * d2));
     let key = |j: usize| -> *const u16 { sub[j / SUB][(j % SUB) * d2..].as_ptr() as *const u16 };
-    let lo: [i16; 32] = std::array::from_fn(|i| (i / 2 + 32 * (i % 2)) as i16);
-    let hi: [i16; 32] = std::array::from_fn(|i| (16 + i / 2 + 32 * (i % 2)) as i16);
+    // Row jp of column block c.
+    let at = |c: usize, jp: usize| (c * np16 + jp) * 16;
     // SAFETY: AVX-512F and BW enabled (caller); masked loads read columns
-    // c..c + w < dv <= 2 * d2 of a key row < n; stores write inside row jp
-    // of vp (asserted sizes).
+    // c..c + w < dv <= 2 * d2 of a key row < n; stores write row jp < np16
+    // of a column block < dv / 16 inside vp (asserted sizes).
     unsafe {
         let (lo, hi) = (
-            _mm512_loadu_si512(lo.as_ptr() as *const __m512i),
-            _mm512_loadu_si512(hi.as_ptr() as *const __m512i),
+            _mm512_loadu_si512(ROWS_PAIRED[0].as_ptr() as *const __m512i),
+            _mm512_loadu_si512(ROWS_PAIRED[1].as_ptr() as *const __m512i),
         );
-        for jp in 0..np16 {
-            let out = vp.as_mut_ptr().add(jp * dv);
-            if 2 * jp >= n {
-                std::slice::from_raw_parts_mut(out, dv).fill(0);
-                continue;
-            }
-            let (a, b) = (key(2 * jp), (2 * jp + 1 < n).then(|| key(2 * jp + 1)));
-            for c in (0..dv).step_by(32) {
-                let w = 32.min(dv - c);
-                let m: __mmask32 = if w == 32 { !0 } else { (1 << w) - 1 };
+        let out = vp.as_mut_ptr();
+        // Column blocks outer: the stores of one pass run down a block
+        // (the blocks' rows jp lie 4 KiB apart for np16 = 64: one L1 set).
+        for c in (0..dv).step_by(32) {
+            let w = 32.min(dv - c);
+            let m: __mmask32 = if w == 32 { !0 } else { (1 << w) - 1 };
+            for jp in 0..np16 {
+                if 2 * jp >= n {
+                    _mm512_storeu_si512(
+                        out.add(at(c / 16, jp)) as *mut __m512i,
+                        _mm512_setzero_si512(),
+                    );
+                    if w == 32 {
+                        _mm512_storeu_si512(
+                            out.add(at(c / 16 + 1, jp)) as *mut __m512i,
+                            _mm512_setzero_si512(),
+                        );
+                    }
+                    continue;
+                }
+                let (a, b) = (key(2 * jp), (2 * jp + 1 < n).then(|| key(2 * jp + 1)));
                 let x = _mm512_maskz_loadu_epi16(m, a.add(c) as *const i16);
                 let y = match b {
                     Some(b) => _mm512_maskz_loadu_epi16(m, b.add(c) as *const i16),
                     None => _mm512_setzero_si512(),
                 };
                 _mm512_storeu_si512(
-                    out.add(c) as *mut __m512i,
+                    out.add(at(c / 16, jp)) as *mut __m512i,
                     _mm512_permutex2var_epi16(x, lo, y),
                 );
                 if w == 32 {
                     _mm512_storeu_si512(
-                        out.add(c + 16) as *mut __m512i,
+                        out.add(at(c / 16 + 1, jp)) as *mut __m512i,
                         _mm512_permutex2var_epi16(x, hi, y),
                     );
                 }
@@ -317,12 +575,17 @@ unsafe fn v_pairs(sub: &[&[u32]], d2: usize, n: usize, np16: usize, dv: usize, v
     }
 }
 
-/// `acc [r][..dv] += Σ_jp pa[r][jp] · vp[jp][..]` for all `rp` rows: 2 row
-/// blocks x 2 column blocks of O per [`mac_dyn`], over `np16 / 16` chunks.
+/// `O += P · V` on tiles: C tile `(r, c)` of `acc` (tile order, at `(r *
+/// dv / 16 + c) * TILE`) += Σ_k `pa` tile `(r, k)` · `vp` tile `(c, k)`
+/// over `np16 / 16` chunks, 2 row blocks x 2 column blocks per
+/// [`mac_dyn`], `tick` once per chunk of each.
+///
+/// [`mac_dyn`]: crate::backend::cpu::amx::mac_dyn
 ///
 /// # Safety
 /// Tiles configured; `pa` holds `rp * np16`, `vp` `np16 * dv`, `acc`
 /// `rp * dv`; `rp`, `np16`, `dv` multiples of 16.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv<T: Tiles>(
     t: &mut T,
@@ -332,38 +595,26 @@ unsafe fn pv<T: Tiles>(
     vp: &[u32],
     dv: usize,
     acc: &mut [f32],
+    tick: impl FnMut(),
 ) {
     assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
     assert!(pa.len() >= rp * np16 && vp.len() >= np16 * dv && acc.len() >= rp * dv);
-    let ap = acc.as_mut_ptr();
+    let (ap, cb) = (acc.as_mut_ptr(), dv / 16);
     let a = Tiled {
         at: |r: usize| pa[r * 16 * np16..].as_ptr() as *const u8,
-        stride: np16 * 4,
-        step: 64,
+        stride: 64,
+        step: TILE * 4,
     };
     let b = Tiled {
-        at: |c: usize| vp[c * 16..].as_ptr() as *const u8,
-        stride: dv * 4,
-        step: 16 * dv * 4,
+        at: |c: usize| vp[c * 16 * np16..].as_ptr() as *const u8,
+        stride: 64,
+        step: TILE * 4,
     };
-    let c = |r: usize, c: usize| ap.wrapping_add(r * 16 * dv + c * 16) as *mut u8;
-    // SAFETY: A tile (r, k): pa rows of block r, pairs 16k..16k + 16; B
-    // tile (c, k): vp rows 16k..16k + 16, columns of block c; C tile
-    // (r, c): acc rows of block r, columns of block c. All inside the
-    // asserted sizes.
-    unsafe {
-        grid(
-            t,
-            (rp / 16, dv / 16),
-            np16 / 16,
-            a,
-            b,
-            c,
-            dv * 4,
-            true,
-            |_| {},
-        )
-    };
+    let c = |r: usize, c: usize| ap.wrapping_add((r * cb + c) * TILE) as *mut u8;
+    // SAFETY: A tile (r, k): pa's tile k of row block r; B tile (c, k):
+    // vp's rows 16k..16k + 16 of column block c; C tile (r, c): acc's
+    // tile (r, c). All inside the asserted sizes.
+    unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, true, |_| {}, tick) };
 }
 
 #[cfg(test)]
@@ -380,33 +631,42 @@ mod tests {
         half::bf16::from_f32(x).to_bits() as u32
     }
 
-    /// P's A operand: pairs along the keys, rounded to nearest even, rows
-    /// transposed, zero past n (odd n, n not a multiple of 32, rp > 16).
+    /// P's A operand: pairs along the keys, rounded to nearest even, 16
+    /// pairs of 16 rows per tile, zero past n (odd n, n not a multiple of
+    /// 32); each key asked for once.
     #[test]
-    fn p_rows_pairs_and_transposes() {
+    fn pack_p_pairs_and_transposes() {
         if !avx512_bw_bf16() {
-            eprintln!("SKIPPED p_rows: CPU lacks avx512f+bw+bf16");
+            eprintln!("SKIPPED pack_p: CPU lacks avx512f+bw+bf16");
             return;
         }
-        for (n, rp) in [(128usize, 32usize), (37, 16), (1, 48), (64, 16)] {
+        for n in [128usize, 37, 1, 64] {
             let np16 = n.div_ceil(32) * 16;
-            let st = crate::model::gen::uniform(n * rp, n as u64);
+            let st = crate::model::gen::uniform(n * 16, n as u64);
             let st: Vec<f32> = st.iter().map(|x| x + 0.5).collect();
-            let mut pa = vec![0xdead_beefu32; rp * np16];
+            let mut asked = vec![0; n];
+            let mut out = vec![0xdead_beefu32; 16 * np16];
+            let p = |j: usize| {
+                asked[j] += 1;
+                // SAFETY: AVX-512F detected; key j < n holds 16 values.
+                unsafe { _mm512_loadu_ps(st[j * 16..].as_ptr()) }
+            };
             // SAFETY: features detected; sizes as required.
-            unsafe { p_rows(&st, rp, n, np16, &mut pa) };
-            for r in 0..rp {
+            unsafe { pack_p(n, np16, p, &mut out) };
+            assert!(asked.iter().all(|&a| a == 1), "n {n}: {asked:?}");
+            for i in 0..16 {
                 for jp in 0..np16 {
-                    let p = |j: usize| if j < n { bf16_bits(st[j * rp + r]) } else { 0 };
+                    let p = |j: usize| if j < n { bf16_bits(st[j * 16 + i]) } else { 0 };
                     let want = p(2 * jp) | (p(2 * jp + 1) << 16);
-                    assert_eq!(pa[r * np16 + jp], want, "n {n} rp {rp} [{r}][{jp}]");
+                    let got = out[(jp / 16) * TILE + i * 16 + jp % 16];
+                    assert_eq!(got, want, "n {n} row {i} pair {jp}");
                 }
             }
         }
     }
 
-    /// V's B operand from rows spread over key tiles: pairs of rows,
-    /// column tails of 16, zero past n.
+    /// V's B operand from rows spread over key tiles: pairs of rows in
+    /// column blocks of 16, a column tail of 16, zero past n.
     #[test]
     fn v_pairs_interleave_rows() {
         if !avx512_bw_bf16() {
@@ -442,7 +702,8 @@ mod tests {
             for jp in 0..np16 {
                 for c in 0..dv {
                     let want = half(2 * jp, c) | (half(2 * jp + 1, c) << 16);
-                    assert_eq!(vp[jp * dv + c], want, "n {n} dv {dv} [{jp}][{c}]");
+                    let got = vp[((c / 16) * np16 + jp) * 16 + c % 16];
+                    assert_eq!(got, want, "n {n} dv {dv} [{jp}][{c}]");
                 }
             }
         }
