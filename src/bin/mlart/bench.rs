@@ -212,6 +212,10 @@ struct Measured {
     time: Timing,
     /// Median seconds per call of the scalar reference, if timed.
     scalar_seconds: Option<f64>,
+    /// Each call's FLOP rate over the compute peak read just before it
+    /// ([`ceilings::probe`]): the median of those ratios, and of the
+    /// readings (FLOP/s). `None` where the kernel's unit has no probe.
+    paired: Paired,
 }
 
 impl Measured {
@@ -249,6 +253,12 @@ impl Measured {
     }
 }
 
+/// The median of `v` (not empty).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
 /// The median, 10th and 90th percentile of `v` (not empty).
 fn quantiles(mut v: Vec<f64>) -> Timing {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -271,12 +281,20 @@ struct Timing {
 /// Times `pt` on every engine (the kernel under test first), interleaving
 /// the engines' runs so that both see the same machine noise. Returns the
 /// FLOPs, the bytes and each engine's call times.
+/// The median ratio of a call's FLOP rate to the peak read before it, and
+/// the median reading (see [`Measured::paired`]).
+type Paired = Option<(f64, f64)>;
+
+/// Times `engines` (interleaved) on `pt`: FLOPs, bytes, each engine's
+/// timing, and for the first the paired rating (see [`Measured::paired`]):
+/// `probe` reads its compute peak before each of its calls.
 fn run_point(
     engines: &[&Engine],
     pt: Point,
     kv: &KvData,
     budget: f64,
-) -> Result<(f64, f64, Vec<Timing>)> {
+    probe: &dyn Fn() -> f64,
+) -> Result<(f64, f64, Vec<Timing>, Paired)> {
     let shape = DecodeShape::new(
         pt.batch as i32,
         pt.s_q as i32,
@@ -333,19 +351,28 @@ fn run_point(
         run(e)?; // warm-up: workspace growth, page faults
     }
     let mut times = vec![Vec::new(); engines.len()];
+    let (mut ratios, mut peaks) = (Vec::new(), Vec::new());
     let total = budget * engines.len() as f64;
     let start = Instant::now();
     while times[0].len() < MIN_REPS
         || (start.elapsed().as_secs_f64() < total && times[0].len() < MAX_REPS)
     {
-        for (e, t) in engines.iter().zip(times.iter_mut()) {
-            t.push(run(e)?);
+        for (i, (e, t)) in engines.iter().zip(times.iter_mut()).enumerate() {
+            let peak = if i == 0 { probe() } else { 0.0 };
+            let secs = run(e)?;
+            t.push(secs);
+            if peak > 0.0 {
+                ratios.push(d.flops() / secs / peak);
+                peaks.push(peak);
+            }
         }
     }
+    let paired = (!ratios.is_empty()).then(|| (median(ratios), median(peaks)));
     Ok((
         d.flops(),
         d.kv_bytes(),
         times.into_iter().map(quantiles).collect(),
+        paired,
     ))
 }
 
@@ -456,6 +483,14 @@ pub fn run(opts: &Options) -> Result<()> {
         .seconds
         .unwrap_or(if mode == "grid" { 0.3 } else { 1.0 });
 
+    // Every point has bf16 queries and outputs and a bf16/FP8 cache with
+    // d_qk = 576, so the avx512bf16 kernel runs both GEMMs on vdpbf16ps
+    // (P·V in bf16 because the output is bf16) and amx both on tiles.
+    let unit = match info.cpu_isa {
+        CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
+        CpuIsa::Amx => QkUnit::Amx,
+        _ => QkUnit::Fma,
+    };
     println!("measuring ceilings before the points ({threads} threads) ...");
     let before = ceilings::measure(threads);
     print_ceilings("before", &before);
@@ -474,13 +509,15 @@ pub fn run(opts: &Options) -> Result<()> {
             kv = Some(build_kv(&pt, opts.huge_pages)?);
         }
         let data = kv.as_ref().expect("built above");
-        let (flops, bytes, mut secs) = run_point(&engines, pt, data, budget)?;
+        let probe = || ceilings::probe(threads, unit);
+        let (flops, bytes, mut secs, paired) = run_point(&engines, pt, data, budget, &probe)?;
         let m = Measured {
             point: pt,
             flops,
             bytes,
             scalar_seconds: secs.get(1).map(|t| t.median),
             time: secs.swap_remove(0),
+            paired,
         };
         eprintln!(
             "[{:>3}/{n}] b {} N {} h_q {} s_q {} {} {}: {:.3} ms, {:.1} GFLOP/s{}",
@@ -515,23 +552,7 @@ pub fn run(opts: &Options) -> Result<()> {
         amx_flops: before.amx_flops.max(after.amx_flops),
         ..before
     }
-    // Every point has bf16 queries and outputs and a bf16/FP8 cache with
-    // d_qk = 576, so the avx512bf16 kernel runs both GEMMs on vdpbf16ps
-    // (P·V in bf16 because the output is bf16) and amx both on tiles.
-    .for_kernel(
-        match info.cpu_isa {
-            CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
-            CpuIsa::Amx => QkUnit::Amx,
-            _ => QkUnit::Fma,
-        },
-        match info.cpu_isa {
-            CpuIsa::Avx512Bf16 => QkUnit::Bf16Dp,
-            CpuIsa::Amx => QkUnit::Amx,
-            _ => QkUnit::Fma,
-        },
-        D_QK,
-        D_V,
-    );
+    .for_kernel(unit, unit, D_QK, D_V);
     println!(
         "ceilings used: the max of before and after (the VM is noisy): compute ({}) {:.1} GFLOP/s, DRAM read {:.1} GB/s, machine balance {:.1} FLOP/byte",
         used.compute_name,
@@ -542,11 +563,13 @@ pub fn run(opts: &Options) -> Result<()> {
     println!(
         "shape: DeepSeek-V3 MLA decode, d_qk {D_QK}, d_v {D_V}, bf16 q/out, block {BLOCK}, not causal\n\
          FLOPs = 2·b·s_q·h_q·keys·(d_qk+d_v); bytes = cache rows read (dense: once per sequence; \
-         sparse: topk random positions per query token, drawn with replacement, each counted)"
+         sparse: topk random positions per query token, drawn with replacement, each counted)\n\
+         % paired (compute-bound points): the median over calls of the call's FLOP rate over the {} peak read just before it (~10 ms)",
+        used.compute_name
     );
     let with_scalar = scalar.is_some();
     print!(
-        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7} {:>7}",
+        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7} {:>7} {:>8}",
         "batch",
         "seqlen",
         "h_q",
@@ -559,7 +582,8 @@ pub fn run(opts: &Options) -> Result<()> {
         "FLOP/B",
         "bound",
         "% ceil",
-        "spread"
+        "spread",
+        "% paired"
     );
     if with_scalar {
         print!(" {:>10} {:>8}", "scalar ms", "x scalar");
@@ -568,8 +592,12 @@ pub fn run(opts: &Options) -> Result<()> {
     for m in &results {
         let pt = &m.point;
         let (bound, fraction) = m.bound(&used);
+        let paired = match (m.paired, bound) {
+            (Some((r, _)), b) if b != "dram read" => format!("{:.1}%", r * 100.0),
+            _ => "-".to_string(),
+        };
         print!(
-            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}% {:>6.1}%",
+            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}% {:>6.1}% {:>8}",
             pt.batch,
             pt.seqlen,
             pt.h_q,
@@ -582,7 +610,8 @@ pub fn run(opts: &Options) -> Result<()> {
             m.intensity(),
             bound,
             fraction * 100.0,
-            m.spread() * 100.0
+            m.spread() * 100.0,
+            paired
         );
         if let (Some(s), Some(x)) = (m.scalar_seconds, m.speedup()) {
             print!(" {:>10.3} {:>7.2}x", s * 1e3, x);
@@ -654,7 +683,7 @@ fn to_json(r: &JsonRun) -> String {
             format!(
                 "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \
                  \"flops\": {:.6e}, \"bytes\": {:.6e}, \"seconds\": {:.6e}, \"seconds_p10\": {:.6e}, \"seconds_p90\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"intensity\": {:.3}, \
-                 \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}}}",
+                 \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"fraction_of_paired_peak\": {}, \"paired_peak_gflops\": {}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}}}",
                 m.point.batch,
                 m.point.seqlen,
                 m.point.h_q,
@@ -671,6 +700,8 @@ fn to_json(r: &JsonRun) -> String {
                 m.intensity(),
                 bound,
                 fraction,
+                opt(m.paired.map(|p| p.0), 4),
+                opt(m.paired.map(|p| p.1 / 1e9), 3),
                 m.scalar_seconds.map_or("null".to_string(), |s| format!("{s:.6e}")),
                 opt(m.scalar_gflops(), 3),
                 opt(m.speedup(), 4),

@@ -259,57 +259,115 @@ fn bf16_peak(_threads: usize, _reps: usize) -> f64 {
 /// (as `shared/tools/peak.c`), each instruction 16 x 16 x 32 x 2 FLOPs.
 #[cfg(target_arch = "x86_64")]
 fn amx_peak(threads: usize, reps: usize) -> f64 {
-    use mlart::backend::cpu::isa::{amx_permitted, CpuFeatures, CpuIsa};
-    if !CpuFeatures::detect().supports(CpuIsa::Amx) || !amx_permitted() {
+    if !amx_usable() {
         return 0.0;
-    }
-    fn run(iters: usize) -> f32 {
-        let mut cfg = [0u8; 64];
-        cfg[0] = 1;
-        for t in 0..8 {
-            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
-            cfg[48 + t] = 16;
-        }
-        let tile = [0x3c23_3c23u32; 256];
-        let mut c = [0f32; 256];
-        // SAFETY: AMX is present and permitted (checked by the caller); the
-        // configuration is valid, every tile load reads 16 rows of 64 bytes
-        // from `tile` (1 KiB) and the store writes 1 KiB into `c`.
-        unsafe {
-            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
-            std::arch::asm!(
-                "tileloadd tmm4, [{p} + {s}]", "tileloadd tmm5, [{p} + {s}]",
-                "tileloadd tmm6, [{p} + {s}]", "tileloadd tmm7, [{p} + {s}]",
-                "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
-                p = in(reg) tile.as_ptr(), s = in(reg) 64usize, options(nostack, readonly),
-            );
-            for _ in 0..iters {
-                std::arch::asm!(
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
-                    "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
-                    options(nostack, nomem),
-                );
-            }
-            std::arch::asm!("tilestored [{p} + {s}], tmm0", p = in(reg) c.as_mut_ptr(), s = in(reg) 64usize, options(nostack));
-            std::arch::asm!("tilerelease", options(nostack, nomem));
-        }
-        c[0]
     }
     let iters = 2_000_000;
     let runs = (0..reps)
         .map(|_| {
-            let t = timed_parallel(threads, |_| run(iters));
-            (iters * 4 * 16 * 16 * 32 * 2) as f64 * threads as f64 / t
+            let t = timed_parallel(threads, |_| amx_run(iters));
+            amx_flops(iters) * threads as f64 / t
         })
         .collect();
     median(runs)
 }
 
+#[cfg(target_arch = "x86_64")]
+fn amx_usable() -> bool {
+    use mlart::backend::cpu::isa::{amx_permitted, CpuFeatures, CpuIsa};
+    CpuFeatures::detect().supports(CpuIsa::Amx) && amx_permitted()
+}
+
+/// FLOPs of one [`amx_run`].
+fn amx_flops(iters: usize) -> f64 {
+    (iters * 4 * 16 * 16 * 32 * 2) as f64
+}
+
+/// `iters` x four `tdpbf16ps` on this thread. Callers check
+/// [`amx_usable`] first.
+#[cfg(target_arch = "x86_64")]
+fn amx_run(iters: usize) -> f32 {
+    let mut cfg = [0u8; 64];
+    cfg[0] = 1;
+    for t in 0..8 {
+        cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+        cfg[48 + t] = 16;
+    }
+    let tile = [0x3c23_3c23u32; 256];
+    let mut c = [0f32; 256];
+    // SAFETY: AMX is present and permitted (checked by the caller); the
+    // configuration is valid, every tile load reads 16 rows of 64 bytes
+    // from `tile` (1 KiB) and the store writes 1 KiB into `c`.
+    unsafe {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
+        std::arch::asm!(
+            "tileloadd tmm4, [{p} + {s}]", "tileloadd tmm5, [{p} + {s}]",
+            "tileloadd tmm6, [{p} + {s}]", "tileloadd tmm7, [{p} + {s}]",
+            "tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3",
+            p = in(reg) tile.as_ptr(), s = in(reg) 64usize, options(nostack, readonly),
+        );
+        for _ in 0..iters {
+            std::arch::asm!(
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tdpbf16ps tmm1, tmm4, tmm7",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                "tdpbf16ps tmm3, tmm5, tmm7",
+                options(nostack, nomem),
+            );
+        }
+        std::arch::asm!("tilestored [{p} + {s}], tmm0", p = in(reg) c.as_mut_ptr(), s = in(reg) 64usize, options(nostack));
+        std::arch::asm!("tilerelease", options(nostack, nomem));
+    }
+    c[0]
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn amx_peak(_threads: usize, _reps: usize) -> f64 {
     0.0
+}
+
+/// One short reading (about 10 ms) of the peak of `unit` over `threads`,
+/// FLOP/s (0 where the unit is absent): `mlart bench` takes one before
+/// every timed run of a kernel on that unit, so that each run is rated
+/// against the machine as it was then (on a shared VM the peaks swing by
+/// 2x within seconds, see BENCHMARKS.md).
+pub fn probe(threads: usize, unit: QkUnit) -> f64 {
+    #[cfg(target_arch = "x86_64")]
+    match unit {
+        QkUnit::Amx if amx_usable() => {
+            let iters = 300_000;
+            amx_flops(iters) * threads as f64 / timed_parallel(threads, |_| amx_run(iters))
+        }
+        QkUnit::Bf16Dp
+            if std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bf16") =>
+        {
+            let iters = 1_000_000;
+            // SAFETY: avx512f and avx512bf16 were detected above.
+            let t = timed_parallel(threads, |_| unsafe { simd::dp_512(iters) });
+            simd::flops_dp(iters) * threads as f64 / t
+        }
+        QkUnit::Fma if std::is_x86_feature_detected!("avx512f") => {
+            let iters = 2_000_000;
+            // SAFETY: avx512f was detected above.
+            let t = timed_parallel(threads, |_| unsafe { simd::fma_512(iters) });
+            simd::flops_512(iters) * threads as f64 / t
+        }
+        QkUnit::Fma
+            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") =>
+        {
+            let iters = 4_000_000;
+            // SAFETY: avx2 and fma were detected above.
+            let t = timed_parallel(threads, |_| unsafe { simd::fma_256(iters) });
+            simd::flops_256(iters) * threads as f64 / t
+        }
+        _ => 0.0,
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (threads, unit);
+        0.0
+    }
 }
 
 /// The compute peaks a model's projections can run at: the FP32 FMA peak
