@@ -330,8 +330,8 @@ pub struct Tiled<F> {
 
 /// `C(i, j) (+)= Σ_k A(i, k) · B(j, k)` for a grid of `m x n` C tiles (C
 /// tile `(i, j)` at `c(i, j)`, rows `c_stride` bytes apart), in 2 x 2
-/// blocks of [`mac`]; `before(i)` runs before each pair of A rows, `tick`
-/// once per K chunk of every block.
+/// blocks of [`mac`] (row pair by row pair of A), `tick` once per K chunk
+/// of every block.
 ///
 /// # Safety
 /// As [`mac`], for every tile the grid names.
@@ -346,11 +346,9 @@ pub unsafe fn grid<T: Tiles>(
     c: impl Fn(usize, usize) -> *mut u8,
     c_stride: usize,
     load_c: bool,
-    mut before: impl FnMut(usize),
     mut tick: impl FnMut(),
 ) {
     for i in (0..m).step_by(2) {
-        before(i);
         let (nm, il) = (2.min(m - i), (i + 1).min(m - 1));
         let op_a = Operand {
             base: [(a.at)(i), (a.at)(il)],

@@ -287,7 +287,6 @@ unsafe fn scores<T: Tiles>(
             c,
             rp * 4,
             false,
-            |_| {},
             tick,
         )
     };
@@ -614,7 +613,7 @@ unsafe fn pv<T: Tiles>(
     // SAFETY: A tile (r, k): pa's tile k of row block r; B tile (c, k):
     // vp's rows 16k..16k + 16 of column block c; C tile (r, c): acc's
     // tile (r, c). All inside the asserted sizes.
-    unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, true, |_| {}, tick) };
+    unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, true, tick) };
 }
 
 #[cfg(test)]
