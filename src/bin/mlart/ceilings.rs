@@ -159,14 +159,22 @@ mod simd {
     }
 }
 
-/// Runs `f(thread)` on `threads` threads at once; returns the slowest time.
+/// Runs `f(thread)` on `threads` threads at once, thread t pinned to the
+/// t-th CPU the process may use (as `shared/tools/peak.c` pins; unpinned,
+/// two threads could share one CPU); returns the slowest time.
 fn timed_parallel(threads: usize, f: impl Fn(usize) -> f32 + Sync) -> f64 {
+    use mlart::backend::cpu::affinity;
     let barrier = std::sync::Barrier::new(threads);
+    let cpus = affinity::process_mask().unwrap_or_default();
     let times: Vec<f64> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (f, barrier) = (&f, &barrier);
+                let (f, barrier, cpus) = (&f, &barrier, &cpus);
                 s.spawn(move || {
+                    if !cpus.is_empty() {
+                        // Unpinned is still a reading: a failure is ignored.
+                        let _ = affinity::set_thread_cpus(&[cpus[t % cpus.len()]]);
+                    }
                     barrier.wait();
                     let t0 = Instant::now();
                     std::hint::black_box(f(t));
