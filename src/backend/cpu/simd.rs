@@ -942,23 +942,8 @@ unsafe fn softmax_tile<V: Vector>(
         }
         for row in rb..re {
             let vis = task.visible(row / h_q).saturating_sub(t0).min(n);
-            let tile_max = (0..vis)
-                .map(|j| st[j * rp + row])
-                .fold(f32::NEG_INFINITY, f32::max);
-            let new_max = row_max[row].max(tile_max);
-            if new_max == f32::NEG_INFINITY {
-                (0..n).for_each(|j| st[j * rp + row] = 0.0);
-                continue;
-            }
-            let alpha = (row_max[row] - new_max).exp();
-            let mut sum = 0.0;
-            for j in 0..n {
-                let x = &mut st[j * rp + row];
-                *x = if j < vis { (*x - new_max).exp() } else { 0.0 };
-                sum += *x;
-            }
-            row_sum[row] = row_sum[row] * alpha + sum;
-            row_max[row] = new_max;
+            let (max, sum) = (&mut row_max[row], &mut row_sum[row]);
+            let alpha = softmax_row(st, rp, row, (n, vis), 1.0, max, sum);
             if alpha != 1.0 {
                 o[row * dv..(row + 1) * dv]
                     .iter_mut()
@@ -967,6 +952,45 @@ unsafe fn softmax_tile<V: Vector>(
         }
         rb = re;
     }
+}
+
+/// One query row's online softmax over a tile's scores (column `row` of
+/// `st [n][rp]`): keys `0..vis` are visible, their scores times `scale`
+/// (1 where `st` is already scaled), the rest masked. p overwrites the
+/// scores (0 where masked), the running `max` and `sum` advance. Returns
+/// the factor the row's accumulated output must be multiplied by (1 when
+/// the max did not move, or when no key was ever visible: all p are 0).
+pub(super) fn softmax_row(
+    st: &mut [f32],
+    rp: usize,
+    row: usize,
+    (n, vis): (usize, usize),
+    scale: f32,
+    max: &mut f32,
+    sum: &mut f32,
+) -> f32 {
+    let tile_max = (0..vis)
+        .map(|j| st[j * rp + row] * scale)
+        .fold(f32::NEG_INFINITY, f32::max);
+    let new_max = max.max(tile_max);
+    if new_max == f32::NEG_INFINITY {
+        (0..n).for_each(|j| st[j * rp + row] = 0.0);
+        return 1.0;
+    }
+    let alpha = (*max - new_max).exp();
+    let mut tile_sum = 0.0;
+    for j in 0..n {
+        let x = &mut st[j * rp + row];
+        *x = if j < vis {
+            (*x * scale - new_max).exp()
+        } else {
+            0.0
+        };
+        tile_sum += *x;
+    }
+    *sum = *sum * alpha + tile_sum;
+    *max = new_max;
+    alpha
 }
 
 /// Points `keys[..n]` at the bf16-pair rows (`d_qk / 2` each) of keys

@@ -22,7 +22,7 @@
 //! software tile model.
 
 use super::x86::V512;
-use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, transpose16, Vector};
+use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_row, transpose16, Vector};
 use crate::backend::cpu::amx::{grid, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::{prefetch, KvFormat};
@@ -134,7 +134,17 @@ pub unsafe fn attend<T: Tiles>(
         // and row_sum rows, acc rp x dv, pa rp * np16 <= rp * KT / 2.
         unsafe {
             softmax_p(
-                task, st, rp, t0, n, rows, row_max, row_sum, acc, dv, np16, pa,
+                task,
+                st,
+                rp,
+                t0,
+                n,
+                rows,
+                (row_max, row_sum),
+                acc,
+                dv,
+                np16,
+                pa,
             )
         };
         // SAFETY: AVX-512F, BW and BF16 enabled; vp holds np16 * dv <=
@@ -318,8 +328,7 @@ unsafe fn softmax_p(
     t0: usize,
     n: usize,
     rows: usize,
-    row_max: &mut [f32],
-    row_sum: &mut [f32],
+    (row_max, row_sum): (&mut [f32], &mut [f32]),
     acc: &mut [f32],
     dv: usize,
     np16: usize,
@@ -342,28 +351,8 @@ unsafe fn softmax_p(
                     continue;
                 }
                 let vis = task.visible(r / h_q).saturating_sub(t0).min(n);
-                let tile_max = (0..vis)
-                    .map(|j| st[j * rp + r] * scale)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let new_max = row_max[r].max(tile_max);
-                if new_max == f32::NEG_INFINITY {
-                    (0..n).for_each(|j| st[j * rp + r] = 0.0);
-                    continue;
-                }
-                let alpha = (row_max[r] - new_max).exp();
-                let mut sum = 0.0;
-                for j in 0..n {
-                    let x = &mut st[j * rp + r];
-                    let p = if j < vis {
-                        (*x * scale - new_max).exp()
-                    } else {
-                        0.0
-                    };
-                    *x = p;
-                    sum += p;
-                }
-                row_sum[r] = row_sum[r] * alpha + sum;
-                row_max[r] = new_max;
+                let (max, sum) = (&mut row_max[r], &mut row_sum[r]);
+                let alpha = softmax_row(st, rp, r, (n, vis), scale, max, sum);
                 if alpha != 1.0 {
                     for c in 0..cb {
                         o[c * TILE + i * 16..][..16]
