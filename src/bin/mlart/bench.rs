@@ -34,8 +34,10 @@ pub struct Options {
     pub json: Option<String>,
     /// Time budget per point and kernel; `None`: 1.0 s, 0.3 s with `--grid`.
     pub seconds: Option<f64>,
-    /// Also time the scalar reference kernel on every point.
+    /// Also time the reference kernel on every point.
     pub scalar: bool,
+    /// The reference kernel's ISA (`--reference`, default scalar).
+    pub reference: String,
     /// Back the caches with transparent huge pages (`--huge-pages`), as a
     /// caller of `mlart_decode_paged` can; pools do it themselves.
     pub huge_pages: bool,
@@ -383,13 +385,13 @@ fn run_point(
     ))
 }
 
-/// A second engine with the scalar reference kernel: `Engine::new` reads
+/// A second engine with the reference kernel `isa`: `Engine::new` reads
 /// `MLART_CPU_ISA` at creation, so it is set just for that call and then
 /// restored (nothing else reads the environment meanwhile).
-fn scalar_engine(threads: usize) -> Result<Engine> {
+fn reference_engine(threads: usize, isa: &str) -> Result<Engine> {
     const VAR: &str = "MLART_CPU_ISA";
     let prev = std::env::var_os(VAR);
-    std::env::set_var(VAR, "scalar");
+    std::env::set_var(VAR, isa);
     let engine = Engine::new(&EngineOptions {
         num_threads: threads,
         ..EngineOptions::default()
@@ -463,19 +465,25 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let scalar = if !opts.scalar {
         None
-    } else if info.cpu_isa.name() == "scalar" {
-        println!("reference: none (the kernel under test is already the scalar one)");
+    } else if info.cpu_isa.name() == opts.reference {
+        println!(
+            "reference: none (the kernel under test is already the {} one)",
+            opts.reference
+        );
         None
     } else {
-        let s = scalar_engine(threads)?;
+        let s = reference_engine(threads, &opts.reference)?;
         println!(
-            "reference: scalar kernel ({}, {} threads), runs interleaved with {}",
+            "reference: {} kernel ({} threads), runs interleaved with {}, call by call",
             s.info().cpu_isa.name(),
             s.info().threads,
             info.cpu_isa.name()
         );
         Some(s)
     };
+    let ref_name = scalar
+        .as_ref()
+        .map_or("scalar", |s| s.info().cpu_isa.name());
     let engines: Vec<&Engine> = std::iter::once(&engine).chain(scalar.as_ref()).collect();
 
     let (points, mode) = match (&opts.points, opts.grid, opts.quick) {
@@ -538,7 +546,7 @@ pub fn run(opts: &Options) -> Result<()> {
             m.time.median * 1e3,
             m.gflops(),
             m.scalar_seconds.map_or(String::new(), |s| format!(
-                "; scalar {:.3} ms, {:.2}x",
+                "; {ref_name} {:.3} ms, {:.2}x",
                 s * 1e3,
                 s / m.time.median
             ))
@@ -593,7 +601,11 @@ pub fn run(opts: &Options) -> Result<()> {
         "% paired"
     );
     if with_scalar {
-        print!(" {:>10} {:>8}", "scalar ms", "x scalar");
+        print!(
+            " {:>10} {:>8}",
+            format!("{ref_name} ms"),
+            format!("x {ref_name}")
+        );
     }
     println!();
     for m in &results {
@@ -632,7 +644,7 @@ pub fn run(opts: &Options) -> Result<()> {
             .iter()
             .fold((f64::INFINITY, 0f64), |(l, h), &x| (l.min(x), h.max(x)));
         println!(
-            "speed-up over scalar: geometric mean {geo:.2}x, min {lo:.2}x, max {hi:.2}x ({} points)",
+            "speed-up over {ref_name}: geometric mean {geo:.2}x, min {lo:.2}x, max {hi:.2}x ({} points)",
             speedups.len()
         );
     }

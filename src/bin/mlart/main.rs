@@ -24,7 +24,9 @@ commands:
       --points LIST       explicit points h_q:s_q:N:batch:format:topk,... (topk: a number or dense),
                           e.g. 128:1:4096:1:bf16:dense,128:2:16384:8:fp8_v32:2048
       --seconds S         time budget per point and kernel, median of >= 3 runs (default 1.0; 0.3 with --grid)
-      --no-scalar         skip the scalar reference kernel (otherwise timed on every point: x scalar column)
+      --no-scalar         skip the reference kernel (otherwise timed on every point: x scalar column)
+      --reference ISA     the reference kernel: scalar (default) | avx2 | avx512 | avx512bf16 | amx, its calls
+                          interleaved with the kernel's (e.g. amx against avx512 in the same VM state)
       --huge-pages        back the bench's caches with transparent huge pages (Linux madvise), as pools are
       --json PATH         also write the results as JSON (every point, ceilings before/after/used, date)
   bench --cuda [options]  GPU decode throughput: dense bf16 b=128 N=4096 h_q 16|128, sparse fp8_v32 h_q 128 topk 2048;
@@ -117,6 +119,7 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
         json: None,
         seconds: None,
         scalar: true,
+        reference: "scalar".to_string(),
         huge_pages: false,
     };
     let mut it = args.iter();
@@ -144,6 +147,15 @@ fn parse_bench(args: &[String]) -> Result<bench::Options, String> {
             "--grid" => o.grid = true,
             "--points" => o.points = Some(bench::parse_points(&value("--points")?)?),
             "--no-scalar" => o.scalar = false,
+            "--reference" => {
+                let v = value("--reference")?;
+                if !["scalar", "avx2", "avx512", "avx512bf16", "amx"].contains(&v.as_str()) {
+                    return Err(format!(
+                        "--reference {v}: not a CPU kernel (scalar, avx2, avx512, avx512bf16, amx)"
+                    ));
+                }
+                o.reference = v;
+            }
             "--huge-pages" => o.huge_pages = true,
             other => return Err(format!("unknown bench option {other}")),
         }
