@@ -190,37 +190,6 @@ fn timed_parallel(threads: usize, f: impl Fn(usize) -> f32 + Sync) -> f64 {
     times.into_iter().fold(0.0, f64::max)
 }
 
-#[cfg(target_arch = "x86_64")]
-fn fma_peak(threads: usize, reps: usize) -> (f64, &'static str) {
-    let iters = 20_000_000;
-    if std::is_x86_feature_detected!("avx512f") {
-        let runs = (0..reps)
-            .map(|_| {
-                // SAFETY: avx512f was detected above.
-                let t = timed_parallel(threads, |_| unsafe { simd::fma_512(iters) });
-                simd::flops_512(iters) * threads as f64 / t
-            })
-            .collect();
-        (median(runs), "avx512 vfmadd231ps zmm")
-    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-        let runs = (0..reps)
-            .map(|_| {
-                // SAFETY: avx2 and fma were detected above.
-                let t = timed_parallel(threads, |_| unsafe { simd::fma_256(iters) });
-                simd::flops_256(iters) * threads as f64 / t
-            })
-            .collect();
-        (median(runs), "avx2 vfmadd231ps ymm")
-    } else {
-        (0.0, "none")
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn fma_peak(_threads: usize, _reps: usize) -> (f64, &'static str) {
-    (0.0, "none")
-}
-
 /// Median DRAM read bandwidth (bytes/s) of `reps` sums over 512 MiB.
 pub fn read_bandwidth(threads: usize, reps: usize) -> f64 {
     // 512 MiB: far beyond any last-level cache.
@@ -243,50 +212,13 @@ pub fn read_bandwidth(threads: usize, reps: usize) -> f64 {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn bf16_peak(threads: usize, reps: usize) -> f64 {
-    if !(std::is_x86_feature_detected!("avx512f") && std::is_x86_feature_detected!("avx512bf16")) {
-        return 0.0;
-    }
-    let iters = 10_000_000;
-    let runs = (0..reps)
-        .map(|_| {
-            // SAFETY: avx512f and avx512bf16 were detected above.
-            let t = timed_parallel(threads, |_| unsafe { simd::dp_512(iters) });
-            simd::flops_dp(iters) * threads as f64 / t
-        })
-        .collect();
-    median(runs)
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn bf16_peak(_threads: usize, _reps: usize) -> f64 {
-    0.0
-}
-
-/// `tdpbf16ps` throughput: four accumulator tiles, two A and two B tiles
-/// (as `shared/tools/peak.c`), each instruction 16 x 16 x 32 x 2 FLOPs.
-#[cfg(target_arch = "x86_64")]
-fn amx_peak(threads: usize, reps: usize) -> f64 {
-    if !amx_usable() {
-        return 0.0;
-    }
-    let iters = 2_000_000;
-    let runs = (0..reps)
-        .map(|_| {
-            let t = timed_parallel(threads, |_| amx_run(iters));
-            amx_flops(iters) * threads as f64 / t
-        })
-        .collect();
-    median(runs)
-}
-
-#[cfg(target_arch = "x86_64")]
 fn amx_usable() -> bool {
     use mlart::backend::cpu::isa::{amx_permitted, CpuFeatures, CpuIsa};
     CpuFeatures::detect().supports(CpuIsa::Amx) && amx_permitted()
 }
 
 /// FLOPs of one [`amx_run`].
+#[cfg(target_arch = "x86_64")]
 fn amx_flops(iters: usize) -> f64 {
     (iters * 4 * 16 * 16 * 32 * 2) as f64
 }
@@ -329,34 +261,28 @@ fn amx_run(iters: usize) -> f32 {
     c[0]
 }
 
-#[cfg(not(target_arch = "x86_64"))]
-fn amx_peak(_threads: usize, _reps: usize) -> f64 {
-    0.0
-}
-
-/// One short reading (about 10 ms) of the peak of `unit` over `threads`,
-/// FLOP/s (0 where the unit is absent): `mlart bench` takes one before
-/// every timed run of a kernel on that unit, so that each run is rated
-/// against the machine as it was then (on a shared VM the peaks swing by
-/// 2x within seconds, see BENCHMARKS.md).
-pub fn probe(threads: usize, unit: QkUnit) -> f64 {
+/// One reading of the peak of `unit` over `threads`, FLOP/s (0 where the
+/// unit is absent): its register-only loop, run `iters / div` times. FMA
+/// is `vfmadd231ps` on zmm (ymm without AVX-512), `Bf16Dp` `vdpbf16ps`,
+/// `Amx` `tdpbf16ps` on four accumulator tiles (as `shared/tools/peak.c`).
+fn reading(threads: usize, unit: QkUnit, div: usize) -> f64 {
     #[cfg(target_arch = "x86_64")]
     match unit {
         QkUnit::Amx if amx_usable() => {
-            let iters = 300_000;
+            let iters = 2_000_000 / div;
             amx_flops(iters) * threads as f64 / timed_parallel(threads, |_| amx_run(iters))
         }
         QkUnit::Bf16Dp
             if std::is_x86_feature_detected!("avx512f")
                 && std::is_x86_feature_detected!("avx512bf16") =>
         {
-            let iters = 1_000_000;
+            let iters = 10_000_000 / div;
             // SAFETY: avx512f and avx512bf16 were detected above.
             let t = timed_parallel(threads, |_| unsafe { simd::dp_512(iters) });
             simd::flops_dp(iters) * threads as f64 / t
         }
         QkUnit::Fma if std::is_x86_feature_detected!("avx512f") => {
-            let iters = 2_000_000;
+            let iters = 20_000_000 / div;
             // SAFETY: avx512f was detected above.
             let t = timed_parallel(threads, |_| unsafe { simd::fma_512(iters) });
             simd::flops_512(iters) * threads as f64 / t
@@ -364,7 +290,7 @@ pub fn probe(threads: usize, unit: QkUnit) -> f64 {
         QkUnit::Fma
             if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") =>
         {
-            let iters = 4_000_000;
+            let iters = 20_000_000 / div;
             // SAFETY: avx2 and fma were detected above.
             let t = timed_parallel(threads, |_| unsafe { simd::fma_256(iters) });
             simd::flops_256(iters) * threads as f64 / t
@@ -373,9 +299,34 @@ pub fn probe(threads: usize, unit: QkUnit) -> f64 {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (threads, unit);
+        let _ = (threads, unit, div);
         0.0
     }
+}
+
+/// The median of `reps` full readings of `unit`'s peak.
+fn peak(threads: usize, unit: QkUnit, reps: usize) -> f64 {
+    median((0..reps).map(|_| reading(threads, unit, 1)).collect())
+}
+
+/// Which instruction measures the FMA peak.
+fn fma_isa() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") {
+        return "avx512 vfmadd231ps zmm";
+    } else if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        return "avx2 vfmadd231ps ymm";
+    }
+    "none"
+}
+
+/// One short reading (about 10 ms, an eighth of a full one) of the peak
+/// of `unit` over `threads`, FLOP/s (0 where the unit is absent): `mlart
+/// bench` takes one before every timed run of a kernel on that unit, so
+/// that each run is rated against the machine as it was then (on a shared
+/// VM the peaks swing by 2x within seconds, see BENCHMARKS.md).
+pub fn probe(threads: usize, unit: QkUnit) -> f64 {
+    reading(threads, unit, 8)
 }
 
 /// The compute peaks a model's projections can run at: the FP32 FMA peak
@@ -383,16 +334,16 @@ pub fn probe(threads: usize, unit: QkUnit) -> f64 {
 /// over `threads`.
 pub fn projection_peaks(threads: usize) -> (f64, f64, f64) {
     (
-        fma_peak(threads, 5).0,
-        bf16_peak(threads, 5),
-        amx_peak(threads, 5),
+        peak(threads, QkUnit::Fma, 5),
+        peak(threads, QkUnit::Bf16Dp, 5),
+        peak(threads, QkUnit::Amx, 5),
     )
 }
 
 pub fn measure(threads: usize) -> Ceilings {
-    let (fma_flops, fma_isa) = fma_peak(threads, 5);
-    let bf16_flops = bf16_peak(threads, 5);
-    let amx_flops = amx_peak(threads, 5);
+    let (fma_flops, fma_isa) = (peak(threads, QkUnit::Fma, 5), fma_isa());
+    let bf16_flops = peak(threads, QkUnit::Bf16Dp, 5);
+    let amx_flops = peak(threads, QkUnit::Amx, 5);
     let read_bw = read_bandwidth(threads, 7);
     Ceilings {
         bf16_flops,
