@@ -199,8 +199,15 @@ impl Tiles for Emu {
     }
 }
 
-/// Where the tiles of one [`mac`] operand lie: tile `i` of K chunk `k`
-/// starts at `base[i] + k * step` bytes, its 16 rows `stride` bytes apart.
+/// Where the tiles of one [`mac`] operand lie: tile `i` (0 or 1) of K
+/// chunk `k` starts at `at(i, k)`, its 16 rows `stride()` bytes apart.
+pub trait Place: Copy {
+    fn at(&self, i: usize, k: usize) -> *const u8;
+    fn stride(&self) -> usize;
+}
+
+/// Tiles at a fixed step: tile `i` of K chunk `k` at `base[i] + k * step`
+/// bytes, its 16 rows `stride` bytes apart.
 #[derive(Clone, Copy)]
 pub struct Operand {
     pub base: [*const u8; 2],
@@ -208,10 +215,35 @@ pub struct Operand {
     pub step: usize,
 }
 
-impl Operand {
+impl Place for Operand {
     #[inline(always)]
     fn at(&self, i: usize, k: usize) -> *const u8 {
         self.base[i].wrapping_add(k * self.step)
+    }
+    #[inline(always)]
+    fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+/// Tiles whose K chunks lie anywhere (key tiles of a paged cache): tile
+/// `i` of K chunk `k` at `chunks[k] + offset[i]` bytes, its 16 rows
+/// `stride` bytes apart.
+#[derive(Clone, Copy)]
+pub struct Scattered<'c> {
+    pub chunks: &'c [*const u8],
+    pub offset: [usize; 2],
+    pub stride: usize,
+}
+
+impl Place for Scattered<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, k: usize) -> *const u8 {
+        self.chunks[k].wrapping_add(self.offset[i])
+    }
+    #[inline(always)]
+    fn stride(&self) -> usize {
+        self.stride
     }
 }
 
@@ -236,8 +268,8 @@ pub struct Acc {
 #[inline(always)]
 pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
     t: &mut T,
-    a: Operand,
-    b: Operand,
+    a: impl Place,
+    b: impl Place,
     chunks: usize,
     c: Acc,
     load_c: bool,
@@ -263,17 +295,18 @@ pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
             t.zero::<2>();
             t.zero::<3>();
         }
+        let (sa, sb) = (a.stride(), b.stride());
         for k in 0..chunks {
-            t.load::<4>(a.at(0, k), a.stride);
-            t.load::<6>(b.at(0, k), b.stride);
+            t.load::<4>(a.at(0, k), sa);
+            t.load::<6>(b.at(0, k), sb);
             t.dp::<0, 4, 6>();
             tick();
             if NN > 1 {
-                t.load::<7>(b.at(1, k), b.stride);
+                t.load::<7>(b.at(1, k), sb);
                 t.dp::<1, 4, 7>();
             }
             if NM > 1 {
-                t.load::<5>(a.at(1, k), a.stride);
+                t.load::<5>(a.at(1, k), sa);
                 t.dp::<2, 5, 6>();
                 if NN > 1 {
                     t.dp::<3, 5, 7>();
@@ -302,8 +335,8 @@ pub unsafe fn mac<T: Tiles, const NM: usize, const NN: usize>(
 pub unsafe fn mac_dyn<T: Tiles>(
     t: &mut T,
     shape: (usize, usize),
-    a: Operand,
-    b: Operand,
+    a: impl Place,
+    b: impl Place,
     chunks: usize,
     c: Acc,
     load_c: bool,
@@ -422,7 +455,6 @@ mod tests {
                 .map(|_| bf16(*it.next().unwrap()))
                 .collect();
             let c0: Vec<f32> = (0..32 * 40).map(|_| *it.next().unwrap()).collect();
-            let mut c = c0.clone();
             let op_a = Operand {
                 base: [
                     a.as_ptr() as *const u8,
@@ -437,39 +469,58 @@ mod tests {
                 stride: 32 * 4,
                 step: 16 * 32 * 4,
             };
-            let cp = c.as_mut_ptr();
-            let acc = Acc {
-                base: [
-                    [cp as *mut u8, cp.wrapping_add(16) as *mut u8],
-                    [
-                        cp.wrapping_add(16 * 40) as *mut u8,
-                        cp.wrapping_add(16 * 40 + 16) as *mut u8,
-                    ],
-                ],
-                stride: 40 * 4,
+            // The same B with each K chunk in an allocation of its own.
+            let apart: Vec<Vec<u16>> = b.chunks_exact(16 * 64).map(|k| k.to_vec()).collect();
+            let chunk_at: Vec<*const u8> = apart.iter().map(|k| k.as_ptr() as *const u8).collect();
+            let scattered = Scattered {
+                chunks: &chunk_at,
+                offset: [0, 64],
+                stride: 32 * 4,
             };
-            let mut ticks = 0;
-            let mut tick = || ticks += 1;
-            // SAFETY: every tile lies inside a, b or c (sizes above).
-            unsafe { mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c, &mut tick) };
-            assert_eq!(ticks, chunks, "one tick per K chunk");
-            let bv = |x: u16| f32::from_bits((x as u32) << 16) as f64;
-            for m in 0..32 {
-                for n in 0..40 {
-                    let (i, j) = (m / 16, n / 16);
-                    let got = c[m * 40 + n] as f64;
-                    if i >= nm || j >= nn || n >= 32 {
-                        assert_eq!(got, c0[m * 40 + n] as f64, "untouched C[{m}][{n}]");
-                        continue;
+            for placed in ["at a step", "scattered"] {
+                let mut c = c0.clone();
+                let cp = c.as_mut_ptr();
+                let acc = Acc {
+                    base: [
+                        [cp as *mut u8, cp.wrapping_add(16) as *mut u8],
+                        [
+                            cp.wrapping_add(16 * 40) as *mut u8,
+                            cp.wrapping_add(16 * 40 + 16) as *mut u8,
+                        ],
+                    ],
+                    stride: 40 * 4,
+                };
+                let mut ticks = 0;
+                let mut tick = || ticks += 1;
+                // SAFETY: every tile lies inside a, b (or its chunks) or c
+                // (sizes above).
+                unsafe {
+                    match placed {
+                        "scattered" => {
+                            mac_dyn(t, (nm, nn), op_a, scattered, chunks, acc, load_c, &mut tick)
+                        }
+                        _ => mac_dyn(t, (nm, nn), op_a, op_b, chunks, acc, load_c, &mut tick),
                     }
-                    let mut want = if load_c { c0[m * 40 + n] as f64 } else { 0.0 };
-                    for k in 0..kk {
-                        want += bv(a[m * a_stride + k]) * bv(b[(k / 2) * 64 + 2 * n + k % 2]);
+                };
+                assert_eq!(ticks, chunks, "one tick per K chunk");
+                let bv = |x: u16| f32::from_bits((x as u32) << 16) as f64;
+                for m in 0..32 {
+                    for n in 0..40 {
+                        let (i, j) = (m / 16, n / 16);
+                        let got = c[m * 40 + n] as f64;
+                        if i >= nm || j >= nn || n >= 32 {
+                            assert_eq!(got, c0[m * 40 + n] as f64, "untouched C[{m}][{n}]");
+                            continue;
+                        }
+                        let mut want = if load_c { c0[m * 40 + n] as f64 } else { 0.0 };
+                        for k in 0..kk {
+                            want += bv(a[m * a_stride + k]) * bv(b[(k / 2) * 64 + 2 * n + k % 2]);
+                        }
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{nm}x{nn} B {placed}: C[{m}][{n}] {got} vs {want}"
+                        );
                     }
-                    assert!(
-                        (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
-                        "{nm}x{nn} C[{m}][{n}] {got} vs {want}"
-                    );
                 }
             }
         }

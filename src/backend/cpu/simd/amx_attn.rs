@@ -13,7 +13,11 @@
 //! - `O += P · V`: V's rows interleaved in pairs (the B operand), O
 //!   accumulated in C tiles over the tile's keys. P, V and O are kept tile
 //!   by tile (each tile's 16 rows in one KiB), so a tile load reads 16
-//!   consecutive lines and no two rows of an operand share an L1 set.
+//!   consecutive lines and no two rows of an operand share an L1 set. For
+//!   16 query rows or fewer, V's B tiles are the keys' rows as they are,
+//!   against P in two A tiles that keep V's even and odd columns apart
+//!   ([`PvForm::Split`]): twice the products and no pass over V, which
+//!   costs more than those products when M is one tile.
 //! - the next tile's keys are fetched a few lines per tile product
 //!   ([`Trickle`]): a burst of prefetches stalls the tiles behind it, a
 //!   trickle keeps the memory busy while they compute.
@@ -23,7 +27,7 @@
 
 use super::x86::V512;
 use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_row, transpose16, Vector};
-use crate::backend::cpu::amx::{grid, Tiled, Tiles};
+use crate::backend::cpu::amx::{grid, mac_dyn, Acc, Operand, Scattered, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
@@ -35,6 +39,50 @@ pub const KT: usize = 128;
 const SUB: usize = 16;
 /// u32 (or f32) in one tile: 16 rows of 64 bytes.
 const TILE: usize = 256;
+/// Query rows (padded to 16) up to which P·V takes V straight from the
+/// keys ([`PvForm::Split`]).
+const SPLIT_ROWS: usize = 16;
+
+/// How P·V gets its operands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PvForm {
+    /// V's rows interleaved in pairs ([`v_pairs`]) and P paired along the
+    /// keys ([`pack_p`]): one product per 32 keys of a C tile.
+    Pairs,
+    /// V's B tiles read straight from the keys' bf16 rows, whose column
+    /// pairs then are the VNNI pairs, against P twice ([`pack_p_split`]):
+    /// in the pairs' low halves for the even columns, in the high halves
+    /// for the odd ones, each into its own C tiles. Twice the products of
+    /// `Pairs`, and no pass over V: the cheaper form for few rows.
+    Split,
+}
+
+impl PvForm {
+    fn of(rp: usize, dv: usize) -> Self {
+        match rp <= SPLIT_ROWS && dv.is_multiple_of(32) {
+            true => PvForm::Split,
+            false => PvForm::Pairs,
+        }
+    }
+
+    /// u32 of P's A tiles per row block of 16.
+    fn pa_block(self, np16: usize) -> usize {
+        match self {
+            PvForm::Pairs => 16 * np16,
+            PvForm::Split => 2 * KT * 16,
+        }
+    }
+
+    /// Column `col` of O in C tile `(block, i)` (tile order): `Pairs` keeps
+    /// O's columns in order, `Split` its even and odd columns of each 32 in
+    /// two tiles.
+    fn c_at(self, col: usize) -> (usize, usize) {
+        match self {
+            PvForm::Pairs => (col / 16, col % 16),
+            PvForm::Split => ((col / 32) * 2 + col % 2, (col % 32) / 2),
+        }
+    }
+}
 
 /// Whether the kernel computes `task` as exactly as the AVX512-BF16 one:
 /// bf16 queries, a cache whose values are bf16 (BF16, or FP8 with
@@ -78,8 +126,17 @@ pub unsafe fn attend<T: Tiles>(
     let (qb, kb) = pairs.split_at_mut(d2 * rp);
     // SAFETY: AVX-512F enabled; the bf16 queries hold rows x d, qb d2 x rp.
     unsafe { q_pairs_t(task.q_bf16.unwrap_or_default(), rows, d, rp, qb) };
-    let pv_buf = fit_u32_lines(&mut scratch.pv_pairs, KT / 2 * dv + rp * KT / 2);
-    let (vp, pa) = pv_buf.split_at_mut(KT / 2 * dv);
+    let form = PvForm::of(rp, dv);
+    let vp_len = if form == PvForm::Pairs {
+        KT / 2 * dv
+    } else {
+        0
+    };
+    let pv_buf = fit_u32_lines(
+        &mut scratch.pv_pairs,
+        vp_len + rp / 16 * form.pa_block(KT / 2),
+    );
+    let (vp, pa) = pv_buf.split_at_mut(vp_len);
     let sc = fit_lines(&mut scratch.scores, KT * rp + rp * dv);
     let (st, acc) = sc.split_at_mut(KT * rp);
     acc.fill(0.0);
@@ -124,8 +181,11 @@ pub unsafe fn attend<T: Tiles>(
 
         let np16 = n.div_ceil(2 * SUB) * SUB;
         let (rb, cb) = (rp / 16, dv / 16);
-        let ticks = nsub.div_ceil(2) * rb.div_ceil(2) * (d2 / 16 - k0)
-            + rb.div_ceil(2) * cb.div_ceil(2) * (np16 / 16);
+        let pv_ticks = match form {
+            PvForm::Pairs => rb.div_ceil(2) * cb.div_ceil(2) * (np16 / 16),
+            PvForm::Split => rb * (dv / 32).div_ceil(2) * nsub,
+        };
+        let ticks = nsub.div_ceil(2) * rb.div_ceil(2) * (d2 / 16 - k0) + pv_ticks;
         let mut fetch = Trickle::new(task, t0 + n..t0 + n + KT, ticks);
         // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
@@ -143,15 +203,20 @@ pub unsafe fn attend<T: Tiles>(
                 (row_max, row_sum),
                 acc,
                 dv,
-                np16,
+                (form, np16),
                 pa,
             )
         };
         // SAFETY: AVX-512F, BW and BF16 enabled; vp holds np16 * dv <=
         // KT/2 * dv, pa rp * np16, acc rp * dv.
         unsafe {
-            v_pairs(sub, d2, n, np16, dv, vp);
-            pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
+            match form {
+                PvForm::Pairs => {
+                    v_pairs(sub, d2, n, np16, dv, vp);
+                    pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
+                }
+                PvForm::Split => pv_split(tiles, pa, rp, sub, d2, dv, acc, || fetch.step()),
+            }
         }
         fetch.rest();
         t0 += n;
@@ -159,8 +224,10 @@ pub unsafe fn attend<T: Tiles>(
     // O from tile order (16 x 16 blocks) back to rows.
     let cb = dv / 16;
     for (r, orow) in o[..rows * dv].chunks_exact_mut(dv).enumerate() {
-        for (c, out) in orow.chunks_exact_mut(16).enumerate() {
-            out.copy_from_slice(&acc[((r / 16) * cb + c) * TILE + (r % 16) * 16..][..16]);
+        let block = &acc[(r / 16) * cb * TILE..][..cb * TILE];
+        for (col, x) in orow.iter_mut().enumerate() {
+            let (c, i) = form.c_at(col);
+            *x = block[c * TILE + (r % 16) * 16 + i];
         }
     }
     finalize(o, lse, row_max, row_sum, dv);
@@ -306,8 +373,10 @@ unsafe fn scores<T: Tiles>(
 /// `t0..t0 + n`) and P as the A operand of P·V: `pa`, tile `(r, k)` (rows
 /// block r, pairs 16k..16k + 16) at `(r * np16 / 16 + k) * TILE`, row i
 /// of it holding the pairs (P[2jp][16r + i], P[2jp + 1][16r + i]) rounded
-/// to bf16 (nearest even), zero for keys past `n`. Running max and sum
-/// advance; O rows whose max moved are rescaled (`acc`, tile order).
+/// to bf16 (nearest even), zero for keys past `n` (in `Split`,
+/// [`pack_p_split`]'s tiles, row block r at `r * 2 KT * 16`). Running max
+/// and sum advance; O rows whose max moved are rescaled (`acc`, tile
+/// order).
 ///
 /// A block of 16 rows that all see every key goes through in vectors
 /// (the scores read once for the max, once for P); a block at a causal
@@ -331,16 +400,17 @@ unsafe fn softmax_p(
     (row_max, row_sum): (&mut [f32], &mut [f32]),
     acc: &mut [f32],
     dv: usize,
-    np16: usize,
+    (form, np16): (PvForm, usize),
     pa: &mut [u32],
 ) {
+    let pa_block = form.pa_block(np16);
     assert!(st.len() >= n * rp && row_max.len() >= rows && row_sum.len() >= rows);
-    assert!(acc.len() >= rp * dv && pa.len() >= rp * np16 && rows <= rp);
+    assert!(acc.len() >= rp * dv && pa.len() >= rp / 16 * pa_block && rows <= rp);
     assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
     assert!(n >= 1 && n <= 2 * np16);
     let (scale, h_q) = (task.scale, task.h_q);
     for r0 in (0..rp).step_by(16) {
-        let out = &mut pa[r0 * np16..][..16 * np16];
+        let out = &mut pa[r0 / 16 * pa_block..][..pa_block];
         let o = &mut acc[r0 * dv..][..16 * dv];
         let whole = r0 + 16 <= rows && (r0..r0 + 16).all(|r| task.visible(r / h_q) >= t0 + n);
         if !whole {
@@ -358,8 +428,8 @@ unsafe fn softmax_p(
             rescale(o, &alpha);
             // SAFETY: rows r0..r0 + 16 of keys < n lie in st (asserted).
             let p = |j: usize| unsafe { _mm512_loadu_ps(st.as_ptr().add(j * rp + r0)) };
-            // SAFETY: features enabled (caller); out holds 16 * np16.
-            unsafe { pack_p(n, np16, p, out) };
+            // SAFETY: features enabled (caller); out holds the form's block.
+            unsafe { pack(form, n, np16, p, out) };
             continue;
         }
         // SAFETY: AVX-512F enabled (caller); every load reads 16 f32 of
@@ -401,7 +471,7 @@ unsafe fn softmax_p(
                 }
                 p.0
             };
-            pack_p(n, np16, p, out);
+            pack(form, n, np16, p, out);
             let sum = even.add(odd);
             let rs = row_sum.as_mut_ptr().add(r0);
             V512::load(rs).mul(alpha).add(sum).store(rs);
@@ -456,6 +526,63 @@ unsafe fn exp2_scaled(s: __m512, c: __m512, m2: __m512) -> __m512 {
             p = _mm512_fmadd_ps(p, f, k(coef));
         }
         _mm512_scalef_ps(p, n)
+    }
+}
+
+/// One row block of P in the A tiles of `form` ([`pack_p`] or
+/// [`pack_p_split`]).
+///
+/// # Safety
+/// As the form's packer.
+#[inline(always)]
+unsafe fn pack(
+    form: PvForm,
+    n: usize,
+    np16: usize,
+    p: impl FnMut(usize) -> __m512,
+    out: &mut [u32],
+) {
+    // SAFETY: forwarded contract.
+    unsafe {
+        match form {
+            PvForm::Pairs => pack_p(n, np16, p, out),
+            PvForm::Split => pack_p_split(n, p, out),
+        }
+    }
+}
+
+/// One row block of P as the A tiles of [`PvForm::Split`]: for each
+/// 16-key tile s, at `2 s * TILE` the tile whose row i holds (P[16s +
+/// k][i] rounded to bf16, 0) for k in 0..16 and at `(2 s + 1) * TILE` the
+/// same with the halves swapped; zero for keys past `n`. `p(j)` gives key
+/// j's 16 values, each asked once, in order.
+///
+/// # Safety
+/// AVX-512F, BW and BF16 enabled; `out` holds `2 * TILE * n.div_ceil(16)`.
+#[inline(always)]
+unsafe fn pack_p_split(n: usize, mut p: impl FnMut(usize) -> __m512, out: &mut [u32]) {
+    let nsub = n.div_ceil(SUB);
+    assert!(out.len() >= 2 * TILE * nsub);
+    // SAFETY: AVX-512F, BW and BF16 enabled (caller); every store writes
+    // 16 u32 inside tile 2s or 2s + 1 of out (asserted size).
+    unsafe {
+        for s in 0..nsub {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (k, vk) in v.iter_mut().enumerate().take(n - s * SUB) {
+                let b = _mm512_cvtneps_pbh(p(s * SUB + k));
+                *vk = _mm512_cvtepu16_epi32(std::mem::transmute::<__m256bh, __m256i>(b));
+            }
+            transpose16(&mut v);
+            let low = out.as_mut_ptr().add(2 * s * TILE);
+            let high = low.add(TILE);
+            for (i, vi) in v.iter().enumerate() {
+                _mm512_storeu_si512(low.add(i * 16) as *mut __m512i, *vi);
+                _mm512_storeu_si512(
+                    high.add(i * 16) as *mut __m512i,
+                    _mm512_slli_epi32::<16>(*vi),
+                );
+            }
+        }
     }
 }
 
@@ -634,6 +761,70 @@ unsafe fn pv<T: Tiles>(
     unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, true, tick) };
 }
 
+/// `O += P · V` in [`PvForm::Split`]: for each row block r and each 32
+/// columns c of V, C tiles `(r, 2c)` (O's even columns of them) and `(r,
+/// 2c + 1)` (the odd ones) of `acc` += Σ_s `pa`'s low (high) tile of key
+/// tile s · the B tile of `sub[s]`'s bytes 64c..64c + 64 (16 keys, each
+/// row's column pairs the VNNI pairs): 2 x 2 per [`mac_dyn`], `tick` once
+/// per key tile of each.
+///
+/// # Safety
+/// Tiles configured; `pa` holds `rp / 16` blocks of `2 * KT * 16` u32
+/// (`pack_p_split`'s tiles for `sub.len()` key tiles), every `sub[s]` 16
+/// rows of `d2` u32, `acc` `rp * dv`; `rp % 16 == 0`, `dv % 32 == 0`,
+/// `dv <= 2 * d2`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn pv_split<T: Tiles>(
+    t: &mut T,
+    pa: &[u32],
+    rp: usize,
+    sub: &[&[u32]],
+    d2: usize,
+    dv: usize,
+    acc: &mut [f32],
+    mut tick: impl FnMut(),
+) {
+    let block = PvForm::Split.pa_block(0);
+    assert!(rp.is_multiple_of(16) && dv.is_multiple_of(32) && dv <= 2 * d2);
+    assert!(pa.len() >= rp / 16 * block && acc.len() >= rp * dv && sub.len() <= KT / SUB);
+    assert!(sub.iter().all(|s| s.len() >= SUB * d2));
+    let keys: [*const u8; KT / SUB] = std::array::from_fn(|s| {
+        sub.get(s)
+            .map_or(std::ptr::null(), |k| k.as_ptr() as *const u8)
+    });
+    let (ap, cb, c32) = (acc.as_mut_ptr(), dv / 16, dv / 32);
+    let c = |r: usize, c: usize| ap.wrapping_add((r * cb + c) * TILE) as *mut u8;
+    for r in 0..rp / 16 {
+        let low = pa[r * block..].as_ptr() as *const u8;
+        let a = Operand {
+            base: [low, low.wrapping_add(TILE * 4)],
+            stride: 64,
+            step: 2 * TILE * 4,
+        };
+        for j in (0..c32).step_by(2) {
+            let (nn, jl) = (2.min(c32 - j), (j + 1).min(c32 - 1));
+            let b = Scattered {
+                chunks: &keys[..sub.len()],
+                offset: [64 * j, 64 * jl],
+                stride: d2 * 4,
+            };
+            let acc = Acc {
+                base: [
+                    [c(r, 2 * j), c(r, 2 * jl)],
+                    [c(r, 2 * j + 1), c(r, 2 * jl + 1)],
+                ],
+                stride: 64,
+            };
+            // SAFETY: A tiles (i, s): pa's tile 2s + i of row block r; B
+            // tile (j, s): 16 rows of sub[s], bytes 64j..64j + 64 < 4 d2 of
+            // each; C tiles: acc's tiles of row block r. All inside the
+            // asserted sizes.
+            unsafe { mac_dyn(t, (2, nn), a, b, sub.len(), acc, true, &mut tick) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,6 +932,46 @@ mod tests {
                     assert_eq!(got, want, "n {n} row {i} pair {jp}");
                 }
             }
+        }
+    }
+
+    /// P's A tiles for the split P·V: per 16 keys a tile with P (rounded to
+    /// nearest even) in the pairs' low halves and one with it in the high
+    /// halves, rows transposed, zero past n; each key asked for once.
+    #[test]
+    fn pack_p_split_halves_and_transposes() {
+        if !avx512_bw_bf16() {
+            eprintln!("SKIPPED pack_p_split: CPU lacks avx512f+bw+bf16");
+            return;
+        }
+        for n in [128usize, 37, 1, 16] {
+            let nsub = n.div_ceil(SUB);
+            let st = crate::model::gen::uniform(n * 16, 3 + n as u64);
+            let mut asked = vec![0; n];
+            let mut out = vec![0xdead_beefu32; 2 * TILE * nsub + 16];
+            let p = |j: usize| {
+                asked[j] += 1;
+                // SAFETY: AVX-512F detected; key j < n holds 16 values.
+                unsafe { _mm512_loadu_ps(st[j * 16..].as_ptr()) }
+            };
+            // SAFETY: features detected; out holds 2 TILE per key tile.
+            unsafe { pack_p_split(n, p, &mut out) };
+            assert!(asked.iter().all(|&a| a == 1), "n {n}: {asked:?}");
+            for s in 0..nsub {
+                for i in 0..16 {
+                    for k in 0..16 {
+                        let j = s * SUB + k;
+                        let want = if j < n { bf16_bits(st[j * 16 + i]) } else { 0 };
+                        let low = out[2 * s * TILE + i * 16 + k];
+                        let high = out[(2 * s + 1) * TILE + i * 16 + k];
+                        assert_eq!((low, high), (want, want << 16), "n {n} row {i} key {j}");
+                    }
+                }
+            }
+            assert!(
+                out[2 * TILE * nsub..].iter().all(|&x| x == 0xdead_beef),
+                "n {n}: wrote past"
+            );
         }
     }
 
