@@ -233,6 +233,20 @@ pub(crate) mod simd {
         _mm256_and_si256(w, _mm256_set1_epi16(0xbfffu16 as i16))
     }
 
+    /// `vpermt2b` indices that interleave two byte vectors (low bytes
+    /// first, high bytes from the second source) into words: codes 0..32,
+    /// then 32..64.
+    const WORDS_OF_BYTES: [[u8; 64]; 2] = {
+        let mut t = [[0u8; 64]; 2];
+        let mut i = 0;
+        while i < 64 {
+            t[0][i] = (i / 2 + 64 * (i % 2)) as u8;
+            t[1][i] = (32 + i / 2 + 64 * (i % 2)) as u8;
+            i += 1;
+        }
+        t
+    };
+
     /// See [`super::e4m3_to_bf16_pairs`].
     ///
     /// # Safety
@@ -252,20 +266,19 @@ pub(crate) mod simd {
             ];
             let sign = _mm512_set1_epi8(0x80u8 as i8);
             let mag = _mm512_set1_epi16(0x7fff);
-            // unpacklo/hi interleave within 128-bit lanes; these put the
-            // qword halves back in code order.
-            let first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0);
-            let second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
             let chunks = codes.chunks_exact(64).zip(out.chunks_exact_mut(32));
+            let words = [
+                _mm512_loadu_si512(WORDS_OF_BYTES[0].as_ptr() as *const _),
+                _mm512_loadu_si512(WORDS_OF_BYTES[1].as_ptr() as *const _),
+            ];
             for (i, (c, o)) in chunks.enumerate() {
                 let bias = _mm512_set1_epi16((ks[i * 64 / seg] << 7) as i16);
                 let v = _mm512_loadu_si512(c.as_ptr() as *const _);
                 let hi = _mm512_permutex2var_epi8(t[0], v, t[1]);
                 let lo = _mm512_permutex2var_epi8(t[2], v, t[3]);
                 let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, sign);
-                let (a, b) = (_mm512_unpacklo_epi8(lo, hi), _mm512_unpackhi_epi8(lo, hi));
-                for (h, idx) in [first, second].into_iter().enumerate() {
-                    let w = _mm512_permutex2var_epi64(a, idx, b);
+                for (h, idx) in words.into_iter().enumerate() {
+                    let w = _mm512_permutex2var_epi8(lo, idx, hi);
                     // Scale by 2^k in the exponent; zeros stay zero.
                     let nz = _mm512_test_epi16_mask(w, mag);
                     let w = _mm512_mask_add_epi16(w, nz, w, bias);
