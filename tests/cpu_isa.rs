@@ -549,6 +549,23 @@ fn split_edges_match_the_reference_on_every_variant() {
             s_q: Some(4),
             causal: Some(true),
         },
+        // Splits longer than the AMX kernel's 256-key tiles: the online
+        // softmax carries across tiles (many rows, and 16 rows with V read
+        // from the keys).
+        Spec {
+            lens: Some(vec![1100]),
+            block_size: Some(64),
+            h_q: Some(128),
+            s_q: Some(1),
+            causal: Some(false),
+        },
+        Spec {
+            lens: Some(vec![1300]),
+            block_size: Some(100),
+            h_q: Some(16),
+            s_q: Some(1),
+            causal: Some(true),
+        },
     ];
     let mut ran = 0;
     for isa in ["scalar", "avx2", "avx512", "avx512bf16", "amx"] {

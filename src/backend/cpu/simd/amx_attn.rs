@@ -32,9 +32,10 @@ use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
 use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
 
-/// Keys per tile: 128 keys give P·V four K chunks per load and store of an
-/// O tile (64 would give two).
-pub const KT: usize = 128;
+/// Keys per tile: P·V loads and stores each O tile once per tile, 256
+/// keys make that 8 K chunks (128 keys: 4, and 3-10% slower at h_q >= 64;
+/// 512 keys: slower, the tile's operands no longer fit L2 as well).
+const KT: usize = 256;
 /// Keys per A tile of `Sᵀ`.
 const SUB: usize = 16;
 /// u32 (or f32) in one tile: 16 rows of 64 bytes.
@@ -65,11 +66,12 @@ impl PvForm {
         }
     }
 
-    /// u32 of P's A tiles per row block of 16.
+    /// u32 of P's A tiles per row block of 16, for tiles of up to `2 *
+    /// np16` keys.
     fn pa_block(self, np16: usize) -> usize {
         match self {
             PvForm::Pairs => 16 * np16,
-            PvForm::Split => 2 * KT * 16,
+            PvForm::Split => 64 * np16,
         }
     }
 
@@ -191,7 +193,8 @@ pub unsafe fn attend<T: Tiles>(
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
         unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, || fetch.step()) };
         // SAFETY: AVX-512F, BW and BF16 enabled; st holds n * rp, row_max
-        // and row_sum rows, acc rp x dv, pa rp * np16 <= rp * KT / 2.
+        // and row_sum rows, acc rp x dv, pa rp / 16 blocks of the form's
+        // size for np16 <= KT / 2.
         unsafe {
             softmax_p(
                 task,
@@ -208,14 +211,18 @@ pub unsafe fn attend<T: Tiles>(
             )
         };
         // SAFETY: AVX-512F, BW and BF16 enabled; vp holds np16 * dv <=
-        // KT/2 * dv, pa rp * np16, acc rp * dv.
+        // KT/2 * dv (Pairs), pa rp / 16 blocks of the form's size for np16
+        // (Split needs dv % 32 == 0), acc rp * dv.
         unsafe {
             match form {
                 PvForm::Pairs => {
                     v_pairs(sub, d2, n, np16, dv, vp);
                     pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
                 }
-                PvForm::Split => pv_split(tiles, pa, rp, sub, d2, dv, acc, || fetch.step()),
+                PvForm::Split => {
+                    let pa = (&*pa, np16);
+                    pv_split(tiles, pa, rp, sub, d2, dv, acc, || fetch.step())
+                }
             }
         }
         fetch.rest();
@@ -374,7 +381,7 @@ unsafe fn scores<T: Tiles>(
 /// block r, pairs 16k..16k + 16) at `(r * np16 / 16 + k) * TILE`, row i
 /// of it holding the pairs (P[2jp][16r + i], P[2jp + 1][16r + i]) rounded
 /// to bf16 (nearest even), zero for keys past `n` (in `Split`,
-/// [`pack_p_split`]'s tiles, row block r at `r * 2 KT * 16`). Running max
+/// [`pack_p_split`]'s tiles, row block r at `r * 64 np16`). Running max
 /// and sum advance; O rows whose max moved are rescaled (`acc`, tile
 /// order).
 ///
@@ -769,15 +776,15 @@ unsafe fn pv<T: Tiles>(
 /// per key tile of each.
 ///
 /// # Safety
-/// Tiles configured; `pa` holds `rp / 16` blocks of `2 * KT * 16` u32
-/// (`pack_p_split`'s tiles for `sub.len()` key tiles), every `sub[s]` 16
-/// rows of `d2` u32, `acc` `rp * dv`; `rp % 16 == 0`, `dv % 32 == 0`,
-/// `dv <= 2 * d2`.
+/// Tiles configured; `pa` holds `rp / 16` blocks of `64 * np16` u32
+/// (`pack_p_split`'s tiles for `sub.len() <= np16 / 8` key tiles), every
+/// `sub[s]` 16 rows of `d2` u32, `acc` `rp * dv`; `rp % 16 == 0`, `dv % 32
+/// == 0`, `dv <= 2 * d2`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn pv_split<T: Tiles>(
     t: &mut T,
-    pa: &[u32],
+    (pa, np16): (&[u32], usize),
     rp: usize,
     sub: &[&[u32]],
     d2: usize,
@@ -785,9 +792,9 @@ unsafe fn pv_split<T: Tiles>(
     acc: &mut [f32],
     mut tick: impl FnMut(),
 ) {
-    let block = PvForm::Split.pa_block(0);
+    let block = PvForm::Split.pa_block(np16);
     assert!(rp.is_multiple_of(16) && dv.is_multiple_of(32) && dv <= 2 * d2);
-    assert!(pa.len() >= rp / 16 * block && acc.len() >= rp * dv && sub.len() <= KT / SUB);
+    assert!(pa.len() >= rp / 16 * block && acc.len() >= rp * dv && sub.len() * 8 <= np16);
     assert!(sub.iter().all(|s| s.len() >= SUB * d2));
     let keys: [*const u8; KT / SUB] = std::array::from_fn(|s| {
         sub.get(s)
