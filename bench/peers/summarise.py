@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Summarise bench/peers/run.sh's JSON lines: per point, each peer's median
 GFLOP/s over rounds (min-max in brackets) and mlart's speed-up over numpy and
-llama.cpp, the ratios issue #4 sets targets for (>= 16x numpy, >= 90x llama.cpp
+llama.cpp (each round's ratio, then the median over rounds), the ratios issue #4 sets targets for (>= 16x numpy, >= 90x llama.cpp
 on a machine with AMX). Standard library only."""
 import json
 import statistics
@@ -22,10 +22,19 @@ def main(path):
         vals = [r[key] for r in by.get((peer, *pt), []) if r.get(key) is not None]
         return (statistics.median(vals), min(vals), max(vals)) if vals else None
 
+    def ratio(peer, other, pt):
+        # Round by round (the peers of one round saw the VM in about the
+        # same state), then the median over rounds.
+        mine = {r.get("round", 1): r["gflops"] for r in by.get((peer, *pt), [])}
+        theirs = {r.get("round", 1): r["gflops"] for r in by.get((other, *pt), [])}
+        rs = [mine[k] / theirs[k] for k in mine if k in theirs and theirs[k] > 0]
+        return f"{statistics.median(rs):.1f}x" if rs else "-"
+
     def cell(m):
         return f"{m[0]:.1f} ({m[1]:.0f}-{m[2]:.0f})" if m else "-"
 
-    print(f"Medians over {rounds} round(s); GFLOP/s as mlart counts them, 2·N·h_q·(576+512) per sequence.\n")
+    print(f"Medians over {rounds} round(s) (min-max in brackets); GFLOP/s as mlart counts them, "
+          f"2·N·h_q·(576+512) per sequence. Speed-ups: the median over rounds of each round's ratio.\n")
     head = ["h_q", "N", "batch"] + [f"{p} bf16" for p in peers] + ["numpy fp32", "llama.cpp f16"]
     for p in peers:
         head += [f"{p.split()[1]} / numpy", f"{p.split()[1]} / llama.cpp", f"{p.split()[1]} % ceiling"]
@@ -39,8 +48,8 @@ def main(path):
         for p in peers:
             m = med(p, pt)
             frac = med(p, pt, "fraction_of_ceiling")
-            cells.append(f"{m[0] / np_m[0]:.1f}x" if m and np_m else "-")
-            cells.append(f"{m[0] / ll_m[0]:.1f}x" if m and ll_m else "-")
+            cells.append(ratio(p, "numpy", pt))
+            cells.append(ratio(p, "llama.cpp", pt))
             bound = by[(p, *pt)][0]["bound"] if m else ""
             cells.append(f"{100 * frac[0]:.0f}% {bound}" if frac else "-")
         print("| " + " | ".join(cells) + " |")
