@@ -33,8 +33,8 @@ use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
 
 /// Keys per tile: P·V loads and stores each O tile once per tile, 256
-/// keys make that 8 K chunks (128 keys: 4, and 3-10% slower at h_q >= 64;
-/// 512 keys: slower, the tile's operands no longer fit L2 as well).
+/// keys make that 8 K chunks (128 keys: 4, and 1-10% slower at h_q >= 64;
+/// 512 keys: up to 12% slower than 128).
 const KT: usize = 256;
 /// Keys per A tile of `Sᵀ`.
 const SUB: usize = 16;
@@ -687,7 +687,7 @@ unsafe fn v_pairs(sub: &[&[u32]], d2: usize, n: usize, np16: usize, dv: usize, v
         );
         let out = vp.as_mut_ptr();
         // Column blocks outer: the stores of one pass run down a block
-        // (the blocks' rows jp lie 4 KiB apart for np16 = 64: one L1 set).
+        // (the blocks' rows jp lie 8 KiB apart for np16 = 128: one L1 set).
         for c in (0..dv).step_by(32) {
             let w = 32.min(dv - c);
             let m: __mmask32 = if w == 32 { !0 } else { (1 << w) - 1 };
