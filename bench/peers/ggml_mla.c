@@ -89,6 +89,7 @@ static double check(int threads) {
     const float *q = (const float *)m.q->data, *o = (const float *)m.out->data;
     const ggml_fp16_t *k = (const ggml_fp16_t *)m.k->data;
     double num = 0, den = 0, *s = malloc(sizeof(double) * n), acc[D_V];
+    if (!s) return INFINITY;
     for (int bi = 0; bi < b; bi++) {
         for (int hi = 0; hi < h; hi++) {
             const float *qr = q + ((size_t)bi * h + hi) * D_QK;
@@ -148,6 +149,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     char *list = strdup(points);
+    if (!list) { fprintf(stderr, "ggml_mla: out of memory\n"); return 1; }
     for (char *spec = strtok(list, ","); spec; spec = strtok(NULL, ",")) {
         int h, n, b;
         if (sscanf(spec, "%d:%d:%d", &h, &n, &b) != 3 || h < 1 || n < 1 || b < 1) {
@@ -159,6 +161,7 @@ int main(int argc, char **argv) {
         if (compute(&m)) return 1;  // warm-up
         size_t cap = 4096, calls = 0;
         double *t = malloc(sizeof(double) * cap), end = now() + seconds;
+        if (!t) { fprintf(stderr, "ggml_mla: out of memory at %s\n", spec); return 1; }
         while (calls < 3 || (now() < end && calls < cap)) {
             double t0 = now();
             if (compute(&m)) return 1;
