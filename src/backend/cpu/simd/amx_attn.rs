@@ -75,13 +75,24 @@ impl PvForm {
         }
     }
 
-    /// Column `col` of O in C tile `(block, i)` (tile order): `Pairs` keeps
-    /// O's columns in order, `Split` its even and odd columns of each 32 in
-    /// two tiles.
-    fn c_at(self, col: usize) -> (usize, usize) {
+    /// Row `i` of one row block of O from its C tiles (`block`, tile
+    /// order) into `orow`: `Pairs` keeps O's columns in order, 16 a tile;
+    /// `Split` keeps the even and odd columns of each 32 in two tiles.
+    fn untile(self, block: &[f32], i: usize, orow: &mut [f32]) {
+        let line = |c: usize| &block[c * TILE + i * 16..][..16];
         match self {
-            PvForm::Pairs => (col / 16, col % 16),
-            PvForm::Split => ((col / 32) * 2 + col % 2, (col % 32) / 2),
+            PvForm::Pairs => orow
+                .chunks_exact_mut(16)
+                .enumerate()
+                .for_each(|(c, out)| out.copy_from_slice(line(c))),
+            PvForm::Split => {
+                for (c, out) in orow.chunks_exact_mut(32).enumerate() {
+                    let (even, odd) = (line(2 * c), line(2 * c + 1));
+                    for (k, pair) in out.chunks_exact_mut(2).enumerate() {
+                        pair.copy_from_slice(&[even[k], odd[k]]);
+                    }
+                }
+            }
         }
     }
 }
@@ -231,11 +242,7 @@ pub unsafe fn attend<T: Tiles>(
     // O from tile order (16 x 16 blocks) back to rows.
     let cb = dv / 16;
     for (r, orow) in o[..rows * dv].chunks_exact_mut(dv).enumerate() {
-        let block = &acc[(r / 16) * cb * TILE..][..cb * TILE];
-        for (col, x) in orow.iter_mut().enumerate() {
-            let (c, i) = form.c_at(col);
-            *x = block[c * TILE + (r % 16) * 16 + i];
-        }
+        form.untile(&acc[(r / 16) * cb * TILE..][..cb * TILE], r % 16, orow);
     }
     finalize(o, lse, row_max, row_sum, dv);
 }
