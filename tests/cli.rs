@@ -183,3 +183,107 @@ fn bench_model_rates_each_batch_against_the_roofline() {
     assert!(!stdout.contains("batch-1 decode"), "{stdout}");
     assert!(stdout.contains("batch   2:"), "{stdout}");
 }
+
+/// `mlart bench` with `MLART_CPU_ISA` (and `MLART_AMX_EMULATE`) set.
+fn bench_with(isa: &str, emulate: bool, json: &Path) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mlart"));
+    cmd.args([
+        "bench",
+        "--no-scalar",
+        "--seconds",
+        "0.02",
+        "--threads",
+        "2",
+    ])
+    .args(["--points", "16:1:640:2:bf16:dense,128:1:300:1:bf16:dense"])
+    .arg("--json")
+    .arg(json)
+    .env_remove("MLART_BACKEND")
+    .env("MLART_CPU_ISA", isa);
+    if emulate {
+        cmd.env("MLART_AMX_EMULATE", "1");
+    }
+    cmd.output().expect("mlart runs")
+}
+
+/// The bench's phase table says where the amx kernel's time goes, point by
+/// point (the AMX tiles in software where the CPU has none), and other
+/// kernels have none.
+#[test]
+fn bench_counts_the_amx_kernel_phases() {
+    let json = std::env::temp_dir().join(format!("mlart-cli-phases-{}.json", std::process::id()));
+    let mut out = bench_with("amx", false, &json);
+    if !out.status.success() {
+        out = bench_with("amx", true, &json);
+    }
+    let (stdout, stderr) = text(&out);
+    if !out.status.success() {
+        // Without AVX512-BF16 not even the tile model runs: refused by name.
+        assert!(stderr.contains("amx"), "{stderr}");
+        eprintln!("skipped: the amx kernel (this CPU has no AVX512-BF16): {stderr}");
+        return;
+    }
+    let head = "where the amx kernel's time goes";
+    assert!(stdout.contains(head), "{stdout}\n{stderr}");
+    let table = &stdout[stdout.find(head).expect("found")..];
+    let header = table
+        .lines()
+        .find(|l| l.trim_start().starts_with("batch"))
+        .unwrap_or_else(|| panic!("no header in\n{table}"));
+    let cols: Vec<&str> = header.split_whitespace().collect();
+    let col = |name: &str| {
+        cols.iter()
+            .position(|c| *c == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header}"))
+    };
+    let rows: Vec<Vec<f64>> = table
+        .lines()
+        .skip_while(|l| *l != header)
+        .skip(1)
+        .take_while(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .map(|l| {
+            // "kv" and "topk" are words; every other field is a number (a
+            // trailing % dropped). "V pairs" and "P·V" are two headers of
+            // one column each: the numbers are counted from the right.
+            l.split_whitespace()
+                .filter_map(|w| w.trim_end_matches('%').parse().ok())
+                .collect()
+        })
+        .collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    // Headers: batch seqlen h_q s_q kv topk rows keys scores softmax V pairs
+    // P·V rest total peak at peak DRAM busy scores %pk P·V %pk; numbers:
+    // batch seqlen h_q s_q rows, then the six phases, total, peak, at
+    // peak, DRAM, busy, scores %pk, P·V %pk ("dense" is not a number).
+    assert!(col("rows") < col("keys") && col("keys") < col("scores"));
+    for (r, h_q) in rows.iter().zip([16.0, 128.0]) {
+        assert_eq!(r.len(), 18, "{r:?} in\n{table}");
+        assert_eq!(r[2], h_q, "{r:?}");
+        assert_eq!(r[4], h_q, "rows per call at s_q 1: {r:?}");
+        let phases = &r[5..11];
+        let (scores, softmax, v_pairs, pv) = (phases[1], phases[2], phases[3], phases[4]);
+        assert!(scores > 0.0 && softmax > 0.0 && pv > 0.0, "{r:?}");
+        // V's pairs are built only above 16 rows.
+        assert_eq!(v_pairs == 0.0, h_q <= 16.0, "{r:?}");
+        let total = r[11];
+        assert!(
+            (phases.iter().sum::<f64>() - total).abs() <= 0.05 + 1e-3 * total,
+            "{r:?}"
+        );
+        let busy = r[15];
+        assert!(busy > 0.0 && busy <= 100.5, "busy {busy}%: {r:?}");
+    }
+    let doc = std::fs::read_to_string(&json).expect("the JSON");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(doc.matches("\"phases\": {\"rows\"").count(), 2, "{doc}");
+    assert!(doc.contains("\"us_per_256_keys\": {\"keys\""), "{doc}");
+
+    // Another kernel: no table, null in the JSON.
+    let out = bench_with("scalar", false, &json);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stdout.contains(head), "{stdout}");
+    let doc = std::fs::read_to_string(&json).expect("the JSON");
+    let _ = std::fs::remove_file(&json);
+    assert_eq!(doc.matches("\"phases\": null").count(), 2, "{doc}");
+}

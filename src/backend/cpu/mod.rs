@@ -6,6 +6,7 @@ pub mod affinity;
 pub(crate) mod amx;
 pub mod isa;
 pub mod kernel;
+pub mod phases;
 mod simd;
 
 pub use affinity::Affinity;

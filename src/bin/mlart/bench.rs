@@ -3,6 +3,7 @@
 //! kernel, both measured in the same run.
 
 use super::ceilings::{self, Ceilings, QkUnit};
+use mlart::backend::cpu::phases::{self, Phase, Profile};
 use mlart::backend::cpu::CpuIsa;
 use mlart::decode::desc::DecodeOutput;
 use mlart::decode::{Decode, DecodeShape, IndexedKeys, KvCache};
@@ -218,6 +219,8 @@ struct Measured {
     /// ([`ceilings::probe`]): the median of those ratios, and of the
     /// readings (FLOP/s). `None` where the kernel's unit has no probe.
     paired: Paired,
+    /// The kernel's phases (the amx kernel only).
+    phases: Option<Phases>,
 }
 
 impl Measured {
@@ -255,6 +258,118 @@ impl Measured {
     }
 }
 
+/// [`Phases`] in figures a reader can hold against the ceilings: per 256
+/// keys of one kernel call (one thread), and the two GEMMs' rates.
+struct PhaseFigures {
+    /// Query rows per kernel call, on average (the GEMMs' M).
+    rows: f64,
+    /// The compute peak the figures are against (FLOP/s, all threads).
+    peak: f64,
+    /// µs per 256 keys, per [`Phase`] (in `Phase::ALL`'s order).
+    us: [f64; 6],
+    /// µs per 256 keys of the FLOPs at one thread's share of the compute
+    /// peak, and of the cache bytes at its share of the DRAM read rate.
+    at_peak_us: f64,
+    dram_us: f64,
+    /// Kernel time summed over the threads over wall time × threads: the
+    /// rest is the split merge, scheduling and threads waiting.
+    busy: f64,
+    /// `Sᵀ = K·Qᵀ` and `O += P·V` (their phases alone) against one thread's
+    /// share of the compute peak.
+    scores_of_peak: f64,
+    pv_of_peak: f64,
+}
+
+impl PhaseFigures {
+    fn of(m: &Measured, ceil: &Ceilings, threads: usize) -> Option<Self> {
+        let ph = m.phases.as_ref()?;
+        let p = &ph.profile;
+        if p.keys == 0 || p.ticks_per_second <= 0.0 {
+            return None;
+        }
+        let t = threads as f64;
+        let rows = p.row_keys as f64 / p.keys as f64;
+        let per256 = |secs: f64| secs / p.keys as f64 * 256.0 * 1e6;
+        let all = if ph.peak > 0.0 {
+            ph.peak
+        } else {
+            ceil.compute_flops
+        };
+        let peak = all / t;
+        let keys_per_call = p.keys as f64 / ph.calls as f64;
+        let rate = |flops: f64, phase: Phase| flops / p.seconds(phase).max(1e-12) / peak;
+        let row_keys = p.row_keys as f64;
+        Some(PhaseFigures {
+            rows,
+            peak: all,
+            us: Phase::ALL.map(|ph| per256(p.seconds(ph))),
+            at_peak_us: 2.0 * rows * 256.0 * (D_QK + D_V) as f64 / peak * 1e6,
+            dram_us: m.bytes / keys_per_call * 256.0 / (ceil.read_bw / t) * 1e6,
+            busy: p.total_seconds() / (ph.wall * t),
+            scores_of_peak: rate(2.0 * row_keys * D_QK as f64, Phase::Scores),
+            pv_of_peak: rate(2.0 * row_keys * D_V as f64, Phase::Pv),
+        })
+    }
+}
+
+/// The phase table: where the amx kernel's time goes, point by point.
+fn print_phases(results: &[Measured], ceil: &Ceilings, threads: usize) {
+    let figs: Vec<(&Measured, PhaseFigures)> = results
+        .iter()
+        .filter_map(|m| PhaseFigures::of(m, ceil, threads).map(|f| (m, f)))
+        .collect();
+    if figs.is_empty() {
+        return;
+    }
+    println!(
+        "where the amx kernel's time goes (a separate, untimed pass per point after its timed calls):\n\
+         - the time-stamp counter read between the phases of each key tile, summed over the threads;\n\
+         - µs per 256 keys of one kernel call (its `rows` query rows, one thread);\n\
+         - `peak`: the {0} peak read just before the pass (GFLOP/s, all threads); `at peak`: the keys' \
+         FLOPs at one thread's share of it; `% pk`: the phase's GEMM FLOPs against that share;\n\
+         - `DRAM`: the keys' bytes at one thread's share of the DRAM read rate used above;\n\
+         - `busy`: kernel time over wall time x threads (the rest: merging splits, scheduling, waiting).",
+        ceil.compute_name
+    );
+    print!(
+        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>5}",
+        "batch", "seqlen", "h_q", "s_q", "kv", "topk", "rows"
+    );
+    for ph in Phase::ALL {
+        print!(" {:>8}", ph.name());
+    }
+    println!(
+        " {:>8} {:>7} {:>8} {:>8} {:>6} {:>10} {:>7}",
+        "total", "peak", "at peak", "DRAM", "busy", "scores %pk", "P·V %pk"
+    );
+    for (m, f) in &figs {
+        let pt = &m.point;
+        print!(
+            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>5.0}",
+            pt.batch,
+            pt.seqlen,
+            pt.h_q,
+            pt.s_q,
+            pt.format.name(),
+            topk_name(pt.topk),
+            f.rows
+        );
+        for us in f.us {
+            print!(" {us:>8.2}");
+        }
+        println!(
+            " {:>8.2} {:>7.0} {:>8.2} {:>8.2} {:>5.1}% {:>9.1}% {:>6.1}%",
+            f.us.iter().sum::<f64>(),
+            f.peak / 1e9,
+            f.at_peak_us,
+            f.dram_us,
+            f.busy * 100.0,
+            f.scores_of_peak * 100.0,
+            f.pv_of_peak * 100.0
+        );
+    }
+}
+
 /// The median of `v` (not empty).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -280,24 +395,45 @@ struct Timing {
     p90: f64,
 }
 
-/// Times `pt` on every engine (the kernel under test first), interleaving
-/// the engines' runs so that both see the same machine noise. Returns the
-/// FLOPs, the bytes and each engine's call times.
 /// The median ratio of a call's FLOP rate to the peak read before it, and
 /// the median reading (see [`Measured::paired`]).
 type Paired = Option<(f64, f64)>;
 
-/// Times `engines` (interleaved) on `pt`: FLOPs, bytes, each engine's
-/// timing, and for the first the paired rating (see [`Measured::paired`]):
+/// What [`run_point`] measured: the point's FLOPs and bytes, each engine's
+/// timing, the first engine's paired rating and phases.
+struct PointRun {
+    flops: f64,
+    bytes: f64,
+    times: Vec<Timing>,
+    paired: Paired,
+    phases: Option<Phases>,
+}
+
+/// The phase count of a separate, untimed pass over a point: what the
+/// kernel summed, the pass's wall seconds and its calls, and the compute
+/// peak read just before it (FLOP/s; 0 without a probe).
+struct Phases {
+    profile: Profile,
+    peak: f64,
+    wall: f64,
+    calls: usize,
+}
+
+/// Times `engines` on `pt` (the kernel under test first), interleaving
+/// their calls so that all see the same machine noise: FLOPs, bytes, each
+/// engine's timing, and for the first the paired rating (see [`Measured::paired`]):
 /// `probe` reads its compute peak before each of its timed calls (and an
-/// untimed call follows each reading).
+/// untimed call follows each reading). With `count_phases`, a separate
+/// pass after the timed ones counts the first engine's kernel phases
+/// ([`phases`]; a quarter of the budget, 3..50 calls).
 fn run_point(
     engines: &[&Engine],
     pt: Point,
     kv: &KvData,
     budget: f64,
     probe: &dyn Fn() -> f64,
-) -> Result<(f64, f64, Vec<Timing>, Paired)> {
+    count_phases: bool,
+) -> Result<PointRun> {
     let shape = DecodeShape::new(
         pt.batch as i32,
         pt.s_q as i32,
@@ -377,12 +513,34 @@ fn run_point(
         }
     }
     let paired = (!ratios.is_empty()).then(|| (median(ratios), median(peaks)));
-    Ok((
-        d.flops(),
-        d.kv_bytes(),
-        times.into_iter().map(quantiles).collect(),
+    let counted = match count_phases {
+        false => None,
+        true => {
+            let per_call = median(times[0].clone());
+            let calls = ((budget / 4.0 / per_call) as usize).clamp(MIN_REPS, MAX_REPS);
+            let peak = probe();
+            run(engines[0])?;
+            phases::start();
+            let t0 = Instant::now();
+            let ran = (0..calls).try_for_each(|_| run(engines[0]).map(drop));
+            let wall = t0.elapsed().as_secs_f64();
+            let profile = phases::stop();
+            ran?;
+            Some(Phases {
+                profile,
+                peak,
+                wall,
+                calls,
+            })
+        }
+    };
+    Ok(PointRun {
+        flops: d.flops(),
+        bytes: d.kv_bytes(),
+        times: times.into_iter().map(quantiles).collect(),
         paired,
-    ))
+        phases: counted,
+    })
 }
 
 /// A second engine with the reference kernel `isa`: `Engine::new` reads
@@ -525,7 +683,14 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let data = kv.as_ref().expect("built above");
         let probe = || ceilings::probe(threads, unit);
-        let (flops, bytes, mut secs, paired) = run_point(&engines, pt, data, budget, &probe)?;
+        let count = info.cpu_isa == CpuIsa::Amx;
+        let PointRun {
+            flops,
+            bytes,
+            times: mut secs,
+            paired,
+            phases,
+        } = run_point(&engines, pt, data, budget, &probe, count)?;
         let m = Measured {
             point: pt,
             flops,
@@ -533,6 +698,7 @@ pub fn run(opts: &Options) -> Result<()> {
             scalar_seconds: secs.get(1).map(|t| t.median),
             time: secs.swap_remove(0),
             paired,
+            phases,
         };
         eprintln!(
             "[{:>3}/{n}] b {} N {} h_q {} s_q {} {} {}: {:.3} ms, {:.1} GFLOP/s{}",
@@ -637,6 +803,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!();
     }
+    print_phases(&results, &used, threads);
     let speedups: Vec<f64> = results.iter().filter_map(Measured::speedup).collect();
     if !speedups.is_empty() {
         let geo = (speedups.iter().map(|x| x.ln()).sum::<f64>() / speedups.len() as f64).exp();
@@ -702,7 +869,7 @@ fn to_json(r: &JsonRun) -> String {
             format!(
                 "    {{\"batch\": {}, \"seqlen\": {}, \"h_q\": {}, \"s_q\": {}, \"d_qk\": {D_QK}, \"d_v\": {D_V}, \"kv_format\": \"{}\", \"topk\": {}, \
                  \"flops\": {:.6e}, \"bytes\": {:.6e}, \"seconds\": {:.6e}, \"seconds_p10\": {:.6e}, \"seconds_p90\": {:.6e}, \"gflops\": {:.3}, \"gbytes_per_s\": {:.3}, \"intensity\": {:.3}, \
-                 \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"fraction_of_paired_peak\": {}, \"paired_peak_gflops\": {}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}}}",
+                 \"bound\": \"{}\", \"fraction_of_ceiling\": {:.4}, \"fraction_of_paired_peak\": {}, \"paired_peak_gflops\": {}, \"scalar_seconds\": {}, \"scalar_gflops\": {}, \"speedup\": {}, \"phases\": {}}}",
                 m.point.batch,
                 m.point.seqlen,
                 m.point.h_q,
@@ -724,6 +891,24 @@ fn to_json(r: &JsonRun) -> String {
                 m.scalar_seconds.map_or("null".to_string(), |s| format!("{s:.6e}")),
                 opt(m.scalar_gflops(), 3),
                 opt(m.speedup(), 4),
+                PhaseFigures::of(m, r.used, r.info.threads).map_or("null".to_string(), |f| {
+                    let us: Vec<String> = Phase::ALL
+                        .iter()
+                        .zip(f.us)
+                        .map(|(ph, us)| format!("\"{}\": {us:.3}", ph.key()))
+                        .collect();
+                    format!(
+                        "{{\"rows\": {:.1}, \"peak_gflops\": {:.3}, \"us_per_256_keys\": {{{}}}, \"at_peak_us\": {:.3}, \"dram_us\": {:.3}, \"busy\": {:.4}, \"scores_of_peak\": {:.4}, \"pv_of_peak\": {:.4}}}",
+                        f.rows,
+                        f.peak / 1e9,
+                        us.join(", "),
+                        f.at_peak_us,
+                        f.dram_us,
+                        f.busy,
+                        f.scores_of_peak,
+                        f.pv_of_peak
+                    )
+                }),
             )
         })
         .collect();

@@ -29,6 +29,7 @@ use super::x86::V512;
 use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_row, transpose16, Vector};
 use crate::backend::cpu::amx::{grid, mac_dyn, Acc, Operand, Scattered, Tiled, Tiles};
 use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
+use crate::backend::cpu::phases::{Laps, Phase};
 use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
 
@@ -127,6 +128,7 @@ pub unsafe fn attend<T: Tiles>(
     lse: &mut [f32],
 ) {
     debug_assert!(applies(task));
+    let mut laps = Laps::start();
     let (d, dv) = (task.d_qk, task.d_v);
     let d2 = d / 2;
     // Whole A-tile steps (16 pairs) of leading query columns that are
@@ -159,6 +161,7 @@ pub unsafe fn attend<T: Tiles>(
     row_max.fill(f32::NEG_INFINITY);
     row_sum.fill(0.0);
 
+    laps.lap(Phase::Rest);
     let mut t0 = task.start;
     while t0 < task.end {
         let n = KT.min(task.end - t0);
@@ -200,9 +203,11 @@ pub unsafe fn attend<T: Tiles>(
         };
         let ticks = nsub.div_ceil(2) * rb.div_ceil(2) * (d2 / 16 - k0) + pv_ticks;
         let mut fetch = Trickle::new(task, t0 + n..t0 + n + KT, ticks);
+        laps.lap(Phase::Keys);
         // SAFETY: tiles configured (caller); each `sub` tile holds 16 rows
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
         unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, || fetch.step()) };
+        laps.lap(Phase::Scores);
         // SAFETY: AVX-512F, BW and BF16 enabled; st holds n * rp, row_max
         // and row_sum rows, acc rp x dv, pa rp / 16 blocks of the form's
         // size for np16 <= KT / 2.
@@ -221,6 +226,7 @@ pub unsafe fn attend<T: Tiles>(
                 pa,
             )
         };
+        laps.lap(Phase::Softmax);
         // SAFETY: AVX-512F, BW and BF16 enabled; vp holds np16 * dv <=
         // KT/2 * dv (Pairs), pa rp / 16 blocks of the form's size for np16
         // (Split needs dv % 32 == 0), acc rp * dv.
@@ -228,6 +234,7 @@ pub unsafe fn attend<T: Tiles>(
             match form {
                 PvForm::Pairs => {
                     v_pairs(sub, d2, n, np16, dv, vp);
+                    laps.lap(Phase::VPairs);
                     pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
                 }
                 PvForm::Split => {
@@ -236,7 +243,9 @@ pub unsafe fn attend<T: Tiles>(
                 }
             }
         }
+        laps.lap(Phase::Pv);
         fetch.rest();
+        laps.lap(Phase::Keys);
         t0 += n;
     }
     // O from tile order (16 x 16 blocks) back to rows.
@@ -245,6 +254,8 @@ pub unsafe fn attend<T: Tiles>(
         form.untile(&acc[(r / 16) * cb * TILE..][..cb * TILE], r % 16, orow);
     }
     finalize(o, lse, row_max, row_sum, dv);
+    laps.lap(Phase::Rest);
+    laps.finish(task.end - task.start, rows);
 }
 
 /// The cache lines of a range of keys, prefetched (into L2) a few per
