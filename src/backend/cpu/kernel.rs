@@ -215,11 +215,25 @@ fn fit(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
 /// Normalizes each row's accumulated output by its softmax sum and writes
 /// its natural log-sum-exp; a row that saw no key gets `o = 0`, `lse = -inf`.
 pub fn finalize(o: &mut [f32], lse: &mut [f32], row_max: &[f32], row_sum: &[f32], d_v: usize) {
+    finalize_with(o, lse, row_max, row_sum, d_v, |_, orow, inv| {
+        orow.iter_mut().for_each(|x| *x *= inv)
+    });
+}
+
+/// [`finalize`] with the unnormalized rows kept elsewhere: `fill(r, orow,
+/// inv)` writes row `r` times `inv` into `orow` (rows that see a key).
+pub fn finalize_with(
+    o: &mut [f32],
+    lse: &mut [f32],
+    row_max: &[f32],
+    row_sum: &[f32],
+    d_v: usize,
+    mut fill: impl FnMut(usize, &mut [f32], f32),
+) {
     for (r, (&m, &sum)) in row_max.iter().zip(row_sum).enumerate() {
         let orow = &mut o[r * d_v..(r + 1) * d_v];
         if sum > 0.0 {
-            let inv = 1.0 / sum;
-            orow.iter_mut().for_each(|x| *x *= inv);
+            fill(r, orow, 1.0 / sum);
             lse[r] = m + sum.ln();
         } else {
             orow.fill(0.0);

@@ -28,7 +28,7 @@
 use super::x86::V512;
 use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_row, transpose16, Vector};
 use crate::backend::cpu::amx::{grid, mac_dyn, Acc, Operand, Scattered, Tiled, Tiles};
-use crate::backend::cpu::kernel::{finalize, AttnTask, Scratch};
+use crate::backend::cpu::kernel::{finalize_with, AttnTask, Scratch};
 use crate::backend::cpu::phases::{Laps, Phase};
 use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
@@ -77,20 +77,22 @@ impl PvForm {
     }
 
     /// Row `i` of one row block of O from its C tiles (`block`, tile
-    /// order) into `orow`: `Pairs` keeps O's columns in order, 16 a tile;
-    /// `Split` keeps the even and odd columns of each 32 in two tiles.
-    fn untile(self, block: &[f32], i: usize, orow: &mut [f32]) {
+    /// order) into `orow`, times `scale`: `Pairs` keeps O's columns in
+    /// order, 16 a tile; `Split` keeps the even and odd columns of each 32
+    /// in two tiles.
+    fn untile(self, block: &[f32], i: usize, orow: &mut [f32], scale: f32) {
         let line = |c: usize| &block[c * TILE + i * 16..][..16];
         match self {
-            PvForm::Pairs => orow
-                .chunks_exact_mut(16)
-                .enumerate()
-                .for_each(|(c, out)| out.copy_from_slice(line(c))),
+            PvForm::Pairs => {
+                for (c, out) in orow.chunks_exact_mut(16).enumerate() {
+                    out.iter_mut().zip(line(c)).for_each(|(o, &x)| *o = x * scale);
+                }
+            }
             PvForm::Split => {
                 for (c, out) in orow.chunks_exact_mut(32).enumerate() {
                     let (even, odd) = (line(2 * c), line(2 * c + 1));
                     for (k, pair) in out.chunks_exact_mut(2).enumerate() {
-                        pair.copy_from_slice(&[even[k], odd[k]]);
+                        pair.copy_from_slice(&[even[k] * scale, odd[k] * scale]);
                     }
                 }
             }
@@ -153,8 +155,8 @@ pub unsafe fn attend<T: Tiles>(
     );
     let (vp, pa) = pv_buf.split_at_mut(vp_len);
     let sc = fit_lines(&mut scratch.scores, KT * rp + rp * dv);
+    // O (`acc`) is written by the first tile's P·V, not zeroed first.
     let (st, acc) = sc.split_at_mut(KT * rp);
-    acc.fill(0.0);
     let row = fit(&mut scratch.k_tile, d);
     let row_max = fit(&mut scratch.row_max, rows);
     let row_sum = fit(&mut scratch.row_sum, rows);
@@ -208,6 +210,7 @@ pub unsafe fn attend<T: Tiles>(
         // of d2 pairs, qb d2 x rp, st KT x rp >= nsub * 16 x rp.
         unsafe { scores(tiles, sub, qb, rp, (k0, d2), st, || fetch.step()) };
         laps.lap(Phase::Scores);
+        let first = t0 == task.start;
         // SAFETY: AVX-512F, BW and BF16 enabled; st holds n * rp, row_max
         // and row_sum rows, acc rp x dv, pa rp / 16 blocks of the form's
         // size for np16 <= KT / 2.
@@ -220,7 +223,7 @@ pub unsafe fn attend<T: Tiles>(
                 n,
                 rows,
                 (row_max, row_sum),
-                acc,
+                (!first).then_some(&mut *acc),
                 dv,
                 (form, np16),
                 pa,
@@ -235,11 +238,11 @@ pub unsafe fn attend<T: Tiles>(
                 PvForm::Pairs => {
                     v_pairs(sub, d2, n, np16, dv, vp);
                     laps.lap(Phase::VPairs);
-                    pv(tiles, pa, rp, np16, vp, dv, acc, || fetch.step());
+                    pv(tiles, pa, rp, np16, vp, dv, (acc, first), || fetch.step());
                 }
                 PvForm::Split => {
                     let pa = (&*pa, np16);
-                    pv_split(tiles, pa, rp, sub, d2, dv, acc, || fetch.step())
+                    pv_split(tiles, pa, rp, sub, d2, dv, (acc, first), || fetch.step())
                 }
             }
         }
@@ -248,12 +251,12 @@ pub unsafe fn attend<T: Tiles>(
         laps.lap(Phase::Keys);
         t0 += n;
     }
-    // O from tile order (16 x 16 blocks) back to rows.
+    // O from tile order (16 x 16 blocks) back to rows, normalized on the
+    // way (no tile ran: every sum is 0, and the rows are zeroed).
     let cb = dv / 16;
-    for (r, orow) in o[..rows * dv].chunks_exact_mut(dv).enumerate() {
-        form.untile(&acc[(r / 16) * cb * TILE..][..cb * TILE], r % 16, orow);
-    }
-    finalize(o, lse, row_max, row_sum, dv);
+    finalize_with(o, lse, row_max, row_sum, dv, |r, orow, inv| {
+        form.untile(&acc[(r / 16) * cb * TILE..][..cb * TILE], r % 16, orow, inv)
+    });
     laps.lap(Phase::Rest);
     laps.finish(task.end - task.start, rows);
 }
@@ -401,7 +404,7 @@ unsafe fn scores<T: Tiles>(
 /// to bf16 (nearest even), zero for keys past `n` (in `Split`,
 /// [`pack_p_split`]'s tiles, row block r at `r * 64 np16`). Running max
 /// and sum advance; O rows whose max moved are rescaled (`acc`, tile
-/// order).
+/// order; `None` before the first tile's P·V has written O).
 ///
 /// A block of 16 rows that all see every key goes through in vectors
 /// (the scores read once for the max, once for P); a block at a causal
@@ -423,20 +426,22 @@ unsafe fn softmax_p(
     n: usize,
     rows: usize,
     (row_max, row_sum): (&mut [f32], &mut [f32]),
-    acc: &mut [f32],
+    mut acc: Option<&mut [f32]>,
     dv: usize,
     (form, np16): (PvForm, usize),
     pa: &mut [u32],
 ) {
     let pa_block = form.pa_block(np16);
     assert!(st.len() >= n * rp && row_max.len() >= rows && row_sum.len() >= rows);
-    assert!(acc.len() >= rp * dv && pa.len() >= rp / 16 * pa_block && rows <= rp);
+    assert!(acc.as_ref().is_none_or(|a| a.len() >= rp * dv));
+    assert!(pa.len() >= rp / 16 * pa_block && rows <= rp);
     assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
     assert!(n >= 1 && n <= 2 * np16);
     let (scale, h_q) = (task.scale, task.h_q);
     for r0 in (0..rp).step_by(16) {
         let out = &mut pa[r0 / 16 * pa_block..][..pa_block];
-        let o = &mut acc[r0 * dv..][..16 * dv];
+        // This row block's O tiles (none before the first P·V).
+        let mut o = acc.as_deref_mut().map(|a| &mut a[r0 * dv..][..16 * dv]);
         let whole = r0 + 16 <= rows && (r0..r0 + 16).all(|r| task.visible(r / h_q) >= t0 + n);
         if !whole {
             let mut alpha = [1f32; 16];
@@ -450,7 +455,7 @@ unsafe fn softmax_p(
                 let (max, sum) = (&mut row_max[r], &mut row_sum[r]);
                 *al = softmax_row(st, rp, r, (n, vis), scale, max, sum);
             }
-            rescale(o, &alpha);
+            rescale(o.as_deref_mut(), &alpha);
             // SAFETY: rows r0..r0 + 16 of keys < n lie in st (asserted).
             let p = |j: usize| unsafe { _mm512_loadu_ps(st.as_ptr().add(j * rp + r0)) };
             // SAFETY: features enabled (caller); out holds the form's block.
@@ -503,17 +508,18 @@ unsafe fn softmax_p(
             m_new.store(row_max.as_mut_ptr().add(r0));
             let mut a = [0f32; 16];
             alpha.store(a.as_mut_ptr());
-            rescale(o, &a);
+            rescale(o.as_deref_mut(), &a);
         }
     }
 }
 
 /// O rows of one row block (`o`: its tiles, in tile order) times their
-/// `alpha` (row i of every tile by `alpha[i]`); nothing when all are 1.
-fn rescale(o: &mut [f32], alpha: &[f32; 16]) {
-    if alpha.iter().all(|&a| a == 1.0) {
+/// `alpha` (row i of every tile by `alpha[i]`); nothing when all are 1 or
+/// no O exists yet.
+fn rescale(o: Option<&mut [f32]>, alpha: &[f32; 16]) {
+    let Some(o) = o.filter(|_| alpha.iter().any(|&a| a != 1.0)) else {
         return;
-    }
+    };
     for tile in o.chunks_exact_mut(TILE) {
         for (line, &a) in tile.chunks_exact_mut(16).zip(alpha) {
             line.iter_mut().for_each(|v| *v *= a);
@@ -746,7 +752,7 @@ unsafe fn v_pairs(sub: &[&[u32]], d2: usize, n: usize, np16: usize, dv: usize, v
 
 /// `O += P · V` on tiles: C tile `(r, c)` of `acc` (tile order, at `(r *
 /// dv / 16 + c) * TILE`) += Σ_k `pa` tile `(r, k)` · `vp` tile `(c, k)`
-/// over `np16 / 16` chunks, 2 row blocks x 2 column blocks per
+/// over `np16 / 16` chunks (`=` for the `first` tile: `acc` is not read), 2 row blocks x 2 column blocks per
 /// [`mac_dyn`], `tick` once per chunk of each.
 ///
 /// [`mac_dyn`]: crate::backend::cpu::amx::mac_dyn
@@ -763,7 +769,7 @@ unsafe fn pv<T: Tiles>(
     np16: usize,
     vp: &[u32],
     dv: usize,
-    acc: &mut [f32],
+    (acc, first): (&mut [f32], bool),
     tick: impl FnMut(),
 ) {
     assert!(rp.is_multiple_of(16) && np16.is_multiple_of(16) && dv.is_multiple_of(16));
@@ -783,12 +789,12 @@ unsafe fn pv<T: Tiles>(
     // SAFETY: A tile (r, k): pa's tile k of row block r; B tile (c, k):
     // vp's rows 16k..16k + 16 of column block c; C tile (r, c): acc's
     // tile (r, c). All inside the asserted sizes.
-    unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, true, tick) };
+    unsafe { grid(t, (rp / 16, cb), np16 / 16, a, b, c, 64, !first, tick) };
 }
 
 /// `O += P · V` in [`PvForm::Split`]: for each row block r and each 32
 /// columns c of V, C tiles `(r, 2c)` (O's even columns of them) and `(r,
-/// 2c + 1)` (the odd ones) of `acc` += Σ_s `pa`'s low (high) tile of key
+/// 2c + 1)` (the odd ones) of `acc` += (`=` when `first`) Σ_s `pa`'s low (high) tile of key
 /// tile s · the B tile of `sub[s]`'s bytes 64c..64c + 64 (16 keys, each
 /// row's column pairs the VNNI pairs): 2 x 2 per [`mac_dyn`], `tick` once
 /// per key tile of each.
@@ -807,7 +813,7 @@ unsafe fn pv_split<T: Tiles>(
     sub: &[&[u32]],
     d2: usize,
     dv: usize,
-    acc: &mut [f32],
+    (acc, first): (&mut [f32], bool),
     mut tick: impl FnMut(),
 ) {
     let block = PvForm::Split.pa_block(np16);
@@ -845,7 +851,7 @@ unsafe fn pv_split<T: Tiles>(
             // tile (j, s): 16 rows of sub[s], bytes 64j..64j + 64 < 4 d2 of
             // each; C tiles: acc's tiles of row block r. All inside the
             // asserted sizes.
-            unsafe { mac_dyn(t, (2, nn), a, b, sub.len(), acc, true, &mut tick) };
+            unsafe { mac_dyn(t, (2, nn), a, b, sub.len(), acc, !first, &mut tick) };
         }
     }
 }
