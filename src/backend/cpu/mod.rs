@@ -29,6 +29,9 @@ use std::cell::{Cell, RefCell};
 /// about 0.6 MB of each, near the size of a core's L2.
 const ROWS_PER_RUN: usize = 256;
 
+/// Query rows per parallel piece of the merge of a sequence's splits.
+const MERGE_ROWS: usize = 16;
+
 thread_local! {
     /// Set on the engines' worker threads by the pool's start handler.
     static ON_ENGINE_WORKER: Cell<bool> = const { Cell::new(false) };
@@ -312,7 +315,10 @@ impl CpuBackend {
                     }
                 });
 
-            // 3. Merge the splits of each group by lse, apply the sink, store.
+            // 3. Merge the splits of each group by lse, apply the sink, store:
+            // in runs of rows, so that one long sequence's merge is shared
+            // by the threads too.
+            let ob_row = out_dtype.size() * s.d_v;
             out_bytes
                 .par_chunks_mut(out_group_bytes)
                 .zip(lse_ws[..n_groups * rows].par_chunks_mut(rows))
@@ -323,37 +329,42 @@ impl CpuBackend {
                     let slot =
                         |k: usize, r: usize| &part_o[((first + k) * rows + r) * s.d_v..][..s.d_v];
                     let slot_lse = |k: usize, r: usize| part_lse[(first + k) * rows + r];
-                    let mut acc = [0f32; MAX_HEAD_DIM];
-                    let acc = &mut acc[..s.d_v];
-                    let ob_row = out_dtype.size() * s.d_v;
-                    for r in 0..rows {
-                        let m = (0..n)
-                            .map(|k| slot_lse(k, r))
-                            .fold(f32::NEG_INFINITY, f32::max);
-                        acc.fill(0.0);
-                        if m == f32::NEG_INFINITY {
-                            lb[r] = m;
-                        } else {
-                            let mut total = 0.0f32;
-                            for k in 0..n {
-                                let w = (slot_lse(k, r) - m).exp();
-                                total += w;
-                                if w > 0.0 {
-                                    acc.iter_mut()
-                                        .zip(slot(k, r))
-                                        .for_each(|(a, &p)| *a += w * p);
+                    ob.par_chunks_mut(MERGE_ROWS * ob_row)
+                        .zip(lb.par_chunks_mut(MERGE_ROWS))
+                        .enumerate()
+                        .for_each(|(c, (ob, lb))| {
+                            let mut acc = [0f32; MAX_HEAD_DIM];
+                            let acc = &mut acc[..s.d_v];
+                            for (i, l) in lb.iter_mut().enumerate() {
+                                let r = c * MERGE_ROWS + i;
+                                let m = (0..n)
+                                    .map(|k| slot_lse(k, r))
+                                    .fold(f32::NEG_INFINITY, f32::max);
+                                acc.fill(0.0);
+                                if m == f32::NEG_INFINITY {
+                                    *l = m;
+                                } else {
+                                    let mut total = 0.0f32;
+                                    for k in 0..n {
+                                        let w = (slot_lse(k, r) - m).exp();
+                                        total += w;
+                                        if w > 0.0 {
+                                            acc.iter_mut()
+                                                .zip(slot(k, r))
+                                                .for_each(|(a, &p)| *a += w * p);
+                                        }
+                                    }
+                                    let lse = m + total.ln();
+                                    let mut scale = 1.0 / total;
+                                    if let Some(sink) = d.attn_sink {
+                                        scale /= 1.0 + (sink[r % s.h_q] - lse).exp();
+                                    }
+                                    acc.iter_mut().for_each(|a| *a *= scale);
+                                    *l = lse;
                                 }
+                                store_slice(out_dtype, acc, &mut ob[i * ob_row..(i + 1) * ob_row]);
                             }
-                            let lse = m + total.ln();
-                            let mut scale = 1.0 / total;
-                            if let Some(sink) = d.attn_sink {
-                                scale /= 1.0 + (sink[r % s.h_q] - lse).exp();
-                            }
-                            acc.iter_mut().for_each(|a| *a *= scale);
-                            lb[r] = lse;
-                        }
-                        store_slice(out_dtype, acc, &mut ob[r * ob_row..(r + 1) * ob_row]);
-                    }
+                        });
                 });
         });
 

@@ -85,7 +85,9 @@ impl PvForm {
         match self {
             PvForm::Pairs => {
                 for (c, out) in orow.chunks_exact_mut(16).enumerate() {
-                    out.iter_mut().zip(line(c)).for_each(|(o, &x)| *o = x * scale);
+                    out.iter_mut()
+                        .zip(line(c))
+                        .for_each(|(o, &x)| *o = x * scale);
                 }
             }
             PvForm::Split => {
