@@ -266,23 +266,26 @@ pub(crate) mod simd {
             ];
             let sign = _mm512_set1_epi8(0x80u8 as i8);
             let mag = _mm512_set1_epi16(0x7fff);
-            let chunks = codes.chunks_exact(64).zip(out.chunks_exact_mut(32));
             let words = [
                 _mm512_loadu_si512(WORDS_OF_BYTES[0].as_ptr() as *const _),
                 _mm512_loadu_si512(WORDS_OF_BYTES[1].as_ptr() as *const _),
             ];
-            for (i, (c, o)) in chunks.enumerate() {
-                let bias = _mm512_set1_epi16((ks[i * 64 / seg] << 7) as i16);
-                let v = _mm512_loadu_si512(c.as_ptr() as *const _);
-                let hi = _mm512_permutex2var_epi8(t[0], v, t[1]);
-                let lo = _mm512_permutex2var_epi8(t[2], v, t[3]);
-                let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, sign);
-                for (h, idx) in words.into_iter().enumerate() {
-                    let w = _mm512_permutex2var_epi8(lo, idx, hi);
-                    // Scale by 2^k in the exponent; zeros stay zero.
-                    let nz = _mm512_test_epi16_mask(w, mag);
-                    let w = _mm512_mask_add_epi16(w, nz, w, bias);
-                    _mm512_storeu_si512(o.as_mut_ptr().add(16 * h) as *mut _, w);
+            // Segment by segment: one scale (exponent bias) each.
+            let segs = codes.chunks_exact(seg).zip(out.chunks_exact_mut(seg / 2));
+            for ((cs, os), &k) in segs.zip(ks) {
+                let bias = _mm512_set1_epi16((k << 7) as i16);
+                for (c, o) in cs.chunks_exact(64).zip(os.chunks_exact_mut(32)) {
+                    let v = _mm512_loadu_si512(c.as_ptr() as *const _);
+                    let hi = _mm512_permutex2var_epi8(t[0], v, t[1]);
+                    let lo = _mm512_permutex2var_epi8(t[2], v, t[3]);
+                    let hi = _mm512_ternarylogic_epi32::<0xF8>(hi, v, sign);
+                    for (h, idx) in words.into_iter().enumerate() {
+                        let w = _mm512_permutex2var_epi8(lo, idx, hi);
+                        // Scale by 2^k in the exponent; zeros stay zero.
+                        let nz = _mm512_test_epi16_mask(w, mag);
+                        let w = _mm512_mask_add_epi16(w, nz, w, bias);
+                        _mm512_storeu_si512(o.as_mut_ptr().add(16 * h) as *mut _, w);
+                    }
                 }
             }
         }
