@@ -119,6 +119,10 @@ struct Spec {
     h_q: Option<usize>,
     s_q: Option<usize>,
     causal: Option<bool>,
+    /// Keys drift along the sequence: the queries are made positive and key
+    /// t gets a drift in every value that raises its scaled scores by about
+    /// `trend * t`, so a kernel's running max keeps jumping (rescaling O).
+    trend: Option<f64>,
 }
 
 fn make_case(rng: &mut SmallRng, format: u32, sparse: bool) -> Case {
@@ -180,8 +184,13 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
         }
         for t in 0..len {
             let slot = table[b * stride + t / block_size] as usize * block_size + t % block_size;
+            // |N(0, 1/100)| has mean 0.08: a drift c adds about c * 0.08 * d
+            // to a dot product, c * 0.08 * sqrt(d) to a scaled score.
+            let drift = spec
+                .trend
+                .map_or(0.0, |r| r / (0.08 * (d_qk as f64).sqrt()) * t as f64);
             for x in &mut rows[slot * d_qk..(slot + 1) * d_qk] {
-                *x = ((normal(rng) / 10.0).clamp(-1.0, 1.0)) as f32;
+                *x = ((normal(rng) / 10.0).clamp(-1.0, 1.0) + drift) as f32;
             }
         }
     }
@@ -234,7 +243,8 @@ fn make_case_with(rng: &mut SmallRng, format: u32, sparse: bool, spec: &Spec) ->
         })
         .collect();
     let q: Vec<f32> = (0..batch * s_q * h_q * d_qk)
-        .map(|_| ((normal(rng) / 10.0).clamp(-1.0, 1.0)) as f32)
+        .map(|_| (normal(rng) / 10.0).clamp(-1.0, 1.0))
+        .map(|x| if spec.trend.is_some() { x.abs() } else { x } as f32)
         .collect();
     let q_bf16 = matches!(
         format,
@@ -527,6 +537,7 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(16),
             s_q: Some(1),
             causal: Some(false),
+            ..Spec::default()
         },
         Spec {
             lens: Some(vec![65]),
@@ -534,6 +545,7 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(7),
             s_q: Some(2),
             causal: Some(true),
+            ..Spec::default()
         },
         Spec {
             lens: Some(vec![150]),
@@ -541,6 +553,7 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(128),
             s_q: Some(1),
             causal: Some(false),
+            ..Spec::default()
         },
         Spec {
             lens: Some(vec![129]),
@@ -548,6 +561,7 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(3),
             s_q: Some(4),
             causal: Some(true),
+            ..Spec::default()
         },
         // Splits longer than the AMX kernel's 256-key tiles: the online
         // softmax carries across tiles (many rows, and 16 rows with V read
@@ -558,6 +572,7 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(128),
             s_q: Some(1),
             causal: Some(false),
+            ..Spec::default()
         },
         Spec {
             lens: Some(vec![1300]),
@@ -565,6 +580,26 @@ fn split_edges_match_the_reference_on_every_variant() {
             h_q: Some(16),
             s_q: Some(1),
             causal: Some(true),
+            ..Spec::default()
+        },
+        // Scores rising along the keys: the running max jumps from tile to
+        // tile (by more than the AMX kernel's lazy-rescale slack, checked
+        // below) and O is rescaled after the first tile.
+        Spec {
+            lens: Some(vec![1100]),
+            block_size: Some(64),
+            h_q: Some(128),
+            s_q: Some(1),
+            causal: Some(false),
+            trend: Some(0.0625),
+        },
+        Spec {
+            lens: Some(vec![1300]),
+            block_size: Some(100),
+            h_q: Some(16),
+            s_q: Some(2),
+            causal: Some(true),
+            trend: Some(0.0625),
         },
     ];
     let mut ran = 0;
@@ -581,6 +616,27 @@ fn split_edges_match_the_reference_on_every_variant() {
                 MLART_KV_FORMAT_BF16,
             ] {
                 let c = make_case_with(&mut rng, format, false, spec);
+                if spec.trend.is_some() {
+                    // Row 0's scaled scores: each 256 keys' max tops the
+                    // last 256's by more than 8.
+                    let scale = 1.0 / (c.d_qk as f64).sqrt();
+                    let q = &c.q[..c.d_qk];
+                    let tile_max = |t: usize| {
+                        c.keys[0][256 * t..256 * (t + 1)]
+                            .iter()
+                            .map(|k| {
+                                scale * k.iter().zip(q).map(|(a, &b)| a * b as f64).sum::<f64>()
+                            })
+                            .fold(f64::NEG_INFINITY, f64::max)
+                    };
+                    for t in 1..4 {
+                        let jump = tile_max(t) - tile_max(t - 1);
+                        assert!(
+                            jump > 8.0,
+                            "spec {k}: the max rose by only {jump} at tile {t}"
+                        );
+                    }
+                }
                 let (out, lse) = run(&engine, &c);
                 let (rout, rlse) = reference(&c);
                 let err = rel_l2(&out, &rout);
