@@ -32,10 +32,25 @@ pub enum KeySource<'a> {
     },
 }
 
+/// What every task of a call shares and a kernel may want to know before
+/// the call packs its queries ([`AttentionKernel::reads_f32_queries`]).
+#[derive(Clone, Copy, Debug)]
+pub struct CallQueries {
+    /// The call's queries are bf16 ([`AttnTask::q_bf16`] is set).
+    pub q_bf16: bool,
+    /// The output is bf16 ([`AttnTask::p_bf16`]).
+    pub p_bf16: bool,
+    pub d_qk: usize,
+    pub d_v: usize,
+    /// The (main) cache's format.
+    pub kv_format: crate::format::KvFormat,
+}
+
 /// One unit of work for a kernel: some query rows against a range of keys.
 pub struct AttnTask<'a> {
     /// Packed queries `[n_q * h_q, d_qk]` (row `i * h_q + h`), already
-    /// multiplied by the softmax scale.
+    /// multiplied by the softmax scale; empty when the kernel said it does
+    /// not read them ([`AttentionKernel::reads_f32_queries`]).
     pub q: &'a [f32],
     /// Query tokens in `q`.
     pub n_q: usize,
@@ -69,6 +84,17 @@ impl AttnTask<'_> {
         match self.causal_seqlen {
             Some(len) => (len + i + 1).saturating_sub(self.n_q),
             None => usize::MAX,
+        }
+    }
+
+    /// What the task's call shares with its other tasks.
+    pub fn call(&self) -> CallQueries {
+        CallQueries {
+            q_bf16: self.q_bf16.is_some(),
+            p_bf16: self.p_bf16,
+            d_qk: self.d_qk,
+            d_v: self.d_v,
+            kv_format: self.kv_format(),
         }
     }
 
@@ -251,6 +277,15 @@ pub trait AttentionKernel: Send + Sync {
     /// natural log-sum-exp of the scaled scores, or `-inf` (with `o = 0`)
     /// for a row that sees no key in the range.
     fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]);
+
+    /// Whether `attend` reads the packed, scaled f32 queries
+    /// ([`AttnTask::q`]) of a call like `call`. When it does not, the
+    /// backend skips packing them (at batch 1 a tenth of a short call) and
+    /// passes them empty.
+    fn reads_f32_queries(&self, call: &CallQueries) -> bool {
+        let _ = call;
+        true
+    }
 }
 
 /// Plain Rust, written so the compiler can vectorise the inner loops. It is

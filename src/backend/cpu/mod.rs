@@ -18,7 +18,7 @@ use crate::decode::desc::MAX_HEAD_DIM;
 use crate::decode::{Decode, Keys, SplitPlan};
 use crate::error::{Error, Result};
 use crate::format::{load_slice, store_slice, Dtype};
-use kernel::{AttentionKernel, AttnTask, KeySource, ScalarKernel, Scratch, EXTRA_KEY};
+use kernel::{AttentionKernel, AttnTask, CallQueries, KeySource, ScalarKernel, Scratch, EXTRA_KEY};
 use parking_lot::Mutex;
 use rayon::prelude::*;
 use std::cell::{Cell, RefCell};
@@ -236,15 +236,30 @@ impl CpuBackend {
         let out_dtype = out.dtype;
         let out_bytes = &mut out.out[..n_groups * out_group_bytes];
 
+        let call = CallQueries {
+            q_bf16: d.q_dtype == Dtype::Bf16,
+            p_bf16: out.dtype == Dtype::Bf16,
+            d_qk: s.d_qk,
+            d_v: s.d_v,
+            kv_format: match &d.keys {
+                Keys::Dense(dk) => dk.kv.layout.format,
+                Keys::Sparse(sk) => sk.main.kv.layout.format,
+            },
+        };
+        let pack_q = kernel.reads_f32_queries(&call);
+
         self.pool.install(|| {
-            // 1. Pack and pre-scale the queries once per call.
-            q[..s.batch * s.rows() * s.d_qk]
-                .par_chunks_mut(s.rows() * s.d_qk)
-                .enumerate()
-                .for_each(|(b, qb)| {
-                    load_slice(d.q_dtype, &d.q[b * q_seq_bytes..(b + 1) * q_seq_bytes], qb);
-                    qb.iter_mut().for_each(|x| *x *= s.softmax_scale);
-                });
+            // 1. Pack and pre-scale the queries once per call (if the
+            // kernel reads them so).
+            if pack_q {
+                q[..s.batch * s.rows() * s.d_qk]
+                    .par_chunks_mut(s.rows() * s.d_qk)
+                    .enumerate()
+                    .for_each(|(b, qb)| {
+                        load_slice(d.q_dtype, &d.q[b * q_seq_bytes..(b + 1) * q_seq_bytes], qb);
+                        qb.iter_mut().for_each(|x| *x *= s.softmax_scale);
+                    });
+            }
             let q = &q[..];
 
             // 2. Attend every work item into its partial slot.
@@ -285,7 +300,7 @@ impl CpuBackend {
                         let end = (item.end as usize).min(run_seqlen.unwrap_or(usize::MAX));
                         let qr = (g * rows + r0) * s.d_qk..(g * rows + r1) * s.d_qk;
                         let task = AttnTask {
-                            q: &q[qr.clone()],
+                            q: if pack_q { &q[qr.clone()] } else { &[] },
                             n_q: i1 - i0,
                             h_q: s.h_q,
                             d_qk: s.d_qk,

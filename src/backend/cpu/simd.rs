@@ -27,7 +27,7 @@ use super::amx;
 #[cfg(target_arch = "x86_64")]
 mod amx_attn;
 use super::isa::CpuIsa;
-use super::kernel::{finalize, AttentionKernel, AttnTask, Scratch, K_TILE};
+use super::kernel::{finalize, AttentionKernel, AttnTask, CallQueries, Scratch, K_TILE};
 use crate::format::KvFormat;
 
 /// Query rows per register block.
@@ -1268,6 +1268,13 @@ impl AttentionKernel for AmxKernel {
         CpuIsa::Amx
     }
 
+    fn reads_f32_queries(&self, call: &CallQueries) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        return !amx_attn::applies_to(call);
+        #[cfg(not(target_arch = "x86_64"))]
+        super::kernel::ScalarKernel.reads_f32_queries(call)
+    }
+
     fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the engine selects this kernel only after detecting
@@ -1431,6 +1438,59 @@ mod tests {
                 assert_eq!(out[16 * i + l], m[16 * l + i], "[{i}][{l}]");
             }
         }
+    }
+
+    /// The AMX kernel leaves the f32 queries unpacked exactly for the calls
+    /// its tiles take (bf16 in and out, whole tiles, a bf16-exact cache);
+    /// any other call falls back to the f32 kernel, which reads them.
+    #[test]
+    fn amx_reads_f32_queries_only_where_its_tiles_do_not_apply() {
+        use super::{AmxKernel, Avx512Kernel};
+        use crate::backend::cpu::kernel::{AttentionKernel, CallQueries, ScalarKernel};
+        use crate::format::KvFormat;
+        let tiles = CallQueries {
+            q_bf16: true,
+            p_bf16: true,
+            d_qk: 576,
+            d_v: 512,
+            kv_format: KvFormat::Bf16,
+        };
+        let k = AmxKernel { emulated: true };
+        assert!(!k.reads_f32_queries(&tiles));
+        let fp8 = CallQueries {
+            kv_format: KvFormat::Fp8V32,
+            ..tiles
+        };
+        assert!(!k.reads_f32_queries(&fp8));
+        for other in [
+            CallQueries {
+                q_bf16: false,
+                ..tiles
+            },
+            CallQueries {
+                p_bf16: false,
+                ..tiles
+            },
+            CallQueries {
+                d_qk: 40,
+                d_v: 32,
+                ..tiles
+            },
+            CallQueries { d_v: 40, ..tiles },
+            CallQueries {
+                kv_format: KvFormat::F32,
+                ..tiles
+            },
+            CallQueries {
+                kv_format: KvFormat::F16,
+                ..tiles
+            },
+        ] {
+            assert!(k.reads_f32_queries(&other), "{other:?}");
+        }
+        // Every other kernel reads them.
+        assert!(Avx512Kernel.reads_f32_queries(&tiles));
+        assert!(ScalarKernel.reads_f32_queries(&tiles));
     }
 
     /// Queries as transposed pairs: rows not a multiple of 16 (zero

@@ -28,7 +28,7 @@
 use super::x86::V512;
 use super::{fit, fit_lines, fit_u32_lines, q_pairs_t, softmax_row, transpose16, Vector};
 use crate::backend::cpu::amx::{grid, mac_dyn, Acc, Operand, Scattered, Tiled, Tiles};
-use crate::backend::cpu::kernel::{finalize_with, AttnTask, Scratch};
+use crate::backend::cpu::kernel::{finalize_with, AttnTask, CallQueries, Scratch};
 use crate::backend::cpu::phases::{Laps, Phase};
 use crate::format::{prefetch, KvFormat};
 use std::arch::x86_64::*;
@@ -109,20 +109,26 @@ impl PvForm {
     }
 }
 
-/// Whether the kernel computes `task` as exactly as the AVX512-BF16 one:
-/// bf16 queries, a cache whose values are bf16 (BF16, or FP8 with
-/// power-of-two scales), a bf16 output (P may be rounded), `d_qk % 32 == 0`
-/// (whole A tiles) and `d_v % 16 == 0` (whole C tiles).
-pub fn applies(task: &AttnTask<'_>) -> bool {
-    task.q_bf16.is_some()
-        && task.p_bf16
-        && task.d_qk.is_multiple_of(32)
-        && task.d_v.is_multiple_of(16)
-        && task.d_v <= task.d_qk
+/// Whether the kernel computes the tasks of a call like `call` as exactly
+/// as the AVX512-BF16 one: bf16 queries, a cache whose values are bf16
+/// (BF16, or FP8 with power-of-two scales), a bf16 output (P may be
+/// rounded), `d_qk % 32 == 0` (whole A tiles) and `d_v % 16 == 0` (whole C
+/// tiles). It then reads the bf16 queries, never the f32 ones.
+pub fn applies_to(call: &CallQueries) -> bool {
+    call.q_bf16
+        && call.p_bf16
+        && call.d_qk.is_multiple_of(32)
+        && call.d_v.is_multiple_of(16)
+        && call.d_v <= call.d_qk
         && matches!(
-            task.kv_format(),
+            call.kv_format,
             KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
         )
+}
+
+/// [`applies_to`] `task`'s call.
+pub fn applies(task: &AttnTask<'_>) -> bool {
+    applies_to(&task.call())
 }
 
 /// The kernel body (see the module comment).
