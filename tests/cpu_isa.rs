@@ -530,6 +530,22 @@ fn every_cpu_variant_matches_the_f64_reference() {
 /// last split partly masked.
 #[test]
 fn split_edges_match_the_reference_on_every_variant() {
+    let long_h128 = Spec {
+        lens: Some(vec![1100]),
+        block_size: Some(64),
+        h_q: Some(128),
+        s_q: Some(1),
+        causal: Some(false),
+        ..Spec::default()
+    };
+    let long_h16 = Spec {
+        lens: Some(vec![1300]),
+        block_size: Some(100),
+        h_q: Some(16),
+        s_q: Some(1),
+        causal: Some(true),
+        ..Spec::default()
+    };
     let specs = [
         Spec {
             lens: Some(vec![65]),
@@ -566,40 +582,19 @@ fn split_edges_match_the_reference_on_every_variant() {
         // Splits longer than the AMX kernel's 256-key tiles: the online
         // softmax carries across tiles (many rows, and 16 rows with V read
         // from the keys).
-        Spec {
-            lens: Some(vec![1100]),
-            block_size: Some(64),
-            h_q: Some(128),
-            s_q: Some(1),
-            causal: Some(false),
-            ..Spec::default()
-        },
-        Spec {
-            lens: Some(vec![1300]),
-            block_size: Some(100),
-            h_q: Some(16),
-            s_q: Some(1),
-            causal: Some(true),
-            ..Spec::default()
-        },
+        long_h128.clone(),
+        long_h16.clone(),
         // Scores rising along the keys: the running max jumps from tile to
         // tile (by more than the AMX kernel's lazy-rescale slack, checked
         // below) and O is rescaled after the first tile.
         Spec {
-            lens: Some(vec![1100]),
-            block_size: Some(64),
-            h_q: Some(128),
-            s_q: Some(1),
-            causal: Some(false),
             trend: Some(0.0625),
+            ..long_h128
         },
         Spec {
-            lens: Some(vec![1300]),
-            block_size: Some(100),
-            h_q: Some(16),
-            s_q: Some(2),
-            causal: Some(true),
             trend: Some(0.0625),
+            s_q: Some(2),
+            ..long_h16
         },
     ];
     let mut ran = 0;

@@ -331,10 +331,7 @@ fn print_phases(results: &[Measured], ceil: &Ceilings, threads: usize) {
          - `busy`: kernel time over wall time x threads (the rest: merging splits, scheduling, waiting).",
         ceil.compute_name
     );
-    print!(
-        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>5}",
-        "batch", "seqlen", "h_q", "s_q", "kv", "topk", "rows"
-    );
+    print!("{POINT_HEADER} {:>5}", "rows");
     for ph in Phase::ALL {
         print!(" {:>8}", ph.name());
     }
@@ -343,17 +340,7 @@ fn print_phases(results: &[Measured], ceil: &Ceilings, threads: usize) {
         "total", "peak", "at peak", "DRAM", "busy", "scores %pk", "P·V %pk"
     );
     for (m, f) in &figs {
-        let pt = &m.point;
-        print!(
-            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>5.0}",
-            pt.batch,
-            pt.seqlen,
-            pt.h_q,
-            pt.s_q,
-            pt.format.name(),
-            topk_name(pt.topk),
-            f.rows
-        );
+        print!("{} {:>5.0}", point_columns(&m.point), f.rows);
         for us in f.us {
             print!(" {us:>8.2}");
         }
@@ -596,6 +583,21 @@ fn print_ceilings(when: &str, c: &Ceilings) {
     );
 }
 
+/// The point's columns of the tables, under [`POINT_HEADER`].
+fn point_columns(pt: &Point) -> String {
+    format!(
+        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6}",
+        pt.batch,
+        pt.seqlen,
+        pt.h_q,
+        pt.s_q,
+        pt.format.name(),
+        topk_name(pt.topk)
+    )
+}
+
+const POINT_HEADER: &str = "batch seqlen  h_q s_q       kv   topk";
+
 fn topk_name(topk: Option<usize>) -> String {
     topk.map_or("dense".to_string(), |k| k.to_string())
 }
@@ -750,21 +752,8 @@ pub fn run(opts: &Options) -> Result<()> {
     );
     let with_scalar = scalar.is_some();
     print!(
-        "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7} {:>7} {:>8}",
-        "batch",
-        "seqlen",
-        "h_q",
-        "s_q",
-        "kv",
-        "topk",
-        "time ms",
-        "GFLOP/s",
-        "GB/s",
-        "FLOP/B",
-        "bound",
-        "% ceil",
-        "spread",
-        "% paired"
+        "{POINT_HEADER} {:>10} {:>8} {:>7} {:>7} {:>9} {:>7} {:>7} {:>8}",
+        "time ms", "GFLOP/s", "GB/s", "FLOP/B", "bound", "% ceil", "spread", "% paired"
     );
     if with_scalar {
         print!(
@@ -782,13 +771,8 @@ pub fn run(opts: &Options) -> Result<()> {
             _ => "-".to_string(),
         };
         print!(
-            "{:>5} {:>6} {:>4} {:>3} {:>8} {:>6} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}% {:>6.1}% {:>8}",
-            pt.batch,
-            pt.seqlen,
-            pt.h_q,
-            pt.s_q,
-            pt.format.name(),
-            topk_name(pt.topk),
+            "{} {:>10.3} {:>8.1} {:>7.2} {:>7.1} {:>9} {:>6.1}% {:>6.1}% {:>8}",
+            point_columns(pt),
             m.time.median * 1e3,
             m.gflops(),
             m.gbytes(),
