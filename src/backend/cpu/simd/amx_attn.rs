@@ -1,4 +1,4 @@
-//! The AMX attention kernel: per tile of up to 128 keys both GEMMs run on
+//! The AMX attention kernel: per tile of up to 256 keys both GEMMs run on
 //! AMX tiles, and only the softmax and the packing of operands on AVX-512.
 //!
 //! - `Sᵀ = K · Qᵀ`: the keys' bf16 rows are the A tiles as the cache holds
@@ -6,7 +6,8 @@
 //!   packed once per call as the B operand (`[d/2][rows]` pairs), and the C
 //!   tiles land as `st [key][row]`, the layout of the vector softmax (rows
 //!   in lanes). Nothing is transposed per key tile.
-//! - online softmax in f32 (the scale applied on the way), and P rounded
+//! - online softmax in f32 (the scale applied on the way, the running max
+//!   moved only when a tile tops it by [`RESCALE_SLACK`]), and P rounded
 //!   to bf16 (as FlashMLA does; only with a bf16 output) straight into the
 //!   A operand of P·V: pairs along the keys, 16 x 16 transposed, one tile
 //!   after another (`pa`);
