@@ -207,8 +207,8 @@ fn bench_with(isa: &str, emulate: bool, json: &Path) -> Output {
 }
 
 /// The bench's phase table says where the amx kernel's time goes, point by
-/// point (the AMX tiles in software where the CPU has none), and other
-/// kernels have none.
+/// point (the AMX tiles in software where the CPU has none), as for the
+/// vector kernels, and the reference kernel has none.
 #[test]
 fn bench_counts_the_amx_kernel_phases() {
     let json = std::env::temp_dir().join(format!("mlart-cli-phases-{}.json", std::process::id()));
@@ -278,7 +278,19 @@ fn bench_counts_the_amx_kernel_phases() {
     assert_eq!(doc.matches("\"phases\": {\"rows\"").count(), 2, "{doc}");
     assert!(doc.contains("\"us_per_256_keys\": {\"keys\""), "{doc}");
 
-    // Another kernel: no table, null in the JSON.
+    // A vector kernel counts its phases too (where this CPU has it).
+    let out = bench_with("avx2", false, &json);
+    let _ = std::fs::remove_file(&json);
+    let (stdout, stderr) = text(&out);
+    match out.status.success() {
+        true => assert!(
+            stdout.contains("where the avx2 kernel's time goes"),
+            "{stdout}"
+        ),
+        false => eprintln!("skipped: the avx2 kernel's table (refused here: {stderr})"),
+    }
+
+    // The reference kernel: no table, null in the JSON.
     let out = bench_with("scalar", false, &json);
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");

@@ -28,6 +28,7 @@ use super::amx;
 mod amx_attn;
 use super::isa::CpuIsa;
 use super::kernel::{finalize, AttentionKernel, AttnTask, CallQueries, Scratch, K_TILE};
+use super::phases::{Laps, Phase};
 use crate::format::KvFormat;
 
 /// Query rows per register block.
@@ -1046,6 +1047,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     o: &mut [f32],
     lse: &mut [f32],
 ) {
+    let mut laps = Laps::start();
     let (d, dv, h_q) = (task.d_qk, task.d_v, task.h_q);
     // Leading query columns that are zero: left out of Q·Kᵀ (even, so the
     // bf16 pairs start on a pair).
@@ -1054,16 +1056,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     let lanes = V::LANES;
     // Query rows padded to whole vectors; padding rows are zero and ignored.
     let rp = rows.div_ceil(lanes) * lanes;
-    // bf16 dot products for Q·Kᵀ when queries and keys are exactly bf16:
-    // bf16 queries, bf16 or FP8 cache (e4m3 x power-of-two is a bf16), even d.
-    let use_bf16 = BF16
-        && lanes == 16
-        && d % 2 == 0
-        && task.q_bf16.is_some()
-        && matches!(
-            task.kv_format(),
-            KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
-        );
+    let use_bf16 = BF16 && lanes == 16 && bf16_dots_apply(&task.call());
     // P·V with `vdpbf16ps` too (P rounded to bf16, as FlashMLA does) when
     // the output is bf16 anyway; V is exactly bf16 when the keys are.
     let p_bf16 = BF16 && use_bf16 && task.p_bf16 && dv % 16 == 0;
@@ -1097,6 +1090,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
     row_sum.fill(0.0);
     o[..rows * dv].fill(0.0);
 
+    laps.lap(Phase::Rest);
     let mut t0 = task.start;
     while t0 < task.end {
         let n = K_TILE.min(task.end - t0);
@@ -1119,6 +1113,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
             let pairs = fit_u32(&mut scratch.pairs, d2 * rp + K_TILE * d2);
             let (qt2, k2) = pairs.split_at_mut(d2 * rp);
             tile_key_rows(task, t0, n, direct_pairs, k_tile, k2, &mut keys);
+            laps.lap(Phase::Keys);
             // V's pairs are built from each block of keys right after its
             // scores, from L1 (R is even, so blocks hold whole pairs); at
             // h_q = 16 that made the kernel 3-6% faster than pairing the
@@ -1154,6 +1149,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 )
             };
         } else {
+            laps.lap(Phase::Keys);
             // S for the whole tile: blocks of R keys x BLOCK row vectors.
             let mut rb = 0;
             while rb < rp {
@@ -1171,9 +1167,11 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 rb += rv * lanes;
             }
         }
+        laps.lap(Phase::Scores);
         // SAFETY: ISA enabled (caller); st holds n keys x rp rows, the row
         // state `rows`, o `rows * dv`.
         unsafe { softmax_tile::<V>(task, st, rp, t0, n, rows, row_max, row_sum, o, dv) };
+        laps.lap(Phase::Softmax);
         #[cfg(target_arch = "x86_64")]
         if p_bf16 {
             let np = n.div_ceil(2);
@@ -1186,6 +1184,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 }
                 bf16::p_pairs(st, rp, n, pp);
             }
+            laps.lap(Phase::VPairs);
             let mut r0 = 0;
             while r0 < rows {
                 let rn = R.min(rows - r0);
@@ -1203,6 +1202,7 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 };
                 r0 += rn;
             }
+            laps.lap(Phase::Pv);
             t0 += n;
             continue;
         }
@@ -1218,9 +1218,25 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
             };
             r0 += rn;
         }
+        laps.lap(Phase::Pv);
         t0 += n;
     }
     finalize(o, lse, row_max, row_sum, dv);
+    laps.lap(Phase::Rest);
+    laps.finish(task.end - task.start, rows);
+}
+
+/// Whether the avx512bf16 kernel takes `Q·Kᵀ` of a call like `call` on
+/// `vdpbf16ps`, from the bf16 queries: queries and keys exactly bf16 (bf16
+/// queries; a BF16 or FP8 cache, e4m3 times a power of two being a bf16),
+/// even `d_qk`.
+fn bf16_dots_apply(call: &CallQueries) -> bool {
+    call.q_bf16
+        && call.d_qk.is_multiple_of(2)
+        && matches!(
+            call.kv_format,
+            KvFormat::Bf16 | KvFormat::Fp8V32 | KvFormat::Fp8Model1
+        )
 }
 
 /// AVX2 + FMA, 8 lanes.
@@ -1297,6 +1313,11 @@ fn attend_avx512bf16(task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], 
 impl AttentionKernel for Avx512Bf16Kernel {
     fn isa(&self) -> CpuIsa {
         CpuIsa::Avx512Bf16
+    }
+
+    fn reads_f32_queries(&self, call: &CallQueries) -> bool {
+        // Elsewhere the scalar kernel stands in, and reads them.
+        !(cfg!(target_arch = "x86_64") && bf16_dots_apply(call))
     }
 
     fn attend(&self, task: &AttnTask<'_>, scratch: &mut Scratch, o: &mut [f32], lse: &mut [f32]) {
@@ -1442,10 +1463,11 @@ mod tests {
 
     /// The AMX kernel leaves the f32 queries unpacked exactly for the calls
     /// its tiles take (bf16 in and out, whole tiles, a bf16-exact cache);
-    /// any other call falls back to the f32 kernel, which reads them.
+    /// any other call falls back to the f32 kernel, which reads them. The
+    /// avx512bf16 kernel leaves them where its `Q·Kᵀ` reads the bf16 ones.
     #[test]
-    fn amx_reads_f32_queries_only_where_its_tiles_do_not_apply() {
-        use super::{AmxKernel, Avx512Kernel};
+    fn kernels_skip_f32_queries_only_where_they_read_bf16_ones() {
+        use super::{AmxKernel, Avx512Bf16Kernel, Avx512Kernel};
         use crate::backend::cpu::kernel::{AttentionKernel, CallQueries, ScalarKernel};
         use crate::format::KvFormat;
         let tiles = CallQueries {
@@ -1488,7 +1510,28 @@ mod tests {
         ] {
             assert!(k.reads_f32_queries(&other), "{other:?}");
         }
-        // Every other kernel reads them.
+        // The avx512bf16 kernel takes Q·Kᵀ from the bf16 queries for any
+        // output and even d_qk; the f32 kernels always read them.
+        let any_out = CallQueries {
+            p_bf16: false,
+            d_qk: 40,
+            d_v: 40,
+            ..tiles
+        };
+        assert!(!Avx512Bf16Kernel.reads_f32_queries(&any_out));
+        for other in [
+            CallQueries {
+                q_bf16: false,
+                ..tiles
+            },
+            CallQueries { d_qk: 33, ..tiles },
+            CallQueries {
+                kv_format: KvFormat::F16,
+                ..tiles
+            },
+        ] {
+            assert!(Avx512Bf16Kernel.reads_f32_queries(&other), "{other:?}");
+        }
         assert!(Avx512Kernel.reads_f32_queries(&tiles));
         assert!(ScalarKernel.reads_f32_queries(&tiles));
     }

@@ -312,8 +312,8 @@ impl PhaseFigures {
     }
 }
 
-/// The phase table: where the amx kernel's time goes, point by point.
-fn print_phases(results: &[Measured], ceil: &Ceilings, threads: usize) {
+/// The phase table: where the kernel's time goes, point by point.
+fn print_phases(kernel: &str, results: &[Measured], ceil: &Ceilings, threads: usize) {
     let figs: Vec<(&Measured, PhaseFigures)> = results
         .iter()
         .filter_map(|m| PhaseFigures::of(m, ceil, threads).map(|f| (m, f)))
@@ -322,14 +322,14 @@ fn print_phases(results: &[Measured], ceil: &Ceilings, threads: usize) {
         return;
     }
     println!(
-        "where the amx kernel's time goes (a separate, untimed pass per point after its timed calls):\n\
+        "where the {kernel} kernel's time goes (a separate, untimed pass per point after its timed calls):\n\
          - the time-stamp counter read between the phases of each key tile, summed over the threads;\n\
          - µs per 256 keys of one kernel call (its `rows` query rows, one thread);\n\
          - `peak`: the {0} peak read just before the pass (GFLOP/s, all threads); `at peak`: the keys' \
          FLOPs at one thread's share of it; `% pk`: the phase's GEMM FLOPs against that share;\n\
          - `DRAM`: the keys' bytes at one thread's share of the DRAM read rate used above;\n\
          - `busy`: kernel time over wall time x threads (the rest: merging splits, scheduling, waiting).",
-        ceil.compute_name
+        ceil.compute_name,
     );
     print!("{POINT_HEADER} {:>5}", "rows");
     for ph in Phase::ALL {
@@ -685,7 +685,9 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         let data = kv.as_ref().expect("built above");
         let probe = || ceilings::probe(threads, unit);
-        let count = info.cpu_isa == CpuIsa::Amx;
+        // The vector and tile kernels count their phases; the reference
+        // kernel does not.
+        let count = info.cpu_isa != CpuIsa::Scalar;
         let PointRun {
             flops,
             bytes,
@@ -787,7 +789,7 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!();
     }
-    print_phases(&results, &used, threads);
+    print_phases(info.cpu_isa.name(), &results, &used, threads);
     let speedups: Vec<f64> = results.iter().filter_map(Measured::speedup).collect();
     if !speedups.is_empty() {
         let geo = (speedups.iter().map(|x| x.ln()).sum::<f64>() / speedups.len() as f64).exp();
