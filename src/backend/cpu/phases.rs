@@ -1,7 +1,8 @@
-//! Where the AMX kernel's time goes: the time-stamp counter read between
-//! the phases of its key tiles, summed over every call and worker thread
-//! while a caller (`mlart bench`) has switched the count on. Off (the
-//! default) a kernel call reads one flag and nothing else.
+//! Where a CPU kernel's time goes: the time-stamp counter read between the
+//! phases of its key tiles (the AMX and the vector kernels; not the scalar
+//! reference), summed over every call and worker thread while a caller
+//! (`mlart bench`) has switched the count on. Off (the default) a kernel
+//! call reads one flag and nothing else.
 //!
 //! A diagnostic for benchmarks, not part of the C ABI: the count is global,
 //! so two processes' worth of engines profiled at once would mix.
@@ -10,21 +11,22 @@ use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
-/// A phase of the AMX kernel's work on one tile of keys.
+/// A phase of a kernel's work on one tile of keys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    /// The tile's keys as bf16 A tiles: gathered or converted (FP8) where
-    /// they cannot be read in place, and the last of the next tile's
-    /// prefetch.
+    /// The tile's keys in the kernel's form: gathered, or converted (FP8),
+    /// where they cannot be read in place (AMX: and the last of the next
+    /// tile's prefetch).
     Keys,
-    /// `Sᵀ = K · Qᵀ` on the tiles (with the next tile's prefetch trickle).
+    /// `Q · Kᵀ` (with the next tile's prefetch; the vector kernel reading
+    /// bf16 keys in place pairs V's rows here too).
     Scores,
-    /// The online softmax and P packed as the A operand of P·V.
+    /// The online softmax (AMX: and P packed as the A operand of P·V).
     Softmax,
-    /// V's rows interleaved in pairs (the B operand of P·V, at more than
-    /// 16 query rows).
+    /// V's rows interleaved in pairs, P's too (the bf16 operands of P·V;
+    /// AMX: only above 16 query rows).
     VPairs,
-    /// `O += P · V` on the tiles (with the prefetch trickle).
+    /// `O += P · V`.
     Pv,
     /// Per call: the queries packed, O back to rows, normalized.
     Rest,
