@@ -280,8 +280,8 @@ pub trait AttentionKernel: Send + Sync {
 
     /// Whether `attend` reads the packed, scaled f32 queries
     /// ([`AttnTask::q`]) of a call like `call`. When it does not, the
-    /// backend skips packing them (at batch 1 a tenth of a short call) and
-    /// passes them empty.
+    /// backend skips packing them (one thread's work per sequence, before
+    /// any kernel call starts) and passes them empty.
     fn reads_f32_queries(&self, call: &CallQueries) -> bool {
         let _ = call;
         true
