@@ -34,6 +34,12 @@ use crate::format::KvFormat;
 /// Query rows per register block.
 const R: usize = 6;
 
+/// Keys per scores block when the query rows fit one vector: R keys would
+/// give R independent FMA (or `vdpbf16ps`) chains, too few to cover the
+/// latency of two pipes. Even, so blocks hold whole V pairs; 12
+/// accumulators, the query vector and a broadcast fit 16 registers.
+const R_ONE_VECTOR: usize = 12;
+
 /// Calls `$f::<V, RN>(args)` with the run-time row count `$rn` (1..=R)
 /// turned into a constant, so register blocks are fully unrolled and stay
 /// in registers.
@@ -255,7 +261,7 @@ mod x86 {
 /// pair and accumulates in f32.
 #[cfg(target_arch = "x86_64")]
 mod bf16 {
-    use super::{K_TILE, R};
+    use super::{K_TILE, R, R_ONE_VECTOR};
     use std::arch::x86_64::*;
 
     /// `st[j][rb..] = scale * Σ_i qt2[i][rb..] · keys[j][i]`, `i` from `i0`
@@ -509,8 +515,8 @@ mod bf16 {
         }
     }
 
-    /// Scores of the whole tile (`n` keys, all `rp` rows); `fetch(j0)` runs
-    /// before the first row block of keys `j0..j0 + R` (to prefetch), and
+    /// Scores of the whole tile (`n` keys, all `rp` rows); `fetch(j0..j1)`
+    /// runs before the first row block of keys `j0..j1` (to prefetch), and
     /// `done(j0..j1)` after the last row block of keys `j0..j1`, while
     /// their rows are still in L1.
     ///
@@ -529,7 +535,7 @@ mod bf16 {
         n: usize,
         scale: f32,
         st: &mut [f32],
-        fetch: impl Fn(usize),
+        fetch: impl Fn(std::ops::Range<usize>),
         mut done: impl FnMut(std::ops::Range<usize>),
     ) {
         debug_assert!(n <= K_TILE);
@@ -550,13 +556,22 @@ mod bf16 {
             let rv = 4.min((rp - rb) / 16);
             let mut j0 = 0;
             while j0 < n {
-                let nj = R.min(n - j0);
+                // One row vector (h_q <= 16): R_ONE_VECTOR keys (h_q = 16
+                // ran at 38-41% of the peak on Zen 5 with R).
+                let nj = if rv == 1 && n - j0 >= R_ONE_VECTOR {
+                    R_ONE_VECTOR
+                } else {
+                    R.min(n - j0)
+                };
                 if rb == 0 {
-                    fetch(j0);
+                    fetch(j0..j0 + nj);
                 }
                 // SAFETY: forwarded contract; block sizes within bounds.
                 unsafe {
                     match rv {
+                        1 if nj == R_ONE_VECTOR => {
+                            block::<R_ONE_VECTOR, 1>(qt2, rp, rb, keys, (i0, d2), j0, scale, st)
+                        }
                         1 => keys!(1, nj, rb, j0),
                         2 => keys!(2, nj, rb, j0),
                         3 => keys!(3, nj, rb, j0),
@@ -651,7 +666,8 @@ unsafe fn scores_t<V: Vector, const NJ: usize, const RV: usize>(
     }
 }
 
-/// `scores_t` with run-time block sizes `nj` (1..=R) and `rv` (1..=4).
+/// `scores_t` with run-time block sizes `nj` (1..=R, or R_ONE_VECTOR with
+/// `rv` 1) and `rv` (1..=4).
 ///
 /// # Safety
 /// As [`scores_t`].
@@ -683,6 +699,7 @@ unsafe fn scores_block<V: Vector>(
     // SAFETY: forwarded contract.
     unsafe {
         match rv {
+            1 if nj == R_ONE_VECTOR => scores_t::<V, R_ONE_VECTOR, 1>(qt, rp, rb, kr, d, j0, st),
             1 => keys!(1),
             2 => keys!(2),
             3 => keys!(3),
@@ -1098,7 +1115,8 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
         // computes, a block of R keys at a time: read from the cache (in
         // place, or converted row by row) they otherwise arrive at memory
         // latency, and h_q = 16 ran at 43% of the vdpbf16ps peak, not 58%.
-        let fetch = |j0: usize| task.prefetch_keys(t0 + n + j0..t0 + n + j0 + R);
+        let fetch =
+            |j: std::ops::Range<usize>| task.prefetch_keys(t0 + n + j.start..t0 + n + j.end);
         if !direct_pairs {
             for j in 0..n {
                 task.gather(t0 + j, &mut k_tile[j * d..(j + 1) * d]);
@@ -1156,9 +1174,13 @@ unsafe fn attend_with<V: Vector, const BF16: bool>(
                 let rv = V::BLOCK.min((rp - rb) / lanes);
                 let mut j0 = 0;
                 while j0 < n {
-                    let nj = R.min(n - j0);
+                    let nj = if rv == 1 && n - j0 >= R_ONE_VECTOR {
+                        R_ONE_VECTOR
+                    } else {
+                        R.min(n - j0)
+                    };
                     if rb == 0 {
-                        fetch(j0);
+                        fetch(j0..j0 + nj);
                     }
                     // SAFETY: ISA enabled (caller); sizes as required.
                     unsafe { scores_block::<V>(nj, rv, qt, rp, rb, k_tile, (skip, d), j0, st) };
